@@ -1,0 +1,82 @@
+"""The CLIP model: an image encoder (ViT or ModifiedResNet) and a causal text transformer."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configs import CLIPConfig
+from .resnet import ModifiedResNet
+from .text import TextTransformer
+from .vit import VisionTransformer
+
+
+class CLIP(TextTransformer):
+    """CLIP with OpenAI's parameter names (``visual.*``, ``transformer.*``, ``token_embedding``,
+    ``positional_embedding``, ``ln_final``, ``text_projection``, ``logit_scale``).
+
+    ``config``: the ``CLIPConfig`` it was built from. ``logit_scale`` is initialised to
+    ``ln(1/0.07)``.
+    """
+
+    def __init__(self, config: CLIPConfig):
+        c = config
+        super().__init__(c.context_length, c.vocab_size, c.text_width, c.text_num_heads, c.text_layers, c.embed_dim)
+        self.config = c
+        if c.is_resnet:
+            self.visual = ModifiedResNet(c.vision_layers, c.embed_dim, c.vision_num_heads, c.image_size, c.vision_width)
+        else:
+            self.visual = VisionTransformer(c.image_size, c.patch_size, c.vision_width, c.vision_layers,
+                                            c.vision_num_heads, c.embed_dim)
+        self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text_projection.dtype
+
+    def init_weights(self) -> None:
+        """Re-draw every weight with OpenAI's initialisation scheme."""
+        super().init_weights()
+        self.visual.init_weights()
+        with torch.no_grad():
+            self.logit_scale.fill_(math.log(1 / 0.07))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute transformer blocks (text and ViT) in backward to save memory."""
+        self.transformer.grad_checkpointing = enable
+        if isinstance(self.visual, VisionTransformer):
+            self.visual.transformer.grad_checkpointing = enable
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` float -> unnormalised ``[B, embed_dim]`` in the model dtype."""
+        return self.visual(image)
+
+    # encode_text is inherited: LongTensor [B, L] -> unnormalised [B, embed_dim]
+
+    def forward(self, images: Optional[torch.Tensor], tokens: Optional[torch.Tensor], normalize: bool = True
+                ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
+        """Returns ``(image_features [B, D], text_features [B, D], logit_scale.exp().clamp(max=100))``.
+
+        Features are L2-normalised when ``normalize`` (default True, as open_clip); pass
+        ``normalize=False`` to get the raw projections (e.g. for a fused normalise+loss). Either
+        input may be None, giving None for its features.
+        """
+        img = self.encode_image(images) if images is not None else None
+        txt = self.encode_text(tokens) if tokens is not None else None
+        if normalize:
+            img = F.normalize(img, dim=-1) if img is not None else None
+            txt = F.normalize(txt, dim=-1) if txt is not None else None
+        return img, txt, self.logit_scale.exp().clamp(max=100)

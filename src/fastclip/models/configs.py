@@ -1,0 +1,109 @@
+"""Model configurations: OpenAI's nine released CLIP models plus small test/demo models."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+
+@dataclass
+class CLIPConfig:
+    """Architecture hyper-parameters (JSON-serialisable via ``asdict``/``to_dict``).
+
+    ``vision_layers``: an int for a ViT (transformer depth) or 4 ints for a ModifiedResNet
+    (blocks per stage); ``patch_size`` is ignored for ResNets. Heads default to OpenAI's rule
+    (ViT: width // 64; ResNet: width * 32 // 64; text: width // 64).
+    """
+
+    embed_dim: int
+    image_size: int
+    vision_layers: Union[int, Tuple[int, ...]]
+    vision_width: int
+    patch_size: Optional[int] = None
+    vision_heads: Optional[int] = None
+    context_length: int = 77
+    vocab_size: int = 49408
+    text_width: int = 512
+    text_heads: Optional[int] = None
+    text_layers: int = 12
+
+    def __post_init__(self):
+        if isinstance(self.vision_layers, list):
+            self.vision_layers = tuple(self.vision_layers)
+        if not self.is_resnet and self.patch_size is None:
+            raise ValueError("patch_size is required for a ViT config (vision_layers is an int)")
+        for name in ("embed_dim", "image_size", "vision_width", "context_length", "vocab_size", "text_width", "text_layers"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def is_resnet(self) -> bool:
+        return isinstance(self.vision_layers, (tuple, list))
+
+    @property
+    def vision_num_heads(self) -> int:
+        if self.vision_heads is not None:
+            return self.vision_heads
+        return self.vision_width * 32 // 64 if self.is_resnet else max(1, self.vision_width // 64)
+
+    @property
+    def text_num_heads(self) -> int:
+        return self.text_heads if self.text_heads is not None else max(1, self.text_width // 64)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        if isinstance(d["vision_layers"], tuple):
+            d["vision_layers"] = list(d["vision_layers"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "CLIPConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown CLIPConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+_T = dict(context_length=77, vocab_size=49408)
+MODEL_CONFIGS: Dict[str, CLIPConfig] = {
+    "RN50": CLIPConfig(1024, 224, (3, 4, 6, 3), 64, text_width=512, text_layers=12, **_T),
+    "RN101": CLIPConfig(512, 224, (3, 4, 23, 3), 64, text_width=512, text_layers=12, **_T),
+    "RN50x4": CLIPConfig(640, 288, (4, 6, 10, 6), 80, text_width=640, text_layers=12, **_T),
+    "RN50x16": CLIPConfig(768, 384, (6, 8, 18, 8), 96, text_width=768, text_layers=12, **_T),
+    "RN50x64": CLIPConfig(1024, 448, (3, 15, 36, 10), 128, text_width=1024, text_layers=12, **_T),
+    "ViT-B/32": CLIPConfig(512, 224, 12, 768, patch_size=32, text_width=512, text_layers=12, **_T),
+    "ViT-B/16": CLIPConfig(512, 224, 12, 768, patch_size=16, text_width=512, text_layers=12, **_T),
+    "ViT-L/14": CLIPConfig(768, 224, 24, 1024, patch_size=14, text_width=768, text_layers=12, **_T),
+    "ViT-L/14@336px": CLIPConfig(768, 336, 24, 1024, patch_size=14, text_width=768, text_layers=12, **_T),
+    # small models for tests / CPU demos
+    "tiny-vit": CLIPConfig(64, 32, 2, 64, patch_size=8, vision_heads=2, context_length=32,
+                           text_width=64, text_heads=2, text_layers=2),
+    "tiny-rn": CLIPConfig(64, 64, (1, 1, 1, 1), 8, vision_heads=4, context_length=32,
+                          text_width=64, text_heads=2, text_layers=2),
+    "demo": CLIPConfig(128, 64, 4, 128, patch_size=8, vision_heads=4, context_length=32,
+                       text_width=128, text_heads=4, text_layers=3),
+}
+
+# Published parameter totals of OpenAI's checkpoints (numel over all parameters, logit_scale included).
+OPENAI_PARAM_COUNTS: Dict[str, int] = {
+    "RN50": 102_007_137, "RN101": 119_688_033, "RN50x4": 178_300_601, "RN50x16": 290_979_217,
+    "RN50x64": 623_258_305, "ViT-B/32": 151_277_313, "ViT-B/16": 149_620_737, "ViT-L/14": 427_616_513,
+    "ViT-L/14@336px": 427_944_193,
+}
+
+
+def list_models() -> List[str]:
+    """Names accepted by ``create_model``, OpenAI's nine first."""
+    return list(MODEL_CONFIGS)
+
+
+def get_config(name: str, **overrides: Any) -> CLIPConfig:
+    """The ``CLIPConfig`` registered as ``name`` with ``overrides`` (field=value) applied."""
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model name {name!r}; available: {', '.join(MODEL_CONFIGS)}")
+    known = {f.name for f in dataclasses.fields(CLIPConfig)}
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise ValueError(f"unknown config override(s) {bad} for model {name!r}; valid fields: {sorted(known)}")
+    return dataclasses.replace(MODEL_CONFIGS[name], **overrides)

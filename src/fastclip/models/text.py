@@ -1,0 +1,42 @@
+"""Causal text transformer (CLIP's text encoder)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .transformer import LayerNorm, Transformer
+
+
+class TextTransformer(nn.Module):
+    """Token + positional embedding -> causal transformer -> ``ln_final`` -> features at the
+    EOT token (the position of the largest token id, as OpenAI) -> ``@ text_projection``.
+
+    Input LongTensor ``[B, context_length]`` (shorter sequences are accepted), output
+    ``[B, output_dim]`` in the weights' dtype. Attribute names are OpenAI's top-level text keys,
+    which is why ``CLIP`` inherits from this class instead of holding it as a submodule.
+    """
+
+    def __init__(self, context_length: int, vocab_size: int, width: int, heads: int, layers: int, output_dim: int):
+        super().__init__()
+        self.context_length, self.vocab_size = context_length, vocab_size
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
+        self.transformer = Transformer(width, layers, heads, causal=True)
+        self.ln_final = LayerNorm(width)
+        self.text_projection = nn.Parameter(torch.empty(width, output_dim))
+
+    def init_weights(self) -> None:
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=self.transformer.width ** -0.5)
+        self.transformer.init_weights()
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        L = text.shape[1]
+        x = self.token_embedding(text) + self.positional_embedding[:L].to(self.token_embedding.weight.dtype)  # [B, L, W]
+        x = self.ln_final(self.transformer(x))
+        x = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]  # [B, W] at EOT
+        return x @ self.text_projection
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        return self.encode_text(text)
