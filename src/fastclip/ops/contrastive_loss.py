@@ -151,10 +151,12 @@ def prepare_scale(logit_scale, like: Tensor) -> Tensor:
     return logit_scale.reshape(()).to(acc)
 
 
-def select_backend(backend: str, device: torch.device) -> Backend:
+def select_backend(backend: str, device: torch.device,
+                   dtype: torch.dtype | None = None) -> Backend:
+    """Resolve ``backend`` ("auto" or a name) for features on ``device`` of ``dtype``."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
-    return resolve_backend(backend, device)
+    return resolve_backend(backend, device, dtype)
 
 
 # --------------------------------------------------------------------------- public
@@ -181,7 +183,7 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *,
     """
     validate_features(image_features, text_features)
     scale = prepare_scale(logit_scale, image_features)
-    b = select_backend(backend, image_features.device)
+    b = select_backend(backend, image_features.device, image_features.dtype)
     row_lse, col_lse, pos = contrastive_loss_fwd(image_features, text_features, scale,
                                                  bool(normalize), float(eps), 0, b.name)
     # (r_i - L_ii) and (c_i - L_ii) before the mean: keeps the cancellation per row.

@@ -111,8 +111,9 @@ def _auto_order(device_type: str) -> list[str]:
     return order
 
 
-def resolve_backend(backend: str, device: torch.device) -> Backend:
-    """Pick the backend for tensors on ``device``.
+def resolve_backend(backend: str, device: torch.device,
+                    dtype: torch.dtype | None = None) -> Backend:
+    """Pick the backend for tensors on ``device`` (and of ``dtype``, when given).
 
     ``"auto"`` honours ``FASTCLIP_BACKEND`` if set, else takes the first available
     backend of the device's preference list. A backend named explicitly (argument or
@@ -133,12 +134,19 @@ def resolve_backend(backend: str, device: torch.device) -> Backend:
             raise BackendUnavailableError(
                 f"backend={backend!r} runs on {'/'.join(b.devices)} tensors, but the features "
                 f"are on {device}; move them or pass backend='auto'")
+        if dtype is not None and dtype not in b.dtypes:
+            raise BackendUnavailableError(
+                f"backend={backend!r} does not take {dtype} features (it takes "
+                f"{', '.join(str(d).replace('torch.', '') for d in b.dtypes)}); cast them or "
+                f"pass backend='auto'")
         return b
     for name in _auto_order(device.type):
         b = _REGISTRY.get(name)
-        if b is not None and device.type in b.devices and b.available():
+        if (b is not None and device.type in b.devices and (dtype is None or dtype in b.dtypes)
+                and b.available()):
             return b
-    raise BackendUnavailableError(f"no fastclip backend runs on device {device}")
+    raise BackendUnavailableError(f"no fastclip backend runs on device {device}"
+                                  + ("" if dtype is None else f" with {dtype} features"))
 
 
 _LOADED = False

@@ -1,0 +1,90 @@
+"""fastclip.loss.ClipLoss against open_clip's ClipLoss formula (single process)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastclip
+from fastclip.loss import ClipLoss
+
+from .ops._helpers import rel_err
+
+
+def open_clip_loss(image_features, text_features, logit_scale):
+    """open_clip's ClipLoss.forward at world_size=1, written out: logits both ways, two CEs."""
+    logits_per_image = logit_scale * image_features @ text_features.T
+    logits_per_text = logit_scale * text_features @ image_features.T
+    labels = torch.arange(logits_per_image.shape[0], device=image_features.device, dtype=torch.long)
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def _features(n, d, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = F.normalize(torch.randn(n, d, generator=g, dtype=dtype), dim=-1)
+    y = F.normalize(torch.randn(n, d, generator=g, dtype=dtype), dim=-1)
+    return x.requires_grad_(), y.requires_grad_()
+
+
+@pytest.mark.parametrize("n,d", [(1, 3), (5, 8), (130, 33)])
+@pytest.mark.parametrize("local_loss,gather_with_grad", [(False, False), (True, True)])
+def test_values_and_gradients_equal_open_clip(n, d, local_loss, gather_with_grad):
+    x, y = _features(n, d)
+    log_scale = torch.tensor(2.659, dtype=torch.float64, requires_grad=True)
+    ours = ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad)(x, y, log_scale.exp())
+    g_ours = torch.autograd.grad(ours, (x, y, log_scale))
+    ref = open_clip_loss(x, y, log_scale.exp())
+    g_ref = torch.autograd.grad(ref, (x, y, log_scale))
+    assert rel_err(ours, ref) <= 1e-12 or abs(ours.item() - ref.item()) <= 1e-12
+    for a, b in zip(g_ours, g_ref):
+        assert (a - b).abs().max().item() <= 1e-12 + 1e-10 * b.abs().max().item()
+
+
+def test_fp32_matches_within_design_tolerance():
+    x, y = _features(200, 64, dtype=torch.float32, seed=3)
+    scale = torch.tensor(14.0, requires_grad=True)
+    loss = ClipLoss()(x, y, scale)
+    ref = open_clip_loss(x.detach().double(), y.detach().double(), 14.0)
+    assert loss.dtype == torch.float32
+    assert rel_err(loss, ref) <= 1e-5
+
+
+def test_output_dict_and_logit_bias():
+    x, y = _features(16, 8)
+    bias = torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)
+    out = ClipLoss()(x, y, 10.0, logit_bias=bias, output_dict=True)
+    assert set(out) == {"contrastive_loss"}
+    plain = ClipLoss()(x, y, 10.0)
+    # A constant added to every logit cancels in both softmaxes: same value, zero gradient.
+    assert torch.allclose(out["contrastive_loss"], plain)
+    out["contrastive_loss"].backward()
+    assert bias.grad is not None and bias.grad.item() == 0.0
+
+
+def test_normalize_inside_the_kernel_equals_normalised_inputs():
+    g = torch.Generator().manual_seed(1)
+    raw_x, raw_y = torch.randn(40, 16, generator=g) * 3, torch.randn(40, 16, generator=g) * 0.2
+    fused = ClipLoss(normalize=True)(raw_x, raw_y, 20.0)
+    plain = ClipLoss()(F.normalize(raw_x, dim=-1), F.normalize(raw_y, dim=-1), 20.0)
+    assert rel_err(fused, plain) <= 1e-6
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="use_horovod"):
+        ClipLoss(use_horovod=True)
+    with pytest.raises(ValueError, match="rank must be in"):
+        ClipLoss(rank=2, world_size=2)
+    with pytest.raises(ValueError, match="dist_impl"):
+        ClipLoss(dist_impl="tree")
+
+
+def test_world_size_without_process_group_is_a_clear_error():
+    x, y = _features(4, 4)
+    with pytest.raises((RuntimeError, ValueError), match="(?i)process group|init_process_group"):
+        ClipLoss(rank=0, world_size=2)(x, y, 10.0)
+
+
+def test_exported_names():
+    assert fastclip.ClipLoss is ClipLoss
+    assert callable(fastclip.clip_loss)
