@@ -1,0 +1,169 @@
+"""Zero-shot classification with a prompt ensemble (CLIP paper, section 3.1.4)."""
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from ..tokenizer import tokenize
+from .templates import SIMPLE_TEMPLATES
+
+Template = Union[str, Callable[[str], str]]
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def _device(model: torch.nn.Module, device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def build_zeroshot_classifier(model, classnames: Sequence[str], templates: Sequence[Template],
+                              tokenizer: Callable = tokenize, device=None, batch_size: int = 256) -> torch.Tensor:
+    """Zero-shot weights FloatTensor ``[embed_dim, num_classes]`` (fp32, on ``device``).
+
+    Each class's prompts (``template.format(name)`` or ``template(name)``) are encoded with
+    ``model.encode_text``, each L2-normalised, averaged, and the mean renormalised.
+    ``tokenizer(texts, context_length=...)`` defaults to ``fastclip.tokenizer.tokenize``.
+    """
+    if len(classnames) == 0:
+        raise ValueError("classnames must not be empty")
+    if len(templates) == 0:
+        raise ValueError("templates must not be empty")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    dev = _device(model, device)
+    prompts = [t(c) if callable(t) else t.format(c) for c in classnames for t in templates]  # class-major
+    ctx = getattr(model, "context_length", 77)
+    feats = []
+    for i in range(0, len(prompts), batch_size):
+        tokens = tokenizer(prompts[i:i + batch_size], context_length=ctx).to(dev)
+        feats.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+    feats = torch.cat(feats).view(len(classnames), len(templates), -1)  # [C, T, D]
+    return F.normalize(feats.mean(dim=1), dim=-1).t().contiguous()  # [D, C]
+
+
+@torch.no_grad()
+def zero_shot_classify(model, images: torch.Tensor, classifier: torch.Tensor, batch_size: int = 256,
+                       device=None) -> torch.Tensor:
+    """Logits FloatTensor ``[N, num_classes]`` = ``100 * normalise(encode_image(images)) @ classifier``
+    for preprocessed ``images`` ``[N, 3, H, W]`` (processed in batches of ``batch_size``)."""
+    dev = _device(model, device)
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        f = F.normalize(model.encode_image(images[i:i + batch_size].to(dev)).float(), dim=-1)  # [b, D]
+        out.append(100.0 * f @ classifier.to(dev, torch.float32))
+    return torch.cat(out) if out else torch.zeros(0, classifier.shape[1])
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+    """top1, top5 (top-min(5, C)) accuracy and mean per-class recall (over classes present)."""
+    labels = labels.to(logits.device).long()
+    if logits.shape[0] != labels.shape[0]:
+        raise ValueError(f"labels has {labels.shape[0]} entries for {logits.shape[0]} predictions")
+    n, c = logits.shape
+    topk = logits.topk(min(5, c), dim=1).indices  # [N, k]
+    hit1 = topk[:, 0] == labels
+    hit5 = (topk == labels[:, None]).any(dim=1)
+    present = labels.unique()
+    recalls = torch.stack([hit1[labels == k].float().mean() for k in present]) if n else torch.zeros(1)
+    return {"top1": hit1.float().mean().item() if n else 0.0, "top5": hit5.float().mean().item() if n else 0.0,
+            "mean_per_class_recall": recalls.mean().item(), "n": n}
+
+
+@torch.no_grad()
+def evaluate_zeroshot(model, images_or_loader: Union[torch.Tensor, Iterable[Tuple[torch.Tensor, torch.Tensor]]],
+                      labels: Optional[torch.Tensor] = None, classifier: Optional[torch.Tensor] = None,
+                      batch_size: int = 256, device=None) -> Dict[str, float]:
+    """Zero-shot accuracy of ``model`` with ``classifier`` (from ``build_zeroshot_classifier``).
+
+    ``images_or_loader``: a FloatTensor ``[N, 3, H, W]`` with ``labels`` LongTensor ``[N]``, or an
+    iterable of ``(images, labels)`` batches (labels then ignored). Returns a dict with ``top1``,
+    ``top5``, ``mean_per_class_recall`` (fractions in [0, 1]) and ``n``.
+    """
+    if classifier is None:
+        raise ValueError("classifier is required (see build_zeroshot_classifier)")
+    was_training = model.training
+    model.eval()
+    try:
+        if isinstance(images_or_loader, torch.Tensor):
+            if labels is None:
+                raise ValueError("labels is required when images_or_loader is a tensor")
+            logits = zero_shot_classify(model, images_or_loader, classifier, batch_size, device)
+        else:
+            chunks, labs = [], []
+            for imgs, lab in images_or_loader:
+                chunks.append(zero_shot_classify(model, imgs, classifier, batch_size, device).cpu())
+                labs.append(torch.as_tensor(lab))
+            logits = torch.cat(chunks) if chunks else torch.zeros(0, classifier.shape[1])
+            labels = torch.cat(labs) if labs else torch.zeros(0, dtype=torch.long)
+        return classification_metrics(logits.cpu(), torch.as_tensor(labels).cpu())
+    finally:
+        model.train(was_training)
+
+
+def _scan_folder(folder: str, classnames: Optional[Sequence[str]]) -> Tuple[List[str], Optional[List[int]], List[str]]:
+    subdirs = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    is_img = lambda f: f.lower().endswith(IMAGE_EXTENSIONS)  # noqa: E731
+    if subdirs:
+        names = [d.replace("_", " ") for d in subdirs] if classnames is None else list(classnames)
+        if len(names) != len(subdirs):
+            raise ValueError(f"classnames has {len(names)} entries but {folder} has {len(subdirs)} class folders")
+        paths, labels = [], []
+        for k, d in enumerate(subdirs):
+            for f in sorted(os.listdir(os.path.join(folder, d))):
+                if is_img(f):
+                    paths.append(os.path.join(folder, d, f))
+                    labels.append(k)
+        return paths, labels, names
+    if classnames is None:
+        raise ValueError(f"classnames is required: {folder} has no class-named subfolders")
+    return [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if is_img(f)], None, list(classnames)
+
+
+@torch.no_grad()
+def classify_folder(model, folder: str, classnames: Optional[Sequence[str]] = None,
+                    templates: Sequence[Template] = SIMPLE_TEMPLATES, image_size: Optional[int] = None,
+                    batch_size: int = 64, device=None) -> Dict[str, object]:
+    """Zero-shot classify every image file in ``folder``.
+
+    With class-named subfolders (``folder/<class>/<img>``) these give the labels and, unless
+    ``classnames`` is passed, the class names (underscores -> spaces); otherwise the images
+    directly in ``folder`` are classified among ``classnames``. ``image_size`` defaults to
+    ``model.image_size``. Returns ``{"classnames", "predictions": [(path, class, prob), ...]}``
+    plus ``top1``/``top5``/``mean_per_class_recall``/``n`` when labels are known.
+    """
+    from PIL import Image
+
+    from ..transforms import image_transform
+    if not os.path.isdir(folder):
+        raise ValueError(f"folder {folder!r} is not a directory")
+    paths, labels, names = _scan_folder(folder, classnames)
+    if not paths:
+        raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {folder}")
+    was_training = model.training
+    model.eval()
+    try:
+        clf = build_zeroshot_classifier(model, names, templates, device=device)
+        tf = image_transform(image_size or model.image_size)
+        logits = []
+        for i in range(0, len(paths), batch_size):
+            imgs = []
+            for p in paths[i:i + batch_size]:
+                with Image.open(p) as im:
+                    imgs.append(tf(im))
+            logits.append(zero_shot_classify(model, torch.stack(imgs), clf, batch_size, device).cpu())
+        logits = torch.cat(logits)  # [N, C]
+    finally:
+        model.train(was_training)
+    probs = logits.softmax(dim=-1)
+    conf, pred = probs.max(dim=-1)
+    out: Dict[str, object] = {"classnames": names,
+                              "predictions": [(p, names[k], c) for p, k, c in zip(paths, pred.tolist(), conf.tolist())]}
+    if labels is not None:
+        out.update(classification_metrics(logits, torch.tensor(labels)))
+    return out

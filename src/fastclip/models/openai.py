@@ -1,0 +1,160 @@
+"""Loading OpenAI CLIP checkpoints, and fastclip's own safetensors checkpoints.
+
+``load_openai`` accepts OpenAI's TorchScript archives (e.g. ``ViT-B-32.pt``), plain state dicts
+with OpenAI's key names (in memory or saved with ``torch.save``) and ``.safetensors`` files with
+the same keys. The architecture is inferred from tensor shapes; head counts follow OpenAI's
+rule (64-dim heads), which every released model uses.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Mapping, Optional, Union
+
+import torch
+
+from .clip import CLIP
+from .configs import CLIPConfig
+
+_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")  # scalars stored in OpenAI's archives
+_TEXT_KEYS = ("token_embedding.weight", "positional_embedding", "text_projection", "ln_final.weight", "logit_scale")
+
+
+def _read(path: str, jit_archive_ok: bool) -> Dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such checkpoint file")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        try:
+            return load_file(path)
+        except Exception as e:  # noqa: BLE001 - re-raised with the path
+            raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    errors = []
+    if jit_archive_ok:
+        try:
+            return torch.jit.load(path, map_location="cpu").state_dict()
+        except Exception as e:  # noqa: BLE001 - not a TorchScript archive; try a pickled state dict
+            errors.append(f"as TorchScript: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        errors.append(f"with torch.load: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise ValueError(f"{path}: could not be read as a CLIP checkpoint (file truncated or corrupt?); "
+                         + "; ".join(errors)) from None
+    if isinstance(obj, Mapping):
+        for k in ("state_dict", "model"):
+            if k in obj and isinstance(obj[k], Mapping):
+                obj = obj[k]
+        return dict(obj)
+    raise ValueError(f"{path}: expected a state dict (a mapping of name -> tensor), got {type(obj).__name__}")
+
+
+def _count(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
+    """Number of distinct indices ``N`` in keys ``prefix.N.*``."""
+    n = len(prefix) + 1
+    return len({k[n:].split(".")[0] for k in sd if k.startswith(prefix + ".")})
+
+
+def infer_config(sd: Mapping[str, torch.Tensor], source: str = "state dict") -> CLIPConfig:
+    """Infer a ``CLIPConfig`` from a state dict in OpenAI's key layout (shapes only).
+
+    Raises ValueError naming ``source`` and the missing keys when it is not a CLIP state dict.
+    """
+    missing = [k for k in _TEXT_KEYS if k not in sd]
+    vit = "visual.proj" in sd
+    vis = (["visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding"] if vit else
+           ["visual.layer1.0.conv1.weight", "visual.attnpool.positional_embedding"])
+    missing += [k for k in vis if k not in sd]
+    if missing:
+        raise ValueError(f"{source}: not a CLIP checkpoint in OpenAI's layout; missing keys {missing}"
+                         f" (found {len(sd)} keys{', e.g. ' + repr(list(sd)[:3]) if sd else ''})")
+    if vit:
+        width, patch = sd["visual.conv1.weight"].shape[0], sd["visual.conv1.weight"].shape[-1]
+        layers = _count(sd, "visual.transformer.resblocks")
+        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        vision = dict(vision_layers=layers, vision_width=width, patch_size=patch, image_size=grid * patch)
+    else:
+        layers = tuple(_count(sd, f"visual.layer{i}") for i in (1, 2, 3, 4))
+        width = sd["visual.layer1.0.conv1.weight"].shape[0]
+        out = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+        vision = dict(vision_layers=layers, vision_width=width, image_size=out * 32)
+    tw = sd["ln_final.weight"].shape[0]
+    return CLIPConfig(embed_dim=sd["text_projection"].shape[1], context_length=sd["positional_embedding"].shape[0],
+                      vocab_size=sd["token_embedding.weight"].shape[0], text_width=tw, text_heads=max(1, tw // 64),
+                      text_layers=_count(sd, "transformer.resblocks"), **vision)
+
+
+def load_openai(path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.Tensor]], device="cpu",
+                jit_archive_ok: bool = True, dtype: Optional[torch.dtype] = torch.float32) -> CLIP:
+    """Build a ``CLIP`` from an OpenAI checkpoint and load its weights with ``strict=True``.
+
+    ``path_or_state_dict``: a TorchScript archive (``torch.jit.load``; allowed when
+    ``jit_archive_ok``), a ``torch.save``'d state dict, a ``.safetensors`` file, or an in-memory
+    mapping. OpenAI's released weights are fp16; they are cast to ``dtype`` (default fp32; None
+    keeps the stored dtypes). Returns the model in eval mode on ``device``.
+    Raises ValueError naming the path for unreadable, truncated or non-CLIP files.
+    """
+    if isinstance(path_or_state_dict, Mapping):
+        sd, source = dict(path_or_state_dict), "state dict"
+    else:
+        source = os.fspath(path_or_state_dict)
+        sd = _read(source, jit_archive_ok)
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    # drop the scalar metadata and any serialised causal masks (not weights)
+    sd = {k: v for k, v in sd.items() if k not in _EXTRA_KEYS and not k.endswith("attn_mask")}
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{source}: entries that are not tensors: {bad[:5]}")
+    config = infer_config(sd, source)
+    with torch.device("meta"):
+        model = CLIP(config)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    shape = [f"{k}: {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+             if k in sd and sd[k].shape != v.shape]
+    if missing or unexpected or shape:
+        raise ValueError(f"{source}: state dict does not match the inferred {config} "
+                         f"(missing {missing[:10]}, unexpected {unexpected[:10]}, wrong shapes {shape[:10]})")
+    if dtype is not None:
+        sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.to(device).eval()
+
+
+def save_checkpoint(model: CLIP, path: Union[str, os.PathLike], metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write ``model.state_dict()`` to ``path`` as safetensors, with ``model.config`` as JSON in
+    the metadata key ``fastclip_config`` (plus any extra str->str ``metadata``)."""
+    if not isinstance(getattr(model, "config", None), CLIPConfig):
+        raise ValueError("model must be a fastclip CLIP with a CLIPConfig in .config")
+    from safetensors.torch import save_file
+    meta = {"format": "pt", "fastclip_config": json.dumps(model.config.to_dict())}
+    meta.update(metadata or {})
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, os.fspath(path), metadata=meta)
+
+
+def load_checkpoint(path: Union[str, os.PathLike], device="cpu") -> CLIP:
+    """Rebuild a ``CLIP`` written by ``save_checkpoint`` (config from the metadata, strict load)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such checkpoint file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        sd = load_file(path)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{path}: not a readable safetensors checkpoint ({type(e).__name__}: {e})") from None
+    if "fastclip_config" in meta:
+        config = CLIPConfig.from_dict(json.loads(meta["fastclip_config"]))
+    else:
+        config = infer_config(sd, path)  # a safetensors file with OpenAI keys but no config
+    with torch.device("meta"):
+        model = CLIP(config)
+    try:
+        model.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not match the stored config: {e}") from None
+    return model.to(device).eval()

@@ -1,0 +1,244 @@
+"""CLIP's byte-level BPE tokenizer (ids identical to OpenAI's ``SimpleTokenizer``).
+
+Pipeline: ``ftfy.fix_text`` -> ``html.unescape`` twice -> strip -> collapse whitespace -> lower
+-> regex pre-tokenizer -> bytes mapped to printable unicode -> BPE with a ``</w>`` end-of-word
+suffix -> ids; ``<|startoftext|>`` = 49406 and ``<|endoftext|>`` = 49407 wrap every text, and
+padding is 0. The merges are the first 48,894 lines after the header of the vendored
+``data/bpe_simple_vocab_16e6.txt.gz`` (MIT, Copyright (c) 2021 OpenAI; see
+``data/CLIP_BPE_LICENSE``), giving 49,408 ids.
+
+``tokenize`` runs the BPE in Rust through the ``tokenizers`` library (``Split`` pre-tokenizer
+with the CLIP pattern, ``ByteLevel`` mapping, ``BPE(end_of_word_suffix="</w>")``).
+``SimpleTokenizer`` is a small pure-Python BPE kept as the parity oracle for the tests.
+
+Speed (``python -m fastclip.tokenizer``: 10,000 synthetic captions of ~15 words, best of 3,
+2 CPU cores shared with other jobs): text cleaning (ftfy + html + whitespace; shared by both paths)
+0.24 s. BPE alone: ``tokenizers`` 0.18 s vs pure Python 0.70 s (fresh cache), ~4x. End to end:
+``tokenize`` 0.58 s vs ``SimpleTokenizer`` 1.03 s, ~1.8x; ftfy dominates what remains.
+"""
+from __future__ import annotations
+
+import gzip
+import html
+import os
+from functools import lru_cache
+from typing import Dict, List, Sequence, Tuple, Union
+
+import ftfy
+import numpy as np
+import regex as re
+import torch
+
+BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "bpe_simple_vocab_16e6.txt.gz")
+NUM_MERGES = 49152 - 256 - 2  # 48,894 merges -> 256 + 256 + 48,894 + 2 = 49,408 ids
+SOT, EOT = "<|startoftext|>", "<|endoftext|>"
+SOT_ID, EOT_ID, VOCAB_SIZE = 49406, 49407, 49408
+PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+_PAT = re.compile(PATTERN, re.IGNORECASE)
+_WS = re.compile(r"\s+")
+
+
+@lru_cache()
+def bytes_to_unicode() -> Dict[int, str]:
+    """Reversible map of the 256 byte values to printable unicode characters (GPT-2's table):
+    printable Latin-1 bytes map to themselves, the other 68 to U+0100 onwards in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table  # insertion order (printable bytes first) defines ids 0..255
+
+
+def clean_text(text: str) -> str:
+    """OpenAI's cleaning: ftfy, html-unescape twice, collapse whitespace, strip, lower-case."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return _WS.sub(" ", text).strip().lower()
+
+
+@lru_cache()
+def _vocab() -> Tuple[List[str], List[Tuple[str, str]]]:
+    """(id -> token string list of length 49,408, merges in rank order)."""
+    with gzip.open(BPE_PATH, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")[1:NUM_MERGES + 1]
+    merges = [tuple(line.split()) for line in lines]
+    if len(merges) != NUM_MERGES or any(len(m) != 2 for m in merges):
+        raise ValueError(f"{BPE_PATH}: expected {NUM_MERGES} merge lines, the vocabulary file is damaged")
+    chars = list(bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [SOT, EOT]
+    return tokens, merges
+
+
+class SimpleTokenizer:
+    """Pure-Python CLIP BPE (the reference/oracle). ``encode(text) -> list[int]`` without
+    sot/eot; ``decode(ids) -> str``."""
+
+    def __init__(self):
+        tokens, merges = _vocab()
+        self.encoder = {t: i for i, t in enumerate(tokens)}
+        self.decoder = tokens
+        self.ranks = {m: i for i, m in enumerate(merges)}
+        self.byte_encoder = bytes_to_unicode()
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        self.cache = {SOT: [SOT], EOT: [EOT]}
+
+    def bpe(self, word: str) -> List[str]:
+        """BPE-merge one pre-token (already byte-mapped) into vocabulary symbols."""
+        if word in self.cache:
+            return self.cache[word]
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            pairs = [(self.ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+            rank, _ = min(pairs)
+            if rank == 1 << 30:
+                break
+            first, second = parts[_], parts[_ + 1]
+            merged, i = [], 0
+            while i < len(parts):  # merge every occurrence of the best pair, left to right
+                if i < len(parts) - 1 and parts[i] == first and parts[i + 1] == second:
+                    merged.append(first + second)
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        self.cache[word] = parts
+        return parts
+
+    def encode(self, text: str) -> List[int]:
+        ids = []
+        for tok in _PAT.findall(clean_text(text)):
+            tok = "".join(self.byte_encoder[b] for b in tok.encode("utf-8")) if tok not in (SOT, EOT) else tok
+            ids.extend(self.encoder[p] for p in self.bpe(tok))
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        text = "".join(self.decoder[int(i)] for i in ids)
+        data = bytearray(self.byte_decoder[c] for c in text)
+        return data.decode("utf-8", errors="replace").replace("</w>", " ")
+
+
+@lru_cache()
+def get_tokenizer():
+    """The cached ``tokenizers.Tokenizer`` implementing CLIP's BPE (no cleaning, no sot/eot)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    tokens, merges = _vocab()
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens[:-2])}, merges=merges,
+                               end_of_word_suffix="</w>", fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PATTERN), behavior="removed", invert=True),  # keep matches, drop whitespace
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.add_special_tokens([SOT, EOT])
+    if tok.token_to_id(SOT) != SOT_ID or tok.token_to_id(EOT) != EOT_ID or tok.get_vocab_size() != VOCAB_SIZE:
+        raise RuntimeError("tokenizer construction produced unexpected special-token ids")
+    return tok
+
+
+def tokenize(texts: Union[str, Sequence[str]], context_length: int = 77, truncate: bool = False) -> torch.Tensor:
+    """Tokenize ``texts`` (a str or a sequence of str) to a LongTensor ``[B, context_length]``:
+    ``[49406, ids..., 49407, 0, ...]``.
+
+    A text whose ids plus sot/eot exceed ``context_length`` raises ValueError naming its index and
+    length, unless ``truncate`` (then it is cut and EOT kept as the last id). An empty list gives
+    shape ``[0, context_length]``.
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = list(texts)
+    if not isinstance(context_length, int) or context_length < 2:
+        raise ValueError(f"context_length must be an int >= 2, got {context_length!r}")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ValueError(f"texts[{i}] must be a str, got {type(t).__name__}")
+    out = np.zeros((len(texts), context_length), dtype=np.int64)
+    if not texts:
+        return torch.from_numpy(out)
+    tok = get_tokenizer()
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast (tokenizers >= 0.20) skips offsets
+    encs = encode([clean_text(t) for t in texts], add_special_tokens=False)
+    for i, enc in enumerate(encs):
+        ids = enc.ids
+        if len(ids) + 2 > context_length:
+            if not truncate:
+                raise ValueError(f"texts[{i}] is too long: {len(ids) + 2} tokens (with sot/eot) > "
+                                 f"context_length={context_length}; pass truncate=True to cut it")
+            ids = ids[:context_length - 2]
+        out[i, 0] = SOT_ID
+        out[i, 1:len(ids) + 1] = ids
+        out[i, len(ids) + 1] = EOT_ID
+    return torch.from_numpy(out)
+
+
+def decode(ids: Union[torch.Tensor, Sequence[int], Sequence[Sequence[int]]]) -> Union[str, List[str]]:
+    """Invert ``tokenize``: a 1-D sequence of ids -> str; a 2-D tensor / list of lists -> list of str.
+
+    Drops a leading sot, everything from the first eot on (padding), and maps ``</w>`` to spaces.
+    """
+    if isinstance(ids, torch.Tensor):
+        ids = ids.tolist()
+    ids = list(ids)
+    if ids and isinstance(ids[0], (list, tuple)):
+        return [decode(row) for row in ids]
+    ids = [int(i) for i in ids]
+    if EOT_ID in ids:
+        ids = ids[:ids.index(EOT_ID)]
+    else:
+        while ids and ids[-1] == 0:
+            ids.pop()
+    ids = [i for i in ids if i != SOT_ID]
+    bad = [i for i in ids if not 0 <= i < VOCAB_SIZE]
+    if bad:
+        raise ValueError(f"ids out of range [0, {VOCAB_SIZE}): {bad[:5]}")
+    return _oracle().decode(ids).strip()
+
+
+@lru_cache()
+def _oracle() -> SimpleTokenizer:
+    return SimpleTokenizer()
+
+
+def _synthetic_captions(n: int, seed: int = 0) -> List[str]:
+    import random
+    rng = random.Random(seed)
+    subj = ["a dog", "two cats", "a man", "the woman", "a red car", "children", "an old bicycle", "a bird",
+            "a plate of food", "a group of people", "a skateboarder", "the train", "a laptop", "three horses"]
+    verb = ["sitting on", "running across", "standing next to", "parked near", "flying over", "eating",
+            "looking at", "riding", "lying under", "jumping over", "walking along", "holding"]
+    obj = ["a wooden bench", "the beach", "a busy street", "green grass", "a snowy mountain", "the kitchen table",
+           "a blue sky", "an empty field", "the river bank", "a crowded market", "a tall building", "a small boat"]
+    tail = ["", " at night", " in the rain", " on a sunny day", " during winter", ", with 2 friends", " (photo)",
+            " & smiling", " in 1999", " near the café"]
+    words = [t[:-4] for t in _vocab()[0][512:-2] if t.endswith("</w>") and t[:-4].isalpha() and t[:-4].isascii()]
+    return [f"{rng.choice(subj).capitalize()} {rng.choice(verb)} {rng.choice(obj)}{rng.choice(tail)}, "
+            f"{' '.join(rng.choice(words) for _ in range(3))}." for _ in range(n)]
+
+
+if __name__ == "__main__":  # speed comparison reported in the module docstring (best of 3 runs)
+    import time
+
+    def best(fn, reps=3):
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t0)
+        return min(times), out
+
+    caps = _synthetic_captions(10_000)
+    get_tokenizer()
+    _oracle()
+    t_clean, cleaned = best(lambda: [clean_text(c) for c in caps])
+    t_rust, _ = best(lambda: get_tokenizer().encode_batch_fast(cleaned, add_special_tokens=False))
+    t_fast, a = best(lambda: tokenize(caps))
+
+    def python_bpe_only():
+        st = SimpleTokenizer()
+        return [[st.encoder[p] for w in _PAT.findall(c) for p in st.bpe("".join(st.byte_encoder[b] for b in w.encode()))]
+                for c in cleaned]
+
+    t_pybpe, _ = best(python_bpe_only)
+    t_py, b = best(lambda: (lambda st: [st.encode(c) for c in caps])(SimpleTokenizer()))
+    assert all(a[i, 1:len(x) + 1].tolist() == x for i, x in enumerate(b))
+    print(f"10,000 captions: cleaning {t_clean:.3f}s | BPE only: tokenizers {t_rust:.3f}s, pure Python {t_pybpe:.3f}s"
+          f" | end to end: tokenize {t_fast:.3f}s, SimpleTokenizer {t_py:.3f}s")

@@ -1,0 +1,113 @@
+"""CLIP image preprocessing with Pillow + torch (no torchvision).
+
+Eval: bicubic resize of the short side to ``image_size``, centre crop, RGB, to [0, 1], normalise.
+Train: random resized crop (area ``scale`` (0.9, 1.0), aspect ``ratio`` (3/4, 4/3)) resampled
+bicubically to ``image_size``², RGB, to [0, 1], normalise; randomness from a ``torch.Generator``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+BICUBIC = Image.Resampling.BICUBIC
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> FloatTensor ``[3, H, W]`` in [0, 1]."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)  # [H, W, 3]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)  # [3, H, W]
+
+
+def resize_short_side(img: Image.Image, size: int) -> Image.Image:
+    """Bicubic resize so the shorter side is ``size`` (long side ``int(size * long / short)``)."""
+    w, h = img.size
+    if w <= h:
+        new = (size, int(size * h / w))
+    else:
+        new = (int(size * w / h), size)
+    return img if new == (w, h) else img.resize(new, BICUBIC)
+
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Crop the central ``size`` x ``size`` window (padding with black if the image is smaller)."""
+    w, h = img.size
+    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+def random_resized_crop_box(width: int, height: int, scale: Tuple[float, float], ratio: Tuple[float, float],
+                            generator: Optional[torch.Generator] = None) -> Tuple[int, int, int, int]:
+    """Sample a crop ``(left, top, w, h)`` covering ``scale`` of the area with aspect in ``ratio``
+    (10 tries, then a centre crop clamped to ``ratio``)."""
+    area = width * height
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        u = torch.rand(4, generator=generator).tolist()
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = math.exp(log_r[0] + (log_r[1] - log_r[0]) * u[1])
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(u[2] * (width - w + 1)), int(u[3] * (height - h + 1)), w, h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+class ImageTransform:
+    """Callable ``PIL.Image -> FloatTensor[3, image_size, image_size]`` (see ``image_transform``)."""
+
+    def __init__(self, image_size: int, train: bool = False, mean: Sequence[float] = OPENAI_MEAN,
+                 std: Sequence[float] = OPENAI_STD, scale: Tuple[float, float] = (0.9, 1.0),
+                 ratio: Tuple[float, float] = (3 / 4, 4 / 3), generator: Optional[torch.Generator] = None):
+        if not isinstance(image_size, int) or image_size <= 0:
+            raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+            raise ValueError(f"mean and std must have 3 entries with std > 0, got mean={mean}, std={std}")
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {scale}")
+        if not 0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < lo <= hi, got {ratio}")
+        self.image_size, self.train, self.scale, self.ratio, self.generator = image_size, train, scale, ratio, generator
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)  # [3, 1, 1]
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)  # [3, 1, 1]
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        if not isinstance(img, Image.Image):
+            raise ValueError(f"expected a PIL.Image.Image, got {type(img).__name__}")
+        s = self.image_size
+        if img.mode not in ("RGB", "L"):
+            img = img.convert("RGB")
+        if self.train:
+            left, top, w, h = random_resized_crop_box(img.width, img.height, self.scale, self.ratio, self.generator)
+            img = img.resize((s, s), BICUBIC, box=(left, top, left + w, top + h))
+        else:
+            img = center_crop(resize_short_side(img, s), s)
+        return (to_tensor(img) - self.mean) / self.std
+
+    def __repr__(self) -> str:
+        return f"ImageTransform(image_size={self.image_size}, train={self.train}, scale={self.scale})"
+
+
+def image_transform(image_size: int, train: bool = False, mean: Sequence[float] = OPENAI_MEAN,
+                    std: Sequence[float] = OPENAI_STD, scale: Tuple[float, float] = (0.9, 1.0),
+                    ratio: Tuple[float, float] = (3 / 4, 4 / 3),
+                    generator: Optional[torch.Generator] = None) -> ImageTransform:
+    """CLIP preprocessing: a callable ``PIL.Image -> FloatTensor[3, image_size, image_size]``.
+
+    ``train=False`` (default): short-side bicubic resize + centre crop. ``train=True``: random
+    resized crop with area fraction in ``scale`` (default (0.9, 1.0)) and aspect in ``ratio``,
+    drawn from ``generator`` (a ``torch.Generator``; global RNG when None). Normalised with
+    ``mean``/``std`` (OpenAI's by default).
+    """
+    return ImageTransform(image_size, train, mean, std, scale, ratio, generator)

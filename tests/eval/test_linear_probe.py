@@ -1,0 +1,49 @@
+"""Linear probe on synthetic problems with known answers."""
+import numpy as np
+import pytest
+import torch
+
+from fastclip.eval.linear_probe import fit_logistic, linear_probe
+
+
+def _blobs(n, d=8, k=4, sep=4.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(k, d, generator=g) * sep
+    y = torch.randint(0, k, (n,), generator=g)
+    return centers[y] + torch.randn(n, d, generator=g), y
+
+
+def test_separable_blobs_near_perfect():
+    x, y = _blobs(600)
+    res = linear_probe(x[:400], y[:400], x[400:], y[400:], refine_steps=2)
+    assert res.accuracy >= 0.97 and res.val_accuracy >= 0.95
+    assert 1e-6 <= res.C <= 1e6 and len(res.search) >= 7
+    assert res.classifier.weight.shape == (4, 8)
+
+
+def test_label_noise_features_are_chance():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(400, 5, generator=g), torch.randint(0, 2, (400,), generator=g)
+    res = linear_probe(x[:300], y[:300], x[300:], y[300:], refine_steps=0)
+    assert 0.3 < res.accuracy < 0.7
+
+
+def test_matches_sklearn_objective():
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    x, y = _blobs(300, d=6, k=3, sep=1.0, seed=3)
+    for C in (0.01, 1.0):
+        clf = fit_logistic(x.double(), y, 3, C)
+        ref = sklearn.LogisticRegression(C=C, max_iter=5000, tol=1e-10).fit(x.numpy().astype(np.float64), y.numpy())
+        p = torch.softmax(clf(x.double()), 1).numpy()
+        np.testing.assert_allclose(p, ref.predict_proba(x.numpy().astype(np.float64)), atol=2e-4)
+
+
+def test_explicit_validation_split_and_errors():
+    x, y = _blobs(300, seed=5)
+    res = linear_probe(x[:150], y[:150], x[250:], y[250:], val_features=x[150:250], val_labels=y[150:250],
+                       Cs=[0.1, 10.0], refine_steps=1)
+    assert res.accuracy > 0.9 and [c for c, _ in res.search][:2] == pytest.approx([0.1, 10.0])
+    with pytest.raises(ValueError, match="val_labels"):
+        linear_probe(x, y, x, y, val_features=x)
+    with pytest.raises(ValueError, match="val_fraction"):
+        linear_probe(x, y, x, y, val_fraction=1.5)

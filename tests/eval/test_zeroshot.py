@@ -1,0 +1,95 @@
+"""Zero-shot classifier construction, metrics and folder classification."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from fastclip.eval.templates import COLOR_TEMPLATES, IMAGENET_TEMPLATES, SHAPE_TEMPLATES
+from fastclip.eval.zeroshot import (build_zeroshot_classifier, classification_metrics, classify_folder,
+                                    evaluate_zeroshot, zero_shot_classify)
+from fastclip.models import create_model
+from fastclip.tokenizer import tokenize
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return create_model("tiny-vit").eval()
+
+
+def test_templates():
+    assert len(IMAGENET_TEMPLATES) == 80 == len(set(IMAGENET_TEMPLATES))
+    assert all(t.count("{}") == 1 for t in IMAGENET_TEMPLATES + SHAPE_TEMPLATES + COLOR_TEMPLATES)
+    assert "a photo of a {}." in IMAGENET_TEMPLATES and "itap of a {}." in IMAGENET_TEMPLATES
+
+
+def test_classifier_is_normalised_mean_of_normalised_prompts(model):
+    classes, templates = ["circle", "square", "red triangle"], ["a photo of a {}.", "a {} object.", lambda c: f"{c}!"]
+    w = build_zeroshot_classifier(model, classes, templates, batch_size=4)
+    assert w.shape == (64, 3) and w.dtype == torch.float32
+    with torch.no_grad():
+        for k, c in enumerate(classes):
+            texts = [t(c) if callable(t) else t.format(c) for t in templates]
+            e = F.normalize(model.encode_text(tokenize(texts, context_length=32)), dim=-1).mean(0)
+            torch.testing.assert_close(w[:, k], F.normalize(e, dim=0), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="classnames"):
+        build_zeroshot_classifier(model, [], templates)
+
+
+def test_classification_metrics_known_answer():
+    logits = torch.tensor([[3., 2, 1, 0, -1, -2], [0, 3, 2, 1, -1, -2], [0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]])
+    labels = torch.tensor([0, 2, 0, 0])
+    m = classification_metrics(logits, labels)
+    assert m["top1"] == pytest.approx(0.5) and m["top5"] == pytest.approx(0.75)
+    # class 0: 2 of 3 right; class 2: 0 of 1 -> mean recall 1/3
+    assert m["mean_per_class_recall"] == pytest.approx((2 / 3 + 0) / 2)
+
+
+class _Stub(torch.nn.Module):
+    """encode_image returns the flattened image: features are given directly."""
+    context_length = 8
+
+    def __init__(self):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros(1))
+
+    def encode_image(self, x):
+        return x.flatten(1)
+
+
+def test_evaluate_tensor_and_loader_agree():
+    g = torch.Generator().manual_seed(0)
+    clf = F.normalize(torch.randn(6, 4, generator=g), dim=0)  # [D, C]
+    labels = torch.randint(0, 4, (40,), generator=g)
+    feats = clf.t()[labels] + 0.3 * torch.randn(40, 6, generator=g)
+    imgs = feats.view(40, 1, 2, 3)
+    m = evaluate_zeroshot(_Stub(), imgs, labels, clf, batch_size=7)
+    loader = [(imgs[i:i + 9], labels[i:i + 9]) for i in range(0, 40, 9)]
+    assert evaluate_zeroshot(_Stub(), loader, classifier=clf) == m
+    expect = ((F.normalize(feats, dim=-1) @ clf).argmax(1) == labels).float().mean().item()
+    assert m["top1"] == pytest.approx(expect) and m["top5"] == 1.0 and m["n"] == 40
+    assert zero_shot_classify(_Stub(), imgs, clf).shape == (40, 4)
+
+
+def test_evaluate_real_model_runs(model):
+    clf = build_zeroshot_classifier(model, ["a", "b", "c"], ["{}"])
+    m = evaluate_zeroshot(model, torch.randn(5, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1]), clf)
+    assert set(m) == {"top1", "top5", "mean_per_class_recall", "n"} and m["top5"] == 1.0
+
+
+def test_classify_folder(model, tmp_path):
+    rng = np.random.default_rng(0)
+    for cls in ("red_circle", "blue_square"):
+        (tmp_path / cls).mkdir()
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+    (tmp_path / "red_circle" / "notes.txt").write_text("not an image")
+    out = classify_folder(model, str(tmp_path), templates=SHAPE_TEMPLATES)
+    assert out["classnames"] == ["blue square", "red circle"] and out["n"] == 4
+    assert len(out["predictions"]) == 4 and all(0 < p <= 1 for _, _, p in out["predictions"])
+    flat = tmp_path / "blue_square"
+    out2 = classify_folder(model, str(flat), classnames=["x", "y"])
+    assert "top1" not in out2 and len(out2["predictions"]) == 2
+    with pytest.raises(ValueError, match="classnames is required"):
+        classify_folder(model, str(flat))

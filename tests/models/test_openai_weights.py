@@ -1,0 +1,260 @@
+"""load_openai against an independent reference of the published CLIP architecture.
+
+The reference below is written from the paper / released model description in OpenAI's
+sequence-first layout with nn.MultiheadAttention, so its state dict has OpenAI's key names.
+"""
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastclip.models import create_model, load_checkpoint, save_checkpoint
+from fastclip.models.openai import infer_config, load_openai
+
+
+class RefLN(nn.LayerNorm):
+    def forward(self, x):
+        return super().forward(x.float()).to(x.dtype)
+
+
+class RefBlock(nn.Module):
+    def __init__(self, d, h, causal_len=0):
+        super().__init__()
+        self.attn, self.ln_1, self.ln_2 = nn.MultiheadAttention(d, h), RefLN(d), RefLN(d)
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(d, 4 * d), gelu=nn.Identity(), c_proj=nn.Linear(4 * d, d)))
+        self.register_buffer("attn_mask", torch.full((causal_len, causal_len), float("-inf")).triu(1) if causal_len else None,
+                             persistent=False)
+
+    def forward(self, x):  # [L, B, D]
+        m = self.attn_mask[:x.shape[0], :x.shape[0]] if self.attn_mask is not None else None
+        y = self.ln_1(x)
+        x = x + self.attn(y, y, y, need_weights=False, attn_mask=m)[0]
+        h = self.mlp.c_fc(self.ln_2(x))
+        return x + self.mlp.c_proj(h * torch.sigmoid(1.702 * h))
+
+
+class RefTransformer(nn.Module):
+    def __init__(self, d, layers, h, causal_len=0):
+        super().__init__()
+        self.resblocks = nn.Sequential(*[RefBlock(d, h, causal_len) for _ in range(layers)])
+
+    def forward(self, x):
+        return self.resblocks(x)
+
+
+class RefViT(nn.Module):
+    def __init__(self, res, patch, d, layers, h, out):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, d, patch, patch, bias=False)
+        self.class_embedding = nn.Parameter(torch.randn(d))
+        self.positional_embedding = nn.Parameter(torch.randn((res // patch) ** 2 + 1, d))
+        self.ln_pre, self.transformer, self.ln_post = RefLN(d), RefTransformer(d, layers, h), RefLN(d)
+        self.proj = nn.Parameter(torch.randn(d, out))
+
+    def forward(self, x):
+        x = self.conv1(x).flatten(2).permute(0, 2, 1)
+        x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], 1) + self.positional_embedding
+        x = self.transformer(self.ln_pre(x).permute(1, 0, 2)).permute(1, 0, 2)
+        return self.ln_post(x[:, 0]) @ self.proj
+
+
+class RefBottleneck(nn.Module):
+    def __init__(self, cin, p, stride):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, p, 1, bias=False), nn.BatchNorm2d(p)
+        self.conv2, self.bn2 = nn.Conv2d(p, p, 3, padding=1, bias=False), nn.BatchNorm2d(p)
+        self.conv3, self.bn3 = nn.Conv2d(p, 4 * p, 1, bias=False), nn.BatchNorm2d(4 * p)
+        self.stride = stride
+        self.downsample = nn.Sequential(OrderedDict([("-1", nn.AvgPool2d(stride)), ("0", nn.Conv2d(cin, 4 * p, 1, bias=False)),
+                                                     ("1", nn.BatchNorm2d(4 * p))])) if stride > 1 or cin != 4 * p else None
+
+    def forward(self, x):
+        y = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        y = self.bn3(self.conv3(F.avg_pool2d(y, self.stride) if self.stride > 1 else y))
+        return F.relu(y + (self.downsample(x) if self.downsample is not None else x))
+
+
+class RefAttnPool(nn.Module):
+    def __init__(self, sp, d, h, out):
+        super().__init__()
+        self.positional_embedding = nn.Parameter(torch.randn(sp * sp + 1, d))
+        self.k_proj, self.q_proj, self.v_proj, self.c_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, out)
+        self.h = h
+
+    def forward(self, x):
+        x = x.flatten(2).permute(2, 0, 1)  # [HW, B, C]
+        x = torch.cat([x.mean(0, keepdim=True), x]) + self.positional_embedding[:, None]
+        L, B, C = x.shape
+        q = self.q_proj(x[:1]) * (C // self.h) ** -0.5
+        k, v = self.k_proj(x), self.v_proj(x)
+        q, k, v = (t.reshape(t.shape[0], B * self.h, C // self.h).transpose(0, 1) for t in (q, k, v))
+        a = (q @ k.transpose(1, 2)).softmax(-1) @ v  # [B*h, 1, C/h]
+        return self.c_proj(a.transpose(0, 1).reshape(B, C))
+
+
+class RefResNet(nn.Module):
+    def __init__(self, layers, out, h, res, w):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, w // 2, 3, 2, 1, bias=False), nn.BatchNorm2d(w // 2)
+        self.conv2, self.bn2 = nn.Conv2d(w // 2, w // 2, 3, 1, 1, bias=False), nn.BatchNorm2d(w // 2)
+        self.conv3, self.bn3 = nn.Conv2d(w // 2, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w)
+        cin = w
+        for i, n in enumerate(layers):
+            p = w * 2 ** i
+            blocks = [RefBottleneck(cin, p, 1 if i == 0 else 2)] + [RefBottleneck(4 * p, p, 1) for _ in range(n - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            cin = 4 * p
+        self.attnpool = RefAttnPool(res // 32, w * 32, h, out)
+
+    def forward(self, x):
+        for c, b in ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)):
+            x = F.relu(b(c(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(F.avg_pool2d(x, 2)))))
+        return self.attnpool(x)
+
+
+class RefCLIP(nn.Module):
+    def __init__(self, embed, res, vlayers, vwidth, patch, ctx, vocab, tw, th, tl):
+        super().__init__()
+        self.visual = (RefResNet(vlayers, embed, vwidth * 32 // 64, res, vwidth) if isinstance(vlayers, tuple)
+                       else RefViT(res, patch, vwidth, vlayers, vwidth // 64, embed))
+        self.transformer = RefTransformer(tw, tl, th, ctx)
+        self.token_embedding = nn.Embedding(vocab, tw)
+        self.positional_embedding = nn.Parameter(torch.randn(ctx, tw) * 0.01)
+        self.ln_final = RefLN(tw)
+        self.text_projection = nn.Parameter(torch.randn(tw, embed) * tw ** -0.5)
+        self.logit_scale = nn.Parameter(torch.tensor(2.5))
+        for name, v in (("input_resolution", res), ("context_length", ctx), ("vocab_size", vocab)):
+            self.register_buffer(name, torch.tensor(v))  # OpenAI's archives carry these scalars
+
+    def forward(self, image, text):
+        x = self.token_embedding(text) + self.positional_embedding
+        x = self.ln_final(self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2))
+        t = x[torch.arange(x.shape[0]), text.argmax(-1)] @ self.text_projection
+        return self.visual(image), t
+
+
+def _randomise(m):
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, t in m.state_dict().items():
+            if t.is_floating_point():
+                if "running_var" in name:
+                    t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+                else:
+                    t.copy_(torch.randn(t.shape, generator=g) * (0.5 if "bn" in name or "ln" in name else 0.1) +
+                            (1.0 if name.endswith(("ln_1.weight", "ln_2.weight", "ln_pre.weight", "ln_post.weight",
+                                                   "ln_final.weight")) else 0.0))
+    return m.eval()
+
+
+REF_CONFIGS = {
+    "vit": dict(embed=32, res=32, vlayers=2, vwidth=128, patch=8, ctx=16, vocab=500, tw=128, th=2, tl=2),
+    "rn": dict(embed=48, res=64, vlayers=(1, 2, 1, 1), vwidth=8, patch=None, ctx=12, vocab=300, tw=64, th=1, tl=1),
+}
+
+
+def _inputs(cfg):
+    g = torch.Generator().manual_seed(1)
+    img = torch.randn(3, 3, cfg["res"], cfg["res"], generator=g)
+    tok = torch.randint(1, cfg["vocab"] - 1, (3, cfg["ctx"]), generator=g)
+    tok[:, -3], tok[1, 2] = cfg["vocab"] - 1, cfg["vocab"] - 1  # EOT = largest id
+    return img, tok
+
+
+def _relerr(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("kind", ["vit", "rn"])
+def test_infer_config(kind):
+    c = REF_CONFIGS[kind]
+    cfg = infer_config(RefCLIP(**c).state_dict())
+    assert (cfg.embed_dim, cfg.image_size, cfg.vision_layers, cfg.vision_width, cfg.context_length, cfg.vocab_size,
+            cfg.text_width, cfg.text_layers) == (c["embed"], c["res"], c["vlayers"], c["vwidth"], c["ctx"], c["vocab"],
+                                                 c["tw"], c["tl"])
+    if kind == "vit":
+        assert cfg.patch_size == c["patch"]
+
+
+@pytest.mark.parametrize("kind", ["vit", "rn"])
+@pytest.mark.parametrize("fmt", ["state_dict", "file", "jit"])
+def test_load_openai_matches_reference(kind, fmt, tmp_path):
+    cfg = REF_CONFIGS[kind]
+    ref = _randomise(RefCLIP(**cfg))
+    img, tok = _inputs(cfg)
+    with torch.no_grad():
+        ri, rt = ref(img, tok)
+    if fmt == "state_dict":
+        src = ref.state_dict()
+    elif fmt == "file":
+        src = tmp_path / "ckpt.pt"
+        torch.save(ref.state_dict(), src)
+    else:
+        src = tmp_path / "ckpt.jit.pt"
+        torch.jit.save(torch.jit.trace(ref, (img, tok), check_trace=False), src)
+    model = load_openai(src)
+    with torch.no_grad():
+        fi, ft = model.encode_image(img), model.encode_text(tok)
+        _, _, scale = model(img, tok)
+    assert _relerr(fi, ri) <= 1e-5 and _relerr(ft, rt) <= 1e-5
+    assert abs(scale.item() - min(100.0, ref.logit_scale.exp().item())) < 1e-4
+    assert not model.training
+
+
+def test_load_openai_fp16_weights_are_upcast():
+    cfg = REF_CONFIGS["vit"]
+    sd = {k: (v.half() if v.is_floating_point() else v) for k, v in _randomise(RefCLIP(**cfg)).state_dict().items()}
+    model = load_openai(sd)
+    assert model.text_projection.dtype == torch.float32
+    assert load_openai(sd, dtype=None).text_projection.dtype == torch.float16
+
+
+def test_not_clip_truncated_and_corrupt_files(tmp_path):
+    p = tmp_path / "other.pt"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, p)
+    with pytest.raises(ValueError, match=r"other\.pt.*missing keys.*token_embedding"):
+        load_openai(p)
+    sd = _randomise(RefCLIP(**REF_CONFIGS["vit"])).state_dict()
+    full = tmp_path / "full.pt"
+    torch.save(sd, full)
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"trunc\.pt"):
+        load_openai(trunc)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(ValueError, match=r"junk\.pt"):
+        load_openai(junk)
+    with pytest.raises(ValueError, match="no such"):
+        load_openai(tmp_path / "missing.pt")
+    partial = dict(sd)
+    del partial["transformer.resblocks.1.mlp.c_fc.weight"]
+    with pytest.raises(ValueError, match=r"missing \['transformer.resblocks.1.mlp.c_fc.weight'\]"):
+        load_openai(partial)
+    bad = dict(sd)
+    bad["visual.ln_post.weight"] = torch.ones(7)
+    with pytest.raises(ValueError, match="wrong shapes"):
+        load_openai(bad)
+
+
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn"])
+def test_safetensors_round_trip(name, tmp_path):
+    torch.manual_seed(0)
+    model = create_model(name, context_length=20).eval()
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(model, path)
+    loaded = load_checkpoint(path)
+    assert loaded.config == model.config
+    sd, sd2 = model.state_dict(), loaded.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    img, tok = torch.randn(2, 3, model.image_size, model.image_size), torch.randint(0, 49408, (2, 20))
+    with torch.no_grad():
+        for a, b in zip(model(img, tok), loaded(img, tok)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    trunc = tmp_path / "t.safetensors"
+    trunc.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"t\.safetensors"):
+        load_checkpoint(trunc)

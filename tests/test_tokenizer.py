@@ -1,0 +1,102 @@
+"""Tokenizer parity with the pure-Python BPE oracle, known ids, errors, decode."""
+import pytest
+import torch
+
+from fastclip.tokenizer import EOT_ID, SOT_ID, SimpleTokenizer, clean_text, decode, get_tokenizer, tokenize
+
+CORPUS = [
+    "a diagram", "a dog", "a cat", "A Photo Of A DOG.", "", "   ", "hello world",
+    "Tom &amp; Jerry &quot;quoted&quot; &amp;amp; double-escaped &lt;b&gt;",
+    "it's, we're, they've, I'm, you'll, he'd, don't, IT'S",
+    "numbers 0 1 23 456 7890 3.14159 1,000,000 ½ ² ٣",
+    "emoji 😀🐶🐱 👍🏽 family 👨‍👩‍👧", "中文 日本語のテキスト 한국어 문장",
+    "“curly quotes” ‘single’ — em dash – en dash … ellipsis",
+    "whitespace\t\truns\n\nnew lines   and   spaces", "café naïve résumé Ångström ß ﬁ",
+    "mojibake: cafÃ© â€œhelloâ€\x9d", "<|startoftext|>special<|endoftext|> inside",
+    "aaaaaaaaaaaaaaaaaaaaaaaaaaa", "supercalifragilisticexpialidocious antidisestablishmentarianism",
+    "http://example.com/path?q=1&x=2 #hashtag @user", "C++ and C# and F# -- x^2 + y^2 = z^2 !!!???",
+    "Ελληνικά русский текст עברית العربية हिन्दी",
+    "mixed123numbers456and789letters", "tabs\u00a0non-breaking\u2003em-space\u200bzero-width",
+]
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    return SimpleTokenizer()
+
+
+def _expected(oracle, text, ctx=77, truncate=False):
+    ids = [SOT_ID] + oracle.encode(text) + [EOT_ID]
+    if len(ids) > ctx:
+        assert truncate
+        ids = ids[:ctx]
+        ids[-1] = EOT_ID
+    return ids + [0] * (ctx - len(ids))
+
+
+def test_known_ids():
+    out = tokenize(["a diagram", "a dog", "a cat"])
+    assert out.shape == (3, 77) and out.dtype == torch.long
+    assert out[0, :5].tolist() == [49406, 320, 22697, 49407, 0]
+    assert out[1, :4].tolist() == [49406, 320, 1929, 49407]
+    assert out[2, :4].tolist() == [49406, 320, 2368, 49407]
+    assert (out[:, 4:] == 0).all()
+    assert get_tokenizer().get_vocab_size() == 49408
+
+
+def test_parity_with_oracle(oracle):
+    got = tokenize(CORPUS, truncate=True)
+    for i, text in enumerate(CORPUS):
+        assert got[i].tolist() == _expected(oracle, text, truncate=True), (i, text)
+
+
+def test_parity_on_vocabulary_words(oracle):
+    import random
+    from fastclip.tokenizer import _vocab
+    words = [t[:-4] for t in _vocab()[0][512:-2] if t.endswith("</w>")]
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 12))) for _ in range(300)]
+    got = tokenize(texts, truncate=True)
+    for i, t in enumerate(texts):
+        assert got[i].tolist() == _expected(oracle, t, truncate=True), t
+
+
+def test_too_long_and_truncate(oracle):
+    long = "word " * 100
+    with pytest.raises(ValueError, match=r"texts\[1\] is too long: 102 tokens"):
+        tokenize(["ok", long])
+    out = tokenize(["ok", long], truncate=True)
+    assert out[1, -1].item() == EOT_ID and out[1, 0].item() == SOT_ID and (out[1] != 0).all()
+    assert out[1].tolist() == _expected(oracle, long, truncate=True)
+    exact = "word " * 75  # 75 + sot + eot = 77 fits exactly
+    assert tokenize(exact)[0, -1].item() == EOT_ID
+    small = tokenize("a photo of a dog", context_length=5, truncate=True)
+    assert small.tolist() == [[49406, 320, 1125, 539, 49407]]
+
+
+def test_input_forms_and_errors():
+    assert tokenize("a dog").shape == (1, 77)
+    assert tokenize([]).shape == (0, 77)
+    assert tokenize([], context_length=16).shape == (0, 16)
+    assert tokenize(("a", "b"), context_length=8).shape == (2, 8)
+    with pytest.raises(ValueError, match="context_length"):
+        tokenize("a", context_length=1)
+    with pytest.raises(ValueError, match=r"texts\[1\]"):
+        tokenize(["a", 3])
+
+
+def test_cleaning():
+    assert clean_text("  Tom &amp;amp;  Jerry\n ") == "tom & jerry"
+    assert tokenize("A   DOG")[0].tolist() == tokenize("a dog")[0].tolist()
+
+
+def test_decode_round_trip():
+    texts = ["a photo of a dog.", "it's 2024, café & 日本語 😀", "hello world"]
+    ids = tokenize(texts)
+    assert decode(ids) == ["a photo of a dog .", "it 's 2 0 2 4 , café & 日本語 😀", "hello world"]
+    for t, row in zip(texts, ids):
+        assert tokenize(decode(row))[0].tolist() == row.tolist()
+    assert decode([SOT_ID, 320, 1929, EOT_ID, 0, 0]) == "a dog"
+    assert decode([320, 1929]) == "a dog"
+    with pytest.raises(ValueError, match="out of range"):
+        decode([320, 50000])
