@@ -1,0 +1,116 @@
+"""PNG plots of a contrastive-loss benchmark: time and peak memory against N.
+
+One figure per quantity (``<prefix>-time.png``: forward+backward median ms;
+``<prefix>-memory.png``: peak extra MB), one panel per (dtype, D), log-log axes, one
+line per method (the floor dashed). matplotlib is optional: without it nothing is
+drawn and the caller is told why. Rows are those of the benchmark CSV (strings or
+numbers); only rows with status "ok" are drawn.
+
+Usage: ``python -m fastclip.bench.plot RESULT.csv [--prefix OUT_PREFIX]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+__all__ = ["plot_rows", "main"]
+
+_ORDER = ("floor", "naive", "reference", "cpu", "triton", "cuda", "inf-cl")
+_STYLE = {"floor": dict(color="black", linestyle="--", marker="."),
+          "naive": dict(color="tab:red", marker="s"),
+          "reference": dict(color="tab:orange", marker="^"),
+          "cpu": dict(color="tab:blue", marker="o"),
+          "triton": dict(color="tab:green", marker="o"),
+          "cuda": dict(color="tab:purple", marker="o"),
+          "inf-cl": dict(color="tab:brown", marker="D")}
+
+
+def _num(v):
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) and x > 0 else None
+
+
+def plot_rows(rows: list[dict], prefix: str, log=print) -> list[str]:
+    """Write ``prefix-time.png`` and ``prefix-memory.png``; returns the paths written."""
+    try:
+        import matplotlib  # noqa: PLC0415
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError as e:
+        log(f"plots skipped: matplotlib is not installed ({e}); pip install matplotlib")
+        return []
+    ok = [r for r in rows if r.get("status") == "ok"]
+    if not ok:
+        log("plots skipped: no successful measurement")
+        return []
+    device = ok[0].get("device", "")
+    name = ok[0].get("device_name", "")
+    panels = []
+    for r in ok:
+        key = (r["dtype"], int(r["D"]))
+        if key not in panels:
+            panels.append(key)
+    paths = []
+    for col, ylabel, suffix in (("fwd_bwd_ms", "forward+backward, ms (median)", "time"),
+                                ("peak_extra_mb", "peak extra memory, MB", "memory")):
+        k = len(panels)
+        ncols = min(3, k)
+        nrows = math.ceil(k / ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 4.0 * nrows),
+                                 squeeze=False)
+        for i, (dt, d) in enumerate(panels):
+            ax = axes[i // ncols][i % ncols]
+            drawn = 0
+            for m in _ORDER + tuple(sorted({r["method"] for r in ok} - set(_ORDER))):
+                pts = sorted((int(r["N"]), _num(r.get(col))) for r in ok
+                             if r["method"] == m and r["dtype"] == dt and int(r["D"]) == d)
+                pts = [(n, v) for n, v in pts if v is not None]
+                if not pts:
+                    continue
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=m,
+                        **_STYLE.get(m, dict(marker="x")))
+                drawn += 1
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{dt}, D={d}")
+            ax.set_xlabel("N (batch)")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which="both", alpha=0.3)
+            if drawn:
+                ax.legend(fontsize=8)
+            else:      # e.g. peak memory rounds to 0 MB at tiny N: nothing to put on log axes
+                ax.text(0.5, 0.5, "no positive values", ha="center", transform=ax.transAxes)
+        for j in range(k, nrows * ncols):
+            axes[j // ncols][j % ncols].axis("off")
+        fig.suptitle(f"fastclip contrastive loss, {device}: {name}")
+        fig.tight_layout()
+        path = f"{prefix}-{suffix}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastclip.bench.plot",
+                                description="Plot a fastclip benchmark CSV (time, memory vs N).")
+    p.add_argument("csv", help="result CSV written by fastclip.bench.contrastive_loss")
+    p.add_argument("--prefix", default=None,
+                   help="output prefix (default: the CSV path without .csv)")
+    a = p.parse_args(argv)
+    from .contrastive_loss import read_csv  # noqa: PLC0415
+    prefix = a.prefix or os.path.splitext(a.csv)[0]
+    paths = plot_rows(read_csv(a.csv), prefix)
+    for path in paths:
+        print(path)
+    return 0 if paths else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
