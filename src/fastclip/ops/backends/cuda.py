@@ -1,15 +1,129 @@
-"""The ``cuda`` backend (kernels in csrc/contrastive_loss/cuda): being written (issue 7)."""
+"""The ``cuda`` backend: the CUDA C++ kernels of ``csrc/contrastive_loss/cuda``.
 
+Inputs: float32, float16 or bfloat16 features on a CUDA device (float64 is not
+supported by this backend: ``Backend.dtypes`` leaves it out, so ``backend="cuda"``
+with float64 features raises :class:`BackendUnavailableError` and ``auto`` moves on).
+Statistics, ``pos`` and ``dscale`` are float32; ``dx``/``dy`` have the input dtype.
+
+Precision: float16/bfloat16 products run on tensor cores (mma.sync m16n8k16, fp32
+accumulate). float32 inputs run as exact fp32 FFMA unless
+``torch.backends.cuda.matmul.allow_tf32`` is True, in which case the tile products use
+TF32 tensor cores (m16n8k8), mirroring what ``torch.matmul`` would do under the same flag.
+
+The compiled functions take raw pointers, sizes, row strides, the current stream and a
+device pointer to the fp32 scale (no host synchronisation); this module allocates the
+outputs and the workspace with torch on the features' device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..._ext import extension, extension_error
 from . import Backend, register_backend
 
-
-def _availability():
-    return False, "the cuda backend is not built yet"
-
-
-def _missing(*a, **k):
-    raise RuntimeError("cuda backend unavailable")
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_STATUS: tuple[bool, str] | None = None
 
 
-register_backend(Backend(name="cuda", devices=("cuda",), availability=_availability,
-                         fwd=_missing, bwd=_missing))
+def _availability() -> tuple[bool, str]:
+    """(ok, reason). Built with CUDA and a usable device; cached after the first probe."""
+    global _STATUS
+    if _STATUS is not None:
+        return _STATUS
+    C = extension()
+    if C is None:
+        return False, extension_error()
+    if not getattr(C, "CUDA_BUILT", False):
+        # The stub's reason says how to rebuild ("fastclip was built without CUDA ...").
+        _STATUS = (False, C.cuda_status()[1])
+        return _STATUS
+    ok, reason = C.cuda_status()
+    _STATUS = (True, "") if ok else (False, f"no CUDA device usable by fastclip's kernels "
+                                            f"({reason})")
+    return _STATUS
+
+
+def _rows(t: Tensor) -> Tensor:
+    """``t`` with a unit inner stride and a row stride >= D (any larger row stride is kept)."""
+    n, d = t.shape
+    if (d > 1 and t.stride(1) != 1) or (n > 1 and t.stride(0) < d):
+        return t.contiguous()
+    return t
+
+
+def _ld(t: Tensor) -> int:
+    # A single row's stride is arbitrary in torch; the kernel only needs >= D.
+    return t.stride(0) if t.shape[0] > 1 else max(t.stride(0), t.shape[1])
+
+
+def _check(x: Tensor, y: Tensor, scale: Tensor) -> None:
+    for name, t in (("x", x), ("y", y)):
+        if t.device.type != "cuda":
+            raise ValueError(f"cuda backend: {name} must be on a CUDA device, got {t.device}")
+        if t.dtype not in _DTYPE_CODE:
+            raise TypeError(f"cuda backend: {name} must be float32, float16 or bfloat16, got "
+                            f"{t.dtype} (float64 runs on the cpu, triton or reference backends)")
+    if y.device != x.device or y.dtype != x.dtype:
+        raise ValueError(f"cuda backend: x ({x.dtype}, {x.device}) and y ({y.dtype}, {y.device}) "
+                         f"must share dtype and device")
+    if scale.numel() != 1 or scale.device != x.device:
+        raise ValueError(f"cuda backend: scale must be a one-element tensor on {x.device}, got "
+                         f"shape {tuple(scale.shape)} on {scale.device}")
+
+
+def _f32(t: Tensor) -> Tensor:
+    return t.detach().to(torch.float32).contiguous()
+
+
+def fwd(x: Tensor, y: Tensor, scale: Tensor, normalize: bool, eps: float, pos_offset: int):
+    """Block forward (see fastclip.ops.backends): (row_lse [n], col_lse [m], pos [n]) fp32."""
+    C = extension()
+    _check(x, y, scale)
+    xc, yc = _rows(x.detach()), _rows(y.detach())
+    n, d = xc.shape
+    m = yc.shape[0]
+    dev = xc.device
+    with torch.cuda.device(dev):
+        sc = _f32(scale).reshape(())
+        row = torch.empty(n, dtype=torch.float32, device=dev)
+        col = torch.empty(m, dtype=torch.float32, device=dev)
+        pos = torch.empty(n, dtype=torch.float32, device=dev)
+        nbytes = C.cuda_fwd_workspace_bytes(n, m, d)
+        ws = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        C.cuda_fwd(xc.data_ptr(), yc.data_ptr(), n, m, d, _ld(xc), _ld(yc), _DTYPE_CODE[xc.dtype],
+                   bool(torch.backends.cuda.matmul.allow_tf32), sc.data_ptr(), bool(normalize),
+                   float(eps), int(pos_offset), row.data_ptr(), col.data_ptr(), pos.data_ptr(),
+                   ws.data_ptr(), nbytes, torch.cuda.current_stream(dev).cuda_stream)
+    return row, col, pos
+
+
+def bwd(x: Tensor, y: Tensor, scale: Tensor, normalize: bool, eps: float, pos_offset: int,
+        row_lse: Tensor, col_lse: Tensor, grad_row: Tensor, grad_col: Tensor, grad_pos: Tensor):
+    """Block backward (see fastclip.ops.backends): (dx [n, D], dy [m, D], dscale [] fp32)."""
+    C = extension()
+    _check(x, y, scale)
+    xc, yc = _rows(x.detach()), _rows(y.detach())
+    n, d = xc.shape
+    m = yc.shape[0]
+    dev = xc.device
+    with torch.cuda.device(dev):
+        sc = _f32(scale).reshape(())
+        r, c = _f32(row_lse), _f32(col_lse)
+        gr, gc, gp = _f32(grad_row), _f32(grad_col), _f32(grad_pos)
+        dx = torch.empty((n, d), dtype=xc.dtype, device=dev)
+        dy = torch.empty((m, d), dtype=yc.dtype, device=dev)
+        ds = torch.empty((), dtype=torch.float32, device=dev)
+        nbytes = C.cuda_bwd_workspace_bytes(n, m, d)
+        ws = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        C.cuda_bwd(xc.data_ptr(), yc.data_ptr(), n, m, d, _ld(xc), _ld(yc), _DTYPE_CODE[xc.dtype],
+                   bool(torch.backends.cuda.matmul.allow_tf32), sc.data_ptr(), bool(normalize),
+                   float(eps), int(pos_offset), r.data_ptr(), c.data_ptr(), gr.data_ptr(),
+                   gc.data_ptr(), gp.data_ptr(), dx.data_ptr(), dy.data_ptr(), ds.data_ptr(),
+                   ws.data_ptr(), nbytes, torch.cuda.current_stream(dev).cuda_stream)
+    return dx, dy, ds
+
+
+register_backend(Backend(name="cuda", devices=("cuda",), availability=_availability, fwd=fwd,
+                         bwd=bwd, dtypes=(torch.float32, torch.float16, torch.bfloat16)))
