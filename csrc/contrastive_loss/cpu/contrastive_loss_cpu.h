@@ -6,7 +6,10 @@
 
 namespace fastclip::cpu {
 
-// x [n, d] (row stride ldx), y [m, d] (row stride ldy).
+// x [n, d] (row stride ldx), y [m, d] (row stride ldy). num_threads OpenMP threads,
+// statically scheduled: a fixed count gives bit-identical results. Extra memory
+// O((n+m)·d + threads·tile) forward, plus at most 64 MB of dY buffers backward.
+// Non-finite inputs give non-finite outputs (no -ffast-math anywhere).
 // Writes row_lse [n], col_lse [m], pos [n] (pos_i = L_{i,i+pos_offset} or 0).
 template <typename T>
 void contrastive_loss_fwd(const T* x, const T* y, int64_t n, int64_t m, int64_t d, int64_t ldx,

@@ -2,6 +2,12 @@
 
 float32 and float64 run natively; float16 and bfloat16 are upcast to float32 here
 (O(N·D), the kernel's inner loops stay fp32) and the gradients are cast back.
+
+Threads: ``torch.get_num_threads()`` OpenMP threads with a static schedule, so a fixed
+thread count gives bit-identical results. The kernel picks its instruction set at run
+time (AVX-512, AVX2+FMA, or a generic 128-bit build); ``FASTCLIP_CPU_ISA=avx2|generic``
+forces a lesser one (tests, comparisons). Extra memory: O((n+m)·D) plus at most 64 MB of
+per-thread dY buffers (``FASTCLIP_CPU_DY_BUDGET`` bytes overrides it); nothing n×m.
 """
 
 from __future__ import annotations
