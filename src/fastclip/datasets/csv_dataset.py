@@ -1,0 +1,103 @@
+"""Image-caption pairs listed in a CSV/TSV file (open_clip's ``--csv-*`` conventions).
+
+Also home of the helpers every real-data reader shares: ``load_image`` (never raises on a
+missing or corrupt file) and ``collate_skipping`` (drops failed samples and counts them).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import warnings
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from PIL import Image
+
+Sample = Optional[Tuple[torch.Tensor, torch.Tensor]]
+
+
+def load_image(source: Union[str, bytes]) -> Optional[Image.Image]:
+    """Open a path or encoded bytes as an RGB ``PIL.Image``; None when missing or undecodable.
+
+    The image is fully decoded here (``convert`` forces it), so truncated files fail now
+    rather than later in a transform.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's DecompressionBombWarning, EXIF warnings
+            f = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+            with Image.open(f) as im:
+                return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
+def seeded_transform(transform: Callable, seed: int) -> Callable:
+    """Make ``transform``'s randomness (if it has a ``generator`` attribute, as
+    ``fastclip.transforms.ImageTransform``) a function of ``seed``: reproducible whatever the
+    worker that runs it."""
+    if hasattr(transform, "generator"):
+        transform.generator = torch.Generator().manual_seed(seed)
+    return transform
+
+
+def collate_skipping(samples: Sequence[Sample]) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Stack the non-None ``(image [3, S, S], tokens [L])`` samples.
+
+    Returns ``(images [B', 3, S, S], tokens [B', L], skipped)`` where ``skipped`` counts the None
+    entries (missing or corrupt images). An all-None batch gives ``B' = 0`` tensors with
+    unknown trailing sizes ``[0]``.
+    """
+    good = [s for s in samples if s is not None]
+    skipped = len(samples) - len(good)
+    if not good:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long), skipped
+    return torch.stack([g[0] for g in good]), torch.stack([g[1] for g in good]), skipped
+
+
+class CsvDataset(torch.utils.data.Dataset):
+    """Map-style ``(image, tokens)`` pairs from a delimited file with a header row.
+
+    Args:
+        path: the CSV/TSV file. Relative image paths are resolved against its directory.
+        transform: ``PIL.Image -> FloatTensor [3, S, S]`` (e.g. ``image_transform(S, train=True)``).
+        img_key, caption_key, separator: column names and delimiter (open_clip's
+            ``--csv-img-key filepath --csv-caption-key title --csv-separator ,`` by default).
+        context_length: caption token length; longer captions are truncated.
+
+    ``dataset[i]`` or ``dataset[(i, aug_seed)]`` (the latter seeds a random transform) returns
+    ``(image [3, S, S], tokens [context_length])``, or None when the image is missing or
+    corrupt: ``collate_skipping`` drops and counts those.
+    """
+
+    def __init__(self, path: str, transform: Callable, img_key: str = "filepath", caption_key: str = "title",
+                 separator: str = ",", context_length: int = 77):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"CSV file {path!r} does not exist")
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter=separator)
+            fields = reader.fieldnames or []
+            for key, what in ((img_key, "img_key"), (caption_key, "caption_key")):
+                if key not in fields:
+                    raise ValueError(f"{path}: column {key!r} ({what}) not found; columns are {fields} "
+                                     f"(separator {separator!r})")
+            rows = [(r[img_key], r[caption_key]) for r in reader]
+        if not rows:
+            raise ValueError(f"{path}: no rows")
+        root = os.path.dirname(os.path.abspath(path))
+        self.images: List[str] = [p if os.path.isabs(p) else os.path.join(root, p) for p, _ in rows]
+        self.captions: List[str] = [c or "" for _, c in rows]
+        self.transform, self.context_length = transform, context_length
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key) -> Sample:
+        from ..tokenizer import tokenize
+        index, aug_seed = key if isinstance(key, tuple) else (key, None)
+        img = load_image(self.images[index])
+        if img is None:
+            return None
+        tf = self.transform if aug_seed is None else seeded_transform(self.transform, aug_seed)
+        return tf(img), tokenize([self.captions[index]], context_length=self.context_length, truncate=True)[0]

@@ -1,0 +1,198 @@
+"""Streamed webdataset-style tar shards (``key.jpg``/``key.png`` + ``key.txt``), read with ``tarfile``.
+
+A shard is read sequentially (``tarfile`` stream mode: no seeking, no index, works on pipes
+and network filesystems); members sharing a key (the file name up to its first dot, as the
+webdataset convention) form one sample. A sample with no image, no caption, or an image that
+does not decode is skipped and counted, never fatal; so is an unreadable or truncated shard
+(its remaining samples are unknowable, so it counts as one skipped sample).
+
+Shard lists: brace ranges and lists (``data/{00000..00099}.tar``, ``{a,b}.tar``), globs
+(``data/*.tar``), and several specs joined by ``::`` (open_clip's separator).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import random
+import re
+import tarfile
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from .csv_dataset import collate_skipping, load_image, seeded_transform
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(spec: str) -> List[str]:
+    """``"a{0..2}b"`` -> ``["a0b", "a1b", "a2b"]`` (zero padding kept), ``"{x,y}"`` -> x and y;
+    nested and repeated braces expand left to right."""
+    m = _BRACE.search(spec)
+    if m is None:
+        return [spec]
+    body = m.group(1)
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = rng.group(1), rng.group(2)
+        width = len(lo) if lo.startswith("0") else 0
+        items = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        items = body.split(",")
+    out = []
+    for it in items:
+        out.extend(expand_braces(spec[:m.start()] + it + spec[m.end():]))
+    return out
+
+
+def expand_urls(spec: str) -> List[str]:
+    """Shard paths from ``spec`` (``::``-joined specs, braces, globs), in order, deduplicated.
+
+    A glob that matches nothing and a brace-expanded path that does not exist are kept only if
+    they exist: the caller checks that the list is not empty.
+    """
+    out: List[str] = []
+    for part in spec.split("::"):
+        for p in expand_braces(part.strip()):
+            matches = sorted(glob.glob(p)) if glob.has_magic(p) else ([p] if os.path.exists(p) else [])
+            out.extend(m for m in matches if m not in out)
+    return out
+
+
+def iter_tar_samples(path: str) -> Iterator[Optional[Dict[str, bytes]]]:
+    """Yield one ``{ext: bytes}`` dict per key of the tar at ``path`` (streamed), or None once
+    if the shard cannot be read (missing, truncated or not a tar)."""
+    current_key, current = None, {}
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = os.path.basename(member.name)
+                dirname = os.path.dirname(member.name)
+                if "." not in base:
+                    continue
+                stem, ext = base.split(".", 1)
+                key = os.path.join(dirname, stem)
+                f = tar.extractfile(member)
+                data = f.read() if f is not None else b""
+                if key != current_key and current:
+                    yield current
+                    current = {}
+                current_key = key
+                current[ext.lower()] = data
+    except (OSError, tarfile.TarError, EOFError):
+        if current:
+            yield current
+        yield None
+        return
+    if current:
+        yield current
+
+
+class WebDataset(torch.utils.data.IterableDataset):
+    """Endless stream of batches ``(images [B', 3, S, S], tokens [B', L], skipped)`` from tar shards.
+
+    Args:
+        urls: shard list spec (see ``expand_urls``) or a list of paths.
+        batch_size: samples per batch on this rank (B' < batch_size when some were skipped).
+        transform: ``PIL.Image -> FloatTensor [3, S, S]``.
+        context_length: caption token length (longer captions truncated).
+        seed: shard order and the shuffle buffer are functions of ``(seed, epoch)``.
+        rank, world_size: this process's slot; with DataLoader workers each (rank, worker)
+            reads every ``world_size * num_workers``-th shard (or every such sample when there
+            are fewer shards than readers).
+        shuffle_buffer: samples held for shuffling (0: stream order).
+        skip_batches: batches to fast-forward (resume); skipped samples are not decoded, so
+            the position is exact unless corrupt samples fell in the skipped range.
+
+    Epochs follow each other without end (the trainer decides how many batches to draw), or
+    stop after ``max_epochs`` passes (evaluation), the last batch then possibly partial.
+    """
+
+    def __init__(self, urls, batch_size: int, transform: Callable, context_length: int = 77, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000, skip_batches: int = 0,
+                 max_epochs: Optional[int] = None):
+        self.urls = expand_urls(urls) if isinstance(urls, str) else list(urls)
+        if not self.urls:
+            raise FileNotFoundError(f"no tar shards match {urls!r}")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.batch_size, self.transform, self.context_length = batch_size, transform, context_length
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.shuffle_buffer, self.skip_batches, self.max_epochs = shuffle_buffer, skip_batches, max_epochs
+
+    def _raw_samples(self, epoch: int, slot: int, stride: int) -> Iterator[Optional[Dict[str, bytes]]]:
+        shards = list(self.urls)
+        random.Random(self.seed * 7919 + epoch).shuffle(shards)
+        by_shard = len(shards) >= stride
+        mine = shards[slot::stride] if by_shard else shards
+        k = 0
+        for path in mine:
+            for s in iter_tar_samples(path):
+                if not by_shard:
+                    k += 1
+                    if (k - 1) % stride != slot:
+                        continue
+                yield s
+
+    def _shuffled(self, it: Iterator, rng: random.Random) -> Iterator:
+        if self.shuffle_buffer <= 1:
+            yield from it
+            return
+        buf: List = []
+        for s in it:
+            if len(buf) < self.shuffle_buffer:
+                buf.append(s)
+                continue
+            j = rng.randrange(len(buf))
+            buf[j], s = s, buf[j]
+            yield s
+        rng.shuffle(buf)
+        yield from buf
+
+    def _decode(self, raw: Optional[Dict[str, bytes]], aug_seed: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        from ..tokenizer import tokenize
+        if raw is None or "txt" not in raw:
+            return None
+        data = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
+        if data is None:
+            return None
+        img = load_image(data)
+        if img is None:
+            return None
+        caption = raw["txt"].decode("utf-8", errors="replace").strip()
+        image = seeded_transform(self.transform, aug_seed)(img)
+        return image, tokenize([caption], context_length=self.context_length, truncate=True)[0]
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, int]]:
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        slot, stride = self.rank * nw + wid, self.world_size * nw
+        # This worker's share of the batches to skip (DataLoader takes batches round-robin).
+        skip = self.skip_batches // nw + (1 if wid < self.skip_batches % nw else 0)
+        epoch, n = 0, 0
+        batch: List = []
+        while True:
+            rng = random.Random((self.seed * 1_000_003 + epoch) * 65_537 + slot)
+            produced = False
+            for raw in self._shuffled(self._raw_samples(epoch, slot, stride), rng):
+                produced = True
+                if skip > 0:
+                    batch.append(None)
+                    if len(batch) == self.batch_size:
+                        skip, batch = skip - 1, []
+                    continue
+                batch.append(self._decode(raw, aug_seed=(self.seed * 1_000_003 + epoch) * 1_000_003 + n))
+                n += 1
+                if len(batch) == self.batch_size:
+                    yield collate_skipping(batch)
+                    batch = []
+            if not produced:
+                raise RuntimeError(f"reader {slot} of {stride} got no samples from {len(self.urls)} shard(s)")
+            epoch += 1  # a partial last batch carries into the next epoch
+            if self.max_epochs is not None and epoch >= self.max_epochs:
+                if batch and skip == 0:
+                    yield collate_skipping(batch)
+                return

@@ -1,0 +1,187 @@
+"""Datasets: the synthetic shapes, CSV and webdataset readers (a corrupt or missing image is skipped
+and counted, never fatal), class folders, shard-list expansion."""
+import io
+import os
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastclip.datasets import (HELD_OUT, SHAPES, COLOR_NAMES, CsvDataset, ImageFolderDataset, ShapesDataset,
+                               WebDataset, collate_skipping, expand_urls, read_classnames)
+from fastclip.datasets.webdataset import expand_braces
+from fastclip.transforms import image_transform
+
+
+def _png_bytes(seed, size=40):
+    arr = np.random.default_rng(seed).integers(0, 255, (size, size + 3, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+CORRUPT = b"\x89PNG\r\n\x1a\n this is not a png"
+
+
+def test_shapes_deterministic_and_holds_out_pairs():
+    a, b = ShapesDataset(200, seed=3), ShapesDataset(200, seed=3)
+    for i in (0, 7, 199):
+        assert torch.equal(a[i][0], b[i][0]) and torch.equal(a[i][1], b[i][1])
+    assert not torch.equal(a[0][0], ShapesDataset(200, seed=4)[0][0])
+    img, tok = a[5]
+    assert img.shape == (3, 64, 64) and img.dtype == torch.float32 and tok.shape == (32,)
+    for i in range(200):
+        s = a.sample(i)
+        assert 1 <= len(s["objects"]) <= 2
+        for o in s["objects"]:
+            assert (o["color"], o["shape"]) not in HELD_OUT
+            assert o["color"] != s["background"]
+            assert o["shape"] in s["caption"] or o["color"] in s["caption"]  # partial captions name one
+        words = s["caption"].replace(",", " ").split()
+        assert {w for w in words if w in SHAPES} <= {o["shape"] for o in s["objects"]}
+        assert {w for w in words if w in COLOR_NAMES} <= {o["color"] for o in s["objects"]} | {s["background"]}
+    held = ShapesDataset(64, seed=3, split="heldout", image_size=32)
+    imgs, shapes, colors = held.eval_tensors()
+    assert imgs.shape == (64, 3, 32, 32)
+    assert all((COLOR_NAMES[c], SHAPES[s]) in HELD_OUT for s, c in zip(shapes.tolist(), colors.tolist()))
+    assert held.labels(5) == (shapes[5].item(), colors[5].item())
+    with pytest.raises(ValueError, match="split"):
+        ShapesDataset(10, split="test")
+
+
+def _write_csv_set(root, n_good=5):
+    rows = ["filepath,title"]
+    for i in range(n_good):
+        (root / f"img{i}.png").write_bytes(_png_bytes(i))
+        rows.append(f"img{i}.png,a photo number {i}")
+    (root / "bad.png").write_bytes(CORRUPT)
+    rows.append("bad.png,a corrupt file")
+    rows.append("missing.png,a missing file")
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    return str(root / "train.csv")
+
+
+def test_csv_skips_and_counts_corrupt_and_missing(tmp_path):
+    path = _write_csv_set(tmp_path)
+    ds = CsvDataset(path, image_transform(32, train=True), context_length=16)
+    assert len(ds) == 7
+    samples = [ds[(i, 100 + i)] for i in range(len(ds))]
+    imgs, toks, skipped = collate_skipping(samples)
+    assert skipped == 2 and imgs.shape == (5, 3, 32, 32) and toks.shape == (5, 16)
+    # the seeded augmentation is reproducible
+    assert torch.equal(ds[(0, 5)][0], ds[(0, 5)][0])
+    with pytest.raises(ValueError, match="caption_key"):
+        CsvDataset(path, image_transform(32), caption_key="caption")
+
+
+def _write_shards(root):
+    """3 shards, 4 samples each; shard 1 holds one corrupt image and one sample without caption."""
+    paths = []
+    for s in range(3):
+        p = root / f"shard-{s:03d}.tar"
+        with tarfile.open(p, "w") as tar:
+            for k in range(4):
+                key = f"s{s}_{k:02d}"
+                img = CORRUPT if (s, k) == (1, 1) else _png_bytes(10 * s + k)
+                members = [(f"{key}.png", img)]
+                if (s, k) != (1, 2):
+                    members.append((f"{key}.txt", f"caption {s} {k}".encode()))
+                for name, data in members:
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        paths.append(str(p))
+    return paths
+
+
+def test_webdataset_streams_skips_and_counts(tmp_path):
+    paths = _write_shards(tmp_path)
+    spec = str(tmp_path / "shard-{000..002}.tar")
+    assert expand_urls(spec) == paths
+    assert expand_urls(str(tmp_path / "shard-*.tar")) == paths
+    assert expand_urls(paths[0] + "::" + paths[2]) == [paths[0], paths[2]]
+    ds = WebDataset(spec, batch_size=5, transform=image_transform(32), context_length=16, shuffle_buffer=4,
+                    max_epochs=1)
+    batches = list(ds)
+    n_good = sum(len(b[0]) for b in batches)
+    n_skipped = sum(b[2] for b in batches)
+    assert (n_good, n_skipped) == (10, 2)
+    assert batches[0][0].shape[1:] == (3, 32, 32) and batches[0][1].shape[1:] == (16,)
+    # two ranks read disjoint parts that cover the whole set
+    seen = []
+    for r in range(2):
+        for imgs, toks, _ in WebDataset(spec, 2, image_transform(32), 16, rank=r, world_size=2, shuffle_buffer=0,
+                                        max_epochs=1):
+            seen.extend(toks[:, 2].tolist())
+    assert len(seen) == 10
+    # an unreadable shard counts as one skipped sample
+    (tmp_path / "shard-003.tar").write_bytes(b"not a tar at all")
+    ds = WebDataset(str(tmp_path / "shard-{000..003}.tar"), 4, image_transform(32), 16, shuffle_buffer=0,
+                    max_epochs=1)
+    batches = list(ds)
+    assert sum(b[2] for b in batches) == 3 and sum(len(b[0]) for b in batches) == 10
+
+
+def test_webdataset_resume_skips_batches(tmp_path):
+    _write_shards(tmp_path)
+    spec = str(tmp_path / "shard-{000..002}.tar")
+    full = WebDataset(spec, 2, image_transform(32), 16, seed=1, shuffle_buffer=3)
+    it = iter(full)
+    first = [next(it) for _ in range(5)]
+    resumed = next(iter(WebDataset(spec, 2, image_transform(32), 16, seed=1, shuffle_buffer=3, skip_batches=2)))
+    # batches 0-1 contain no corrupt sample in this order only if counts match; compare tokens where sizes agree
+    assert torch.equal(resumed[1], first[2][1]) or first[0][2] + first[1][2] > 0
+
+
+def test_brace_expansion():
+    assert expand_braces("a{00..02}b") == ["a00b", "a01b", "a02b"]
+    assert expand_braces("{x,y}-{1..2}") == ["x-1", "x-2", "y-1", "y-2"]
+
+
+def test_image_folder_skips_corrupt(tmp_path):
+    for cls in ("red_thing", "blue_thing"):
+        (tmp_path / cls).mkdir()
+        for i in range(2):
+            (tmp_path / cls / f"{i}.png").write_bytes(_png_bytes(i + len(cls)))
+    (tmp_path / "blue_thing" / "bad.jpg").write_bytes(b"garbage")
+    ds = ImageFolderDataset(str(tmp_path), image_transform(32))
+    assert ds.classnames == ["blue thing", "red thing"]
+    imgs, labels, skipped = ds.load_tensors()
+    assert imgs.shape == (4, 3, 32, 32) and skipped == 1 and labels.tolist() == [0, 0, 1, 1]
+    assert read_classnames("cat, dog") == ["cat", "dog"]
+    f = tmp_path / "classes.txt"
+    f.write_text("cat\n\ndog\n")
+    assert read_classnames(str(f)) == ["cat", "dog"]
+    with pytest.raises(ValueError, match="class names given"):
+        ImageFolderDataset(str(tmp_path), image_transform(32), classnames=["a"])
+
+
+def test_training_on_csv_and_shards_counts_skipped(tmp_path):
+    import json
+
+    from fastclip.train import TrainConfig, train
+    torch.set_num_threads(1)
+    csv = _write_csv_set(tmp_path)
+    folder = tmp_path / "zs"
+    for cls in ("noise_a", "noise_b"):
+        (folder / cls).mkdir(parents=True)
+        for i in range(2):
+            (folder / cls / f"{i}.png").write_bytes(_png_bytes(50 + i + len(cls)))
+    (folder / "noise_a" / "broken.png").write_bytes(CORRUPT)
+    out = tmp_path / "csv_run"
+    r = train(TrainConfig(model="tiny-vit", train_data=csv, val_data=csv, zeroshot_data=str(folder),
+                          zeroshot_templates="simple", output=str(out), batch_size=7, steps=2, warmup=1,
+                          progress="none", plot=False))
+    assert r["train_samples_skipped"] == 4  # 2 bad rows x 2 steps (one epoch = one batch of 7)
+    assert r["eval_samples_skipped"] == 3  # 2 bad val rows + 1 broken zero-shot image
+    assert "zero_shot_zs_top1" in r and "val/loss" in r and "val/image_to_text_R@1" in r
+    assert json.load(open(out / "metrics.json"))["train_samples_skipped"] == 4
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    _write_shards(shards)
+    r = train(TrainConfig(model="tiny-vit", train_data=str(shards / "shard-{000..002}.tar"), output=str(tmp_path / "wds"),
+                          batch_size=4, steps=3, warmup=1, progress="none", plot=False))
+    assert r["steps"] == 3 and r["train_samples_skipped"] == 2  # 12 samples read, 2 bad
