@@ -51,10 +51,6 @@ class DistributedLossError(RuntimeError):
     tensor, so a mismatch never leaves some ranks waiting in a large collective)."""
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # ------------------------------------------------------------------ group plumbing
 def _group_devices(group) -> dict[str, str]:
     """{device type: backend} the group can carry, e.g. {'cpu': 'gloo', 'cuda': 'nccl'}."""

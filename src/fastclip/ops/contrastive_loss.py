@@ -18,16 +18,13 @@ import torch
 from torch import Tensor
 
 from .backends import Backend, resolve_backend
+from .reference import acc_dtype
 
 __all__ = ["clip_loss", "contrastive_loss_fwd", "contrastive_loss_bwd", "DEFAULT_EPS",
            "validate_features", "prepare_scale", "select_backend"]
 
 DEFAULT_EPS = 1e-12          # as torch.nn.functional.normalize
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _unit_inner(t: Tensor) -> Tensor:
@@ -47,7 +44,7 @@ def contrastive_loss_fwd(x: Tensor, y: Tensor, scale: Tensor, normalize: bool, e
 
 @contrastive_loss_fwd.register_fake
 def _(x, y, scale, normalize, eps, pos_offset, backend):
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     return (x.new_empty((x.shape[0],), dtype=acc), y.new_empty((y.shape[0],), dtype=acc),
             x.new_empty((x.shape[0],), dtype=acc))
 
@@ -129,7 +126,7 @@ def validate_features(image_features, text_features, *, same_rows: bool = True) 
 def prepare_scale(logit_scale, like: Tensor) -> Tensor:
     """``logit_scale`` (float or 1-element tensor, already exponentiated) as a 0-dim tensor
     of the accumulation dtype on ``like``'s device; differentiable when it requires grad."""
-    acc = _acc_dtype(like.dtype)
+    acc = acc_dtype(like.dtype)
     if isinstance(logit_scale, (int, float)) and not isinstance(logit_scale, bool):
         if not math.isfinite(logit_scale) or logit_scale <= 0:
             raise ValueError(f"logit_scale must be a finite positive number (the already "

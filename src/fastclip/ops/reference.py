@@ -21,7 +21,8 @@ from torch import Tensor
 _CHUNK_ELEMS = 1 << 24
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation/statistics dtype for features of ``dtype``: float64 stays, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -54,7 +55,7 @@ def _chunks(n: int, m: int):
 def block_fwd(x: Tensor, y: Tensor, scale: Tensor, normalize: bool, eps: float,
               pos_offset: int) -> tuple[Tensor, Tensor, Tensor]:
     """Row/column log-sum-exp and positive logits of one block (see backends doc)."""
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     xa, ya, s = x.to(acc), y.to(acc), scale.to(acc)
     n, m = xa.shape[0], ya.shape[0]
     xh = xa * _inv_norms(xa, normalize, eps)[:, None]               # [n, D]
@@ -76,7 +77,7 @@ def block_bwd(x: Tensor, y: Tensor, scale: Tensor, normalize: bool, eps: float, 
               row_lse: Tensor, col_lse: Tensor, grad_row: Tensor, grad_col: Tensor,
               grad_pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Vector-Jacobian product of :func:`block_fwd` (see backends doc)."""
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     xa, ya, s = x.to(acc), y.to(acc), scale.to(acc)
     n, m = xa.shape[0], ya.shape[0]
     rho, sig = _inv_norms(xa, normalize, eps), _inv_norms(ya, normalize, eps)

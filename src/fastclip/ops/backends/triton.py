@@ -9,6 +9,7 @@ has no Triton tensor-core path: the dispatcher sends it elsewhere, or refuses it
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -21,8 +22,14 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.lru_cache(maxsize=None)
+def _installed() -> bool:
+    # Searching sys.path is the slow part of the probe, and `auto` asks on every call.
+    return importlib.util.find_spec("triton") is not None
+
+
 def _availability() -> tuple[bool, str]:
-    if importlib.util.find_spec("triton") is None:
+    if not _installed():
         return False, "the triton package is not installed (pip install triton)"
     if _interpreting():
         return True, ""
