@@ -48,6 +48,9 @@ def test_no_command_prints_help_and_exits_2(capsys):
     (["train", "--resume", "latest"], "--resume latest needs --output"),
     (["train", "--model", "no-such-model"], "--model"),
     (["train", "--model-overrides", "[1, 2]"], "JSON object"),
+    (["train", "--demo-group-prob", "1.5"], "--demo-group-prob"),
+    (["train", "--demo-group-size", "0"], "--demo-group-size"),
+    (["train", "--demo-backgrounds", "plaid"], "--demo-backgrounds"),
 ])
 def test_argument_errors_exit_2_with_a_clear_message(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:

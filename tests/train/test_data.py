@@ -51,6 +51,27 @@ def test_shapes_deterministic_and_holds_out_pairs():
         ShapesDataset(10, split="test")
 
 
+def test_shapes_colour_groups():
+    ds = ShapesDataset(640, seed=5, group_size=16, group_prob=1.0)
+    for g in range(0, 640, 16):
+        first = {ds.sample(i)["objects"][0]["color"] for i in range(g, g + 16)}
+        assert len(first) == 1 and ds.group_color(g) in first  # every first shape in the group's colour
+        for i in range(g, g + 16):
+            assert all((o["color"], o["shape"]) not in HELD_OUT for o in ds.sample(i)["objects"])
+    colours = {ds.group_color(g) for g in range(0, 640, 16)}
+    assert len(colours) >= 6  # the groups' colours vary
+    # group_prob=0 and group_size=1 are the i.i.d. dataset, sample for sample
+    plain, off = ShapesDataset(64, seed=5), ShapesDataset(64, seed=5, group_size=16, group_prob=0.0)
+    assert all(plain.sample(i)["caption"] == off.sample(i)["caption"] for i in range(64))
+    mixed = ShapesDataset(16 * 200, seed=5, group_size=16, group_prob=0.5)
+    frac = sum(mixed.group_color(16 * g) is not None for g in range(200)) / 200
+    assert 0.35 < frac < 0.65
+    assert ShapesDataset(32, seed=5, split="heldout", group_size=16).group_color(0) is None
+    for bad in ({"group_size": 0}, {"group_size": 2.5}, {"group_prob": 1.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ShapesDataset(10, **bad)
+
+
 def _write_csv_set(root, n_good=5):
     rows = ["filepath,title"]
     for i in range(n_good):

@@ -5,17 +5,21 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from ._common import assert_same_weights, env, fastclip_cmd, run, weights
 
 COMMON = ["--steps", "30", "--batch-size", "16", "--save-every", "4", "--log-every", "1", "--eval-every", "1000",
           "--lr", "1e-3", "--warmup", "4"]
 
 
-def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("model", ["tiny-vit", "tiny-rn"])  # tiny-rn: channels_last parameters and state
+def test_resume_after_sigkill_equals_uninterrupted(tmp_path, model):
     ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
-    run(COMMON + ["--output", ref])
+    common = COMMON + ["--model", model]
+    run(common + ["--output", ref])
 
-    proc = subprocess.Popen(fastclip_cmd(*COMMON, "--output", killed), env=env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(fastclip_cmd(*common, "--output", killed), env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     ckpt_dir = os.path.join(killed, "checkpoints")
     deadline = time.time() + 180
@@ -34,6 +38,6 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert not os.path.exists(os.path.join(killed, "model.safetensors"))
 
-    r = run(COMMON + ["--output", killed, "--resume", "latest"])
+    r = run(common + ["--output", killed, "--resume", "latest"])
     assert "resumed from" in r.stdout
     assert_same_weights(weights(ref), weights(killed), exact=True)

@@ -74,10 +74,13 @@ class TrainConfig:
     zeroshot_templates: str = "imagenet"
     demo_train_samples: int = 1_000_000
     demo_eval_samples: int = 480
-    batch_size: int = 64
-    steps: Optional[int] = 500
+    demo_group_size: int = 16  # colour groups: see fastclip.datasets.shapes
+    demo_group_prob: float = 1.0
+    demo_backgrounds: str = "neutral"
+    batch_size: int = 128
+    steps: Optional[int] = 1000
     epochs: int = 1
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.98
@@ -326,6 +329,10 @@ class Trainer:
             # Cheap on the CPU, and what makes resume bit-exact.
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.model = create_model(cfg.model, **cfg.model_overrides).to(env.device)
+        # ResNet towers run in channels_last: the demo's step (batch 128) takes 0.27 s instead of
+        # 0.43 s on a 2-core Zen 4 (oneDNN's NHWC convolutions); images are converted to match.
+        self.memory_format = torch.channels_last if self.model.config.is_resnet else torch.contiguous_format
+        self.model = self.model.to(memory_format=self.memory_format)
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.step_model = torch.compile(self.model) if cfg.compile else self.model
@@ -384,7 +391,9 @@ class Trainer:
         if self.data_type == "shapes":
             from ..datasets.shapes import ShapesDataset
             self.dataset = ShapesDataset(cfg.demo_train_samples, seed=cfg.seed, split="train",
-                                         image_size=self.model.image_size, context_length=ctx)
+                                         image_size=self.model.image_size, context_length=ctx,
+                                         group_size=cfg.demo_group_size, group_prob=cfg.demo_group_prob,
+                                         backgrounds=cfg.demo_backgrounds)
             self.augment = False
             self.data_desc = f"synthetic shapes ({self.model.image_size}x{self.model.image_size}, generated on the fly)"
         elif self.data_type == "csv":
@@ -484,9 +493,16 @@ class Trainer:
             from ..datasets.shapes import COLOR_NAMES, SHAPES, ShapesDataset
             from ..eval.templates import COLOR_TEMPLATES, SHAPE_TEMPLATES
             held = ShapesDataset(cfg.demo_eval_samples, seed=cfg.seed + 1, split="heldout",
-                                 image_size=self.model.image_size, context_length=self.model.context_length)
+                                 image_size=self.model.image_size, context_length=self.model.context_length,
+                                 backgrounds=cfg.demo_backgrounds)
             imgs, shapes, colors = held.eval_tensors()
-            self.zs_sets["shape"] = (imgs, shapes, list(SHAPES), SHAPE_TEMPLATES)
+            # The shape ensemble adds "a red {}.", "a green {}.", ... (all eight colours for every
+            # class): "a star" alone was only ever paired with stars of the seven colours it is
+            # trained in, so its embedding leans away from the held-out colour; averaging over
+            # every colour gives each class the same colour mix (held-out shape 0.12 -> 0.15 and
+            # training pairs unchanged, demo model after 560 steps).
+            shape_templates = SHAPE_TEMPLATES + [f"a {c} {{}}." for c in COLOR_NAMES]
+            self.zs_sets["shape"] = (imgs, shapes, list(SHAPES), shape_templates)
             self.zs_sets["color"] = (imgs, colors, list(COLOR_NAMES), COLOR_TEMPLATES)
         if cfg.zeroshot_data:
             from ..datasets.folder import ImageFolderDataset, read_classnames
@@ -622,7 +638,7 @@ class Trainer:
                 if images.shape[0] == 0:
                     raise RuntimeError(f"step {step}: every sample of this rank's batch failed to load "
                                        f"(rank {env.rank}); check the data")
-                images = images.to(env.device, non_blocking=True)
+                images = images.to(env.device, non_blocking=True, memory_format=self.memory_format)
                 tokens = trim_padding(tokens).to(env.device, non_blocking=True)
                 t_step = time.time()
                 loss = self.forward_backward(images, tokens)
