@@ -33,9 +33,12 @@ fi
 "$PY" -c "import scikit_build_core, pybind11, ninja" 2>/dev/null \
   || pip_install "scikit-build-core>=0.10" "pybind11>=2.12" ninja
 
+# matplotlib draws the demo's curves.png (part of the main job's output; ~7 s to install)
+"$PY" -c "import matplotlib" 2>/dev/null || pip_install matplotlib
+
 if [[ $want_test == 1 ]]; then
-  "$PY" -c "import pytest, pytest_timeout, matplotlib, sklearn" 2>/dev/null \
-    || pip_install "pytest>=7" pytest-timeout matplotlib scikit-learn
+  "$PY" -c "import pytest, pytest_timeout, sklearn" 2>/dev/null \
+    || pip_install "pytest>=7" pytest-timeout scikit-learn
   "$PY" -c "import triton" 2>/dev/null || pip_install "triton==3.9.0"
 fi
 
