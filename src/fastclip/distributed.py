@@ -154,6 +154,18 @@ class _Plan:
         self.normalize, self.eps, self.backend = normalize, eps, backend
 
 
+def _finish_forward(ctx, plan: _Plan, row_lse: Tensor, own_col_lse: Tensor, pos: Tensor,
+                    *saved: Tensor) -> Tensor:
+    """Both forms' last step: the loss over all ranks' rows, (1/2N) Σ_i (r_i - L_ii) + (c_i - L_ii),
+    with each row's differences taken before the sum (keeps the cancellation local); saves
+    ``saved`` and the plan for backward."""
+    total = ((row_lse - pos) + (own_col_lse - pos)).sum()
+    dist.all_reduce(total, group=plan.group)
+    ctx.save_for_backward(*saved)
+    ctx.plan = plan
+    return total / (2 * plan.N)
+
+
 def _finish_backward(plan: _Plan, g: Tensor, ds_local: Tensor, dx: Tensor, dy: Tensor,
                      x: Tensor, y: Tensor, scale: Tensor):
     """Apply the gradient contract: features get (Σ_ranks g) × the unit-gradient VJP,
@@ -170,7 +182,7 @@ def _finish_backward(plan: _Plan, g: Tensor, ds_local: Tensor, dx: Tensor, dy: T
 class _GatherLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor, scale: Tensor, plan: _Plan):
-        k, o, N = plan.rank, plan.offsets[plan.rank], plan.N
+        k, o = plan.rank, plan.offsets[plan.rank]
         y_all = _all_gather_rows(y, plan.sizes, plan.group)                # [N, D]
         row_lse, col_part, pos = contrastive_loss_fwd(x, y_all, scale, plan.normalize,
                                                       plan.eps, o, plan.backend)
@@ -181,12 +193,7 @@ class _GatherLoss(torch.autograd.Function):
         dist.all_reduce(col_sum, group=plan.group)
         col_lse = col_max + torch.log(col_sum)                              # [N], complete
         own_c = col_lse[o:o + plan.sizes[k]]
-        # (r_i - L_ii) + (c_i - L_ii) per row before summing: keeps the cancellation local.
-        total = ((row_lse - pos) + (own_c - pos)).sum()
-        dist.all_reduce(total, group=plan.group)
-        ctx.save_for_backward(x, y_all, scale, row_lse, col_lse)
-        ctx.plan = plan
-        return total / (2 * N)
+        return _finish_forward(ctx, plan, row_lse, own_c, pos, x, y_all, scale, row_lse, col_lse)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -224,7 +231,7 @@ class _RingLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor, scale: Tensor, plan: _Plan):
-        W, k, N = plan.world, plan.rank, plan.N
+        W, k = plan.world, plan.rank
         nxt = _global_rank(plan.group, (k + 1) % W)
         prv = _global_rank(plan.group, (k - 1) % W)
         o = plan.offsets[k]
@@ -264,11 +271,7 @@ class _RingLoss(torch.autograd.Function):
             col_lse = in_flight[2]          # our own block, complete after W hops
         else:
             col_lse = c_acc
-        total = ((row_lse - pos) + (col_lse - pos)).sum()
-        dist.all_reduce(total, group=plan.group)
-        ctx.save_for_backward(x, y, scale, row_lse, col_lse)
-        ctx.plan = plan
-        return total / (2 * N)
+        return _finish_forward(ctx, plan, row_lse, col_lse, pos, x, y, scale, row_lse, col_lse)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
