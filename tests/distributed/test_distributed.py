@@ -196,5 +196,5 @@ def test_bad_arguments_are_clear_errors_before_any_collective():
     x = torch.randn(3, 4)
     with pytest.raises(ValueError, match="dist_impl must be 'gather' or 'ring', got 'tree'"):
         clip_loss(x, x, 10.0, dist_impl="tree")
-    with pytest.raises(ValueError, match="eps must be a positive float"):
+    with pytest.raises(ValueError, match="eps must be a finite positive float"):
         clip_loss(x, x, 10.0, eps=0.0)
