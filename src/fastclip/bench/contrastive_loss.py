@@ -514,6 +514,8 @@ def run_overhead(cfg: Config, log=print) -> tuple[list[dict], str]:
                         fwd, tot = times[row["method"]]
                         row.update(fwd_us=f"{statistics.median(fwd) * 1e6:.1f}",
                                    fwd_bwd_us=f"{statistics.median(tot) * 1e6:.1f}",
+                                   fwd_us_min=f"{min(fwd) * 1e6:.1f}",
+                                   fwd_bwd_us_min=f"{min(tot) * 1e6:.1f}",
                                    calls=len(tot), status="ok")
                 rows += here
                 derive_overhead(rows)
@@ -536,7 +538,9 @@ def _write_overhead(rows, info, cfg: Config, prefix: str) -> None:
         "step's forward).",
         "per call: one forward (the loss is dropped), or one forward+backward; each call "
         "timed alone with time.perf_counter, the methods interleaved call by call so that a "
-        "change of load hits them alike; median over `calls` calls, after 10 warm-up steps.",
+        "change of load hits them alike; median (and minimum) over `calls` calls, after 10 "
+        "warm-up steps. On a machine shared with other work the medians carry its "
+        "interference; the minima show the cost without it.",
         "auto: the fused loss with backend=\"auto\" (what `ClipLoss()` runs); a backend "
         "name: that backend; naive: " + (next((r["impl"] for r in rows if r["method"] == M.NAIVE
                                              and r["impl"]), "the naive peer")) + "; floor: "

@@ -202,6 +202,8 @@ def _overhead_rank(rank, world, port, args, q):
                                  "D": args.dim, "dtype": "fp32",
                                  "fwd_us": f"{statistics.median(fwd) * 1e6:.1f}",
                                  "fwd_bwd_us": f"{statistics.median(tot) * 1e6:.1f}",
+                                 "fwd_us_min": f"{min(fwd) * 1e6:.1f}",
+                                 "fwd_bwd_us_min": f"{min(tot) * 1e6:.1f}",
                                  "calls": len(tot), "status": "ok", "impl": impls[impl]})
                     print(f"W={world} N={N:5d} {impl:8s} fwd {rows[-1]['fwd_us']:>9} us  "
                           f"fwd+bwd {rows[-1]['fwd_bwd_us']:>9} us  ({len(tot)} calls)",
@@ -320,7 +322,8 @@ def write(rows: list[dict], impls: dict, args, argv: list[str], wall: float,
                  "rank; gloo on 127.0.0.1.",
                  "per call: one forward (the loss is dropped), or one forward+backward, each "
                  "timed alone on every rank, the methods interleaved call by call; the slowest "
-                 "rank's time per call, median over `calls` calls after 10 warm-up steps."]
+                 "rank's time per call, median (and minimum) over `calls` calls after 10 "
+                 "warm-up steps."]
         write_overhead_markdown(rows, f"fastclip.distributed {spec.name} loss: per-call "
                                 "overhead", head, prefix + ".md", peer=PEER)
         print(f"wrote {prefix}.csv and {prefix}.md")

@@ -205,7 +205,7 @@ def time_step(build: Callable[[tuple], Step], inputs: tuple, warm_inputs: tuple,
 
 
 def per_call_times(steps: dict[str, Step], inputs: tuple, *, sync: Callable[[], None],
-                   warmup: int = 10, min_calls: int = 30, max_calls: int = 2000,
+                   warmup: int = 10, min_calls: int = 30, max_calls: int = 5000,
                    budget_s: float = 2.0, rounds: int = 0,
                    agree: Callable[[int], int] | None = None) -> dict[str, tuple[list, list]]:
     """Wall time of single calls, for small problems where dispatch dominates.
@@ -213,29 +213,13 @@ def per_call_times(steps: dict[str, Step], inputs: tuple, *, sync: Callable[[], 
     Every method runs ``warmup`` forward+backward steps, then rounds: in each round each
     method makes one forward call (the loss is dropped) and one forward+backward call,
     each timed alone (``sync`` before reading the clock). Round-robin, so that a change
-    of machine load hits every method alike. The number of rounds is ``rounds`` if > 0,
-    else what fits ``budget_s`` from the warm-up's pace, clamped to
-    [min_calls, max_calls]; ``agree`` (distributed runs) maps the local choice to the
-    one every rank uses. Returns {method: (forward seconds, forward+backward seconds)}.
+    of machine load hits every method alike. Rounds: ``rounds`` if > 0; else, alone,
+    until ``budget_s`` is spent (at least ``min_calls``, at most ``max_calls``); with
+    ``agree`` (distributed runs, where every rank must make the same calls) as many as
+    fit ``budget_s`` at the median pace of 5 rounds, mapped by ``agree`` to the count
+    every rank uses. Returns {method: (forward seconds, forward+backward seconds)}.
     """
-    for st in steps.values():
-        for _ in range(warmup):
-            clear_grads(*inputs)
-            st.bwd(st.fwd())
-    sync()
-    t0 = time.perf_counter()                  # the pace of one round, once warm
-    for st in steps.values():
-        st.fwd()
-        clear_grads(*inputs)
-        st.bwd(st.fwd())
-    sync()
-    pace = time.perf_counter() - t0
-    if rounds <= 0:
-        rounds = max(min_calls, min(max_calls, int(budget_s / max(pace, 1e-7))))
-    if agree is not None:
-        rounds = agree(rounds)
-    out = {name: ([], []) for name in steps}
-    for _ in range(rounds):
+    def one_round(out):
         for name, st in steps.items():
             fwd_t, tot_t = out[name]
             clear_grads(*inputs)
@@ -251,6 +235,32 @@ def per_call_times(steps: dict[str, Step], inputs: tuple, *, sync: Callable[[], 
             st.bwd(st.fwd())
             sync()
             tot_t.append(time.perf_counter() - a)
+
+    for st in steps.values():
+        for _ in range(warmup):
+            clear_grads(*inputs)
+            st.bwd(st.fwd())
+    sync()
+    out = {name: ([], []) for name in steps}
+    if rounds <= 0 and agree is not None:
+        paces = []
+        for _ in range(5):          # a median: one preempted round must not set the count
+            t0 = time.perf_counter()
+            one_round({name: ([], []) for name in steps})
+            paces.append(time.perf_counter() - t0)
+        pace = statistics.median(paces)
+        rounds = max(min_calls, min(max_calls, int(budget_s / max(pace, 1e-7))))
+    if agree is not None:
+        rounds = agree(rounds)
+    if rounds > 0:
+        for _ in range(rounds):
+            one_round(out)
+    else:
+        t0 = time.perf_counter()
+        done = 0
+        while done < max_calls and (done < min_calls or time.perf_counter() - t0 < budget_s):
+            one_round(out)
+            done += 1
     clear_grads(*inputs)
     return out
 

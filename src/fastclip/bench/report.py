@@ -23,7 +23,8 @@ CSV_FIELDS = ["loss", "device", "device_name", "torch", "triton", "fastclip", "c
               "timestamp"]
 OVERHEAD_FIELDS = ["loss", "device", "device_name", "torch", "fastclip", "commit", "threads",
                    "method", "impl", "N", "D", "dtype", "fwd_us", "fwd_bwd_us",
-                   "x_naive_fwd", "x_naive_fwd_bwd", "calls", "status", "timestamp"]
+                   "x_naive_fwd", "x_naive_fwd_bwd", "fwd_us_min", "fwd_bwd_us_min", "calls",
+                   "status", "timestamp"]
 RESULTS_DIR = os.path.join("benchmarks", "results")
 
 
@@ -220,12 +221,14 @@ def overhead_table(rows: list[dict], md: bool = True, peer: str = NAIVE) -> str:
     order = _method_order(rows)
     rs = sorted(rows, key=lambda r: (int(r["N"]), order[r["method"]]))
     if md:
-        out = [f"| N | method | fwd µs | fwd+bwd µs | × {peer} fwd | × {peer} fwd+bwd | calls "
-               "| status |", "|---:|---|---:|---:|---:|---:|---:|---|"]
+        out = [f"| N | method | fwd µs | fwd+bwd µs | × {peer} fwd | × {peer} fwd+bwd "
+               "| min fwd µs | min fwd+bwd µs | calls | status |",
+               "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in rs:
             out.append(f"| {r['N']} | {r['method']} | {num(r['fwd_us'], '.0f')} | "
                        f"{num(r['fwd_bwd_us'], '.0f')} | {r['x_naive_fwd']} | "
-                       f"{r['x_naive_fwd_bwd']} | {r['calls']} | "
+                       f"{r['x_naive_fwd_bwd']} | {num(r.get('fwd_us_min'), '.0f')} | "
+                       f"{num(r.get('fwd_bwd_us_min'), '.0f')} | {r['calls']} | "
                        f"{'' if r['status'] == 'ok' else r['status']} |")
         return "\n".join(out)
     x = f"x {peer}"[:8]
