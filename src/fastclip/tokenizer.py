@@ -12,9 +12,8 @@ with the CLIP pattern, ``ByteLevel`` mapping, ``BPE(end_of_word_suffix="</w>")``
 ``SimpleTokenizer`` is a small pure-Python BPE kept as the parity oracle for the tests.
 
 Speed: ``benchmarks/bench_tokenizer.py`` (``fastclip bench tokenizer``) times both paths
-stage by stage on synthetic captions; results in ``benchmarks/results/tokenizer-*.md``. The
-BPE in Rust is several times faster than the pure-Python one; end to end the gain is smaller,
-because the text cleaning (ftfy), which both paths share, dominates what remains.
+stage by stage on synthetic captions (the text cleaning, which both paths share, the BPE
+alone, and end to end); results in ``benchmarks/results/tokenizer-*.md``.
 """
 from __future__ import annotations
 
