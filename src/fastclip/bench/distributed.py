@@ -313,7 +313,7 @@ def write(rows: list[dict], impls: dict, args, argv: list[str], wall: float,
     head = [f"device: {device}",
             f"torch {info['torch']}, fastclip {info['fastclip']}, Python {info['python']}, "
             f"commit {info['commit']}, {stamp}; load average at start {info['load']}",
-            f"command: `python benchmarks/bench_distributed.py {' '.join(argv)}` ({wall:.0f} s)"]
+            f"command: `fastclip bench distributed {' '.join(argv)}` ({wall:.0f} s)"]
     head += [f"{k}: {v}" for k, v in impls.items()]
     if args.mode == "overhead":
         derive_overhead(rows, peer=PEER)
