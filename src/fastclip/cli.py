@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "on the synthetic shapes dataset on the CPU, then zero-shot accuracy on "
                                    "held-out (colour, shape) pairs. Multi-GPU: launch with torchrun.")
     _add_train_args(t)
-    sub.add_parser("bench", help="microbenchmarks of the contrastive loss (fastclip bench --help)", add_help=False)
+    sub.add_parser("bench", help="benchmarks: [loss] (default), distributed, tokenizer (fastclip bench --help)",
+                   add_help=False)
     return p
 
 
@@ -178,13 +179,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
-        try:
-            from .bench.contrastive_loss import main as bench_main
-        except ImportError as e:
-            print(f"fastclip bench: the benchmark module fastclip.bench.contrastive_loss is not available ({e})",
-                  file=sys.stderr)
-            return 2
-        return int(bench_main(argv[1:]) or 0)
+        from .bench import main as bench_main
+        return bench_main(argv[1:])
     p = build_parser()
     args = p.parse_args(argv)
     if args.command is None:
