@@ -102,7 +102,7 @@ class Config:
     overhead: bool = False
 
     @property
-    def spec(self) -> M.LossSpec:
+    def spec(self) -> M.BenchLoss:
         return M.get_loss(self.loss)
 
 

@@ -54,7 +54,7 @@ PEER = "openclip"
 
 
 # ------------------------------------------------------------------- loss forms
-def _peer(spec: M.LossSpec, rank: int, world: int):
+def _peer(spec: M.BenchLoss, rank: int, world: int):
     """(fn(x, y, params) -> loss over the group, description) of open_clip's sharded loss."""
     kwargs = spec.open_clip_sharded(rank, world)
     cls, why = M.load_open_clip(spec.open_clip_class)
@@ -66,7 +66,7 @@ def _peer(spec: M.LossSpec, rank: int, world: int):
             f"the same formula on all-gathered features ({why})")
 
 
-def _loss_fn(spec: M.LossSpec, impl: str, rank: int, world: int, backend: str):
+def _loss_fn(spec: M.BenchLoss, impl: str, rank: int, world: int, backend: str):
     """(fn(x, y, params), description) of one sharded form."""
     if impl == PEER:
         return _peer(spec, rank, world)

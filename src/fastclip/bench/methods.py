@@ -1,7 +1,8 @@
 """What the loss benchmarks run: per loss, one table entry and the methods it yields.
 
-A loss is one :class:`LossSpec` in :data:`LOSSES`; nothing else in ``fastclip.bench``
-names a loss. The methods of a run on one device, in table order:
+A loss is one :class:`BenchLoss` in :data:`LOSSES` (its math lives in
+:mod:`fastclip.ops.losses`; this is what the benchmarks run around it); nothing else in
+``fastclip.bench`` names a loss. The methods of a run on one device, in table order:
 
 * ``floor``: ``floor_products`` ``torch.matmul`` of the loss's shapes (X·Yᵀ, then in
   the backward G·Y and Gᵀ·X, with X·Yᵀ recomputed first where the fused kernels
@@ -36,7 +37,7 @@ from torch import Tensor
 from .env import version
 from .measure import Step, esize, unit_features
 
-__all__ = ["LossSpec", "Peer", "LOSSES", "get_loss", "methods_for", "overhead_methods",
+__all__ = ["BenchLoss", "Peer", "LOSSES", "get_loss", "methods_for", "overhead_methods",
            "known_methods", "build_step", "make_inputs", "skip_reason", "extra_bytes_estimate",
            "floor_rows", "naive_peer", "load_open_clip", "fwd_flop", "fwd_bwd_flop",
            "FLOOR", "NAIVE", "AUTO"]
@@ -68,7 +69,7 @@ class Peer:
 
 
 @dataclass(frozen=True)
-class LossSpec:
+class BenchLoss:
     """One loss, as the benchmarks see it (benchmarks/README.md, "Adding a loss").
 
     name: the ``--loss`` value and the ``loss`` column of every result.
@@ -168,7 +169,7 @@ def _inf_cl_check(n: int, d: int, dtype: torch.dtype) -> str:
 INF_CL = Peer(name="inf-cl", devices=("cuda",), load=_inf_cl_load, check=_inf_cl_check,
               extra_bytes=lambda n, d, dtype: 12 * n * d * 4 + 64 * n)
 
-CLIP = LossSpec(
+CLIP = BenchLoss(
     name="clip", title="symmetric InfoNCE (CLIP)",
     params=_clip_params, fused=_clip_fused, fused_name="fastclip.clip_loss",
     formula=_clip_formula, formula_name="fastclip.ops.reference.clip_loss_naive",
@@ -184,23 +185,74 @@ CLIP = LossSpec(
                                                rank=rank, world_size=world),
     sharded_formula=_clip_sharded_formula)
 
+# ------------------------------------------------------------------------ siglip
+def _siglip_params(device: str) -> tuple:
+    # The paper's initialisation: t = 10 (log t = log 10), b = -10.
+    return (torch.tensor(10.0, dtype=torch.float32, device=device, requires_grad=True),
+            torch.tensor(-10.0, dtype=torch.float32, device=device, requires_grad=True))
+
+
+def _siglip_fused(x, y, params, backend):
+    import fastclip  # noqa: PLC0415
+    return fastclip.siglip_loss(x, y, params[0], params[1], backend=backend)
+
+
+def _siglip_formula(x, y, t, b):
+    from fastclip.ops.reference import siglip_loss_naive  # noqa: PLC0415
+    return siglip_loss_naive(x, y, t, b)
+
+
+def _siglip_distributed(x, y, params, dist_impl, backend):
+    from fastclip.distributed import siglip_loss  # noqa: PLC0415
+    return siglip_loss(x, y, params[0], params[1], dist_impl=dist_impl, backend=backend)
+
+
+def _siglip_sharded_formula(x, y, params, rank):
+    """open_clip's SigLipLoss(dist_impl="gather") written out: text features all-gathered
+    with gradient, this rank's n×N logits and labels, divided by the local n."""
+    import torch.nn.functional as F  # noqa: PLC0415
+    from torch.distributed.nn.functional import all_gather  # noqa: PLC0415
+    t, b = params
+    all_y = torch.cat(all_gather(y), 0)
+    n = x.shape[0]
+    logits = t * x @ all_y.T + b                                     # [n, N]
+    labels = -torch.ones_like(logits)
+    labels[torch.arange(n), torch.arange(n) + rank * n] = 1.0
+    return -F.logsigmoid(labels * logits).sum() / n
+
+
+SIGLIP = BenchLoss(
+    name="siglip", title="pairwise sigmoid (SigLIP)",
+    params=_siglip_params, fused=_siglip_fused, fused_name="fastclip.siglip_loss",
+    formula=_siglip_formula, formula_name="fastclip.ops.reference.siglip_loss_naive",
+    open_clip_class="SigLipLoss",
+    # open_clip: the logits, the ±1 label matrix (built from -ones and 2·eye), their
+    # product, logsigmoid's output and, in the backward, the logits' gradient: ~6 N×N,
+    # 7 budgeted; the formula builds the same minus one.
+    naive_buffers=(7, 6),
+    # The gradient of a tile needs that tile only: X·Yᵀ, G·Y and Gᵀ·X, 6N²D FLOP.
+    floor_products=3,
+    distributed=_siglip_distributed,
+    open_clip_sharded=lambda rank, world: dict(rank=rank, world_size=world, dist_impl="gather"),
+    sharded_formula=_siglip_sharded_formula)
+
 # The loss table: adding a loss to every benchmark is adding its entry here.
-LOSSES: dict[str, LossSpec] = {s.name: s for s in (CLIP,)}
+LOSSES: dict[str, BenchLoss] = {s.name: s for s in (CLIP, SIGLIP)}
 
 
-def get_loss(name: str) -> LossSpec:
+def get_loss(name: str) -> BenchLoss:
     if name not in LOSSES:
         raise ValueError(f"loss {name!r} has no benchmark entry; expected one of "
                          f"{', '.join(LOSSES)}")
     return LOSSES[name]
 
 
-def fwd_flop(spec: LossSpec, n: int, d: int) -> int:
+def fwd_flop(spec: BenchLoss, n: int, d: int) -> int:
     """Effective forward FLOP, whatever the method does: one X·Yᵀ."""
     return 2 * n * n * d
 
 
-def fwd_bwd_flop(spec: LossSpec, n: int, d: int) -> int:
+def fwd_bwd_flop(spec: BenchLoss, n: int, d: int) -> int:
     """Effective forward+backward FLOP: the floor's products."""
     return spec.floor_products * 2 * n * n * d
 
@@ -229,7 +281,7 @@ def load_open_clip(class_name: str):
     return cls, f"open_clip {ver} loss.{class_name}"
 
 
-def naive_peer(spec: LossSpec, naive: str = "auto"):
+def naive_peer(spec: BenchLoss, naive: str = "auto"):
     """(fn(x, y, params) -> loss, description, is_formula) of the naive peer.
 
     ``naive``: "auto" (open_clip if importable, else the formula), "open_clip" (raise
@@ -247,16 +299,17 @@ def naive_peer(spec: LossSpec, naive: str = "auto"):
 
 
 # ------------------------------------------------------------------- methods
-def _backends(device: str):
+def _backends(device: str, spec: BenchLoss):
+    """The registry's backends that run on ``device`` and implement the loss."""
     from fastclip.ops.backends import all_backends  # noqa: PLC0415
-    return [b for b in all_backends().values() if device in b.devices]
+    return [b for b in all_backends().values() if device in b.devices and spec.name in b.losses]
 
 
-def methods_for(spec: LossSpec, device: str, only: list[str] | None = None
+def methods_for(spec: BenchLoss, device: str, only: list[str] | None = None
                 ) -> list[tuple[str, str]]:
     """[(method, why it cannot run here or "")] in table order, filtered by ``only``."""
     out = [(FLOOR, ""), (NAIVE, "")]
-    for b in _backends(device):
+    for b in _backends(device, spec):
         ok, why = b.availability()
         out.append((b.name, "" if ok else f"backend unavailable: {why}"))
     out += [(p.name, "") for p in spec.peers if device in p.devices]
@@ -267,22 +320,23 @@ def methods_for(spec: LossSpec, device: str, only: list[str] | None = None
     return out
 
 
-def overhead_methods(spec: LossSpec, device: str) -> list[tuple[str, str]]:
+def overhead_methods(spec: BenchLoss, device: str) -> list[tuple[str, str]]:
     """Methods of the per-call overhead mode: auto, each backend, naive, floor."""
     out = [(AUTO, "")]
-    for b in _backends(device):
+    for b in _backends(device, spec):
         ok, why = b.availability()
         out.append((b.name, "" if ok else f"backend unavailable: {why}"))
     return out + [(NAIVE, ""), (FLOOR, "")]
 
 
-def known_methods(spec: LossSpec) -> list[str]:
+def known_methods(spec: BenchLoss) -> list[str]:
     """Every method name a run of ``spec`` can have, on any device (for --methods)."""
     from fastclip.ops.backends import all_backends  # noqa: PLC0415
-    return [FLOOR, NAIVE, *all_backends(), *(p.name for p in spec.peers)]
+    return [FLOOR, NAIVE, *(n for n, b in all_backends().items() if spec.name in b.losses),
+            *(p.name for p in spec.peers)]
 
 
-def _peer(spec: LossSpec, method: str) -> Peer | None:
+def _peer(spec: BenchLoss, method: str) -> Peer | None:
     return next((p for p in spec.peers if p.name == method), None)
 
 
@@ -298,7 +352,7 @@ def floor_rows(n: int, dtype: torch.dtype, device: str, max_mem_bytes: int = 0) 
     return max(min(n, 256), rows // 256 * 256)
 
 
-def extra_bytes_estimate(spec: LossSpec, method: str, n: int, d: int, dtype: torch.dtype, *,
+def extra_bytes_estimate(spec: BenchLoss, method: str, n: int, d: int, dtype: torch.dtype, *,
                          device: str, naive: str = "auto", max_mem_bytes: int = 0) -> int:
     """Memory a method needs beyond the inputs and their gradients (an upper estimate).
 
@@ -318,7 +372,7 @@ def extra_bytes_estimate(spec: LossSpec, method: str, n: int, d: int, dtype: tor
     return 6 * (1 << 24) * acc + 8 * n * d * acc + 64 * n
 
 
-def skip_reason(spec: LossSpec, method: str, n: int, d: int, dtype: torch.dtype, *,
+def skip_reason(spec: BenchLoss, method: str, n: int, d: int, dtype: torch.dtype, *,
                 device: str, naive: str = "auto", max_mem_bytes: int = 0) -> str:
     """Why ``method`` must not run at this size ("" when it may): capability or memory."""
     peer = _peer(spec, method)
@@ -347,7 +401,7 @@ def skip_reason(spec: LossSpec, method: str, n: int, d: int, dtype: torch.dtype,
 
 
 # --------------------------------------------------------------------- steps
-def _floor_step(spec: LossSpec, x: Tensor, y: Tensor, rows: int) -> Step:
+def _floor_step(spec: BenchLoss, x: Tensor, y: Tensor, rows: int) -> Step:
     n = x.shape[0]
     recompute = spec.floor_products == 4
     assert spec.floor_products in (3, 4), spec.floor_products
@@ -386,7 +440,7 @@ def _floor_step(spec: LossSpec, x: Tensor, y: Tensor, rows: int) -> Step:
                 (gx, gy))
 
 
-def build_step(spec: LossSpec, method: str, inputs: tuple, *, device: str,
+def build_step(spec: BenchLoss, method: str, inputs: tuple, *, device: str,
                naive: str = "auto", max_mem_bytes: int = 0) -> Step:
     """The timed callables of ``method`` on ``inputs`` = (x [N, D], y [N, D], *params)."""
     x, y, params = inputs[0], inputs[1], tuple(inputs[2:])
@@ -409,7 +463,7 @@ def build_step(spec: LossSpec, method: str, inputs: tuple, *, device: str,
     return Step(lambda: spec.fused(x, y, params, method), backward, impl)
 
 
-def make_inputs(spec: LossSpec, n: int, d: int, dtype: torch.dtype, device: str,
+def make_inputs(spec: BenchLoss, n: int, d: int, dtype: torch.dtype, device: str,
                 seed: int) -> tuple:
     """(x, y, *params): unit-norm features [n, d] and the loss's parameters."""
     return (*unit_features(n, d, dtype, device, seed), *spec.params(device))
