@@ -3,7 +3,7 @@
 One spawned group runs many cases (spawning costs ~3 s of imports per process on the
 2-core CI machine). Every rank generates the same full batch from a shared seed and
 keeps its own rows; it measures its errors against the single-process float64 oracle
-(`fastclip.ops.reference.clip_loss_naive` on the concatenated batch) and reports them
+(the loss's naive formula on the concatenated batch) and reports them
 to the parent through a queue, which asserts. Exceptions travel the same way, so a
 failing rank fails the test instead of hanging it.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import queue as _queue
-import socket
+import sys
 import time
 import traceback
 from datetime import timedelta
@@ -21,19 +21,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from fastclip.bench.measure import free_port
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖ in float64 (design.md §5)."""
-    out, ref = out.detach().double(), ref.detach().double()
-    den = ref.norm().item()
-    num = (out - ref).norm().item()
-    return num / den if den > 0 else num
+# The one rel_err of the test suite (the spawned ranks import this module by path).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from tests.ops._helpers import rel_err  # noqa: E402
 
 
 # ------------------------------------------------------------------- parent side
@@ -318,42 +310,35 @@ def run_cases(rank: int, world: int, seed: int) -> dict:
     out: dict = {}
     scales = [14.3, 100.0, 1.0]
     i = 0
-    for sizes in _case_sizes(world):
-        for impl in ("gather", "ring"):
-            for normalize in (False, True):
-                scale = scales[i % len(scales)]
-                i += 1
-                out[f"f64/{impl}/{sizes}/norm={normalize}/s={scale}"] = _loss_case(
-                    rank, world, gen, sizes, impl, normalize, torch.float64, scale)
-    for sizes in _case_sizes(world)[:2]:
-        for impl in ("gather", "ring"):
-            for normalize in (False, True):
-                scale = scales[i % len(scales)]
-                i += 1
-                out[f"siglip-f64/{impl}/{sizes}/norm={normalize}/s={scale}"] = _loss_case(
-                    rank, world, gen, sizes, impl, normalize, torch.float64, scale,
-                    loss="siglip")
+    from fastclip.ops.losses import LOSSES  # noqa: PLC0415
     uneven = _case_sizes(world)[1]
+    # Every loss of the registry: float64 against its oracle (both forms, both
+    # normalisations, even and uneven shards), float32, bf16/fp16, DDP.
+    for loss in LOSSES:
+        for sizes in _case_sizes(world) if loss == "clip" else _case_sizes(world)[:2]:
+            for impl in ("gather", "ring"):
+                for normalize in (False, True):
+                    scale = scales[i % len(scales)]
+                    i += 1
+                    out[f"{loss}/f64/{impl}/{sizes}/norm={normalize}/s={scale}"] = _loss_case(
+                        rank, world, gen, sizes, impl, normalize, torch.float64, scale,
+                        loss=loss)
+        for impl in ("gather", "ring"):
+            out[f"{loss}/f32/{impl}/{uneven}/norm=True"] = _loss_case(
+                rank, world, gen, uneven, impl, True, torch.float32, 14.3, d=33, loss=loss)
+            out[f"{loss}/ddp/{impl}/{uneven}"] = _ddp_case(rank, world, gen, uneven, impl,
+                                                           loss=loss)
+            for dt in (torch.bfloat16, torch.float16):
+                out[f"{loss}/half/{dt}/{impl}/{uneven}"] = _half_case(rank, world, gen, uneven,
+                                                                      impl, dt, loss=loss)
     for impl in ("gather", "ring"):
-        out[f"siglip-f32/{impl}/{uneven}"] = _loss_case(
-            rank, world, gen, uneven, impl, True, torch.float32, 10.0, d=33, loss="siglip")
-        out[f"ddp-siglip/{impl}/{uneven}"] = _ddp_case(rank, world, gen, uneven, impl,
-                                                       loss="siglip")
-        out[f"half-siglip/{impl}/{uneven}"] = _half_case(rank, world, gen, uneven, impl,
-                                                         torch.bfloat16, loss="siglip")
+        out[f"f64-noncontig-reference/{impl}/{uneven}"] = _loss_case(
+            rank, world, gen, uneven, impl, True, torch.float64, 30.0, backend="reference",
+            noncontig=True)
     for impl in ("bidir", "shift", "reduce", "gather"):
         out[f"openclip-siglip/{impl}"] = _open_clip_siglip_case(rank, world, gen, [4] * world,
                                                                 impl)
     out["steady"] = _steady_state_case(rank, world, gen)
-    for impl in ("gather", "ring"):
-        out[f"f32/{impl}/{uneven}/norm=True"] = _loss_case(
-            rank, world, gen, uneven, impl, True, torch.float32, 14.3, d=33)
-        out[f"f64-noncontig-reference/{impl}/{uneven}"] = _loss_case(
-            rank, world, gen, uneven, impl, True, torch.float64, 30.0, backend="reference",
-            noncontig=True)
-        out[f"ddp/{impl}/{uneven}"] = _ddp_case(rank, world, gen, uneven, impl)
-        for dt in (torch.bfloat16, torch.float16):
-            out[f"half/{dt}/{impl}/{uneven}"] = _half_case(rank, world, gen, uneven, impl, dt)
 
     # The all-reduce + slice path that replaces reduce-scatter where gloo lacks it.
     import fastclip.distributed as fd  # noqa: PLC0415

@@ -23,6 +23,8 @@ import sys
 import pytest
 import torch
 
+import fastclip
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _workers  # noqa: E402
 
@@ -63,22 +65,28 @@ def _check(res, prefix, tol):
     assert seen > 0, f"no case starting with {prefix!r} ran"
 
 
-@pytest.mark.timeout(120)
-def test_gather_fp64_against_oracle(group):
-    _, res = group
-    _check(res, "f64/gather/", TOL_F64)
+LOSSES = list(fastclip.ops.LOSSES)
 
 
 @pytest.mark.timeout(120)
-def test_ring_fp64_against_oracle(group):
+@pytest.mark.parametrize("loss", LOSSES)
+def test_gather_fp64_against_oracle(group, loss):
     _, res = group
-    _check(res, "f64/ring/", TOL_F64)
+    _check(res, f"{loss}/f64/gather/", TOL_F64)
 
 
 @pytest.mark.timeout(120)
-def test_fp32_against_oracle(group):
+@pytest.mark.parametrize("loss", LOSSES)
+def test_ring_fp64_against_oracle(group, loss):
     _, res = group
-    _check(res, "f32/", TOL_F32)
+    _check(res, f"{loss}/f64/ring/", TOL_F64)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_fp32_against_oracle(group, loss):
+    _, res = group
+    _check(res, f"{loss}/f32/", TOL_F32)
 
 
 @pytest.mark.timeout(120)
@@ -91,18 +99,6 @@ def test_noncontiguous_reference_backend(group):
 def test_reduce_scatter_fallback(group):
     _, res = group
     _check(res, "f64-allreduce-fallback/", TOL_F64)
-
-
-@pytest.mark.timeout(120)
-def test_siglip_fp64_against_oracle(group):
-    _, res = group
-    _check(res, "siglip-f64/", TOL_F64)
-
-
-@pytest.mark.timeout(120)
-def test_siglip_fp32_against_oracle(group):
-    _, res = group
-    _check(res, "siglip-f32/", TOL_F32)
 
 
 @pytest.mark.timeout(120)
@@ -142,27 +138,27 @@ def test_half_precision_within_twice_pytorch_error(group):
     """docs/design.md §5: bf16/fp16 error ≤ 2× the naive formula's error in that dtype."""
     _, res = group
     seen = 0
-    for rank, name, errs in _loss_cases(res, "half"):
+    for rank, name, errs in (c for loss in LOSSES for c in _loss_cases(res, f"{loss}/half/")):
         seen += 1
         assert errs["finite"] and errs["dtypes_ok"], f"rank {rank} {name}: {errs}"
         for k in ("loss", "gx", "gy", "gs"):
             ours, theirs = errs[k]
             assert ours <= 2 * theirs, \
                 f"rank {rank} {name}: {k} rel err {ours:.3g} > 2 × PyTorch's {theirs:.3g}"
-    assert seen == 6 * len(res)
+    assert seen == 4 * len(LOSSES) * len(res)
 
 
 @pytest.mark.timeout(120)
 def test_ddp_gradients_equal_single_process(group):
     _, res = group
     seen = 0
-    for rank, name, errs in _loss_cases(res, "ddp"):
+    for rank, name, errs in (c for loss in LOSSES for c in _loss_cases(res, f"{loss}/ddp/")):
         seen += 1
         want = {"logit_scale", "img.weight", "img.bias", "txt.weight", "txt.bias"}
         assert set(errs) == want | ({"logit_bias"} if "siglip" in name else set())
         for p, e in errs.items():
             assert e <= TOL_F64, f"rank {rank} {name}: {p}.grad rel err {e:.3g}"
-    assert seen == 4 * len(res)
+    assert seen == 2 * len(LOSSES) * len(res)
 
 
 @pytest.mark.timeout(120)

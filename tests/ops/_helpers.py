@@ -74,12 +74,13 @@ def takes(backend: str, dtype: torch.dtype) -> bool:
 
 # ------------------------------------------------------------------------ parameters
 def default_params(loss: str) -> tuple[float, ...]:
-    """CLIP: s = 1/0.07; SigLIP: the paper's initialisation t = 10, b = -10."""
-    return {"clip": (1 / 0.07,), "siglip": (10.0, -10.0)}[loss]
+    """The loss's usual initial parameters (``LossSpec.init``)."""
+    return get_loss(loss).init
 
 
 def params_for(loss: str, scale: float, bias: float = -10.0) -> tuple[float, ...]:
-    return (scale,) if len(get_loss(loss).params) == 1 else (scale, bias)
+    """A scale, and a bias for losses that have one (the test grids vary both)."""
+    return (scale, bias)[:len(get_loss(loss).params)]
 
 
 # ------------------------------------------------------------------------- the oracle

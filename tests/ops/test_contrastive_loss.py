@@ -102,7 +102,8 @@ def test_scales_and_biases(loss, backend, normalize):
     x, y = embeddings("random", n, d, gen=g)
     if not normalize:
         x, y = unit_rows(x), unit_rows(y)
-    grid = [params_for(loss, s, b) for s in SCALES for b in (BIASES if loss == "siglip" else (0,))]
+    biases = BIASES if len(get_loss(loss).params) > 1 else (0.0,)
+    grid = [params_for(loss, s, b) for s in SCALES for b in biases]
     for params in grid:
         _check_fp32(loss, backend, x, y, params, normalize, dev)
 
@@ -364,13 +365,13 @@ def test_torch_compile_fullgraph(loss, backend):
 
     def step(a, b):
         fa, fb = model(a), model(b)
-        ps = (scale.exp(),) if loss == "clip" else (scale.exp(), bias)
+        ps = (scale.exp(), bias)[:len(get_loss(loss).params)]
         return fastclip.ops.fused_loss(loss, fa, fb, ps, normalize=True, backend=backend)
 
     compiled = torch.compile(step, fullgraph=True)
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(24, 16, generator=g).to(dev), torch.randn(24, 16, generator=g).to(dev)
-    wrt = [model.weight, scale] + ([bias] if loss == "siglip" else [])
+    wrt = [model.weight, scale, bias][:2 + len(get_loss(loss).params) - 1]
     loss_c = compiled(a, b)
     grads_c = torch.autograd.grad(loss_c, wrt)
     loss_e = step(a, b)
@@ -507,10 +508,10 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("loss", ["clip", "siglip"])
+@pytest.mark.parametrize("loss", list(fastclip.ops.LOSSES))
 @pytest.mark.parametrize("case,exc,pattern", BAD, ids=[b[0] for b in BAD])
 def test_bad_input_errors(loss, case, exc, pattern):
-    if case.startswith("bias") and loss != "siglip":
+    if case.startswith("bias") and "logit_bias" not in get_loss(loss).params:
         pytest.skip("the loss has no bias")
     x, y, p, kw = _bad_case(case)
     params = p[:len(get_loss(loss).params)]

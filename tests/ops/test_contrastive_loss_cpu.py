@@ -71,7 +71,7 @@ def _sizes_case(loss, n, m, d, dtype):
     gen = torch.Generator().manual_seed(n * 7919 + m * 31 + d)
     for normalize, scale, bias in ((True, 14.3, -6.0), (False, 1.0, 2.0)):
         x, y = _inputs(n, m, d, dtype, normalize, gen)
-        params = (scale,) if loss == "clip" else (scale, bias)
+        params = (scale, bias)[:len(get_loss(loss).params)]
         _check(loss, x, y, params, normalize, 0, gen, zero_grad=(d == 1 and normalize))
 
 

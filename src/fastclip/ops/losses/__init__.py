@@ -71,6 +71,8 @@ class LossSpec:
         csrc/common.h); stable, unique.
     params: names of the scalar parameters, in kernel order: ``params[0]`` is always the
         scale s (already exponentiated), ``params[1]`` the bias b when present.
+    init: the parameters' usual initial values (the paper's), in ``params`` order: what
+        trainers, tests and benchmarks start from.
     merge: "lse" or "sum": how the row/column statistics of two blocks combine (also
         across ranks).
     one_pass: the epilogue's derivative ``dz`` does not read the merged statistics and the
@@ -90,6 +92,7 @@ class LossSpec:
     name: str
     code: int
     params: tuple[str, ...]
+    init: tuple[float, ...]
     merge: str
     one_pass: bool
     head: Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -103,6 +106,8 @@ class LossSpec:
             raise ValueError(f"merge must be one of {_MERGES}, got {self.merge!r}")
         if not self.params or self.params[0] != "logit_scale":
             raise ValueError("params[0] of every loss is the scale 'logit_scale'")
+        if len(self.init) != len(self.params):
+            raise ValueError("init needs one value per parameter")
         if self.one_pass and not isinstance(self.head, LinearHead):
             raise ValueError("a one-pass loss needs a LinearHead: its statistics' gradients "
                              "must be known before the statistics")

@@ -65,6 +65,7 @@ CLIP = register_loss(LossSpec(
     name="clip",
     code=0,
     params=("logit_scale",),
+    init=(1 / 0.07,),                         # CLIP: temperature 0.07
     merge="lse",
     one_pass=False,
     head=LinearHead(1.0, 1.0, -2.0),         # Σ_i (row_i - pos_i) + (col_i - pos_i)

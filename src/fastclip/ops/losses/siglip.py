@@ -59,6 +59,7 @@ SIGLIP = register_loss(LossSpec(
     name="siglip",
     code=1,
     params=("logit_scale", "logit_bias"),
+    init=(10.0, -10.0),                       # SigLIP: t = 10, b = -10
     merge="sum",
     one_pass=True,
     head=LinearHead(1.0, 0.0, 0.0),          # Σ_i row_i
