@@ -3,6 +3,7 @@ never runs code from the file (a planted pickle is refused, not executed)."""
 import json
 import os
 import random
+import subprocess
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ import torch
 from fastclip.models import create_model
 from fastclip.train import checkpoint as ckpt
 from fastclip.train.optim import create_optimizer, create_scheduler
+
+from ._common import env, fastclip_cmd
 
 
 def _setup(seed, model="tiny-rn"):
@@ -117,6 +120,23 @@ def test_a_planted_pickle_is_never_unpickled(tmp_path):
     with pytest.raises(ValueError, match=r"step_00000005\.pt"):
         ckpt.convert_legacy_checkpoint(str(planted))
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("how", ["latest", "path"])
+def test_cli_resume_refuses_a_planted_pickle(tmp_path, how):
+    from tests._hostile import write_malicious_pickle
+    marker = tmp_path / "written-by-the-pickle"
+    out = tmp_path / "run"
+    planted = out / "checkpoints" / "step_00000005.pt"
+    planted.parent.mkdir(parents=True)
+    write_malicious_pickle(planted, marker)
+    resume = "latest" if how == "latest" else str(planted)
+    r = subprocess.run(fastclip_cmd("--steps", "8", "--batch-size", "8", "--output", str(out), "--resume", resume),
+                       capture_output=True, text=True, timeout=240, env=env())
+    assert not marker.exists()
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "step_00000005.pt" in lines[0] and "Traceback" not in r.stderr, r.stderr
 
 
 def test_unusable_files_raise_a_clear_error_naming_them(tmp_path):
