@@ -14,7 +14,7 @@ import sys
 import tempfile
 from typing import List, Optional
 
-from .train.trainer import PRECISIONS, TrainConfig
+from .train.config import PRECISIONS, TrainConfig
 
 _DEFAULTS = TrainConfig()
 # `make demo` must finish in 5 minutes on 2 cores. Fresh clone: set-up and build ~75 s, then the
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_paths(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     from .datasets.webdataset import expand_urls
-    from .train.trainer import detect_dataset_type
+    from .train.data import detect_dataset_type
     for flag, value in (("--train-data", args.train_data), ("--val-data", args.val_data)):
         if value is None:
             continue
