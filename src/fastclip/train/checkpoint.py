@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .._fileio import TMP_PREFIX, atomic_write
+from .._fileio import atomic_write
 
 CKPT_DIR = "checkpoints"
 FORMAT = "fastclip-training-state"
@@ -170,11 +170,6 @@ def _list(output_dir: str, pattern, glob_pattern: str) -> List[Tuple[int, str]]:
         if m:
             out.append((int(m.group(1)), p))
     return out
-
-
-def stale_temporaries(output_dir: str) -> List[str]:
-    """Temporary files a killed checkpoint write left in ``output_dir/checkpoints``."""
-    return sorted(glob.glob(os.path.join(glob.escape(output_dir), CKPT_DIR, TMP_PREFIX + "*")))
 
 
 def resolve_resume(resume: str, output_dir: Optional[str]) -> Optional[str]:
