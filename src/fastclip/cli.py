@@ -122,6 +122,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-every", type=_positive_int, default=None, help="training checkpoint every K steps")
     g.add_argument("--keep-checkpoints", type=_nonneg_int, default=d.keep_checkpoints)
     g.add_argument("--resume", default=None, help="'latest' (in --output) or a checkpoint path")
+    g.add_argument("--overwrite", action="store_true",
+                   help="--output holds a run: delete its files and start afresh (without it, a folder "
+                        "holding a run is refused unless --resume continues it)")
+    g.add_argument("--max-failed-batches", type=_positive_int, default=None, metavar="N",
+                   help="batches with no loadable sample are skipped; N in a row stop the run "
+                        "(default: one epoch, 100 for shards of unknown length)")
     g.add_argument("--demo-train-samples", type=_positive_int, default=d.demo_train_samples)
     g.add_argument("--demo-eval-samples", type=_positive_int, default=d.demo_eval_samples)
     g.add_argument("--demo-group-size", type=_positive_int, default=d.demo_group_size,
@@ -172,6 +178,8 @@ def _check_paths(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--resume {args.resume!r}: checkpoint file not found (or use 'latest')")
     if args.resume == "latest" and args.output is None:
         p.error("--resume latest needs --output (the run directory to resume)")
+    if args.resume is not None and args.overwrite:
+        p.error("--resume and --overwrite exclude each other (continue the run, or delete it)")
     if not 0.0 <= args.demo_group_prob <= 1.0:
         p.error(f"--demo-group-prob {args.demo_group_prob}: expected a probability in [0, 1]")
     from .models import list_models
@@ -259,13 +267,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     _check_paths(train_parser, args)
     from .datasets.csv_dataset import DataError
     from .train.checkpoint import CheckpointError
+    from .train.run_folder import RunFolderError
     from .train.trainer import train
     try:
         train(config_from_args(args))
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (CheckpointError, DataError) as e:
+    except (CheckpointError, DataError, RunFolderError) as e:
         # The user's files, not fastclip, are at fault: one line, like an argument error.
         print(f"fastclip train: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -66,6 +66,8 @@ def test_no_command_prints_help_and_exits_2(capsys):
     (["train", "--model-overrides", '{"nosuch": 1}'], "--model-overrides {\"nosuch\": 1}: unknown config override"),
     (["train", "--model-overrides", '{"embed_dim": -4}'], "embed_dim must be positive"),
     (["train", "--output", "/proc/fastclip-test/run"], "--output '/proc/fastclip-test/run': cannot write there"),
+    (["train", "--output", "/tmp/fastclip-never-created", "--resume", "latest", "--overwrite"], "exclude each other"),
+    (["train", "--max-failed-batches", "0"], "--max-failed-batches"),
 ])
 def test_argument_errors_exit_2_with_a_clear_message(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:
@@ -95,6 +97,10 @@ def test_cuda_device_without_cuda_exits_2(capsys):
         cli.main(argv)
     assert e.value.code == 2
     assert needle in capsys.readouterr().err
+    if not torch.cuda.is_available():  # the API says it too, instead of torch's AttributeError
+        from fastclip.train.dist_env import init_distributed
+        with pytest.raises(ValueError, match="device 'cuda': CUDA is not available"):
+            init_distributed("cuda")
 
 
 def test_read_only_output_exits_2(tmp_path, capsys):
