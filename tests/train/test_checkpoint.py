@@ -167,7 +167,7 @@ def test_unusable_files_raise_a_clear_error_naming_them(tmp_path):
 
 
 def test_convert_legacy_checkpoint(tmp_path):
-    """A checkpoint of fastclip 0.1 (torch.save of a dict with numpy RNG state) converts to the
+    """A checkpoint in the earlier pickle format (torch.save of a dict with numpy RNG state) converts to the
     current format without unpickling anything but tensors and plain values."""
     m, opt, sched, scaler = _setup(0, "tiny-vit")
     _step(m, opt, sched)

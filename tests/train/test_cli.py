@@ -156,6 +156,6 @@ def test_unusable_resume_files_exit_2_with_one_line(tmp_path, capsys):
     for f, needle in ((junk, "junk.safetensors: not a readable training checkpoint"),
                       (trunc, "trunc.safetensors: not a readable training checkpoint"),
                       (model_file, "model.safetensors: not a fastclip training checkpoint"),
-                      (other, "other.pt: a training checkpoint in the pickle format")):
+                      (other, "other.pt: a training checkpoint in fastclip's earlier pickle format")):
         _one_line_error(capsys, ["train", *TINY, "--output", str(tmp_path / f"out-{f.name}"), "--resume", str(f)],
                         needle)

@@ -120,7 +120,8 @@ def test_a_batch_whose_samples_all_fail_is_skipped_and_counted(tmp_path, capsys)
     assert code == 0, err
     a, b = load_file(os.path.join(out, "model.safetensors")), load_file(os.path.join(again, "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert json.load(open(os.path.join(again, "metrics.json")))["train_batches_skipped"] == metrics["train_batches_skipped"]
+    resumed = json.load(open(os.path.join(again, "metrics.json")))
+    assert resumed["train_batches_skipped"] == metrics["train_batches_skipped"]
 
 
 def test_data_in_which_nothing_loads_stops_with_a_message_naming_it(tmp_path, capsys):

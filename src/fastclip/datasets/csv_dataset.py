@@ -126,8 +126,9 @@ class CsvDataset(torch.utils.data.Dataset):
         if not n:
             return None
         shown = ", ".join(str(i) for i in self.invalid_utf8_lines[:limit]) + (", ..." if n > limit else "")
-        return (f"{self.path}: {n} row{'s' if n > 1 else ''} with bytes that are not valid UTF-8 (line{'s' if n > 1 else ''} "
-                f"{shown}): replaced by U+FFFD in captions, kept as raw bytes in image paths")
+        s = "s" if n > 1 else ""
+        return (f"{self.path}: {n} row{s} with bytes that are not valid UTF-8 (line{s} {shown}): "
+                f"replaced by U+FFFD in captions, kept as raw bytes in image paths")
 
     def __len__(self) -> int:
         return len(self.images)

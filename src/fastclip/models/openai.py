@@ -3,8 +3,9 @@
 ``load_openai`` accepts OpenAI's TorchScript archives (e.g. ``ViT-B-32.pt``; their weights are
 read without running the archive's code, see ``fastclip.models.torchscript``), plain state dicts
 with OpenAI's key names (in memory or saved with ``torch.save``, read with
-``weights_only=True``) and ``.safetensors`` files with the same keys. The architecture is inferred from tensor shapes; head counts follow OpenAI's
-rule (64-dim heads), which every released model uses.
+``weights_only=True``) and ``.safetensors`` files with the same keys. The architecture is
+inferred from tensor shapes; head counts follow OpenAI's rule (64-dim heads), which every
+released model uses.
 """
 from __future__ import annotations
 

@@ -2,9 +2,9 @@
 run code when it is loaded, written atomically.
 
 A checkpoint (``checkpoints/step_<step>.safetensors`` in the run folder) holds the model,
-optimizer, scheduler and grad-scaler states, the data position (the step; the data order is a
-function of (seed, step), see ``fastclip.train.trainer``), the RNG states (python, numpy, torch
-CPU, torch CUDA) and the trainer's extra fields (skipped samples, wall time, config). Every
+optimizer, scheduler and grad-scaler states, the step, the RNG states (python, numpy, torch
+CPU, torch CUDA) and the trainer's extra fields (the data position, i.e. batches drawn, see
+``fastclip.train.data``; skipped samples and batches, wall time, config). Every
 tensor (weights, optimizer moments, RNG states of torch) is a safetensors tensor; everything
 else is JSON in the safetensors metadata. Loading parses JSON and copies tensor bytes: unlike a
 pickle (``torch.load(weights_only=False)``, which fastclip used before), nothing in the file can
@@ -193,7 +193,7 @@ def resolve_resume(resume: str, output_dir: Optional[str]) -> Optional[str]:
 
 
 def _legacy_message(path: str) -> str:
-    return (f"{path}: a training checkpoint in the pickle format of fastclip 0.1 (or another .pt file); "
+    return (f"{path}: a training checkpoint in fastclip's earlier pickle format (or another .pt file); "
             f"fastclip no longer loads training state from pickles, because unpickling can run code "
             f"stored in the file. If you wrote this file and trust it, convert it with "
             f"python -c \"from fastclip.train.checkpoint import convert_legacy_checkpoint as c; "
@@ -276,8 +276,8 @@ def load_training_state(path: str, model: torch.nn.Module, optimizer, scheduler,
         model.load_state_dict(state["model"])
     except (RuntimeError, TypeError, AttributeError) as e:
         first = str(e).strip().splitlines()
-        raise CheckpointError(f"{path}: the checkpoint's model does not match this run's model "
-                              f"({first[0] if first else type(e).__name__}{' ...' if len(first) > 1 else ''})") from None
+        why = (first[0] if first else type(e).__name__) + (" ..." if len(first) > 1 else "")
+        raise CheckpointError(f"{path}: the checkpoint's model does not match this run's model ({why})") from None
     try:
         optimizer.load_state_dict(state["optimizer"])
         _match_strides(optimizer)
@@ -292,8 +292,8 @@ def load_training_state(path: str, model: torch.nn.Module, optimizer, scheduler,
 
 
 def convert_legacy_checkpoint(path: str, out: Optional[str] = None) -> str:
-    """Convert a training checkpoint of fastclip 0.1 (``step_<N>.pt``, a ``torch.save`` pickle)
-    to the current format, next to it (``step_<N>.safetensors``) or at ``out``; returns the new
+    """Convert a training checkpoint in fastclip's earlier format (``step_<N>.pt``, a
+    ``torch.save`` pickle) to the current format, next to it (``step_<N>.safetensors``) or at ``out``; returns the new
     path. The old file is read with ``torch.load(weights_only=True)``, which builds tensors and
     plain containers only, with exactly the numpy types of the numpy RNG state allowed: a file
     that holds anything else fails to load instead of running code."""
@@ -305,11 +305,12 @@ def convert_legacy_checkpoint(path: str, out: Optional[str] = None) -> str:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the path
         first = str(e).strip().splitlines()
-        raise CheckpointError(f"{path}: cannot be read as a fastclip 0.1 training checkpoint "
+        raise CheckpointError(f"{path}: cannot be read as a training checkpoint of the earlier pickle format "
                               f"({type(e).__name__}: {first[0] if first else ''})") from None
     need = ("step", "model", "optimizer", "scheduler", "rng")
     if not isinstance(state, dict) or any(k not in state for k in need):
-        raise CheckpointError(f"{path}: not a fastclip 0.1 training checkpoint (expected the entries {list(need)})")
+        raise CheckpointError(f"{path}: not a training checkpoint of the earlier pickle format "
+                              f"(expected the entries {list(need)})")
     state = {k: state.get(k) for k in (*need, "scaler", "extra")}
     state["extra"] = state["extra"] or {}
     tensors: Dict[str, torch.Tensor] = {}

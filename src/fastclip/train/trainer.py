@@ -402,7 +402,8 @@ class Trainer:
                 if cfg.save_every and step % cfg.save_every == 0 and step < self.total_steps:
                     total_skipped = sum_over_ranks(env, skipped) + self.skipped_before
                     if env.is_main:
-                        extra = {"skipped": total_skipped, "skipped_batches": self.batches_skipped_before + skipped_batches,
+                        extra = {"skipped": total_skipped,
+                                 "skipped_batches": self.batches_skipped_before + skipped_batches,
                                  "data_position": drawn, "wall_time_s": self.wall_before + time.time() - t_start,
                                  "config": dataclasses.asdict(cfg)}
                         ckpt.save_training_state(out_dir, step, self.model, self.optimizer, self.scheduler,
