@@ -3,7 +3,6 @@ never runs code from the file (a planted pickle is refused, not executed)."""
 import json
 import os
 import random
-import subprocess
 
 import numpy as np
 import pytest
@@ -13,12 +12,13 @@ from fastclip.models import create_model
 from fastclip.train import checkpoint as ckpt
 from fastclip.train.optim import create_optimizer, create_scheduler
 
-from ._common import env, fastclip_cmd
+from ._common import TINY
 
 
 def _setup(seed, model="tiny-rn"):
+    torch.set_num_threads(1)
     torch.manual_seed(seed)
-    m = create_model(model, context_length=8)
+    m = create_model(model, context_length=8, image_size=32)
     if m.config.is_resnet:
         m = m.to(memory_format=torch.channels_last)  # as the trainer runs ResNet towers
     opt = create_optimizer(m, 1e-3, 0.1, (0.9, 0.98), 1e-6)
@@ -123,7 +123,10 @@ def test_a_planted_pickle_is_never_unpickled(tmp_path):
 
 
 @pytest.mark.parametrize("how", ["latest", "path"])
-def test_cli_resume_refuses_a_planted_pickle(tmp_path, how):
+def test_cli_resume_refuses_a_planted_pickle(tmp_path, how, capsys):
+    """fastclip train --resume latest (the pickle planted as the newest checkpoint of --output) or
+    --resume path.pt: a one-line error naming the file, exit status 2, the pickle never runs."""
+    from fastclip import cli
     from tests._hostile import write_malicious_pickle
     marker = tmp_path / "written-by-the-pickle"
     out = tmp_path / "run"
@@ -131,12 +134,13 @@ def test_cli_resume_refuses_a_planted_pickle(tmp_path, how):
     planted.parent.mkdir(parents=True)
     write_malicious_pickle(planted, marker)
     resume = "latest" if how == "latest" else str(planted)
-    r = subprocess.run(fastclip_cmd("--steps", "8", "--batch-size", "8", "--output", str(out), "--resume", resume),
-                       capture_output=True, text=True, timeout=240, env=env())
+    code = cli.main(["train", *TINY, "--steps", "8", "--batch-size", "8", "--progress", "none",
+                     "--output", str(out), "--resume", resume])
+    err = capsys.readouterr().err
     assert not marker.exists()
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "step_00000005.pt" in lines[0] and "Traceback" not in r.stderr, r.stderr
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "step_00000005.pt" in lines[0] and "Traceback" not in err, err
 
 
 def test_unusable_files_raise_a_clear_error_naming_them(tmp_path):

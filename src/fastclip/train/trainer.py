@@ -136,7 +136,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
         self.start_step, self.skipped_before = 0, 0
         # Carried over from the checkpoint: batches with no loadable sample, the data position
-        # (batches drawn: ahead of the step when batches were skipped) and the wall time.
+        # (batches drawn: ahead of the step when batches were skipped; the step in checkpoints
+        # that predate it) and the wall time.
         self.batches_skipped_before, self.data_position, self.wall_before = 0, 0, 0.0
         self.resumed_from = None
         if cfg.resume:
@@ -172,8 +173,7 @@ class Trainer:
         torch.manual_seed(seed)
 
     def _train_batches(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, int]]:
-        return train_batches(self.cfg, self.data, self.model, self.env, self.data_position or self.start_step,
-                             self.total_steps)
+        return train_batches(self.cfg, self.data, self.model, self.env, self.data_position, self.total_steps)
 
     def _autocast(self):
         p = self.cfg.precision
@@ -333,7 +333,7 @@ class Trainer:
                 mlog.flush()
 
         skipped = 0
-        drawn = self.data_position or self.start_step  # batches drawn so far: the data position
+        drawn = self.data_position  # batches drawn so far
         skipped_batches, failed_in_a_row = 0, 0
         fail_limit = cfg.max_failed_batches or self.steps_per_epoch or 100
         t_start = time.time()
