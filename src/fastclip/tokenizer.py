@@ -140,16 +140,24 @@ def tokenize(texts: Union[str, Sequence[str]], context_length: int = 77, truncat
 
     A text whose ids plus sot/eot exceed ``context_length`` raises ValueError naming its index and
     length, unless ``truncate`` (then it is cut and EOT kept as the last id). An empty list gives
-    shape ``[0, context_length]``.
+    shape ``[0, context_length]``. Anything but a str or a sequence of str (bytes included: decode
+    them first) raises TypeError.
     """
     if isinstance(texts, str):
         texts = [texts]
-    texts = list(texts)
-    if not isinstance(context_length, int) or context_length < 2:
+    elif isinstance(texts, (bytes, bytearray, memoryview)):
+        raise TypeError(f"texts must be a str or a sequence of str, got {type(texts).__name__} "
+                        f"(decode bytes first, e.g. texts.decode('utf-8'))")
+    else:
+        try:
+            texts = list(texts)
+        except TypeError:
+            raise TypeError(f"texts must be a str or a sequence of str, got {type(texts).__name__}") from None
+    if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 2:
         raise ValueError(f"context_length must be an int >= 2, got {context_length!r}")
     for i, t in enumerate(texts):
         if not isinstance(t, str):
-            raise ValueError(f"texts[{i}] must be a str, got {type(t).__name__}")
+            raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
     out = np.zeros((len(texts), context_length), dtype=np.int64)
     if not texts:
         return torch.from_numpy(out)

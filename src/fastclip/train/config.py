@@ -1,0 +1,76 @@
+"""The arguments of ``fastclip train``: ``TrainConfig`` (the CLI flags are its field names with
+dashes; ``fastclip.cli`` builds the parser from its defaults)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of ``fastclip train`` (the CLI flags are these names with dashes).
+
+    Defaults are the CPU demo's: the ``demo`` model on the synthetic shapes dataset.
+    ``batch_size`` is per rank (as open_clip); the global batch is ``batch_size * world_size``.
+    ``steps`` wins over ``epochs``; webdataset shards need ``steps`` or ``train_num_samples``.
+    ``time_budget`` (the demo's default in the CLI): after the first steps the trainer measures
+    its speed and, if ``steps`` would not fit in the budget, lowers the step count so the whole
+    cosine schedule (warmup, decay to 0) fits; runs with a budget are then not step-reproducible.
+    ``output`` holds one run: a folder with a run in it needs ``resume`` (continue it) or
+    ``overwrite`` (delete it first), see ``fastclip.train.run_folder``.
+    ``max_failed_batches``: a batch in which no sample loads is skipped; this many such batches in
+    a row stop the run as unusable data (default: one epoch's worth, or 100 for streamed shards
+    of unknown length).
+    """
+
+    output: Optional[str] = None
+    model: str = "demo"
+    model_overrides: Dict[str, Any] = field(default_factory=dict)
+    train_data: Optional[str] = None  # None: the synthetic shapes demo
+    dataset_type: str = "auto"  # auto | shapes | csv | webdataset
+    csv_img_key: str = "filepath"
+    csv_caption_key: str = "title"
+    csv_separator: str = ","
+    train_num_samples: Optional[int] = None
+    val_data: Optional[str] = None
+    val_num_samples: Optional[int] = None
+    zeroshot_data: Optional[str] = None
+    zeroshot_classes: Optional[str] = None
+    zeroshot_templates: str = "imagenet"
+    demo_train_samples: int = 1_000_000
+    demo_eval_samples: int = 480
+    demo_group_size: int = 16  # colour groups: see fastclip.datasets.shapes
+    demo_group_prob: float = 1.0
+    demo_backgrounds: str = "neutral"
+    batch_size: int = 128
+    steps: Optional[int] = 1000
+    epochs: int = 1
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup: int = 30
+    grad_clip_norm: Optional[float] = None
+    precision: str = "fp32"
+    grad_checkpointing: bool = False
+    compile: bool = False
+    accum_micro_batch: Optional[int] = None
+    loss_backend: str = "auto"
+    dist_impl: str = "gather"
+    device: str = "auto"
+    workers: int = 0
+    threads: Optional[int] = None
+    seed: int = 0
+    log_every: Optional[int] = None
+    eval_every: Optional[int] = None
+    save_every: Optional[int] = None
+    keep_checkpoints: int = 2
+    resume: Optional[str] = None
+    overwrite: bool = False
+    max_failed_batches: Optional[int] = None
+    plot: bool = True
+    progress: str = "auto"  # auto | bar | lines | none
+    time_budget: Optional[float] = None  # seconds of training; fewer steps (same schedule shape) if slower

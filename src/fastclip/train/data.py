@@ -1,0 +1,233 @@
+"""The trainer's data: the step-indexed batch sampler, the training data of each dataset type
+(shapes, CSV, webdataset shards), the batch iterator of a run, and the validation batches.
+
+Data order. For map-style data (shapes, CSV) the global batch of step ``s`` is a slice of
+``randperm(len, seed, epoch)`` with ``epoch = s // steps_per_epoch`` (the shapes dataset,
+random by construction, is read in index order), and rank ``r`` takes its ``r``-th sub-slice;
+random augmentation is seeded per (seed, epoch, index). The data position is therefore the step,
+which is what makes a resumed run continue exactly (``fastclip.train.checkpoint``).
+
+A batch in which no sample loads (missing or corrupt images) is skipped by the trainer, which
+then draws the next one: the data position is then the number of batches drawn, which runs
+ahead of the step. It is saved in the checkpoint, so a resumed run draws the same batches.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, List, Optional, Tuple
+
+import torch
+
+from .config import TrainConfig
+from .dist_env import DistEnv
+
+
+class StepBatches:
+    """Map-style batches as a function of the step (see the module docstring).
+
+    Yields lists of dataset keys for batch positions ``start_step, start_step + 1, ...``: ints,
+    or ``(index, aug_seed)`` when ``augment`` (the dataset seeds its random transform with it).
+    Batch ``b`` is that of step ``b`` in a run that skipped no batch. The iteration does not end
+    at ``total_steps`` (``len()``: the planned steps): the trainer draws one more batch for each
+    batch it had to skip.
+    """
+
+    def __init__(self, n: int, batch_size: int, rank: int, world_size: int, seed: int, start_step: int,
+                 total_steps: int, augment: bool = False, shuffle: bool = True):
+        self.global_batch = batch_size * world_size
+        if n < self.global_batch:
+            from ..datasets.csv_dataset import DataError
+            raise DataError(f"the dataset has {n} samples, fewer than one global batch "
+                             f"({batch_size} per rank x {world_size} ranks)")
+        self.n, self.batch_size, self.rank, self.seed = n, batch_size, rank, seed
+        self.start_step, self.total_steps, self.augment, self.shuffle = start_step, total_steps, augment, shuffle
+        self.steps_per_epoch = n // self.global_batch
+        self._perm_epoch, self._perm = -1, None
+
+    def keys(self, step: int) -> List:
+        epoch, b = divmod(step, self.steps_per_epoch)
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            perm = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+            self._perm, self._perm_epoch = perm, epoch
+        lo = b * self.global_batch + self.rank * self.batch_size
+        idx = self._perm[lo:lo + self.batch_size].tolist()
+        if self.augment:
+            return [(i, (self.seed * 1_000_003 + epoch) * 10_000_019 + i) for i in idx]
+        return idx
+
+    def __iter__(self) -> Iterator[List]:
+        for s in itertools.count(self.start_step):
+            yield self.keys(s)
+
+    def __len__(self) -> int:
+        return self.total_steps - self.start_step
+
+
+def trim_padding(tokens: torch.Tensor) -> torch.Tensor:
+    """Drop the trailing columns that are padding (0) in every row of ``tokens`` [B, L].
+
+    Exact for CLIP's causal text encoder: the EOT feature only attends to earlier positions.
+    The demo's captions are 8-20 tokens in a context of 32, so this saves ~40% of the text
+    encoder's work.
+    """
+    nonzero = (tokens != 0).any(dim=0)  # [L]
+    if not bool(nonzero.any()):
+        return tokens
+    last = int(nonzero.nonzero().max()) + 1
+    return tokens[:, :last]
+
+
+def collate_pairs(samples):
+    """``(images, tokens, n_skipped)`` from a list of samples, ``None`` for a failed one."""
+    from ..datasets.csv_dataset import collate_skipping
+    return collate_skipping(samples)
+
+
+def detect_dataset_type(path: Optional[str], dataset_type: str = "auto") -> str:
+    """``auto``: no path -> shapes; ``.csv``/``.tsv`` -> csv; ``.tar`` in the spec -> webdataset."""
+    if dataset_type != "auto":
+        return dataset_type
+    if path is None:
+        return "shapes"
+    low = path.lower()
+    if low.endswith((".csv", ".tsv")):
+        return "csv"
+    if ".tar" in low:
+        return "webdataset"
+    raise ValueError(f"cannot tell the type of --train-data/--val-data {path!r} (expected a .csv/.tsv file "
+                     f"or .tar shards); pass --dataset-type csv|webdataset")
+
+
+def image_transform_for(model, train: bool):
+    """CLIP's preprocessing at the model's resolution (random resized crop when ``train``)."""
+    from ..transforms import image_transform
+    return image_transform(model.image_size, train=train)
+
+
+@dataclass
+class TrainData:
+    """What a run trains on.
+
+    ``dataset``: a map-style dataset read through ``StepBatches`` (None for streamed shards);
+    ``augment``: pass per-sample augmentation seeds; ``shuffle``: permute indices each epoch
+    (False for a dataset that is random by construction); ``steps_per_epoch``: None when
+    unknown (shards without ``train_num_samples``); ``desc``: for the run's first line;
+    ``notes``: lines to log at start (e.g. CSV rows that were not valid UTF-8).
+    """
+
+    dataset: Optional[torch.utils.data.Dataset]
+    augment: bool
+    shuffle: bool
+    steps_per_epoch: Optional[int]
+    desc: str
+    notes: List[str] = field(default_factory=list)
+
+
+def build_train_data(cfg: TrainConfig, data_type: str, model, env: DistEnv) -> TrainData:
+    """The training data of ``cfg`` for ``model`` (its resolution and context length).
+
+    Raises ``DataError`` naming the data when it cannot make one global batch."""
+    from ..datasets.csv_dataset import DataError
+    global_batch = cfg.batch_size * env.world_size
+    if data_type == "webdataset":
+        if cfg.steps is None and cfg.train_num_samples is None:
+            raise DataError(f"webdataset {cfg.train_data}: shards are streamed, their length is unknown: "
+                            f"pass --steps or --train-num-samples")
+        n = cfg.train_num_samples
+        return TrainData(None, True, True, max(1, n // global_batch) if n else None,
+                         f"webdataset {cfg.train_data}")
+    if data_type == "shapes":
+        from .demo import shapes_train_data
+        data = shapes_train_data(cfg, model)
+    elif data_type == "csv":
+        from ..datasets.csv_dataset import CsvDataset
+        ds = CsvDataset(cfg.train_data, image_transform_for(model, True), cfg.csv_img_key, cfg.csv_caption_key,
+                        cfg.csv_separator, model.context_length)
+        data = TrainData(ds, True, True, None, f"CSV {cfg.train_data} ({len(ds)} rows)")
+        note = ds.describe_invalid_utf8()
+        if note:
+            data.notes.append(note)
+    else:
+        raise ValueError(f"unknown dataset type {data_type!r}; expected shapes, csv or webdataset")
+    data.steps_per_epoch = len(data.dataset) // global_batch
+    if data.steps_per_epoch == 0:
+        raise DataError(f"{data.desc}: {len(data.dataset)} samples is less than one global batch "
+                         f"({global_batch})")
+    return data
+
+
+def train_batches(cfg: TrainConfig, data: TrainData, model, env: DistEnv, start_batch: int,
+                  total_steps: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor, int]]:
+    """``(images, tokens, n_skipped)`` of this rank for batch positions ``start_batch ..``
+    (the data position: batches drawn so far), without end."""
+    if data.dataset is None:
+        from ..datasets.webdataset import WebDataset
+        ds = WebDataset(cfg.train_data, cfg.batch_size, image_transform_for(model, True), model.context_length,
+                        seed=cfg.seed, rank=env.rank, world_size=env.world_size, skip_batches=start_batch)
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=cfg.workers,
+                                             persistent_workers=cfg.workers > 0)
+        return iter(loader)
+    sampler = StepBatches(len(data.dataset), cfg.batch_size, env.rank, env.world_size, cfg.seed,
+                          start_batch, total_steps, augment=data.augment, shuffle=data.shuffle)
+    loader = torch.utils.data.DataLoader(data.dataset, batch_sampler=sampler, collate_fn=collate_pairs,
+                                         num_workers=cfg.workers)
+    return iter(loader)
+
+
+def load_val_batches(cfg: TrainConfig, model, log: Optional[Callable[[str], None]] = None
+                     ) -> Tuple[List[Tuple[torch.Tensor, torch.Tensor]], int]:
+    """Batches ``(images, tokens)`` of ``cfg.val_data`` (at most ``val_num_samples``, default
+    10k) and the number of samples skipped (missing or corrupt). ``log`` receives notes on the
+    data (CSV rows that were not valid UTF-8)."""
+    from ..datasets.csv_dataset import collate_skipping
+    kind = detect_dataset_type(cfg.val_data, "auto" if cfg.dataset_type == "shapes" else cfg.dataset_type)
+    limit = cfg.val_num_samples or 10_000
+    out, n, skipped_total = [], 0, 0
+    if kind == "csv":
+        from ..datasets.csv_dataset import CsvDataset
+        ds = CsvDataset(cfg.val_data, image_transform_for(model, False), cfg.csv_img_key, cfg.csv_caption_key,
+                        cfg.csv_separator, model.context_length)
+        note = ds.describe_invalid_utf8()
+        if note and log is not None:
+            log(note)
+        for a in range(0, min(len(ds), limit), cfg.batch_size):
+            imgs, toks, skipped = collate_skipping([ds[i] for i in range(a, min(a + cfg.batch_size, len(ds), limit))])
+            skipped_total += skipped
+            if len(imgs):
+                out.append((imgs, toks))
+    else:
+        from ..datasets.webdataset import WebDataset
+        ds = WebDataset(cfg.val_data, cfg.batch_size, image_transform_for(model, False), model.context_length,
+                        seed=cfg.seed, shuffle_buffer=0, max_epochs=1)
+        for imgs, toks, skipped in ds:
+            skipped_total += skipped
+            if len(imgs):
+                out.append((imgs, toks))
+            n += len(imgs) + skipped
+            if n >= limit:
+                break
+    return out, skipped_total
+
+
+ZeroShotSet = Tuple[torch.Tensor, torch.Tensor, List[str], List[str]]  # images, labels, classes, templates
+
+
+def folder_zeroshot_set(cfg: TrainConfig, model) -> Tuple[str, ZeroShotSet, int]:
+    """``--zeroshot-data`` (a folder of class-named folders): its name, the set, and the number of
+    images skipped."""
+    from ..datasets.folder import ImageFolderDataset, read_classnames
+    from ..eval import templates as T
+    ds = ImageFolderDataset(cfg.zeroshot_data, image_transform_for(model, False), read_classnames(cfg.zeroshot_classes))
+    imgs, labels, skipped = ds.load_tensors()
+    tmpl = {"imagenet": T.IMAGENET_TEMPLATES, "cifar": T.CIFAR_TEMPLATES,
+            "simple": T.SIMPLE_TEMPLATES}[cfg.zeroshot_templates]
+    name = os.path.basename(os.path.normpath(cfg.zeroshot_data)) or "zeroshot"
+    return name, (imgs, labels, ds.classnames, tmpl), skipped
+
+
+__all__ = ["StepBatches", "TrainData", "ZeroShotSet", "build_train_data", "collate_pairs", "detect_dataset_type",
+           "folder_zeroshot_set", "image_transform_for", "load_val_batches", "train_batches", "trim_padding"]
+
