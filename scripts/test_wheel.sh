@@ -36,7 +36,7 @@ pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@" 2> >(gr
 
 echo "[wheel-test] installing $TORCH first${FASTCLIP_TORCH_INDEX:+ from $FASTCLIP_TORCH_INDEX}"
 pip_install ${FASTCLIP_TORCH_INDEX:+--index-url "$FASTCLIP_TORCH_INDEX"} "$TORCH"
-torch_version=$("$PY" -c "import torch; print(torch.__version__)")
+torch_version=$("$PY" -c "import importlib.metadata as m; print(m.version('torch'))")
 echo "torch==$torch_version" > "$venv/torch-constraint.txt"
 
 # The wheel and what it declares (the test extra too), plus Triton for the interpreter
