@@ -1,11 +1,14 @@
 # The two commands of the README: `make demo` (the main job) and `make test`.
 # Both set up what they need first (scripts/setup_env.sh: a .venv, torch==2.13.0 only
 # if no torch is importable, fastclip with its compiled kernels).
+# Release: `make wheel` builds dist/fastclip_fused-*-manylinux_2_28_x86_64.whl and the
+# sdist (scripts/build_wheel.sh); `make wheel-test` installs that wheel into a fresh venv
+# with a CPU torch and runs the suite against it (scripts/test_wheel.sh).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export FASTCLIP_VENV := $(VENV)
 
-.PHONY: demo test bench setup clean
+.PHONY: demo test bench setup clean wheel wheel-test
 
 demo:
 	@bash scripts/setup_env.sh
@@ -22,5 +25,11 @@ bench:
 setup:
 	@bash scripts/setup_env.sh --test
 
+wheel:
+	bash scripts/build_wheel.sh --sdist
+
+wheel-test:
+	bash scripts/test_wheel.sh
+
 clean:
-	rm -rf build $(VENV) runs
+	rm -rf build dist $(VENV) runs

@@ -4,8 +4,10 @@
 #     so a torch already installed (e.g. a CUDA build on a GPU box) is reused;
 #   - torch==2.13.0 only when no torch is importable (never an unpinned torch, which
 #     would pull a multi-GB CUDA build onto a CPU machine);
-#   - fastclip itself, editable, with its compiled extension (rebuilt only when csrc/,
-#     CMakeLists.txt or pyproject.toml change);
+#   - fastclip itself (the distribution fastclip-fused), editable, with its compiled
+#     extension (rebuilt only when csrc/, CMakeLists.txt or pyproject.toml change), with
+#     torch pinned to the one found, so that pip never replaces it (fastclip declares
+#     torch>=2.9.1; an older torch stops here with a message instead of a download);
 #   - with --test: the test tools and Triton (its kernels run under TRITON_INTERPRET=1
 #     on machines without a GPU).
 set -euo pipefail
@@ -28,10 +30,26 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   pip_install torch==2.13.0
 fi
 
+torch_version=$("$PY" -c "import torch; print(torch.__version__)")
+at_least() {  # at_least VERSION MAJOR MINOR PATCH: release part only (2.13.0+cpu -> 2.13.0)
+  "$PY" -c "import re, sys; v = re.match(r'(\d+)\.(\d+)(?:\.(\d+))?', sys.argv[1]).groups('0');
+sys.exit(tuple(map(int, v)) < tuple(map(int, sys.argv[2:])))" "$@"
+}
+if ! at_least "$torch_version" 2 9 1; then
+  echo "[setup] torch $torch_version is importable, fastclip needs torch>=2.9.1: upgrade it (a CPU" >&2
+  echo "        build on CPU machines, see README), or use a venv without it (FASTCLIP_VENV)" >&2
+  exit 1
+fi
+# pip keeps this exact torch while it installs fastclip's other requirements.
+echo "torch==$torch_version" > "$VENV/torch-constraint.txt"
+
 # Build requirements, installed into the venv so the editable build can reuse its
 # CMake build folder (build/) and recompile only what changed.
-"$PY" -c "import scikit_build_core, pybind11, ninja" 2>/dev/null \
-  || pip_install "scikit-build-core>=0.10" "pybind11>=2.12" ninja
+if ! "$PY" -c "import ninja" 2>/dev/null \
+   || ! at_least "$("$PY" -c "import scikit_build_core as m; print(m.__version__)" 2>/dev/null || echo 0.0)" 0 11 \
+   || ! at_least "$("$PY" -c "import pybind11 as m; print(m.__version__)" 2>/dev/null || echo 0.0)" 2 13; then
+  pip_install "scikit-build-core>=0.11" "pybind11>=2.13" ninja
+fi
 
 # matplotlib draws the demo's curves.png (part of the main job's output; ~7 s to install)
 "$PY" -c "import matplotlib" 2>/dev/null || pip_install matplotlib
@@ -48,11 +66,18 @@ if [[ $want_test == 1 ]]; then
 fi
 
 stamp="$VENV/.fastclip-build-stamp"
-digest=$(cat pyproject.toml CMakeLists.txt $(find csrc -type f | sort) | sha256sum | cut -d' ' -f1)
-if [[ ! -f "$stamp" ]] || [[ "$(cat "$stamp")" != "$digest" ]] || ! "$PY" -c "import fastclip._C" 2>/dev/null; then
+digest=$(cat pyproject.toml CMakeLists.txt src/fastclip/__init__.py $(find csrc -type f | sort) | sha256sum | cut -d' ' -f1)
+# The package was called `fastclip` before it took the free name fastclip-fused; an
+# editable install under the old name would shadow the new one (same import name).
+if "$PY" -m pip show -q fastclip >/dev/null 2>&1; then
+  echo "[setup] removing the distribution 'fastclip' (this project's former name)"
+  "$PY" -m pip uninstall -y -q fastclip
+  rm -f "$stamp"
+fi
+if [[ ! -f "$stamp" ]] || [[ "$(cat "$stamp")" != "$digest" ]] || ! "$PY" -c "import fastclip._ext as e; assert e.extension()" 2>/dev/null; then
   echo "[setup] building fastclip (C++ kernels; CUDA kernels too when nvcc is found)"
   CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
-    pip_install --no-build-isolation -e .
+    pip_install --no-build-isolation -c "$VENV/torch-constraint.txt" -e .
   echo "$digest" > "$stamp"
 fi
 "$PY" -c "import fastclip; print('[setup] fastclip', fastclip.__version__, 'backends:', fastclip.available_backends())"

@@ -19,19 +19,49 @@ namespace py = pybind11;
 
 namespace fastclip {
 
-// (ok, reason). With the static runtime the module imports without a driver;
-// cudaGetDeviceCount then fails (error 35, insufficient driver) and that becomes
-// "CUDA unavailable", never a crash.
+// (ok, reason). With the static runtime the module imports without a driver; every runtime
+// call then fails with cudaErrorInsufficientDriver (35), also when no driver is installed
+// at all (measured: cudaDriverGetVersion reports 0 then), so the two cases are told apart
+// here. CUDA 13.x code needs an NVIDIA driver of the 580 series or newer (CUDA's minor
+// version compatibility); the same driver JIT-compiles the embedded compute_80 PTX for GPUs
+// without a cubin. No CUDA context is created.
 static std::pair<bool, std::string> cuda_status() {
+  auto version = [](int v) { return std::to_string(v / 1000) + "." + std::to_string(v % 1000 / 10); };
+  const std::string needed = CUDART_VERSION >= 13000 && CUDART_VERSION < 14000
+                                 ? std::string("NVIDIA driver 580 or newer")
+                                 : "a driver for CUDA " + version(CUDART_VERSION) + " or newer";
+  int driver = 0;
+  if (cudaDriverGetVersion(&driver) != cudaSuccess) driver = 0;
   int count = 0;
   cudaError_t err = cudaGetDeviceCount(&count);
   if (err != cudaSuccess) {
     cudaGetLastError();
+    if (driver == 0)
+      return {false, "CUDA unavailable: no NVIDIA driver found (libcuda.so.1 is not installed or "
+                     "did not load); fastclip's CUDA kernels need " + needed};
+    if (err == cudaErrorInsufficientDriver)
+      return {false, "CUDA unavailable: insufficient driver: the installed NVIDIA driver supports "
+                     "CUDA " + version(driver) + ", fastclip's CUDA kernels were built with CUDA " +
+                     version(CUDART_VERSION) + " and need " + needed};
+    if (err == cudaErrorNoDevice)
+      return {false, "CUDA unavailable: no CUDA device (NVIDIA driver for CUDA " + version(driver) +
+                         " found)"};
     return {false, std::string("CUDA unavailable: cudaGetDeviceCount failed with ") +
                        cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")"};
   }
   if (count == 0) return {false, "CUDA unavailable: no CUDA device"};
-  return {true, ""};
+  // The kernels use sm_80 instructions (mma.sync, cp.async): Ampere or newer.
+  std::string older;
+  for (int dev = 0; dev < count; ++dev) {
+    int major = 0, minor = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+    if (major >= 8) return {true, ""};
+    older += (older.empty() ? "" : ", ") + std::string("sm_") + std::to_string(major * 10 + minor);
+  }
+  cudaGetLastError();
+  return {false, "CUDA unavailable: no CUDA device of compute capability 8.0 or newer (found " +
+                     older + "); fastclip's CUDA kernels need an Ampere or newer GPU"};
 }
 
 namespace {
