@@ -43,6 +43,9 @@ echo "torch==$torch_version" > "$venv/torch-constraint.txt"
 # tests of the Triton kernels. The constraint makes any attempt to replace torch an error.
 echo "[wheel-test] installing $(basename "$whl")[test] (torch stays $torch_version)"
 pip_install -c "$venv/torch-constraint.txt" "$whl[test]" "triton==3.9.0"
+# open_clip's loss.py: the peer of the ClipLoss/SigLipLoss tests (pure Python; without its
+# requirements, which would pull a CUDA torch and torchvision).
+pip_install --no-deps open_clip_torch
 "$PY" -m pip check --disable-pip-version-check
 
 work=$(mktemp -d)
