@@ -1,9 +1,11 @@
-"""Contrastive-loss microbenchmark: every fastclip backend, its peers and the GEMM floor.
+"""The loss benchmark: every fastclip backend beside its peers and the matmul floor.
 
-A thin entry point; the harness is ``fastclip.bench.contrastive_loss`` (also reachable as
-``fastclip bench``). See benchmarks/README.md. Examples::
+A thin entry into ``fastclip.bench.contrastive_loss`` (also ``fastclip bench``); see
+benchmarks/README.md. Results go to ``--out`` (default ./benchmarks/results when run from
+the repository root). Examples::
 
     python benchmarks/bench_contrastive_loss.py --device cpu --quick
+    python benchmarks/bench_contrastive_loss.py --device cpu --overhead
     python benchmarks/bench_contrastive_loss.py --device cuda --dtypes bf16 --dims 512
 """
 

@@ -1,4 +1,5 @@
-// Shared helpers of the compiled extension: argument checks that raise Python errors.
+// Shared definitions of the compiled extension: the loss ids and the argument checks that
+// raise Python errors.
 #pragma once
 #include <cstdint>
 #include <sstream>
@@ -7,12 +8,28 @@
 
 namespace fastclip {
 
+// The epilogue of a loss (LossSpec.code in src/fastclip/ops/losses): what a tile of
+// logits becomes. Every kernel family takes it as a template parameter.
+enum class LossKind : int { kSoftmax = 0, kSigmoid = 1 };
+
+// Gradients of the scalar parameters: (sum_ij G_ij u_ij, sum_ij G_ij) = (dscale, dbias).
+struct ParamGrads {
+  double gu;
+  double g;
+};
+
 // Thrown for bad sizes/arguments; pybind11 turns std::invalid_argument into ValueError.
 template <typename... Args>
 [[noreturn]] inline void fail(Args&&... args) {
   std::ostringstream os;
   (os << ... << args);
   throw std::invalid_argument(os.str());
+}
+
+inline LossKind check_loss(const char* fn, int loss) {
+  if (loss != int(LossKind::kSoftmax) && loss != int(LossKind::kSigmoid))
+    fail(fn, ": unknown loss code ", loss, " (0: softmax/clip, 1: sigmoid/siglip)");
+  return LossKind(loss);
 }
 
 inline void check_sizes(const char* fn, int64_t n, int64_t m, int64_t d, int64_t ldx, int64_t ldy) {

@@ -62,8 +62,9 @@ def _start(seed: int, out: str, extra: list) -> tuple:
     run_dir = os.path.join(out, f"seed-{seed}")
     os.makedirs(run_dir, exist_ok=True)
     log = open(os.path.join(run_dir, "train.log"), "w", encoding="utf-8")
-    cmd = [sys.executable, "-m", "fastclip", "train", "--seed", str(seed), "--output", run_dir, "--progress", "none",
-           *extra]
+    # --overwrite: a rerun replaces the previous run of that seed (a run folder holds one run)
+    cmd = [sys.executable, "-m", "fastclip", "train", "--seed", str(seed), "--output", run_dir, "--overwrite",
+           "--progress", "none", *extra]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     return proc, log, run_dir, time.time(), _loadavg()
 

@@ -1,138 +1,128 @@
 #!/usr/bin/env bash
-# One call on a machine with an NVIDIA GPU: build, test, benchmark, collect.
+# Build, check and benchmark fastclip on a machine with an NVIDIA GPU, in one call.
 #
-#   1. installs the wheels carried in .whl/ (inf-cl, open_clip: the GPU machine has no
-#      package index) into /tmp/site, when there are any;
-#   2. builds fastclip with its CUDA kernels for this GPU only (editable install); if that
-#      fails, builds without CUDA so the Triton backend and the peers are still measured;
-#   3. runs the GPU tests (pytest -m gpu over tests/, or $GPU_TESTS);
-#   4. runs the benchmark (fastclip.bench.contrastive_loss --device cuda) in the time left,
-#      bf16 first, then fp32 (where inf-cl runs), into one CSV;
-#   5. leaves in $OUT: build.log, tests.log, bench.log, the CSV, the markdown and two PNGs
-#      (7 files, flat), and prints a short summary table last.
+#   1. build: fastclip with its CUDA kernels for this GPU (editable install); if that
+#      fails, without CUDA, so that the Triton backend and the peers are still measured;
+#   2. tests: pytest -m gpu (every GPU test of every backend);
+#   3. benchmark: the loss benchmark on the GPU, bf16 then fp32, in the time left;
+#   4. overhead: per-call times at small N (N = 32, 256, 1024), where dispatch dominates;
+#   5. a summary: build, backends, test counts, benchmark files, the result tables.
+# Exit status 1 when the CUDA build or a GPU test failed.
 #
-# The whole script keeps within $GPU_CHECK_SECONDS (default 540 s: one 10-minute call).
-# Usage, from the repository root (see benchmarks/README.md, "On a GPU machine"):
-#   bash scripts/gpu_check.sh
-#   FASTCLIP_COMMIT=abc1234 BENCH_A="--dtypes fp16 --dims 768 --sizes 4096,65536" \
-#       BENCH_B="" bash scripts/gpu_check.sh
-# Environment: OUT (default /tmp/fastclip-gpu-check), PYTHON (default python3),
-# GPU_TESTS (pytest targets, default "tests"), BENCH_A / BENCH_B (the two benchmark
-# runs' arguments; empty skips one), GPU_CHECK_SECONDS, CUDA_ARCH (e.g. 90a).
+# Results go to benchmarks/results/cuda-<GPU name>.{csv,md} (+ -time.png, -memory.png,
+# -overhead.{csv,md}), rows of earlier runs kept unless measured again; logs to
+# build/gpu-check/. Every phase has its own time limit and the whole script keeps
+# within GPU_CHECK_SECONDS (default 540). The peers run when importable (pip install
+# open-clip-torch inf-cl): without open_clip the naive peer is the same formula in
+# PyTorch, without inf-cl its rows are skipped.
+#
+# Usage, from anywhere:  bash scripts/gpu_check.sh
+# Environment: PYTHON (default python3), GPU_CHECK_SECONDS, CUDA_ARCH (e.g. 90a),
+# GPU_TESTS (pytest targets, default tests), BENCH_A / BENCH_B (arguments of the two
+# benchmark runs; empty skips one), RESULTS (default benchmarks/results), LOGS (default
+# build/gpu-check), FASTCLIP_COMMIT (the commit recorded when the tree has no .git).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
 TOTAL=${GPU_CHECK_SECONDS:-540}
-OUT=${OUT:-/tmp/fastclip-gpu-check}
 PY=${PYTHON:-python3}
-mkdir -p "$OUT"
+RESULTS=${RESULTS:-benchmarks/results}
+LOGS=${LOGS:-build/gpu-check}
+mkdir -p "$RESULTS" "$LOGS"
 export PYTHONUNBUFFERED=1
 left() { echo $(( TOTAL - ($(date +%s) - T0) )); }
 say() { echo "[gpu_check +$(( $(date +%s) - T0 ))s] $*"; }
-# Logs come back only up to 16 MiB each: keep their ends.
-trim() { [[ -f "$1" ]] && tail -c 4000000 "$1" > "$1.t" && mv "$1.t" "$1"; }
+# a phase's limit: min(its own, the time left), at least 1 s (timeout 0 would mean none)
+limit() { local l; l=$(left); (( l < 1 )) && l=1; (( $1 < l )) && echo "$1" || echo "$l"; }
+STATUS=0
 
 # ------------------------------------------------------------------ 0. machine
-say "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo 'nvidia-smi: none')"
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   say "torch sees no CUDA device: nothing to check here"; exit 1
 fi
-"$PY" -c "import torch; print('torch', torch.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name())"
+"$PY" -c "import torch; print('torch', torch.__version__, '| CUDA', torch.version.cuda, '|', torch.cuda.get_device_name())"
 if [[ -z "${FASTCLIP_COMMIT:-}" ]] && git rev-parse --short HEAD >/dev/null 2>&1; then
-  export FASTCLIP_COMMIT=$(git rev-parse --short HEAD)
+  export FASTCLIP_COMMIT=$(git rev-parse --short HEAD)$([[ -n $(git status --porcelain --untracked-files=no) ]] && echo +dirty)
 fi
 
-# ------------------------------------------------------- 1. carried wheels (.whl/)
-if compgen -G ".whl/*.whl" >/dev/null; then
-  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl; then
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-    say "carried wheels installed: $(cd .whl && ls *.whl | tr '\n' ' ')"
-  else
-    say "carried wheels did not install (see above); going on without them"
-  fi
-else
-  say "no .whl/ wheels carried: inf-cl and open_clip rows will say 'not importable'"
-fi
-
-# ------------------------------------------------------------------ 2. build
+# ------------------------------------------------------------------ 1. build (<= 300 s)
 ARCH=${CUDA_ARCH:-$("$PY" -c "import torch; M,m=torch.cuda.get_device_capability(); print(f'{M}{m}' + ('a' if M == 9 else ''))")}
 export CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
 BUILD=cuda
-say "building fastclip with CUDA kernels for sm_${ARCH} (log: build.log)"
+say "build: CUDA kernels for sm_${ARCH} (log: $LOGS/build.log)"
 if ! FASTCLIP_CUDA=ON SKBUILD_CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=${ARCH}-real" \
-     timeout $(( $(left) > 420 ? 300 : $(left) / 2 )) \
-     "$PY" -m pip install -v --no-build-isolation --no-deps --no-index -e . > "$OUT/build.log" 2>&1; then
-  grep -n -m 20 -E "error|Error" "$OUT/build.log" | tail -n 20
-  say "CUDA build FAILED; building without CUDA so triton and the peers can still be measured"
-  BUILD=cpu-only
-  if ! FASTCLIP_CUDA=OFF timeout 180 "$PY" -m pip install -v --no-build-isolation --no-deps \
-       --no-index -e . >> "$OUT/build.log" 2>&1; then
-    say "the CPU-only build failed too: using the Python sources (reference/triton only)"
+     timeout "$(limit 300)" "$PY" -m pip install -v --no-build-isolation --no-deps -e . \
+     > "$LOGS/build.log" 2>&1; then
+  grep -n -m 20 -E "error|Error" "$LOGS/build.log" | tail -n 20
+  say "CUDA build FAILED; building without CUDA so that triton and the peers are measured"
+  BUILD=no-cuda
+  STATUS=1
+  if ! FASTCLIP_CUDA=OFF timeout "$(limit 180)" "$PY" -m pip install -v --no-build-isolation \
+       --no-deps -e . >> "$LOGS/build.log" 2>&1; then
+    say "the build without CUDA failed too: Python sources only (reference, triton)"
     BUILD=none
     export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
   fi
 fi
-trim "$OUT/build.log"
 BACKENDS=$("$PY" -c "import fastclip; print(','.join(fastclip.available_backends('cuda')))" 2>&1 | tail -n 1)
-say "build: $BUILD; cuda backends available: $BACKENDS"
-"$PY" - <<'EOF'
+"$PY" -c "
 from fastclip.ops.backends import all_backends
-for name, b in all_backends().items():
+for b in all_backends().values():
     ok, why = b.availability()
-    if "cuda" in b.devices and not ok:
-        print(f"  {name}: unavailable: {why}")
-EOF
+    if 'cuda' in b.devices and not ok:
+        print(f'  {b.name}: unavailable: {why}')"
 
-# ------------------------------------------------------------------ 3. GPU tests
-TESTS_RC=skipped
-TB=$(( $(left) - 300 ))
-(( TB > 200 )) && TB=200
-if (( TB >= 30 )); then
-  say "GPU tests: pytest -m gpu ${GPU_TESTS:-tests} (at most ${TB}s; log: tests.log)"
-  timeout "$TB" "$PY" -m pytest -q -rfEs -m gpu -p no:cacheprovider \
-      --continue-on-collection-errors ${GPU_TESTS:-tests} > "$OUT/tests.log" 2>&1
-  TESTS_RC=$?
-  tail -n 15 "$OUT/tests.log"
-  (( TESTS_RC == 124 )) && say "GPU tests stopped at their ${TB}s limit"
-  (( TESTS_RC == 5 )) && say "no test is marked gpu"
+# ------------------------------------------------------------------ 2. GPU tests (<= 200 s)
+TESTS="not run"
+if (( $(left) > 240 )); then
+  say "tests: pytest -m gpu ${GPU_TESTS:-tests} (log: $LOGS/tests.log)"
+  timeout "$(limit 200)" "$PY" -m pytest -q -rfEs -m gpu -p no:cacheprovider \
+      ${GPU_TESTS:-tests} > "$LOGS/tests.log" 2>&1
+  RC=$?
+  tail -n 15 "$LOGS/tests.log"
+  TESTS="rc=$RC: $(grep -E '(passed|failed|error|no tests ran)' "$LOGS/tests.log" | tail -n 1)"
+  (( RC == 124 )) && TESTS="stopped at its time limit; $TESTS"
+  (( RC != 0 )) && STATUS=1
 else
-  say "GPU tests skipped: too little time left"
+  say "tests skipped: too little time left"
 fi
-trim "$OUT/tests.log"
 
-# ------------------------------------------------------------------ 4. benchmark
+# ------------------------------------------------------------------ 3. benchmark
 # A: bf16 at D 512 and 1024 up to N = 256k (naive skipped where its logits won't fit);
 # B: fp32 up to 64k (true fp32 is ~16x slower per FLOP; inf-cl runs only in fp32).
 BENCH_A=${BENCH_A-"--dtypes bf16 --dims 512,1024 --sizes 4096,16384,65536,262144"}
 BENCH_B=${BENCH_B-"--dtypes fp32 --dims 512,1024 --sizes 4096,16384,65536"}
-COMMON="--device cuda --out $OUT --tag gpu-check --no-plot"
-: > "$OUT/bench.log"
-APPEND=""
+: > "$LOGS/bench.log"
 for ARGS in "$BENCH_A" "$BENCH_B"; do
   [[ -z "$ARGS" ]] && continue
-  L=$(( $(left) - 40 ))
-  if [[ -z "$APPEND" && -n "$BENCH_B" ]]; then B=$(( L * 3 / 5 )); else B=$L; fi
-  if (( B < 20 )); then say "benchmark '$ARGS' skipped: no time left"; continue; fi
-  say "benchmark: $ARGS (budget ${B}s; log: bench.log)"
-  timeout $(( B + 60 )) "$PY" -m fastclip.bench.contrastive_loss $COMMON $APPEND \
-      --time-budget-s "$B" $ARGS 2>&1 | grep -v "^ *$" >> "$OUT/bench.log"
-  (( ${PIPESTATUS[0]} == 124 )) && say "benchmark stopped at its limit; the CSV keeps what it measured"
-  APPEND="--append"
+  L=$(( $(left) - 90 ))                       # keep time for the overhead and the summary
+  [[ "$ARGS" == "$BENCH_A" && -n "$BENCH_B" ]] && L=$(( L * 3 / 5 ))
+  if (( L < 20 )); then say "benchmark '$ARGS' skipped: no time left"; continue; fi
+  say "benchmark: $ARGS (budget ${L}s; log: $LOGS/bench.log)"
+  timeout $(( L + 60 )) "$PY" -m fastclip.bench.contrastive_loss --device cuda --append \
+      --no-plot --out "$RESULTS" --time-budget-s "$L" $ARGS >> "$LOGS/bench.log" 2>&1
+  (( $? == 124 )) && say "benchmark stopped at its limit; the CSV keeps what it measured"
 done
-trim "$OUT/bench.log"
-CSV=$(ls "$OUT"/cuda-*gpu-check.csv 2>/dev/null | head -n 1)
-if [[ -n "$CSV" ]]; then
-  timeout 60 "$PY" -m fastclip.bench.plot "$CSV" >/dev/null 2>&1 || say "plots skipped (matplotlib?)"
+NAME=$("$PY" -c "import torch; from fastclip.bench.env import slug; print('cuda-' + slug(torch.cuda.get_device_name()))")
+CSV="$RESULTS/$NAME.csv"
+[[ -f "$CSV" ]] && { timeout 60 "$PY" -m fastclip.bench.plot "$CSV" >/dev/null 2>&1 || say "plots skipped (matplotlib?)"; }
+
+# ------------------------------------------------------------------ 4. overhead (<= 60 s)
+if (( $(left) > 45 )); then
+  say "overhead: N = 32, 256, 1024 (log: $LOGS/overhead.log)"
+  timeout "$(limit 60)" "$PY" -m fastclip.bench.contrastive_loss --device cuda --overhead \
+      --target-s 1 --out "$RESULTS" > "$LOGS/overhead.log" 2>&1 || say "overhead run failed (see the log)"
 fi
 
 # ------------------------------------------------------------------ 5. summary
 echo
-say "done: build $BUILD | cuda backends: $BACKENDS | GPU tests: rc=$TESTS_RC ($(grep -E '(passed|failed|error|no tests ran)' "$OUT/tests.log" 2>/dev/null | tail -n 1))"
-ls -1 "$OUT"
-if [[ -n "$CSV" ]]; then
-  echo
-  "$PY" -m fastclip.bench.contrastive_loss --summarize "$CSV"
+say "done: build $BUILD | cuda backends: $BACKENDS | GPU tests: $TESTS"
+ls -1 "$RESULTS/$NAME"* 2>/dev/null
+if [[ -f "$CSV" ]]; then
+  echo; "$PY" -m fastclip.bench.contrastive_loss --summarize "$CSV"
 else
-  say "no benchmark CSV was written (see bench.log)"
+  say "no benchmark CSV was written (see $LOGS/bench.log)"
 fi
+[[ -f "$RESULTS/$NAME-overhead.md" ]] && { echo; grep '^|' "$RESULTS/$NAME-overhead.md"; }
+say "exit status $STATUS (1: a build or GPU-test failure)"
+exit $STATUS

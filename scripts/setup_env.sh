@@ -40,6 +40,11 @@ if [[ $want_test == 1 ]]; then
   "$PY" -c "import pytest, pytest_timeout, sklearn" 2>/dev/null \
     || pip_install "pytest>=7" pytest-timeout scikit-learn
   "$PY" -c "import triton" 2>/dev/null || pip_install "triton==3.9.0"
+  # open_clip's own loss.py is the peer the tests compare ClipLoss/SigLipLoss with (loaded
+  # by file path: its package __init__ imports torchvision). --no-deps: pure Python, and
+  # its requirements would pull a CUDA torch and torchvision.
+  "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('open_clip') is None)" \
+    2>/dev/null || pip_install --no-deps open_clip_torch
 fi
 
 stamp="$VENV/.fastclip-build-stamp"

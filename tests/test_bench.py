@@ -1,17 +1,26 @@
-"""Smoke tests of the contrastive-loss benchmark harness (fastclip.bench).
+"""Smoke tests of the benchmark harness (fastclip.bench).
 
-Tiny sizes and one repetition: these check that a run produces complete, consistent
-CSV / markdown / PNG output, that memory-hungry methods are skipped instead of run,
-and that the per-measurement subprocess of the CPU path works. They time nothing
-(numbers live in benchmarks/, never in tests).
+Tiny sizes and few repetitions: these check that each benchmark's quick path produces
+complete, consistent CSV / markdown / PNG output, that memory-hungry methods are
+skipped instead of run, that the per-measurement subprocess of the CPU path works, that
+``fastclip bench`` writes where it is run from (not where the package lives), and that
+every loss entry of the method table is consistent. They time nothing (numbers live in
+benchmarks/, never in tests).
 """
 
 import csv
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from fastclip.bench import contrastive_loss as bench
+from fastclip.bench import env, report
+from fastclip.bench import methods as M
+from fastclip.ops.backends import all_backends
 
 
 def _rows(path):
@@ -25,6 +34,12 @@ def _one(rows, method, n):
     return hits[0]
 
 
+def _env_without_commit():
+    e = dict(os.environ)
+    e.pop("FASTCLIP_COMMIT", None)
+    return e
+
+
 def test_cpu_run_in_process_writes_csv_md_png(tmp_path, capsys):
     rc = bench.main(["--device", "cpu", "--sizes", "33,64", "--dims", "24", "--reps", "1",
                      "--no-isolate", "--naive", "formula", "--out", str(tmp_path),
@@ -34,13 +49,12 @@ def test_cpu_run_in_process_writes_csv_md_png(tmp_path, capsys):
     assert len(csvs) == 1
     prefix = str(csvs[0])[:-4]
     rows = _rows(csvs[0])
-    # every method that exists on the CPU, at every size
-    methods = [m for m, _ in bench.methods_for(bench.parse_args(["--device", "cpu"])[0])]
-    assert {"floor", "naive", "reference"} <= set(methods)
+    methods = [m for m, _ in M.methods_for(M.get_loss("clip"), "cpu")]
     assert len(rows) == 2 * len(methods)
-    assert set(rows[0]) == set(bench.CSV_FIELDS)
+    assert set(rows[0]) == set(report.CSV_FIELDS)
     for r in rows:
-        assert r["device"] == "cpu" and r["device_name"] and r["torch"] and r["fastclip"]
+        assert r["loss"] == "clip" and r["device"] == "cpu" and r["device_name"]
+        assert r["torch"] and r["fastclip"] and r["commit"]
         assert r["D"] == "24" and r["dtype"] == "fp32"
         if r["status"] != "ok":      # only a backend that is not built may be missing
             assert r["status"].startswith("skipped: backend unavailable"), r
@@ -72,6 +86,33 @@ def test_cpu_run_in_process_writes_csv_md_png(tmp_path, capsys):
     assert "reference" in out and "naive" in out
 
 
+def test_methods_come_from_the_registry():
+    spec = M.get_loss("clip")
+    for device in ("cpu", "cuda"):
+        names = [m for m, _ in M.methods_for(spec, device)]
+        backends = [n for n, b in all_backends().items() if device in b.devices]
+        peers = [p.name for p in spec.peers if device in p.devices]
+        assert names == ["floor", "naive", *backends, *peers]
+        over = [m for m, _ in M.overhead_methods(spec, device)]
+        assert over == ["auto", *backends, "naive", "floor"]
+
+
+@pytest.mark.parametrize("loss", list(M.LOSSES))
+def test_loss_entry_fused_equals_its_formula(loss):
+    # Each table entry's fused op and naive formula must compute the same loss: the
+    # ratios of a run compare like with like.
+    spec = M.get_loss(loss)
+    x, y, *params = M.make_inputs(spec, 37, 16, torch.float32, "cpu", seed=3)
+    for p in params:
+        assert p.dim() == 0 and p.dtype == torch.float32 and p.requires_grad
+    fused = spec.fused(x, y, tuple(params), "auto")
+    ref = spec.formula(x.double(), y.double(), *(p.double() for p in params))
+    assert fused.dim() == 0
+    assert abs(fused.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    assert spec.floor_products in (3, 4)
+    assert M.fwd_bwd_flop(spec, 10, 2) == spec.floor_products * 2 * 100 * 2
+
+
 def test_memory_budget_skips_instead_of_running(tmp_path):
     # 0.001 GB: the naive formula's N×N logits (6 × 512² × 4 B = 6.3 MB) cannot fit.
     rc = bench.main(["--device", "cpu", "--sizes", "512", "--dims", "8", "--reps", "1",
@@ -97,16 +138,16 @@ def test_cpu_measurement_in_fresh_subprocess(tmp_path):
 
 
 def test_floor_runs_on_row_chunks_with_the_same_products():
-    import torch
-    cfg, _ = bench.parse_args(["--device", "cpu", "--max-mem-gb", "0.0002"])
+    spec = M.get_loss("clip")
     n, d = 300, 8                                  # 300 rows: chunks of 256 and 44
-    assert bench._floor_rows(n, torch.float32, cfg) == 256
-    full_cfg, _ = bench.parse_args(["--device", "cpu"])
-    assert bench._floor_rows(n, torch.float32, full_cfg) == n
-    x, y, s = bench.make_inputs(n, d, torch.float32, "cpu", 0)
-    for c in (cfg, full_cfg):
-        st = bench.build_step("floor", x, y, s, c)
-        assert ("row chunks" in st.impl) == (c is cfg)
+    small = int(0.0002 * 1e9)
+    assert M.floor_rows(n, torch.float32, "cpu", small) == 256
+    assert M.floor_rows(n, torch.float32, "cpu", 0) == n
+    inputs = M.make_inputs(spec, n, d, torch.float32, "cpu", 0)
+    x, y = inputs[:2]
+    for budget in (small, 0):
+        st = M.build_step(spec, "floor", inputs, device="cpu", max_mem_bytes=budget)
+        assert ("row chunks" in st.impl) == (budget == small)
         st.bwd(st.fwd())
         gx, gy = st.outputs
         xd, yd = x.detach().double(), y.detach().double()
@@ -115,10 +156,99 @@ def test_floor_runs_on_row_chunks_with_the_same_products():
             assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
 
 
-def test_cli_rejects_unknown_method_and_dtype():
+def test_overhead_mode_writes_its_own_table(tmp_path, capsys):
+    rc = bench.main(["--overhead", "--sizes", "16,40", "--dims", "8", "--reps", "3",
+                     "--naive", "formula", "--out", str(tmp_path)])
+    assert rc == 0
+    csvs = list(tmp_path.glob("cpu-*-overhead.csv"))
+    assert len(csvs) == 1
+    rows = _rows(csvs[0])
+    assert set(rows[0]) == set(report.OVERHEAD_FIELDS)
+    methods = [m for m, _ in M.overhead_methods(M.get_loss("clip"), "cpu")]
+    assert [r["method"] for r in rows] == methods * 2
+    for r in rows:
+        if r["status"] != "ok":
+            assert r["status"].startswith("skipped: backend unavailable"), r
+            continue
+        assert int(r["calls"]) == 3
+        assert 0 < float(r["fwd_us"]) and 0 < float(r["fwd_bwd_us"])
+    auto = _one(rows, "auto", 40)
+    assert "backend='auto') -> " in auto["impl"]
+    assert float(_one(rows, "naive", 40)["x_naive_fwd_bwd"]) == 1
+    md = open(str(csvs[0])[:-4] + ".md").read()
+    assert "per-call overhead" in md and "| 40 | auto |" in md
+    assert "fwd+bwd us" in capsys.readouterr().out
+
+
+def test_fastclip_bench_writes_to_the_current_directory(tmp_path):
+    # From outside the source tree, as from an installed wheel: the files land in the
+    # current directory, and the commit is not taken from wherever the package lives.
+    r = subprocess.run([sys.executable, "-m", "fastclip", "bench", "--quick", "--sizes", "40",
+                        "--dims", "16", "--reps", "1", "--no-isolate", "--naive", "formula"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env=_env_without_commit())
+    assert r.returncode == 0, r.stderr[-3000:]
+    csvs = list(tmp_path.glob("cpu-*.csv"))
+    assert len(csvs) == 1 and os.path.exists(str(csvs[0])[:-4] + ".md")
+    rows = _rows(csvs[0])
+    assert {row["commit"] for row in rows} == {"unknown"}
+    assert not (tmp_path / "benchmarks").exists()
+
+
+def test_default_output_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert report.default_out_dir() == "."
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    assert report.default_out_dir() == os.path.join("benchmarks", "results")
+    cfg, _ = bench.parse_args(["--device", "cpu"])
+    assert cfg.out == os.path.join("benchmarks", "results")
+
+
+def test_commit_comes_from_the_environment_or_a_fastclip_checkout(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTCLIP_COMMIT", "abc1234")
+    assert env.commit(str(tmp_path)) == "abc1234"
+    monkeypatch.delenv("FASTCLIP_COMMIT")
+    assert env.commit(str(tmp_path)) == "unknown"          # not a checkout
+    if shutil.which("git") is None:
+        return
+    # A checkout of another project: its commit would mislabel fastclip's results.
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    assert env.commit(str(tmp_path)) == "unknown"
+
+
+def test_distributed_overhead_two_ranks(tmp_path):
+    from fastclip.bench import distributed
+    rc = distributed.main(["--mode", "overhead", "--worlds", "2", "--sizes", "8", "--dim", "16",
+                           "--calls", "3", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = _rows(tmp_path / "distributed-overhead.csv")
+    assert [r["method"] for r in rows] == ["gather", "ring", "openclip"]
+    for r in rows:
+        assert r["world"] == "2" and r["n_per_rank"] == "4" and r["calls"] == "3"
+        assert float(r["fwd_us"]) > 0 and float(r["fwd_bwd_us"]) > 0
+    md = (tmp_path / "distributed-overhead.md").read_text()
+    assert "## W = 2" in md and "| 8 | ring |" in md
+
+
+def test_tokenizer_benchmark(tmp_path):
+    from fastclip.bench import tokenizer
+    assert tokenizer.main(["--captions", "40", "--reps", "1", "--out", str(tmp_path)]) == 0
+    rows = _rows(next(tmp_path.glob("tokenizer-*.csv")))
+    assert [r["stage"] for r in rows] == ["clean", "bpe_tokenizers", "bpe_python", "tokenize",
+                                          "simple_tokenizer"]
+    assert all(float(r["seconds"]) > 0 for r in rows)
+
+
+def test_cli_rejects_unknown_method_dtype_and_loss():
     with pytest.raises(SystemExit):
         bench.parse_args(["--methods", "floor,nope"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--dtypes", "fp8"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--loss", "nope"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--overhead", "--huge", "--device", "cuda"])
     cfg, _ = bench.parse_args(["--sizes", "1k,2048", "--device", "cpu"])
     assert cfg.sizes == [1024, 2048]
+    cfg, _ = bench.parse_args(["--overhead"])
+    assert cfg.sizes == [32, 256, 1024] and cfg.dims == [512] and cfg.dtypes == ["fp32"]

@@ -88,3 +88,60 @@ def test_world_size_without_process_group_is_a_clear_error():
 def test_exported_names():
     assert fastclip.ClipLoss is ClipLoss
     assert callable(fastclip.clip_loss)
+
+
+# ------------------------------------------------------------------------- SigLipLoss
+def _open_clip(name: str):
+    """open_clip's own class from its loss.py (not its __init__, which needs torchvision)."""
+    from fastclip.bench.methods import load_open_clip
+    cls, why = load_open_clip(name)
+    if cls is None:
+        pytest.skip(f"open_clip is not importable here ({why}); pip install open_clip_torch")
+    return cls
+
+
+@pytest.mark.parametrize("n,d", [(1, 3), (5, 8), (130, 33)])
+@pytest.mark.parametrize("bias", [-10.0, 0.0, 3.0])
+def test_siglip_values_and_gradients_equal_open_clip(n, d, bias):
+    from fastclip.loss import SigLipLoss
+    OpenSigLip = _open_clip("SigLipLoss")
+    x, y = _features(n, d, seed=n + d)
+    log_t = torch.tensor(2.302585, dtype=torch.float64, requires_grad=True)    # t = 10
+    b = torch.tensor(bias, dtype=torch.float64, requires_grad=True)
+    ours = SigLipLoss()(x, y, log_t.exp(), b)
+    g_ours = torch.autograd.grad(ours, (x, y, log_t, b))
+    ref = OpenSigLip()(x, y, log_t.exp(), b)
+    g_ref = torch.autograd.grad(ref, (x, y, log_t, b))
+    assert rel_err(ours, ref) <= 1e-12
+    for a, r in zip(g_ours, g_ref):
+        assert rel_err(a, r) <= 1e-10
+
+
+def test_siglip_fp32_and_output_dict():
+    from fastclip.loss import SigLipLoss
+    OpenSigLip = _open_clip("SigLipLoss")
+    x, y = _features(200, 64, dtype=torch.float32, seed=3)
+    t = torch.tensor(10.0, requires_grad=True)
+    out = SigLipLoss()(x, y, t, -10.0, output_dict=True)
+    assert set(out) == {"contrastive_loss"} and out["contrastive_loss"].dtype == torch.float32
+    ref = OpenSigLip()(x.detach().double(), y.detach().double(), torch.tensor(10.0,
+                       dtype=torch.float64), torch.tensor(-10.0, dtype=torch.float64))
+    assert rel_err(out["contrastive_loss"], ref) <= 1e-5
+
+
+def test_siglip_bias_none_is_no_bias():
+    from fastclip.loss import SigLipLoss
+    x, y = _features(12, 8)
+    assert torch.allclose(SigLipLoss()(x, y, 10.0, None), SigLipLoss()(x, y, 10.0, 0.0))
+
+
+def test_siglip_constructor():
+    from fastclip.loss import SigLipLoss
+    for impl in (None, "bidir", "shift", "reduce", "gather", "ring"):
+        SigLipLoss(dist_impl=impl)
+    assert SigLipLoss().dist_impl == "bidir"      # open_clip's default, kept as given
+    with pytest.raises(ValueError, match="dist_impl must be one of"):
+        SigLipLoss(dist_impl="tree")
+    with pytest.raises(ValueError, match="rank must be in"):
+        SigLipLoss(rank=3, world_size=2)
+    assert fastclip.SigLipLoss is SigLipLoss and callable(fastclip.siglip_loss)

@@ -81,8 +81,19 @@ def test_input_forms_and_errors():
     assert tokenize(("a", "b"), context_length=8).shape == (2, 8)
     with pytest.raises(ValueError, match="context_length"):
         tokenize("a", context_length=1)
-    with pytest.raises(ValueError, match=r"texts\[1\]"):
+    with pytest.raises(TypeError, match=r"texts\[1\] must be a str, got int"):
         tokenize(["a", 3])
+
+
+def test_non_text_inputs_raise_type_error():
+    with pytest.raises(TypeError, match="texts must be a str or a sequence of str, got int"):
+        tokenize(123)
+    with pytest.raises(TypeError, match="got bytes.*decode"):
+        tokenize(b"abc")
+    with pytest.raises(TypeError, match=r"texts\[0\] must be a str, got bytes"):
+        tokenize([b"abc"])
+    with pytest.raises(TypeError, match="got NoneType"):
+        tokenize(None)
 
 
 def test_cleaning():

@@ -12,11 +12,12 @@ import importlib
 
 __version__ = "0.1.0"
 
-from .ops import BackendUnavailableError, available_backends, clip_loss  # noqa: E402
+from .ops import BackendUnavailableError, available_backends, clip_loss, siglip_loss  # noqa: E402
 
 # name -> module that defines it; loaded on first access (PEP 562).
 _LAZY = {
     "ClipLoss": "fastclip.loss",
+    "SigLipLoss": "fastclip.loss",
     "create_model": "fastclip.models",
     "list_models": "fastclip.models",
     "load_openai": "fastclip.models.openai",
@@ -28,7 +29,8 @@ _LAZY = {
 _SUBMODULES = {"loss", "ops", "models", "tokenizer", "transforms", "eval", "distributed",
                "train", "datasets", "bench", "cli"}
 
-__all__ = ["__version__", "clip_loss", "available_backends", "BackendUnavailableError",
+__all__ = ["__version__", "clip_loss", "siglip_loss", "available_backends",
+           "BackendUnavailableError",
            *sorted(_LAZY)]
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import tempfile
 from typing import List, Optional
 
 from .train.config import PRECISIONS, TrainConfig
@@ -39,6 +41,23 @@ def _nonneg_int(s: str) -> int:
     if v < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}")
     return v
+
+
+def _float_in(lo: float, hi: float = float("inf"), lo_open: bool = False, hi_open: bool = False):
+    """An argparse type: a finite float in the interval [lo, hi] (``*_open``: that end excluded)."""
+    left, right = "(" if lo_open else "[", ")" if hi_open or hi == float("inf") else "]"
+    span = f"{left}{lo:g}, {'inf' if hi == float('inf') else f'{hi:g}'}{right}"
+
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+        ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected a finite number in {span}, got {s!r}")
+        return v
+    return parse
 
 
 def _json_dict(s: str) -> dict:
@@ -79,14 +98,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=_positive_int, default=None,
                    help=f"optimizer steps (demo default {d.steps}; real data default: --epochs)")
     g.add_argument("--epochs", type=_positive_int, default=d.epochs)
-    g.add_argument("--lr", type=float, default=None, help=f"peak learning rate (demo {d.lr}, real data 5e-4)")
-    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=None,
+    g.add_argument("--lr", type=_float_in(0.0), default=None, help=f"peak learning rate (demo {d.lr}, real data 5e-4)")
+    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=_float_in(0.0), default=None,
                    help=f"AdamW decoupled weight decay (demo {d.weight_decay}, real data 0.2)")
-    g.add_argument("--beta1", type=float, default=d.beta1)
-    g.add_argument("--beta2", type=float, default=d.beta2)
-    g.add_argument("--eps", type=float, default=d.eps)
+    g.add_argument("--beta1", type=_float_in(0.0, 1.0, hi_open=True), default=d.beta1)
+    g.add_argument("--beta2", type=_float_in(0.0, 1.0, hi_open=True), default=d.beta2)
+    g.add_argument("--eps", type=_float_in(0.0, lo_open=True), default=d.eps)
     g.add_argument("--warmup", type=_nonneg_int, default=None, help=f"warmup steps (demo {d.warmup}, real data 2000)")
-    g.add_argument("--grad-clip-norm", type=float, default=None)
+    g.add_argument("--grad-clip-norm", type=_float_in(0.0, lo_open=True), default=None)
     g.add_argument("--precision", choices=PRECISIONS, default=d.precision)
     g.add_argument("--grad-checkpointing", action="store_true")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -106,6 +125,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-every", type=_positive_int, default=None, help="training checkpoint every K steps")
     g.add_argument("--keep-checkpoints", type=_nonneg_int, default=d.keep_checkpoints)
     g.add_argument("--resume", default=None, help="'latest' (in --output) or a checkpoint path")
+    g.add_argument("--overwrite", action="store_true",
+                   help="--output holds a run: delete its files and start afresh (without it, a folder "
+                        "holding a run is refused unless --resume continues it)")
+    g.add_argument("--max-failed-batches", type=_positive_int, default=None, metavar="N",
+                   help="batches with no loadable sample are skipped; N in a row stop the run "
+                        "(default: one epoch, 100 for shards of unknown length)")
     g.add_argument("--demo-train-samples", type=_positive_int, default=d.demo_train_samples)
     g.add_argument("--demo-eval-samples", type=_positive_int, default=d.demo_eval_samples)
     g.add_argument("--demo-design", choices=["distinct", "iid", "colour-groups"], default=d.demo_design,
@@ -115,7 +140,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="colour-groups design: images per colour group")
     g.add_argument("--demo-group-prob", type=float, default=d.demo_group_prob,
                    help="colour-groups design: probability that a group is one colour")
-    g.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+    g.add_argument("--time-budget", type=_float_in(0.0), default=None, metavar="SECONDS",
                    help="opt-in: fit training in this many seconds by lowering --steps if the machine is "
                         "too slow (the result then depends on the machine's speed; default: off)")
     g.add_argument("--no-plot", dest="plot", action="store_false", help="skip curves.png")
@@ -133,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "on the synthetic shapes dataset on the CPU, then zero-shot accuracy on "
                                    "held-out (colour, shape) pairs. Multi-GPU: launch with torchrun.")
     _add_train_args(t)
-    sub.add_parser("bench", help="microbenchmarks of the contrastive loss (fastclip bench --help)", add_help=False)
+    sub.add_parser("bench", help="benchmarks: [loss] (default), distributed, tokenizer (fastclip bench --help)",
+                   add_help=False)
     return p
 
 
@@ -157,11 +183,59 @@ def _check_paths(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--resume {args.resume!r}: checkpoint file not found (or use 'latest')")
     if args.resume == "latest" and args.output is None:
         p.error("--resume latest needs --output (the run directory to resume)")
+    if args.resume is not None and args.overwrite:
+        p.error("--resume and --overwrite exclude each other (continue the run, or delete it)")
     if not 0.0 <= args.demo_group_prob <= 1.0:
         p.error(f"--demo-group-prob {args.demo_group_prob}: expected a probability in [0, 1]")
     from .models import list_models
     if args.model not in list_models():
         p.error(f"--model {args.model!r}: unknown; available: {', '.join(list_models())}")
+    _check_run_args(p, args)
+
+
+def _check_run_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--model-overrides, --device, --loss-backend and --output, checked before anything is built."""
+    import torch
+
+    from .models import create_model
+    if args.model_overrides:
+        try:
+            with torch.device("meta"):  # builds the module tree without allocating weights
+                create_model(args.model, **args.model_overrides)
+        except (ValueError, TypeError, RuntimeError) as e:
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            p.error(f"--model-overrides {json.dumps(args.model_overrides)}: {why}")
+    if args.device != "auto":
+        try:
+            dev = torch.device(args.device)
+        except (RuntimeError, ValueError):
+            p.error(f"--device {args.device!r}: not a device; expected auto, cpu, cuda or cuda:N")
+        if dev.type not in ("cpu", "cuda"):
+            p.error(f"--device {args.device!r}: expected auto, cpu, cuda or cuda:N")
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                why = ("this torch is a CPU-only build" if torch.version.cuda is None
+                       else "no CUDA device is visible (driver missing or CUDA_VISIBLE_DEVICES empty)")
+                p.error(f"--device {args.device}: CUDA is not available ({why}); use --device cpu or auto")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                p.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if args.loss_backend != "auto":
+        from .ops import all_backends, available_backends
+        if args.loss_backend not in all_backends():
+            p.error(f"--loss-backend {args.loss_backend!r}: unknown; expected auto or one of "
+                    f"{', '.join(sorted(all_backends()))}")
+        if args.loss_backend not in available_backends():
+            p.error(f"--loss-backend {args.loss_backend!r}: not available on this machine; available: "
+                    f"auto, {', '.join(available_backends())}")
+    if args.output is not None:
+        if os.path.exists(args.output) and not os.path.isdir(args.output):
+            p.error(f"--output {args.output!r}: exists and is not a directory")
+        try:  # create it and write a probe file: catches read-only file systems, where os.access may not
+            os.makedirs(args.output, exist_ok=True)
+            with tempfile.TemporaryFile(dir=args.output):
+                pass
+        except OSError as e:
+            p.error(f"--output {args.output!r}: cannot write there ({e.strerror or e})")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -184,13 +258,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
-        try:
-            from .bench.contrastive_loss import main as bench_main
-        except ImportError as e:
-            print(f"fastclip bench: the benchmark module fastclip.bench.contrastive_loss is not available ({e})",
-                  file=sys.stderr)
-            return 2
-        return int(bench_main(argv[1:]) or 0)
+        from .bench import main as bench_main
+        return bench_main(argv[1:])
     p = build_parser()
     args = p.parse_args(argv)
     if args.command is None:
@@ -198,12 +267,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     train_parser = p._subparsers._group_actions[0].choices["train"]  # errors name the subcommand
     _check_paths(train_parser, args)
+    from .datasets.csv_dataset import DataError
+    from .train.checkpoint import CheckpointError
+    from .train.run_folder import RunFolderError
     from .train.trainer import train
     try:
         train(config_from_args(args))
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except (CheckpointError, DataError, RunFolderError) as e:
+        # The user's files, not fastclip, are at fault: one line, like an argument error.
+        print(f"fastclip train: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     return 0
 
 

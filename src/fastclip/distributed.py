@@ -1,54 +1,153 @@
-"""The exact CLIP contrastive loss across ``torch.distributed`` ranks (design.md §3).
+"""Exact contrastive losses across ``torch.distributed`` ranks (docs/design.md §3).
 
 Each of W ranks holds its own rows: image features ``X_k`` [n_k, D] and text features
-``Y_k`` [n_k, D] (``n_k`` may differ between ranks; N = Σ n_k; the positive of global
-row i is global column i, rows ordered by rank). :func:`clip_loss` returns the loss of
-the concatenated N-row batch on every rank, computed by the fused block kernels of
-:mod:`fastclip.ops.contrastive_loss`; nothing N×N or n×N is ever held.
+``Y_k`` [n_k, D] (``n_k`` may differ between ranks; N = Σ n_k; the positive of global row
+i is global column i, rows ordered by rank). :func:`clip_loss` and :func:`siglip_loss`
+return the loss of the concatenated N-row batch on every rank, computed by the fused block
+kernels of :mod:`fastclip.ops.contrastive_loss`; nothing N×N or n×N is ever held.
+
+Every loss is the same code here: the block statistics merge with the loss's ``merge``
+(:mod:`fastclip.ops.losses`), the loss is the loss's ``head`` summed over ranks, and its
+gradient with respect to the statistics comes from the head (its weights, or autograd).
 
 Two forms, same numbers:
 
-* ``dist_impl="gather"``: ``Y`` is all-gathered once (no autograd), rank k runs one
-  block ``X_k × Y_all``; its row statistics are complete, its column statistics are
-  partial and are merged by an exact distributed log-sum-exp (all-reduce MAX, then
-  all-reduce SUM of the rescaled sums, N floats each). The backward sends the column
-  gradient home with one reduce-scatter. Memory O(N·D) per rank.
-* ``dist_impl="ring"``: the ``Y`` blocks travel around the ring while ``X_k`` stays.
-  A travelling block carries its partial column statistics (forward) and its partial
-  gradient (backward), so after W steps every block is home complete. The send of the
-  next block is posted before the tile work on the current one, so communication
-  overlaps compute. Memory O(n·D) per rank.
+* ``dist_impl="gather"``: ``Y`` is all-gathered once (no autograd), rank k runs one block
+  ``X_k × Y_all``; its row statistics are complete, its column statistics are partial and
+  are merged across ranks by an all-reduce (for a log-sum-exp: MAX, then SUM of the
+  rescaled sums). The column gradient goes home with one reduce-scatter. Memory O(N·D)
+  per rank. On the steady state (the same sizes and configuration as the previous call)
+  the ranks' metadata travels inside the all-gather of ``Y``: no extra collective.
+* ``dist_impl="ring"``: the ``Y`` blocks travel around the ring while ``X_k`` stays. A
+  travelling block carries what its columns need; partial column results (statistics in
+  the forward, gradients in the backward) follow it one step behind, so after W steps
+  every block's are home complete. The send of the next block is posted before the tile
+  work on the current one, so communication overlaps compute. Memory O(n·D) per rank.
 
-Per rank both do 8·n_k·N·D FLOP (forward 2, backward 6: the tiles are recomputed).
+Two-pass losses (CLIP's softmax) do 8·n_k·N·D FLOP per rank (the backward recomputes the
+tiles); one-pass losses (SigLIP's sigmoid) compute their gradients in the forward's pass,
+6·n_k·N·D, and the backward only scales them.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import astuple, dataclass, fields
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .ops.contrastive_loss import (DEFAULT_EPS, contrastive_loss_bwd, contrastive_loss_fwd,
-                                   prepare_scale, select_backend, validate_features)
+from .ops.backends import Backend, backend_by_code
+from .ops.contrastive_loss import (DEFAULT_EPS, block_bwd, block_fwd_bwd, kernel_layout,
+                                   prepare_params, select_backend, validate_features,
+                                   validate_options)
+from .ops.contrastive_loss import block_fwd as _block_fwd_diff
+from .ops.losses import STAT_DTYPE, LinearHead, LossSpec, get_loss, head_grads, merge
 
-__all__ = ["clip_loss", "DistributedLossError"]
+__all__ = ["clip_loss", "siglip_loss", "fused_loss", "DistributedLossError"]
 
 _IMPLS = ("gather", "ring")
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
-# Scales that differ by more than this (relative) between ranks are a caller bug: each
+# Parameters that differ by more than this (relative) between ranks are a caller bug: each
 # rank would compute a different "full-batch" loss. Identical parameters on identical
-# hardware give bit-identical scales; the tolerance only forgives mixed hardware.
-_SCALE_RTOL = 1e-6
+# hardware give bit-identical values; the tolerance only forgives mixed hardware.
+_PARAM_RTOL = 1e-6
+_MAX_PARAMS = 2
 
 
 class DistributedLossError(RuntimeError):
     """The ranks of a sharded loss call disagree, or the group cannot carry the features.
 
-    Raised on every rank of the group (the ranks first exchange a small metadata
-    tensor, so a mismatch never leaves some ranks waiting in a large collective)."""
+    Raised on every rank of the group (the ranks first exchange a small metadata record, so
+    a mismatch never leaves some ranks waiting in a large collective)."""
+
+
+# --------------------------------------------------------------------- the handshake
+@dataclass(frozen=True)
+class _Meta:
+    """What a rank tells the others before any large collective (float64 on the wire)."""
+
+    ok: float              # 1: the local inputs are valid
+    rows: float
+    dim: float
+    dtype: float           # _DTYPE_CODES
+    normalize: float
+    eps: float
+    impl: float            # index in _IMPLS
+    loss: float            # LossSpec.code
+    backend: float         # Backend.code
+    param0: float          # logit_scale
+    param1: float          # logit_bias (NaN when the loss has none)
+
+    @staticmethod
+    def invalid() -> "_Meta":
+        return _Meta(0.0, *([-1.0] * (len(fields(_Meta)) - 1)))
+
+    def tensor(self, device, params: Optional[Tensor] = None) -> Tensor:
+        """On ``device``; the parameters join there from ``params`` (no host sync: the
+        only one is reading the gathered records)."""
+        t = torch.tensor(astuple(self), dtype=torch.float64, device=device)
+        if params is not None:
+            first = len(fields(_Meta)) - _MAX_PARAMS
+            t[first:first + params.numel()] = params.detach().reshape(-1).to(torch.float64)
+        return t
+
+    @staticmethod
+    def size() -> int:
+        return len(fields(_Meta))
+
+
+# (name, how to show a value) of the fields every rank must agree on.
+_AGREE = (
+    ("dim", "D", lambda v: int(v)),
+    ("dtype", "dtype", lambda v: str(_CODE_DTYPES[int(v)]).replace("torch.", "")),
+    ("normalize", "normalize", lambda v: bool(v)),
+    ("eps", "eps", lambda v: v),
+    ("impl", "dist_impl", lambda v: _IMPLS[int(v)]),
+    ("loss", "loss", lambda v: next((s for s in _loss_names() if get_loss(s).code == int(v)),
+                                    "other")),
+    ("backend", "backend", lambda v: getattr(backend_by_code(int(v)), "name", "other")),
+)
+
+
+def _loss_names():
+    from .ops.losses import LOSSES  # noqa: PLC0415
+    return list(LOSSES)
+
+
+def _same_param(a: float, b: float) -> bool:
+    if math.isnan(a) or math.isnan(b):      # a diverged run: every rank's is NaN
+        return math.isnan(a) and math.isnan(b)
+    if math.isinf(a) or math.isinf(b):
+        return a == b
+    return abs(a - b) <= _PARAM_RTOL * max(abs(a), abs(b))
+
+
+def _agree(metas: list[_Meta], rank: int, problem: Optional[str]) -> list[int]:
+    """Raise the same DistributedLossError on every rank unless all metadata agree; return
+    the per-rank row counts."""
+    if problem is not None:
+        raise DistributedLossError(f"rank {rank}: invalid input to the sharded loss: {problem}")
+    bad = [r for r, m in enumerate(metas) if m.ok != 1.0]
+    if bad:
+        raise DistributedLossError(f"rank(s) {bad} of the process group passed invalid input "
+                                   f"(see the error on those ranks); no rank computed a loss")
+    for attr, label, show in _AGREE:
+        vals = [getattr(m, attr) for m in metas]
+        if any(v != vals[0] for v in vals):
+            raise DistributedLossError(
+                f"the ranks disagree on {label}: per rank {[show(v) for v in vals]}; every rank "
+                f"must pass features of the same D and dtype and the same normalize, eps, "
+                f"dist_impl, loss and backend")
+    for attr, label in (("param0", "logit_scale"), ("param1", "logit_bias")):
+        vals = [getattr(m, attr) for m in metas]
+        if not all(_same_param(v, vals[0]) for v in vals):
+            raise DistributedLossError(f"the ranks disagree on {label}: per rank {vals}; it "
+                                       f"must be the same (replicated) value on every rank")
+    return [int(m.rows) for m in metas]
 
 
 # ------------------------------------------------------------------ group plumbing
@@ -78,19 +177,28 @@ def _global_rank(group, group_rank: int) -> int:
     return dist.get_global_rank(group, group_rank)
 
 
-def _all_gather_rows(t: Tensor, sizes: list[int], group) -> Tensor:
-    """Concatenation over ranks of ``t`` [n_k, D] (row counts ``sizes``) -> [N, D]."""
-    w, nmax = len(sizes), max(sizes)
-    n = t.shape[0]
-    src = t.contiguous()
-    if n < nmax:     # collectives move equal-sized blocks: pad, then drop the padding
-        src = torch.cat([src, src.new_zeros((nmax - n,) + tuple(t.shape[1:]))])
-    out = t.new_empty((w * nmax,) + tuple(t.shape[1:]))
-    gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather_single(out, src, group=group)
+def _gather_single():
+    return getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _pad_rows(t: Tensor, rows: int) -> Tensor:
+    if t.shape[0] == rows:
+        return t.contiguous()
+    return torch.cat([t.contiguous(), t.new_zeros((rows - t.shape[0],) + tuple(t.shape[1:]))])
+
+
+def _unpad(out: Tensor, sizes: list[int], nmax: int) -> Tensor:
     if all(s == nmax for s in sizes):
         return out
     return torch.cat([out[r * nmax: r * nmax + s] for r, s in enumerate(sizes)])
+
+
+def _all_gather_rows(t: Tensor, sizes: list[int], group) -> Tensor:
+    """Concatenation over ranks of ``t`` [n_k, ...] (row counts ``sizes``) -> [N, ...]."""
+    w, nmax = len(sizes), max(sizes)
+    out = t.new_empty((w * nmax,) + tuple(t.shape[1:]))
+    _gather_single()(out, _pad_rows(t, nmax), group=group)
+    return _unpad(out, sizes, nmax)
 
 
 _REDUCE_SCATTER_OK: dict[str, bool] = {}
@@ -99,9 +207,7 @@ _REDUCE_SCATTER_OK: dict[str, bool] = {}
 def _reduce_scatter_rows(t: Tensor, sizes: list[int], rank: int, group) -> Tensor:
     """Sum over ranks of ``t`` [N, D]; rank k receives its rows [n_k, D]."""
     w, nmax = len(sizes), max(sizes)
-    offs = [0]
-    for s in sizes:
-        offs.append(offs[-1] + s)
+    offs = _offsets(sizes)
     be = str(dist.get_backend(group))
     if _REDUCE_SCATTER_OK.get(be, True):
         if all(s == nmax for s in sizes):
@@ -126,13 +232,34 @@ def _reduce_scatter_rows(t: Tensor, sizes: list[int], rank: int, group) -> Tenso
     return buf[offs[rank]:offs[rank + 1]]
 
 
-# Tags keep the travelling blocks and the statistics/gradients that follow them on
-# separate channels (gloo matches by peer and tag; NCCL ignores tags and keeps order).
+def _all_reduce_merge(kind: str, t: Tensor, group) -> Tensor:
+    """The loss's merge of ``t`` across ranks: SUM, or an exact distributed log-sum-exp
+    (c = M + log Σ_k exp(c_k - M), M = max_k c_k: MAX, then SUM of the rescaled values)."""
+    if kind == "sum":
+        out = t.clone()
+        dist.all_reduce(out, group=group)
+        return out
+    mx = t.clone()
+    dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
+    safe = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)   # all -inf stays -inf
+    s = torch.exp(t - safe)
+    dist.all_reduce(s, group=group)
+    return safe + torch.log(s)
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    offs = [0]
+    for s in sizes:
+        offs.append(offs[-1] + s)
+    return offs
+
+
+# Tags keep the travelling blocks and the partial results that follow them on separate
+# channels (gloo matches by peer and tag; NCCL ignores tags and keeps order).
 _TAG_BLOCK, _TAG_ACC = 1, 2
 
 
-def _ring_exchange(send: list[Tensor], recv: list[Tensor], nxt: int, prv: int, group,
-                   tag: int):
+def _ring_exchange(send: list[Tensor], recv: list[Tensor], nxt: int, prv: int, group, tag: int):
     """Post sends of ``send`` to ``nxt`` and receives of ``recv`` from ``prv``; returns
     the requests (waited on by the caller, after the overlapped work)."""
     ops = [dist.P2POp(dist.isend, t, nxt, group, tag) for t in send]
@@ -140,208 +267,367 @@ def _ring_exchange(send: list[Tensor], recv: list[Tensor], nxt: int, prv: int, g
     return dist.batch_isend_irecv(ops)
 
 
-# -------------------------------------------------------------- the two forms
+# -------------------------------------------------------------------------- the plan
 class _Plan:
-    """What every rank agreed on: sizes, offsets, kernel configuration."""
+    """What every rank agreed on: sizes, offsets, the loss, the kernel configuration."""
 
-    def __init__(self, group, rank, sizes, normalize, eps, backend):
+    def __init__(self, group, rank: int, sizes: list[int], spec: LossSpec, be: Backend,
+                 normalize: bool, eps: float, impl: str):
         self.group, self.rank, self.sizes = group, rank, sizes
         self.world = len(sizes)
-        self.offsets = [0]
-        for s in sizes:
-            self.offsets.append(self.offsets[-1] + s)
+        self.offsets = _offsets(sizes)
         self.N = self.offsets[-1]
-        self.normalize, self.eps, self.backend = normalize, eps, backend
+        self.spec, self.be, self.normalize, self.eps, self.impl = spec, be, normalize, eps, impl
+        self.denom = spec.denominator(self.N)
+        self.linear = isinstance(spec.head, LinearHead)
+        # Only heads that read the column statistics need them merged across ranks.
+        self.uses_cols = not self.linear or spec.head.coef[1] != 0.0
+
+    @property
+    def own(self) -> slice:
+        return slice(self.offsets[self.rank], self.offsets[self.rank + 1])
+
+    def ring_peers(self) -> tuple[int, int]:
+        W, k = self.world, self.rank
+        return (_global_rank(self.group, (k + 1) % W), _global_rank(self.group, (k - 1) % W))
+
+    def col_grads(self, block: int, like: Tensor, own_grad: Optional[Tensor]) -> Tensor:
+        """Upstream gradient of block ``block``'s column statistics: the head's weight (a
+        linear head), or the owning rank's autograd gradient (``own_grad``, travelled)."""
+        if self.linear:
+            return torch.full((self.sizes[block],), self.spec.head.coef[1] / self.denom,
+                              dtype=like.dtype, device=like.device)
+        return own_grad
 
 
-def _finish_forward(ctx, plan: _Plan, row_lse: Tensor, own_col_lse: Tensor, pos: Tensor,
-                    *saved: Tensor) -> Tensor:
-    """Both forms' last step: the loss over all ranks' rows, (1/2N) Σ_i (r_i - L_ii) + (c_i - L_ii),
-    with each row's differences taken before the sum (keeps the cancellation local); saves
-    ``saved`` and the plan for backward."""
-    total = ((row_lse - pos) + (own_col_lse - pos)).sum()
+def _unit_grads(plan: _Plan, row: Tensor, col_own: Tensor, pos: Tensor):
+    """d(loss)/d(this rank's statistics) for an upstream gradient of 1."""
+    return head_grads(plan.spec, row, col_own, pos, plan.denom)
+
+
+def _finish_forward(ctx, plan: _Plan, row: Tensor, col_own: Tensor, pos: Tensor,
+                    dtype: torch.dtype) -> Tensor:
+    """The loss over all ranks' rows: Σ_ranks head(row, own columns, pos) / denominator,
+    summed in the statistics' float64, returned in ``dtype``."""
+    total = plan.spec.head(row, col_own, pos)
     dist.all_reduce(total, group=plan.group)
-    ctx.save_for_backward(*saved)
     ctx.plan = plan
-    return total / (2 * plan.N)
+    return (total / plan.denom).to(dtype)
 
 
-def _finish_backward(plan: _Plan, g: Tensor, ds_local: Tensor, dx: Tensor, dy: Tensor,
-                     x: Tensor, y: Tensor, scale: Tensor):
-    """Apply the gradient contract: features get (Σ_ranks g) × the unit-gradient VJP,
-    the scale gets mean_ranks(g) × the full-batch derivative (Σ of the ranks' parts)."""
-    acc = ds_local.dtype
-    red = torch.stack([ds_local.reshape(()).to(acc), g.reshape(()).to(acc)])
+def _finish_backward(plan: _Plan, g: Tensor, dp_local: Tensor, dx: Tensor, dy: Tensor,
+                     x: Tensor, y: Tensor, params: Tensor, inplace: bool = True):
+    """Apply the gradient contract: features get (Σ_ranks g) × the unit-gradient VJP, the
+    parameters get mean_ranks(g) × the full-batch derivative (Σ of the ranks' parts).
+    ``inplace``: dx and dy are the caller's own buffers (no extra n·D copy); not for
+    gradients saved by a one-pass forward, which a second backward would scale twice."""
+    acc = dp_local.dtype
+    red = torch.cat([dp_local.reshape(-1).to(acc), g.reshape(1).to(acc)])
     dist.all_reduce(red, group=plan.group)
-    ds_full, g_tot = red[0], red[1]
-    dscale = (ds_full * (g_tot / plan.world)).to(scale.dtype)
-    # In place: dx and dy are this function's own buffers (no extra n·D copy).
-    return dx.mul_(g_tot).to(x.dtype), dy.mul_(g_tot).to(y.dtype), dscale
+    dp_full, g_tot = red[:-1], red[-1]
+    dparams = (dp_full * (g_tot / plan.world)).to(params.dtype)
+    if inplace:
+        return dx.mul_(g_tot).to(x.dtype), dy.mul_(g_tot).to(y.dtype), dparams
+    return (dx * g_tot).to(x.dtype), (dy * g_tot).to(y.dtype), dparams
 
 
 class _GatherLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, y: Tensor, scale: Tensor, plan: _Plan):
-        k, o = plan.rank, plan.offsets[plan.rank]
-        y_all = _all_gather_rows(y, plan.sizes, plan.group)                # [N, D]
-        row_lse, col_part, pos = contrastive_loss_fwd(x, y_all, scale, plan.normalize,
-                                                      plan.eps, o, plan.backend)
-        # Exact distributed log-sum-exp of the columns: c_j = M_j + log Σ_k exp(c_kj - M_j).
-        col_max = col_part.clone()
-        dist.all_reduce(col_max, op=dist.ReduceOp.MAX, group=plan.group)
-        col_sum = torch.exp(col_part - col_max)
-        dist.all_reduce(col_sum, group=plan.group)
-        col_lse = col_max + torch.log(col_sum)                              # [N], complete
-        own_c = col_lse[o:o + plan.sizes[k]]
-        return _finish_forward(ctx, plan, row_lse, own_c, pos, x, y_all, scale, row_lse, col_lse)
+    def forward(ctx, x: Tensor, y: Tensor, params: Tensor, plan: _Plan, y_all):
+        spec, be, o = plan.spec, plan.be, plan.offsets[plan.rank]
+        if y_all is None:
+            y_all = _all_gather_rows(y, plan.sizes, plan.group)            # [N, D]
+        one_pass = spec.one_pass and any(ctx.needs_input_grad[:3])
+        if one_pass:
+            n = x.shape[0]
+            z = torch.zeros(n, dtype=STAT_DTYPE, device=x.device)
+            gr, _, gp = _unit_grads(plan, z, z, z)
+            gc = torch.cat([plan.col_grads(b, z, None) for b in range(plan.world)])
+            row, col, pos, dx, dy_all, dp = block_fwd_bwd(
+                spec, be, x, y_all, params, plan.normalize, plan.eps, o, gr, gc, gp)
+        else:
+            with torch.no_grad():
+                row, col, pos = _block_fwd_diff(spec, be, x, y_all, params, plan.normalize,
+                                                plan.eps, o)
+        if plan.uses_cols:
+            col = _all_reduce_merge(spec.merge, col, plan.group)           # [N], complete
+        col_own = col[plan.own]
+        if one_pass:
+            ctx.save_for_backward(x, y_all, params, dx, dy_all, dp)
+        else:
+            ctx.save_for_backward(x, y_all, params, row, col, pos)
+        ctx.one_pass = one_pass
+        return _finish_forward(ctx, plan, row, col_own, pos, params.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        x, y_all, scale, row_lse, col_lse = ctx.saved_tensors
         plan = ctx.plan
-        o, N, n = plan.offsets[plan.rank], plan.N, x.shape[0]
-        acc = row_lse.dtype
-        # Unit upstream gradient; everything is linear in g, applied in _finish_backward.
-        gr = torch.full((n,), 1.0 / (2 * N), dtype=acc, device=x.device)
-        gc = torch.full((N,), 1.0 / (2 * N), dtype=acc, device=x.device)
-        gp = torch.full((n,), -1.0 / N, dtype=acc, device=x.device)    # in both terms
-        dx, dy_all, ds = contrastive_loss_bwd(x, y_all, scale, plan.normalize, plan.eps, o,
-                                              plan.backend, row_lse, col_lse, gr, gc, gp)
+        if ctx.one_pass:
+            x, y_all, params, dx, dy_all, dp = ctx.saved_tensors
+        else:
+            x, y_all, params, row, col, pos = ctx.saved_tensors
+            gr, gc_own, gp = _unit_grads(plan, row, col[plan.own], pos)
+            gc = (torch.cat([plan.col_grads(b, col, None) for b in range(plan.world)])
+                  if plan.linear else _all_gather_rows(gc_own, plan.sizes, plan.group))
+            dx, dy_all, dp = block_bwd(plan.spec, plan.be, x, y_all, params, plan.normalize,
+                                       plan.eps, plan.offsets[plan.rank], row, col, gr, gc, gp)
         # Column gradients are summed over the ranks' row blocks in the accumulation
-        # dtype (design.md §2), then each rank keeps its own rows.
-        dy = _reduce_scatter_rows(dy_all.to(acc), plan.sizes, plan.rank, plan.group)
-        dx, dy, dscale = _finish_backward(plan, g, ds, dx, dy, x, y_all, scale)
-        return dx, dy, dscale, None
+        # dtype, then each rank keeps its own rows.
+        dy = _reduce_scatter_rows(dy_all.to(params.dtype), plan.sizes, plan.rank, plan.group)
+        dx, dy, dparams = _finish_backward(plan, g, dp, dx.to(params.dtype), dy, x, y_all, params,
+                                           inplace=not ctx.one_pass)
+        return dx, dy, dparams, None, None
+
+
+def _ring_pass(plan: _Plan, ahead: list[Tensor], step, merges: list[str]) -> list[Tensor]:
+    """Run ``step(b, ahead_b) -> parts_b`` for every block b of the ring; return the merged
+    parts of this rank's own block.
+
+    Schedule of step t on rank k (block b = (k - t) mod W in hand, with ``ahead_b``, the
+    tensors that travel with it: its features and what its columns need):
+
+    1. post the exchange of the next block (send b's to k+1, receive b-1's from k-1);
+    2. run ``step`` on block b;
+    3. wait for the partial results of b that rank k-1 posted at step t-1 (they crossed
+       the link while step 2 ran), merge this rank's part in (``merges``: "lse" or "sum"
+       per part), post them on to k+1;
+    4. wait for the next block.
+
+    The blocks (step 1) and the partial results (step 3) both travel while the kernel of the
+    following step runs; only their latency is exposed. At step W-1 the partial results go
+    to their home rank, so the ones that arrive last are our own block's, complete.
+    """
+    W, k, sizes = plan.world, plan.rank, plan.sizes
+    nxt, prv = plan.ring_peers()
+    cur = [t.contiguous() for t in ahead]
+    in_flight = None        # (requests, sent parts, receive buffers)
+    parts = None
+    for t in range(W):
+        b = (k - t) % W
+        m_nxt = sizes[(b - 1) % W]
+        reqs, nxt_bufs = [], None
+        if t < W - 1:
+            nxt_bufs = [c.new_empty((m_nxt,) + tuple(c.shape[1:])) for c in cur]
+            reqs = _ring_exchange(cur, nxt_bufs, nxt, prv, plan.group, _TAG_BLOCK)
+        mine = step(b, cur)
+        if in_flight is None:
+            parts = mine
+        else:
+            for r in in_flight[0]:
+                r.wait()
+            parts = [merge(kind, got, p) for kind, got, p in zip(merges, in_flight[2], mine)]
+            in_flight = None        # what we sent last step can go now
+        del mine
+        if W > 1 and parts:
+            bufs = [p.new_empty((m_nxt,) + tuple(p.shape[1:])) for p in parts]
+            in_flight = (_ring_exchange(parts, bufs, nxt, prv, plan.group, _TAG_ACC), parts, bufs)
+        for r in reqs:
+            r.wait()
+        if t < W - 1:
+            cur = nxt_bufs
+    if in_flight is not None:
+        for r in in_flight[0]:
+            r.wait()
+        return in_flight[2]
+    return parts
 
 
 class _RingLoss(torch.autograd.Function):
-    """Ring form. Schedule of step t on rank k (block b = (k - t) mod W in hand):
-
-    1. post the exchange of the next block (send b to k+1, receive b-1 from k-1);
-    2. run the block kernel on (X_k, Y_b);
-    3. wait for the accumulator of b that rank k-1 posted at step t-1 (it crossed the
-       link while step 2 ran), add this rank's part, post it on to k+1;
-    4. wait for the next block.
-
-    The blocks (step 1) and the accumulators (step 3) both travel while the kernel of
-    the following step runs; only their latency is exposed. At step W-1 the
-    accumulator goes to its home rank, so the one that arrives last is our own block's.
-    """
-
     @staticmethod
-    def forward(ctx, x: Tensor, y: Tensor, scale: Tensor, plan: _Plan):
-        W, k = plan.world, plan.rank
-        nxt = _global_rank(plan.group, (k + 1) % W)
-        prv = _global_rank(plan.group, (k - 1) % W)
-        o = plan.offsets[k]
-        y_cur = y.contiguous()
-        row_lse = pos = None
-        in_flight = None        # (requests, sent accumulator, receive buffer)
-        for t in range(W):
-            b = (k - t) % W
-            m_nxt = plan.sizes[(b - 1) % W]
-            reqs = []
-            if t < W - 1:
-                y_nxt = y.new_empty((m_nxt, y.shape[1]))
-                reqs = _ring_exchange([y_cur], [y_nxt], nxt, prv, plan.group, _TAG_BLOCK)
-            r_part, c_part, p = contrastive_loss_fwd(x, y_cur, scale, plan.normalize, plan.eps,
-                                                     o - plan.offsets[b], plan.backend)
-            row_lse = r_part if row_lse is None else torch.logaddexp(row_lse, r_part)
-            if b == k:
-                pos = p
-            # Column statistics of block b: merge ours into what the block brought along.
-            if in_flight is None:
-                c_acc = c_part
+    def forward(ctx, x: Tensor, y: Tensor, params: Tensor, plan: _Plan, _unused):
+        spec, be = plan.spec, plan.be
+        o, k, acc = plan.offsets[plan.rank], plan.rank, params.dtype
+        one_pass = spec.one_pass and any(ctx.needs_input_grad[:3])
+        st = {"row": None, "pos": None, "dx": None, "dp": None}
+        if one_pass:
+            z = torch.zeros(x.shape[0], dtype=STAT_DTYPE, device=x.device)
+            gr, _, gp = _unit_grads(plan, z, z, z)
+
+        def step(b, ahead):
+            yb = ahead[0]
+            off = o - plan.offsets[b]
+            if one_pass:
+                r, c, p, dxp, dyp, dpp = block_fwd_bwd(
+                    spec, be, x, yb, params, plan.normalize, plan.eps, off, gr,
+                    plan.col_grads(b, z, None), gp)
+                st["dx"] = dxp.to(acc) if st["dx"] is None else st["dx"].add_(dxp)
+                st["dp"] = dpp if st["dp"] is None else st["dp"] + dpp
+                out = [dyp.to(acc)]
             else:
-                for r in in_flight[0]:
-                    r.wait()
-                c_acc = torch.logaddexp(in_flight[2], c_part)
-            if W > 1:
-                c_in = c_acc.new_empty(m_nxt)
-                in_flight = (_ring_exchange([c_acc], [c_in], nxt, prv, plan.group, _TAG_ACC),
-                             c_acc, c_in)
-            for r in reqs:
-                r.wait()
-            if t < W - 1:
-                y_cur = y_nxt
-        if in_flight is not None:
-            for r in in_flight[0]:
-                r.wait()
-            col_lse = in_flight[2]          # our own block, complete after W hops
+                with torch.no_grad():
+                    r, c, p = _block_fwd_diff(spec, be, x, yb, params, plan.normalize, plan.eps,
+                                              off)
+                out = []
+            st["row"] = merge(spec.merge, st["row"], r)
+            if b == k:
+                st["pos"] = p
+            return out + ([c] if plan.uses_cols else [])
+
+        merges = (["sum"] if one_pass else []) + ([spec.merge] if plan.uses_cols else [])
+        home = _ring_pass(plan, [y], step, merges)
+        col_own = home[-1] if plan.uses_cols else torch.zeros_like(st["row"])
+        if one_pass:
+            ctx.save_for_backward(x, y, params, st["dx"], home[0], st["dp"])
         else:
-            col_lse = c_acc
-        return _finish_forward(ctx, plan, row_lse, col_lse, pos, x, y, scale, row_lse, col_lse)
+            ctx.save_for_backward(x, y, params, st["row"], col_own, st["pos"])
+        ctx.one_pass = one_pass
+        return _finish_forward(ctx, plan, st["row"], col_own, st["pos"], params.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        x, y, scale, row_lse, col_lse = ctx.saved_tensors
         plan = ctx.plan
-        W, k, N, n = plan.world, plan.rank, plan.N, x.shape[0]
-        nxt = _global_rank(plan.group, (k + 1) % W)
-        prv = _global_rank(plan.group, (k - 1) % W)
-        o = plan.offsets[k]
-        acc = row_lse.dtype
-        gr = torch.full((n,), 1.0 / (2 * N), dtype=acc, device=x.device)
-        gp = torch.full((n,), -1.0 / N, dtype=acc, device=x.device)     # own block only
-        dx = ds = None
-        # A travelling block: its features and complete column log-sum-exp (sent ahead,
-        # overlapped) and its partial gradient (accumulation dtype, one step behind).
-        y_cur, c_cur = y.contiguous(), col_lse.contiguous()
-        in_flight = None
-        for t in range(W):
-            b = (k - t) % W
-            m_nxt = plan.sizes[(b - 1) % W]
-            reqs = []
-            if t < W - 1:
-                y_nxt = y.new_empty((m_nxt, y.shape[1]))
-                c_nxt = c_cur.new_empty(m_nxt)
-                reqs = _ring_exchange([y_cur, c_cur], [y_nxt, c_nxt], nxt, prv, plan.group,
-                                      _TAG_BLOCK)
-            gc = torch.full((y_cur.shape[0],), 1.0 / (2 * N), dtype=acc, device=x.device)
-            dx_p, dy_p, ds_p = contrastive_loss_bwd(x, y_cur, scale, plan.normalize, plan.eps,
-                                                    o - plan.offsets[b], plan.backend,
-                                                    row_lse, c_cur, gr, gc, gp)
-            dx = dx_p.to(acc) if dx is None else dx.add_(dx_p)
-            ds = ds_p if ds is None else ds + ds_p
-            del dx_p
-            if in_flight is None:
-                d_acc = dy_p.to(acc)
-            else:
-                for r in in_flight[0]:
-                    r.wait()
-                d_acc = in_flight[2].add_(dy_p)
-                in_flight = None        # the block we sent last step can go now
-            del dy_p
-            if W > 1:
-                d_in = d_acc.new_empty((m_nxt, y.shape[1]))
-                in_flight = (_ring_exchange([d_acc], [d_in], nxt, prv, plan.group, _TAG_ACC),
-                             d_acc, d_in)
-            for r in reqs:
-                r.wait()
-            if t < W - 1:
-                y_cur, c_cur = y_nxt, c_nxt
-        if in_flight is not None:
-            for r in in_flight[0]:
-                r.wait()
-            dy = in_flight[2]               # our own block's gradient, complete
-        else:
-            dy = d_acc
-        dx, dy, dscale = _finish_backward(plan, g, ds, dx, dy, x, y, scale)
-        return dx, dy, dscale, None
+        if ctx.one_pass:
+            x, y, params, dx, dy, dp = ctx.saved_tensors
+            return (*_finish_backward(plan, g, dp, dx, dy, x, y, params, inplace=False), None,
+                    None)
+        x, y, params, row, col_own, pos = ctx.saved_tensors
+        spec, be, o, acc = plan.spec, plan.be, plan.offsets[plan.rank], params.dtype
+        gr, gc_own, gp = _unit_grads(plan, row, col_own, pos)
+        st = {"dx": None, "dp": None}
+
+        def step(b, ahead):
+            # A travelling block: its features, its complete column statistics and their
+            # upstream gradient (sent ahead, overlapped); its partial gradient follows.
+            yb, cb, gcb = ahead
+            dxp, dyp, dpp = block_bwd(spec, be, x, yb, params, plan.normalize, plan.eps,
+                                      o - plan.offsets[b], row, cb, gr, gcb, gp)
+            st["dx"] = dxp.to(acc) if st["dx"] is None else st["dx"].add_(dxp)
+            st["dp"] = dpp if st["dp"] is None else st["dp"] + dpp
+            return [dyp.to(acc)]
+
+        (dy,) = _ring_pass(plan, [y, col_own, gc_own], step, ["sum"])
+        return (*_finish_backward(plan, g, st["dp"], st["dx"], dy, x, y, params), None, None)
 
 
 # ------------------------------------------------------------------ public entry
-def _local_problem(image_features, text_features, normalize) -> Optional[str]:
-    """This rank's input error, as a message (None when the local inputs are fine)."""
+# The agreed plan of the previous call, per process group: on the steady state the next
+# call's metadata rides inside the all-gather of Y (see _handshake).
+_LAST: dict[int, tuple] = {}
+
+
+def _meta_for(spec, image_features, normalize, eps, impl, be, problem) -> _Meta:
+    if problem is not None:
+        return _Meta.invalid()
+    return _Meta(1.0, float(image_features.shape[0]), float(image_features.shape[1]),
+                 float(_DTYPE_CODES[image_features.dtype]), float(normalize), float(eps),
+                 float(_IMPLS.index(impl)), float(spec.code), float(be.code),
+                 *([float("nan")] * _MAX_PARAMS))
+
+
+def _handshake(group, rank, world, meta: _Meta, params: Optional[Tensor], meta_dev,
+               y: Optional[Tensor]):
+    """Exchange every rank's metadata; returns (metas, y_all or None).
+
+    First call on a group (or after the previous call used the ring): one small all-gather
+    of the metadata. Steady state after a gather call: every rank all-gathers one byte
+    buffer of the previous plan's size, its metadata followed by its Y rows padded to the
+    previous plan's largest shard; when every rank's metadata still fits that plan the
+    gathered rows are Y_all and no other collective was needed. The choice depends only on
+    the previous agreed plan, identical on every rank, so the ranks always post collectives
+    of the same size, whatever their local inputs are.
+    """
+    K = _Meta.size()
+    last = _LAST.get(id(group))
+    if last is None:
+        mine = meta.tensor(meta_dev, params)
+        allm = torch.empty((world * K,), dtype=torch.float64, device=meta_dev)
+        _gather_single()(allm, mine, group=group)
+        return [_Meta(*r) for r in allm.view(world, K).tolist()], None
+    sizes, dim, dtype = last
+    nmax, esize = max(sizes), torch.empty((), dtype=dtype).element_size()
+    payload = nmax * dim * esize
+    seg = 8 * K + (payload + 7) // 8 * 8                      # 8-byte aligned segments
+    buf = torch.zeros((seg,), dtype=torch.uint8, device=meta_dev)
+    buf[:8 * K] = meta.tensor(meta_dev, params).view(torch.uint8)
+    fits = (y is not None and meta.ok == 1.0 and int(meta.rows) == sizes[rank]
+            and int(meta.dim) == dim and y.dtype == dtype and y.device == meta_dev)
+    if fits:
+        buf[8 * K:8 * K + sizes[rank] * dim * esize] = y.contiguous().view(-1).view(torch.uint8)
+    out = torch.empty((world * seg,), dtype=torch.uint8, device=meta_dev).view(world, seg)
+    _gather_single()(out.view(-1), buf, group=group)
+    metas = [_Meta(*r) for r in out[:, :8 * K].contiguous().view(torch.float64)
+             .view(world, K).tolist()]
+    same = all(m.ok == 1.0 and int(m.rows) == s and int(m.dim) == dim
+               and _CODE_DTYPES.get(int(m.dtype)) == dtype and int(m.impl) == 0
+               for m, s in zip(metas, sizes))
+    if not same:
+        return metas, None
+    rows = [out[r, 8 * K:8 * K + s * dim * esize].view(dtype).view(s, dim)
+            for r, s in enumerate(sizes)]
+    return metas, torch.cat(rows)
+
+
+def fused_loss(loss: str, image_features: Tensor, text_features: Tensor, params, *,
+                     normalize: bool = False, backend: str = "auto", process_group=None,
+                     dist_impl: str = "gather", eps: float = DEFAULT_EPS,
+                     expected_world_size: Optional[int] = None) -> Tensor:
+    """The exact full-batch loss ``loss`` over the ranks of a group; ``params`` its scalar
+    parameters in ``LossSpec.params`` order. See :func:`clip_loss` for the contract."""
+    spec = get_loss(loss)
+    # Configuration (not data): checked here, before any collective, on every rank alike.
+    if dist_impl not in _IMPLS:
+        raise ValueError(f"dist_impl must be 'gather' or 'ring', got {dist_impl!r}")
+    validate_options(normalize, eps)
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"fastclip.distributed.{loss}_loss needs an initialised process "
+                           f"group: call torch.distributed.init_process_group(...) first "
+                           f"(torchrun sets the environment), or use fastclip.{loss}_loss for "
+                           f"one process")
+    group = process_group if process_group is not None else dist.group.WORLD
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("this process is not a member of process_group; call the loss only "
+                         "on the group's ranks")
+    if expected_world_size is not None and expected_world_size != world:
+        raise DistributedLossError(
+            f"world_size={expected_world_size} was configured (e.g. ClipLoss(world_size=...)) "
+            f"but the process group has {world} ranks; pass the group's size")
+
+    # The metadata exchange needs a tensor on a device the group carries: pick it before
+    # any other check so that a rank with bad inputs still takes part and every rank
+    # raises the same error instead of leaving the others in a large collective.
+    carry = _group_devices(group)
+    feat_dev = image_features.device if isinstance(image_features, Tensor) else None
+    problem = None
+    if feat_dev is not None and feat_dev.type not in carry:
+        problem = (
+            f"the features are on {feat_dev} but the process group's backend "
+            f"({dist.get_backend(group)}: carries {', '.join(sorted(carry)) or 'nothing'}) "
+            f"cannot move {feat_dev.type} tensors; use NCCL for CUDA tensors and gloo for CPU "
+            f"tensors (init_process_group(backend='cpu:gloo,cuda:nccl') carries both)")
+    if feat_dev is not None and problem is None:
+        meta_dev = feat_dev
+    else:
+        meta_dev = torch.device("cpu") if "cpu" in carry else torch.device(
+            "cuda", torch.cuda.current_device())
+
+    p = be = None
+    if problem is None:
+        try:
+            validate_features(image_features, text_features)
+            p = prepare_params(spec, params, image_features)
+            be = select_backend(backend, feat_dev, image_features.dtype, spec.name)
+        except (TypeError, ValueError, RuntimeError) as e:
+            problem = str(e)
+    meta = _meta_for(spec, image_features, normalize, eps, dist_impl, be, problem)
     try:
-        validate_features(image_features, text_features)
-    except (TypeError, ValueError) as e:
-        return str(e)
-    if not isinstance(normalize, bool):
-        return f"normalize must be a bool, got {type(normalize).__name__}"
-    return None
+        metas, y_all = _handshake(group, rank, world, meta, p, meta_dev,
+                                  text_features if problem is None else None)
+        sizes = _agree(metas, rank, problem)
+    except DistributedLossError:
+        _LAST.pop(id(group), None)      # every rank raised: every rank forgets alike
+        raise
+    x, y = kernel_layout(image_features), kernel_layout(text_features)
+    if dist_impl == "gather":
+        _LAST[id(group)] = (sizes, x.shape[1], x.dtype)
+    else:
+        _LAST.pop(id(group), None)
+    plan = _Plan(group, rank, sizes, spec, be, bool(normalize), float(eps), dist_impl)
+    fn = _GatherLoss if dist_impl == "gather" else _RingLoss
+    return fn.apply(x, y, p, plan, y_all)
 
 
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *,
@@ -358,7 +644,7 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *,
         text_features: [n_k, D] this rank's text features, same dtype and device; the
             row count ``n_k`` may differ between ranks (at least 1). Global row i (rows
             ordered by rank, then by row) has global column i as its positive.
-        logit_scale: the already-exponentiated scale s > 0 (float or one-element tensor,
+        logit_scale: the already-exponentiated scale s (float or one-element tensor,
             possibly requiring grad); the same value on every rank.
         normalize: L2-normalise the rows inside the kernel (default False).
         backend: kernel backend for the features' device, "auto" by default.
@@ -396,101 +682,31 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *,
             ``expected_world_size``; the ranks disagree on D, dtype, normalize, eps,
             dist_impl, backend or logit_scale; some rank's inputs are invalid; or the
             group's backend cannot carry tensors of the features' device.
-        ValueError / TypeError: bad arguments on this rank (dist_impl, eps, ...).
+        ValueError / TypeError (before any collective): a bad ``dist_impl``, ``eps`` or
+            ``normalize`` (configuration, the same on every rank).
     """
-    if dist_impl not in _IMPLS:
-        raise ValueError(f"dist_impl must be 'gather' or 'ring', got {dist_impl!r}")
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("fastclip.distributed.clip_loss needs an initialised process group: "
-                           "call torch.distributed.init_process_group(...) first (torchrun sets "
-                           "the environment), or use fastclip.clip_loss for one process")
-    group = process_group if process_group is not None else dist.group.WORLD
-    world = dist.get_world_size(group)
-    rank = dist.get_rank(group)
-    if rank < 0:
-        raise ValueError("this process is not a member of process_group; call clip_loss only "
-                         "on the group's ranks")
-    if expected_world_size is not None and expected_world_size != world:
-        raise DistributedLossError(
-            f"world_size={expected_world_size} was configured (ClipLoss(world_size=...)) but "
-            f"the process group has {world} ranks; pass the group's size")
+    return fused_loss("clip", image_features, text_features, (logit_scale,),
+                            normalize=normalize, backend=backend, process_group=process_group,
+                            dist_impl=dist_impl, eps=eps,
+                            expected_world_size=expected_world_size)
 
-    # The metadata exchange needs a tensor on a device the group carries: pick it before
-    # any other check so that a rank with bad inputs still takes part and every rank
-    # raises the same error instead of leaving the others in a large collective.
-    carry = _group_devices(group)
-    feat_dev = image_features.device if isinstance(image_features, Tensor) else None
-    dev_problem = None
-    if feat_dev is not None and feat_dev.type not in carry:
-        dev_problem = (
-            f"the features are on {feat_dev} but the process group's backend "
-            f"({dist.get_backend(group)}: carries {', '.join(sorted(carry)) or 'nothing'}) "
-            f"cannot move {feat_dev.type} tensors; use NCCL for CUDA tensors and gloo for CPU "
-            f"tensors (init_process_group(backend='cpu:gloo,cuda:nccl') carries both)")
-    if feat_dev is not None and dev_problem is None:
-        meta_dev = feat_dev
-    else:
-        meta_dev = torch.device("cpu") if "cpu" in carry else torch.device(
-            "cuda", torch.cuda.current_device())
 
-    problem = dev_problem or _local_problem(image_features, text_features, normalize)
-    scale = be_name = None
-    if problem is None:
-        try:
-            scale = prepare_scale(logit_scale, image_features)
-            be_name = select_backend(backend, feat_dev, image_features.dtype).name
-        except (TypeError, ValueError, RuntimeError) as e:
-            problem = str(e)
-    # [ok, n_rows, D, dtype code, normalize, eps, impl, scale, backend code]
-    be_codes = {"reference": 0, "cpu": 1, "triton": 2, "cuda": 3}
-    if problem is None:
-        meta = [1.0, float(image_features.shape[0]), float(image_features.shape[1]),
-                float(_DTYPE_CODES[image_features.dtype]), float(normalize), float(eps),
-                float(_IMPLS.index(dist_impl)), 0.0, float(be_codes.get(be_name, -1))]
-    else:
-        meta = [0.0] + [-1.0] * 8
-    mine = torch.tensor(meta, dtype=torch.float64).to(meta_dev)
-    if problem is None:   # the scale joins on the device: the only host sync is below
-        mine[7] = scale.detach().to(torch.float64)
-    allm = torch.empty((world * len(meta),), dtype=torch.float64, device=meta_dev)
-    gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather_single(allm, mine, group=group)
-    rows = allm.view(world, len(meta)).tolist()
+def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias, *,
+                normalize: bool = False, backend: str = "auto", process_group=None,
+                dist_impl: str = "gather", eps: float = DEFAULT_EPS,
+                expected_world_size: Optional[int] = None) -> Tensor:
+    """Exact full-batch SigLIP loss over the ranks of a ``torch.distributed`` group.
 
-    if problem is not None:
-        raise DistributedLossError(f"rank {rank}: invalid input to the sharded loss: {problem}")
-    bad = [r for r in range(world) if rows[r][0] != 1.0]
-    if bad:
-        raise DistributedLossError(f"rank(s) {bad} of the process group passed invalid input "
-                                   f"(see the error on those ranks); no rank computed a loss")
-    names = ["", "rows", "D", "dtype", "normalize", "eps", "dist_impl", "logit_scale",
-             "backend"]
-    for col in (2, 3, 4, 5, 6, 8):
-        vals = [r[col] for r in rows]
-        if any(v != vals[0] for v in vals):
-            if col == 3:
-                shown = [str(_CODE_DTYPES[int(v)]).replace("torch.", "") for v in vals]
-            elif col == 6:
-                shown = [_IMPLS[int(v)] for v in vals]
-            elif col == 8:
-                inv = {v: k for k, v in be_codes.items()}
-                shown = [inv.get(int(v), "other") for v in vals]
-            elif col == 4:
-                shown = [bool(v) for v in vals]
-            else:
-                shown = [int(v) if col == 2 else v for v in vals]
-            raise DistributedLossError(
-                f"the ranks disagree on {names[col]}: per rank {shown}; every rank must pass "
-                f"features of the same D and dtype and the same normalize, eps, dist_impl and "
-                f"backend")
-    scales = [r[7] for r in rows]
-    if any(abs(v - scales[0]) > _SCALE_RTOL * abs(scales[0]) for v in scales):
-        raise DistributedLossError(f"the ranks disagree on logit_scale: per rank {scales}; "
-                                   f"it must be the same (replicated) value on every rank")
-    sizes = [int(r[1]) for r in rows]
-
-    plan = _Plan(group, rank, sizes, bool(normalize), float(eps), be_name)
-    fn = _GatherLoss if dist_impl == "gather" else _RingLoss
-    return fn.apply(image_features, text_features, scale, plan)
+    The arguments, the shards and the gradient contract are those of :func:`clip_loss`,
+    with ``logit_bias`` (float or one-element tensor, the same value on every rank) beside
+    ``logit_scale``; both parameters get the full-batch gradient on every rank. The loss is
+    ``(1/N) Σ_ij softplus(-l_ij (s·<x̂_i, ŷ_j> + b))`` over the concatenated N-row batch,
+    normalised by the global N. With gradients required, each block's loss and gradients
+    are computed in one pass (the forward does the backward's work; the backward scales).
+    ``dist_impl="ring"`` keeps per-rank memory at a few n×D blocks whatever the number of
+    ranks.
+    """
+    return fused_loss("siglip", image_features, text_features, (logit_scale, logit_bias),
+                            normalize=normalize, backend=backend, process_group=process_group,
+                            dist_impl=dist_impl, eps=eps,
+                            expected_world_size=expected_world_size)

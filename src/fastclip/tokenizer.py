@@ -11,10 +11,9 @@ padding is 0. The merges are the first 48,894 lines after the header of the vend
 with the CLIP pattern, ``ByteLevel`` mapping, ``BPE(end_of_word_suffix="</w>")``).
 ``SimpleTokenizer`` is a small pure-Python BPE kept as the parity oracle for the tests.
 
-Speed (``python -m fastclip.tokenizer``: 10,000 synthetic captions of ~15 words, best of 3,
-2 CPU cores shared with other jobs): text cleaning (ftfy + html + whitespace; shared by both paths)
-0.24 s. BPE alone: ``tokenizers`` 0.18 s vs pure Python 0.70 s (fresh cache), ~4x. End to end:
-``tokenize`` 0.58 s vs ``SimpleTokenizer`` 1.03 s, ~1.8x; ftfy dominates what remains.
+Speed: ``benchmarks/bench_tokenizer.py`` (``fastclip bench tokenizer``) times both paths
+stage by stage on synthetic captions (the text cleaning, which both paths share, the BPE
+alone, and end to end); results in ``benchmarks/results/tokenizer-*.md``.
 """
 from __future__ import annotations
 
@@ -141,16 +140,24 @@ def tokenize(texts: Union[str, Sequence[str]], context_length: int = 77, truncat
 
     A text whose ids plus sot/eot exceed ``context_length`` raises ValueError naming its index and
     length, unless ``truncate`` (then it is cut and EOT kept as the last id). An empty list gives
-    shape ``[0, context_length]``.
+    shape ``[0, context_length]``. Anything but a str or a sequence of str (bytes included: decode
+    them first) raises TypeError.
     """
     if isinstance(texts, str):
         texts = [texts]
-    texts = list(texts)
-    if not isinstance(context_length, int) or context_length < 2:
+    elif isinstance(texts, (bytes, bytearray, memoryview)):
+        raise TypeError(f"texts must be a str or a sequence of str, got {type(texts).__name__} "
+                        f"(decode bytes first, e.g. texts.decode('utf-8'))")
+    else:
+        try:
+            texts = list(texts)
+        except TypeError:
+            raise TypeError(f"texts must be a str or a sequence of str, got {type(texts).__name__}") from None
+    if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 2:
         raise ValueError(f"context_length must be an int >= 2, got {context_length!r}")
     for i, t in enumerate(texts):
         if not isinstance(t, str):
-            raise ValueError(f"texts[{i}] must be a str, got {type(t).__name__}")
+            raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
     out = np.zeros((len(texts), context_length), dtype=np.int64)
     if not texts:
         return torch.from_numpy(out)
@@ -196,49 +203,3 @@ def decode(ids: Union[torch.Tensor, Sequence[int], Sequence[Sequence[int]]]) -> 
 @lru_cache()
 def _oracle() -> SimpleTokenizer:
     return SimpleTokenizer()
-
-
-def _synthetic_captions(n: int, seed: int = 0) -> List[str]:
-    import random
-    rng = random.Random(seed)
-    subj = ["a dog", "two cats", "a man", "the woman", "a red car", "children", "an old bicycle", "a bird",
-            "a plate of food", "a group of people", "a skateboarder", "the train", "a laptop", "three horses"]
-    verb = ["sitting on", "running across", "standing next to", "parked near", "flying over", "eating",
-            "looking at", "riding", "lying under", "jumping over", "walking along", "holding"]
-    obj = ["a wooden bench", "the beach", "a busy street", "green grass", "a snowy mountain", "the kitchen table",
-           "a blue sky", "an empty field", "the river bank", "a crowded market", "a tall building", "a small boat"]
-    tail = ["", " at night", " in the rain", " on a sunny day", " during winter", ", with 2 friends", " (photo)",
-            " & smiling", " in 1999", " near the café"]
-    words = [t[:-4] for t in _vocab()[0][512:-2] if t.endswith("</w>") and t[:-4].isalpha() and t[:-4].isascii()]
-    return [f"{rng.choice(subj).capitalize()} {rng.choice(verb)} {rng.choice(obj)}{rng.choice(tail)}, "
-            f"{' '.join(rng.choice(words) for _ in range(3))}." for _ in range(n)]
-
-
-if __name__ == "__main__":  # speed comparison reported in the module docstring (best of 3 runs)
-    import time
-
-    def best(fn, reps=3):
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            out = fn()
-            times.append(time.perf_counter() - t0)
-        return min(times), out
-
-    caps = _synthetic_captions(10_000)
-    get_tokenizer()
-    _oracle()
-    t_clean, cleaned = best(lambda: [clean_text(c) for c in caps])
-    t_rust, _ = best(lambda: get_tokenizer().encode_batch_fast(cleaned, add_special_tokens=False))
-    t_fast, a = best(lambda: tokenize(caps))
-
-    def python_bpe_only():
-        st = SimpleTokenizer()
-        return [[st.encoder[p] for w in _PAT.findall(c) for p in st.bpe("".join(st.byte_encoder[b] for b in w.encode()))]
-                for c in cleaned]
-
-    t_pybpe, _ = best(python_bpe_only)
-    t_py, b = best(lambda: (lambda st: [st.encode(c) for c in caps])(SimpleTokenizer()))
-    assert all(a[i, 1:len(x) + 1].tolist() == x for i, x in enumerate(b))
-    print(f"10,000 captions: cleaning {t_clean:.3f}s | BPE only: tokenizers {t_rust:.3f}s, pure Python {t_pybpe:.3f}s"
-          f" | end to end: tokenize {t_fast:.3f}s, SimpleTokenizer {t_py:.3f}s")

@@ -258,3 +258,83 @@ def test_safetensors_round_trip(name, tmp_path):
     trunc.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(ValueError, match=r"t\.safetensors"):
         load_checkpoint(trunc)
+
+
+@pytest.mark.parametrize("kind", ["vit", "rn"])
+def test_torchscript_reader_equals_jit_state_dict(kind, tmp_path):
+    """The weights-only reader gives what torch.jit.load(...).state_dict() gives, bit for bit."""
+    from fastclip.models.torchscript import read_torchscript_state_dict
+    cfg = REF_CONFIGS[kind]
+    ref = _randomise(RefCLIP(**cfg))
+    path = tmp_path / "ref.jit.pt"
+    torch.jit.save(torch.jit.trace(ref, _inputs(cfg), check_trace=False), path)
+    ours, theirs = read_torchscript_state_dict(str(path)), torch.jit.load(str(path)).state_dict()
+    assert ours.keys() == theirs.keys()
+    for k in theirs:
+        assert ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]), k
+    half = tmp_path / "half.jit.pt"  # OpenAI's archives are fp16
+    torch.jit.save(torch.jit.load(str(path)).half(), half)
+    assert {v.dtype for v in read_torchscript_state_dict(str(half)).values() if v.is_floating_point()} == {torch.float16}
+
+
+def test_malicious_torchscript_archive_is_not_executed(tmp_path):
+    """load_openai's default path reads an archive's weights without running its code; only
+    the explicit opt-in runs torch.jit.load (shown here to execute the archive)."""
+    from tests._hostile import write_malicious_torchscript, write_torchscript_with_foreign_global
+    marker = tmp_path / "written-by-the-archive"
+    evil = tmp_path / "evil.pt"
+    write_malicious_torchscript(evil, marker)
+    assert not marker.exists()
+    with pytest.raises(ValueError, match=r"evil\.pt.*not a CLIP checkpoint"):
+        load_openai(evil)
+    assert not marker.exists()
+    from fastclip.models.torchscript import read_torchscript_state_dict
+    assert set(read_torchscript_state_dict(str(evil))) == set()  # its state is a custom __getstate__ tuple
+    assert not marker.exists()
+    with pytest.raises(ValueError, match=r"evil\.pt"):
+        load_openai(evil, allow_torchscript_code=True)  # the opt-in runs torch.jit.load ...
+    assert marker.exists()  # ... which executed the archive's __setstate__
+
+    marker2 = tmp_path / "written-by-os-system"
+    foreign = tmp_path / "foreign.pt"
+    write_torchscript_with_foreign_global(foreign, marker2)
+    with pytest.raises(ValueError, match=r"foreign\.pt.*(posix|os)\.system.*allow_torchscript_code=True"):
+        load_openai(foreign)
+    assert not marker2.exists()
+
+
+def test_malicious_pickle_is_not_executed_by_load_openai(tmp_path):
+    from tests._hostile import write_malicious_pickle
+    marker = tmp_path / "written-by-the-pickle"
+    for wrap in (True, False):
+        evil = tmp_path / f"evil-{wrap}.pt"
+        write_malicious_pickle(evil, marker, wrap=wrap)
+        with pytest.raises(ValueError, match=r"evil-.*\.pt"):
+            load_openai(evil)
+        assert not marker.exists()
+
+
+def test_load_checkpoint_corrupt_config_metadata_names_the_file(tmp_path):
+    from safetensors.torch import save_file
+    model = create_model("tiny-vit", context_length=8)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    for i, bad in enumerate(["{not json", "[1, 2]", '{"embed_dim": "wide"}', '{"embed_dim": [1]}', '{"nosuch": 1}']):
+        path = tmp_path / f"bad{i}.safetensors"
+        save_file(sd, str(path), metadata={"format": "pt", "fastclip_config": bad})
+        with pytest.raises(ValueError, match=rf"bad{i}\.safetensors.*fastclip_config"):
+            load_checkpoint(path)
+
+
+def test_saved_files_follow_the_umask(tmp_path):
+    import os
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "m.safetensors"
+        save_checkpoint(create_model("tiny-vit", context_length=8), path)
+        assert (path.stat().st_mode & 0o777) == 0o644
+        os.umask(0o027)
+        save_checkpoint(create_model("tiny-vit", context_length=8), path)
+        assert (path.stat().st_mode & 0o777) == 0o640
+    finally:
+        os.umask(old)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temporary left behind

@@ -1,39 +1,124 @@
-"""Shared helpers of the op tests: the fp64 oracle and the error measure of design.md §5."""
+"""What every op test shares: the (loss, backend) matrix from the registries, one tolerance
+table, the float64 oracles and the error measure (docs/design.md §5)."""
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
-from fastclip.ops.reference import clip_loss_naive
+import fastclip
+from fastclip.ops import reference as ref
+from fastclip.ops.backends import all_backends
+from fastclip.ops.losses import LOSSES, get_loss
+
+# ---------------------------------------------------------------- the tolerance table
+# Relative error ‖out − ref‖/‖ref‖ against the float64 oracle (docs/design.md §5):
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+# float16/bfloat16 inputs: at most HALF_FACTOR × the error of the same formula computed by
+# PyTorch in that dtype (flash-attention's rule), never NaN. The same factor judges fp32 on
+# ill-conditioned cases, where PyTorch's own fp32 error exceeds TOL: max(TOL, 2 × torch).
+HALF_FACTOR = 2.0
+ACC = {torch.float64: torch.float64, torch.float32: torch.float32,
+       torch.float16: torch.float32, torch.bfloat16: torch.float32}
+EPS = 1e-12
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖ in float64 (design.md §5); absolute when ref is 0."""
-    out, ref = out.detach().double(), ref.detach().double()
-    den = ref.norm().item()
-    num = (out - ref).norm().item()
+def rel_err(out: torch.Tensor, ref_: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64; absolute when ref is 0."""
+    out, ref_ = out.detach().double().cpu(), ref_.detach().double().cpu()
+    den = ref_.norm().item()
+    num = (out - ref_).norm().item()
     return num / den if den > 0 else num
 
 
-def oracle(x: torch.Tensor, y: torch.Tensor, scale: float, normalize: bool):
-    """Loss and gradients (x, y, scale) of the naive formula in float64."""
-    xd = x.detach().double().requires_grad_()
-    yd = y.detach().double().requires_grad_()
-    sd = torch.tensor(float(scale), dtype=torch.float64, requires_grad=True)
-    loss = clip_loss_naive(xd, yd, sd, normalize=normalize)
-    gx, gy, gs = torch.autograd.grad(loss, (xd, yd, sd))
-    return loss.detach(), gx, gy, gs
+# ------------------------------------------------------------------- the test matrix
+def emulated(backend: str) -> bool:
+    """The backend runs through an interpreter on this machine: small shapes only."""
+    return all_backends()[backend].emulated()
 
 
-def run(fn, x: torch.Tensor, y: torch.Tensor, scale: float, normalize: bool, **kw):
-    """Loss and gradients of ``fn(x, y, scale_tensor, normalize=...)`` in x's dtype."""
+def backend_device(backend: str) -> torch.device:
+    """Where a backend's tests run: its GPU if it has one and one is here, else the CPU."""
+    b = all_backends()[backend]
+    if "cuda" in b.devices and torch.cuda.is_available():
+        return torch.device("cuda")
+    if "cpu" in b.devices:
+        return torch.device("cpu")
+    pytest.skip(f"backend {backend!r} needs a CUDA GPU")
+
+
+def backend_ok(backend: str) -> str:
+    """Skip (with the registry's reason) when the backend cannot run here."""
+    ok, why = all_backends()[backend].availability()
+    if not ok:
+        pytest.skip(f"backend {backend!r} unavailable: {why}")
+    return backend
+
+
+def cases(losses=None, dtypes=None):
+    """(loss, backend) pairs: every backend of the registry with every loss it implements,
+    optionally only those that take one of ``dtypes``."""
+    out = []
+    for name, b in all_backends().items():
+        for loss in (losses or LOSSES):
+            if loss in b.losses and (dtypes is None or any(d in b.dtypes for d in dtypes)):
+                out.append(pytest.param(loss, name, id=f"{loss}-{name}"))
+    return out
+
+
+def takes(backend: str, dtype: torch.dtype) -> bool:
+    return dtype in all_backends()[backend].dtypes
+
+
+# ------------------------------------------------------------------------ parameters
+def default_params(loss: str) -> tuple[float, ...]:
+    """The loss's usual initial parameters (``LossSpec.init``)."""
+    return get_loss(loss).init
+
+
+def params_for(loss: str, scale: float, bias: float = -10.0) -> tuple[float, ...]:
+    """A scale, and a bias for losses that have one (the test grids vary both)."""
+    return (scale, bias)[:len(get_loss(loss).params)]
+
+
+# ------------------------------------------------------------------------- the oracle
+def oracle(loss: str, x, y, params, normalize: bool):
+    """Loss and gradients (x, y, *params) of the loss's naive formula in float64."""
+    xd = x.detach().double().cpu().requires_grad_()
+    yd = y.detach().double().cpu().requires_grad_()
+    pd = [torch.tensor(float(p), dtype=torch.float64, requires_grad=True) for p in params]
+    out = get_loss(loss).naive(xd, yd, *pd, normalize=normalize)
+    grads = torch.autograd.grad(out, (xd, yd, *pd))
+    return (out.detach(), *grads)
+
+
+def naive_in(loss: str, x, y, params, normalize: bool, dtype: torch.dtype):
+    """The naive formula computed by PyTorch in ``dtype`` (inputs and parameters): the error
+    PyTorch itself makes, for the relative rules of the tolerance table."""
+    xd = x.detach().to(dtype).requires_grad_()
+    yd = y.detach().to(dtype).requires_grad_()
+    pd = [torch.tensor(float(p), dtype=dtype, device=x.device, requires_grad=True)
+          for p in params]
+    out = get_loss(loss).naive(xd, yd, *pd, normalize=normalize)
+    grads = torch.autograd.grad(out, (xd, yd, *pd))
+    return (out.detach(), *grads)
+
+
+def run(loss: str, x, y, params, normalize: bool, backend: str, **kw):
+    """Loss and gradients (x, y, *params) of fastclip's loss, in the inputs' dtype."""
     x = x.detach().requires_grad_()
     y = y.detach().requires_grad_()
-    s = torch.tensor(float(scale), dtype=torch.float32 if x.dtype != torch.float64 else x.dtype,
-                     requires_grad=True)
-    loss = fn(x, y, s, normalize=normalize, **kw)
-    gx, gy, gs = torch.autograd.grad(loss, (x, y, s))
-    return loss.detach(), gx, gy, gs
+    acc = ACC[x.dtype]
+    ps = [torch.tensor(float(p), dtype=acc, device=x.device, requires_grad=True) for p in params]
+    out = fastclip.ops.fused_loss(loss, x, y, ps, normalize=normalize, backend=backend, **kw)
+    grads = torch.autograd.grad(out, (x, y, *ps))
+    return (out.detach(), *grads)
+
+
+def names(loss: str) -> tuple[str, ...]:
+    return ("loss", "d_image", "d_text", *(f"d_{p}" for p in get_loss(loss).params))
 
 
 def embeddings(kind: str, n: int, d: int, dtype=torch.float32, gen=None):
@@ -51,3 +136,51 @@ def embeddings(kind: str, n: int, d: int, dtype=torch.float32, gen=None):
         v = torch.randn(1, d, generator=gen, dtype=torch.float64)
         return v.expand(n, d).to(dtype).contiguous(), v.expand(n, d).to(dtype).contiguous()
     raise ValueError(kind)
+
+
+def unit_rows(t: torch.Tensor) -> torch.Tensor:
+    return t / t.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+def block_oracle(loss: str, x, y, params, normalize, pos_offset, grads):
+    """The reference block functions in float64: (row, col, pos) and (dx, dy, dparams)."""
+    spec = get_loss(loss)
+    xd, yd = x.detach().double().cpu(), y.detach().double().cpu()
+    pd = torch.tensor([float(p) for p in params], dtype=torch.float64)
+    f = ref.block_fwd(spec, xd, yd, pd, normalize, EPS, pos_offset)
+    b = ref.block_bwd(spec, xd, yd, pd, normalize, EPS, pos_offset, f[0], f[1],
+                      *(g.double().cpu() for g in grads))
+    return f, b
+
+
+def scale_grad_size(loss: str, x, y, params, normalize: bool) -> float:
+    """Σ_ij |G_ij u_ij| in float64: the size of the terms whose sum is the scale's gradient
+    (u = <x̂_i, ŷ_j>). Where they cancel (nearly orthogonal rows), ‖out − ref‖/‖ref‖
+    measures luck; the error is judged against this size instead."""
+    from fastclip.ops.losses import head_grads
+    spec = get_loss(loss)
+    xd, yd = x.detach().double().cpu(), y.detach().double().cpu()
+    if normalize:
+        xd, yd = unit_rows(xd), unit_rows(yd)
+    n = xd.shape[0]
+    u = xd @ yd.T
+    z = params[0] * u + (params[1] if len(params) > 1 else 0.0)
+    is_pos = torch.eye(n, dtype=torch.bool)
+    row, col = spec.ref_stats(z, is_pos)
+    pos = torch.diagonal(z).clone()
+    gr, gc, gp = head_grads(spec, row, col, pos, spec.denominator(n))
+    G = spec.ref_dz(z, is_pos, row, col, gr, gc) + torch.diag(gp)
+    return (G * u).abs().sum().item()
+
+
+def upstream(n: int, m: int, gen, dtype=torch.float64, device="cpu"):
+    """Upstream gradients of the three statistics (float64, as the statistics): the size of
+    a real loss's (1/n) plus noise, so that no term of G can cancel another by construction."""
+    gr = (0.5 + 0.1 * torch.rand(n, generator=gen, dtype=torch.float64)) / n
+    gc = (0.5 + 0.1 * torch.rand(m, generator=gen, dtype=torch.float64)) / m
+    gp = -(1.0 + 0.1 * torch.rand(n, generator=gen, dtype=torch.float64)) / n
+    return tuple(g.to(dtype).to(device) for g in (gr, gc, gp))
+
+
+def interpreter_env() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

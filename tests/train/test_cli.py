@@ -52,6 +52,23 @@ def test_no_command_prints_help_and_exits_2(capsys):
     (["train", "--demo-group-size", "0"], "--demo-group-size"),
     (["train", "--demo-design", "plaid"], "--demo-design"),
     (["train", "--time-budget", "abc"], "--time-budget"),
+    (["train", "--device", "cuda:99"], "--device cuda:99"),
+    (["train", "--device", "tpu"], "--device 'tpu'"),
+    (["train", "--device", "nonsense!"], "--device 'nonsense!'"),
+    (["train", "--loss-backend", "nosuch"], "--loss-backend 'nosuch': unknown"),
+    (["train", "--lr", "nan"], "argument --lr: expected a finite number"),
+    (["train", "--lr", "inf"], "argument --lr"),
+    (["train", "--lr", "-1"], "argument --lr"),
+    (["train", "--wd", "nan"], "argument --wd"),
+    (["train", "--eps", "0"], "argument --eps"),
+    (["train", "--beta2", "1"], "argument --beta2"),
+    (["train", "--grad-clip-norm=-inf"], "argument --grad-clip-norm"),
+    (["train", "--time-budget", "nan"], "argument --time-budget"),
+    (["train", "--model-overrides", '{"nosuch": 1}'], "--model-overrides {\"nosuch\": 1}: unknown config override"),
+    (["train", "--model-overrides", '{"embed_dim": -4}'], "embed_dim must be positive"),
+    (["train", "--output", "/proc/fastclip-test/run"], "--output '/proc/fastclip-test/run': cannot write there"),
+    (["train", "--output", "/tmp/fastclip-never-created", "--resume", "latest", "--overwrite"], "exclude each other"),
+    (["train", "--max-failed-batches", "0"], "--max-failed-batches"),
 ])
 def test_argument_errors_exit_2_with_a_clear_message(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:
@@ -77,3 +94,77 @@ def test_demo_defaults_are_a_fixed_amount_of_work():
     assert (demo.steps, demo.batch_size) == (1500, 88) and demo.eval_at_start
     budget = cli.config_from_args(cli.build_parser().parse_args(["train", "--time-budget", "60"]))
     assert budget.time_budget == 60.0 and budget.steps == 1500
+
+
+def test_cuda_device_without_cuda_exits_2(capsys):
+    import torch
+    if torch.cuda.is_available():  # then "cuda" is valid; an index past the last device is not
+        argv, needle = ["train", "--device", f"cuda:{torch.cuda.device_count()}"], "CUDA device(s)"
+    else:
+        argv, needle = ["train", "--device", "cuda"], "--device cuda: CUDA is not available"
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err
+    if not torch.cuda.is_available():  # the API says it too, instead of torch's AttributeError
+        from fastclip.train.dist_env import init_distributed
+        with pytest.raises(ValueError, match="device 'cuda': CUDA is not available"):
+            init_distributed("cuda")
+
+
+def test_read_only_output_exits_2(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "file").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--output", str(ro / "file")])  # a file, not a folder
+    assert e.value.code == 2 and "not a directory" in capsys.readouterr().err
+    if os.geteuid() != 0:  # permission bits do not stop root (the /proc case above does)
+        ro.chmod(0o555)
+        try:
+            with pytest.raises(SystemExit) as e:
+                cli.main(["train", "--output", str(ro / "run")])
+            assert e.value.code == 2 and "cannot write there" in capsys.readouterr().err
+        finally:
+            ro.chmod(0o755)
+
+
+def _one_line_error(capsys, argv, needle):
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastclip train: error: ") and needle in lines[0], err
+
+
+TINY = ["--model", "tiny-vit", "--threads", "1", "--progress", "none", "--no-plot", "--time-budget", "0",
+        "--steps", "2", "--batch-size", "2"]
+
+
+def test_bad_data_files_exit_2_with_one_line(tmp_path, capsys):
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "cols.csv").write_text("path,caption\na.png,x\n")
+    (tmp_path / "header.csv").write_text("filepath,title\n")
+    for name, needle in (("empty.csv", "empty.csv: column 'filepath'"), ("cols.csv", "cols.csv: column 'filepath'"),
+                         ("header.csv", "header.csv: no rows")):
+        _one_line_error(capsys, ["train", *TINY, "--train-data", str(tmp_path / name),
+                                 "--output", str(tmp_path / f"out-{name}")], needle)
+
+
+def test_unusable_resume_files_exit_2_with_one_line(tmp_path, capsys):
+    import torch
+    from fastclip.models import create_model, save_checkpoint
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 64)
+    model_file = tmp_path / "model.safetensors"
+    save_checkpoint(create_model("tiny-vit"), str(model_file))
+    trunc = tmp_path / "trunc.safetensors"
+    trunc.write_bytes(model_file.read_bytes()[:5000])
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, str(other))
+    for f, needle in ((junk, "junk.safetensors: not a readable training checkpoint"),
+                      (trunc, "trunc.safetensors: not a readable training checkpoint"),
+                      (model_file, "model.safetensors: not a fastclip training checkpoint"),
+                      (other, "other.pt: a training checkpoint in fastclip's earlier pickle format")):
+        _one_line_error(capsys, ["train", *TINY, "--output", str(tmp_path / f"out-{f.name}"), "--resume", str(f)],
+                        needle)

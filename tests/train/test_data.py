@@ -1,6 +1,7 @@
 """Datasets: the synthetic shapes, CSV and webdataset readers (a corrupt or missing image is skipped
 and counted, never fatal), class folders, shard-list expansion."""
 import io
+import os
 import tarfile
 
 import numpy as np
@@ -161,6 +162,39 @@ def test_csv_skips_and_counts_corrupt_and_missing(tmp_path):
     assert torch.equal(ds[(0, 5)][0], ds[(0, 5)][0])
     with pytest.raises(ValueError, match="caption_key"):
         CsvDataset(path, image_transform(32), caption_key="caption")
+
+
+def test_csv_bytes_that_are_not_utf8_are_replaced_and_reported(tmp_path):
+    """A Latin-1 caption or file name in a UTF-8 CSV is not fatal: the caption byte becomes U+FFFD,
+    the file name keeps its bytes (the image still opens) and the rows are named."""
+    (tmp_path / "a.png").write_bytes(_png_bytes(1))
+    latin1_name = os.fsdecode(b"caf\xe9.png")  # a file name that is not UTF-8
+    (tmp_path / latin1_name).write_bytes(_png_bytes(2))
+    content = (b"\xef\xbb\xbffilepath,title\n"  # with a byte-order mark, as spreadsheets write it
+               b"a.png,a plain caption\n"
+               b"a.png,caf\xe9 au lait\n"
+               b"caf\xe9.png,a photo\n")
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(content)
+    ds = CsvDataset(str(path), image_transform(32), context_length=16)
+    assert len(ds) == 3
+    assert ds.captions[1] == "caf\ufffd au lait"
+    assert ds.invalid_utf8_lines == [3, 4]
+    msg = ds.describe_invalid_utf8()
+    assert "latin1.csv" in msg and "2 rows" in msg and "lines 3, 4" in msg
+    assert all(ds[i] is not None for i in range(3))  # every image loads, the Latin-1 named one included
+    (tmp_path / "clean").mkdir()
+    assert CsvDataset(_write_csv_set(tmp_path / "clean"), image_transform(32)).describe_invalid_utf8() is None
+
+
+def test_csv_without_columns_or_rows_raises_data_error(tmp_path):
+    from fastclip.datasets import DataError
+    for name, text, needle in (("empty.csv", "", "the file is empty"),
+                               ("header.csv", "filepath,title\n", "no rows"),
+                               ("cols.csv", "path,caption\na.png,x\n", "column 'filepath'")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataError, match=rf"{name}.*{needle}"):
+            CsvDataset(str(tmp_path / name), image_transform(32))
 
 
 def _write_shards(root):

@@ -31,7 +31,7 @@ def test_short_cpu_run_loss_decreases(tmp_path):
     assert json.load(open(os.path.join(out, "metrics.json")))["steps"] == 40
     model = load_checkpoint(os.path.join(out, "model.safetensors"))
     assert model.config.image_size == 32
-    assert os.path.exists(os.path.join(out, "checkpoints", "step_00000020.pt"))
+    assert os.path.exists(os.path.join(out, "checkpoints", "step_00000020.safetensors"))
     png = plot_curves(os.path.join(out, "metrics.jsonl"), str(tmp_path / "curves.png"))
     assert png is None or os.path.getsize(png) > 1000
 

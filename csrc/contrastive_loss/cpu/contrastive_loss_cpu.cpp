@@ -1,47 +1,29 @@
-// CPU kernels of the fused contrastive loss (OpenMP); contract in contrastive_loss_cpu.h.
+// CPU kernels of the fused contrastive losses (OpenMP); contract in contrastive_loss_cpu.h.
 //
-// Structure. The three matrix products of the loss (S = X Y^T, dX = G Y, dY = G^T X)
-// run through one register-blocked micro-kernel (contrastive_loss_cpu_kernels.inc)
-// compiled three times: AVX-512 (Zen 4, Ice Lake+), AVX2+FMA, and a generic 128-bit
-// build (SSE2 / NEON) for everything else; `__builtin_cpu_supports` picks one at run
-// time, so the wheel stays portable. This file holds the ISA-independent driver:
-// norms, packing, threading, the exact merges of per-thread column statistics.
+// Structure. The three matrix products of a loss (S = X Y^T, dX = G Y, dY = G^T X) run
+// through one register-blocked micro-kernel (contrastive_loss_cpu_kernels.inc) compiled
+// three times: AVX-512 (Zen 4, Ice Lake+), AVX2+FMA, and a generic 128-bit build (SSE2 /
+// NEON) for everything else; `__builtin_cpu_supports` picks one at run time, so the wheel
+// stays portable. What a tile of logits becomes is the loss's epilogue policy (template
+// parameter LOSS, see the .inc). This file holds the ISA- and loss-independent driver:
+// norms, packing, threading, the exact merges of per-thread statistics.
 //
-// Tiles. Row blocks of BM = 96 rows are the unit of work (static OpenMP schedule:
-// the same thread count gives bit-identical results). Each block walks all column
-// tiles of BN = 192: S tile = 96 x 192 fp32 (72 KB, L2-resident), exp/log-sum-exp
-// epilogue fused on it while hot. Forward: 2NMD FLOP; backward recomputes S and
-// does both gradient products from the same H tile: 6NMD FLOP (8NMD in all, the
-// floor of design.md §2). BM x BN measured (fp32, N=3072, D=512, 1 thread, GFLOP/s per
-// CPU-second, three interleaved rounds, fwd / bwd): 96x192 77-79 / 71-74; 48x192 60-76 /
-// 54-61 (the x block is re-read per 192 columns); 96x384 71-77 / 66-73; 192x192 63-77 /
-// 58-79 (dX accumulator 384 KB competes for L2); 144x192 71-74 / 69-81. 96x192 is the
-// steadiest of the best.
+// Tiles. Row blocks of BM = 96 rows are the unit of work (static OpenMP schedule: the
+// same thread count gives bit-identical results). Each block walks all column tiles of
+// BN = 192: S tile = 96 x 192 (72 KB fp32, L2-resident), the epilogue fused on it while
+// hot. Two-pass losses (softmax): forward 2NMD FLOP, backward recomputes S and does both
+// gradient products from the same H tile, 6NMD (8NMD in all, the floor of
+// docs/design.md §2). One-pass losses (sigmoid): statistics and gradients from one S
+// tile, 6NMD in all. Measurements behind BM x BN, MR x NR and the dY scheme:
+// benchmarks/results/cpu-kernel-tuning.md.
 //
-// Speed, fwd+bwd through fastclip.clip_loss(normalize=True) + backward, D=512 fp32,
-// torch.set_num_threads(2), Zen 4 with 2 cores shared with other jobs (load 3-8), so
-// min of interleaved repeats, two sessions; wall seconds, and in brackets GFLOP per
-// busy CPU-second on 8N²D FLOP, which the steal time does not distort (micro-kernel
-// peak ~107):
-//            fused                naive (does 6N²D)     floor: 4 torch.matmul
-//   N=4096   1.03-1.07 s (64-69)  1.61-1.78 s (39-43)   1.13-1.15 s (60-62)
-//   N=8192   3.48-4.10 s (67-73)  3.55-6.41 s (43-47)   2.65-5.11 s (55-61)
-// i.e. per CPU-second fused/naive = 0.58-0.65, fused/floor = 0.80-0.92. Peak RSS over
-// inputs and their gradients: +41 MiB at N=4096, +257 MiB at N=32768 (117 s), +322 MiB
-// for a 192 x 65536 block (the m-sized part of N=65536: Y^T pack 128 MB, dY buffers
-// 64 MB, the dy output 128 MB); the naive formula needs ~5.3 N² x 4 bytes.
-//
-// dY accumulation: per-thread dY buffers (rows outer), reduced in a fixed order,
-// instead of a second columns-outer pass. The second pass would recompute S and the
-// exps (+2NMD FLOP): from the measured parts (N=3072, 1 thread: S + epilogue as in the
-// forward at 77 GFLOP/CPU-s, whole backward at 72) it would take 6/72 + 2/77 = 0.109
-// vs 0.083 s per N²D GFLOP, +31% on the backward; the buffers cost
-// threads x W x D x 4 bytes and one O(threads·m·D) reduction. The buffers cover a
-// chunk of W columns at a time, W chosen so that they hold at most kDyBudget = 64 MB
-// (W = m up to threads·m·D = 16M floats, e.g. m = 16384 at D = 512 and 2 threads;
-// beyond that the columns are processed in chunks, each a full rows-outer sweep over
-// its columns only, so nothing is recomputed: a chunk costs one extra pass over dx
-// and one barrier), so memory stays bounded for any thread count:
+// dY accumulation: per-thread dY buffers (rows outer), reduced in a fixed order, instead
+// of a second columns-outer pass that would recompute S (+31% on the backward, measured).
+// The buffers cover a chunk of W columns at a time, W chosen so that they hold at most
+// kDyBudget = 64 MB (W = m up to threads·m·D = 16M floats, e.g. m = 16384 at D = 512 and
+// 2 threads; beyond that the columns are processed in chunks, each a full rows-outer
+// sweep over its columns only, so nothing is recomputed: a chunk costs one extra pass over
+// dx and one barrier), so memory stays bounded for any thread count:
 // O((n+m)·D + threads·(W·D + tile)).
 #include "contrastive_loss_cpu.h"
 
@@ -62,6 +44,23 @@ namespace {
 constexpr int64_t BM = 96, BN = 192;              // multiples of every MR and NR below
 constexpr int64_t kDyBudget = int64_t(64) << 20;   // bytes of per-thread dY buffers
 
+constexpr int kSoftmax = int(LossKind::kSoftmax);
+constexpr int kSigmoid = int(LossKind::kSigmoid);
+
+// Accumulator types of each loss's statistics: the softmax keeps (max, sum of exp) pairs
+// in the input precision (rescaled at every step, so they never grow); the sigmoid keeps
+// plain sums of up to N positive terms, in double.
+template <typename T, int LOSS>
+struct Stats {
+  using Row = T;
+  using Col = T;
+};
+template <typename T>
+struct Stats<T, kSigmoid> {
+  using Row = double;
+  using Col = double;
+};
+
 template <typename T>
 struct TileCtx {
   const T* x;
@@ -69,45 +68,51 @@ struct TileCtx {
   int64_t n, m, d, ldx, ldy, dp, bm, bn;
   const T* yp;        // Y^T packed in panels of NR columns [ceil(m/NR)][d][NR]
   const T* arow;      // s * rho_i                        [n]
+  const T* rho;       // rho_i                            [n]
   const T* sig;       // sigma_j, 0 on padded columns     [mpad]
-  const T* bias;      // 0, -inf on padded columns        [mpad]
-  T scale;
+  const T* colmask;   // 0, -inf on padded columns        [mpad]
+  T scale, zbias;     // s and the bias b added to every logit (0 for the softmax)
   int64_t pos_offset;
-  const T* row_lse;   // backward only
-  const T* col_lse;   // [mpad]
+  // Backward of the softmax: the float64 statistics as hi + lo in T, so that the epilogue's
+  // exp((z - hi) - lo) keeps their precision ((z - hi) is exact where it matters).
+  const T* row_hi;    // [n]
+  const T* row_lo;
+  const T* col_hi;    // [mpad]
+  const T* col_lo;
   const T* grad_row;
   const T* grad_col;  // [mpad]
   const T* grad_pos;
 };
 
+template <typename T, int LOSS>
+using FwdTile = void (*)(const TileCtx<T>&, int64_t, int64_t, int64_t, int64_t, T*, T*,
+                         typename Stats<T, LOSS>::Row*, typename Stats<T, LOSS>::Row*,
+                         typename Stats<T, LOSS>::Col*, typename Stats<T, LOSS>::Col*, T*);
+template <typename T>
+using BwdTile = ParamGrads (*)(const TileCtx<T>&, int64_t, int64_t, int64_t, int64_t, T*, T*,
+                               T*, T*, T*, double*, double*, T*);
+
 template <typename T>
 struct Kernels {
   int mr, nr, lanes;
   void (*pack_yt)(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, T*);
-  void (*fwd_tile)(const TileCtx<T>&, int64_t, int64_t, int64_t, int64_t, T*, T*, T*, T*, T*,
-                   T*, T*);
-  double (*bwd_tile)(const TileCtx<T>&, int64_t, int64_t, int64_t, int64_t, T*, T*, T*, T*,
-                     T*);
+  FwdTile<T, kSoftmax> fwd_softmax;
+  FwdTile<T, kSigmoid> fwd_sigmoid;
+  BwdTile<T> bwd_softmax, bwd_sigmoid, fwd_bwd_sigmoid;
 };
 
 }  // namespace
 
 // ---- the ISA builds of the tile kernels ------------------------------------------
 // MR x NR register tiles, fp32, measured on Zen 4 (2 cores, shared machine, min of
-// repeats), S = X Y^T tile product alone at N=8192, D=512: see the table in
-// the `isa_avx512` section.
+// repeats): benchmarks/results/cpu-kernel-tuning.md.
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
 namespace isa_avx512 {
-// MR=6, NR=4x16: 24 zmm accumulators + 4 B vectors. Measured (fp32, D=512, 1 thread,
-// GFLOP/s per CPU-second so that the shared machine's steal time drops out; noise about
-// +-8%, each the min of repeats): micro-kernel alone on L1-resident data: ~100-107 for
-// 8x32, 12x32, 6x64 and 8x48 alike (the core's peak: 32 FLOP/cycle at ~3.3 GHz); whole
-// fwd / bwd at N=3072 (three interleaved rounds): 6x64 fwd 74-82, bwd 69-75; 8x32 fwd
-// 72-81, bwd 59-70; 12x32 fwd 72-84, bwd 60-71; 14x32 needs tiles that are multiples of 14,
-// 4x96 spills (20). 6x64 wins the backward, whose two gradient products stream the B
-// operand (rows of x or y) once per 6 rows instead of once per 8-12 columns-pairs.
+// MR=6, NR=4x16: 24 zmm accumulators + 4 B vectors. 6x64 wins the backward, whose two
+// gradient products stream the B operand (rows of x or y) once per 6 rows instead of once
+// per 8-12 column pairs (measurements: benchmarks/results/cpu-kernel-tuning.md).
 #define FASTCLIP_VBYTES 64
 #ifdef FASTCLIP_TUNE_MR       // tuning harness only
 #define FASTCLIP_MR FASTCLIP_TUNE_MR
@@ -198,12 +203,12 @@ double dot(const T* a, const T* b, int64_t d) {
   return (s[0] + s[1]) + (s[2] + s[3]);
 }
 
-// Column-side vectors padded to mpad: sigma (0 past m) and the -inf bias that keeps
-// padded columns out of the row statistics.
+// Column-side vectors padded to mpad: sigma (0 past m) and the -inf mask that keeps
+// padded columns out of the statistics.
 template <typename T>
 struct Prep {
   int64_t mpad, dp;
-  std::vector<T> rho, arow, sig, bias, yp;
+  std::vector<T> rho, arow, sig, colmask, yp;
 };
 
 template <typename T>
@@ -215,11 +220,11 @@ Prep<T> prepare(const Kernels<T>& K, const T* x, const T* y, int64_t n, int64_t 
   p.rho.resize(n);
   p.arow.resize(n);
   p.sig.assign(p.mpad, T(0));
-  p.bias.assign(p.mpad, -std::numeric_limits<T>::infinity());
+  p.colmask.assign(p.mpad, -std::numeric_limits<T>::infinity());
   inv_norms(x, n, d, ldx, normalize, eps, p.rho.data(), nt);
   inv_norms(y, m, d, ldy, normalize, eps, p.sig.data(), nt);
   for (int64_t i = 0; i < n; ++i) p.arow[i] = scale * p.rho[i];
-  std::fill(p.bias.begin(), p.bias.begin() + m, T(0));
+  std::fill(p.colmask.begin(), p.colmask.begin() + m, T(0));
   const int64_t panels = (m + K.nr - 1) / K.nr;
   p.yp.resize(size_t(panels) * d * K.nr);
 #pragma omp parallel num_threads(nt)
@@ -232,91 +237,148 @@ Prep<T> prepare(const Kernels<T>& K, const T* x, const T* y, int64_t n, int64_t 
 
 template <typename T>
 TileCtx<T> context(const Prep<T>& p, const T* x, const T* y, int64_t n, int64_t m, int64_t d,
-                   int64_t ldx, int64_t ldy, T scale, int64_t pos_offset) {
+                   int64_t ldx, int64_t ldy, T scale, T bias, int64_t pos_offset) {
   TileCtx<T> t{};
   t.x = x; t.y = y; t.n = n; t.m = m; t.d = d; t.ldx = ldx; t.ldy = ldy;
   t.dp = p.dp; t.bm = BM; t.bn = BN;
-  t.yp = p.yp.data(); t.arow = p.arow.data(); t.sig = p.sig.data(); t.bias = p.bias.data();
-  t.scale = scale; t.pos_offset = pos_offset;
+  t.yp = p.yp.data(); t.arow = p.arow.data(); t.rho = p.rho.data(); t.sig = p.sig.data();
+  t.colmask = p.colmask.data();
+  t.scale = scale; t.zbias = bias; t.pos_offset = pos_offset;
   return t;
 }
 
-}  // namespace
-
-template <typename T>
-void contrastive_loss_fwd(const T* x, const T* y, int64_t n, int64_t m, int64_t d, int64_t ldx,
-                          int64_t ldy, T scale, bool normalize, T eps, int64_t pos_offset,
-                          T* row_lse, T* col_lse, T* pos, int num_threads) {
-  const Kernels<T> K = pick_kernels<T>();
-  const T ninf = -std::numeric_limits<T>::infinity();
+int team(int64_t n, int num_threads) {
   const int64_t nblk = (n + BM - 1) / BM;
-  const int nt = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, nblk)));
-  const Prep<T> p = prepare(K, x, y, n, m, d, ldx, ldy, scale, normalize, eps,
-                            std::max(1, num_threads));
-  const TileCtx<T> t = context(p, x, y, n, m, d, ldx, ldy, scale, pos_offset);
-  const int64_t mp = p.mpad;
-  // Per-thread column statistics (running max, sum of exp), merged exactly below.
-  std::vector<T> cmax(size_t(nt) * mp, ninf), csum(size_t(nt) * mp, T(0));
-#pragma omp parallel num_threads(nt)
-  {
-    const int tid = omp_get_thread_num();
-    std::vector<T> S(size_t(BM) * BN), xs(size_t(K.mr) * d), tmax(BN), rm(BM), rs(BM);
-    T* cm = cmax.data() + size_t(tid) * mp;
-    T* cs = csum.data() + size_t(tid) * mp;
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < nblk; ++b) {
-      const int64_t i0 = b * BM, iv = std::min(BM, n - i0);
-      std::fill(rm.begin(), rm.end(), ninf);
-      std::fill(rs.begin(), rs.end(), T(0));
-      for (int64_t j0 = 0; j0 < m; j0 += BN)
-        K.fwd_tile(t, i0, iv, j0, std::min(BN, m - j0), S.data(), xs.data(), rm.data(),
-                   rs.data(), cm, cs, tmax.data());
-      for (int64_t r = 0; r < iv; ++r) row_lse[i0 + r] = rm[r] + std::log(rs[r]);
-    }
-  }
-  // Exact merge: c_j = M + log(sum_t s_t exp(m_t - M)), M = max_t m_t; a thread that saw
-  // no rows (m_t = -inf, s_t = 0) adds nothing; a NaN anywhere makes c_j NaN.
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t j = 0; j < m; ++j) {
-    T mx = ninf;
-    for (int q = 0; q < nt; ++q) {
-      const T c = cmax[size_t(q) * mp + j];
-      if (c > mx || c != c) mx = c;
-      if (mx != mx) break;
-    }
-    T s = 0;
-    for (int q = 0; q < nt; ++q) {
-      const T c = cmax[size_t(q) * mp + j];
-      if (c != ninf) s += csum[size_t(q) * mp + j] * std::exp(c - mx);
-    }
-    col_lse[j] = mx + std::log(s);
-  }
+  return int(std::max<int64_t>(1, std::min<int64_t>(num_threads, nblk)));
+}
+
+// pos_i = z_{i, i+pos_offset} (0 outside the block), the dot product in fp64.
+template <typename T>
+void positives(const Prep<T>& p, const T* x, const T* y, int64_t n, int64_t m, int64_t d,
+               int64_t ldx, int64_t ldy, T bias, int64_t pos_offset, double* pos, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     const int64_t j = i + pos_offset;
-    pos[i] = (j >= 0 && j < m)
-                 ? T(double(p.arow[i]) * double(p.sig[j]) * dot(x + i * ldx, y + j * ldy, d))
-                 : T(0);
+    pos[i] = (j >= 0 && j < m) ? double(p.arow[i]) * double(p.sig[j]) *
+                                         dot(x + i * ldx, y + j * ldy, d) + double(bias)
+                               : 0.0;
   }
 }
 
+// The sigmoid's per-thread column sums, added in a fixed (thread) order.
+void sum_columns(const std::vector<double>& cs, int nt, int64_t mp, int64_t m, double* col) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t j = 0; j < m; ++j) {
+    double s = 0;
+    for (int q = 0; q < nt; ++q) s += cs[size_t(q) * mp + j];
+    col[j] = s;
+  }
+}
+
+// A float64 statistic as hi + lo in T (lo = 0 for T = double).
 template <typename T>
-T contrastive_loss_bwd(const T* x, const T* y, int64_t n, int64_t m, int64_t d, int64_t ldx,
-                       int64_t ldy, T scale, bool normalize, T eps, int64_t pos_offset,
-                       const T* row_lse, const T* col_lse, const T* grad_row,
-                       const T* grad_col, const T* grad_pos, T* dx, T* dy, int num_threads) {
+void split(const double* v, int64_t k, T* hi, T* lo) {
+  for (int64_t i = 0; i < k; ++i) {
+    hi[i] = T(v[i]);
+    lo[i] = T(v[i] - double(hi[i]));
+    if (hi[i] != hi[i] || std::isinf(hi[i])) lo[i] = T(0);   // keep inf/NaN as they are
+  }
+}
+
+template <typename T, int LOSS>
+void fwd_impl(const T* x, const T* y, int64_t n, int64_t m, int64_t d, int64_t ldx, int64_t ldy,
+              T scale, T bias, bool normalize, T eps, int64_t pos_offset, double* row,
+              double* col, double* pos, int num_threads) {
+  using Row = typename Stats<T, LOSS>::Row;
+  using Col = typename Stats<T, LOSS>::Col;
   const Kernels<T> K = pick_kernels<T>();
+  FwdTile<T, LOSS> tile;
+  if constexpr (LOSS == kSoftmax) tile = K.fwd_softmax; else tile = K.fwd_sigmoid;
+  const T ninf = -std::numeric_limits<T>::infinity();
   const int64_t nblk = (n + BM - 1) / BM;
-  const int nt = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, nblk)));
+  const int nt = team(n, num_threads);
   const Prep<T> p = prepare(K, x, y, n, m, d, ldx, ldy, scale, normalize, eps,
                             std::max(1, num_threads));
-  TileCtx<T> t = context(p, x, y, n, m, d, ldx, ldy, scale, pos_offset);
+  const TileCtx<T> t = context(p, x, y, n, m, d, ldx, ldy, scale, bias, pos_offset);
+  const int64_t mp = p.mpad;
+  // Per-thread column statistics, merged exactly below: (running max, sum of exp) for the
+  // softmax, sums for the sigmoid.
+  std::vector<Col> cmax(LOSS == kSoftmax ? size_t(nt) * mp : 0, Col(ninf));
+  std::vector<Col> csum(size_t(nt) * mp, Col(0));
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = omp_get_thread_num();
+    std::vector<T> S(size_t(BM) * BN), xs(size_t(K.mr) * d), tmp(BN);
+    std::vector<Row> rm(BM), rs(BM);
+    Col* cm = LOSS == kSoftmax ? cmax.data() + size_t(tid) * mp : nullptr;
+    Col* cs = csum.data() + size_t(tid) * mp;
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < nblk; ++b) {
+      const int64_t i0 = b * BM, iv = std::min(BM, n - i0);
+      std::fill(rm.begin(), rm.end(), Row(ninf));
+      std::fill(rs.begin(), rs.end(), Row(0));
+      for (int64_t j0 = 0; j0 < m; j0 += BN)
+        tile(t, i0, iv, j0, std::min(BN, m - j0), S.data(), xs.data(), rm.data(), rs.data(), cm,
+             cs, tmp.data());
+      // The log-sum-exp in double: m exact, log(s) small, the sum exact to T's precision.
+      for (int64_t r = 0; r < iv; ++r)
+        row[i0 + r] = LOSS == kSoftmax ? double(rm[r]) + std::log(double(rs[r])) : double(rs[r]);
+    }
+  }
+  if constexpr (LOSS == kSoftmax) {
+    // Exact merge: c_j = M + log(sum_t s_t exp(m_t - M)), M = max_t m_t; a thread that saw
+    // no rows (m_t = -inf, s_t = 0) adds nothing; a NaN anywhere makes c_j NaN.
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t j = 0; j < m; ++j) {
+      T mx = ninf;
+      for (int q = 0; q < nt; ++q) {
+        const T c = cmax[size_t(q) * mp + j];
+        if (c > mx || c != c) mx = c;
+        if (mx != mx) break;
+      }
+      double s = 0;
+      for (int q = 0; q < nt; ++q) {
+        const T c = cmax[size_t(q) * mp + j];
+        if (c != ninf) s += double(csum[size_t(q) * mp + j]) * std::exp(double(c) - double(mx));
+      }
+      col[j] = double(mx) + std::log(s);
+    }
+  } else {
+    sum_columns(csum, nt, mp, m, col);
+  }
+  positives(p, x, y, n, m, d, ldx, ldy, bias, pos_offset, pos, nt);
+}
+
+// The backward (STATS = false) and the one-pass forward+backward (STATS = true).
+template <typename T, int LOSS, bool STATS>
+ParamGrads bwd_impl(const T* x, const T* y, int64_t n, int64_t m, int64_t d, int64_t ldx,
+                    int64_t ldy, T scale, T bias, bool normalize, T eps, int64_t pos_offset,
+                    const double* row_in, const double* col_in, const T* grad_row,
+                    const T* grad_col, const T* grad_pos, T* dx, T* dy, double* row_out,
+                    double* col_out, double* pos_out, int num_threads) {
+  const Kernels<T> K = pick_kernels<T>();
+  BwdTile<T> tile;
+  if constexpr (STATS) tile = K.fwd_bwd_sigmoid;
+  else if constexpr (LOSS == kSoftmax) tile = K.bwd_softmax;
+  else tile = K.bwd_sigmoid;
+  const int64_t nblk = (n + BM - 1) / BM;
+  const int nt = team(n, num_threads);
+  const Prep<T> p = prepare(K, x, y, n, m, d, ldx, ldy, scale, normalize, eps,
+                            std::max(1, num_threads));
+  TileCtx<T> t = context(p, x, y, n, m, d, ldx, ldy, scale, bias, pos_offset);
   const int64_t mp = p.mpad, dp = p.dp;
-  std::vector<T> cl(mp, T(0)), gc(mp, T(0));
-  std::copy(col_lse, col_lse + m, cl.begin());
+  std::vector<T> gc(mp, T(0)), rhi, rlo, chi(mp, T(0)), clo(mp, T(0));
+  if (LOSS == kSoftmax) {
+    rhi.resize(n);
+    rlo.resize(n);
+    split(row_in, n, rhi.data(), rlo.data());
+    split(col_in, m, chi.data(), clo.data());
+  }
   std::copy(grad_col, grad_col + m, gc.begin());
-  t.row_lse = row_lse; t.col_lse = cl.data(); t.grad_row = grad_row; t.grad_col = gc.data();
-  t.grad_pos = grad_pos;
+  t.row_hi = rhi.data(); t.row_lo = rlo.data(); t.col_hi = chi.data(); t.col_lo = clo.data();
+  t.grad_row = grad_row; t.grad_col = gc.data(); t.grad_pos = grad_pos;
+  // One-pass statistics: row sums across column chunks, per-thread column sums.
+  std::vector<double> rsum(STATS ? n : 0, 0.0), csum(STATS ? size_t(nt) * mp : 0, 0.0);
   // Columns per chunk: all of m unless the per-thread dY buffers would exceed kDyBudget.
   // FASTCLIP_CPU_DY_BUDGET (bytes) overrides the budget; the tests use it to cover chunks.
   const char* env_budget = std::getenv("FASTCLIP_CPU_DY_BUDGET");
@@ -324,7 +386,7 @@ T contrastive_loss_bwd(const T* x, const T* y, int64_t n, int64_t m, int64_t d, 
   const int64_t per_col = int64_t(nt) * dp * int64_t(sizeof(T));
   const int64_t W = std::min(mp, std::max(BN, budget / per_col / BN * BN));
   std::vector<T> dyb(size_t(nt) * W * dp);
-  std::vector<double> gl(nt, 0.0);
+  std::vector<ParamGrads> gl(nt, ParamGrads{0.0, 0.0});
   for (int64_t c0 = 0; c0 < m; c0 += W) {
     const int64_t c1 = std::min(m, c0 + W);
 #pragma omp parallel num_threads(nt)
@@ -332,16 +394,22 @@ T contrastive_loss_bwd(const T* x, const T* y, int64_t n, int64_t m, int64_t d, 
       const int tid = omp_get_thread_num();
       T* myb = dyb.data() + size_t(tid) * W * dp;
       std::fill(myb, myb + size_t(W) * dp, T(0));
-      std::vector<T> S(size_t(BM) * BN), dxa(size_t(BM) * dp),
-          xs(size_t(K.mr) * d), bs(size_t(BM + BN) * K.nr);
-      double acc = 0;
+      std::vector<T> S(size_t(BM) * BN), dxa(size_t(BM) * dp), xs(size_t(K.mr) * d),
+          bs(size_t(BM + BN) * K.nr), tmp(BN);
+      double* cs = STATS ? csum.data() + size_t(tid) * mp : nullptr;
+      ParamGrads acc{0.0, 0.0};
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < nblk; ++b) {
         const int64_t i0 = b * BM, iv = std::min(BM, n - i0);
         std::fill(dxa.begin(), dxa.end(), T(0));
-        for (int64_t j0 = c0; j0 < c1; j0 += BN)
-          acc += K.bwd_tile(t, i0, iv, j0, std::min(BN, c1 - j0), S.data(), xs.data(),
-                            dxa.data(), myb + (j0 - c0) * dp, bs.data());
+        double* rs = STATS ? rsum.data() + i0 : nullptr;
+        for (int64_t j0 = c0; j0 < c1; j0 += BN) {
+          const ParamGrads g = tile(t, i0, iv, j0, std::min(BN, c1 - j0), S.data(), xs.data(),
+                                    dxa.data(), myb + (j0 - c0) * dp, bs.data(), rs, cs,
+                                    tmp.data());
+          acc.gu += g.gu;
+          acc.g += g.g;
+        }
         for (int64_t r = 0; r < iv; ++r) {
           T* o = dx + (i0 + r) * d;
           const T* a = dxa.data() + r * dp;
@@ -349,7 +417,8 @@ T contrastive_loss_bwd(const T* x, const T* y, int64_t n, int64_t m, int64_t d, 
           else for (int64_t k = 0; k < d; ++k) o[k] += a[k];
         }
       }
-      gl[tid] += acc;
+      gl[tid].gu += acc.gu;
+      gl[tid].g += acc.g;
       // (implicit barrier) dy rows of this chunk: fixed-order sum of the thread buffers.
 #pragma omp for schedule(static)
       for (int64_t j = c0; j < c1; ++j) {
@@ -386,18 +455,77 @@ T contrastive_loss_bwd(const T* x, const T* y, int64_t n, int64_t m, int64_t d, 
       }
     }
   }
-  double s = 0;
-  for (double v : gl) s += v;
-  return T(s / double(scale));
+  if constexpr (STATS) {
+    for (int64_t i = 0; i < n; ++i) row_out[i] = rsum[i];
+    sum_columns(csum, nt, mp, m, col_out);
+    positives(p, x, y, n, m, d, ldx, ldy, bias, pos_offset, pos_out, nt);
+  }
+  ParamGrads out{0.0, 0.0};
+  for (const ParamGrads& v : gl) {
+    out.gu += v.gu;
+    out.g += v.g;
+  }
+  return out;
 }
 
-#define FASTCLIP_INSTANTIATE(T)                                                               \
-  template void contrastive_loss_fwd<T>(const T*, const T*, int64_t, int64_t, int64_t,      \
-                                        int64_t, int64_t, T, bool, T, int64_t, T*, T*, T*,   \
-                                        int);                                                \
-  template T contrastive_loss_bwd<T>(const T*, const T*, int64_t, int64_t, int64_t, int64_t, \
-                                     int64_t, T, bool, T, int64_t, const T*, const T*,       \
-                                     const T*, const T*, const T*, T*, T*, int);
+}  // namespace
+
+template <typename T>
+void contrastive_loss_fwd(LossKind loss, const T* x, const T* y, int64_t n, int64_t m, int64_t d,
+                          int64_t ldx, int64_t ldy, T scale, T bias, bool normalize, T eps,
+                          int64_t pos_offset, double* row, double* col, double* pos,
+                          int num_threads) {
+  if (loss == LossKind::kSoftmax)
+    fwd_impl<T, kSoftmax>(x, y, n, m, d, ldx, ldy, scale, T(0), normalize, eps, pos_offset, row,
+                          col, pos, num_threads);
+  else
+    fwd_impl<T, kSigmoid>(x, y, n, m, d, ldx, ldy, scale, bias, normalize, eps, pos_offset, row,
+                          col, pos, num_threads);
+}
+
+template <typename T>
+ParamGrads contrastive_loss_bwd(LossKind loss, const T* x, const T* y, int64_t n, int64_t m,
+                                int64_t d, int64_t ldx, int64_t ldy, T scale, T bias,
+                                bool normalize, T eps, int64_t pos_offset, const double* row,
+                                const double* col, const T* grad_row, const T* grad_col,
+                                const T* grad_pos, T* dx, T* dy, int num_threads) {
+  if (loss == LossKind::kSoftmax)
+    return bwd_impl<T, kSoftmax, false>(x, y, n, m, d, ldx, ldy, scale, T(0), normalize, eps,
+                                        pos_offset, row, col, grad_row, grad_col, grad_pos, dx,
+                                        dy, nullptr, nullptr, nullptr, num_threads);
+  return bwd_impl<T, kSigmoid, false>(x, y, n, m, d, ldx, ldy, scale, bias, normalize, eps,
+                                      pos_offset, row, col, grad_row, grad_col, grad_pos, dx, dy,
+                                      nullptr, nullptr, nullptr, num_threads);
+}
+
+template <typename T>
+ParamGrads contrastive_loss_fwd_bwd(LossKind loss, const T* x, const T* y, int64_t n, int64_t m,
+                                    int64_t d, int64_t ldx, int64_t ldy, T scale, T bias,
+                                    bool normalize, T eps, int64_t pos_offset,
+                                    const T* grad_row, const T* grad_col, const T* grad_pos,
+                                    double* row, double* col, double* pos, T* dx, T* dy,
+                                    int num_threads) {
+  if (loss != LossKind::kSigmoid)
+    fail("contrastive_loss_fwd_bwd: the softmax needs its merged statistics for the gradient; "
+         "run the forward, then the backward");
+  return bwd_impl<T, kSigmoid, true>(x, y, n, m, d, ldx, ldy, scale, bias, normalize, eps,
+                                     pos_offset, nullptr, nullptr, grad_row, grad_col, grad_pos,
+                                     dx, dy, row, col, pos, num_threads);
+}
+
+#define FASTCLIP_INSTANTIATE(T)                                                                \
+  template void contrastive_loss_fwd<T>(LossKind, const T*, const T*, int64_t, int64_t,       \
+                                        int64_t, int64_t, int64_t, T, T, bool, T, int64_t,     \
+                                        double*, double*, double*, int);                       \
+  template ParamGrads contrastive_loss_bwd<T>(LossKind, const T*, const T*, int64_t, int64_t,  \
+                                              int64_t, int64_t, int64_t, T, T, bool, T,        \
+                                              int64_t, const double*, const double*, const T*, \
+                                              const T*, const T*, T*, T*, int);                \
+  template ParamGrads contrastive_loss_fwd_bwd<T>(LossKind, const T*, const T*, int64_t,       \
+                                                  int64_t, int64_t, int64_t, int64_t, T, T,    \
+                                                  bool, T, int64_t, const T*, const T*,        \
+                                                  const T*, double*, double*, double*, T*, T*, \
+                                                  int);
 FASTCLIP_INSTANTIATE(float)
 FASTCLIP_INSTANTIATE(double)
 

@@ -1,4 +1,4 @@
-"""PNG plots of a contrastive-loss benchmark: time and peak memory against N.
+"""PNG plots of a loss benchmark: time and peak memory against N.
 
 One figure per quantity (``<prefix>-time.png``: forward+backward median ms;
 ``<prefix>-memory.png``: peak extra MB), one panel per (dtype, D), log-log axes, one
@@ -18,14 +18,24 @@ import sys
 
 __all__ = ["plot_rows", "main"]
 
-_ORDER = ("floor", "naive", "reference", "cpu", "triton", "cuda", "inf-cl")
-_STYLE = {"floor": dict(color="black", linestyle="--", marker="."),
-          "naive": dict(color="tab:red", marker="s"),
-          "reference": dict(color="tab:orange", marker="^"),
-          "cpu": dict(color="tab:blue", marker="o"),
-          "triton": dict(color="tab:green", marker="o"),
-          "cuda": dict(color="tab:purple", marker="o"),
-          "inf-cl": dict(color="tab:brown", marker="D")}
+# The two reference lines keep their look; every other method (fastclip's backends from
+# the registry, the loss's peers) takes the next colour in order of appearance.
+_FIXED = {"floor": dict(color="black", linestyle="--", marker="."),
+          "naive": dict(color="tab:red", marker="s")}
+_CYCLE = [dict(color=c, marker=m) for c, m in
+          (("tab:orange", "^"), ("tab:blue", "o"), ("tab:green", "o"), ("tab:purple", "o"),
+           ("tab:brown", "D"), ("tab:pink", "v"), ("tab:olive", "P"), ("tab:cyan", "X"))]
+
+
+def _styles(methods: list[str]) -> dict[str, dict]:
+    out, k = {}, 0
+    for m in methods:
+        if m in _FIXED:
+            out[m] = _FIXED[m]
+        else:
+            out[m] = _CYCLE[k % len(_CYCLE)]
+            k += 1
+    return out
 
 
 def _num(v):
@@ -51,6 +61,9 @@ def plot_rows(rows: list[dict], prefix: str, log=print) -> list[str]:
         return []
     device = ok[0].get("device", "")
     name = ok[0].get("device_name", "")
+    loss = ok[0].get("loss") or "clip"
+    methods = list(dict.fromkeys(r["method"] for r in ok))
+    styles = _styles(methods)
     panels = []
     for r in ok:
         key = (r["dtype"], int(r["D"]))
@@ -67,14 +80,14 @@ def plot_rows(rows: list[dict], prefix: str, log=print) -> list[str]:
         for i, (dt, d) in enumerate(panels):
             ax = axes[i // ncols][i % ncols]
             drawn = 0
-            for m in _ORDER + tuple(sorted({r["method"] for r in ok} - set(_ORDER))):
+            for m in methods:
                 pts = sorted((int(r["N"]), _num(r.get(col))) for r in ok
                              if r["method"] == m and r["dtype"] == dt and int(r["D"]) == d)
                 pts = [(n, v) for n, v in pts if v is not None]
                 if not pts:
                     continue
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], label=m,
-                        **_STYLE.get(m, dict(marker="x")))
+                        **styles[m])
                 drawn += 1
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -88,7 +101,7 @@ def plot_rows(rows: list[dict], prefix: str, log=print) -> list[str]:
                 ax.text(0.5, 0.5, "no positive values", ha="center", transform=ax.transAxes)
         for j in range(k, nrows * ncols):
             axes[j // ncols][j % ncols].axis("off")
-        fig.suptitle(f"fastclip contrastive loss, {device}: {name}")
+        fig.suptitle(f"fastclip {loss} loss, {device}: {name}")
         fig.tight_layout()
         path = f"{prefix}-{suffix}.png"
         fig.savefig(path, dpi=110)
@@ -104,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix", default=None,
                    help="output prefix (default: the CSV path without .csv)")
     a = p.parse_args(argv)
-    from .contrastive_loss import read_csv  # noqa: PLC0415
+    from .report import read_csv  # noqa: PLC0415
     prefix = a.prefix or os.path.splitext(a.csv)[0]
     paths = plot_rows(read_csv(a.csv), prefix)
     for path in paths:

@@ -17,6 +17,11 @@ from PIL import Image
 Sample = Optional[Tuple[torch.Tensor, torch.Tensor]]
 
 
+class DataError(ValueError):
+    """Training or evaluation data that cannot be used at all (a CSV without the named columns or
+    without rows, data in which no sample loads). The message names the data."""
+
+
 def load_image(source: Union[str, bytes]) -> Optional[Image.Image]:
     """Open a path or encoded bytes as an RGB ``PIL.Image``; None when missing or undecodable.
 
@@ -56,6 +61,11 @@ def collate_skipping(samples: Sequence[Sample]) -> Tuple[torch.Tensor, torch.Ten
     return torch.stack([g[0] for g in good]), torch.stack([g[1] for g in good]), skipped
 
 
+def _has_surrogates(s: str) -> bool:
+    """True when ``s`` holds bytes that ``surrogateescape`` could not decode as UTF-8."""
+    return any("\udc80" <= ch <= "\udcff" for ch in s)
+
+
 class CsvDataset(torch.utils.data.Dataset):
     """Map-style ``(image, tokens)`` pairs from a delimited file with a header row.
 
@@ -69,26 +79,56 @@ class CsvDataset(torch.utils.data.Dataset):
     ``dataset[i]`` or ``dataset[(i, aug_seed)]`` (the latter seeds a random transform) returns
     ``(image [3, S, S], tokens [context_length])``, or None when the image is missing or
     corrupt: ``collate_skipping`` drops and counts those.
+
+    The file is UTF-8 (a leading byte-order mark is ignored). Bytes that are not valid UTF-8 never
+    stop the reader: in a caption they become U+FFFD (as the webdataset reader decodes captions),
+    in an image path they are kept as the raw bytes of the file name (Python's
+    ``surrogateescape``, so such files still open). The line numbers of those rows are in
+    ``invalid_utf8_lines`` and summarised by ``describe_invalid_utf8()``.
+
+    Raises ``DataError`` naming the file when a column is missing or there are no rows.
     """
 
     def __init__(self, path: str, transform: Callable, img_key: str = "filepath", caption_key: str = "title",
                  separator: str = ",", context_length: int = 77):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"CSV file {path!r} does not exist")
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter=separator)
-            fields = reader.fieldnames or []
-            for key, what in ((img_key, "img_key"), (caption_key, "caption_key")):
-                if key not in fields:
-                    raise ValueError(f"{path}: column {key!r} ({what}) not found; columns are {fields} "
-                                     f"(separator {separator!r})")
-            rows = [(r[img_key], r[caption_key]) for r in reader]
+        self.path = path
+        self.invalid_utf8_lines: List[int] = []
+        rows = []
+        try:
+            with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+                reader = csv.DictReader(f, delimiter=separator)
+                fields = reader.fieldnames or []
+                for key, what in ((img_key, "img_key"), (caption_key, "caption_key")):
+                    if key not in fields:
+                        raise DataError(f"{path}: column {key!r} ({what}) not found; "
+                                        f"{'columns are ' + repr(fields) if fields else 'the file is empty'} "
+                                        f"(separator {separator!r})")
+                for r in reader:
+                    img, cap = r[img_key] or "", r[caption_key] or ""
+                    if _has_surrogates(img) or _has_surrogates(cap):
+                        self.invalid_utf8_lines.append(reader.line_num)
+                        cap = cap.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                    rows.append((img, cap))
+        except csv.Error as e:
+            raise DataError(f"{path}: not a readable CSV file ({e})") from None
         if not rows:
-            raise ValueError(f"{path}: no rows")
+            raise DataError(f"{path}: no rows (only a header)")
         root = os.path.dirname(os.path.abspath(path))
         self.images: List[str] = [p if os.path.isabs(p) else os.path.join(root, p) for p, _ in rows]
-        self.captions: List[str] = [c or "" for _, c in rows]
+        self.captions: List[str] = [c for _, c in rows]
         self.transform, self.context_length = transform, context_length
+
+    def describe_invalid_utf8(self, limit: int = 10) -> Optional[str]:
+        """One line naming the rows that were not valid UTF-8, or None when every row was."""
+        n = len(self.invalid_utf8_lines)
+        if not n:
+            return None
+        shown = ", ".join(str(i) for i in self.invalid_utf8_lines[:limit]) + (", ..." if n > limit else "")
+        s = "s" if n > 1 else ""
+        return (f"{self.path}: {n} row{s} with bytes that are not valid UTF-8 (line{s} {shown}): "
+                f"replaced by U+FFFD in captions, kept as raw bytes in image paths")
 
     def __len__(self) -> int:
         return len(self.images)

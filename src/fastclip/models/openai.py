@@ -1,9 +1,11 @@
 """Loading OpenAI CLIP checkpoints, and fastclip's own safetensors checkpoints.
 
-``load_openai`` accepts OpenAI's TorchScript archives (e.g. ``ViT-B-32.pt``), plain state dicts
-with OpenAI's key names (in memory or saved with ``torch.save``) and ``.safetensors`` files with
-the same keys. The architecture is inferred from tensor shapes; head counts follow OpenAI's
-rule (64-dim heads), which every released model uses.
+``load_openai`` accepts OpenAI's TorchScript archives (e.g. ``ViT-B-32.pt``; their weights are
+read without running the archive's code, see ``fastclip.models.torchscript``), plain state dicts
+with OpenAI's key names (in memory or saved with ``torch.save``, read with
+``weights_only=True``) and ``.safetensors`` files with the same keys. The architecture is
+inferred from tensor shapes; head counts follow OpenAI's rule (64-dim heads), which every
+released model uses.
 """
 from __future__ import annotations
 
@@ -20,7 +22,13 @@ _EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")  # scalars st
 _TEXT_KEYS = ("token_embedding.weight", "positional_embedding", "text_projection", "ln_final.weight", "logit_scale")
 
 
-def _read(path: str, jit_archive_ok: bool) -> Dict[str, torch.Tensor]:
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def _read(path: str, allow_torchscript_code: bool) -> Dict[str, torch.Tensor]:
+    from .torchscript import TorchScriptReadError, is_torchscript_archive, read_torchscript_state_dict
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such checkpoint file")
     if path.endswith(".safetensors"):
@@ -29,18 +37,23 @@ def _read(path: str, jit_archive_ok: bool) -> Dict[str, torch.Tensor]:
             return load_file(path)
         except Exception as e:  # noqa: BLE001 - re-raised with the path
             raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-    errors = []
-    if jit_archive_ok:
+    if is_torchscript_archive(path):
+        if allow_torchscript_code:
+            try:
+                return torch.jit.load(path, map_location="cpu").state_dict()
+            except Exception as e:  # noqa: BLE001 - re-raised with the path
+                raise ValueError(f"{path}: torch.jit.load failed ({_first_line(e)})") from None
         try:
-            return torch.jit.load(path, map_location="cpu").state_dict()
-        except Exception as e:  # noqa: BLE001 - not a TorchScript archive; try a pickled state dict
-            errors.append(f"as TorchScript: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            return read_torchscript_state_dict(path)
+        except TorchScriptReadError as e:
+            raise ValueError(f"{path}: cannot read the weights of this TorchScript archive: {e}. If you trust "
+                             f"the file, load_openai(..., allow_torchscript_code=True) loads it with "
+                             f"torch.jit.load, which runs the code stored in it") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        errors.append(f"with torch.load: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         raise ValueError(f"{path}: could not be read as a CLIP checkpoint (file truncated or corrupt?); "
-                         + "; ".join(errors)) from None
+                         f"with torch.load(weights_only=True): {_first_line(e)}") from None
     if isinstance(obj, Mapping):
         for k in ("state_dict", "model"):
             if k in obj and isinstance(obj[k], Mapping):
@@ -84,21 +97,31 @@ def infer_config(sd: Mapping[str, torch.Tensor], source: str = "state dict") -> 
                       text_layers=_count(sd, "transformer.resblocks"), **vision)
 
 
-def load_openai(path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.Tensor]], device="cpu",
-                jit_archive_ok: bool = True, dtype: Optional[torch.dtype] = torch.float32) -> CLIP:
+def load_openai(path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.Tensor]], device="cpu", *,
+                dtype: Optional[torch.dtype] = torch.float32, allow_torchscript_code: bool = False) -> CLIP:
     """Build a ``CLIP`` from an OpenAI checkpoint and load its weights with ``strict=True``.
 
-    ``path_or_state_dict``: a TorchScript archive (``torch.jit.load``; allowed when
-    ``jit_archive_ok``), a ``torch.save``'d state dict, a ``.safetensors`` file, or an in-memory
-    mapping. OpenAI's released weights are fp16; they are cast to ``dtype`` (default fp32; None
-    keeps the stored dtypes). Returns the model in eval mode on ``device``.
+    ``path_or_state_dict``: a TorchScript archive (OpenAI's ``ViT-B-32.pt`` and the like), a
+    ``torch.save``'d state dict, a ``.safetensors`` file, or an in-memory mapping. OpenAI's
+    released weights are fp16; they are cast to ``dtype`` (default fp32; None keeps the stored
+    dtypes). Returns the model in eval mode on ``device``.
+
+    Loading a file runs no code from it: TorchScript archives are read by
+    ``fastclip.models.torchscript`` (weights only; the archive's code is never compiled or run)
+    and pickles by ``torch.load(weights_only=True)``.
+
+    ``allow_torchscript_code=True`` loads TorchScript archives with ``torch.jit.load`` instead.
+    Warning: that executes the code stored in the archive (its ``__setstate__`` methods can
+    read and write files, for one); use it only for files from a source you trust, and only if
+    the default reader cannot read the archive.
+
     Raises ValueError naming the path for unreadable, truncated or non-CLIP files.
     """
     if isinstance(path_or_state_dict, Mapping):
         sd, source = dict(path_or_state_dict), "state dict"
     else:
         source = os.fspath(path_or_state_dict)
-        sd = _read(source, jit_archive_ok)
+        sd = _read(source, allow_torchscript_code)
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     # drop the scalar metadata and any serialised causal masks (not weights)
@@ -125,17 +148,26 @@ def load_openai(path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.T
 
 def save_checkpoint(model: CLIP, path: Union[str, os.PathLike], metadata: Optional[Dict[str, str]] = None) -> None:
     """Write ``model.state_dict()`` to ``path`` as safetensors, with ``model.config`` as JSON in
-    the metadata key ``fastclip_config`` (plus any extra str->str ``metadata``)."""
+    the metadata key ``fastclip_config`` (plus any extra str->str ``metadata``).
+
+    The file is written atomically (a temporary file in the same folder, renamed into place)
+    with the mode a plain ``open(path, "w")`` would give it (``0o666 & ~umask``)."""
     if not isinstance(getattr(model, "config", None), CLIPConfig):
         raise ValueError("model must be a fastclip CLIP with a CLIPConfig in .config")
     from safetensors.torch import save_file
+
+    from .._fileio import atomic_write
     meta = {"format": "pt", "fastclip_config": json.dumps(model.config.to_dict())}
     meta.update(metadata or {})
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, os.fspath(path), metadata=meta)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write(os.fspath(path), lambda tmp: save_file(tensors, tmp, metadata=meta), suffix=".safetensors")
 
 
 def load_checkpoint(path: Union[str, os.PathLike], device="cpu") -> CLIP:
-    """Rebuild a ``CLIP`` written by ``save_checkpoint`` (config from the metadata, strict load)."""
+    """Rebuild a ``CLIP`` written by ``save_checkpoint`` (config from the metadata, strict load).
+
+    Raises ValueError naming ``path`` for a missing, truncated or corrupt file, corrupt config
+    metadata, or weights that do not match the config."""
     from safetensors import safe_open
     from safetensors.torch import load_file
     path = os.fspath(path)
@@ -148,11 +180,19 @@ def load_checkpoint(path: Union[str, os.PathLike], device="cpu") -> CLIP:
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"{path}: not a readable safetensors checkpoint ({type(e).__name__}: {e})") from None
     if "fastclip_config" in meta:
-        config = CLIPConfig.from_dict(json.loads(meta["fastclip_config"]))
+        try:
+            d = json.loads(meta["fastclip_config"])
+            if not isinstance(d, dict):
+                raise TypeError(f"expected a JSON object, got {type(d).__name__}")
+            config = CLIPConfig.from_dict(d)
+            with torch.device("meta"):
+                model = CLIP(config)
+        except (ValueError, TypeError, KeyError, RuntimeError) as e:
+            raise ValueError(f"{path}: corrupt 'fastclip_config' metadata ({type(e).__name__}: {e})") from None
     else:
         config = infer_config(sd, path)  # a safetensors file with OpenAI keys but no config
-    with torch.device("meta"):
-        model = CLIP(config)
+        with torch.device("meta"):
+            model = CLIP(config)
     try:
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:

@@ -1,93 +1,231 @@
-"""The fused symmetric contrastive loss op: validation, dispatch, torch.library.
+"""The fused contrastive-loss op: validation, layout, dispatch, torch.library.
 
-Two custom ops carry the block contract of :mod:`fastclip.ops.backends`:
+Three custom ops carry the block contract of :mod:`fastclip.ops.backends` for every loss
+of :mod:`fastclip.ops.losses`:
 
-* ``fastclip::contrastive_loss_fwd(x, y, scale, normalize, eps, pos_offset, backend)
-  -> (row_lse, col_lse, pos)``
-* ``fastclip::contrastive_loss_bwd(...)``: its vector-Jacobian product.
+* ``fastclip::contrastive_loss_fwd(x, y, params, loss, normalize, eps, pos_offset, backend)
+  -> (row, col, pos)``, differentiable (its autograd formula is the next op);
+* ``fastclip::contrastive_loss_bwd(...)``: its vector-Jacobian product;
+* ``fastclip::contrastive_loss_fwd_bwd(...)``: both in one pass, for one-pass losses.
 
-Both have fake (meta) implementations and the forward has an autograd formula, so
-``torch.compile(fullgraph=True)`` keeps a graph that calls the loss whole, and the
-loss itself is three means of their outputs in plain PyTorch.
+All three have fake (meta) implementations, so ``torch.compile(fullgraph=True)`` keeps a
+graph that calls a loss whole. Eager calls (no compiler, no tensor subclass, no dispatch
+mode) take a shorter path to the same backend functions: calling a custom op the first
+time imports the compiler stack (``torch._dynamo``, seconds), and every call pays the
+dispatcher; both paths run the same kernels on the same inputs (tested).
+
+The public losses are heads on these ops: :func:`clip_loss` and :func:`siglip_loss`, both
+:func:`fused_loss` with their :class:`~fastclip.ops.losses.LossSpec`.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+from typing import Optional
+
 import torch
 from torch import Tensor
 
-from .backends import Backend, resolve_backend
+from .backends import Backend, get_backend, resolve_backend
+from .losses import STAT_DTYPE, LossSpec, get_loss, head_grads
 from .reference import acc_dtype
 
-__all__ = ["clip_loss", "contrastive_loss_fwd", "contrastive_loss_bwd", "DEFAULT_EPS",
-           "validate_features", "prepare_scale", "select_backend"]
+__all__ = ["clip_loss", "siglip_loss", "fused_loss", "contrastive_loss_fwd",
+           "contrastive_loss_bwd", "contrastive_loss_fwd_bwd", "DEFAULT_EPS",
+           "validate_features", "validate_options", "prepare_params", "select_backend",
+           "kernel_layout", "block_fwd", "block_bwd", "block_fwd_bwd"]
 
 DEFAULT_EPS = 1e-12          # as torch.nn.functional.normalize
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _unit_inner(t: Tensor) -> Tensor:
-    # Backends take any row stride but a unit stride along D (see backends doc).
-    return t if t.stride(1) == 1 or t.shape[1] == 1 else t.contiguous()
+# ----------------------------------------------------------------------------- layout
+def kernel_layout(t: Tensor) -> Tensor:
+    """``t`` [k, D] in a layout every backend takes: unit stride along D (or D = 1) and a row
+    stride >= D (or a single row). Anything else PyTorch calls valid (broadcast rows of
+    stride 0, overlapping ``as_strided`` rows, column-strided views) is copied once here,
+    with standard strides (``.contiguous()`` would return some of them unchanged)."""
+    k, d = t.shape
+    if (d == 1 or t.stride(1) == 1) and (k == 1 or t.stride(0) >= d):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 # ----------------------------------------------------------------------------- ops
 @torch.library.custom_op("fastclip::contrastive_loss_fwd", mutates_args=())
-def contrastive_loss_fwd(x: Tensor, y: Tensor, scale: Tensor, normalize: bool, eps: float,
-                         pos_offset: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Block forward: (row_lse [n], col_lse [m], pos [n]); see fastclip.ops.backends."""
-    from .backends import get_backend  # noqa: PLC0415
-    return get_backend(backend).fwd(_unit_inner(x), _unit_inner(y), scale, normalize, eps,
-                                    pos_offset)
+def contrastive_loss_fwd(x: Tensor, y: Tensor, params: Tensor, loss: str, normalize: bool,
+                         eps: float, pos_offset: int, backend: str
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """Block forward: (row [n], col [m], pos [n]); see fastclip.ops.backends."""
+    return get_backend(backend).fwd(get_loss(loss), kernel_layout(x), kernel_layout(y), params,
+                                    normalize, eps, pos_offset)
 
 
 @contrastive_loss_fwd.register_fake
-def _(x, y, scale, normalize, eps, pos_offset, backend):
-    acc = acc_dtype(x.dtype)
-    return (x.new_empty((x.shape[0],), dtype=acc), y.new_empty((y.shape[0],), dtype=acc),
-            x.new_empty((x.shape[0],), dtype=acc))
+def _(x, y, params, loss, normalize, eps, pos_offset, backend):
+    st = STAT_DTYPE
+    return (x.new_empty((x.shape[0],), dtype=st), y.new_empty((y.shape[0],), dtype=st),
+            x.new_empty((x.shape[0],), dtype=st))
 
 
 @torch.library.custom_op("fastclip::contrastive_loss_bwd", mutates_args=())
-def contrastive_loss_bwd(x: Tensor, y: Tensor, scale: Tensor, normalize: bool, eps: float,
-                         pos_offset: int, backend: str, row_lse: Tensor, col_lse: Tensor,
+def contrastive_loss_bwd(x: Tensor, y: Tensor, params: Tensor, loss: str, normalize: bool,
+                         eps: float, pos_offset: int, backend: str, row: Tensor, col: Tensor,
                          grad_row: Tensor, grad_col: Tensor, grad_pos: Tensor
                          ) -> tuple[Tensor, Tensor, Tensor]:
-    """Block backward: (dx [n, D], dy [m, D], dscale []); see fastclip.ops.backends."""
-    from .backends import get_backend  # noqa: PLC0415
-    return get_backend(backend).bwd(_unit_inner(x), _unit_inner(y), scale, normalize, eps,
-                                    pos_offset, row_lse.contiguous(), col_lse.contiguous(),
-                                    grad_row.contiguous(), grad_col.contiguous(),
-                                    grad_pos.contiguous())
+    """Block backward: (dx [n, D], dy [m, D], dparams [P]); see fastclip.ops.backends."""
+    return get_backend(backend).bwd(get_loss(loss), kernel_layout(x), kernel_layout(y), params,
+                                    normalize, eps, pos_offset, row.contiguous(),
+                                    col.contiguous(), grad_row.contiguous(),
+                                    grad_col.contiguous(), grad_pos.contiguous())
 
 
 @contrastive_loss_bwd.register_fake
-def _(x, y, scale, normalize, eps, pos_offset, backend, row_lse, col_lse, grad_row, grad_col,
+def _(x, y, params, loss, normalize, eps, pos_offset, backend, row, col, grad_row, grad_col,
       grad_pos):
-    return torch.empty_like(x), torch.empty_like(y), scale.new_empty(())
+    return torch.empty_like(x), torch.empty_like(y), params.new_empty(params.shape)
+
+
+@torch.library.custom_op("fastclip::contrastive_loss_fwd_bwd", mutates_args=())
+def contrastive_loss_fwd_bwd(x: Tensor, y: Tensor, params: Tensor, loss: str, normalize: bool,
+                             eps: float, pos_offset: int, backend: str, grad_row: Tensor,
+                             grad_col: Tensor, grad_pos: Tensor
+                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One-pass block forward and backward (one-pass losses only):
+    (row [n], col [m], pos [n], dx [n, D], dy [m, D], dparams [P])."""
+    return _fwd_bwd_impl(get_backend(backend), get_loss(loss), kernel_layout(x),
+                         kernel_layout(y), params, normalize, eps, pos_offset,
+                         grad_row.contiguous(), grad_col.contiguous(), grad_pos.contiguous())
+
+
+@contrastive_loss_fwd_bwd.register_fake
+def _(x, y, params, loss, normalize, eps, pos_offset, backend, grad_row, grad_col, grad_pos):
+    st = STAT_DTYPE
+    return (x.new_empty((x.shape[0],), dtype=st), y.new_empty((y.shape[0],), dtype=st),
+            x.new_empty((x.shape[0],), dtype=st), torch.empty_like(x), torch.empty_like(y),
+            params.new_empty(params.shape))
+
+
+def _fwd_bwd_impl(be: Backend, spec: LossSpec, x, y, params, normalize, eps, pos_offset,
+                  grad_row, grad_col, grad_pos):
+    if not spec.one_pass:
+        raise ValueError(f"loss {spec.name!r} needs its merged statistics for the gradient: "
+                         f"call contrastive_loss_fwd, then contrastive_loss_bwd")
+    if be.fwd_bwd is not None:
+        return be.fwd_bwd(spec, x, y, params, normalize, eps, pos_offset, grad_row, grad_col,
+                          grad_pos)
+    # A backend without a fused pass: the same numbers from its two passes.
+    row, col, pos = be.fwd(spec, x, y, params, normalize, eps, pos_offset)
+    dx, dy, dp = be.bwd(spec, x, y, params, normalize, eps, pos_offset, row, col, grad_row,
+                        grad_col, grad_pos)
+    return row, col, pos, dx, dy, dp
 
 
 def _setup_context(ctx, inputs, output):
-    x, y, scale, normalize, eps, pos_offset, backend = inputs
-    row_lse, col_lse, _ = output
-    ctx.save_for_backward(x, y, scale, row_lse, col_lse)
-    ctx.cfg = (normalize, eps, pos_offset, backend)
+    x, y, params, loss, normalize, eps, pos_offset, backend = inputs
+    row, col, _ = output
+    ctx.save_for_backward(x, y, params, row, col)
+    ctx.cfg = (loss, normalize, eps, pos_offset, backend)
+
+
+def _zeros_for_none(g, like: Tensor) -> Tensor:
+    # Outputs the loss did not use arrive as None: their gradient is zero.
+    return torch.zeros_like(like) if g is None else g
 
 
 def _backward(ctx, g_row, g_col, g_pos):
-    x, y, scale, row_lse, col_lse = ctx.saved_tensors
-    normalize, eps, pos_offset, backend = ctx.cfg
-    # Outputs the loss did not use arrive as None: their gradient is zero.
-    g_row = torch.zeros_like(row_lse) if g_row is None else g_row
-    g_col = torch.zeros_like(col_lse) if g_col is None else g_col
-    g_pos = torch.zeros_like(row_lse) if g_pos is None else g_pos
-    dx, dy, ds = contrastive_loss_bwd(x, y, scale, normalize, eps, pos_offset, backend,
-                                      row_lse, col_lse, g_row, g_col, g_pos)
-    return dx, dy, ds.to(scale.dtype), None, None, None, None
+    x, y, params, row, col = ctx.saved_tensors
+    loss, normalize, eps, pos_offset, backend = ctx.cfg
+    dx, dy, dp = contrastive_loss_bwd(x, y, params, loss, normalize, eps, pos_offset, backend,
+                                      row, col, _zeros_for_none(g_row, row),
+                                      _zeros_for_none(g_col, col), _zeros_for_none(g_pos, row))
+    return dx, dy, dp.to(params.dtype), None, None, None, None, None
 
 
 contrastive_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------- eager path to the same kernels
+def _eager(*tensors: Tensor) -> bool:
+    """True when the custom-op machinery can be skipped: not tracing or compiling, no
+    dispatch mode (fake tensors, ...) active, plain tensors only."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    return all(type(t) is Tensor or type(t) is torch.nn.Parameter for t in tensors)
+
+
+class _EagerBlock(torch.autograd.Function):
+    """contrastive_loss_fwd and its registered backward, without the dispatcher."""
+
+    @staticmethod
+    def forward(ctx, x, y, params, spec, be, normalize, eps, pos_offset):
+        row, col, pos = be.fwd(spec, x, y, params, normalize, eps, pos_offset)
+        ctx.save_for_backward(x, y, params, row, col)
+        ctx.cfg = (spec, be, normalize, eps, pos_offset)
+        return row, col, pos
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_row, g_col, g_pos):
+        x, y, params, row, col = ctx.saved_tensors
+        spec, be, normalize, eps, pos_offset = ctx.cfg
+        dx, dy, dp = be.bwd(spec, x, y, params, normalize, eps, pos_offset, row, col,
+                            _zeros_for_none(g_row, row).contiguous(),
+                            _zeros_for_none(g_col, col).contiguous(),
+                            _zeros_for_none(g_pos, row).contiguous())
+        return dx, dy, dp.to(params.dtype), None, None, None, None, None
+
+
+def block_fwd(spec: LossSpec, be: Backend, x: Tensor, y: Tensor, params: Tensor,
+              normalize: bool, eps: float, pos_offset: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Differentiable block forward (row, col, pos) on backend ``be``; inputs validated and
+    in :func:`kernel_layout` already."""
+    if _eager(x, y, params):
+        return _EagerBlock.apply(x, y, params, spec, be, normalize, eps, pos_offset)
+    return contrastive_loss_fwd(x, y, params, spec.name, normalize, eps, pos_offset, be.name)
+
+
+def block_bwd(spec: LossSpec, be: Backend, x, y, params, normalize, eps, pos_offset, row, col,
+              grad_row, grad_col, grad_pos) -> tuple[Tensor, Tensor, Tensor]:
+    """The block's vector-Jacobian product (not differentiable)."""
+    if _eager(x, y, params):
+        return be.bwd(spec, x, y, params, normalize, eps, pos_offset, row, col, grad_row,
+                      grad_col, grad_pos)
+    return contrastive_loss_bwd(x, y, params, spec.name, normalize, eps, pos_offset, be.name,
+                                row, col, grad_row, grad_col, grad_pos)
+
+
+def block_fwd_bwd(spec: LossSpec, be: Backend, x, y, params, normalize, eps, pos_offset,
+                  grad_row, grad_col, grad_pos):
+    """One-pass statistics and gradients of a one-pass loss (not differentiable)."""
+    if _eager(x, y, params):
+        return _fwd_bwd_impl(be, spec, x, y, params, normalize, eps, pos_offset, grad_row,
+                             grad_col, grad_pos)
+    return contrastive_loss_fwd_bwd(x, y, params, spec.name, normalize, eps, pos_offset,
+                                    be.name, grad_row, grad_col, grad_pos)
+
+
+class _OnePassLoss(torch.autograd.Function):
+    """A one-pass loss: the forward also computes the gradients of the loss for an upstream
+    gradient of 1 (the head is linear), the backward scales them by the upstream gradient."""
+
+    @staticmethod
+    def forward(ctx, x, y, params, spec, be, normalize, eps):
+        n = x.shape[0]
+        z = torch.zeros(n, dtype=STAT_DTYPE, device=x.device)
+        gr, gc, gp = head_grads(spec, z, torch.zeros(y.shape[0], dtype=STAT_DTYPE,
+                                                     device=x.device), z, spec.denominator(n))
+        row, col, pos, dx, dy, dp = block_fwd_bwd(spec, be, x, y, params, normalize, eps, 0,
+                                                  gr, gc, gp)
+        ctx.save_for_backward(dx, dy, dp)
+        return (spec.head(row, col, pos) / spec.denominator(n)).to(params.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        dx, dy, dp = ctx.saved_tensors
+        return ((dx * g).to(dx.dtype), (dy * g).to(dy.dtype), dp * g, None, None, None, None)
 
 
 # ----------------------------------------------------------------------- validation
@@ -123,40 +261,85 @@ def validate_features(image_features, text_features, *, same_rows: bool = True) 
                          f"N must equal M")
 
 
-def prepare_scale(logit_scale, like: Tensor) -> Tensor:
-    """``logit_scale`` (float or 1-element tensor, already exponentiated) as a 0-dim tensor
-    of the accumulation dtype on ``like``'s device; differentiable when it requires grad."""
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def validate_options(normalize, eps) -> None:
+    """``normalize`` a bool, ``eps`` a finite positive real: a clear error otherwise."""
+    numpy_bool = type(normalize).__module__ == "numpy" and type(normalize).__name__ in ("bool",
+                                                                                      "bool_")
+    if not isinstance(normalize, bool) and not numpy_bool:
+        raise TypeError(f"normalize must be a bool, got {normalize!r} "
+                        f"({type(normalize).__name__})")
+    if not _is_real(eps) or not math.isfinite(float(eps)) or float(eps) <= 0:
+        raise ValueError(f"eps must be a finite positive float (the floor on the row norm "
+                         f"when normalize=True), got {eps!r}")
+
+
+def _prepare_param(name: str, value, like: Tensor) -> Tensor:
+    """One scalar parameter (float or one-element tensor) as a 0-dim tensor of the
+    accumulation dtype on ``like``'s device, differentiable when it requires grad."""
     acc = acc_dtype(like.dtype)
-    if isinstance(logit_scale, (int, float)) and not isinstance(logit_scale, bool):
-        if not math.isfinite(logit_scale) or logit_scale <= 0:
-            raise ValueError(f"logit_scale must be a finite positive number (the already "
-                             f"exponentiated scale), got {logit_scale}")
-        return torch.tensor(float(logit_scale), dtype=acc, device=like.device)
-    if not isinstance(logit_scale, Tensor):
-        raise TypeError(f"logit_scale must be a float or a tensor with one element, got "
-                        f"{type(logit_scale).__name__}")
-    if logit_scale.numel() != 1:
-        raise ValueError(f"logit_scale must have exactly one element, got shape "
-                         f"{tuple(logit_scale.shape)}")
-    if not logit_scale.is_floating_point():
-        raise TypeError(f"logit_scale must be a floating-point tensor, got {logit_scale.dtype}")
-    if logit_scale.device != like.device:
-        if logit_scale.device.type != "cpu":
-            raise ValueError(f"logit_scale is on {logit_scale.device} but the features are on "
+    if _is_real(value):
+        return torch.tensor(float(value), dtype=acc, device=like.device)
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a float or a tensor with one element, got "
+                        f"{type(value).__name__}")
+    if value.numel() != 1:
+        raise ValueError(f"{name} must have exactly one element, got shape {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if value.device != like.device:
+        if value.device.type != "cpu":
+            raise ValueError(f"{name} is on {value.device} but the features are on "
                              f"{like.device}")
-        logit_scale = logit_scale.to(like.device)
-    return logit_scale.reshape(()).to(acc)
+        value = value.to(like.device)
+    return value.reshape(()).to(acc)
 
 
-def select_backend(backend: str, device: torch.device,
-                   dtype: torch.dtype | None = None) -> Backend:
-    """Resolve ``backend`` ("auto" or a name) for features on ``device`` of ``dtype``."""
+def prepare_params(spec: LossSpec, values, like: Tensor) -> Tensor:
+    """The loss's scalar parameters (``spec.params`` order) as one 1-D tensor [P] of the
+    accumulation dtype on ``like``'s device, differentiable in every one that requires grad.
+
+    Any real value is accepted, float or tensor alike (the kernels are exact for any scale,
+    0 and negative included); a non-finite value, float or tensor, gives a non-finite loss,
+    as non-finite features do, so AMP's GradScaler sees it and skips the step.
+    """
+    ps = [_prepare_param(name, v, like) for name, v in zip(spec.params, values)]
+    return ps[0].reshape(1) if len(ps) == 1 else torch.stack(ps)
+
+
+def select_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None,
+                   loss: str = "clip") -> Backend:
+    """Resolve ``backend`` ("auto" or a name) for ``loss`` on features of ``device``/``dtype``."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
-    return resolve_backend(backend, device, dtype)
+    return resolve_backend(backend, device, dtype, loss)
 
 
 # --------------------------------------------------------------------------- public
+def fused_loss(loss: str, image_features: Tensor, text_features: Tensor, params, *,
+                     normalize: bool = False, backend: str = "auto",
+                     eps: float = DEFAULT_EPS) -> Tensor:
+    """The loss ``loss`` (a name of :data:`fastclip.ops.losses.LOSSES`) of one batch:
+    ``head(row, col, pos) / denominator(N)`` of its block statistics; ``params`` its scalar
+    parameters in ``LossSpec.params`` order. See :func:`clip_loss`, :func:`siglip_loss`."""
+    spec = get_loss(loss)
+    validate_features(image_features, text_features)
+    validate_options(normalize, eps)
+    p = prepare_params(spec, params, image_features)
+    be = select_backend(backend, image_features.device, image_features.dtype, spec.name)
+    x, y = kernel_layout(image_features), kernel_layout(text_features)
+    normalize, eps = bool(normalize), float(eps)
+    if spec.one_pass and torch.is_grad_enabled() and (x.requires_grad or y.requires_grad
+                                                       or p.requires_grad):
+        return _OnePassLoss.apply(x, y, p, spec, be, normalize, eps)
+    row, col, pos = block_fwd(spec, be, x, y, p, normalize, eps, 0)
+    # The head in float64 (the statistics' dtype), the loss in the accumulation dtype.
+    return (spec.head(row, col, pos) / spec.denominator(x.shape[0])).to(p.dtype)
+
+
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *,
               normalize: bool = False, backend: str = "auto",
               eps: float = DEFAULT_EPS) -> Tensor:
@@ -165,24 +348,46 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *,
     Args:
         image_features: [N, D] float32/float64/float16/bfloat16, any strides.
         text_features: [N, D], same dtype and device; row i's positive is text i.
-        logit_scale: the already-exponentiated scale s > 0 (open_clip passes
-            ``logit_scale.exp()``): a float or a one-element tensor, possibly requiring grad.
+        logit_scale: the already-exponentiated scale s (open_clip passes
+            ``logit_scale.exp()``): a float or a one-element tensor, possibly requiring
+            grad. Any real value; a non-finite one gives a non-finite loss.
         normalize: L2-normalise the rows inside the kernel (default False: the
             features are assumed normalised, as open_clip's models return them).
-        backend: "auto" (default; ``FASTCLIP_BACKEND`` overrides), "cpu", "triton",
-            "cuda" or "reference".
-        eps: the normalisation's floor on the row norm (as ``F.normalize``).
+        backend: "auto" (default; ``FASTCLIP_BACKEND`` overrides) or a backend name
+            (``fastclip.available_backends()``).
+        eps: the normalisation's floor on the row norm (as ``F.normalize``), finite > 0.
 
     Returns:
         0-dim float32 tensor (float64 for float64 inputs):
         ``(CE(s·X̂Ŷᵀ, arange) + CE(s·ŶX̂ᵀ, arange)) / 2``. Differentiable in both
         features and in ``logit_scale``. Non-finite inputs give a non-finite loss.
     """
-    validate_features(image_features, text_features)
-    scale = prepare_scale(logit_scale, image_features)
-    b = select_backend(backend, image_features.device, image_features.dtype)
-    row_lse, col_lse, pos = contrastive_loss_fwd(image_features, text_features, scale,
-                                                 bool(normalize), float(eps), 0, b.name)
-    # (r_i - L_ii) and (c_i - L_ii) before the mean: keeps the cancellation per row.
-    return 0.5 * ((row_lse - pos).mean() + (col_lse - pos).mean())
+    return fused_loss("clip", image_features, text_features, (logit_scale,),
+                            normalize=normalize, backend=backend, eps=eps)
 
+
+def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias, *,
+                normalize: bool = False, backend: str = "auto",
+                eps: float = DEFAULT_EPS) -> Tensor:
+    """SigLIP's pairwise sigmoid loss, fused: never materialises the N×N logits.
+
+    ``z_ij = s·<x̂_i, ŷ_j> + b``; ``loss = (1/N) Σ_ij softplus(-l_ij z_ij)`` with
+    ``l_ij = +1`` for i == j and -1 otherwise (open_clip's ``SigLipLoss`` at world size 1).
+    With gradients required, the loss and its gradients are computed in one pass over the
+    tiles (three products instead of four; the gradients are held until the backward).
+
+    Args:
+        image_features, text_features: [N, D], as for :func:`clip_loss`.
+        logit_scale: the already-exponentiated scale t (SigLIP initialises log t = log 10);
+            a float or a one-element tensor, possibly requiring grad.
+        logit_bias: the bias b (SigLIP initialises -10); a float or a one-element tensor,
+            possibly requiring grad.
+        normalize, backend, eps: as for :func:`clip_loss`.
+
+    Returns:
+        0-dim float32 tensor (float64 for float64 inputs), differentiable in both features,
+        the scale and the bias. Exact for |z| up to the float range (softplus never
+        overflows); non-finite inputs give a non-finite loss.
+    """
+    return fused_loss("siglip", image_features, text_features, (logit_scale, logit_bias),
+                            normalize=normalize, backend=backend, eps=eps)

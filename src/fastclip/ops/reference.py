@@ -1,20 +1,23 @@
-"""Pure-PyTorch contrastive loss: the oracle of every test and the last fallback.
+"""Pure-PyTorch block functions: the oracle of every kernel test and the last fallback.
 
-Two forms live here:
-
-* :func:`clip_loss_naive` is the textbook formula (open_clip's ``ClipLoss``):
-  materialise the N×M logits, two cross-entropies. Differentiable by autograd; in
-  float64 it is the test oracle.
-* :func:`block_fwd` / :func:`block_bwd` implement the block contract of
-  :mod:`fastclip.ops.backends` with plain tensor ops, chunked over rows so that at
-  most ``chunk × m`` logits exist at a time. They back the ``reference`` backend.
+:func:`block_fwd`, :func:`block_bwd` and :func:`block_fwd_bwd` implement the block contract of
+:mod:`fastclip.ops.backends` for any loss of :mod:`fastclip.ops.losses` with plain tensor ops,
+chunked over rows so that at most ``chunk × m`` logits exist at a time; the loss's epilogue
+comes from its spec (``ref_stats``, ``ref_dz``). They back the ``reference`` backend. The
+textbook formulas that materialise N×N (each loss's ``naive``) live with the losses.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from .losses import STAT_DTYPE, LossSpec, merge
+from .losses.clip import clip_loss_naive
+from .losses.siglip import siglip_loss_naive
+
+__all__ = ["acc_dtype", "block_fwd", "block_bwd", "block_fwd_bwd", "clip_loss_naive",
+           "siglip_loss_naive"]
 
 # Rows per chunk are chosen so one chunk of logits holds ~2^24 elements (64 MB fp32):
 # large enough that the matmuls run at BLAS speed, small enough to keep memory flat.
@@ -24,20 +27,6 @@ _CHUNK_ELEMS = 1 << 24
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation/statistics dtype for features of ``dtype``: float64 stays, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def clip_loss_naive(image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float,
-                    normalize: bool = False) -> Tensor:
-    """open_clip's formula: ``(CE(s·X̂Ŷᵀ, arange) + CE(s·ŶX̂ᵀ, arange)) / 2``.
-
-    Shapes: [N, D], [N, D]; computes in the inputs' dtype (use float64 for an oracle).
-    """
-    x, y = image_features, text_features
-    if normalize:
-        x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
-    logits = logit_scale * x @ y.T                                   # [N, N]
-    labels = torch.arange(x.shape[0], device=x.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
 def _inv_norms(t: Tensor, normalize: bool, eps: float) -> Tensor:
@@ -52,56 +41,103 @@ def _chunks(n: int, m: int):
         yield a, min(n, a + step)
 
 
-def block_fwd(x: Tensor, y: Tensor, scale: Tensor, normalize: bool, eps: float,
+class _Block:
+    """The pieces every block function needs, in the accumulation dtype."""
+
+    def __init__(self, x: Tensor, y: Tensor, params: Tensor, normalize: bool, eps: float,
+                 pos_offset: int):
+        self.acc = acc_dtype(x.dtype)
+        xa, ya = x.to(self.acc), y.to(self.acc)
+        self.p = params.to(self.acc)
+        self.s = self.p[0]
+        self.b = self.p[1] if self.p.numel() > 1 else None
+        self.n, self.m = xa.shape[0], ya.shape[0]
+        self.rho, self.sig = _inv_norms(xa, normalize, eps), _inv_norms(ya, normalize, eps)
+        self.xh = xa * self.rho[:, None]                             # x̂ [n, D]
+        self.yh = ya * self.sig[:, None]                             # ŷ [m, D]
+        self.off, self.normalize = pos_offset, normalize
+        self.cols = torch.arange(self.m, device=x.device)
+
+    def tile(self, a: int, b: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(u, z, is_pos) of rows [a, b): u = <x̂_i, ŷ_j>, z = s·u (+ bias)."""
+        u = self.xh[a:b] @ self.yh.T                                 # [b-a, m]
+        z = self.s * u if self.b is None else self.s * u + self.b
+        rows = torch.arange(a, b, device=u.device)
+        is_pos = self.cols[None, :] == rows[:, None] + self.off      # [b-a, m]
+        return u, z, is_pos
+
+    def pos(self) -> Tensor:
+        """z_{i, i+off} in float64 (0 outside the block): O(n·D), no tile."""
+        pos = torch.zeros(self.n, dtype=STAT_DTYPE, device=self.xh.device)
+        lo, hi = max(0, -self.off), min(self.n, self.m - self.off)
+        if hi > lo:
+            u = (self.xh[lo:hi].double() * self.yh[lo + self.off:hi + self.off].double()).sum(1)
+            z = self.s.double() * u
+            pos[lo:hi] = z if self.b is None else z + self.b.double()
+        return pos
+
+
+def block_fwd(spec: LossSpec, x: Tensor, y: Tensor, params: Tensor, normalize: bool, eps: float,
               pos_offset: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Row/column log-sum-exp and positive logits of one block (see backends doc)."""
-    acc = acc_dtype(x.dtype)
-    xa, ya, s = x.to(acc), y.to(acc), scale.to(acc)
-    n, m = xa.shape[0], ya.shape[0]
-    xh = xa * _inv_norms(xa, normalize, eps)[:, None]               # [n, D]
-    yh = ya * _inv_norms(ya, normalize, eps)[:, None]               # [m, D]
-    row_lse = torch.empty(n, dtype=acc, device=x.device)
-    col_lse = torch.full((m,), float("-inf"), dtype=acc, device=x.device)
-    for a, b in _chunks(n, m):
-        logits = s * (xh[a:b] @ yh.T)                               # [b-a, m]
-        row_lse[a:b] = torch.logsumexp(logits, dim=1)
-        col_lse = torch.logaddexp(col_lse, torch.logsumexp(logits, dim=0))
-    pos = torch.zeros(n, dtype=acc, device=x.device)
-    lo, hi = max(0, -pos_offset), min(n, m - pos_offset)
-    if hi > lo:
-        pos[lo:hi] = s * (xh[lo:hi] * yh[lo + pos_offset:hi + pos_offset]).sum(1)
-    return row_lse, col_lse, pos
+    """(row [n], col [m], pos [n]) statistics of one block (see fastclip.ops.backends)."""
+    k = _Block(x, y, params, normalize, eps, pos_offset)
+    row = torch.empty(k.n, dtype=STAT_DTYPE, device=x.device)
+    col = None
+    for a, b in _chunks(k.n, k.m):
+        _, z, is_pos = k.tile(a, b)
+        r, c = spec.ref_stats(z, is_pos)
+        row[a:b] = r
+        col = merge(spec.merge, col, c)
+    return row, col, k.pos()
 
 
-def block_bwd(x: Tensor, y: Tensor, scale: Tensor, normalize: bool, eps: float, pos_offset: int,
-              row_lse: Tensor, col_lse: Tensor, grad_row: Tensor, grad_col: Tensor,
+def _grads(spec: LossSpec, k: _Block, row, col, grad_row, grad_col, grad_pos, stats: bool):
+    gxh = torch.zeros_like(k.xh)                                     # d/d x̂  [n, D]
+    gyh = torch.zeros_like(k.yh)                                     # d/d ŷ  [m, D]
+    dp = torch.zeros_like(k.p)
+    out_row = torch.empty(k.n, dtype=STAT_DTYPE, device=k.xh.device) if stats else row
+    out_col = None if stats else col
+    for a, b in _chunks(k.n, k.m):
+        u, z, is_pos = k.tile(a, b)
+        if stats:
+            r, c = spec.ref_stats(z, is_pos)
+            out_row[a:b] = r
+            out_col = merge(spec.merge, out_col, c)
+        g = spec.ref_dz(z, is_pos, row[a:b] if row is not None else None, col,
+                        grad_row[a:b], grad_col)
+        g = g + torch.where(is_pos, grad_pos[a:b, None], 0.0)
+        dp[0] += (g * u).sum()                                       # dz/ds = u
+        if dp.numel() > 1:
+            dp[1] += g.sum()                                         # dz/db = 1
+        gxh[a:b] += k.s * (g @ k.yh)
+        gyh += k.s * (g.T @ k.xh[a:b])
+    # d/dx = rho (d/dx̂ - x̂ <x̂, d/dx̂>) through the normalisation (identity without it).
+    gx = k.rho[:, None] * (gxh - k.xh * (k.xh * gxh).sum(1, keepdim=True)) if k.normalize else gxh
+    gy = k.sig[:, None] * (gyh - k.yh * (k.yh * gyh).sum(1, keepdim=True)) if k.normalize else gyh
+    return out_row, out_col, gx, gy, dp
+
+
+def block_bwd(spec: LossSpec, x: Tensor, y: Tensor, params: Tensor, normalize: bool, eps: float,
+              pos_offset: int, row: Tensor, col: Tensor, grad_row: Tensor, grad_col: Tensor,
               grad_pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Vector-Jacobian product of :func:`block_fwd` (see backends doc)."""
-    acc = acc_dtype(x.dtype)
-    xa, ya, s = x.to(acc), y.to(acc), scale.to(acc)
-    n, m = xa.shape[0], ya.shape[0]
-    rho, sig = _inv_norms(xa, normalize, eps), _inv_norms(ya, normalize, eps)
-    xh, yh = xa * rho[:, None], ya * sig[:, None]                   # [n, D], [m, D]
-    gxh = torch.zeros_like(xh)                                      # d/d x̂  [n, D]
-    gyh = torch.zeros_like(yh)                                      # d/d ŷ  [m, D]
-    dscale = torch.zeros((), dtype=acc, device=x.device)
-    for a, b in _chunks(n, m):
-        logits = s * (xh[a:b] @ yh.T)                               # [b-a, m]
-        g = (grad_row[a:b, None] * torch.exp(logits - row_lse[a:b, None])
-             + grad_col[None, :] * torch.exp(logits - col_lse[None, :]))
-        dscale = dscale + (g * logits).sum() / s
-        gxh[a:b] += s * (g @ yh)
-        gyh += s * (g.T @ xh[a:b])
-    lo, hi = max(0, -pos_offset), min(n, m - pos_offset)
-    if hi > lo:
-        gp = grad_pos[lo:hi, None]                                  # [k, 1]
-        xs, ys = xh[lo:hi], yh[lo + pos_offset:hi + pos_offset]
-        gxh[lo:hi] += s * gp * ys
-        gyh[lo + pos_offset:hi + pos_offset] += s * gp * xs
-        dscale = dscale + (gp[:, 0] * (xs * ys).sum(1)).sum()
-    if normalize:   # d/dx = rho (d/dx̂ - x̂ <x̂, d/dx̂>)
-        gx = rho[:, None] * (gxh - xh * (xh * gxh).sum(1, keepdim=True))
-        gy = sig[:, None] * (gyh - yh * (yh * gyh).sum(1, keepdim=True))
-    else:
-        gx, gy = gxh, gyh
-    return gx.to(x.dtype), gy.to(y.dtype), dscale
+    """Vector-Jacobian product of :func:`block_fwd`: (dx [n, D], dy [m, D], dparams [P])."""
+    k = _Block(x, y, params, normalize, eps, pos_offset)
+    acc = k.acc
+    _, _, gx, gy, dp = _grads(spec, k, row.to(STAT_DTYPE), col.to(STAT_DTYPE), grad_row.to(acc),
+                              grad_col.to(acc), grad_pos.to(acc), stats=False)
+    return gx.to(x.dtype), gy.to(y.dtype), dp
+
+
+def block_fwd_bwd(spec: LossSpec, x: Tensor, y: Tensor, params: Tensor, normalize: bool,
+                  eps: float, pos_offset: int, grad_row: Tensor, grad_col: Tensor,
+                  grad_pos: Tensor):
+    """Statistics and their vector-Jacobian product in one pass over the tiles, for a
+    ``one_pass`` loss: (row, col, pos, dx, dy, dparams)."""
+    if not spec.one_pass:
+        raise ValueError(f"loss {spec.name!r} needs its merged statistics for the gradient: "
+                         f"call block_fwd, then block_bwd")
+    k = _Block(x, y, params, normalize, eps, pos_offset)
+    acc = k.acc
+    row, col, gx, gy, dp = _grads(spec, k, None, None, grad_row.to(acc), grad_col.to(acc),
+                                  grad_pos.to(acc), stats=True)
+    return row, col, k.pos(), gx.to(x.dtype), gy.to(y.dtype), dp

@@ -23,6 +23,11 @@ class TrainConfig:
     speed and, if ``steps`` would not fit in the budget, lowers the step count so the whole cosine
     schedule (warmup, decay to 0) fits; such a run depends on the machine's speed.
     ``eval_at_start``: also evaluate before the first step (the curves then start at chance).
+    ``output`` holds one run: a folder with a run in it needs ``resume`` (continue it) or
+    ``overwrite`` (delete it first), see ``fastclip.train.run_folder``.
+    ``max_failed_batches``: a batch in which no sample loads is skipped; this many such batches in
+    a row stop the run as unusable data (default: one epoch's worth, or 100 for streamed shards
+    of unknown length).
     """
 
     output: Optional[str] = None
@@ -70,6 +75,8 @@ class TrainConfig:
     save_every: Optional[int] = None
     keep_checkpoints: int = 2
     resume: Optional[str] = None
+    overwrite: bool = False
+    max_failed_batches: Optional[int] = None
     plot: bool = True
     progress: str = "auto"  # auto | bar | lines | none
     time_budget: Optional[float] = None  # opt-in: seconds of training; fewer steps (same schedule shape) if slower

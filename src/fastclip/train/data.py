@@ -6,12 +6,17 @@ Data order. For map-style data (shapes, CSV) the global batch of step ``s`` is a
 random by construction, is read in index order), and rank ``r`` takes its ``r``-th sub-slice;
 random augmentation is seeded per (seed, epoch, index). The data position is therefore the step,
 which is what makes a resumed run continue exactly (``fastclip.train.checkpoint``).
+
+A batch in which no sample loads (missing or corrupt images) is skipped by the trainer, which
+then draws the next one: the data position is then the number of batches drawn, which runs
+ahead of the step. It is saved in the checkpoint, so a resumed run draws the same batches.
 """
 from __future__ import annotations
 
+import itertools
 import os
-from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -22,15 +27,19 @@ from .dist_env import DistEnv
 class StepBatches:
     """Map-style batches as a function of the step (see the module docstring).
 
-    Yields lists of dataset keys for steps ``start_step .. total_steps-1``: ints, or
-    ``(index, aug_seed)`` when ``augment`` (the dataset seeds its random transform with it).
+    Yields lists of dataset keys for batch positions ``start_step, start_step + 1, ...``: ints,
+    or ``(index, aug_seed)`` when ``augment`` (the dataset seeds its random transform with it).
+    Batch ``b`` is that of step ``b`` in a run that skipped no batch. The iteration does not end
+    at ``total_steps`` (``len()``: the planned steps): the trainer draws one more batch for each
+    batch it had to skip.
     """
 
     def __init__(self, n: int, batch_size: int, rank: int, world_size: int, seed: int, start_step: int,
                  total_steps: int, augment: bool = False, shuffle: bool = True):
         self.global_batch = batch_size * world_size
         if n < self.global_batch:
-            raise ValueError(f"the dataset has {n} samples, fewer than one global batch "
+            from ..datasets.csv_dataset import DataError
+            raise DataError(f"the dataset has {n} samples, fewer than one global batch "
                              f"({batch_size} per rank x {world_size} ranks)")
         self.n, self.batch_size, self.rank, self.seed = n, batch_size, rank, seed
         self.start_step, self.total_steps, self.augment, self.shuffle = start_step, total_steps, augment, shuffle
@@ -50,7 +59,7 @@ class StepBatches:
         return idx
 
     def __iter__(self) -> Iterator[List]:
-        for s in range(self.start_step, self.total_steps):
+        for s in itertools.count(self.start_step):
             yield self.keys(s)
 
     def __len__(self) -> int:
@@ -105,7 +114,8 @@ class TrainData:
     ``dataset``: a map-style dataset read through ``StepBatches`` (None for streamed shards);
     ``augment``: pass per-sample augmentation seeds; ``shuffle``: permute indices each epoch
     (False for a dataset that is random by construction); ``steps_per_epoch``: None when
-    unknown (shards without ``train_num_samples``); ``desc``: for the run's first line.
+    unknown (shards without ``train_num_samples``); ``desc``: for the run's first line;
+    ``notes``: lines to log at start (e.g. CSV rows that were not valid UTF-8).
     """
 
     dataset: Optional[torch.utils.data.Dataset]
@@ -113,14 +123,19 @@ class TrainData:
     shuffle: bool
     steps_per_epoch: Optional[int]
     desc: str
+    notes: List[str] = field(default_factory=list)
 
 
 def build_train_data(cfg: TrainConfig, data_type: str, model, env: DistEnv) -> TrainData:
-    """The training data of ``cfg`` for ``model`` (its resolution and context length)."""
+    """The training data of ``cfg`` for ``model`` (its resolution and context length).
+
+    Raises ``DataError`` naming the data when it cannot make one global batch."""
+    from ..datasets.csv_dataset import DataError
     global_batch = cfg.batch_size * env.world_size
     if data_type == "webdataset":
         if cfg.steps is None and cfg.train_num_samples is None:
-            raise ValueError("webdataset shards are streamed: pass --steps or --train-num-samples")
+            raise DataError(f"webdataset {cfg.train_data}: shards are streamed, their length is unknown: "
+                            f"pass --steps or --train-num-samples")
         n = cfg.train_num_samples
         return TrainData(None, True, True, max(1, n // global_batch) if n else None,
                          f"webdataset {cfg.train_data}")
@@ -132,35 +147,41 @@ def build_train_data(cfg: TrainConfig, data_type: str, model, env: DistEnv) -> T
         ds = CsvDataset(cfg.train_data, image_transform_for(model, True), cfg.csv_img_key, cfg.csv_caption_key,
                         cfg.csv_separator, model.context_length)
         data = TrainData(ds, True, True, None, f"CSV {cfg.train_data} ({len(ds)} rows)")
+        note = ds.describe_invalid_utf8()
+        if note:
+            data.notes.append(note)
     else:
         raise ValueError(f"unknown dataset type {data_type!r}; expected shapes, csv or webdataset")
     data.steps_per_epoch = len(data.dataset) // global_batch
     if data.steps_per_epoch == 0:
-        raise ValueError(f"{data.desc}: {len(data.dataset)} samples is less than one global batch "
+        raise DataError(f"{data.desc}: {len(data.dataset)} samples is less than one global batch "
                          f"({global_batch})")
     return data
 
 
-def train_batches(cfg: TrainConfig, data: TrainData, model, env: DistEnv, start_step: int,
+def train_batches(cfg: TrainConfig, data: TrainData, model, env: DistEnv, start_batch: int,
                   total_steps: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor, int]]:
-    """``(images, tokens, n_skipped)`` of this rank for steps ``start_step ..``."""
+    """``(images, tokens, n_skipped)`` of this rank for batch positions ``start_batch ..``
+    (the data position: batches drawn so far), without end."""
     if data.dataset is None:
         from ..datasets.webdataset import WebDataset
         ds = WebDataset(cfg.train_data, cfg.batch_size, image_transform_for(model, True), model.context_length,
-                        seed=cfg.seed, rank=env.rank, world_size=env.world_size, skip_batches=start_step)
+                        seed=cfg.seed, rank=env.rank, world_size=env.world_size, skip_batches=start_batch)
         loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=cfg.workers,
                                              persistent_workers=cfg.workers > 0)
         return iter(loader)
     sampler = StepBatches(len(data.dataset), cfg.batch_size, env.rank, env.world_size, cfg.seed,
-                          start_step, total_steps, augment=data.augment, shuffle=data.shuffle)
+                          start_batch, total_steps, augment=data.augment, shuffle=data.shuffle)
     loader = torch.utils.data.DataLoader(data.dataset, batch_sampler=sampler, collate_fn=collate_pairs,
                                          num_workers=cfg.workers)
     return iter(loader)
 
 
-def load_val_batches(cfg: TrainConfig, model) -> Tuple[List[Tuple[torch.Tensor, torch.Tensor]], int]:
+def load_val_batches(cfg: TrainConfig, model, log: Optional[Callable[[str], None]] = None
+                     ) -> Tuple[List[Tuple[torch.Tensor, torch.Tensor]], int]:
     """Batches ``(images, tokens)`` of ``cfg.val_data`` (at most ``val_num_samples``, default
-    10k) and the number of samples skipped (missing or corrupt)."""
+    10k) and the number of samples skipped (missing or corrupt). ``log`` receives notes on the
+    data (CSV rows that were not valid UTF-8)."""
     from ..datasets.csv_dataset import collate_skipping
     kind = detect_dataset_type(cfg.val_data, "auto" if cfg.dataset_type == "shapes" else cfg.dataset_type)
     limit = cfg.val_num_samples or 10_000
@@ -169,6 +190,9 @@ def load_val_batches(cfg: TrainConfig, model) -> Tuple[List[Tuple[torch.Tensor, 
         from ..datasets.csv_dataset import CsvDataset
         ds = CsvDataset(cfg.val_data, image_transform_for(model, False), cfg.csv_img_key, cfg.csv_caption_key,
                         cfg.csv_separator, model.context_length)
+        note = ds.describe_invalid_utf8()
+        if note and log is not None:
+            log(note)
         for a in range(0, min(len(ds), limit), cfg.batch_size):
             imgs, toks, skipped = collate_skipping([ds[i] for i in range(a, min(a + cfg.batch_size, len(ds), limit))])
             skipped_total += skipped

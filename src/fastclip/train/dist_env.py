@@ -38,6 +38,9 @@ def init_distributed(device: str = "auto") -> DistEnv:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available (CPU-only torch, or no visible device); "
+                             f"use device 'cpu' or 'auto'")
         dev = torch.device("cuda", local if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():

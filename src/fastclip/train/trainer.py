@@ -47,6 +47,7 @@ from .data import (StepBatches, TrainData, ZeroShotSet, build_train_data, detect
 from .dist_env import DistEnv, all_reduce_grads, init_distributed, sum_over_ranks
 from .optim import cosine_lr, create_optimizer
 from .progress import Progress, format_eval, format_final
+from .run_folder import prepare_run_folder, truncate_metrics
 
 __all__ = ["PRECISIONS", "TrainConfig", "Trainer", "StepHook", "train", "DistEnv", "init_distributed",
            "StepBatches", "trim_padding", "detect_dataset_type", "Progress"]
@@ -93,6 +94,7 @@ class Trainer:
         if cfg.output is None:
             cfg.output = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
         if env.is_main:
+            prepare_run_folder(cfg.output, cfg.resume, cfg.overwrite, self.log)  # one run per folder
             os.makedirs(cfg.output, exist_ok=True)
         self.data_type = detect_dataset_type(cfg.train_data, cfg.dataset_type)
 
@@ -133,6 +135,10 @@ class Trainer:
             self.optimizer, lambda s: cosine_lr(s, self.warmup_steps, self.total_steps))
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
         self.start_step, self.skipped_before = 0, 0
+        # Carried over from the checkpoint: batches with no loadable sample, the data position
+        # (batches drawn: ahead of the step when batches were skipped; the step in checkpoints
+        # that predate it) and the wall time.
+        self.batches_skipped_before, self.data_position, self.wall_before = 0, 0, 0.0
         self.resumed_from = None
         if cfg.resume:
             path = ckpt.resolve_resume(cfg.resume, cfg.output)
@@ -140,7 +146,7 @@ class Trainer:
                 state = ckpt.load_training_state(path, self.model, self.optimizer, self.scheduler,
                                                  self.scaler, map_location=env.device)
                 self.start_step = int(state["step"])
-                self.skipped_before = int(state["extra"].get("skipped", 0))
+                self._restore_extra(path, state["extra"])
                 self.resumed_from = path
         if hooks is None:
             from .demo import run_hooks
@@ -151,6 +157,15 @@ class Trainer:
 
     # -- setup helpers
 
+    def _restore_extra(self, path: str, extra: Dict[str, Any]) -> None:
+        try:
+            self.skipped_before = int(extra.get("skipped", 0))
+            self.batches_skipped_before = int(extra.get("skipped_batches", 0))
+            self.data_position = int(extra.get("data_position", self.start_step))
+            self.wall_before = float(extra.get("wall_time_s", 0.0))
+        except (AttributeError, TypeError, ValueError) as e:
+            raise ckpt.CheckpointError(f"{path}: corrupt 'extra' entry in the checkpoint ({e})") from None
+
     @staticmethod
     def _seed_all(seed: int) -> None:
         random.seed(seed)
@@ -158,7 +173,7 @@ class Trainer:
         torch.manual_seed(seed)
 
     def _train_batches(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, int]]:
-        return train_batches(self.cfg, self.data, self.model, self.env, self.start_step, self.total_steps)
+        return train_batches(self.cfg, self.data, self.model, self.env, self.data_position, self.total_steps)
 
     def _autocast(self):
         p = self.cfg.precision
@@ -232,7 +247,7 @@ class Trainer:
             self.zs_sets[name] = zs
         self.val_batches = None
         if cfg.val_data:
-            self.val_batches, skipped = load_val_batches(cfg, self.model)
+            self.val_batches, skipped = load_val_batches(cfg, self.model, log=self.log)
             self.eval_skipped += skipped
 
     @torch.no_grad()
@@ -290,6 +305,8 @@ class Trainer:
                f"precision {cfg.precision}, threads {torch.get_num_threads()}, output {cfg.output}")
         if self.resumed_from:
             msg += f"\n  resumed from {self.resumed_from} at step {self.start_step}"
+        for note in self.data.notes:
+            msg += f"\n  {note}"
         self.log(msg)
         with open(os.path.join(cfg.output, "config.json"), "w", encoding="utf-8") as f:
             json.dump({"train": dataclasses.asdict(cfg), "model": self.model.config.to_dict(),
@@ -302,6 +319,10 @@ class Trainer:
         if env.is_main:
             self._announce()
         metrics_path = os.path.join(out_dir, "metrics.jsonl")
+        if env.is_main and cfg.resume:  # the steps after the checkpoint are trained, and logged, again
+            dropped = truncate_metrics(metrics_path, self.start_step)
+            if dropped:
+                self.log(f"  metrics.jsonl: dropped {dropped} row(s) after step {self.start_step} (trained again)")
         mlog = open(metrics_path, "a", encoding="utf-8") if env.is_main else None
         progress = Progress(self.total_steps, self.start_step, cfg.progress if env.is_main else "none",
                             every=log_every)
@@ -312,6 +333,9 @@ class Trainer:
                 mlog.flush()
 
         skipped = 0
+        drawn = self.data_position  # batches drawn so far
+        skipped_batches, failed_in_a_row = 0, 0
+        fail_limit = cfg.max_failed_batches or self.steps_per_epoch or 100
         t_start = time.time()
         t_window, n_window = time.time(), 0
         last_eval: Dict[str, float] = {}
@@ -326,10 +350,22 @@ class Trainer:
         try:
             while step < self.total_steps:
                 images, tokens, n_skip = next(batches)
+                drawn += 1
                 skipped += n_skip
-                if images.shape[0] == 0:
-                    raise RuntimeError(f"step {step}: every sample of this rank's batch failed to load "
-                                       f"(rank {env.rank}); check the data")
+                empty = images.shape[0] == 0
+                if env.distributed:  # all ranks skip together, or the loss's collectives would not pair up
+                    empty = sum_over_ranks(env, int(empty)) > 0
+                if empty:  # no sample of the batch loaded: count it and draw the next one
+                    skipped_batches += 1
+                    failed_in_a_row += 1
+                    if failed_in_a_row >= fail_limit:
+                        self._data_unusable(failed_in_a_row)
+                    if env.is_main and skipped_batches <= 3:
+                        progress.message(f"step {step + 1}: no sample of batch {drawn} loaded (missing or corrupt "
+                                         f"images); skipped it and drew the next batch"
+                                         + (" (further ones are only counted)" if skipped_batches == 3 else ""))
+                    continue
+                failed_in_a_row = 0
                 images = images.to(env.device, non_blocking=True, memory_format=self.memory_format)
                 tokens = trim_padding(tokens).to(env.device, non_blocking=True)
                 t_step = time.time()
@@ -348,10 +384,10 @@ class Trainer:
                            "loss": loss.float().item(), "scale": self.model.logit_scale.exp().item(),
                            "lr": self.optimizer.param_groups[0]["lr"],
                            "images_per_s": n_window / max(now - t_window, 1e-9),
-                           "elapsed_s": now - t_start}
+                           "elapsed_s": self.wall_before + now - t_start}
                     t_window, n_window = now, 0
                     for h in self.hooks:
-                        h.after_log(self, step, now - t_start, progress)
+                        h.after_log(self, step, row["elapsed_s"], progress)
                     row["total_steps"] = self.total_steps
                     record(row)
                     last_ips = row["images_per_s"]
@@ -370,23 +406,36 @@ class Trainer:
                 if cfg.save_every and step % cfg.save_every == 0 and step < self.total_steps:
                     total_skipped = sum_over_ranks(env, skipped) + self.skipped_before
                     if env.is_main:
+                        extra = {"skipped": total_skipped,
+                                 "skipped_batches": self.batches_skipped_before + skipped_batches,
+                                 "data_position": drawn, "wall_time_s": self.wall_before + time.time() - t_start,
+                                 "config": dataclasses.asdict(cfg)}
                         ckpt.save_training_state(out_dir, step, self.model, self.optimizer, self.scheduler,
-                                                 self.scaler, extra={"skipped": total_skipped},
-                                                 keep=cfg.keep_checkpoints)
+                                                 self.scaler, extra=extra, keep=cfg.keep_checkpoints)
         finally:
             progress.close()
-        wall = time.time() - t_start
+        wall = self.wall_before + time.time() - t_start
         total_skipped = sum_over_ranks(env, skipped) + self.skipped_before
         result: Dict[str, Any] = {}
         if env.is_main:
             result = self._final_metrics(loss if self.total_steps > self.start_step else None, wall,
                                          total_skipped, last_eval)
+            result["train_batches_skipped"] = self.batches_skipped_before + skipped_batches
             record({"type": "final", **result})
             mlog.close()
             self._write_outputs(result, metrics_path)
         if env.distributed:
             dist.barrier()
         return result
+
+    def _data_unusable(self, n: int) -> None:
+        from ..datasets.csv_dataset import DataError
+        spe = self.steps_per_epoch
+        span = " (a whole epoch)" if spe and n >= spe else ""
+        raise DataError(f"{self.data_desc}: no sample loaded in {n} batches in a row{span} "
+                        f"({n * self.cfg.batch_size * self.env.world_size} samples, all missing or corrupt); "
+                        f"the data looks unusable: check the image paths (relative to the CSV file), "
+                        f"--csv-img-key and the shards (--max-failed-batches sets this limit)")
 
     def _final_metrics(self, loss: Optional[torch.Tensor], wall: float, total_skipped: int,
                        last_eval: Dict[str, float]) -> Dict[str, Any]:

@@ -1,86 +1,122 @@
-"""Kernel backends of the fused contrastive loss and their registry.
+"""Kernel backends of the fused contrastive losses and their registry.
 
-Every backend implements the same two *block* functions. A block is a pair of
-row features ``x`` [n, D] and column features ``y`` [m, D]; the single-device loss
-is one block, the sharded forms of :mod:`fastclip.distributed` are many, glued
-together by plain PyTorch ops (``logaddexp`` merges of the statistics) so that
-autograd composes exactly.
+This registry is the one place where backends are named: each backend module in this
+package declares a :class:`Backend` (name, stable code, devices, dtypes, priority, the
+losses it implements) and registers it; every other layer (the op, ``auto`` dispatch,
+:mod:`fastclip.distributed`, the tests, the benchmarks) asks the registry. How to add a
+backend or a loss: ``README.md`` beside this file.
 
-Block contract (design.md §1-§3)::
+Block contract (docs/design.md §1-§3). A block is a pair of row features ``x`` [n, D] and
+column features ``y`` [m, D]; the single-device loss is one block, the sharded forms of
+:mod:`fastclip.distributed` are many, glued together by the loss's merge. For a loss
+``spec`` (:class:`fastclip.ops.losses.LossSpec`) with scalar parameters ``params`` [P]
+(``params[0]`` = s, ``params[1]`` = b when P = 2)::
 
-    L_ij = s * rho_i * sigma_j * <x_i, y_j>       rho, sigma = 1/max(||.||, eps) if
-                                                  normalize else 1
-    fwd(x, y, scale, normalize, eps, pos_offset) -> (row_lse [n], col_lse [m], pos [n])
-        row_lse_i = logsumexp_j L_ij        col_lse_j = logsumexp_i L_ij
-        pos_i     = L_{i, i+pos_offset}     (0 where i+pos_offset is outside [0, m))
-        all three float32 (float64 for float64 inputs).
+    u_ij = rho_i * sigma_j * <x_i, y_j>     rho, sigma = 1/max(||.||, eps) if normalize else 1
+    z_ij = s * u_ij (+ b)                   the logits; j = i + pos_offset is i's positive
+    fwd(spec, x, y, params, normalize, eps, pos_offset) -> (row [n], col [m], pos [n])
+        row_i = MERGE_j f(z_ij)   col_j = MERGE_i f(z_ij)   (the loss's epilogue and merge)
+        pos_i = z_{i, i+pos_offset}  (0 where i+pos_offset is outside [0, m))
+    bwd(spec, x, y, params, normalize, eps, pos_offset, row, col,
+        grad_row [n], grad_col [m], grad_pos [n]) -> (dx [n, D], dy [m, D], dparams [P])
+        G_ij = grad_row_i d row_i/d z_ij + grad_col_j d col_j/d z_ij + grad_pos_i [j == i+off]
+        dx, dy = d/dx, d/dy of sum_ij G_ij z_ij (G held fixed; through the normalisation)
+        dparams = (sum_ij G_ij u_ij, sum_ij G_ij)[:P]
+    fwd_bwd(spec, x, y, params, normalize, eps, pos_offset, grad_row, grad_col, grad_pos)
+        -> (row, col, pos, dx, dy, dparams)   both at once; only for ``spec.one_pass`` losses
 
-    bwd(x, y, scale, normalize, eps, pos_offset, row_lse, col_lse,
-        grad_row [n], grad_col [m], grad_pos [n]) -> (dx [n, D], dy [m, D], dscale [])
-        G_ij   = grad_row_i * exp(L_ij - row_lse_i) + grad_col_j * exp(L_ij - col_lse_j)
-                 + grad_pos_i * [j == i + pos_offset]
-        dx     = d/dx sum_ij G_ij L_ij  (G held fixed; through the normalisation)
-        dy     = d/dy sum_ij G_ij L_ij
-        dscale = sum_ij G_ij L_ij / s
-        dx, dy have the dtype of x, y; dscale is float32 (float64 for float64 inputs).
+``bwd`` is exactly the vector-Jacobian product of ``fwd`` given the *merged* statistics
+(for "lse" losses d row_i/d z_ij = exp(z_ij - row_i) with the merged row_i, which is also the
+derivative through the merge). Statistics and ``pos`` are float64 whatever the features'
+dtype (``fastclip.ops.losses.STAT_DTYPE``: an fp32 log-sum-exp of logits of 1e4 is off by
+5e-4), and so are their upstream gradients; ``dparams`` is float32 (float64 for float64
+inputs); ``dx``, ``dy`` have the features' dtype.
 
-That is exactly the vector-Jacobian product of ``fwd``: autograd hands ``bwd`` the
-upstream gradients of the three outputs, whatever loss was built from them.
-
-Inputs a backend receives (the Python layer in ``fastclip.ops.contrastive_loss``
-has validated them): ``x`` and ``y`` 2-D, same dtype and device, unit stride in
-the last dimension (row stride arbitrary), n, m >= 1, D >= 1; ``scale`` a 0-dim
-float32 tensor (float64 for float64 inputs) on the same device; the statistics and
-gradient vectors contiguous, float32 (float64 for float64 inputs).
+Inputs a backend receives (the op layer in :mod:`fastclip.ops.contrastive_loss` has validated
+and normalised them): ``x`` and ``y`` 2-D, same dtype and device, n, m, D >= 1, unit stride
+along D (or D = 1) and a row stride >= D (or a single row: use :func:`row_stride`);
+``params`` a contiguous 1-D tensor of the accumulation dtype on the features' device; the
+statistic and gradient vectors contiguous float64.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+import pkgutil
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional, Union
 
 import torch
 
 __all__ = ["Backend", "register_backend", "get_backend", "available_backends",
-           "all_backends", "resolve_backend", "BackendUnavailableError"]
+           "all_backends", "resolve_backend", "backend_by_code", "row_stride",
+           "BackendUnavailableError", "ALL_DTYPES"]
+
+ALL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 class BackendUnavailableError(RuntimeError):
     """A backend was requested by name but cannot run here; the message says why."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Backend:
     """One implementation of the block functions.
 
-    name: registry key ("reference", "cpu", "triton", "cuda").
+    name: the registry key, also ``backend=`` of every public function.
+    code: a small stable integer, unique among backends (the distributed handshake carries
+        it to check that every rank runs the same backend).
     devices: device types it runs on ("cpu", "cuda").
-    availability: () -> (ok, reason); reason says how to get it when not ok.
-    fwd, bwd: the block functions of the module docstring.
-    dtypes: input dtypes it accepts natively (others are rejected before dispatch).
+    dtypes: feature dtypes it takes (others are refused by name and skipped by ``auto``).
+    priority: ``auto`` takes the available backend with the highest priority for the
+        features' device, dtype and loss; an int, or ``device -> int`` when it depends on
+        the device (e.g. the GPU architecture).
+    availability: () -> (ok, reason); the reason says how to get the backend when not ok.
+    fwd, bwd, fwd_bwd: the block functions of the module docstring (``fwd_bwd`` None: the
+        op runs ``fwd`` then ``bwd`` for one-pass losses too).
+    losses: names of the losses whose epilogue it implements.
+    emulated: () -> True when it runs through an interpreter here (slow: tests and
+        benchmarks keep to small shapes), e.g. Triton under TRITON_INTERPRET=1.
+    exact_logits: the largest |logit| up to which its float32 gradients meet the tolerance
+        table of docs/design.md §5 (inf: any). A backward that recomputes the logits with a
+        different rounding than its forward (another operand order or tiling) carries
+        ε·|z| into every exp(z - lse): beyond this bound its gradients' relative error is
+        at most 2^-23·max|z| instead (tested), e.g. 1.2e-3 at |z| = 1e4.
     """
+
     name: str
+    code: int
     devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    priority: Union[int, Callable[[torch.device], int]]
     availability: Callable[[], tuple[bool, str]]
     fwd: Callable
     bwd: Callable
-    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    fwd_bwd: Optional[Callable] = None
+    losses: tuple[str, ...] = ("clip", "siglip")
+    emulated: Callable[[], bool] = lambda: False
+    exact_logits: float = float("inf")
 
     def available(self) -> bool:
         return self.availability()[0]
 
+    def rank(self, device: torch.device) -> int:
+        return self.priority(device) if callable(self.priority) else self.priority
+
 
 _REGISTRY: dict[str, Backend] = {}
-# Preference of `auto` per device type, fastest first. The cuda entry is refined at
-# run time by fastclip.ops.backends.cuda_preference (issue 7: a table keyed by GPU
-# architecture); the CPU order is measured (benchmarks/results/cpu-*.md).
-_AUTO_ORDER: dict[str, list[str]] = {"cpu": ["cpu", "reference"],
-                                     "cuda": ["cuda", "triton", "reference"]}
+_RESOLVED: dict[tuple, Backend] = {}
 
 
-def register_backend(backend: Backend) -> None:
+def register_backend(backend: Backend) -> Backend:
+    for other in _REGISTRY.values():
+        if other.code == backend.code and other.name != backend.name:
+            raise ValueError(f"backend code {backend.code} of {backend.name!r} is taken by "
+                             f"{other.name!r}")
     _REGISTRY[backend.name] = backend
+    _RESOLVED.clear()
+    return backend
 
 
 def all_backends() -> dict[str, Backend]:
@@ -103,58 +139,77 @@ def get_backend(name: str) -> Backend:
     return _REGISTRY[name]
 
 
-def _auto_order(device_type: str) -> list[str]:
-    order = list(_AUTO_ORDER.get(device_type, ["reference"]))
-    if device_type == "cuda":
-        from . import cuda_preference  # noqa: PLC0415  (imported lazily: no CUDA at import)
-        order = cuda_preference.auto_order(order)
-    return order
-
-
-def resolve_backend(backend: str, device: torch.device,
-                    dtype: torch.dtype | None = None) -> Backend:
-    """Pick the backend for tensors on ``device`` (and of ``dtype``, when given).
-
-    ``"auto"`` honours ``FASTCLIP_BACKEND`` if set, else takes the first available
-    backend of the device's preference list. A backend named explicitly (argument or
-    environment) that cannot run raises :class:`BackendUnavailableError` with the
-    reason: never a silent fallback when the user asked for it by name.
-    """
+def backend_by_code(code: int) -> Optional[Backend]:
     _load_builtin()
-    if backend == "auto":
-        env = os.environ.get("FASTCLIP_BACKEND", "").strip()
-        if env and env != "auto":
-            backend = env
-    if backend != "auto":
-        b = get_backend(backend)
+    return next((b for b in _REGISTRY.values() if b.code == code), None)
+
+
+def row_stride(t: torch.Tensor) -> int:
+    """The row stride to hand a kernel: a single row's stride is arbitrary in PyTorch
+    (``torch.randn(8, 1).t()`` is contiguous with strides (1, 1)); kernels need >= D."""
+    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
+
+
+def _dtype_names(dtypes) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None,
+                    loss: str = "clip") -> Backend:
+    """Pick the backend for ``loss`` on features of ``device`` (and ``dtype``, when given).
+
+    ``"auto"`` honours ``FASTCLIP_BACKEND`` if set, else takes the available backend of the
+    highest priority that runs on the device, takes the dtype and implements the loss. A
+    backend named explicitly (argument or environment) that cannot run raises
+    :class:`BackendUnavailableError` with the reason: never a silent fallback when the user
+    asked for it by name. Results are cached per (name, device, dtype, loss, environment).
+    """
+    env = os.environ.get("FASTCLIP_BACKEND", "").strip()
+    key = (backend, device, dtype, loss, env)
+    hit = _RESOLVED.get(key)
+    if hit is not None:
+        return hit
+    _load_builtin()
+    name = env if backend == "auto" and env and env != "auto" else backend
+    if name != "auto":
+        b = get_backend(name)
         ok, reason = b.availability()
         if not ok:
-            raise BackendUnavailableError(f"backend={backend!r} is not available: {reason}")
+            raise BackendUnavailableError(f"backend={name!r} is not available: {reason}")
         if device.type not in b.devices:
             raise BackendUnavailableError(
-                f"backend={backend!r} runs on {'/'.join(b.devices)} tensors, but the features "
+                f"backend={name!r} runs on {'/'.join(b.devices)} tensors, but the features "
                 f"are on {device}; move them or pass backend='auto'")
         if dtype is not None and dtype not in b.dtypes:
             raise BackendUnavailableError(
-                f"backend={backend!r} does not take {dtype} features (it takes "
-                f"{', '.join(str(d).replace('torch.', '') for d in b.dtypes)}); cast them or "
-                f"pass backend='auto'")
-        return b
-    for name in _auto_order(device.type):
-        b = _REGISTRY.get(name)
-        if (b is not None and device.type in b.devices and (dtype is None or dtype in b.dtypes)
-                and b.available()):
-            return b
-    raise BackendUnavailableError(f"no fastclip backend runs on device {device}"
-                                  + ("" if dtype is None else f" with {dtype} features"))
+                f"backend={name!r} does not take {dtype} features (it takes "
+                f"{_dtype_names(b.dtypes)}); cast them or pass backend='auto'")
+        if loss not in b.losses:
+            raise BackendUnavailableError(
+                f"backend={name!r} does not implement the {loss!r} loss (it implements "
+                f"{', '.join(b.losses)}); pass backend='auto'")
+    else:
+        fits = [b for b in _REGISTRY.values()
+                if device.type in b.devices and (dtype is None or dtype in b.dtypes)
+                and loss in b.losses and b.available()]
+        if not fits:
+            raise BackendUnavailableError(
+                f"no fastclip backend runs the {loss!r} loss on device {device}"
+                + ("" if dtype is None else f" with {dtype} features"))
+        b = max(fits, key=lambda c: c.rank(device))     # ties: registration order
+    _RESOLVED[key] = b
+    return b
 
 
 _LOADED = False
 
 
 def _load_builtin() -> None:
+    """Import every backend module of this package (each registers itself), once."""
     global _LOADED
     if _LOADED:
         return
     _LOADED = True
-    from . import reference, cpu, triton, cuda  # noqa: F401,PLC0415  (each registers itself)
+    for mod in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{mod.name}")

@@ -16,31 +16,28 @@ import torch
 from torch import Tensor
 
 from ..._ext import extension, extension_error
-from . import Backend, register_backend
+from ..losses import STAT_DTYPE
+from . import ALL_DTYPES, Backend, register_backend, row_stride
 
 
 def _availability() -> tuple[bool, str]:
-    C = extension()
-    if C is None:
+    if extension() is None:
         return False, extension_error()
     return True, ""
 
 
 def _prep(t: Tensor) -> Tensor:
-    if t.dtype in (torch.float16, torch.bfloat16):
-        t = t.float()
-    if t.stride(1) != 1:
-        t = t.contiguous()
-    return t
+    # Half precision runs the fp32 kernel: an O(n·D) copy; the op layer already gave a
+    # kernel layout, and a dtype cast keeps it.
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _vec(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.to(dtype).contiguous()
 
 
-# Below this many multiply-adds a call runs on one thread: the kernel splits work in
-# blocks of 96 rows anyway, and waking OpenMP's team costs more than the arithmetic
-# (8x4x8 block: 0.01 ms on one thread, 24 ms on two on this shared 2-core machine).
+# Below this many multiply-adds a call runs on one thread (measured:
+# benchmarks/results/cpu-kernel-tuning.md, "Small blocks run on one thread").
 _SERIAL_BELOW = 1 << 20
 
 
@@ -48,37 +45,53 @@ def _threads(n: int, m: int, d: int) -> int:
     return 1 if n * m * d < _SERIAL_BELOW else torch.get_num_threads()
 
 
-def fwd(x: Tensor, y: Tensor, scale: Tensor, normalize: bool, eps: float, pos_offset: int):
-    C = extension()
+def _common(spec, x, y, params, normalize, eps, pos_offset):
     xc, yc = _prep(x), _prep(y)
     n, d = xc.shape
     m = yc.shape[0]
-    dt = xc.dtype
-    row = torch.empty(n, dtype=dt)
-    col = torch.empty(m, dtype=dt)
-    pos = torch.empty(n, dtype=dt)
-    C.cpu_fwd(xc.data_ptr(), yc.data_ptr(), n, m, d, xc.stride(0), yc.stride(0),
-              dt == torch.float64, float(scale), bool(normalize), float(eps), int(pos_offset),
-              row.data_ptr(), col.data_ptr(), pos.data_ptr(), _threads(n, m, d))
+    p = params.tolist()
+    bias = p[1] if len(p) > 1 else 0.0
+    head = (spec.code, xc.data_ptr(), yc.data_ptr(), n, m, d, row_stride(xc), row_stride(yc),
+            xc.dtype == torch.float64, p[0], bias, bool(normalize), float(eps), int(pos_offset))
+    return xc, yc, n, m, d, xc.dtype, head
+
+
+def fwd(spec, x: Tensor, y: Tensor, params: Tensor, normalize: bool, eps: float, pos_offset: int):
+    xc, yc, n, m, d, dt, head = _common(spec, x, y, params, normalize, eps, pos_offset)
+    row, col, pos = (torch.empty(k, dtype=STAT_DTYPE) for k in (n, m, n))
+    extension().cpu_fwd(*head, row.data_ptr(), col.data_ptr(), pos.data_ptr(), _threads(n, m, d))
     return row, col, pos
 
 
-def bwd(x: Tensor, y: Tensor, scale: Tensor, normalize: bool, eps: float, pos_offset: int,
-        row_lse: Tensor, col_lse: Tensor, grad_row: Tensor, grad_col: Tensor, grad_pos: Tensor):
-    C = extension()
-    xc, yc = _prep(x), _prep(y)
-    n, d = xc.shape
-    m = yc.shape[0]
-    dt = xc.dtype
-    r, c = _vec(row_lse, dt), _vec(col_lse, dt)
-    gr, gc, gp = _vec(grad_row, dt), _vec(grad_col, dt), _vec(grad_pos, dt)
-    dx = torch.empty((n, d), dtype=dt)
-    dy = torch.empty((m, d), dtype=dt)
-    ds = C.cpu_bwd(xc.data_ptr(), yc.data_ptr(), n, m, d, xc.stride(0), yc.stride(0),
-                   dt == torch.float64, float(scale), bool(normalize), float(eps), int(pos_offset),
-                   r.data_ptr(), c.data_ptr(), gr.data_ptr(), gc.data_ptr(), gp.data_ptr(),
-                   dx.data_ptr(), dy.data_ptr(), _threads(n, m, d))
-    return dx.to(x.dtype), dy.to(y.dtype), torch.tensor(ds, dtype=dt)
+def _dparams(pair, params: Tensor, dt: torch.dtype) -> Tensor:
+    return torch.tensor(pair[:params.numel()], dtype=dt)
 
 
-register_backend(Backend(name="cpu", devices=("cpu",), availability=_availability, fwd=fwd, bwd=bwd))
+def bwd(spec, x: Tensor, y: Tensor, params: Tensor, normalize: bool, eps: float, pos_offset: int,
+        row: Tensor, col: Tensor, grad_row: Tensor, grad_col: Tensor, grad_pos: Tensor):
+    xc, yc, n, m, d, dt, head = _common(spec, x, y, params, normalize, eps, pos_offset)
+    vecs = [_vec(t, STAT_DTYPE) for t in (row, col)] + [_vec(t, dt) for t in (grad_row,
+                                                                             grad_col, grad_pos)]
+    dx, dy = torch.empty((n, d), dtype=dt), torch.empty((m, d), dtype=dt)
+    pair = extension().cpu_bwd(*head, *(v.data_ptr() for v in vecs), dx.data_ptr(),
+                               dy.data_ptr(), _threads(n, m, d))
+    return dx.to(x.dtype), dy.to(y.dtype), _dparams(pair, params, dt)
+
+
+def fwd_bwd(spec, x: Tensor, y: Tensor, params: Tensor, normalize: bool, eps: float,
+            pos_offset: int, grad_row: Tensor, grad_col: Tensor, grad_pos: Tensor):
+    xc, yc, n, m, d, dt, head = _common(spec, x, y, params, normalize, eps, pos_offset)
+    grads = [_vec(t, dt) for t in (grad_row, grad_col, grad_pos)]
+    row, col, pos = (torch.empty(k, dtype=STAT_DTYPE) for k in (n, m, n))
+    dx, dy = torch.empty((n, d), dtype=dt), torch.empty((m, d), dtype=dt)
+    pair = extension().cpu_fwd_bwd(*head, *(g.data_ptr() for g in grads), row.data_ptr(),
+                                   col.data_ptr(), pos.data_ptr(), dx.data_ptr(), dy.data_ptr(),
+                                   _threads(n, m, d))
+    return row, col, pos, dx.to(x.dtype), dy.to(y.dtype), _dparams(pair, params, dt)
+
+
+register_backend(Backend(
+    name="cpu", code=1, devices=("cpu",), dtypes=ALL_DTYPES,
+    priority=100,                 # the fastest on the CPU (benchmarks/results/cpu-*.md)
+    availability=_availability, fwd=fwd, bwd=bwd, fwd_bwd=fwd_bwd,
+    losses=("clip", "siglip")))

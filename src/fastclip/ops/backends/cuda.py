@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..._ext import extension, extension_error
-from . import Backend, register_backend
+from . import Backend, register_backend, row_stride
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _STATUS: tuple[bool, str] | None = None
@@ -53,11 +53,6 @@ def _rows(t: Tensor) -> Tensor:
     return t
 
 
-def _ld(t: Tensor) -> int:
-    # A single row's stride is arbitrary in torch; the kernel only needs >= D.
-    return t.stride(0) if t.shape[0] > 1 else max(t.stride(0), t.shape[1])
-
-
 def _check(x: Tensor, y: Tensor, scale: Tensor) -> None:
     for name, t in (("x", x), ("y", y)):
         if t.device.type != "cuda":
@@ -77,7 +72,7 @@ def _f32(t: Tensor) -> Tensor:
     return t.detach().to(torch.float32).contiguous()
 
 
-def fwd(x: Tensor, y: Tensor, scale: Tensor, normalize: bool, eps: float, pos_offset: int):
+def _fwd(x: Tensor, y: Tensor, scale: Tensor, normalize: bool, eps: float, pos_offset: int):
     """Block forward (see fastclip.ops.backends): (row_lse [n], col_lse [m], pos [n]) fp32."""
     C = extension()
     _check(x, y, scale)
@@ -92,15 +87,15 @@ def fwd(x: Tensor, y: Tensor, scale: Tensor, normalize: bool, eps: float, pos_of
         pos = torch.empty(n, dtype=torch.float32, device=dev)
         nbytes = C.cuda_fwd_workspace_bytes(n, m, d)
         ws = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-        C.cuda_fwd(xc.data_ptr(), yc.data_ptr(), n, m, d, _ld(xc), _ld(yc), _DTYPE_CODE[xc.dtype],
+        C.cuda_fwd(xc.data_ptr(), yc.data_ptr(), n, m, d, row_stride(xc), row_stride(yc), _DTYPE_CODE[xc.dtype],
                    bool(torch.backends.cuda.matmul.allow_tf32), sc.data_ptr(), bool(normalize),
                    float(eps), int(pos_offset), row.data_ptr(), col.data_ptr(), pos.data_ptr(),
                    ws.data_ptr(), nbytes, torch.cuda.current_stream(dev).cuda_stream)
     return row, col, pos
 
 
-def bwd(x: Tensor, y: Tensor, scale: Tensor, normalize: bool, eps: float, pos_offset: int,
-        row_lse: Tensor, col_lse: Tensor, grad_row: Tensor, grad_col: Tensor, grad_pos: Tensor):
+def _bwd(x: Tensor, y: Tensor, scale: Tensor, normalize: bool, eps: float, pos_offset: int,
+         row_lse: Tensor, col_lse: Tensor, grad_row: Tensor, grad_col: Tensor, grad_pos: Tensor):
     """Block backward (see fastclip.ops.backends): (dx [n, D], dy [m, D], dscale [] fp32)."""
     C = extension()
     _check(x, y, scale)
@@ -117,7 +112,7 @@ def bwd(x: Tensor, y: Tensor, scale: Tensor, normalize: bool, eps: float, pos_of
         ds = torch.empty((), dtype=torch.float32, device=dev)
         nbytes = C.cuda_bwd_workspace_bytes(n, m, d)
         ws = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-        C.cuda_bwd(xc.data_ptr(), yc.data_ptr(), n, m, d, _ld(xc), _ld(yc), _DTYPE_CODE[xc.dtype],
+        C.cuda_bwd(xc.data_ptr(), yc.data_ptr(), n, m, d, row_stride(xc), row_stride(yc), _DTYPE_CODE[xc.dtype],
                    bool(torch.backends.cuda.matmul.allow_tf32), sc.data_ptr(), bool(normalize),
                    float(eps), int(pos_offset), r.data_ptr(), c.data_ptr(), gr.data_ptr(),
                    gc.data_ptr(), gp.data_ptr(), dx.data_ptr(), dy.data_ptr(), ds.data_ptr(),
@@ -125,5 +120,40 @@ def bwd(x: Tensor, y: Tensor, scale: Tensor, normalize: bool, eps: float, pos_of
     return dx, dy, ds
 
 
-register_backend(Backend(name="cuda", devices=("cuda",), availability=_availability, fwd=fwd,
-                         bwd=bwd, dtypes=(torch.float32, torch.float16, torch.bfloat16)))
+# Which GPU backend ``auto`` prefers, by compute capability (major, minor); the triton
+# backend ranks 20 on every GPU. No GPU measurement backs this table yet
+# (benchmarks/results/ will; then it must follow the numbers). The prior:
+# * sm_80 / sm_86 / sm_87 / sm_89 (Ampere, Ada): these kernels use mma.sync m16n8k16 with
+#   ldmatrix and cp.async, what Triton's ``tl.dot`` also lowers to there, with no
+#   autotuning cost at first use: cuda first (30).
+# * sm_90 (Hopper) and newer: Triton lowers ``tl.dot`` to wgmma (warpgroup MMA, TMA),
+#   which these kernels do not use yet (their sm_80 mma.sync path runs there at about half
+#   of Hopper's dense tensor throughput): triton first (cuda 10).
+# * older than sm_80 (no bf16 mma.sync; the kernels are built for sm_80 and sm_90a only):
+#   triton first; cuda reports the missing kernel image.
+_AMPERE_ADA = {(8, 0), (8, 6), (8, 7), (8, 9)}
+
+
+def _priority(device: torch.device) -> int:
+    if not torch.cuda.is_available():
+        return 10
+    cap = torch.cuda.get_device_capability(device)
+    return 30 if tuple(cap) in _AMPERE_ADA else 10
+
+
+def fwd(spec, x: Tensor, y: Tensor, params: Tensor, normalize: bool, eps: float, pos_offset: int):
+    row, col, pos = _fwd(x, y, params[:1].reshape(()), normalize, eps, pos_offset)
+    return row.double(), col.double(), pos.double()
+
+
+def bwd(spec, x: Tensor, y: Tensor, params: Tensor, normalize: bool, eps: float, pos_offset: int,
+        row: Tensor, col: Tensor, grad_row: Tensor, grad_col: Tensor, grad_pos: Tensor):
+    dx, dy, ds = _bwd(x, y, params[:1].reshape(()), normalize, eps, pos_offset, row, col,
+                      grad_row, grad_col, grad_pos)
+    return dx, dy, ds.reshape(1)
+
+
+register_backend(Backend(name="cuda", code=3, devices=("cuda",),
+                         dtypes=(torch.float32, torch.float16, torch.bfloat16),
+                         priority=_priority, availability=_availability, fwd=fwd, bwd=bwd,
+                         losses=("clip",)))

@@ -1,12 +1,16 @@
-"""The ``reference`` backend: chunked plain PyTorch, any device, any float dtype."""
+"""The ``reference`` backend: chunked plain PyTorch, any device, any float dtype, every loss.
+
+The last fallback of ``auto`` (lowest priority) and, in float64, the oracle of the kernels.
+"""
 
 from .. import reference as _ref
-from . import Backend, register_backend
+from ..losses import LOSSES
+from . import ALL_DTYPES, Backend, register_backend
 
 register_backend(Backend(
-    name="reference",
-    devices=("cpu", "cuda"),
+    name="reference", code=0, devices=("cpu", "cuda"), dtypes=ALL_DTYPES,
+    priority=0,
     availability=lambda: (True, ""),
-    fwd=_ref.block_fwd,
-    bwd=_ref.block_bwd,
+    fwd=_ref.block_fwd, bwd=_ref.block_bwd, fwd_bwd=_ref.block_fwd_bwd,
+    losses=tuple(LOSSES),
 ))

@@ -175,8 +175,10 @@ def _fwd_kernel(x_ptr, y_ptr, rho_ptr, sig_ptr, scale_ptr, row_lse_ptr, pmax_ptr
         cs = tl.sum(tl.exp(L - cm_use[None, :]), 0)
         tl.store(pmax_ptr + prow + cols, cm, mask=cmask)
         tl.store(psum_ptr + prow + cols, cs, mask=cmask)
-    # padding rows have l_i = 0: log(1) keeps them finite (they are not stored).
-    tl.store(row_lse_ptr + rows, m_i + tl.log(tl.where(rmask, l_i, 1.0)), mask=rmask)
+    # padding rows have l_i = 0: log(1) keeps them finite (they are not stored). The
+    # statistic is float64 (the max exact, log(l) small): see fastclip.ops.losses.STAT_DTYPE.
+    tl.store(row_lse_ptr + rows, m_i.to(tl.float64) + tl.log(tl.where(rmask, l_i, 1.0).to(tl.float64)),
+             mask=rmask)
 
 
 @triton.jit
@@ -202,7 +204,8 @@ def _col_merge_kernel(pmax_ptr, psum_ptr, g, m, cmax_ptr, csum_ptr, col_lse_ptr,
         sm = sm * tl.exp(mx - use) + ps * tl.exp(pm - use)
         mx = new
     if LAST:
-        tl.store(col_lse_ptr + cols, mx + tl.log(tl.where(cmask, sm, 1.0)), mask=cmask)
+        tl.store(col_lse_ptr + cols, mx.to(tl.float64) + tl.log(tl.where(cmask, sm, 1.0).to(tl.float64)),
+                 mask=cmask)
     else:
         tl.store(cmax_ptr + cols, mx, mask=cmask)
         tl.store(csum_ptr + cols, sm, mask=cmask)
@@ -225,7 +228,10 @@ def _bwd_kernel(a_ptr, b_ptr, sa, sb, ra_ptr, rb_ptr, scale_ptr, lse_a_ptr, lse_
     s = tl.load(scale_ptr).to(tl.float32)
     ra = tl.load(ra_ptr + rows, mask=rmask, other=0.0)
     rs = ra * s
-    lse_a = tl.load(lse_a_ptr + rows, mask=rmask, other=0.0)
+    # float64 statistics as hi + lo: exp((L - hi) - lo) keeps their precision.
+    lse_a64 = tl.load(lse_a_ptr + rows, mask=rmask, other=0.0)
+    lse_a = lse_a64.to(tl.float32)
+    lse_a_lo = (lse_a64 - lse_a.to(tl.float64)).to(tl.float32)
     g_a = tl.load(ga_ptr + rows, mask=rmask, other=0.0)
     if POS_BY_ROW:
         gp_a = tl.load(gp_ptr + rows, mask=rmask, other=0.0)
@@ -238,13 +244,16 @@ def _bwd_kernel(a_ptr, b_ptr, sa, sb, ra_ptr, rb_ptr, scale_ptr, lse_a_ptr, lse_
         cmask = cols < nb
         c64 = cols.to(tl.int64)
         rb = tl.load(rb_ptr + cols, mask=cmask, other=0.0)
-        lse_b = tl.load(lse_b_ptr + cols, mask=cmask, other=0.0)
+        lse_b64 = tl.load(lse_b_ptr + cols, mask=cmask, other=0.0)
+        lse_b = lse_b64.to(tl.float32)
+        lse_b_lo = (lse_b64 - lse_b.to(tl.float64)).to(tl.float32)
         g_b = tl.load(gb_ptr + cols, mask=cmask, other=0.0)
         S = _tile_dot(a_ptr, b_ptr, sa, sb, r64, c64, rmask, cmask, D,
                       BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
-        L = S * rs[:, None] * rb[None, :]
-        G = (g_a[:, None] * tl.exp(L - lse_a[:, None])
-             + g_b[None, :] * tl.exp(L - lse_b[None, :]))
+        U = S * ra[:, None] * rb[None, :]          # unscaled: dscale needs no division by s
+        L = U * s
+        G = (g_a[:, None] * tl.exp((L - lse_a[:, None]) - lse_a_lo[:, None])
+             + g_b[None, :] * tl.exp((L - lse_b[None, :]) - lse_b_lo[None, :]))
         diag = cols[None, :] == rows[:, None] + off
         if POS_BY_ROW:
             G += tl.where(diag, gp_a[:, None], 0.0)
@@ -252,7 +261,7 @@ def _bwd_kernel(a_ptr, b_ptr, sa, sb, ra_ptr, rb_ptr, scale_ptr, lse_a_ptr, lse_
             gp_b = tl.load(gp_ptr + cols, mask=cmask, other=0.0)
             G += tl.where(diag, gp_b[None, :], 0.0)
         G = tl.where(rmask[:, None] & cmask[None, :], G, 0.0)
-        t += tl.sum(G * L, 1)
+        t += tl.sum(G * U, 1)
         bt = tl.load(b_ptr + c64[:, None] * sb + dcols[None, :],
                      mask=cmask[:, None] & dmask[None, :], other=0.0)     # [BLOCK_N, BLOCK_DO]
         W = G * rb[None, :]
@@ -261,13 +270,13 @@ def _bwd_kernel(a_ptr, b_ptr, sa, sb, ra_ptr, rb_ptr, scale_ptr, lse_a_ptr, lse_
         else:
             W = W.to(bt.dtype)
         acc = tl.dot(W, bt, acc, input_precision=PRECISION)
-    # Fused normalisation backward: <â_i, ∂/∂â_i> = Σ_j G_ij L_ij = t_i, so
-    # da_i = ra_i·s·acc_i − ra_i²·t_i·a_i needs no reduction over D.
+    # Fused normalisation backward: <â_i, ∂/∂â_i> = s Σ_j G_ij U_ij = s t_i, so
+    # da_i = ra_i·s·acc_i − ra_i²·s·t_i·a_i needs no reduction over D.
     da = acc * rs[:, None]
     if NORMALIZE:
         at = tl.load(a_ptr + r64[:, None] * sa + dcols[None, :],
                      mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        da = da - (ra * ra * t)[:, None] * at
+        da = da - (ra * ra * t * s)[:, None] * at
     tl.store(da_ptr + r64[:, None] * sda + dcols[None, :], da.to(da_ptr.dtype.element_ty),
              mask=rmask[:, None] & dmask[None, :])
     if pid_d == 0:
@@ -422,8 +431,8 @@ def _fwd(x, y, scale, normalize, eps, pos_offset):
     scale = scale.reshape(()).to(device=dev, dtype=torch.float32)
     rho = _inv_norms(x, normalize, eps)
     sig = _inv_norms(y, normalize, eps)
-    row_lse = _empty((n,), torch.float32, dev)
-    col_lse = _empty((m,), torch.float32, dev)
+    row_lse = _empty((n,), torch.float64, dev)
+    col_lse = _empty((m,), torch.float64, dev)
     pos = _empty((n,), torch.float32, dev)
     prec, up = _precision(x.dtype), _upcast(x.dtype)
     sx, sy = _row_stride(x), _row_stride(y)
@@ -496,7 +505,8 @@ def _bwd(x, y, scale, normalize, eps, pos_offset, row_lse, col_lse, grad_row, gr
     dev = x.device
     f32 = dict(dtype=torch.float32, device=dev)
     scale = scale.reshape(()).to(**f32)
-    row_lse, col_lse = row_lse.to(**f32).contiguous(), col_lse.to(**f32).contiguous()
+    f64 = dict(dtype=torch.float64, device=dev)
+    row_lse, col_lse = row_lse.to(**f64).contiguous(), col_lse.to(**f64).contiguous()
     grad_row, grad_col = grad_row.to(**f32).contiguous(), grad_col.to(**f32).contiguous()
     grad_pos = grad_pos.to(**f32).contiguous()
     rho = _inv_norms(x, normalize, eps)
@@ -508,5 +518,5 @@ def _bwd(x, y, scale, normalize, eps, pos_offset, row_lse, col_lse, grad_row, gr
     # Pass B (rows of y outer): the positive of y-row j is x-row j - pos_offset.
     dy, _ = _bwd_pass(y, x, sig, rho, scale, col_lse, row_lse, grad_col, grad_row, grad_pos,
                       -pos_offset, False, normalize, prec, up)
-    dscale = t.sum() / scale
+    dscale = t.sum()             # Σ_ij G_ij U_ij: exact for any scale, 0 included
     return dx, dy, dscale

@@ -1,0 +1,61 @@
+"""Atomic file writes that leave files with the permissions of any other file the user creates.
+
+``atomic_write(path, write)`` lets ``write`` fill a temporary file in the destination folder,
+flushes it to disk and moves it into place with ``os.replace`` (atomic on POSIX): a process
+killed at any moment leaves either the old file or the new one, never a torn one.
+
+``tempfile.mkstemp`` creates its file with mode 0600, and ``safetensors``' own writer does the
+same; renamed into place, such a file would be unreadable to the user's group where a plain
+``open(path, "w")`` honours the umask (0644 under the common umask 022). The mode is therefore
+set to ``0o666 & ~umask`` before the rename.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Callable
+
+TMP_PREFIX = ".tmp-"
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where ``/proc`` allows (``os.umask`` can only
+    be read by setting it, which for a moment would apply to files other threads create)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode ``open(path, "w")`` would give a new file: ``0o666 & ~umask``."""
+    return 0o666 & ~current_umask()
+
+
+def atomic_write(path: str, write: Callable[[str], None], suffix: str = "") -> None:
+    """Write ``path`` atomically: ``write(tmp_path)`` fills a temporary file named
+    ``.tmp-*<suffix>`` in the same folder (created if needed), which is then fsync'ed, given the
+    umask's mode and renamed to ``path``. The temporary file is removed if anything fails."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix, dir=d)
+    os.close(fd)
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, default_file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

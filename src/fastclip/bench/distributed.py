@@ -1,0 +1,415 @@
+"""The sharded-loss benchmark: fastclip's distributed forms against open_clip's.
+
+For one loss (``--loss``, default ``clip``; its sharded forms come from its entry in
+:mod:`fastclip.bench.methods`), three modes:
+
+* ``--mode cpu`` (default): W ranks spawned on this machine, gloo on 127.0.0.1, one
+  forward+backward per case at D=512 float32 for fastclip's ``gather`` and ``ring``
+  and ``openclip``: open_clip's own class for W ranks (CLIP: ``ClipLoss(local_loss=True,
+  gather_with_grad=True)``) when open_clip is importable, else the same formula on
+  all-gathered features. Per-rank peak memory is the rise of the resident set during
+  the case (VmHWM after resetting it, minus VmRSS before), so it counts every buffer
+  the loss allocates, the feature gradients included (2·n·D·4 bytes). Time is wall
+  clock between two barriers: the slowest rank.
+* ``--mode overhead``: per-call wall time at small N (default 32, 256, 1024 global,
+  W = 2), where the collectives and the dispatch dominate: one forward and one
+  forward+backward per call, each timed alone on every rank with the methods
+  interleaved; per call the slowest rank, then the median over many calls (µs).
+* ``--mode w1``: the single-device cost of the sharded code path. One process, a
+  process group of size 1 (NCCL on CUDA, gloo on CPU), the plain fused loss against
+  the sharded ``gather`` and ``ring`` on the same features; CUDA time by events
+  (median of ``--reps``), memory by ``torch.cuda.max_memory_allocated``.
+
+Writes ``<out>/distributed-<mode>[-<device>][-<loss>].csv`` (a row per measurement with
+device, versions, commit) and ``.md``; ``<out>`` defaults to ``./benchmarks/results``
+when the current directory has one, else the current directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import statistics
+import sys
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from . import methods as M
+from .env import cpu_count, cpu_name, env_info
+from .measure import (Step, free_port, per_call_times, proc_status_kb, reset_peak_rss,
+                      unit_features)
+from .report import default_out_dir, derive_overhead, write_csv, write_overhead_markdown, \
+    write_text
+
+__all__ = ["main", "build_parser", "run_cpu", "run_overhead", "run_w1"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+          "fp64": torch.float64}
+IMPLS = ("gather", "ring", "openclip")
+PEER = "openclip"
+
+
+# ------------------------------------------------------------------- loss forms
+def _peer(spec: M.BenchLoss, rank: int, world: int):
+    """(fn(x, y, params) -> loss over the group, description) of open_clip's sharded loss."""
+    kwargs = spec.open_clip_sharded(rank, world)
+    cls, why = M.load_open_clip(spec.open_clip_class)
+    if cls is not None:
+        inst = cls(**kwargs)
+        args = ", ".join(f"{k}={v}" for k, v in kwargs.items() if k != "rank")
+        return (lambda x, y, p: inst(x, y, *p)), f"{why}({args})"
+    return ((lambda x, y, p: spec.sharded_formula(x, y, p, rank)),
+            f"the same formula on all-gathered features ({why})")
+
+
+def _loss_fn(spec: M.BenchLoss, impl: str, rank: int, world: int, backend: str):
+    """(fn(x, y, params), description) of one sharded form."""
+    if impl == PEER:
+        return _peer(spec, rank, world)
+    return ((lambda x, y, p: spec.distributed(x, y, p, impl, backend)),
+            f"fastclip distributed {spec.name} loss, dist_impl={impl!r}, backend={backend!r}")
+
+
+def _rank_setup(rank: int, world: int, port: int, timeout_s: float) -> int:
+    import warnings  # noqa: PLC0415
+    # torch.distributed.nn.functional.all_gather (open_clip's gather_with_grad path) is
+    # deprecated in torch 2.13 but is what open_clip calls.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    threads = max(1, cpu_count() // world)
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=timeout_s))
+    return threads
+
+
+def _spawn(target, world: int, args, timeout_s: float) -> dict:
+    """Run ``target(rank, world, port, args, queue)`` on ``world`` spawned ranks; return
+    {rank: payload}. A failing rank's traceback is raised here, never a hang."""
+    import torch.multiprocessing as mp  # noqa: PLC0415
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, args, q)) for r in range(world)]
+    for p in procs:
+        p.start()
+    got = {}
+    try:
+        while len(got) < world:
+            rank, status, payload = q.get(timeout=timeout_s)
+            if status != "ok":
+                raise RuntimeError(f"rank {rank} failed:\n{payload}")
+            got[rank] = payload
+    finally:
+        for p in procs:
+            p.join(timeout=60 if len(got) == world else 1)
+            if p.is_alive():
+                p.terminate()
+    return got
+
+
+# ------------------------------------------------------------------- CPU, W ranks
+def _cpu_rank(rank, world, port, args, q):
+    try:
+        threads = _rank_setup(rank, world, port, 1800)
+        spec = M.get_loss(args.loss)
+        rows, impls = [], {}
+        gen_seed = 1234 + rank
+        # Warm-up: first calls pay for thread pools, allocator growth, gloo buffers.
+        for impl in args.impls:
+            fn, impls[impl] = _loss_fn(spec, impl, rank, world, args.backend)
+            x, y = unit_features(64, args.dim, torch.float32, "cpu", gen_seed)
+            fn(x, y, spec.params("cpu")).backward()
+        for N in args.sizes:
+            n = N // world
+            for impl in args.impls:
+                fn, _ = _loss_fn(spec, impl, rank, world, args.backend)
+                x, y = unit_features(n, args.dim, torch.float32, "cpu", gen_seed)
+                params = spec.params("cpu")
+                dist.barrier()
+                rss0 = proc_status_kb("VmRSS")
+                ok = reset_peak_rss()
+                t0 = time.perf_counter()
+                loss = fn(x, y, params)
+                loss.backward()
+                dist.barrier()
+                dt = time.perf_counter() - t0
+                peak = (proc_status_kb("VmHWM") - rss0) / 1024 if ok else float("nan")
+                stats = [None] * world
+                dist.all_gather_object(stats, (dt, peak))
+                if rank == 0:
+                    rows.append({"world": world, "impl": impl, "N": N, "n_per_rank": n,
+                                 "D": args.dim, "dtype": "fp32", "threads_per_rank": threads,
+                                 "time_s": max(t for t, _ in stats),
+                                 "peak_mib_per_rank": max(p for _, p in stats)})
+                    print(f"W={world} N={N:6d} {impl:8s} {rows[-1]['time_s']:7.2f} s "
+                          f"{rows[-1]['peak_mib_per_rank']:8.1f} MiB/rank", flush=True)
+                del x, y, params, loss
+        q.put((rank, "ok", (rows, impls)))
+    except BaseException:   # noqa: BLE001 - reported to the parent, which raises
+        import traceback  # noqa: PLC0415
+        q.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_cpu(args) -> tuple[list[dict], dict]:
+    # A fixed mmap threshold turns off glibc's adaptive one, so every large tensor is
+    # mmapped and returned on free: the resident-set peak of a case is its own.
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 17)
+    out, impls = [], {}
+    for world in args.worlds:
+        rows, impls = _spawn(_cpu_rank, world, args, 1800)[0]
+        out.extend(rows)
+    return out, impls
+
+
+# ------------------------------------------------------------------- overhead, W ranks
+def _overhead_rank(rank, world, port, args, q):
+    try:
+        _rank_setup(rank, world, port, 600)
+        spec = M.get_loss(args.loss)
+        rows, impls = [], {}
+
+        def agree(rounds: int) -> int:           # every rank runs the same calls
+            t = torch.tensor([rounds])
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            return int(t.item())
+
+        for N in args.sizes:
+            n = N // world
+            x, y = unit_features(n, args.dim, torch.float32, "cpu", 1234 + rank)
+            params = spec.params("cpu")
+            steps = {}
+            for impl in args.impls:
+                fn, impls[impl] = _loss_fn(spec, impl, rank, world, args.backend)
+                steps[impl] = Step((lambda f=fn, a=x, b=y, p=params: f(a, b, p)),
+                                   lambda loss: loss.backward(), impls[impl])
+            times = per_call_times(steps, (x, y, *params), sync=lambda: None,
+                                   budget_s=args.target_s, rounds=args.calls, agree=agree)
+            every = [None] * world
+            dist.all_gather_object(every, times)
+            if rank == 0:
+                for impl in args.impls:
+                    # per call the slowest rank, then the median over the calls
+                    fwd = [max(ts) for ts in zip(*(e[impl][0] for e in every))]
+                    tot = [max(ts) for ts in zip(*(e[impl][1] for e in every))]
+                    rows.append({"world": world, "method": impl, "N": N, "n_per_rank": n,
+                                 "D": args.dim, "dtype": "fp32",
+                                 "fwd_us": f"{statistics.median(fwd) * 1e6:.1f}",
+                                 "fwd_bwd_us": f"{statistics.median(tot) * 1e6:.1f}",
+                                 "fwd_us_min": f"{min(fwd) * 1e6:.1f}",
+                                 "fwd_bwd_us_min": f"{min(tot) * 1e6:.1f}",
+                                 "calls": len(tot), "status": "ok", "impl": impls[impl]})
+                    print(f"W={world} N={N:5d} {impl:8s} fwd {rows[-1]['fwd_us']:>9} us  "
+                          f"fwd+bwd {rows[-1]['fwd_bwd_us']:>9} us  ({len(tot)} calls)",
+                          flush=True)
+            del x, y, params, steps
+        q.put((rank, "ok", (rows, impls)))
+    except BaseException:   # noqa: BLE001 - reported to the parent, which raises
+        import traceback  # noqa: PLC0415
+        q.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_overhead(args) -> tuple[list[dict], dict]:
+    out, impls = [], {}
+    for world in args.worlds:
+        rows, impls = _spawn(_overhead_rank, world, args, 900)[0]
+        out.extend(rows)
+    return out, impls
+
+
+# ------------------------------------------------------------------- one device, W=1
+def run_w1(args) -> tuple[list[dict], dict]:
+    spec = M.get_loss(args.loss)
+    dev = torch.device(args.device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            print("--mode w1 --device cuda: no CUDA device here; nothing measured")
+            return [], {}
+        torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}",
+                            rank=0, world_size=1, timeout=timedelta(seconds=600))
+    forms = {"plain": lambda x, y, p: spec.fused(x, y, p, args.backend),
+             "gather": lambda x, y, p: spec.distributed(x, y, p, "gather", args.backend),
+             "ring": lambda x, y, p: spec.distributed(x, y, p, "ring", args.backend)}
+    impls = {"plain": f"{spec.fused_name}(backend={args.backend!r})",
+             "gather": "dist_impl='gather'", "ring": "dist_impl='ring'"}
+    rows = []
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    try:
+        for dname in args.dtypes:
+            for N in args.sizes:
+                x0, y0 = unit_features(N, args.dim, DTYPES[dname], dev.type, 0)
+                for form, fn in forms.items():
+                    x = x0.detach().clone().requires_grad_()
+                    y = y0.detach().clone().requires_grad_()
+                    params = spec.params(dev.type)
+                    fn(x, y, params).backward()                  # warm-up (JIT, autotune)
+                    sync()
+                    if dev.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(dev)
+                        base = torch.cuda.memory_allocated(dev)
+                    times = []
+                    for _ in range(args.reps):
+                        x.grad = y.grad = None
+                        for p in params:
+                            p.grad = None
+                        sync()
+                        t0 = time.perf_counter()
+                        fn(x, y, params).backward()
+                        sync()
+                        times.append(time.perf_counter() - t0)
+                    peak = ((torch.cuda.max_memory_allocated(dev) - base) / 2**20
+                            if dev.type == "cuda" else float("nan"))
+                    rows.append({"world": 1, "impl": form, "N": N, "n_per_rank": N,
+                                 "D": args.dim, "dtype": dname, "threads_per_rank":
+                                 torch.get_num_threads(), "time_s": statistics.median(times),
+                                 "peak_mib_per_rank": peak})
+                    print(f"W=1 {dname} N={N:6d} {form:6s} {rows[-1]['time_s'] * 1e3:9.2f} ms "
+                          f"{peak:9.1f} MiB", flush=True)
+                    del x, y, params
+    finally:
+        dist.destroy_process_group()
+    return rows, impls
+
+
+# ------------------------------------------------------------------- output
+def _stem(args) -> str:
+    kind = args.mode if args.mode != "w1" else f"w1-{torch.device(args.device).type}"
+    return f"distributed-{kind}" + (f"-{args.loss}" if args.loss != "clip" else "")
+
+
+def write(rows: list[dict], impls: dict, args, argv: list[str], wall: float,
+          info: dict) -> str:
+    """``<out>/<stem>.csv`` and ``.md``; returns the prefix ("" when nothing was measured).
+    ``info``: :func:`fastclip.bench.env.env_info` taken at the start of the run."""
+    if not rows:
+        return ""
+    device = (torch.cuda.get_device_name() if args.mode == "w1" and args.device != "cpu"
+              else f"CPU ({cpu_name()}, {os.cpu_count()} cores"
+              + (" shared by all ranks)" if args.mode != "w1" else ")"))
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    for r in rows:
+        r.update(loss=args.loss, device=device, mode=args.mode, torch=info["torch"],
+                 fastclip=info["fastclip"], python=info["python"], commit=info["commit"],
+                 date=stamp)
+    prefix = os.path.join(args.out, _stem(args))
+    os.makedirs(args.out, exist_ok=True)
+    write_csv(rows, prefix + ".csv", list(rows[0]))
+    spec = M.get_loss(args.loss)
+    head = [f"device: {device}",
+            f"torch {info['torch']}, fastclip {info['fastclip']}, Python {info['python']}, "
+            f"commit {info['commit']}, {stamp}; load average at start {info['load']}",
+            f"command: `fastclip bench distributed {' '.join(argv)}` ({wall:.0f} s)"]
+    head += [f"{k}: {v}" for k, v in impls.items()]
+    if args.mode == "overhead":
+        derive_overhead(rows, peer=PEER)
+        head += ["N is the global batch (n = N/W rows per rank), D = "
+                 f"{args.dim}, fp32, {max(1, cpu_count() // max(args.worlds))} thread(s) per "
+                 "rank; gloo on 127.0.0.1.",
+                 "per call: one forward (the loss is dropped), or one forward+backward, each "
+                 "timed alone on every rank, the methods interleaved call by call; the slowest "
+                 "rank's time per call, median (and minimum) over `calls` calls after 10 "
+                 "warm-up steps."]
+        write_overhead_markdown(rows, f"fastclip.distributed {spec.name} loss: per-call "
+                                "overhead", head, prefix + ".md", peer=PEER)
+        print(f"wrote {prefix}.csv and {prefix}.md")
+        return prefix
+    if args.mode == "cpu":
+        head.append("one forward+backward per cell; time = slowest rank between barriers; "
+                    "memory = per-rank peak rise of the resident set (max over ranks), feature "
+                    "gradients included; other work on the machine inflates the times, not the "
+                    "memory")
+    else:
+        head.append(f"median of {args.reps} forward+backward; memory = peak allocated beyond "
+                    "the inputs")
+    names = list(dict.fromkeys(r["impl"] for r in rows))
+    lines = [f"# fastclip.distributed {spec.name} loss benchmark ({args.mode})", "",
+             *(f"- {h}" for h in head)]
+    for (world, dname) in dict.fromkeys((r["world"], r["dtype"]) for r in rows):
+        sub = [r for r in rows if r["world"] == world and r["dtype"] == dname]
+        lines += ["", f"## W = {world}, D = {args.dim}, {dname}", "",
+                  "| N | n/rank | " + " | ".join(f"{i} time (s)" for i in names) + " | "
+                  + " | ".join(f"{i} MiB/rank" for i in names) + " |",
+                  "|---:|---:|" + "---:|" * (2 * len(names))]
+        for N in dict.fromkeys(r["N"] for r in sub):
+            cell = {r["impl"]: r for r in sub if r["N"] == N}
+            t = [f"{cell[i]['time_s']:.3f}" if i in cell else "" for i in names]
+            m = [f"{cell[i]['peak_mib_per_rank']:.0f}" if i in cell else "" for i in names]
+            lines.append(f"| {N} | {next(iter(cell.values()))['n_per_rank']} | "
+                         + " | ".join(t) + " | " + " | ".join(m) + " |")
+    write_text(prefix + ".md", "\n".join(lines) + "\n")
+    print(f"wrote {prefix}.csv and {prefix}.md")
+    return prefix
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fastclip bench distributed",
+        description="Time and memory of fastclip's sharded loss (gather, ring) against "
+                    "open_clip's, on W spawned gloo ranks; or per-call overhead at small N; "
+                    "or the single-device cost of the sharded path (w1).")
+    p.add_argument("--loss", choices=[n for n, s in M.LOSSES.items() if s.distributed],
+                   default="clip")
+    p.add_argument("--mode", choices=("cpu", "overhead", "w1"), default="cpu")
+    p.add_argument("--worlds", type=int, nargs="+", default=None,
+                   help="world sizes (default: cpu 2 4; overhead 2)")
+    p.add_argument("--sizes", type=int, nargs="+", default=None,
+                   help="global batch sizes N (default: cpu 2048 8192 16384; overhead 32 256 "
+                        "1024; w1 16384 65536)")
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--backend", default="auto",
+                   help="fastclip backend of the fused blocks (default auto)")
+    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES),
+                   help="w1 mode only (the other modes run fp32)")
+    p.add_argument("--device", default="cuda", help="w1 mode: cuda (default) or cpu")
+    p.add_argument("--reps", type=int, default=5, help="w1 mode: timed repetitions")
+    p.add_argument("--calls", type=int, default=0,
+                   help="overhead mode: timed calls per method and N (default: what fits "
+                        "--target-s, at least 30)")
+    p.add_argument("--target-s", type=float, default=3.0,
+                   help="overhead mode: seconds of timed calls per N (default 3)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: ./benchmarks/results if the current "
+                        "directory has one, else the current directory)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.worlds is None:
+        args.worlds = [2] if args.mode == "overhead" else [2, 4]
+    if args.sizes is None:
+        args.sizes = {"cpu": [2048, 8192, 16384], "overhead": [32, 256, 1024],
+                      "w1": [16384, 65536]}[args.mode]
+    bad = [N for N in args.sizes for w in args.worlds if N < w] if args.mode != "w1" else []
+    if bad:
+        raise SystemExit(f"--sizes: every N needs at least one row per rank; {bad} < "
+                         f"{max(args.worlds)} ranks")
+    if args.out is None:
+        args.out = default_out_dir()
+    info = env_info("cpu")
+    t0 = time.perf_counter()
+    run = {"cpu": run_cpu, "overhead": run_overhead, "w1": run_w1}[args.mode]
+    rows, impls = run(args)
+    write(rows, impls, args, argv, time.perf_counter() - t0, info)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

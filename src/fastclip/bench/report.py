@@ -1,0 +1,257 @@
+"""Where results go and how they read: file names, CSV, markdown tables, the summary.
+
+Every file is written to a temporary name and renamed, and rewritten after every
+measurement, so an interrupted run keeps what it measured and never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+
+from .env import slug
+from .methods import NAIVE, FLOOR, fwd_bwd_flop, fwd_flop, get_loss
+
+__all__ = ["CSV_FIELDS", "OVERHEAD_FIELDS", "default_out_dir", "output_prefix", "write_csv",
+           "read_csv", "write_text", "derive", "derive_overhead", "write_markdown",
+           "write_overhead_markdown", "summary_table", "overhead_table", "num"]
+
+CSV_FIELDS = ["loss", "device", "device_name", "torch", "triton", "fastclip", "commit",
+              "threads", "method", "impl", "N", "D", "dtype", "fwd_ms", "fwd_bwd_ms",
+              "peak_extra_mb", "fwd_gflops", "fwd_bwd_gflops", "x_floor_fwd",
+              "x_floor_fwd_bwd", "x_naive_fwd", "x_naive_fwd_bwd", "reps", "status",
+              "timestamp"]
+OVERHEAD_FIELDS = ["loss", "device", "device_name", "torch", "fastclip", "commit", "threads",
+                   "method", "impl", "N", "D", "dtype", "fwd_us", "fwd_bwd_us",
+                   "x_naive_fwd", "x_naive_fwd_bwd", "fwd_us_min", "fwd_bwd_us_min", "calls",
+                   "status", "timestamp"]
+RESULTS_DIR = os.path.join("benchmarks", "results")
+
+
+def default_out_dir() -> str:
+    """``./benchmarks/results`` when the current directory has it (a checkout), else
+    the current directory itself: never a path relative to the installed package."""
+    return RESULTS_DIR if os.path.isdir(RESULTS_DIR) else "."
+
+
+def output_prefix(out: str, device: str, device_name: str, loss: str = "clip",
+                  tag: str = "") -> str:
+    """``<out>/<device>-<device slug>[-<loss>][-<tag>]``: the stem of a run's files.
+
+    The loss is left out for ``clip``, whose result files predate the other losses."""
+    stem = f"{device}-{slug(device_name)}"
+    if loss != "clip":
+        stem += f"-{slug(loss)}"
+    if tag:
+        stem += f"-{slug(tag)}"
+    return os.path.join(out, stem)
+
+
+def write_text(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_csv(rows: list[dict], path: str, fields: list[str] | None = None) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields or CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    os.replace(tmp, path)
+
+
+def read_csv(path: str) -> list[dict]:
+    """Rows of a result CSV; files written before the ``loss`` column read as clip."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r.setdefault("loss", "clip")
+        r["loss"] = r["loss"] or "clip"
+    return rows
+
+
+def _f(v) -> float | None:
+    if v is None or v == "":
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def num(v, fmt: str) -> str:
+    x = _f(v)
+    return "" if x is None else format(x, fmt)
+
+
+def _ratio(a, b) -> str:
+    a, b = _f(a), _f(b)
+    return f"{a / b:.3g}" if a and b else ""
+
+
+def derive(rows: list[dict]) -> None:
+    """Fill GFLOP/s and the ratios to the floor and to the naive peer, in place."""
+    ok = {(r["loss"], r["method"], int(r["N"]), int(r["D"]), r["dtype"]): r for r in rows
+          if str(r.get("status", "")) == "ok"}
+    for r in rows:
+        n, d = int(r["N"]), int(r["D"])
+        for k in ("fwd_gflops", "fwd_bwd_gflops", "x_floor_fwd", "x_floor_fwd_bwd",
+                  "x_naive_fwd", "x_naive_fwd_bwd"):
+            r[k] = ""
+        if r.get("status") != "ok":
+            continue
+        spec = get_loss(r["loss"])
+        fwd, tot = _f(r["fwd_ms"]), _f(r["fwd_bwd_ms"])
+        if fwd:
+            r["fwd_gflops"] = f"{fwd_flop(spec, n, d) / (fwd * 1e-3) / 1e9:.4g}"
+        if tot:
+            r["fwd_bwd_gflops"] = f"{fwd_bwd_flop(spec, n, d) / (tot * 1e-3) / 1e9:.4g}"
+        for peer, key in ((FLOOR, "x_floor"), (NAIVE, "x_naive")):
+            p = ok.get((r["loss"], peer, n, d, r["dtype"]))
+            if p is not None:
+                r[key + "_fwd"] = _ratio(fwd, p["fwd_ms"])
+                r[key + "_fwd_bwd"] = _ratio(tot, p["fwd_bwd_ms"])
+
+
+def derive_overhead(rows: list[dict], peer: str = NAIVE) -> None:
+    """Fill the ratios of per-call times to the ``peer`` method's, in place."""
+    ok = {(r["method"], int(r["N"]), str(r.get("world", ""))): r for r in rows
+          if r.get("status") == "ok"}
+    for r in rows:
+        p = ok.get((peer, int(r["N"]), str(r.get("world", "")))) \
+            if r.get("status") == "ok" else None
+        r["x_naive_fwd"] = _ratio(r["fwd_us"], p["fwd_us"]) if p else ""
+        r["x_naive_fwd_bwd"] = _ratio(r["fwd_bwd_us"], p["fwd_bwd_us"]) if p else ""
+
+
+def _flops_unit(device: str) -> tuple[str, float]:
+    return ("TFLOP/s", 1e3) if device == "cuda" else ("GFLOP/s", 1.0)
+
+
+def _method_order(rows: list[dict]) -> dict[str, int]:
+    order: dict[str, int] = {}
+    for r in rows:
+        order.setdefault(r["method"], len(order))
+    return order
+
+
+def write_markdown(rows: list[dict], info: dict, cfg, path: str, started: str) -> None:
+    """Header (device, versions, settings, FLOP model), then one table per (dtype, D).
+
+    ``cfg``: the run's settings (``fastclip.bench.contrastive_loss.Config``)."""
+    spec = get_loss(cfg.loss)
+    unit, div = _flops_unit(cfg.device)
+    tf32 = ("on" if cfg.allow_tf32 else "off") if cfg.device == "cuda" else "n/a"
+    naive_desc = next((r["impl"] for r in rows if r["method"] == NAIVE and r.get("impl")), "")
+    p = spec.floor_products
+    lines = [
+        f"# fastclip {spec.name} loss ({spec.title}): {cfg.device} ({info['device_name']})",
+        "",
+        f"- started {started}; fastclip {info['fastclip']} (commit {info['commit']}), "
+        f"torch {info['torch']}, triton {info['triton'] or 'none'}"
+        + (f", {cfg.threads} threads; load average at start {info['load']} (other work on "
+           f"the machine inflates CPU times)" if cfg.device == "cpu" else "") + ".",
+        f"- memory budget {cfg.max_mem_bytes / 1e9:.1f} GB (methods estimated above it are "
+        f"skipped); fp32 matmul TF32: {tf32}.",
+        "- time: median over `reps` training steps (forward timed inside the step, autograd on); "
+        + ("CUDA events after a full-size warm-up." if cfg.device == "cuda" else
+           "time.perf_counter after a small warm-up; each measurement in a fresh subprocess "
+           "(peak memory = peak resident set minus the resident set once the inputs exist)."
+           if cfg.isolate else "time.perf_counter after a small warm-up, in one process."),
+        "- peak extra = peak memory during one forward+backward beyond the inputs and their "
+        "gradients.",
+        f"- {unit}: effective, 2N²D FLOP for fwd and {2 * p}N²D for fwd+bwd whatever the "
+        "method does. × floor = time / floor's time (fwd: one X·Yᵀ; fwd+bwd: the floor's "
+        f"{p} products); × naive = time / naive's time.",
+        f"- floor: {p} torch.matmul of the loss's shapes (X·Yᵀ{' twice' if p == 4 else ''}, "
+        "G·Y, Gᵀ·X); on row chunks where one N×N buffer would not fit (see impl).",
+    ]
+    if naive_desc:
+        lines.append(f"- naive: {naive_desc}.")
+    for m, impl in sorted({(r["method"], r["impl"]) for r in rows if r.get("impl")
+                           and r["method"] not in (NAIVE, FLOOR)}):
+        lines.append(f"- {m}: {impl}.")
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["dtype"], int(r["D"])), []).append(r)
+    order = _method_order(rows)
+    for (dt, d), rs in groups.items():
+        rs = sorted(rs, key=lambda r: (int(r["N"]), order[r["method"]]))
+        lines += ["", f"## {dt}, D={d}", "",
+                  f"| N | method | fwd ms | fwd+bwd ms | peak extra MB | fwd+bwd {unit} "
+                  "| × floor fwd | × floor fwd+bwd | × naive fwd+bwd | reps | status |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in rs:
+            gf = _f(r.get("fwd_bwd_gflops"))
+            lines.append(
+                f"| {r['N']} | {r['method']} | {num(r['fwd_ms'], '.4g')} | "
+                f"{num(r['fwd_bwd_ms'], '.4g')} | {num(r['peak_extra_mb'], '.1f')} | "
+                f"{'' if gf is None else format(gf / div, '.4g')} | {r['x_floor_fwd']} | "
+                f"{r['x_floor_fwd_bwd']} | {r['x_naive_fwd_bwd']} | {r.get('reps', '')} | "
+                f"{'' if r['status'] == 'ok' else r['status']} |")
+    write_text(path, "\n".join(lines) + "\n")
+
+
+def summary_table(rows: list[dict]) -> str:
+    """A compact fixed-width table of every row (printed last by a run)."""
+    device = rows[0]["device"] if rows else "cpu"
+    unit, div = _flops_unit(device)
+    hdr = (f"{'dtype':<5} {'D':>5} {'N':>8} {'method':<9} {'fwd ms':>10} {'fwd+bwd ms':>11} "
+           f"{'peak MB':>9} {unit:>8} {'x floor':>8} {'x naive':>8}  status")
+    out = [hdr, "-" * len(hdr)]
+    for r in rows:
+        gf = _f(r.get("fwd_bwd_gflops"))
+        st = r["status"]
+        out.append(f"{r['dtype']:<5} {r['D']:>5} {r['N']:>8} {r['method']:<9} "
+                   f"{num(r['fwd_ms'], '.4g'):>10} {num(r['fwd_bwd_ms'], '.4g'):>11} "
+                   f"{num(r['peak_extra_mb'], '.1f'):>9} "
+                   f"{'' if gf is None else format(gf / div, '.4g'):>8} "
+                   f"{r.get('x_floor_fwd_bwd', ''):>8} {r.get('x_naive_fwd_bwd', ''):>8}  "
+                   f"{'ok' if st == 'ok' else st[:48]}")
+    return "\n".join(out)
+
+
+def overhead_table(rows: list[dict], md: bool = True, peer: str = NAIVE) -> str:
+    """Per-call times against N: one row per (N, method); markdown or fixed width.
+    ``× <peer>``: time over the ``peer`` method's at the same N."""
+    order = _method_order(rows)
+    rs = sorted(rows, key=lambda r: (int(r["N"]), order[r["method"]]))
+    if md:
+        out = [f"| N | method | fwd µs | fwd+bwd µs | × {peer} fwd | × {peer} fwd+bwd "
+               "| min fwd µs | min fwd+bwd µs | calls | status |",
+               "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in rs:
+            out.append(f"| {r['N']} | {r['method']} | {num(r['fwd_us'], '.0f')} | "
+                       f"{num(r['fwd_bwd_us'], '.0f')} | {r['x_naive_fwd']} | "
+                       f"{r['x_naive_fwd_bwd']} | {num(r.get('fwd_us_min'), '.0f')} | "
+                       f"{num(r.get('fwd_bwd_us_min'), '.0f')} | {r['calls']} | "
+                       f"{'' if r['status'] == 'ok' else r['status']} |")
+        return "\n".join(out)
+    x = f"x {peer}"[:8]
+    hdr = (f"{'N':>6} {'method':<10} {'fwd us':>9} {'fwd+bwd us':>11} {x:>8} "
+           f"{x:>8} {'calls':>6}  status")
+    out = [hdr, "-" * len(hdr)]
+    for r in rs:
+        out.append(f"{r['N']:>6} {r['method']:<10} {num(r['fwd_us'], '.0f'):>9} "
+                   f"{num(r['fwd_bwd_us'], '.0f'):>11} {r['x_naive_fwd']:>8} "
+                   f"{r['x_naive_fwd_bwd']:>8} {r['calls']:>6}  "
+                   f"{'ok' if r['status'] == 'ok' else r['status'][:48]}")
+    return "\n".join(out)
+
+
+def write_overhead_markdown(rows: list[dict], title: str, notes: list[str], path: str,
+                            peer: str = NAIVE) -> None:
+    """``title``, the ``notes`` as a list, then :func:`overhead_table` (one per world
+    size when the rows have a ``world`` column)."""
+    lines = [f"# {title}", "", *(f"- {n}" for n in notes)]
+    worlds = list(dict.fromkeys(str(r.get("world", "")) for r in rows))
+    for w in worlds:
+        if w:
+            lines += ["", f"## W = {w}"]
+        lines += ["", overhead_table([r for r in rows if str(r.get("world", "")) == w],
+                                     peer=peer)]
+    write_text(path, "\n".join(lines) + "\n")

@@ -1,0 +1,101 @@
+"""A run folder (``--output``) holds one run.
+
+Two runs in one folder mix: the checkpoint pruning of one deletes the other's checkpoints,
+``--resume latest`` picks whichever step number is higher, and ``metrics.jsonl`` interleaves
+both. ``prepare_run_folder`` therefore refuses a folder that already holds a run unless the run
+is continued (``--resume``) or explicitly replaced (``--overwrite``: fastclip's files of the old
+run are deleted, nothing else), and removes the temporary files that a run killed while writing
+a checkpoint or the model left behind (``.tmp-*``, as large as a checkpoint). On resume,
+``truncate_metrics`` drops the ``metrics.jsonl`` rows of the steps after the checkpoint, which
+the resumed run trains (and logs) again.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Callable, List, Optional
+
+from .._fileio import TMP_PREFIX, atomic_write
+from .checkpoint import CKPT_DIR
+
+# The files a run writes into its folder (plus checkpoints/step_*).
+RUN_FILES = ("config.json", "metrics.jsonl", "metrics.json", "model.safetensors", "curves.png")
+
+
+class RunFolderError(ValueError):
+    """``--output`` holds another run and neither ``--resume`` nor ``--overwrite`` was given."""
+
+
+def run_files(output_dir: str) -> List[str]:
+    """The files of a fastclip run in ``output_dir`` (its outputs and checkpoints, old-format
+    ``step_*.pt`` included)."""
+    found = [os.path.join(output_dir, n) for n in RUN_FILES if os.path.isfile(os.path.join(output_dir, n))]
+    ck = os.path.join(glob.escape(output_dir), CKPT_DIR)
+    found += sorted(glob.glob(os.path.join(ck, "step_*.safetensors")) + glob.glob(os.path.join(ck, "step_*.pt")))
+    return found
+
+
+def stale_temporaries(output_dir: str) -> List[str]:
+    """Temporary files of interrupted atomic writes: ``checkpoints/.tmp-*`` and the model's
+    ``.tmp-*.safetensors`` in the folder itself."""
+    d = glob.escape(output_dir)
+    return sorted(glob.glob(os.path.join(d, CKPT_DIR, TMP_PREFIX + "*"))
+                  + glob.glob(os.path.join(d, TMP_PREFIX + "*.safetensors")))
+
+
+def prepare_run_folder(output_dir: str, resume: Optional[str], overwrite: bool,
+                       log: Callable[[str], None] = print) -> None:
+    """Check and tidy ``output_dir`` before a run starts (main rank only).
+
+    Raises ``RunFolderError`` when it holds a run and neither ``resume`` nor ``overwrite`` is
+    set. With ``overwrite`` (and no ``resume``) the old run's files are deleted. Stale
+    temporaries are removed in every case.
+    """
+    if resume and overwrite:
+        raise RunFolderError("--resume and --overwrite exclude each other: --resume continues the run in "
+                             f"{output_dir}, --overwrite deletes it")
+    existing = run_files(output_dir) if os.path.isdir(output_dir) else []
+    if existing and not resume:
+        if not overwrite:
+            names = ", ".join(os.path.relpath(p, output_dir) for p in existing[:4])
+            raise RunFolderError(f"{output_dir} already holds a run ({names}{', ...' if len(existing) > 4 else ''}); "
+                                 f"pass --resume latest to continue it, --overwrite to replace it, or choose "
+                                 f"another --output")
+        for p in existing:
+            os.unlink(p)
+        log(f"--overwrite: deleted the previous run's {len(existing)} file(s) in {output_dir}")
+    stale = stale_temporaries(output_dir) if os.path.isdir(output_dir) else []
+    if stale:
+        size = sum(os.path.getsize(p) for p in stale)
+        for p in stale:
+            os.unlink(p)
+        log(f"removed {len(stale)} temporary file(s) ({size / 2 ** 20:.1f} MiB) left by an interrupted write "
+            f"in {output_dir}")
+
+
+def truncate_metrics(path: str, step: int) -> int:
+    """Keep the rows of ``metrics.jsonl`` at ``path`` up to ``step`` (train and eval rows with
+    ``"step" <= step``); drop later rows, ``final`` rows and torn lines (a kill mid-write).
+    Returns the number of rows dropped; the file is rewritten atomically."""
+    if not os.path.isfile(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                dropped += 1
+                continue
+            s = row.get("step") if isinstance(row, dict) else None
+            if isinstance(s, int) and s <= step and row.get("type") != "final":
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+        atomic_write(path, write)
+    return dropped

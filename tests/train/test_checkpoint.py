@@ -1,0 +1,193 @@
+"""Training checkpoints: an exact round trip of every state, written with the umask, and loading
+never runs code from the file (a planted pickle is refused, not executed)."""
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from fastclip.models import create_model
+from fastclip.train import checkpoint as ckpt
+from fastclip.train.optim import create_optimizer, create_scheduler
+
+from ._common import TINY
+
+
+def _setup(seed, model="tiny-rn"):
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    m = create_model(model, context_length=8, image_size=32)
+    if m.config.is_resnet:
+        m = m.to(memory_format=torch.channels_last)  # as the trainer runs ResNet towers
+    opt = create_optimizer(m, 1e-3, 0.1, (0.9, 0.98), 1e-6)
+    sched = create_scheduler(opt, 3, 10)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return m, opt, sched, scaler
+
+
+def _step(m, opt, sched):
+    img = torch.randn(2, 3, m.image_size, m.image_size).to(memory_format=torch.channels_last)
+    i, t, s = m(img, torch.randint(1, 100, (2, 8)))
+    (i.sum() + t.sum() * s).backward()
+    opt.step()
+    opt.zero_grad()
+    sched.step()
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and (a == b or (a != a and b != b))
+
+
+def test_round_trip_restores_every_state_exactly(tmp_path):
+    m, opt, sched, scaler = _setup(0)
+    for _ in range(2):
+        _step(m, opt, sched)
+    random.seed(7)
+    np.random.seed(8)
+    torch.manual_seed(9)
+    rng = ckpt.rng_state()
+    extra = {"skipped": 3, "wall_time_s": 12.5, "config": {"lr": 1e-3, "model_overrides": {}, "steps": None}}
+    path = ckpt.save_training_state(str(tmp_path), 2, m, opt, sched, scaler, extra=extra)
+    assert path.endswith("step_00000002.safetensors")
+    expected = {"model": m.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
+
+    m2, opt2, sched2, scaler2 = _setup(1)
+    _step(m2, opt2, sched2)
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    state = ckpt.load_training_state(path, m2, opt2, sched2, scaler2)
+    assert state["step"] == 2 and state["extra"] == extra
+    assert _same(expected["model"], m2.state_dict())
+    assert _same(expected["opt"], opt2.state_dict())
+    assert _same(expected["sched"], sched2.state_dict())
+    assert _same(rng, ckpt.rng_state())
+    for p in m2.parameters():  # the moments keep their parameter's layout (channels_last convolutions)
+        for v in opt2.state[p].values():
+            if v.shape == p.shape:
+                assert v.stride() == p.stride()
+    # both continue identically
+    torch.manual_seed(5)
+    _step(m, opt, sched)
+    torch.manual_seed(5)
+    _step(m2, opt2, sched2)
+    assert _same(m.state_dict(), m2.state_dict())
+
+
+def test_checkpoints_are_written_with_the_umask(tmp_path):
+    m, opt, sched, scaler = _setup(0, "tiny-vit")
+    old = os.umask(0o022)
+    try:
+        path = ckpt.save_training_state(str(tmp_path), 1, m, opt, sched, scaler)
+    finally:
+        os.umask(old)
+    assert (os.stat(path).st_mode & 0o777) == 0o644
+    assert os.listdir(os.path.dirname(path)) == [os.path.basename(path)]
+
+
+def test_a_planted_pickle_is_never_unpickled(tmp_path):
+    """A .pt file in the run folder, or passed to --resume, is refused with a message naming it,
+    and the code inside it never runs."""
+    from tests._hostile import write_malicious_pickle
+    marker = tmp_path / "written-by-the-pickle"
+    planted = tmp_path / "run" / "checkpoints" / "step_00000005.pt"
+    planted.parent.mkdir(parents=True)
+    write_malicious_pickle(planted, marker)
+    m, opt, sched, scaler = _setup(0, "tiny-vit")
+    with pytest.raises(ValueError, match=r"step_00000005\.pt.*pickle.*convert"):
+        path = ckpt.resolve_resume("latest", str(tmp_path / "run"))
+        ckpt.load_training_state(path, m, opt, sched, scaler)
+    assert not marker.exists()
+    with pytest.raises(ValueError, match=r"step_00000005\.pt.*pickle"):
+        ckpt.load_training_state(str(planted), m, opt, sched, scaler)
+    assert not marker.exists()
+    elsewhere = tmp_path / "innocent-name.safetensors"  # the content decides, not the name
+    elsewhere.write_bytes(planted.read_bytes())
+    with pytest.raises(ValueError, match=r"innocent-name\.safetensors.*pickle"):
+        ckpt.load_training_state(str(elsewhere), m, opt, sched, scaler)
+    assert not marker.exists()
+    # the converter for old checkpoints reads with weights_only=True: refused as well
+    with pytest.raises(ValueError, match=r"step_00000005\.pt"):
+        ckpt.convert_legacy_checkpoint(str(planted))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("how", ["latest", "path"])
+def test_cli_resume_refuses_a_planted_pickle(tmp_path, how, capsys):
+    """fastclip train --resume latest (the pickle planted as the newest checkpoint of --output) or
+    --resume path.pt: a one-line error naming the file, exit status 2, the pickle never runs."""
+    from fastclip import cli
+    from tests._hostile import write_malicious_pickle
+    marker = tmp_path / "written-by-the-pickle"
+    out = tmp_path / "run"
+    planted = out / "checkpoints" / "step_00000005.pt"
+    planted.parent.mkdir(parents=True)
+    write_malicious_pickle(planted, marker)
+    resume = "latest" if how == "latest" else str(planted)
+    code = cli.main(["train", *TINY, "--steps", "8", "--batch-size", "8", "--progress", "none",
+                     "--output", str(out), "--resume", resume])
+    err = capsys.readouterr().err
+    assert not marker.exists()
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "step_00000005.pt" in lines[0] and "Traceback" not in err, err
+
+
+def test_unusable_files_raise_a_clear_error_naming_them(tmp_path):
+    from safetensors.torch import save_file
+    from fastclip.models import save_checkpoint
+    m, opt, sched, scaler = _setup(0, "tiny-vit")
+    good = ckpt.save_training_state(str(tmp_path / "a"), 3, m, opt, sched, scaler)
+    data = open(good, "rb").read()
+    cases = {}
+    cases["truncated.safetensors"] = data[: len(data) // 2]
+    cases["junk.safetensors"] = b"not a checkpoint at all"
+    cases["empty.safetensors"] = b""
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+    save_checkpoint(m, str(tmp_path / "model.safetensors"))  # a model file, not a training state
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    meta = {"format": ckpt.FORMAT, "format_version": "1"}
+    for name, state in (("badjson", "{oops"), ("notdict", "[1, 2]"), ("nostep", '{"dict": []}'),
+                        ("badtensor", '{"dict": [["step", 1], ["model", {"tensor": "nope"}]]}')):
+        save_file({"x": torch.zeros(1)}, str(tmp_path / f"{name}.safetensors"), metadata={**meta, "state": state})
+    names = ["truncated", "junk", "empty", "model", "other", "badjson", "notdict", "nostep", "badtensor"]
+    for name in names:
+        with pytest.raises(ckpt.CheckpointError, match=rf"{name}\.safetensors"):
+            ckpt.load_training_state(str(tmp_path / f"{name}.safetensors"), m, opt, sched, scaler)
+    other_model = create_model("tiny-rn", context_length=8)
+    with pytest.raises(ckpt.CheckpointError, match=r"step_00000003\.safetensors.*does not match"):
+        ckpt.load_training_state(good, other_model, create_optimizer(other_model, 1e-3), sched, scaler)
+
+
+def test_convert_legacy_checkpoint(tmp_path):
+    """A checkpoint in the earlier pickle format (torch.save of a dict with numpy RNG state) converts to the
+    current format without unpickling anything but tensors and plain values."""
+    m, opt, sched, scaler = _setup(0, "tiny-vit")
+    _step(m, opt, sched)
+    old = {"step": 4, "model": m.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+           "scaler": scaler.state_dict(), "rng": ckpt.rng_state(), "extra": {"skipped": 2}}
+    legacy = tmp_path / "run" / "checkpoints" / "step_00000004.pt"
+    legacy.parent.mkdir(parents=True)
+    torch.save(old, str(legacy))
+    with pytest.raises(ckpt.CheckpointError, match="convert_legacy_checkpoint"):
+        ckpt.resolve_resume("latest", str(tmp_path / "run"))
+    new = ckpt.convert_legacy_checkpoint(str(legacy))
+    assert new.endswith("step_00000004.safetensors")
+    assert ckpt.resolve_resume("latest", str(tmp_path / "run")) == new
+    m2, opt2, sched2, scaler2 = _setup(1, "tiny-vit")
+    state = ckpt.load_training_state(new, m2, opt2, sched2, scaler2)
+    assert state["step"] == 4 and state["extra"] == {"skipped": 2}
+    assert _same(m.state_dict(), m2.state_dict()) and _same(opt.state_dict(), opt2.state_dict())
+    assert _same(old["rng"], ckpt.rng_state())
+    json.dumps(state["extra"])

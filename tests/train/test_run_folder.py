@@ -1,0 +1,145 @@
+"""A run folder holds one run: a folder with a run in it is refused without --resume or
+--overwrite; a resumed run keeps one metrics row per step, carries its wall time and removes the
+temporary files a killed checkpoint write left. Data faults are never fatal: a batch whose
+samples all fail is skipped and counted; only data in which nothing loads stops the run."""
+import json
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fastclip import cli
+from fastclip.train import checkpoint as ckpt
+
+TINY = ["--model", "tiny-vit", "--threads", "1", "--progress", "none", "--no-plot", "--time-budget", "0",
+        "--demo-train-samples", "256", "--demo-eval-samples", "16", "--batch-size", "8", "--lr", "1e-3",
+        "--warmup", "2", "--log-every", "1", "--eval-every", "1000"]
+
+
+def _rows(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"), encoding="utf-8")]
+
+
+def _train(capsys, *args):
+    code = cli.main(["train", *TINY, *args])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    code, _, err = _train(capsys, "--steps", "4", "--save-every", "2", "--output", out)
+    assert code == 0, err
+    before = {n: os.path.getmtime(os.path.join(out, n)) for n in ("metrics.jsonl", "model.safetensors")}
+    ckpts = sorted(os.listdir(os.path.join(out, "checkpoints")))
+    assert ckpts == ["step_00000002.safetensors"]
+
+    code, _, err = _train(capsys, "--steps", "6", "--save-every", "3", "--output", out)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and out in lines[0] and "--resume" in lines[0] and "--overwrite" in lines[0], err
+    # nothing of the first run was touched
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ckpts
+    assert {n: os.path.getmtime(os.path.join(out, n)) for n in before} == before
+
+    code, _, err = _train(capsys, "--steps", "6", "--save-every", "3", "--output", out, "--overwrite")
+    assert code == 0, err
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step_00000003.safetensors"]
+    steps = [r["step"] for r in _rows(out) if r["type"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the new run's rows only
+    assert sum(r["type"] == "final" for r in _rows(out)) == 1
+
+
+def test_resume_keeps_one_row_per_step_carries_wall_time_and_removes_temporaries(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    code, _, err = _train(capsys, "--steps", "8", "--save-every", "4", "--output", out)
+    assert code == 0, err
+    path = os.path.join(out, "checkpoints", "step_00000004.safetensors")
+    saved_wall = ckpt.read_training_state(path)["extra"]["wall_time_s"]
+    assert saved_wall > 0
+    # what a SIGKILL during checkpoint and model writes leaves behind
+    stale = [os.path.join(out, "checkpoints", ".tmp-k1l2m3.safetensors"), os.path.join(out, "checkpoints", ".tmp-x.pt"),
+             os.path.join(out, ".tmp-a1b2c3.safetensors")]
+    for s in stale:
+        with open(s, "wb") as f:
+            f.write(b"\0" * 1000)
+
+    code, stdout, err = _train(capsys, "--steps", "8", "--save-every", "4", "--output", out, "--resume", "latest")
+    assert code == 0, err
+    assert "resumed from" in stdout
+    assert not any(os.path.exists(s) for s in stale)
+    rows = _rows(out)
+    assert [r["step"] for r in rows if r["type"] == "train"] == list(range(1, 9))  # 5..8 once, not twice
+    assert sum(r["type"] == "final" for r in rows) == 1
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    resumed_rows = [r for r in rows if r["type"] == "train" and r["step"] > 4]
+    assert metrics["wall_time_s"] > saved_wall  # the time before the checkpoint is counted
+    assert all(r["elapsed_s"] > saved_wall for r in resumed_rows)
+
+
+def _png(path, seed):
+    arr = np.random.default_rng(seed).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(path)
+
+
+def _halfmissing_csv(root):
+    rows = []
+    for i in range(8):
+        if i % 2 == 0:
+            _png(root / f"img{i}.png", i)
+        rows.append(f"img{i}.png,caption number {i}")
+    (root / "halfmissing.csv").write_text("filepath,title\n" + "\n".join(rows) + "\n")
+    return str(root / "halfmissing.csv")
+
+
+def test_a_batch_whose_samples_all_fail_is_skipped_and_counted(tmp_path, capsys):
+    """Half the images are missing: with batch 2 some batches have no image at all; they are
+    skipped (counted, the next batch is drawn) and the run trains its 8 steps. Resuming from a
+    checkpoint taken after skipped batches continues exactly (the data position is saved)."""
+    import shutil
+
+    from safetensors.torch import load_file
+    out = str(tmp_path / "run")
+    args = ["--train-data", _halfmissing_csv(tmp_path), "--batch-size", "2", "--steps", "8", "--seed", "0",
+            "--save-every", "4"]
+    code, stdout, err = _train(capsys, *args, "--output", out)
+    assert code == 0, err
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["steps"] == 8 and metrics["train_batches_skipped"] >= 1
+    assert [r["step"] for r in _rows(out) if r["type"] == "train"] == list(range(1, 9))
+    # every sample of the skipped batches is counted, with the missing ones of the other batches
+    assert metrics["train_samples_skipped"] >= 2 * metrics["train_batches_skipped"]
+    assert "no sample of batch" in err and "had no loadable sample" in stdout
+    extra = ckpt.read_training_state(os.path.join(out, "checkpoints", "step_00000004.safetensors"))["extra"]
+    assert extra["data_position"] == 4 + extra["skipped_batches"] and extra["skipped_batches"] >= 1
+
+    again = str(tmp_path / "again")  # the same run, resumed from its step-4 checkpoint
+    shutil.copytree(out, again)
+    code, _, err = _train(capsys, *args, "--output", again, "--resume", "latest")
+    assert code == 0, err
+    a, b = load_file(os.path.join(out, "model.safetensors")), load_file(os.path.join(again, "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    resumed = json.load(open(os.path.join(again, "metrics.json")))
+    assert resumed["train_batches_skipped"] == metrics["train_batches_skipped"]
+
+
+def test_data_in_which_nothing_loads_stops_with_a_message_naming_it(tmp_path, capsys):
+    (tmp_path / "gone.csv").write_text("filepath,title\n" + "\n".join(f"no{i}.png,x {i}" for i in range(6)) + "\n")
+    code, _, err = _train(capsys, "--train-data", str(tmp_path / "gone.csv"), "--batch-size", "2", "--steps", "50",
+                          "--output", str(tmp_path / "run"))
+    assert code == 2
+    last = err.strip().splitlines()[-1]  # after the notes on the skipped batches
+    assert last.startswith("fastclip train: error: ") and "gone.csv" in last and "no sample" in last, err
+    assert "Traceback" not in err
+
+
+def test_csv_rows_that_are_not_utf8_train_and_are_named_in_the_log(tmp_path, capsys):
+    for i in range(4):
+        _png(tmp_path / f"img{i}.png", i)
+    (tmp_path / "latin1.csv").write_bytes(b"filepath,title\nimg0.png,a cat\nimg1.png,caf\xe9 au lait\n"
+                                          b"img2.png,a dog\nimg3.png,na\xefve art\n")
+    code, stdout, err = _train(capsys, "--train-data", str(tmp_path / "latin1.csv"), "--batch-size", "2",
+                               "--steps", "2", "--output", str(tmp_path / "run"))
+    assert code == 0, err
+    assert "latin1.csv: 2 rows with bytes that are not valid UTF-8 (lines 3, 5)" in stdout
