@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-TINY = ["--model", "tiny-vit", "--threads", "1", "--progress", "lines", "--no-plot", "--time-budget", "0",
+TINY = ["--model", "tiny-vit", "--threads", "1", "--progress", "lines", "--no-plot",
         "--demo-train-samples", "4096", "--demo-eval-samples", "32"]
 
 

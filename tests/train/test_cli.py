@@ -50,7 +50,8 @@ def test_no_command_prints_help_and_exits_2(capsys):
     (["train", "--model-overrides", "[1, 2]"], "JSON object"),
     (["train", "--demo-group-prob", "1.5"], "--demo-group-prob"),
     (["train", "--demo-group-size", "0"], "--demo-group-size"),
-    (["train", "--demo-backgrounds", "plaid"], "--demo-backgrounds"),
+    (["train", "--demo-design", "plaid"], "--demo-design"),
+    (["train", "--time-budget", "abc"], "--time-budget"),
     (["train", "--device", "cuda:99"], "--device cuda:99"),
     (["train", "--device", "tpu"], "--device 'tpu'"),
     (["train", "--device", "nonsense!"], "--device 'nonsense!'"),
@@ -82,9 +83,17 @@ def test_real_data_gets_open_clip_defaults(tmp_path):
     csv.write_text("filepath,title\na.png,x\n")
     args = cli.build_parser().parse_args(["train", "--train-data", str(csv)])
     cfg = cli.config_from_args(args)
-    assert (cfg.lr, cfg.weight_decay, cfg.warmup, cfg.steps) == (5e-4, 0.2, 2000, None)
+    assert (cfg.lr, cfg.weight_decay, cfg.warmup, cfg.steps, cfg.batch_size) == (5e-4, 0.2, 2000, None, 128)
+    assert not cfg.eval_at_start and cfg.eval_every is None and cfg.time_budget is None
+
+
+def test_demo_defaults_are_a_fixed_amount_of_work():
+    """``fastclip train`` with no arguments: a fixed step count and batch, no time budget (opt-in)."""
     demo = cli.config_from_args(cli.build_parser().parse_args(["train"]))
-    assert demo.train_data is None and demo.steps is not None
+    assert demo.train_data is None and demo.time_budget is None
+    assert (demo.steps, demo.batch_size) == (1500, 88) and demo.eval_at_start
+    budget = cli.config_from_args(cli.build_parser().parse_args(["train", "--time-budget", "60"]))
+    assert budget.time_budget == 60.0 and budget.steps == 1500
 
 
 def test_cuda_device_without_cuda_exits_2(capsys):

@@ -11,6 +11,8 @@ from PIL import Image
 
 from fastclip.datasets import (HELD_OUT, SHAPES, COLOR_NAMES, CsvDataset, ImageFolderDataset, ShapesDataset,
                                WebDataset, collate_skipping, expand_urls, read_classnames)
+from fastclip.datasets.shapes import (ALL_TRAIN_PAIRS, BLOCK, MIN_CONTRAST, PALETTE, SIZES, TRAIN_ONLY_COLORS,
+                                      TRAIN_ONLY_SHAPES, TRAIN_PAIRS)
 from fastclip.datasets.webdataset import expand_braces
 from fastclip.transforms import image_transform
 
@@ -25,51 +27,116 @@ def _png_bytes(seed, size=40):
 CORRUPT = b"\x89PNG\r\n\x1a\n this is not a png"
 
 
+def _caption_pair(caption):
+    """The (colour, shape) a distinct-design caption names (colours may be two words)."""
+    words = caption.split()
+    colours = [c for c in PALETTE if f" {c} " in f" {caption} "]
+    return (max(colours, key=len) if colours else None), words[-1]
+
+
 def test_shapes_deterministic_and_holds_out_pairs():
     a, b = ShapesDataset(200, seed=3), ShapesDataset(200, seed=3)
     for i in (0, 7, 199):
         assert torch.equal(a[i][0], b[i][0]) and torch.equal(a[i][1], b[i][1])
     assert not torch.equal(a[0][0], ShapesDataset(200, seed=4)[0][0])
     img, tok = a[5]
-    assert img.shape == (3, 64, 64) and img.dtype == torch.float32 and tok.shape == (32,)
+    assert img.shape == (3, 32, 32) and img.dtype == torch.float32 and tok.shape == (32,)
+    grays = set()
     for i in range(200):
         s = a.sample(i)
-        assert 1 <= len(s["objects"]) <= 2
-        for o in s["objects"]:
-            assert (o["color"], o["shape"]) not in HELD_OUT
-            assert o["color"] != s["background"]
-            assert o["shape"] in s["caption"] or o["color"] in s["caption"]  # partial captions name one
-        words = s["caption"].replace(",", " ").split()
-        assert {w for w in words if w in SHAPES} <= {o["shape"] for o in s["objects"]}
-        assert {w for w in words if w in COLOR_NAMES} <= {o["color"] for o in s["objects"]} | {s["background"]}
-    held = ShapesDataset(64, seed=3, split="heldout", image_size=32)
+        assert (s["color"], s["shape"]) not in HELD_OUT
+        assert s["shape"] in SHAPES + TRAIN_ONLY_SHAPES and s["color"] in PALETTE
+        assert _caption_pair(s["caption"]) == (s["color"], s["shape"]), s["caption"]
+        assert (s["size"] in s["caption"].split()) or not any(z in s["caption"].split() for z in ("small", "large"))
+        # the background is a gray that contrasts with the base colour; the shape lies inside the image
+        assert max(abs(v - s["background"]) for v in PALETTE[s["color"]]) >= MIN_CONTRAST
+        cx, cy = s["center"]
+        assert s["radius"] <= cx <= 32 - s["radius"] and s["radius"] <= cy <= 32 - s["radius"]
+        grays.add(s["background"])
+    assert len(grays) > 100  # any shade of gray, not a few fixed ones
+    # the custom-normalisation path gives the same pixels as the fast default one
+    from fastclip.transforms import OPENAI_MEAN, OPENAI_STD
+    mean, std = torch.tensor(OPENAI_MEAN).view(3, 1, 1), torch.tensor(OPENAI_STD).view(3, 1, 1)
+    c = ShapesDataset(200, seed=3, normalize=lambda x: (x - mean) / std)
+    torch.testing.assert_close(c[5][0], a[5][0], rtol=0, atol=1e-5)
+    held = ShapesDataset(64, seed=3, split="heldout", image_size=48)
     imgs, shapes, colors = held.eval_tensors()
-    assert imgs.shape == (64, 3, 32, 32)
+    assert imgs.shape == (64, 3, 48, 48)
     assert all((COLOR_NAMES[c], SHAPES[s]) in HELD_OUT for s, c in zip(shapes.tolist(), colors.tolist()))
     assert held.labels(5) == (shapes[5].item(), colors[5].item())
-    with pytest.raises(ValueError, match="split"):
-        ShapesDataset(10, split="test")
+    for bad, match in (({"split": "test"}, "split"), ({"design": "random"}, "design"), ({"image_size": 8}, "image_size"),
+                       ({"group_size": 0}, "group_size"), ({"group_prob": 1.5}, "group_prob")):
+        with pytest.raises(ValueError, match=match):
+            ShapesDataset(10, **bad)
+    with pytest.raises(ValueError, match="heldout"):
+        a.labels(0)
 
 
-def test_shapes_colour_groups():
-    ds = ShapesDataset(640, seed=5, group_size=16, group_prob=1.0)
+def test_shapes_distinct_batches_have_no_false_negatives():
+    """Each block of BLOCK consecutive indices holds every training pair once, so no caption of a
+    block describes another image of it; blocks differ in order, the sizes vary."""
+    ds = ShapesDataset(3 * BLOCK, seed=11)
+    orders = []
+    for blk in range(3):
+        samples = [ds.sample(blk * BLOCK + k) for k in range(BLOCK)]
+        pairs = [(s["color"], s["shape"]) for s in samples]
+        assert sorted(pairs) == sorted(ALL_TRAIN_PAIRS) and len(set(pairs)) == BLOCK == 88
+        for s in samples:  # a caption matches exactly its own image of the block
+            named = _caption_pair(s["caption"])
+            assert sum(named == p for p in pairs) == 1
+        assert {s["size"] for s in samples} == set(SIZES)
+        orders.append(pairs)
+    assert orders[0] != orders[1]
+    # every task shape is in every training-only colour and every colour on the training-only shapes
+    assert {(c, s) for c in TRAIN_ONLY_COLORS for s in SHAPES} <= set(ALL_TRAIN_PAIRS)
+    assert {(c, s) for c in COLOR_NAMES for s in TRAIN_ONLY_SHAPES} <= set(ALL_TRAIN_PAIRS)
+
+
+def test_shapes_other_designs():
+    iid = ShapesDataset(BLOCK, seed=5, design="iid")
+    pairs = [(iid.sample(i)["color"], iid.sample(i)["shape"]) for i in range(BLOCK)]
+    assert len(set(pairs)) < BLOCK and all(p not in HELD_OUT for p in pairs)  # repeats, by chance
+    ds = ShapesDataset(640, seed=5, design="colour-groups", group_size=16, group_prob=1.0)
     for g in range(0, 640, 16):
-        first = {ds.sample(i)["objects"][0]["color"] for i in range(g, g + 16)}
-        assert len(first) == 1 and ds.group_color(g) in first  # every first shape in the group's colour
-        for i in range(g, g + 16):
-            assert all((o["color"], o["shape"]) not in HELD_OUT for o in ds.sample(i)["objects"])
-    colours = {ds.group_color(g) for g in range(0, 640, 16)}
-    assert len(colours) >= 6  # the groups' colours vary
-    # group_prob=0 and group_size=1 are the i.i.d. dataset, sample for sample
-    plain, off = ShapesDataset(64, seed=5), ShapesDataset(64, seed=5, group_size=16, group_prob=0.0)
-    assert all(plain.sample(i)["caption"] == off.sample(i)["caption"] for i in range(64))
-    mixed = ShapesDataset(16 * 200, seed=5, group_size=16, group_prob=0.5)
+        first = {ds.sample(i)["color"] for i in range(g, g + 16)}
+        assert len(first) == 1 and ds.group_color(g) in first
+        assert all((ds.sample(i)["color"], ds.sample(i)["shape"]) in TRAIN_PAIRS for i in range(g, g + 16))
+    assert len({ds.group_color(g) for g in range(0, 640, 16)}) >= 6
+    mixed = ShapesDataset(16 * 200, seed=5, design="colour-groups", group_prob=0.5)
     frac = sum(mixed.group_color(16 * g) is not None for g in range(200)) / 200
     assert 0.35 < frac < 0.65
-    assert ShapesDataset(32, seed=5, split="heldout", group_size=16).group_color(0) is None
-    for bad in ({"group_size": 0}, {"group_size": 2.5}, {"group_prob": 1.5}):
-        with pytest.raises(ValueError, match=next(iter(bad))):
-            ShapesDataset(10, **bad)
+    assert ShapesDataset(32, seed=5, split="heldout", design="colour-groups").group_color(0) is None
+
+
+def test_second_renderer_draws_the_named_shapes():
+    """The independent evaluation renderer (tests/train/alt_shapes.py): its labels, backgrounds and
+    shape areas are what it says (area of a unit-extent shape, against the analytic value)."""
+    from . import alt_shapes as alt
+    imgs, shapes, colors = alt.heldout_set(48, image_size=32, seed=3)
+    assert imgs.shape == (48, 3, 32, 32) and imgs.dtype == torch.float32
+    assert {(COLOR_NAMES[c], SHAPES[s]) for s, c in zip(shapes.tolist(), colors.tolist())} == set(HELD_OUT)
+    assert alt.SHAPE_NAMES == SHAPES and alt.COLOR_NAMES == COLOR_NAMES and set(alt.HELD_OUT_PAIRS) == set(HELD_OUT)
+    rng = np.random.default_rng(0)
+    n = 401
+    u, v = np.meshgrid(np.linspace(-1.2, 1.2, n), np.linspace(-1.2, 1.2, n))
+    cell = (2.4 / (n - 1)) ** 2
+    area = {s: alt._mask(s, u, v, 1.0, rng).sum() * cell for s in ("circle", "square")}
+    assert abs(area["circle"] - np.pi) < 0.02 and abs(area["square"] - 2.0) < 0.02
+    # other proportions than the training renderer's: crosses thinner than any training cross
+    # (arm half-width / arm length < PROPORTIONS["cross"][0]), stars mostly fatter
+    from fastclip.datasets.shapes import PROPORTIONS
+    for _ in range(5):
+        cross = alt._mask("cross", u, v, 1.0, rng)
+        row = cross[n // 2 + n // 6]  # v = 0.4: only the vertical arm
+        half_width = row.sum() * (2.4 / (n - 1)) / 2
+        assert 0.12 * 0.95 < half_width < PROPORTIONS["cross"][0] * 0.95
+        star_area = alt._mask("star", u, v, 1.0, rng).sum() * cell
+        assert 1.4 < star_area < 1.95  # inner radius 0.50-0.65 of the outer (training: 0.35-0.60)
+    img = alt.render("star", "red", 32, rng)
+    assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+    # the background is gray and far from the fill
+    corners = [img[0, 0], img[0, -1], img[-1, 0], img[-1, -1]]
+    assert any(int(c.max()) == int(c.min()) for c in corners)
 
 
 def _write_csv_set(root, n_good=5):

@@ -12,12 +12,17 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 class TrainConfig:
     """Every knob of ``fastclip train`` (the CLI flags are these names with dashes).
 
-    Defaults are the CPU demo's: the ``demo`` model on the synthetic shapes dataset.
+    Defaults are the CPU demo's: the ``demo`` model on the synthetic shapes dataset, a fixed
+    amount of work (``steps`` x ``batch_size`` samples, the same on any machine).
     ``batch_size`` is per rank (as open_clip); the global batch is ``batch_size * world_size``.
     ``steps`` wins over ``epochs``; webdataset shards need ``steps`` or ``train_num_samples``.
-    ``time_budget`` (the demo's default in the CLI): after the first steps the trainer measures
-    its speed and, if ``steps`` would not fit in the budget, lowers the step count so the whole
-    cosine schedule (warmup, decay to 0) fits; runs with a budget are then not step-reproducible.
+    ``threads``: torch CPU threads; None on a CPU in one process: the faster of all threads and
+    one, timed on the first steps (``fastclip.train.demo.ThreadTuner``; the thread count changes
+    floating-point reduction order, never the data or the step count).
+    ``time_budget`` (opt-in, off by default): after the first steps the trainer measures its
+    speed and, if ``steps`` would not fit in the budget, lowers the step count so the whole cosine
+    schedule (warmup, decay to 0) fits; such a run depends on the machine's speed.
+    ``eval_at_start``: also evaluate before the first step (the curves then start at chance).
     ``output`` holds one run: a folder with a run in it needs ``resume`` (continue it) or
     ``overwrite`` (delete it first), see ``fastclip.train.run_folder``.
     ``max_failed_batches``: a batch in which no sample loads is skipped; this many such batches in
@@ -41,11 +46,11 @@ class TrainConfig:
     zeroshot_templates: str = "imagenet"
     demo_train_samples: int = 1_000_000
     demo_eval_samples: int = 480
-    demo_group_size: int = 16  # colour groups: see fastclip.datasets.shapes
+    demo_design: str = "distinct"  # distinct | iid | colour-groups: see fastclip.datasets.shapes
+    demo_group_size: int = 16  # the colour groups of demo_design="colour-groups"
     demo_group_prob: float = 1.0
-    demo_backgrounds: str = "neutral"
-    batch_size: int = 128
-    steps: Optional[int] = 1000
+    batch_size: int = 88  # the demo: one block of distinct captions per batch
+    steps: Optional[int] = 1500
     epochs: int = 1
     lr: float = 2e-3
     weight_decay: float = 0.1
@@ -66,6 +71,7 @@ class TrainConfig:
     seed: int = 0
     log_every: Optional[int] = None
     eval_every: Optional[int] = None
+    eval_at_start: bool = False
     save_every: Optional[int] = None
     keep_checkpoints: int = 2
     resume: Optional[str] = None
@@ -73,4 +79,4 @@ class TrainConfig:
     max_failed_batches: Optional[int] = None
     plot: bool = True
     progress: str = "auto"  # auto | bar | lines | none
-    time_budget: Optional[float] = None  # seconds of training; fewer steps (same schedule shape) if slower
+    time_budget: Optional[float] = None  # opt-in: seconds of training; fewer steps (same schedule shape) if slower

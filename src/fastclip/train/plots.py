@@ -1,6 +1,6 @@
 """Training curves from ``metrics.jsonl``: loss, logit scale and zero-shot accuracy vs step.
 
-matplotlib is optional (``pip install fastclip[plot]``); without it ``plot_curves`` returns None.
+matplotlib is optional (``pip install "fastclip-fused[plot]"``); without it ``plot_curves`` returns None.
 """
 from __future__ import annotations
 

@@ -73,7 +73,7 @@ class Trainer:
 
     Attributes after construction: ``model`` (the CLIP module), ``optimizer``, ``scheduler``,
     ``scaler``, ``env`` (rank, world size, device), ``total_steps``, ``start_step``.
-    ``hooks``: the run policies (default: those of ``cfg.time_budget``, see ``fastclip.train.demo``).
+    ``hooks``: the run policies (default: ``fastclip.train.demo.run_hooks``: thread tuning, time budget).
     """
 
     def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = None, hooks: Optional[List[StepHook]] = None):
@@ -149,8 +149,8 @@ class Trainer:
                 self._restore_extra(path, state["extra"])
                 self.resumed_from = path
         if hooks is None:
-            from .demo import time_budget_hooks
-            hooks = time_budget_hooks(cfg, env)
+            from .demo import run_hooks
+            hooks = run_hooks(cfg, env)
         self.hooks: List[StepHook] = list(hooks)
         self.t_first_step: Optional[float] = None
         self._eval_sets_ready = False
@@ -340,6 +340,10 @@ class Trainer:
         t_window, n_window = time.time(), 0
         last_eval: Dict[str, float] = {}
         last_ips = 0.0
+        if cfg.eval_at_start and self.start_step == 0 and env.is_main:
+            last_eval = self.evaluate(0)
+            record(last_eval)
+            progress.message(format_eval(last_eval))
         self.model.train()
         batches = self._train_batches()
         step = self.start_step
@@ -462,6 +466,8 @@ class Trainer:
             from .plots import plot_curves
             png = plot_curves(metrics_path, os.path.join(out_dir, "curves.png"))
             result["curves"] = png
+            if png is None:
+                self.log("curves.png not written: matplotlib is not installed (pip install matplotlib)")
         self.log(format_final(result, out_dir))
 
 
