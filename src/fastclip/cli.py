@@ -111,6 +111,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--accum-micro-batch", type=_positive_int, default=None, metavar="K",
                    help="encode the batch K samples at a time (exact full-batch gradient, memory of K)")
+    g.add_argument("--loss", choices=["clip", "siglip"], default=d.loss,
+                   help="contrastive loss: clip (softmax, ClipLoss) or siglip (sigmoid with a learnable "
+                        "bias, SigLipLoss; scale and bias start at 10 and -10)")
     g.add_argument("--loss-backend", default=d.loss_backend, help="fastclip kernel backend (auto)")
     g.add_argument("--dist-impl", choices=["gather", "ring"], default=d.dist_impl)
     g = p.add_argument_group("run")

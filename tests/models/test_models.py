@@ -132,3 +132,24 @@ def test_torch_compile_tiny():
             pytest.skip(f"torch.compile unavailable: {e}")
     for a, b in zip(out, ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_logit_bias_is_optional():
+    """CLIP models (and OpenAI's checkpoints) have no bias and return three outputs; a model
+    built with ``init_logit_bias`` (SigLIP) has a learnable one and returns it fourth."""
+    import math
+
+    from fastclip.models import create_model
+    plain = create_model("tiny-vit")
+    assert plain.logit_bias is None and "logit_bias" not in plain.state_dict()
+    assert len(plain(torch.randn(2, 3, 32, 32), torch.randint(0, 49408, (2, 32)))) == 3
+    sig = create_model("tiny-vit", init_logit_scale=10.0, init_logit_bias=-10.0)
+    out = sig(torch.randn(2, 3, 32, 32), torch.randint(0, 49408, (2, 32)))
+    assert len(out) == 4 and out[3].requires_grad and out[3].item() == -10.0
+    assert abs(sig.logit_scale.item() - math.log(10.0)) < 1e-6
+    sig.init_weights()
+    assert sig.logit_bias.item() == -10.0
+    with pytest.raises(ValueError, match="init_logit_bias"):
+        create_model("tiny-vit", init_logit_bias=float("nan"))
+    with pytest.raises(ValueError, match="init_logit_scale"):
+        create_model("tiny-vit", init_logit_scale=0.0)

@@ -3,10 +3,11 @@ the batch, train to the same weights as one process with the whole batch (the ex
 + DDP's gradient averaging), also with micro-batching and the ring form."""
 import json
 import os
-import socket
 import subprocess
 
 import pytest
+
+from fastclip.bench.measure import free_port
 
 from ._common import assert_same_weights, env, fastclip_cmd, run, weights
 
@@ -18,29 +19,25 @@ COMMON = ["--steps", "6", "--log-every", "1", "--eval-every", "1000", "--lr", "1
           "--eps", "1e-3"]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _losses(run_dir):
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     return [r["loss"] for r in rows if r["type"] == "train"]
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory):
+@pytest.fixture(scope="module", params=["clip", "siglip"])
+def single(tmp_path_factory, request):
     out = str(tmp_path_factory.mktemp("single"))
-    run(COMMON + ["--batch-size", "16", "--output", out])
-    return out
+    run(COMMON + ["--loss", request.param, "--batch-size", "16", "--output", out])
+    return request.param, out
 
 
 @pytest.mark.parametrize("extra", [[], ["--dist-impl", "ring", "--accum-micro-batch", "3"]],
                          ids=["gather", "ring+micro"])
 def test_two_ranks_equal_one_process(tmp_path, single, extra):
+    loss, single = single
+    extra = ["--loss", loss, *extra]
     out = str(tmp_path / "ddp")
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen(fastclip_cmd(*COMMON, *extra, "--batch-size", "8", "--output", out),
                               env=env(RANK=r, LOCAL_RANK=r, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]

@@ -54,3 +54,23 @@ def test_cosine_schedule():
     assert cosine_lr(10, 10, 100) == 1.0
     assert math.isclose(cosine_lr(55, 10, 100), 0.5, abs_tol=1e-12)
     assert cosine_lr(100, 10, 100) == 0.0 and cosine_lr(500, 10, 100) == 0.0
+
+
+def test_siglip_run_learns_a_bias_and_checkpoints_it(tmp_path):
+    """--loss siglip: the model gets a learnable bias at SigLIP's initialisation (t = 10,
+    b = -10), it trains, and the checkpoint carries it."""
+    torch.set_num_threads(1)
+    out = str(tmp_path / "run")
+    cfg = TrainConfig(model="tiny-vit", loss="siglip", output=out, steps=12, batch_size=16, lr=1e-3,
+                      warmup=2, log_every=1, eval_every=1000, demo_train_samples=64,
+                      demo_eval_samples=32, progress="none", plot=False)
+    train(cfg)
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    train_rows = [r for r in rows if r["type"] == "train"]
+    assert "bias" in train_rows[0] and abs(train_rows[0]["bias"] + 10.0) < 0.1
+    assert abs(train_rows[0]["scale"] - 10.0) < 0.1
+    assert train_rows[-1]["bias"] != train_rows[0]["bias"]         # the bias is trained
+    model = load_checkpoint(os.path.join(out, "model.safetensors"))
+    assert model.logit_bias is not None and model.config.init_logit_bias == -10.0
+    img, txt, scale, bias = model(torch.randn(2, 3, 32, 32), torch.randint(0, 49408, (2, 32)))
+    assert abs(bias.item() - train_rows[-1]["bias"]) < 1e-6

@@ -18,8 +18,9 @@ class CLIP(TextTransformer):
     """CLIP with OpenAI's parameter names (``visual.*``, ``transformer.*``, ``token_embedding``,
     ``positional_embedding``, ``ln_final``, ``text_projection``, ``logit_scale``).
 
-    ``config``: the ``CLIPConfig`` it was built from. ``logit_scale`` is initialised to
-    ``ln(1/0.07)``.
+    ``config``: the ``CLIPConfig`` it was built from. ``logit_scale`` (a log) is initialised to
+    ``ln(config.init_logit_scale)``: ``ln(1/0.07)`` by default. With ``config.init_logit_bias``
+    set (SigLIP) the model also has a learnable ``logit_bias``, returned as a fourth output.
     """
 
     def __init__(self, config: CLIPConfig):
@@ -31,7 +32,9 @@ class CLIP(TextTransformer):
         else:
             self.visual = VisionTransformer(c.image_size, c.patch_size, c.vision_width, c.vision_layers,
                                             c.vision_num_heads, c.embed_dim)
-        self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
+        self.logit_scale = nn.Parameter(torch.ones([]) * math.log(c.init_logit_scale))
+        self.logit_bias = (nn.Parameter(torch.ones([]) * float(c.init_logit_bias))
+                           if c.init_logit_bias is not None else None)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -52,7 +55,9 @@ class CLIP(TextTransformer):
         super().init_weights()
         self.visual.init_weights()
         with torch.no_grad():
-            self.logit_scale.fill_(math.log(1 / 0.07))
+            self.logit_scale.fill_(math.log(self.config.init_logit_scale))
+            if self.logit_bias is not None:
+                self.logit_bias.fill_(float(self.config.init_logit_bias))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute transformer blocks (text and ViT) in backward to save memory."""
@@ -67,8 +72,10 @@ class CLIP(TextTransformer):
     # encode_text is inherited: LongTensor [B, L] -> unnormalised [B, embed_dim]
 
     def forward(self, images: Optional[torch.Tensor], tokens: Optional[torch.Tensor], normalize: bool = True
-                ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
-        """Returns ``(image_features [B, D], text_features [B, D], logit_scale.exp().clamp(max=100))``.
+                ) -> Tuple[Optional[torch.Tensor], ...]:
+        """Returns ``(image_features [B, D], text_features [B, D], logit_scale.exp().clamp(max=100))``,
+        and ``logit_bias`` as a fourth element when the model has one (SigLIP), as open_clip's
+        models do: what ``ClipLoss`` / ``SigLipLoss`` take after the features.
 
         Features are L2-normalised when ``normalize`` (default True, as open_clip); pass
         ``normalize=False`` to get the raw projections (e.g. for a fused normalise+loss). Either
@@ -79,4 +86,10 @@ class CLIP(TextTransformer):
         if normalize:
             img = F.normalize(img, dim=-1) if img is not None else None
             txt = F.normalize(txt, dim=-1) if txt is not None else None
-        return img, txt, self.logit_scale.exp().clamp(max=100)
+        return (img, txt, *self.loss_params())
+
+    def loss_params(self) -> Tuple[torch.Tensor, ...]:
+        """The loss's scalar parameters: ``(logit_scale.exp().clamp(max=100),)`` and the bias
+        when the model has one (the order of ``LossSpec.params``)."""
+        scale = self.logit_scale.exp().clamp(max=100)
+        return (scale,) if self.logit_bias is None else (scale, self.logit_bias)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -13,6 +14,10 @@ class CLIPConfig:
     ``vision_layers``: an int for a ViT (transformer depth) or 4 ints for a ModifiedResNet
     (blocks per stage); ``patch_size`` is ignored for ResNets. Heads default to OpenAI's rule
     (ViT: width // 64; ResNet: width * 32 // 64; text: width // 64).
+    ``init_logit_scale``: the initial (exponentiated) logit scale, CLIP's 1/0.07 by default
+    (SigLIP: 10). ``init_logit_bias``: None (CLIP, OpenAI's checkpoints) or the initial value
+    of a learnable bias added to every logit (SigLIP: -10); the model then has a
+    ``logit_bias`` parameter.
     """
 
     embed_dim: int
@@ -26,6 +31,8 @@ class CLIPConfig:
     text_width: int = 512
     text_heads: Optional[int] = None
     text_layers: int = 12
+    init_logit_scale: float = 1 / 0.07
+    init_logit_bias: Optional[float] = None
 
     def __post_init__(self):
         if isinstance(self.vision_layers, list):
@@ -35,6 +42,12 @@ class CLIPConfig:
         for name in ("embed_dim", "image_size", "vision_width", "context_length", "vocab_size", "text_width", "text_layers"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not (isinstance(self.init_logit_scale, (int, float)) and self.init_logit_scale > 0
+                and math.isfinite(self.init_logit_scale)):
+            raise ValueError(f"init_logit_scale must be a finite positive number, got {self.init_logit_scale!r}")
+        if self.init_logit_bias is not None and not (isinstance(self.init_logit_bias, (int, float))
+                                                     and math.isfinite(self.init_logit_bias)):
+            raise ValueError(f"init_logit_bias must be a finite number or None, got {self.init_logit_bias!r}")
 
     @property
     def is_resnet(self) -> bool:

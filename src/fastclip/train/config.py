@@ -23,6 +23,9 @@ class TrainConfig:
     speed and, if ``steps`` would not fit in the budget, lowers the step count so the whole cosine
     schedule (warmup, decay to 0) fits; such a run depends on the machine's speed.
     ``eval_at_start``: also evaluate before the first step (the curves then start at chance).
+    ``loss``: "clip" (softmax, ``ClipLoss``) or "siglip" (sigmoid, ``SigLipLoss``: the model gets
+    a learnable ``logit_bias``, and the scale and bias start at the loss's initial values,
+    SigLIP's t = 10, b = -10, unless ``model_overrides`` sets ``init_logit_scale``/``init_logit_bias``).
     ``output`` holds one run: a folder with a run in it needs ``resume`` (continue it) or
     ``overwrite`` (delete it first), see ``fastclip.train.run_folder``.
     ``max_failed_batches``: a batch in which no sample loads is skipped; this many such batches in
@@ -63,6 +66,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     compile: bool = False
     accum_micro_batch: Optional[int] = None
+    loss: str = "clip"  # clip | siglip (fastclip.ops.losses)
     loss_backend: str = "auto"
     dist_impl: str = "gather"
     device: str = "auto"

@@ -9,7 +9,7 @@ from torch import nn
 
 
 def exclude_from_weight_decay(name: str, param: torch.Tensor) -> bool:
-    """Gains, biases, embeddings and the logit scale get no weight decay: ``param.ndim < 2`` or a
+    """Gains, biases, embeddings, the logit scale and bias get no weight decay: ``param.ndim < 2`` or a
     name containing ``embedding`` or ``logit_scale`` (decay would pull them towards 0, which
     for a gain or a temperature is not regularisation but a change of the model)."""
     return param.ndim < 2 or "embedding" in name or "logit_scale" in name

@@ -30,7 +30,10 @@ class Progress:
         done = step - self.start
         elapsed = time.time() - self.t0
         eta = elapsed / max(done, 1) * (self.total - step)
-        parts = [f"loss {stats['loss']:.3f}", f"scale {stats['scale']:.1f}", f"{stats['images_per_s']:.0f} img/s"]
+        parts = [f"loss {stats['loss']:.3f}", f"scale {stats['scale']:.1f}"]
+        if stats.get("bias") is not None:
+            parts.append(f"bias {stats['bias']:.2f}")
+        parts.append(f"{stats['images_per_s']:.0f} img/s")
         if self.mode == "bar":
             now = time.time()
             if now - self._last_draw < 0.1 and step < self.total:

@@ -77,8 +77,9 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = None, hooks: Optional[List[StepHook]] = None):
-        from ..loss import ClipLoss
+        from ..loss import ClipLoss, SigLipLoss
         from ..models import create_model
+        from ..ops.losses import LOSSES
 
         if cfg.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
@@ -86,6 +87,8 @@ class Trainer:
             raise ValueError(f"batch_size must be positive, got {cfg.batch_size}")
         if cfg.accum_micro_batch is not None and cfg.accum_micro_batch <= 0:
             raise ValueError(f"accum_micro_batch must be positive, got {cfg.accum_micro_batch}")
+        if cfg.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {cfg.loss!r}")
         self.cfg = cfg
         self.env = env = init_distributed(cfg.device)
         self.log = log or (lambda s: print(s, flush=True))
@@ -103,7 +106,7 @@ class Trainer:
         if env.device.type == "cpu":
             # Cheap on the CPU, and what makes resume bit-exact.
             torch.use_deterministic_algorithms(True, warn_only=True)
-        self.model = create_model(cfg.model, **cfg.model_overrides).to(env.device)
+        self.model = create_model(cfg.model, **self._loss_model_overrides()).to(env.device)
         # ResNet towers run in channels_last: the demo's step (batch 128) takes 0.27 s instead of
         # 0.43 s on a 2-core Zen 4 (oneDNN's NHWC convolutions); images are converted to match.
         self.memory_format = torch.channels_last if self.model.config.is_resnet else torch.contiguous_format
@@ -116,7 +119,8 @@ class Trainer:
             self.train_model = torch.nn.parallel.DistributedDataParallel(self.step_model, device_ids=ids)
         else:
             self.train_model = self.step_model
-        self.loss_fn = ClipLoss(rank=env.rank, world_size=env.world_size, normalize=True,
+        loss_cls = {"clip": ClipLoss, "siglip": SigLipLoss}[cfg.loss]
+        self.loss_fn = loss_cls(rank=env.rank, world_size=env.world_size, normalize=True,
                                 backend=cfg.loss_backend, dist_impl=cfg.dist_impl)
         self.optimizer = create_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
 
@@ -157,6 +161,17 @@ class Trainer:
 
     # -- setup helpers
 
+    def _loss_model_overrides(self) -> Dict[str, Any]:
+        """``model_overrides`` plus what the loss needs of the model: the initial scale of the
+        loss (``LossSpec.init``) and, for a loss with a bias, a learnable ``logit_bias``."""
+        from ..ops.losses import get_loss
+        spec = get_loss(self.cfg.loss)
+        out = {"init_logit_scale": spec.init[0]}
+        if "logit_bias" in spec.params:
+            out["init_logit_bias"] = spec.init[spec.params.index("logit_bias")]
+        out.update(self.cfg.model_overrides)
+        return out
+
     def _restore_extra(self, path: str, extra: Dict[str, Any]) -> None:
         try:
             self.skipped_before = int(extra.get("skipped", 0))
@@ -190,8 +205,8 @@ class Trainer:
         k = self.cfg.accum_micro_batch
         if k is None or k >= images.shape[0]:
             with self._autocast():
-                img, txt, scale = self.train_model(images, tokens, normalize=False)
-                loss = self.loss_fn(img, txt, scale)
+                img, txt, *params = self.train_model(images, tokens, normalize=False)
+                loss = self.loss_fn(img, txt, *params)
             self.scaler.scale(loss).backward()
             return loss.detach()
         return self._forward_backward_micro(images, tokens, k)
@@ -204,15 +219,15 @@ class Trainer:
             feats = [model(images[a:b], tokens[a:b], normalize=False)[:2] for a, b in chunks]
         img = torch.cat([f[0] for f in feats]).detach().requires_grad_(True)  # [B, D] leaf
         txt = torch.cat([f[1] for f in feats]).detach().requires_grad_(True)  # [B, D] leaf
-        # 2. loss and d loss / d features (+ the logit scale's gradient, once) over the full batch
+        # 2. loss and d loss / d features (+ the scale's and bias's gradients, once) over the
+        # full batch
         with self._autocast():
-            scale = self.model.logit_scale.exp().clamp(max=100)
-            loss = self.loss_fn(img, txt, scale)
+            loss = self.loss_fn(img, txt, *self.model.loss_params())
         self.scaler.scale(loss).backward()
         # 3. re-run each micro-batch with grad and push its slice of the feature gradients
         for a, b in chunks:
             with self._autocast():
-                i_c, t_c, _ = model(images[a:b], tokens[a:b], normalize=False)
+                i_c, t_c = model(images[a:b], tokens[a:b], normalize=False)[:2]
             torch.autograd.backward([i_c, t_c], [img.grad[a:b].to(i_c.dtype), txt.grad[a:b].to(t_c.dtype)])
         if self.env.distributed:  # DDP's hooks were bypassed: average like DDP would
             all_reduce_grads(list(self.model.parameters()), self.env.world_size)
@@ -279,11 +294,12 @@ class Trainer:
 
     def _val_metrics(self) -> Dict[str, float]:
         from ..eval.retrieval import retrieval_metrics
-        from ..ops.contrastive_loss import clip_loss
+        from ..ops.contrastive_loss import fused_loss
         imgs_f, txts_f, losses, ns = [], [], [], []
         for imgs, toks in self.val_batches:
-            i, t, s = self.model(imgs.to(self.env.device), toks.to(self.env.device), normalize=False)
-            losses.append(clip_loss(i.float(), t.float(), s.float(), normalize=True, backend=self.cfg.loss_backend).item())
+            i, t, *ps = self.model(imgs.to(self.env.device), toks.to(self.env.device), normalize=False)
+            losses.append(fused_loss(self.cfg.loss, i.float(), t.float(), [p.float() for p in ps],
+                                     normalize=True, backend=self.cfg.loss_backend).item())
             ns.append(len(imgs))
             imgs_f.append(i.float().cpu())
             txts_f.append(t.float().cpu())
@@ -385,16 +401,20 @@ class Trainer:
                            "lr": self.optimizer.param_groups[0]["lr"],
                            "images_per_s": n_window / max(now - t_window, 1e-9),
                            "elapsed_s": self.wall_before + now - t_start}
+                    if self.model.logit_bias is not None:
+                        row["bias"] = self.model.logit_bias.item()
                     t_window, n_window = now, 0
                     for h in self.hooks:
                         h.after_log(self, step, row["elapsed_s"], progress)
                     row["total_steps"] = self.total_steps
                     record(row)
                     last_ips = row["images_per_s"]
-                    progress.update(step, loss=row["loss"], scale=row["scale"], images_per_s=last_ips)
-                elif progress.mode == "bar" and env.device.type == "cpu":  # .item() is free on the CPU
-                    progress.update(step, loss=loss.item(), scale=self.model.logit_scale.exp().item(),
+                    progress.update(step, loss=row["loss"], scale=row["scale"], bias=row.get("bias"),
                                     images_per_s=last_ips)
+                elif progress.mode == "bar" and env.device.type == "cpu":  # .item() is free on the CPU
+                    bias = self.model.logit_bias
+                    progress.update(step, loss=loss.item(), scale=self.model.logit_scale.exp().item(),
+                                    bias=None if bias is None else bias.item(), images_per_s=last_ips)
                 eval_every = cfg.eval_every or max(1, self.total_steps // 4)  # total may shrink (time budget)
                 # A periodic eval a few steps before the final one (the budget moved the end
                 # onto it) repeats it: the demo evaluated at steps 760 and 763, ~2 s each.
