@@ -198,9 +198,11 @@ void register_cuda(py::module_& m) {
   m.attr("CUDA_BUILT") = true;
   m.def("cuda_status", &cuda_status, "(ok, reason): can the CUDA kernels run here?");
   m.def("cuda_fwd_workspace_bytes", &fwd_workspace_bytes, py::arg("n"), py::arg("m"),
-        py::arg("d"), "Bytes of device workspace cuda_fwd needs for x [n, d], y [m, d] (any loss).");
+        py::arg("d"),
+        "Bytes of device workspace cuda_fwd needs for x [n, d], y [m, d] (any loss).");
   m.def("cuda_bwd_workspace_bytes", &bwd_workspace_bytes, py::arg("n"), py::arg("m"),
-        py::arg("d"), "Bytes of device workspace cuda_bwd needs for x [n, d], y [m, d] (any loss).");
+        py::arg("d"),
+        "Bytes of device workspace cuda_bwd needs for x [n, d], y [m, d] (any loss).");
   m.def("cuda_fwd_bwd_workspace_bytes", &fwd_bwd_workspace_bytes, py::arg("n"), py::arg("m"),
         py::arg("d"), "Bytes of device workspace cuda_fwd_bwd needs for x [n, d], y [m, d].");
   m.def("cuda_fwd", &cuda_fwd, py::arg("loss"), py::arg("x"), py::arg("y"), py::arg("n"),

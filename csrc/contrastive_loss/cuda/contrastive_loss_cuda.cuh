@@ -383,7 +383,8 @@ __device__ __forceinline__ float2 lse_merge(float2 a, float2 b) {
 // softplus of a logit of -20 is 2e-9, and N^2 such terms make up the loss of a trained
 // SigLIP model). The same series as the CPU kernels. NaN propagates.
 __device__ __forceinline__ float log1p01(float u) {
-  const float f = __fdividef(u, u + 2.f);   // denominator in [2, 3]: the fast division is exact to 2 ulp
+  // The denominator lies in [2, 3]: the fast division is exact to 2 ulp there.
+  const float f = __fdividef(u, u + 2.f);
   const float f2 = f * f;
   float p = 1.f / 13.f;
   p = fmaf(p, f2, 1.f / 11.f);

@@ -130,7 +130,8 @@ constexpr int grad_region_elems() {
 
 template <typename T>
 constexpr size_t grad_smem_bytes() {
-  constexpr size_t head = (size_t(grad_region_elems<T>()) + size_t(kBM) * Strides<T>::LDG) * sizeof(T);
+  constexpr size_t head =
+      (size_t(grad_region_elems<T>()) + size_t(kBM) * Strides<T>::LDG) * sizeof(T);
   static_assert(head % 16 == 0, "GradTail must start 16-byte aligned");
   return head + sizeof(GradTail);
 }
