@@ -393,23 +393,25 @@ __device__ __forceinline__ float log1p01(float u) {
   p = fmaf(p, f2, 1.f / 5.f);
   p = fmaf(p, f2, 1.f / 3.f);
   p = fmaf(p, f2, 1.f);
-  return (f + f) * p;
+  return __fmul_rn(f + f, p);
 }
 
 // softplus(t) = max(t, 0) + log1p(exp(-|t|)) and sigmoid(t), from one exp; exact for any
 // |t| (exp(-|t|) <= 1 never overflows: t = ±1e4 gives softplus = max(t, 0), sigmoid = 1
 // or 0). expf is the accurate one (2 ulp on its whole range; __expf's error grows with
-// |t|, 1.2e-6 relative at t = -20, where the loss of a trained model lives). NaN
-// propagates into both.
-__device__ __forceinline__ float softplus(float t) {
-  const float e = expf(-fabsf(t));
-  return fmaxf(t, 0.f) + log1p01(e);
+// |t|, 1.2e-6 relative at t = -20, where the loss of a trained model lives). The last
+// multiply and add are explicitly rounded (no contraction into an FMA that one kernel
+// might choose and another not): the forward and the one-pass kernels fold bitwise equal
+// terms. NaN propagates into both.
+__device__ __forceinline__ float softplus_of(float t, float e) {
+  return __fadd_rn(fmaxf(t, 0.f), log1p01(e));
 }
+__device__ __forceinline__ float softplus(float t) { return softplus_of(t, expf(-fabsf(t))); }
 __device__ __forceinline__ void softplus_sigmoid(float t, float& sp, float& sg) {
   const float e = expf(-fabsf(t));
   const float inv = __fdividef(1.f, 1.f + e);   // denominator in [1, 2]
   sg = t < 0.f ? e * inv : inv;
-  sp = fmaxf(t, 0.f) + log1p01(e);
+  sp = softplus_of(t, e);
 }
 
 // A float64 statistic as hi + lo in fp32, so that the gradient's exp((z - hi) - lo) keeps
