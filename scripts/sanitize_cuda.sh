@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # compute-sanitizer over the cuda backend's kernels (needs a GPU and a CUDA build of
-# fastclip._C). Runs memcheck (out-of-bounds/misaligned accesses), racecheck (shared-memory
-# hazards), initcheck (reads of uninitialised global memory: the workspace's first-write
-# logic) and synccheck (barrier misuse), each on a small and a large case of
-# scripts/cuda_sanitize_driver.py. Only fastclip's kernels are instrumented.
+# fastclip._C), for every loss the backend implements: forward, backward and the one-pass
+# forward+backward. Runs memcheck (out-of-bounds/misaligned accesses), racecheck
+# (shared-memory hazards), initcheck (reads of uninitialised global memory: the workspace's
+# first-write logic and the gradient pass's turnstiles) and synccheck (barrier misuse),
+# each on a small and a large case of scripts/cuda_sanitize_driver.py. Only fastclip's
+# kernels are instrumented.
 #   usage: scripts/sanitize_cuda.sh [python]       (default: python on PATH)
 set -euo pipefail
 PY=${1:-python}

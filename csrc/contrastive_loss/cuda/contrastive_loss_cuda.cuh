@@ -9,19 +9,32 @@
 //                       mma.sync m16n8k8 .tf32 (inputs rounded to tf32, fp32 accumulate).
 //   F32Path:            fp32 inputs otherwise: exact fp32 FFMA on the same ownership map
 //                       (each thread owns 4 rows x 8 columns of its warp's 32x32 tile).
-// Hopper: these sm_80 instructions run on sm_90a as they are; a wgmma/TMA path is not
-// written (issue 7 report), so on H100 SASS shows HMMA, not HGMMA.
+// Hopper and Blackwell run these sm_80 instructions as they are; a wgmma/TMA path is not
+// written, so on H100 SASS shows HMMA, not HGMMA.
+//
+// What a tile of logits becomes is the loss's epilogue policy Epi<LOSS> (LossKind of
+// csrc/common.h = LossSpec.code of src/fastclip/ops/losses), written once here and used by
+// the forward, the backward and the one-pass kernels alike.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdio>
 
 #include "contrastive_loss/cuda/contrastive_loss_cuda.h"
 
 namespace fastclip {
 namespace cuda {
+
+__host__ __device__ inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline size_t align256(size_t b) { return (b + 255) / 256 * 256; }
+
+constexpr int kSoftmax = int(LossKind::kSoftmax);
+constexpr int kSigmoid = int(LossKind::kSigmoid);
+
 namespace dev {
 
 constexpr float kNegInf = -__builtin_huge_valf();
@@ -77,6 +90,7 @@ __device__ __forceinline__ void load_tile(T* __restrict__ dst, const T* __restri
     constexpr int CE = 16 / sizeof(T);           // elements per 16-byte chunk
     constexpr int CPR = COLS / CE;               // chunks per row
     static_assert(COLS % CE == 0, "tile width must be a multiple of 16 bytes");
+    static_assert((LDS * sizeof(T)) % 16 == 0, "shared rows must stay 16-byte aligned");
     for (int c = threadIdx.x; c < ROWS * CPR; c += kThreads) {
       const int r = c / CPR, cc = (c % CPR) * CE;
       const bool ok = r < rows_valid && col0 + cc < d;   // d % CE == 0: whole chunks
@@ -148,40 +162,42 @@ template <typename T>
 struct Strides {
   static constexpr bool k16 = sizeof(T) == 2;
   static constexpr int LDK = kBK + (k16 ? 8 : 4);   // [row][k] tiles of X and Y
-  static constexpr int LDN = kDC + 8;               // [k = column j][n = d] chunks of Y
-  static constexpr int LDG = kBN + (k16 ? 8 : 4);   // G tile [row][k = column j]
+  static constexpr int LDN = kDC + 8;               // [k = row][n = d] chunks of X or Y
+  static constexpr int LDG = kBN + (k16 ? 8 : 4);   // H tile [row i][column j]
 };
 
-// A is [32 rows][K] (stride lda) at the warp's first row; B is either [32 cols][K]
-// (NK: B^T product, S = X Y^T) or [K][32 cols] (KN: G Y), at the warp's first column.
+// One warp's 32x32 block of C += A B over K. A is [32 rows][K] at the warp's first row
+// (stride lda), or, with AT, stored transposed as [K][32] at the warp's first column
+// (the H^T X product of dY reads H [i][j] as A(m = j, k = i)). B is [32 cols][K] (NK:
+// the B^T product S = X Y^T) or [K][32 cols] (KN: H Y, H^T X), at the warp's first column.
 struct Bf16Path {
   using T = __nv_bfloat16;
   static constexpr bool kScaleG = false;   // bf16 has fp32's exponent range
-  template <bool KN, int K>
+  template <bool AT, bool KN, int K>
   __device__ static void mma(Acc& acc, const T* sA, int lda, const T* sB, int ldb);
 };
 struct F16Path {
   using T = __half;
-  // G ~ 1/(2N) underflows fp16 (normal min 6e-5): each G tile is scaled by a power of
-  // two into [2^14, 2^15) before the cast and the product scaled back (exact).
+  // H ~ s/N underflows fp16 (normal min 6e-5): each H tile is scaled by a power of two
+  // into [2^14, 2^15) before the cast and the products scaled back (exact).
   static constexpr bool kScaleG = true;
-  template <bool KN, int K>
+  template <bool AT, bool KN, int K>
   __device__ static void mma(Acc& acc, const T* sA, int lda, const T* sB, int ldb);
 };
 struct Tf32Path {
   using T = float;
   static constexpr bool kScaleG = false;
-  template <bool KN, int K>
+  template <bool AT, bool KN, int K>
   __device__ static void mma(Acc& acc, const T* sA, int lda, const T* sB, int ldb);
 };
 struct F32Path {
   using T = float;
   static constexpr bool kScaleG = false;
-  template <bool KN, int K>
+  template <bool AT, bool KN, int K>
   __device__ static void mma(Acc& acc, const T* sA, int lda, const T* sB, int ldb);
 };
 
-template <bool BF16, bool KN, int K, typename T>
+template <bool BF16, bool AT, bool KN, int K, typename T>
 __device__ __forceinline__ void mma16_warp(Acc& acc, const T* sA, int lda, const T* sB,
                                            int ldb) {
   const int lane = threadIdx.x & 31;
@@ -189,8 +205,16 @@ __device__ __forceinline__ void mma16_warp(Acc& acc, const T* sA, int lda, const
   for (int kk = 0; kk < K; kk += 16) {
     uint32_t a[2][4];
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-      ldsm_x4(a[mi], sA + (mi * 16 + (lane & 15)) * lda + kk + (lane >> 4) * 8);
+    for (int mi = 0; mi < 2; ++mi) {
+      if constexpr (AT) {
+        // matrices (m lo, k lo), (m hi, k lo), (m lo, k hi), (m hi, k hi) of A stored
+        // [k][m]: .trans hands lane (g, t) A(m = g, k = 2t..2t+1), the row-major fragment.
+        ldsm_x4_trans(a[mi], sA + (kk + (lane >> 4) * 8 + (lane & 7)) * lda + mi * 16 +
+                                 ((lane >> 3) & 1) * 8);
+      } else {
+        ldsm_x4(a[mi], sA + (mi * 16 + (lane & 15)) * lda + kk + (lane >> 4) * 8);
+      }
+    }
 #pragma unroll
     for (int np = 0; np < 2; ++np) {
       uint32_t b[4];
@@ -212,18 +236,18 @@ __device__ __forceinline__ void mma16_warp(Acc& acc, const T* sA, int lda, const
   }
 }
 
-template <bool KN, int K>
+template <bool AT, bool KN, int K>
 __device__ __forceinline__ void Bf16Path::mma(Acc& acc, const T* sA, int lda, const T* sB,
                                               int ldb) {
-  mma16_warp<true, KN, K>(acc, sA, lda, sB, ldb);
+  mma16_warp<true, AT, KN, K>(acc, sA, lda, sB, ldb);
 }
-template <bool KN, int K>
+template <bool AT, bool KN, int K>
 __device__ __forceinline__ void F16Path::mma(Acc& acc, const T* sA, int lda, const T* sB,
                                              int ldb) {
-  mma16_warp<false, KN, K>(acc, sA, lda, sB, ldb);
+  mma16_warp<false, AT, KN, K>(acc, sA, lda, sB, ldb);
 }
 
-template <bool KN, int K>
+template <bool AT, bool KN, int K>
 __device__ __forceinline__ void Tf32Path::mma(Acc& acc, const float* sA, int lda,
                                               const float* sB, int ldb) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -232,11 +256,20 @@ __device__ __forceinline__ void Tf32Path::mma(Acc& acc, const float* sA, int lda
     uint32_t a[2][4];
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi) {
-      const float* p = sA + (mi * 16 + g) * lda + kk + t;
-      a[mi][0] = tf32(p[0]);
-      a[mi][1] = tf32(p[8 * lda]);
-      a[mi][2] = tf32(p[4]);
-      a[mi][3] = tf32(p[8 * lda + 4]);
+      // fragment: a0 (m g, k t), a1 (m g+8, k t), a2 (m g, k t+4), a3 (m g+8, k t+4)
+      if constexpr (AT) {
+        const float* p = sA + (kk + t) * lda + mi * 16 + g;
+        a[mi][0] = tf32(p[0]);
+        a[mi][1] = tf32(p[8]);
+        a[mi][2] = tf32(p[4 * lda]);
+        a[mi][3] = tf32(p[4 * lda + 8]);
+      } else {
+        const float* p = sA + (mi * 16 + g) * lda + kk + t;
+        a[mi][0] = tf32(p[0]);
+        a[mi][1] = tf32(p[8 * lda]);
+        a[mi][2] = tf32(p[4]);
+        a[mi][3] = tf32(p[8 * lda + 4]);
+      }
     }
 #pragma unroll
     for (int ni = 0; ni < 4; ++ni) {
@@ -254,7 +287,7 @@ __device__ __forceinline__ void Tf32Path::mma(Acc& acc, const float* sA, int lda
   }
 }
 
-template <bool KN, int K>
+template <bool AT, bool KN, int K>
 __device__ __forceinline__ void F32Path::mma(Acc& acc, const float* sA, int lda,
                                              const float* sB, int ldb) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -264,7 +297,8 @@ __device__ __forceinline__ void F32Path::mma(Acc& acc, const float* sA, int lda,
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) a[mi][h] = sA[(mi * 16 + g + 8 * h) * lda + k];
+      for (int h = 0; h < 2; ++h)
+        a[mi][h] = AT ? sA[k * lda + mi * 16 + g + 8 * h] : sA[(mi * 16 + g + 8 * h) * lda + k];
 #pragma unroll
     for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
@@ -291,6 +325,8 @@ __device__ __forceinline__ void zero(Acc& acc) {
 // S = A_blk B_blk^T for one 64x64 tile, over all of D, double-buffered through shared
 // memory (cp.async for stage k+1 in flight while stage k feeds the tensor cores).
 // sA, sB: two stages each of [64][LDK]. Ends with a barrier: the buffers are free.
+// The forward and the gradient kernels call this with the same operands (x rows as A, y
+// rows as B) and the same K blocking, so a logit tile is bitwise the same in both.
 template <class P>
 __device__ __forceinline__ void tile_scores(Acc& acc, const typename P::T* A, int64_t lda,
                                             int a_rows, const typename P::T* B, int64_t ldb,
@@ -316,18 +352,178 @@ __device__ __forceinline__ void tile_scores(Acc& acc, const typename P::T* A, in
     }
     __syncthreads();
     const int cb = kt & 1;
-    P::template mma<false, kBK>(acc, sA + cb * kBM * LDK + wm * 32 * LDK, LDK,
-                                sB + cb * kBN * LDK + wn * 32 * LDK, LDK);
+    P::template mma<false, false, kBK>(acc, sA + cb * kBM * LDK + wm * 32 * LDK, LDK,
+                                       sB + cb * kBN * LDK + wn * 32 * LDK, LDK);
     __syncthreads();
   }
 }
 
+// ------------------------------------------------------------------------- the logit
+// z_ij = (s * (rho_i * sigma_j)) * S_ij + b, with explicitly rounded operations so that no
+// kernel can contract them differently: the forward and the gradient pass compute every
+// logit bit for bit alike (at s = 1e4 one ulp of a logit is 1e-3, and a forward and a
+// backward that disagree by one ulp put that error into every exp(z - lse)).
+// rr = rho_i * sigma_j; coef = s * rr is also the factor of H = coef * G.
+__device__ __forceinline__ float logit(float coef, float S, float b) {
+  return __fmaf_rn(coef, S, b);
+}
+
+// ------------------------------------------------------------------ epilogue policies
 // (max, sum) pairs of an online logsumexp. The max is shifted to 0 when it is -inf so
 // that exp(-inf - shift) = 0 and a NaN anywhere still reaches the sum.
 __device__ __forceinline__ float safe_shift(float mx) { return mx == kNegInf ? 0.f : mx; }
 __device__ __forceinline__ float2 lse_merge(float2 a, float2 b) {
   const float mx = fmaxf(a.x, b.x), sh = safe_shift(mx);
   return make_float2(mx, a.y * __expf(a.x - sh) + b.y * __expf(b.x - sh));
+}
+
+// log1p(u) for u in [0, 1]: f = u / (2 + u) lies in [0, 1/3] and
+// log1p(u) = 2 atanh(f) = 2f (1 + f^2/3 + f^4/5 + ...); seven terms leave a truncation
+// below 1.5e-8 relative, and tiny u keeps its full precision (log(1 + u) would lose it:
+// softplus of a logit of -20 is 2e-9, and N^2 such terms make up the loss of a trained
+// SigLIP model). The same series as the CPU kernels. NaN propagates.
+__device__ __forceinline__ float log1p01(float u) {
+  // The denominator lies in [2, 3]: the fast division is exact to 2 ulp there.
+  const float f = __fdividef(u, u + 2.f);
+  const float f2 = f * f;
+  float p = 1.f / 13.f;
+  p = fmaf(p, f2, 1.f / 11.f);
+  p = fmaf(p, f2, 1.f / 9.f);
+  p = fmaf(p, f2, 1.f / 7.f);
+  p = fmaf(p, f2, 1.f / 5.f);
+  p = fmaf(p, f2, 1.f / 3.f);
+  p = fmaf(p, f2, 1.f);
+  return __fmul_rn(f + f, p);
+}
+
+// softplus(t) = max(t, 0) + log1p(exp(-|t|)) and sigmoid(t), from one exp; exact for any
+// |t| (exp(-|t|) <= 1 never overflows: t = ±1e4 gives softplus = max(t, 0), sigmoid = 1
+// or 0). expf is the accurate one (2 ulp on its whole range; __expf's error grows with
+// |t|, 1.2e-6 relative at t = -20, where the loss of a trained model lives). The last
+// multiply and add are explicitly rounded (no contraction into an FMA that one kernel
+// might choose and another not): the forward and the one-pass kernels fold bitwise equal
+// terms. NaN propagates into both.
+__device__ __forceinline__ float softplus_of(float t, float e) {
+  return __fadd_rn(fmaxf(t, 0.f), log1p01(e));
+}
+__device__ __forceinline__ float softplus(float t) { return softplus_of(t, expf(-fabsf(t))); }
+__device__ __forceinline__ void softplus_sigmoid(float t, float& sp, float& sg) {
+  const float e = expf(-fabsf(t));
+  const float inv = __fdividef(1.f, 1.f + e);   // denominator in [1, 2]
+  sg = t < 0.f ? e * inv : inv;
+  sp = softplus_of(t, e);
+}
+
+// A float64 statistic as hi + lo in fp32, so that the gradient's exp((z - hi) - lo) keeps
+// its precision ((z - hi) is exact where the result is not negligible, by Sterbenz).
+__device__ __forceinline__ void split_hi_lo(double v, float& hi, float& lo) {
+  hi = __double2float_rn(v);
+  lo = isfinite(hi) ? __double2float_rn(v - double(hi)) : 0.f;   // keep inf/NaN as they are
+}
+
+// Epi<LOSS>: what a tile of logits becomes (docs/design.md §2).
+//   value(z, positive):  the term a valid entry folds into its row and its column
+//   pad():               the term of an entry outside the block
+//   reduce<LO, HI>(v):   the tile statistic of a thread's N terms and the lanes
+//                        lane ^ LO, ..., lane ^ HI (a row: 1..2, a column: 4..16)
+//   tile(a, b):          the two warps' tile statistics as a running statistic Run
+//   merge(a, b):         two running statistics
+//   finish(parts, k, stride, count): the float64 statistic of `count` partials
+// Row, column and dz: kSoftmax (clip) row_i = logsumexp_j z_ij, dz = g_row exp(z - row)
+// + g_col exp(z - col); kSigmoid (siglip) row_i = sum_j softplus(-l_ij z_ij), dz =
+// (g_row + g_col) (-l) sigmoid(-l z) (l = +1 on the positive, -1 elsewhere).
+template <int LOSS>
+struct Epi;
+
+template <>
+struct Epi<kSoftmax> {
+  using Run = float2;                    // (max, sum of exp(z - max)); 8 bytes
+  static constexpr bool kBias = false;   // a softmax is shift-invariant: no bias
+  __device__ static Run empty() { return make_float2(kNegInf, 0.f); }
+  __device__ static float value(float z, bool) { return z; }
+  __device__ static float pad() { return kNegInf; }
+  template <int LO, int HI, int N>
+  __device__ static float2 reduce(const float (&v)[N]) {
+    float mx = kNegInf;
+#pragma unroll
+    for (int k = 0; k < N; ++k) mx = fmaxf(mx, v[k]);
+#pragma unroll
+    for (int o = LO; o <= HI; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    const float sh = safe_shift(mx);
+    float sum = 0.f;
+#pragma unroll
+    for (int k = 0; k < N; ++k) sum += __expf(v[k] - sh);
+#pragma unroll
+    for (int o = LO; o <= HI; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    return make_float2(mx, sum);
+  }
+  __device__ static Run tile(float2 a, float2 b) { return lse_merge(a, b); }
+  __device__ static Run merge(Run a, Run b) { return lse_merge(a, b); }
+  // Exact merge of the partial (max, sum) pairs: M = max, row = M + log(sum s_p e^(m_p - M)),
+  // the sum in float64 (the max is exact in fp32, log(sum) small).
+  __device__ static double finish(const Run* parts, int64_t k, int64_t stride, int count) {
+    float mx = kNegInf;
+    for (int p = 0; p < count; ++p) mx = fmaxf(mx, parts[p * stride + k].x);
+    const float sh = safe_shift(mx);
+    double s = 0.0;
+    for (int p = 0; p < count; ++p) {
+      const Run r = parts[p * stride + k];
+      s += double(r.y) * double(expf(r.x - sh));
+    }
+    return double(mx) + log(s);
+  }
+};
+
+template <>
+struct Epi<kSigmoid> {
+  using Run = double;                    // a sum of up to N positive terms; 8 bytes
+  static constexpr bool kBias = true;
+  __device__ static Run empty() { return 0.0; }
+  __device__ static float value(float z, bool positive) { return softplus(positive ? -z : z); }
+  __device__ static float pad() { return 0.f; }
+  template <int LO, int HI, int N>
+  __device__ static float2 reduce(const float (&v)[N]) {
+    float sum = 0.f;
+#pragma unroll
+    for (int k = 0; k < N; ++k) sum += v[k];
+#pragma unroll
+    for (int o = LO; o <= HI; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    return make_float2(sum, 0.f);
+  }
+  __device__ static Run tile(float2 a, float2 b) { return double(a.x) + double(b.x); }
+  __device__ static Run merge(Run a, Run b) { return a + b; }
+  __device__ static double finish(const Run* parts, int64_t k, int64_t stride, int count) {
+    double s = 0.0;
+    for (int p = 0; p < count; ++p) s += parts[p * stride + k];
+    return s;
+  }
+};
+
+// row_i = finish over the row_parts partials of row i ([row_parts][n]); likewise the
+// columns ([col_parts][m], m = 0: none). Fixed order: deterministic.
+template <int LOSS>
+__global__ void merge_parts_kernel(const typename Epi<LOSS>::Run* __restrict__ rowpart,
+                                   int row_parts, int n,
+                                   const typename Epi<LOSS>::Run* __restrict__ colpart,
+                                   int col_parts, int m, double* __restrict__ row,
+                                   double* __restrict__ col) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < int64_t(n) + m;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    if (i < n)
+      row[i] = Epi<LOSS>::finish(rowpart, i, n, row_parts);
+    else
+      col[i - n] = Epi<LOSS>::finish(colpart, i - n, m, col_parts);
+  }
+}
+
+template <int LOSS>
+inline void launch_merge_parts(const typename Epi<LOSS>::Run* rowpart, int64_t row_parts,
+                               int64_t n, const typename Epi<LOSS>::Run* colpart,
+                               int64_t col_parts, int64_t m, double* row, double* col,
+                               cudaStream_t st) {
+  const int64_t blocks = std::min<int64_t>(cdiv(n + m, 256), 4096);
+  merge_parts_kernel<LOSS><<<unsigned(blocks), 256, 0, st>>>(
+      rowpart, int(row_parts), int(n), colpart, int(col_parts), int(m), row, col);
 }
 
 // ------------------------------------------------------------------ row-wise kernels
@@ -358,6 +554,14 @@ inline void launch_inv_norm(const T* a, int64_t rows, int d, int64_t ld, bool no
                             float eps, float* out, cudaStream_t st) {
   const int64_t blocks = (rows * 32 + 255) / 256;
   inv_norm_kernel<T><<<dim3(unsigned(blocks)), 256, 0, st>>>(a, rows, d, ld, normalize, eps, out);
+}
+
+// 16-byte cp.async applies when both bases, both row strides and d are whole chunks.
+template <typename T>
+inline bool vec_ok(const T* x, const T* y, int64_t ldx, int64_t ldy, int64_t d) {
+  constexpr int CE = 16 / sizeof(T);
+  return reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(y) % 16 == 0 &&
+         ldx % CE == 0 && ldy % CE == 0 && d % CE == 0;
 }
 
 }  // namespace dev

@@ -1,18 +1,30 @@
 """The ``cuda`` backend: the CUDA C++ kernels of ``csrc/contrastive_loss/cuda``.
 
+Losses: every loss of :mod:`fastclip.ops.losses` (its ``code`` is the kernels' template
+parameter ``LossKind``): ``fwd`` and ``bwd`` for all, the one-pass ``fwd_bwd`` for one-pass
+losses (SigLIP's sigmoid).
+
 Inputs: float32, float16 or bfloat16 features on a CUDA device (float64 is not
 supported by this backend: ``Backend.dtypes`` leaves it out, so ``backend="cuda"``
 with float64 features raises :class:`BackendUnavailableError` and ``auto`` moves on).
-Statistics, ``pos`` and ``dscale`` are float32; ``dx``/``dy`` have the input dtype.
+Statistics and ``pos`` are float64 (as their upstream gradients), ``dparams`` float32;
+``dx``/``dy`` have the input dtype.
 
 Precision: float16/bfloat16 products run on tensor cores (mma.sync m16n8k16, fp32
 accumulate). float32 inputs run as exact fp32 FFMA unless
 ``torch.backends.cuda.matmul.allow_tf32`` is True, in which case the tile products use
 TF32 tensor cores (m16n8k8), mirroring what ``torch.matmul`` would do under the same flag.
 
+Work: the forward is one product per tile (2nmD FLOP); the backward, and the one-pass
+forward+backward, three (6nmD), nothing recomputed. Deterministic: no atomics on values;
+the reductions across tiles run in a fixed order (docs/design.md §2). Extra device memory:
+O((n+m)·D) fp32 accumulators plus O(n+m) partial statistics, nothing n×m.
+
 The compiled functions take raw pointers, sizes, row strides, the current stream and a
-device pointer to the fp32 scale (no host synchronisation); this module allocates the
-outputs and the workspace with torch on the features' device.
+device pointer to the fp32 parameters (no host synchronisation); this module allocates the
+outputs and the workspace with torch on the features' device. The op layer
+(:mod:`fastclip.ops.contrastive_loss`) hands over inputs already validated and in a kernel
+layout (unit inner stride, row stride >= D or a single row: :func:`row_stride`).
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ..._ext import extension, extension_error
+from ..losses import STAT_DTYPE
 from . import Backend, register_backend, row_stride
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -45,79 +58,88 @@ def _availability() -> tuple[bool, str]:
     return _STATUS
 
 
-def _rows(t: Tensor) -> Tensor:
-    """``t`` with a unit inner stride and a row stride >= D (any larger row stride is kept)."""
-    n, d = t.shape
-    if (d > 1 and t.stride(1) != 1) or (n > 1 and t.stride(0) < d):
-        return t.contiguous()
-    return t
+def _f64(t: Tensor) -> Tensor:
+    """A statistic or its upstream gradient as the kernels read it: contiguous float64."""
+    return t if t.dtype == STAT_DTYPE and t.is_contiguous() else t.to(STAT_DTYPE).contiguous()
 
 
-def _check(x: Tensor, y: Tensor, scale: Tensor) -> None:
-    for name, t in (("x", x), ("y", y)):
-        if t.device.type != "cuda":
-            raise ValueError(f"cuda backend: {name} must be on a CUDA device, got {t.device}")
-        if t.dtype not in _DTYPE_CODE:
-            raise TypeError(f"cuda backend: {name} must be float32, float16 or bfloat16, got "
-                            f"{t.dtype} (float64 runs on the cpu, triton or reference backends)")
-    if y.device != x.device or y.dtype != x.dtype:
-        raise ValueError(f"cuda backend: x ({x.dtype}, {x.device}) and y ({y.dtype}, {y.device}) "
-                         f"must share dtype and device")
-    if scale.numel() != 1 or scale.device != x.device:
-        raise ValueError(f"cuda backend: scale must be a one-element tensor on {x.device}, got "
-                         f"shape {tuple(scale.shape)} on {scale.device}")
+def _head(spec, x: Tensor, y: Tensor, params: Tensor, normalize: bool, eps: float,
+          pos_offset: int) -> tuple:
+    """The leading arguments every compiled entry point takes, in its order."""
+    p = params.detach()
+    if p.dtype != torch.float32 or not p.is_contiguous():
+        p = p.to(torch.float32).contiguous()
+    n, d = x.shape
+    return (spec.code, x.data_ptr(), y.data_ptr(), n, y.shape[0], d, row_stride(x),
+            row_stride(y), _DTYPE_CODE[x.dtype], bool(torch.backends.cuda.matmul.allow_tf32),
+            p.data_ptr(), p.numel(), bool(normalize), float(eps), int(pos_offset)), p
 
 
-def _f32(t: Tensor) -> Tensor:
-    return t.detach().to(torch.float32).contiguous()
+def _workspace(nbytes: int, dev: torch.device) -> Tensor:
+    # The caching allocator's blocks are 512-byte aligned (the kernels need 256).
+    return torch.empty(nbytes, dtype=torch.uint8, device=dev)
 
 
-def _fwd(x: Tensor, y: Tensor, scale: Tensor, normalize: bool, eps: float, pos_offset: int):
-    """Block forward (see fastclip.ops.backends): (row_lse [n], col_lse [m], pos [n]) fp32."""
+def fwd(spec, x: Tensor, y: Tensor, params: Tensor, normalize: bool, eps: float,
+        pos_offset: int):
+    """Block forward (see fastclip.ops.backends): (row [n], col [m], pos [n]) float64."""
     C = extension()
-    _check(x, y, scale)
-    xc, yc = _rows(x.detach()), _rows(y.detach())
-    n, d = xc.shape
-    m = yc.shape[0]
-    dev = xc.device
+    n, d = x.shape
+    m = y.shape[0]
+    dev = x.device
     with torch.cuda.device(dev):
-        sc = _f32(scale).reshape(())
-        row = torch.empty(n, dtype=torch.float32, device=dev)
-        col = torch.empty(m, dtype=torch.float32, device=dev)
-        pos = torch.empty(n, dtype=torch.float32, device=dev)
+        head, p = _head(spec, x, y, params, normalize, eps, pos_offset)
+        row, col, pos = (torch.empty(k, dtype=STAT_DTYPE, device=dev) for k in (n, m, n))
         nbytes = C.cuda_fwd_workspace_bytes(n, m, d)
-        ws = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-        C.cuda_fwd(xc.data_ptr(), yc.data_ptr(), n, m, d, row_stride(xc), row_stride(yc), _DTYPE_CODE[xc.dtype],
-                   bool(torch.backends.cuda.matmul.allow_tf32), sc.data_ptr(), bool(normalize),
-                   float(eps), int(pos_offset), row.data_ptr(), col.data_ptr(), pos.data_ptr(),
-                   ws.data_ptr(), nbytes, torch.cuda.current_stream(dev).cuda_stream)
+        ws = _workspace(nbytes, dev)
+        C.cuda_fwd(*head, row.data_ptr(), col.data_ptr(), pos.data_ptr(), ws.data_ptr(), nbytes,
+                   torch.cuda.current_stream(dev).cuda_stream)
     return row, col, pos
 
 
-def _bwd(x: Tensor, y: Tensor, scale: Tensor, normalize: bool, eps: float, pos_offset: int,
-         row_lse: Tensor, col_lse: Tensor, grad_row: Tensor, grad_col: Tensor, grad_pos: Tensor):
-    """Block backward (see fastclip.ops.backends): (dx [n, D], dy [m, D], dscale [] fp32)."""
+def bwd(spec, x: Tensor, y: Tensor, params: Tensor, normalize: bool, eps: float,
+        pos_offset: int, row: Tensor, col: Tensor, grad_row: Tensor, grad_col: Tensor,
+        grad_pos: Tensor):
+    """Block backward (see fastclip.ops.backends): (dx [n, D], dy [m, D], dparams [P] fp32)."""
     C = extension()
-    _check(x, y, scale)
-    xc, yc = _rows(x.detach()), _rows(y.detach())
-    n, d = xc.shape
-    m = yc.shape[0]
-    dev = xc.device
+    n, d = x.shape
+    m = y.shape[0]
+    dev = x.device
     with torch.cuda.device(dev):
-        sc = _f32(scale).reshape(())
-        r, c = _f32(row_lse), _f32(col_lse)
-        gr, gc, gp = _f32(grad_row), _f32(grad_col), _f32(grad_pos)
-        dx = torch.empty((n, d), dtype=xc.dtype, device=dev)
-        dy = torch.empty((m, d), dtype=yc.dtype, device=dev)
-        ds = torch.empty((), dtype=torch.float32, device=dev)
+        head, p = _head(spec, x, y, params, normalize, eps, pos_offset)
+        vecs = [_f64(t) for t in (row, col, grad_row, grad_col, grad_pos)]
+        dx = torch.empty((n, d), dtype=x.dtype, device=dev)
+        dy = torch.empty((m, d), dtype=y.dtype, device=dev)
+        dp = torch.empty(p.numel(), dtype=torch.float32, device=dev)
         nbytes = C.cuda_bwd_workspace_bytes(n, m, d)
-        ws = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-        C.cuda_bwd(xc.data_ptr(), yc.data_ptr(), n, m, d, row_stride(xc), row_stride(yc), _DTYPE_CODE[xc.dtype],
-                   bool(torch.backends.cuda.matmul.allow_tf32), sc.data_ptr(), bool(normalize),
-                   float(eps), int(pos_offset), r.data_ptr(), c.data_ptr(), gr.data_ptr(),
-                   gc.data_ptr(), gp.data_ptr(), dx.data_ptr(), dy.data_ptr(), ds.data_ptr(),
-                   ws.data_ptr(), nbytes, torch.cuda.current_stream(dev).cuda_stream)
-    return dx, dy, ds
+        ws = _workspace(nbytes, dev)
+        C.cuda_bwd(*head, *(v.data_ptr() for v in vecs), dx.data_ptr(), dy.data_ptr(),
+                   dp.data_ptr(), ws.data_ptr(), nbytes,
+                   torch.cuda.current_stream(dev).cuda_stream)
+    return dx, dy, dp
+
+
+def fwd_bwd(spec, x: Tensor, y: Tensor, params: Tensor, normalize: bool, eps: float,
+            pos_offset: int, grad_row: Tensor, grad_col: Tensor, grad_pos: Tensor):
+    """One-pass block forward and backward of a one-pass loss:
+    (row, col, pos, dx, dy, dparams), as ``fwd`` then ``bwd`` would give them."""
+    C = extension()
+    n, d = x.shape
+    m = y.shape[0]
+    dev = x.device
+    with torch.cuda.device(dev):
+        head, p = _head(spec, x, y, params, normalize, eps, pos_offset)
+        grads = [_f64(t) for t in (grad_row, grad_col, grad_pos)]
+        row, col, pos = (torch.empty(k, dtype=STAT_DTYPE, device=dev) for k in (n, m, n))
+        dx = torch.empty((n, d), dtype=x.dtype, device=dev)
+        dy = torch.empty((m, d), dtype=y.dtype, device=dev)
+        dp = torch.empty(p.numel(), dtype=torch.float32, device=dev)
+        nbytes = C.cuda_fwd_bwd_workspace_bytes(n, m, d)
+        ws = _workspace(nbytes, dev)
+        C.cuda_fwd_bwd(*head, *(g.data_ptr() for g in grads), row.data_ptr(), col.data_ptr(),
+                       pos.data_ptr(), dx.data_ptr(), dy.data_ptr(), dp.data_ptr(),
+                       ws.data_ptr(), nbytes, torch.cuda.current_stream(dev).cuda_stream)
+    return row, col, pos, dx, dy, dp
 
 
 # Which GPU backend ``auto`` prefers, by compute capability (major, minor); the triton
@@ -129,8 +151,8 @@ def _bwd(x: Tensor, y: Tensor, scale: Tensor, normalize: bool, eps: float, pos_o
 # * sm_90 (Hopper) and newer: Triton lowers ``tl.dot`` to wgmma (warpgroup MMA, TMA),
 #   which these kernels do not use yet (their sm_80 mma.sync path runs there at about half
 #   of Hopper's dense tensor throughput): triton first (cuda 10).
-# * older than sm_80 (no bf16 mma.sync; the kernels are built for sm_80 and sm_90a only):
-#   triton first; cuda reports the missing kernel image.
+# * older than sm_80 (no bf16 mma.sync): triton first; cuda reports the missing kernel
+#   image.
 _AMPERE_ADA = {(8, 0), (8, 6), (8, 7), (8, 9)}
 
 
@@ -141,19 +163,14 @@ def _priority(device: torch.device) -> int:
     return 30 if tuple(cap) in _AMPERE_ADA else 10
 
 
-def fwd(spec, x: Tensor, y: Tensor, params: Tensor, normalize: bool, eps: float, pos_offset: int):
-    row, col, pos = _fwd(x, y, params[:1].reshape(()), normalize, eps, pos_offset)
-    return row.double(), col.double(), pos.double()
-
-
-def bwd(spec, x: Tensor, y: Tensor, params: Tensor, normalize: bool, eps: float, pos_offset: int,
-        row: Tensor, col: Tensor, grad_row: Tensor, grad_col: Tensor, grad_pos: Tensor):
-    dx, dy, ds = _bwd(x, y, params[:1].reshape(()), normalize, eps, pos_offset, row, col,
-                      grad_row, grad_col, grad_pos)
-    return dx, dy, ds.reshape(1)
-
-
-register_backend(Backend(name="cuda", code=3, devices=("cuda",),
-                         dtypes=(torch.float32, torch.float16, torch.bfloat16),
-                         priority=_priority, availability=_availability, fwd=fwd, bwd=bwd,
-                         losses=("clip",)))
+register_backend(Backend(
+    name="cuda", code=3, devices=("cuda",),
+    dtypes=(torch.float32, torch.float16, torch.bfloat16),
+    priority=_priority, availability=_availability, fwd=fwd, bwd=bwd, fwd_bwd=fwd_bwd,
+    losses=("clip", "siglip"),
+    # inf: the gradient pass never recomputes a logit another way. It forms each tile as
+    # the forward does (tile_scores with x rows against y columns, the same K blocking and
+    # mma order, the same explicitly rounded logit(): csrc/contrastive_loss/cuda), so every
+    # exp(z - lse) of the softmax backward sees the forward's z bit for bit, at any |z|.
+    exact_logits=float("inf"),
+))
