@@ -53,7 +53,7 @@ Kernels and passes (FLOP in units of 2·n·m·D, the cost of one n x m x D matri
   backward = 5 units for D ≤ BLOCK_DO against the floor of 4 (docs/design.md §2); the
   extra unit buys deterministic, atomic-free gradients. BLOCK_DO is at most 256 (512 with
   32-row blocks): register capacity, see _BWD_CONFIGS. Wider D pays P > 1 (D = 1024:
-  P = 4, 11 units in all).
+  P = 2-4, 7-11 units in all).
 * ``fwd_bwd`` (one-pass losses: the sigmoid): the same two passes with STATS=True, from
   the head's upstream gradients (known before any statistic): pass A also sums each
   row's phi, pass B each column's, in registers (no partial buffer, no merge); no
@@ -70,8 +70,13 @@ from the same ``_tile_dot`` with x as the left operand everywhere. For float32 i
 per output element over k = 0..K-1 in order, continued through the accumulator across
 BLOCK_D chunks, whatever the tile shape, layout or warp count; masked k past D adds exact
 zeros. So the forward and both backward passes round every logit identically for any
-autotuned configurations (Backend.exact_logits = inf). Under TRITON_INTERPRET=1 every
-kernel uses the same 32-wide tiles, aligned alike, so each tl.dot sees identical operands.
+autotuned configurations (Backend.exact_logits = inf; checked on the PTX of an offline
+sm_80/sm_90 build: an IEEE fp32 tl.dot compiles to fma.rn.f32 only). Tensor-core dtypes
+(bf16, fp16, TF32) are not claimed: the MMA instruction may differ between configurations
+(wgmma for 64-row tiles on Hopper, mma.sync for 32-row ones); their inputs' own rounding
+is far larger and is what the tolerance table judges them by. Under TRITON_INTERPRET=1
+every kernel uses the same 32-wide tiles, aligned alike, so each tl.dot sees identical
+operands.
 
 Precision: statistics in float64 (per-tile fp32 partial results, see
 fastclip.ops.losses.STAT_DTYPE), tiles in fp32; bf16/fp16 operands go to tensor cores as
@@ -122,6 +127,11 @@ _PARTIAL_BYTES = 512 << 20
 POISON_OUTPUTS = False
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+
+# Compile options of every launch. FP fusion (mul + add -> fma in the epilogues) is pinned
+# rather than left to Triton's default, which changes in Triton 3.10 (3.9 warns on every
+# compile while it is unset). The logits do not depend on it: _logits fuses explicitly.
+_OPTS = {"enable_fp_fusion": True}
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -507,45 +517,49 @@ def _bwd_kernel(x_ptr, y_ptr, sx, sy, rho_ptr, sig_ptr, p_ptr, row_ptr, col_ptr,
 
 
 # --------------------------------------------------------------------------- autotune
-# GPU tile configurations. UNMEASURED PRIORS (no GPU was available when they were
-# written): FlashAttention-2-style tiles, 128x64 / 128x128 logit tiles with 64-wide K
-# steps, 4-8 warps, 2-4 pipeline stages; sizes whose shared memory does not fit on
-# Ampere (164 KB) or Hopper (227 KB) are dropped by the autotuner (OutOfResources).
-# The forward's BLOCK_M is chosen on the host (it sizes the partial buffer); the rest is
-# autotuned per (n bucket, m bucket, D, precision, loss). The sigmoid's epilogue costs one
-# exp, one division and a 7-term polynomial per logit, against the softmax's two exps:
-# the same tiles are a reasonable prior for both.
+# GPU tile configurations. Speeds are UNMEASURED PRIORS (no GPU was available when they
+# were chosen): FlashAttention-2-style 64-128 x 64-128 logit tiles, 32-64-wide K steps,
+# 4-8 warps, 2-4 pipeline stages; the autotuner measures them on the user's GPU and drops
+# those whose shared memory does not fit (OutOfResources). What was measured is register
+# use: every kernel variant (loss x pass x STATS, NORMALIZE=True) compiled offline with
+# triton.compile (Triton 3.9) for sm_90 and sm_80, with the launcher's specialisation for
+# 16-aligned pointers and sizes, read with cuobjdump --dump-resource-usage. The lists keep
+# tiles that compile without spills (or with a few bytes of stack) for bf16 on both
+# architectures, plus small tiles for IEEE fp32, whose tl.dot is an fma loop over register
+# operands (larger tiles spill kilobytes there, pass B most).
+# The forward's BLOCK_M is chosen on the host (it sizes the partial buffer: 128 rows at
+# large n, else 64); the rest is autotuned per (n bucket, m bucket, D, precision, loss).
+# No spills: 64 x BLOCK_N with 4 or 8 warps and 128 x 64 with 8 warps, bf16 and IEEE fp32,
+# both losses; 128 x 128 with 8 warps spills 64 B for the sigmoid on sm_80 only.
 _FWD_CONFIGS = [
     triton.Config({"BLOCK_N": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_D": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 128, "BLOCK_D": 32}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_N": 64, "BLOCK_D": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_N": 128, "BLOCK_D": 64}, num_warps=8, num_stages=2),
 ]
 # Backward: the fp32 accumulator [BLOCK_M, BLOCK_DO] lives in registers next to the
-# [BLOCK_M, BLOCK_N] logit tile. Register use of the softmax pass was checked offline
-# (triton.compile for sm_90 and sm_80 + cuobjdump --dump-resource-usage, no GPU): 64x64
-# tiles with BLOCK_DO=256 and 8 warps compile without spills for bf16 (sm_80, sm_90) and
-# fp32 (sm_90); 128x64x256 spilled 168-520 bytes of stack and was dropped; BLOCK_DO=512
-# spills with 8 or 16 warps, hence BLOCK_DO <= 256 (D > 256 takes cdiv(D, BLOCK_DO)
-# programs per block, each recomputing the logit tiles). Speeds are unmeasured priors.
+# [BLOCK_M, BLOCK_N] logit tile. Offline register use (as above; stack bytes, worst of the
+# five variants): 64x64, BLOCK_DO 256 or 128, 8 warps: none for bf16 on sm_80 and sm_90
+# and for TF32; 64x32x128 with 4 warps: none on sm_90, <= 56 B on sm_80; 32x64x512:
+# none on sm_80, <= 8 B on sm_90; 64x32, BLOCK_D 32, BLOCK_DO 64, 4 warps: 8 B for IEEE
+# fp32 (64x64x128 spills up to 1.6 KB there). Dropped: 128x64 and 64x128 logit tiles
+# (32-120 B on bf16, up to 3.8 KB on fp32) and 4-warp 64x64 tiles (up to 232 B).
+# D > BLOCK_DO takes cdiv(D, BLOCK_DO) programs per block, each recomputing the logit
+# tiles; 32-row blocks hold a 32x512 accumulator: one program per block up to D = 512,
+# at the price of tiles too small for Hopper's 64-row wgmma. The autotuner decides.
 # BLOCK_DO is clipped to next_pow2(D) by _prune_bwd.
 _BWD_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64, "BLOCK_DO": 256},
                   num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_D": 64, "BLOCK_DO": 128},
-                  num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "BLOCK_DO": 128},
-                  num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64, "BLOCK_DO": 128},
-                  num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32, "BLOCK_DO": 128},
-                  num_warps=4, num_stages=3),
-    # 32-row blocks hold a 32x512 accumulator without spilling (8 B of stack on sm_90,
-    # none on sm_80): one program per block up to D = 512 (no recompute per D chunk),
-    # at the price of tiles too small for Hopper's 64-row wgmma. The autotuner decides.
+                  num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": 64, "BLOCK_DO": 128},
+                  num_warps=4, num_stages=2),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_D": 64, "BLOCK_DO": 512},
                   num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": 32, "BLOCK_DO": 64},
+                  num_warps=4, num_stages=2),
 ]
 
 
@@ -640,7 +654,7 @@ def _inv_norms(t: torch.Tensor, normalize: bool, eps: float) -> torch.Tensor:
     br = 16 if INTERPRET else 32
     bd = min(128, max(16, triton.next_power_of_2(d)))
     _inv_norm_kernel[(triton.cdiv(k, br),)](t, _row_stride(t), k, d, float(eps), out,
-                                             BLOCK_R=br, BLOCK_D=bd)
+                                             BLOCK_R=br, BLOCK_D=bd, **_OPTS)
     return out
 
 
@@ -664,7 +678,7 @@ def _pos(loss, x, y, rho, sig, p, pos_offset):
     bd = min(128, max(16, triton.next_power_of_2(d)))
     _pos_kernel[(triton.cdiv(n, br),)](x, y, _row_stride(x), _row_stride(y), rho, sig, p, n,
                                        y.shape[0], d, int(pos_offset), pos, LOSS=loss,
-                                       BLOCK_R=br, BLOCK_D=bd)
+                                       BLOCK_R=br, BLOCK_D=bd, **_OPTS)
     return pos
 
 
@@ -713,10 +727,10 @@ def _fwd(loss, x, y, p, normalize, eps, pos_offset):
         g = min(wave, nblk - rb0)
         _fwd_launch[(g,)](x, y, rho, sig, p, row, pa, pb, n, m, d, sx, sy, int(pos_offset),
                           rb0, _bucket(n), _bucket(m), LOSS=loss, BLOCK_M=bm, PRECISION=prec,
-                          UPCAST=up, **fixed)
+                          UPCAST=up, **fixed, **_OPTS)
         _col_merge_kernel[(triton.cdiv(m, bc),)](pa, pb, g, m, cmax, csum, col, LOSS=loss,
                                                  FIRST=rb0 == 0, LAST=rb0 + g >= nblk,
-                                                 BLOCK_C=bc)
+                                                 BLOCK_C=bc, **_OPTS)
     return row, col, pos
 
 
@@ -761,11 +775,11 @@ def _bwd_pass(loss, cols_outer, stats, x, y, rho, sig, p, row, col, gr, gc, gp, 
         b_ = _INTERP_BLOCK
         do = min(b_, max(16, triton.next_power_of_2(d)))
         _bwd_launch[(triton.cdiv(k, b_), triton.cdiv(d, do))](
-            *args, BLOCK_M=b_, BLOCK_N=b_, BLOCK_D=b_, BLOCK_DO=do, **consts)
+            *args, BLOCK_M=b_, BLOCK_N=b_, BLOCK_D=b_, BLOCK_DO=do, **consts, **_OPTS)
     else:
         grid = lambda META: (triton.cdiv(k, META["BLOCK_M"]),  # noqa: E731
                              triton.cdiv(d, META["BLOCK_DO"]))
-        _bwd_launch[grid](*args, **consts)
+        _bwd_launch[grid](*args, **consts, **_OPTS)
     return out, tu, tg, st
 
 
