@@ -4,7 +4,10 @@ Runs on CUDA tensors; with ``TRITON_INTERPRET=1`` in the environment (set before
 fastclip's Triton kernels are first imported) it runs on CPU tensors through Triton's
 interpreter, slowly, for tests. Takes float32, float16 and bfloat16 features (float64
 has no Triton tensor-core path: the dispatcher sends it elsewhere, or refuses it when
-``backend="triton"`` is named). ``triton`` itself is imported on first use only.
+``backend="triton"`` is named). Implements both losses (the epilogue is a ``constexpr`` of
+every kernel, ``LOSS = spec.code``) and ``fwd_bwd`` for one-pass losses (SigLIP): the two
+backward passes with statistics, no forward kernel. ``triton`` itself is imported on first
+use only.
 """
 
 from __future__ import annotations
