@@ -1,56 +1,95 @@
-"""Triton kernels of the fused contrastive-loss block (design.md §1-§2).
+"""Triton kernels of the fused contrastive-loss block, for every loss (the block contract of
+fastclip.ops.backends; docs/design.md §1-§2).
 
-The block contract (fastclip.ops.backends)::
+    u_ij = rho_i * sigma_j * <x_i, y_j>,   z_ij = s * u_ij (+ b),   j = i + off: i's positive
+    fwd     -> row [n], col [m], pos [n]                                   (float64)
+    bwd     -> dx [n, D], dy [m, D] (input dtype), dparams [P] = (Σ G u, Σ G)[:P] (float32)
+    fwd_bwd -> all of them in one launch sequence (one-pass losses)
 
-    L_ij = s * rho_i * sigma_j * <x_i, y_j>
-    fwd -> row_lse [n], col_lse [m], pos [n]                   (float32)
-    bwd -> dx [n, D], dy [m, D] (input dtype), dscale [] (float32)
+The loss is a constexpr policy of every kernel, ``LOSS`` = ``LossSpec.code``:
+
+* ``SOFTMAX`` (0, clip): row_i = logsumexp_j z_ij, col_j = logsumexp_i z_ij (merge "lse");
+  dz = g_row_i exp(z - row_i) + g_col_j exp(z - col_j).
+* ``SIGMOID`` (1, siglip): with t = -l z (l = +1 on the positive, -1 elsewhere),
+  phi = softplus(t), row_i = Σ_j phi, col_j = Σ_i phi (merge "sum");
+  dz = (g_row_i + g_col_j) (-l) sigmoid(t).
+
+plus g_pos_i on the positive for both. The epilogues are the @triton.jit helpers
+``_softmax_dz``, ``_softplus`` and ``_softplus_sigmoid``; every tile loop below is shared.
 
 Kernels and passes (FLOP in units of 2·n·m·D, the cost of one n x m x D matrix product):
 
 * ``_inv_norm_kernel`` (normalize only): rho = 1/max(||x_i||, eps), sigma likewise.
   O((n+m)·D). Without normalisation rho = sigma = 1 (torch.ones).
-* ``_pos_kernel``: pos_i = s·rho_i·sigma_{i+off}·<x_i, y_{i+off}>, a row-wise dot, O(n·D).
+* ``_pos_kernel``: pos_i = s·rho_i·sigma_{i+off}·<x_i, y_{i+off}> + b, a row-wise dot in
+  float64, O(n·D).
 * ``_fwd_kernel`` — grid (row blocks of one wave,): a program owns BLOCK_M rows and walks
-  every column tile: S = X_blk·Y_tileᵀ (tl.dot, fp32 accumulation, loop over D in
-  BLOCK_D chunks), L = s·rho·sigma·S; the row statistics are an exact online
-  log-sum-exp in registers; the column statistics of the tile (max over the block's
-  rows and the sum of exp relative to it) go to a partial buffer [wave, m] of (max, sum)
-  pairs. 1 unit of FLOP.
+  every column tile: S = X_blk·Y_tileᵀ (tl.dot, fp32 accumulation, loop over D in BLOCK_D
+  chunks), z = _logits(S, ...); the row statistic stays in registers (softmax: an exact
+  online log-sum-exp; sigmoid: per-tile fp32 sums added in float64); the column statistic
+  of the block goes to a partial buffer [wave, m] (softmax: (max, sum of exp) pairs;
+  sigmoid: sums). 1 unit of FLOP.
 * ``_col_merge_kernel`` — grid (column blocks,): folds the partial buffer of a wave into
-  the running (max, sum) of each column with the exact pairwise log-sum-exp merge and
-  finally writes col_lse. The waves bound the partial buffer at _PARTIAL_BYTES whatever
-  n and m are (n = m = 262144 would otherwise need 4 GiB of pairs for BLOCK_M=128); the
-  merge reads each pair once: 8 bytes per (row block, column), O(n·m/BLOCK_M).
-  Chosen over a 64-bit compare-and-swap merge (nondeterministic, contended loops) and
-  over a second pass with x and y swapped (+1 unit of FLOP); measured on no GPU yet.
-* ``_bwd_kernel`` — launched twice, rows outer (A: dx) and, with the roles of x and y
-  swapped, columns outer (B: dy); grid (row blocks, D / BLOCK_DO). A program recomputes
-  each tile of L over the full D, forms
-      G = g_row·exp(L − row_lse) + g_col·exp(L − col_lse) + g_pos·[j == i + off]
-  and accumulates acc += (G·sigma)·Y[:, d-chunk] in registers (tensor cores on the
-  input dtype), plus t_i = Σ_j G_ij L_ij. The epilogue is fused:
-      dx_i = rho_i·s·acc_i − rho_i²·t_i·x_i
-  because <x̂_i, ∂/∂x̂_i> = Σ_j G_ij L_ij = t_i: the normalisation backward needs no
-  reduction over D and no fp32 scratch of [n, D]. dscale = Σ_i t_i / s from pass A
-  (a deterministic torch.sum; no atomics anywhere, results are bitwise reproducible).
-  FLOP per kernel: P·1 (recompute, P = cdiv(D, BLOCK_DO) programs per row block) + 1
-  (gradient product); backward = 2·(P + 1) units, 4 for D ≤ BLOCK_DO. Forward+backward
-  = 5 units for D ≤ BLOCK_DO against the floor of 4 (design.md §2); the extra unit buys
-  deterministic, atomic-free gradients. BLOCK_DO is at most 256 (512 with 32-row blocks):
-  register capacity, see _BWD_CONFIGS. Wider D pays P > 1 (D = 1024: P = 4, 11 units in
-  all); the remedy for D > 512 is a variant that writes the G tiles of a row chunk in the
-  input dtype and hands the two gradient products to cuBLAS (3-4 units of backward at
-  any D) — not written: it needs GPU measurements (split-K behaviour of the skinny products,
-  chunk size vs memory) that were not possible here.
+  each column's running statistic in a fixed order (softmax: the exact pairwise
+  log-sum-exp merge; sigmoid: a float64 sum) and finally writes col. The waves bound the
+  partial buffer at _PARTIAL_BYTES whatever n and m are (n = m = 262144 would otherwise
+  need 4 GiB of pairs for BLOCK_M=128); the merge reads each entry once: 4-8 bytes per
+  (row block, column), O(n·m/BLOCK_M), against 2·BLOCK_M·D FLOP per entry. Chosen over
+  atomics (nondeterministic) and over a second pass with a columns-outer loop (+1 unit).
+* ``_bwd_kernel`` — launched twice. Pass A: rows of x outer, grid (row blocks,
+  D / BLOCK_DO), dx; pass B: rows of y outer (columns of z), grid (column blocks,
+  D / BLOCK_DO), dy. A program walks every tile of its block, computes S in the forward's
+  orientation (X rows · Y rowsᵀ, the same helper, the same operand order: pass B feeds
+  the transpose of its G tile to the gradient product instead of computing Y·Xᵀ), so
+  every logit is rounded exactly as in the forward (see "Rounding" below); forms G and
+  accumulates acc += W·Y[:, d-chunk] (pass A, W = G·sigma) or Wᵀ·X[:, d-chunk] (pass B,
+  W = G·rho) in registers (tensor cores on the input dtype), plus t = Σ G·u along its
+  block. The epilogue is fused: da = ra·s·acc − ra²·s·t·a, because
+  <â, ∂/∂â> = s·Σ G u = s·t: the normalisation backward needs no reduction over D and no
+  fp32 scratch of [n, D]. dparams = (Σ_i t_i, Σ_i Σ_j G_ij) from pass A, per-row float64
+  partials summed by torch (deterministic; no atomics anywhere: results are bitwise
+  reproducible). FLOP per pass: P·1 (recompute, P = cdiv(D, BLOCK_DO) programs per block)
+  + 1 (gradient product); backward = 2·(P + 1) units, 4 for D ≤ BLOCK_DO. Forward +
+  backward = 5 units for D ≤ BLOCK_DO against the floor of 4 (docs/design.md §2); the
+  extra unit buys deterministic, atomic-free gradients. BLOCK_DO is at most 256 (512 with
+  32-row blocks): register capacity, see _BWD_CONFIGS. Wider D pays P > 1 (D = 1024:
+  P = 2-4, 7-11 units in all).
+* ``fwd_bwd`` (one-pass losses: the sigmoid): the same two passes with STATS=True, from
+  the head's upstream gradients (known before any statistic): pass A also sums each
+  row's phi, pass B each column's, in registers (no partial buffer, no merge); no
+  forward kernel runs. 4 units for D ≤ BLOCK_DO, against 5 for fwd then bwd. The CPU
+  backend gets to 3 by reducing per-thread dY buffers; on a GPU the dY contributions of
+  every row block would have to be reduced through memory: atomics (nondeterministic) or
+  per-row-block partials, 8·n·m·D/BLOCK_M bytes of traffic (2.2 TB at n = m = 262144,
+  D = 512) against one unit of recompute (7e13 FLOP, ~0.1 s on an H100's tensor cores).
 
-Precision: statistics and accumulation in fp32; bf16/fp16 operands go to tensor cores
-as they are; the probabilities·sigma tile is cast to the input dtype for the gradient
-product (as FlashAttention does with P). fp32 inputs use TF32 only when
-``torch.backends.cuda.matmul.allow_tf32`` is True at call time, IEEE fp32 otherwise.
-The scale is read from its 0-dim device tensor inside the kernels (no host sync).
-Every logsumexp uses a running maximum (no fixed shift), so any scale and any cosine
-range is exact.
+Rounding. z is computed by one helper, ``_logits``: S·(s·rho_i) then an explicit fma with
+sigma_j and the bias, so no compiler contraction choice can differ between kernels. S comes
+from the same ``_tile_dot`` with x as the left operand everywhere. For float32 inputs
+(IEEE, the default: TF32 only when allowed, below) Triton lowers tl.dot to one fma chain
+per output element over k = 0..K-1 in order, continued through the accumulator across
+BLOCK_D chunks, whatever the tile shape, layout or warp count; masked k past D adds exact
+zeros. So the forward and both backward passes round every logit identically for any
+autotuned configurations (Backend.exact_logits = inf; checked on the PTX of an offline
+sm_80/sm_90 build: an IEEE fp32 tl.dot compiles to fma.rn.f32 only). Tensor-core dtypes
+(bf16, fp16, TF32) are not claimed: the MMA instruction may differ between configurations
+(wgmma for 64-row tiles on Hopper, mma.sync for 32-row ones); their inputs' own rounding
+is far larger and is what the tolerance table judges them by. Under TRITON_INTERPRET=1
+every kernel uses the same 32-wide tiles, aligned alike, so each tl.dot sees identical
+operands.
+
+Precision: statistics in float64 (per-tile fp32 partial results, see
+fastclip.ops.losses.STAT_DTYPE), tiles in fp32; bf16/fp16 operands go to tensor cores as
+they are; the W tile is cast to the input dtype for the gradient product (as
+FlashAttention does with P). For fp16, whose normal range is 6e-5 .. 65504, W is first
+scaled by a power of two that brings its bound to 2^14 (computed on the device from the
+upstream gradients and the norms: no host sync) and the accumulator unscaled after:
+|G| ~ 1/N otherwise falls below fp16's range at large N and flushes to zero. fp32 inputs use TF32 only when ``torch.backends.cuda.matmul.allow_tf32`` is True
+at call time, IEEE fp32 otherwise. The scale and the bias are read from the parameter
+tensor on the device inside the kernels (no host sync). Every log-sum-exp uses a running
+maximum (no fixed shift) and softplus is max(t, 0) + log1p(exp(-|t|)) (exp of a
+non-positive argument: no overflow at any |z|; log1p by a series accurate for tiny
+arguments), so any scale, bias and cosine range is exact.
 """
 
 from __future__ import annotations
@@ -62,16 +101,25 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["fwd", "bwd", "INTERPRET"]
+from ..losses import get_loss
+
+__all__ = ["fwd", "bwd", "fwd_bwd", "INTERPRET", "SOFTMAX", "SIGMOID"]
 
 # Evaluated once, at import: the @triton.jit decorators below have already chosen
-# interpreter or compiler by then (pitfalls.md).
+# interpreter or compiler by then (the environment variable must be set before import).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-# Upper bound on the forward's partial column statistics ((max, sum) fp32 pairs, one row
-# per row block of a wave). 512 MiB keeps >= 256 row blocks per wave (about two CTAs per
-# SM on an H100) up to m = 262144, and the whole forward within the 1 GiB budget of the
-# large-N test. Unmeasured prior.
+# The epilogue policies, by LossSpec.code (csrc/common.h's LossKind uses the same codes).
+SOFTMAX = tl.constexpr(0)
+SIGMOID = tl.constexpr(1)
+_MERGE = {0: "lse", 1: "sum"}
+assert get_loss("clip").code == SOFTMAX.value and get_loss("siglip").code == SIGMOID.value
+assert all(get_loss(n).merge == _MERGE[get_loss(n).code] for n in ("clip", "siglip"))
+
+# Upper bound on the forward's partial column statistics (per row block of a wave: an fp32
+# (max, sum) pair per column for the softmax, an fp32 sum for the sigmoid). 512 MiB keeps
+# >= 256 row blocks per wave (about two CTAs per SM on an H100) up to m = 262144, and the
+# whole forward within the 1 GiB budget of the large-N test. Unmeasured prior.
 _PARTIAL_BYTES = 512 << 20
 
 # Debug hook for tests: allocate every output filled with NaN so that a test can prove
@@ -80,13 +128,19 @@ POISON_OUTPUTS = False
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
+# Compile options of every launch. FP fusion (mul + add -> fma in the epilogues) is pinned
+# rather than left to Triton's default, which changes in Triton 3.10 (3.9 warns on every
+# compile while it is unset). The logits do not depend on it: _logits fuses explicitly.
+_OPTS = {"enable_fp_fusion": True}
 
-# ---------------------------------------------------------------------------- kernels
+
+# ---------------------------------------------------------------------------- helpers
 @triton.jit
 def _tile_dot(a_ptr, b_ptr, sa, sb, rows, cols, rmask, cmask, D,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """S = A[rows] · B[cols]ᵀ over the full D, fp32 accumulation. Rows/cols int64."""
+    """S = A[rows] · B[cols]ᵀ over the full D, fp32 accumulation. Rows/cols int64.
+    Every logit tile of every kernel is this call with A = x and B = y."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_D):
         ks = k0 + tl.arange(0, BLOCK_D)
@@ -95,13 +149,80 @@ def _tile_dot(a_ptr, b_ptr, sa, sb, rows, cols, rmask, cmask, D,
                     mask=rmask[:, None] & kmask[None, :], other=0.0)
         b = tl.load(b_ptr + cols[None, :] * sb + ks[:, None],
                     mask=cmask[None, :] & kmask[:, None], other=0.0)      # [BLOCK_D, BLOCK_N]
-        if UPCAST:   # the interpreter's tl.dot is wrong on bf16 (pitfalls.md)
+        if UPCAST:   # the interpreter's tl.dot is wrong on bf16 operands
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     return acc
 
 
+@triton.jit
+def _logits(S, a, sg, b):
+    """z = S·(s·rho_i)·sigma_j + b. One product, then one fma: the same roundings in every
+    kernel, whatever the compiler's contraction settings (b = 0 for the softmax: exact)."""
+    prod = S * a[:, None]
+    prod, sgb = tl.broadcast(prod, sg[None, :])
+    return tl.fma(prod, sgb, tl.zeros_like(prod) + b)
+
+
+@triton.jit
+def _log1p01(u):
+    """log1p(u) for u in [0, 1] (fp32): f = u / (2 + u) lies in [0, 1/3] and
+    log1p(u) = 2 atanh(f) = 2f (1 + f²/3 + f⁴/5 + ...); seven terms leave a truncation below
+    1.5e-8 relative, and tiny u keeps its full precision (log1p(u) -> u), which log(1 + u)
+    would lose: softplus of a logit of -20 is 2e-9, and N² such terms make up the loss of a
+    trained SigLIP model. NaN propagates."""
+    f = u / (u + 2.0)
+    f2 = f * f
+    p = f2 * (1.0 / 13.0) + 1.0 / 11.0
+    p = p * f2 + 1.0 / 9.0
+    p = p * f2 + 1.0 / 7.0
+    p = p * f2 + 1.0 / 5.0
+    p = p * f2 + 1.0 / 3.0
+    p = p * f2 + 1.0
+    return (f + f) * p
+
+
+@triton.jit
+def _softplus(t):
+    """softplus(t) = max(t, 0) + log1p(exp(-|t|)): exp of a non-positive argument, never
+    overflows; +inf -> inf, -inf -> 0, NaN -> NaN."""
+    return tl.maximum(t, 0.0) + _log1p01(tl.exp(-tl.abs(t)))
+
+
+@triton.jit
+def _sigmoid(t):
+    """sigmoid(t) from exp(-|t|) (never overflows)."""
+    e = tl.exp(-tl.abs(t))
+    inv = 1.0 / (1.0 + e)
+    return tl.where(t < 0, e * inv, inv)
+
+
+@triton.jit
+def _softplus_sigmoid(t):
+    """(softplus(t), sigmoid(t)) from one exp(-|t|) (never overflows)."""
+    e = tl.exp(-tl.abs(t))
+    inv = 1.0 / (1.0 + e)
+    return tl.maximum(t, 0.0) + _log1p01(e), tl.where(t < 0, e * inv, inv)
+
+
+@triton.jit
+def _split(v):
+    """A float64 statistic as hi + lo in fp32 (lo = 0 where hi is not finite), so that
+    exp((z - hi) - lo) keeps its precision: (z - hi) is exact where the result matters."""
+    hi = v.to(tl.float32)
+    lo = (v - hi.to(tl.float64)).to(tl.float32)
+    return hi, tl.where(tl.abs(hi) < float("inf"), lo, 0.0)
+
+
+@triton.jit
+def _softmax_dz(z, g_r, rhi, rlo, g_c, chi, clo):
+    """d/dz of g_row·row + g_col·col for row = logsumexp_j z, col = logsumexp_i z."""
+    return (g_r[:, None] * tl.exp((z - rhi[:, None]) - rlo[:, None])
+            + g_c[None, :] * tl.exp((z - chi[None, :]) - clo[None, :]))
+
+
+# ---------------------------------------------------------------------------- kernels
 @triton.jit
 def _inv_norm_kernel(x_ptr, sx, n, D, eps, out_ptr,
                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -118,213 +239,333 @@ def _inv_norm_kernel(x_ptr, sx, n, D, eps, out_ptr,
 
 
 @triton.jit
-def _pos_kernel(x_ptr, y_ptr, sx, sy, rho_ptr, sig_ptr, scale_ptr, n, m, D, off, pos_ptr,
-                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _pos_kernel(x_ptr, y_ptr, sx, sy, rho_ptr, sig_ptr, p_ptr, n, m, D, off, pos_ptr,
+                LOSS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # float64 dot products (O(n·D)): pos is a float64 statistic like row and col.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < n
     j = rows + off
     valid = rmask & (j >= 0) & (j < m)
     r64 = rows.to(tl.int64)
     j64 = tl.where(valid, j, 0).to(tl.int64)
-    dot = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    dot = tl.zeros((BLOCK_R,), dtype=tl.float64)
     for k0 in range(0, D, BLOCK_D):
         ks = k0 + tl.arange(0, BLOCK_D)
         km = (ks < D)[None, :]
         a = tl.load(x_ptr + r64[:, None] * sx + ks[None, :], mask=valid[:, None] & km, other=0.0)
         b = tl.load(y_ptr + j64[:, None] * sy + ks[None, :], mask=valid[:, None] & km, other=0.0)
-        dot += tl.sum(a.to(tl.float32) * b.to(tl.float32), 1)
-    s = tl.load(scale_ptr).to(tl.float32)
-    rho = tl.load(rho_ptr + rows, mask=valid, other=0.0)
-    sig = tl.load(sig_ptr + j64, mask=valid, other=0.0)
-    tl.store(pos_ptr + rows, tl.where(valid, s * rho * sig * dot, 0.0), mask=rmask)
+        dot += tl.sum(a.to(tl.float64) * b.to(tl.float64), 1)
+    s = tl.load(p_ptr).to(tl.float32)
+    a_i = tl.load(rho_ptr + rows, mask=valid, other=0.0) * s
+    sg = tl.load(sig_ptr + j64, mask=valid, other=0.0)
+    z = a_i.to(tl.float64) * sg.to(tl.float64) * dot
+    if LOSS == SIGMOID:
+        z += tl.load(p_ptr + 1).to(tl.float64)
+    tl.store(pos_ptr + rows, tl.where(valid, z, 0.0), mask=rmask)
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, y_ptr, rho_ptr, sig_ptr, scale_ptr, row_lse_ptr, pmax_ptr, psum_ptr,
-                n, m, D, sx, sy, rb0, n_key, m_key,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _fwd_kernel(x_ptr, y_ptr, rho_ptr, sig_ptr, p_ptr, row_ptr, pa_ptr, pb_ptr,
+                n, m, D, sx, sy, off, rb0, n_key, m_key,
+                LOSS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     # n_key, m_key: power-of-two buckets of n, m, only read by the autotuner's key.
     pid = tl.program_id(0)                      # row block rb0 + pid, partial row pid
     rows = (rb0 + pid) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < n
     r64 = rows.to(tl.int64)
-    s = tl.load(scale_ptr).to(tl.float32)
-    rs = tl.load(rho_ptr + rows, mask=rmask, other=0.0) * s
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    s = tl.load(p_ptr).to(tl.float32)
+    b = 0.0
+    if LOSS == SIGMOID:
+        b = tl.load(p_ptr + 1).to(tl.float32)
+    a = tl.load(rho_ptr + rows, mask=rmask, other=0.0) * s
+    if LOSS == SOFTMAX:
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    else:
+        r_acc = tl.zeros((BLOCK_M,), dtype=tl.float64)
     prow = pid.to(tl.int64) * m
     for c0 in range(0, m, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         cmask = cols < m
         c64 = cols.to(tl.int64)
         sg = tl.load(sig_ptr + cols, mask=cmask, other=0.0)
-        acc = _tile_dot(x_ptr, y_ptr, sx, sy, r64, c64, rmask, cmask, D,
-                        BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
-        L = acc * rs[:, None] * sg[None, :]
-        L = tl.where(rmask[:, None] & cmask[None, :], L, float("-inf"))
-        # rows: online log-sum-exp. A max of -inf (padding rows only) is replaced by 0 so
-        # that exp(-inf - (-inf)) never forms a NaN.
-        m_new = tl.maximum(m_i, tl.max(L, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp(m_i - m_use) + tl.sum(tl.exp(L - m_use[:, None]), 1)
-        m_i = m_new
-        # columns: this block's (max, sum of exp relative to it), merged later.
-        cm = tl.max(L, 0)
-        cm_use = tl.where(cm == float("-inf"), 0.0, cm)
-        cs = tl.sum(tl.exp(L - cm_use[None, :]), 0)
-        tl.store(pmax_ptr + prow + cols, cm, mask=cmask)
-        tl.store(psum_ptr + prow + cols, cs, mask=cmask)
-    # padding rows have l_i = 0: log(1) keeps them finite (they are not stored). The
-    # statistic is float64 (the max exact, log(l) small): see fastclip.ops.losses.STAT_DTYPE.
-    tl.store(row_lse_ptr + rows, m_i.to(tl.float64) + tl.log(tl.where(rmask, l_i, 1.0).to(tl.float64)),
-             mask=rmask)
+        S = _tile_dot(x_ptr, y_ptr, sx, sy, r64, c64, rmask, cmask, D,
+                      BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
+        z = _logits(S, a, sg, b)
+        valid = rmask[:, None] & cmask[None, :]
+        if LOSS == SOFTMAX:
+            L = tl.where(valid, z, float("-inf"))
+            # rows: online log-sum-exp. A max of -inf (padding rows only) is replaced by 0
+            # so that exp(-inf - (-inf)) never forms a NaN.
+            m_new = tl.maximum(m_i, tl.max(L, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp(m_i - m_use) + tl.sum(tl.exp(L - m_use[:, None]), 1)
+            m_i = m_new
+            # columns: this block's (max, sum of exp relative to it), merged later.
+            cm = tl.max(L, 0)
+            cm_use = tl.where(cm == float("-inf"), 0.0, cm)
+            cs = tl.sum(tl.exp(L - cm_use[None, :]), 0)
+            tl.store(pa_ptr + prow + cols, cm, mask=cmask)
+            tl.store(pb_ptr + prow + cols, cs, mask=cmask)
+        else:
+            diag = cols[None, :] == rows[:, None] + off
+            phi = tl.where(valid, _softplus(tl.where(diag, -z, z)), 0.0)
+            r_acc += tl.sum(phi, 1).to(tl.float64)
+            tl.store(pa_ptr + prow + cols, tl.sum(phi, 0), mask=cmask)
+    if LOSS == SOFTMAX:
+        # padding rows have l_i = 0: log(1) keeps them finite (they are not stored). The
+        # statistic is float64 (the max exact, log(l) small).
+        tl.store(row_ptr + rows,
+                 m_i.to(tl.float64) + tl.log(tl.where(rmask, l_i, 1.0).to(tl.float64)),
+                 mask=rmask)
+    else:
+        tl.store(row_ptr + rows, r_acc, mask=rmask)
 
 
 @triton.jit
-def _col_merge_kernel(pmax_ptr, psum_ptr, g, m, cmax_ptr, csum_ptr, col_lse_ptr,
-                      FIRST: tl.constexpr, LAST: tl.constexpr, BLOCK_C: tl.constexpr):
+def _col_merge_kernel(pa_ptr, pb_ptr, g, m, cmax_ptr, csum_ptr, col_ptr,
+                      LOSS: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
+    """Fold the g partial rows of a wave into the columns' running statistics, in row-block
+    order (deterministic)."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < m
-    if FIRST:
-        mx = tl.full((BLOCK_C,), float("-inf"), dtype=tl.float32)
-        sm = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    pa_ptrs = pa_ptr + cols        # stepped by m per partial row: 64-bit pointer arithmetic
+    if LOSS == SOFTMAX:
+        if FIRST:
+            mx = tl.full((BLOCK_C,), float("-inf"), dtype=tl.float32)
+            sm = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        else:
+            mx = tl.load(cmax_ptr + cols, mask=cmask, other=0.0)
+            sm = tl.load(csum_ptr + cols, mask=cmask, other=0.0)
+        pb_ptrs = pb_ptr + cols
+        for _ in range(0, g):
+            pm = tl.load(pa_ptrs, mask=cmask, other=0.0)
+            ps = tl.load(pb_ptrs, mask=cmask, other=0.0)
+            pa_ptrs += m
+            pb_ptrs += m
+            new = tl.maximum(mx, pm)
+            use = tl.where(new == float("-inf"), 0.0, new)
+            sm = sm * tl.exp(mx - use) + ps * tl.exp(pm - use)
+            mx = new
+        if LAST:
+            tl.store(col_ptr + cols,
+                     mx.to(tl.float64) + tl.log(tl.where(cmask, sm, 1.0).to(tl.float64)),
+                     mask=cmask)
+        else:
+            tl.store(cmax_ptr + cols, mx, mask=cmask)
+            tl.store(csum_ptr + cols, sm, mask=cmask)
     else:
-        mx = tl.load(cmax_ptr + cols, mask=cmask, other=0.0)
-        sm = tl.load(csum_ptr + cols, mask=cmask, other=0.0)
-    pm_ptrs = pmax_ptr + cols      # stepped by m per partial row: 64-bit pointer arithmetic
-    ps_ptrs = psum_ptr + cols
-    for _ in range(0, g):
-        pm = tl.load(pm_ptrs, mask=cmask, other=0.0)
-        ps = tl.load(ps_ptrs, mask=cmask, other=0.0)
-        pm_ptrs += m
-        ps_ptrs += m
-        new = tl.maximum(mx, pm)
-        use = tl.where(new == float("-inf"), 0.0, new)
-        sm = sm * tl.exp(mx - use) + ps * tl.exp(pm - use)
-        mx = new
-    if LAST:
-        tl.store(col_lse_ptr + cols, mx.to(tl.float64) + tl.log(tl.where(cmask, sm, 1.0).to(tl.float64)),
-                 mask=cmask)
-    else:
-        tl.store(cmax_ptr + cols, mx, mask=cmask)
-        tl.store(csum_ptr + cols, sm, mask=cmask)
+        # The running sums live in the float64 output itself.
+        if FIRST:
+            acc = tl.zeros((BLOCK_C,), dtype=tl.float64)
+        else:
+            acc = tl.load(col_ptr + cols, mask=cmask, other=0.0)
+        for _ in range(0, g):
+            acc += tl.load(pa_ptrs, mask=cmask, other=0.0).to(tl.float64)
+            pa_ptrs += m
+        tl.store(col_ptr + cols, acc, mask=cmask)
 
 
 @triton.jit
-def _bwd_kernel(a_ptr, b_ptr, sa, sb, ra_ptr, rb_ptr, scale_ptr, lse_a_ptr, lse_b_ptr,
-                ga_ptr, gb_ptr, gp_ptr, da_ptr, sda, t_ptr, na, nb, D, off, n_key, m_key,
-                POS_BY_ROW: tl.constexpr, NORMALIZE: tl.constexpr,
+def _bwd_kernel(x_ptr, y_ptr, sx, sy, rho_ptr, sig_ptr, p_ptr, row_ptr, col_ptr,
+                gr_ptr, gc_ptr, gp_ptr, ws_ptr, out_ptr, sout, tu_ptr, tg_ptr, stat_ptr,
+                n, m, D, off, n_key, m_key,
+                LOSS: tl.constexpr, COLS_OUTER: tl.constexpr, STATS: tl.constexpr,
+                NORMALIZE: tl.constexpr, SCALE_W: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Rows of A outer: da = d/dA Σ G∘L, t = Σ_cols G∘L. Pass A: (A, B) = (x, y);
-    pass B: (A, B) = (y, x), lse/g swapped, the positive at col == row + off (off negated
-    by the caller) with its coefficient indexed by the column (POS_BY_ROW=False)."""
+    """One backward pass. COLS_OUTER=False (pass A): the program owns BLOCK_M rows of x and
+    walks the columns: out = dx, tu_i = Σ_j G u, tg_i = Σ_j G (for dparams). COLS_OUTER=True
+    (pass B): it owns BLOCK_M rows of y (columns of z) and walks the rows of x: out = dy.
+    Every tile is [x rows, y rows], computed as in the forward. STATS (one-pass losses):
+    also the statistic of the program's block (row sums in pass A, column sums in pass B)
+    into stat_ptr. The softmax reads the merged float64 statistics row_ptr / col_ptr."""
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < na
-    r64 = rows.to(tl.int64)
-    s = tl.load(scale_ptr).to(tl.float32)
-    ra = tl.load(ra_ptr + rows, mask=rmask, other=0.0)
-    rs = ra * s
-    # float64 statistics as hi + lo: exp((L - hi) - lo) keeps their precision.
-    lse_a64 = tl.load(lse_a_ptr + rows, mask=rmask, other=0.0)
-    lse_a = lse_a64.to(tl.float32)
-    lse_a_lo = (lse_a64 - lse_a.to(tl.float64)).to(tl.float32)
-    g_a = tl.load(ga_ptr + rows, mask=rmask, other=0.0)
-    if POS_BY_ROW:
-        gp_a = tl.load(gp_ptr + rows, mask=rmask, other=0.0)
+    blk = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    s = tl.load(p_ptr).to(tl.float32)
+    b = 0.0
+    if LOSS == SIGMOID:
+        b = tl.load(p_ptr + 1).to(tl.float32)
+    if COLS_OUTER:
+        nblk = m
+        ntile = n
+        blk_ptr = y_ptr
+        sblk = sy
+        tile_ptr = x_ptr
+        stile = sx
+    else:
+        nblk = n
+        ntile = m
+        blk_ptr = x_ptr
+        sblk = sx
+        tile_ptr = y_ptr
+        stile = sy
+    bmask = blk < nblk
+    b64 = blk.to(tl.int64)
+    # The block's side of the tile: loaded once.
+    if COLS_OUTER:
+        sg = tl.load(sig_ptr + blk, mask=bmask, other=0.0)
+        ra = sg
+        g_c = tl.load(gc_ptr + blk, mask=bmask, other=0.0)
+        if LOSS == SOFTMAX:
+            chi, clo = _split(tl.load(col_ptr + blk, mask=bmask, other=0.0))
+    else:
+        rho = tl.load(rho_ptr + blk, mask=bmask, other=0.0)
+        ra = rho
+        a = rho * s
+        g_r = tl.load(gr_ptr + blk, mask=bmask, other=0.0)
+        g_p = tl.load(gp_ptr + blk, mask=bmask, other=0.0)
+        if LOSS == SOFTMAX:
+            rhi, rlo = _split(tl.load(row_ptr + blk, mask=bmask, other=0.0))
     dcols = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     dmask = dcols < D
     acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
-    t = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for c0 in range(0, nb, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N)
-        cmask = cols < nb
-        c64 = cols.to(tl.int64)
-        rb = tl.load(rb_ptr + cols, mask=cmask, other=0.0)
-        lse_b64 = tl.load(lse_b_ptr + cols, mask=cmask, other=0.0)
-        lse_b = lse_b64.to(tl.float32)
-        lse_b_lo = (lse_b64 - lse_b.to(tl.float64)).to(tl.float32)
-        g_b = tl.load(gb_ptr + cols, mask=cmask, other=0.0)
-        S = _tile_dot(a_ptr, b_ptr, sa, sb, r64, c64, rmask, cmask, D,
-                      BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
-        U = S * ra[:, None] * rb[None, :]          # unscaled: dscale needs no division by s
-        L = U * s
-        G = (g_a[:, None] * tl.exp((L - lse_a[:, None]) - lse_a_lo[:, None])
-             + g_b[None, :] * tl.exp((L - lse_b[None, :]) - lse_b_lo[None, :]))
-        diag = cols[None, :] == rows[:, None] + off
-        if POS_BY_ROW:
-            G += tl.where(diag, gp_a[:, None], 0.0)
+    tu = tl.zeros((BLOCK_M,), dtype=tl.float64)
+    tg = tl.zeros((BLOCK_M,), dtype=tl.float64)
+    st = tl.zeros((BLOCK_M,), dtype=tl.float64)
+    if SCALE_W:
+        wsc = tl.load(ws_ptr)
+    for t0 in range(0, ntile, BLOCK_N):
+        tix = t0 + tl.arange(0, BLOCK_N)
+        tmask = tix < ntile
+        t64 = tix.to(tl.int64)
+        # The tile's side, and the tile [x rows, y rows] as the forward computes it.
+        if COLS_OUTER:
+            xi = tix
+            yj = blk
+            imask = tmask
+            jmask = bmask
+            rho = tl.load(rho_ptr + tix, mask=tmask, other=0.0)
+            a = rho * s
+            g_r = tl.load(gr_ptr + tix, mask=tmask, other=0.0)
+            g_p = tl.load(gp_ptr + tix, mask=tmask, other=0.0)
+            if LOSS == SOFTMAX:
+                rhi, rlo = _split(tl.load(row_ptr + tix, mask=tmask, other=0.0))
+            S = _tile_dot(x_ptr, y_ptr, sx, sy, t64, b64, tmask, bmask, D,
+                          BLOCK_N, BLOCK_M, BLOCK_D, PRECISION, UPCAST)
         else:
-            gp_b = tl.load(gp_ptr + cols, mask=cmask, other=0.0)
-            G += tl.where(diag, gp_b[None, :], 0.0)
-        G = tl.where(rmask[:, None] & cmask[None, :], G, 0.0)
-        t += tl.sum(G * U, 1)
-        bt = tl.load(b_ptr + c64[:, None] * sb + dcols[None, :],
-                     mask=cmask[:, None] & dmask[None, :], other=0.0)     # [BLOCK_N, BLOCK_DO]
-        W = G * rb[None, :]
+            xi = blk
+            yj = tix
+            imask = bmask
+            jmask = tmask
+            sg = tl.load(sig_ptr + tix, mask=tmask, other=0.0)
+            g_c = tl.load(gc_ptr + tix, mask=tmask, other=0.0)
+            if LOSS == SOFTMAX:
+                chi, clo = _split(tl.load(col_ptr + tix, mask=tmask, other=0.0))
+            S = _tile_dot(x_ptr, y_ptr, sx, sy, b64, t64, bmask, tmask, D,
+                          BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
+        z = _logits(S, a, sg, b)
+        valid = imask[:, None] & jmask[None, :]
+        diag = yj[None, :] == xi[:, None] + off
+        # The loss's epilogue: G = dloss/dz (+ g_pos on the positive).
+        if LOSS == SOFTMAX:
+            G = _softmax_dz(z, g_r, rhi, rlo, g_c, chi, clo)
+        else:
+            if STATS:
+                phi, sgm = _softplus_sigmoid(tl.where(diag, -z, z))
+                phi = tl.where(valid, phi, 0.0)
+            else:
+                sgm = _sigmoid(tl.where(diag, -z, z))
+            G = (g_r[:, None] + g_c[None, :]) * tl.where(diag, -sgm, sgm)
+        G = tl.where(diag, G + g_p[:, None], G)
+        G = tl.where(valid, G, 0.0)
+        U = S * rho[:, None] * sg[None, :]        # u: dscale needs no division by s
+        if COLS_OUTER:
+            tu += tl.sum(G * U, 0).to(tl.float64)
+            if STATS:
+                st += tl.sum(phi, 0).to(tl.float64)
+            W = G * rho[:, None]
+            bt = tl.load(tile_ptr + t64[:, None] * stile + dcols[None, :],
+                         mask=tmask[:, None] & dmask[None, :], other=0.0)  # x [BLOCK_N, BLOCK_DO]
+        else:
+            tu += tl.sum(G * U, 1).to(tl.float64)
+            tg += tl.sum(G, 1).to(tl.float64)
+            if STATS:
+                st += tl.sum(phi, 1).to(tl.float64)
+            W = G * sg[None, :]
+            bt = tl.load(tile_ptr + t64[:, None] * stile + dcols[None, :],
+                         mask=tmask[:, None] & dmask[None, :], other=0.0)  # y [BLOCK_N, BLOCK_DO]
+        if SCALE_W:
+            W = W * wsc
         if UPCAST:
             bt = bt.to(tl.float32)
         else:
             W = W.to(bt.dtype)
+        if COLS_OUTER:
+            W = tl.trans(W)
         acc = tl.dot(W, bt, acc, input_precision=PRECISION)
-    # Fused normalisation backward: <â_i, ∂/∂â_i> = s Σ_j G_ij U_ij = s t_i, so
+    if SCALE_W:
+        acc = acc * tl.load(ws_ptr + 1)
+    # Fused normalisation backward: <â_i, ∂/∂â_i> = s Σ_j G_ij u_ij = s t_i, so
     # da_i = ra_i·s·acc_i − ra_i²·s·t_i·a_i needs no reduction over D.
-    da = acc * rs[:, None]
+    da = acc * (ra * s)[:, None]
     if NORMALIZE:
-        at = tl.load(a_ptr + r64[:, None] * sa + dcols[None, :],
-                     mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        da = da - (ra * ra * t * s)[:, None] * at
-    tl.store(da_ptr + r64[:, None] * sda + dcols[None, :], da.to(da_ptr.dtype.element_ty),
-             mask=rmask[:, None] & dmask[None, :])
+        ab = tl.load(blk_ptr + b64[:, None] * sblk + dcols[None, :],
+                     mask=bmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        da = da - (ra * ra * tu.to(tl.float32) * s)[:, None] * ab
+    tl.store(out_ptr + b64[:, None] * sout + dcols[None, :], da.to(out_ptr.dtype.element_ty),
+             mask=bmask[:, None] & dmask[None, :])
     if pid_d == 0:
-        tl.store(t_ptr + rows, t, mask=rmask)
+        if not COLS_OUTER:
+            tl.store(tu_ptr + blk, tu, mask=bmask)
+            tl.store(tg_ptr + blk, tg, mask=bmask)
+        if STATS:
+            tl.store(stat_ptr + blk, st, mask=bmask)
 
 
 # --------------------------------------------------------------------------- autotune
-# GPU tile configurations. UNMEASURED PRIORS (no GPU was available when they were
-# written): FlashAttention-2-style tiles, 128x64 / 128x128 logit tiles with 64-wide K
-# steps, 4-8 warps, 2-4 pipeline stages; sizes whose shared memory does not fit on
-# Ampere (164 KB) or Hopper (227 KB) are dropped by the autotuner (OutOfResources).
-# The forward's BLOCK_M is chosen on the host (it sizes the partial buffer); the rest is
-# autotuned per (n bucket, m bucket, D, input dtype, precision).
+# GPU tile configurations. Speeds are UNMEASURED PRIORS (no GPU was available when they
+# were chosen): FlashAttention-2-style 64-128 x 64-128 logit tiles, 32-64-wide K steps,
+# 4-8 warps, 2-4 pipeline stages; the autotuner measures them on the user's GPU and drops
+# those whose shared memory does not fit (OutOfResources). What was measured is register
+# use: every kernel variant (loss x pass x STATS, NORMALIZE=True) compiled offline with
+# triton.compile (Triton 3.9) for sm_90 and sm_80, with the launcher's specialisation for
+# 16-aligned pointers and sizes, read with cuobjdump --dump-resource-usage. The lists keep
+# tiles that compile without spills (or with a few bytes of stack) for bf16 on both
+# architectures, plus small tiles for IEEE fp32, whose tl.dot is an fma loop over register
+# operands (larger tiles spill kilobytes there, pass B most).
+# The forward's BLOCK_M is chosen on the host (it sizes the partial buffer: 128 rows at
+# large n, else 64); the rest is autotuned per (n bucket, m bucket, D, precision, loss).
+# No spills: 64 x BLOCK_N with 4 or 8 warps and 128 x 64 with 8 warps, bf16 and IEEE fp32,
+# both losses; 128 x 128 with 8 warps spills 64 B for the sigmoid on sm_80 only.
 _FWD_CONFIGS = [
     triton.Config({"BLOCK_N": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_D": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 128, "BLOCK_D": 32}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_N": 64, "BLOCK_D": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_N": 128, "BLOCK_D": 64}, num_warps=8, num_stages=2),
 ]
 # Backward: the fp32 accumulator [BLOCK_M, BLOCK_DO] lives in registers next to the
-# [BLOCK_M, BLOCK_N] logit tile. Register use was checked offline (triton.compile for
-# sm_90 and sm_80 + cuobjdump --dump-resource-usage, no GPU): 64x64 tiles with
-# BLOCK_DO=256 and 8 warps compile without spills for bf16 (sm_80, sm_90) and fp32
-# (sm_90); 128x64x256 spilled 168-520 bytes of stack and was dropped; BLOCK_DO=512 spills
-# with 8 or 16 warps, hence BLOCK_DO <= 256 (D > 256 takes cdiv(D, BLOCK_DO) programs per
-# row block, each recomputing the logit tiles). Speeds are unmeasured priors.
+# [BLOCK_M, BLOCK_N] logit tile. Offline register use (as above; stack bytes, worst of the
+# five variants): 64x64, BLOCK_DO 256 or 128, 8 warps: none for bf16 on sm_80 and sm_90
+# and for TF32; 64x32x128 with 4 warps: none on sm_90, <= 56 B on sm_80; 32x64x512:
+# none on sm_80, <= 8 B on sm_90; 64x32, BLOCK_D 32, BLOCK_DO 64, 4 warps: 8 B for IEEE
+# fp32 (64x64x128 spills up to 1.6 KB there). Dropped: 128x64 and 64x128 logit tiles
+# (32-120 B on bf16, up to 3.8 KB on fp32) and 4-warp 64x64 tiles (up to 232 B).
+# D > BLOCK_DO takes cdiv(D, BLOCK_DO) programs per block, each recomputing the logit
+# tiles; 32-row blocks hold a 32x512 accumulator: one program per block up to D = 512,
+# at the price of tiles too small for Hopper's 64-row wgmma. The autotuner decides.
 # BLOCK_DO is clipped to next_pow2(D) by _prune_bwd.
 _BWD_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64, "BLOCK_DO": 256},
                   num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_D": 64, "BLOCK_DO": 128},
-                  num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "BLOCK_DO": 128},
-                  num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64, "BLOCK_DO": 128},
-                  num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32, "BLOCK_DO": 128},
-                  num_warps=4, num_stages=3),
-    # 32-row blocks hold a 32x512 accumulator without spilling (8 B of stack on sm_90,
-    # none on sm_80): one program per row block up to D = 512 (no recompute per D chunk),
-    # at the price of tiles too small for Hopper's 64-row wgmma. The autotuner decides.
+                  num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": 64, "BLOCK_DO": 128},
+                  num_warps=4, num_stages=2),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_D": 64, "BLOCK_DO": 512},
                   num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": 32, "BLOCK_DO": 64},
+                  num_warps=4, num_stages=2),
 ]
 
 
 def _prune_bwd(configs, named_args, **kwargs):
+    """Clip BLOCK_DO to next_pow2(D) (at least 16, tl.dot's minimum) and drop the configs
+    that become duplicates: a D = 64 problem benchmarks each distinct tile once."""
     d = named_args["D"] if "D" in named_args else kwargs["D"]
     cap = max(16, triton.next_power_of_2(int(d)))
     out, seen = [], set()
@@ -340,23 +581,29 @@ def _prune_bwd(configs, named_args, **kwargs):
 
 # Under TRITON_INTERPRET=1 autotuning is meaningless (and slow): one small fixed config.
 # 32 (not 16) keeps the interpreter's per-tile Python overhead down and still leaves the
-# test sizes 33 and 70 straddling block edges.
+# test sizes 33 and 70 straddling block edges. Every kernel uses the same 32-wide tiles,
+# so each logit tile of the backward sees exactly the forward's operands.
 _INTERP_BLOCK = 32
+
+_FWD_KEY = ["n_key", "m_key", "D", "PRECISION", "LOSS"]
+_BWD_KEY = ["n_key", "m_key", "D", "PRECISION", "LOSS", "COLS_OUTER", "STATS", "NORMALIZE",
+            "SCALE_W"]
 
 if INTERPRET:
     _fwd_launch = _fwd_kernel
     _bwd_launch = _bwd_kernel
 else:
-    _fwd_launch = triton.autotune(_FWD_CONFIGS, key=["n_key", "m_key", "D", "PRECISION"])(
-        _fwd_kernel)
-    _bwd_launch = triton.autotune(_BWD_CONFIGS, key=["n_key", "m_key", "D", "PRECISION",
-                                                      "POS_BY_ROW", "NORMALIZE"],
+    _fwd_launch = triton.autotune(_FWD_CONFIGS, key=_FWD_KEY)(_fwd_kernel)
+    _bwd_launch = triton.autotune(_BWD_CONFIGS, key=_BWD_KEY,
                                   prune_configs_by={"early_config_prune": _prune_bwd})(
         _bwd_kernel)
 
 
 # --------------------------------------------------------------------------- launchers
-def _check(x: torch.Tensor, y: torch.Tensor) -> None:
+def _check(loss: int, x: torch.Tensor, y: torch.Tensor, params: torch.Tensor) -> None:
+    if loss not in _MERGE:
+        raise ValueError(f"the triton kernels implement the losses of codes {sorted(_MERGE)} "
+                         f"(clip, siglip), got loss code {loss!r}")
     for name, t in (("x", x), ("y", y)):
         if t.dtype not in _SUPPORTED:
             raise TypeError(f"the triton backend takes float32, float16 or bfloat16 features; "
@@ -365,8 +612,16 @@ def _check(x: torch.Tensor, y: torch.Tensor) -> None:
         if t.dim() != 2 or (t.stride(1) != 1 and t.shape[1] != 1):
             raise ValueError(f"{name} must be 2-D with unit stride along D, got shape "
                              f"{tuple(t.shape)} strides {t.stride()}")
+    if x.shape[1] != y.shape[1] or x.device != y.device or x.dtype != y.dtype:
+        raise ValueError(f"x {tuple(x.shape)} {x.dtype} on {x.device} and y {tuple(y.shape)} "
+                         f"{y.dtype} on {y.device} must share D, dtype and device")
     if not INTERPRET and x.device.type != "cuda":
         raise ValueError(f"the triton backend runs on CUDA tensors, got x on {x.device}")
+    need = 2 if loss == SIGMOID.value else 1
+    if params.dim() != 1 or params.numel() < need or params.device != x.device:
+        raise ValueError(f"params must be a 1-D tensor of at least {need} element(s) on "
+                         f"{x.device} (scale{', bias' if need == 2 else ''}), got shape "
+                         f"{tuple(params.shape)} on {params.device}")
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -399,7 +654,7 @@ def _inv_norms(t: torch.Tensor, normalize: bool, eps: float) -> torch.Tensor:
     br = 16 if INTERPRET else 32
     bd = min(128, max(16, triton.next_power_of_2(d)))
     _inv_norm_kernel[(triton.cdiv(k, br),)](t, _row_stride(t), k, d, float(eps), out,
-                                             BLOCK_R=br, BLOCK_D=bd)
+                                             BLOCK_R=br, BLOCK_D=bd, **_OPTS)
     return out
 
 
@@ -412,35 +667,45 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def fwd(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, normalize: bool, eps: float,
-        pos_offset: int):
-    """Block forward (see fastclip.ops.backends): (row_lse [n], col_lse [m], pos [n]), fp32.
+def _params(params: torch.Tensor) -> torch.Tensor:
+    return params.detach().to(torch.float32).contiguous()
 
-    x [n, D], y [m, D]: float32/float16/bfloat16, unit stride along D (any row stride);
-    scale: 0-dim float32 tensor on the same device.
+
+def _pos(loss, x, y, rho, sig, p, pos_offset):
+    n, d = x.shape
+    pos = _empty((n,), torch.float64, x.device)
+    br = 16 if INTERPRET else 64
+    bd = min(128, max(16, triton.next_power_of_2(d)))
+    _pos_kernel[(triton.cdiv(n, br),)](x, y, _row_stride(x), _row_stride(y), rho, sig, p, n,
+                                       y.shape[0], d, int(pos_offset), pos, LOSS=loss,
+                                       BLOCK_R=br, BLOCK_D=bd, **_OPTS)
+    return pos
+
+
+def fwd(loss: int, x: torch.Tensor, y: torch.Tensor, params: torch.Tensor, normalize: bool,
+        eps: float, pos_offset: int):
+    """Block forward (see fastclip.ops.backends): (row [n], col [m], pos [n]), float64.
+
+    loss: LossSpec.code (SOFTMAX 0: clip, SIGMOID 1: siglip). x [n, D], y [m, D]:
+    float32/float16/bfloat16, unit stride along D (any row stride). params: 1-D tensor on
+    the features' device, params[0] = scale, params[1] = bias (sigmoid).
     """
-    _check(x, y)
+    _check(loss, x, y, params)
     with _on_device(x):
-        return _fwd(x, y, scale, normalize, eps, pos_offset)
+        return _fwd(loss, x, y, _params(params), normalize, eps, pos_offset)
 
 
-def _fwd(x, y, scale, normalize, eps, pos_offset):
+def _fwd(loss, x, y, p, normalize, eps, pos_offset):
     n, d = x.shape
     m = y.shape[0]
     dev = x.device
-    scale = scale.reshape(()).to(device=dev, dtype=torch.float32)
     rho = _inv_norms(x, normalize, eps)
     sig = _inv_norms(y, normalize, eps)
-    row_lse = _empty((n,), torch.float64, dev)
-    col_lse = _empty((m,), torch.float64, dev)
-    pos = _empty((n,), torch.float32, dev)
+    row = _empty((n,), torch.float64, dev)
+    col = _empty((m,), torch.float64, dev)
+    pos = _pos(loss, x, y, rho, sig, p, pos_offset)
     prec, up = _precision(x.dtype), _upcast(x.dtype)
     sx, sy = _row_stride(x), _row_stride(y)
-
-    br = 16 if INTERPRET else 64
-    bd = min(128, max(16, triton.next_power_of_2(d)))
-    _pos_kernel[(triton.cdiv(n, br),)](x, y, sx, sy, rho, sig, scale, n, m, d, int(pos_offset),
-                                       pos, BLOCK_R=br, BLOCK_D=bd)
 
     if INTERPRET:
         bm, fixed = _INTERP_BLOCK, {"BLOCK_N": _INTERP_BLOCK, "BLOCK_D": _INTERP_BLOCK}
@@ -448,75 +713,129 @@ def _fwd(x, y, scale, normalize, eps, pos_offset):
         # 128-row blocks (FA-2 prior) once there are enough of them to fill the GPU.
         bm, fixed = (128 if n >= 128 * 132 else 64), {}
     nblk = triton.cdiv(n, bm)
-    wave = max(1, min(nblk, _PARTIAL_BYTES // (8 * m)))
-    pmax = torch.empty((wave, m), dtype=torch.float32, device=dev)
-    psum = torch.empty((wave, m), dtype=torch.float32, device=dev)
-    cmax = torch.empty((m,), dtype=torch.float32, device=dev) if wave < nblk else pmax[0]
-    csum = torch.empty((m,), dtype=torch.float32, device=dev) if wave < nblk else psum[0]
+    softmax = loss == SOFTMAX.value
+    per_col = 8 if softmax else 4          # partial bytes per (row block, column)
+    wave = max(1, min(nblk, _PARTIAL_BYTES // (per_col * m)))
+    f32 = dict(dtype=torch.float32, device=dev)
+    pa = torch.empty((wave, m), **f32)
+    pb = torch.empty((wave, m), **f32) if softmax else pa
+    multi = wave < nblk
+    cmax = torch.empty((m,), **f32) if softmax and multi else pa[0]
+    csum = torch.empty((m,), **f32) if softmax and multi else pb[0]
     bc = 64 if INTERPRET else 256
     for rb0 in range(0, nblk, wave):
         g = min(wave, nblk - rb0)
-        _fwd_launch[(g,)](x, y, rho, sig, scale, row_lse, pmax, psum, n, m, d, sx, sy, rb0,
-                          _bucket(n), _bucket(m), BLOCK_M=bm, PRECISION=prec, UPCAST=up,
-                          **fixed)
-        _col_merge_kernel[(triton.cdiv(m, bc),)](pmax, psum, g, m, cmax, csum, col_lse,
+        _fwd_launch[(g,)](x, y, rho, sig, p, row, pa, pb, n, m, d, sx, sy, int(pos_offset),
+                          rb0, _bucket(n), _bucket(m), LOSS=loss, BLOCK_M=bm, PRECISION=prec,
+                          UPCAST=up, **fixed, **_OPTS)
+        _col_merge_kernel[(triton.cdiv(m, bc),)](pa, pb, g, m, cmax, csum, col, LOSS=loss,
                                                  FIRST=rb0 == 0, LAST=rb0 + g >= nblk,
-                                                 BLOCK_C=bc)
-    return row_lse, col_lse, pos
+                                                 BLOCK_C=bc, **_OPTS)
+    return row, col, pos
 
 
-def _bwd_pass(a, b, ra, rb, scale, lse_a, lse_b, g_a, g_b, g_p, off, pos_by_row, normalize,
-              prec, up):
-    na, d = a.shape
-    nb = b.shape[0]
-    da = _empty((na, d), a.dtype, a.device)
-    t = _empty((na,), torch.float32, a.device)
-    args = (a, b, _row_stride(a), _row_stride(b), ra, rb, scale, lse_a, lse_b, g_a, g_b, g_p,
-            da, da.stride(0), t, na, nb, d, int(off), _bucket(na), _bucket(nb))
-    consts = dict(POS_BY_ROW=pos_by_row, NORMALIZE=bool(normalize), PRECISION=prec, UPCAST=up)
+def _g_bound(x, grad_row, grad_col, grad_pos):
+    """max|G| <= max|g_row| + max|g_col| + max|g_pos| for both epilogues (|dphi/dz| <= 1,
+    exp(z - lse) <= 1): a float64 device scalar, for fp16 only (None otherwise)."""
+    if x.dtype != torch.float16 or _upcast(x.dtype):
+        return None
+    return sum(g.abs().amax().double() for g in (grad_row, grad_col, grad_pos))
+
+
+def _w_scale(g_bound, side):
+    """(2^k, 2^-k) as a float32 device tensor, 2^k·max|W| <= 2^14 with W = G·side (side =
+    sigma in pass A, rho in pass B): fp16's range (6e-5 normal .. 65504) then holds W's
+    values relative to its maximum down to 2^-28. Torch ops on the device: no host sync."""
+    if g_bound is None:
+        return None
+    e = torch.ceil(torch.log2(g_bound * side.abs().amax().double()))
+    k = (14.0 - torch.where(torch.isfinite(e), e, torch.zeros_like(e))).clamp(-120.0, 120.0)
+    return torch.stack((torch.exp2(k), torch.exp2(-k))).to(torch.float32)
+
+
+def _bwd_pass(loss, cols_outer, stats, x, y, rho, sig, p, row, col, gr, gc, gp, ws,
+              normalize, pos_offset, prec, up):
+    n, d = x.shape
+    m = y.shape[0]
+    dev = x.device
+    k = m if cols_outer else n
+    out = _empty((k, d), x.dtype, dev)
+    tu = _empty((n,), torch.float64, dev) if not cols_outer else None
+    tg = _empty((n,), torch.float64, dev) if not cols_outer else None
+    st = _empty((k,), torch.float64, dev) if stats else None
+    dummy = gr                                 # never read where a buffer is not used
+    args = (x, y, _row_stride(x), _row_stride(y), rho, sig, p,
+            row if row is not None else dummy, col if col is not None else dummy,
+            gr, gc, gp, ws if ws is not None else dummy, out, out.stride(0),
+            tu if tu is not None else dummy, tg if tg is not None else dummy,
+            st if st is not None else dummy, n, m, d, int(pos_offset), _bucket(n), _bucket(m))
+    consts = dict(LOSS=loss, COLS_OUTER=cols_outer, STATS=stats, NORMALIZE=bool(normalize),
+                  SCALE_W=ws is not None, PRECISION=prec, UPCAST=up)
     if INTERPRET:
         b_ = _INTERP_BLOCK
         do = min(b_, max(16, triton.next_power_of_2(d)))
-        _bwd_launch[(triton.cdiv(na, b_), triton.cdiv(d, do))](
-            *args, BLOCK_M=b_, BLOCK_N=b_, BLOCK_D=b_, BLOCK_DO=do, **consts)
+        _bwd_launch[(triton.cdiv(k, b_), triton.cdiv(d, do))](
+            *args, BLOCK_M=b_, BLOCK_N=b_, BLOCK_D=b_, BLOCK_DO=do, **consts, **_OPTS)
     else:
-        grid = lambda META: (triton.cdiv(na, META["BLOCK_M"]),  # noqa: E731
+        grid = lambda META: (triton.cdiv(k, META["BLOCK_M"]),  # noqa: E731
                              triton.cdiv(d, META["BLOCK_DO"]))
-        _bwd_launch[grid](*args, **consts)
-    return da, t
+        _bwd_launch[grid](*args, **consts, **_OPTS)
+    return out, tu, tg, st
 
 
-def bwd(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, normalize: bool, eps: float,
-        pos_offset: int, row_lse: torch.Tensor, col_lse: torch.Tensor, grad_row: torch.Tensor,
-        grad_col: torch.Tensor, grad_pos: torch.Tensor):
-    """Block backward (see fastclip.ops.backends): (dx [n, D], dy [m, D], dscale []).
-
-    dx, dy in the dtype of x, y (contiguous); dscale 0-dim float32. The statistics and
-    upstream gradients are float32 vectors ([n], [m], [n], [m], [n]).
-    """
-    _check(x, y)
-    with _on_device(x):
-        return _bwd(x, y, scale, normalize, eps, pos_offset, row_lse, col_lse, grad_row,
-                    grad_col, grad_pos)
-
-
-def _bwd(x, y, scale, normalize, eps, pos_offset, row_lse, col_lse, grad_row, grad_col,
-         grad_pos):
+def _grads(loss, stats, x, y, p, normalize, eps, pos_offset, row, col, grad_row, grad_col,
+           grad_pos):
     dev = x.device
     f32 = dict(dtype=torch.float32, device=dev)
-    scale = scale.reshape(()).to(**f32)
-    f64 = dict(dtype=torch.float64, device=dev)
-    row_lse, col_lse = row_lse.to(**f64).contiguous(), col_lse.to(**f64).contiguous()
-    grad_row, grad_col = grad_row.to(**f32).contiguous(), grad_col.to(**f32).contiguous()
-    grad_pos = grad_pos.to(**f32).contiguous()
+    gr, gc, gp = (g.to(**f32).contiguous() for g in (grad_row, grad_col, grad_pos))
     rho = _inv_norms(x, normalize, eps)
     sig = _inv_norms(y, normalize, eps)
     prec, up = _precision(x.dtype), _upcast(x.dtype)
-    # Pass A (rows of x outer): dx and t_i = Σ_j G_ij L_ij.
-    dx, t = _bwd_pass(x, y, rho, sig, scale, row_lse, col_lse, grad_row, grad_col, grad_pos,
-                      pos_offset, True, normalize, prec, up)
-    # Pass B (rows of y outer): the positive of y-row j is x-row j - pos_offset.
-    dy, _ = _bwd_pass(y, x, sig, rho, scale, col_lse, row_lse, grad_col, grad_row, grad_pos,
-                      -pos_offset, False, normalize, prec, up)
-    dscale = t.sum()             # Σ_ij G_ij U_ij: exact for any scale, 0 included
-    return dx, dy, dscale
+    gb = _g_bound(x, gr, gc, gp)
+    # Pass A (rows of x outer): dx, Σ_j G u and Σ_j G per row (and the row statistics).
+    dx, tu, tg, row_out = _bwd_pass(loss, False, stats, x, y, rho, sig, p, row, col, gr, gc,
+                                    gp, _w_scale(gb, sig), normalize, pos_offset, prec, up)
+    # Pass B (rows of y outer): dy (and the column statistics).
+    dy, _, _, col_out = _bwd_pass(loss, True, stats, x, y, rho, sig, p, row, col, gr, gc, gp,
+                                  _w_scale(gb, rho), normalize, pos_offset, prec, up)
+    # Σ_ij G_ij u_ij and Σ_ij G_ij: exact for any scale, 0 and negative included.
+    dparams = torch.stack((tu.sum(), tg.sum()))[:p.numel()].to(torch.float32)
+    return dx, dy, dparams, rho, sig, row_out, col_out
+
+
+def bwd(loss: int, x: torch.Tensor, y: torch.Tensor, params: torch.Tensor, normalize: bool,
+        eps: float, pos_offset: int, row: torch.Tensor, col: torch.Tensor,
+        grad_row: torch.Tensor, grad_col: torch.Tensor, grad_pos: torch.Tensor):
+    """Block backward (see fastclip.ops.backends): (dx [n, D], dy [m, D], dparams [P]).
+
+    dx, dy in the dtype of x, y (contiguous); dparams float32, P = params.numel(). row and
+    col: the merged float64 statistics (read by the softmax only); grad_row [n],
+    grad_col [m], grad_pos [n]: their upstream gradients (any float dtype).
+    """
+    _check(loss, x, y, params)
+    with _on_device(x):
+        p = _params(params)
+        f64 = dict(dtype=torch.float64, device=x.device)
+        row = row.to(**f64).contiguous()
+        col = col.to(**f64).contiguous()
+        dx, dy, dp, *_ = _grads(loss, False, x, y, p, normalize, eps, pos_offset, row, col,
+                                grad_row, grad_col, grad_pos)
+        return dx, dy, dp
+
+
+def fwd_bwd(loss: int, x: torch.Tensor, y: torch.Tensor, params: torch.Tensor,
+            normalize: bool, eps: float, pos_offset: int, grad_row: torch.Tensor,
+            grad_col: torch.Tensor, grad_pos: torch.Tensor):
+    """Statistics and gradients of a one-pass loss (the sigmoid) in one launch sequence:
+    (row [n], col [m], pos [n], dx [n, D], dy [m, D], dparams [P]); no forward kernel runs.
+    grad_row/grad_col/grad_pos: the head's gradients, known before the statistics."""
+    _check(loss, x, y, params)
+    if loss != SIGMOID.value:
+        raise ValueError("fwd_bwd: the softmax (clip) needs its merged statistics for the "
+                         "gradient; run fwd, then bwd")
+    with _on_device(x):
+        p = _params(params)
+        dx, dy, dp, rho, sig, row, col = _grads(loss, True, x, y, p, normalize, eps, pos_offset,
+                                                None, None, grad_row, grad_col, grad_pos)
+        pos = _pos(loss, x, y, rho, sig, p, pos_offset)
+        return row, col, pos, dx, dy, dp
