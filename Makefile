@@ -9,7 +9,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export FASTCLIP_VENV := $(VENV)
 
-.PHONY: demo demo-seeds test bench setup clean wheel wheel-test
+.PHONY: demo demo-seeds test lint bench setup clean wheel wheel-test
 
 demo:
 	@bash scripts/setup_env.sh
@@ -24,6 +24,12 @@ demo-seeds:
 test:
 	@bash scripts/setup_env.sh --test
 	$(PY) -m pytest -q
+
+# ruff, pinned, with the configuration in pyproject.toml ([tool.ruff]).
+lint:
+	@bash scripts/setup_env.sh --test
+	@$(PY) -c "import ruff" 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check "ruff==0.17.6"
+	$(PY) -m ruff check src tests benchmarks scripts
 
 bench:
 	@bash scripts/setup_env.sh

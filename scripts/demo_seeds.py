@@ -40,6 +40,7 @@ def second_renderer_scores(model_path: str) -> dict:
     demo's own prompts."""
     sys.path.insert(0, ROOT)
     import torch
+
     from fastclip.datasets.shapes import COLOR_NAMES, SHAPES
     from fastclip.eval.zeroshot import build_zeroshot_classifier, evaluate_zeroshot
     from fastclip.models import load_checkpoint
@@ -82,7 +83,8 @@ def _finish(seed: int, proc, log, run_dir: str, t0: float, load0: float) -> dict
         metrics = json.load(f)
     row = {"seed": seed, "steps": metrics["steps"], "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
            "load_before": load0, "load_after": _loadavg(),
-           "zero_shot_shape_top1": metrics["zero_shot_shape_top1"], "zero_shot_color_top1": metrics["zero_shot_color_top1"]}
+           "zero_shot_shape_top1": metrics["zero_shot_shape_top1"],
+           "zero_shot_color_top1": metrics["zero_shot_color_top1"]}
     row.update(second_renderer_scores(metrics["checkpoint"]))
     with open(os.path.join(run_dir, "train.log"), encoding="utf-8") as f:
         row["threads"] = next((line.strip() for line in f if line.startswith("CPU threads:")), "")

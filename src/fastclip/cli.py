@@ -251,7 +251,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     cfg.weight_decay = args.weight_decay if args.weight_decay is not None else (_DEFAULTS.weight_decay if demo else 0.2)
     cfg.warmup = args.warmup if args.warmup is not None else (_DEFAULTS.warmup if demo else 2000)
     cfg.steps = args.steps if args.steps is not None else (_DEFAULTS.steps if demo else None)
-    cfg.batch_size = args.batch_size if args.batch_size is not None else (_DEFAULTS.batch_size if demo else REAL_DATA_BATCH)
+    cfg.batch_size = (args.batch_size if args.batch_size is not None
+                      else (_DEFAULTS.batch_size if demo else REAL_DATA_BATCH))
     cfg.eval_every = args.eval_every if args.eval_every is not None else (DEMO_EVAL_EVERY if demo else None)
     cfg.eval_at_start = demo
     cfg.time_budget = args.time_budget or None

@@ -40,9 +40,16 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .ops.backends import Backend, backend_by_code
-from .ops.contrastive_loss import (DEFAULT_EPS, block_bwd, block_fwd_bwd, kernel_layout,
-                                   prepare_params, select_backend, validate_features,
-                                   validate_options)
+from .ops.contrastive_loss import (
+    DEFAULT_EPS,
+    block_bwd,
+    block_fwd_bwd,
+    kernel_layout,
+    prepare_params,
+    select_backend,
+    validate_features,
+    validate_options,
+)
 from .ops.contrastive_loss import block_fwd as _block_fwd_diff
 from .ops.losses import STAT_DTYPE, LinearHead, LossSpec, get_loss, head_grads, merge
 

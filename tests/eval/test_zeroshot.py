@@ -6,8 +6,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fastclip.eval.templates import COLOR_TEMPLATES, IMAGENET_TEMPLATES, SHAPE_TEMPLATES
-from fastclip.eval.zeroshot import (build_zeroshot_classifier, classification_metrics, classify_folder,
-                                    evaluate_zeroshot, zero_shot_classify)
+from fastclip.eval.zeroshot import (
+    build_zeroshot_classifier,
+    classification_metrics,
+    classify_folder,
+    evaluate_zeroshot,
+    zero_shot_classify,
+)
 from fastclip.models import create_model
 from fastclip.tokenizer import tokenize
 

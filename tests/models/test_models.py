@@ -15,7 +15,8 @@ PUBLISHED = {"RN50": 102_007_137, "RN101": 119_688_033, "RN50x4": 178_300_601, "
 
 def _vit_count(image, patch, width, layers, embed):
     block = 4 * width * width + 4 * width + 8 * width * width + 5 * width + 4 * width  # attn + mlp + 2 LN
-    return width * 3 * patch * patch + width + ((image // patch) ** 2 + 1) * width + 4 * width + layers * block + width * embed
+    return (width * 3 * patch * patch + width + ((image // patch) ** 2 + 1) * width + 4 * width
+            + layers * block + width * embed)
 
 
 def _text_count(ctx, vocab, width, layers, embed):
@@ -128,7 +129,7 @@ def test_torch_compile_tiny():
         ref = model(img, tok)
         try:
             out = torch.compile(model, fullgraph=True, backend="aot_eager")(img, tok)
-        except Exception as e:  # pragma: no cover - only without a working compiler stack
+        except Exception as e:  # noqa: BLE001 - pragma: no cover, only without a compiler stack
             pytest.skip(f"torch.compile unavailable: {e}")
     for a, b in zip(out, ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -24,7 +24,8 @@ class RefBlock(nn.Module):
         super().__init__()
         self.attn, self.ln_1, self.ln_2 = nn.MultiheadAttention(d, h), RefLN(d), RefLN(d)
         self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(d, 4 * d), gelu=nn.Identity(), c_proj=nn.Linear(4 * d, d)))
-        self.register_buffer("attn_mask", torch.full((causal_len, causal_len), float("-inf")).triu(1) if causal_len else None,
+        mask = torch.full((causal_len, causal_len), float("-inf")).triu(1) if causal_len else None
+        self.register_buffer("attn_mask", mask,
                              persistent=False)
 
     def forward(self, x):  # [L, B, D]
@@ -67,8 +68,9 @@ class RefBottleneck(nn.Module):
         self.conv2, self.bn2 = nn.Conv2d(p, p, 3, padding=1, bias=False), nn.BatchNorm2d(p)
         self.conv3, self.bn3 = nn.Conv2d(p, 4 * p, 1, bias=False), nn.BatchNorm2d(4 * p)
         self.stride = stride
-        self.downsample = nn.Sequential(OrderedDict([("-1", nn.AvgPool2d(stride)), ("0", nn.Conv2d(cin, 4 * p, 1, bias=False)),
-                                                     ("1", nn.BatchNorm2d(4 * p))])) if stride > 1 or cin != 4 * p else None
+        down = OrderedDict([("-1", nn.AvgPool2d(stride)), ("0", nn.Conv2d(cin, 4 * p, 1, bias=False)),
+                            ("1", nn.BatchNorm2d(4 * p))])
+        self.downsample = nn.Sequential(down) if stride > 1 or cin != 4 * p else None
 
     def forward(self, x):
         y = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
@@ -80,7 +82,8 @@ class RefAttnPool(nn.Module):
     def __init__(self, sp, d, h, out):
         super().__init__()
         self.positional_embedding = nn.Parameter(torch.randn(sp * sp + 1, d))
-        self.k_proj, self.q_proj, self.v_proj, self.c_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, out)
+        self.k_proj, self.q_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.c_proj = nn.Linear(d, out)
         self.h = h
 
     def forward(self, x):
@@ -274,7 +277,8 @@ def test_torchscript_reader_equals_jit_state_dict(kind, tmp_path):
         assert ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]), k
     half = tmp_path / "half.jit.pt"  # OpenAI's archives are fp16
     torch.jit.save(torch.jit.load(str(path)).half(), half)
-    assert {v.dtype for v in read_torchscript_state_dict(str(half)).values() if v.is_floating_point()} == {torch.float16}
+    floats = {v.dtype for v in read_torchscript_state_dict(str(half)).values() if v.is_floating_point()}
+    assert floats == {torch.float16}
 
 
 def test_malicious_torchscript_archive_is_not_executed(tmp_path):

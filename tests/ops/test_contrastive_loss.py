@@ -24,9 +24,28 @@ import fastclip.ops.contrastive_loss as op
 from fastclip.ops.backends import all_backends, get_backend
 from fastclip.ops.losses import get_loss
 
-from ._helpers import (EPS, HALF_FACTOR, TOL, backend_device, backend_ok, block_oracle, cases,
-                       default_params, embeddings, emulated, naive_in, names, oracle, params_for,
-                       rel_err, run, scale_grad_size, takes, unit_rows, upstream)
+from ._helpers import (
+    EPS,
+    HALF_FACTOR,
+    TOL,
+    backend_device,
+    backend_ok,
+    block_oracle,
+    cases,
+    default_params,
+    embeddings,
+    emulated,
+    naive_in,
+    names,
+    oracle,
+    params_for,
+    rel_err,
+    run,
+    scale_grad_size,
+    takes,
+    unit_rows,
+    upstream,
+)
 
 CASES = cases()
 FP32 = cases(dtypes=(torch.float32,))

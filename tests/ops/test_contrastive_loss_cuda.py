@@ -25,8 +25,20 @@ from fastclip.ops.backends import cuda as cuda_backend
 from fastclip.ops.backends import get_backend
 from fastclip.ops.losses import get_loss
 
-from ._helpers import (EPS, HALF_FACTOR, TOL, default_params, embeddings, names, naive_in,
-                       oracle, params_for, rel_err, run, upstream)
+from ._helpers import (
+    EPS,
+    HALF_FACTOR,
+    TOL,
+    default_params,
+    embeddings,
+    naive_in,
+    names,
+    oracle,
+    params_for,
+    rel_err,
+    run,
+    upstream,
+)
 
 C = extension()
 LOSSES = ("clip", "siglip")

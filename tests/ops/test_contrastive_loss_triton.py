@@ -23,9 +23,22 @@ from fastclip.ops import contrastive_loss as op
 from fastclip.ops.backends import BackendUnavailableError, all_backends, get_backend
 from fastclip.ops.losses import LOSSES, get_loss
 
-from ._helpers import (EPS, HALF_FACTOR, TOL, block_oracle, default_params, embeddings,
-                       interpreter_env, naive_in, oracle, params_for, rel_err, run, unit_rows,
-                       upstream)
+from ._helpers import (
+    EPS,
+    HALF_FACTOR,
+    TOL,
+    block_oracle,
+    default_params,
+    embeddings,
+    interpreter_env,
+    naive_in,
+    oracle,
+    params_for,
+    rel_err,
+    run,
+    unit_rows,
+    upstream,
+)
 
 INTERPRET = interpreter_env()
 LOSS_NAMES = tuple(LOSSES)

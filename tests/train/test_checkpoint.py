@@ -145,6 +145,7 @@ def test_cli_resume_refuses_a_planted_pickle(tmp_path, how, capsys):
 
 def test_unusable_files_raise_a_clear_error_naming_them(tmp_path):
     from safetensors.torch import save_file
+
     from fastclip.models import save_checkpoint
     m, opt, sched, scaler = _setup(0, "tiny-vit")
     good = ckpt.save_training_state(str(tmp_path / "a"), 3, m, opt, sched, scaler)

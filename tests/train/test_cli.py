@@ -153,6 +153,7 @@ def test_bad_data_files_exit_2_with_one_line(tmp_path, capsys):
 
 def test_unusable_resume_files_exit_2_with_one_line(tmp_path, capsys):
     import torch
+
     from fastclip.models import create_model, save_checkpoint
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00" * 64)

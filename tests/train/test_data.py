@@ -9,10 +9,28 @@ import pytest
 import torch
 from PIL import Image
 
-from fastclip.datasets import (HELD_OUT, SHAPES, COLOR_NAMES, CsvDataset, ImageFolderDataset, ShapesDataset,
-                               WebDataset, collate_skipping, expand_urls, read_classnames)
-from fastclip.datasets.shapes import (ALL_TRAIN_PAIRS, BLOCK, MIN_CONTRAST, PALETTE, SIZES, TRAIN_ONLY_COLORS,
-                                      TRAIN_ONLY_SHAPES, TRAIN_PAIRS)
+from fastclip.datasets import (
+    COLOR_NAMES,
+    HELD_OUT,
+    SHAPES,
+    CsvDataset,
+    ImageFolderDataset,
+    ShapesDataset,
+    WebDataset,
+    collate_skipping,
+    expand_urls,
+    read_classnames,
+)
+from fastclip.datasets.shapes import (
+    ALL_TRAIN_PAIRS,
+    BLOCK,
+    MIN_CONTRAST,
+    PALETTE,
+    SIZES,
+    TRAIN_ONLY_COLORS,
+    TRAIN_ONLY_SHAPES,
+    TRAIN_PAIRS,
+)
 from fastclip.datasets.webdataset import expand_braces
 from fastclip.transforms import image_transform
 
@@ -64,7 +82,8 @@ def test_shapes_deterministic_and_holds_out_pairs():
     assert imgs.shape == (64, 3, 48, 48)
     assert all((COLOR_NAMES[c], SHAPES[s]) in HELD_OUT for s, c in zip(shapes.tolist(), colors.tolist()))
     assert held.labels(5) == (shapes[5].item(), colors[5].item())
-    for bad, match in (({"split": "test"}, "split"), ({"design": "random"}, "design"), ({"image_size": 8}, "image_size"),
+    for bad, match in (({"split": "test"}, "split"), ({"design": "random"}, "design"),
+                       ({"image_size": 8}, "image_size"),
                        ({"group_size": 0}, "group_size"), ({"group_prob": 1.5}, "group_prob")):
         with pytest.raises(ValueError, match=match):
             ShapesDataset(10, **bad)
@@ -233,7 +252,7 @@ def test_webdataset_streams_skips_and_counts(tmp_path):
     # two ranks read disjoint parts that cover the whole set
     seen = []
     for r in range(2):
-        for imgs, toks, _ in WebDataset(spec, 2, image_transform(32), 16, rank=r, world_size=2, shuffle_buffer=0,
+        for _imgs, toks, _ in WebDataset(spec, 2, image_transform(32), 16, rank=r, world_size=2, shuffle_buffer=0,
                                         max_epochs=1):
             seen.extend(toks[:, 2].tolist())
     assert len(seen) == 10
@@ -303,6 +322,7 @@ def test_training_on_csv_and_shards_counts_skipped(tmp_path):
     shards = tmp_path / "shards"
     shards.mkdir()
     _write_shards(shards)
-    r = train(TrainConfig(model="tiny-vit", train_data=str(shards / "shard-{000..002}.tar"), output=str(tmp_path / "wds"),
+    r = train(TrainConfig(model="tiny-vit", train_data=str(shards / "shard-{000..002}.tar"),
+                          output=str(tmp_path / "wds"),
                           batch_size=4, steps=3, warmup=1, progress="none", plot=False))
     assert r["steps"] == 3 and r["train_samples_skipped"] == 2  # 12 samples read, 2 bad

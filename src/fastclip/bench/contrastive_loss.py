@@ -49,9 +49,21 @@ import torch
 from . import methods as M
 from .env import cpu_count, env_info, meminfo_bytes
 from .measure import clear_grads, esize, per_call_times, run_worker, time_step, worker_reply
-from .report import (CSV_FIELDS, OVERHEAD_FIELDS, default_out_dir, derive, derive_overhead,
-                     num, output_prefix, overhead_table, read_csv, summary_table, write_csv,
-                     write_markdown, write_overhead_markdown)
+from .report import (
+    CSV_FIELDS,
+    OVERHEAD_FIELDS,
+    default_out_dir,
+    derive,
+    derive_overhead,
+    num,
+    output_prefix,
+    overhead_table,
+    read_csv,
+    summary_table,
+    write_csv,
+    write_markdown,
+    write_overhead_markdown,
+)
 
 __all__ = ["main", "Config", "parse_args", "run_benchmark", "run_overhead", "measure", "DTYPES"]
 

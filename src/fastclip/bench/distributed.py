@@ -40,10 +40,8 @@ import torch.distributed as dist
 
 from . import methods as M
 from .env import cpu_count, cpu_name, env_info
-from .measure import (Step, free_port, per_call_times, proc_status_kb, reset_peak_rss,
-                      unit_features)
-from .report import default_out_dir, derive_overhead, write_csv, write_overhead_markdown, \
-    write_text
+from .measure import Step, free_port, per_call_times, proc_status_kb, reset_peak_rss, unit_features
+from .report import default_out_dir, derive_overhead, write_csv, write_overhead_markdown, write_text
 
 __all__ = ["main", "build_parser", "run_cpu", "run_overhead", "run_w1"]
 

@@ -10,7 +10,7 @@ import csv
 import os
 
 from .env import slug
-from .methods import NAIVE, FLOOR, fwd_bwd_flop, fwd_flop, get_loss
+from .methods import FLOOR, NAIVE, fwd_bwd_flop, fwd_flop, get_loss
 
 __all__ = ["CSV_FIELDS", "OVERHEAD_FIELDS", "default_out_dir", "output_prefix", "write_csv",
            "read_csv", "write_text", "derive", "derive_overhead", "write_markdown",

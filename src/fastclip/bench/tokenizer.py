@@ -66,8 +66,7 @@ def _best(fn, reps: int):
 
 def run(n: int, reps: int, seed: int = 0) -> dict[str, float]:
     """{stage: best seconds} on ``n`` synthetic captions; raises if the ids disagree."""
-    from fastclip.tokenizer import (_PAT, SimpleTokenizer, clean_text,  # noqa: PLC0415
-                                    get_tokenizer, tokenize)
+    from fastclip.tokenizer import _PAT, SimpleTokenizer, clean_text, get_tokenizer, tokenize  # noqa: PLC0415
     caps = synthetic_captions(n, seed)
     get_tokenizer()                  # build the Rust tokenizer once, outside the clocks
     SimpleTokenizer()

@@ -80,7 +80,8 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     xt, yt = train_features.to(dev, torch.float32), torch.as_tensor(train_labels, device=dev).long()
     xs, ys = test_features.to(dev, torch.float32), torch.as_tensor(test_labels, device=dev).long()
     if xt.dim() != 2 or xs.dim() != 2 or xt.shape[1] != xs.shape[1]:
-        raise ValueError(f"train_features/test_features must be [N, D] with equal D, got {tuple(xt.shape)}, {tuple(xs.shape)}")
+        raise ValueError(f"train_features/test_features must be [N, D] with equal D, got "
+                         f"{tuple(xt.shape)}, {tuple(xs.shape)}")
     if yt.shape != (xt.shape[0],) or ys.shape != (xs.shape[0],):
         raise ValueError("train_labels/test_labels must be 1-D with one label per feature row")
     if val_features is None:

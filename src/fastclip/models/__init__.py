@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from .clip import CLIP
 from .configs import MODEL_CONFIGS, OPENAI_PARAM_COUNTS, CLIPConfig, get_config, list_models
 from .resnet import ModifiedResNet

@@ -39,7 +39,8 @@ class CLIPConfig:
             self.vision_layers = tuple(self.vision_layers)
         if not self.is_resnet and self.patch_size is None:
             raise ValueError("patch_size is required for a ViT config (vision_layers is an int)")
-        for name in ("embed_dim", "image_size", "vision_width", "context_length", "vocab_size", "text_width", "text_layers"):
+        for name in ("embed_dim", "image_size", "vision_width", "context_length", "vocab_size", "text_width",
+                     "text_layers"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not (isinstance(self.init_logit_scale, (int, float)) and self.init_logit_scale > 0

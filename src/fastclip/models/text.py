@@ -33,7 +33,8 @@ class TextTransformer(nn.Module):
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
         L = text.shape[1]
-        x = self.token_embedding(text) + self.positional_embedding[:L].to(self.token_embedding.weight.dtype)  # [B, L, W]
+        pos = self.positional_embedding[:L].to(self.token_embedding.weight.dtype)  # [L, W]
+        x = self.token_embedding(text) + pos                                      # [B, L, W]
         x = self.ln_final(self.transformer(x))
         x = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]  # [B, W] at EOT
         return x @ self.text_projection

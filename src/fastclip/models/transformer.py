@@ -84,7 +84,9 @@ class Transformer(nn.Module):
 
     def init_weights(self) -> None:
         """OpenAI's init: attention std width^-0.5, projections std width^-0.5 (2 layers)^-0.5."""
-        attn_std, proj_std, fc_std = self.width ** -0.5, self.width ** -0.5 * (2 * self.layers) ** -0.5, (2 * self.width) ** -0.5
+        attn_std = self.width ** -0.5
+        proj_std = self.width ** -0.5 * (2 * self.layers) ** -0.5
+        fc_std = (2 * self.width) ** -0.5
         for blk in self.resblocks:
             nn.init.normal_(blk.attn.in_proj_weight, std=attn_std)
             nn.init.normal_(blk.attn.out_proj.weight, std=proj_std)

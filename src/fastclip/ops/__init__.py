@@ -8,8 +8,14 @@ the public losses ``clip_loss`` and ``siglip_loss``.
 """
 
 from .backends import BackendUnavailableError, all_backends, available_backends, get_backend
-from .contrastive_loss import (clip_loss, contrastive_loss_bwd, contrastive_loss_fwd,
-                               contrastive_loss_fwd_bwd, fused_loss, siglip_loss)
+from .contrastive_loss import (
+                               clip_loss,
+                               contrastive_loss_bwd,
+                               contrastive_loss_fwd,
+                               contrastive_loss_fwd_bwd,
+                               fused_loss,
+                               siglip_loss,
+)
 from .losses import LOSSES
 
 __all__ = ["clip_loss", "siglip_loss", "fused_loss", "contrastive_loss_fwd",

@@ -86,7 +86,8 @@ class ThreadTuner(StepHook):
             best = min(med, key=med.get)
             torch.set_num_threads(best)
             if trainer.env.is_main:
-                desc = ", ".join(f"{t} thread{'s' if t > 1 else ''} {1000 * v:.0f} ms/step" for t, v in sorted(med.items()))
+                desc = ", ".join(f"{t} thread{'s' if t > 1 else ''} {1000 * v:.0f} ms/step"
+                                 for t, v in sorted(med.items()))
                 trainer.log(f"CPU threads: {desc}; using {best}")
             self.done = True
 

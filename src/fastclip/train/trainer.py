@@ -42,8 +42,17 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from .config import PRECISIONS, TrainConfig
-from .data import (StepBatches, TrainData, ZeroShotSet, build_train_data, detect_dataset_type,
-                   folder_zeroshot_set, load_val_batches, train_batches, trim_padding)
+from .data import (
+    StepBatches,
+    TrainData,
+    ZeroShotSet,
+    build_train_data,
+    detect_dataset_type,
+    folder_zeroshot_set,
+    load_val_batches,
+    train_batches,
+    trim_padding,
+)
 from .dist_env import DistEnv, all_reduce_grads, init_distributed, sum_over_ranks
 from .optim import cosine_lr, create_optimizer
 from .progress import Progress, format_eval, format_final
@@ -303,7 +312,7 @@ class Trainer:
             ns.append(len(imgs))
             imgs_f.append(i.float().cpu())
             txts_f.append(t.float().cpu())
-        out = {"val/loss": sum(l * n for l, n in zip(losses, ns)) / sum(ns), "val/n": sum(ns)}
+        out = {"val/loss": sum(v * n for v, n in zip(losses, ns)) / sum(ns), "val/n": sum(ns)}
         for k, v in retrieval_metrics(torch.cat(imgs_f), torch.cat(txts_f)).items():
             out[f"val/{k}"] = v
         return out
@@ -472,7 +481,8 @@ class Trainer:
             "checkpoint": model_path}
         for k, v in last_eval.items():
             if k.startswith("zeroshot/") and k.endswith("top1"):
-                result[k.replace("zeroshot/", "zero_shot_").replace("/top1", "_top1").replace("mean_top1", "top1_mean")] = v
+                name = k.replace("zeroshot/", "zero_shot_").replace("/top1", "_top1")
+                result[name.replace("mean_top1", "top1_mean")] = v
             elif k.startswith("val/"):
                 result[k] = v
         return result

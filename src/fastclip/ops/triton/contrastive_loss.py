@@ -84,8 +84,9 @@ they are; the W tile is cast to the input dtype for the gradient product (as
 FlashAttention does with P). For fp16, whose normal range is 6e-5 .. 65504, W is first
 scaled by a power of two that brings its bound to 2^14 (computed on the device from the
 upstream gradients and the norms: no host sync) and the accumulator unscaled after:
-|G| ~ 1/N otherwise falls below fp16's range at large N and flushes to zero. fp32 inputs use TF32 only when ``torch.backends.cuda.matmul.allow_tf32`` is True
-at call time, IEEE fp32 otherwise. The scale and the bias are read from the parameter
+|G| ~ 1/N otherwise falls below fp16's range at large N and flushes to zero. fp32 inputs use
+TF32 only when ``torch.backends.cuda.matmul.allow_tf32`` is True at call time, IEEE fp32
+otherwise. The scale and the bias are read from the parameter
 tensor on the device inside the kernels (no host sync). Every log-sum-exp uses a running
 maximum (no fixed shift) and softplus is max(t, 0) + log1p(exp(-|t|)) (exp of a
 non-positive argument: no overflow at any |z|; log1p by a series accurate for tiny
