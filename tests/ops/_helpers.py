@@ -157,6 +157,12 @@ def scale_grad_size(loss: str, x, y, params, normalize: bool) -> float:
     """Σ_ij |G_ij u_ij| in float64: the size of the terms whose sum is the scale's gradient
     (u = <x̂_i, ŷ_j>). Where they cancel (nearly orthogonal rows), ‖out − ref‖/‖ref‖
     measures luck; the error is judged against this size instead."""
+    return param_grad_sizes(loss, x, y, params, normalize)[0]
+
+
+def param_grad_sizes(loss: str, x, y, params, normalize: bool) -> list[float]:
+    """The size of the terms of each parameter's gradient, in float64: Σ|G u| for the scale,
+    Σ|G| for the bias (see :func:`scale_grad_size`)."""
     from fastclip.ops.losses import head_grads
     spec = get_loss(loss)
     xd, yd = x.detach().double().cpu(), y.detach().double().cpu()
@@ -170,7 +176,7 @@ def scale_grad_size(loss: str, x, y, params, normalize: bool) -> float:
     pos = torch.diagonal(z).clone()
     gr, gc, gp = head_grads(spec, row, col, pos, spec.denominator(n))
     G = spec.ref_dz(z, is_pos, row, col, gr, gc) + torch.diag(gp)
-    return (G * u).abs().sum().item()
+    return [(G * u).abs().sum().item(), G.abs().sum().item()][:len(params)]
 
 
 def upstream(n: int, m: int, gen, dtype=torch.float64, device="cpu"):
