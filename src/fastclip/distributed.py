@@ -86,6 +86,8 @@ class _Meta:
     impl: float            # index in _IMPLS
     loss: float            # LossSpec.code
     backend: float         # Backend.code
+    xnorm: float           # the largest row norm the kernels see: 1 with normalize
+    ynorm: float
     param0: float          # logit_scale
     param1: float          # logit_bias (NaN when the loss has none)
 
@@ -93,13 +95,16 @@ class _Meta:
     def invalid() -> "_Meta":
         return _Meta(0.0, *([-1.0] * (len(fields(_Meta)) - 1)))
 
-    def tensor(self, device, params: Optional[Tensor] = None) -> Tensor:
-        """On ``device``; the parameters join there from ``params`` (no host sync: the
-        only one is reading the gathered records)."""
+    def tensor(self, device, params: Optional[Tensor] = None,
+               norms: Optional[Tensor] = None) -> Tensor:
+        """On ``device``; the parameters and the row norms join there from ``params`` and
+        ``norms`` (no host sync: the only one is reading the gathered records)."""
         t = torch.tensor(astuple(self), dtype=torch.float64, device=device)
+        first = len(fields(_Meta)) - _MAX_PARAMS
         if params is not None:
-            first = len(fields(_Meta)) - _MAX_PARAMS
             t[first:first + params.numel()] = params.detach().reshape(-1).to(torch.float64)
+        if norms is not None:
+            t[first - 2:first] = norms.to(torch.float64)
         return t
 
     @staticmethod
@@ -131,6 +136,23 @@ def _same_param(a: float, b: float) -> bool:
     if math.isinf(a) or math.isinf(b):
         return a == b
     return abs(a - b) <= _PARAM_RTOL * max(abs(a), abs(b))
+
+
+# A log-sum-exp merge of column statistics shifted by a bound B of the logits, known to
+# every rank without a collective: c = B + log Σ_k exp(c_k - B). With |z| <= B every
+# c_k - B lies in [-2B, log n]: exact in float64 (the statistics' dtype) while 2B stays
+# far from exp's underflow at -745. Saves the all-reduce MAX of the general merge.
+_SHIFT_MAX = 300.0
+
+
+def _logit_bound(metas: list[_Meta]) -> Optional[float]:
+    """A bound on |z| = |s <x̂, ŷ> + b| every rank computes alike from the gathered records
+    (rank 0's parameters, the largest row norms of all ranks), or None when there is none
+    small enough (or a value is not finite)."""
+    s, b = abs(metas[0].param0), metas[0].param1
+    bound = (s * max(m.xnorm for m in metas) * max(m.ynorm for m in metas)
+             + (0.0 if math.isnan(b) else abs(b)))
+    return bound if math.isfinite(bound) and bound <= _SHIFT_MAX else None
 
 
 def _agree(metas: list[_Meta], rank: int, problem: Optional[str]) -> list[int]:
@@ -239,19 +261,31 @@ def _reduce_scatter_rows(t: Tensor, sizes: list[int], rank: int, group) -> Tenso
     return buf[offs[rank]:offs[rank + 1]]
 
 
-def _all_reduce_merge(kind: str, t: Tensor, group) -> Tensor:
+def _all_reduce_merge(kind: str, t: Tensor, group, extra: Optional[Tensor] = None,
+                      shift: Optional[float] = None):
     """The loss's merge of ``t`` across ranks: SUM, or an exact distributed log-sum-exp
-    (c = M + log Σ_k exp(c_k - M), M = max_k c_k: MAX, then SUM of the rescaled values)."""
+    (c = M + log Σ_k exp(c_k - M), M = max_k c_k: MAX, then SUM of the rescaled values;
+    with ``shift``, a bound of the logits every rank shares, M = shift and no MAX).
+    ``extra`` (a few values to sum over ranks as well) rides in the SUM: returns
+    (merged, summed extra) then, one collective less than a separate all-reduce."""
+    k = 0 if extra is None else extra.numel()
     if kind == "sum":
-        out = t.clone()
-        dist.all_reduce(out, group=group)
-        return out
-    mx = t.clone()
-    dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
-    safe = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)   # all -inf stays -inf
-    s = torch.exp(t - safe)
-    dist.all_reduce(s, group=group)
-    return safe + torch.log(s)
+        buf = t.clone() if extra is None else torch.cat([t, extra.reshape(-1).to(t.dtype)])
+        dist.all_reduce(buf, group=group)
+        merged = buf[:t.numel()]
+    else:
+        if shift is not None:
+            safe = torch.full_like(t, shift)
+        else:
+            mx = t.clone()
+            dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
+            safe = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)   # all -inf stays -inf
+        buf = torch.exp(t - safe)
+        if extra is not None:
+            buf = torch.cat([buf, extra.reshape(-1).to(t.dtype)])
+        dist.all_reduce(buf, group=group)
+        merged = safe + torch.log(buf[:t.numel()])
+    return merged if extra is None else (merged, buf[t.numel():t.numel() + k])
 
 
 def _offsets(sizes: list[int]) -> list[int]:
@@ -279,7 +313,7 @@ class _Plan:
     """What every rank agreed on: sizes, offsets, the loss, the kernel configuration."""
 
     def __init__(self, group, rank: int, sizes: list[int], spec: LossSpec, be: Backend,
-                 normalize: bool, eps: float, impl: str):
+                 normalize: bool, eps: float, impl: str, shift: Optional[float] = None):
         self.group, self.rank, self.sizes = group, rank, sizes
         self.world = len(sizes)
         self.offsets = _offsets(sizes)
@@ -289,6 +323,7 @@ class _Plan:
         self.linear = isinstance(spec.head, LinearHead)
         # Only heads that read the column statistics need them merged across ranks.
         self.uses_cols = not self.linear or spec.head.coef[1] != 0.0
+        self.shift = shift          # see _logit_bound
 
     @property
     def own(self) -> slice:
@@ -356,14 +391,26 @@ class _GatherLoss(torch.autograd.Function):
             with torch.no_grad():
                 row, col, pos = _block_fwd_diff(spec, be, x, y_all, params, plan.normalize,
                                                 plan.eps, o)
-        if plan.uses_cols:
-            col = _all_reduce_merge(spec.merge, col, plan.group)           # [N], complete
+        total = None
+        if plan.uses_cols and plan.linear:
+            # A linear head's row and positive terms ride in the columns' SUM: every rank
+            # then has every column's statistic, and the loss needs no collective of its own.
+            wr, wc, wp = spec.head.coef
+            part = (row * wr + pos * wp).sum().reshape(1)
+            col, part = _all_reduce_merge(spec.merge, col, plan.group, extra=part,
+                                          shift=plan.shift)
+            total = part[0] + wc * col.sum()                               # float64
+        elif plan.uses_cols:
+            col = _all_reduce_merge(spec.merge, col, plan.group, shift=plan.shift)
         col_own = col[plan.own]
         if one_pass:
             ctx.save_for_backward(x, y_all, params, dx, dy_all, dp)
         else:
             ctx.save_for_backward(x, y_all, params, row, col, pos)
         ctx.one_pass = one_pass
+        if total is not None:
+            ctx.plan = plan
+            return (total / plan.denom).to(params.dtype)
         return _finish_forward(ctx, plan, row, col_own, pos, params.dtype)
 
     @staticmethod
@@ -520,11 +567,11 @@ def _meta_for(spec, image_features, normalize, eps, impl, be, problem) -> _Meta:
     return _Meta(1.0, float(image_features.shape[0]), float(image_features.shape[1]),
                  float(_DTYPE_CODES[image_features.dtype]), float(normalize), float(eps),
                  float(_IMPLS.index(impl)), float(spec.code), float(be.code),
-                 *([float("nan")] * _MAX_PARAMS))
+                 float("inf"), float("inf"), *([float("nan")] * _MAX_PARAMS))
 
 
-def _handshake(group, rank, world, meta: _Meta, params: Optional[Tensor], meta_dev,
-               y: Optional[Tensor]):
+def _handshake(group, rank, world, meta: _Meta, params: Optional[Tensor],
+               norms: Optional[Tensor], meta_dev, y: Optional[Tensor]):
     """Exchange every rank's metadata; returns (metas, y_all or None).
 
     First call on a group (or after the previous call used the ring): one small all-gather
@@ -538,7 +585,7 @@ def _handshake(group, rank, world, meta: _Meta, params: Optional[Tensor], meta_d
     K = _Meta.size()
     last = _LAST.get(id(group))
     if last is None:
-        mine = meta.tensor(meta_dev, params)
+        mine = meta.tensor(meta_dev, params, norms)
         allm = torch.empty((world * K,), dtype=torch.float64, device=meta_dev)
         _gather_single()(allm, mine, group=group)
         return [_Meta(*r) for r in allm.view(world, K).tolist()], None
@@ -547,7 +594,7 @@ def _handshake(group, rank, world, meta: _Meta, params: Optional[Tensor], meta_d
     payload = nmax * dim * esize
     seg = 8 * K + (payload + 7) // 8 * 8                      # 8-byte aligned segments
     buf = torch.zeros((seg,), dtype=torch.uint8, device=meta_dev)
-    buf[:8 * K] = meta.tensor(meta_dev, params).view(torch.uint8)
+    buf[:8 * K] = meta.tensor(meta_dev, params, norms).view(torch.uint8)
     fits = (y is not None and meta.ok == 1.0 and int(meta.rows) == sizes[rank]
             and int(meta.dim) == dim and y.dtype == dtype and y.device == meta_dev)
     if fits:
@@ -611,7 +658,7 @@ def fused_loss(loss: str, image_features: Tensor, text_features: Tensor, params,
         meta_dev = torch.device("cpu") if "cpu" in carry else torch.device(
             "cuda", torch.cuda.current_device())
 
-    p = be = None
+    p = be = norms = None
     if problem is None:
         try:
             validate_features(image_features, text_features)
@@ -619,9 +666,14 @@ def fused_loss(loss: str, image_features: Tensor, text_features: Tensor, params,
             be = select_backend(backend, feat_dev, image_features.dtype, spec.name)
         except (TypeError, ValueError, RuntimeError) as e:
             problem = str(e)
+    if problem is None and spec.merge == "lse":
+        with torch.no_grad():       # O(n·D), on the device: what bounds the logits
+            norms = (torch.ones(2, dtype=torch.float64, device=meta_dev) if normalize else
+                     torch.stack([t.float().norm(dim=1).max().double()
+                                  for t in (image_features, text_features)]))
     meta = _meta_for(spec, image_features, normalize, eps, dist_impl, be, problem)
     try:
-        metas, y_all = _handshake(group, rank, world, meta, p, meta_dev,
+        metas, y_all = _handshake(group, rank, world, meta, p, norms, meta_dev,
                                   text_features if problem is None else None)
         sizes = _agree(metas, rank, problem)
     except DistributedLossError:
@@ -632,7 +684,8 @@ def fused_loss(loss: str, image_features: Tensor, text_features: Tensor, params,
         _LAST[id(group)] = (sizes, x.shape[1], x.dtype)
     else:
         _LAST.pop(id(group), None)
-    plan = _Plan(group, rank, sizes, spec, be, bool(normalize), float(eps), dist_impl)
+    plan = _Plan(group, rank, sizes, spec, be, bool(normalize), float(eps), dist_impl,
+                 shift=_logit_bound(metas) if spec.merge == "lse" else None)
     fn = _GatherLoss if dist_impl == "gather" else _RingLoss
     return fn.apply(x, y, p, plan, y_all)
 

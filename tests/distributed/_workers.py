@@ -117,13 +117,16 @@ def _case_sizes(world: int) -> list[list[int]]:
 
 
 def _loss_case(rank, world, gen, sizes, impl, normalize, dtype, scale, backend="cpu",
-               noncontig=False, d=11, loss="clip"):
+               noncontig=False, d=11, loss="clip", inflate=0.0):
     from fastclip.distributed import fused_loss  # noqa: PLC0415
     N = sum(sizes)
     X = torch.randn(N, d, generator=gen, dtype=torch.float64)
     Y = torch.randn(N, d, generator=gen, dtype=torch.float64)
     if not normalize:   # features as open_clip's models return them, so logits are O(s)
         X, Y = X / X.norm(dim=1, keepdim=True), Y / Y.norm(dim=1, keepdim=True)
+    if inflate:         # long image rows along a direction the text rows lack: large norms,
+        X[:, 0] += inflate    # logits still O(s)
+        Y[:, 0] = 0.0
     params = _params(loss, scale)
     ref = _oracle(X, Y, params, normalize, loss)
     o = sum(sizes[:rank])
@@ -335,6 +338,11 @@ def run_cases(rank: int, world: int, seed: int) -> dict:
             for dt in (torch.bfloat16, torch.float16):
                 out[f"{loss}/half/{dt}/{impl}/{uneven}"] = _half_case(rank, world, gen, uneven,
                                                                       impl, dt, loss=loss)
+    # Logits bounded by 300 (|s|·max‖x‖·max‖y‖) merge the columns against that bound, with
+    # no all-reduce MAX (every case above); rows too long for the bound take the general
+    # MAX-then-SUM merge: here ‖x‖ ≈ 40, so the bound is 14.3·40 while the logits stay O(s).
+    out[f"clip/f64/gather/{uneven}/no-bound"] = _loss_case(
+        rank, world, gen, uneven, "gather", False, torch.float64, 14.3, inflate=40.0)
     for impl in ("gather", "ring"):
         out[f"f64-noncontig-reference/{impl}/{uneven}"] = _loss_case(
             rank, world, gen, uneven, impl, True, torch.float64, 30.0, backend="reference",

@@ -35,6 +35,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -385,15 +386,19 @@ ParamGrads bwd_impl(const T* x, const T* y, int64_t n, int64_t m, int64_t d, int
   const int64_t budget = env_budget ? std::max<int64_t>(0, std::atoll(env_budget)) : kDyBudget;
   const int64_t per_col = int64_t(nt) * dp * int64_t(sizeof(T));
   const int64_t W = std::min(mp, std::max(BN, budget / per_col / BN * BN));
-  std::vector<T> dyb(size_t(nt) * W * dp);
+  // Rows of a thread's buffer: a chunk's columns rounded up to the register tile (the
+  // micro-kernel writes whole MR-row slivers), not to BN: at m = 32 that is 36 rows, not 192.
+  // Left uninitialised here: each thread zeroes its own part per chunk (first touch).
+  const int64_t R = round_up(std::min(W, m), K.mr);
+  std::unique_ptr<T[]> dyb(new T[size_t(nt) * R * dp]);
   std::vector<ParamGrads> gl(nt, ParamGrads{0.0, 0.0});
   for (int64_t c0 = 0; c0 < m; c0 += W) {
     const int64_t c1 = std::min(m, c0 + W);
 #pragma omp parallel num_threads(nt)
     {
       const int tid = omp_get_thread_num();
-      T* myb = dyb.data() + size_t(tid) * W * dp;
-      std::fill(myb, myb + size_t(W) * dp, T(0));
+      T* myb = dyb.get() + size_t(tid) * R * dp;
+      std::fill(myb, myb + size_t(R) * dp, T(0));
       std::vector<T> S(size_t(BM) * BN), dxa(size_t(BM) * dp), xs(size_t(K.mr) * d),
           bs(size_t(BM + BN) * K.nr), tmp(BN);
       double* cs = STATS ? csum.data() + size_t(tid) * mp : nullptr;
@@ -423,10 +428,10 @@ ParamGrads bwd_impl(const T* x, const T* y, int64_t n, int64_t m, int64_t d, int
 #pragma omp for schedule(static)
       for (int64_t j = c0; j < c1; ++j) {
         T* o = dy + j * d;
-        const T* b0 = dyb.data() + (j - c0) * dp;
+        const T* b0 = dyb.get() + (j - c0) * dp;
         std::copy(b0, b0 + d, o);
         for (int q = 1; q < nt; ++q) {
-          const T* bq = dyb.data() + (size_t(q) * W + (j - c0)) * dp;
+          const T* bq = dyb.get() + (size_t(q) * R + (j - c0)) * dp;
           for (int64_t k = 0; k < d; ++k) o[k] += bq[k];
         }
       }

@@ -54,11 +54,11 @@ class LinearHead:
         # Weighted per row, then summed: each row's terms cancel before the sum does (a
         # CLIP loss of 0.01 is a difference of statistics of size ~20 per row).
         wr, wc, wp = self.coef
-        per_row = row * wr
+        per_row = row if wr == 1.0 else row * wr
         if wc:
-            per_row = per_row + col * wc
+            per_row = per_row + col if wc == 1.0 else per_row + col * wc
         if wp:
-            per_row = per_row + pos * wp
+            per_row = torch.add(per_row, pos, alpha=wp)
         return per_row.sum()
 
 
