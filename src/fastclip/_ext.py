@@ -1,6 +1,6 @@
 """Loads the compiled extension ``fastclip._C`` once, remembering why it failed.
 
-The extension is built without torch (design.md §4): it takes raw pointers, sizes,
+The extension is built without torch (docs/design.md §4): it takes raw pointers, sizes,
 strides and, for CUDA, the caller's stream. Importing it makes no CUDA call.
 
 OpenMP: built with GCC, ``_C`` is not linked to an OpenMP runtime (CMakeLists.txt). Its

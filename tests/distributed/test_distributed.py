@@ -28,9 +28,9 @@ import fastclip
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _workers  # noqa: E402
 
-# float64 through the cpu backend: far tighter than design.md §5's 1e-5 (measured ≤ 5e-15).
+# float64 through the cpu backend: far tighter than docs/design.md §5's 1e-5 (measured ≤ 5e-15).
 TOL_F64 = 1e-10
-TOL_F32 = 1e-5        # design.md §5 (measured ≈ 2e-7)
+TOL_F32 = 1e-5        # docs/design.md §5 (measured ≈ 2e-7)
 
 
 def _spawn(world: int) -> dict:

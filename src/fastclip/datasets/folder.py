@@ -8,6 +8,8 @@ import torch
 
 from .csv_dataset import load_image
 
+# The image files every reader takes (folders here and in zero-shot evaluation, webdataset
+# members by their extension).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 

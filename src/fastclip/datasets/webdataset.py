@@ -21,8 +21,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from .csv_dataset import collate_skipping, load_image, seeded_transform
+from .folder import IMAGE_EXTENSIONS
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTS = tuple(e[1:] for e in IMAGE_EXTENSIONS)     # a sample's image member, by extension
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
 

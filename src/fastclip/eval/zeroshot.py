@@ -7,11 +7,11 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 import torch
 import torch.nn.functional as F
 
+from ..datasets.folder import IMAGE_EXTENSIONS
 from ..tokenizer import tokenize
 from .templates import SIMPLE_TEMPLATES
 
 Template = Union[str, Callable[[str], str]]
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def _device(model: torch.nn.Module, device) -> torch.device:
