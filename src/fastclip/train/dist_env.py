@@ -43,10 +43,27 @@ def init_distributed(device: str = "auto") -> DistEnv:
                              f"use device 'cpu' or 'auto'")
         dev = torch.device("cuda", local if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
+    global _OWNED_GROUP
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method="env://",
                                 rank=rank, world_size=world)
+        _OWNED_GROUP = True
     return DistEnv(rank, world, local, dev)
+
+
+# Whether init_distributed created the default group (a caller's own group is left alone).
+_OWNED_GROUP = False
+
+
+def shutdown_distributed() -> None:
+    """Destroy the default group if :func:`init_distributed` created it. A process that exits
+    with a live gloo group can abort in interpreter finalisation ("terminate called without an
+    active exception", exit -6) while gloo's worker threads still hold finished work; destroying
+    the group first makes the exit clean."""
+    global _OWNED_GROUP
+    if _OWNED_GROUP and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _OWNED_GROUP = False
 
 
 def all_reduce_grads(params: List[torch.nn.Parameter], world_size: int) -> None:

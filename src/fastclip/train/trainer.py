@@ -53,12 +53,12 @@ from .data import (
     train_batches,
     trim_padding,
 )
-from .dist_env import DistEnv, all_reduce_grads, init_distributed, sum_over_ranks
+from .dist_env import DistEnv, all_reduce_grads, init_distributed, shutdown_distributed, sum_over_ranks
 from .optim import cosine_lr, create_optimizer
 from .progress import Progress, format_eval, format_final
 from .run_folder import prepare_run_folder, truncate_metrics
 
-__all__ = ["PRECISIONS", "TrainConfig", "Trainer", "StepHook", "train", "DistEnv", "init_distributed",
+__all__ = ["PRECISIONS", "TrainConfig", "Trainer", "StepHook", "train", "DistEnv", "init_distributed", "shutdown_distributed",
            "StepBatches", "trim_padding", "detect_dataset_type", "Progress"]
 
 
@@ -504,4 +504,7 @@ class Trainer:
 def train(cfg: TrainConfig) -> Dict[str, Any]:
     """Train with ``cfg`` and return the final metrics (``metrics.json``'s content; empty on
     ranks other than 0)."""
-    return Trainer(cfg).run()
+    try:
+        return Trainer(cfg).run()
+    finally:
+        shutdown_distributed()
