@@ -58,8 +58,8 @@ from .optim import cosine_lr, create_optimizer
 from .progress import Progress, format_eval, format_final
 from .run_folder import prepare_run_folder, truncate_metrics
 
-__all__ = ["PRECISIONS", "TrainConfig", "Trainer", "StepHook", "train", "DistEnv", "init_distributed", "shutdown_distributed",
-           "StepBatches", "trim_padding", "detect_dataset_type", "Progress"]
+__all__ = ["PRECISIONS", "TrainConfig", "Trainer", "StepHook", "train", "DistEnv", "init_distributed",
+           "shutdown_distributed", "StepBatches", "trim_padding", "detect_dataset_type", "Progress"]
 
 
 class StepHook:
