@@ -43,10 +43,11 @@ echo "torch==$torch_version" > "$venv/torch-constraint.txt"
 # tests of the Triton kernels. The constraint makes any attempt to replace torch an error.
 echo "[wheel-test] installing $(basename "$whl")[test] (torch stays $torch_version)"
 pip_install -c "$venv/torch-constraint.txt" "$whl[test]" "triton==3.9.0"
-# open_clip's loss.py: the peer of the ClipLoss/SigLipLoss tests (pure Python; without its
-# requirements, which would pull a CUDA torch and torchvision).
-pip_install --no-deps open_clip_torch
+# What the wheel declares is all installed and consistent.
 "$PY" -m pip check --disable-pip-version-check
+# open_clip's loss.py: the peer of the ClipLoss/SigLipLoss tests (pure Python; without its
+# requirements, which would pull a CUDA torch and torchvision, so after the check above).
+pip_install --no-deps open_clip_torch
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
