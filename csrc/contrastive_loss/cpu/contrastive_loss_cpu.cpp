@@ -8,13 +8,15 @@
 // parameter LOSS, see the .inc). This file holds the ISA- and loss-independent driver:
 // norms, packing, threading, the exact merges of per-thread statistics.
 //
-// Tiles. Row blocks of BM = 96 rows are the unit of work (static OpenMP schedule: the
-// same thread count gives bit-identical results). Each block walks all column tiles of
-// BN = 192: S tile = 96 x 192 (72 KB fp32, L2-resident), the epilogue fused on it while
-// hot. Two-pass losses (softmax): forward 2NMD FLOP, backward recomputes S and does both
+// Tiles. Row blocks are the unit of work (static OpenMP schedule: the same n and thread
+// count give bit-identical results). Their height bm is chosen per call (row_block): the
+// rows split evenly over the threads, each thread's share in blocks of at most kBmMax = 384
+// rows, so every thread gets the same number of blocks of (within MR) the same height.
+// Each block walks all column tiles of BN = 192: S tile = bm x 192 (up to 288 KB fp32),
+// the epilogue fused on it while hot. Two-pass losses (softmax): forward 2NMD FLOP, backward recomputes S and does both
 // gradient products from the same H tile, 6NMD (8NMD in all, the floor of
 // docs/design.md §2). One-pass losses (sigmoid): statistics and gradients from one S
-// tile, 6NMD in all. Measurements behind BM x BN, MR x NR and the dY scheme:
+// tile, 6NMD in all. Measurements behind the tile sizes, MR x NR and the dY scheme:
 // benchmarks/results/cpu-kernel-tuning.md.
 //
 // dY accumulation: per-thread dY buffers (rows outer), reduced in a fixed order, instead
@@ -42,7 +44,11 @@
 namespace fastclip::cpu {
 namespace {
 
-constexpr int64_t BM = 96, BN = 192;              // multiples of every MR and NR below
+// kBmMax: the tallest row block (a multiple of every MR below); BN: the column tile (a
+// multiple of every MR and NR). Tall blocks amortise the dY accumulator's loads over more
+// rows: at N = 8192, 2 threads, the sigmoid's one pass takes 1.05 s with 384-row blocks
+// against 1.16 s with 96 (benchmarks/results/cpu-kernel-tuning.md, "Row block height").
+constexpr int64_t kBmMax = 384, BN = 192;
 constexpr int64_t kDyBudget = int64_t(64) << 20;   // bytes of per-thread dY buffers
 
 constexpr int kSoftmax = int(LossKind::kSoftmax);
@@ -66,7 +72,7 @@ template <typename T>
 struct TileCtx {
   const T* x;
   const T* y;
-  int64_t n, m, d, ldx, ldy, dp, bm, bn;
+  int64_t n, m, d, ldx, ldy, dp, bn;
   const T* yp;        // Y^T packed in panels of NR columns [ceil(m/NR)][d][NR]
   const T* arow;      // s * rho_i                        [n]
   const T* rho;       // rho_i                            [n]
@@ -241,15 +247,25 @@ TileCtx<T> context(const Prep<T>& p, const T* x, const T* y, int64_t n, int64_t 
                    int64_t ldx, int64_t ldy, T scale, T bias, int64_t pos_offset) {
   TileCtx<T> t{};
   t.x = x; t.y = y; t.n = n; t.m = m; t.d = d; t.ldx = ldx; t.ldy = ldy;
-  t.dp = p.dp; t.bm = BM; t.bn = BN;
+  t.dp = p.dp; t.bn = BN;
   t.yp = p.yp.data(); t.arow = p.arow.data(); t.rho = p.rho.data(); t.sig = p.sig.data();
   t.colmask = p.colmask.data();
   t.scale = scale; t.zbias = bias; t.pos_offset = pos_offset;
   return t;
 }
 
-int team(int64_t n, int num_threads) {
-  const int64_t nblk = (n + BM - 1) / BM;
+// The row block height for n rows on num_threads threads: k = ceil(n / (threads * kBmMax))
+// blocks per thread, bm = n / (threads * k) rounded up to the register tile (mr divides
+// kBmMax, so bm <= kBmMax). 96-row blocks (the old fixed height) left one thread up to a
+// block behind, and cost 10% more per row at N = 8192.
+int64_t row_block(int64_t n, int num_threads, int64_t mr) {
+  const int64_t th = std::max(1, num_threads);
+  const int64_t k = std::max<int64_t>(1, (n + th * kBmMax - 1) / (th * kBmMax));
+  const int64_t bm = (n + th * k - 1) / (th * k);
+  return std::min(kBmMax, std::max(mr, round_up(bm, mr)));
+}
+
+int team(int64_t nblk, int num_threads) {
   return int(std::max<int64_t>(1, std::min<int64_t>(num_threads, nblk)));
 }
 
@@ -296,8 +312,8 @@ void fwd_impl(const T* x, const T* y, int64_t n, int64_t m, int64_t d, int64_t l
   FwdTile<T, LOSS> tile;
   if constexpr (LOSS == kSoftmax) tile = K.fwd_softmax; else tile = K.fwd_sigmoid;
   const T ninf = -std::numeric_limits<T>::infinity();
-  const int64_t nblk = (n + BM - 1) / BM;
-  const int nt = team(n, num_threads);
+  const int64_t bm = row_block(n, num_threads, K.mr), nblk = (n + bm - 1) / bm;
+  const int nt = team(nblk, num_threads);
   const Prep<T> p = prepare(K, x, y, n, m, d, ldx, ldy, scale, normalize, eps,
                             std::max(1, num_threads));
   const TileCtx<T> t = context(p, x, y, n, m, d, ldx, ldy, scale, bias, pos_offset);
@@ -309,13 +325,13 @@ void fwd_impl(const T* x, const T* y, int64_t n, int64_t m, int64_t d, int64_t l
 #pragma omp parallel num_threads(nt)
   {
     const int tid = omp_get_thread_num();
-    std::vector<T> S(size_t(BM) * BN), xs(size_t(K.mr) * d), tmp(BN);
-    std::vector<Row> rm(BM), rs(BM);
+    std::vector<T> S(size_t(bm) * BN), xs(size_t(K.mr) * d), tmp(BN);
+    std::vector<Row> rm(bm), rs(bm);
     Col* cm = LOSS == kSoftmax ? cmax.data() + size_t(tid) * mp : nullptr;
     Col* cs = csum.data() + size_t(tid) * mp;
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < nblk; ++b) {
-      const int64_t i0 = b * BM, iv = std::min(BM, n - i0);
+      const int64_t i0 = b * bm, iv = std::min(bm, n - i0);
       std::fill(rm.begin(), rm.end(), Row(ninf));
       std::fill(rs.begin(), rs.end(), Row(0));
       for (int64_t j0 = 0; j0 < m; j0 += BN)
@@ -362,8 +378,8 @@ ParamGrads bwd_impl(const T* x, const T* y, int64_t n, int64_t m, int64_t d, int
   if constexpr (STATS) tile = K.fwd_bwd_sigmoid;
   else if constexpr (LOSS == kSoftmax) tile = K.bwd_softmax;
   else tile = K.bwd_sigmoid;
-  const int64_t nblk = (n + BM - 1) / BM;
-  const int nt = team(n, num_threads);
+  const int64_t bm = row_block(n, num_threads, K.mr), nblk = (n + bm - 1) / bm;
+  const int nt = team(nblk, num_threads);
   const Prep<T> p = prepare(K, x, y, n, m, d, ldx, ldy, scale, normalize, eps,
                             std::max(1, num_threads));
   TileCtx<T> t = context(p, x, y, n, m, d, ldx, ldy, scale, bias, pos_offset);
@@ -399,13 +415,13 @@ ParamGrads bwd_impl(const T* x, const T* y, int64_t n, int64_t m, int64_t d, int
       const int tid = omp_get_thread_num();
       T* myb = dyb.get() + size_t(tid) * R * dp;
       std::fill(myb, myb + size_t(R) * dp, T(0));
-      std::vector<T> S(size_t(BM) * BN), dxa(size_t(BM) * dp), xs(size_t(K.mr) * d),
-          bs(size_t(BM + BN) * K.nr), tmp(BN);
+      std::vector<T> S(size_t(bm) * BN), dxa(size_t(bm) * dp), xs(size_t(K.mr) * d),
+          bs(size_t(bm + BN) * K.nr), tmp(BN);
       double* cs = STATS ? csum.data() + size_t(tid) * mp : nullptr;
       ParamGrads acc{0.0, 0.0};
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < nblk; ++b) {
-        const int64_t i0 = b * BM, iv = std::min(BM, n - i0);
+        const int64_t i0 = b * bm, iv = std::min(bm, n - i0);
         std::fill(dxa.begin(), dxa.end(), T(0));
         double* rs = STATS ? rsum.data() + i0 : nullptr;
         for (int64_t j0 = c0; j0 < c1; j0 += BN) {
