@@ -84,14 +84,30 @@ def _rank_setup(rank: int, world: int, port: int, timeout_s: float) -> int:
     return threads
 
 
-def _spawn(target, world: int, args, timeout_s: float) -> dict:
-    """Run ``target(rank, world, port, args, queue)`` on ``world`` spawned ranks; return
-    {rank: payload}. A failing rank's traceback is raised here, never a hang."""
+def _rank_main(body, rank, world, port, args, q, timeout_s):
+    """One spawned rank: join the gloo group, run ``body(rank, world, args, threads)`` and
+    send its payload (or its traceback) to the parent; leave the group however it ends."""
+    try:
+        threads = _rank_setup(rank, world, port, timeout_s)
+        q.put((rank, "ok", body(rank, world, args, threads)))
+    except BaseException:   # noqa: BLE001 - reported to the parent, which raises
+        import traceback  # noqa: PLC0415
+        q.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _spawn(body, world: int, args, timeout_s: float) -> dict:
+    """Run ``body(rank, world, args, threads)`` on ``world`` spawned ranks of one gloo group
+    (collectives time out after ``timeout_s``); return {rank: payload}. A failing rank's
+    traceback is raised here, never a hang."""
     import torch.multiprocessing as mp  # noqa: PLC0415
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=target, args=(r, world, port, args, q)) for r in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=(body, r, world, port, args, q, timeout_s))
+             for r in range(world)]
     for p in procs:
         p.start()
     got = {}
@@ -110,49 +126,41 @@ def _spawn(target, world: int, args, timeout_s: float) -> dict:
 
 
 # ------------------------------------------------------------------- CPU, W ranks
-def _cpu_rank(rank, world, port, args, q):
-    try:
-        threads = _rank_setup(rank, world, port, 1800)
-        spec = M.get_loss(args.loss)
-        rows, impls = [], {}
-        gen_seed = 1234 + rank
-        # Warm-up: first calls pay for thread pools, allocator growth, gloo buffers.
+def _cpu_rank(rank, world, args, threads):
+    spec = M.get_loss(args.loss)
+    rows, impls = [], {}
+    gen_seed = 1234 + rank
+    # Warm-up: first calls pay for thread pools, allocator growth, gloo buffers.
+    for impl in args.impls:
+        fn, impls[impl] = _loss_fn(spec, impl, rank, world, args.backend)
+        x, y = unit_features(64, args.dim, torch.float32, "cpu", gen_seed)
+        fn(x, y, spec.params("cpu")).backward()
+    for N in args.sizes:
+        n = N // world
         for impl in args.impls:
-            fn, impls[impl] = _loss_fn(spec, impl, rank, world, args.backend)
-            x, y = unit_features(64, args.dim, torch.float32, "cpu", gen_seed)
-            fn(x, y, spec.params("cpu")).backward()
-        for N in args.sizes:
-            n = N // world
-            for impl in args.impls:
-                fn, _ = _loss_fn(spec, impl, rank, world, args.backend)
-                x, y = unit_features(n, args.dim, torch.float32, "cpu", gen_seed)
-                params = spec.params("cpu")
-                dist.barrier()
-                rss0 = proc_status_kb("VmRSS")
-                ok = reset_peak_rss()
-                t0 = time.perf_counter()
-                loss = fn(x, y, params)
-                loss.backward()
-                dist.barrier()
-                dt = time.perf_counter() - t0
-                peak = (proc_status_kb("VmHWM") - rss0) / 1024 if ok else float("nan")
-                stats = [None] * world
-                dist.all_gather_object(stats, (dt, peak))
-                if rank == 0:
-                    rows.append({"world": world, "impl": impl, "N": N, "n_per_rank": n,
-                                 "D": args.dim, "dtype": "fp32", "threads_per_rank": threads,
-                                 "time_s": max(t for t, _ in stats),
-                                 "peak_mib_per_rank": max(p for _, p in stats)})
-                    print(f"W={world} N={N:6d} {impl:8s} {rows[-1]['time_s']:7.2f} s "
-                          f"{rows[-1]['peak_mib_per_rank']:8.1f} MiB/rank", flush=True)
-                del x, y, params, loss
-        q.put((rank, "ok", (rows, impls)))
-    except BaseException:   # noqa: BLE001 - reported to the parent, which raises
-        import traceback  # noqa: PLC0415
-        q.put((rank, "error", traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+            fn, _ = _loss_fn(spec, impl, rank, world, args.backend)
+            x, y = unit_features(n, args.dim, torch.float32, "cpu", gen_seed)
+            params = spec.params("cpu")
+            dist.barrier()
+            rss0 = proc_status_kb("VmRSS")
+            ok = reset_peak_rss()
+            t0 = time.perf_counter()
+            loss = fn(x, y, params)
+            loss.backward()
+            dist.barrier()
+            dt = time.perf_counter() - t0
+            peak = (proc_status_kb("VmHWM") - rss0) / 1024 if ok else float("nan")
+            stats = [None] * world
+            dist.all_gather_object(stats, (dt, peak))
+            if rank == 0:
+                rows.append({"world": world, "impl": impl, "N": N, "n_per_rank": n,
+                             "D": args.dim, "dtype": "fp32", "threads_per_rank": threads,
+                             "time_s": max(t for t, _ in stats),
+                             "peak_mib_per_rank": max(p for _, p in stats)})
+                print(f"W={world} N={N:6d} {impl:8s} {rows[-1]['time_s']:7.2f} s "
+                      f"{rows[-1]['peak_mib_per_rank']:8.1f} MiB/rank", flush=True)
+            del x, y, params, loss
+    return rows, impls
 
 
 def run_cpu(args) -> tuple[list[dict], dict]:
@@ -167,53 +175,45 @@ def run_cpu(args) -> tuple[list[dict], dict]:
 
 
 # ------------------------------------------------------------------- overhead, W ranks
-def _overhead_rank(rank, world, port, args, q):
-    try:
-        _rank_setup(rank, world, port, 600)
-        spec = M.get_loss(args.loss)
-        rows, impls = [], {}
+def _overhead_rank(rank, world, args, threads):
+    spec = M.get_loss(args.loss)
+    rows, impls = [], {}
 
-        def agree(rounds: int) -> int:           # every rank runs the same calls
-            t = torch.tensor([rounds])
-            dist.all_reduce(t, op=dist.ReduceOp.MIN)
-            return int(t.item())
+    def agree(rounds: int) -> int:           # every rank runs the same calls
+        t = torch.tensor([rounds])
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
 
-        for N in args.sizes:
-            n = N // world
-            x, y = unit_features(n, args.dim, torch.float32, "cpu", 1234 + rank)
-            params = spec.params("cpu")
-            steps = {}
+    for N in args.sizes:
+        n = N // world
+        x, y = unit_features(n, args.dim, torch.float32, "cpu", 1234 + rank)
+        params = spec.params("cpu")
+        steps = {}
+        for impl in args.impls:
+            fn, impls[impl] = _loss_fn(spec, impl, rank, world, args.backend)
+            steps[impl] = Step((lambda f=fn, a=x, b=y, p=params: f(a, b, p)),
+                               lambda loss: loss.backward(), impls[impl])
+        times = per_call_times(steps, (x, y, *params), sync=lambda: None,
+                               budget_s=args.target_s, rounds=args.calls, agree=agree)
+        every = [None] * world
+        dist.all_gather_object(every, times)
+        if rank == 0:
             for impl in args.impls:
-                fn, impls[impl] = _loss_fn(spec, impl, rank, world, args.backend)
-                steps[impl] = Step((lambda f=fn, a=x, b=y, p=params: f(a, b, p)),
-                                   lambda loss: loss.backward(), impls[impl])
-            times = per_call_times(steps, (x, y, *params), sync=lambda: None,
-                                   budget_s=args.target_s, rounds=args.calls, agree=agree)
-            every = [None] * world
-            dist.all_gather_object(every, times)
-            if rank == 0:
-                for impl in args.impls:
-                    # per call the slowest rank, then the median over the calls
-                    fwd = [max(ts) for ts in zip(*(e[impl][0] for e in every))]
-                    tot = [max(ts) for ts in zip(*(e[impl][1] for e in every))]
-                    rows.append({"world": world, "method": impl, "N": N, "n_per_rank": n,
-                                 "D": args.dim, "dtype": "fp32",
-                                 "fwd_us": f"{statistics.median(fwd) * 1e6:.1f}",
-                                 "fwd_bwd_us": f"{statistics.median(tot) * 1e6:.1f}",
-                                 "fwd_us_min": f"{min(fwd) * 1e6:.1f}",
-                                 "fwd_bwd_us_min": f"{min(tot) * 1e6:.1f}",
-                                 "calls": len(tot), "status": "ok", "impl": impls[impl]})
-                    print(f"W={world} N={N:5d} {impl:8s} fwd {rows[-1]['fwd_us']:>9} us  "
-                          f"fwd+bwd {rows[-1]['fwd_bwd_us']:>9} us  ({len(tot)} calls)",
-                          flush=True)
-            del x, y, params, steps
-        q.put((rank, "ok", (rows, impls)))
-    except BaseException:   # noqa: BLE001 - reported to the parent, which raises
-        import traceback  # noqa: PLC0415
-        q.put((rank, "error", traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+                # per call the slowest rank, then the median over the calls
+                fwd = [max(ts) for ts in zip(*(e[impl][0] for e in every))]
+                tot = [max(ts) for ts in zip(*(e[impl][1] for e in every))]
+                rows.append({"world": world, "method": impl, "N": N, "n_per_rank": n,
+                             "D": args.dim, "dtype": "fp32",
+                             "fwd_us": f"{statistics.median(fwd) * 1e6:.1f}",
+                             "fwd_bwd_us": f"{statistics.median(tot) * 1e6:.1f}",
+                             "fwd_us_min": f"{min(fwd) * 1e6:.1f}",
+                             "fwd_bwd_us_min": f"{min(tot) * 1e6:.1f}",
+                             "calls": len(tot), "status": "ok", "impl": impls[impl]})
+                print(f"W={world} N={N:5d} {impl:8s} fwd {rows[-1]['fwd_us']:>9} us  "
+                      f"fwd+bwd {rows[-1]['fwd_bwd_us']:>9} us  ({len(tot)} calls)",
+                      flush=True)
+        del x, y, params, steps
+    return rows, impls
 
 
 def run_overhead(args) -> tuple[list[dict], dict]:
