@@ -13,9 +13,9 @@
 // rows split evenly over the threads, each thread's share in blocks of at most kBmMax = 384
 // rows, so every thread gets the same number of blocks of (within MR) the same height.
 // Each block walks all column tiles of BN = 192: S tile = bm x 192 (up to 288 KB fp32),
-// the epilogue fused on it while hot. Two-pass losses (softmax): forward 2NMD FLOP, backward recomputes S and does both
-// gradient products from the same H tile, 6NMD (8NMD in all, the floor of
-// docs/design.md §2). One-pass losses (sigmoid): statistics and gradients from one S
+// the epilogue fused on it while hot. Two-pass losses (softmax): forward 2NMD FLOP,
+// backward recomputes S and does both gradient products from the same H tile, 6NMD (8NMD
+// in all, the floor of docs/design.md §2). One-pass losses (sigmoid): statistics and gradients from one S
 // tile, 6NMD in all. Measurements behind the tile sizes, MR x NR and the dY scheme:
 // benchmarks/results/cpu-kernel-tuning.md.
 //
@@ -254,19 +254,22 @@ TileCtx<T> context(const Prep<T>& p, const T* x, const T* y, int64_t n, int64_t 
   return t;
 }
 
-// The row block height for n rows on num_threads threads: k = ceil(n / (threads * kBmMax))
-// blocks per thread, bm = n / (threads * k) rounded up to the register tile (mr divides
-// kBmMax, so bm <= kBmMax). 96-row blocks (the old fixed height) left one thread up to a
-// block behind, and cost 10% more per row at N = 8192.
-int64_t row_block(int64_t n, int num_threads, int64_t mr) {
+// How n rows split into row blocks on num_threads threads: k = ceil(n / (threads * kBmMax))
+// blocks per thread, height bm = n / (threads * k) rounded up to the register tile (mr
+// divides kBmMax, so bm <= kBmMax), and the team: no more threads than blocks. 96-row
+// blocks (the old fixed height) left one thread up to a block behind, and cost 10% more per
+// row at N = 8192.
+struct RowBlocks {
+  int64_t bm, nblk;
+  int nt;
+};
+
+RowBlocks row_blocks(int64_t n, int num_threads, int64_t mr) {
   const int64_t th = std::max(1, num_threads);
   const int64_t k = std::max<int64_t>(1, (n + th * kBmMax - 1) / (th * kBmMax));
-  const int64_t bm = (n + th * k - 1) / (th * k);
-  return std::min(kBmMax, std::max(mr, round_up(bm, mr)));
-}
-
-int team(int64_t nblk, int num_threads) {
-  return int(std::max<int64_t>(1, std::min<int64_t>(num_threads, nblk)));
+  const int64_t bm = std::min(kBmMax, std::max(mr, round_up((n + th * k - 1) / (th * k), mr)));
+  const int64_t nblk = (n + bm - 1) / bm;
+  return {bm, nblk, int(std::max<int64_t>(1, std::min(th, nblk)))};
 }
 
 // pos_i = z_{i, i+pos_offset} (0 outside the block), the dot product in fp64.
@@ -312,8 +315,9 @@ void fwd_impl(const T* x, const T* y, int64_t n, int64_t m, int64_t d, int64_t l
   FwdTile<T, LOSS> tile;
   if constexpr (LOSS == kSoftmax) tile = K.fwd_softmax; else tile = K.fwd_sigmoid;
   const T ninf = -std::numeric_limits<T>::infinity();
-  const int64_t bm = row_block(n, num_threads, K.mr), nblk = (n + bm - 1) / bm;
-  const int nt = team(nblk, num_threads);
+  const RowBlocks rb = row_blocks(n, num_threads, K.mr);
+  const int64_t bm = rb.bm, nblk = rb.nblk;
+  const int nt = rb.nt;
   const Prep<T> p = prepare(K, x, y, n, m, d, ldx, ldy, scale, normalize, eps,
                             std::max(1, num_threads));
   const TileCtx<T> t = context(p, x, y, n, m, d, ldx, ldy, scale, bias, pos_offset);
@@ -378,8 +382,9 @@ ParamGrads bwd_impl(const T* x, const T* y, int64_t n, int64_t m, int64_t d, int
   if constexpr (STATS) tile = K.fwd_bwd_sigmoid;
   else if constexpr (LOSS == kSoftmax) tile = K.bwd_softmax;
   else tile = K.bwd_sigmoid;
-  const int64_t bm = row_block(n, num_threads, K.mr), nblk = (n + bm - 1) / bm;
-  const int nt = team(nblk, num_threads);
+  const RowBlocks rb = row_blocks(n, num_threads, K.mr);
+  const int64_t bm = rb.bm, nblk = rb.nblk;
+  const int nt = rb.nt;
   const Prep<T> p = prepare(K, x, y, n, m, d, ldx, ldy, scale, normalize, eps,
                             std::max(1, num_threads));
   TileCtx<T> t = context(p, x, y, n, m, d, ldx, ldy, scale, bias, pos_offset);
