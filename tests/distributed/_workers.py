@@ -23,10 +23,9 @@ import torch.multiprocessing as mp
 
 from fastclip.bench.measure import free_port
 
-# The one rel_err of the test suite (the spawned ranks import this module by path).
+# The test suite's error measures (the spawned ranks import this module by path).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from tests.ops._helpers import (  # noqa: E402
-    feature_grad_sizes, param_grad_sizes, rel_err, rows_err)
+from tests.ops._helpers import feature_grad_sizes, param_grad_sizes, rel_err, rows_err  # noqa: E402
 
 
 # ------------------------------------------------------------------- parent side
