@@ -145,3 +145,52 @@ def test_siglip_constructor():
     with pytest.raises(ValueError, match="rank must be in"):
         SigLipLoss(rank=3, world_size=2)
     assert fastclip.SigLipLoss is SigLipLoss and callable(fastclip.siglip_loss)
+
+
+# ------------------------------------------------------------------------- create_loss
+def _train_args(**kw):
+    """open_clip_train's argument namespace: the fields its create_loss reads, its defaults."""
+    import argparse
+    base = dict(distill=False, model="ViT-B-32", siglip=False, loss_dist_impl=None,
+                local_loss=False, gather_with_grad=False, rank=0, world_size=1, horovod=False)
+    return argparse.Namespace(**(base | kw))
+
+
+def test_create_loss_builds_open_clips_choice():
+    from fastclip.loss import SigLipLoss, create_loss
+    clip = create_loss(_train_args(local_loss=True, gather_with_grad=True))
+    assert type(clip) is ClipLoss and clip.cache_labels and clip.local_loss
+    sig = create_loss(_train_args(siglip=True, loss_dist_impl="gather"))
+    assert type(sig) is SigLipLoss and sig.fused_dist_impl == "gather"
+    assert create_loss(_train_args(siglip=True)).dist_impl == "bidir"
+    older = _train_args(siglip=True)      # an open_clip_train without --loss-dist-impl
+    del older.loss_dist_impl
+    assert type(create_loss(older)) is SigLipLoss
+    x, y = _features(9, 5)
+    assert torch.allclose(clip(x, y, 10.0), ClipLoss()(x, y, 10.0))
+    with pytest.raises(ValueError, match="horovod"):
+        create_loss(_train_args(horovod=True))
+    with pytest.raises(ValueError, match="horovod"):
+        create_loss(_train_args(siglip=True, horovod=True))
+    with pytest.raises(ValueError, match="rank must be in"):
+        create_loss(_train_args(rank=2, world_size=2))
+
+
+@pytest.mark.parametrize("kw,what", [({"distill": True}, "DistillClipLoss"),
+                                     ({"model": "coca_ViT-B-32"}, "CoCaLoss")])
+def test_create_loss_hands_unfused_losses_to_open_clip(monkeypatch, kw, what):
+    import sys
+    import types
+
+    from fastclip.loss import create_loss
+    seen = []
+    fake = types.ModuleType("open_clip")
+    fake.create_loss = lambda args: seen.append(args) or what
+    monkeypatch.setitem(sys.modules, "open_clip", fake)
+    args = _train_args(**kw)
+    with pytest.warns(UserWarning, match=f"open_clip's own {what}"):
+        assert create_loss(args) == what
+    assert seen == [args]
+    monkeypatch.setitem(sys.modules, "open_clip", None)      # open_clip not importable
+    with pytest.raises(ImportError, match=f"open_clip's {what}, which fastclip does not fuse"):
+        create_loss(args)

@@ -5,6 +5,9 @@ An open_clip trainer changes one import::
     # from open_clip.loss import ClipLoss, SigLipLoss
     from fastclip.loss import ClipLoss, SigLipLoss
 
+or, in open_clip's own trainer (``open_clip_train/main.py``), takes the loss factory from
+here: ``from fastclip.loss import create_loss`` after ``from open_clip import ...``.
+
 Single-process values and gradients equal open_clip's; with ``world_size > 1`` the loss
 is the exact full-batch loss across ranks (see :func:`fastclip.distributed.clip_loss`
 for the gradient contract), whatever open_clip's approximation flags say.
@@ -12,13 +15,14 @@ for the gradient contract), whatever open_clip's approximation flags say.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 from torch import Tensor, nn
 
 from .ops.contrastive_loss import DEFAULT_EPS, fused_loss
 
-__all__ = ["ClipLoss", "SigLipLoss"]
+__all__ = ["ClipLoss", "SigLipLoss", "create_loss"]
 
 
 def _check_ranks(rank, world_size) -> None:
@@ -55,9 +59,13 @@ class ClipLoss(_FusedLoss):
 
     Args (open_clip's, same defaults):
         local_loss, gather_with_grad: accepted for compatibility. fastclip always
-            computes the exact full-batch loss and gradient, which is what both of
-            open_clip's settings approximate (``local_loss=True`` drops the
-            off-shard columns' terms; ``gather_with_grad=False`` drops gradients).
+            returns the full-batch loss on every rank and, after DDP's averaging, the
+            full-batch gradient. In open_clip these flags choose: the full loss and
+            gradient (``gather_with_grad=True``), the rank's own rows' part of the loss
+            with the full gradient (both True), the full loss with the gradient divided
+            by the world size (both False, the default: only each rank's own rows carry
+            a gradient), or an approximate gradient (``local_loss=True`` alone: each
+            rank's part reaches only its own rows).
         cache_labels: accepted; fastclip builds no label tensor.
         rank, world_size: with ``world_size > 1`` the loss runs sharded over the
             default process group (``torch.distributed`` must be initialised).
@@ -152,3 +160,38 @@ class SigLipLoss(_FusedLoss):
         bias = 0.0 if logit_bias is None else logit_bias
         loss = self._loss(image_features, text_features, (logit_scale, bias))
         return {"contrastive_loss": loss} if output_dict else loss
+
+
+def create_loss(args):
+    """open_clip's ``create_loss(args)`` (``open_clip/factory.py``) on fastclip's losses.
+
+    ``args`` is open_clip_train's argument namespace; the fields read are open_clip's:
+    ``siglip``, ``loss_dist_impl``, ``local_loss``, ``gather_with_grad``, ``rank``,
+    ``world_size``, ``horovod``, ``distill`` and ``model`` (missing fields take open_clip's
+    defaults). ``--siglip`` gives :class:`SigLipLoss`, otherwise :class:`ClipLoss`, built
+    with the arguments open_clip passes. Distillation (``--distill``) and CoCa models need
+    open_clip's ``DistillClipLoss`` / ``CoCaLoss``, which fastclip does not fuse: those come
+    from open_clip's own ``create_loss``, with a warning that says so.
+    """
+    rank = getattr(args, "rank", 0)
+    world_size = getattr(args, "world_size", 1)
+    horovod = bool(getattr(args, "horovod", False))
+    if getattr(args, "distill", False) or "coca" in str(getattr(args, "model", "")).lower():
+        what = "DistillClipLoss" if getattr(args, "distill", False) else "CoCaLoss"
+        try:
+            from open_clip import create_loss as open_clip_create_loss  # noqa: PLC0415
+        except ImportError as e:
+            raise ImportError(f"these arguments ask for open_clip's {what}, which fastclip does "
+                              f"not fuse, and open_clip could not be imported: {e}") from e
+        warnings.warn(f"fastclip fuses ClipLoss and SigLipLoss only: this run uses open_clip's "
+                      f"own {what}", stacklevel=2)
+        return open_clip_create_loss(args)
+    if getattr(args, "siglip", False):
+        if horovod:
+            raise ValueError("use_horovod=True is not supported by fastclip; launch with "
+                             "torchrun and torch.distributed instead")
+        return SigLipLoss(rank=rank, world_size=world_size,
+                          dist_impl=getattr(args, "loss_dist_impl", None))
+    return ClipLoss(local_loss=getattr(args, "local_loss", False),
+                    gather_with_grad=getattr(args, "gather_with_grad", False),
+                    cache_labels=True, rank=rank, world_size=world_size, use_horovod=horovod)
