@@ -161,9 +161,10 @@ def scale_grad_size(loss: str, x, y, params, normalize: bool) -> float:
 
 
 def _term_matrix(loss: str, xd, yd, params):
-    """|G| before any cancellation, in float64, with u = <x̂_i, ŷ_j> (unit rows given):
-    the statistics' part (softmax or sigmoid terms) and the positives' part (CLIP's −δ_ij)
-    added in absolute value, so that an entry like p_ii − 1 ≈ 0 keeps the size of its terms."""
+    """``(u, G, A)`` in float64 for the rows given (unit rows when the loss normalises):
+    u = X Yᵀ, G = ∂loss/∂z, and A = |G| before any cancellation: the statistics' part
+    (softmax or sigmoid terms) and the positives' part (CLIP's −δ_ij) added in absolute
+    value, so that an entry like p_ii − 1 ≈ 0 keeps the size of its terms."""
     from fastclip.ops.losses import head_grads
     spec = get_loss(loss)
     n = xd.shape[0]
