@@ -113,6 +113,7 @@ def make_data(root: str, n: int) -> str:
 
 def run(root: str, csv: str, name: str, ranks: int, flags: list[str], loss_from: str,
         threads: int) -> dict:
+    from fastclip.bench.measure import free_port
     logs = os.path.join(root, "logs")
     argv = ["--model", MODEL, "--train-data", csv, "--dataset-type", "csv",
             "--csv-img-key", "filepath", "--csv-caption-key", "title", "--epochs", "2",
@@ -124,7 +125,7 @@ def run(root: str, csv: str, name: str, ranks: int, flags: list[str], loss_from:
         cmd = [sys.executable, *me, *argv]
     else:   # "--" keeps torchrun from reading open_clip's --logs as its own --logs-specs
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-               f"--master_port={29500 + os.getpid() % 1000}", "--", *me, *argv]
+               f"--master_port={free_port()}", "--", *me, *argv]
     env = dict(os.environ, FASTCLIP_CHECK_LOSS=loss_from, OMP_NUM_THREADS=str(threads),
                FASTCLIP_CHECK_CFG=os.path.join(root, "cfg"))
     t0 = time.perf_counter()
