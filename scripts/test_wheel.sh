@@ -40,9 +40,14 @@ torch_version=$("$PY" -c "import importlib.metadata as m; print(m.version('torch
 echo "torch==$torch_version" > "$venv/torch-constraint.txt"
 
 # The wheel and what it declares (the test extra too), plus Triton for the interpreter
-# tests of the Triton kernels. The constraint makes any attempt to replace torch an error.
-echo "[wheel-test] installing $(basename "$whl")[test] (torch stays $torch_version)"
-pip_install -c "$venv/torch-constraint.txt" "$whl[test]" "triton==3.9.0"
+# tests of the Triton kernels: a CUDA build of torch brings the Triton it pins (kept), a
+# CPU build none. The constraint makes any attempt to replace torch an error.
+triton=()
+if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('triton') is None)"; then
+  triton=("triton==3.9.0")
+fi
+echo "[wheel-test] installing $(basename "$whl")[test] ${triton[*]} (torch stays $torch_version)"
+pip_install -c "$venv/torch-constraint.txt" "$whl[test]" "${triton[@]}"
 # What the wheel declares is all installed and consistent.
 "$PY" -m pip check --disable-pip-version-check
 # open_clip's loss.py: the peer of the ClipLoss/SigLipLoss tests (pure Python; without its
