@@ -91,7 +91,29 @@ def test_registration():
     assert b.devices == (("cuda", "cpu") if INTERPRET else ("cuda",))
     assert set(b.losses) == set(LOSSES) and b.fwd_bwd is not None
     ok, reason = b.availability()
-    assert ok or ("pip install triton" in reason or "CUDA GPU" in reason), reason
+    assert ok or ("pip install triton" in reason or "CUDA GPU" in reason
+                  or "interpreter fails here" in reason), reason
+
+
+def test_interpreter_probe_names_what_failed(monkeypatch):
+    """Under the interpreter the backend runs a probe kernel once: where the interpreter
+    cannot run (Triton 3.5's with NumPy 2.4) the backend is unavailable, with the reason."""
+    if not INTERPRET:
+        pytest.skip("the probe runs under TRITON_INTERPRET=1 only")
+    pytest.importorskip("triton")
+    K = _kernels()
+    ok, reason = all_backends()["triton"].availability()
+    assert ok == (K.interpreter_problem() == ""), reason
+
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*a, **k):
+                raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+            return launch
+    monkeypatch.setattr(K, "_probe_kernel", Broken())
+    why = K.interpreter_problem()
+    assert why.startswith("Triton ") and "interpreter fails here with NumPy" in why
+    assert "only 0-dimensional arrays" in why
 
 
 @pytest.mark.parametrize("loss", LOSS_NAMES)

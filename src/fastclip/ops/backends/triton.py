@@ -35,11 +35,17 @@ def _availability() -> tuple[bool, str]:
     if not _installed():
         return False, "the triton package is not installed (pip install triton)"
     if _interpreting():
-        return True, ""
+        why = _interpreter_problem()
+        return (not why), why
     if not torch.cuda.is_available():   # makes no CUDA context
         return False, ("the triton backend needs a CUDA GPU and none is visible "
                        "(TRITON_INTERPRET=1 runs it on the CPU, slowly, for tests)")
     return True, ""
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_problem() -> str:
+    return _kernels().interpreter_problem()
 
 
 def _kernels():

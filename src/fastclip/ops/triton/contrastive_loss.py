@@ -104,7 +104,7 @@ import triton.language as tl
 
 from ..losses import get_loss
 
-__all__ = ["fwd", "bwd", "fwd_bwd", "INTERPRET", "SOFTMAX", "SIGMOID"]
+__all__ = ["fwd", "bwd", "fwd_bwd", "interpreter_problem", "INTERPRET", "SOFTMAX", "SIGMOID"]
 
 # Evaluated once, at import: the @triton.jit decorators below have already chosen
 # interpreter or compiler by then (the environment variable must be set before import).
@@ -840,3 +840,36 @@ def fwd_bwd(loss: int, x: torch.Tensor, y: torch.Tensor, params: torch.Tensor,
                                                 None, None, grad_row, grad_col, grad_pos)
         pos = _pos(loss, x, y, rho, sig, p, pos_offset)
         return row, col, pos, dx, dy, dp
+
+
+# ------------------------------------------------------------------ interpreter probe
+@triton.jit
+def _probe_kernel(out_ptr, n, BLOCK: tl.constexpr):
+    # The constructs the kernels above lean on: a loop bounded by a runtime scalar, a
+    # masked block load and a reduction.
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, n, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        acc += tl.load(out_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(out_ptr, tl.sum(acc, axis=0))
+
+
+def interpreter_problem() -> str:
+    """Under TRITON_INTERPRET=1: why Triton's interpreter cannot run the kernels here, or "".
+
+    Triton 3.5's interpreter turns a runtime scalar into an index with ``int()`` of a
+    one-element array, which NumPy 2.4 refuses ("only 0-dimensional arrays can be converted
+    to Python scalars"); Triton 3.8 and 3.9 do not. A probe kernel finds out once.
+    """
+    if not INTERPRET:
+        return ""
+    x = torch.arange(1.0, 6.0)
+    try:
+        _probe_kernel[(1,)](x, 5, BLOCK=4)
+    except Exception as e:   # noqa: BLE001  (any failure of the interpreter is the answer)
+        import numpy as np  # noqa: PLC0415
+        return (f"Triton {triton.__version__}'s interpreter fails here with NumPy "
+                f"{np.__version__} ({type(e).__name__}: {e})")
+    if x[0].item() != 15.0:
+        return f"Triton {triton.__version__}'s interpreter computed a wrong sum ({x[0].item()})"
+    return ""
