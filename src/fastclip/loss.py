@@ -32,6 +32,12 @@ def _check_ranks(rank, world_size) -> None:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
 
 
+def _refuse_horovod(use_horovod) -> None:
+    if use_horovod:
+        raise ValueError("use_horovod=True is not supported by fastclip; launch with "
+                         "torchrun and torch.distributed instead")
+
+
 class _FusedLoss(nn.Module):
     """The part both drop-ins share: one loss of fastclip.ops.losses, one process or many."""
 
@@ -89,9 +95,7 @@ class ClipLoss(_FusedLoss):
                  use_horovod: bool = False, *, normalize: bool = False, backend: str = "auto",
                  dist_impl: str = "gather", eps: float = DEFAULT_EPS):
         super().__init__()
-        if use_horovod:
-            raise ValueError("use_horovod=True is not supported by fastclip; launch with "
-                             "torchrun and torch.distributed instead")
+        _refuse_horovod(use_horovod)
         if dist_impl not in ("gather", "ring"):
             raise ValueError(f"dist_impl must be 'gather' or 'ring', got {dist_impl!r}")
         self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
@@ -187,9 +191,7 @@ def create_loss(args):
                       f"own {what}", stacklevel=2)
         return open_clip_create_loss(args)
     if getattr(args, "siglip", False):
-        if horovod:
-            raise ValueError("use_horovod=True is not supported by fastclip; launch with "
-                             "torchrun and torch.distributed instead")
+        _refuse_horovod(horovod)
         return SigLipLoss(rank=rank, world_size=world_size,
                           dist_impl=getattr(args, "loss_dist_impl", None))
     return ClipLoss(local_loss=getattr(args, "local_loss", False),
