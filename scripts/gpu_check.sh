@@ -1,30 +1,43 @@
 #!/usr/bin/env bash
 # Build, check and benchmark fastclip on a machine with an NVIDIA GPU, in one call.
 #
-#   1. build: fastclip with its CUDA kernels for this GPU (editable install); if that
-#      fails, without CUDA, so that the Triton backend and the peers are still measured;
-#   2. tests: pytest -m gpu (every GPU test of every backend);
-#   3. benchmark: the loss benchmark on the GPU, bf16 then fp32, in the time left;
-#   4. overhead: per-call times at small N (N = 32, 256, 1024), where dispatch dominates;
-#   5. a summary: build, backends, test counts, benchmark files, the result tables.
-# Exit status 1 when the CUDA build or a GPU test failed.
+#   0. machine: GPU, driver, torch, Triton; peers' wheels installed when GPU_CHECK_WHEELS
+#      names a folder of them (pip install --no-deps --target, nothing fetched);
+#   1. build: fastclip._C with its CUDA kernels for this GPU only (cmake + ninja straight
+#      into build/gpu-check/cmake, the module copied next to the sources, src/ put first on
+#      PYTHONPATH: the checkout is what gets checked); if that fails, without CUDA, so that
+#      the Triton backend and the peers are still checked and measured;
+#   2. correctness, in parallel (nothing here is timed): scripts/gpu_smoke.py once per GPU
+#      backend, each in its own process (a kernel fault leaves the other backend's result
+#      standing), and pytest -m gpu (every GPU test of every backend, pytest-xdist workers
+#      when it is installed);
+#   3. benchmarks, alone on the GPU, most important first (SigLIP bf16 D=512 to N = 256k,
+#      CLIP bf16, then CLIP/SigLIP fp32 with inf-cl), each with a share of the time left;
+#      a backend that failed its smoke check is left out of them;
+#   4. compute-sanitizer (memcheck, racecheck) on the cuda backend's kernels, small cases;
+#   5. per-call overhead at small N (N = 32, 256, 1024), both losses;
+#   6. a summary: build, smoke, tests, sanitizer, then every result table.
+# Exit status 1 when a build, a smoke check, a GPU test or the sanitizer failed.
 #
-# Results go to benchmarks/results/cuda-<GPU name>.{csv,md} (+ -time.png, -memory.png,
-# -overhead.{csv,md}), rows of earlier runs kept unless measured again; logs to
-# build/gpu-check/. Every phase has its own time limit and the whole script keeps
-# within GPU_CHECK_SECONDS (default 540). The peers run when importable (pip install
-# open-clip-torch inf-cl): without open_clip the naive peer is the same formula in
-# PyTorch, without inf-cl its rows are skipped.
+# Results go to benchmarks/results/cuda-<GPU name>[-siglip].{csv,md} (+ -overhead.{csv,md}),
+# rows of earlier runs kept unless measured again; logs to build/gpu-check/. Plots:
+# python -m fastclip.bench.plot on the CSVs, here or later on any machine. The whole script
+# keeps within GPU_CHECK_SECONDS (default 510); every phase has its own limit inside that.
+# With GPU_CHECK_OUT set, results and logs are packed into $GPU_CHECK_OUT/gpu-check.tgz after
+# every phase (what a stopped run measured is kept).
 #
 # Usage, from anywhere:  bash scripts/gpu_check.sh
-# Environment: PYTHON (default python3), GPU_CHECK_SECONDS, CUDA_ARCH (e.g. 90a),
-# GPU_TESTS (pytest targets, default tests), BENCH_A / BENCH_B (arguments of the two
-# benchmark runs; empty skips one), RESULTS (default benchmarks/results), LOGS (default
-# build/gpu-check), FASTCLIP_COMMIT (the commit recorded when the tree has no .git).
+# Environment: PYTHON (default python3), GPU_CHECK_SECONDS, CUDA_ARCH (e.g. 90a), GPU_TESTS
+# (pytest targets, default tests), GPU_TEST_WORKERS (default 8), BENCH (benchmark runs, one
+# per line: "<weight> <arguments>"; empty skips them), RESULTS (default benchmarks/results),
+# LOGS (default build/gpu-check), GPU_CHECK_WHEELS, GPU_CHECK_OUT, FASTCLIP_COMMIT (the
+# commit recorded when the tree has no .git). The peers run when importable (open_clip's
+# loss.py, inf-cl): without open_clip the naive peer is the same formula in PyTorch,
+# without inf-cl its rows are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
-TOTAL=${GPU_CHECK_SECONDS:-540}
+TOTAL=${GPU_CHECK_SECONDS:-510}
 PY=${PYTHON:-python3}
 RESULTS=${RESULTS:-benchmarks/results}
 LOGS=${LOGS:-build/gpu-check}
@@ -34,95 +47,170 @@ left() { echo $(( TOTAL - ($(date +%s) - T0) )); }
 say() { echo "[gpu_check +$(( $(date +%s) - T0 ))s] $*"; }
 # a phase's limit: min(its own, the time left), at least 1 s (timeout 0 would mean none)
 limit() { local l; l=$(left); (( l < 1 )) && l=1; (( $1 < l )) && echo "$1" || echo "$l"; }
+collect() {
+  [[ -n "${GPU_CHECK_OUT:-}" ]] || return 0
+  tar czf "$GPU_CHECK_OUT/gpu-check.tgz.part" "$LOGS"/*.log $(ls "$RESULTS"/cuda-* 2>/dev/null) \
+    2>/dev/null && mv "$GPU_CHECK_OUT/gpu-check.tgz.part" "$GPU_CHECK_OUT/gpu-check.tgz"
+}
 STATUS=0
 
 # ------------------------------------------------------------------ 0. machine
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   say "torch sees no CUDA device: nothing to check here"; exit 1
 fi
-"$PY" -c "import torch; print('torch', torch.__version__, '| CUDA', torch.version.cuda, '|', torch.cuda.get_device_name())"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
+  --format=csv,noheader 2>/dev/null | sed 's/^/  nvidia-smi: /'
+"$PY" -c "
+import torch, triton
+p = torch.cuda.get_device_properties(0)
+print(f'  torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}; '
+      f'{p.name}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB')"
+command -v nvcc >/dev/null && nvcc --version | tail -n 2 | head -n 1 | sed 's/^/  nvcc: /'
 if [[ -z "${FASTCLIP_COMMIT:-}" ]] && git rev-parse --short HEAD >/dev/null 2>&1; then
   export FASTCLIP_COMMIT=$(git rev-parse --short HEAD)$([[ -n $(git status --porcelain --untracked-files=no) ]] && echo +dirty)
 fi
+SITE=""
+if [[ -n "${GPU_CHECK_WHEELS:-}" ]] && ls "$GPU_CHECK_WHEELS"/*.whl >/dev/null 2>&1; then
+  SITE=$PWD/$LOGS/site
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$SITE" "$GPU_CHECK_WHEELS"/*.whl > "$LOGS/wheels.log" 2>&1 \
+    && say "installed into $SITE: $(cd "$GPU_CHECK_WHEELS" && ls *.whl | tr '\n' ' ')" \
+    || { say "wheel install failed (see $LOGS/wheels.log)"; SITE=""; }
+fi
+# src/ first: the checkout's Python sources with the module built below; the wheels last, so
+# that nothing they hold shadows the machine's own packages.
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}${SITE:+:$SITE}
 
-# ------------------------------------------------------------------ 1. build (<= 300 s)
+# ------------------------------------------------------------------ 1. build (<= 150 s)
 ARCH=${CUDA_ARCH:-$("$PY" -c "import torch; M,m=torch.cuda.get_device_capability(); print(f'{M}{m}' + ('a' if M == 9 else ''))")}
-export CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
+BDIR=$LOGS/cmake
+EXT=$("$PY" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+rm -f src/fastclip/_C*.so
+build() {   # $1: ON or OFF
+  rm -rf "$BDIR"
+  timeout "$(limit "$2")" bash -c "cmake -S . -B '$BDIR' -G Ninja -DCMAKE_BUILD_TYPE=Release \
+      -DFASTCLIP_CUDA=$1 -DCMAKE_CUDA_ARCHITECTURES=${ARCH}-real \
+      -DPython_EXECUTABLE=\$(command -v $PY) -Dpybind11_DIR=\$($PY -m pybind11 --cmakedir) \
+      && ninja -C '$BDIR' -j $(nproc)" >> "$LOGS/build.log" 2>&1 \
+    && cp "$BDIR/_C$EXT" src/fastclip/
+}
 BUILD=cuda
-say "build: CUDA kernels for sm_${ARCH} (log: $LOGS/build.log)"
-if ! FASTCLIP_CUDA=ON SKBUILD_CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=${ARCH}-real" \
-     timeout "$(limit 300)" "$PY" -m pip install -v --no-build-isolation --no-deps -e . \
-     > "$LOGS/build.log" 2>&1; then
+say "build: fastclip._C with CUDA kernels for sm_${ARCH} (log: $LOGS/build.log)"
+: > "$LOGS/build.log"
+if ! build ON 150; then
   grep -n -m 20 -E "error|Error" "$LOGS/build.log" | tail -n 20
   say "CUDA build FAILED; building without CUDA so that triton and the peers are measured"
   BUILD=no-cuda
   STATUS=1
-  if ! FASTCLIP_CUDA=OFF timeout "$(limit 180)" "$PY" -m pip install -v --no-build-isolation \
-       --no-deps -e . >> "$LOGS/build.log" 2>&1; then
-    say "the build without CUDA failed too: Python sources only (reference, triton)"
-    BUILD=none
-    export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
-  fi
+  build OFF 90 || { say "the build without CUDA failed too: Python sources only"; BUILD=none; }
 fi
-BACKENDS=$("$PY" -c "import fastclip; print(','.join(fastclip.available_backends('cuda')))" 2>&1 | tail -n 1)
+say "build: $BUILD"
 "$PY" -c "
 from fastclip.ops.backends import all_backends
 for b in all_backends().values():
     ok, why = b.availability()
-    if 'cuda' in b.devices and not ok:
-        print(f'  {b.name}: unavailable: {why}')"
+    if 'cuda' in b.devices:
+        print(f'  backend {b.name}: ' + ('available' if ok else f'unavailable: {why}'))"
+collect
 
-# ------------------------------------------------------------------ 2. GPU tests (<= 200 s)
-TESTS="not run"
-if (( $(left) > 240 )); then
-  say "tests: pytest -m gpu ${GPU_TESTS:-tests} (log: $LOGS/tests.log)"
-  timeout "$(limit 200)" "$PY" -m pytest -q -rfEs -m gpu -p no:cacheprovider \
-      ${GPU_TESTS:-tests} > "$LOGS/tests.log" 2>&1
-  RC=$?
-  tail -n 15 "$LOGS/tests.log"
-  TESTS="rc=$RC: $(grep -E '(passed|failed|error|no tests ran)' "$LOGS/tests.log" | tail -n 1)"
-  (( RC == 124 )) && TESTS="stopped at its time limit; $TESTS"
-  (( RC != 0 )) && STATUS=1
-else
-  say "tests skipped: too little time left"
-fi
-
-# ------------------------------------------------------------------ 3. benchmark
-# A: bf16 at D 512 and 1024 up to N = 256k (naive skipped where its logits won't fit);
-# B: fp32 up to 64k (true fp32 is ~16x slower per FLOP; inf-cl runs only in fp32).
-BENCH_A=${BENCH_A-"--dtypes bf16 --dims 512,1024 --sizes 4096,16384,65536,262144"}
-BENCH_B=${BENCH_B-"--dtypes fp32 --dims 512,1024 --sizes 4096,16384,65536"}
-: > "$LOGS/bench.log"
-for ARGS in "$BENCH_A" "$BENCH_B"; do
-  [[ -z "$ARGS" ]] && continue
-  L=$(( $(left) - 90 ))                       # keep time for the overhead and the summary
-  [[ "$ARGS" == "$BENCH_A" && -n "$BENCH_B" ]] && L=$(( L * 3 / 5 ))
-  if (( L < 20 )); then say "benchmark '$ARGS' skipped: no time left"; continue; fi
-  say "benchmark: $ARGS (budget ${L}s; log: $LOGS/bench.log)"
-  timeout $(( L + 60 )) "$PY" -m fastclip.bench.contrastive_loss --device cuda --append \
-      --no-plot --out "$RESULTS" --time-budget-s "$L" $ARGS >> "$LOGS/bench.log" 2>&1
-  (( $? == 124 )) && say "benchmark stopped at its limit; the CSV keeps what it measured"
+# ------------------------------------------------------------------ 2. correctness (<= 190 s)
+# Smoke checks and the test suite at once: correctness only, nothing timed.
+PH=$(limit 190)
+say "correctness: smoke checks (cuda, triton) and pytest -m gpu, in parallel, <= ${PH}s"
+declare -A SMOKE_PID
+for be in cuda triton; do
+  timeout "$PH" "$PY" scripts/gpu_smoke.py "$be" > "$LOGS/smoke-$be.log" 2>&1 &
+  SMOKE_PID[$be]=$!
 done
-NAME=$("$PY" -c "import torch; from fastclip.bench.env import slug; print('cuda-' + slug(torch.cuda.get_device_name()))")
-CSV="$RESULTS/$NAME.csv"
-[[ -f "$CSV" ]] && { timeout 60 "$PY" -m fastclip.bench.plot "$CSV" >/dev/null 2>&1 || say "plots skipped (matplotlib?)"; }
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${GPU_TEST_WORKERS:-8}")
+timeout "$PH" "$PY" -m pytest -v -rfEs -m gpu -p no:cacheprovider --timeout 150 "${XDIST[@]}" \
+    ${GPU_TESTS:-tests} > "$LOGS/tests.log" 2>&1 &
+TEST_PID=$!
+HEALTHY=()
+SMOKE=""
+for be in cuda triton; do
+  wait "${SMOKE_PID[$be]}"; rc=$?
+  tail -n 1 "$LOGS/smoke-$be.log" | sed 's/^/  /'
+  if (( rc == 0 )); then HEALTHY+=("$be"); SMOKE+="$be ok, "
+  else
+    SMOKE+="$be FAILED (rc=$rc), "
+    # a backend that is not built is not a failure of this check
+    grep -q "unavailable" "$LOGS/smoke-$be.log" || STATUS=1
+  fi
+done
+say "smoke: ${SMOKE%, }"
+wait "$TEST_PID"; RC=$?
+grep -E "^(FAILED|ERROR)" "$LOGS/tests.log" | head -n 20
+TESTS="rc=$RC: $(grep -E '^=+ .* in [0-9.]+s' "$LOGS/tests.log" | tail -n 1 | tr -d '=' | xargs)"
+(( RC == 124 )) && TESTS="stopped at its time limit ($(grep -cE ' PASSED| FAILED| SKIPPED| ERROR' "$LOGS/tests.log") results logged); $TESTS"
+(( RC != 0 )) && STATUS=1
+say "tests: $TESTS"
+collect
 
-# ------------------------------------------------------------------ 4. overhead (<= 60 s)
-if (( $(left) > 45 )); then
-  say "overhead: N = 32, 256, 1024 (log: $LOGS/overhead.log)"
-  timeout "$(limit 60)" "$PY" -m fastclip.bench.contrastive_loss --device cuda --overhead \
-      --target-s 1 --out "$RESULTS" > "$LOGS/overhead.log" 2>&1 || say "overhead run failed (see the log)"
+# ------------------------------------------------------------------ 3. benchmarks
+# "<weight> <arguments>": each run gets weight / (weights left) of the benchmark time left.
+BENCH=${BENCH-"3 --loss siglip --dtypes bf16 --dims 512 --sizes 4096,8192,16384,32768,65536,131072,262144
+3 --loss clip --dtypes bf16 --dims 512 --sizes 4096,8192,16384,32768,65536,131072,262144
+1 --loss clip --dtypes fp32 --dims 512 --sizes 4096,16384,65536
+1 --loss siglip --dtypes fp32 --dims 512 --sizes 4096,16384,65536"}
+RESERVE=75                                   # the sanitizer, the overhead and the summary
+# floor, naive peer, the healthy GPU backends (+ inf-cl for CLIP). The reference backend
+# (chunked PyTorch, the last fallback) is left out: its time is better spent on the others.
+METHODS="floor,naive${HEALTHY:+,$(IFS=,; echo "${HEALTHY[*]}")}"
+: > "$LOGS/bench.log"
+WLEFT=0
+while read -r w _; do [[ -n "${w:-}" ]] && WLEFT=$(( WLEFT + w )); done <<< "$BENCH"
+while read -r w args; do
+  [[ -z "${w:-}" ]] && continue
+  L=$(( ($(left) - RESERVE) * w / WLEFT ))
+  WLEFT=$(( WLEFT - w ))
+  if (( L < 15 )); then say "benchmark '$args' skipped: no time left"; continue; fi
+  m=$METHODS; [[ "$args" == *"--loss clip"* ]] && m+=",inf-cl"
+  say "benchmark: $args (methods $m; budget ${L}s; log: $LOGS/bench.log)"
+  timeout $(( L + 45 )) "$PY" -m fastclip.bench.contrastive_loss --device cuda --append \
+      --no-plot --out "$RESULTS" --time-budget-s "$L" --methods "$m" $args \
+      >> "$LOGS/bench.log" 2>&1
+  rc=$?
+  (( rc == 124 )) && say "benchmark stopped at its limit; the CSV keeps what it measured"
+  (( rc != 0 && rc != 124 )) && { say "benchmark failed (rc=$rc):"; tail -n 2 "$LOGS/bench.log"; }
+  collect
+done <<< "$BENCH"
+
+# ------------------------------------------------------------------ 4. sanitizer (<= 40 s)
+SAN="not run"
+if [[ "$BUILD" == cuda ]] && command -v compute-sanitizer >/dev/null && (( $(left) > 50 )); then
+  say "compute-sanitizer: memcheck, racecheck on small cases (log: $LOGS/sanitize.log)"
+  TOOLS="memcheck racecheck" SIZES=small timeout "$(limit 40)" bash scripts/sanitize_cuda.sh "$PY" \
+      > "$LOGS/sanitize.log" 2>&1
+  rc=$?
+  SAN="rc=$rc: $(grep -cE '^=== ' "$LOGS/sanitize.log") runs, $(grep -c 'FAILED' "$LOGS/sanitize.log") failed"
+  (( rc == 124 )) && SAN="stopped at its limit; $SAN"
+  (( rc != 0 && rc != 124 )) && { STATUS=1; grep -E "=========|FAILED" "$LOGS/sanitize.log" | head -n 20; }
+  collect
 fi
 
-# ------------------------------------------------------------------ 5. summary
+# ------------------------------------------------------------------ 5. overhead (<= 30 s)
+for loss in clip siglip; do
+  if (( $(left) > 25 )); then
+    say "overhead: $loss, N = 32, 256, 1024 (log: $LOGS/overhead.log)"
+    timeout "$(limit 15)" "$PY" -m fastclip.bench.contrastive_loss --device cuda --overhead \
+        --loss "$loss" --target-s 1 --out "$RESULTS" >> "$LOGS/overhead.log" 2>&1 \
+      || say "overhead run failed or stopped (see the log)"
+  fi
+done
+collect
+
+# ------------------------------------------------------------------ 6. summary
 echo
-say "done: build $BUILD | cuda backends: $BACKENDS | GPU tests: $TESTS"
-ls -1 "$RESULTS/$NAME"* 2>/dev/null
-if [[ -f "$CSV" ]]; then
-  echo; "$PY" -m fastclip.bench.contrastive_loss --summarize "$CSV"
-else
-  say "no benchmark CSV was written (see $LOGS/bench.log)"
-fi
-[[ -f "$RESULTS/$NAME-overhead.md" ]] && { echo; grep '^|' "$RESULTS/$NAME-overhead.md"; }
-say "exit status $STATUS (1: a build or GPU-test failure)"
+say "build $BUILD | smoke: ${SMOKE%, } | GPU tests: $TESTS | sanitizer: $SAN"
+for f in "$RESULTS"/cuda-*.csv; do
+  [[ -f "$f" && "$f" != *overhead* ]] || continue
+  echo; echo "== $f"; "$PY" -m fastclip.bench.contrastive_loss --summarize "$f"
+done
+for f in "$RESULTS"/cuda-*overhead.md; do
+  [[ -f "$f" ]] && { echo; echo "== $f"; grep '^|' "$f"; }
+done
+say "exit status $STATUS (1: a build, smoke, GPU-test or sanitizer failure)"
+collect
 exit $STATUS

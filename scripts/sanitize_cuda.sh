@@ -7,6 +7,8 @@
 # each on a small and a large case of scripts/cuda_sanitize_driver.py. Only fastclip's
 # kernels are instrumented.
 #   usage: scripts/sanitize_cuda.sh [python]       (default: python on PATH)
+#   environment: TOOLS (default "memcheck racecheck initcheck synccheck"), SIZES (default
+#   "small large"): a subset, e.g. TOOLS=memcheck SIZES=small for a quick look.
 set -euo pipefail
 PY=${1:-python}
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -16,8 +18,8 @@ command -v "$SAN" >/dev/null || { echo "compute-sanitizer not found (set COMPUTE
 # exact bounds and initcheck sees fresh allocations.
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 status=0
-for tool in memcheck racecheck initcheck synccheck; do
-  for size in small large; do
+for tool in ${TOOLS:-memcheck racecheck initcheck synccheck}; do
+  for size in ${SIZES:-small large}; do
     echo "=== $tool / $size"
     if ! "$SAN" --tool "$tool" --kernel-name kns=fastclip --error-exitcode 99 \
          "$PY" "$HERE/cuda_sanitize_driver.py" "$size"; then
