@@ -16,7 +16,9 @@
 #      a backend that failed its smoke check is left out of them;
 #   4. compute-sanitizer (memcheck, racecheck) on the cuda backend's kernels, small cases;
 #   5. per-call overhead at small N (N = 32, 256, 1024), both losses;
-#   6. a summary: build, smoke, tests, sanitizer, then every result table.
+#   6. more tests (MORE_TESTS, if set) in the time left;
+#   7. a summary: build, smoke, tests, sanitizer, then every result table.
+# PHASES (default "build correctness bench sanitize overhead") picks phases and their order.
 # Exit status 1 when a build, a smoke check, a GPU test or the sanitizer failed.
 #
 # Results go to benchmarks/results/cuda-<GPU name>[-siglip].{csv,md} (+ -overhead.{csv,md}),
@@ -28,8 +30,10 @@
 #
 # Usage, from anywhere:  bash scripts/gpu_check.sh
 # Environment: PYTHON (default python3), GPU_CHECK_SECONDS, CUDA_ARCH (e.g. 90a), GPU_TESTS
-# (pytest targets, default tests), GPU_TEST_WORKERS (default 8), BENCH (benchmark runs, one
-# per line: "<weight> <arguments>"; empty skips them), RESULTS (default benchmarks/results),
+# (pytest targets and options, default tests), SMOKE_BACKENDS (default "cuda triton"),
+# CORRECTNESS_SECONDS (190), MORE_TESTS, GPU_TEST_WORKERS (default 8), BENCH (benchmark runs, one
+# per line: "<weight> <arguments>"; empty skips them), BENCH_METHODS (default: floor, naive,
+# the healthy backends, inf-cl), BENCH_RESERVE (75 s), OVERHEAD_SECONDS (20), RESULTS (default benchmarks/results),
 # LOGS (default build/gpu-check), GPU_CHECK_WHEELS, GPU_CHECK_OUT, FASTCLIP_COMMIT (the
 # commit recorded when the tree has no .git). The peers run when importable (open_clip's
 # loss.py, inf-cl): without open_clip the naive peer is the same formula in PyTorch,
@@ -53,6 +57,8 @@ collect() {
     2>/dev/null && mv "$GPU_CHECK_OUT/gpu-check.tgz.part" "$GPU_CHECK_OUT/gpu-check.tgz"
 }
 STATUS=0
+PHASES=${PHASES:-build correctness bench sanitize overhead}
+SMOKE_BACKENDS=${SMOKE_BACKENDS-cuda triton}
 
 # ------------------------------------------------------------------ 0. machine
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
@@ -82,6 +88,7 @@ fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}${SITE:+:$SITE}
 
 # ------------------------------------------------------------------ 1. build (<= 150 s)
+phase_build() {
 ARCH=${CUDA_ARCH:-$("$PY" -c "import torch; M,m=torch.cuda.get_device_capability(); print(f'{M}{m}' + ('a' if M == 9 else ''))")}
 BDIR=$LOGS/cmake
 EXT=$("$PY" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
@@ -112,13 +119,19 @@ for b in all_backends().values():
     if 'cuda' in b.devices:
         print(f'  backend {b.name}: ' + ('available' if ok else f'unavailable: {why}'))"
 collect
+}
 
 # ------------------------------------------------------------------ 2. correctness (<= 190 s)
 # Smoke checks and the test suite at once: correctness only, nothing timed.
-PH=$(limit 190)
-say "correctness: smoke checks (cuda, triton) and pytest -m gpu, in parallel, <= ${PH}s"
+BUILD="not run"
+SMOKE="not run"
+TESTS="not run"
+HEALTHY=()
+phase_correctness() {
+local PH; PH=$(limit "${CORRECTNESS_SECONDS:-190}")
+say "correctness: smoke checks ($SMOKE_BACKENDS) and pytest -m gpu, in parallel, <= ${PH}s"
 declare -A SMOKE_PID
-for be in cuda triton; do
+for be in $SMOKE_BACKENDS; do
   timeout "$PH" "$PY" scripts/gpu_smoke.py "$be" > "$LOGS/smoke-$be.log" 2>&1 &
   SMOKE_PID[$be]=$!
 done
@@ -127,9 +140,8 @@ XDIST=()
 timeout "$PH" "$PY" -m pytest -v -rfEs -m gpu -p no:cacheprovider --timeout 150 "${XDIST[@]}" \
     ${GPU_TESTS:-tests} > "$LOGS/tests.log" 2>&1 &
 TEST_PID=$!
-HEALTHY=()
 SMOKE=""
-for be in cuda triton; do
+for be in $SMOKE_BACKENDS; do
   wait "${SMOKE_PID[$be]}"; rc=$?
   tail -n 1 "$LOGS/smoke-$be.log" | sed 's/^/  /'
   if (( rc == 0 )); then HEALTHY+=("$be"); SMOKE+="$be ok, "
@@ -147,6 +159,7 @@ TESTS="rc=$RC: $(grep -E '^=+ .* in [0-9.]+s' "$LOGS/tests.log" | tail -n 1 | tr
 (( RC != 0 )) && STATUS=1
 say "tests: $TESTS"
 collect
+}
 
 # ------------------------------------------------------------------ 3. benchmarks
 # "<weight> <arguments>": each run gets weight / (weights left) of the benchmark time left.
@@ -154,19 +167,21 @@ BENCH=${BENCH-"3 --loss siglip --dtypes bf16 --dims 512 --sizes 4096,8192,16384,
 3 --loss clip --dtypes bf16 --dims 512 --sizes 4096,8192,16384,32768,65536,131072,262144
 1 --loss clip --dtypes fp32 --dims 512 --sizes 4096,16384,65536
 1 --loss siglip --dtypes fp32 --dims 512 --sizes 4096,16384,65536"}
-RESERVE=75                                   # the sanitizer, the overhead and the summary
+BENCH=${BENCH//;/$'\n'}                      # ';' separates runs too (one-line settings)
+phase_bench() {
+local RESERVE=${BENCH_RESERVE:-75}           # the phases after it and the summary
 # floor, naive peer, the healthy GPU backends (+ inf-cl for CLIP). The reference backend
 # (chunked PyTorch, the last fallback) is left out: its time is better spent on the others.
-METHODS="floor,naive${HEALTHY:+,$(IFS=,; echo "${HEALTHY[*]}")}"
+local METHODS=${BENCH_METHODS:-"floor,naive${HEALTHY:+,$(IFS=,; echo "${HEALTHY[*]}")}"}
+local WLEFT=0 w args L m rc
 : > "$LOGS/bench.log"
-WLEFT=0
 while read -r w _; do [[ -n "${w:-}" ]] && WLEFT=$(( WLEFT + w )); done <<< "$BENCH"
 while read -r w args; do
   [[ -z "${w:-}" ]] && continue
   L=$(( ($(left) - RESERVE) * w / WLEFT ))
   WLEFT=$(( WLEFT - w ))
   if (( L < 15 )); then say "benchmark '$args' skipped: no time left"; continue; fi
-  m=$METHODS; [[ "$args" == *"--loss clip"* ]] && m+=",inf-cl"
+  m=$METHODS; [[ "$args" == *"--loss clip"* && -z "${BENCH_METHODS:-}" ]] && m+=",inf-cl"
   say "benchmark: $args (methods $m; budget ${L}s; log: $LOGS/bench.log)"
   timeout $(( L + 45 )) "$PY" -m fastclip.bench.contrastive_loss --device cuda --append \
       --no-plot --out "$RESULTS" --time-budget-s "$L" --methods "$m" $args \
@@ -176,9 +191,12 @@ while read -r w args; do
   (( rc != 0 && rc != 124 )) && { say "benchmark failed (rc=$rc):"; tail -n 2 "$LOGS/bench.log"; }
   collect
 done <<< "$BENCH"
+}
 
 # ------------------------------------------------------------------ 4. sanitizer (<= 40 s)
 SAN="not run"
+phase_sanitize() {
+local rc
 if [[ "$BUILD" == cuda ]] && command -v compute-sanitizer >/dev/null && (( $(left) > 50 )); then
   say "compute-sanitizer: memcheck, racecheck on small cases (log: $LOGS/sanitize.log)"
   TOOLS="memcheck racecheck" SIZES=small timeout "$(limit 40)" bash scripts/sanitize_cuda.sh "$PY" \
@@ -189,19 +207,45 @@ if [[ "$BUILD" == cuda ]] && command -v compute-sanitizer >/dev/null && (( $(lef
   (( rc != 0 && rc != 124 )) && { STATUS=1; grep -E "=========|FAILED" "$LOGS/sanitize.log" | head -n 20; }
   collect
 fi
+}
 
 # ------------------------------------------------------------------ 5. overhead (<= 30 s)
+phase_overhead() {
+local loss
 for loss in clip siglip; do
   if (( $(left) > 25 )); then
     say "overhead: $loss, N = 32, 256, 1024 (log: $LOGS/overhead.log)"
-    timeout "$(limit 15)" "$PY" -m fastclip.bench.contrastive_loss --device cuda --overhead \
+    timeout "$(limit "${OVERHEAD_SECONDS:-20}")" "$PY" -m fastclip.bench.contrastive_loss --device cuda --overhead \
         --loss "$loss" --target-s 1 --out "$RESULTS" >> "$LOGS/overhead.log" 2>&1 \
       || say "overhead run failed or stopped (see the log)"
   fi
 done
 collect
+}
 
-# ------------------------------------------------------------------ 6. summary
+# ------------------------------------------------------------------ 6. more tests
+# MORE_TESTS (pytest targets and options) in the time left: e.g. the Triton tests, whose
+# first calls compile and autotune, after the benchmarks.
+phase_moretests() {
+local rc PH; PH=$(( $(left) - 10 ))
+[[ -n "${MORE_TESTS:-}" ]] && (( PH > 20 )) || return 0
+local XD=(); "$PY" -c "import xdist" 2>/dev/null && XD=(-n "${GPU_TEST_WORKERS:-8}")
+say "more tests: pytest -m gpu $MORE_TESTS, <= ${PH}s (log: $LOGS/tests-more.log)"
+timeout "$PH" "$PY" -m pytest -v -rfEs -m gpu -p no:cacheprovider --timeout 150 "${XD[@]}" \
+    $MORE_TESTS > "$LOGS/tests-more.log" 2>&1
+rc=$?
+grep -E "^(FAILED|ERROR)" "$LOGS/tests-more.log" | head -n 20
+TESTS+=" | more: rc=$rc, $(grep -c ' PASSED' "$LOGS/tests-more.log") passed, $(grep -c ' FAILED' "$LOGS/tests-more.log") failed"
+(( rc != 0 && rc != 124 )) && STATUS=1
+collect
+}
+
+for phase in $PHASES; do
+  declare -F "phase_$phase" >/dev/null || { say "unknown phase '$phase'"; STATUS=1; continue; }
+  phase_"$phase"
+done
+
+# ------------------------------------------------------------------ 7. summary
 echo
 say "build $BUILD | smoke: ${SMOKE%, } | GPU tests: $TESTS | sanitizer: $SAN"
 for f in "$RESULTS"/cuda-*.csv; do
