@@ -208,21 +208,17 @@ def test_registry_entry():
     assert b.exact_logits == float("inf")
 
 
-@pytest.mark.parametrize("cap,want", [((8, 0), 30), ((8, 6), 30), ((8, 7), 30), ((8, 9), 30),
-                                      ((9, 0), 10), ((10, 0), 10), ((12, 0), 10), ((7, 5), 10)])
-def test_priority_table(monkeypatch, cap, want):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+@pytest.mark.parametrize("cap", [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0), (7, 5)])
+@pytest.mark.parametrize("cuda_available", (True, False))
+def test_triton_is_preferred_on_every_gpu(monkeypatch, cap, cuda_available):
+    # Measured on an H200 (cuda_backend's comment): the triton backend is 3x faster; the
+    # cuda backend's gradient pass is bound by memory traffic on any architecture.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_available)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
     dev = torch.device("cuda")
-    assert cuda_backend._priority(dev) == want
-    # against triton's fixed 20 on every GPU: cuda first on Ampere/Ada, triton elsewhere
-    triton_rank = get_backend("triton").rank(dev)
-    assert (get_backend("cuda").rank(dev) > triton_rank) == (want == 30)
-
-
-def test_priority_without_a_device(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert cuda_backend._priority(torch.device("cuda")) == 10
+    assert get_backend("cuda").rank(dev) == cuda_backend.CUDA_PRIORITY
+    assert get_backend("triton").rank(dev) > get_backend("cuda").rank(dev)
+    assert get_backend("cuda").rank(dev) > get_backend("reference").rank(dev)
 
 
 # ------------------------------------------------------------------------ GPU side

@@ -142,31 +142,23 @@ def fwd_bwd(spec, x: Tensor, y: Tensor, params: Tensor, normalize: bool, eps: fl
     return row, col, pos, dx, dy, dp
 
 
-# Which GPU backend ``auto`` prefers, by compute capability (major, minor); the triton
-# backend ranks 20 on every GPU. No GPU measurement backs this table yet
-# (benchmarks/results/ will; then it must follow the numbers). The prior:
-# * sm_80 / sm_86 / sm_87 / sm_89 (Ampere, Ada): these kernels use mma.sync m16n8k16 with
-#   ldmatrix and cp.async, what Triton's ``tl.dot`` also lowers to there, with no
-#   autotuning cost at first use: cuda first (30).
-# * sm_90 (Hopper) and newer: Triton lowers ``tl.dot`` to wgmma (warpgroup MMA, TMA),
-#   which these kernels do not use yet (their sm_80 mma.sync path runs there at about half
-#   of Hopper's dense tensor throughput): triton first (cuda 10).
-# * older than sm_80 (no bf16 mma.sync): triton first; cuda reports the missing kernel
-#   image.
-_AMPERE_ADA = {(8, 0), (8, 6), (8, 7), (8, 9)}
-
-
-def _priority(device: torch.device) -> int:
-    if not torch.cuda.is_available():
-        return 10
-    cap = torch.cuda.get_device_capability(device)
-    return 30 if tuple(cap) in _AMPERE_ADA else 10
+# ``auto`` prefers the triton backend (20) on every GPU; cuda (10) runs where Triton does
+# not (a torch without Triton) and when asked for by name. Measured on an H200 (bf16,
+# D = 512, forward+backward; benchmarks/results/cuda-nvidia-h200*.md): CLIP at N = 32768
+# 66.7 ms (triton) against 205 ms (cuda), SigLIP 67.0 ms against 198 ms. The cuda forward
+# is the faster half (8.5 ms against the floor's 1.9 ms); its gradient pass adds every
+# 64x64 tile's dX and dY products into fp32 rows in global memory (a read and a write of
+# (64 + 64) x D floats per tile: 24 FLOP per byte, against hundreds that the tensor cores
+# need) and orders the dY adds through the turnstile, so it is bound by memory traffic,
+# not by the tensor cores: the same holds on Ampere and Ada (mma.sync there as in Triton,
+# less bandwidth), where no GPU has measured it yet. docs/design.md §6 has the numbers.
+CUDA_PRIORITY = 10
 
 
 register_backend(Backend(
     name="cuda", code=3, devices=("cuda",),
     dtypes=(torch.float32, torch.float16, torch.bfloat16),
-    priority=_priority, availability=_availability, fwd=fwd, bwd=bwd, fwd_bwd=fwd_bwd,
+    priority=CUDA_PRIORITY, availability=_availability, fwd=fwd, bwd=bwd, fwd_bwd=fwd_bwd,
     losses=("clip", "siglip"),
     # inf: the gradient pass never recomputes a logit another way. It forms each tile as
     # the forward does (tile_scores with x rows against y columns, the same K blocking and
