@@ -115,6 +115,26 @@ def test_interpreter_probe_names_what_failed(monkeypatch):
     assert why.startswith("Triton ") and "interpreter fails here with NumPy" in why
     assert "only 0-dimensional arrays" in why
 
+def test_compiled_kernels_keep_their_autotuning_on_disk():
+    """Compiled (not interpreted), the kernels autotune with cache_results where Triton has
+    it (>= 3.4), so that only the first process pays the 2.5-30 s of benchmarking per shape
+    bucket. Checked in a fresh interpreter without TRITON_INTERPRET (no GPU needed: the
+    decorators make no CUDA call)."""
+    import inspect
+    import os
+    import subprocess
+    import sys
+    triton = pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import fastclip.ops.triton.contrastive_loss as m; "
+            "print(m.INTERPRET, getattr(m._fwd_launch, 'cache_results', None), "
+            "getattr(m._bwd_launch, 'cache_results', None))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    has = "cache_results" in inspect.signature(triton.autotune).parameters
+    assert out.stdout.split() == ["False", str(has), str(has)], out.stdout
+
 
 @pytest.mark.parametrize("loss", LOSS_NAMES)
 def test_fp64_is_refused_by_name(dev, loss):

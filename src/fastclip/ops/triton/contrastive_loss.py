@@ -96,6 +96,7 @@ arguments), so any scale, bias and cosine range is exact.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 
 import torch
@@ -518,13 +519,17 @@ def _bwd_kernel(x_ptr, y_ptr, sx, sy, rho_ptr, sig_ptr, p_ptr, row_ptr, col_ptr,
 
 
 # --------------------------------------------------------------------------- autotune
-# GPU tile configurations. Speeds are UNMEASURED PRIORS (no GPU was available when they
-# were chosen): FlashAttention-2-style 64-128 x 64-128 logit tiles, 32-64-wide K steps,
-# 4-8 warps, 2-4 pipeline stages; the autotuner measures them on the user's GPU and drops
-# those whose shared memory does not fit (OutOfResources). What was measured is register
-# use: every kernel variant (loss x pass x STATS, NORMALIZE=True) compiled offline with
-# triton.compile (Triton 3.9) for sm_90 and sm_80, with the launcher's specialisation for
-# 16-aligned pointers and sizes, read with cuobjdump --dump-resource-usage. The lists keep
+# GPU tile configurations: FlashAttention-2-style 64-128 x 64-128 logit tiles, 32-64-wide
+# K steps, 4-8 warps, 2-4 pipeline stages; the autotuner measures them on the user's GPU
+# and drops those whose shared memory does not fit (OutOfResources). Measured on an H200
+# (Triton 3.6, bf16, D = 512; benchmarks/results/cuda-nvidia-h200-notes.md): the backward
+# picks 32x64 with BLOCK_DO 512 or 64x64 with 256 and runs at ~71 TFLOP/s, register-bound
+# (178-255 registers per thread, one CTA per SM); 64- and 128-row tiles with wider
+# accumulators spill at 8 and 16 warps (scripts/triton_resources.py), so they are not
+# listed. Register use was also measured before any GPU run: every kernel variant (loss x
+# pass x STATS, NORMALIZE=True) compiled offline with triton.compile (Triton 3.9) for sm_90
+# and sm_80, with the launcher's specialisation for 16-aligned pointers and sizes, read
+# with cuobjdump --dump-resource-usage (now scripts/triton_resources.py). The lists keep
 # tiles that compile without spills (or with a few bytes of stack) for bf16 on both
 # architectures, plus small tiles for IEEE fp32, whose tl.dot is an fma loop over register
 # operands (larger tiles spill kilobytes there, pass B most).
@@ -590,14 +595,23 @@ _FWD_KEY = ["n_key", "m_key", "D", "PRECISION", "LOSS"]
 _BWD_KEY = ["n_key", "m_key", "D", "PRECISION", "LOSS", "COLS_OUTER", "STATS", "NORMALIZE",
             "SCALE_W"]
 
+# The autotuner's choice is kept on disk (Triton's cache, keyed by Triton's version, the
+# GPU architecture, the kernel source, the tuning key and the configurations) where the
+# installed Triton can (cache_results, Triton >= 3.4): a first call per shape bucket and
+# dtype compiles and benchmarks every configuration, 2.5-30 s measured on an H200
+# (benchmarks/results/cuda-nvidia-h200-notes.md); later processes then compile only the
+# chosen one, or load it from the compile cache.
+_AUTOTUNE_OPTS = ({"cache_results": True}
+                  if "cache_results" in inspect.signature(triton.autotune).parameters else {})
+
 if INTERPRET:
     _fwd_launch = _fwd_kernel
     _bwd_launch = _bwd_kernel
 else:
-    _fwd_launch = triton.autotune(_FWD_CONFIGS, key=_FWD_KEY)(_fwd_kernel)
+    _fwd_launch = triton.autotune(_FWD_CONFIGS, key=_FWD_KEY, **_AUTOTUNE_OPTS)(_fwd_kernel)
     _bwd_launch = triton.autotune(_BWD_CONFIGS, key=_BWD_KEY,
-                                  prune_configs_by={"early_config_prune": _prune_bwd})(
-        _bwd_kernel)
+                                  prune_configs_by={"early_config_prune": _prune_bwd},
+                                  **_AUTOTUNE_OPTS)(_bwd_kernel)
 
 
 # --------------------------------------------------------------------------- launchers

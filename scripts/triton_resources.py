@@ -1,0 +1,188 @@
+"""Registers, spills and shared memory of the Triton kernels' tile configurations, compiled
+offline for a GPU architecture: no GPU needed (Triton's own ptxas and cuobjdump).
+
+    python scripts/triton_resources.py [--arch 90] [--dtype bf16] [--loss siglip]
+                                       [--pass bwd|fwd|all] [--extra]
+
+For each configuration of ``_FWD_CONFIGS`` / ``_BWD_CONFIGS`` (clipped to D as the
+autotuner's pruning does, D = 512), each kernel variant the op launches (loss, pass A/B,
+the one-pass STATS form, NORMALIZE=True), it compiles the kernel for ``sm_<arch>`` with the
+launcher's specialisation (16-aligned pointers and sizes) and prints what the compiler
+reports: registers per thread, local-memory stack (spills), shared memory, and whether the
+dots became warpgroup MMA (wgmma, sm_90) or mma.sync. A configuration that spills is
+slow; one whose shared memory exceeds the GPU's is dropped by the autotuner at run time.
+``--extra`` also compiles the candidate configurations listed below (not in the
+autotuner's lists), so that a change of the lists is checked before any GPU time.
+Speed is not measured here: that needs a GPU (scripts/gpu_check.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)   # compile, never interpret
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from fastclip.ops.triton import contrastive_loss as K  # noqa: E402
+
+# Candidates for Hopper: tiles of 64 or 128 rows (wgmma's granularity) with a wide
+# accumulator. Compiled with Triton 3.6 for sm_90 (bf16, D = 512) every one of them spills:
+# 112-216 bytes of stack at 8 warps for 64x64 with a 512-wide accumulator, 24-432 bytes at
+# 16 warps (whose 128-register cap is the limit), so none is in the autotuner's list.
+EXTRA_BWD = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64, "BLOCK_DO": 512},
+                  num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64, "BLOCK_DO": 512},
+                  num_warps=16, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "BLOCK_DO": 256},
+                  num_warps=16, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "BLOCK_DO": 128},
+                  num_warps=16, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_D": 64, "BLOCK_DO": 256},
+                  num_warps=16, num_stages=2),
+]
+EXTRA_FWD = [
+    triton.Config({"BLOCK_N": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+]
+
+_T = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+
+
+def _cuobjdump() -> str:
+    here = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return here if os.path.exists(here) else "cuobjdump"
+
+
+def _resources(ck) -> tuple[int, int, int]:
+    """(registers, stack bytes, shared bytes): cuobjdump for the first two, the launch's
+    dynamic shared memory from Triton's metadata (cuobjdump sees only the static part)."""
+    reg, stack, static = _cubin_resources(ck.asm["cubin"])
+    return reg, stack, max(static, int(getattr(ck.metadata, "shared", 0) or 0))
+
+
+def _cubin_resources(cubin: bytes) -> tuple[int, int, int]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+    reg = int(re.search(r"REG:(\d+)", out).group(1))
+    stack = int(re.search(r"STACK:(\d+)", out).group(1))
+    shared = int(re.search(r"SHARED:(\d+)", out).group(1))
+    return reg, stack, shared
+
+
+def _aligned(fn, names) -> dict:
+    return {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in names}
+
+
+def compile_bwd(cfg, dtype: str, loss: int, cols_outer: bool, stats: bool, arch: int):
+    fn = K._bwd_kernel
+    sig = {a: "i32" for a in fn.arg_names}
+    for a in ("x_ptr", "y_ptr", "out_ptr"):
+        sig[a] = _T[dtype]
+    for a in ("rho_ptr", "sig_ptr", "p_ptr", "gr_ptr", "gc_ptr", "gp_ptr", "ws_ptr"):
+        sig[a] = "*fp32"
+    for a in ("row_ptr", "col_ptr", "tu_ptr", "tg_ptr", "stat_ptr"):
+        sig[a] = "*fp64"
+    const = dict(LOSS=loss, COLS_OUTER=cols_outer, STATS=stats, NORMALIZE=True, SCALE_W=False,
+                 PRECISION="ieee", UPCAST=False, **cfg.kwargs)
+    const["BLOCK_DO"] = min(const["BLOCK_DO"], 512)
+    for k in const:
+        sig[k] = "constexpr"
+    ptrs = [a for a in fn.arg_names if a.endswith("_ptr")]
+    src = ASTSource(fn, sig, const, _aligned(fn, ptrs + ["sx", "sy", "sout", "D"]))
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                                   **K._OPTS})
+
+
+def compile_fwd(cfg, dtype: str, loss: int, arch: int, block_m: int = 128):
+    fn = K._fwd_kernel
+    sig = {a: "i32" for a in fn.arg_names}
+    for a in ("x_ptr", "y_ptr"):
+        sig[a] = _T[dtype]
+    for a in ("rho_ptr", "sig_ptr", "p_ptr", "pa_ptr", "pb_ptr"):
+        sig[a] = "*fp32"
+    sig["row_ptr"] = "*fp64"
+    const = dict(LOSS=loss, BLOCK_M=block_m, PRECISION="ieee", UPCAST=False, **cfg.kwargs)
+    for k in const:
+        sig[k] = "constexpr"
+    ptrs = [a for a in fn.arg_names if a.endswith("_ptr")]
+    src = ASTSource(fn, sig, const, _aligned(fn, ptrs + ["sx", "sy", "D", "m"]))
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                                   **K._OPTS})
+
+
+def _mma(ck) -> str:
+    ptx = ck.asm.get("ptx", "")
+    return "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "fma")
+
+
+def _name(cfg) -> str:
+    kw = cfg.kwargs
+    return "x".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DO")
+                    if k in kw) + f" w{cfg.num_warps} s{cfg.num_stages}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 90")
+    p.add_argument("--dtype", choices=list(_T), default="bf16")
+    p.add_argument("--loss", choices=["clip", "siglip", "all"], default="all")
+    p.add_argument("--pass", dest="which", choices=["fwd", "bwd", "all"], default="all")
+    p.add_argument("--extra", action="store_true", help="also the candidate configurations")
+    a = p.parse_args(argv)
+    losses = {"clip": [K.SOFTMAX.value], "siglip": [K.SIGMOID.value],
+              "all": [K.SOFTMAX.value, K.SIGMOID.value]}[a.loss]
+    print(f"Triton {triton.__version__}, sm_{a.arch}, {a.dtype}, D = 512 "
+          "(REG per thread, STACK bytes of local memory per thread, SHARED bytes)")
+    bad = 0
+    if a.which in ("bwd", "all"):
+        cfgs = [(c, "") for c in K._BWD_CONFIGS] + ([(c, " (candidate)") for c in EXTRA_BWD]
+                                                   if a.extra else [])
+        for cfg, tag in cfgs:
+            for loss in losses:
+                variants = [(False, False), (True, False)] + (
+                    [(False, True), (True, True)] if loss == K.SIGMOID.value else [])
+                for cols_outer, stats in variants:
+                    what = (f"bwd {_name(cfg)}{tag} loss={loss} "
+                            f"pass={'B' if cols_outer else 'A'}{' stats' if stats else ''}")
+                    try:
+                        ck = compile_bwd(cfg, a.dtype, loss, cols_outer, stats, a.arch)
+                        reg, stack, shared = _resources(ck)
+                        print(f"{what:<58} REG {reg:3d}  STACK {stack:5d}  SHARED {shared:6d}  "
+                              f"{_mma(ck)}", flush=True)
+                    except Exception as e:  # noqa: BLE001 - reported, the sweep goes on
+                        bad += 1
+                        print(f"{what:<58} FAILED: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:120]}", flush=True)
+    if a.which in ("fwd", "all"):
+        cfgs = [(c, "") for c in K._FWD_CONFIGS] + ([(c, " (candidate)") for c in EXTRA_FWD]
+                                                   if a.extra else [])
+        for cfg, tag in cfgs:
+            for loss in losses:
+                what = f"fwd 128x{_name(cfg)}{tag} loss={loss}"
+                try:
+                    ck = compile_fwd(cfg, a.dtype, loss, a.arch)
+                    reg, stack, shared = _resources(ck)
+                    print(f"{what:<58} REG {reg:3d}  STACK {stack:5d}  SHARED {shared:6d}  "
+                          f"{_mma(ck)}", flush=True)
+                except Exception as e:  # noqa: BLE001
+                    bad += 1
+                    print(f"{what:<58} FAILED: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:120]}", flush=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
