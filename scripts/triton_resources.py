@@ -134,6 +134,20 @@ def _name(cfg) -> str:
                     if k in kw) + f" w{cfg.num_warps} s{cfg.num_stages}"
 
 
+def report(what: str, build, *args) -> bool:
+    """Compile with ``build(*args)`` and print one line of resources; False when it failed."""
+    try:
+        ck = build(*args)
+        reg, stack, shared = _resources(ck)
+        print(f"{what:<58} REG {reg:3d}  STACK {stack:5d}  SHARED {shared:6d}  {_mma(ck)}",
+              flush=True)
+        return True
+    except Exception as e:  # noqa: BLE001 - reported, the sweep goes on
+        print(f"{what:<58} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]}",
+              flush=True)
+        return False
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 90")
@@ -146,7 +160,7 @@ def main(argv=None) -> int:
               "all": [K.SOFTMAX.value, K.SIGMOID.value]}[a.loss]
     print(f"Triton {triton.__version__}, sm_{a.arch}, {a.dtype}, D = 512 "
           "(REG per thread, STACK bytes of local memory per thread, SHARED bytes)")
-    bad = 0
+    ok = True
     if a.which in ("bwd", "all"):
         cfgs = [(c, "") for c in K._BWD_CONFIGS] + ([(c, " (candidate)") for c in EXTRA_BWD]
                                                    if a.extra else [])
@@ -157,31 +171,16 @@ def main(argv=None) -> int:
                 for cols_outer, stats in variants:
                     what = (f"bwd {_name(cfg)}{tag} loss={loss} "
                             f"pass={'B' if cols_outer else 'A'}{' stats' if stats else ''}")
-                    try:
-                        ck = compile_bwd(cfg, a.dtype, loss, cols_outer, stats, a.arch)
-                        reg, stack, shared = _resources(ck)
-                        print(f"{what:<58} REG {reg:3d}  STACK {stack:5d}  SHARED {shared:6d}  "
-                              f"{_mma(ck)}", flush=True)
-                    except Exception as e:  # noqa: BLE001 - reported, the sweep goes on
-                        bad += 1
-                        print(f"{what:<58} FAILED: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:120]}", flush=True)
+                    ok &= report(what, compile_bwd, cfg, a.dtype, loss, cols_outer, stats,
+                                 a.arch)
     if a.which in ("fwd", "all"):
         cfgs = [(c, "") for c in K._FWD_CONFIGS] + ([(c, " (candidate)") for c in EXTRA_FWD]
                                                    if a.extra else [])
         for cfg, tag in cfgs:
             for loss in losses:
-                what = f"fwd 128x{_name(cfg)}{tag} loss={loss}"
-                try:
-                    ck = compile_fwd(cfg, a.dtype, loss, a.arch)
-                    reg, stack, shared = _resources(ck)
-                    print(f"{what:<58} REG {reg:3d}  STACK {stack:5d}  SHARED {shared:6d}  "
-                          f"{_mma(ck)}", flush=True)
-                except Exception as e:  # noqa: BLE001
-                    bad += 1
-                    print(f"{what:<58} FAILED: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:120]}", flush=True)
-    return 1 if bad else 0
+                ok &= report(f"fwd 128x{_name(cfg)}{tag} loss={loss}", compile_fwd, cfg,
+                             a.dtype, loss, a.arch)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
