@@ -80,8 +80,15 @@ def _cubin_resources(cubin: bytes) -> tuple[int, int, int]:
     return reg, stack, shared
 
 
-def _aligned(fn, names) -> dict:
-    return {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in names}
+def _compile(fn, sig: dict, const: dict, aligned_ints: list, cfg, arch: int):
+    """Compile ``fn`` for sm_<arch> with the launcher's specialisation: the constexprs of
+    ``const``, every pointer and the integers ``aligned_ints`` 16-divisible."""
+    sig = dict(sig, **{k: "constexpr" for k in const})
+    aligned = [a for a in fn.arg_names if a.endswith("_ptr")] + aligned_ints
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    return triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                                   **K._OPTS})
 
 
 def compile_bwd(cfg, dtype: str, loss: int, cols_outer: bool, stats: bool, arch: int):
@@ -95,14 +102,7 @@ def compile_bwd(cfg, dtype: str, loss: int, cols_outer: bool, stats: bool, arch:
         sig[a] = "*fp64"
     const = dict(LOSS=loss, COLS_OUTER=cols_outer, STATS=stats, NORMALIZE=True, SCALE_W=False,
                  PRECISION="ieee", UPCAST=False, **cfg.kwargs)
-    const["BLOCK_DO"] = min(const["BLOCK_DO"], 512)
-    for k in const:
-        sig[k] = "constexpr"
-    ptrs = [a for a in fn.arg_names if a.endswith("_ptr")]
-    src = ASTSource(fn, sig, const, _aligned(fn, ptrs + ["sx", "sy", "sout", "D"]))
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                                   **K._OPTS})
+    return _compile(fn, sig, const, ["sx", "sy", "sout", "D"], cfg, arch)
 
 
 def compile_fwd(cfg, dtype: str, loss: int, arch: int, block_m: int = 128):
@@ -114,13 +114,7 @@ def compile_fwd(cfg, dtype: str, loss: int, arch: int, block_m: int = 128):
         sig[a] = "*fp32"
     sig["row_ptr"] = "*fp64"
     const = dict(LOSS=loss, BLOCK_M=block_m, PRECISION="ieee", UPCAST=False, **cfg.kwargs)
-    for k in const:
-        sig[k] = "constexpr"
-    ptrs = [a for a in fn.arg_names if a.endswith("_ptr")]
-    src = ASTSource(fn, sig, const, _aligned(fn, ptrs + ["sx", "sy", "D", "m"]))
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                                   **K._OPTS})
+    return _compile(fn, sig, const, ["sx", "sy", "D", "m"], cfg, arch)
 
 
 def _mma(ck) -> str:
@@ -162,8 +156,10 @@ def main(argv=None) -> int:
           "(REG per thread, STACK bytes of local memory per thread, SHARED bytes)")
     ok = True
     if a.which in ("bwd", "all"):
-        cfgs = [(c, "") for c in K._BWD_CONFIGS] + ([(c, " (candidate)") for c in EXTRA_BWD]
-                                                   if a.extra else [])
+        # clipped to D = 512 and deduplicated by the autotuner's own pruning
+        prune = lambda cs: K._prune_bwd(cs, {"D": 512})  # noqa: E731
+        cfgs = [(c, "") for c in prune(K._BWD_CONFIGS)] + (
+            [(c, " (candidate)") for c in prune(EXTRA_BWD)] if a.extra else [])
         for cfg, tag in cfgs:
             for loss in losses:
                 variants = [(False, False), (True, False)] + (
