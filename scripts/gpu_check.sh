@@ -60,6 +60,14 @@ collect() {
   tar czf "$GPU_CHECK_OUT/gpu-check.tgz.part" "$LOGS"/*.log $(ls "$RESULTS"/cuda-* 2>/dev/null) \
     2>/dev/null && mv "$GPU_CHECK_OUT/gpu-check.tgz.part" "$GPU_CHECK_OUT/gpu-check.tgz"
 }
+# pytest -m gpu within $1 seconds, output to $2, on the targets and options that follow;
+# pytest-xdist workers when it is installed.
+gpu_pytest() {
+  local lim=$1 log=$2 xd=(); shift 2
+  "$PY" -c "import xdist" 2>/dev/null && xd=(-n "${GPU_TEST_WORKERS:-8}")
+  timeout "$lim" "$PY" -m pytest -v -rfEs -m gpu -p no:cacheprovider --timeout 150 "${xd[@]}" \
+      "$@" > "$log" 2>&1
+}
 STATUS=0
 PHASES=${PHASES:-build correctness bench sanitize overhead moretests}
 SMOKE_BACKENDS=${SMOKE_BACKENDS-cuda}
@@ -141,10 +149,7 @@ for be in $SMOKE_BACKENDS; do
   timeout "$PH" "$PY" scripts/gpu_smoke.py "$be" > "$LOGS/smoke-$be.log" 2>&1 &
   SMOKE_PID[$be]=$!
 done
-XDIST=()
-"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${GPU_TEST_WORKERS:-8}")
-timeout "$PH" "$PY" -m pytest -v -rfEs -m gpu -p no:cacheprovider --timeout 150 "${XDIST[@]}" \
-    $GPU_TESTS > "$LOGS/tests.log" 2>&1 &
+gpu_pytest "$PH" "$LOGS/tests.log" $GPU_TESTS &
 TEST_PID=$!
 SMOKE=""
 for be in $SMOKE_BACKENDS; do
@@ -242,10 +247,8 @@ collect
 phase_moretests() {
 local rc PH; PH=$(( $(left) - 10 ))
 [[ -n "${MORE_TESTS:-}" ]] && (( PH > 20 )) || return 0
-local XD=(); "$PY" -c "import xdist" 2>/dev/null && XD=(-n "${GPU_TEST_WORKERS:-8}")
 say "more tests: pytest -m gpu $MORE_TESTS, <= ${PH}s (log: $LOGS/tests-more.log)"
-timeout "$PH" "$PY" -m pytest -v -rfEs -m gpu -p no:cacheprovider --timeout 150 "${XD[@]}" \
-    $MORE_TESTS > "$LOGS/tests-more.log" 2>&1
+gpu_pytest "$PH" "$LOGS/tests-more.log" $MORE_TESTS
 rc=$?
 grep -E "^(FAILED|ERROR)" "$LOGS/tests-more.log" | head -n 20
 TESTS+=" | more: rc=$rc, $(grep -c ' PASSED' "$LOGS/tests-more.log") passed, $(grep -c ' FAILED' "$LOGS/tests-more.log") failed"
