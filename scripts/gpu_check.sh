@@ -10,7 +10,7 @@
 #   2. correctness, in parallel (nothing here is timed): scripts/gpu_smoke.py once per
 #      backend of SMOKE_BACKENDS, each in its own process (a kernel fault leaves the other
 #      backend's result standing), and pytest -m gpu on GPU_TESTS (pytest-xdist workers
-#      when it is installed): by default the cuda backend's tests;
+#      when it is installed): by default the gemm and cuda backends' tests;
 #   3. benchmarks, alone on the GPU, most important first (SigLIP bf16 D=512 to N = 256k,
 #      CLIP bf16, then CLIP/SigLIP fp32 with inf-cl), each with a share of the time left;
 #      a backend that failed its smoke check is left out of them;
@@ -34,8 +34,9 @@
 #
 # Usage, from anywhere:  bash scripts/gpu_check.sh
 # Environment: PYTHON (default python3), GPU_CHECK_SECONDS, CUDA_ARCH (e.g. 90a), GPU_TESTS
-# (pytest targets and options, default "tests -k cuda"), SMOKE_BACKENDS (default "cuda"),
-# CORRECTNESS_SECONDS (190), MORE_TESTS (default "tests -k triton"), GPU_TEST_WORKERS (default 8), BENCH (benchmark runs, one
+# (pytest targets and options, shell-quoted, default "tests -k 'cuda or gemm'"),
+# SMOKE_BACKENDS (default "gemm cuda"), CORRECTNESS_SECONDS (190), MORE_TESTS (default
+# "tests -k triton"), GPU_TEST_WORKERS (default 8), BENCH (benchmark runs, one
 # per line: "<weight> <arguments>"; empty skips them), BENCH_METHODS (default: floor, naive,
 # the healthy backends, inf-cl), BENCH_RESERVE (130 s), OVERHEAD_SECONDS (40), RESULTS (default benchmarks/results),
 # LOGS (default build/gpu-check), GPU_CHECK_WHEELS, GPU_CHECK_OUT, FASTCLIP_COMMIT (the
@@ -60,18 +61,20 @@ collect() {
   tar czf "$GPU_CHECK_OUT/gpu-check.tgz.part" "$LOGS"/*.log $(ls "$RESULTS"/cuda-* 2>/dev/null) \
     2>/dev/null && mv "$GPU_CHECK_OUT/gpu-check.tgz.part" "$GPU_CHECK_OUT/gpu-check.tgz"
 }
-# pytest -m gpu within $1 seconds, output to $2, on the targets and options that follow;
-# pytest-xdist workers when it is installed.
+# pytest -m gpu within $1 seconds, output to $2, on the targets and options of $3 (one
+# string, split as the shell splits it: "-k 'a or b'" stays one expression); pytest-xdist
+# workers when it is installed.
 gpu_pytest() {
-  local lim=$1 log=$2 xd=(); shift 2
+  local lim=$1 log=$2 xd=() targets=()
+  eval "targets=($3)"
   "$PY" -c "import xdist" 2>/dev/null && xd=(-n "${GPU_TEST_WORKERS:-8}")
   timeout "$lim" "$PY" -m pytest -v -rfEs -m gpu -p no:cacheprovider --timeout 150 "${xd[@]}" \
-      "$@" > "$log" 2>&1
+      "${targets[@]}" > "$log" 2>&1
 }
 STATUS=0
 PHASES=${PHASES:-build correctness bench sanitize overhead moretests}
-SMOKE_BACKENDS=${SMOKE_BACKENDS-cuda}
-GPU_TESTS=${GPU_TESTS:-tests -k cuda}
+SMOKE_BACKENDS=${SMOKE_BACKENDS-gemm cuda}
+GPU_TESTS=${GPU_TESTS:-tests -k 'cuda or gemm'}
 MORE_TESTS=${MORE_TESTS-tests -k triton}
 
 # ------------------------------------------------------------------ 0. machine
@@ -149,7 +152,7 @@ for be in $SMOKE_BACKENDS; do
   timeout "$PH" "$PY" scripts/gpu_smoke.py "$be" > "$LOGS/smoke-$be.log" 2>&1 &
   SMOKE_PID[$be]=$!
 done
-gpu_pytest "$PH" "$LOGS/tests.log" $GPU_TESTS &
+gpu_pytest "$PH" "$LOGS/tests.log" "$GPU_TESTS" &
 TEST_PID=$!
 SMOKE=""
 for be in $SMOKE_BACKENDS; do
@@ -187,7 +190,7 @@ local RESERVE=${BENCH_RESERVE:-130}           # the phases after it and the summ
 # better spent on the others.
 local METHODS=${BENCH_METHODS:-floor,naive} be
 if [[ -z "${BENCH_METHODS:-}" ]]; then
-  for be in triton cuda; do
+  for be in gemm triton cuda; do
     [[ " ${FAILED_SMOKE[*]} " == *" $be "* ]] || METHODS+=",$be"
   done
 fi
@@ -248,7 +251,7 @@ phase_moretests() {
 local rc PH; PH=$(( $(left) - 10 ))
 [[ -n "${MORE_TESTS:-}" ]] && (( PH > 20 )) || return 0
 say "more tests: pytest -m gpu $MORE_TESTS, <= ${PH}s (log: $LOGS/tests-more.log)"
-gpu_pytest "$PH" "$LOGS/tests-more.log" $MORE_TESTS
+gpu_pytest "$PH" "$LOGS/tests-more.log" "$MORE_TESTS"
 rc=$?
 grep -E "^(FAILED|ERROR)" "$LOGS/tests-more.log" | head -n 20
 TESTS+=" | more: rc=$rc, $(grep -c ' PASSED' "$LOGS/tests-more.log") passed, $(grep -c ' FAILED' "$LOGS/tests-more.log") failed"

@@ -2,9 +2,10 @@
 offline for a GPU architecture: no GPU needed (Triton's own ptxas and cuobjdump).
 
     python scripts/triton_resources.py [--arch 90] [--dtype bf16] [--loss siglip]
-                                       [--pass bwd|fwd|all] [--extra]
+                                       [--pass bwd|fwd|gemm|all] [--extra]
 
-For each configuration of ``_FWD_CONFIGS`` / ``_BWD_CONFIGS`` (clipped to D as the
+For each configuration of ``_FWD_CONFIGS`` / ``_BWD_CONFIGS`` of the fused kernels and of
+``_CONFIGS`` of the gemm backend's gradient-tile kernel (the fused backward's clipped to D as the
 autotuner's pruning does, D = 512), each kernel variant the op launches (loss, pass A/B,
 the one-pass STATS form, NORMALIZE=True), it compiles the kernel for ``sm_<arch>`` with the
 launcher's specialisation (16-aligned pointers and sizes) and prints what the compiler
@@ -32,6 +33,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from fastclip.ops.triton import contrastive_loss as K  # noqa: E402
+from fastclip.ops.triton import contrastive_loss_gemm as KG  # noqa: E402
 
 # Candidates for Hopper: tiles of 64 or 128 rows (wgmma's granularity) with a wide
 # accumulator. Compiled with Triton 3.6 for sm_90 (bf16, D = 512) every one of them spills:
@@ -117,6 +119,21 @@ def compile_fwd(cfg, dtype: str, loss: int, arch: int, block_m: int = 128):
     return _compile(fn, sig, const, ["sx", "sy", "D", "m"], cfg, arch)
 
 
+def compile_gemm(cfg, dtype: str, loss: int, stats: bool, arch: int):
+    fn = KG._grad_tile_kernel
+    sig = {a: "i32" for a in fn.arg_names}
+    for a in ("x_ptr", "y_ptr", "g_ptr"):
+        sig[a] = _T[dtype]
+    for a in ("rho_ptr", "sig_ptr", "p_ptr", "gr_ptr", "gc_ptr", "gp_ptr", "ws_ptr",
+              "rgu_ptr", "rg_ptr", "rphi_ptr", "cgu_ptr", "cphi_ptr"):
+        sig[a] = "*fp32"
+    for a in ("row_ptr", "col_ptr"):
+        sig[a] = "*fp64"
+    const = dict(LOSS=loss, STATS=stats, SCALE_W=False, PRECISION="ieee", UPCAST=False,
+                 **cfg.kwargs)
+    return _compile(fn, sig, const, ["sx", "sy", "D", "m", "sp"], cfg, arch)
+
+
 def _mma(ck) -> str:
     ptx = ck.asm.get("ptx", "")
     return "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "fma")
@@ -147,7 +164,7 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 90")
     p.add_argument("--dtype", choices=list(_T), default="bf16")
     p.add_argument("--loss", choices=["clip", "siglip", "all"], default="all")
-    p.add_argument("--pass", dest="which", choices=["fwd", "bwd", "all"], default="all")
+    p.add_argument("--pass", dest="which", choices=["fwd", "bwd", "gemm", "all"], default="all")
     p.add_argument("--extra", action="store_true", help="also the candidate configurations")
     a = p.parse_args(argv)
     losses = {"clip": [K.SOFTMAX.value], "siglip": [K.SIGMOID.value],
@@ -176,6 +193,12 @@ def main(argv=None) -> int:
             for loss in losses:
                 ok &= report(f"fwd 128x{_name(cfg)}{tag} loss={loss}", compile_fwd, cfg,
                              a.dtype, loss, a.arch)
+    if a.which in ("gemm", "all"):
+        for cfg in KG._CONFIGS:
+            for loss in losses:
+                for stats in (False, True) if loss == K.SIGMOID.value else (False,):
+                    ok &= report(f"gemm {_name(cfg)} loss={loss}{' stats' if stats else ''}",
+                                 compile_gemm, cfg, a.dtype, loss, stats, a.arch)
     return 0 if ok else 1
 
 

@@ -1,0 +1,61 @@
+"""The ``gemm`` backend: the fused loss's logit tiles and epilogues in Triton, its two
+gradient products on the vendor GEMM (torch.mm: cuBLAS on a GPU), chunk by chunk of rows
+(fastclip/ops/triton/contrastive_loss_gemm.py).
+
+Runs where the ``triton`` backend runs (CUDA tensors; CPU tensors under
+``TRITON_INTERPRET=1``, slowly, for tests), on float32, float16 and bfloat16 features,
+both losses, ``fwd_bwd`` for one-pass losses in 3 units of FLOP (the floor). Memory:
+O(m·D) (an fp32 dY accumulator) plus one chunk of the logit matrix, at most 256 MiB,
+against O((n + m)·D) for the fused backends: beyond a few hundred thousand rows the fused
+backends are the lean choice.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import Backend, register_backend
+from .triton import _availability, _interpreting
+
+
+def _kernels():
+    from ..triton import contrastive_loss_gemm  # noqa: PLC0415  (imports triton: lazily)
+    return contrastive_loss_gemm
+
+
+def _priority(device: torch.device) -> int:
+    # Below ``triton`` (20) until a GPU has measured it against the fused kernels; above
+    # ``cuda`` (10). Under the interpreter on the CPU: below everything (it is slow).
+    return 15 if device.type == "cuda" else -10
+
+
+def fwd(spec, x, y, params, normalize, eps, pos_offset):
+    return _kernels().fwd(spec.code, x, y, params, normalize, eps, pos_offset)
+
+
+def bwd(spec, x, y, params, normalize, eps, pos_offset, row, col, grad_row, grad_col, grad_pos):
+    return _kernels().bwd(spec.code, x, y, params, normalize, eps, pos_offset, row, col,
+                          grad_row, grad_col, grad_pos)
+
+
+def fwd_bwd(spec, x, y, params, normalize, eps, pos_offset, grad_row, grad_col, grad_pos):
+    return _kernels().fwd_bwd(spec.code, x, y, params, normalize, eps, pos_offset, grad_row,
+                              grad_col, grad_pos)
+
+
+register_backend(Backend(
+    name="gemm",
+    code=4,
+    devices=("cuda", "cpu") if _interpreting() else ("cuda",),
+    dtypes=(torch.float32, torch.float16, torch.bfloat16),
+    priority=_priority,
+    availability=_availability,
+    fwd=fwd,
+    bwd=bwd,
+    fwd_bwd=fwd_bwd,
+    losses=("clip", "siglip"),
+    emulated=_interpreting,
+    # The gradient's logit tiles come from the forward's helper with the forward's
+    # operands (fastclip/ops/triton/contrastive_loss.py, "Rounding"): no bound.
+    exact_logits=float("inf"),
+))
