@@ -341,6 +341,18 @@ def run_cases(rank: int, world: int, seed: int) -> dict:
             for dt in (torch.bfloat16, torch.float16):
                 out[f"{loss}/half/{dt}/{impl}/{uneven}"] = _half_case(rank, world, gen, uneven,
                                                                       impl, dt, loss=loss)
+    # The GPU backends where they run on CPU tensors (Triton's interpreter, set by
+    # tests/conftest.py before the ranks start): the same block contract across ranks.
+    from fastclip.ops.backends import all_backends  # noqa: PLC0415
+    emulated = sorted(n for n, b in all_backends().items()
+                      if b.emulated() and "cpu" in b.devices and b.available())
+    out["emulated_backends"] = {"names": emulated}
+    for be in emulated:
+        for loss in LOSSES:
+            for impl in ("gather", "ring"):
+                out[f"{loss}/emulated-{be}/{impl}/{uneven}"] = _loss_case(
+                    rank, world, gen, uneven, impl, True, torch.float32, 14.3, backend=be,
+                    d=33, loss=loss)
     # Logits bounded by 300 (|s|·max‖x‖·max‖y‖) merge the columns against that bound, with
     # no all-reduce MAX (every case above); rows too long for the bound take the general
     # MAX-then-SUM merge: here ‖x‖ ≈ 40, so the bound is 14.3·40 while the logits stay O(s).
