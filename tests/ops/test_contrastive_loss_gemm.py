@@ -285,3 +285,39 @@ def test_small_chunks_skip_the_autotuning():
     small = K._prune(K._CONFIGS, {"r_key": 2048, "m_key": 2048})
     assert len(small) == 1 and small[0].kwargs["BLOCK_M"] == small[0].kwargs["BLOCK_N"] == 64
     assert K._prune(K._CONFIGS, {"r_key": 4096}, m_key=2048) == K._CONFIGS
+
+
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+def test_autotuner_zeroes_only_partial_buffers(dev, monkeypatch, loss):
+    # On a GPU the autotuner zeroes the buffers named in _PARTIALS before each configuration
+    # it measures: none of them may share memory with an input or an output of the launch
+    # (a statistic-free launch must not hand it an upstream gradient as a placeholder).
+    K = _kernels()
+    spec = get_loss(loss)
+    names = K._grad_tile_kernel.arg_names
+    seen = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append(dict(zip(names, args)))
+                return K._grad_tile_kernel[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(K, "_grad_tile_launch", Spy())
+    g = torch.Generator().manual_seed(41)
+    n, m, d = 40, 35, 8
+    x, y = torch.randn(n, d, generator=g).to(dev), torch.randn(m, d, generator=g).to(dev)
+    p = _pparams(loss, dev)
+    grads = [t.to(dev) for t in upstream(n, m, g)]
+    r, c, _ = K.fwd(spec.code, x, y, p, True, EPS, 0)
+    K.bwd(spec.code, x, y, p, True, EPS, 0, r, c, *grads)
+    if spec.one_pass:
+        K.fwd_bwd(spec.code, x, y, p, True, EPS, 0, *grads)
+    assert seen
+    for args in seen:
+        zeroed = [args[k] for k in K._PARTIALS]
+        others = [v for k, v in args.items() if torch.is_tensor(v) and k not in K._PARTIALS]
+        for a in zeroed:
+            for b in others:
+                assert a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()

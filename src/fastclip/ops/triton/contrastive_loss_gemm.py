@@ -262,6 +262,9 @@ def _grads(loss, stats, x, y, p, normalize, eps, pos_offset, row, col, grad_row,
     row_out = _empty((n,), torch.float64, dev) if stats else None
     col_out = torch.zeros((m,), **f64) if stats else None
     dummy = gr                                   # never read where a buffer is not used
+    # The unused partial buffers (no statistics): a spare of their own, never an input,
+    # since the autotuner zeroes every buffer of _PARTIALS between the configurations.
+    spare = torch.zeros((1,), **f32)
     consts = dict(LOSS=loss, STATS=stats, SCALE_W=ws is not None, PRECISION=prec, UPCAST=up)
     for r0 in range(0, n, R):
         rr = min(R, n - r0)
@@ -272,8 +275,8 @@ def _grads(loss, stats, x, y, p, normalize, eps, pos_offset, row, col, grad_row,
         args = (x, y, _row_stride(x), _row_stride(y), rho, sig, p,
                 row if row is not None else dummy, col if col is not None else dummy,
                 gr, gc, gp, ws if ws is not None else dummy, g, r0, rr, m, d, int(pos_offset),
-                R, rpart[0], rpart[1], rpart[2] if stats else dummy, cpart[0],
-                cpart[1] if stats else dummy, _bucket(rr), _bucket(m))
+                R, rpart[0], rpart[1], rpart[2] if stats else spare, cpart[0],
+                cpart[1] if stats else spare, _bucket(rr), _bucket(m))
         if INTERPRET:
             b_ = _INTERP_BLOCK
             _grad_tile_launch[(triton.cdiv(rr, b_), triton.cdiv(m, b_))](
