@@ -124,10 +124,12 @@ def test_mm32_keeps_fp32_accumulation():
 @pytest.mark.parametrize("normalize", (False, True))
 def test_rows_in_chunks(dev, monkeypatch, loss, normalize):
     # The smallest chunk (128 rows): n = 300 takes three chunks (128, 128, 44), the last
-    # one shorter (its partial sums re-zeroed); block functions with an off-diagonal
-    # positive against the float64 oracle, fwd_bwd too for a one-pass loss.
+    # one shorter (its partial sums re-zeroed), dY summed in groups of two chunks (a full
+    # group and a partial one); block functions with an off-diagonal positive against the
+    # float64 oracle, fwd_bwd too for a one-pass loss.
     K = _kernels()
     monkeypatch.setattr(K, "_CHUNK_BYTES", 1)
+    monkeypatch.setattr(K, "_GROUP", 2)
     launches = _Counter(K._grad_tile_launch)
     monkeypatch.setattr(K, "_grad_tile_launch", launches)
     spec = get_loss(loss)

@@ -28,9 +28,10 @@ FLOP: 1 unit per step, 3 in all: the floor of a one-pass loss (the sigmoid: no f
 kernel), 4 for the softmax (its forward is the fused forward kernel of contrastive_loss.py,
 which also gives the merged statistics the gradient needs). Memory: the chunk buffer
 (R·m elements, R chosen so that it stays within _CHUNK_BYTES, at least one 128-row
-block), the fp32 dY accumulator and one fp32 GEMM result ([m, D] each) and O(n + m)
-statistics: O(m·D + chunk), never n x m. Against the fused backend: the same epilogues on
-a bounded slice of the logit matrix in exchange for tensor-core GEMMs at vendor speed.
+block), the fp32 dY accumulator and one fp32 GEMM result ([m, D] each; fp32 inputs
+beyond _GROUP chunks add the group's sum) and O(n + m) statistics: O(m·D + chunk),
+never n x m. Against the fused backend: the same epilogues on a bounded slice of the
+logit matrix in exchange for tensor-core GEMMs at vendor speed.
 
 Precision: the logits, G and every statistic as in the fused kernels (fp32 tiles, float64
 sums of per-tile fp32 partials). Ĝ is rounded to the input dtype for the GEMMs, as the
@@ -38,7 +39,8 @@ fused kernels round their W tile; the GEMMs accumulate in fp32 (bf16/fp16 inputs
 output, ``torch.mm(..., out_dtype=torch.float32)``; fp32: IEEE or TF32 by
 ``torch.backends.cuda.matmul.allow_tf32``, as the Triton tiles). fp16 scales Ĝ by a power
 of two so that max|Ĝ| <= 2^14 (|G| ~ 1/N would otherwise fall below fp16's normal range
-at large N), the GEMM results unscaled in fp32. dY sums its chunks in fp32.
+at large N), the GEMM results unscaled in fp32. dY sums its chunks in fp32 in two levels
+(groups of _GROUP chunks for fp32 inputs).
 """
 
 from __future__ import annotations
@@ -225,6 +227,10 @@ def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a.float(), b.float())
 
 
+# Chunks per group of the dY sum (two-level: see _grads).
+_GROUP = 32
+
+
 def chunk_rows(n: int, m: int, itemsize: int) -> int:
     """Rows per chunk: the chunk buffer [R, m] within _CHUNK_BYTES, a multiple of 128 (at
     least 128: one block of the largest tile), at most n."""
@@ -255,7 +261,12 @@ def _grads(loss, stats, x, y, p, normalize, eps, pos_offset, row, col, grad_row,
     rpart = torch.zeros((3 if stats else 2, nrp, R), **f32)
     cpart = torch.zeros((2 if stats else 1, ncp, m), **f32)
     dx = _empty((n, d), x.dtype, dev)
-    acc_y = None                                 # [m, D] fp32, from the first chunk on
+    acc_y = None                                 # [m, D] fp32: the sum of the groups
+    grp = None                                   # [m, D] fp32: the group of chunks in hand
+    ngrp = 0
+    # fp32 gradients are held to 1e-5 (docs/design.md §5); 16-bit ones round far more
+    # coarsely at the end, and keep one [m, D] buffer fewer: one group.
+    group = _GROUP if x.dtype == torch.float32 else n
     tu = torch.empty((n,), **f64)               # Σ_j G u per row
     tg = torch.zeros((), **f64)                 # Σ_ij G
     cgu = torch.zeros((m,), **f64)              # Σ_i G u per column
@@ -302,17 +313,25 @@ def _grads(loss, stats, x, y, p, normalize, eps, pos_offset, row, col, grad_row,
         ax.mul_(s)
         if normalize:
             t = (rho[r0:r0 + rr].double() ** 2 * tu[r0:r0 + rr]).to(torch.float32) * s
-            ax.sub_(t[:, None] * xs.float())
+            ax.addcmul_(xs, t[:, None], value=-1.0)
         dx[r0:r0 + rr] = ax
-        # dY: this chunk's rows' share, summed over the chunks in fp32.
+        # dY: this chunk's rows' share, in fp32, summed in two levels for fp32 inputs
+        # (groups of _GROUP chunks, then the groups), so that fp32's rounding grows with
+        # _GROUP + chunks / _GROUP additions per element, not with the chunk count
+        # (1024 chunks at n = m = 262144 in fp32).
         part = _mm32(g.t(), xs)                                   # [m, D] fp32
-        acc_y = part if acc_y is None else acc_y.add_(part)
+        grp = part if grp is None else grp.add_(part)
+        ngrp += 1
+        if ngrp == group or r0 + rr >= n:
+            acc_y = grp if acc_y is None else acc_y.add_(grp)
+            grp, ngrp = None, 0
+    del gbuf, g, part, grp
     if ws is not None:
         acc_y.mul_(ws[1])
     acc_y.mul_(s)
     if normalize:
         t = (sig.double() ** 2 * cgu).to(torch.float32) * s
-        acc_y.sub_(t[:, None] * y.float())
+        acc_y.addcmul_(y, t[:, None], value=-1.0)
     dy = acc_y.to(y.dtype)
     dparams = torch.stack((tu.sum(), tg))[:p.numel()].to(torch.float32)
     return dx, dy, dparams, rho, sig, row_out, col_out
