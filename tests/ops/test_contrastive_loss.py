@@ -411,6 +411,23 @@ def test_deterministic(loss, backend):
         assert torch.equal(u, v), name
 
 
+@pytest.mark.parametrize("loss,backend", FP32)
+def test_autocast_does_not_reach_the_kernels(loss, backend):
+    # Inside an open_clip trainer's autocast() the features may arrive in fp32 (F.normalize
+    # runs in fp32 under autocast): the loss keeps their dtype, on every backend, the
+    # backward included. Without the registry's guard the reference backend's matmuls ran
+    # in bf16 (a loss of 6.50605 for 6.50613 at N = 300).
+    dev = _setup(loss, backend)
+    g = torch.Generator().manual_seed(14)
+    x, y = (t.to(dev) for t in embeddings("random", 40, 16, gen=g))
+    params = params_for(loss, 20.0, -6.0)
+    plain = run(loss, x, y, params, True, backend)
+    with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16):
+        under = run(loss, x, y, params, True, backend)
+    for name, a, b in zip(names(loss), plain, under):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
 # ------------------------------------------------------------------ non-finite values
 @pytest.mark.parametrize("loss,backend", FP32)
 @pytest.mark.parametrize("bad", ("nan", "inf", "-inf"))

@@ -41,6 +41,8 @@ statistic and gradient vectors contiguous float64.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib
 import os
 import pkgutil
@@ -109,11 +111,35 @@ _REGISTRY: dict[str, Backend] = {}
 _RESOLVED: dict[tuple, Backend] = {}
 
 
+def _without_autocast(fn: Optional[Callable]) -> Optional[Callable]:
+    """``fn(spec, x, ...)`` run with autocast off on x's device. The op's contract is the
+    features' own dtype with fp32 (or float64) accumulation whatever the caller's autocast
+    says: the compiled kernels never see autocast, but a backend made of torch ops (the
+    reference, gemm's GEMMs) would otherwise run fp32 inputs through bf16 matmuls inside
+    an open_clip trainer's ``autocast()`` and return a less exact value than the others."""
+    if fn is None or getattr(fn, "_fastclip_no_autocast", False):
+        return fn
+
+    @functools.wraps(fn)
+    def run(spec, x, *args):
+        dev = x.device.type
+        if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+            with torch.autocast(dev, enabled=False):
+                return fn(spec, x, *args)
+        return fn(spec, x, *args)
+
+    run._fastclip_no_autocast = True
+    return run
+
+
 def register_backend(backend: Backend) -> Backend:
     for other in _REGISTRY.values():
         if other.code == backend.code and other.name != backend.name:
             raise ValueError(f"backend code {backend.code} of {backend.name!r} is taken by "
                              f"{other.name!r}")
+    backend = dataclasses.replace(backend, fwd=_without_autocast(backend.fwd),
+                                  bwd=_without_autocast(backend.bwd),
+                                  fwd_bwd=_without_autocast(backend.fwd_bwd))
     _REGISTRY[backend.name] = backend
     _RESOLVED.clear()
     return backend
