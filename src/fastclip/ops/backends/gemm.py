@@ -5,9 +5,11 @@ gradient products on the vendor GEMM (torch.mm: cuBLAS on a GPU), chunk by chunk
 Runs where the ``triton`` backend runs (CUDA tensors; CPU tensors under
 ``TRITON_INTERPRET=1``, slowly, for tests), on float32, float16 and bfloat16 features,
 both losses, ``fwd_bwd`` for one-pass losses in 3 units of FLOP (the floor). Memory:
-O(m·D) (an fp32 dY accumulator) plus one chunk of the logit matrix, at most 256 MiB,
-against O((n + m)·D) for the fused backends: beyond a few hundred thousand rows the fused
-backends are the lean choice.
+O(m·D) (an fp32 dY accumulator) plus one chunk of the logit matrix, 256 MiB (128 rows
+where more: m > 2^20 in 16-bit), against O((n + m)·D) for the fused backends: beyond a few
+hundred thousand rows the fused backends are the lean choice. Its GEMMs are PyTorch's: under
+``torch.use_deterministic_algorithms(True)`` cuBLAS wants ``CUBLAS_WORKSPACE_CONFIG=:4096:8``
+(PyTorch says so when it is missing), as every matmul of the model does.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ the logit tile holds 178-255 registers per thread at D = 512, one CTA per SM, ~7
 on an H200 (benchmarks/results/cuda-nvidia-h200-notes.md). Here the rows go by in chunks
 of R rows, and each chunk takes three steps:
 
-1. ``_grad_tile_kernel`` — grid (R / BLOCK_M, m / BLOCK_N): one program per logit tile.
+1. ``_grad_tile_kernel`` — grid (m / BLOCK_N, R / BLOCK_M): one program per logit tile.
    S = X_tile·Y_tileᵀ by ``_tile_dot`` (the forward's helper, operands and K order: every
    logit rounded as the forward rounds it), z by ``_logits``, G by the loss's epilogue,
    then Ĝ = G·rho_i·sigma_j (times 2^k for fp16, see below) stored in the input dtype
@@ -105,8 +105,8 @@ def _grad_tile_kernel(x_ptr, y_ptr, sx, sy, rho_ptr, sig_ptr, p_ptr, row_ptr, co
     Σ_j phi) at [pid_n, :R] (row stride sp >= R), columns (Σ_i G u, Σ_i phi) at
     [pid_m, m]. r_key, m_key:
     power-of-two buckets of R and m, read by the autotuner's key only."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_n = tl.program_id(0)      # column tiles on axis 0: axis 1 stops at 65535 tiles
+    pid_m = tl.program_id(1)
     lr = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)          # rows of the chunk
     rmask = lr < R
     rows = r0 + lr
@@ -203,16 +203,26 @@ else:
 
 # ------------------------------------------------------------------------------- GEMMs
 @functools.lru_cache(maxsize=None)
-def _out_dtype_mm(device: torch.device) -> bool:
-    """Whether torch.mm takes out_dtype=torch.float32 for 16-bit inputs on ``device``
-    (PyTorch's CUDA GEMM does; its CPU build does not register it)."""
+def _out_dtype_mm_probe(device: torch.device, dtype: torch.dtype) -> bool:
     if device.type != "cuda":
         return False
-    a = torch.ones((1, 1), dtype=torch.bfloat16, device=device)
+    a = torch.ones((1, 1), dtype=dtype, device=device)
     try:
         return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
     except (TypeError, RuntimeError, NotImplementedError):
         return False
+
+
+def _out_dtype_mm(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether torch.mm takes out_dtype=torch.float32 for ``dtype`` (16-bit) inputs on
+    ``device`` (PyTorch's CUDA GEMM does; its CPU build does not register it). Asked at
+    every call for fp16: PyTorch refuses an fp32 output for fp16 inputs while
+    ``torch.backends.cuda.matmul.allow_fp16_accumulation`` is set, a flag a trainer may
+    flip at any time."""
+    if dtype == torch.float16 and getattr(torch.backends.cuda.matmul,
+                                          "allow_fp16_accumulation", False):
+        return False
+    return _out_dtype_mm_probe(device, dtype)
 
 
 def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -222,7 +232,7 @@ def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     both sum the same exact products in fp32."""
     if a.dtype == torch.float32:
         return torch.mm(a, b)
-    if _out_dtype_mm(a.device):
+    if _out_dtype_mm(a.device, a.dtype):
         return torch.mm(a, b, out_dtype=torch.float32)
     return torch.mm(a.float(), b.float())
 
@@ -290,11 +300,11 @@ def _grads(loss, stats, x, y, p, normalize, eps, pos_offset, row, col, grad_row,
                 cpart[1] if stats else spare, _bucket(rr), _bucket(m))
         if INTERPRET:
             b_ = _INTERP_BLOCK
-            _grad_tile_launch[(triton.cdiv(rr, b_), triton.cdiv(m, b_))](
+            _grad_tile_launch[(triton.cdiv(m, b_), triton.cdiv(rr, b_))](
                 *args, BLOCK_M=b_, BLOCK_N=b_, BLOCK_D=b_, **consts, **_OPTS)
         else:
-            grid = lambda META, rr=rr: (triton.cdiv(rr, META["BLOCK_M"]),  # noqa: E731
-                                        triton.cdiv(m, META["BLOCK_N"]))
+            grid = lambda META, rr=rr: (triton.cdiv(m, META["BLOCK_N"]),  # noqa: E731
+                                        triton.cdiv(rr, META["BLOCK_M"]))
             _grad_tile_launch[grid](*args, **consts, **_OPTS)
         # The partial rows of this chunk, in float64: [nrp, R] -> [rr].
         rsum = rpart[:, :, :rr].sum(1, dtype=torch.float64)
@@ -322,6 +332,7 @@ def _grads(loss, stats, x, y, p, normalize, eps, pos_offset, row, col, grad_row,
         part = _mm32(g.t(), xs)                                   # [m, D] fp32
         grp = part if grp is None else grp.add_(part)
         ngrp += 1
+        part = None           # freed before the next chunk's result is allocated
         if ngrp == group or r0 + rr >= n:
             acc_y = grp if acc_y is None else acc_y.add_(grp)
             grp, ngrp = None, 0
