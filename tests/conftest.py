@@ -31,3 +31,21 @@ def pytest_collection_modifyitems(config, items):
         params = getattr(getattr(item, "callspec", None), "params", {})
         if "gpu" in getattr(item, "fixturenames", ()) or params.get("backend") in gpu_only:
             item.add_marker(pytest.mark.gpu)
+
+
+@pytest.fixture
+def matmul_flags():
+    """``torch.backends.cuda.matmul`` for the test to set flags on (``allow_tf32``,
+    ``allow_fp16_accumulation``), each restored afterwards. Not monkeypatch.setattr: pytest
+    9.2 undoes an instance attribute by deleting it from the instance's ``__dict__``, and
+    these flags live in PyTorch's C++ state, not there (the teardown fails)."""
+    import torch  # noqa: PLC0415  (no torch import at collection)
+
+    flags = torch.backends.cuda.matmul
+    names = [k for k in ("allow_tf32", "allow_fp16_accumulation") if hasattr(flags, k)]
+    saved = {k: getattr(flags, k) for k in names}
+    try:
+        yield flags
+    finally:
+        for k, v in saved.items():
+            setattr(flags, k, v)

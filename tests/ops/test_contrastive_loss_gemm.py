@@ -119,13 +119,18 @@ def test_mm32_keeps_fp32_accumulation():
         assert torch.equal(out, torch.mm(a.to(dt).float(), b.to(dt).float()))
 
 
-def test_fp16_accumulation_flag_widens_the_gemm_inputs(monkeypatch):
+def test_fp16_accumulation_flag_widens_the_gemm_inputs(monkeypatch, matmul_flags):
     # PyTorch refuses an fp32 output for fp16 inputs while fp16 accumulation is allowed:
     # the backend asks at every call (no CUDA call here: the flag decides first).
     K = _kernels()
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_fp16_accumulation", True)
+    matmul_flags.allow_fp16_accumulation = True
+    assert K._fp16_accumulation()
     assert not K._out_dtype_mm(torch.device("cuda"), torch.float16)
+    matmul_flags.allow_fp16_accumulation = False
+    assert not K._fp16_accumulation()
+    monkeypatch.setattr(K, "_fp16_accumulation", lambda: False)
     assert not K._out_dtype_mm(torch.device("cpu"), torch.bfloat16)
+    assert not K._out_dtype_mm(torch.device("cpu"), torch.float16)
 
 
 # ---------------------------------------------------------------------------- chunks
@@ -238,9 +243,9 @@ def test_gpu_bf16_accuracy(gpu, loss, n):
 
 
 @pytest.mark.parametrize("loss", LOSS_NAMES)
-def test_gpu_fp32_many_chunks(gpu, loss, monkeypatch):
+def test_gpu_fp32_many_chunks(gpu, loss, monkeypatch, matmul_flags):
     # IEEE fp32, 17 chunks of 128 rows, m != n, an off-diagonal positive.
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    matmul_flags.allow_tf32 = False
     K = _kernels()
     monkeypatch.setattr(K, "_CHUNK_BYTES", 1)
     spec, be = get_loss(loss), get_backend("gemm")

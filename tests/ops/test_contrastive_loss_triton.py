@@ -320,13 +320,13 @@ def test_gpu_large_n_memory(gpu, loss):
 
 
 @pytest.mark.parametrize("loss", LOSS_NAMES)
-def test_gpu_tf32_flag_is_honoured(gpu, loss, monkeypatch):
+def test_gpu_tf32_flag_is_honoured(gpu, loss, matmul_flags):
     x, y = _gpu_inputs(1000, 512, torch.float32, 1)
     params = default_params(loss)
     want = oracle(loss, x, y, params, True)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    matmul_flags.allow_tf32 = False
     ieee = run(loss, x, y, params, True, "triton")
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    matmul_flags.allow_tf32 = True
     tf32 = run(loss, x, y, params, True, "triton")
     for o, r in zip(ieee, want):
         assert rel_err(o, r) <= TOL[torch.float32]
@@ -369,10 +369,10 @@ def test_gpu_fp16_gradients_do_not_underflow_at_large_n(gpu, loss):
 
 
 @pytest.mark.parametrize("loss", LOSS_NAMES)
-def test_gpu_block_functions_m_ne_n(gpu, loss, monkeypatch):
+def test_gpu_block_functions_m_ne_n(gpu, loss, matmul_flags):
     # Sizes beyond the conformance suite's: several waves of row blocks' worth of columns,
     # D > BLOCK_DO (several programs per block along D), positives outside the block.
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    matmul_flags.allow_tf32 = False
     spec, be = get_loss(loss), get_backend("triton")
     for n, m, d, off in ((129, 1000, 100, 0), (1000, 129, 513, -7), (4099, 4097, 64, 5000)):
         g = torch.Generator().manual_seed(n + m)

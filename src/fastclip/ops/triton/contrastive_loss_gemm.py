@@ -219,10 +219,13 @@ def _out_dtype_mm(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> 
     every call for fp16: PyTorch refuses an fp32 output for fp16 inputs while
     ``torch.backends.cuda.matmul.allow_fp16_accumulation`` is set, a flag a trainer may
     flip at any time."""
-    if dtype == torch.float16 and getattr(torch.backends.cuda.matmul,
-                                          "allow_fp16_accumulation", False):
+    if dtype == torch.float16 and _fp16_accumulation():
         return False
     return _out_dtype_mm_probe(device, dtype)
+
+
+def _fp16_accumulation() -> bool:
+    return bool(getattr(torch.backends.cuda.matmul, "allow_fp16_accumulation", False))
 
 
 def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
