@@ -229,3 +229,55 @@ def upstream(n: int, m: int, gen, dtype=torch.float64, device="cpu"):
 
 def interpreter_env() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ------------------------------------------------------------ kernel-module test tools
+class LaunchCounter:
+    """Wraps a Triton kernel (``kernel[grid](...)``) and counts its launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, 0
+
+    def __getitem__(self, grid):
+        self.calls += 1
+        return self.kernel[grid]
+
+
+def param_tensor(loss: str, dev, scale: float = 12.0, bias: float = -4.0) -> torch.Tensor:
+    """The block functions' ``params`` (fp32, on ``dev``): the scale, and the bias where
+    the loss has one."""
+    return torch.tensor(params_for(loss, scale, bias), dtype=torch.float32, device=dev)
+
+
+def gpu_features(n: int, d: int, dtype: torch.dtype, seed: int):
+    """Random x, y [n, d] on the GPU in ``dtype``."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(n, d, device="cuda", generator=g)
+    y = torch.randn(n, d, device="cuda", generator=g)
+    return x.to(dtype), y.to(dtype)
+
+
+def gpu_step_extra_memory(loss: str, x, y, backend: str):
+    """One forward+backward of the loss (normalize=True, the loss's initial parameters) on
+    GPU features, after a warm-up (autotuning allocates benchmark buffers): (loss, bytes
+    allocated at the peak beyond the inputs, the parameters and the two feature
+    gradients). Leaves x.grad set."""
+    x.requires_grad_()
+    y.requires_grad_()
+    ps = [torch.tensor(v, device="cuda", requires_grad=True) for v in default_params(loss)]
+
+    def step():
+        out = fastclip.ops.fused_loss(loss, x, y, ps, normalize=True, backend=backend)
+        out.backward()
+        return out
+
+    step()
+    x.grad = y.grad = None
+    for p in ps:
+        p.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated() + 2 * x.numel() * x.element_size()   # + gradients
+    torch.cuda.reset_peak_memory_stats()
+    out = step()
+    torch.cuda.synchronize()
+    return out, torch.cuda.max_memory_allocated() - base

@@ -17,7 +17,6 @@ import math
 import pytest
 import torch
 
-import fastclip
 from fastclip.ops.backends import all_backends, get_backend
 from fastclip.ops.losses import LOSSES, get_loss
 
@@ -25,11 +24,14 @@ from ._helpers import (
     EPS,
     HALF_FACTOR,
     TOL,
+    LaunchCounter,
     block_oracle,
-    default_params,
+    gpu_features,
+    gpu_step_extra_memory,
     interpreter_env,
     naive_in,
     oracle,
+    param_tensor,
     params_for,
     rel_err,
     run,
@@ -67,21 +69,6 @@ def gpu():
     if not b.available():
         pytest.skip(f"gemm backend unavailable: {b.availability()[1]}")
     return "cuda"
-
-
-class _Counter:
-    """Wraps a Triton kernel (``kernel[grid](...)``) and counts its launches."""
-
-    def __init__(self, kernel):
-        self.kernel, self.calls = kernel, 0
-
-    def __getitem__(self, grid):
-        self.calls += 1
-        return self.kernel[grid]
-
-
-def _pparams(loss, dev, scale=12.0, bias=-4.0):
-    return torch.tensor(params_for(loss, scale, bias), dtype=torch.float32, device=dev)
 
 
 # ---------------------------------------------------------------------------- registry
@@ -144,7 +131,7 @@ def test_rows_in_chunks(dev, monkeypatch, loss, normalize):
     K = _kernels()
     monkeypatch.setattr(K, "_CHUNK_BYTES", 1)
     monkeypatch.setattr(K, "_GROUP", 2)
-    launches = _Counter(K._grad_tile_launch)
+    launches = LaunchCounter(K._grad_tile_launch)
     monkeypatch.setattr(K, "_grad_tile_launch", launches)
     spec = get_loss(loss)
     g = torch.Generator().manual_seed(11)
@@ -155,7 +142,7 @@ def test_rows_in_chunks(dev, monkeypatch, loss, normalize):
     params = params_for(loss, 15.0, -5.0)
     grads = upstream(n, m, g)
     (wr, wc, wp), (wdx, wdy, wdp) = block_oracle(loss, x, y, params, normalize, off, grads)
-    p = _pparams(loss, dev, 15.0, -5.0)
+    p = param_tensor(loss, dev, 15.0, -5.0)
     xs, ys, gd = x.to(dev), y.to(dev), [t.to(dev) for t in grads]
     got = [("dx", wdx), ("dy", wdy), ("dparams", wdp)]
     out = K.bwd(spec.code, xs, ys, p, normalize, EPS, off, wr.to(dev), wc.to(dev), *gd)
@@ -179,7 +166,7 @@ def test_every_output_element_is_written(dev, monkeypatch, loss):
     g = torch.Generator().manual_seed(23)
     n, m, d = 131, 37, 33
     x, y = torch.randn(n, d, generator=g).to(dev), torch.randn(m, d, generator=g).to(dev)
-    p = _pparams(loss, dev, 5.0, -2.0)
+    p = param_tensor(loss, dev, 5.0, -2.0)
     gr, gc, gp = (t.to(dev) for t in upstream(n, m, g))
     r, c, pos = K.fwd(spec.code, x, y, p, True, EPS, 2)
     outs = list(zip(("dx", "dy", "dparams"), K.bwd(spec.code, x, y, p, True, EPS, 2, r, c,
@@ -202,7 +189,7 @@ def test_fp16_buffer_is_scaled(dev, monkeypatch, loss):
     n, m, d = 200, 64, 16
     x = unit_rows(torch.randn(n, d, generator=g)).half()
     y = unit_rows(torch.randn(m, d, generator=g)).half()
-    p = _pparams(loss, dev, 10.0, -6.0)
+    p = param_tensor(loss, dev, 10.0, -6.0)
     gd = [(t * 1e-3).to(dev) for t in upstream(n, m, g)]     # |G| ~ 1e-3/N: below 6e-5
     outs = []
     for t in (torch.float16, torch.float32):
@@ -214,13 +201,6 @@ def test_fp16_buffer_is_scaled(dev, monkeypatch, loss):
 
 
 # ----------------------------------------------------------------------------- GPU only
-def _gpu_inputs(n, d, dtype, seed):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(n, d, device="cuda", generator=g)
-    y = torch.randn(n, d, device="cuda", generator=g)
-    return x.to(dtype), y.to(dtype)
-
-
 def test_gpu_gemms_take_16_bit_inputs_with_fp32_output(gpu):
     # Without torch.mm(..., out_dtype=torch.float32) the 16-bit GEMMs would run widened
     # to fp32, off the tensor cores' 16-bit rate.
@@ -232,7 +212,7 @@ def test_gpu_gemms_take_16_bit_inputs_with_fp32_output(gpu):
 def test_gpu_bf16_accuracy(gpu, loss, n):
     # Within 2x the error of PyTorch's own bf16 computation, judged against float64.
     d = 512
-    x, y = _gpu_inputs(n, d, torch.bfloat16, 5 + n)
+    x, y = gpu_features(n, d, torch.bfloat16, 5 + n)
     params = params_for(loss, 1 / 0.07 if loss == "clip" else 10.0, -10.0)
     want = oracle(loss, x, y, params, True)
     out = run(loss, x, y, params, True, "gemm")
@@ -270,26 +250,8 @@ def test_gpu_memory_is_bounded(gpu, loss):
     # plus O(N) statistics and [R, D] rows.
     K = _kernels()
     n, d = 65536, 512
-    x, y = _gpu_inputs(n, d, torch.bfloat16, 7)
-    x.requires_grad_()
-    y.requires_grad_()
-    ps = [torch.tensor(v, device="cuda", requires_grad=True) for v in default_params(loss)]
-
-    def step():
-        out = fastclip.ops.fused_loss(loss, x, y, ps, normalize=True, backend="gemm")
-        out.backward()
-        return out
-
-    step()                      # warm up: autotuning allocates benchmark buffers
-    x.grad = y.grad = None
-    for p in ps:
-        p.grad = None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated() + 2 * x.numel() * x.element_size()   # + gradients
-    torch.cuda.reset_peak_memory_stats()
-    out = step()
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base
+    x, y = gpu_features(n, d, torch.bfloat16, 7)
+    out, extra = gpu_step_extra_memory(loss, x, y, "gemm")
     bound = K._CHUNK_BYTES + 2 * n * d * 4 + (64 << 20)
     assert torch.isfinite(out) and torch.isfinite(x.grad.float()).all()
     assert extra < bound, f"{loss}: extra {extra / 2**20:.0f} MiB > {bound / 2**20:.0f} MiB"
@@ -324,7 +286,7 @@ def test_autotuner_zeroes_only_partial_buffers(dev, monkeypatch, loss):
     g = torch.Generator().manual_seed(41)
     n, m, d = 40, 35, 8
     x, y = torch.randn(n, d, generator=g).to(dev), torch.randn(m, d, generator=g).to(dev)
-    p = _pparams(loss, dev)
+    p = param_tensor(loss, dev)
     grads = [t.to(dev) for t in upstream(n, m, g)]
     r, c, _ = K.fwd(spec.code, x, y, p, True, EPS, 0)
     K.bwd(spec.code, x, y, p, True, EPS, 0, r, c, *grads)

@@ -27,12 +27,16 @@ from ._helpers import (
     EPS,
     HALF_FACTOR,
     TOL,
+    LaunchCounter,
     block_oracle,
     default_params,
     embeddings,
+    gpu_features,
+    gpu_step_extra_memory,
     interpreter_env,
     naive_in,
     oracle,
+    param_tensor,
     params_for,
     rel_err,
     run,
@@ -67,21 +71,6 @@ def gpu():
     if not all_backends()["triton"].available():
         pytest.skip(f"triton backend unavailable: {_unavailable_reason()}")
     return "cuda"
-
-
-class _Counter:
-    """Wraps a Triton kernel (``kernel[grid](...)``) and counts its launches."""
-
-    def __init__(self, kernel):
-        self.kernel, self.calls = kernel, 0
-
-    def __getitem__(self, grid):
-        self.calls += 1
-        return self.kernel[grid]
-
-
-def _pparams(loss, dev, scale=12.0, bias=-4.0):
-    return torch.tensor(params_for(loss, scale, bias), dtype=torch.float32, device=dev)
 
 
 # ------------------------------------------------------------------ registry / dtypes
@@ -164,12 +153,12 @@ def test_kernels_refuse_what_they_do_not_implement(dev):
     x, y = embeddings("random", 8, 4)
     x, y = x.to(dev), y.to(dev)
     with pytest.raises(ValueError, match="loss code 7"):
-        K.fwd(7, x, y, _pparams("clip", dev), False, EPS, 0)
+        K.fwd(7, x, y, param_tensor("clip", dev), False, EPS, 0)
     with pytest.raises(ValueError, match=r"at least 2 element.*bias"):
-        K.fwd(K.SIGMOID.value, x, y, _pparams("clip", dev), False, EPS, 0)
+        K.fwd(K.SIGMOID.value, x, y, param_tensor("clip", dev), False, EPS, 0)
     g = torch.zeros(8, device=dev)
     with pytest.raises(ValueError, match="softmax .* needs its merged statistics"):
-        K.fwd_bwd(K.SOFTMAX.value, x, y, _pparams("clip", dev), False, EPS, 0, g, g, g)
+        K.fwd_bwd(K.SOFTMAX.value, x, y, param_tensor("clip", dev), False, EPS, 0, g, g, g)
 
 
 # ------------------------------------------------------------------------ forward waves
@@ -184,12 +173,12 @@ def test_forward_in_waves(dev, monkeypatch, loss, blocks_per_wave):
     n, m, d = 2 * bm + 6, 33, 20
     per_col = 8 if spec.merge == "lse" else 4
     monkeypatch.setattr(K, "_PARTIAL_BYTES", per_col * m * blocks_per_wave)
-    merges = _Counter(K._col_merge_kernel)
+    merges = LaunchCounter(K._col_merge_kernel)
     monkeypatch.setattr(K, "_col_merge_kernel", merges)
     g = torch.Generator().manual_seed(17 + blocks_per_wave)
     x, y = torch.randn(n, d, generator=g), torch.randn(m, d, generator=g)
     params = params_for(loss, 30.0, -6.0)
-    got = K.fwd(spec.code, x.to(dev), y.to(dev), _pparams(loss, dev, 30.0, -6.0), True, EPS, 3)
+    got = K.fwd(spec.code, x.to(dev), y.to(dev), param_tensor(loss, dev, 30.0, -6.0), True, EPS, 3)
     assert merges.calls == math.ceil(3 / blocks_per_wave)
     (want, _) = block_oracle(loss, x, y, params, True, 3, upstream(n, m, g))
     for name, o, r in zip(("row", "col", "pos"), got, want):
@@ -209,7 +198,7 @@ def test_every_output_element_is_written(dev, monkeypatch, loss, normalize):
     g = torch.Generator().manual_seed(21)
     n, m, d = 37, 70, 33
     x, y = torch.randn(n, d, generator=g).to(dev), torch.randn(m, d, generator=g).to(dev)
-    p = _pparams(loss, dev, 5.0, -2.0)
+    p = param_tensor(loss, dev, 5.0, -2.0)
     gr, gc, gp = (t.to(dev) for t in upstream(n, m, g))
     r, c, pos = K.fwd(spec.code, x, y, p, normalize, EPS, 2)
     dx, dy, dp = K.bwd(spec.code, x, y, p, normalize, EPS, 2, r, c, gr, gc, gp)
@@ -232,11 +221,11 @@ def test_one_pass_runs_no_forward_and_matches_the_two_passes(dev, monkeypatch):
     g = torch.Generator().manual_seed(5)
     n, m, d = 45, 38, 20
     x, y = torch.randn(n, d, generator=g).to(dev), torch.randn(m, d, generator=g).to(dev)
-    p = _pparams("siglip", dev, 10.0, -3.0)
+    p = param_tensor("siglip", dev, 10.0, -3.0)
     grads = [t.to(dev) for t in upstream(n, m, g)]
     row, col, pos = K.fwd(spec.code, x, y, p, True, EPS, 1)
     two = (row, col, pos, *K.bwd(spec.code, x, y, p, True, EPS, 1, row, col, *grads))
-    fwds, merges = _Counter(K._fwd_launch), _Counter(K._col_merge_kernel)
+    fwds, merges = LaunchCounter(K._fwd_launch), LaunchCounter(K._col_merge_kernel)
     monkeypatch.setattr(K, "_fwd_launch", fwds)
     monkeypatch.setattr(K, "_col_merge_kernel", merges)
     one = K.fwd_bwd(spec.code, x, y, p, True, EPS, 1, *grads)
@@ -283,45 +272,19 @@ def test_tile_configs_and_autotune_keys():
 
 
 # ----------------------------------------------------------------------------- GPU only
-def _gpu_inputs(n, d, dtype, seed):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(n, d, device="cuda", generator=g)
-    y = torch.randn(n, d, device="cuda", generator=g)
-    return x.to(dtype), y.to(dtype)
-
-
 @pytest.mark.parametrize("loss", LOSS_NAMES)
 def test_gpu_large_n_memory(gpu, loss):
     # N = 262144, D = 512, bf16: the N×N logits would be 128 GiB in bf16; the fused loss
     # needs O(N·D) beyond its inputs and gradients, under 1 GiB.
-    n, d = 262144, 512
-    x, y = _gpu_inputs(n, d, torch.bfloat16, 0)
-    x.requires_grad_()
-    y.requires_grad_()
-    ps = [torch.tensor(v, device="cuda", requires_grad=True) for v in default_params(loss)]
-
-    def step():
-        out = fastclip.ops.fused_loss(loss, x, y, ps, normalize=True, backend="triton")
-        out.backward()
-        return out
-
-    step()                      # warm up: autotuning allocates benchmark buffers
-    x.grad = y.grad = None
-    for p in ps:
-        p.grad = None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated() + 2 * x.numel() * x.element_size()   # + gradients
-    torch.cuda.reset_peak_memory_stats()
-    out = step()
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base
+    x, y = gpu_features(262144, 512, torch.bfloat16, 0)
+    out, extra = gpu_step_extra_memory(loss, x, y, "triton")
     assert torch.isfinite(out) and torch.isfinite(x.grad.float()).all()
     assert extra < 1 << 30, f"{loss}: extra memory {extra / 2**30:.2f} GiB"
 
 
 @pytest.mark.parametrize("loss", LOSS_NAMES)
 def test_gpu_tf32_flag_is_honoured(gpu, loss, matmul_flags):
-    x, y = _gpu_inputs(1000, 512, torch.float32, 1)
+    x, y = gpu_features(1000, 512, torch.float32, 1)
     params = default_params(loss)
     want = oracle(loss, x, y, params, True)
     matmul_flags.allow_tf32 = False
@@ -341,7 +304,7 @@ def test_gpu_bf16_accuracy(gpu, loss, n):
     # bf16 operands on tensor cores (the interpreter upcasts them): within 2x the error of
     # PyTorch's own bf16 computation of the same formula, judged against float64.
     d = 512
-    x, y = _gpu_inputs(n, d, torch.bfloat16, 2 + n)
+    x, y = gpu_features(n, d, torch.bfloat16, 2 + n)
     params = params_for(loss, 1 / 0.07 if loss == "clip" else 10.0, -10.0)
     want = oracle(loss, x, y, params, True)
     out = run(loss, x, y, params, True, "triton")
@@ -360,7 +323,7 @@ def test_gpu_fp16_gradients_do_not_underflow_at_large_n(gpu, loss):
     # power-of-two scaling. Judged against the same fp16 values computed in fp32
     # (TOL-exact), which isolates the fp16 path's own rounding.
     n, d = 65536, 64
-    x, y = _gpu_inputs(n, d, torch.float16, 3)
+    x, y = gpu_features(n, d, torch.float16, 3)
     params = default_params(loss)
     half = run(loss, x, y, params, True, "triton")
     full = run(loss, x.float(), y.float(), params, True, "triton")
