@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import Backend, register_backend
-from .triton import _availability, _interpreting
+from .triton import _availability, _interpreting, block_functions
 
 
 def _kernels():
@@ -31,18 +31,7 @@ def _priority(device: torch.device) -> int:
     return 15 if device.type == "cuda" else -10
 
 
-def fwd(spec, x, y, params, normalize, eps, pos_offset):
-    return _kernels().fwd(spec.code, x, y, params, normalize, eps, pos_offset)
-
-
-def bwd(spec, x, y, params, normalize, eps, pos_offset, row, col, grad_row, grad_col, grad_pos):
-    return _kernels().bwd(spec.code, x, y, params, normalize, eps, pos_offset, row, col,
-                          grad_row, grad_col, grad_pos)
-
-
-def fwd_bwd(spec, x, y, params, normalize, eps, pos_offset, grad_row, grad_col, grad_pos):
-    return _kernels().fwd_bwd(spec.code, x, y, params, normalize, eps, pos_offset, grad_row,
-                              grad_col, grad_pos)
+fwd, bwd, fwd_bwd = block_functions(_kernels)
 
 
 register_backend(Backend(

@@ -59,18 +59,26 @@ def _priority(device: torch.device) -> int:
     return 20 if device.type == "cuda" else -10
 
 
-def fwd(spec, x, y, params, normalize, eps, pos_offset):
-    return _kernels().fwd(spec.code, x, y, params, normalize, eps, pos_offset)
+def block_functions(kernels):
+    """The contract's fwd, bwd and fwd_bwd over a Triton launcher module (``kernels()``
+    imports it, and triton, on first use): the loss goes to the kernels as its code."""
+
+    def fwd(spec, x, y, params, normalize, eps, pos_offset):
+        return kernels().fwd(spec.code, x, y, params, normalize, eps, pos_offset)
+
+    def bwd(spec, x, y, params, normalize, eps, pos_offset, row, col, grad_row, grad_col,
+            grad_pos):
+        return kernels().bwd(spec.code, x, y, params, normalize, eps, pos_offset, row, col,
+                             grad_row, grad_col, grad_pos)
+
+    def fwd_bwd(spec, x, y, params, normalize, eps, pos_offset, grad_row, grad_col, grad_pos):
+        return kernels().fwd_bwd(spec.code, x, y, params, normalize, eps, pos_offset,
+                                 grad_row, grad_col, grad_pos)
+
+    return fwd, bwd, fwd_bwd
 
 
-def bwd(spec, x, y, params, normalize, eps, pos_offset, row, col, grad_row, grad_col, grad_pos):
-    return _kernels().bwd(spec.code, x, y, params, normalize, eps, pos_offset, row, col,
-                          grad_row, grad_col, grad_pos)
-
-
-def fwd_bwd(spec, x, y, params, normalize, eps, pos_offset, grad_row, grad_col, grad_pos):
-    return _kernels().fwd_bwd(spec.code, x, y, params, normalize, eps, pos_offset, grad_row,
-                              grad_col, grad_pos)
+fwd, bwd, fwd_bwd = block_functions(_kernels)
 
 
 register_backend(Backend(
