@@ -57,6 +57,22 @@ def backend_ok(backend: str) -> str:
     return backend
 
 
+def kernel_device(backend: str) -> str:
+    """Where a Triton-based backend's kernel tests run: "cpu" under TRITON_INTERPRET (the
+    interpreter), else "cuda"; skips with the registry's reason where it cannot run."""
+    backend_ok(backend)
+    return "cpu" if interpreter_env() else "cuda"
+
+
+def kernel_gpu(backend: str) -> str:
+    """"cuda" for a Triton-based backend's GPU-only tests; skips without a GPU (or under
+    the interpreter) and where the backend cannot run."""
+    if interpreter_env() or not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (and TRITON_INTERPRET unset)")
+    backend_ok(backend)
+    return "cuda"
+
+
 def cases(losses=None, dtypes=None):
     """(loss, backend) pairs: every backend of the registry with every loss it implements,
     optionally only those that take one of ``dtypes``."""

@@ -29,6 +29,8 @@ from ._helpers import (
     gpu_features,
     gpu_step_extra_memory,
     interpreter_env,
+    kernel_device,
+    kernel_gpu,
     naive_in,
     oracle,
     param_tensor,
@@ -55,20 +57,12 @@ def _fused():
 
 @pytest.fixture
 def dev():
-    b = all_backends()["gemm"]
-    if not b.available():
-        pytest.skip(f"gemm backend unavailable: {b.availability()[1]}")
-    return "cpu" if INTERPRET else "cuda"
+    return kernel_device("gemm")
 
 
 @pytest.fixture
 def gpu():
-    if INTERPRET or not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU (and TRITON_INTERPRET unset)")
-    b = all_backends()["gemm"]
-    if not b.available():
-        pytest.skip(f"gemm backend unavailable: {b.availability()[1]}")
-    return "cuda"
+    return kernel_gpu("gemm")
 
 
 # ---------------------------------------------------------------------------- registry

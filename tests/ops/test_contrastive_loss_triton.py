@@ -34,6 +34,8 @@ from ._helpers import (
     gpu_features,
     gpu_step_extra_memory,
     interpreter_env,
+    kernel_device,
+    kernel_gpu,
     naive_in,
     oracle,
     param_tensor,
@@ -53,24 +55,14 @@ def _kernels():
     return K
 
 
-def _unavailable_reason() -> str:
-    return all_backends()["triton"].availability()[1]
-
-
 @pytest.fixture
 def dev():
-    if not all_backends()["triton"].available():
-        pytest.skip(f"triton backend unavailable: {_unavailable_reason()}")
-    return "cpu" if INTERPRET else "cuda"
+    return kernel_device("triton")
 
 
 @pytest.fixture
 def gpu():
-    if INTERPRET or not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU (and TRITON_INTERPRET unset)")
-    if not all_backends()["triton"].available():
-        pytest.skip(f"triton backend unavailable: {_unavailable_reason()}")
-    return "cuda"
+    return kernel_gpu("triton")
 
 
 # ------------------------------------------------------------------ registry / dtypes
