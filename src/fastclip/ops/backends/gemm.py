@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from . import Backend, register_backend
-from .triton import _availability, _interpreting, block_functions
+from . import register_backend
+from .triton import triton_backend
 
 
 def _kernels():
@@ -31,22 +31,4 @@ def _priority(device: torch.device) -> int:
     return 15 if device.type == "cuda" else -10
 
 
-fwd, bwd, fwd_bwd = block_functions(_kernels)
-
-
-register_backend(Backend(
-    name="gemm",
-    code=4,
-    devices=("cuda", "cpu") if _interpreting() else ("cuda",),
-    dtypes=(torch.float32, torch.float16, torch.bfloat16),
-    priority=_priority,
-    availability=_availability,
-    fwd=fwd,
-    bwd=bwd,
-    fwd_bwd=fwd_bwd,
-    losses=("clip", "siglip"),
-    emulated=_interpreting,
-    # The gradient's logit tiles come from the forward's helper with the forward's
-    # operands (fastclip/ops/triton/contrastive_loss.py, "Rounding"): no bound.
-    exact_logits=float("inf"),
-))
+register_backend(triton_backend("gemm", 4, _priority, _kernels))

@@ -59,9 +59,10 @@ def _priority(device: torch.device) -> int:
     return 20 if device.type == "cuda" else -10
 
 
-def block_functions(kernels):
-    """The contract's fwd, bwd and fwd_bwd over a Triton launcher module (``kernels()``
-    imports it, and triton, on first use): the loss goes to the kernels as its code."""
+def triton_backend(name: str, code: int, priority, kernels) -> Backend:
+    """A backend whose block functions are those of a Triton launcher module (``kernels()``
+    imports it, and triton, on first use; the loss goes to the kernels as its code): the
+    devices, dtypes, availability and losses of every Triton backend here."""
 
     def fwd(spec, x, y, params, normalize, eps, pos_offset):
         return kernels().fwd(spec.code, x, y, params, normalize, eps, pos_offset)
@@ -75,26 +76,24 @@ def block_functions(kernels):
         return kernels().fwd_bwd(spec.code, x, y, params, normalize, eps, pos_offset,
                                  grad_row, grad_col, grad_pos)
 
-    return fwd, bwd, fwd_bwd
+    return Backend(
+        name=name,
+        code=code,
+        devices=("cuda", "cpu") if _interpreting() else ("cuda",),
+        dtypes=(torch.float32, torch.float16, torch.bfloat16),
+        priority=priority,
+        availability=_availability,
+        fwd=fwd,
+        bwd=bwd,
+        fwd_bwd=fwd_bwd,
+        losses=("clip", "siglip"),
+        emulated=_interpreting,
+        # Every logit is rounded alike in the forward and the backward (one helper,
+        # _tile_dot/_logits, with the forward's operand order; IEEE fp32 dot = one in-order
+        # fma chain per element: fastclip/ops/triton/contrastive_loss.py, "Rounding"): no
+        # bound, for the fused kernels and the gemm backend's gradient tiles alike.
+        exact_logits=float("inf"),
+    )
 
 
-fwd, bwd, fwd_bwd = block_functions(_kernels)
-
-
-register_backend(Backend(
-    name="triton",
-    code=2,
-    devices=("cuda", "cpu") if _interpreting() else ("cuda",),
-    dtypes=(torch.float32, torch.float16, torch.bfloat16),
-    priority=_priority,
-    availability=_availability,
-    fwd=fwd,
-    bwd=bwd,
-    fwd_bwd=fwd_bwd,
-    losses=("clip", "siglip"),
-    emulated=_interpreting,
-    # Every logit is rounded alike in the forward and both backward passes (one helper,
-    # the forward's operand order, IEEE fp32 dot = one in-order fma chain per element:
-    # fastclip/ops/triton/contrastive_loss.py, "Rounding"): no bound.
-    exact_logits=float("inf"),
-))
+register_backend(triton_backend("triton", 2, _priority, _kernels))
