@@ -137,8 +137,9 @@ def test_cpu_measurement_in_fresh_subprocess(tmp_path):
     assert "one N x N buffer" in r["impl"]
 
 
-def test_floor_runs_on_row_chunks_with_the_same_products():
-    spec = M.get_loss("clip")
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_floor_runs_on_row_chunks_with_the_same_products(loss):
+    spec = M.get_loss(loss)
     n, d = 300, 8                                  # 300 rows: chunks of 256 and 44
     small = int(0.0002 * 1e9)
     assert M.floor_rows(n, torch.float32, "cpu", small) == 256
@@ -148,12 +149,26 @@ def test_floor_runs_on_row_chunks_with_the_same_products():
     for budget in (small, 0):
         st = M.build_step(spec, "floor", inputs, device="cpu", max_mem_bytes=budget)
         assert ("row chunks" in st.impl) == (budget == small)
+        # The floor's product count holds on chunks too: a one-pass loss's 3 products do
+        # not become 4 (no X·Yᵀ recomputed in a backward).
+        assert st.impl.startswith(f"{spec.floor_products} x torch.matmul")
         st.bwd(st.fwd())
         gx, gy = st.outputs
         xd, yd = x.detach().double(), y.detach().double()
         g = xd @ yd.T                              # G = X Yᵀ, dX = G Y, dY = Gᵀ X
         for out, ref in ((gx, g @ yd), (gy, g.T @ xd)):
             assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_impl_is_the_measured_steps_not_the_warm_ups():
+    # The CPU warms up on at most 256 rows; the floor of a larger N may run on row chunks,
+    # and the results must say what was measured.
+    from fastclip.bench.measure import Step, time_step  # noqa: PLC0415
+    warm, full = (torch.zeros(2, requires_grad=True),), (torch.zeros(3, requires_grad=True),)
+    res = time_step(lambda inp: Step(lambda: None, lambda _: None, f"rows {inp[0].numel()}"),
+                    full, warm, cuda=False, reps=1, target_s=0.0, reps_range=(1, 1),
+                    grad_bytes=0)
+    assert res["impl"] == "rows 3"
 
 
 def test_overhead_mode_writes_its_own_table(tmp_path, capsys):

@@ -419,9 +419,28 @@ def _floor_step(spec: BenchLoss, x: Tensor, y: Tensor, rows: int) -> Step:
             torch.matmul(buf, yd, out=gx)             # G·Y
             torch.matmul(buf.T, xd, out=gy)           # Gᵀ·X
         return Step(fwd, bwd, f"{what}, one N x N buffer", (gx, gy))
-    # Row chunks: the backward recomputes each chunk's X·Yᵀ (a chunked forward cannot
-    # keep them all), so a 3-product floor pays 4 products here: the impl says so.
     chunks = [(a, min(n, a + rows)) for a in range(0, n, rows)]
+
+    def chunk_grads(i, a, b, g):
+        torch.matmul(g, yd, out=gx[a:b])              # G·Y, this chunk's rows
+        if i == 0:
+            torch.matmul(g.T, xd[a:b], out=gy)        # Gᵀ·X, summed over the chunks
+        else:
+            gy.addmm_(g.T, xd[a:b])
+    if not recompute:
+        # A one-pass loss on row chunks: each chunk's X·Yᵀ, G·Y and Gᵀ·X at once, in the
+        # forward (as the fused one-pass loss computes its gradients), nothing kept between
+        # the two calls: still 3 products.
+        def fwd():
+            for i, (a, b) in enumerate(chunks):
+                g = buf[:b - a]
+                torch.matmul(xd[a:b], yd.T, out=g)
+                chunk_grads(i, a, b, g)
+        return Step(fwd, lambda _: None,
+                    f"3 x torch.matmul on row chunks of {rows}, all in the forward "
+                    "(N x N would not fit)", (gx, gy))
+    # Row chunks of a two-pass loss: the backward recomputes each chunk's X·Yᵀ (a chunked
+    # forward cannot keep them all), as the 4-product floor counts anyway.
 
     def fwd():
         for a, b in chunks:
@@ -431,11 +450,7 @@ def _floor_step(spec: BenchLoss, x: Tensor, y: Tensor, rows: int) -> Step:
         for i, (a, b) in enumerate(chunks):
             g = buf[:b - a]
             torch.matmul(xd[a:b], yd.T, out=g)
-            torch.matmul(g, yd, out=gx[a:b])
-            if i == 0:
-                torch.matmul(g.T, xd[a:b], out=gy)
-            else:
-                gy.addmm_(g.T, xd[a:b])
+            chunk_grads(i, a, b, g)
     return Step(fwd, bwd, f"4 x torch.matmul on row chunks of {rows} (N x N would not fit)",
                 (gx, gy))
 
