@@ -76,6 +76,11 @@ def test_registration():
     gpu = torch.device("cuda")
     assert get_backend("triton").rank(gpu) > b.rank(gpu) > get_backend("cuda").rank(gpu)
     assert b.rank(torch.device("cpu")) < get_backend("reference").rank(torch.device("cpu"))
+    ok, reason = b.availability()
+    # Where it cannot run, the reason names this backend (not the triton one it shares code
+    # with) or what is missing.
+    assert ok or "gemm backend" in reason or "pip install triton" in reason \
+        or "interpreter fails here" in reason, reason
 
 
 def test_chunk_rows():
