@@ -31,6 +31,7 @@ tiles); one-pass losses (SigLIP's sigmoid) compute their gradients in the forwar
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import astuple, dataclass, fields
 from typing import Optional
@@ -373,6 +374,23 @@ def _finish_backward(plan: _Plan, g: Tensor, dp_local: Tensor, dx: Tensor, dy: T
     return (dx * g_tot).to(x.dtype), (dy * g_tot).to(y.dtype), dparams
 
 
+def _first_order(backward):
+    """``once_differentiable``, loudly: a backward with ``create_graph=True`` (a second
+    derivative) raises, where once_differentiable would return a gradient without its graph
+    whenever the upstream gradient needs none (a gradient penalty would silently vanish)."""
+    inner = torch.autograd.function.once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled() and any(ctx.needs_input_grad):
+            raise RuntimeError(
+                "fastclip.distributed losses are first-order: a backward with create_graph=True "
+                "(a second derivative, e.g. a gradient penalty) is not supported across ranks; "
+                "the single-process losses (fastclip.clip_loss, fastclip.siglip_loss) support it")
+        return inner(ctx, *grads)
+    return wrapper
+
+
 class _GatherLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor, params: Tensor, plan: _Plan, y_all):
@@ -414,7 +432,7 @@ class _GatherLoss(torch.autograd.Function):
         return _finish_forward(ctx, plan, row, col_own, pos, params.dtype)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_first_order
     def backward(ctx, g):
         plan = ctx.plan
         if ctx.one_pass:
@@ -529,7 +547,7 @@ class _RingLoss(torch.autograd.Function):
         return _finish_forward(ctx, plan, st["row"], col_own, st["pos"], params.dtype)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_first_order
     def backward(ctx, g):
         plan = ctx.plan
         if ctx.one_pass:

@@ -231,6 +231,10 @@ def test_single_rank_group_equals_plain_loss(impl):
         assert _workers.rel_err(got, ref) <= TOL_F64
         for a, b in zip(g, r):
             assert _workers.rel_err(a, b) <= TOL_F64
+        # A second derivative is refused across ranks, never answered without its graph.
+        got = clip_loss(x, y, s, normalize=True, dist_impl=impl, backend="cpu")
+        with pytest.raises(RuntimeError, match="create_graph=True"):
+            torch.autograd.grad(got, x, create_graph=True)
     finally:
         dist.destroy_process_group()
 

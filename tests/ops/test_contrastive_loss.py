@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -400,6 +403,38 @@ def test_torch_compile_fullgraph(loss, backend):
         assert rel_err(gc, ge) <= 1e-5
 
 
+_COLD_COMPILE = """
+import torch, fastclip
+from fastclip.ops.losses import get_loss
+for loss in ("clip", "siglip"):
+    ps = get_loss(loss).init
+    lin = torch.nn.Linear(6, 5)
+    for dynamic in (False, True):
+        # The first fastclip call of the process is inside the compiled function.
+        f = torch.compile(lambda a, b: fastclip.ops.fused_loss(loss, lin(a), lin(b), ps,
+                                                                 normalize=True),
+                          fullgraph=True, dynamic=dynamic, backend="aot_eager")
+        for n in (9, 14):
+            x, y = torch.randn(n, 6), torch.randn(n, 6)
+            lc = f(x, y)
+            gc, = torch.autograd.grad(lc, lin.weight)
+            le = fastclip.ops.fused_loss(loss, lin(x), lin(y), ps, normalize=True)
+            ge, = torch.autograd.grad(le, lin.weight)
+            assert torch.allclose(lc, le, rtol=1e-6) and torch.allclose(gc, ge, rtol=1e-5), (
+                loss, dynamic, n)
+print("ok")
+"""
+
+
+def test_torch_compile_in_a_fresh_process():
+    # fullgraph=True as a process's first fastclip call (no eager call has loaded and resolved
+    # the backend registry yet), and with dynamic shapes: one graph, the eager numbers.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _COLD_COMPILE], capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
 @pytest.mark.parametrize("loss,backend", FP32)
 def test_deterministic(loss, backend):
     dev = _setup(loss, backend)
@@ -426,6 +461,119 @@ def test_autocast_does_not_reach_the_kernels(loss, backend):
         under = run(loss, x, y, params, True, backend)
     for name, a, b in zip(names(loss), plain, under):
         assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+# ------------------------------------------------------------------ autograd corners
+def _penalised(loss, fn, x, y, ps):
+    """L + ‖dL/dx‖²: a gradient penalty, which needs d²L (create_graph=True)."""
+    out = fn(x, y, ps)
+    gx, = torch.autograd.grad(out, x, create_graph=True)
+    return out + (gx ** 2).sum()
+
+
+@pytest.mark.parametrize("loss,backend", FP32)
+def test_second_derivative(loss, backend):
+    # A backward with create_graph=True gets a differentiable gradient (the reference formula
+    # re-run with autograd), never a constant one: the penalty's own gradient would vanish
+    # silently.
+    dev = _setup(loss, backend)
+    g = torch.Generator().manual_seed(21)
+    x, y = embeddings("random", 7, 5, gen=g)
+    params = params_for(loss, 4.0, -2.0)
+
+    def fused(a, b, ps):
+        return fastclip.ops.fused_loss(loss, a, b, ps, normalize=True, backend=backend)
+
+    def naive(a, b, ps):
+        return get_loss(loss).naive(a, b, *ps, normalize=True)
+
+    got, want = [], []
+    for fn, dtype, where, out in ((fused, torch.float32, dev, got),
+                                  (naive, torch.float64, "cpu", want)):
+        a, b = (t.to(where, dtype).requires_grad_() for t in (x, y))
+        ps = [torch.tensor(v, dtype=dtype, device=where, requires_grad=True) for v in params]
+        total = _penalised(loss, fn, a, b, ps)
+        out += [total.detach(), *torch.autograd.grad(total, (a, b, *ps))]
+    for name, o, r in zip(("penalised loss", "x", "y", *get_loss(loss).params), got, want):
+        assert rel_err(o, r) <= TOL[torch.float32], name
+
+
+@pytest.mark.parametrize("loss,backend", FP32)
+def test_features_from_inference_mode(loss, backend):
+    # Features computed under torch.inference_mode() with a scale that still learns (a frozen
+    # tower): the loss saves the features for its backward, which inference tensors refuse.
+    dev = _setup(loss, backend)
+    with torch.inference_mode():
+        x, y = (t.to(dev) for t in embeddings("random", 12, 6, gen=torch.Generator().manual_seed(3)))
+    params = params_for(loss, 5.0, -3.0)
+    ps = [torch.tensor(v, device=dev, requires_grad=True) for v in params]
+    out = fastclip.ops.fused_loss(loss, x, y, ps, normalize=True, backend=backend)
+    out.backward()
+    want = oracle(loss, x.clone(), y.clone(), params, True)
+    assert rel_err(out, want[0]) <= TOL[torch.float32]
+    for p, r in zip(ps, want[3:]):
+        assert rel_err(p.grad, r) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("loss,backend", FP32)
+def test_torch_func(loss, backend):
+    # torch.func.grad composes with the fused loss; vmap (and what is built on it) is refused
+    # with a message, not PyTorch's internal error about setup_context.
+    dev = _setup(loss, backend)
+    x, y = (t.to(dev) for t in embeddings("random", 10, 6, gen=torch.Generator().manual_seed(5)))
+    params = params_for(loss, 6.0, -4.0)
+
+    def f(a):
+        return fastclip.ops.fused_loss(loss, a, y, params, normalize=True, backend=backend)
+
+    got = torch.func.grad(f)(x)
+    want = oracle(loss, x, y, params, True)[1]
+    assert rel_err(got, want) <= TOL[torch.float32]
+    with pytest.raises(NotImplementedError, match="torch.func.vmap"):
+        torch.func.vmap(f)(torch.stack([x, x]))
+
+
+@pytest.mark.parametrize("loss,backend", FP32)
+@pytest.mark.parametrize("size", ("huge", "tiny"))
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")     # the interpreter's numpy overflows
+def test_extreme_row_norms_never_give_a_finite_wrong_loss(loss, backend, size):
+    # normalize=True with rows of norm ~3e19 (their fp32 dot products overflow) or ~3e-20
+    # with eps = 1e-30 (products below fp32's normal range): a kernel that forms raw dot
+    # products in fp32 may return a non-finite loss, never a finite wrong one; the
+    # reference backend (float64 norms) gets them right.
+    dev = _setup(loss, backend)
+    x, y = embeddings("random", 6, 8, gen=torch.Generator().manual_seed(8))
+    factor = 1e19 if size == "huge" else 1e-20
+    params = default_params(loss)
+    want = oracle(loss, x, y, params, True)[0]
+    out = fastclip.ops.fused_loss(loss, (x * factor).to(dev), (y * factor).to(dev), params,
+                                  normalize=True, backend=backend, eps=1e-30)
+    if backend == "reference" or torch.isfinite(out):
+        assert rel_err(out, want) <= TOL[torch.float32], out
+
+
+@pytest.mark.parametrize("loss,backend", FP32)
+@pytest.mark.parametrize("pos_offset", (3, 12))
+def test_positive_offset(loss, backend, pos_offset):
+    # fused_loss(pos_offset=k): row i's positive is column i + k; k >= N: every pair a
+    # negative (open_clip's SigLipLoss on another rank's texts). Value and gradients against
+    # the materialised formula in float64.
+    dev = _setup(loss, backend)
+    n = 12
+    x, y = embeddings("random", n, 5, gen=torch.Generator().manual_seed(pos_offset))
+    params = params_for(loss, 7.0, -5.0)
+    got = run(loss, x.to(dev), y.to(dev), params, True, backend, pos_offset=pos_offset)
+    xd, yd = (t.double().requires_grad_() for t in (x, y))
+    pd = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in params]
+    xh, yh = torch.nn.functional.normalize(xd, dim=1), torch.nn.functional.normalize(yd, dim=1)
+    z = pd[0] * xh @ yh.T + (pd[1] if len(pd) > 1 else 0.0)                 # [n, n]
+    is_pos = torch.arange(n)[None, :] == torch.arange(n)[:, None] + pos_offset
+    row, col = get_loss(loss).ref_stats(z, is_pos)
+    pos = torch.where(is_pos, z, 0.0).sum(1)
+    ref = get_loss(loss).head(row, col, pos) / get_loss(loss).denominator(n)
+    want = [ref, *torch.autograd.grad(ref, (xd, yd, *pd))]
+    for name, o, r in zip(names(loss), got, want):
+        assert rel_err(o, r) <= TOL[torch.float32], name
 
 
 # ------------------------------------------------------------------ non-finite values
@@ -517,6 +665,12 @@ def _bad_case(case):
         kw["normalize"] = "yes"
     elif case == "backend_type":
         kw["backend"] = 3
+    elif case == "scale_beyond_fp32":
+        p[0] = 1e39
+    elif case == "bias_beyond_fp32":
+        p[1] = -1e39
+    elif case == "pos_offset_float":
+        kw["pos_offset"] = 1.5
     return x, y, p, kw
 
 
@@ -541,6 +695,9 @@ BAD = [
     ("eps_nan", ValueError, r"eps must be a finite positive float.*got nan"),
     ("normalize_str", TypeError, r"normalize must be a bool, got 'yes'"),
     ("backend_type", TypeError, r"backend must be a string"),
+    ("scale_beyond_fp32", ValueError, r"logit_scale=1e\+39 is beyond the range of torch.float32"),
+    ("bias_beyond_fp32", ValueError, r"logit_bias=-1e\+39 is beyond the range of torch.float32"),
+    ("pos_offset_float", TypeError, r"pos_offset must be an int, got 1.5"),
 ]
 
 

@@ -20,7 +20,6 @@ The public losses are heads on these ops: :func:`clip_loss` and :func:`siglip_lo
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
@@ -29,6 +28,7 @@ from torch import Tensor
 from .backends import Backend, get_backend, resolve_backend
 from .losses import STAT_DTYPE, LossSpec, get_loss, head_grads
 from .reference import acc_dtype
+from .reference import block_fwd as _reference_block_fwd
 
 __all__ = ["clip_loss", "siglip_loss", "fused_loss", "contrastive_loss_fwd",
            "contrastive_loss_bwd", "contrastive_loss_fwd_bwd", "DEFAULT_EPS",
@@ -121,10 +121,19 @@ def _fwd_bwd_impl(be: Backend, spec: LossSpec, x, y, params, normalize, eps, pos
     return row, col, pos, dx, dy, dp
 
 
+def _savable(t: Tensor) -> Tensor:
+    # Features made under torch.inference_mode() cannot be saved for a backward (a scale that
+    # requires grad still needs them): a copy outside inference mode can.
+    # (A compiled graph's saved tensors are the compiler's: nothing to do there.)
+    if torch.compiler.is_compiling():
+        return t
+    return t.clone() if t.is_inference() else t
+
+
 def _setup_context(ctx, inputs, output):
     x, y, params, loss, normalize, eps, pos_offset, backend = inputs
     row, col, _ = output
-    ctx.save_for_backward(x, y, params, row, col)
+    ctx.save_for_backward(_savable(x), _savable(y), _savable(params), row, col)
     ctx.cfg = (loss, normalize, eps, pos_offset, backend)
 
 
@@ -136,6 +145,9 @@ def _zeros_for_none(g, like: Tensor) -> Tensor:
 def _backward(ctx, g_row, g_col, g_pos):
     x, y, params, row, col = ctx.saved_tensors
     loss, normalize, eps, pos_offset, backend = ctx.cfg
+    if torch.is_grad_enabled():          # create_graph=True: a differentiable backward
+        return (*differentiable_vjp(get_loss(loss), x, y, params, normalize, eps, pos_offset,
+                                    (g_row, g_col, g_pos)), None, None, None, None, None)
     dx, dy, dp = contrastive_loss_bwd(x, y, params, loss, normalize, eps, pos_offset, backend,
                                       row, col, _zeros_for_none(g_row, row),
                                       _zeros_for_none(g_col, col), _zeros_for_none(g_pos, row))
@@ -154,21 +166,63 @@ def _eager(*tensors: Tensor) -> bool:
     return all(type(t) is Tensor or type(t) is torch.nn.Parameter for t in tensors)
 
 
+def differentiable_vjp(spec: LossSpec, x: Tensor, y: Tensor, params: Tensor, normalize: bool,
+                      eps: float, pos_offset: int, grads) -> tuple:
+    """The block's vector-Jacobian product as a differentiable graph, for a backward with
+    ``create_graph=True`` (a second derivative: gradient penalties, higher-order methods):
+    the reference block forward (plain PyTorch, :mod:`fastclip.ops.reference`) re-run with
+    autograd on, and differentiated with ``create_graph``. It keeps every chunk of logits
+    for the graph: O(n·m) memory, like the unfused loss; a first-order backward never takes
+    it. ``grads``: the upstream gradients of (row, col, pos), None where unused. Returns
+    (dx, dy, dparams), None for an input that does not require grad."""
+    wrt = [t for t in (x, y, params) if t.requires_grad]
+    out = [None, None, None]
+    if not wrt:
+        return tuple(out)
+    with torch.enable_grad():
+        stats = _reference_block_fwd(spec, x, y, params, normalize, eps, pos_offset)
+        pairs = [(s_, g.to(s_.dtype)) for s_, g in zip(stats, grads) if g is not None]
+        got = torch.autograd.grad([a for a, _ in pairs], wrt, [g for _, g in pairs],
+                                  create_graph=True, allow_unused=True)
+    it = iter(got)
+    for i, t in enumerate((x, y, params)):
+        if t.requires_grad:
+            g = next(it)
+            out[i] = torch.zeros_like(t) if g is None else g.to(t.dtype)
+    return tuple(out)
+
+
+def _no_vmap(*_args, **_kwargs):
+    raise NotImplementedError(
+        "fastclip's fused losses do not support torch.func.vmap (nor jacrev/jacfwd/hessian, "
+        "which use it): the kernels take one batch of features, not a batch of batches. "
+        "torch.func.grad works; for per-sample losses loop over the batches, or use the "
+        "materialising formula fastclip.ops.reference.clip_loss_naive / siglip_loss_naive")
+
+
 class _EagerBlock(torch.autograd.Function):
     """contrastive_loss_fwd and its registered backward, without the dispatcher."""
 
     @staticmethod
-    def forward(ctx, x, y, params, spec, be, normalize, eps, pos_offset):
-        row, col, pos = be.fwd(spec, x, y, params, normalize, eps, pos_offset)
-        ctx.save_for_backward(x, y, params, row, col)
-        ctx.cfg = (spec, be, normalize, eps, pos_offset)
-        return row, col, pos
+    def forward(x, y, params, spec, be, normalize, eps, pos_offset):
+        return be.fwd(spec, x, y, params, normalize, eps, pos_offset)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    def setup_context(ctx, inputs, output):
+        x, y, params, spec, be, normalize, eps, pos_offset = inputs
+        row, col, _ = output
+        ctx.save_for_backward(_savable(x), _savable(y), _savable(params), row, col)
+        ctx.cfg = (spec, be, normalize, eps, pos_offset)
+
+    vmap = staticmethod(_no_vmap)
+
+    @staticmethod
     def backward(ctx, g_row, g_col, g_pos):
         x, y, params, row, col = ctx.saved_tensors
         spec, be, normalize, eps, pos_offset = ctx.cfg
+        if torch.is_grad_enabled():      # create_graph=True: a differentiable backward
+            return (*differentiable_vjp(spec, x, y, params, normalize, eps, pos_offset,
+                                        (g_row, g_col, g_pos)), None, None, None, None, None)
         dx, dy, dp = be.bwd(spec, x, y, params, normalize, eps, pos_offset, row, col,
                             _zeros_for_none(g_row, row).contiguous(),
                             _zeros_for_none(g_col, col).contiguous(),
@@ -210,21 +264,47 @@ class _OnePassLoss(torch.autograd.Function):
     gradient of 1 (the head is linear), the backward scales them by the upstream gradient."""
 
     @staticmethod
-    def forward(ctx, x, y, params, spec, be, normalize, eps):
+    def forward(x, y, params, spec, be, normalize, eps, pos_offset):
         n = x.shape[0]
         z = torch.zeros(n, dtype=STAT_DTYPE, device=x.device)
         gr, gc, gp = head_grads(spec, z, torch.zeros(y.shape[0], dtype=STAT_DTYPE,
                                                      device=x.device), z, spec.denominator(n))
-        row, col, pos, dx, dy, dp = block_fwd_bwd(spec, be, x, y, params, normalize, eps, 0,
-                                                  gr, gc, gp)
-        ctx.save_for_backward(dx, dy, dp)
-        return (spec.head(row, col, pos) / spec.denominator(n)).to(params.dtype)
+        row, col, pos, dx, dy, dp = block_fwd_bwd(spec, be, x, y, params, normalize, eps,
+                                                  pos_offset, gr, gc, gp)
+        loss = (spec.head(row, col, pos) / spec.denominator(n)).to(params.dtype)
+        return loss, dx, dy, dp
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        dx, dy, dp = ctx.saved_tensors
-        return ((dx * g).to(dx.dtype), (dy * g).to(dy.dtype), dp * g, None, None, None, None)
+    def setup_context(ctx, inputs, output):
+        x, y, params, spec, be, normalize, eps, pos_offset = inputs
+        _, dx, dy, dp = output
+        ctx.mark_non_differentiable(dx, dy, dp)
+        # No zero gradients made for the three non-differentiable outputs: they would be
+        # [N, D] buffers of zeros in the backward (+1 N·D·4 bytes of peak, measured).
+        ctx.set_materialize_grads(False)
+        # The inputs too, for a second derivative only (references, no copy; a copy only of
+        # features made under inference mode, which cannot be saved otherwise).
+        ctx.save_for_backward(dx, dy, dp, _savable(x), _savable(y), _savable(params))
+        ctx.cfg = (spec, normalize, eps, pos_offset)
+
+    vmap = staticmethod(_no_vmap)
+
+    @staticmethod
+    def backward(ctx, g, *_unused):
+        if g is None:
+            return (None,) * 8
+        dx, dy, dp, x, y, params = ctx.saved_tensors
+        if torch.is_grad_enabled():      # create_graph=True: a differentiable backward
+            spec, normalize, eps, pos_offset = ctx.cfg
+            n = x.shape[0]
+            gr, gc, gp = head_grads(spec, *(torch.zeros(k, dtype=STAT_DTYPE, device=x.device)
+                                            for k in (n, y.shape[0], n)), spec.denominator(n))
+            g64 = g.to(STAT_DTYPE)
+            return (*differentiable_vjp(spec, x, y, params, normalize, eps, pos_offset,
+                                        (gr * g64, gc * g64, gp * g64)),
+                    None, None, None, None, None)
+        return ((dx * g).to(dx.dtype), (dy * g).to(dy.dtype), dp * g, None, None, None, None,
+                None)
 
 
 # ----------------------------------------------------------------------- validation
@@ -264,6 +344,13 @@ def _is_real(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+def _finite(v: float) -> bool:
+    # math.isfinite without math: under torch.compile(dynamic=True) a Python float may be a
+    # symbolic one, which math.isfinite cannot take (a graph break); v - v is nan for
+    # inf and nan, 0 otherwise.
+    return v - v == 0
+
+
 def validate_options(normalize, eps) -> None:
     """``normalize`` a bool, ``eps`` a finite positive real: a clear error otherwise."""
     numpy_bool = type(normalize).__module__ == "numpy" and type(normalize).__name__ in ("bool",
@@ -271,7 +358,7 @@ def validate_options(normalize, eps) -> None:
     if not isinstance(normalize, bool) and not numpy_bool:
         raise TypeError(f"normalize must be a bool, got {normalize!r} "
                         f"({type(normalize).__name__})")
-    if not _is_real(eps) or not math.isfinite(float(eps)) or float(eps) <= 0:
+    if not _is_real(eps) or not _finite(float(eps)) or float(eps) <= 0:
         raise ValueError(f"eps must be a finite positive float (the floor on the row norm "
                          f"when normalize=True), got {eps!r}")
 
@@ -281,7 +368,12 @@ def _prepare_param(name: str, value, like: Tensor) -> Tensor:
     accumulation dtype on ``like``'s device, differentiable when it requires grad."""
     acc = acc_dtype(like.dtype)
     if _is_real(value):
-        return torch.tensor(float(value), dtype=acc, device=like.device)
+        v = float(value)
+        if _finite(v) and abs(v) > torch.finfo(acc).max:
+            raise ValueError(f"{name}={value!r} is beyond the range of {acc}, the precision the "
+                             f"kernels compute {like.dtype} features in (|{name}| <= "
+                             f"{torch.finfo(acc).max:.3g})")
+        return torch.tensor(v, dtype=acc, device=like.device)
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a float or a tensor with one element, got "
                         f"{type(value).__name__}")
@@ -303,10 +395,21 @@ def prepare_params(spec: LossSpec, values, like: Tensor) -> Tensor:
 
     Any real value is accepted, float or tensor alike (the kernels are exact for any scale,
     0 and negative included); a non-finite value, float or tensor, gives a non-finite loss,
-    as non-finite features do, so AMP's GradScaler sees it and skips the step.
+    as non-finite features do, so AMP's GradScaler sees it and skips the step. The values
+    are held in the accumulation dtype (float32, float64 for float64 features): a float
+    beyond its range is refused, a tensor beyond it becomes infinite there (a non-finite
+    loss).
     """
     ps = [_prepare_param(name, v, like) for name, v in zip(spec.params, values)]
     return ps[0].reshape(1) if len(ps) == 1 else torch.stack(ps)
+
+
+@torch.compiler.assume_constant_result
+def _resolved_name(backend: str, device: torch.device, dtype: torch.dtype | None,
+                   loss: str) -> str:
+    # Run by torch.compile at trace time, its result a constant of the graph: the registry's
+    # module discovery and availability probes (file system, CUDA, Triton) are not traced.
+    return resolve_backend(backend, device, dtype, loss).name
 
 
 def select_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None,
@@ -314,27 +417,35 @@ def select_backend(backend: str, device: torch.device, dtype: torch.dtype | None
     """Resolve ``backend`` ("auto" or a name) for ``loss`` on features of ``device``/``dtype``."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if torch.compiler.is_compiling():
+        return get_backend(_resolved_name(backend, device, dtype, loss))
     return resolve_backend(backend, device, dtype, loss)
 
 
 # --------------------------------------------------------------------------- public
 def fused_loss(loss: str, image_features: Tensor, text_features: Tensor, params, *,
-                     normalize: bool = False, backend: str = "auto",
-                     eps: float = DEFAULT_EPS) -> Tensor:
+               normalize: bool = False, backend: str = "auto", eps: float = DEFAULT_EPS,
+               pos_offset: int = 0) -> Tensor:
     """The loss ``loss`` (a name of :data:`fastclip.ops.losses.LOSSES`) of one batch:
     ``head(row, col, pos) / denominator(N)`` of its block statistics; ``params`` its scalar
-    parameters in ``LossSpec.params`` order. See :func:`clip_loss`, :func:`siglip_loss`."""
+    parameters in ``LossSpec.params`` order. See :func:`clip_loss`, :func:`siglip_loss`.
+
+    ``pos_offset`` (default 0): row i's positive is column ``i + pos_offset``; a row whose
+    positive falls outside [0, N) has none (``pos_offset=N``: every pair a negative, as
+    open_clip's ``SigLipLoss`` scores the blocks of other ranks' texts)."""
     spec = get_loss(loss)
     validate_features(image_features, text_features)
     validate_options(normalize, eps)
+    if not isinstance(pos_offset, numbers.Integral) or isinstance(pos_offset, bool):
+        raise TypeError(f"pos_offset must be an int, got {pos_offset!r}")
     p = prepare_params(spec, params, image_features)
     be = select_backend(backend, image_features.device, image_features.dtype, spec.name)
     x, y = kernel_layout(image_features), kernel_layout(text_features)
-    normalize, eps = bool(normalize), float(eps)
+    normalize, eps, pos_offset = bool(normalize), float(eps), int(pos_offset)
     if spec.one_pass and torch.is_grad_enabled() and (x.requires_grad or y.requires_grad
                                                        or p.requires_grad):
-        return _OnePassLoss.apply(x, y, p, spec, be, normalize, eps)
-    row, col, pos = block_fwd(spec, be, x, y, p, normalize, eps, 0)
+        return _OnePassLoss.apply(x, y, p, spec, be, normalize, eps, pos_offset)[0]
+    row, col, pos = block_fwd(spec, be, x, y, p, normalize, eps, pos_offset)
     # The head in float64 (the statistics' dtype), the loss in the accumulation dtype.
     return (spec.head(row, col, pos) / spec.denominator(x.shape[0])).to(p.dtype)
 

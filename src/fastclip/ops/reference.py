@@ -32,7 +32,9 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _inv_norms(t: Tensor, normalize: bool, eps: float) -> Tensor:
     if not normalize:
         return torch.ones(t.shape[0], dtype=t.dtype, device=t.device)
-    return 1.0 / t.norm(dim=1).clamp_min(eps)                       # [n]
+    # The norm in float64: an fp32 row of norm > 1.8e19 (or < 1e-19) squares out of fp32's
+    # range, and fp32's norm would make it inf (or 0), so x̂ would be 0, silently.
+    return (1.0 / t.norm(dim=1, dtype=torch.float64).clamp_min(eps)).to(t.dtype)   # [n]
 
 
 def _chunks(n: int, m: int):
