@@ -147,6 +147,64 @@ def test_siglip_constructor():
     assert fastclip.SigLipLoss is SigLipLoss and callable(fastclip.siglip_loss)
 
 
+# ------------------------------------------------------------- open_clip's helper methods
+def test_clip_helpers_serve_open_clips_subclasses():
+    # A subclass written against open_clip's ClipLoss (its DistillClipLoss: forward built on
+    # get_logits and get_ground_truth), rebased on fastclip's ClipLoss, gives open_clip's
+    # values and gradients.
+    OpenDistill = _open_clip("DistillClipLoss")
+    OpenClip = _open_clip("ClipLoss")
+    Rebased = type("Rebased", (ClipLoss,), {"forward": OpenDistill.forward,
+                                             "dist_loss": OpenDistill.dist_loss})
+    x, y = _features(9, 6, seed=11)
+    tx, ty = _features(9, 6, seed=12)
+    s = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
+    ours = Rebased(cache_labels=True)(x, y, s, tx, ty, 5.0)
+    ref = OpenDistill(cache_labels=True)(x, y, s, tx, ty, 5.0)
+    for a, r in zip(ours, ref):
+        assert rel_err(a, r) <= 1e-12
+    g_ours = torch.autograd.grad(sum(ours), (x, y, s))
+    g_ref = torch.autograd.grad(sum(ref), (x, y, s))
+    for a, r in zip(g_ours, g_ref):
+        assert rel_err(a, r) <= 1e-10
+    mine, theirs = ClipLoss(cache_labels=True), OpenClip(cache_labels=True)
+    for k in (4, 4, 6):
+        assert torch.equal(mine.get_ground_truth("cpu", k), theirs.get_ground_truth("cpu", k))
+    assert mine.prev_num_logits == theirs.prev_num_logits == 6
+    for a, r in zip(mine.get_logits(x, y, s, 0.5), theirs.get_logits(x, y, s, 0.5)):
+        assert torch.allclose(a, r)
+
+
+def test_siglip_helpers_equal_open_clips():
+    from fastclip.loss import SigLipLoss
+    OpenSigLip = _open_clip("SigLipLoss")
+    x, y = _features(10, 7, seed=5)
+    mine, theirs = SigLipLoss(), OpenSigLip()
+    t = torch.tensor(10.0, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(-4.0, dtype=torch.float64, requires_grad=True)
+    assert torch.allclose(mine.get_logits(x, y, t, b), theirs.get_logits(x, y, t, b))
+    for neg in (False, True):
+        assert torch.equal(mine.get_ground_truth("cpu", torch.float32, 5, negative_only=neg),
+                           theirs.get_ground_truth("cpu", torch.float32, 5, negative_only=neg))
+        # _loss: one block, the fused kernel (negative_only: another rank's texts).
+        ours = mine._loss(x, y, t, b, negative_only=neg)
+        ref = theirs._loss(x, y, t, b, negative_only=neg)
+        assert rel_err(ours, ref) <= 1e-12, neg
+        for a, r in zip(torch.autograd.grad(ours, (x, y, t, b)),
+                        torch.autograd.grad(ref, (x, y, t, b))):
+            assert rel_err(a, r) <= 1e-10, neg
+
+
+def test_ranks_may_be_numpy_integers():
+    import numpy as np
+
+    from fastclip.loss import SigLipLoss
+    assert ClipLoss(rank=np.int64(0), world_size=np.int32(1)).rank == 0
+    assert SigLipLoss(rank=np.int64(1), world_size=np.int64(2)).world_size == 2
+    with pytest.raises(ValueError, match="rank must be an int in"):
+        ClipLoss(rank=0.0, world_size=1)
+
+
 # ------------------------------------------------------------------------- create_loss
 def _train_args(**kw):
     """open_clip_train's argument namespace: the fields its create_loss reads, its defaults."""

@@ -15,9 +15,12 @@ for the gradient contract), whatever open_clip's approximation flags say.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from typing import Optional
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .ops.contrastive_loss import DEFAULT_EPS, fused_loss
@@ -25,11 +28,23 @@ from .ops.contrastive_loss import DEFAULT_EPS, fused_loss
 __all__ = ["ClipLoss", "SigLipLoss", "create_loss"]
 
 
-def _check_ranks(rank, world_size) -> None:
-    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+def _as_int(v):
+    """``v`` as an int when it is an integer (Python's or NumPy's), else None."""
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+        return int(v)
+    return None
+
+
+def _check_ranks(rank, world_size) -> tuple[int, int]:
+    w, r = _as_int(world_size), _as_int(rank)
+    if w is None or w < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-    if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
+    if r is None:
+        raise ValueError(f"rank must be an int in [0, world_size={w}), got {rank!r} "
+                         f"({type(rank).__name__})")
+    if not 0 <= r < w:
+        raise ValueError(f"rank must be in [0, world_size={w}), got {r}")
+    return r, w
 
 
 def _refuse_horovod(use_horovod) -> None:
@@ -44,12 +59,22 @@ class _FusedLoss(nn.Module):
     loss_name = ""
 
     def _init(self, rank, world_size, normalize, backend, dist_impl, eps):
-        _check_ranks(rank, world_size)
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size = _check_ranks(rank, world_size)
         self.normalize, self.backend, self.eps = normalize, backend, eps
         self.fused_dist_impl = dist_impl
+        # open_clip's label cache, for subclasses that call get_ground_truth (the fused
+        # forward builds no labels).
+        self.prev_num_logits = 0
+        self.labels = {}
 
-    def _loss(self, image_features, text_features, params) -> Tensor:
+    def _features(self, image_features: Tensor, text_features: Tensor) -> tuple[Tensor, Tensor]:
+        """The features the loss sees: L2-normalised when ``normalize=True``."""
+        if self.normalize:
+            return (F.normalize(image_features, dim=-1, eps=self.eps),
+                    F.normalize(text_features, dim=-1, eps=self.eps))
+        return image_features, text_features
+
+    def _fused_loss(self, image_features, text_features, params) -> Tensor:
         if self.world_size > 1:
             from . import distributed  # noqa: PLC0415
             return distributed.fused_loss(
@@ -103,9 +128,49 @@ class ClipLoss(_FusedLoss):
         self._init(rank, world_size, normalize, backend, dist_impl, eps)
         self.dist_impl = dist_impl
 
+    # open_clip's helpers, for code written against its ClipLoss (e.g. a subclass like its
+    # DistillClipLoss, whose forward calls them). They materialise what open_clip does: the
+    # [N, N] logits (all-gathered features across ranks) and the label vector. The fused
+    # forward above calls neither.
+    def get_ground_truth(self, device, num_logits) -> Tensor:
+        """open_clip's labels: ``arange(num_logits)`` (offset by ``num_logits·rank`` with
+        ``local_loss`` on several ranks), cached per device when ``cache_labels``."""
+        if self.prev_num_logits != num_logits or device not in self.labels:
+            labels = torch.arange(num_logits, device=device, dtype=torch.long)
+            if self.world_size > 1 and self.local_loss:
+                labels = labels + num_logits * self.rank
+            if self.cache_labels:
+                self.labels[device] = labels
+                self.prev_num_logits = num_logits
+            return labels
+        return self.labels[device]
+
+    def get_logits(self, image_features: Tensor, text_features: Tensor, logit_scale,
+                   logit_bias=None) -> tuple[Tensor, Tensor]:
+        """open_clip's (logits_per_image, logits_per_text), materialised: [N, N] on one rank;
+        across ranks the features are all-gathered as open_clip gathers them (with autograd
+        when ``gather_with_grad``), [n, N] each with ``local_loss``, else [N, N]."""
+        x, y = self._features(image_features, text_features)
+        if self.world_size > 1:
+            all_x, all_y = _gather_features(x, y, self.gather_with_grad, self.rank,
+                                            self.world_size, self.local_loss)
+            if self.local_loss:
+                per_image = logit_scale * x @ all_y.T
+                per_text = logit_scale * y @ all_x.T
+            else:
+                per_image = logit_scale * all_x @ all_y.T
+                per_text = per_image.T
+        else:
+            per_image = logit_scale * x @ y.T
+            per_text = logit_scale * y @ x.T
+        if logit_bias is not None:
+            per_image = per_image + logit_bias
+            per_text = per_text + logit_bias
+        return per_image, per_text
+
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale,
                 logit_bias: Optional[Tensor] = None, output_dict: bool = False):
-        loss = self._loss(image_features, text_features, (logit_scale,))
+        loss = self._fused_loss(image_features, text_features, (logit_scale,))
         if isinstance(logit_bias, Tensor) and logit_bias.requires_grad:
             # Softmax is shift-invariant: keep the bias in the graph with a zero gradient.
             loss = loss + 0.0 * logit_bias.sum().to(loss.dtype)
@@ -159,11 +224,60 @@ class SigLipLoss(_FusedLoss):
         self.dist_impl = dist_impl or "bidir"
         self._init(rank, world_size, normalize, backend, _SIGLIP_IMPLS[dist_impl], eps)
 
+    # open_clip's helpers, for code written against its SigLipLoss (a subclass that calls
+    # them). get_ground_truth and get_logits materialise [N, N] as open_clip does; _loss is
+    # the fused single-block loss (open_clip's signature and value), never materialised.
+    def get_ground_truth(self, device, dtype, num_logits, negative_only=False) -> Tensor:
+        """open_clip's [num_logits, num_logits] labels: +1 on the diagonal, -1 elsewhere
+        (all -1 with ``negative_only``)."""
+        labels = -torch.ones((num_logits, num_logits), device=device, dtype=dtype)
+        if not negative_only:
+            labels = 2 * torch.eye(num_logits, device=device, dtype=dtype) + labels
+        return labels
+
+    def get_logits(self, image_features: Tensor, text_features: Tensor, logit_scale,
+                   logit_bias=None) -> Tensor:
+        """open_clip's logits ``s·X Yᵀ (+ b)``, materialised: [N, M]."""
+        x, y = self._features(image_features, text_features)
+        logits = logit_scale * x @ y.T
+        return logits if logit_bias is None else logits + logit_bias
+
+    def _loss(self, image_features: Tensor, text_features: Tensor, logit_scale,
+              logit_bias=None, negative_only: bool = False) -> Tensor:
+        """open_clip's ``SigLipLoss._loss``: the sigmoid loss of one block of this process's
+        features, ``-Σ log σ(l_ij z_ij) / N`` (all l_ij = -1 with ``negative_only``, as for
+        another rank's texts), fused; no exchange across ranks."""
+        bias = 0.0 if logit_bias is None else logit_bias
+        n = image_features.shape[0] if isinstance(image_features, Tensor) else 0
+        return fused_loss(self.loss_name, image_features, text_features, (logit_scale, bias),
+                          normalize=self.normalize, backend=self.backend, eps=self.eps,
+                          pos_offset=n if negative_only else 0)
+
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, logit_bias,
                 output_dict: bool = False):
         bias = 0.0 if logit_bias is None else logit_bias
-        loss = self._loss(image_features, text_features, (logit_scale, bias))
+        loss = self._fused_loss(image_features, text_features, (logit_scale, bias))
         return {"contrastive_loss": loss} if output_dict else loss
+
+
+def _gather_features(x: Tensor, y: Tensor, with_grad: bool, rank: int, world_size: int,
+                     local_loss: bool) -> tuple[Tensor, Tensor]:
+    """open_clip's ``gather_features`` (torch.distributed, no horovod): every rank's rows in
+    rank order; with ``with_grad`` through autograd's all_gather, else a plain all_gather with
+    this rank's own rows put back so that they keep their gradient (unless ``local_loss``,
+    which uses its own rows directly)."""
+    import torch.distributed as dist  # noqa: PLC0415
+    if with_grad:
+        import torch.distributed.nn  # noqa: PLC0415,F401
+        return (torch.cat(torch.distributed.nn.all_gather(x), dim=0),
+                torch.cat(torch.distributed.nn.all_gather(y), dim=0))
+    gx = [torch.zeros_like(x) for _ in range(world_size)]
+    gy = [torch.zeros_like(y) for _ in range(world_size)]
+    dist.all_gather(gx, x)
+    dist.all_gather(gy, y)
+    if not local_loss:
+        gx[rank], gy[rank] = x, y
+    return torch.cat(gx, dim=0), torch.cat(gy, dim=0)
 
 
 def create_loss(args):
