@@ -33,6 +33,16 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _seed(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if not 0 <= v < 2 ** 63:    # torch.manual_seed's range, non-negative
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {s!r}")
+    return v
+
+
 def _nonneg_int(s: str) -> int:
     try:
         v = int(s)
@@ -121,7 +131,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=d.device, help="auto | cpu | cuda")
     g.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads (default on a CPU: the faster of all and one, timed on steps 2-9)")
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--seed", type=_seed, default=d.seed)
     g.add_argument("--log-every", type=_positive_int, default=None)
     g.add_argument("--eval-every", type=_positive_int, default=None,
                    help=f"evaluate every K steps (demo {DEMO_EVAL_EVERY}, and before the first; real data: 4 times)")
@@ -190,6 +200,9 @@ def _check_paths(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--resume and --overwrite exclude each other (continue the run, or delete it)")
     if not 0.0 <= args.demo_group_prob <= 1.0:
         p.error(f"--demo-group-prob {args.demo_group_prob}: expected a probability in [0, 1]")
+    if args.dataset_type in ("csv", "webdataset") and args.train_data is None:
+        p.error(f"--dataset-type {args.dataset_type} needs --train-data (the {args.dataset_type} "
+                f"{'file' if args.dataset_type == 'csv' else 'shards'} to train on)")
     from .models import list_models
     if args.model not in list_models():
         p.error(f"--model {args.model!r}: unknown; available: {', '.join(list_models())}")
@@ -201,13 +214,21 @@ def _check_run_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     import torch
 
     from .models import create_model
-    if args.model_overrides:
-        try:
-            with torch.device("meta"):  # builds the module tree without allocating weights
-                create_model(args.model, **args.model_overrides)
-        except (ValueError, TypeError, RuntimeError) as e:
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            p.error(f"--model-overrides {json.dumps(args.model_overrides)}: {why}")
+    try:
+        with torch.device("meta"):  # builds the module tree without allocating weights
+            model = create_model(args.model, **(args.model_overrides or {}))
+    except (ValueError, TypeError, RuntimeError) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        p.error(f"--model-overrides {json.dumps(args.model_overrides)}: {why}")
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        # BatchNorm in training mode needs two values per channel: a forward of one image
+        # fails where the tower ends at 1x1 (the demo's 32x32 images, at least).
+        per_forward = min(b for b in (args.batch_size, args.accum_micro_batch) if b is not None) \
+            if args.batch_size is not None or args.accum_micro_batch is not None else None
+        if per_forward == 1:
+            flag = "--accum-micro-batch" if args.accum_micro_batch == 1 else "--batch-size"
+            p.error(f"{flag} 1: model {args.model!r} has BatchNorm layers (a ResNet tower), which "
+                    f"need at least 2 images per forward pass in training; use 2 or more")
     if args.device != "auto":
         try:
             dev = torch.device(args.device)

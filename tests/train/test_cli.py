@@ -69,6 +69,12 @@ def test_no_command_prints_help_and_exits_2(capsys):
     (["train", "--output", "/proc/fastclip-test/run"], "--output '/proc/fastclip-test/run': cannot write there"),
     (["train", "--output", "/tmp/fastclip-never-created", "--resume", "latest", "--overwrite"], "exclude each other"),
     (["train", "--max-failed-batches", "0"], "--max-failed-batches"),
+    (["train", "--batch-size", "1"], "--batch-size 1: model 'demo' has BatchNorm layers"),
+    (["train", "--batch-size", "4", "--accum-micro-batch", "1"], "--accum-micro-batch 1"),
+    (["train", "--dataset-type", "csv"], "--dataset-type csv needs --train-data"),
+    (["train", "--dataset-type", "webdataset"], "--dataset-type webdataset needs --train-data"),
+    (["train", "--seed", "99999999999999999999"], "argument --seed: expected an integer in [0, 2**63)"),
+    (["train", "--seed", "-1"], "argument --seed"),
 ])
 def test_argument_errors_exit_2_with_a_clear_message(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:
@@ -76,6 +82,18 @@ def test_argument_errors_exit_2_with_a_clear_message(argv, needle, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert needle in err, err
+
+
+def test_batch_of_one_is_fine_without_batchnorm():
+    # A ViT tower has no BatchNorm: a batch of one is not refused (only odd).
+    args = cli.build_parser().parse_args(["train", "--model", "tiny-vit", "--batch-size", "1"])
+    cli._check_paths(cli.build_parser(), args)
+
+
+def test_bench_summarize_of_a_missing_file_is_one_line(capsys):
+    assert cli.main(["bench", "--summarize", "/nonexistent/results.csv"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--summarize '/nonexistent/results.csv'" in err[0], err
 
 
 def test_real_data_gets_open_clip_defaults(tmp_path):

@@ -51,6 +51,24 @@ def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite(tmp_path,
     assert sum(r["type"] == "final" for r in _rows(out)) == 1
 
 
+def test_overwrite_deletes_nothing_when_the_new_run_cannot_start(tmp_path, capsys):
+    # --overwrite replaces the old run only once the new one has its data, evaluation sets and
+    # model: a command that fails on its input leaves the old run as it was.
+    out = str(tmp_path / "run")
+    code, _, err = _train(capsys, "--steps", "2", "--save-every", "1", "--output", out)
+    assert code == 0, err
+    before = sorted(os.listdir(out)) + sorted(os.listdir(os.path.join(out, "checkpoints")))
+    empty_csv = tmp_path / "empty.csv"
+    empty_csv.write_text("filepath,title\n")
+    no_images = tmp_path / "zs"
+    (no_images / "cat").mkdir(parents=True)
+    for bad in (["--train-data", str(empty_csv)], ["--zeroshot-data", str(no_images)]):
+        code, _, err = _train(capsys, "--steps", "2", "--output", out, "--overwrite", *bad)
+        assert code == 2, err
+        assert len(err.strip().splitlines()) == 1 and "error:" in err, err
+        assert sorted(os.listdir(out)) + sorted(os.listdir(os.path.join(out, "checkpoints"))) == before
+
+
 def test_resume_keeps_one_row_per_step_carries_wall_time_and_removes_temporaries(tmp_path, capsys):
     out = str(tmp_path / "run")
     code, _, err = _train(capsys, "--steps", "8", "--save-every", "4", "--output", out)

@@ -74,3 +74,12 @@ def test_siglip_run_learns_a_bias_and_checkpoints_it(tmp_path):
     assert model.logit_bias is not None and model.config.init_logit_bias == -10.0
     img, txt, scale, bias = model(torch.randn(2, 3, 32, 32), torch.randint(0, 49408, (2, 32)))
     assert abs(bias.item() - train_rows[-1]["bias"]) < 1e-6
+
+
+def test_eval_line_names_what_was_evaluated():
+    from fastclip.train.progress import format_eval
+    val = {"step": 3, "val/loss": 0.5, "val/mean_recall": 0.25}
+    assert format_eval(val) == "eval @ step 3: val loss 0.500, val mean recall 25.0%"
+    both = {**val, "step": 4, "zeroshot/pets/top1": 0.5, "chance/pets": 0.1}
+    assert format_eval(both) == ("eval @ step 4: zero-shot top-1 pets 50.0% (chance 10.0%); "
+                                 "val loss 0.500, val mean recall 25.0%")

@@ -36,6 +36,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as _dt
 import gc
 import os
@@ -570,7 +571,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.worker is not None:
         return _worker(a.worker)
     if a.summarize:
-        rows = read_csv(a.summarize)
+        try:
+            rows = read_csv(a.summarize)
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            print(f"fastclip bench: error: --summarize {a.summarize!r}: cannot read it as a "
+                  f"results CSV ({e.strerror if isinstance(e, OSError) and e.strerror else e})",
+                  file=sys.stderr)
+            return 2
         derive(rows)
         print(summary_table(rows))
         return 0

@@ -6,7 +6,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .csv_dataset import load_image
+from .csv_dataset import DataError, load_image
 
 # The image files every reader takes (folders here and in zero-shot evaluation, webdataset
 # members by their extension).
@@ -24,7 +24,7 @@ def read_classnames(spec: Optional[str]) -> Optional[List[str]]:
     else:
         names = [s.strip() for s in spec.split(",") if s.strip()]
     if not names:
-        raise ValueError(f"no class names in {spec!r}")
+        raise DataError(f"no class names in {spec!r}")
     return names
 
 
@@ -42,9 +42,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"zero-shot folder {root!r} is not a directory")
         subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
         if not subdirs:
-            raise ValueError(f"{root!r} has no class subfolders (expected root/<class>/<image>)")
+            raise DataError(f"{root!r} has no class subfolders (expected root/<class>/<image>)")
         if classnames is not None and len(classnames) != len(subdirs):
-            raise ValueError(f"{len(classnames)} class names given for {len(subdirs)} class folders in {root!r}")
+            raise DataError(f"{len(classnames)} class names given for {len(subdirs)} class folders in {root!r}")
         self.classnames = list(classnames) if classnames is not None else [d.replace("_", " ") for d in subdirs]
         self.samples: List[Tuple[str, int]] = []
         for k, d in enumerate(subdirs):
@@ -52,8 +52,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 if f.lower().endswith(IMAGE_EXTENSIONS):
                     self.samples.append((os.path.join(root, d, f), k))
         if not self.samples:
-            raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}")
+            raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}")
         self.transform = transform
+        self.root = root
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -67,6 +68,6 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         """All decodable images: ``(images [N, 3, S, S], labels [N], skipped)``."""
         good = [s for s in (self[i] for i in range(len(self))) if s is not None]
         if not good:
-            raise ValueError("no image in the zero-shot folder could be decoded")
+            raise DataError(f"no image under {self.root!r} could be decoded")
         return (torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]),
                 len(self) - len(good))

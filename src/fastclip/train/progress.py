@@ -68,15 +68,16 @@ class Progress:
 
 def format_eval(ev: Dict[str, float]) -> str:
     """One line of an evaluation row: zero-shot top-1 per task (with chance), val loss and recall."""
-    parts = []
+    tasks = []
     for k, v in ev.items():
         if k.startswith("zeroshot/") and k.endswith("/top1") and k != "zeroshot/mean_top1":
             name = k.split("/")[1]
             chance = ev.get(f"chance/{name}")
-            parts.append(f"{name} {100 * v:.1f}%" + (f" (chance {100 * chance:.1f}%)" if chance else ""))
+            tasks.append(f"{name} {100 * v:.1f}%" + (f" (chance {100 * chance:.1f}%)" if chance else ""))
+    parts = ["zero-shot top-1 " + ", ".join(tasks)] if tasks else []
     if "val/loss" in ev:
         parts.append(f"val loss {ev['val/loss']:.3f}, val mean recall {100 * ev['val/mean_recall']:.1f}%")
-    return f"eval @ step {ev['step']}: zero-shot top-1 " + ", ".join(parts) if parts else f"eval @ step {ev['step']}"
+    return f"eval @ step {ev['step']}: " + ("; ".join(parts) if parts else "nothing to evaluate")
 
 
 def format_final(r: Dict[str, Any], out_dir: str) -> str:

@@ -44,24 +44,34 @@ def stale_temporaries(output_dir: str) -> List[str]:
                   + glob.glob(os.path.join(d, TMP_PREFIX + "*.safetensors")))
 
 
-def prepare_run_folder(output_dir: str, resume: Optional[str], overwrite: bool,
-                       log: Callable[[str], None] = print) -> None:
-    """Check and tidy ``output_dir`` before a run starts (main rank only).
-
-    Raises ``RunFolderError`` when it holds a run and neither ``resume`` nor ``overwrite`` is
-    set. With ``overwrite`` (and no ``resume``) the old run's files are deleted. Stale
-    temporaries are removed in every case.
-    """
+def check_run_folder(output_dir: str, resume: Optional[str], overwrite: bool) -> List[str]:
+    """Whether a run may start in ``output_dir``; deletes nothing. Raises ``RunFolderError``
+    when it holds a run and neither ``resume`` nor ``overwrite`` is set (or both are).
+    Returns the old run's files that ``overwrite`` will replace (none otherwise)."""
     if resume and overwrite:
         raise RunFolderError("--resume and --overwrite exclude each other: --resume continues the run in "
                              f"{output_dir}, --overwrite deletes it")
     existing = run_files(output_dir) if os.path.isdir(output_dir) else []
-    if existing and not resume:
-        if not overwrite:
-            names = ", ".join(os.path.relpath(p, output_dir) for p in existing[:4])
-            raise RunFolderError(f"{output_dir} already holds a run ({names}{', ...' if len(existing) > 4 else ''}); "
-                                 f"pass --resume latest to continue it, --overwrite to replace it, or choose "
-                                 f"another --output")
+    if existing and not resume and not overwrite:
+        names = ", ".join(os.path.relpath(p, output_dir) for p in existing[:4])
+        raise RunFolderError(f"{output_dir} already holds a run ({names}{', ...' if len(existing) > 4 else ''}); "
+                             f"pass --resume latest to continue it, --overwrite to replace it, or choose "
+                             f"another --output")
+    return existing if (existing and not resume) else []
+
+
+def prepare_run_folder(output_dir: str, resume: Optional[str], overwrite: bool,
+                       log: Callable[[str], None] = print) -> None:
+    """Check and tidy ``output_dir`` right before a run starts writing (main rank only).
+
+    Raises as :func:`check_run_folder`. With ``overwrite`` (and no ``resume``) the old run's
+    files are deleted: the trainer calls this only once everything that can fail on the
+    user's input (data, evaluation sets, model, checkpoint) has been built, and
+    :func:`check_run_folder` first, so that a failing command leaves the old run as it was.
+    Stale temporaries are removed in every case.
+    """
+    existing = check_run_folder(output_dir, resume, overwrite)
+    if existing:
         for p in existing:
             os.unlink(p)
         log(f"--overwrite: deleted the previous run's {len(existing)} file(s) in {output_dir}")

@@ -56,7 +56,7 @@ from .data import (
 from .dist_env import DistEnv, all_reduce_grads, init_distributed, shutdown_distributed, sum_over_ranks
 from .optim import cosine_lr, create_optimizer
 from .progress import Progress, format_eval, format_final
-from .run_folder import prepare_run_folder, truncate_metrics
+from .run_folder import check_run_folder, prepare_run_folder, truncate_metrics
 
 __all__ = ["PRECISIONS", "TrainConfig", "Trainer", "StepHook", "train", "DistEnv", "init_distributed",
            "shutdown_distributed", "StepBatches", "trim_padding", "detect_dataset_type", "Progress"]
@@ -105,9 +105,8 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         if cfg.output is None:
             cfg.output = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-        if env.is_main:
-            prepare_run_folder(cfg.output, cfg.resume, cfg.overwrite, self.log)  # one run per folder
-            os.makedirs(cfg.output, exist_ok=True)
+        if env.is_main:  # one run per folder: refused now, replaced (--overwrite) once all is built
+            check_run_folder(cfg.output, cfg.resume, cfg.overwrite)
         self.data_type = detect_dataset_type(cfg.train_data, cfg.dataset_type)
 
         # Same seed on every rank: identical initial weights (DDP also broadcasts them).
@@ -167,6 +166,12 @@ class Trainer:
         self.hooks: List[StepHook] = list(hooks)
         self.t_first_step: Optional[float] = None
         self._eval_sets_ready = False
+        if env.is_main:
+            # The evaluation sets are read now (they are the main rank's alone), so that a
+            # fault in them is reported before --overwrite deletes the old run.
+            self._prepare_eval()
+            prepare_run_folder(cfg.output, cfg.resume, cfg.overwrite, self.log)
+            os.makedirs(cfg.output, exist_ok=True)
 
     # -- setup helpers
 
@@ -274,6 +279,11 @@ class Trainer:
             self.val_batches, skipped = load_val_batches(cfg, self.model, log=self.log)
             self.eval_skipped += skipped
 
+    def _has_eval(self) -> bool:
+        """Whether there is anything to evaluate (zero-shot sets or validation data)."""
+        self._prepare_eval()
+        return bool(self.zs_sets or self.val_batches)
+
     @torch.no_grad()
     def evaluate(self, step: int) -> Dict[str, float]:
         """Zero-shot top-1/top-5 per task (+ chance level), and val loss / retrieval recall when
@@ -365,7 +375,7 @@ class Trainer:
         t_window, n_window = time.time(), 0
         last_eval: Dict[str, float] = {}
         last_ips = 0.0
-        if cfg.eval_at_start and self.start_step == 0 and env.is_main:
+        if cfg.eval_at_start and self.start_step == 0 and env.is_main and self._has_eval():
             last_eval = self.evaluate(0)
             record(last_eval)
             progress.message(format_eval(last_eval))
@@ -428,7 +438,7 @@ class Trainer:
                 # A periodic eval a few steps before the final one (the budget moved the end
                 # onto it) repeats it: the demo evaluated at steps 760 and 763, ~2 s each.
                 periodic = step % eval_every == 0 and self.total_steps - step >= max(1, eval_every // 4)
-                if (periodic or step == self.total_steps) and env.is_main:
+                if (periodic or step == self.total_steps) and env.is_main and self._has_eval():
                     last_eval = self.evaluate(step)
                     record(last_eval)
                     progress.message(format_eval(last_eval))
