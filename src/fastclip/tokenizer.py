@@ -51,9 +51,16 @@ def bytes_to_unicode() -> Dict[int, str]:
 
 
 def clean_text(text: str) -> str:
-    """OpenAI's cleaning: ftfy, html-unescape twice, collapse whitespace, strip, lower-case."""
+    """OpenAI's cleaning: ftfy, html-unescape twice, collapse whitespace, strip, lower-case.
+
+    Then U+0345 (combining ypogegrammeni) becomes a space: OpenAI's pattern, compiled by
+    Python's ``regex`` with IGNORECASE, matches none of its alternatives on it (the character
+    splits words and is dropped), while the Rust engine of ``tokenize`` reads it as a letter.
+    A fuzz of every assigned code point up to U+2FFFF found no other such character; code
+    points unassigned in one engine's Unicode tables but not the other's may still differ.
+    """
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-    return _WS.sub(" ", text).strip().lower()
+    return _WS.sub(" ", text).strip().lower().replace("\u0345", " ")
 
 
 @lru_cache()
@@ -153,8 +160,9 @@ def tokenize(texts: Union[str, Sequence[str]], context_length: int = 77, truncat
             texts = list(texts)
         except TypeError:
             raise TypeError(f"texts must be a str or a sequence of str, got {type(texts).__name__}") from None
-    if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 2:
+    if not _token_id(context_length) or context_length < 2:
         raise ValueError(f"context_length must be an int >= 2, got {context_length!r}")
+    context_length = int(context_length)
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
@@ -177,16 +185,39 @@ def tokenize(texts: Union[str, Sequence[str]], context_length: int = 77, truncat
     return torch.from_numpy(out)
 
 
+def _token_id(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_row(v) -> bool:
+    if isinstance(v, (torch.Tensor, np.ndarray)):
+        return v.ndim >= 1
+    return isinstance(v, Sequence) and not isinstance(v, (str, bytes, bytearray))
+
+
 def decode(ids: Union[torch.Tensor, Sequence[int], Sequence[Sequence[int]]]) -> Union[str, List[str]]:
-    """Invert ``tokenize``: a 1-D sequence of ids -> str; a 2-D tensor / list of lists -> list of str.
+    """Invert ``tokenize``: a 1-D sequence of ids -> str; a 2-D tensor / array / sequence of rows
+    -> list of str. Ids are ints (Python or NumPy) or an integer tensor/array; anything else
+    (floats, bools, strings, 0-D or 3-D arrays) raises TypeError or ValueError naming it.
 
     Drops a leading sot, everything from the first eot on (padding), and maps ``</w>`` to spaces.
     """
-    if isinstance(ids, torch.Tensor):
-        ids = ids.tolist()
+    if isinstance(ids, (torch.Tensor, np.ndarray)):
+        arr = ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else ids
+        if arr.ndim not in (1, 2):
+            raise ValueError(f"ids must be 1-D (one text) or 2-D (a batch), got shape {tuple(arr.shape)}")
+        if arr.dtype.kind not in "iu":
+            raise TypeError(f"ids must be integer token ids, got dtype {ids.dtype}")
+        ids = arr.tolist()
+    elif isinstance(ids, (str, bytes, bytearray)) or not isinstance(ids, (Sequence, np.ndarray)):
+        raise TypeError(f"ids must be a sequence of int token ids or of such rows, got "
+                        f"{type(ids).__name__}")
     ids = list(ids)
-    if ids and isinstance(ids[0], (list, tuple)):
+    if ids and all(_is_row(r) for r in ids):
         return [decode(row) for row in ids]
+    for k, i in enumerate(ids):
+        if not _token_id(i):
+            raise TypeError(f"ids[{k}] must be an int token id, got {i!r} ({type(i).__name__})")
     ids = [int(i) for i in ids]
     if EOT_ID in ids:
         ids = ids[:ids.index(EOT_ID)]
