@@ -498,6 +498,25 @@ def test_second_derivative(loss, backend):
         assert rel_err(o, r) <= TOL[torch.float32], name
 
 
+@pytest.mark.parametrize("loss", list(fastclip.ops.LOSSES))
+def test_first_order_backward_stays_fused(loss, monkeypatch):
+    # The differentiable (O(N²)) path is for create_graph=True only: a plain backward, eager
+    # or compiled (whose backward is traced with autograd on), never takes it.
+    calls = []
+    real = op.differentiable_vjp
+    monkeypatch.setattr(op, "differentiable_vjp", lambda *a, **k: calls.append(1) or real(*a, **k))
+    lin = torch.nn.Linear(6, 5)
+    ps = default_params(loss)
+
+    def step(a, b):
+        return fastclip.ops.fused_loss(loss, lin(a), lin(b), ps, normalize=True, backend="cpu")
+
+    x, y = torch.randn(9, 6), torch.randn(9, 6)
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        fn(x, y).backward()
+    assert not calls
+
+
 @pytest.mark.parametrize("loss,backend", FP32)
 def test_features_from_inference_mode(loss, backend):
     # Features computed under torch.inference_mode() with a scale that still learns (a frozen
