@@ -33,6 +33,18 @@ def _positive_int(s: str) -> int:
     return v
 
 
+_ESCAPES = {"\\t": "\t", "\\n": "\n", "\\r": "\r", "\\\\": "\\", "tab": "\t"}
+
+
+def _separator(s: str) -> str:
+    """--csv-separator: one character; '\\t' (a backslash and a t, as open_clip users type it)
+    means a tab."""
+    v = _ESCAPES.get(s, s)
+    if len(v) != 1:
+        raise argparse.ArgumentTypeError(f"expected one character (or \\t for a tab), got {s!r}")
+    return v
+
+
 def _seed(s: str) -> int:
     try:
         v = int(s)
@@ -89,7 +101,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset-type", choices=["auto", "shapes", "csv", "webdataset"], default=d.dataset_type)
     g.add_argument("--csv-img-key", default=d.csv_img_key)
     g.add_argument("--csv-caption-key", default=d.csv_caption_key)
-    g.add_argument("--csv-separator", default=d.csv_separator)
+    g.add_argument("--csv-separator", type=_separator, default=d.csv_separator,
+                   help="one character; escapes as typed in a shell are read: '\\t' is a tab")
     g.add_argument("--train-num-samples", type=_positive_int, default=None,
                    help="samples per epoch for webdataset shards")
     g.add_argument("--val-data", default=None, help="CSV or shards: val loss + retrieval recall")
@@ -178,12 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_paths(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     from .datasets.webdataset import expand_urls
-    from .train.data import detect_dataset_type
+    from .train.data import detect_dataset_type, detect_val_type
     for flag, value in (("--train-data", args.train_data), ("--val-data", args.val_data)):
         if value is None:
             continue
         try:
-            kind = detect_dataset_type(value, args.dataset_type if args.dataset_type != "shapes" else "auto")
+            kind = (detect_val_type(value, args.dataset_type) if flag == "--val-data" else
+                    detect_dataset_type(value, args.dataset_type if args.dataset_type != "shapes" else "auto"))
         except ValueError as e:
             p.error(str(e))
         if kind == "csv" and not os.path.isfile(value):
@@ -220,6 +234,13 @@ def _check_run_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     except (ValueError, TypeError, RuntimeError) as e:
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         p.error(f"--model-overrides {json.dumps(args.model_overrides)}: {why}")
+    from .ops.losses import get_loss
+    from .tokenizer import VOCAB_SIZE
+    if model.config.vocab_size < VOCAB_SIZE:
+        p.error(f"--model-overrides: vocab_size {model.config.vocab_size} is smaller than the tokenizer's "
+                f"{VOCAB_SIZE} ids (CLIP's BPE)")
+    if "logit_bias" in get_loss(args.loss).params and (args.model_overrides or {}).get("init_logit_bias", 0) is None:
+        p.error(f"--loss {args.loss} learns a logit_bias: --model-overrides init_logit_bias must be a number, not null")
     if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         # BatchNorm in training mode needs two values per channel: a forward of one image
         # fails where the tower ends at 1x1 (the demo's 32x32 images, at least).

@@ -56,3 +56,17 @@ def test_perfect_and_errors():
         retrieval_metrics(torch.randn(3, 4), torch.randn(3, 5))
     with pytest.raises(ValueError, match="at least one caption"):
         retrieval_metrics(torch.randn(3, 4), torch.randn(3, 4), torch.tensor([0, 0, 1]))
+
+
+def test_non_finite_features_are_misses():
+    # A diverged model's NaN/inf features must not score perfect recall (NaN compares false
+    # with everything, which made every rank 0).
+    x = torch.eye(4)
+    got = retrieval_metrics(torch.full((4, 4), float("nan")), x)
+    assert all(v == 0.0 for v in got.values()), got
+    bad = x.clone()
+    bad[1, 1] = float("inf")
+    got = retrieval_metrics(bad, x, ks=(1,), normalize=False)
+    # image 1's similarities hold an inf: that query misses, the other three images hit; every
+    # caption's row holds image 1's inf (or a nan): all four misses.
+    assert got["image_to_text_R@1"] == 0.75 and got["text_to_image_R@1"] == 0.0, got

@@ -1,4 +1,6 @@
 """Zero-shot classifier construction, metrics and folder classification."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -98,3 +100,17 @@ def test_classify_folder(model, tmp_path):
     assert "top1" not in out2 and len(out2["predictions"]) == 2
     with pytest.raises(ValueError, match="classnames is required"):
         classify_folder(model, str(flat))
+    # A file that does not decode is skipped and listed; a hidden folder is not a class.
+    (tmp_path / "red_circle" / "broken.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    out3 = classify_folder(model, str(tmp_path), templates=SHAPE_TEMPLATES)
+    assert out3["classnames"] == ["blue square", "red circle"] and out3["n"] == 4
+    assert [os.path.basename(p) for p in out3["skipped"]] == ["broken.jpg"]
+
+
+def test_long_prompts_are_cut_to_the_context_and_names_must_be_a_list(model):
+    long_name = " ".join(["word"] * 3 * model.context_length)
+    clf = build_zeroshot_classifier(model, ["cat", long_name], ["a photo of a {}."])
+    assert clf.shape == (model.embed_dim, 2) and torch.isfinite(clf).all()
+    with pytest.raises(TypeError, match="single string"):
+        build_zeroshot_classifier(model, "dog", ["{}"])

@@ -342,3 +342,19 @@ def test_saved_files_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temporary left behind
+
+
+def test_load_openai_reads_fastclips_own_checkpoint_with_its_config(tmp_path):
+    # tiny-vit has 2 heads of width 32: OpenAI's rule (heads = width / 64) would build 1 head
+    # and load the weights into the wrong attention silently.
+    torch.manual_seed(0)
+    m = create_model("tiny-vit").eval()
+    path = str(tmp_path / "model.safetensors")
+    save_checkpoint(m, path)
+    a, b = load_openai(path), load_checkpoint(path)
+    assert a.config == b.config == m.config
+    toks = torch.randint(1, 1000, (2, m.context_length))
+    imgs = torch.randn(2, 3, m.image_size, m.image_size)
+    with torch.no_grad():
+        assert torch.equal(a.encode_text(toks), m.encode_text(toks))
+        assert torch.equal(a.encode_image(imgs), m.encode_image(imgs))

@@ -32,3 +32,21 @@ def test_micro_batch_gradients_equal_full_batch(tmp_path, micro):
         err = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
         assert err < 2e-5, f"{name}: relative gradient error {err:.2e}"
     assert g_full["logit_scale"].abs().item() > 0
+
+
+def test_batchnorm_towers_take_micro_batches(tmp_path):
+    # A ResNet tower: 9 samples in micro-batches of 4 would leave a lone sample, which
+    # BatchNorm refuses in training; it joins the micro-batch before (4 + 5). The running
+    # statistics are updated once per micro-batch (by the re-run), not twice.
+    torch.set_num_threads(1)
+    cfg = TrainConfig(model="tiny-rn", output=str(tmp_path), steps=1, batch_size=9, demo_train_samples=64,
+                      progress="none", plot=False, accum_micro_batch=4)
+    t = Trainer(cfg)
+    bns = [m for m in t.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns and t.min_batch == 2
+    images, tokens, _ = next(t._train_batches())
+    assert images.shape[0] == 9
+    before = [int(m.num_batches_tracked) for m in bns]
+    loss = t.forward_backward(images, tokens)
+    assert torch.isfinite(loss)
+    assert [int(m.num_batches_tracked) - b for m, b in zip(bns, before)] == [2] * len(bns)

@@ -75,6 +75,12 @@ def test_no_command_prints_help_and_exits_2(capsys):
     (["train", "--dataset-type", "webdataset"], "--dataset-type webdataset needs --train-data"),
     (["train", "--seed", "99999999999999999999"], "argument --seed: expected an integer in [0, 2**63)"),
     (["train", "--seed", "-1"], "argument --seed"),
+    (["train", "--csv-separator", "||"], "argument --csv-separator: expected one character"),
+    (["train", "--model", "tiny-vit", "--model-overrides", '{"vocab_size": 10}'], "vocab_size 10 is smaller"),
+    (["train", "--model", "tiny-vit", "--model-overrides", '{"vision_heads": 0}'], "vision_heads must be positive"),
+    (["train", "--model", "tiny-vit", "--model-overrides", '{"patch_size": 0}'], "patch_size must be in"),
+    (["train", "--loss", "siglip", "--model-overrides", '{"init_logit_bias": null}'],
+     "init_logit_bias must be a number"),
 ])
 def test_argument_errors_exit_2_with_a_clear_message(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:
@@ -82,6 +88,11 @@ def test_argument_errors_exit_2_with_a_clear_message(argv, needle, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert needle in err, err
+
+
+def test_csv_separator_reads_shell_escapes():
+    for typed, want in (("\\t", "\t"), ("tab", "\t"), (";", ";"), (",", ",")):
+        assert cli.build_parser().parse_args(["train", "--csv-separator", typed]).csv_separator == want
 
 
 def test_batch_of_one_is_fine_without_batchnorm():

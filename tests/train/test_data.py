@@ -326,3 +326,30 @@ def test_training_on_csv_and_shards_counts_skipped(tmp_path):
                           output=str(tmp_path / "wds"),
                           batch_size=4, steps=3, warmup=1, progress="none", plot=False))
     assert r["steps"] == 3 and r["train_samples_skipped"] == 2  # 12 samples read, 2 bad
+
+
+def test_empty_shards_and_unloadable_validation_data_are_data_errors(tmp_path):
+    from fastclip.datasets import DataError
+    from fastclip.train import TrainConfig
+    from fastclip.train.data import detect_val_type, load_val_batches
+    empty = tmp_path / "empty.tar"
+    with tarfile.open(empty, "w"):
+        pass
+    with pytest.raises(DataError, match="got no samples .*empty.tar"):
+        next(iter(WebDataset(str(empty), 2, image_transform(32), 16, max_epochs=1)))
+    missing = tmp_path / "missing.csv"
+    missing.write_text("filepath,title\nnope.png,a cat\ngone.png,a dog\n")
+    cfg = TrainConfig(val_data=str(missing), batch_size=2)
+
+    class M:
+        image_size, context_length = 32, 16
+    with pytest.raises(DataError, match=r"--val-data .*missing.csv.*no sample loaded \(2 skipped"):
+        load_val_batches(cfg, M())
+    # --val-data's type comes from its own name when it tells, whatever --dataset-type says
+    assert detect_val_type(str(missing), "webdataset") == "csv"
+    assert detect_val_type(str(empty), "csv") == "webdataset"
+    assert detect_val_type("/data/val", "csv") == "csv"
+    # --val-num-samples is exact for shards too
+    paths = _write_shards(tmp_path)
+    batches, _ = load_val_batches(TrainConfig(val_data=paths[0], batch_size=4, val_num_samples=3), M())
+    assert sum(len(b[0]) for b in batches) == 3

@@ -161,3 +161,36 @@ def test_csv_rows_that_are_not_utf8_train_and_are_named_in_the_log(tmp_path, cap
                                "--steps", "2", "--output", str(tmp_path / "run"))
     assert code == 0, err
     assert "latin1.csv: 2 rows with bytes that are not valid UTF-8 (lines 3, 5)" in stdout
+
+
+def test_resume_continues_only_this_folders_run(tmp_path, capsys):
+    done = str(tmp_path / "done")                       # a finished run, no checkpoints
+    code, _, err = _train(capsys, "--steps", "2", "--output", done)
+    assert code == 0, err
+    other = str(tmp_path / "other")                     # another run, with a checkpoint
+    code, _, err = _train(capsys, "--steps", "2", "--save-every", "1", "--output", other)
+    assert code == 0, err
+    before = sorted(os.listdir(done))
+    mtime = os.path.getmtime(os.path.join(done, "model.safetensors"))
+    foreign = os.path.join(other, "checkpoints", "step_00000001.safetensors")
+    for resume, needle in (("latest", "no checkpoint to continue it from"),
+                           (foreign, "a checkpoint of another run")):
+        code, _, err = _train(capsys, "--steps", "3", "--output", done, "--resume", resume)
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+        assert sorted(os.listdir(done)) == before
+        assert os.path.getmtime(os.path.join(done, "model.safetensors")) == mtime
+    # Another run's checkpoint into an empty folder is a fine start.
+    code, _, err = _train(capsys, "--steps", "3", "--output", str(tmp_path / "new"), "--resume", foreign)
+    assert code == 0, err
+
+
+def test_resume_says_what_it_keeps_from_the_checkpoint(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    code, _, err = _train(capsys, "--steps", "4", "--save-every", "2", "--output", out)
+    assert code == 0, err
+    code, stdout, err = _train(capsys, "--steps", "4", "--output", out, "--resume", "latest", "--lr", "0.1")
+    assert code == 0, err
+    assert "note: the resumed optimizer keeps the checkpoint's lr 0.001 (asked 0.1)" in stdout, stdout
+    assert json.load(open(os.path.join(out, "config.json")))["train"]["lr"] == 1e-3
+    code, _, err = _train(capsys, "--steps", "1", "--output", out, "--resume", "latest")
+    assert code == 2 and "past the run's 1 steps" in err, err

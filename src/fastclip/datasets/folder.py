@@ -40,7 +40,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __init__(self, root: str, transform: Callable, classnames: Optional[Sequence[str]] = None):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"zero-shot folder {root!r} is not a directory")
-        subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        # Hidden folders (.ipynb_checkpoints, .git) are not classes.
+        subdirs = sorted(d for d in os.listdir(root)
+                         if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
         if not subdirs:
             raise DataError(f"{root!r} has no class subfolders (expected root/<class>/<image>)")
         if classnames is not None and len(classnames) != len(subdirs):

@@ -20,7 +20,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from .csv_dataset import collate_skipping, load_image, seeded_transform
+from .csv_dataset import DataError, collate_skipping, load_image, seeded_transform
 from .folder import IMAGE_EXTENSIONS
 
 IMAGE_EXTS = tuple(e[1:] for e in IMAGE_EXTENSIONS)     # a sample's image member, by extension
@@ -191,7 +191,9 @@ class WebDataset(torch.utils.data.IterableDataset):
                     yield collate_skipping(batch)
                     batch = []
             if not produced:
-                raise RuntimeError(f"reader {slot} of {stride} got no samples from {len(self.urls)} shard(s)")
+                raise DataError(f"reader {slot} of {stride} got no samples from {len(self.urls)} shard(s) "
+                                f"({self.urls[0]}{', ...' if len(self.urls) > 1 else ''}): the shards are empty, "
+                                f"or hold fewer samples than there are readers (ranks x --workers)")
             epoch += 1  # a partial last batch carries into the next epoch
             if self.max_epochs is not None and epoch >= self.max_epochs:
                 if batch and skip == 0:

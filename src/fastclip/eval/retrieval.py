@@ -6,6 +6,9 @@ from typing import Dict, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+# The rank of a query that cannot be ranked (a non-finite similarity): beyond every K.
+_MISS = torch.iinfo(torch.long).max
+
 
 @torch.no_grad()
 def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
@@ -18,8 +21,9 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
     gives each caption's image (default: ``arange(N)``, one caption per image, M == N). An image
     query is correct at K when any of its captions ranks in the top K; a caption query when its
     image does. Ties are broken by index, exactly as a stable descending sort would (a candidate
-    with an equal score and a lower index ranks first). Similarities are computed ``chunk_size``
-    query rows at a time (``[chunk_size, N or M]`` at most).
+    with an equal score and a lower index ranks first). A query with a non-finite similarity
+    (NaN or inf features: a diverged model) is a miss at every K. Similarities are computed
+    ``chunk_size`` query rows at a time (``[chunk_size, N or M]`` at most).
 
     Returns ``{"image_to_text_R@K": ..., "text_to_image_R@K": ..., "mean_recall": ...}`` as
     fractions in [0, 1].
@@ -55,7 +59,8 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
         s = txt[i:i + chunk_size] @ img.t()  # [c, N]
         tgt = text_to_image[i:i + chunk_size]  # [c]
         sc = s.gather(1, tgt[:, None])  # [c, 1]
-        t2i_rank[i:i + chunk_size] = (s > sc).sum(1) + ((s == sc) & (idx_n[None] < tgt[:, None])).sum(1)
+        rank = (s > sc).sum(1) + ((s == sc) & (idx_n[None] < tgt[:, None])).sum(1)
+        t2i_rank[i:i + chunk_size] = rank.masked_fill(~torch.isfinite(s).all(1), _MISS)
 
     # image -> text: rank of the best-ranked correct caption (highest score, then lowest index)
     i2t_rank = torch.empty(n, dtype=torch.long, device=dev)
@@ -66,7 +71,8 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
         correct = text_to_image[None, :] == rows[:, None]  # [c, M]
         best = s.masked_fill(~correct, float("-inf")).max(1, keepdim=True).values  # [c, 1]
         first = torch.where(correct & (s == best), idx_m[None], m).min(1, keepdim=True).values  # [c, 1]
-        i2t_rank[i:i + chunk_size] = (s > best).sum(1) + ((s == best) & (idx_m[None] < first)).sum(1)
+        rank = (s > best).sum(1) + ((s == best) & (idx_m[None] < first)).sum(1)
+        i2t_rank[i:i + chunk_size] = rank.masked_fill(~torch.isfinite(s).all(1), _MISS)
 
     out = {}
     for k in ks:

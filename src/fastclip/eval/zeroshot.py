@@ -28,8 +28,12 @@ def build_zeroshot_classifier(model, classnames: Sequence[str], templates: Seque
 
     Each class's prompts (``template.format(name)`` or ``template(name)``) are encoded with
     ``model.encode_text``, each L2-normalised, averaged, and the mean renormalised.
-    ``tokenizer(texts, context_length=...)`` defaults to ``fastclip.tokenizer.tokenize``.
+    ``tokenizer(texts, context_length=...)`` defaults to ``fastclip.tokenizer.tokenize``, with
+    prompts longer than the model's context cut to fit (as open_clip's tokenizer does; the
+    end-of-text token is kept).
     """
+    if isinstance(classnames, (str, bytes)):
+        raise TypeError(f"classnames must be a sequence of class names, got a single string {classnames!r}")
     if len(classnames) == 0:
         raise ValueError("classnames must not be empty")
     if len(templates) == 0:
@@ -41,7 +45,9 @@ def build_zeroshot_classifier(model, classnames: Sequence[str], templates: Seque
     ctx = getattr(model, "context_length", 77)
     feats = []
     for i in range(0, len(prompts), batch_size):
-        tokens = tokenizer(prompts[i:i + batch_size], context_length=ctx).to(dev)
+        batch = prompts[i:i + batch_size]
+        tokens = (tokenize(batch, context_length=ctx, truncate=True) if tokenizer is tokenize
+                  else tokenizer(batch, context_length=ctx)).to(dev)
         feats.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
     feats = torch.cat(feats).view(len(classnames), len(templates), -1)  # [C, T, D]
     return F.normalize(feats.mean(dim=1), dim=-1).t().contiguous()  # [D, C]
@@ -107,7 +113,9 @@ def evaluate_zeroshot(model, images_or_loader: Union[torch.Tensor, Iterable[Tupl
 
 
 def _scan_folder(folder: str, classnames: Optional[Sequence[str]]) -> Tuple[List[str], Optional[List[int]], List[str]]:
-    subdirs = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    # Hidden folders (.ipynb_checkpoints, .git) are not classes.
+    subdirs = sorted(d for d in os.listdir(folder)
+                     if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))
     is_img = lambda f: f.lower().endswith(IMAGE_EXTENSIONS)  # noqa: E731
     if subdirs:
         names = [d.replace("_", " ") for d in subdirs] if classnames is None else list(classnames)
@@ -134,11 +142,12 @@ def classify_folder(model, folder: str, classnames: Optional[Sequence[str]] = No
     With class-named subfolders (``folder/<class>/<img>``) these give the labels and, unless
     ``classnames`` is passed, the class names (underscores -> spaces); otherwise the images
     directly in ``folder`` are classified among ``classnames``. ``image_size`` defaults to
-    ``model.image_size``. Returns ``{"classnames", "predictions": [(path, class, prob), ...]}``
-    plus ``top1``/``top5``/``mean_per_class_recall``/``n`` when labels are known.
+    ``model.image_size``. Returns ``{"classnames", "predictions": [(path, class, prob), ...],
+    "skipped": [paths of files that did not decode]}`` plus
+    ``top1``/``top5``/``mean_per_class_recall``/``n`` when labels are known. Hidden subfolders
+    (a leading ".") are not classes.
     """
-    from PIL import Image
-
+    from ..datasets.csv_dataset import load_image
     from ..transforms import image_transform
     if not os.path.isdir(folder):
         raise ValueError(f"folder {folder!r} is not a directory")
@@ -150,20 +159,29 @@ def classify_folder(model, folder: str, classnames: Optional[Sequence[str]] = No
     try:
         clf = build_zeroshot_classifier(model, names, templates, device=device)
         tf = image_transform(image_size or model.image_size)
-        logits = []
-        for i in range(0, len(paths), batch_size):
-            imgs = []
-            for p in paths[i:i + batch_size]:
-                with Image.open(p) as im:
-                    imgs.append(tf(im))
-            logits.append(zero_shot_classify(model, torch.stack(imgs), clf, batch_size, device).cpu())
-        logits = torch.cat(logits)  # [N, C]
+        # Files that do not decode are skipped and listed (as the trainer skips them).
+        keep, imgs_all, skipped = [], [], []
+        for k, p in enumerate(paths):
+            im = load_image(p)
+            if im is None:
+                skipped.append(p)
+            else:
+                keep.append(k)
+                imgs_all.append(tf(im))
+        if not keep:
+            raise ValueError(f"no image in {folder} could be decoded ({len(skipped)} file(s) tried)")
+        paths = [paths[k] for k in keep]
+        labels = None if labels is None else [labels[k] for k in keep]
+        logits = torch.cat([zero_shot_classify(model, torch.stack(imgs_all[i:i + batch_size]), clf,
+                                               batch_size, device).cpu()
+                            for i in range(0, len(imgs_all), batch_size)])   # [N, C]
     finally:
         model.train(was_training)
     probs = logits.softmax(dim=-1)
     conf, pred = probs.max(dim=-1)
     out: Dict[str, object] = {"classnames": names,
-                              "predictions": [(p, names[k], c) for p, k, c in zip(paths, pred.tolist(), conf.tolist())]}
+                              "predictions": [(p, names[k], c) for p, k, c in zip(paths, pred.tolist(), conf.tolist())],
+                              "skipped": skipped}
     if labels is not None:
         out.update(classification_metrics(logits, torch.tensor(labels)))
     return out

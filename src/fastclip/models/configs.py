@@ -43,6 +43,18 @@ class CLIPConfig:
                      "text_layers"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.is_resnet:
+            if len(self.vision_layers) != 4 or any(int(v) <= 0 for v in self.vision_layers):
+                raise ValueError(f"vision_layers must be 4 positive ints for a ResNet, got {list(self.vision_layers)}")
+        else:
+            if int(self.vision_layers) <= 0:
+                raise ValueError(f"vision_layers must be positive, got {self.vision_layers}")
+            if int(self.patch_size) <= 0 or int(self.patch_size) > int(self.image_size):
+                raise ValueError(f"patch_size must be in [1, image_size={self.image_size}], got {self.patch_size}")
+        for name in ("vision_heads", "text_heads"):
+            v = getattr(self, name)
+            if v is not None and int(v) <= 0:
+                raise ValueError(f"{name} must be positive (or null: width / 64), got {v}")
         if not (isinstance(self.init_logit_scale, (int, float)) and self.init_logit_scale > 0
                 and math.isfinite(self.init_logit_scale)):
             raise ValueError(f"init_logit_scale must be a finite positive number, got {self.init_logit_scale!r}")

@@ -115,12 +115,22 @@ def load_openai(path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.T
     read and write files, for one); use it only for files from a source you trust, and only if
     the default reader cannot read the archive.
 
+    A ``.safetensors`` file written by fastclip (``save_checkpoint``, ``fastclip train``) is
+    rebuilt from the config stored in it, as ``load_checkpoint`` does. Other inputs follow
+    OpenAI's layout rules (e.g. 64-wide attention heads): a state dict of a model built with
+    other head counts cannot be told apart and needs ``load_checkpoint`` on its saved file.
+
     Raises ValueError naming the path for unreadable, truncated or non-CLIP files.
     """
     if isinstance(path_or_state_dict, Mapping):
         sd, source = dict(path_or_state_dict), "state dict"
     else:
         source = os.fspath(path_or_state_dict)
+        if source.endswith(".safetensors") and _fastclip_config(source) is not None:
+            # fastclip's own checkpoint: its stored config, not one inferred by OpenAI's rules
+            # (heads = width / 64 would be a guess for a model built with other head counts).
+            model = load_checkpoint(source, device)
+            return model if dtype is None else model.to(dtype)
         sd = _read(source, allow_torchscript_code)
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
@@ -161,6 +171,16 @@ def save_checkpoint(model: CLIP, path: Union[str, os.PathLike], metadata: Option
     meta.update(metadata or {})
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write(os.fspath(path), lambda tmp: save_file(tensors, tmp, metadata=meta), suffix=".safetensors")
+
+
+def _fastclip_config(path: str) -> Optional[str]:
+    """The ``fastclip_config`` metadata of a safetensors file, or None (none, or unreadable)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            return (f.metadata() or {}).get("fastclip_config")
+    except Exception:  # noqa: BLE001 - unreadable: load_openai's own reader says why
+        return None
 
 
 def load_checkpoint(path: Union[str, os.PathLike], device="cpu") -> CLIP:

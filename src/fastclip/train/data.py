@@ -101,6 +101,18 @@ def detect_dataset_type(path: Optional[str], dataset_type: str = "auto") -> str:
                      f"or .tar shards); pass --dataset-type csv|webdataset")
 
 
+def detect_val_type(path: str, dataset_type: str = "auto") -> str:
+    """``--val-data``'s type: from its own name when it tells (``.csv``/``.tsv``, ``.tar``), so that
+    a CSV validation file may go with shards for training and the other way round; else
+    ``--dataset-type`` (csv or webdataset)."""
+    try:
+        return detect_dataset_type(path, "auto")
+    except ValueError:
+        if dataset_type in ("csv", "webdataset"):
+            return dataset_type
+        raise
+
+
 def image_transform_for(model, train: bool):
     """CLIP's preprocessing at the model's resolution (random resized crop when ``train``)."""
     from ..transforms import image_transform
@@ -183,7 +195,7 @@ def load_val_batches(cfg: TrainConfig, model, log: Optional[Callable[[str], None
     10k) and the number of samples skipped (missing or corrupt). ``log`` receives notes on the
     data (CSV rows that were not valid UTF-8)."""
     from ..datasets.csv_dataset import collate_skipping
-    kind = detect_dataset_type(cfg.val_data, "auto" if cfg.dataset_type == "shapes" else cfg.dataset_type)
+    kind = detect_val_type(cfg.val_data, cfg.dataset_type)
     limit = cfg.val_num_samples or 10_000
     out, n, skipped_total = [], 0, 0
     if kind == "csv":
@@ -204,11 +216,16 @@ def load_val_batches(cfg: TrainConfig, model, log: Optional[Callable[[str], None
                         seed=cfg.seed, shuffle_buffer=0, max_epochs=1)
         for imgs, toks, skipped in ds:
             skipped_total += skipped
+            imgs, toks = imgs[:max(0, limit - n)], toks[:max(0, limit - n)]   # at most `limit` samples
             if len(imgs):
                 out.append((imgs, toks))
             n += len(imgs) + skipped
             if n >= limit:
                 break
+    if not out:
+        from ..datasets.csv_dataset import DataError
+        raise DataError(f"--val-data {cfg.val_data!r}: no sample loaded ({skipped_total} skipped: missing or "
+                        f"corrupt images)" if skipped_total else f"--val-data {cfg.val_data!r}: no samples")
     return out, skipped_total
 
 
@@ -229,5 +246,6 @@ def folder_zeroshot_set(cfg: TrainConfig, model) -> Tuple[str, ZeroShotSet, int]
 
 
 __all__ = ["StepBatches", "TrainData", "ZeroShotSet", "build_train_data", "collate_pairs", "detect_dataset_type",
+           "detect_val_type",
            "folder_zeroshot_set", "image_transform_for", "load_val_batches", "train_batches", "trim_padding"]
 

@@ -52,11 +52,22 @@ def check_run_folder(output_dir: str, resume: Optional[str], overwrite: bool) ->
         raise RunFolderError("--resume and --overwrite exclude each other: --resume continues the run in "
                              f"{output_dir}, --overwrite deletes it")
     existing = run_files(output_dir) if os.path.isdir(output_dir) else []
+    names = ", ".join(os.path.relpath(p, output_dir) for p in existing[:4]) + (", ..." if len(existing) > 4 else "")
     if existing and not resume and not overwrite:
-        names = ", ".join(os.path.relpath(p, output_dir) for p in existing[:4])
-        raise RunFolderError(f"{output_dir} already holds a run ({names}{', ...' if len(existing) > 4 else ''}); "
+        raise RunFolderError(f"{output_dir} already holds a run ({names}); "
                              f"pass --resume latest to continue it, --overwrite to replace it, or choose "
                              f"another --output")
+    if existing and resume:
+        # --resume continues the run in this folder: from one of its own checkpoints.
+        own = os.path.realpath(os.path.join(output_dir, CKPT_DIR))
+        if resume == "latest" and not any(os.path.realpath(os.path.dirname(p)) == own for p in existing):
+            raise RunFolderError(f"--resume latest: {output_dir} holds a run ({names}) but no checkpoint to "
+                                 f"continue it from (it was trained without --save-every); choose another "
+                                 f"--output, or --overwrite to replace it")
+        if resume != "latest" and os.path.realpath(os.path.dirname(resume)) != own:
+            raise RunFolderError(f"--resume {resume}: a checkpoint of another run, while {output_dir} already "
+                                 f"holds a run ({names}); resuming there would mix the two runs' files: "
+                                 f"choose an empty --output")
     return existing if (existing and not resume) else []
 
 

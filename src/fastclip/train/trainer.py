@@ -88,7 +88,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = None, hooks: Optional[List[StepHook]] = None):
         from ..loss import ClipLoss, SigLipLoss
         from ..models import create_model
-        from ..ops.losses import LOSSES
+        from ..ops.losses import LOSSES, get_loss
 
         if cfg.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
@@ -115,12 +115,23 @@ class Trainer:
             # Cheap on the CPU, and what makes resume bit-exact.
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.model = create_model(cfg.model, **self._loss_model_overrides()).to(env.device)
+        from ..tokenizer import VOCAB_SIZE
+        if self.model.config.vocab_size < VOCAB_SIZE:
+            raise ValueError(f"model vocab_size {self.model.config.vocab_size} is smaller than the tokenizer's "
+                             f"{VOCAB_SIZE} ids")
+        if "logit_bias" in get_loss(cfg.loss).params and self.model.logit_bias is None:
+            raise ValueError(f"loss {cfg.loss!r} learns a logit_bias: the model needs one (init_logit_bias must "
+                             f"not be None)")
         # ResNet towers run in channels_last: the demo's step (batch 128) takes 0.27 s instead of
         # 0.43 s on a 2-core Zen 4 (oneDNN's NHWC convolutions); images are converted to match.
         self.memory_format = torch.channels_last if self.model.config.is_resnet else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
+        # BatchNorm (the ResNet towers) needs two samples per forward in training: batches and
+        # micro-batches are kept at two or more (a lone sample is skipped or merged).
+        self.has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        self.min_batch = 2 if self.has_batchnorm else 1
         self.step_model = torch.compile(self.model) if cfg.compile else self.model
         if env.distributed:
             ids = [env.device.index] if env.device.type == "cuda" else None
@@ -152,6 +163,7 @@ class Trainer:
         # that predate it) and the wall time.
         self.batches_skipped_before, self.data_position, self.wall_before = 0, 0, 0.0
         self.resumed_from = None
+        self.resume_notes: List[str] = []
         if cfg.resume:
             path = ckpt.resolve_resume(cfg.resume, cfg.output)
             if path is not None:
@@ -160,6 +172,10 @@ class Trainer:
                 self.start_step = int(state["step"])
                 self._restore_extra(path, state["extra"])
                 self.resumed_from = path
+                if self.start_step > self.total_steps:
+                    raise ckpt.CheckpointError(f"{path}: the checkpoint is at step {self.start_step}, past the "
+                                               f"run's {self.total_steps} steps: nothing left to train (raise --steps)")
+                self._keep_checkpoint_optimizer(state["extra"])
         if hooks is None:
             from .demo import run_hooks
             hooks = run_hooks(cfg, env)
@@ -185,6 +201,26 @@ class Trainer:
             out["init_logit_bias"] = spec.init[spec.params.index("logit_bias")]
         out.update(self.cfg.model_overrides)
         return out
+
+    # What a resumed run takes from its checkpoint, whatever the command line says: the
+    # optimizer's hyperparameters live in its saved state (the schedule's length and warmup are
+    # the command's). config.json records those that run.
+    _OPTIMIZER_FIELDS = ("lr", "weight_decay", "beta1", "beta2", "eps")
+
+    def _keep_checkpoint_optimizer(self, extra: Dict[str, Any]) -> None:
+        saved = extra.get("config") if isinstance(extra, dict) else None
+        if not isinstance(saved, dict):
+            return
+        kept = [(k, saved[k], getattr(self.cfg, k)) for k in self._OPTIMIZER_FIELDS
+                if isinstance(saved.get(k), (int, float)) and isinstance(getattr(self.cfg, k), (int, float))
+                and saved[k] != getattr(self.cfg, k)]
+        if kept:
+            self.resume_notes.append(
+                "the resumed optimizer keeps the checkpoint's " + ", ".join(f"{k} {old:g} (asked {new:g})"
+                                                                          for k, old, new in kept)
+                + "; start a new run to change them")
+            for k, old, _ in kept:
+                setattr(self.cfg, k, old)
 
     def _restore_extra(self, path: str, extra: Dict[str, Any]) -> None:
         try:
@@ -228,9 +264,15 @@ class Trainer:
     def _forward_backward_micro(self, images: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:
         model = self.step_model
         chunks = [(i, min(i + k, images.shape[0])) for i in range(0, images.shape[0], k)]
-        # 1. features of the whole batch, k samples at a time, no activations kept
+        if len(chunks) > 1 and chunks[-1][1] - chunks[-1][0] < self.min_batch:
+            chunks[-2:] = [(chunks[-2][0], chunks[-1][1])]      # a lone last sample joins the chunk before
+        # 1. features of the whole batch, k samples at a time, no activations kept. BatchNorm's
+        # running statistics are restored afterwards: step 3 runs the same micro-batches again
+        # and updates them once, as a training step without accumulation would.
+        bn_state = self._batchnorm_buffers()
         with torch.no_grad(), self._autocast():
             feats = [model(images[a:b], tokens[a:b], normalize=False)[:2] for a, b in chunks]
+        self._restore_buffers(bn_state)
         img = torch.cat([f[0] for f in feats]).detach().requires_grad_(True)  # [B, D] leaf
         txt = torch.cat([f[1] for f in feats]).detach().requires_grad_(True)  # [B, D] leaf
         # 2. loss and d loss / d features (+ the scale's and bias's gradients, once) over the
@@ -246,6 +288,19 @@ class Trainer:
         if self.env.distributed:  # DDP's hooks were bypassed: average like DDP would
             all_reduce_grads(list(self.model.parameters()), self.env.world_size)
         return loss.detach()
+
+    def _batchnorm_buffers(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """(buffer, copy) of every BatchNorm buffer (running mean/var, batches tracked)."""
+        if not self.has_batchnorm:
+            return []
+        return [(b, b.detach().clone()) for m in self.model.modules()
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
+
+    @staticmethod
+    def _restore_buffers(saved: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+        with torch.no_grad():
+            for b, copy in saved:
+                b.copy_(copy)
 
     def optimizer_step(self) -> None:
         if self.cfg.grad_clip_norm is not None:
@@ -340,6 +395,8 @@ class Trainer:
                f"precision {cfg.precision}, threads {torch.get_num_threads()}, output {cfg.output}")
         if self.resumed_from:
             msg += f"\n  resumed from {self.resumed_from} at step {self.start_step}"
+            for note in self.resume_notes:
+                msg += f"\n  note: {note}"
         for note in self.data.notes:
             msg += f"\n  {note}"
         self.log(msg)
@@ -387,17 +444,22 @@ class Trainer:
                 images, tokens, n_skip = next(batches)
                 drawn += 1
                 skipped += n_skip
-                empty = images.shape[0] == 0
+                # Too few samples loaded: none, or one where BatchNorm needs two in training.
+                loaded = images.shape[0]
+                empty = loaded < self.min_batch
                 if env.distributed:  # all ranks skip together, or the loss's collectives would not pair up
                     empty = sum_over_ranks(env, int(empty)) > 0
-                if empty:  # no sample of the batch loaded: count it and draw the next one
+                if empty:  # count it and draw the next one
                     skipped_batches += 1
                     failed_in_a_row += 1
                     if failed_in_a_row >= fail_limit:
                         self._data_unusable(failed_in_a_row)
                     if env.is_main and skipped_batches <= 3:
-                        progress.message(f"step {step + 1}: no sample of batch {drawn} loaded (missing or corrupt "
-                                         f"images); skipped it and drew the next batch"
+                        what = ("no sample" if loaded == 0 else
+                                f"{loaded} sample(s)" + (" (BatchNorm needs 2)" if loaded < self.min_batch else ""))
+                        progress.message(f"step {step + 1}: {what} of batch {drawn} loaded (missing or corrupt "
+                                         f"images{'' if loaded < self.min_batch else ' on another rank'}); "
+                                         f"skipped it and drew the next batch"
                                          + (" (further ones are only counted)" if skipped_batches == 3 else ""))
                     continue
                 failed_in_a_row = 0
