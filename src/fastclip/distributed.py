@@ -87,8 +87,9 @@ class _Meta:
     impl: float            # index in _IMPLS
     loss: float            # LossSpec.code
     backend: float         # Backend.code
+    grad: float            # 1: this call records a backward (the collectives differ then)
     xnorm: float           # the largest row norm the kernels see: 1 with normalize
-    ynorm: float
+    ynorm: float           # (xnorm, ynorm, params: the last fields, filled on the device)
     param0: float          # logit_scale
     param1: float          # logit_bias (NaN when the loss has none)
 
@@ -123,6 +124,9 @@ _AGREE = (
     ("loss", "loss", lambda v: next((s for s in _loss_names() if get_loss(s).code == int(v)),
                                     "other")),
     ("backend", "backend", lambda v: getattr(backend_by_code(int(v)), "name", "other")),
+    # One rank evaluating (no_grad, or features that need no gradient) while another trains:
+    # their collectives would pair a forward with another call's (a rank's extra call).
+    ("grad", "whether the call needs gradients", lambda v: bool(v)),
 )
 
 
@@ -156,12 +160,14 @@ def _logit_bound(metas: list[_Meta]) -> Optional[float]:
     return bound if math.isfinite(bound) and bound <= _SHIFT_MAX else None
 
 
-def _agree(metas: list[_Meta], rank: int, problem: Optional[str]) -> list[int]:
+def _agree(metas: list[_Meta], rank: int, problem: Optional[str], group=None) -> list[int]:
     """Raise the same DistributedLossError on every rank unless all metadata agree; return
-    the per-rank row counts."""
+    the per-rank row counts. Ranks are named by their global rank (``torch.distributed``'s
+    ``get_rank()``), also in a subgroup."""
     if problem is not None:
-        raise DistributedLossError(f"rank {rank}: invalid input to the sharded loss: {problem}")
-    bad = [r for r, m in enumerate(metas) if m.ok != 1.0]
+        raise DistributedLossError(f"rank {_global_rank(group, rank)}: invalid input to the sharded "
+                                   f"loss: {problem}")
+    bad = [_global_rank(group, r) for r, m in enumerate(metas) if m.ok != 1.0]
     if bad:
         raise DistributedLossError(f"rank(s) {bad} of the process group passed invalid input "
                                    f"(see the error on those ranks); no rank computed a loss")
@@ -579,12 +585,12 @@ class _RingLoss(torch.autograd.Function):
 _LAST: dict[int, tuple] = {}
 
 
-def _meta_for(spec, image_features, normalize, eps, impl, be, problem) -> _Meta:
+def _meta_for(spec, image_features, normalize, eps, impl, be, problem, grad: bool) -> _Meta:
     if problem is not None:
         return _Meta.invalid()
     return _Meta(1.0, float(image_features.shape[0]), float(image_features.shape[1]),
                  float(_DTYPE_CODES[image_features.dtype]), float(normalize), float(eps),
-                 float(_IMPLS.index(impl)), float(spec.code), float(be.code),
+                 float(_IMPLS.index(impl)), float(spec.code), float(be.code), float(grad),
                  float("inf"), float("inf"), *([float("nan")] * _MAX_PARAMS))
 
 
@@ -638,11 +644,11 @@ def fused_loss(loss: str, image_features: Tensor, text_features: Tensor, params,
     """The exact full-batch loss ``loss`` over the ranks of a group; ``params`` its scalar
     parameters in ``LossSpec.params`` order. See :func:`clip_loss` for the contract."""
     spec = get_loss(loss)
-    # Configuration (not data): checked here, before any collective, on every rank alike.
-    if dist_impl not in _IMPLS:
-        raise ValueError(f"dist_impl must be 'gather' or 'ring', got {dist_impl!r}")
-    validate_options(normalize, eps)
     if not dist.is_available() or not dist.is_initialized():
+        # No group, no collective to keep in step: a bad configuration says so first.
+        if dist_impl not in _IMPLS:
+            raise ValueError(f"dist_impl must be 'gather' or 'ring', got {dist_impl!r}")
+        validate_options(normalize, eps)
         raise RuntimeError(f"fastclip.distributed.{loss}_loss needs an initialised process "
                            f"group: call torch.distributed.init_process_group(...) first "
                            f"(torchrun sets the environment), or use fastclip.{loss}_loss for "
@@ -653,18 +659,24 @@ def fused_loss(loss: str, image_features: Tensor, text_features: Tensor, params,
     if rank < 0:
         raise ValueError("this process is not a member of process_group; call the loss only "
                          "on the group's ranks")
-    if expected_world_size is not None and expected_world_size != world:
-        raise DistributedLossError(
-            f"world_size={expected_world_size} was configured (e.g. ClipLoss(world_size=...)) "
-            f"but the process group has {world} ranks; pass the group's size")
-
     # The metadata exchange needs a tensor on a device the group carries: pick it before
-    # any other check so that a rank with bad inputs still takes part and every rank
-    # raises the same error instead of leaving the others in a large collective.
+    # any other check so that a rank with bad inputs (or a bad configuration: one rank's
+    # wrong dist_impl, eps or world_size) still takes part and every rank raises the same
+    # error instead of leaving the others to pair with this rank's next call.
     carry = _group_devices(group)
     feat_dev = image_features.device if isinstance(image_features, Tensor) else None
     problem = None
-    if feat_dev is not None and feat_dev.type not in carry:
+    try:
+        if dist_impl not in _IMPLS:
+            raise ValueError(f"dist_impl must be 'gather' or 'ring', got {dist_impl!r}")
+        validate_options(normalize, eps)
+    except (TypeError, ValueError) as e:
+        problem = str(e)
+    if problem is None and expected_world_size is not None and expected_world_size != world:
+        problem = (f"world_size={expected_world_size} was configured (e.g. "
+                   f"ClipLoss(world_size=...)) but the process group has {world} ranks; pass "
+                   f"the group's size")
+    if problem is None and feat_dev is not None and feat_dev.type not in carry:
         problem = (
             f"the features are on {feat_dev} but the process group's backend "
             f"({dist.get_backend(group)}: carries {', '.join(sorted(carry)) or 'nothing'}) "
@@ -689,11 +701,13 @@ def fused_loss(loss: str, image_features: Tensor, text_features: Tensor, params,
             norms = (torch.ones(2, dtype=torch.float64, device=meta_dev) if normalize else
                      torch.stack([t.float().norm(dim=1).max().double()
                                   for t in (image_features, text_features)]))
-    meta = _meta_for(spec, image_features, normalize, eps, dist_impl, be, problem)
+    grad = problem is None and torch.is_grad_enabled() and (
+        image_features.requires_grad or text_features.requires_grad or p.requires_grad)
+    meta = _meta_for(spec, image_features, normalize, eps, dist_impl, be, problem, grad)
     try:
         metas, y_all = _handshake(group, rank, world, meta, p, norms, meta_dev,
                                   text_features if problem is None else None)
-        sizes = _agree(metas, rank, problem)
+        sizes = _agree(metas, rank, problem, group)
     except DistributedLossError:
         _LAST.pop(id(group), None)      # every rank raised: every rank forgets alike
         raise

@@ -413,6 +413,18 @@ def run_cases(rank: int, world: int, seed: int) -> dict:
         rank=0, world_size=world + 1)(torch.randn(3, 4), torch.randn(3, 4), 10.0))
     errs["meta_device"] = _expect_error(lambda: clip_loss(
         torch.randn(3, 4, device="meta"), torch.randn(3, 4, device="meta"), 10.0))
+    # A bad configuration on one rank only: every rank raises (before, the others went on
+    # and paired with that rank's next call).
+    errs["bad_impl_one_rank"] = _expect_error(lambda: clip_loss(
+        torch.randn(3, 4), torch.randn(3, 4), 10.0, dist_impl="Ring" if rank == 1 else "gather"))
+    errs["bad_eps_one_rank"] = _expect_error(lambda: clip_loss(
+        torch.randn(3, 4), torch.randn(3, 4), 10.0, eps=0.0 if rank == 1 else 1e-12))
+    # One rank evaluating while the others train: the ring's one-pass forward and the
+    # evaluation forward post different collectives.
+    from fastclip.distributed import siglip_loss  # noqa: PLC0415
+    errs["grad_mismatch"] = _expect_error(lambda: siglip_loss(
+        torch.randn(3, 4).requires_grad_(rank == 0), torch.randn(3, 4), 10.0, -1.0,
+        dist_impl="ring"))
     out["errors"] = errs
     # After the errors, a collective call still lines up on every rank.
     out["after_errors"] = _loss_case(rank, world, gen, uneven, "ring", False, torch.float64,

@@ -204,6 +204,12 @@ def test_mismatches_raise_on_every_rank(group):
         msg = errs["bad_rows_one_rank"]
         assert msg.startswith("DistributedLossError"), msg
         assert ("batch sizes differ" in msg) if rank == 0 else ("rank(s) [0]" in msg), msg
+        for case, text in (("bad_impl_one_rank", "dist_impl must be"), ("bad_eps_one_rank", "eps must be")):
+            msg = errs[case]
+            assert msg.startswith("DistributedLossError"), msg
+            assert (text in msg) if rank == 1 else ("rank(s) [1]" in msg), msg
+        msg = errs["grad_mismatch"]
+        assert msg.startswith("DistributedLossError") and "whether the call needs gradients" in msg, msg
     _check(res, "after_errors", TOL_F64)
 
 
