@@ -147,7 +147,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=_seed, default=d.seed)
     g.add_argument("--log-every", type=_positive_int, default=None)
     g.add_argument("--eval-every", type=_positive_int, default=None,
-                   help=f"evaluate every K steps (demo {DEMO_EVAL_EVERY}, and before the first; real data: 4 times)")
+                   help=f"evaluate every K steps (demo {DEMO_EVAL_EVERY}, and before the first; real data: every "
+                        f"total/4 steps, and at the end)")
     g.add_argument("--save-every", type=_positive_int, default=None, help="training checkpoint every K steps")
     g.add_argument("--keep-checkpoints", type=_nonneg_int, default=d.keep_checkpoints)
     g.add_argument("--resume", default=None, help="'latest' (in --output) or a checkpoint path")
@@ -192,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_paths(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     from .datasets.webdataset import expand_urls
     from .train.data import detect_dataset_type, detect_val_type
+    if args.dataset_type == "shapes" and args.train_data is not None:
+        p.error(f"--dataset-type shapes trains on the built-in synthetic shapes: drop --train-data "
+                f"{args.train_data!r}, or pass --dataset-type auto|csv|webdataset")
     for flag, value in (("--train-data", args.train_data), ("--val-data", args.val_data)):
         if value is None:
             continue

@@ -47,3 +47,20 @@ def test_explicit_validation_split_and_errors():
         linear_probe(x, y, x, y, val_features=x)
     with pytest.raises(ValueError, match="val_fraction"):
         linear_probe(x, y, x, y, val_fraction=1.5)
+
+
+def test_bad_probe_inputs_are_clear_errors():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 4, generator=g), torch.arange(20) % 2
+    for kw, exc, msg in (({"Cs": [0, 1]}, ValueError, "Cs must be finite positive"),
+                         ({"Cs": [-1.0]}, ValueError, "Cs must be finite positive")):
+        with pytest.raises(exc, match=msg):
+            linear_probe(x, y, x, y, **kw)
+    with pytest.raises(TypeError, match="train_labels must be integer"):
+        linear_probe(x, y.float(), x, y)
+    with pytest.raises(ValueError, match="non-negative"):
+        linear_probe(x, y, x, -y)
+    with pytest.raises(ValueError, match="test_features is empty"):
+        linear_probe(x, y, x[:0], y[:0])
+    with pytest.raises(ValueError, match="at least 2 training samples"):
+        linear_probe(x[:1], y[:1], x, y)

@@ -114,3 +114,8 @@ def test_long_prompts_are_cut_to_the_context_and_names_must_be_a_list(model):
     assert clf.shape == (model.embed_dim, 2) and torch.isfinite(clf).all()
     with pytest.raises(TypeError, match="single string"):
         build_zeroshot_classifier(model, "dog", ["{}"])
+
+
+def test_classification_metrics_wants_flat_labels():
+    with pytest.raises(ValueError, match=r"labels \[N\]"):
+        classification_metrics(torch.randn(4, 3), torch.zeros(4, 1, dtype=torch.long))

@@ -76,6 +76,7 @@ def test_no_command_prints_help_and_exits_2(capsys):
     (["train", "--seed", "99999999999999999999"], "argument --seed: expected an integer in [0, 2**63)"),
     (["train", "--seed", "-1"], "argument --seed"),
     (["train", "--csv-separator", "||"], "argument --csv-separator: expected one character"),
+    (["train", "--dataset-type", "shapes", "--train-data", "/tmp/x.csv"], "--dataset-type shapes trains on"),
     (["train", "--model", "tiny-vit", "--model-overrides", '{"vocab_size": 10}'], "vocab_size 10 is smaller"),
     (["train", "--model", "tiny-vit", "--model-overrides", '{"vision_heads": 0}'], "vision_heads must be positive"),
     (["train", "--model", "tiny-vit", "--model-overrides", '{"patch_size": 0}'], "patch_size must be in"),

@@ -353,3 +353,10 @@ def test_empty_shards_and_unloadable_validation_data_are_data_errors(tmp_path):
     paths = _write_shards(tmp_path)
     batches, _ = load_val_batches(TrainConfig(val_data=paths[0], batch_size=4, val_num_samples=3), M())
     assert sum(len(b[0]) for b in batches) == 3
+
+
+def test_tsv_files_are_tab_separated_by_default(tmp_path):
+    (tmp_path / "a.png").write_bytes(_png_bytes(1))
+    (tmp_path / "t.tsv").write_text("filepath\ttitle\na.png\ta cat, sitting\n")
+    ds = CsvDataset(str(tmp_path / "t.tsv"), image_transform(32))
+    assert len(ds) == 1 and ds.captions[0] == "a cat, sitting"

@@ -73,7 +73,8 @@ class CsvDataset(torch.utils.data.Dataset):
         path: the CSV/TSV file. Relative image paths are resolved against its directory.
         transform: ``PIL.Image -> FloatTensor [3, S, S]`` (e.g. ``image_transform(S, train=True)``).
         img_key, caption_key, separator: column names and delimiter (open_clip's
-            ``--csv-img-key filepath --csv-caption-key title --csv-separator ,`` by default).
+            ``--csv-img-key filepath --csv-caption-key title --csv-separator ,`` by default;
+            a ``.tsv`` file with the default ``,`` is read tab-separated).
         context_length: caption token length; longer captions are truncated.
 
     ``dataset[i]`` or ``dataset[(i, aug_seed)]`` (the latter seeds a random transform) returns
@@ -93,6 +94,8 @@ class CsvDataset(torch.utils.data.Dataset):
                  separator: str = ",", context_length: int = 77):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"CSV file {path!r} does not exist")
+        if separator == "," and path.lower().endswith(".tsv"):
+            separator = "\t"       # a .tsv file is tab-separated unless another separator is given
         self.path = path
         self.invalid_utf8_lines: List[int] = []
         rows = []

@@ -84,20 +84,32 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
                          f"{tuple(xt.shape)}, {tuple(xs.shape)}")
     if yt.shape != (xt.shape[0],) or ys.shape != (xs.shape[0],):
         raise ValueError("train_labels/test_labels must be 1-D with one label per feature row")
+    for name, lab in (("train_labels", train_labels), ("test_labels", test_labels), ("val_labels", val_labels)):
+        if lab is not None and torch.as_tensor(lab).is_floating_point():
+            raise TypeError(f"{name} must be integer class indices, got floating-point labels")
+    if xs.shape[0] == 0:
+        raise ValueError("test_features is empty: nothing to score")
+    if Cs is not None and any(not (isinstance(c, (int, float)) and c > 0 and math.isfinite(c)) for c in Cs):
+        raise ValueError(f"Cs must be finite positive numbers (inverse regularisation strengths), got {list(Cs)}")
     if val_features is None:
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         g = torch.Generator().manual_seed(seed)
         perm = torch.randperm(xt.shape[0], generator=g).to(dev)
-        nv = max(1, int(round(val_fraction * xt.shape[0])))
+        if xt.shape[0] < 2:
+            raise ValueError(f"at least 2 training samples are needed to hold out a validation split, got "
+                             f"{xt.shape[0]} (or pass val_features)")
+        nv = min(xt.shape[0] - 1, max(1, int(round(val_fraction * xt.shape[0]))))
         xv, yv, xt, yt = xt[perm[:nv]], yt[perm[:nv]], xt[perm[nv:]], yt[perm[nv:]]
     else:
         if val_labels is None:
             raise ValueError("val_labels is required with val_features")
         xv, yv = val_features.to(dev, torch.float32), torch.as_tensor(val_labels, device=dev).long()
+    if xv.shape[0] == 0 or yv.shape != (xv.shape[0],):
+        raise ValueError("val_features/val_labels must be [N, D] and [N] with N >= 1")
+    if min(yt.min(), yv.min(), ys.min()) < 0:
+        raise ValueError("labels must be non-negative class indices")
     num_classes = int(max(yt.max(), yv.max(), ys.max()).item()) + 1
-    if yt.min() < 0:
-        raise ValueError("labels must be non-negative")
 
     tried = {}
     search: List[Tuple[float, float]] = []

@@ -68,7 +68,10 @@ def zero_shot_classify(model, images: torch.Tensor, classifier: torch.Tensor, ba
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
     """top1, top5 (top-min(5, C)) accuracy and mean per-class recall (over classes present)."""
-    labels = labels.to(logits.device).long()
+    labels = torch.as_tensor(labels).to(logits.device).long()
+    if logits.dim() != 2 or labels.dim() != 1:
+        raise ValueError(f"logits must be [N, C] and labels [N], got shapes {tuple(logits.shape)} and "
+                         f"{tuple(labels.shape)}")
     if logits.shape[0] != labels.shape[0]:
         raise ValueError(f"labels has {labels.shape[0]} entries for {logits.shape[0]} predictions")
     n, c = logits.shape

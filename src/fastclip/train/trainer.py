@@ -477,7 +477,8 @@ class Trainer:
                 n_window += images.shape[0] * env.world_size
                 if step % log_every == 0 or step == self.total_steps or step == self.start_step + 1:
                     now = time.time()
-                    row = {"type": "train", "step": step, "epoch": (step - 1) // max(1, self.steps_per_epoch or 1),
+                    epoch = None if self.steps_per_epoch is None else (step - 1) // max(1, self.steps_per_epoch)
+                    row = {"type": "train", "step": step, "epoch": epoch,
                            "loss": loss.float().item(), "scale": self.model.logit_scale.exp().item(),
                            "lr": self.optimizer.param_groups[0]["lr"],
                            "images_per_s": n_window / max(now - t_window, 1e-9),
