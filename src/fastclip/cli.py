@@ -169,7 +169,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="colour-groups design: probability that a group is one colour")
     g.add_argument("--time-budget", type=_float_in(0.0), default=None, metavar="SECONDS",
                    help="opt-in: fit training in this many seconds by lowering --steps if the machine is "
-                        "too slow (the result then depends on the machine's speed; default: off)")
+                        "too slow (the result then depends on the machine's speed; default and 0: off)")
     g.add_argument("--no-plot", dest="plot", action="store_false", help="skip curves.png")
     g.add_argument("--progress", choices=["auto", "bar", "lines", "none"], default=d.progress)
 
