@@ -23,15 +23,23 @@ DEMO_EVAL_EVERY = 150
 REAL_DATA_BATCH = 128
 
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
+def _int_in(lo: int, hi: Optional[int] = None, what: str = ""):
+    """An argparse type: an integer in [lo, hi) (no upper end when ``hi`` is None);
+    ``what`` names the expectation in the error."""
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            v = None
+        if v is None or v < lo or (hi is not None and v >= hi):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
+        return v
+    return parse
 
+
+_positive_int = _int_in(1, what="a positive integer")
+_nonneg_int = _int_in(0, what="a non-negative integer")
+_seed = _int_in(0, 2 ** 63, what="an integer in [0, 2**63)")      # torch.manual_seed's range, >= 0
 
 _ESCAPES = {"\\t": "\t", "\\n": "\n", "\\r": "\r", "\\\\": "\\", "tab": "\t"}
 
@@ -42,26 +50,6 @@ def _separator(s: str) -> str:
     v = _ESCAPES.get(s, s)
     if len(v) != 1:
         raise argparse.ArgumentTypeError(f"expected one character (or \\t for a tab), got {s!r}")
-    return v
-
-
-def _seed(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-    if not 0 <= v < 2 ** 63:    # torch.manual_seed's range, non-negative
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {s!r}")
-    return v
-
-
-def _nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}")
     return v
 
 

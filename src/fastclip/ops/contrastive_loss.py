@@ -291,11 +291,17 @@ class _OnePassLoss(torch.autograd.Function):
     gradient of 1 (the head is linear), the backward scales them by the upstream gradient."""
 
     @staticmethod
+    def _unit_grads(spec, x, y):
+        """d loss / d (row, col, pos) for an upstream gradient of 1: the linear head's weights
+        (the statistics' values do not matter, zeros of their shapes stand in)."""
+        n, m = x.shape[0], y.shape[0]
+        return head_grads(spec, *(torch.zeros(k, dtype=STAT_DTYPE, device=x.device)
+                                  for k in (n, m, n)), spec.denominator(n))
+
+    @staticmethod
     def forward(x, y, params, spec, be, normalize, eps, pos_offset):
         n = x.shape[0]
-        z = torch.zeros(n, dtype=STAT_DTYPE, device=x.device)
-        gr, gc, gp = head_grads(spec, z, torch.zeros(y.shape[0], dtype=STAT_DTYPE,
-                                                     device=x.device), z, spec.denominator(n))
+        gr, gc, gp = _OnePassLoss._unit_grads(spec, x, y)
         row, col, pos, dx, dy, dp = block_fwd_bwd(spec, be, x, y, params, normalize, eps,
                                                   pos_offset, gr, gc, gp)
         loss = (spec.head(row, col, pos) / spec.denominator(n)).to(params.dtype)
@@ -323,9 +329,7 @@ class _OnePassLoss(torch.autograd.Function):
         dx, dy, dp, x, y, params = ctx.saved_tensors
         if torch.is_grad_enabled():      # create_graph=True: a differentiable backward
             spec, normalize, eps, pos_offset = ctx.cfg
-            n = x.shape[0]
-            gr, gc, gp = head_grads(spec, *(torch.zeros(k, dtype=STAT_DTYPE, device=x.device)
-                                            for k in (n, y.shape[0], n)), spec.denominator(n))
+            gr, gc, gp = _OnePassLoss._unit_grads(spec, x, y)
             g64 = g.to(STAT_DTYPE)
             return (*differentiable_vjp(spec, x, y, params, normalize, eps, pos_offset,
                                         (gr * g64, gc * g64, gp * g64)),
