@@ -233,7 +233,7 @@ def _check_run_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
                 f"{VOCAB_SIZE} ids (CLIP's BPE)")
     if "logit_bias" in get_loss(args.loss).params and (args.model_overrides or {}).get("init_logit_bias", 0) is None:
         p.error(f"--loss {args.loss} learns a logit_bias: --model-overrides init_logit_bias must be a number, not null")
-    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    if model.has_batchnorm:
         # BatchNorm in training mode needs two values per channel: a forward of one image
         # fails where the tower ends at 1x1 (the demo's 32x32 images, at least).
         per_forward = min(b for b in (args.batch_size, args.accum_micro_batch) if b is not None) \

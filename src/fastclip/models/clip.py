@@ -50,6 +50,12 @@ class CLIP(TextTransformer):
     def dtype(self) -> torch.dtype:
         return self.text_projection.dtype
 
+    @property
+    def has_batchnorm(self) -> bool:
+        """Whether a tower normalises by batch statistics (the ResNets): a training forward
+        then needs at least two samples."""
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.modules())
+
     def init_weights(self) -> None:
         """Re-draw every weight with OpenAI's initialisation scheme."""
         super().init_weights()

@@ -130,7 +130,7 @@ class Trainer:
             self.model.set_grad_checkpointing(True)
         # BatchNorm (the ResNet towers) needs two samples per forward in training: batches and
         # micro-batches are kept at two or more (a lone sample is skipped or merged).
-        self.has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        self.has_batchnorm = self.model.has_batchnorm
         self.min_batch = 2 if self.has_batchnorm else 1
         self.step_model = torch.compile(self.model) if cfg.compile else self.model
         if env.distributed:
