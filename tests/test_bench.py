@@ -267,3 +267,57 @@ def test_cli_rejects_unknown_method_dtype_and_loss():
     assert cfg.sizes == [1024, 2048]
     cfg, _ = bench.parse_args(["--overhead"])
     assert cfg.sizes == [32, 256, 1024] and cfg.dims == [512] and cfg.dtypes == ["fp32"]
+
+
+def test_append_keeps_a_measurement_the_rerun_skips(tmp_path):
+    common = ["--device", "cpu", "--sizes", "48", "--dims", "16", "--reps", "1", "--methods", "floor",
+              "--no-isolate", "--no-plot", "--out", str(tmp_path)]
+    assert bench.main(common) == 0
+    first = _one(_rows(next(tmp_path.glob("cpu-*.csv"))), "floor", 48)
+    assert first["status"] == "ok"
+    # The rerun skips the case (a memory budget nothing fits): the measured row stays.
+    assert bench.main(common + ["--append", "--max-mem-gb", "0.000001"]) == 0
+    again = _one(_rows(next(tmp_path.glob("cpu-*.csv"))), "floor", 48)
+    assert again["status"] == "ok" and again["fwd_bwd_ms"] == first["fwd_bwd_ms"]
+
+
+def test_ratios_pair_rows_of_one_problem_and_thread_count():
+    base = dict(loss="clip", N="64", D="16", dtype="fp32", fwd_ms="1", fwd_bwd_ms="4", status="ok")
+    rows = [dict(base, method="floor", threads="2"), dict(base, method="cpu", threads="2", fwd_bwd_ms="2"),
+            dict(base, method="reference", threads="1", fwd_bwd_ms="8")]
+    report.derive(rows)
+    assert rows[1]["x_floor_fwd_bwd"] == "0.5" and rows[2]["x_floor_fwd_bwd"] == ""
+    over = [dict(method=m, N="64", D=d, dtype="fp32", fwd_us=t, fwd_bwd_us=t, status="ok")
+            for m, d, t in (("naive", "16", "10"), ("naive", "128", "40"), ("cpu", "16", "5"),
+                            ("cpu", "128", "10"))]
+    report.derive_overhead(over)
+    assert [r["x_naive_fwd"] for r in over] == ["1", "1", "0.5", "0.25"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--sizes", ","], "--sizes: expected a comma-separated list"),
+    (["--methods", "cuda,inf-cl"], "none of them runs on --device cpu"),
+    (["--overhead", "--append"], "--append merges into the sweep's table"),
+    (["--threads", "-1"], "--threads must be >= 0"),
+    (["--max-mem-gb", "-1"], "--max-mem-gb must be a finite number >= 0"),
+])
+def test_bad_benchmark_arguments_are_one_line_errors(argv, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(argv)
+    assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_out_that_is_a_file_and_foreign_csvs_are_one_line_errors(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--out", str(f)])
+    assert "exists and is not a directory" in capsys.readouterr().err
+    tok = tmp_path / "tok.csv"
+    tok.write_text("stage,seconds\nclean,1\n")
+    assert bench.main(["--summarize", str(tok)]) == 2
+    assert "not a results CSV" in capsys.readouterr().err
+    from fastclip.bench import distributed
+    with pytest.raises(SystemExit):
+        distributed.main(["--mode", "overhead", "--worlds", "2", "--sizes", "33", "--out", str(tmp_path)])
+    assert "N=33 is not a multiple of W=2" in capsys.readouterr().err

@@ -39,6 +39,7 @@ import argparse
 import csv
 import datetime as _dt
 import gc
+import math
 import os
 import statistics
 import sys
@@ -53,6 +54,7 @@ from .measure import clear_grads, esize, per_call_times, run_worker, time_step, 
 from .report import (
     CSV_FIELDS,
     OVERHEAD_FIELDS,
+    check_out_dir,
     default_out_dir,
     derive,
     derive_overhead,
@@ -137,11 +139,17 @@ def _parse_size(tok: str) -> int:
 
 
 def _int_list(s: str) -> list[int]:
-    return [_parse_size(t) for t in s.split(",") if t.strip()]
+    out = list(dict.fromkeys(_parse_size(t) for t in s.split(",") if t.strip()))
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of values, got {s!r}")
+    return out
 
 
 def _str_list(s: str) -> list[str]:
-    return [t.strip() for t in s.split(",") if t.strip()]
+    out = list(dict.fromkeys(t.strip() for t in s.split(",") if t.strip()))
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of names, got {s!r}")
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"seconds of timed calls per N (default {_OVERHEAD_S:g}; --quick 0.5)")
     p.add_argument("--max-mem-gb", type=float, default=None,
                    help="skip a method whose estimated memory (inputs, gradients and its own "
-                        "buffers) exceeds this (default: 80%% of GPU memory / available RAM)")
+                        "buffers) exceeds this (default: 80%% of GPU memory / available RAM; "
+                        "0: no limit)")
     p.add_argument("--max-time-s", type=float, default=None,
                    help="skip a method whose fwd+bwd, extrapolated from the previous N as N^2, "
                         "would exceed this many seconds (default CPU 360, CUDA 60; 0: no limit)")
@@ -197,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default="", help="suffix of the output file names")
     p.add_argument("--append", action="store_true",
                    help="keep the rows already in the output CSV (those this run does not "
-                        "measure again) and add this run's")
+                        "measure again, and those it skips) and add this run's")
     p.add_argument("--no-isolate", dest="isolate", action="store_false",
                    help="CPU: measure in this process instead of a fresh subprocess per "
                         "measurement (faster; peak memory then relies on /proc/self/clear_refs)")
@@ -222,6 +231,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     a = p.parse_args(argv)
     dev = a.device
     spec = M.get_loss(a.loss)
+    if a.overhead and a.append:
+        p.error("--append merges into the sweep's table; --overhead writes its own table whole")
     if a.overhead and a.huge:
         p.error("--overhead measures small N; --huge is for the full sweep")
     if a.sizes is not None:
@@ -249,6 +260,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
             p.error(f"--methods: unknown method {m!r}; expected some of {','.join(known)}")
     if a.reps < 0:
         p.error(f"--reps must be >= 0 (0: adaptive), got {a.reps}")
+    if a.threads < 0:
+        p.error(f"--threads must be >= 0 (0: all cores), got {a.threads}")
+    for flag, v in (("--max-mem-gb", a.max_mem_gb), ("--max-time-s", a.max_time_s),
+                    ("--time-budget-s", a.time_budget_s)):
+        if v is not None and not (v >= 0 and math.isfinite(v)):
+            p.error(f"{flag} must be a finite number >= 0 (0: no limit), got {v}")
     threads = a.threads or cpu_count()
     if a.max_mem_gb is not None:
         max_mem = int(a.max_mem_gb * 1e9)
@@ -263,10 +280,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
         target = 0.5 if a.quick else _OVERHEAD_S
     else:
         target = 0.5 if a.quick and dev == "cpu" else 0.0
+    here = M.overhead_methods(spec, dev) if a.overhead else M.methods_for(spec, dev)
+    if methods and not a.summarize and not any(m in methods for m, _ in here):
+        p.error(f"--methods {','.join(methods)}: none of them runs on --device {dev} (there: "
+                f"{','.join(m for m, _ in here)})")
+    out = a.out if a.out is not None else default_out_dir()
+    if not a.summarize and a.worker is None:
+        check_out_dir(p, out)
     cfg = Config(loss=a.loss, device=dev, sizes=sorted(set(sizes)), dims=dims, dtypes=dtypes,
                  methods=methods, reps=a.reps, target_s=target, max_mem_bytes=max_mem,
                  max_time_s=max_time, time_budget_s=a.time_budget_s,
-                 out=a.out if a.out is not None else default_out_dir(), tag=a.tag,
+                 out=out, tag=a.tag,
                  isolate=a.isolate and dev == "cpu" and not a.overhead, threads=threads,
                  naive=a.naive, plot=a.plot, seed=a.seed, allow_tf32=a.allow_tf32,
                  huge=a.huge, append=a.append, overhead=a.overhead)
@@ -388,11 +412,16 @@ def run_benchmark(cfg: Config, log=print) -> tuple[list[dict], str]:
     t_start = time.monotonic()
     methods = M.methods_for(cfg.spec, cfg.device, cfg.methods)
     rows: list[dict] = []
+    kept: dict[tuple, dict] = {}        # --append: earlier measured rows this run may redo
     if cfg.append and os.path.exists(prefix + ".csv"):
         planned = {(cfg.loss, m, str(n), str(d), dt) for m, _ in methods for n in cfg.sizes
                    for d in cfg.dims for dt in cfg.dtypes}
-        rows = [r for r in read_csv(prefix + ".csv")
-                if (r["loss"], r["method"], r["N"], r["D"], r["dtype"]) not in planned]
+        for r in read_csv(prefix + ".csv"):
+            key = (r["loss"], r["method"], r["N"], r["D"], r["dtype"])
+            if key not in planned:
+                rows.append(r)
+            elif r.get("status") == "ok":
+                kept[key] = r
     last: dict[tuple[str, int, str], tuple[int, float]] = {}   # (method, D, dtype) -> (N, s)
     log(f"fastclip bench: {cfg.loss} loss on {cfg.device} ({info['device_name']}), commit "
         f"{info['commit']}, torch {info['torch']}; methods {', '.join(m for m, _ in methods)}; "
@@ -431,9 +460,14 @@ def run_benchmark(cfg: Config, log=print) -> tuple[list[dict], str]:
                                 row[k] = f"{row[k]:.6g}"
                             pk = row["peak_extra_mb"]
                             row["peak_extra_mb"] = "" if pk is None else f"{pk:.2f}"
+                    log(_progress_line(row, cfg))
+                    old = kept.get((cfg.loss, method, str(n), str(d), dt))
+                    if row["status"] != "ok" and old is not None:
+                        # A case this run skipped keeps its earlier measurement.
+                        log(f"  (kept the earlier measurement, commit {old.get('commit', '?')})")
+                        row = old
                     rows.append(row)
                     flush()
-                    log(_progress_line(row, cfg))
                 del inputs
                 if cfg.device == "cuda":
                     torch.cuda.empty_cache()
@@ -578,8 +612,18 @@ def main(argv: list[str] | None = None) -> int:
                   f"results CSV ({e.strerror if isinstance(e, OSError) and e.strerror else e})",
                   file=sys.stderr)
             return 2
-        derive(rows)
-        print(summary_table(rows))
+        cols = set(rows[0]) if rows else set()
+        if {"fwd_us", "fwd_bwd_us", "method", "N"} <= cols:          # an --overhead table
+            derive_overhead(rows)
+            print(overhead_table(rows, md=False))
+        elif set(CSV_FIELDS) <= cols:                                 # a sweep's table
+            derive(rows)
+            print(summary_table(rows))
+        else:
+            print(f"fastclip bench: error: --summarize {a.summarize!r}: not a results CSV of "
+                  f"`fastclip bench` (columns {sorted(cols)[:6]}...); distributed and tokenizer "
+                  f"results have their own markdown tables", file=sys.stderr)
+            return 2
         return 0
     if cfg.overhead:
         rows, _ = run_overhead(cfg)

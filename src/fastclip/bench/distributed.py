@@ -41,7 +41,7 @@ import torch.distributed as dist
 from . import methods as M
 from .env import cpu_count, cpu_name, env_info
 from .measure import Step, free_port, per_call_times, proc_status_kb, reset_peak_rss, unit_features
-from .report import default_out_dir, derive_overhead, write_csv, write_overhead_markdown, write_text
+from .report import check_out_dir, default_out_dir, derive_overhead, write_csv, write_overhead_markdown, write_text
 
 __all__ = ["main", "build_parser", "run_cpu", "run_overhead", "run_w1"]
 
@@ -203,7 +203,7 @@ def _overhead_rank(rank, world, args, threads):
                 fwd = [max(ts) for ts in zip(*(e[impl][0] for e in every))]
                 tot = [max(ts) for ts in zip(*(e[impl][1] for e in every))]
                 rows.append({"world": world, "method": impl, "N": N, "n_per_rank": n,
-                             "D": args.dim, "dtype": "fp32",
+                             "D": args.dim, "dtype": "fp32", "threads_per_rank": threads,
                              "fwd_us": f"{statistics.median(fwd) * 1e6:.1f}",
                              "fwd_bwd_us": f"{statistics.median(tot) * 1e6:.1f}",
                              "fwd_us_min": f"{min(fwd) * 1e6:.1f}",
@@ -316,8 +316,9 @@ def write(rows: list[dict], impls: dict, args, argv: list[str], wall: float,
     if args.mode == "overhead":
         derive_overhead(rows, peer=PEER)
         head += ["N is the global batch (n = N/W rows per rank), D = "
-                 f"{args.dim}, fp32, {max(1, cpu_count() // max(args.worlds))} thread(s) per "
-                 "rank; gloo on 127.0.0.1.",
+                 f"{args.dim}, fp32, threads per rank "
+                 + ", ".join(f"{max(1, cpu_count() // w)} at W = {w}" for w in args.worlds)
+                 + "; gloo on 127.0.0.1.",
                  "per call: one forward (the loss is dropped), or one forward+backward, each "
                  "timed alone on every rank, the methods interleaved call by call; the slowest "
                  "rank's time per call, median (and minimum) over `calls` calls after 10 "
@@ -387,20 +388,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_args(p: argparse.ArgumentParser, args) -> None:
+    """Every argument checked before a rank is spawned: one-line errors."""
+    from ..ops.backends import all_backends  # noqa: PLC0415
+    for flag, vals in (("--worlds", args.worlds), ("--sizes", args.sizes), ("--dim", [args.dim]),
+                       ("--reps", [args.reps])):
+        if any(v < 1 for v in vals):
+            p.error(f"{flag} must be positive, got {' '.join(map(str, vals))}")
+    if args.calls < 0 or not args.target_s > 0:
+        p.error(f"--calls must be >= 0 and --target-s > 0, got {args.calls} and {args.target_s}")
+    if args.mode != "w1":
+        bad = [(N, w) for N in args.sizes for w in args.worlds if N % w]
+        if bad:
+            p.error(f"--sizes: N is the global batch, N/W rows per rank: N={bad[0][0]} is not a "
+                    f"multiple of W={bad[0][1]}")
+    try:
+        dev = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        p.error(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
+    if args.mode == "w1" and dev.type == "cuda" and not torch.cuda.is_available():
+        p.error("--mode w1 --device cuda: no CUDA device here (--device cpu measures on the CPU)")
+    if args.backend != "auto" and args.backend not in all_backends():
+        p.error(f"--backend {args.backend!r}: unknown; expected auto or one of "
+                f"{', '.join(sorted(all_backends()))}")
+    check_out_dir(p, args.out)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
     if args.worlds is None:
         args.worlds = [2] if args.mode == "overhead" else [2, 4]
     if args.sizes is None:
         args.sizes = {"cpu": [2048, 8192, 16384], "overhead": [32, 256, 1024],
                       "w1": [16384, 65536]}[args.mode]
-    bad = [N for N in args.sizes for w in args.worlds if N < w] if args.mode != "w1" else []
-    if bad:
-        raise SystemExit(f"--sizes: every N needs at least one row per rank; {bad} < "
-                         f"{max(args.worlds)} ranks")
     if args.out is None:
         args.out = default_out_dir()
+    _check_args(p, args)
     info = env_info("cpu")
     t0 = time.perf_counter()
     run = {"cpu": run_cpu, "overhead": run_overhead, "w1": run_w1}[args.mode]

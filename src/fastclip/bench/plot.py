@@ -117,9 +117,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix", default=None,
                    help="output prefix (default: the CSV path without .csv)")
     a = p.parse_args(argv)
-    from .report import read_csv  # noqa: PLC0415
+    from .report import CSV_FIELDS, read_csv  # noqa: PLC0415
+    try:
+        rows = read_csv(a.csv)
+    except (OSError, UnicodeDecodeError) as e:
+        p.error(f"{a.csv!r}: cannot read it ({e.strerror if isinstance(e, OSError) and e.strerror else e})")
+    if rows and not set(CSV_FIELDS) <= set(rows[0]):
+        p.error(f"{a.csv!r}: not a sweep's results CSV (fastclip bench without --overhead); the "
+                f"overhead, distributed and tokenizer tables are not plotted")
     prefix = a.prefix or os.path.splitext(a.csv)[0]
-    paths = plot_rows(read_csv(a.csv), prefix)
+    folder = os.path.dirname(prefix) or "."
+    if not os.path.isdir(folder):
+        p.error(f"--prefix {prefix!r}: folder {folder!r} does not exist")
+    paths = plot_rows(rows, prefix)
     for path in paths:
         print(path)
     return 0 if paths else 1

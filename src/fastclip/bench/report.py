@@ -13,7 +13,7 @@ from .env import slug
 from .methods import FLOOR, NAIVE, fwd_bwd_flop, fwd_flop, get_loss
 
 __all__ = ["CSV_FIELDS", "OVERHEAD_FIELDS", "default_out_dir", "output_prefix", "write_csv",
-           "read_csv", "write_text", "derive", "derive_overhead", "write_markdown",
+           "read_csv", "write_text", "check_out_dir", "derive", "derive_overhead", "write_markdown",
            "write_overhead_markdown", "summary_table", "overhead_table", "num"]
 
 CSV_FIELDS = ["loss", "device", "device_name", "torch", "triton", "fastclip", "commit",
@@ -52,6 +52,20 @@ def write_text(path: str, text: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def check_out_dir(parser, out: str) -> None:
+    """``--out``: a directory that exists or can be made, and is writable; else the parser's
+    one-line error, before anything is measured."""
+    import tempfile  # noqa: PLC0415
+    if os.path.exists(out) and not os.path.isdir(out):
+        parser.error(f"--out {out!r}: exists and is not a directory")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        parser.error(f"--out {out!r}: cannot write there ({e.strerror or e})")
 
 
 def write_csv(rows: list[dict], path: str, fields: list[str] | None = None) -> None:
@@ -95,8 +109,11 @@ def _ratio(a, b) -> str:
 
 def derive(rows: list[dict]) -> None:
     """Fill GFLOP/s and the ratios to the floor and to the naive peer, in place."""
-    ok = {(r["loss"], r["method"], int(r["N"]), int(r["D"]), r["dtype"]): r for r in rows
-          if str(r.get("status", "")) == "ok"}
+    # Peers are paired within one problem and one thread count (rows --append kept from other
+    # runs may have run on other threads; the floor and naive peers do not depend on the
+    # commit).
+    ok = {(r["loss"], r["method"], int(r["N"]), int(r["D"]), r["dtype"], str(r.get("threads", ""))): r
+          for r in rows if str(r.get("status", "")) == "ok"}
     for r in rows:
         n, d = int(r["N"]), int(r["D"])
         for k in ("fwd_gflops", "fwd_bwd_gflops", "x_floor_fwd", "x_floor_fwd_bwd",
@@ -111,7 +128,7 @@ def derive(rows: list[dict]) -> None:
         if tot:
             r["fwd_bwd_gflops"] = f"{fwd_bwd_flop(spec, n, d) / (tot * 1e-3) / 1e9:.4g}"
         for peer, key in ((FLOOR, "x_floor"), (NAIVE, "x_naive")):
-            p = ok.get((r["loss"], peer, n, d, r["dtype"]))
+            p = ok.get((r["loss"], peer, n, d, r["dtype"], str(r.get("threads", ""))))
             if p is not None:
                 r[key + "_fwd"] = _ratio(fwd, p["fwd_ms"])
                 r[key + "_fwd_bwd"] = _ratio(tot, p["fwd_bwd_ms"])
@@ -119,11 +136,11 @@ def derive(rows: list[dict]) -> None:
 
 def derive_overhead(rows: list[dict], peer: str = NAIVE) -> None:
     """Fill the ratios of per-call times to the ``peer`` method's, in place."""
-    ok = {(r["method"], int(r["N"]), str(r.get("world", ""))): r for r in rows
-          if r.get("status") == "ok"}
+    def case(r):        # what the peer must share: the same problem (and group size)
+        return int(r["N"]), str(r.get("D", "")), str(r.get("dtype", "")), str(r.get("world", ""))
+    ok = {(r["method"], *case(r)): r for r in rows if r.get("status") == "ok"}
     for r in rows:
-        p = ok.get((peer, int(r["N"]), str(r.get("world", "")))) \
-            if r.get("status") == "ok" else None
+        p = ok.get((peer, *case(r))) if r.get("status") == "ok" else None
         r["x_naive_fwd"] = _ratio(r["fwd_us"], p["fwd_us"]) if p else ""
         r["x_naive_fwd_bwd"] = _ratio(r["fwd_bwd_us"], p["fwd_bwd_us"]) if p else ""
 
@@ -170,6 +187,11 @@ def write_markdown(rows: list[dict], info: dict, cfg, path: str, started: str) -
         f"- floor: {p} torch.matmul of the loss's shapes (X·Yᵀ{' twice' if p == 4 else ''}, "
         "G·Y, Gᵀ·X); on row chunks where one N×N buffer would not fit (see impl).",
     ]
+    runs = sorted({(r.get("commit", ""), str(r.get("threads", ""))) for r in rows})
+    if len(runs) > 1:
+        lines.append("- rows from several runs (" + "; ".join(f"commit {c}, {t} threads" for c, t in runs)
+                     + "): each row's commit, threads and timestamp are in the CSV; ratios pair rows "
+                     "of the same thread count.")
     if naive_desc:
         lines.append(f"- naive: {naive_desc}.")
     for m, impl in sorted({(r["method"], r["impl"]) for r in rows if r.get("impl")
@@ -249,9 +271,16 @@ def write_overhead_markdown(rows: list[dict], title: str, notes: list[str], path
     size when the rows have a ``world`` column)."""
     lines = [f"# {title}", "", *(f"- {n}" for n in notes)]
     worlds = list(dict.fromkeys(str(r.get("world", "")) for r in rows))
+    cases = list(dict.fromkeys((str(r.get("dtype", "")), str(r.get("D", ""))) for r in rows))
     for w in worlds:
         if w:
             lines += ["", f"## W = {w}"]
-        lines += ["", overhead_table([r for r in rows if str(r.get("world", "")) == w],
-                                     peer=peer)]
+        for dt, d in cases:
+            rs = [r for r in rows if str(r.get("world", "")) == w
+                  and (str(r.get("dtype", "")), str(r.get("D", ""))) == (dt, d)]
+            if not rs:
+                continue
+            if len(cases) > 1:      # one table per (dtype, D), as the sweep's tables
+                lines += ["", f"{'###' if w else '##'} {dt}, D={d}"]
+            lines += ["", overhead_table(rs, peer=peer)]
     write_text(path, "\n".join(lines) + "\n")

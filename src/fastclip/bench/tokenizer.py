@@ -25,7 +25,7 @@ import sys
 import time
 
 from .env import env_info, slug, version
-from .report import default_out_dir, write_csv, write_text
+from .report import check_out_dir, default_out_dir, write_csv, write_text
 
 __all__ = ["main", "synthetic_captions", "run"]
 
@@ -95,19 +95,23 @@ def main(argv: list[str] | None = None) -> int:
         prog="fastclip bench tokenizer",
         description="Time fastclip.tokenize (BPE in Rust through tokenizers) against the "
                     "pure-Python SimpleTokenizer on synthetic captions; write CSV and markdown.")
-    p.add_argument("--captions", type=int, default=10_000, help="captions (default 10000)")
-    p.add_argument("--reps", type=int, default=3, help="runs per stage, best kept (default 3)")
-    p.add_argument("--quick", action="store_true", help="1000 captions, 1 run: a check")
+    p.add_argument("--captions", type=int, default=None, help="captions (default 10000)")
+    p.add_argument("--reps", type=int, default=None, help="runs per stage, best kept (default 3)")
+    p.add_argument("--quick", action="store_true",
+                   help="a check: 1000 captions, 1 run (unless --captions/--reps say otherwise)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None,
                    help="output folder (default: ./benchmarks/results if the current "
                         "directory has one, else the current directory)")
     a = p.parse_args(argv)
-    if a.quick:
-        a.captions, a.reps = 1000, 1
+    if a.captions is None:
+        a.captions = 1000 if a.quick else 10_000
+    if a.reps is None:
+        a.reps = 1 if a.quick else 3
     if a.captions < 1 or a.reps < 1:
         p.error(f"--captions and --reps must be >= 1, got {a.captions} and {a.reps}")
     out = a.out if a.out is not None else default_out_dir()
+    check_out_dir(p, out)
     info = env_info("cpu")
     t = run(a.captions, a.reps, a.seed)
     stamp = _dt.datetime.now().isoformat(timespec="seconds")
