@@ -55,13 +55,18 @@ def init_distributed(device: str = "auto") -> DistEnv:
 _OWNED_GROUP = False
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(clean: bool = True) -> None:
     """Destroy the default group if :func:`init_distributed` created it. A process that exits
     with a live gloo group can abort in interpreter finalisation ("terminate called without an
     active exception", exit -6) while gloo's worker threads still hold finished work; destroying
-    the group first makes the exit clean."""
+    the group first makes the exit clean. After a run that ended normally (``clean``) the
+    ranks first meet at a barrier, so that none tears its connections down while another is
+    still using them (the main rank writes the model and metrics after the last step; a rank
+    that had finished long before aborted that way, rarely, under load)."""
     global _OWNED_GROUP
     if _OWNED_GROUP and dist.is_available() and dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
     _OWNED_GROUP = False
 

@@ -578,6 +578,9 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     """Train with ``cfg`` and return the final metrics (``metrics.json``'s content; empty on
     ranks other than 0)."""
     try:
-        return Trainer(cfg).run()
-    finally:
-        shutdown_distributed()
+        out = Trainer(cfg).run()
+    except BaseException:
+        shutdown_distributed(clean=False)     # a peer may be gone: no barrier
+        raise
+    shutdown_distributed()
+    return out
