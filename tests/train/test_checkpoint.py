@@ -169,6 +169,11 @@ def test_unusable_files_raise_a_clear_error_naming_them(tmp_path):
     other_model = create_model("tiny-rn", context_length=8)
     with pytest.raises(ckpt.CheckpointError, match=r"step_00000003\.safetensors.*does not match"):
         ckpt.load_training_state(good, other_model, create_optimizer(other_model, 1e-3), sched, scaler)
+    # A trainer's checkpoint carries its configuration: the error names the model it holds.
+    named = ckpt.save_training_state(str(tmp_path / "b"), 3, m, opt, sched, scaler,
+                                     extra={"config": {"model": "tiny-vit", "loss": "clip"}})
+    with pytest.raises(ckpt.CheckpointError, match=r"holds model 'tiny-vit', loss 'clip'"):
+        ckpt.load_training_state(named, other_model, create_optimizer(other_model, 1e-3), sched, scaler)
 
 
 def test_convert_legacy_checkpoint(tmp_path):

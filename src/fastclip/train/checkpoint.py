@@ -277,7 +277,14 @@ def load_training_state(path: str, model: torch.nn.Module, optimizer, scheduler,
     except (RuntimeError, TypeError, AttributeError) as e:
         first = str(e).strip().splitlines()
         why = (first[0] if first else type(e).__name__) + (" ..." if len(first) > 1 else "")
-        raise CheckpointError(f"{path}: the checkpoint's model does not match this run's model ({why})") from None
+        saved = (state.get("extra") or {}).get("config") if isinstance(state.get("extra"), dict) else None
+        theirs = ""
+        if isinstance(saved, dict) and saved.get("model"):
+            theirs = (f": the checkpoint holds model {saved['model']!r}"
+                      + (f" with overrides {saved['model_overrides']}" if saved.get("model_overrides") else "")
+                      + (f", loss {saved['loss']!r}" if saved.get("loss") else ""))
+        raise CheckpointError(f"{path}: the checkpoint's model does not match this run's model{theirs} "
+                              f"({why})") from None
     try:
         optimizer.load_state_dict(state["optimizer"])
         _match_strides(optimizer)
