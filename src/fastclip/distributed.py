@@ -637,6 +637,13 @@ def _handshake(group, rank, world, meta: _Meta, params: Optional[Tensor],
     return metas, torch.cat(rows)
 
 
+def _check_config(dist_impl, normalize, eps) -> None:
+    """The call's configuration (not its data): TypeError/ValueError naming the argument."""
+    if dist_impl not in _IMPLS:
+        raise ValueError(f"dist_impl must be 'gather' or 'ring', got {dist_impl!r}")
+    validate_options(normalize, eps)
+
+
 def fused_loss(loss: str, image_features: Tensor, text_features: Tensor, params, *,
                      normalize: bool = False, backend: str = "auto", process_group=None,
                      dist_impl: str = "gather", eps: float = DEFAULT_EPS,
@@ -646,9 +653,7 @@ def fused_loss(loss: str, image_features: Tensor, text_features: Tensor, params,
     spec = get_loss(loss)
     if not dist.is_available() or not dist.is_initialized():
         # No group, no collective to keep in step: a bad configuration says so first.
-        if dist_impl not in _IMPLS:
-            raise ValueError(f"dist_impl must be 'gather' or 'ring', got {dist_impl!r}")
-        validate_options(normalize, eps)
+        _check_config(dist_impl, normalize, eps)
         raise RuntimeError(f"fastclip.distributed.{loss}_loss needs an initialised process "
                            f"group: call torch.distributed.init_process_group(...) first "
                            f"(torchrun sets the environment), or use fastclip.{loss}_loss for "
@@ -667,9 +672,7 @@ def fused_loss(loss: str, image_features: Tensor, text_features: Tensor, params,
     feat_dev = image_features.device if isinstance(image_features, Tensor) else None
     problem = None
     try:
-        if dist_impl not in _IMPLS:
-            raise ValueError(f"dist_impl must be 'gather' or 'ring', got {dist_impl!r}")
-        validate_options(normalize, eps)
+        _check_config(dist_impl, normalize, eps)
     except (TypeError, ValueError) as e:
         problem = str(e)
     if problem is None and expected_world_size is not None and expected_world_size != world:
