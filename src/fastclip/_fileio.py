@@ -59,3 +59,18 @@ def atomic_write(path: str, write: Callable[[str], None], suffix: str = "") -> N
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def writable_dir_problem(path: str) -> str:
+    """Why ``path`` cannot serve as an output folder ("" when it can): it exists and is not a
+    directory, or it cannot be created or written. Creates it, and writes and removes a probe
+    file (which catches read-only file systems, where ``os.access`` may not)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "exists and is not a directory"
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        return f"cannot write there ({e.strerror or e})"
+    return ""

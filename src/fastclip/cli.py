@@ -11,7 +11,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from typing import List, Optional
 
 from .train.config import PRECISIONS, TrainConfig
@@ -265,14 +264,10 @@ def _check_run_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             p.error(f"--loss-backend {args.loss_backend!r}: not available on this machine; available: "
                     f"auto, {', '.join(available_backends())}")
     if args.output is not None:
-        if os.path.exists(args.output) and not os.path.isdir(args.output):
-            p.error(f"--output {args.output!r}: exists and is not a directory")
-        try:  # create it and write a probe file: catches read-only file systems, where os.access may not
-            os.makedirs(args.output, exist_ok=True)
-            with tempfile.TemporaryFile(dir=args.output):
-                pass
-        except OSError as e:
-            p.error(f"--output {args.output!r}: cannot write there ({e.strerror or e})")
+        from ._fileio import writable_dir_problem
+        why = writable_dir_problem(args.output)
+        if why:
+            p.error(f"--output {args.output!r}: {why}")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -57,15 +57,10 @@ def write_text(path: str, text: str) -> None:
 def check_out_dir(parser, out: str) -> None:
     """``--out``: a directory that exists or can be made, and is writable; else the parser's
     one-line error, before anything is measured."""
-    import tempfile  # noqa: PLC0415
-    if os.path.exists(out) and not os.path.isdir(out):
-        parser.error(f"--out {out!r}: exists and is not a directory")
-    try:
-        os.makedirs(out, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        parser.error(f"--out {out!r}: cannot write there ({e.strerror or e})")
+    from .._fileio import writable_dir_problem  # noqa: PLC0415
+    why = writable_dir_problem(out)
+    if why:
+        parser.error(f"--out {out!r}: {why}")
 
 
 def write_csv(rows: list[dict], path: str, fields: list[str] | None = None) -> None:
