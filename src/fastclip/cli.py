@@ -1,4 +1,5 @@
-"""The ``fastclip`` command line: ``fastclip train …`` and ``fastclip bench …``.
+"""The ``fastclip`` command line: ``fastclip train …``, ``fastclip eval …`` (fastclip/eval/command.py)
+and ``fastclip bench …``.
 
 ``fastclip train`` with no arguments trains the small ``demo`` CLIP on the synthetic shapes
 dataset on the CPU (a fixed 1500 steps, about 1.5-2 minutes on 2 cores) and prints zero-shot
@@ -166,12 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 "with a thin CLIP trainer and microbenchmarks.")
     from . import __version__
     p.add_argument("--version", action="version", version=f"fastclip {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{train,bench}")
+    sub = p.add_subparsers(dest="command", metavar="{train,eval,bench}")
     t = sub.add_parser("train", help="train a CLIP model (no arguments: the CPU shapes demo)",
                        description="Train CLIP with fastclip's fused loss. With no arguments: the 'demo' model "
                                    "on the synthetic shapes dataset on the CPU, then zero-shot accuracy on "
                                    "held-out (colour, shape) pairs. Multi-GPU: launch with torchrun.")
     _add_train_args(t)
+    sub.add_parser("eval", help="evaluate a model: zero-shot, val loss and retrieval, linear probe "
+                                "(fastclip eval --help)", add_help=False)
     sub.add_parser("bench", help="benchmarks: [loss] (default), distributed, tokenizer (fastclip bench --help)",
                    add_help=False)
     return p
@@ -214,6 +217,40 @@ def _check_paths(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     _check_run_args(p, args)
 
 
+def device_problem(device: str) -> Optional[str]:
+    """What is wrong with a ``--device`` value on this machine ("'cuda': CUDA is not
+    available ..."), or None when it is usable (``auto`` always is)."""
+    import torch
+    if device == "auto":
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        return f"{device!r}: not a device; expected auto, cpu, cuda or cuda:N"
+    if dev.type not in ("cpu", "cuda"):
+        return f"{device!r}: expected auto, cpu, cuda or cuda:N"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch is a CPU-only build" if torch.version.cuda is None
+                   else "no CUDA device is visible (driver missing or CUDA_VISIBLE_DEVICES empty)")
+            return f"{device}: CUDA is not available ({why}); use --device cpu or auto"
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return f"{device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return None
+
+
+def backend_problem(backend: str) -> Optional[str]:
+    """What is wrong with a ``--loss-backend`` value on this machine, or None."""
+    if backend == "auto":
+        return None
+    from .ops import all_backends, available_backends
+    if backend not in all_backends():
+        return f"{backend!r}: unknown; expected auto or one of {', '.join(sorted(all_backends()))}"
+    if backend not in available_backends():
+        return f"{backend!r}: not available on this machine; available: auto, {', '.join(available_backends())}"
+    return None
+
+
 def _check_run_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """--model-overrides, --device, --loss-backend and --output, checked before anything is built."""
     import torch
@@ -241,28 +278,10 @@ def _check_run_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             flag = "--accum-micro-batch" if args.accum_micro_batch == 1 else "--batch-size"
             p.error(f"{flag} 1: model {args.model!r} has BatchNorm layers (a ResNet tower), which "
                     f"need at least 2 images per forward pass in training; use 2 or more")
-    if args.device != "auto":
-        try:
-            dev = torch.device(args.device)
-        except (RuntimeError, ValueError):
-            p.error(f"--device {args.device!r}: not a device; expected auto, cpu, cuda or cuda:N")
-        if dev.type not in ("cpu", "cuda"):
-            p.error(f"--device {args.device!r}: expected auto, cpu, cuda or cuda:N")
-        if dev.type == "cuda":
-            if not torch.cuda.is_available():
-                why = ("this torch is a CPU-only build" if torch.version.cuda is None
-                       else "no CUDA device is visible (driver missing or CUDA_VISIBLE_DEVICES empty)")
-                p.error(f"--device {args.device}: CUDA is not available ({why}); use --device cpu or auto")
-            if dev.index is not None and dev.index >= torch.cuda.device_count():
-                p.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if args.loss_backend != "auto":
-        from .ops import all_backends, available_backends
-        if args.loss_backend not in all_backends():
-            p.error(f"--loss-backend {args.loss_backend!r}: unknown; expected auto or one of "
-                    f"{', '.join(sorted(all_backends()))}")
-        if args.loss_backend not in available_backends():
-            p.error(f"--loss-backend {args.loss_backend!r}: not available on this machine; available: "
-                    f"auto, {', '.join(available_backends())}")
+    for flag, why in (("--device", device_problem(args.device)),
+                      ("--loss-backend", backend_problem(args.loss_backend))):
+        if why:
+            p.error(f"{flag} {why}")
     if args.output is not None:
         from ._fileio import writable_dir_problem
         why = writable_dir_problem(args.output)
@@ -293,6 +312,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv and argv[0] == "bench":
         from .bench import main as bench_main
         return bench_main(argv[1:])
+    if argv and argv[0] == "eval":
+        from .eval.command import main as eval_main
+        return eval_main(argv[1:])
     p = build_parser()
     args = p.parse_args(argv)
     if args.command is None:

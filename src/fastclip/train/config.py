@@ -84,3 +84,16 @@ class TrainConfig:
     plot: bool = True
     progress: str = "auto"  # auto | bar | lines | none
     time_budget: Optional[float] = None  # opt-in: seconds of training; fewer steps (same schedule shape) if slower
+
+
+def model_kwargs(loss: str, model_overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """The ``create_model`` keyword arguments of a run: what ``loss`` needs of the model (its
+    initial scale, ``LossSpec.init``, and for a loss with a bias a learnable ``logit_bias``
+    with its initial value), then ``model_overrides`` on top."""
+    from ..ops.losses import get_loss
+    spec = get_loss(loss)
+    out: Dict[str, Any] = {"init_logit_scale": spec.init[0]}
+    if "logit_bias" in spec.params:
+        out["init_logit_bias"] = spec.init[spec.params.index("logit_bias")]
+    out.update(model_overrides)
+    return out

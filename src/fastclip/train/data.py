@@ -20,6 +20,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 
+from ..eval.evaluate import ZeroShotSet  # (images, labels, classnames, templates)
 from .config import TrainConfig
 from .dist_env import DistEnv
 
@@ -227,9 +228,6 @@ def load_val_batches(cfg: TrainConfig, model, log: Optional[Callable[[str], None
         raise DataError(f"--val-data {cfg.val_data!r}: no sample loaded ({skipped_total} skipped: missing or "
                         f"corrupt images)" if skipped_total else f"--val-data {cfg.val_data!r}: no samples")
     return out, skipped_total
-
-
-ZeroShotSet = Tuple[torch.Tensor, torch.Tensor, List[str], List[str]]  # images, labels, classes, templates
 
 
 def folder_zeroshot_set(cfg: TrainConfig, model) -> Tuple[str, ZeroShotSet, int]:

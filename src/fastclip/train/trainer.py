@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
-from .config import PRECISIONS, TrainConfig
+from .config import PRECISIONS, TrainConfig, model_kwargs
 from .data import (
     StepBatches,
     TrainData,
@@ -114,7 +114,7 @@ class Trainer:
         if env.device.type == "cpu":
             # Cheap on the CPU, and what makes resume bit-exact.
             torch.use_deterministic_algorithms(True, warn_only=True)
-        self.model = create_model(cfg.model, **self._loss_model_overrides()).to(env.device)
+        self.model = create_model(cfg.model, **model_kwargs(cfg.loss, cfg.model_overrides)).to(env.device)
         from ..tokenizer import VOCAB_SIZE
         if self.model.config.vocab_size < VOCAB_SIZE:
             raise ValueError(f"model vocab_size {self.model.config.vocab_size} is smaller than the tokenizer's "
@@ -190,17 +190,6 @@ class Trainer:
             os.makedirs(cfg.output, exist_ok=True)
 
     # -- setup helpers
-
-    def _loss_model_overrides(self) -> Dict[str, Any]:
-        """``model_overrides`` plus what the loss needs of the model: the initial scale of the
-        loss (``LossSpec.init``) and, for a loss with a bias, a learnable ``logit_bias``."""
-        from ..ops.losses import get_loss
-        spec = get_loss(self.cfg.loss)
-        out = {"init_logit_scale": spec.init[0]}
-        if "logit_bias" in spec.params:
-            out["init_logit_bias"] = spec.init[spec.params.index("logit_bias")]
-        out.update(self.cfg.model_overrides)
-        return out
 
     # What a resumed run takes from its checkpoint, whatever the command line says: the
     # optimizer's hyperparameters live in its saved state (the schedule's length and warmup are
@@ -342,8 +331,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, step: int) -> Dict[str, float]:
         """Zero-shot top-1/top-5 per task (+ chance level), and val loss / retrieval recall when
-        ``val_data`` is set. Runs on the main rank only."""
-        from ..eval.zeroshot import build_zeroshot_classifier, evaluate_zeroshot
+        ``val_data`` is set (fastclip.eval.evaluate). Runs on the main rank only."""
+        from ..eval.evaluate import val_metrics, zeroshot_metrics
         self._prepare_eval()
         model, dev = self.model, self.env.device
         was_training = model.training
@@ -351,35 +340,11 @@ class Trainer:
         out: Dict[str, float] = {"type": "eval", "step": step}
         try:
             with self._autocast():
-                for name, (imgs, labels, classes, templates) in self.zs_sets.items():
-                    clf = build_zeroshot_classifier(model, classes, templates, device=dev)
-                    r = evaluate_zeroshot(model, imgs, labels, classifier=clf, batch_size=256, device=dev)
-                    out[f"zeroshot/{name}/top1"] = r["top1"]
-                    out[f"zeroshot/{name}/top5"] = r["top5"]
-                    out[f"chance/{name}"] = 1.0 / len(classes)
+                out.update(zeroshot_metrics(model, self.zs_sets, device=dev))
                 if self.val_batches:
-                    out.update(self._val_metrics())
+                    out.update(val_metrics(model, self.val_batches, self.cfg.loss, dev, self.cfg.loss_backend))
         finally:
             model.train(was_training)
-        tops = [v for k, v in out.items() if k.startswith("zeroshot/") and k.endswith("/top1")]
-        if tops:
-            out["zeroshot/mean_top1"] = sum(tops) / len(tops)
-        return out
-
-    def _val_metrics(self) -> Dict[str, float]:
-        from ..eval.retrieval import retrieval_metrics
-        from ..ops.contrastive_loss import fused_loss
-        imgs_f, txts_f, losses, ns = [], [], [], []
-        for imgs, toks in self.val_batches:
-            i, t, *ps = self.model(imgs.to(self.env.device), toks.to(self.env.device), normalize=False)
-            losses.append(fused_loss(self.cfg.loss, i.float(), t.float(), [p.float() for p in ps],
-                                     normalize=True, backend=self.cfg.loss_backend).item())
-            ns.append(len(imgs))
-            imgs_f.append(i.float().cpu())
-            txts_f.append(t.float().cpu())
-        out = {"val/loss": sum(v * n for v, n in zip(losses, ns)) / sum(ns), "val/n": sum(ns)}
-        for k, v in retrieval_metrics(torch.cat(imgs_f), torch.cat(txts_f)).items():
-            out[f"val/{k}"] = v
         return out
 
     # -- the loop

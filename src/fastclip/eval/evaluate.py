@@ -1,0 +1,183 @@
+"""Evaluate a trained model: load it from any file fastclip writes or reads, and compute the
+metrics ``fastclip train`` reports during training (zero-shot top-1/top-5, validation loss and
+retrieval recall) plus a linear probe. ``fastclip eval`` (fastclip/cli.py) is the command line
+of this module; the trainer calls ``zeroshot_metrics`` and ``val_metrics`` for its own evals.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+# One zero-shot task: images [N, 3, S, S], labels [N], class names, prompt templates.
+ZeroShotSet = Tuple[torch.Tensor, torch.Tensor, List[str], list]
+
+
+def load_model(path: str, device="cpu", *, allow_torchscript_code: bool = False):
+    """A ``CLIP`` in eval mode on ``device`` (fp32) from ``path``, which may be:
+
+    - a run folder of ``fastclip train``: its ``model.safetensors``, or, for a run that has not
+      finished, its newest training checkpoint (``checkpoints/step_*.safetensors``);
+    - a model file written by ``fastclip train`` / ``fastclip.save_checkpoint`` (``.safetensors``
+      with the model's config in its metadata);
+    - a training checkpoint (``checkpoints/step_*.safetensors``): the model is rebuilt from the
+      run configuration saved in it;
+    - an OpenAI checkpoint (TorchScript archive such as ``ViT-B-32.pt``, a state dict, or a
+      ``.safetensors`` file with OpenAI's keys), read by ``fastclip.load_openai``, which runs no
+      code from the file unless ``allow_torchscript_code`` (see its warning).
+
+    Raises ValueError naming ``path`` when it is none of these.
+    """
+    from ..models.openai import load_openai
+    from ..train.checkpoint import CKPT_DIR, FORMAT, list_checkpoints
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        model_file = os.path.join(path, "model.safetensors")
+        if os.path.isfile(model_file):
+            path = model_file
+        else:
+            found = sorted(list_checkpoints(path))
+            if not found:
+                raise ValueError(f"{path}: a folder without model.safetensors or {CKPT_DIR}/step_*.safetensors "
+                                 f"(expected the output folder of fastclip train, or a model file)")
+            path = found[-1][1]
+    elif not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file or folder")
+    if path.endswith(".safetensors") and _safetensors_format(path) == FORMAT:
+        model = _model_from_training_state(path)
+    else:
+        model = load_openai(path, "cpu", allow_torchscript_code=allow_torchscript_code)
+    return model.float().to(device).eval()
+
+
+def _safetensors_format(path: str) -> Optional[str]:
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            return (f.metadata() or {}).get("format")
+    except Exception:  # noqa: BLE001 - unreadable: the loader that follows says why
+        return None
+
+
+def _model_from_training_state(path: str):
+    """The model of a training checkpoint, rebuilt from the run configuration it saved."""
+    from ..models import create_model, list_models
+    from ..train.checkpoint import CheckpointError, read_training_state
+    from ..train.config import model_kwargs
+    try:
+        state = read_training_state(path)
+    except CheckpointError as e:
+        raise ValueError(str(e)) from None
+    saved = (state.get("extra") or {}).get("config") if isinstance(state.get("extra"), dict) else None
+    if not isinstance(saved, dict) or saved.get("model") not in list_models():
+        raise ValueError(f"{path}: the training checkpoint does not say which model it holds (no run "
+                         f"configuration with a known model name in it)")
+    try:
+        with torch.device("meta"):   # the config's structure; the weights come from the file
+            model = create_model(saved["model"], **model_kwargs(saved.get("loss", "clip"),
+                                                                saved.get("model_overrides") or {}))
+        model.load_state_dict(state["model"], assign=True)
+    except (ValueError, TypeError, RuntimeError, KeyError) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path}: the checkpoint's weights do not fit its model {saved['model']!r} ({why})") from None
+    return model
+
+
+def _chunks(n: int, batch_size: int) -> Iterable[slice]:
+    return (slice(a, min(a + batch_size, n)) for a in range(0, n, batch_size))
+
+
+@torch.no_grad()
+def encode_images(model, images: torch.Tensor, batch_size: int = 256, device=None) -> torch.Tensor:
+    """L2-normalised image embeddings ``[N, embed_dim]`` (fp32, on the CPU) of ``images``
+    ``[N, 3, S, S]``, ``batch_size`` images per forward, in eval mode."""
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        out = [torch.nn.functional.normalize(model.encode_image(images[s].to(dev)).float(), dim=-1).cpu()
+               for s in _chunks(images.shape[0], batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, model.embed_dim)
+
+
+@torch.no_grad()
+def zeroshot_metrics(model, sets: Dict[str, ZeroShotSet], device=None, batch_size: int = 256) -> Dict[str, float]:
+    """``zeroshot/<task>/top1``, ``zeroshot/<task>/top5`` and ``chance/<task>`` for each task of
+    ``sets`` (``{name: (images, labels, classnames, templates)}``), and ``zeroshot/mean_top1``
+    over the tasks."""
+    from .zeroshot import build_zeroshot_classifier, evaluate_zeroshot
+    out: Dict[str, float] = {}
+    for name, (imgs, labels, classes, templates) in sets.items():
+        clf = build_zeroshot_classifier(model, classes, templates, device=device)
+        r = evaluate_zeroshot(model, imgs, labels, classifier=clf, batch_size=batch_size, device=device)
+        out[f"zeroshot/{name}/top1"] = r["top1"]
+        out[f"zeroshot/{name}/top5"] = r["top5"]
+        out[f"chance/{name}"] = 1.0 / len(classes)
+    tops = [v for k, v in out.items() if k.startswith("zeroshot/") and k.endswith("/top1")]
+    if tops:
+        out["zeroshot/mean_top1"] = sum(tops) / len(tops)
+    return out
+
+
+@torch.no_grad()
+def val_metrics(model, batches: Sequence[Tuple[torch.Tensor, torch.Tensor]], loss: str = "clip",
+                device=None, backend: str = "auto") -> Dict[str, float]:
+    """On held-out ``(images, tokens)`` batches: ``val/loss`` (``loss``, "clip" or "siglip",
+    within each batch, averaged over samples), ``val/n`` and the retrieval recalls of
+    ``retrieval_metrics`` over all batches together (``val/image_to_text_R@1`` ...,
+    ``val/mean_recall``)."""
+    from ..ops.contrastive_loss import fused_loss
+    from .retrieval import retrieval_metrics
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    imgs_f, txts_f, losses, ns = [], [], [], []
+    for imgs, toks in batches:
+        i, t, *ps = model(imgs.to(dev), toks.to(dev), normalize=False)
+        losses.append(fused_loss(loss, i.float(), t.float(), [p.float() for p in ps],
+                                 normalize=True, backend=backend).item())
+        ns.append(len(imgs))
+        imgs_f.append(i.float().cpu())
+        txts_f.append(t.float().cpu())
+    if not ns:
+        raise ValueError("val_metrics: no batches")
+    out = {"val/loss": sum(v * n for v, n in zip(losses, ns)) / sum(ns), "val/n": sum(ns)}
+    for k, v in retrieval_metrics(torch.cat(imgs_f), torch.cat(txts_f)).items():
+        out[f"val/{k}"] = v
+    return out
+
+
+def probe_metrics(model, train_set: Tuple[torch.Tensor, torch.Tensor], test_set: Tuple[torch.Tensor, torch.Tensor],
+                  device=None, batch_size: int = 256, seed: int = 0) -> Dict[str, float]:
+    """A logistic-regression probe on the model's L2-normalised image embeddings: fit on
+    ``train_set`` (``(images, labels)``; its inverse regularisation C chosen on a held-out 20%,
+    then refit on all of it), scored on ``test_set``. Returns ``probe/top1``, ``probe/C``,
+    ``probe/val_top1`` and ``probe/n_train``, ``probe/n_test``."""
+    from .linear_probe import linear_probe
+    xtr = encode_images(model, train_set[0], batch_size, device)
+    xte = encode_images(model, test_set[0], batch_size, device)
+    r = linear_probe(xtr, train_set[1], xte, test_set[1], seed=seed)
+    return {"probe/top1": r.accuracy, "probe/C": r.C, "probe/val_top1": r.val_accuracy,
+            "probe/n_train": int(xtr.shape[0]), "probe/n_test": int(xte.shape[0])}
+
+
+def format_metrics(metrics: Dict[str, float], header: Optional[str] = None) -> str:
+    """The metrics as aligned ``name value`` lines; fractions as percentages."""
+    lines = [header] if header else []
+    width = max((len(k) for k in metrics), default=0)
+    for k, v in metrics.items():
+        if isinstance(v, float) and (k.endswith(("top1", "top5")) or "R@" in k or k.endswith("recall")
+                                     or k.startswith("chance/")):
+            shown = f"{100 * v:.2f}%"
+        elif isinstance(v, float):
+            shown = f"{v:.6g}"
+        else:
+            shown = str(v)
+        lines.append(f"  {k:<{width}}  {shown}")
+    return "\n".join(lines)
+
+
+__all__ = ["ZeroShotSet", "encode_images", "format_metrics", "load_model", "probe_metrics", "val_metrics",
+           "zeroshot_metrics"]
+

@@ -1,0 +1,159 @@
+"""``fastclip eval`` and fastclip.eval.evaluate: loading every kind of model file, the metrics the
+trainer reports (reproduced exactly from a run folder), folder zero-shot, val retrieval, the
+linear probe, and one-line errors for bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastclip.eval.command import main as eval_main
+from fastclip.eval.evaluate import encode_images, load_model, probe_metrics
+
+from ..train._common import env, run
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def siglip_run(tmp_path_factory):
+    """A finished tiny sigmoid-loss demo run with two training checkpoints."""
+    out = str(tmp_path_factory.mktemp("evalrun") / "run")
+    run(["--steps", "12", "--save-every", "4", "--keep-checkpoints", "2", "--loss", "siglip", "--output", out])
+    return out
+
+
+def _eval(capsys, *args):
+    code = eval_main([*args, "--threads", "1"])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_run_folder_reproduces_the_runs_own_zero_shot_numbers(siglip_run, capsys, tmp_path):
+    """The demo's final zero-shot numbers come back from the run folder (same model, same held-out
+    images for the same seed), and the JSON holds the same values."""
+    final = json.load(open(os.path.join(siglip_run, "metrics.json")))
+    out_json = str(tmp_path / "m.json")
+    code, out, _ = _eval(capsys, siglip_run, "--demo-eval-samples", "32", "--output", out_json)
+    assert code == 0, out
+    m = json.load(open(out_json))["metrics"]
+    for task in ("shape", "color"):
+        assert m[f"zeroshot/{task}/top1"] == pytest.approx(final[f"zero_shot_{task}_top1"], abs=1 / 32 + 1e-9)
+    assert m["chance/shape"] == pytest.approx(1 / 6) and "zeroshot/shape/top1" in out
+    assert json.load(open(out_json))["config"]["init_logit_bias"] is not None   # the sigmoid model's bias
+
+
+def test_every_kind_of_model_file_loads_the_same_weights(siglip_run, tmp_path):
+    """Run folder, model.safetensors, a training checkpoint (rebuilt from its saved run config),
+    a folder holding only checkpoints (the newest), and an OpenAI-layout state dict."""
+    final = load_model(siglip_run)
+    assert not final.training and final.logit_bias is not None
+    same = load_model(os.path.join(siglip_run, "model.safetensors"))
+    ckpts = sorted(os.listdir(os.path.join(siglip_run, "checkpoints")))
+    assert ckpts == ["step_00000004.safetensors", "step_00000008.safetensors"]
+    mid = load_model(os.path.join(siglip_run, "checkpoints", ckpts[-1]))
+    for k, v in final.state_dict().items():
+        assert torch.equal(v, same.state_dict()[k])
+    assert any(not torch.equal(v, mid.state_dict()[k]) for k, v in final.state_dict().items())  # step 8 != 12
+    only_ckpts = tmp_path / "unfinished"
+    (only_ckpts / "checkpoints").mkdir(parents=True)
+    for c in ckpts:
+        os.link(os.path.join(siglip_run, "checkpoints", c), only_ckpts / "checkpoints" / c)
+    newest = load_model(str(only_ckpts))
+    assert all(torch.equal(v, mid.state_dict()[k]) for k, v in newest.state_dict().items())
+    # An OpenAI-layout state dict (64-wide heads, as OpenAI's rules infer them).
+    from fastclip.models import create_model
+    m = create_model("tiny-vit", vision_width=128, vision_heads=2, text_width=128, text_heads=2)
+    torch.save(m.state_dict(), tmp_path / "openai.pt")
+    o = load_model(str(tmp_path / "openai.pt"))
+    img = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(o.encode_image(img), m.eval().encode_image(img), atol=1e-6)
+
+
+def _folder(root, classes, n, seed, corrupt=False):
+    """Class folders of solid-colour 40x40 images with noise (class k: colour k)."""
+    rng = np.random.default_rng(seed)
+    colours = [(220, 30, 30), (30, 30, 220), (30, 200, 30)]
+    for k, cls in enumerate(classes):
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            arr = np.clip(np.array(colours[k]) + rng.normal(0, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / cls / f"{i}.png")
+    if corrupt:
+        (root / classes[0] / "broken.png").write_bytes(b"\x89PNG not really")
+    return str(root)
+
+
+def test_folder_zero_shot_val_retrieval_and_probe(siglip_run, capsys, tmp_path):
+    zs = _folder(tmp_path / "zs", ["red", "blue"], 3, 0, corrupt=True)
+    tr = _folder(tmp_path / "tr", ["red", "blue", "green"], 8, 1)
+    te = _folder(tmp_path / "te", ["red", "blue", "green"], 4, 2)
+    rows = ["filepath,title"] + [f"zs/{c}/{i}.png,a {c} square" for c in ("red", "blue") for i in range(3)]
+    (tmp_path / "val.csv").write_text("\n".join(rows) + "\nmissing.png,gone\n")
+    out_json = str(tmp_path / "m.json")
+    code, out, err = _eval(capsys, siglip_run, "--zeroshot-data", zs, "--val-data", str(tmp_path / "val.csv"),
+                           "--probe-train", tr, "--probe-test", te, "--output", out_json)
+    assert code == 0, err
+    m = json.load(open(out_json))["metrics"]
+    assert "zeroshot/shape/top1" not in m                       # data given: no default --shapes
+    assert 0 <= m["zeroshot/zs/top1"] <= 1 and m["chance/zs"] == 0.5
+    assert m["val/n"] == 6 and np.isfinite(m["val/loss"]) and 0 <= m["val/mean_recall"] <= 1
+    assert m["probe/n_train"] == 24 and m["probe/n_test"] == 12
+    assert m["probe/top1"] >= 0.9          # three colours, linearly separable in any image embedding
+    assert m["skipped"] == 2               # the corrupt zero-shot image and the missing val image
+    assert "probe/top1" in out and "val/mean_recall" in out
+
+
+def test_probe_metrics_and_encode_images_directly():
+    from fastclip.models import create_model
+    torch.manual_seed(0)
+    model = create_model("tiny-vit").eval()
+    x = torch.randn(5, 3, 32, 32)
+    e = encode_images(model, x, batch_size=2)
+    assert e.shape == (5, 64) and torch.allclose(e.norm(dim=-1), torch.ones(5), atol=1e-5)
+    assert torch.allclose(e, encode_images(model, x, batch_size=5), atol=1e-6)
+    y = torch.tensor([0, 1, 0, 1, 0])
+    r = probe_metrics(model, (x, y), (x, y))
+    assert set(r) == {"probe/top1", "probe/C", "probe/val_top1", "probe/n_train", "probe/n_test"}
+
+
+def test_bad_arguments_exit_2_naming_the_flag(siglip_run, capsys, tmp_path):
+    cases = [
+        ([str(tmp_path / "nope")], "no such file or folder"),
+        ([siglip_run, "--probe-train", str(tmp_path)], "--probe-train and --probe-test go together"),
+        ([siglip_run, "--zeroshot-data", str(tmp_path / "nope")], "--zeroshot-data"),
+        ([siglip_run, "--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "--device"),
+        ([siglip_run, "--device", "tpu"], "--device"),
+        ([siglip_run, "--output", str(tmp_path)], "a folder; expected a file name"),
+        ([siglip_run, "--val-data", str(tmp_path / "nope.csv")], "file not found"),
+        ([siglip_run, "--loss-backend", "nope"], "--loss-backend 'nope': unknown"),
+    ]
+    for args, needle in cases:
+        with pytest.raises(SystemExit) as e:
+            eval_main(args)
+        assert e.value.code == 2
+        assert needle in capsys.readouterr().err, args
+
+
+def test_unusable_files_are_one_line_errors(siglip_run, capsys, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    (tmp_path / "empty").mkdir()
+    for path, needle in ((tmp_path / "notes.txt", "notes.txt"), (tmp_path / "empty", "without model.safetensors")):
+        code, _, err = _eval(capsys, str(path))
+        assert code == 2 and needle in err and err.count("\n") == 1 and "Traceback" not in err
+    bad = tmp_path / "mixed"
+    _folder(bad / "a", ["red", "blue"], 1, 0)
+    _folder(bad / "b", ["red", "green"], 1, 0)
+    code, _, err = _eval(capsys, siglip_run, "--probe-train", str(bad / "a"), "--probe-test", str(bad / "b"))
+    assert code == 2 and "same class folders" in err
+
+
+def test_command_line_entry_point(siglip_run):
+    r = subprocess.run([sys.executable, "-m", "fastclip", "eval", siglip_run, "--demo-eval-samples", "16",
+                        "--threads", "1"], capture_output=True, text=True, timeout=120, env=env())
+    assert r.returncode == 0, r.stderr
+    assert "zeroshot/mean_top1" in r.stdout
