@@ -101,9 +101,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--zeroshot-templates", choices=["imagenet", "cifar", "simple"], default=d.zeroshot_templates)
     g.add_argument("--workers", type=_nonneg_int, default=d.workers, help="DataLoader worker processes")
     g = p.add_argument_group("model and optimisation")
-    g.add_argument("--model", default=d.model, help="model config name (see fastclip.models.list_models())")
-    g.add_argument("--model-overrides", type=_json_dict, default={},
+    g.add_argument("--model", default=None,
+                   help=f"model config name (see fastclip.models.list_models(); default {d.model})")
+    g.add_argument("--model-overrides", type=_json_dict, default=None,
                    help='JSON config overrides, e.g. \'{"vision_layers": 2}\'')
+    g.add_argument("--pretrained", default=None, metavar="PATH",
+                   help="start from these weights: a fastclip train output folder, model file or training "
+                        "checkpoint, or an OpenAI checkpoint (the architecture is the file's: no --model); "
+                        "--loss siglip adds a logit_bias (-10) to a model without one")
     g.add_argument("--batch-size", type=_positive_int, default=None,
                    help=f"per rank (demo {d.batch_size}: one block of distinct captions; real data {REAL_DATA_BATCH})")
     g.add_argument("--steps", type=_positive_int, default=None,
@@ -211,7 +216,16 @@ def _check_paths(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.dataset_type in ("csv", "webdataset") and args.train_data is None:
         p.error(f"--dataset-type {args.dataset_type} needs --train-data (the {args.dataset_type} "
                 f"{'file' if args.dataset_type == 'csv' else 'shards'} to train on)")
+    if args.pretrained is not None:
+        if not os.path.exists(args.pretrained):
+            p.error(f"--pretrained {args.pretrained!r}: no such file or folder")
+        given = [f for f, v in (("--model", args.model), ("--model-overrides", args.model_overrides)) if v is not None]
+        if given:
+            p.error(f"--pretrained {args.pretrained!r} takes the architecture from the file: "
+                    f"drop {' and '.join(given)}")
     from .models import list_models
+    args.model = _DEFAULTS.model if args.model is None else args.model
+    args.model_overrides = {} if args.model_overrides is None else args.model_overrides
     if args.model not in list_models():
         p.error(f"--model {args.model!r}: unknown; available: {', '.join(list_models())}")
     _check_run_args(p, args)
@@ -251,8 +265,8 @@ def backend_problem(backend: str) -> Optional[str]:
     return None
 
 
-def _check_run_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """--model-overrides, --device, --loss-backend and --output, checked before anything is built."""
+def _check_model_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--model, --model-overrides, --loss and --batch-size together, on the meta device."""
     import torch
 
     from .models import create_model
@@ -278,6 +292,12 @@ def _check_run_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             flag = "--accum-micro-batch" if args.accum_micro_batch == 1 else "--batch-size"
             p.error(f"{flag} 1: model {args.model!r} has BatchNorm layers (a ResNet tower), which "
                     f"need at least 2 images per forward pass in training; use 2 or more")
+
+
+def _check_run_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--model-overrides, --device, --loss-backend and --output, checked before anything is built."""
+    if args.pretrained is None:    # (a --pretrained model is checked when the trainer reads it)
+        _check_model_args(p, args)
     for flag, why in (("--device", device_problem(args.device)),
                       ("--loss-backend", backend_problem(args.loss_backend))):
         if why:
@@ -294,6 +314,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     (lr 5e-4, wd 0.2, 2000 warmup steps, epochs instead of the demo's fixed step count)."""
     demo = args.train_data is None and args.dataset_type in ("auto", "shapes")
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    fields["model"] = fields.get("model") or _DEFAULTS.model
+    fields["model_overrides"] = fields.get("model_overrides") or {}
     cfg = TrainConfig(**fields)
     cfg.lr = args.lr if args.lr is not None else (_DEFAULTS.lr if demo else 5e-4)
     cfg.weight_decay = args.weight_decay if args.weight_decay is not None else (_DEFAULTS.weight_decay if demo else 0.2)

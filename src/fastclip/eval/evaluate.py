@@ -69,7 +69,18 @@ def _model_from_training_state(path: str):
         state = read_training_state(path)
     except CheckpointError as e:
         raise ValueError(str(e)) from None
-    saved = (state.get("extra") or {}).get("config") if isinstance(state.get("extra"), dict) else None
+    extra = state.get("extra") if isinstance(state.get("extra"), dict) else {}
+    saved = extra.get("config")
+    if isinstance(extra.get("model_config"), dict):     # the architecture itself (a --pretrained run's too)
+        from ..models import CLIP, CLIPConfig
+        try:
+            with torch.device("meta"):
+                model = CLIP(CLIPConfig.from_dict(extra["model_config"]))
+            model.load_state_dict(state["model"], assign=True)
+        except (ValueError, TypeError, RuntimeError, KeyError) as e:
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"{path}: the checkpoint's weights do not fit its model config ({why})") from None
+        return model
     if not isinstance(saved, dict) or saved.get("model") not in list_models():
         raise ValueError(f"{path}: the training checkpoint does not say which model it holds (no run "
                          f"configuration with a known model name in it)")

@@ -26,6 +26,10 @@ class TrainConfig:
     ``loss``: "clip" (softmax, ``ClipLoss``) or "siglip" (sigmoid, ``SigLipLoss``: the model gets
     a learnable ``logit_bias``, and the scale and bias start at the loss's initial values,
     SigLIP's t = 10, b = -10, unless ``model_overrides`` sets ``init_logit_scale``/``init_logit_bias``).
+    ``pretrained``: start from the weights of a run folder, model file, training checkpoint or
+    OpenAI checkpoint (anything ``fastclip.eval.evaluate.load_model`` reads); the architecture
+    is the file's (``model`` and ``model_overrides`` unused). For the sigmoid loss a model without
+    a ``logit_bias`` gets one at the loss's initial value (-10) and keeps its scale.
     ``output`` holds one run: a folder with a run in it needs ``resume`` (continue it) or
     ``overwrite`` (delete it first), see ``fastclip.train.run_folder``.
     ``max_failed_batches``: a batch in which no sample loads is skipped; this many such batches in
@@ -35,6 +39,7 @@ class TrainConfig:
 
     output: Optional[str] = None
     model: str = "demo"
+    pretrained: Optional[str] = None  # start from these weights (fastclip.eval.evaluate.load_model reads it)
     model_overrides: Dict[str, Any] = field(default_factory=dict)
     train_data: Optional[str] = None  # None: the synthetic shapes demo
     dataset_type: str = "auto"  # auto | shapes | csv | webdataset

@@ -87,7 +87,6 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = None, hooks: Optional[List[StepHook]] = None):
         from ..loss import ClipLoss, SigLipLoss
-        from ..models import create_model
         from ..ops.losses import LOSSES, get_loss
 
         if cfg.precision not in PRECISIONS:
@@ -114,7 +113,7 @@ class Trainer:
         if env.device.type == "cpu":
             # Cheap on the CPU, and what makes resume bit-exact.
             torch.use_deterministic_algorithms(True, warn_only=True)
-        self.model = create_model(cfg.model, **model_kwargs(cfg.loss, cfg.model_overrides)).to(env.device)
+        self.model = build_model(cfg).to(env.device)
         from ..tokenizer import VOCAB_SIZE
         if self.model.config.vocab_size < VOCAB_SIZE:
             raise ValueError(f"model vocab_size {self.model.config.vocab_size} is smaller than the tokenizer's "
@@ -354,7 +353,8 @@ class Trainer:
         cfg, env = self.cfg, self.env
         n_params = sum(p.numel() for p in self.model.parameters())
         over = f" {json.dumps(cfg.model_overrides)}" if cfg.model_overrides else ""
-        msg = (f"fastclip train: model {cfg.model}{over} ({n_params / 1e6:.1f}M params) on {self.data_desc}\n"
+        name = f"{cfg.model}{over}" if cfg.pretrained is None else f"from {cfg.pretrained}"
+        msg = (f"fastclip train: model {name} ({n_params / 1e6:.1f}M params) on {self.data_desc}\n"
                f"  {self.total_steps} steps x batch {cfg.batch_size * env.world_size}"
                f" ({env.world_size} rank{'s' if env.world_size > 1 else ''}), device {env.device}, "
                f"precision {cfg.precision}, threads {torch.get_num_threads()}, output {cfg.output}")
@@ -476,7 +476,7 @@ class Trainer:
                         extra = {"skipped": total_skipped,
                                  "skipped_batches": self.batches_skipped_before + skipped_batches,
                                  "data_position": drawn, "wall_time_s": self.wall_before + time.time() - t_start,
-                                 "config": dataclasses.asdict(cfg)}
+                                 "config": dataclasses.asdict(cfg), "model_config": self.model.config.to_dict()}
                         ckpt.save_training_state(out_dir, step, self.model, self.optimizer, self.scheduler,
                                                  self.scaler, extra=extra, keep=cfg.keep_checkpoints)
         finally:
@@ -537,6 +537,35 @@ class Trainer:
             if png is None:
                 self.log("curves.png not written: matplotlib is not installed (pip install matplotlib)")
         self.log(format_final(result, out_dir))
+
+
+def build_model(cfg: TrainConfig):
+    """The run's model, in training mode on the CPU: ``cfg.model`` with ``model_kwargs``, or the
+    weights of ``cfg.pretrained`` (its own architecture). The sigmoid loss gives a pretrained
+    model without a ``logit_bias`` one at the loss's initial value, its scale kept; a model with a
+    bias is refused for a loss without one (it would be dropped). Raises ``CheckpointError``
+    naming the file when it cannot be used."""
+    from ..models import CLIP, create_model
+    if cfg.pretrained is None:
+        return create_model(cfg.model, **model_kwargs(cfg.loss, cfg.model_overrides))
+    from ..eval.evaluate import load_model
+    from ..ops.losses import get_loss
+    try:
+        model = load_model(cfg.pretrained, "cpu")
+    except ValueError as e:
+        raise ckpt.CheckpointError(f"--pretrained: {e}") from None
+    spec = get_loss(cfg.loss)
+    if "logit_bias" in spec.params and model.logit_bias is None:
+        bias = spec.init[spec.params.index("logit_bias")]
+        with_bias = CLIP(dataclasses.replace(model.config, init_logit_bias=bias))
+        missing, unexpected = with_bias.load_state_dict(model.state_dict(), strict=False)
+        assert missing == ["logit_bias"] and not unexpected, (missing, unexpected)
+        model = with_bias
+    elif "logit_bias" not in spec.params and model.logit_bias is not None:
+        raise ckpt.CheckpointError(f"--pretrained {cfg.pretrained}: the model has a logit_bias (it was trained "
+                                   f"with the sigmoid loss), which the {cfg.loss} loss does not use: fine-tune it "
+                                   f"with --loss siglip")
+    return model.train()
 
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
