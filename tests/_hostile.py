@@ -6,6 +6,7 @@ the TorchScript one through torch.jit.load to show that).
 """
 import os
 import pickle
+import struct
 import zipfile
 from typing import Tuple
 
@@ -78,3 +79,56 @@ class _Call:
 
     def __reduce__(self):
         return (self.fn, self.args)
+
+
+# Raw pickle opcodes (protocol 2), for archives no torch API would write.
+def _g(module, name):
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def _u(s):
+    b = s.encode()
+    return b"X" + struct.pack("<I", len(b)) + b
+
+
+def _i(n):
+    return b"J" + struct.pack("<i", n)
+
+
+def _tensor(key, numel):
+    """A 1-D float tensor over the storage record ``key`` (torch._utils._rebuild_tensor_v2)."""
+    storage = b"(" + _u("storage") + _g("torch", "FloatStorage") + _u(key) + _u("cpu") + _i(numel) + b"tQ"
+    return (_g("torch._utils", "_rebuild_tensor_v2") + b"(" + storage + _i(0) + b"(" + _i(numel) + b"t("
+            + _i(1) + b"t\x88" + _g("collections", "OrderedDict") + b")Rt" + b"R")
+
+
+def _module(qualname, items):
+    """A TorchScript object of class ``qualname`` whose state dict holds the pickled ``items``."""
+    module, _, name = qualname.rpartition(".")
+    return _g(module, name) + b")\x81}(" + items + b"ub"
+
+
+def _archive(dest, pkl, records):
+    with zipfile.ZipFile(str(dest), "w") as z:
+        z.writestr("evil/data.pkl", b"\x80\x02" + pkl + b".")
+        for key, data in records.items():
+            z.writestr(f"evil/data/{key}", data)
+        z.writestr("evil/constants.pkl", pickle.dumps((), protocol=2))
+        z.writestr("evil/version", "3\n")
+
+
+def write_torchscript_dag(dest, depth):
+    """A few KB whose module tree has 2**depth paths: level k holds level k-1 twice (the pickle's
+    memo), with one tensor at the bottom. A reader that walks it as a tree never finishes."""
+    pkl = _module("__torch__.L0", _u("w") + _tensor("0", 1)) + b"q\x00"
+    for k in range(1, depth + 1):
+        pkl += _module(f"__torch__.L{k}", _u("a") + b"h" + bytes([k - 1]) + _u("b") + b"h" + bytes([k - 1]))
+        pkl += b"q" + bytes([k])
+    _archive(dest, pkl, {"0": struct.pack("<f", 1.0)})
+
+
+def write_torchscript_tensor_build(dest):
+    """An archive whose pickle sets the state of a tensor (BUILD): torch's ``Tensor.__setstate__``
+    would resize the tensor's storage to whatever the file says."""
+    pkl = _module("__torch__.M", _u("w") + _tensor("0", 1) + b"(" + b"t" + b"b")
+    _archive(dest, pkl, {"0": struct.pack("<f", 1.0)})

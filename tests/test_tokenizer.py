@@ -138,3 +138,22 @@ def test_numpy_integers_and_decode_input_forms():
                           ([True, False], TypeError, r"ids\[0\] .* got True")):
         with pytest.raises(exc, match=msg):
             decode(bad)
+
+
+def test_special_token_strings_and_long_s_follow_openai():
+    """Texts the Rust pre-tokenizer would split otherwise take the pure-Python BPE: the special
+    tokens' strings after punctuation (OpenAI's regex takes ",<|" as one punctuation run) and
+    U+017F, which IGNORECASE folds into the contraction "'s"."""
+    oracle = SimpleTokenizer()
+    for text in ["hello,<|endoftext|> world", "it'ſ", "<|startoftext|>a", "a <|endoftext|> b",
+                 "x <|start", "ſtraße's ſ", "((<|endoftext|>))"]:
+        row = tokenize(text)[0]
+        ids = row[: int((row != 0).sum())].tolist()
+        assert ids == [49406, *oracle.encode(text), 49407], text
+    assert tokenize("hello,<|endoftext|> world")[0, 2].item() != 49407   # not cut at the ","
+
+
+def test_decode_of_an_empty_batch_is_an_empty_list():
+    import numpy as np
+    assert decode(tokenize([])) == []
+    assert decode(np.zeros((0, 77), dtype=np.int64)) == []

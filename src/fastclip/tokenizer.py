@@ -171,9 +171,16 @@ def tokenize(texts: Union[str, Sequence[str]], context_length: int = 77, truncat
         return torch.from_numpy(out)
     tok = get_tokenizer()
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast (tokenizers >= 0.20) skips offsets
-    encs = encode([clean_text(t) for t in texts], add_special_tokens=False)
-    for i, enc in enumerate(encs):
-        ids = enc.ids
+    cleaned = [clean_text(t) for t in texts]
+    all_ids = [enc.ids for enc in encode(cleaned, add_special_tokens=False)]
+    # Where the Rust pre-tokenizer cannot follow OpenAI's regex, the pure-Python BPE does: a text
+    # holding "<|" (tokenizers pulls "<|endoftext|>" out of any text, while OpenAI's pattern can
+    # take "<|" into a run of punctuation: "hello,<|endoftext|>" is ",<|" "endoftext" "|>" there)
+    # or U+017F (IGNORECASE folds "'ſ" into the contraction "'s"; tokenizers' regex has no such flag).
+    for i, t in enumerate(cleaned):
+        if "<|" in t or "\u017f" in t:
+            all_ids[i] = _oracle().encode(texts[i])
+    for i, ids in enumerate(all_ids):
         if len(ids) + 2 > context_length:
             if not truncate:
                 raise ValueError(f"texts[{i}] is too long: {len(ids) + 2} tokens (with sot/eot) > "
@@ -208,6 +215,8 @@ def decode(ids: Union[torch.Tensor, Sequence[int], Sequence[Sequence[int]]]) -> 
             raise ValueError(f"ids must be 1-D (one text) or 2-D (a batch), got shape {tuple(arr.shape)}")
         if arr.dtype.kind not in "iu":
             raise TypeError(f"ids must be integer token ids, got dtype {ids.dtype}")
+        if arr.ndim == 2:     # a batch, also an empty one ([0, L] -> [])
+            return [decode(row) for row in arr]
         ids = arr.tolist()
     elif isinstance(ids, (str, bytes, bytearray)) or not isinstance(ids, (Sequence, np.ndarray)):
         raise TypeError(f"ids must be a sequence of int token ids or of such rows, got "

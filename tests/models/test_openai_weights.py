@@ -358,3 +358,73 @@ def test_load_openai_reads_fastclips_own_checkpoint_with_its_config(tmp_path):
     with torch.no_grad():
         assert torch.equal(a.encode_text(toks), m.encode_text(toks))
         assert torch.equal(a.encode_image(imgs), m.encode_image(imgs))
+
+
+def test_crafted_archives_fail_fast_with_a_value_error(tmp_path):
+    """A module tree whose pickle memo repeats one object (2^40 paths in ~5 KB) is refused in
+    well under a second, not walked for ever; a pickle that sets a tensor's state (BUILD: torch's
+    Tensor.__setstate__ would resize the storage as the file says) is refused."""
+    import time
+
+    from fastclip.models.torchscript import read_torchscript_state_dict
+    from tests._hostile import write_torchscript_dag, write_torchscript_tensor_build
+    small = tmp_path / "dag3.pt"
+    write_torchscript_dag(small, 3)           # the format is right: 8 paths read back
+    assert len(read_torchscript_state_dict(str(small))) == 8
+    dag = tmp_path / "dag40.pt"
+    write_torchscript_dag(dag, 40)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"dag40\.pt.*module paths"):
+        load_openai(dag)
+    assert time.perf_counter() - t0 < 30     # generous: a walk of the tree would take days
+    tb = tmp_path / "tensorbuild.pt"
+    write_torchscript_tensor_build(tb)
+    with pytest.raises(ValueError, match=r"tensorbuild\.pt.*sets the state of a Tensor"):
+        load_openai(tb)
+
+
+def test_in_memory_state_dicts_are_copied_and_unwrapped():
+    """The loaded model owns its weights (training it leaves the caller's tensors alone), and an
+    in-memory {"state_dict": ...} is unwrapped as a file's is."""
+    cfg = REF_CONFIGS["vit"]
+    sd = _randomise(RefCLIP(**cfg)).state_dict()
+    before = {k: v.clone() for k, v in sd.items()}
+    for src in (sd, {"epoch": 3, "state_dict": sd}):
+        m = load_openai(src)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(1.0)
+        assert all(torch.equal(sd[k], before[k]) for k in sd)
+
+
+def test_state_dicts_with_foreign_keys_or_dtypes_are_value_errors(tmp_path):
+    cfg = REF_CONFIGS["vit"]
+    sd = _randomise(RefCLIP(**cfg)).state_dict()
+    with pytest.raises(ValueError, match="keys must be parameter names"):
+        load_openai({0: torch.zeros(1), **sd})
+    bad = dict(sd)
+    bad["logit_scale"] = torch.tensor(3)             # an integer tensor for a float parameter
+    with pytest.raises(ValueError, match=r"wrong dtypes.*logit_scale"):
+        load_openai(bad)
+    torch.save({1: torch.zeros(2)}, tmp_path / "intkeys.pt")
+    with pytest.raises(ValueError, match=r"intkeys\.pt.*keys must be parameter names"):
+        load_openai(tmp_path / "intkeys.pt")
+
+
+def test_config_metadata_is_checked_against_the_blocks_before_building(tmp_path):
+    """A model file whose metadata claims 20000 text layers is refused at once (building that
+    model first would take minutes)."""
+    import json
+    import time
+
+    from safetensors.torch import save_file
+    m = create_model("tiny-vit", context_length=8)
+    cfg = m.config.to_dict()
+    cfg["text_layers"] = 20000
+    path = tmp_path / "deep.safetensors"
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(path),
+              metadata={"format": "pt", "fastclip_config": json.dumps(cfg)})
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"deep\.safetensors.*text_layers is 20000 but the file holds 2"):
+        load_checkpoint(path)
+    assert time.perf_counter() - t0 < 10

@@ -55,11 +55,17 @@ def _read(path: str, allow_torchscript_code: bool) -> Dict[str, torch.Tensor]:
         raise ValueError(f"{path}: could not be read as a CLIP checkpoint (file truncated or corrupt?); "
                          f"with torch.load(weights_only=True): {_first_line(e)}") from None
     if isinstance(obj, Mapping):
-        for k in ("state_dict", "model"):
-            if k in obj and isinstance(obj[k], Mapping):
-                obj = obj[k]
-        return dict(obj)
+        return _unwrap(obj)
     raise ValueError(f"{path}: expected a state dict (a mapping of name -> tensor), got {type(obj).__name__}")
+
+
+def _unwrap(obj: Mapping) -> Dict:
+    """The state dict inside a training script's checkpoint dict (``{"state_dict": ...}`` or
+    ``{"model": ...}``, as open_clip and others save them), else ``obj`` itself, as a dict."""
+    for k in ("state_dict", "model"):
+        if k in obj and isinstance(obj[k], Mapping):
+            obj = obj[k]
+    return dict(obj)
 
 
 def _count(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
@@ -123,7 +129,10 @@ def load_openai(path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.T
     Raises ValueError naming the path for unreadable, truncated or non-CLIP files.
     """
     if isinstance(path_or_state_dict, Mapping):
-        sd, source = dict(path_or_state_dict), "state dict"
+        # The caller keeps its tensors: the model gets copies (assign=True below would otherwise
+        # make the caller's tensors the model's parameters, and training would change them).
+        sd, source = _unwrap(path_or_state_dict), "state dict"
+        sd = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in sd.items()}
     else:
         source = os.fspath(path_or_state_dict)
         if source.endswith(".safetensors") and _fastclip_config(source) is not None:
@@ -132,6 +141,10 @@ def load_openai(path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.T
             model = load_checkpoint(source, device)
             return model if dtype is None else model.to(dtype)
         sd = _read(source, allow_torchscript_code)
+    not_str = [k for k in sd if not isinstance(k, str)]
+    if not_str:
+        raise ValueError(f"{source}: not a state dict: its keys must be parameter names (str), got "
+                         f"{[type(k).__name__ for k in not_str[:3]]} keys such as {not_str[:3]!r}")
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     # drop the scalar metadata and any serialised causal masks (not weights)
@@ -147,9 +160,12 @@ def load_openai(path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.T
     unexpected = [k for k in sd if k not in expected]
     shape = [f"{k}: {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
              if k in sd and sd[k].shape != v.shape]
-    if missing or unexpected or shape:
+    kind = [f"{k}: {sd[k].dtype} for a {v.dtype} parameter" for k, v in expected.items()
+            if k in sd and sd[k].is_floating_point() != v.is_floating_point()]
+    if missing or unexpected or shape or kind:
         raise ValueError(f"{source}: state dict does not match the inferred {config} "
-                         f"(missing {missing[:10]}, unexpected {unexpected[:10]}, wrong shapes {shape[:10]})")
+                         f"(missing {missing[:10]}, unexpected {unexpected[:10]}, wrong shapes {shape[:10]}"
+                         + (f", wrong dtypes {kind[:10]}" if kind else "") + ")")
     if dtype is not None:
         sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
@@ -183,6 +199,21 @@ def _fastclip_config(path: str) -> Optional[str]:
         return None
 
 
+def _check_depths(config: CLIPConfig, sd: Mapping[str, torch.Tensor]) -> None:
+    """The config's layer counts against the blocks the file holds, before the model is built:
+    building takes time linear in the layers (a config edited to 10^7 layers would take hours
+    before the weights could be found not to fit)."""
+    depths = [("text_layers", config.text_layers, _count(sd, "transformer.resblocks"))]
+    if isinstance(config.vision_layers, int):
+        depths.append(("vision_layers", config.vision_layers, _count(sd, "visual.transformer.resblocks")))
+    else:
+        depths.append(("vision_layers", tuple(config.vision_layers),
+                       tuple(_count(sd, f"visual.layer{i}") for i in (1, 2, 3, 4))))
+    for name, said, held in depths:
+        if said != held:
+            raise ValueError(f"{name} is {said} but the file holds {held} such blocks")
+
+
 def load_checkpoint(path: Union[str, os.PathLike], device="cpu") -> CLIP:
     """Rebuild a ``CLIP`` written by ``save_checkpoint`` (config from the metadata, strict load).
 
@@ -205,6 +236,7 @@ def load_checkpoint(path: Union[str, os.PathLike], device="cpu") -> CLIP:
             if not isinstance(d, dict):
                 raise TypeError(f"expected a JSON object, got {type(d).__name__}")
             config = CLIPConfig.from_dict(d)
+            _check_depths(config, sd)
             with torch.device("meta"):
                 model = CLIP(config)
         except (ValueError, TypeError, KeyError, RuntimeError) as e:

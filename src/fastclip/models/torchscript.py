@@ -36,6 +36,7 @@ _STORAGE_DTYPES = {
     "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
 }
 _MAX_DEPTH = 256  # module nesting; CLIP's deepest path is ~6
+_MAX_MODULES = 100_000  # module paths walked; OpenAI's ViT-L/14 has ~650
 
 
 class TorchScriptReadError(ValueError):
@@ -96,11 +97,27 @@ _ALLOWED = {
 }
 
 
-class _Unpickler(pickle.Unpickler):
+class _Unpickler(pickle._Unpickler):
+    """Python's own unpickler (the pure-Python one, so that BUILD can be restricted: the C
+    unpickler calls any ``__setstate__`` the object has, and a tensor's resizes its storage)
+    with the allow-list above as its only globals."""
+
     def __init__(self, data: bytes, read_record):
         super().__init__(io.BytesIO(data))
         self._read_record = read_record
         self._classes: Dict[str, type] = {}
+
+    def load_build(self):
+        # BUILD sets an object's state: allowed only on the inert ScriptObject records.
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if not isinstance(inst, ScriptObject):
+            raise TorchScriptReadError(f"the archive's pickle sets the state of a {type(inst).__name__}; only "
+                                       f"TorchScript objects carry state")
+        inst.__setstate__(state)
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.BUILD[0]] = load_build
 
     def find_class(self, module: str, name: str):
         if module == "__torch__" or module.startswith("__torch__."):
@@ -211,7 +228,8 @@ def read_torchscript_state_dict(path: str) -> Dict[str, torch.Tensor]:
         except TorchScriptReadError:
             raise
         except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError,
-                KeyError, RecursionError, zipfile.BadZipFile, OSError) as e:
+                KeyError, RecursionError, RuntimeError, MemoryError, OverflowError, zipfile.BadZipFile,
+                OSError) as e:
             raise TorchScriptReadError(f"malformed data.pkl ({type(e).__name__}: {e})") from None
 
         spec_cache: Dict[str, Dict[str, Tuple[bool, List[str], List[str]]]] = {}
@@ -228,9 +246,17 @@ def read_torchscript_state_dict(path: str) -> Dict[str, torch.Tensor]:
 
         out: Dict[str, torch.Tensor] = {}
 
+        visits = [0]
+
         def visit(obj: ScriptObject, key_prefix: str, depth: int) -> None:
             if depth > _MAX_DEPTH:
                 raise TorchScriptReadError(f"modules nested deeper than {_MAX_DEPTH} levels")
+            # The pickle's memo lets one object appear under many names: a few KB can describe
+            # a tree of 2^40 paths. Counting visits bounds the walk whatever the file says.
+            visits[0] += 1
+            if visits[0] > _MAX_MODULES:
+                raise TorchScriptReadError(f"more than {_MAX_MODULES} module paths (objects referenced from "
+                                           f"many places): not a model's module tree")
             state = obj.__dict__.get("state")
             if not isinstance(state, dict):
                 return  # a class with its own __getstate__: not a module's attribute dict
