@@ -27,6 +27,8 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 def resize_short_side(img: Image.Image, size: int) -> Image.Image:
     """Bicubic resize so the shorter side is ``size`` (long side ``int(size * long / short)``)."""
     w, h = img.size
+    if min(w, h) <= 0:
+        raise ValueError(f"image of size {w}x{h}: an empty image cannot be resized")
     if w <= h:
         new = (size, int(size * h / w))
     else:

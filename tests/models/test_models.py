@@ -154,3 +154,59 @@ def test_logit_bias_is_optional():
         create_model("tiny-vit", init_logit_bias=float("nan"))
     with pytest.raises(ValueError, match="init_logit_scale"):
         create_model("tiny-vit", init_logit_scale=0.0)
+
+
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn"])
+def test_init_weights_redraws_every_tensor_after_to_empty(name):
+    """A model built on the meta device, materialised with to_empty and filled with NaN, is a
+    working model after init_weights(): every parameter and buffer is drawn again."""
+    with torch.device("meta"):
+        m = create_model(name)
+    m.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in [*m.parameters(), *m.buffers()]:
+            if t.is_floating_point():
+                t.fill_(float("nan"))
+    m.init_weights()
+    bad = [n for n, t in [*m.named_parameters(), *m.named_buffers()]
+           if t.is_floating_point() and not torch.isfinite(t).all()]
+    assert bad == []
+    m.eval()
+    img = torch.randn(2, 3, m.image_size, m.image_size)
+    i, t, scale = m(img, torch.randint(1, 1000, (2, m.context_length)))
+    assert torch.isfinite(i).all() and torch.isfinite(t).all() and scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
+
+
+def test_encoders_refuse_inputs_of_another_shape():
+    m = create_model("tiny-vit").eval()
+    for bad in (torch.randn(2, 3, 35, 35), torch.randn(2, 3, 64, 64), torch.randn(3, 32, 32),
+                torch.randn(2, 1, 32, 32)):
+        with pytest.raises(ValueError, match=r"images: expected \[B, 3, 32, 32\]"):
+            m.encode_image(bad)
+    r = create_model("tiny-rn").eval()
+    with pytest.raises(ValueError, match=r"images: expected \[B, 3, 64, 64\]"):
+        r.encode_image(torch.randn(2, 3, 70, 70))            # a ResNet would otherwise run on it
+    with pytest.raises(ValueError, match="40 tokens per row, more than the model's context_length 32"):
+        m.encode_text(torch.randint(1, 100, (2, 40)))
+    with pytest.raises(ValueError, match="integer token ids"):
+        m.encode_text(torch.randint(1, 100, (5,)))
+    with pytest.raises(ValueError, match="integer token ids"):
+        m.encode_text(torch.randn(2, 5))
+    assert m.encode_text(torch.randint(1, 100, (2, 5))).shape == (2, 64)   # shorter rows are fine
+
+
+def test_resnet_attention_pool_heads_must_divide_its_width():
+    with pytest.raises(ValueError, match="heads must divide its width 224"):
+        create_model("tiny-rn", vision_width=7, vision_heads=None)      # default rule: 3 heads
+    with pytest.raises(ValueError, match="heads must divide its width 256"):
+        create_model("tiny-rn", vision_heads=3)
+
+
+def test_empty_images_are_refused_by_the_transform_and_skipped_by_the_loader(tmp_path):
+    from PIL import Image
+
+    from fastclip.datasets.csv_dataset import load_image
+    from fastclip.transforms import image_transform
+    with pytest.raises(ValueError, match="0x5"):
+        image_transform(32)(Image.new("RGB", (0, 5)))
+    assert load_image(str(tmp_path / "missing.png")) is None

@@ -33,7 +33,8 @@ def load_image(source: Union[str, bytes]) -> Optional[Image.Image]:
             warnings.simplefilter("ignore")  # Pillow's DecompressionBombWarning, EXIF warnings
             f = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
             with Image.open(f) as im:
-                return im.convert("RGB")
+                rgb = im.convert("RGB")
+        return rgb if min(rgb.size) > 0 else None   # a 0-pixel side: nothing to resize or crop
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
 

@@ -36,7 +36,7 @@ class CLIP(TextTransformer):
         self.logit_bias = (nn.Parameter(torch.ones([]) * float(c.init_logit_bias))
                            if c.init_logit_bias is not None else None)
         if not any(p.is_meta for p in self.parameters()):
-            self.init_weights()
+            self._openai_init()   # on top of what each layer's constructor drew
 
     @property
     def image_size(self) -> int:
@@ -57,7 +57,20 @@ class CLIP(TextTransformer):
         return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.modules())
 
     def init_weights(self) -> None:
-        """Re-draw every weight with OpenAI's initialisation scheme."""
+        """Re-draw every weight and buffer as a freshly built model has them: each layer's
+        PyTorch default (Linear, Conv2d, LayerNorm, Embedding; BatchNorm with its running
+        statistics), the towers' embeddings and projections, then OpenAI's scheme on top, and
+        the logit scale (and bias) from the config. Also what a model built on the meta device
+        needs after ``to_empty``."""
+        with torch.no_grad():
+            for m in self.modules():
+                if m is not self and callable(getattr(m, "reset_parameters", None)):
+                    m.reset_parameters()      # BatchNorm's also resets its running statistics
+            self.visual.reset_embeddings()
+        self._openai_init()
+
+    def _openai_init(self) -> None:
+        """OpenAI's initialisation scheme (the towers' ``init_weights``), the logit scale and bias."""
         super().init_weights()
         self.visual.init_weights()
         with torch.no_grad():

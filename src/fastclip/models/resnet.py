@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .transformer import check_images
+
 
 class Bottleneck(nn.Module):
     expansion = 4
@@ -48,6 +50,9 @@ class AttentionPool2d(nn.Module):
 
     def __init__(self, spacial_dim: int, embed_dim: int, num_heads: int, output_dim: int | None = None):
         super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"the attention pool's {num_heads} heads must divide its width {embed_dim} "
+                             f"(vision_width x 32); set vision_heads to a divisor of {embed_dim}")
         self.positional_embedding = nn.Parameter(torch.randn(spacial_dim ** 2 + 1, embed_dim) / embed_dim ** 0.5)
         self.k_proj, self.q_proj, self.v_proj = (nn.Linear(embed_dim, embed_dim) for _ in range(3))
         self.c_proj = nn.Linear(embed_dim, output_dim or embed_dim)
@@ -96,6 +101,12 @@ class ModifiedResNet(nn.Module):
         mods += [Bottleneck(self._inplanes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*mods)
 
+    def reset_embeddings(self) -> None:
+        """Re-draw the attention pool's positional embedding as its constructor does (normal,
+        std embed_dim^-0.5)."""
+        pe = self.attnpool.positional_embedding
+        nn.init.normal_(pe, std=pe.shape[1] ** -0.5)
+
     def init_weights(self) -> None:
         """OpenAI's init: attnpool projections std in_features^-0.5, zero-init every bn3 gamma."""
         std = self.attnpool.c_proj.in_features ** -0.5
@@ -106,6 +117,7 @@ class ModifiedResNet(nn.Module):
                 nn.init.zeros_(blk.bn3.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_images(x, self.input_resolution)
         x = x.to(self.conv1.weight.dtype)
         x = self.relu1(self.bn1(self.conv1(x)))
         x = self.relu2(self.bn2(self.conv2(x)))

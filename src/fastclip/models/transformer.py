@@ -15,6 +15,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+def check_images(x: torch.Tensor, size: int) -> None:
+    """A tower's input: ``[B, 3, size, size]``, real-valued. Another size would fail later with
+    a shape error inside the tower, or, for sizes a little off, run on cropped or zero-padded
+    positions and give features of a different model."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3 or x.shape[2] != size or x.shape[3] != size:
+        what = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"images: expected [B, 3, {size}, {size}] (the model's image_size), got {what}")
+    if x.is_complex() or x.dtype == torch.bool:
+        raise ValueError(f"images: expected real-valued pixels, got {x.dtype}")
+
 class LayerNorm(nn.LayerNorm):
     """LayerNorm that always computes in fp32 and casts back to the input dtype (as OpenAI)."""
 

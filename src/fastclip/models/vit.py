@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .transformer import LayerNorm, Transformer
+from .transformer import LayerNorm, Transformer, check_images
 
 
 class VisionTransformer(nn.Module):
@@ -30,10 +30,18 @@ class VisionTransformer(nn.Module):
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
+    def reset_embeddings(self) -> None:
+        """Re-draw the class token, positional embedding and projection as the constructor does
+        (normal, std width^-0.5)."""
+        scale = self.class_embedding.shape[0] ** -0.5
+        for p in (self.class_embedding, self.positional_embedding, self.proj):
+            nn.init.normal_(p, std=scale)
+
     def init_weights(self) -> None:
         self.transformer.init_weights()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_images(x, self.input_resolution)
         x = self.conv1(x.to(self.conv1.weight.dtype))  # [B, W, g, g]
         x = x.flatten(2).transpose(1, 2)  # [B, g*g, W]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [B, 1, W]
