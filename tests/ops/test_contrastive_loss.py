@@ -348,6 +348,16 @@ def test_opcheck(loss, backend):
                               (x.detach(), y.detach(), p.detach(), loss, True, EPS, 1, backend,
                                gr, gc, gp),
                               test_utils=("test_schema", "test_faketensor"))
+    # Dense but transposed features: the fake gradients must have the real (contiguous) strides.
+    xt = torch.randn(6, 9, generator=g).to(dev).t()
+    yt = torch.randn(6, 12, generator=g).to(dev).t()
+    torch.library.opcheck(op.contrastive_loss_bwd,
+                          (xt, yt, p.detach(), loss, True, EPS, 0, backend, r.detach(), c.detach(), gr, gc, gp),
+                          test_utils=("test_schema", "test_faketensor"))
+    if get_loss(loss).one_pass:
+        torch.library.opcheck(op.contrastive_loss_fwd_bwd,
+                              (xt, yt, p.detach(), loss, True, EPS, 0, backend, gr, gc, gp),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("loss,backend", FP32)
@@ -554,15 +564,21 @@ def test_torch_func(loss, backend):
 
 @pytest.mark.parametrize("loss,backend", FP32)
 @pytest.mark.parametrize("size", ("huge", "tiny"))
+@pytest.mark.parametrize("d", (8, 512))
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")     # the interpreter's numpy overflows
-def test_extreme_row_norms_never_give_a_finite_wrong_loss(loss, backend, size):
-    # normalize=True with rows of norm ~3e19 (their fp32 dot products overflow) or ~3e-20
+def test_extreme_row_norms_never_give_a_finite_wrong_loss(loss, backend, size, d):
+    # normalize=True with rows of norm 4e19 (at D = 8 their fp32 dot products overflow) or ~3e-20
     # with eps = 1e-30 (products below fp32's normal range): a kernel that forms raw dot
     # products in fp32 may return a non-finite loss, never a finite wrong one; the
-    # reference backend (float64 norms) gets them right.
+    # reference backend (float64 norms) gets them right. At D = 512 the dot products of
+    # random rows stay finite while an fp32 sum of squares overflows: a kernel with fp32
+    # norms would scale every logit by 0 and return log N (or SigLIP's loss at z = b).
     dev = _setup(loss, backend)
-    x, y = embeddings("random", 6, 8, gen=torch.Generator().manual_seed(8))
-    factor = 1e19 if size == "huge" else 1e-20
+    x, y = embeddings("random", 6, d, gen=torch.Generator().manual_seed(8))
+    if size == "huge":      # rows of norm 4e19 exactly: a sum of squares of 1.6e39 > fp32's max
+        x, y, factor = unit_rows(x), unit_rows(y), 4e19
+    else:
+        factor = 1e-20
     params = default_params(loss)
     want = oracle(loss, x, y, params, True)[0]
     out = fastclip.ops.fused_loss(loss, (x * factor).to(dev), (y * factor).to(dev), params,
@@ -799,3 +815,32 @@ def test_loss_a_backend_lacks_is_refused_by_name(monkeypatch):
         assert op.select_backend("auto", x.device, x.dtype, "siglip").name != "clip-only"
     finally:
         reg._RESOLVED.clear()
+
+
+_TF32 = r"""
+import torch
+from fastclip.ops.backends import tf32_matmul
+flags = torch.backends.cuda.matmul
+out = [tf32_matmul()]
+{setting}
+out.append(tf32_matmul())
+try:
+    from fastclip.ops.triton.contrastive_loss import _precision
+    out.append(_precision(torch.float32) == "tf32" and _precision(torch.bfloat16) == "ieee")
+except ImportError:
+    out.append(True)
+print(out)
+"""
+
+
+@pytest.mark.parametrize("setting", ('flags.fp32_precision = "tf32"', 'torch.backends.fp32_precision = "tf32"',
+                                     'torch.set_float32_matmul_precision("high")', "flags.allow_tf32 = True"))
+def test_tf32_setting_is_read_whichever_api_set_it(setting):
+    """torch >= 2.9 raises when the legacy allow_tf32 is read after the new fp32_precision API
+    set TF32: the kernels read the one setting both APIs write (a fresh process per API)."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", _TF32.replace("{setting}", setting)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[False, True, True]"

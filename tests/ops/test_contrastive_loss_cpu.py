@@ -162,3 +162,37 @@ def test_non_finite_inputs(loss, which, bad, monkeypatch):
             assert not torch.isfinite(row[5]) or loss == "siglip"
             assert not (torch.isfinite(row).all() and torch.isfinite(col).all()
                         and torch.isfinite(dx).all() and torch.isfinite(dy).all())
+
+
+_SMALL_TEAM = r"""
+import torch, fastclip
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+for loss, params in (("clip", [10.0]), ("siglip", [10.0, -10.0])):
+    x = torch.randn(300, 64, generator=g, dtype=torch.float64)
+    y = torch.randn(300, 64, generator=g, dtype=torch.float64)
+    grads = []
+    for backend in ("cpu", "reference"):
+        xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
+        fastclip.ops.fused_loss(loss, xr, yr, params, normalize=True, backend=backend).backward()
+        grads.append((xr.grad, yr.grad))
+    (dx, dy), (rx, ry) = grads
+    print(loss, float((dx - rx).norm() / rx.norm()), float((dy - ry).norm() / ry.norm()))
+"""
+
+
+@pytest.mark.parametrize("env", ({"OMP_THREAD_LIMIT": "1"}, {"OMP_DYNAMIC": "true", "OMP_THREAD_LIMIT": "1"}))
+def test_gradients_when_openmp_runs_fewer_threads_than_asked(env):
+    """OpenMP may give a parallel region fewer threads than it asks for (OMP_THREAD_LIMIT,
+    OMP_DYNAMIC on a busy machine, a call from inside another parallel region): the backward's
+    per-thread dY buffers of the missing threads must still be zero (they were summed
+    uninitialised: dy off by a factor of 10^3 and more)."""
+    import os
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", _SMALL_TEAM], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "2", **env})
+    assert r.returncode == 0, r.stderr
+    for line in r.stdout.strip().splitlines():
+        loss, ex, ey = line.split()
+        assert float(ex) <= 1e-12 and float(ey) <= 1e-12, line

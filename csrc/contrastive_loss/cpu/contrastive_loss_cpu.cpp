@@ -36,6 +36,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <string>
@@ -183,6 +184,22 @@ Kernels<T> pick_kernels() {
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
+// Per-thread scratch, allocated before a parallel region: an allocation that fails inside
+// one cannot leave it (std::terminate, the process dies); here std::bad_alloc reaches the
+// binding, which reports it as an error. of(tid, k) is part k of thread tid's share, zeroed
+// by zero(tid) (what the std::vectors it replaces held when constructed).
+template <typename T>
+struct Scratch {
+  std::vector<size_t> off;  // part k of a share starts at off[k]; off.back() = the share's size
+  std::unique_ptr<T[]> buf;
+  Scratch(int nt, std::initializer_list<size_t> sizes) : off{0} {
+    for (size_t s : sizes) off.push_back(off.back() + s);
+    buf.reset(new T[size_t(nt) * off.back()]);
+  }
+  T* of(int tid, int k) const { return buf.get() + size_t(tid) * off.back() + off[k]; }
+  void zero(int tid) const { std::fill(of(tid, 0), of(tid, 0) + off.back(), T(0)); }
+};
+
 // 1 / max(||a_i||, eps), or 1; fp64 accumulation (O(rows·d), off the hot path).
 template <typename T>
 void inv_norms(const T* a, int64_t rows, int64_t d, int64_t ld, bool normalize, T eps, T* out,
@@ -326,21 +343,23 @@ void fwd_impl(const T* x, const T* y, int64_t n, int64_t m, int64_t d, int64_t l
   // softmax, sums for the sigmoid.
   std::vector<Col> cmax(LOSS == kSoftmax ? size_t(nt) * mp : 0, Col(ninf));
   std::vector<Col> csum(size_t(nt) * mp, Col(0));
+  const Scratch<T> sc(nt, {size_t(bm) * BN, size_t(K.mr) * d, size_t(BN)});
+  const Scratch<Row> sr(nt, {size_t(bm), size_t(bm)});
 #pragma omp parallel num_threads(nt)
   {
     const int tid = omp_get_thread_num();
-    std::vector<T> S(size_t(bm) * BN), xs(size_t(K.mr) * d), tmp(BN);
-    std::vector<Row> rm(bm), rs(bm);
+    sc.zero(tid);
+    T *S = sc.of(tid, 0), *xs = sc.of(tid, 1), *tmp = sc.of(tid, 2);
+    Row *rm = sr.of(tid, 0), *rs = sr.of(tid, 1);
     Col* cm = LOSS == kSoftmax ? cmax.data() + size_t(tid) * mp : nullptr;
     Col* cs = csum.data() + size_t(tid) * mp;
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < nblk; ++b) {
       const int64_t i0 = b * bm, iv = std::min(bm, n - i0);
-      std::fill(rm.begin(), rm.end(), Row(ninf));
-      std::fill(rs.begin(), rs.end(), Row(0));
+      std::fill(rm, rm + bm, Row(ninf));
+      std::fill(rs, rs + bm, Row(0));
       for (int64_t j0 = 0; j0 < m; j0 += BN)
-        tile(t, i0, iv, j0, std::min(BN, m - j0), S.data(), xs.data(), rm.data(), rs.data(), cm,
-             cs, tmp.data());
+        tile(t, i0, iv, j0, std::min(BN, m - j0), S, xs, rm, rs, cm, cs, tmp);
       // The log-sum-exp in double: m exact, log(s) small, the sum exact to T's precision.
       for (int64_t r = 0; r < iv; ++r)
         row[i0 + r] = LOSS == kSoftmax ? double(rm[r]) + std::log(double(rs[r])) : double(rs[r]);
@@ -409,36 +428,42 @@ ParamGrads bwd_impl(const T* x, const T* y, int64_t n, int64_t m, int64_t d, int
   const int64_t W = std::min(mp, std::max(BN, budget / per_col / BN * BN));
   // Rows of a thread's buffer: a chunk's columns rounded up to the register tile (the
   // micro-kernel writes whole MR-row slivers), not to BN: at m = 32 that is 36 rows, not 192.
-  // Left uninitialised here: each thread zeroes its own part per chunk (first touch).
+  // Left uninitialised here: each thread zeroes its own part per chunk (first touch), and
+  // the parts of threads the team lacks: OpenMP may run fewer threads than asked
+  // (OMP_DYNAMIC on a busy machine, OMP_THREAD_LIMIT, a call from inside a parallel
+  // region), and the fixed-order sum below reads all nt parts.
   const int64_t R = round_up(std::min(W, m), K.mr);
   std::unique_ptr<T[]> dyb(new T[size_t(nt) * R * dp]);
   std::vector<ParamGrads> gl(nt, ParamGrads{0.0, 0.0});
+  const Scratch<T> sc(nt, {size_t(bm) * BN, size_t(bm) * dp, size_t(K.mr) * d,
+                           size_t(bm + BN) * K.nr, size_t(BN)});
   for (int64_t c0 = 0; c0 < m; c0 += W) {
     const int64_t c1 = std::min(m, c0 + W);
 #pragma omp parallel num_threads(nt)
     {
-      const int tid = omp_get_thread_num();
+      const int tid = omp_get_thread_num(), team = omp_get_num_threads();
       T* myb = dyb.get() + size_t(tid) * R * dp;
-      std::fill(myb, myb + size_t(R) * dp, T(0));
-      std::vector<T> S(size_t(bm) * BN), dxa(size_t(bm) * dp), xs(size_t(K.mr) * d),
-          bs(size_t(bm + BN) * K.nr), tmp(BN);
+      for (int q = tid; q < nt; q += team)
+        std::fill(dyb.get() + size_t(q) * R * dp, dyb.get() + size_t(q + 1) * R * dp, T(0));
+      sc.zero(tid);
+      T *S = sc.of(tid, 0), *dxa = sc.of(tid, 1), *xs = sc.of(tid, 2), *bs = sc.of(tid, 3),
+        *tmp = sc.of(tid, 4);
       double* cs = STATS ? csum.data() + size_t(tid) * mp : nullptr;
       ParamGrads acc{0.0, 0.0};
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < nblk; ++b) {
         const int64_t i0 = b * bm, iv = std::min(bm, n - i0);
-        std::fill(dxa.begin(), dxa.end(), T(0));
+        std::fill(dxa, dxa + size_t(bm) * dp, T(0));
         double* rs = STATS ? rsum.data() + i0 : nullptr;
         for (int64_t j0 = c0; j0 < c1; j0 += BN) {
-          const ParamGrads g = tile(t, i0, iv, j0, std::min(BN, c1 - j0), S.data(), xs.data(),
-                                    dxa.data(), myb + (j0 - c0) * dp, bs.data(), rs, cs,
-                                    tmp.data());
+          const ParamGrads g = tile(t, i0, iv, j0, std::min(BN, c1 - j0), S, xs, dxa,
+                                    myb + (j0 - c0) * dp, bs, rs, cs, tmp);
           acc.gu += g.gu;
           acc.g += g.g;
         }
         for (int64_t r = 0; r < iv; ++r) {
           T* o = dx + (i0 + r) * d;
-          const T* a = dxa.data() + r * dp;
+          const T* a = dxa + r * dp;
           if (c0 == 0) std::copy(a, a + d, o);
           else for (int64_t k = 0; k < d; ++k) o[k] += a[k];
         }

@@ -538,15 +538,17 @@ __global__ void inv_norm_kernel(const T* __restrict__ a, int64_t rows, int d, in
     if (lane == 0) out[r] = 1.f;
     return;
   }
+  // The sum of squares in double: in fp32 it overflows for norms above ~1.8e19, rho became
+  // 0 and every logit of the row 0 (a finite, wrong loss). O(rows·d): off the hot path.
   const T* p = a + r * ld;
-  float ss = 0.f;
+  double ss = 0.0;
   for (int k = lane; k < d; k += 32) {
-    const float v = to_f(p[k]);
-    ss = fmaf(v, v, ss);
+    const double v = double(to_f(p[k]));
+    ss = fma(v, v, ss);
   }
 #pragma unroll
   for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-  if (lane == 0) out[r] = 1.f / fmaxf(sqrtf(ss), eps);
+  if (lane == 0) out[r] = float(1.0 / fmax(sqrt(ss), double(eps)));
 }
 
 template <typename T>

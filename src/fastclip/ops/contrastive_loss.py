@@ -83,7 +83,9 @@ def contrastive_loss_bwd(x: Tensor, y: Tensor, params: Tensor, loss: str, normal
 @contrastive_loss_bwd.register_fake
 def _(x, y, params, loss, normalize, eps, pos_offset, backend, row, col, grad_row, grad_col,
       grad_pos):
-    return torch.empty_like(x), torch.empty_like(y), params.new_empty(params.shape)
+    # new_empty, not empty_like: the kernels return contiguous gradients whatever the strides
+    # of x and y (empty_like would keep a transposed input's strides).
+    return x.new_empty(x.shape), y.new_empty(y.shape), params.new_empty(params.shape)
 
 
 @torch.library.custom_op("fastclip::contrastive_loss_fwd_bwd", mutates_args=())
@@ -102,7 +104,7 @@ def contrastive_loss_fwd_bwd(x: Tensor, y: Tensor, params: Tensor, loss: str, no
 def _(x, y, params, loss, normalize, eps, pos_offset, backend, grad_row, grad_col, grad_pos):
     st = STAT_DTYPE
     return (x.new_empty((x.shape[0],), dtype=st), y.new_empty((y.shape[0],), dtype=st),
-            x.new_empty((x.shape[0],), dtype=st), torch.empty_like(x), torch.empty_like(y),
+            x.new_empty((x.shape[0],), dtype=st), x.new_empty(x.shape), y.new_empty(y.shape),
             params.new_empty(params.shape))
 
 

@@ -176,6 +176,19 @@ def row_stride(t: torch.Tensor) -> int:
     return t.stride(0) if t.shape[0] > 1 else t.shape[1]
 
 
+def tf32_matmul() -> bool:
+    """Whether float32 matrix products may use TF32, as torch.matmul decides it now. torch >=
+    2.9 keeps one setting that both of its APIs write (``allow_tf32 = True`` and
+    ``set_float32_matmul_precision("high")`` make it "tf32", so does ``fp32_precision =
+    "tf32"`` on ``torch.backends`` or ``torch.backends.cuda.matmul``); reading the legacy
+    ``allow_tf32`` after the new API was used raises, so it is read only where the new
+    setting does not exist."""
+    flags = torch.backends.cuda.matmul
+    if hasattr(flags, "fp32_precision"):
+        return flags.fp32_precision == "tf32"
+    return bool(flags.allow_tf32)
+
+
 def _dtype_names(dtypes) -> str:
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 

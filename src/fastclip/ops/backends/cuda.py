@@ -11,9 +11,10 @@ Statistics and ``pos`` are float64 (as their upstream gradients), ``dparams`` fl
 ``dx``/``dy`` have the input dtype.
 
 Precision: float16/bfloat16 products run on tensor cores (mma.sync m16n8k16, fp32
-accumulate). float32 inputs run as exact fp32 FFMA unless
-``torch.backends.cuda.matmul.allow_tf32`` is True, in which case the tile products use
-TF32 tensor cores (m16n8k8), mirroring what ``torch.matmul`` would do under the same flag.
+accumulate). float32 inputs run as exact fp32 FFMA unless torch lets float32 matrix
+products use TF32 (``allow_tf32 = True``, ``fp32_precision = "tf32"`` or
+``set_float32_matmul_precision("high")``: ``tf32_matmul`` in the registry), in which case the
+tile products use TF32 tensor cores (m16n8k8), mirroring what ``torch.matmul`` would do.
 
 Work: the forward is one product per tile (2nmD FLOP); the backward, and the one-pass
 forward+backward, three (6nmD), nothing recomputed. Deterministic: no atomics on values;
@@ -34,7 +35,7 @@ from torch import Tensor
 
 from ..._ext import extension, extension_error
 from ..losses import STAT_DTYPE
-from . import Backend, register_backend, row_stride
+from . import Backend, register_backend, row_stride, tf32_matmul
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _STATUS: tuple[bool, str] | None = None
@@ -71,7 +72,7 @@ def _head(spec, x: Tensor, y: Tensor, params: Tensor, normalize: bool, eps: floa
         p = p.to(torch.float32).contiguous()
     n, d = x.shape
     return (spec.code, x.data_ptr(), y.data_ptr(), n, y.shape[0], d, row_stride(x),
-            row_stride(y), _DTYPE_CODE[x.dtype], bool(torch.backends.cuda.matmul.allow_tf32),
+            row_stride(y), _DTYPE_CODE[x.dtype], x.dtype == torch.float32 and tf32_matmul(),
             p.data_ptr(), p.numel(), bool(normalize), float(eps), int(pos_offset)), p
 
 

@@ -85,9 +85,10 @@ FlashAttention does with P). For fp16, whose normal range is 6e-5 .. 65504, W is
 scaled by a power of two that brings its bound to 2^14 (computed on the device from the
 upstream gradients and the norms: no host sync) and the accumulator unscaled after:
 |G| ~ 1/N otherwise falls below fp16's range at large N and flushes to zero. fp32 inputs use
-TF32 only when ``torch.backends.cuda.matmul.allow_tf32`` is True at call time, IEEE fp32
-otherwise. The scale and the bias are read from the parameter
-tensor on the device inside the kernels (no host sync). Every log-sum-exp uses a running
+TF32 only when torch lets float32 matrix products use it at call time (``tf32_matmul`` in
+fastclip/ops/backends/__init__.py: ``allow_tf32``, ``fp32_precision``), IEEE fp32
+otherwise. The scale and the bias are read from the parameter tensor on the device inside
+the kernels (no host sync). Every log-sum-exp uses a running
 maximum (no fixed shift) and softplus is max(t, 0) + log1p(exp(-|t|)) (exp of a
 non-positive argument: no overflow at any |z|; log1p by a series accurate for tiny
 arguments), so any scale, bias and cosine range is exact.
@@ -231,13 +232,16 @@ def _inv_norm_kernel(x_ptr, sx, n, D, eps, out_ptr,
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < n
     r64 = rows.to(tl.int64)
-    ss = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    # The sum of squares in float64: in fp32 it overflows for norms above ~1.8e19, rho became 0
+    # and the row's logits 0 (a finite, wrong loss). O(n·D): off the hot path.
+    ss = tl.zeros((BLOCK_R,), dtype=tl.float64)
     for k0 in range(0, D, BLOCK_D):
         ks = k0 + tl.arange(0, BLOCK_D)
         v = tl.load(x_ptr + r64[:, None] * sx + ks[None, :],
-                    mask=rmask[:, None] & (ks < D)[None, :], other=0.0).to(tl.float32)
+                    mask=rmask[:, None] & (ks < D)[None, :], other=0.0).to(tl.float64)
         ss += tl.sum(v * v, 1)
-    tl.store(out_ptr + rows, 1.0 / tl.maximum(tl.sqrt(ss), eps), mask=rmask)
+    inv = 1.0 / tl.maximum(tl.sqrt(ss), eps)
+    tl.store(out_ptr + rows, inv.to(tl.float32), mask=rmask)
 
 
 @triton.jit
@@ -647,7 +651,8 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 
 def _precision(dtype: torch.dtype) -> str:
     # Read at every call, as torch.matmul does; only meaningful for fp32 operands.
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    from ..backends import tf32_matmul  # noqa: PLC0415  (the registry imports this module lazily)
+    if dtype == torch.float32 and tf32_matmul():
         return "tf32"
     return "ieee"
 

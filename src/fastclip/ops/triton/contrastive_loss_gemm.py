@@ -37,7 +37,7 @@ Precision: the logits, G and every statistic as in the fused kernels (fp32 tiles
 sums of per-tile fp32 partials). Ĝ is rounded to the input dtype for the GEMMs, as the
 fused kernels round their W tile; the GEMMs accumulate in fp32 (bf16/fp16 inputs: an fp32
 output, ``torch.mm(..., out_dtype=torch.float32)``; fp32: IEEE or TF32 by
-``torch.backends.cuda.matmul.allow_tf32``, as the Triton tiles). fp16 scales Ĝ by a power
+torch's TF32 setting, as the Triton tiles). fp16 scales Ĝ by a power
 of two so that max|Ĝ| <= 2^14 (|G| ~ 1/N would otherwise fall below fp16's normal range
 at large N), the GEMM results unscaled in fp32. dY sums its chunks in fp32 in two levels
 (groups of _GROUP chunks for fp32 inputs).
