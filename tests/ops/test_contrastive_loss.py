@@ -588,6 +588,20 @@ def test_extreme_row_norms_never_give_a_finite_wrong_loss(loss, backend, size, d
 
 
 @pytest.mark.parametrize("loss,backend", FP32)
+def test_positive_offsets_far_outside_the_block(loss, backend):
+    """Offsets near or beyond the int64 range mean "no positive" like any offset past the block
+    (they overflowed the kernels' i + offset, or were a TypeError in the binding)."""
+    dev = _setup(loss, backend)
+    x, y = embeddings("random", 5, 8, gen=torch.Generator().manual_seed(2))
+    x, y = x.to(dev), y.to(dev)
+    params = default_params(loss)
+    for far, near in ((2 ** 63 - 1, 5), (2 ** 70, 5), (-2 ** 63, -5), (-2 ** 70, -5)):
+        a = fastclip.ops.fused_loss(loss, x, y, params, normalize=True, backend=backend, pos_offset=far)
+        b = fastclip.ops.fused_loss(loss, x, y, params, normalize=True, backend=backend, pos_offset=near)
+        assert torch.equal(a, b), (far, a, b)
+
+
+@pytest.mark.parametrize("loss,backend", FP32)
 @pytest.mark.parametrize("pos_offset", (3, 12))
 def test_positive_offset(loss, backend, pos_offset):
     # fused_loss(pos_offset=k): row i's positive is column i + k; k >= N: every pair a

@@ -478,6 +478,9 @@ def fused_loss(loss: str, image_features: Tensor, text_features: Tensor, params,
     be = select_backend(backend, image_features.device, image_features.dtype, spec.name)
     x, y = kernel_layout(image_features), kernel_layout(text_features)
     normalize, eps, pos_offset = bool(normalize), float(eps), int(pos_offset)
+    # Any offset beyond the block means "no positive in any row": clamped to the nearest such
+    # value, so that i + pos_offset never overflows the kernels' 64-bit index (|offset| ~ 2^63).
+    pos_offset = max(-x.shape[0], min(y.shape[0], pos_offset))
     if spec.one_pass and torch.is_grad_enabled() and (x.requires_grad or y.requires_grad
                                                        or p.requires_grad):
         return _apply(_OnePassLoss, _OnePassLossFast, x, y, p, spec, be, normalize, eps,

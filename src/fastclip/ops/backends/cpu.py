@@ -6,8 +6,10 @@ float32 and float64 run natively; float16 and bfloat16 are upcast to float32 her
 Threads: ``torch.get_num_threads()`` OpenMP threads with a static schedule, so a fixed
 thread count gives bit-identical results. The kernel picks its instruction set at run
 time (AVX-512, AVX2+FMA, or a generic 128-bit build); ``FASTCLIP_CPU_ISA=avx2|generic``
-forces a lesser one (tests, comparisons). Extra memory: O((n+m)·D) plus at most 64 MB of
-per-thread dY buffers (``FASTCLIP_CPU_DY_BUDGET`` bytes overrides it); nothing n×m.
+forces a lesser one (tests, comparisons). Extra memory: O((n+m)·D) plus the per-thread dY
+buffers, 64 MB (``FASTCLIP_CPU_DY_BUDGET`` bytes overrides it) or, where one 192-column
+chunk per thread is already more, threads × 192 × D elements (201 MB at 64 threads, D =
+4096, fp32); nothing n×m.
 """
 
 from __future__ import annotations
