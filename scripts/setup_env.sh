@@ -2,8 +2,10 @@
 # Sets up everything fastclip needs on a fresh machine, idempotently:
 #   - a virtual environment (.venv, or $FASTCLIP_VENV) that also sees system packages,
 #     so a torch already installed (e.g. a CUDA build on a GPU box) is reused;
-#   - torch==2.13.0 only when no torch is importable (never an unpinned torch, which
-#     would pull a multi-GB CUDA build onto a CPU machine);
+#   - torch==2.13.0 only when no torch is importable: a wheel pip finds without an index
+#     (its find-links or cache) first; else, on a machine without an NVIDIA GPU, the CPU
+#     build from PyTorch's CPU index (the package index's default torch, pinned or not, is
+#     the multi-GB CUDA build), and the default build where there is a GPU;
 #   - fastclip itself (the distribution fastclip-fused), editable, with its compiled
 #     extension (rebuilt only when csrc/, CMakeLists.txt or pyproject.toml change), with
 #     torch pinned to the one found, so that pip never replaces it (fastclip declares
@@ -25,9 +27,17 @@ fi
 PY="$VENV/bin/python"
 pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 
+TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 if ! "$PY" -c "import torch" 2>/dev/null; then
-  echo "[setup] no importable torch: installing torch==2.13.0"
-  pip_install torch==2.13.0
+  if pip_install --no-index torch==2.13.0 2>/dev/null; then
+    echo "[setup] no importable torch: installed torch==2.13.0 from pip's local wheels"
+  elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "[setup] no importable torch: installing torch==2.13.0 (CUDA build: this machine has an NVIDIA GPU)"
+    pip_install torch==2.13.0
+  else
+    echo "[setup] no importable torch: installing torch==2.13.0 (CPU build, from $TORCH_CPU_INDEX)"
+    pip_install --index-url "$TORCH_CPU_INDEX" torch==2.13.0
+  fi
 fi
 
 torch_version=$("$PY" -c "import torch; print(torch.__version__)")

@@ -9,8 +9,9 @@
 # Environment:
 #   PYTHON=python3               interpreter (must match the wheel's cpXY tag)
 #   FASTCLIP_TEST_TORCH=torch==2.13.0
-#   FASTCLIP_TORCH_INDEX=URL     index to take torch from (e.g. PyTorch's CPU index);
-#                                default: pip's configuration
+#   FASTCLIP_TORCH_INDEX=URL     index to take torch from; default: a wheel pip finds without
+#                                an index (find-links, cache), else PyTorch's CPU index (the
+#                                package index's default torch is the multi-GB CUDA build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,8 +35,15 @@ echo "[wheel-test] fresh venv $venv ($("$PYTHON" --version))"
 PY=$venv/bin/python
 pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 
-echo "[wheel-test] installing $TORCH first${FASTCLIP_TORCH_INDEX:+ from $FASTCLIP_TORCH_INDEX}"
-pip_install ${FASTCLIP_TORCH_INDEX:+--index-url "$FASTCLIP_TORCH_INDEX"} "$TORCH"
+if [[ -n "${FASTCLIP_TORCH_INDEX:-}" ]]; then
+  echo "[wheel-test] installing $TORCH first from $FASTCLIP_TORCH_INDEX"
+  pip_install --index-url "$FASTCLIP_TORCH_INDEX" "$TORCH"
+elif pip_install --no-index "$TORCH" 2>/dev/null; then
+  echo "[wheel-test] installed $TORCH first, from pip's local wheels"
+else
+  echo "[wheel-test] installing $TORCH first (CPU build, from https://download.pytorch.org/whl/cpu)"
+  pip_install --index-url https://download.pytorch.org/whl/cpu "$TORCH"
+fi
 torch_version=$("$PY" -c "import importlib.metadata as m; print(m.version('torch'))")
 echo "torch==$torch_version" > "$venv/torch-constraint.txt"
 

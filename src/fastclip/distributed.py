@@ -14,8 +14,9 @@ Two forms, same numbers:
 
 * ``dist_impl="gather"``: ``Y`` is all-gathered once (no autograd), rank k runs one block
   ``X_k × Y_all``; its row statistics are complete, its column statistics are partial and
-  are merged across ranks by an all-reduce (for a log-sum-exp: MAX, then SUM of the
-  rescaled sums). The column gradient goes home with one reduce-scatter. Memory O(N·D)
+  are merged across ranks by an all-reduce (for a log-sum-exp: one SUM of the sums shifted
+  by a bound of the logits known to every rank, with a MAX first only when that bound
+  exceeds what the shift can take). The column gradient goes home with one reduce-scatter. Memory O(N·D)
   per rank. On the steady state (the same sizes and configuration as the previous call)
   the ranks' metadata travels inside the all-gather of ``Y``: no extra collective.
 * ``dist_impl="ring"``: the ``Y`` blocks travel around the ring while ``X_k`` stays. A
@@ -777,8 +778,9 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *,
             ``expected_world_size``; the ranks disagree on D, dtype, normalize, eps,
             dist_impl, backend or logit_scale; some rank's inputs are invalid; or the
             group's backend cannot carry tensors of the features' device.
-        ValueError / TypeError (before any collective): a bad ``dist_impl``, ``eps`` or
-            ``normalize`` (configuration, the same on every rank).
+        ValueError / TypeError: a bad ``dist_impl``, ``eps`` or ``normalize`` when no
+            process group is initialised (with a group these reach every rank through the
+            metadata exchange and raise ``DistributedLossError`` there, naming the rank).
     """
     return fused_loss("clip", image_features, text_features, (logit_scale,),
                             normalize=normalize, backend=backend, process_group=process_group,

@@ -108,7 +108,8 @@ class ClipLoss(_FusedLoss):
         dist_impl: "gather" (default) or "ring" when ``world_size > 1``.
 
     forward(image_features [N, D], text_features [N, D], logit_scale, logit_bias=None,
-    output_dict=False) -> 0-dim float32 loss, or ``{"contrastive_loss": loss}``.
+    output_dict=False) -> 0-dim float32 loss (float64 for float64 features), or
+    ``{"contrastive_loss": loss}``.
     ``logit_bias`` (a constant added to every logit) cancels in both softmaxes: the
     value is unchanged and its gradient is zero, as in open_clip.
     """
@@ -199,8 +200,9 @@ class SigLipLoss(_FusedLoss):
         backend: kernel backend, "auto" by default.
 
     forward(image_features [N, D], text_features [N, D], logit_scale, logit_bias,
-    output_dict=False) -> 0-dim float32 loss ``(1/N) Σ_ij softplus(-l_ij (s·<x_i, y_j> + b))``,
-    or ``{"contrastive_loss": loss}``. ``logit_bias=None`` means no bias.
+    output_dict=False) -> 0-dim float32 loss (float64 for float64 features)
+    ``(1/N) Σ_ij softplus(-l_ij (s·<x_i, y_j> + b))``, or ``{"contrastive_loss": loss}``.
+    ``logit_bias=None`` means no bias.
 
     With ``world_size > 1`` every rank gets the full-batch loss, normalised by the global
     N, and the gradient contract of :func:`fastclip.distributed.clip_loss` (after DDP's

@@ -47,6 +47,20 @@ def test_run_folder_reproduces_the_runs_own_zero_shot_numbers(siglip_run, capsys
     assert json.load(open(out_json))["config"]["init_logit_bias"] is not None   # the sigmoid model's bias
 
 
+def test_unset_flags_take_the_runs_values(siglip_run, capsys, tmp_path):
+    """Without --seed/--batch-size/--demo-eval-samples a run is evaluated as it evaluated itself
+    (its config.json: 32 held-out images here, not the default 480); explicit flags win."""
+    out_json = str(tmp_path / "m.json")
+    code, out, _ = _eval(capsys, os.path.join(siglip_run, "model.safetensors"), "--output", out_json)
+    assert code == 0
+    assert "config.json: seed 0, batch-size 88, demo-eval-samples 32" in out
+    final = json.load(open(os.path.join(siglip_run, "metrics.json")))
+    m = json.load(open(out_json))["metrics"]
+    assert m["zeroshot/shape/top1"] == pytest.approx(final["zero_shot_shape_top1"], abs=1 / 32 + 1e-9)
+    code, out, _ = _eval(capsys, siglip_run, "--seed", "5", "--batch-size", "7", "--demo-eval-samples", "12")
+    assert code == 0 and "config.json" not in out
+
+
 def test_every_kind_of_model_file_loads_the_same_weights(siglip_run, tmp_path):
     """Run folder, model.safetensors, a training checkpoint (rebuilt from its saved run config),
     a folder holding only checkpoints (the newest), and an OpenAI-layout state dict."""

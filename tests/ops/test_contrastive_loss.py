@@ -445,6 +445,22 @@ def test_torch_compile_in_a_fresh_process():
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
 
+def test_backend_resolution_is_marked_constant_as_the_public_decorator_marks_it():
+    """The op marks its backend resolution for torch.compile by hand (the public decorator
+    imports torch._dynamo, 1.5 s, at `import fastclip`): the decorator must still mark a
+    function exactly so, and `import fastclip` must not import torch._dynamo."""
+    def f():
+        return 1
+    before = set(vars(f))
+    assert torch.compiler.assume_constant_result(f) is f
+    added = {k: v for k, v in vars(f).items() if k not in before}
+    assert added == {"_dynamo_marked_constant": True}
+    assert op._resolved_name._dynamo_marked_constant is True
+    r = subprocess.run([sys.executable, "-c", "import sys, fastclip; print('torch._dynamo' in sys.modules)"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+
+
 @pytest.mark.parametrize("loss,backend", FP32)
 def test_deterministic(loss, backend):
     dev = _setup(loss, backend)

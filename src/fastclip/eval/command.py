@@ -17,7 +17,7 @@ import contextlib
 import json
 import os
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..cli import _positive_int, _seed, _separator, backend_problem, device_problem
 from ..train.config import PRECISIONS, TrainConfig
@@ -48,19 +48,23 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shapes", action="store_true",
                    help="the demo's zero-shot tasks: shape and colour of the built-in shapes of held-out "
                         "(colour, shape) pairs (the numbers fastclip train's demo reports, for the same --seed)")
-    g.add_argument("--demo-eval-samples", type=_positive_int, default=_D.demo_eval_samples,
-                   help="images drawn for --shapes")
+    g.add_argument("--demo-eval-samples", type=_positive_int, default=None,
+                   help=f"images drawn for --shapes (default: the run's, else {_D.demo_eval_samples})")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--batch-size", type=_positive_int, default=256, help="images per forward")
+    g.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="images per forward, and the batches --val-data's loss is computed within (a "
+                        "contrastive loss depends on its batch size); default: the run's per-rank --batch-size "
+                        "when MODEL is a fastclip train run, else 256")
     g.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32, or bf16/fp16 autocast on a GPU (bf16 autocast on a CPU)")
     g.add_argument("--loss", choices=["auto", "clip", "siglip"], default="auto",
                    help="the loss of --val-data's val loss (auto: siglip for a model with a logit_bias, else clip)")
     g.add_argument("--loss-backend", default="auto", help="fastclip kernel backend of the val loss")
     g.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
-    g.add_argument("--seed", type=_seed, default=_D.seed,
-                   help="the run's seed: --shapes draws that run's held-out images; the probe's validation split")
+    g.add_argument("--seed", type=_seed, default=None,
+                   help="--shapes draws the held-out images of the run with this seed; the probe's validation "
+                        f"split (default: the run's, else {_D.seed})")
     g.add_argument("--output", default=None, help="also write the metrics to this JSON file")
     g.add_argument("--allow-torchscript-code", action="store_true",
                    help="read an OpenAI TorchScript archive with torch.jit.load, which RUNS the code stored in "
@@ -110,6 +114,44 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"--output {args.output!r}: its folder {parent!r} is not writable")
 
 
+RUN_DEFAULTS = {"seed": _D.seed, "batch_size": 256, "demo_eval_samples": _D.demo_eval_samples}
+
+
+def run_config(model_path: str) -> Tuple[Optional[str], Dict[str, Any]]:
+    """The training configuration of the ``fastclip train`` run that ``model_path`` belongs to
+    (its folder, its ``model.safetensors`` or one of its checkpoints): ``(config.json path,
+    its "train" entries)``, or ``(None, {})`` when there is none or it does not parse."""
+    p = os.path.abspath(model_path)
+    folder = p if os.path.isdir(p) else os.path.dirname(p)
+    for d in (folder, os.path.dirname(folder)) if os.path.basename(folder) == "checkpoints" else (folder,):
+        path = os.path.join(d, "config.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                train = json.load(f).get("train")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(train, dict):
+            return path, train
+    return None, {}
+
+
+def _fill_defaults(args: argparse.Namespace, log) -> None:
+    """Flags left unset take the run's values (so that `fastclip eval RUN` reproduces what the
+    run reported), else RUN_DEFAULTS."""
+    path, train = run_config(args.model)
+    taken = []
+    for name, fallback in RUN_DEFAULTS.items():
+        if getattr(args, name) is not None:
+            continue
+        value = train.get(name)
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= (0 if name == "seed" else 1)
+        setattr(args, name, value if ok else fallback)
+        if ok:
+            taken.append(f"{name.replace('_', '-')} {value}")
+    if taken:
+        log(f"from {path}: " + ", ".join(taken))
+
+
 def _autocast(device, precision: str):
     import torch
     if precision == "fp32":
@@ -128,6 +170,7 @@ def evaluate(args: argparse.Namespace, log=print) -> Dict[str, Any]:
     from .evaluate import format_metrics, load_model, probe_metrics, val_metrics, zeroshot_metrics
     if args.threads:
         torch.set_num_threads(args.threads)
+    _fill_defaults(args, log)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.precision == "fp16" and device.type == "cpu":
         raise ValueError("--precision fp16: autocast to fp16 needs a GPU; use bf16 or fp32 on a CPU")
@@ -202,6 +245,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # stdout closed early (`fastclip eval RUN | head`): no traceback; Python's own flush at
+        # exit would raise again, so stdout goes to /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (DataError, ValueError, FileNotFoundError) as e:
         # The user's files (or a flag that only the loaded model can judge): one line.
         print(f"fastclip eval: error: {' '.join(str(e).split())}", file=sys.stderr)
