@@ -29,8 +29,11 @@ pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@" 2> >(gr
 
 TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 if ! "$PY" -c "import torch" 2>/dev/null; then
-  if pip_install --no-index torch==2.13.0 2>/dev/null; then
+  # A torch wheel pip has without an index (find-links, cache) first, then its requirements
+  # from pip's configured indexes (torch itself is then installed: nothing else is tried).
+  if pip_install --no-index --no-deps torch==2.13.0 2>/dev/null; then
     echo "[setup] no importable torch: installed torch==2.13.0 from pip's local wheels"
+    pip_install torch==2.13.0
   elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "[setup] no importable torch: installing torch==2.13.0 (CUDA build: this machine has an NVIDIA GPU)"
     pip_install torch==2.13.0

@@ -38,8 +38,9 @@ pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@" 2> >(gr
 if [[ -n "${FASTCLIP_TORCH_INDEX:-}" ]]; then
   echo "[wheel-test] installing $TORCH first from $FASTCLIP_TORCH_INDEX"
   pip_install --index-url "$FASTCLIP_TORCH_INDEX" "$TORCH"
-elif pip_install --no-index "$TORCH" 2>/dev/null; then
+elif pip_install --no-index --no-deps "$TORCH" 2>/dev/null; then
   echo "[wheel-test] installed $TORCH first, from pip's local wheels"
+  pip_install "$TORCH"      # its requirements, from pip's configured indexes
 else
   echo "[wheel-test] installing $TORCH first (CPU build, from https://download.pytorch.org/whl/cpu)"
   pip_install --index-url https://download.pytorch.org/whl/cpu "$TORCH"
