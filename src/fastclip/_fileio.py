@@ -41,7 +41,15 @@ def default_file_mode() -> int:
 def atomic_write(path: str, write: Callable[[str], None], suffix: str = "") -> None:
     """Write ``path`` atomically: ``write(tmp_path)`` fills a temporary file named
     ``.tmp-*<suffix>`` in the same folder (created if needed), which is then fsync'ed, given the
-    umask's mode and renamed to ``path``. The temporary file is removed if anything fails."""
+    umask's mode and renamed to ``path``. The temporary file is removed if anything fails.
+
+    A symbolic link is followed (its target is replaced, the link stays), and a path that
+    exists but is not a regular file (``/dev/null``, a FIFO) is written in place, as
+    ``open(path, "w")`` would: a rename would replace the device node or the link itself."""
+    path = os.path.realpath(path)
+    if os.path.exists(path) and not os.path.isfile(path):
+        write(path)
+        return
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix, dir=d)

@@ -28,9 +28,13 @@ def siglip_run(tmp_path_factory):
 
 
 def _eval(capsys, *args):
-    code = eval_main([*args, "--threads", "1"])
+    """(exit status, stdout, the last stderr line): argument errors exit through argparse."""
+    try:
+        code = eval_main([*args, "--threads", "1"])
+    except SystemExit as e:
+        code = e.code
     cap = capsys.readouterr()
-    return code, cap.out, cap.err
+    return code, cap.out, (cap.err.strip().splitlines() or [""])[-1] + "\n"
 
 
 def test_run_folder_reproduces_the_runs_own_zero_shot_numbers(siglip_run, capsys, tmp_path):
@@ -53,7 +57,7 @@ def test_unset_flags_take_the_runs_values(siglip_run, capsys, tmp_path):
     out_json = str(tmp_path / "m.json")
     code, out, _ = _eval(capsys, os.path.join(siglip_run, "model.safetensors"), "--output", out_json)
     assert code == 0
-    assert "config.json: seed 0, batch-size 88, demo-eval-samples 32" in out
+    assert "config.json: --batch-size 88, --demo-eval-samples 32" in out
     final = json.load(open(os.path.join(siglip_run, "metrics.json")))
     m = json.load(open(out_json))["metrics"]
     assert m["zeroshot/shape/top1"] == pytest.approx(final["zero_shot_shape_top1"], abs=1 / 32 + 1e-9)
@@ -131,7 +135,7 @@ def test_probe_metrics_and_encode_images_directly():
     assert e.shape == (5, 64) and torch.allclose(e.norm(dim=-1), torch.ones(5), atol=1e-5)
     assert torch.allclose(e, encode_images(model, x, batch_size=5), atol=1e-6)
     y = torch.tensor([0, 1, 0, 1, 0])
-    r = probe_metrics(model, (x, y), (x, y))
+    r = probe_metrics(e, y, e, y)
     assert set(r) == {"probe/top1", "probe/C", "probe/val_top1", "probe/n_train", "probe/n_test"}
 
 
@@ -171,3 +175,108 @@ def test_command_line_entry_point(siglip_run):
                         "--threads", "1"], capture_output=True, text=True, timeout=120, env=env())
     assert r.returncode == 0, r.stderr
     assert "zeroshot/mean_top1" in r.stdout
+
+
+def test_output_never_replaces_a_link_a_fifo_or_an_input(siglip_run, capsys, tmp_path):
+    """--output goes through the file a symbolic link names (the link stays), is written in place
+    into a FIFO (a rename would replace the node: /dev/null became a regular file), and may not
+    be one of the inputs; an unusable --output is refused before the model is loaded."""
+    import threading
+
+    from fastclip._fileio import atomic_write
+    target = tmp_path / "real.json"
+    target.write_text("{}")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    code, _, _ = _eval(capsys, siglip_run, "--output", str(link))
+    assert code == 0 and link.is_symlink() and "metrics" in json.loads(target.read_text())
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo, "rb").read()))
+    reader.start()
+    atomic_write(str(fifo), lambda p: open(p, "w").write("hello"))
+    reader.join(timeout=30)
+    assert got == [b"hello"] and __import__("stat").S_ISFIFO(os.stat(fifo).st_mode)
+    model_file = os.path.join(siglip_run, "model.safetensors")
+    for bad, needle in ((model_file, "one of the inputs"), ("", "expected a file name"),
+                        (str(tmp_path / "no" / "x.json"), "does not exist")):
+        with pytest.raises(SystemExit) as e:
+            eval_main([siglip_run, "--output", bad])
+        assert e.value.code == 2 and needle in capsys.readouterr().err
+    assert load_model(model_file) is not None            # untouched
+
+
+def test_probe_fits_in_fp32_under_autocast():
+    """The probe's logistic regression runs with autocast off: fitted in bf16 it lands at chance."""
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 16, generator=g)
+    y = torch.arange(60) % 3
+    x = centers[y] + 0.1 * torch.randn(60, 16, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = probe_metrics(x, y, x, y)
+    assert r["probe/top1"] == 1.0
+
+
+def test_run_folder_prefers_a_checkpoint_newer_than_its_model_file(siglip_run, tmp_path):
+    """A finished run resumed for more steps and stopped before its end: its model.safetensors is
+    the earlier end's, the newest checkpoint is the newer model."""
+    import shutil
+
+    from fastclip.eval.evaluate import resolve_model_file
+    run = tmp_path / "resumed"
+    shutil.copytree(siglip_run, run)
+    ckpts = sorted((run / "checkpoints").iterdir())
+    model_file = run / "model.safetensors"
+    os.utime(model_file, (1_000_000, 1_000_000))
+    assert resolve_model_file(str(run)) == str(ckpts[-1])
+    os.utime(model_file, None)
+    assert resolve_model_file(str(run)) == str(model_file)
+
+
+def test_models_fastclip_cannot_feed_are_refused(capsys, tmp_path):
+    """A vocabulary smaller than the tokenizer's (a traceback inside the text tower before), and an
+    earlier-format training checkpoint (its model was inferred with the wrong head counts)."""
+    from fastclip.models import create_model, save_checkpoint
+    small = tmp_path / "smallvocab.safetensors"
+    save_checkpoint(create_model("tiny-vit", vocab_size=1000), small)
+    code, _, err = _eval(capsys, str(small))
+    assert code == 2 and "vocab_size 1000" in err and "Traceback" not in err
+    legacy = tmp_path / "step_00000005.pt"
+    torch.save({"step": 5, "model": create_model("tiny-vit").state_dict(), "optimizer": {}, "extra": {}}, legacy)
+    code, _, err = _eval(capsys, str(legacy))
+    assert code == 2 and "convert_legacy_checkpoint" in err
+
+
+def test_a_real_data_runs_own_evaluation_data_is_the_default(tmp_path, capsys):
+    """Without data flags a run that trained on a CSV is evaluated on its own --val-data and
+    --zeroshot-data (with its --val-num-samples), not on the built-in shapes; a FIFO in a class
+    folder is not read; a folder task named like a built-in one gets its own name."""
+    zs = _folder(tmp_path / "color", ["red", "blue"], 3, 0)
+    os.mkfifo(tmp_path / "color" / "red" / "pipe.png")
+    rows = ["filepath,title"] + [f"color/{c}/{i}.png,a {c} square" for c in ("red", "blue") for i in range(3)]
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    out = str(tmp_path / "run")
+    run(["--train-data", str(tmp_path / "data.csv"), "--val-data", str(tmp_path / "data.csv"),
+         "--val-num-samples", "4", "--zeroshot-data", zs, "--batch-size", "3", "--steps", "2", "--output", out])
+    final = json.load(open(os.path.join(out, "metrics.json")))
+    out_json = str(tmp_path / "m.json")
+    code, text, err = _eval(capsys, out, "--output", out_json)
+    assert code == 0, err
+    m = json.load(open(out_json))["metrics"]
+    assert "zeroshot/shape/top1" not in m and m["val/n"] == 4
+    assert m["val/loss"] == pytest.approx(final["val/loss"], rel=1e-5)
+    assert m["zeroshot/color/top1"] == pytest.approx(final["zero_shot_color_top1"])
+    code, _, _ = _eval(capsys, out, "--shapes", "--zeroshot-data", zs, "--output", out_json)
+    m = json.load(open(out_json))["metrics"]
+    assert code == 0 and "zeroshot/color-folder/top1" in m and m["chance/color"] == 1 / 8
+
+
+def test_closed_stdout_keeps_the_json(siglip_run, tmp_path):
+    out_json = tmp_path / "m.json"
+    p = subprocess.Popen([sys.executable, "-m", "fastclip", "eval", siglip_run, "--threads", "1", "--output",
+                          str(out_json)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env())
+    p.stdout.close()                   # as `| head -0` would
+    _, err = p.communicate(timeout=120)
+    assert p.returncode in (0, 141), err
+    assert b"Traceback" not in err and "metrics" in json.loads(out_json.read_text())

@@ -51,8 +51,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.samples: List[Tuple[str, int]] = []
         for k, d in enumerate(subdirs):
             for f in sorted(os.listdir(os.path.join(root, d))):
-                if f.lower().endswith(IMAGE_EXTENSIONS):
-                    self.samples.append((os.path.join(root, d, f), k))
+                path = os.path.join(root, d, f)
+                # Regular files only: opening a FIFO named x.png would wait for a writer forever.
+                if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(path):
+                    self.samples.append((path, k))
         if not self.samples:
             raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}")
         self.transform = transform

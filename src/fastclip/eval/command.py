@@ -19,29 +19,30 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..cli import _positive_int, _seed, _separator, backend_problem, device_problem
+from ..cli import _nonneg_int, _positive_int, _seed, _separator, backend_problem, device_problem
 from ..train.config import PRECISIONS, TrainConfig
 
 _D = TrainConfig()
-DATA_FLAGS = ("zeroshot_data", "val_data", "probe_train", "shapes")
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a fastclip train output folder, a model .safetensors or training checkpoint "
                                  "of fastclip, or an OpenAI checkpoint (e.g. ViT-B-32.pt)")
-    g = p.add_argument_group("data (with none of these: --shapes)")
+    g = p.add_argument_group("data (none given: a fastclip train run's own evaluation data, else --shapes)")
     g.add_argument("--zeroshot-data", default=None, help="zero-shot: folder of class-named image folders")
     g.add_argument("--zeroshot-classes", default=None,
                    help="class names: comma-separated or a file with one per line (default: folder names)")
-    g.add_argument("--zeroshot-templates", choices=["imagenet", "cifar", "simple"], default=_D.zeroshot_templates)
+    g.add_argument("--zeroshot-templates", choices=["imagenet", "cifar", "simple"], default=None,
+                   help=f"prompt templates (default: the run's, else {_D.zeroshot_templates})")
     g.add_argument("--val-data", default=None, help="CSV/TSV or webdataset shards: val loss + retrieval recall")
-    g.add_argument("--val-num-samples", type=_positive_int, default=None, help="cap on validation samples (10k)")
-    g.add_argument("--dataset-type", choices=["auto", "csv", "webdataset"], default="auto",
+    g.add_argument("--val-num-samples", type=_positive_int, default=None,
+                   help="cap on validation samples (default: the run's, else 10k)")
+    g.add_argument("--dataset-type", choices=["auto", "csv", "webdataset"], default=None,
                    help="--val-data's type when its name does not tell")
-    g.add_argument("--csv-img-key", default=_D.csv_img_key)
-    g.add_argument("--csv-caption-key", default=_D.csv_caption_key)
-    g.add_argument("--csv-separator", type=_separator, default=_D.csv_separator,
-                   help="one character; '\\t' is a tab")
+    g.add_argument("--csv-img-key", default=None, help=f"(default: the run's, else {_D.csv_img_key})")
+    g.add_argument("--csv-caption-key", default=None, help=f"(default: the run's, else {_D.csv_caption_key})")
+    g.add_argument("--csv-separator", type=_separator, default=None,
+                   help="one character; '\\t' is a tab (default: the run's, else ',')")
     g.add_argument("--probe-train", default=None,
                    help="linear probe: folder of class-named image folders to fit on (needs --probe-test)")
     g.add_argument("--probe-test", default=None, help="linear probe: folder to score on, same class folders")
@@ -56,12 +57,15 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="images per forward, and the batches --val-data's loss is computed within (a "
                         "contrastive loss depends on its batch size); default: the run's per-rank --batch-size "
                         "when MODEL is a fastclip train run, else 256")
-    g.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="fp32, or bf16/fp16 autocast on a GPU (bf16 autocast on a CPU)")
+    g.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="fp32, or bf16/fp16 autocast on a GPU (bf16 autocast on a CPU) for the encoders; "
+                        "default: the run's, else fp32")
     g.add_argument("--loss", choices=["auto", "clip", "siglip"], default="auto",
                    help="the loss of --val-data's val loss (auto: siglip for a model with a logit_bias, else clip)")
     g.add_argument("--loss-backend", default="auto", help="fastclip kernel backend of the val loss")
     g.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    g.add_argument("--workers", type=_nonneg_int, default=0,
+                   help="DataLoader processes decoding the --zeroshot-data and --probe images")
     g.add_argument("--seed", type=_seed, default=None,
                    help="--shapes draws the held-out images of the run with this seed; the probe's validation "
                         f"split (default: the run's, else {_D.seed})")
@@ -79,49 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Every flag, before the model is loaded: files and folders exist, the device is usable."""
-    from ..train.data import detect_val_type
-    if not os.path.exists(args.model):
-        p.error(f"model {args.model!r}: no such file or folder")
-    for flag, value in (("--zeroshot-data", args.zeroshot_data), ("--probe-train", args.probe_train),
-                        ("--probe-test", args.probe_test)):
-        if value is not None and not os.path.isdir(value):
-            p.error(f"{flag} {value!r}: not a directory")
-    if (args.probe_train is None) != (args.probe_test is None):
-        p.error("--probe-train and --probe-test go together (fit on one folder, score on the other)")
-    if args.val_data is not None:
-        from ..datasets.webdataset import expand_urls
-        try:
-            kind = detect_val_type(args.val_data, args.dataset_type)
-        except ValueError as e:
-            p.error(str(e))
-        if kind == "csv" and not os.path.isfile(args.val_data):
-            p.error(f"--val-data {args.val_data!r}: file not found")
-        if kind == "webdataset" and not expand_urls(args.val_data):
-            p.error(f"--val-data {args.val_data!r}: no tar shard matches")
-    for flag, why in (("--device", device_problem(args.device)),
-                      ("--loss-backend", backend_problem(args.loss_backend))):
-        if why:
-            p.error(f"{flag} {why}")
-    if args.output is not None:
-        parent = os.path.dirname(os.path.abspath(args.output))
-        if os.path.isdir(args.output):
-            p.error(f"--output {args.output!r}: a folder; expected a file name for the JSON metrics")
-        if not os.path.isdir(parent):
-            p.error(f"--output {args.output!r}: its folder {parent!r} does not exist")
-        if not os.access(parent, os.W_OK):
-            p.error(f"--output {args.output!r}: its folder {parent!r} is not writable")
-
-
-RUN_DEFAULTS = {"seed": _D.seed, "batch_size": 256, "demo_eval_samples": _D.demo_eval_samples}
+# Flags a run's config.json fills in when unset, with the value used otherwise.
+RUN_DEFAULTS: Dict[str, Any] = {
+    "seed": _D.seed, "batch_size": 256, "demo_eval_samples": _D.demo_eval_samples, "precision": "fp32",
+    "val_num_samples": None, "zeroshot_templates": _D.zeroshot_templates, "zeroshot_classes": None,
+    "csv_img_key": _D.csv_img_key, "csv_caption_key": _D.csv_caption_key, "csv_separator": _D.csv_separator,
+    "dataset_type": "auto"}
+DATA_FLAGS = ("zeroshot_data", "val_data", "probe_train", "shapes")
 
 
 def run_config(model_path: str) -> Tuple[Optional[str], Dict[str, Any]]:
     """The training configuration of the ``fastclip train`` run that ``model_path`` belongs to
-    (its folder, its ``model.safetensors`` or one of its checkpoints): ``(config.json path,
-    its "train" entries)``, or ``(None, {})`` when there is none or it does not parse."""
-    p = os.path.abspath(model_path)
+    (its folder, its ``model.safetensors`` or one of its checkpoints, symbolic links followed):
+    ``(config.json path, its "train" entries)``, or ``(None, {})`` when there is none or it
+    does not parse."""
+    p = os.path.realpath(model_path)
     folder = p if os.path.isdir(p) else os.path.dirname(p)
     for d in (folder, os.path.dirname(folder)) if os.path.basename(folder) == "checkpoints" else (folder,):
         path = os.path.join(d, "config.json")
@@ -135,21 +111,111 @@ def run_config(model_path: str) -> Tuple[Optional[str], Dict[str, Any]]:
     return None, {}
 
 
-def _fill_defaults(args: argparse.Namespace, log) -> None:
-    """Flags left unset take the run's values (so that `fastclip eval RUN` reproduces what the
-    run reported), else RUN_DEFAULTS."""
+def _valid(name: str, value: Any) -> bool:
+    """Whether a config.json value can stand for the flag ``name`` (a hand-edited file is not trusted)."""
+    if name in ("seed", "batch_size", "demo_eval_samples", "val_num_samples"):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= (0 if name == "seed" else 1)
+    if name == "precision":
+        return value in PRECISIONS
+    if name == "zeroshot_templates":
+        return value in ("imagenet", "cifar", "simple")
+    if name == "dataset_type":
+        return value in ("csv", "webdataset")
+    if name == "csv_separator":
+        return isinstance(value, str) and len(value) == 1
+    return isinstance(value, str) and bool(value)
+
+
+def fill_defaults(args: argparse.Namespace, log=print) -> None:
+    """Flags left unset take the run's values, so that ``fastclip eval RUN`` evaluates as the run
+    evaluated itself; without data flags, the run's own evaluation data (the built-in shapes for
+    a demo run, else its --zeroshot-data/--val-data where they still exist); RUN_DEFAULTS and
+    --shapes otherwise."""
     path, train = run_config(args.model)
     taken = []
     for name, fallback in RUN_DEFAULTS.items():
         if getattr(args, name) is not None:
             continue
         value = train.get(name)
-        ok = isinstance(value, int) and not isinstance(value, bool) and value >= (0 if name == "seed" else 1)
+        ok = _valid(name, value)
         setattr(args, name, value if ok else fallback)
-        if ok:
-            taken.append(f"{name.replace('_', '-')} {value}")
+        if ok and value != fallback:
+            taken.append(f"--{name.replace('_', '-')} {value}")
+    if not any(getattr(args, f) for f in DATA_FLAGS):
+        from ..datasets.webdataset import expand_urls
+        demo = bool(train) and train.get("train_data") is None and train.get("dataset_type") in ("auto", "shapes")
+        for name in ("zeroshot_data", "val_data"):
+            value = train.get(name)
+            if not (isinstance(value, str) and value):
+                continue
+            if os.path.exists(value) or (name == "val_data" and expand_urls(value)):
+                setattr(args, name, value)
+                taken.append(f"--{name.replace('_', '-')} {value}")
+            else:
+                log(f"the run's --{name.replace('_', '-')} {value!r} is not found from here: not evaluated")
+        if demo or not any(getattr(args, f) for f in DATA_FLAGS):
+            args.shapes = True
     if taken:
         log(f"from {path}: " + ", ".join(taken))
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every flag, before the model is loaded: files and folders exist, the device is usable,
+    --output can be written and is none of the inputs."""
+    from ..train.data import detect_val_type
+    from .evaluate import resolve_model_file
+    try:
+        model_file = resolve_model_file(args.model)
+    except ValueError as e:
+        p.error(f"model {e}")
+    for flag, value in (("--zeroshot-data", args.zeroshot_data), ("--probe-train", args.probe_train),
+                        ("--probe-test", args.probe_test)):
+        if value is not None and not os.path.isdir(value):
+            p.error(f"{flag} {value!r}: not a directory")
+    if (args.probe_train is None) != (args.probe_test is None):
+        p.error("--probe-train and --probe-test go together (fit on one folder, score on the other)")
+    if args.zeroshot_classes is not None and os.sep in args.zeroshot_classes and "," not in args.zeroshot_classes \
+            and not os.path.isfile(args.zeroshot_classes):
+        p.error(f"--zeroshot-classes {args.zeroshot_classes!r}: no such file (class names: a file with one per "
+                f"line, or a comma-separated list)")
+    if args.val_data is not None:
+        from ..datasets.webdataset import expand_urls
+        try:
+            kind = detect_val_type(args.val_data, args.dataset_type)
+        except ValueError as e:
+            p.error(str(e).replace("--train-data", "--val-data"))
+        if kind == "csv" and not os.path.isfile(args.val_data):
+            p.error(f"--val-data {args.val_data!r}: " + ("a folder, not a CSV file" if os.path.isdir(args.val_data)
+                                                         else "file not found"))
+        if kind == "webdataset" and not expand_urls(args.val_data):
+            p.error(f"--val-data {args.val_data!r}: no tar shard matches")
+    for flag, why in (("--device", device_problem(args.device)),
+                      ("--loss-backend", backend_problem(args.loss_backend))):
+        if why:
+            p.error(f"{flag} {why}")
+    if args.output is not None:
+        _check_output(p, args.output, [model_file, args.val_data, args.zeroshot_classes])
+
+
+def _check_output(p: argparse.ArgumentParser, output: str, inputs: List[Optional[str]]) -> None:
+    import tempfile
+    if not output:
+        p.error("--output '': expected a file name for the JSON metrics")
+    real = os.path.realpath(output)
+    if os.path.isdir(real):
+        p.error(f"--output {output!r}: a folder; expected a file name for the JSON metrics")
+    if any(i and os.path.exists(i) and os.path.samefile(i, real) for i in inputs if os.path.exists(real)):
+        p.error(f"--output {output!r} is one of the inputs (the model or the data): it would be overwritten")
+    if os.path.exists(real) and not os.path.isfile(real):
+        return                                      # a device or a FIFO: written in place
+    parent = os.path.dirname(real)
+    if not os.path.isdir(parent):
+        p.error(f"--output {output!r}: its folder {parent!r} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        p.error(f"--output {output!r}: cannot write in {parent!r} ({e.strerror or e})")
 
 
 def _autocast(device, precision: str):
@@ -160,101 +226,142 @@ def _autocast(device, precision: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def _task_name(folder: str, taken) -> str:
+    name = os.path.basename(os.path.realpath(folder)) or "zeroshot"
+    return name if name not in taken else f"{name}-folder"
+
+
 def evaluate(args: argparse.Namespace, log=print) -> Dict[str, Any]:
-    """Load ``args.model``, read the data the flags name, and return the metrics (also written to
-    ``args.output`` when set)."""
+    """Load ``args.model``, read the data the flags name, and return the metrics (written to
+    ``args.output`` first when set). Expects ``fill_defaults`` and ``check_args`` to have run."""
     import torch
 
-    from ..datasets.folder import ImageFolderDataset
-    from ..train.data import folder_zeroshot_set, image_transform_for, load_val_batches
-    from .evaluate import format_metrics, load_model, probe_metrics, val_metrics, zeroshot_metrics
+    from ..datasets.folder import ImageFolderDataset, read_classnames
+    from ..train.data import image_transform_for, load_val_batches
+    from . import templates as T
+    from .evaluate import (
+        FolderStream,
+        add_mean_top1,
+        check_vocab,
+        encode_batches,
+        folder_zeroshot_metrics,
+        format_metrics,
+        load_model,
+        probe_metrics,
+        resolve_model_file,
+        val_metrics,
+        zeroshot_metrics,
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
-    _fill_defaults(args, log)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.precision == "fp16" and device.type == "cpu":
         raise ValueError("--precision fp16: autocast to fp16 needs a GPU; use bf16 or fp32 on a CPU")
-    model = load_model(args.model, device, allow_torchscript_code=args.allow_torchscript_code)
-    if not any(getattr(args, f) for f in DATA_FLAGS):
-        args.shapes = True
-    cfg = TrainConfig(seed=args.seed, batch_size=args.batch_size, zeroshot_data=args.zeroshot_data,
-                      zeroshot_classes=args.zeroshot_classes, zeroshot_templates=args.zeroshot_templates,
-                      val_data=args.val_data, val_num_samples=args.val_num_samples, dataset_type=args.dataset_type,
+    source = resolve_model_file(args.model)
+    model = load_model(source, device, allow_torchscript_code=args.allow_torchscript_code)
+    check_vocab(model, source)
+    cfg = TrainConfig(seed=args.seed, batch_size=args.batch_size, val_data=args.val_data,
+                      val_num_samples=args.val_num_samples, dataset_type=args.dataset_type,
                       csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key,
                       csv_separator=args.csv_separator, demo_eval_samples=args.demo_eval_samples)
     loss = args.loss if args.loss != "auto" else ("siglip" if model.logit_bias is not None else "clip")
     if loss == "siglip" and model.logit_bias is None and args.val_data:
         raise ValueError("--loss siglip: the model has no logit_bias (it was not trained with the sigmoid loss)")
-    out: Dict[str, Any] = {"model": args.model, "config": model.config.to_dict()}
+    templates = {"imagenet": T.IMAGENET_TEMPLATES, "cifar": T.CIFAR_TEMPLATES,
+                 "simple": T.SIMPLE_TEMPLATES}[args.zeroshot_templates]
+    tf = image_transform_for(model, False)
     metrics: Dict[str, float] = {}
     skipped = 0
     sets = {}
     if args.shapes:
         from ..train.demo import shapes_zeroshot_sets
         sets.update(shapes_zeroshot_sets(cfg, model))
-    if args.zeroshot_data:
-        name, zs, n = folder_zeroshot_set(cfg, model)
-        sets[name] = zs
-        skipped += n
-    val_batches = None
-    if args.val_data:
-        val_batches, n = load_val_batches(cfg, model, log=log)
-        skipped += n
+    zs = ImageFolderDataset(args.zeroshot_data, tf, read_classnames(args.zeroshot_classes)) \
+        if args.zeroshot_data else None
+    val_batches = load_val_batches(cfg, model, log=log) if args.val_data else None
     probe = None
     if args.probe_train:
-        tf = image_transform_for(model, False)
-        tr = ImageFolderDataset(args.probe_train, tf)
-        te = ImageFolderDataset(args.probe_test, tf)
+        tr, te = ImageFolderDataset(args.probe_train, tf), ImageFolderDataset(args.probe_test, tf)
         if tr.classnames != te.classnames:
             raise ValueError(f"--probe-train and --probe-test must hold the same class folders, got "
                              f"{tr.classnames} and {te.classnames}")
-        xtr, ytr, n1 = tr.load_tensors()
-        xte, yte, n2 = te.load_tensors()
-        probe, skipped = ((xtr, ytr), (xte, yte)), skipped + n1 + n2
+        probe = tr, te
     with torch.no_grad(), _autocast(device, args.precision):
         if sets:
             metrics.update(zeroshot_metrics(model, sets, device=device, batch_size=args.batch_size))
+        if zs is not None:
+            m, n = folder_zeroshot_metrics(model, zs, _task_name(args.zeroshot_data, sets), templates,
+                                           args.batch_size, device, args.workers)
+            metrics.update(m)
+            add_mean_top1(metrics)
+            skipped += n
         if val_batches:
-            metrics.update(val_metrics(model, val_batches, loss, device, args.loss_backend))
-    if probe is not None:
-        with _autocast(device, args.precision):
-            metrics.update(probe_metrics(model, probe[0], probe[1], device, args.batch_size, args.seed))
+            metrics.update(val_metrics(model, val_batches[0], loss, device, args.loss_backend))
+            skipped += val_batches[1]
+        if probe is not None:
+            streams = [FolderStream(d, args.batch_size, args.workers) for d in probe]
+            feats = [encode_batches(model, s, device) for s in streams]
+            skipped += sum(s.skipped for s in streams)
+    if probe is not None:           # fitted outside autocast (probe_metrics turns it off as well)
+        try:
+            metrics.update(probe_metrics(feats[0], streams[0].all_labels(), feats[1], streams[1].all_labels(),
+                                         seed=args.seed))
+        except ValueError as e:
+            raise ValueError(f"--probe-train/--probe-test: {e}") from None
     metrics["skipped"] = skipped
-    out["metrics"] = metrics
-    n_params = sum(p.numel() for p in model.parameters()) / 1e6
-    log(format_metrics(metrics, header=f"fastclip eval: {args.model} ({n_params:.1f}M params, {device}, "
-                                        f"{args.precision})"))
-    if args.output is not None:
+    out: Dict[str, Any] = {"model": args.model, "model_file": source, "seed": args.seed,
+                           "batch_size": args.batch_size, "precision": args.precision,
+                           "config": model.config.to_dict(), "metrics": metrics}
+    if args.output is not None:     # first: a reader of stdout that stops early must not lose it
         from .._fileio import atomic_write
 
         def write(tmp: str) -> None:
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump(out, f, indent=2)
         atomic_write(args.output, write, suffix=".json")
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    shown = source if os.path.realpath(source) == os.path.realpath(args.model) else f"{args.model} -> {source}"
+    log(format_metrics(metrics, header=f"fastclip eval: {shown} ({n_params:.1f}M params, {device}, "
+                                        f"{args.precision})"))
+    if args.output is not None:
         log(f"wrote {args.output}")
     return out
+
+
+class _Log:
+    """``print`` that survives a closed stdout (``fastclip eval RUN | head``): the evaluation goes
+    on (``--output`` is still written), stdout is sent to /dev/null (Python's flush at exit would
+    raise again), and ``broken`` records it for the exit status."""
+
+    broken = False
+
+    def __call__(self, line: str) -> None:
+        if self.broken:
+            return
+        try:
+            print(line, flush=True)
+        except BrokenPipeError:
+            self.broken = True
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     from ..datasets.csv_dataset import DataError
     p = build_parser()
     args = p.parse_args(argv)
+    log = _Log()
+    fill_defaults(args, log)
     check_args(p, args)
     try:
-        evaluate(args)
+        evaluate(args, log)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        # stdout closed early (`fastclip eval RUN | head`): no traceback; Python's own flush at
-        # exit would raise again, so stdout goes to /dev/null first.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
     except (DataError, ValueError, FileNotFoundError) as e:
         # The user's files (or a flag that only the loaded model can judge): one line.
         print(f"fastclip eval: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    return 0
+    return 141 if log.broken else 0       # 141: the status of a process a closed pipe stopped
 
 
 if __name__ == "__main__":

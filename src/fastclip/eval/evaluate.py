@@ -30,25 +30,46 @@ def load_model(path: str, device="cpu", *, allow_torchscript_code: bool = False)
     Raises ValueError naming ``path`` when it is none of these.
     """
     from ..models.openai import load_openai
-    from ..train.checkpoint import CKPT_DIR, FORMAT, list_checkpoints
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        model_file = os.path.join(path, "model.safetensors")
-        if os.path.isfile(model_file):
-            path = model_file
-        else:
-            found = sorted(list_checkpoints(path))
-            if not found:
-                raise ValueError(f"{path}: a folder without model.safetensors or {CKPT_DIR}/step_*.safetensors "
-                                 f"(expected the output folder of fastclip train, or a model file)")
-            path = found[-1][1]
-    elif not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file or folder")
+    from ..train.checkpoint import FORMAT
+    path = resolve_model_file(path)
     if path.endswith(".safetensors") and _safetensors_format(path) == FORMAT:
         model = _model_from_training_state(path)
     else:
         model = load_openai(path, "cpu", allow_torchscript_code=allow_torchscript_code)
     return model.float().to(device).eval()
+
+
+def resolve_model_file(path: str) -> str:
+    """The file ``load_model`` reads for ``path``: a file itself; for a run folder its
+    ``model.safetensors``, unless a training checkpoint in it is newer (a run resumed past its
+    end and stopped before finishing again: the model file is the earlier end's), else the
+    newest checkpoint. Raises ValueError naming ``path`` when there is none."""
+    from ..train.checkpoint import CKPT_DIR, list_checkpoints
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: no such file or folder")
+        return path
+    model_file = os.path.join(path, "model.safetensors")
+    found = sorted(list_checkpoints(path))
+    newest = found[-1][1] if found else None
+    if os.path.isfile(model_file):
+        if newest is None or os.path.getmtime(model_file) >= os.path.getmtime(newest):
+            return model_file
+        return newest
+    if newest is None:
+        raise ValueError(f"{path}: a folder without model.safetensors or {CKPT_DIR}/step_*.safetensors "
+                         f"(expected the output folder of fastclip train, or a model file)")
+    return newest
+
+
+def check_vocab(model, path: str) -> None:
+    """The model must embed every id of fastclip's tokenizer (CLIP's BPE, 49,408 ids): a smaller
+    ``vocab_size`` would fail inside the text tower on the first prompt."""
+    from ..tokenizer import VOCAB_SIZE
+    if model.config.vocab_size < VOCAB_SIZE:
+        raise ValueError(f"{path}: the model's vocab_size {model.config.vocab_size} is smaller than the "
+                         f"tokenizer's {VOCAB_SIZE} ids (CLIP's BPE): its text tower cannot read fastclip's tokens")
 
 
 def _safetensors_format(path: str) -> Optional[str]:
@@ -103,15 +124,49 @@ def _chunks(n: int, batch_size: int) -> Iterable[slice]:
 def encode_images(model, images: torch.Tensor, batch_size: int = 256, device=None) -> torch.Tensor:
     """L2-normalised image embeddings ``[N, embed_dim]`` (fp32, on the CPU) of ``images``
     ``[N, 3, S, S]``, ``batch_size`` images per forward, in eval mode."""
+    return encode_batches(model, (images[s] for s in _chunks(images.shape[0], batch_size)), device)
+
+
+@torch.no_grad()
+def encode_batches(model, batches: Iterable[torch.Tensor], device=None) -> torch.Tensor:
+    """``encode_images`` of a stream of image batches ``[b, 3, S, S]`` (a DataLoader: only the
+    embeddings are kept, never the images of a whole dataset)."""
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        out = [torch.nn.functional.normalize(model.encode_image(images[s].to(dev)).float(), dim=-1).cpu()
-               for s in _chunks(images.shape[0], batch_size)]
+        out = [torch.nn.functional.normalize(model.encode_image(b.to(dev)).float(), dim=-1).cpu() for b in batches]
     finally:
         model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, model.embed_dim)
+
+
+class FolderStream:
+    """The decodable images of an ``ImageFolderDataset`` in batches, decoded by ``workers``
+    DataLoader processes: iterate for ``images [b, 3, S, S]``; ``labels`` (all of them, in
+    order) and ``skipped`` (files that did not decode) are filled in as it goes."""
+
+    def __init__(self, dataset, batch_size: int, workers: int = 0):
+        self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                                  collate_fn=self._collate)
+        self.labels: List[torch.Tensor] = []
+        self.skipped = 0
+
+    @staticmethod
+    def _collate(samples):
+        good = [s for s in samples if s is not None]
+        imgs = torch.stack([s[0] for s in good]) if good else None
+        return imgs, torch.tensor([s[1] for s in good], dtype=torch.long), len(samples) - len(good)
+
+    def __iter__(self):
+        for imgs, labels, skipped in self.loader:
+            self.skipped += skipped
+            if imgs is not None:
+                self.labels.append(labels)
+                yield imgs
+
+    def all_labels(self) -> torch.Tensor:
+        return torch.cat(self.labels) if self.labels else torch.zeros(0, dtype=torch.long)
 
 
 @torch.no_grad()
@@ -127,10 +182,40 @@ def zeroshot_metrics(model, sets: Dict[str, ZeroShotSet], device=None, batch_siz
         out[f"zeroshot/{name}/top1"] = r["top1"]
         out[f"zeroshot/{name}/top5"] = r["top5"]
         out[f"chance/{name}"] = 1.0 / len(classes)
-    tops = [v for k, v in out.items() if k.startswith("zeroshot/") and k.endswith("/top1")]
+    return add_mean_top1(out)
+
+
+def add_mean_top1(metrics: Dict[str, float]) -> Dict[str, float]:
+    """``metrics`` with ``zeroshot/mean_top1``, the mean of its tasks' top-1 (when it has any)."""
+    tops = [v for k, v in metrics.items() if k.startswith("zeroshot/") and k.endswith("/top1")
+            and k != "zeroshot/mean_top1"]
     if tops:
-        out["zeroshot/mean_top1"] = sum(tops) / len(tops)
-    return out
+        metrics["zeroshot/mean_top1"] = sum(tops) / len(tops)
+    return metrics
+
+
+@torch.no_grad()
+def folder_zeroshot_metrics(model, dataset, name: str, templates, batch_size: int = 256, device=None,
+                            workers: int = 0) -> Tuple[Dict[str, float], int]:
+    """Zero-shot top-1/top-5 (and chance) of task ``name`` on an ``ImageFolderDataset``, its
+    images decoded batch by batch (``workers`` DataLoader processes; only the logits are kept,
+    so an ImageNet-sized folder needs no more memory than a batch), and the number of images
+    that did not decode. Raises DataError when none decodes."""
+    from .zeroshot import build_zeroshot_classifier, classification_metrics, zero_shot_classify
+    was_training = model.training
+    model.eval()
+    try:
+        clf = build_zeroshot_classifier(model, dataset.classnames, templates, device=device)
+        stream = FolderStream(dataset, batch_size, workers)
+        logits = [zero_shot_classify(model, b, clf, batch_size, device).float().cpu() for b in stream]
+    finally:
+        model.train(was_training)
+    if not logits:
+        from ..datasets.csv_dataset import DataError
+        raise DataError(f"{dataset.root!r}: no image could be decoded ({stream.skipped} tried)")
+    r = classification_metrics(torch.cat(logits), stream.all_labels())
+    return ({f"zeroshot/{name}/top1": r["top1"], f"zeroshot/{name}/top5": r["top5"],
+             f"chance/{name}": 1.0 / len(dataset.classnames)}, stream.skipped)
 
 
 @torch.no_grad()
@@ -159,16 +244,18 @@ def val_metrics(model, batches: Sequence[Tuple[torch.Tensor, torch.Tensor]], los
     return out
 
 
-def probe_metrics(model, train_set: Tuple[torch.Tensor, torch.Tensor], test_set: Tuple[torch.Tensor, torch.Tensor],
-                  device=None, batch_size: int = 256, seed: int = 0) -> Dict[str, float]:
-    """A logistic-regression probe on the model's L2-normalised image embeddings: fit on
-    ``train_set`` (``(images, labels)``; its inverse regularisation C chosen on a held-out 20%,
-    then refit on all of it), scored on ``test_set``. Returns ``probe/top1``, ``probe/C``,
-    ``probe/val_top1`` and ``probe/n_train``, ``probe/n_test``."""
+def probe_metrics(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                  test_labels: torch.Tensor, seed: int = 0) -> Dict[str, float]:
+    """A logistic-regression probe on image embeddings (``encode_images``/``encode_batches``):
+    fit on the training features ``[N, D]`` with labels ``[N]`` (the inverse regularisation C
+    chosen on a held-out 20%, drawn with ``seed``, then refit on all of them), scored on the
+    test features. Fitted in float32 with autocast off, whatever the caller's context (a bf16
+    fit lands at chance). Returns ``probe/top1``, ``probe/C``, ``probe/val_top1`` and
+    ``probe/n_train``, ``probe/n_test``."""
     from .linear_probe import linear_probe
-    xtr = encode_images(model, train_set[0], batch_size, device)
-    xte = encode_images(model, test_set[0], batch_size, device)
-    r = linear_probe(xtr, train_set[1], xte, test_set[1], seed=seed)
+    xtr, xte = train_features.float(), test_features.float()
+    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+        r = linear_probe(xtr, train_labels, xte, test_labels, seed=seed)
     return {"probe/top1": r.accuracy, "probe/C": r.C, "probe/val_top1": r.val_accuracy,
             "probe/n_train": int(xtr.shape[0]), "probe/n_test": int(xte.shape[0])}
 
@@ -189,6 +276,7 @@ def format_metrics(metrics: Dict[str, float], header: Optional[str] = None) -> s
     return "\n".join(lines)
 
 
-__all__ = ["ZeroShotSet", "encode_images", "format_metrics", "load_model", "probe_metrics", "val_metrics",
-           "zeroshot_metrics"]
+__all__ = ["FolderStream", "ZeroShotSet", "add_mean_top1", "check_vocab", "encode_batches", "encode_images",
+           "folder_zeroshot_metrics", "format_metrics", "load_model", "probe_metrics", "resolve_model_file",
+           "val_metrics", "zeroshot_metrics"]
 

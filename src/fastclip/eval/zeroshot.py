@@ -119,7 +119,8 @@ def _scan_folder(folder: str, classnames: Optional[Sequence[str]]) -> Tuple[List
     # Hidden folders (.ipynb_checkpoints, .git) are not classes.
     subdirs = sorted(d for d in os.listdir(folder)
                      if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))
-    is_img = lambda f: f.lower().endswith(IMAGE_EXTENSIONS)  # noqa: E731
+    # Regular image files only (a FIFO named x.png would block the read for ever).
+    is_img = lambda p: p.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(p)  # noqa: E731
     if subdirs:
         names = [d.replace("_", " ") for d in subdirs] if classnames is None else list(classnames)
         if len(names) != len(subdirs):
@@ -127,13 +128,14 @@ def _scan_folder(folder: str, classnames: Optional[Sequence[str]]) -> Tuple[List
         paths, labels = [], []
         for k, d in enumerate(subdirs):
             for f in sorted(os.listdir(os.path.join(folder, d))):
-                if is_img(f):
+                if is_img(os.path.join(folder, d, f)):
                     paths.append(os.path.join(folder, d, f))
                     labels.append(k)
         return paths, labels, names
     if classnames is None:
         raise ValueError(f"classnames is required: {folder} has no class-named subfolders")
-    return [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if is_img(f)], None, list(classnames)
+    return [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if is_img(os.path.join(folder, f))], None, \
+        list(classnames)
 
 
 @torch.no_grad()

@@ -55,6 +55,12 @@ def _read(path: str, allow_torchscript_code: bool) -> Dict[str, torch.Tensor]:
         raise ValueError(f"{path}: could not be read as a CLIP checkpoint (file truncated or corrupt?); "
                          f"with torch.load(weights_only=True): {_first_line(e)}") from None
     if isinstance(obj, Mapping):
+        if {"step", "model", "optimizer"} <= set(obj):
+            # fastclip's earlier pickle training checkpoint (step_*.pt): its model may use head
+            # counts OpenAI's rules would not infer, and it has a converter that keeps them.
+            raise ValueError(f"{path}: a training checkpoint in fastclip's earlier pickle format, not a model "
+                             f"file; convert it with fastclip.train.checkpoint.convert_legacy_checkpoint and "
+                             f"load the .safetensors file it writes")
         return _unwrap(obj)
     raise ValueError(f"{path}: expected a state dict (a mapping of name -> tensor), got {type(obj).__name__}")
 

@@ -279,7 +279,10 @@ def load_training_state(path: str, model: torch.nn.Module, optimizer, scheduler,
         why = (first[0] if first else type(e).__name__) + (" ..." if len(first) > 1 else "")
         saved = (state.get("extra") or {}).get("config") if isinstance(state.get("extra"), dict) else None
         theirs = ""
-        if isinstance(saved, dict) and saved.get("model"):
+        if isinstance(saved, dict) and saved.get("pretrained"):
+            theirs = (f": the checkpoint holds the model of a run started from --pretrained "
+                      f"{saved['pretrained']!r} (pass it again to resume)")
+        elif isinstance(saved, dict) and saved.get("model"):
             theirs = (f": the checkpoint holds model {saved['model']!r}"
                       + (f" with overrides {saved['model_overrides']}" if saved.get("model_overrides") else "")
                       + (f", loss {saved['loss']!r}" if saved.get("loss") else ""))

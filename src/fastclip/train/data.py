@@ -230,20 +230,21 @@ def load_val_batches(cfg: TrainConfig, model, log: Optional[Callable[[str], None
     return out, skipped_total
 
 
-def folder_zeroshot_set(cfg: TrainConfig, model) -> Tuple[str, ZeroShotSet, int]:
-    """``--zeroshot-data`` (a folder of class-named folders): its name, the set, and the number of
-    images skipped."""
+def folder_zeroshot_task(cfg: TrainConfig, model):
+    """``--zeroshot-data`` (a folder of class-named folders): ``(name, ImageFolderDataset,
+    templates)``. The images are listed now and decoded at each evaluation, batch by batch
+    (``fastclip.eval.evaluate.folder_zeroshot_metrics``): an ImageNet-sized folder held as
+    tensors would take tens of GB."""
     from ..datasets.folder import ImageFolderDataset, read_classnames
     from ..eval import templates as T
     ds = ImageFolderDataset(cfg.zeroshot_data, image_transform_for(model, False), read_classnames(cfg.zeroshot_classes))
-    imgs, labels, skipped = ds.load_tensors()
     tmpl = {"imagenet": T.IMAGENET_TEMPLATES, "cifar": T.CIFAR_TEMPLATES,
             "simple": T.SIMPLE_TEMPLATES}[cfg.zeroshot_templates]
-    name = os.path.basename(os.path.normpath(cfg.zeroshot_data)) or "zeroshot"
-    return name, (imgs, labels, ds.classnames, tmpl), skipped
+    name = os.path.basename(os.path.realpath(cfg.zeroshot_data)) or "zeroshot"
+    return name, ds, tmpl
 
 
 __all__ = ["StepBatches", "TrainData", "ZeroShotSet", "build_train_data", "collate_pairs", "detect_dataset_type",
            "detect_val_type",
-           "folder_zeroshot_set", "image_transform_for", "load_val_batches", "train_batches", "trim_padding"]
+           "folder_zeroshot_task", "image_transform_for", "load_val_batches", "train_batches", "trim_padding"]
 

@@ -48,7 +48,7 @@ from .data import (
     ZeroShotSet,
     build_train_data,
     detect_dataset_type,
-    folder_zeroshot_set,
+    folder_zeroshot_task,
     load_val_batches,
     train_batches,
     trim_padding,
@@ -313,10 +313,11 @@ class Trainer:
         if self.data_type == "shapes":
             from .demo import shapes_zeroshot_sets
             self.zs_sets.update(shapes_zeroshot_sets(cfg, self.model))
+        self.zs_folder = None           # (name, ImageFolderDataset, templates), decoded at each eval
+        self._folder_skipped_counted = False
         if cfg.zeroshot_data:
-            name, zs, skipped = folder_zeroshot_set(cfg, self.model)
-            self.eval_skipped += skipped
-            self.zs_sets[name] = zs
+            name, ds, tmpl = folder_zeroshot_task(cfg, self.model)
+            self.zs_folder = (name if name not in self.zs_sets else f"{name}-folder", ds, tmpl)
         self.val_batches = None
         if cfg.val_data:
             self.val_batches, skipped = load_val_batches(cfg, self.model, log=self.log)
@@ -325,13 +326,13 @@ class Trainer:
     def _has_eval(self) -> bool:
         """Whether there is anything to evaluate (zero-shot sets or validation data)."""
         self._prepare_eval()
-        return bool(self.zs_sets or self.val_batches)
+        return bool(self.zs_sets or self.zs_folder or self.val_batches)
 
     @torch.no_grad()
     def evaluate(self, step: int) -> Dict[str, float]:
         """Zero-shot top-1/top-5 per task (+ chance level), and val loss / retrieval recall when
         ``val_data`` is set (fastclip.eval.evaluate). Runs on the main rank only."""
-        from ..eval.evaluate import val_metrics, zeroshot_metrics
+        from ..eval.evaluate import add_mean_top1, folder_zeroshot_metrics, val_metrics, zeroshot_metrics
         self._prepare_eval()
         model, dev = self.model, self.env.device
         was_training = model.training
@@ -340,6 +341,14 @@ class Trainer:
         try:
             with self._autocast():
                 out.update(zeroshot_metrics(model, self.zs_sets, device=dev))
+                if self.zs_folder is not None:
+                    name, ds, tmpl = self.zs_folder
+                    m, skipped = folder_zeroshot_metrics(model, ds, name, tmpl, 256, dev, self.cfg.workers)
+                    out.update(m)
+                    add_mean_top1(out)
+                    if not self._folder_skipped_counted:     # the same files at every evaluation
+                        self.eval_skipped += skipped
+                        self._folder_skipped_counted = True
                 if self.val_batches:
                     out.update(val_metrics(model, self.val_batches, self.cfg.loss, dev, self.cfg.loss_backend))
         finally:
@@ -548,12 +557,18 @@ def build_model(cfg: TrainConfig):
     from ..models import CLIP, create_model
     if cfg.pretrained is None:
         return create_model(cfg.model, **model_kwargs(cfg.loss, cfg.model_overrides))
-    from ..eval.evaluate import load_model
+    from ..eval.evaluate import check_vocab, load_model
     from ..ops.losses import get_loss
     try:
         model = load_model(cfg.pretrained, "cpu")
+        check_vocab(model, cfg.pretrained)
     except ValueError as e:
         raise ckpt.CheckpointError(f"--pretrained: {e}") from None
+    per_forward = min(cfg.batch_size, cfg.accum_micro_batch or cfg.batch_size)
+    if model.has_batchnorm and per_forward < 2:
+        raise ckpt.CheckpointError(f"--pretrained {cfg.pretrained}: the model has BatchNorm layers (a ResNet "
+                                   f"tower), which need at least 2 images per forward pass in training; "
+                                   f"--batch-size/--accum-micro-batch {per_forward} is too small")
     spec = get_loss(cfg.loss)
     if "logit_bias" in spec.params and model.logit_bias is None:
         bias = spec.init[spec.params.index("logit_bias")]
