@@ -348,14 +348,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .train.checkpoint import CheckpointError
     from .train.run_folder import RunFolderError
     from .train.trainer import train
+    return run_reporting("train", lambda: train(config_from_args(args)), (CheckpointError, DataError, RunFolderError))
+
+
+def run_reporting(command: str, fn, user_errors: tuple) -> int:
+    """Run ``fn()`` for ``fastclip <command>``: 0 when it returns; 130 on Ctrl-C; for
+    ``user_errors`` (the user's files or a flag only the loaded data can judge, not fastclip,
+    are at fault) one line, like an argument error, and 2."""
     try:
-        train(config_from_args(args))
+        fn()
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (CheckpointError, DataError, RunFolderError) as e:
-        # The user's files, not fastclip, are at fault: one line, like an argument error.
-        print(f"fastclip train: error: {' '.join(str(e).split())}", file=sys.stderr)
+    except user_errors as e:
+        print(f"fastclip {command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0
 

@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..cli import _nonneg_int, _positive_int, _seed, _separator, backend_problem, device_problem
+from ..cli import _nonneg_int, _positive_int, _seed, _separator, backend_problem, device_problem, run_reporting
 from ..train.config import PRECISIONS, TrainConfig
 
 _D = TrainConfig()
@@ -352,16 +352,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     log = _Log()
     fill_defaults(args, log)
     check_args(p, args)
-    try:
-        evaluate(args, log)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    except (DataError, ValueError, FileNotFoundError) as e:
-        # The user's files (or a flag that only the loaded model can judge): one line.
-        print(f"fastclip eval: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    return 141 if log.broken else 0       # 141: the status of a process a closed pipe stopped
+    code = run_reporting("eval", lambda: evaluate(args, log), (DataError, ValueError, FileNotFoundError))
+    return 141 if code == 0 and log.broken else code     # 141: the status of a process a closed pipe stopped
 
 
 if __name__ == "__main__":
