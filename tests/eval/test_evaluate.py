@@ -218,20 +218,24 @@ def test_probe_fits_in_fp32_under_autocast():
     assert r["probe/top1"] == 1.0
 
 
-def test_run_folder_prefers_a_checkpoint_newer_than_its_model_file(siglip_run, tmp_path):
+def test_run_folder_prefers_a_checkpoint_of_a_later_step_than_its_model_file(siglip_run, tmp_path):
     """A finished run resumed for more steps and stopped before its end: its model.safetensors is
-    the earlier end's, the newest checkpoint is the newer model."""
+    the earlier end's (step 4 here), the checkpoint of step 8 the newer model. The steps decide,
+    not the files' times (a copy does not keep those)."""
     import shutil
 
     from fastclip.eval.evaluate import resolve_model_file
+    from fastclip.models import save_checkpoint
     run = tmp_path / "resumed"
     shutil.copytree(siglip_run, run)
     ckpts = sorted((run / "checkpoints").iterdir())
     model_file = run / "model.safetensors"
-    os.utime(model_file, (1_000_000, 1_000_000))
+    os.utime(ckpts[-1], (1_000_000, 1_000_000))                  # the checkpoint looks older ...
+    assert resolve_model_file(str(run)) == str(model_file)       # ... and is: step 8 < step 12
+    save_checkpoint(load_model(str(model_file)), model_file, metadata={"fastclip_step": "4"})
+    assert resolve_model_file(str(run)) == str(ckpts[-1])        # step 8 > the model file's 4
+    os.unlink(model_file)
     assert resolve_model_file(str(run)) == str(ckpts[-1])
-    os.utime(model_file, None)
-    assert resolve_model_file(str(run)) == str(model_file)
 
 
 def test_models_fastclip_cannot_feed_are_refused(capsys, tmp_path):
@@ -280,3 +284,73 @@ def test_closed_stdout_keeps_the_json(siglip_run, tmp_path):
     _, err = p.communicate(timeout=120)
     assert p.returncode in (0, 141), err
     assert b"Traceback" not in err and "metrics" in json.loads(out_json.read_text())
+
+
+def test_run_paths_resolve_from_where_the_run_started(tmp_path, capsys, monkeypatch):
+    """A run's relative --zeroshot-data/--val-data/--zeroshot-classes are read from the folder
+    it was started in (config.json's cwd), whatever folder eval runs in; its class names go
+    with its own folder only."""
+    started = tmp_path / "started"
+    started.mkdir()
+    _folder(started / "zs", ["red", "blue"], 2, 0)
+    (started / "names.txt").write_text("crimson thing\nnavy thing\n")
+    monkeypatch.chdir(started)
+    run(["--steps", "2", "--zeroshot-data", "zs", "--zeroshot-classes", "names.txt", "--output", "run"])
+    elsewhere = tmp_path / "elsewhere"
+    _folder(elsewhere / "zs", ["a", "b", "c"], 1, 1)       # another folder of the same name
+    monkeypatch.chdir(elsewhere)
+    out_json = str(tmp_path / "m.json")
+    code, text, err = _eval(capsys, str(started / "run"), "--output", out_json)
+    assert code == 0, err
+    m = json.load(open(out_json))["metrics"]
+    assert m["chance/zs"] == 0.5 and f"--zeroshot-data {started / 'zs'}" in text and "names.txt" in text
+    code, text, err = _eval(capsys, str(started / "run"), "--zeroshot-data", str(elsewhere / "zs"), "--output",
+                            out_json)
+    assert code == 0, err
+    assert json.load(open(out_json))["metrics"]["chance/zs"] == 1 / 3 and "names.txt" not in text
+
+
+def test_output_may_not_land_in_the_runs_files_or_the_data(siglip_run, capsys, tmp_path):
+    zs = _folder(tmp_path / "zs", ["red", "blue"], 1, 0)
+    for bad in (os.path.join(siglip_run, "config.json"), os.path.join(siglip_run, "metrics.json"),
+                os.path.join(siglip_run, "checkpoints", "x.json"), os.path.join(zs, "red", "0.png"),
+                os.path.join(zs, "new.json")):
+        code, _, err = _eval(capsys, siglip_run, "--zeroshot-data", zs, "--output", bad)
+        assert code == 2 and "one of the inputs" in err, bad
+    code, _, err = _eval(capsys, siglip_run, "--output", os.path.join(siglip_run, "eval.json"))
+    assert code == 0, err                                  # beside the run's files is fine
+
+
+def test_unreadable_run_config_is_said_and_fifos_are_not_read(siglip_run, capsys, tmp_path):
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(siglip_run, run_dir)
+    (run_dir / "config.json").write_text("{not json")
+    code, out, _ = _eval(capsys, str(run_dir))
+    assert code == 0 and "config.json is unreadable" in out and "settings are not applied" in out
+    os.unlink(run_dir / "config.json")
+    os.mkfifo(run_dir / "config.json")
+    code, out, _ = _eval(capsys, str(run_dir))             # a FIFO would block: not opened
+    assert code == 0 and "not a regular file" in out
+    os.mkfifo(tmp_path / "p.png")
+    (tmp_path / "v.csv").write_text("filepath,title\np.png,a pipe\n" + "".join(
+        f"{os.path.join(tmp_path, 'zs', 'red', f'{i}.png')},a red square\n" for i in range(2)))
+    _folder(tmp_path / "zs", ["red"], 2, 0)
+    code, _, err = _eval(capsys, str(run_dir), "--val-data", str(tmp_path / "v.csv"))
+    assert code == 0, err
+
+
+def test_the_runs_batch_size_groups_the_val_loss_not_the_forwards(siglip_run, capsys, monkeypatch):
+    """A run's per-rank batch of thousands would be one forward of thousands of images: images go
+    through the encoder 256 at a time unless --batch-size is given."""
+    import fastclip.eval.command as C
+    seen = []
+    real = C.fill_defaults
+
+    def spy(args, log=print):
+        real(args, log)
+        seen.append((args.batch_size, args.encode_batch_size))
+    monkeypatch.setattr(C, "fill_defaults", spy)
+    code, _, _ = _eval(capsys, siglip_run)
+    code2, _, _ = _eval(capsys, siglip_run, "--batch-size", "1000")
+    assert code == code2 == 0 and seen == [(88, 256), (1000, 1000)]

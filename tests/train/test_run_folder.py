@@ -194,3 +194,19 @@ def test_resume_says_what_it_keeps_from_the_checkpoint(tmp_path, capsys):
     assert json.load(open(os.path.join(out, "config.json")))["train"]["lr"] == 1e-3
     code, _, err = _train(capsys, "--steps", "1", "--output", out, "--resume", "latest")
     assert code == 2 and "past the run's 1 steps" in err, err
+
+
+def test_undecodable_zero_shot_folder_is_refused_before_overwrite(tmp_path, capsys):
+    """The zero-shot folder is decoded at each evaluation, but one image of it is decoded at start:
+    a folder of which nothing decodes stops the command before --overwrite deletes the old run."""
+    out = str(tmp_path / "run")
+    code, _, err = _train(capsys, "--steps", "2", "--output", out)
+    assert code == 0, err
+    before = sorted(os.listdir(out))
+    bad = tmp_path / "zsbad"
+    for cls in ("a", "b"):
+        (bad / cls).mkdir(parents=True)
+        (bad / cls / "1.png").write_bytes(b"not a png")
+    code, _, err = _train(capsys, "--steps", "2", "--output", out, "--overwrite", "--zeroshot-data", str(bad))
+    assert code == 2 and "could be decoded" in err
+    assert sorted(os.listdir(out)) == before

@@ -28,6 +28,8 @@ def load_image(source: Union[str, bytes]) -> Optional[Image.Image]:
     The image is fully decoded here (``convert`` forces it), so truncated files fail now
     rather than later in a transform.
     """
+    if isinstance(source, str) and not os.path.isfile(source):
+        return None         # missing, a folder, or a FIFO (opening one waits for a writer for ever)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's DecompressionBombWarning, EXIF warnings

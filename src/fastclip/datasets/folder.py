@@ -68,6 +68,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         img = load_image(path)
         return None if img is None else (self.transform(img), label)
 
+    def check_decodable(self) -> None:
+        """Raise DataError unless some image decodes (tried in order, stopping at the first that
+        does: one decode for a sound folder)."""
+        if not any(load_image(path) is not None for path, _ in self.samples):
+            raise DataError(f"no image under {self.root!r} could be decoded ({len(self.samples)} tried)")
+
     def load_tensors(self) -> Tuple[torch.Tensor, torch.Tensor, int]:
         """All decodable images: ``(images [N, 3, S, S], labels [N], skipped)``."""
         good = [s for s in (self[i] for i in range(len(self))) if s is not None]

@@ -17,7 +17,7 @@ import contextlib
 import json
 import os
 import sys
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional
 
 from ..cli import _nonneg_int, _positive_int, _seed, _separator, backend_problem, device_problem, run_reporting
 from ..train.config import PRECISIONS, TrainConfig
@@ -92,29 +92,56 @@ RUN_DEFAULTS: Dict[str, Any] = {
 DATA_FLAGS = ("zeroshot_data", "val_data", "probe_train", "shapes")
 
 
-def run_config(model_path: str) -> Tuple[Optional[str], Dict[str, Any]]:
-    """The training configuration of the ``fastclip train`` run that ``model_path`` belongs to
-    (its folder, its ``model.safetensors`` or one of its checkpoints, symbolic links followed):
-    ``(config.json path, its "train" entries)``, or ``(None, {})`` when there is none or it
-    does not parse."""
-    p = os.path.realpath(model_path)
-    folder = p if os.path.isdir(p) else os.path.dirname(p)
-    for d in (folder, os.path.dirname(folder)) if os.path.basename(folder) == "checkpoints" else (folder,):
+class RunConfig(NamedTuple):
+    """What ``fastclip train`` recorded about the run a model belongs to."""
+    path: Optional[str]            # where it was read (config.json, or the checkpoint itself)
+    train: Dict[str, Any]          # the TrainConfig fields
+    cwd: Optional[str]             # what its relative paths are relative to (None: not recorded)
+    note: Optional[str] = None     # why nothing was read from a config.json that exists
+
+
+def run_config(model_path: str) -> RunConfig:
+    """The training configuration of the ``fastclip train`` run that ``model_path`` belongs to:
+    the ``config.json`` of its folder (the path as given, and with symbolic links resolved;
+    from a checkpoint, the folder above ``checkpoints/``), else the configuration a training
+    checkpoint carries itself. Empty when there is none; a config.json that cannot be read
+    gives a ``note`` saying why."""
+    from ..train.checkpoint import saved_run_config
+    folders = []
+    for p in (os.path.abspath(model_path), os.path.realpath(model_path)):
+        folder = p if os.path.isdir(p) else os.path.dirname(p)
+        folders += [folder, os.path.dirname(folder)] if os.path.basename(folder) == "checkpoints" else [folder]
+    for d in dict.fromkeys(folders):
         path = os.path.join(d, "config.json")
-        try:
-            with open(path, encoding="utf-8") as f:
-                train = json.load(f).get("train")
-        except (OSError, ValueError, AttributeError):
+        if not os.path.lexists(path):
             continue
-        if isinstance(train, dict):
-            return path, train
-    return None, {}
+        try:
+            if not os.path.isfile(path):        # a folder, a FIFO (would block), a dangling link
+                raise OSError("not a regular file")
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            train = data.get("train") if isinstance(data, dict) else None
+            if not isinstance(train, dict):
+                raise ValueError("no 'train' object in it")
+        except (OSError, ValueError, RecursionError) as e:
+            why = (str(e).splitlines() or [type(e).__name__])[0][:120]
+            return RunConfig(None, {}, None, f"{path} is unreadable ({type(e).__name__}: {why}): the run's "
+                                             f"settings are not applied")
+        cwd = data.get("cwd") if isinstance(data.get("cwd"), str) else None
+        return RunConfig(path, train, cwd)
+    if os.path.isfile(model_path) and model_path.endswith(".safetensors"):
+        saved = saved_run_config(model_path)
+        if saved:
+            return RunConfig(model_path, saved, None)
+    return RunConfig(None, {}, None)
 
 
 def _valid(name: str, value: Any) -> bool:
-    """Whether a config.json value can stand for the flag ``name`` (a hand-edited file is not trusted)."""
-    if name in ("seed", "batch_size", "demo_eval_samples", "val_num_samples"):
-        return isinstance(value, int) and not isinstance(value, bool) and value >= (0 if name == "seed" else 1)
+    """Whether a recorded value can stand for the flag ``name`` (a hand-edited file is not trusted)."""
+    if name == "seed":
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2 ** 63
+    if name in ("batch_size", "demo_eval_samples", "val_num_samples"):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
     if name == "precision":
         return value in PRECISIONS
     if name == "zeroshot_templates":
@@ -126,37 +153,67 @@ def _valid(name: str, value: Any) -> bool:
     return isinstance(value, str) and bool(value)
 
 
+def _run_path(value: str, cwd: Optional[str]) -> str:
+    """A path the run recorded, made absolute against the folder the run was started from."""
+    return value if os.path.isabs(value) or cwd is None else os.path.join(cwd, value)
+
+
 def fill_defaults(args: argparse.Namespace, log=print) -> None:
     """Flags left unset take the run's values, so that ``fastclip eval RUN`` evaluates as the run
     evaluated itself; without data flags, the run's own evaluation data (the built-in shapes for
-    a demo run, else its --zeroshot-data/--val-data where they still exist); RUN_DEFAULTS and
-    --shapes otherwise."""
-    path, train = run_config(args.model)
-    taken = []
+    a demo run, else its --zeroshot-data/--val-data where they still exist, with its class
+    names); RUN_DEFAULTS and --shapes otherwise. Sets ``args.encode_batch_size``: the images per
+    forward (the run's batch size groups only the val loss: a per-rank batch of thousands would
+    be one forward of thousands of images)."""
+    run = run_config(args.model)
+    if run.note:
+        log(run.note)
+    train, taken = run.train, []
+    args.encode_batch_size = args.batch_size or RUN_DEFAULTS["batch_size"]
     for name, fallback in RUN_DEFAULTS.items():
-        if getattr(args, name) is not None:
+        if getattr(args, name) is not None or name == "zeroshot_classes":
             continue
         value = train.get(name)
         ok = _valid(name, value)
+        if ok and name == "precision" and value == "fp16" and not _cuda_device(args.device):
+            log("the run's --precision fp16 needs a GPU: fp32 here")
+            ok = False
         setattr(args, name, value if ok else fallback)
         if ok and value != fallback:
             taken.append(f"--{name.replace('_', '-')} {value}")
     if not any(getattr(args, f) for f in DATA_FLAGS):
         from ..datasets.webdataset import expand_urls
         demo = bool(train) and train.get("train_data") is None and train.get("dataset_type") in ("auto", "shapes")
+        if run.cwd is None and any(isinstance(train.get(k), str) and not os.path.isabs(train[k])
+                                   for k in ("zeroshot_data", "val_data")):
+            log("the run did not record the folder it was started from: its relative data paths are read "
+                "from this one")
         for name in ("zeroshot_data", "val_data"):
             value = train.get(name)
             if not (isinstance(value, str) and value):
                 continue
-            if os.path.exists(value) or (name == "val_data" and expand_urls(value)):
-                setattr(args, name, value)
-                taken.append(f"--{name.replace('_', '-')} {value}")
+            path = _run_path(value, run.cwd)
+            if os.path.exists(path) or (name == "val_data" and expand_urls(path)):
+                setattr(args, name, path)
+                taken.append(f"--{name.replace('_', '-')} {path}")
             else:
-                log(f"the run's --{name.replace('_', '-')} {value!r} is not found from here: not evaluated")
+                log(f"the run's --{name.replace('_', '-')} {path!r} is not found: not evaluated")
+        classes = train.get("zeroshot_classes")
+        if args.zeroshot_data and args.zeroshot_classes is None and _valid("zeroshot_classes", classes):
+            # The run's class names go with the run's folder only.
+            cpath = _run_path(classes, run.cwd)
+            args.zeroshot_classes = cpath if os.path.isfile(cpath) else classes
+            taken.append(f"--zeroshot-classes {args.zeroshot_classes}")
         if demo or not any(getattr(args, f) for f in DATA_FLAGS):
             args.shapes = True
+    args.run_config_path = run.path
     if taken:
-        log(f"from {path}: " + ", ".join(taken))
+        log(f"from {run.path}: " + ", ".join(taken))
+
+
+def _cuda_device(device: str) -> bool:
+    import torch
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -183,7 +240,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         try:
             kind = detect_val_type(args.val_data, args.dataset_type)
         except ValueError as e:
-            p.error(str(e).replace("--train-data", "--val-data"))
+            p.error(str(e).replace("--train-data/--val-data", "--val-data"))
         if kind == "csv" and not os.path.isfile(args.val_data):
             p.error(f"--val-data {args.val_data!r}: " + ("a folder, not a CSV file" if os.path.isdir(args.val_data)
                                                          else "file not found"))
@@ -194,18 +251,35 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         if why:
             p.error(f"{flag} {why}")
     if args.output is not None:
-        _check_output(p, args.output, [model_file, args.val_data, args.zeroshot_classes])
+        run_folder = os.path.dirname(os.path.realpath(model_file))
+        if os.path.basename(run_folder) == "checkpoints":
+            run_folder = os.path.dirname(run_folder)
+        protected = [args.zeroshot_data, args.probe_train, args.probe_test, os.path.join(run_folder, "checkpoints")]
+        _check_output(p, args.output, [model_file, args.val_data, args.zeroshot_classes,
+                                       getattr(args, "run_config_path", None),
+                                       os.path.join(run_folder, "model.safetensors"),
+                                       os.path.join(run_folder, "metrics.json")], protected)
 
 
-def _check_output(p: argparse.ArgumentParser, output: str, inputs: List[Optional[str]]) -> None:
+def _inside(path: str, folder: Optional[str]) -> bool:
+    if not folder or not os.path.isdir(folder):
+        return False
+    folder = os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _check_output(p: argparse.ArgumentParser, output: str, inputs: List[Optional[str]],
+                  folders: List[Optional[str]]) -> None:
     import tempfile
     if not output:
         p.error("--output '': expected a file name for the JSON metrics")
     real = os.path.realpath(output)
     if os.path.isdir(real):
         p.error(f"--output {output!r}: a folder; expected a file name for the JSON metrics")
-    if any(i and os.path.exists(i) and os.path.samefile(i, real) for i in inputs if os.path.exists(real)):
-        p.error(f"--output {output!r} is one of the inputs (the model or the data): it would be overwritten")
+    if any(i and os.path.exists(i) and os.path.samefile(i, real) for i in inputs if os.path.exists(real)) \
+            or any(_inside(real, f) for f in folders):
+        p.error(f"--output {output!r} is one of the inputs (the model, its run's files or the data) or inside "
+                f"a data folder: it would overwrite or add to it")
     if os.path.exists(real) and not os.path.isfile(real):
         return                                      # a device or a FIFO: written in place
     parent = os.path.dirname(real)
@@ -287,11 +361,12 @@ def evaluate(args: argparse.Namespace, log=print) -> Dict[str, Any]:
                              f"{tr.classnames} and {te.classnames}")
         probe = tr, te
     with torch.no_grad(), _autocast(device, args.precision):
+        eb = args.encode_batch_size
         if sets:
-            metrics.update(zeroshot_metrics(model, sets, device=device, batch_size=args.batch_size))
+            metrics.update(zeroshot_metrics(model, sets, device=device, batch_size=eb))
         if zs is not None:
             m, n = folder_zeroshot_metrics(model, zs, _task_name(args.zeroshot_data, sets), templates,
-                                           args.batch_size, device, args.workers)
+                                           eb, device, args.workers)
             metrics.update(m)
             add_mean_top1(metrics)
             skipped += n
@@ -299,10 +374,14 @@ def evaluate(args: argparse.Namespace, log=print) -> Dict[str, Any]:
             metrics.update(val_metrics(model, val_batches[0], loss, device, args.loss_backend))
             skipped += val_batches[1]
         if probe is not None:
-            streams = [FolderStream(d, args.batch_size, args.workers) for d in probe]
+            streams = [FolderStream(d, eb, args.workers) for d in probe]
             feats = [encode_batches(model, s, device) for s in streams]
             skipped += sum(s.skipped for s in streams)
     if probe is not None:           # fitted outside autocast (probe_metrics turns it off as well)
+        for flag, f, s in (("--probe-train", feats[0], streams[0]), ("--probe-test", feats[1], streams[1])):
+            if not len(f):
+                from ..datasets.csv_dataset import DataError
+                raise DataError(f"{flag}: no image could be decoded ({s.skipped} tried)")
         try:
             metrics.update(probe_metrics(feats[0], streams[0].all_labels(), feats[1], streams[1].all_labels(),
                                          seed=args.seed))

@@ -5,6 +5,7 @@ of this module; the trainer calls ``zeroshot_metrics`` and ``val_metrics`` for i
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -41,9 +42,11 @@ def load_model(path: str, device="cpu", *, allow_torchscript_code: bool = False)
 
 def resolve_model_file(path: str) -> str:
     """The file ``load_model`` reads for ``path``: a file itself; for a run folder its
-    ``model.safetensors``, unless a training checkpoint in it is newer (a run resumed past its
-    end and stopped before finishing again: the model file is the earlier end's), else the
-    newest checkpoint. Raises ValueError naming ``path`` when there is none."""
+    ``model.safetensors``, unless a training checkpoint in it is of a later step (a run resumed
+    past its end and stopped before finishing again: the model file is the earlier end's), else
+    the newest checkpoint. The model file's step is the one the trainer wrote in its metadata
+    (or the run's ``metrics.json``); the files' times decide only when neither tells (copies
+    do not keep them). Raises ValueError naming ``path`` when there is none."""
     from ..train.checkpoint import CKPT_DIR, list_checkpoints
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -54,13 +57,39 @@ def resolve_model_file(path: str) -> str:
     found = sorted(list_checkpoints(path))
     newest = found[-1][1] if found else None
     if os.path.isfile(model_file):
-        if newest is None or os.path.getmtime(model_file) >= os.path.getmtime(newest):
+        if newest is None:
             return model_file
-        return newest
+        step = _model_step(path, model_file)
+        if step is not None:
+            return newest if found[-1][0] > step else model_file
+        return model_file if os.path.getmtime(model_file) >= os.path.getmtime(newest) else newest
     if newest is None:
         raise ValueError(f"{path}: a folder without model.safetensors or {CKPT_DIR}/step_*.safetensors "
                          f"(expected the output folder of fastclip train, or a model file)")
     return newest
+
+
+def _model_step(folder: str, model_file: str) -> Optional[int]:
+    """The training step of a run folder's model file: its ``fastclip_step`` metadata, else the
+    ``steps`` of the folder's ``metrics.json``; None when neither says."""
+    from safetensors import safe_open
+    try:
+        with safe_open(model_file, framework="pt") as f:
+            v = (f.metadata() or {}).get("fastclip_step", "")
+        if v.isdigit():
+            return int(v)
+    except Exception:  # noqa: BLE001 - unreadable: the loader says why later
+        pass
+    try:
+        path = os.path.join(folder, "metrics.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                steps = json.load(f).get("steps")
+            if isinstance(steps, int) and not isinstance(steps, bool):
+                return steps
+    except (OSError, ValueError, AttributeError, RecursionError):
+        pass
+    return None
 
 
 def check_vocab(model, path: str) -> None:

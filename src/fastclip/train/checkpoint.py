@@ -255,6 +255,24 @@ def read_training_state(path: str) -> Dict[str, Any]:
     return state
 
 
+def saved_run_config(path: str) -> Optional[Dict[str, Any]]:
+    """The run configuration (``TrainConfig`` fields) a training checkpoint saved, read from its
+    metadata alone (no tensor is loaded); None when ``path`` is not such a checkpoint."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            return None
+        node = json.loads(meta["state"])
+        for key in ("extra", "config"):
+            node = dict(node["dict"])[key]
+        out = _decode(node, {})
+        return out if isinstance(out, dict) else None
+    except Exception:  # noqa: BLE001 - any unreadable or unexpected file: no configuration
+        return None
+
+
 def _match_strides(optimizer) -> None:
     """Give each per-parameter optimizer tensor its parameter's memory layout again (Adam's moments
     are ``zeros_like(param)``: channels_last for the ResNet tower's convolutions), as in the run

@@ -317,6 +317,7 @@ class Trainer:
         self._folder_skipped_counted = False
         if cfg.zeroshot_data:
             name, ds, tmpl = folder_zeroshot_task(cfg, self.model)
+            ds.check_decodable()        # now, not at the first evaluation (after --overwrite, steps in)
             self.zs_folder = (name if name not in self.zs_sets else f"{name}-folder", ds, tmpl)
         self.val_batches = None
         if cfg.val_data:
@@ -375,8 +376,9 @@ class Trainer:
             msg += f"\n  {note}"
         self.log(msg)
         with open(os.path.join(cfg.output, "config.json"), "w", encoding="utf-8") as f:
+            # cwd: what the relative paths of "train" are relative to (fastclip eval reads them).
             json.dump({"train": dataclasses.asdict(cfg), "model": self.model.config.to_dict(),
-                       "world_size": env.world_size}, f, indent=2)
+                       "world_size": env.world_size, "cwd": os.getcwd()}, f, indent=2)
 
     def run(self) -> Dict[str, Any]:
         cfg, env = self.cfg, self.env
@@ -519,7 +521,8 @@ class Trainer:
         from ..models import save_checkpoint
         cfg = self.cfg
         model_path = os.path.join(cfg.output, "model.safetensors")
-        save_checkpoint(self.model, model_path)
+        # The step in the metadata: fastclip eval tells this model from newer checkpoints by it.
+        save_checkpoint(self.model, model_path, metadata={"fastclip_step": str(self.total_steps)})
         result: Dict[str, Any] = {
             "steps": self.total_steps, "global_batch": cfg.batch_size * self.env.world_size,
             "wall_time_s": wall, "train_samples_skipped": total_skipped,
