@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Flags a run's config.json fills in when unset, with the value used otherwise.
 RUN_DEFAULTS: Dict[str, Any] = {
     "seed": _D.seed, "batch_size": 256, "demo_eval_samples": _D.demo_eval_samples, "precision": "fp32",
-    "val_num_samples": None, "zeroshot_templates": _D.zeroshot_templates, "zeroshot_classes": None,
+    "val_num_samples": None, "zeroshot_templates": _D.zeroshot_templates,
     "csv_img_key": _D.csv_img_key, "csv_caption_key": _D.csv_caption_key, "csv_separator": _D.csv_separator,
     "dataset_type": "auto"}
 DATA_FLAGS = ("zeroshot_data", "val_data", "probe_train", "shapes")
@@ -171,7 +171,7 @@ def fill_defaults(args: argparse.Namespace, log=print) -> None:
     train, taken = run.train, []
     args.encode_batch_size = args.batch_size or RUN_DEFAULTS["batch_size"]
     for name, fallback in RUN_DEFAULTS.items():
-        if getattr(args, name) is not None or name == "zeroshot_classes":
+        if getattr(args, name) is not None:
             continue
         value = train.get(name)
         ok = _valid(name, value)
@@ -300,19 +300,13 @@ def _autocast(device, precision: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _task_name(folder: str, taken) -> str:
-    name = os.path.basename(os.path.realpath(folder)) or "zeroshot"
-    return name if name not in taken else f"{name}-folder"
-
-
 def evaluate(args: argparse.Namespace, log=print) -> Dict[str, Any]:
     """Load ``args.model``, read the data the flags name, and return the metrics (written to
     ``args.output`` first when set). Expects ``fill_defaults`` and ``check_args`` to have run."""
     import torch
 
-    from ..datasets.folder import ImageFolderDataset, read_classnames
-    from ..train.data import image_transform_for, load_val_batches
-    from . import templates as T
+    from ..datasets.folder import ImageFolderDataset
+    from ..train.data import folder_zeroshot_task, image_transform_for, load_val_batches
     from .evaluate import (
         FolderStream,
         add_mean_top1,
@@ -337,12 +331,12 @@ def evaluate(args: argparse.Namespace, log=print) -> Dict[str, Any]:
     cfg = TrainConfig(seed=args.seed, batch_size=args.batch_size, val_data=args.val_data,
                       val_num_samples=args.val_num_samples, dataset_type=args.dataset_type,
                       csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key,
-                      csv_separator=args.csv_separator, demo_eval_samples=args.demo_eval_samples)
+                      csv_separator=args.csv_separator, demo_eval_samples=args.demo_eval_samples,
+                      zeroshot_data=args.zeroshot_data, zeroshot_classes=args.zeroshot_classes,
+                      zeroshot_templates=args.zeroshot_templates)
     loss = args.loss if args.loss != "auto" else ("siglip" if model.logit_bias is not None else "clip")
     if loss == "siglip" and model.logit_bias is None and args.val_data:
         raise ValueError("--loss siglip: the model has no logit_bias (it was not trained with the sigmoid loss)")
-    templates = {"imagenet": T.IMAGENET_TEMPLATES, "cifar": T.CIFAR_TEMPLATES,
-                 "simple": T.SIMPLE_TEMPLATES}[args.zeroshot_templates]
     tf = image_transform_for(model, False)
     metrics: Dict[str, float] = {}
     skipped = 0
@@ -350,8 +344,7 @@ def evaluate(args: argparse.Namespace, log=print) -> Dict[str, Any]:
     if args.shapes:
         from ..train.demo import shapes_zeroshot_sets
         sets.update(shapes_zeroshot_sets(cfg, model))
-    zs = ImageFolderDataset(args.zeroshot_data, tf, read_classnames(args.zeroshot_classes)) \
-        if args.zeroshot_data else None
+    zs = folder_zeroshot_task(cfg, model, sets) if args.zeroshot_data else None
     val_batches = load_val_batches(cfg, model, log=log) if args.val_data else None
     probe = None
     if args.probe_train:
@@ -365,8 +358,8 @@ def evaluate(args: argparse.Namespace, log=print) -> Dict[str, Any]:
         if sets:
             metrics.update(zeroshot_metrics(model, sets, device=device, batch_size=eb))
         if zs is not None:
-            m, n = folder_zeroshot_metrics(model, zs, _task_name(args.zeroshot_data, sets), templates,
-                                           eb, device, args.workers)
+            name, ds, templates = zs
+            m, n = folder_zeroshot_metrics(model, ds, name, templates, eb, device, args.workers)
             metrics.update(m)
             add_mean_top1(metrics)
             skipped += n

@@ -230,18 +230,19 @@ def load_val_batches(cfg: TrainConfig, model, log: Optional[Callable[[str], None
     return out, skipped_total
 
 
-def folder_zeroshot_task(cfg: TrainConfig, model):
+def folder_zeroshot_task(cfg: TrainConfig, model, taken=()):
     """``--zeroshot-data`` (a folder of class-named folders): ``(name, ImageFolderDataset,
-    templates)``. The images are listed now and decoded at each evaluation, batch by batch
-    (``fastclip.eval.evaluate.folder_zeroshot_metrics``): an ImageNet-sized folder held as
-    tensors would take tens of GB."""
+    templates)``; the name is the folder's, with "-folder" added where it is one of ``taken``
+    (the built-in tasks' names). The images are listed now and decoded at each evaluation,
+    batch by batch (``fastclip.eval.evaluate.folder_zeroshot_metrics``): an ImageNet-sized
+    folder held as tensors would take tens of GB."""
     from ..datasets.folder import ImageFolderDataset, read_classnames
     from ..eval import templates as T
     ds = ImageFolderDataset(cfg.zeroshot_data, image_transform_for(model, False), read_classnames(cfg.zeroshot_classes))
     tmpl = {"imagenet": T.IMAGENET_TEMPLATES, "cifar": T.CIFAR_TEMPLATES,
             "simple": T.SIMPLE_TEMPLATES}[cfg.zeroshot_templates]
     name = os.path.basename(os.path.realpath(cfg.zeroshot_data)) or "zeroshot"
-    return name, ds, tmpl
+    return (name if name not in taken else f"{name}-folder"), ds, tmpl
 
 
 __all__ = ["StepBatches", "TrainData", "ZeroShotSet", "build_train_data", "collate_pairs", "detect_dataset_type",

@@ -316,9 +316,8 @@ class Trainer:
         self.zs_folder = None           # (name, ImageFolderDataset, templates), decoded at each eval
         self._folder_skipped_counted = False
         if cfg.zeroshot_data:
-            name, ds, tmpl = folder_zeroshot_task(cfg, self.model)
-            ds.check_decodable()        # now, not at the first evaluation (after --overwrite, steps in)
-            self.zs_folder = (name if name not in self.zs_sets else f"{name}-folder", ds, tmpl)
+            self.zs_folder = folder_zeroshot_task(cfg, self.model, self.zs_sets)
+            self.zs_folder[1].check_decodable()   # now, not at the first evaluation (after --overwrite)
         self.val_batches = None
         if cfg.val_data:
             self.val_batches, skipped = load_val_batches(cfg, self.model, log=self.log)
