@@ -354,3 +354,43 @@ def test_the_runs_batch_size_groups_the_val_loss_not_the_forwards(siglip_run, ca
     code, _, _ = _eval(capsys, siglip_run)
     code2, _, _ = _eval(capsys, siglip_run, "--batch-size", "1000")
     assert code == code2 == 0 and seen == [(88, 256), (1000, 1000)]
+
+
+class _OneHot(torch.nn.Module):
+    """A perfect stand-in model: image and caption features are the given one-hot rows."""
+
+    def forward(self, imgs, toks, normalize=False):
+        return imgs.float(), toks.float(), torch.tensor(10.0)
+
+    def parameters(self, recurse=True):
+        return iter([torch.zeros(1)])
+
+
+def test_val_recall_counts_rows_of_one_image_as_its_captions():
+    """A COCO-style val CSV lists each image once per caption. Without image ids the copies tie
+    and only the first can rank first (a perfect model scored R@1 0.5); with them each image is
+    one candidate with several captions."""
+    from fastclip.eval.evaluate import val_metrics
+    ids = torch.tensor([0, 0, 1, 1, 2, 2, 3])          # 4 images, 7 caption rows
+    rows = torch.eye(4)[ids]                            # [7, 4]
+    batches = [(rows[:4], rows[:4], ids[:4]), (rows[4:], rows[4:], ids[4:])]
+    got = val_metrics(_OneHot(), batches)
+    assert got["val/n"] == 7
+    assert got["val/image_to_text_R@1"] == 1.0 and got["val/text_to_image_R@1"] == 1.0
+    plain = val_metrics(_OneHot(), [b[:2] for b in batches])
+    assert plain["val/text_to_image_R@1"] == pytest.approx(4 / 7)
+
+
+def test_val_batches_give_repeated_images_one_id(tmp_path):
+    from fastclip.train import TrainConfig
+    from fastclip.train.data import load_val_batches
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / f"{k}.png")
+    (tmp_path / "val.csv").write_text("filepath,title\n" + "".join(
+        f"{k}.png,caption {j} of image {k}\n" for k in (0, 1, 2) for j in range(2)) + "0.png,once more\n")
+
+    class M:
+        image_size, context_length = 16, 12
+    batches, skipped = load_val_batches(TrainConfig(val_data=str(tmp_path / "val.csv"), batch_size=4), M())
+    assert skipped == 0 and torch.cat([b[2] for b in batches]).tolist() == [0, 0, 1, 1, 2, 2, 0]

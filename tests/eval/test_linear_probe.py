@@ -58,9 +58,43 @@ def test_bad_probe_inputs_are_clear_errors():
             linear_probe(x, y, x, y, **kw)
     with pytest.raises(TypeError, match="train_labels must be integer"):
         linear_probe(x, y.float(), x, y)
-    with pytest.raises(ValueError, match="non-negative"):
+    with pytest.raises(ValueError, match=r"test_labels must be class indices in \[0, inf\)"):
         linear_probe(x, y, x, -y)
+    with pytest.raises(ValueError, match="train_features is empty"):
+        linear_probe(x[:0], y[:0], x, y, val_features=x, val_labels=y)
     with pytest.raises(ValueError, match="test_features is empty"):
         linear_probe(x, y, x[:0], y[:0])
     with pytest.raises(ValueError, match="at least 2 training samples"):
         linear_probe(x[:1], y[:1], x, y)
+
+
+def test_non_finite_features_are_an_error_to_fit_and_a_miss_to_score():
+    """A diverged model's NaN features: fitting on them is a ValueError naming them (LBFGS used to
+    die with "value cannot be converted to type float"); a NaN test row is a miss, not whatever
+    argmax picks among NaNs (class 0)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(40) % 2
+    x = torch.randn(40, 4, generator=g) + 3 * y[:, None].float()
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="train_features: 1 of 40 rows hold NaN or inf"):
+        linear_probe(bad, y, x, y)
+    with pytest.raises(ValueError, match="val_features hold NaN"):
+        linear_probe(x, y, x, y, val_features=bad, val_labels=y)
+    ones = linear_probe(x, y, x[y == 1], y[y == 1]).accuracy   # the same fit, scored on class 1
+    xs = x.clone()
+    xs[y == 0] = float("nan")                  # every class-0 test row: a miss
+    assert linear_probe(x, y, xs, y).accuracy == pytest.approx(0.5 * ones)
+
+
+def test_linear_probe_fits_in_fp32_inside_a_callers_autocast():
+    """linear_probe itself turns autocast off (the fit in bf16 chose C=1e-8 and landed at chance)."""
+    g = torch.Generator().manual_seed(1)
+    centers = torch.randn(4, 32, generator=g)
+    y = torch.arange(200) % 4
+    x = centers[y] + 1.5 * torch.randn(200, 32, generator=g)
+    ref = linear_probe(x[:120], y[:120], x[120:], y[120:])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_probe(x[:120], y[:120], x[120:], y[120:])
+    assert got.classifier.weight.dtype == torch.float32
+    assert got.C == ref.C and got.accuracy == ref.accuracy

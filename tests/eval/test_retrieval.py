@@ -70,3 +70,23 @@ def test_non_finite_features_are_misses():
     # image 1's similarities hold an inf: that query misses, the other three images hit; every
     # caption's row holds image 1's inf (or a nan): all four misses.
     assert got["image_to_text_R@1"] == 0.75 and got["text_to_image_R@1"] == 0.0, got
+
+
+def test_caption_map_and_ks_must_be_integers():
+    x = torch.eye(3)
+    with pytest.raises(TypeError, match="text_to_image .* must be integer class indices"):
+        retrieval_metrics(x, x, torch.tensor([0.0, 1.5, 2.0]))
+    for ks in ((1.5,), (True,), (), "1"):
+        with pytest.raises(ValueError, match="ks must be a non-empty sequence of positive ints"):
+            retrieval_metrics(x, x, ks=ks)
+
+
+def test_similarities_are_fp32_inside_a_callers_bf16_autocast():
+    """In bf16 a row of 2000 similarities had 1008 distinct values, and ties moved recall."""
+    g = torch.Generator().manual_seed(3)
+    img = torch.randn(300, 32, generator=g)
+    txt = img + 0.9 * torch.randn(300, 32, generator=g)
+    ref = retrieval_metrics(img, txt)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = retrieval_metrics(img, txt)
+    assert got == ref

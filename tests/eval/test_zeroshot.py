@@ -117,5 +117,44 @@ def test_long_prompts_are_cut_to_the_context_and_names_must_be_a_list(model):
 
 
 def test_classification_metrics_wants_flat_labels():
-    with pytest.raises(ValueError, match=r"labels \[N\]"):
+    with pytest.raises(ValueError, match=r"labels must be 1-D \[N\], got shape \(4, 1\)"):
         classification_metrics(torch.randn(4, 3), torch.zeros(4, 1, dtype=torch.long))
+
+
+def test_non_finite_logits_are_misses_and_labels_are_class_indices():
+    """All-NaN logits (a diverged model) scored top-1 50% and top-5 100% with 3 classes: topk
+    picks arbitrary indices among NaNs. Such a row is a miss; labels outside [0, C) or not
+    integers are errors (1.9 was truncated to class 1 and scored as a hit)."""
+    logits = torch.tensor([[1.0, 2.0, 0.0], [float("nan")] * 3, [0.0, float("inf"), 1.0]])
+    r = classification_metrics(logits, torch.tensor([1, 0, 1]))
+    assert r["top1"] == pytest.approx(1 / 3) and r["top5"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match=r"labels must be class indices in \[0, 3\), got values from 0 to 7"):
+        classification_metrics(torch.randn(2, 3), torch.tensor([0, 7]))
+    with pytest.raises(ValueError, match=r"in \[0, 3\), got values from -1"):
+        classification_metrics(torch.randn(2, 3), [-1, 0])
+    with pytest.raises(TypeError, match="labels must be integer class indices, got dtype torch.float32"):
+        classification_metrics(torch.randn(2, 3), torch.tensor([0.0, 1.9]))
+
+
+def test_templates_must_place_the_class_name(model):
+    with pytest.raises(TypeError, match=r"templates must be a sequence .*pass \['a photo of a \{\}.'\]"):
+        build_zeroshot_classifier(model, ["cat", "dog"], "a photo of a {}.")
+    with pytest.raises(ValueError, match="has no {} for the class name"):
+        build_zeroshot_classifier(model, ["cat", "dog"], ["a photo of a {}.", "a photo."])
+    with pytest.raises(ValueError, match="is not a format string"):
+        build_zeroshot_classifier(model, ["cat", "dog"], ["a photo of a {name}."])
+    clf = build_zeroshot_classifier(model, ["cat", "dog"], ["a {0} and a {0}.", lambda c: f"{c}!"])
+    assert clf.shape == (model.embed_dim, 2)
+
+
+def test_similarities_are_fp32_inside_bf16_autocast(model):
+    """--precision bf16 runs the encoders under autocast; the similarity stays fp32 (in bf16, 7
+    of 48 rows of the demo's shape task tied for the maximum)."""
+    clf = build_zeroshot_classifier(model, ["cat", "dog", "car"], ["a photo of a {}."])
+    imgs = torch.randn(6, 3, model.image_size, model.image_size, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = zero_shot_classify(model, imgs, clf)
+        emb = model.encode_image(imgs)
+    assert got.dtype == torch.float32
+    want = 100.0 * F.normalize(emb.float(), dim=-1) @ clf
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)

@@ -360,3 +360,19 @@ def test_tsv_files_are_tab_separated_by_default(tmp_path):
     (tmp_path / "t.tsv").write_text("filepath\ttitle\na.png\ta cat, sitting\n")
     ds = CsvDataset(str(tmp_path / "t.tsv"), image_transform(32))
     assert len(ds) == 1 and ds.captions[0] == "a cat, sitting"
+
+
+def test_wide_grayscale_images_are_scaled_not_clipped():
+    """A 16-bit PNG (0..65535) came back 99.6% white through Pillow's convert("RGB")."""
+    from fastclip.datasets.csv_dataset import load_image
+    ramp = (np.arange(1024, dtype=np.uint32) * 64).reshape(16, 64).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="PNG")
+    got = np.asarray(load_image(buf.getvalue()))
+    assert got.shape == (16, 64, 3) and got.dtype == np.uint8
+    np.testing.assert_allclose(got[..., 0].astype(float), ramp / 257.0, atol=0.5)
+    for arr, want in ((np.array([[0, 200]], np.int32), [0, 200]),            # already 8-bit values
+                      (np.array([[-5.0, 3.5]], np.float32), [0, 255])):       # any other range: stretched
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="TIFF")
+        assert np.asarray(load_image(buf.getvalue()))[0, :, 0].tolist() == want

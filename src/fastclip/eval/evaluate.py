@@ -248,27 +248,40 @@ def folder_zeroshot_metrics(model, dataset, name: str, templates, batch_size: in
 
 
 @torch.no_grad()
-def val_metrics(model, batches: Sequence[Tuple[torch.Tensor, torch.Tensor]], loss: str = "clip",
+def val_metrics(model, batches: Sequence[Tuple[torch.Tensor, ...]], loss: str = "clip",
                 device=None, backend: str = "auto") -> Dict[str, float]:
-    """On held-out ``(images, tokens)`` batches: ``val/loss`` (``loss``, "clip" or "siglip",
-    within each batch, averaged over samples), ``val/n`` and the retrieval recalls of
-    ``retrieval_metrics`` over all batches together (``val/image_to_text_R@1`` ...,
-    ``val/mean_recall``)."""
+    """On held-out ``(images, tokens)`` or ``(images, tokens, image_ids)`` batches (as
+    ``fastclip.train.data.load_val_batches`` makes them): ``val/loss`` (``loss``, "clip" or
+    "siglip", within each batch, averaged over samples), ``val/n`` (rows) and the retrieval
+    recalls of ``retrieval_metrics`` over all batches together (``val/image_to_text_R@1`` ...,
+    ``val/mean_recall``). Rows with the same ``image_ids`` entry are one image with several
+    captions (an image query is right when any of them ranks within K); without ids each row is
+    its own image."""
     from ..ops.contrastive_loss import fused_loss
     from .retrieval import retrieval_metrics
     dev = torch.device(device) if device is not None else next(model.parameters()).device
-    imgs_f, txts_f, losses, ns = [], [], [], []
-    for imgs, toks in batches:
+    imgs_f, txts_f, ids, losses, ns = [], [], [], [], []
+    for batch in batches:
+        imgs, toks = batch[0], batch[1]
         i, t, *ps = model(imgs.to(dev), toks.to(dev), normalize=False)
         losses.append(fused_loss(loss, i.float(), t.float(), [p.float() for p in ps],
                                  normalize=True, backend=backend).item())
         ns.append(len(imgs))
         imgs_f.append(i.float().cpu())
         txts_f.append(t.float().cpu())
+        ids.append(batch[2].long().cpu() if len(batch) > 2 and batch[2] is not None else None)
     if not ns:
         raise ValueError("val_metrics: no batches")
     out = {"val/loss": sum(v * n for v, n in zip(losses, ns)) / sum(ns), "val/n": sum(ns)}
-    for k, v in retrieval_metrics(torch.cat(imgs_f), torch.cat(txts_f)).items():
+    img, txt = torch.cat(imgs_f), torch.cat(txts_f)   # [M, D] each: one row per caption
+    text_to_image = None
+    if all(x is not None for x in ids):
+        # One image row per distinct id (its first occurrence); each caption -> its image's row.
+        uniq, text_to_image = torch.unique(torch.cat(ids), return_inverse=True)   # [N], [M]
+        first = torch.full((len(uniq),), len(text_to_image), dtype=torch.long)
+        first.scatter_reduce_(0, text_to_image, torch.arange(len(text_to_image)), reduce="amin")
+        img = img[first]   # [N, D]
+    for k, v in retrieval_metrics(img, txt, text_to_image).items():
         out[f"val/{k}"] = v
     return out
 
@@ -283,8 +296,7 @@ def probe_metrics(train_features: torch.Tensor, train_labels: torch.Tensor, test
     ``probe/n_train``, ``probe/n_test``."""
     from .linear_probe import linear_probe
     xtr, xte = train_features.float(), test_features.float()
-    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
-        r = linear_probe(xtr, train_labels, xte, test_labels, seed=seed)
+    r = linear_probe(xtr, train_labels, xte, test_labels, seed=seed)   # fits with autocast off
     return {"probe/top1": r.accuracy, "probe/C": r.C, "probe/val_top1": r.val_accuracy,
             "probe/n_train": int(xtr.shape[0]), "probe/n_test": int(xte.shape[0])}
 

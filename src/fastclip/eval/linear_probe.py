@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import class_indices, finite_rows, fp32_math
+
 
 @dataclass
 class LinearProbeResult:
@@ -31,9 +33,12 @@ class LinearProbeResult:
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, max_iter: int = 1000,
                  init: Optional[nn.Linear] = None, tol: float = 1e-7) -> nn.Linear:
     """Minimise ``mean CE(W x + b, y) + ||W||^2 / (2 C N)`` with LBFGS. ``x`` ``[N, D]`` float,
-    ``y`` ``[N]`` long. Returns an ``nn.Linear(D, num_classes)`` (warm-started from ``init``)."""
+    ``y`` ``[N]`` long. Returns an ``nn.Linear(D, num_classes)`` (warm-started from ``init``).
+    Runs with autocast off (in ``x``'s dtype, whatever the caller's context)."""
     if C <= 0:
         raise ValueError(f"C must be positive, got {C}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x holds non-finite values (NaN or inf): a probe cannot be fitted on them")
     clf = nn.Linear(x.shape[1], num_classes, device=x.device, dtype=x.dtype)
     with torch.no_grad():
         if init is not None:
@@ -52,15 +57,18 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, m
         loss.backward()
         return loss
 
-    with torch.enable_grad():
+    with torch.enable_grad(), fp32_math():
         opt.step(closure)
     return clf.requires_grad_(False)
 
 
 @torch.no_grad()
 def _score(clf: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> Tuple[float, float]:
-    logits = clf(x)
-    return (logits.argmax(1) == y).float().mean().item(), F.cross_entropy(logits, y).item()
+    """Top-1 accuracy (a row with non-finite features is a miss) and the mean cross-entropy."""
+    with fp32_math():
+        logits = clf(x)
+        hit = (logits.argmax(1) == y) & finite_rows(x)
+        return hit.float().mean().item(), F.cross_entropy(logits, y).item()
 
 
 def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
@@ -70,25 +78,32 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
                  refit: bool = True, device=None, seed: int = 0) -> LinearProbeResult:
     """Fit a linear probe and report test accuracy.
 
-    Features ``[N, D]`` (any float dtype; fit in fp32), labels ``[N]`` ints in ``[0, C)``. Without
-    ``val_features`` a random ``val_fraction`` of train (``seed``) is held out for choosing ``C``.
+    Features ``[N, D]`` (any float dtype; fit in fp32 with autocast off), labels ``[N]`` ints in
+    ``[0, C)``; training and validation features must be finite, a test row with NaN/inf is a
+    miss. Without ``val_features`` a random ``val_fraction`` of train (``seed``) is held out for
+    choosing ``C``.
     ``Cs``: the coarse grid (default ``10^-6, 10^-4, ..., 10^6``); ``refine_steps`` halvings of the
     log10 step around the best (0 disables; 4 reaches 1/8 decade). ``refit``: refit on train + val
     with the chosen C before testing. Returns a ``LinearProbeResult``.
     """
     dev = torch.device(device) if device is not None else train_features.device
-    xt, yt = train_features.to(dev, torch.float32), torch.as_tensor(train_labels, device=dev).long()
-    xs, ys = test_features.to(dev, torch.float32), torch.as_tensor(test_labels, device=dev).long()
+    xt, yt = train_features.to(dev, torch.float32), class_indices(train_labels, "train_labels", device=dev)
+    xs, ys = test_features.to(dev, torch.float32), class_indices(test_labels, "test_labels", device=dev)
     if xt.dim() != 2 or xs.dim() != 2 or xt.shape[1] != xs.shape[1]:
         raise ValueError(f"train_features/test_features must be [N, D] with equal D, got "
                          f"{tuple(xt.shape)}, {tuple(xs.shape)}")
     if yt.shape != (xt.shape[0],) or ys.shape != (xs.shape[0],):
-        raise ValueError("train_labels/test_labels must be 1-D with one label per feature row")
-    for name, lab in (("train_labels", train_labels), ("test_labels", test_labels), ("val_labels", val_labels)):
-        if lab is not None and torch.as_tensor(lab).is_floating_point():
-            raise TypeError(f"{name} must be integer class indices, got floating-point labels")
+        raise ValueError(f"train_labels/test_labels must have one label per feature row, got "
+                         f"{tuple(yt.shape)} for {xt.shape[0]} and {tuple(ys.shape)} for {xs.shape[0]} rows")
+    if xt.shape[0] == 0:
+        raise ValueError("train_features is empty: nothing to fit")
     if xs.shape[0] == 0:
         raise ValueError("test_features is empty: nothing to score")
+    # Test rows with NaN/inf are misses (as in zero-shot); the fit cannot use them.
+    if not bool(torch.isfinite(xt).all()):
+        bad = int((~finite_rows(xt)).sum())
+        raise ValueError(f"train_features: {bad} of {xt.shape[0]} rows hold NaN or inf (a diverged model?); "
+                         f"a probe cannot be fitted on them")
     if Cs is not None and any(not (isinstance(c, (int, float)) and c > 0 and math.isfinite(c)) for c in Cs):
         raise ValueError(f"Cs must be finite positive numbers (inverse regularisation strengths), got {list(Cs)}")
     if val_features is None:
@@ -104,11 +119,13 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     else:
         if val_labels is None:
             raise ValueError("val_labels is required with val_features")
-        xv, yv = val_features.to(dev, torch.float32), torch.as_tensor(val_labels, device=dev).long()
+        xv, yv = val_features.to(dev, torch.float32), class_indices(val_labels, "val_labels", device=dev)
+        if xv.dim() != 2 or xv.shape[1] != xt.shape[1]:
+            raise ValueError(f"val_features must be [N, D={xt.shape[1]}], got {tuple(xv.shape)}")
+        if not bool(torch.isfinite(xv).all()):
+            raise ValueError("val_features hold NaN or inf (a diverged model?): C cannot be chosen on them")
     if xv.shape[0] == 0 or yv.shape != (xv.shape[0],):
         raise ValueError("val_features/val_labels must be [N, D] and [N] with N >= 1")
-    if min(yt.min(), yv.min(), ys.min()) < 0:
-        raise ValueError("labels must be non-negative class indices")
     num_classes = int(max(yt.max(), yv.max(), ys.max()).item()) + 1
 
     tried = {}

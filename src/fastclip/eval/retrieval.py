@@ -1,10 +1,13 @@
 """Image <-> text retrieval recall@K, computed in row chunks (never the full N x M matrix)."""
 from __future__ import annotations
 
+import numbers
 from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from ._checks import class_indices, fp32_math
 
 # The rank of a query that cannot be ranked (a non-finite similarity): beyond every K.
 _MISS = torch.iinfo(torch.long).max
@@ -33,22 +36,29 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
                          f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    if not ks or any(int(k) <= 0 for k in ks):
-        raise ValueError(f"ks must be positive ints, got {ks}")
+    if isinstance(ks, (str, bytes)) or not ks or any(
+            isinstance(k, bool) or not isinstance(k, numbers.Integral) or k <= 0 for k in ks):
+        raise ValueError(f"ks must be a non-empty sequence of positive ints, got {ks!r}")
+    ks = [int(k) for k in ks]
     n, m = image_features.shape[0], text_features.shape[0]
     dev = image_features.device
     if text_to_image is None:
         if n != m:
             raise ValueError(f"text_to_image is required when the number of texts ({m}) != images ({n})")
         text_to_image = torch.arange(n, device=dev)
-    text_to_image = torch.as_tensor(text_to_image, device=dev).long()
-    if text_to_image.shape != (m,):
-        raise ValueError(f"text_to_image must have shape [{m}], got {tuple(text_to_image.shape)}")
-    if m and (text_to_image.min() < 0 or text_to_image.max() >= n):
-        raise ValueError(f"text_to_image entries must be in [0, {n})")
+    if torch.as_tensor(text_to_image).shape != (m,):
+        raise ValueError(f"text_to_image must have shape [{m}], got {tuple(torch.as_tensor(text_to_image).shape)}")
+    text_to_image = class_indices(text_to_image, "text_to_image (image index of each caption)", n, dev)
     if torch.bincount(text_to_image, minlength=n).min() == 0 if n else False:
         raise ValueError("text_to_image: every image needs at least one caption")
-    img, txt = image_features.float(), text_features.float().to(dev)
+    with fp32_math():   # float32 similarities even inside a caller's bf16 autocast
+        return _recalls(image_features.float(), text_features.float().to(dev), text_to_image, ks,
+                        chunk_size, normalize)
+
+
+def _recalls(img: torch.Tensor, txt: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int],
+             chunk_size: int, normalize: bool) -> Dict[str, float]:
+    n, m, dev = img.shape[0], txt.shape[0], img.device
     if normalize:
         img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
 

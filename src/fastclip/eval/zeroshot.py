@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ..datasets.folder import IMAGE_EXTENSIONS
 from ..tokenizer import tokenize
+from ._checks import class_indices, finite_rows, fp32_math
 from .templates import SIMPLE_TEMPLATES
 
 Template = Union[str, Callable[[str], str]]
@@ -21,6 +22,20 @@ def _device(model: torch.nn.Module, device) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _check_template(t) -> None:
+    if callable(t):
+        return
+    if not isinstance(t, str):
+        raise TypeError(f"templates must be format strings or callables, got {type(t).__name__} {t!r}")
+    marker = "\x00class\x00"
+    try:
+        placed = marker in t.format(marker)
+    except (IndexError, KeyError, ValueError) as e:
+        raise ValueError(f"template {t!r} is not a format string with one {{}} for the class name: {e}") from None
+    if not placed:
+        raise ValueError(f"template {t!r} has no {{}} for the class name: every class would get the same prompt")
+
+
 @torch.no_grad()
 def build_zeroshot_classifier(model, classnames: Sequence[str], templates: Sequence[Template],
                               tokenizer: Callable = tokenize, device=None, batch_size: int = 256) -> torch.Tensor:
@@ -30,14 +45,20 @@ def build_zeroshot_classifier(model, classnames: Sequence[str], templates: Seque
     ``model.encode_text``, each L2-normalised, averaged, and the mean renormalised.
     ``tokenizer(texts, context_length=...)`` defaults to ``fastclip.tokenizer.tokenize``, with
     prompts longer than the model's context cut to fit (as open_clip's tokenizer does; the
-    end-of-text token is kept).
+    end-of-text token is kept). A string template must place the class name (``{}``): one
+    without it gives every class the same embedding.
     """
     if isinstance(classnames, (str, bytes)):
         raise TypeError(f"classnames must be a sequence of class names, got a single string {classnames!r}")
+    if isinstance(templates, (str, bytes)):
+        raise TypeError(f"templates must be a sequence of templates, got a single string {templates!r} "
+                        f"(pass [{templates!r}])")
     if len(classnames) == 0:
         raise ValueError("classnames must not be empty")
     if len(templates) == 0:
         raise ValueError("templates must not be empty")
+    for t in templates:
+        _check_template(t)
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     dev = _device(model, device)
@@ -57,27 +78,33 @@ def build_zeroshot_classifier(model, classnames: Sequence[str], templates: Seque
 def zero_shot_classify(model, images: torch.Tensor, classifier: torch.Tensor, batch_size: int = 256,
                        device=None) -> torch.Tensor:
     """Logits FloatTensor ``[N, num_classes]`` = ``100 * normalise(encode_image(images)) @ classifier``
-    for preprocessed ``images`` ``[N, 3, H, W]`` (processed in batches of ``batch_size``)."""
+    for preprocessed ``images`` ``[N, 3, H, W]`` (processed in batches of ``batch_size``). The
+    encoder runs in the caller's precision (autocast included); the similarity in float32."""
     dev = _device(model, device)
     out = []
     for i in range(0, images.shape[0], batch_size):
-        f = F.normalize(model.encode_image(images[i:i + batch_size].to(dev)).float(), dim=-1)  # [b, D]
-        out.append(100.0 * f @ classifier.to(dev, torch.float32))
+        emb = model.encode_image(images[i:i + batch_size].to(dev))  # [b, D]
+        with fp32_math():
+            f = F.normalize(emb.float(), dim=-1)
+            out.append(100.0 * f @ classifier.to(dev, torch.float32))
     return torch.cat(out) if out else torch.zeros(0, classifier.shape[1])
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
-    """top1, top5 (top-min(5, C)) accuracy and mean per-class recall (over classes present)."""
-    labels = torch.as_tensor(labels).to(logits.device).long()
-    if logits.dim() != 2 or labels.dim() != 1:
-        raise ValueError(f"logits must be [N, C] and labels [N], got shapes {tuple(logits.shape)} and "
-                         f"{tuple(labels.shape)}")
+    """top1, top5 (top-min(5, C)) accuracy and mean per-class recall (over classes present) of
+    ``logits`` ``[N, C]`` against ``labels`` ``[N]`` (integer class indices in ``[0, C)``). A row
+    with a non-finite logit (a diverged model) is a miss, at top-1 and top-5 alike, whatever
+    ``topk`` would pick among NaNs."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [N, C], got shape {tuple(logits.shape)}")
+    labels = class_indices(labels, "labels", logits.shape[1], logits.device)
     if logits.shape[0] != labels.shape[0]:
         raise ValueError(f"labels has {labels.shape[0]} entries for {logits.shape[0]} predictions")
     n, c = logits.shape
+    ok = finite_rows(logits)  # [N]
     topk = logits.topk(min(5, c), dim=1).indices  # [N, k]
-    hit1 = topk[:, 0] == labels
-    hit5 = (topk == labels[:, None]).any(dim=1)
+    hit1 = (topk[:, 0] == labels) & ok
+    hit5 = (topk == labels[:, None]).any(dim=1) & ok
     present = labels.unique()
     recalls = torch.stack([hit1[labels == k].float().mean() for k in present]) if n else torch.zeros(1)
     return {"top1": hit1.float().mean().item() if n else 0.0, "top5": hit5.float().mean().item() if n else 0.0,

@@ -13,10 +13,11 @@ ahead of the step. It is saved in the checkpoint, so a resumed run draws the sam
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -190,15 +191,34 @@ def train_batches(cfg: TrainConfig, data: TrainData, model, env: DistEnv, start_
     return iter(loader)
 
 
+class _ImageIds:
+    """Gives equal images (byte-equal tensors after the deterministic eval transform: a
+    COCO-style CSV lists an image once per caption) one id, so that retrieval counts them as one
+    image with several captions rather than as tied copies of which only one can rank first."""
+
+    def __init__(self):
+        self._ids: Dict[bytes, int] = {}
+
+    def __call__(self, imgs: torch.Tensor) -> torch.Tensor:
+        out = []
+        for im in imgs:
+            key = hashlib.blake2b(im.contiguous().numpy().tobytes(), digest_size=16).digest()
+            out.append(self._ids.setdefault(key, len(self._ids)))
+        return torch.tensor(out, dtype=torch.long)
+
+
 def load_val_batches(cfg: TrainConfig, model, log: Optional[Callable[[str], None]] = None
-                     ) -> Tuple[List[Tuple[torch.Tensor, torch.Tensor]], int]:
-    """Batches ``(images, tokens)`` of ``cfg.val_data`` (at most ``val_num_samples``, default
-    10k) and the number of samples skipped (missing or corrupt). ``log`` receives notes on the
-    data (CSV rows that were not valid UTF-8)."""
+                     ) -> Tuple[List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]], int]:
+    """Batches ``(images [B, 3, S, S], tokens [B, L], image_ids [B])`` of ``cfg.val_data`` (at most
+    ``val_num_samples``, default 10k) and the number of samples skipped (missing or corrupt).
+    ``image_ids`` number the distinct images across all batches (rows that repeat an image, one
+    per caption, share its id). ``log`` receives notes on the data (CSV rows that were not valid
+    UTF-8)."""
     from ..datasets.csv_dataset import collate_skipping
     kind = detect_val_type(cfg.val_data, cfg.dataset_type)
     limit = cfg.val_num_samples or 10_000
     out, n, skipped_total = [], 0, 0
+    image_ids = _ImageIds()
     if kind == "csv":
         from ..datasets.csv_dataset import CsvDataset
         ds = CsvDataset(cfg.val_data, image_transform_for(model, False), cfg.csv_img_key, cfg.csv_caption_key,
@@ -210,7 +230,7 @@ def load_val_batches(cfg: TrainConfig, model, log: Optional[Callable[[str], None
             imgs, toks, skipped = collate_skipping([ds[i] for i in range(a, min(a + cfg.batch_size, len(ds), limit))])
             skipped_total += skipped
             if len(imgs):
-                out.append((imgs, toks))
+                out.append((imgs, toks, image_ids(imgs)))
     else:
         from ..datasets.webdataset import WebDataset
         ds = WebDataset(cfg.val_data, cfg.batch_size, image_transform_for(model, False), model.context_length,
@@ -219,7 +239,7 @@ def load_val_batches(cfg: TrainConfig, model, log: Optional[Callable[[str], None
             skipped_total += skipped
             imgs, toks = imgs[:max(0, limit - n)], toks[:max(0, limit - n)]   # at most `limit` samples
             if len(imgs):
-                out.append((imgs, toks))
+                out.append((imgs, toks, image_ids(imgs)))
             n += len(imgs) + skipped
             if n >= limit:
                 break
