@@ -33,7 +33,7 @@ lint:
 
 bench:
 	@bash scripts/setup_env.sh
-	$(PY) -m fastclip bench --device cpu
+	$(PY) -m fastclip bench --device cpu --overwrite
 
 setup:
 	@bash scripts/setup_env.sh --test

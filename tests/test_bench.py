@@ -300,6 +300,9 @@ def test_ratios_pair_rows_of_one_problem_and_thread_count():
     (["--overhead", "--append"], "--append merges into the sweep's table"),
     (["--threads", "-1"], "--threads must be >= 0"),
     (["--max-mem-gb", "-1"], "--max-mem-gb must be a finite number >= 0"),
+    (["--target-s", "nan"], "--target-s must be a finite number of seconds > 0, got nan"),
+    (["--target-s", "-1"], "--target-s must be a finite number of seconds > 0"),
+    (["--dims", "0"], "argument --dims: values must be >= 1, got 0"),
 ])
 def test_bad_benchmark_arguments_are_one_line_errors(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:
@@ -321,3 +324,101 @@ def test_out_that_is_a_file_and_foreign_csvs_are_one_line_errors(tmp_path, capsy
     with pytest.raises(SystemExit):
         distributed.main(["--mode", "overhead", "--worlds", "2", "--sizes", "33", "--out", str(tmp_path)])
     assert "N=33 is not a multiple of W=2" in capsys.readouterr().err
+
+
+def test_recorded_results_are_not_replaced_without_being_asked(tmp_path, monkeypatch, capsys):
+    """From a checkout's root the default output folder holds the recorded results: a run
+    without --out replaced a 28-row table with its few rows. It now stops before measuring;
+    --overwrite replaces, --append merges, an explicit --out is the user's to replace."""
+    monkeypatch.chdir(tmp_path)
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    prefix = report.output_prefix(str(results), "cpu", env.cpu_name())
+    open(prefix + ".csv", "w").write("recorded\n")
+    argv = ["--device", "cpu", "--sizes", "16", "--dims", "8", "--reps", "1", "--no-isolate",
+            "--methods", "floor", "--no-plot"]
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastclip bench: error: ") and "exists and --out was not given" in err
+    assert open(prefix + ".csv").read() == "recorded\n"
+    assert bench.main(argv + ["--overhead"]) == 0           # its own file: none there yet
+    assert bench.main(argv + ["--overhead"]) == 2           # now there is
+    capsys.readouterr()
+    assert bench.main(argv + ["--overwrite"]) == 0
+    assert _one(_rows(prefix + ".csv"), "floor", 16)["status"] == "ok"
+    assert bench.main(argv + ["--out", str(results)]) == 0  # chosen: replaced
+    from fastclip.bench import distributed, tokenizer
+    (results / "distributed-overhead.csv").write_text("recorded\n")
+    with pytest.raises(SystemExit):
+        distributed.main(["--mode", "overhead", "--worlds", "2", "--sizes", "8", "--dim", "8"])
+    assert "distributed-overhead.csv exists" in capsys.readouterr().err
+    (results / f"tokenizer-{env.slug(env.cpu_name())}.md").write_text("recorded\n")
+    with pytest.raises(SystemExit):
+        tokenizer.main(["--captions", "10", "--reps", "1"])
+    assert "pass --overwrite to replace it, or --out DIR" in capsys.readouterr().err
+
+
+def test_progress_lines_carry_the_derived_numbers(tmp_path, capsys):
+    """Each line was printed before derive() ran: "nan GFLOP/s  x floor -" on every one."""
+    assert bench.main(["--device", "cpu", "--sizes", "32", "--dims", "8", "--reps", "2", "--no-isolate",
+                       "--methods", "floor,cpu", "--no-plot", "--out", str(tmp_path)]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("  fp32 D=8")]
+    assert len(lines) == 2 and not any("nan" in ln for ln in lines)
+    assert "x floor 1 " in lines[0] and "x floor - " not in lines[1]
+
+
+def test_methods_asked_for_that_this_device_lacks_get_a_row_saying_so(tmp_path):
+    assert bench.main(["--device", "cpu", "--sizes", "16", "--dims", "8", "--reps", "1", "--no-isolate",
+                       "--methods", "floor,cuda,inf-cl", "--no-plot", "--out", str(tmp_path)]) == 0
+    rows = _rows(next(tmp_path.glob("cpu-*.csv")))
+    assert _one(rows, "floor", 16)["status"] == "ok"
+    assert _one(rows, "cuda", 16)["status"] == "skipped: runs on cuda only, not --device cpu"
+    assert _one(rows, "inf-cl", 16)["status"].startswith("skipped: runs on cuda only")
+
+
+def test_a_floor_with_all_products_in_its_forward_has_no_forward_ratio():
+    """SigLIP's floor on row chunks runs its three products in the forward: its forward time
+    is not one X·Yᵀ, so neither its fwd GFLOP/s nor anyone's x floor fwd is derived from it."""
+    base = dict(loss="siglip", N="64", D="8", dtype="fp32", threads="2", status="ok")
+    rows = [dict(base, method="floor", impl=f"3 x torch.matmul on row chunks of 32, {M.ALL_IN_FORWARD}",
+                 fwd_ms="3", fwd_bwd_ms="3"),
+            dict(base, method="cpu", impl="", fwd_ms="2.9", fwd_bwd_ms="3")]
+    report.derive(rows)
+    assert rows[0]["fwd_gflops"] == "" and rows[0]["x_floor_fwd"] == "" and rows[0]["x_floor_fwd_bwd"] == "1"
+    assert rows[1]["fwd_gflops"] != "" and rows[1]["x_floor_fwd"] == "" and rows[1]["x_floor_fwd_bwd"] == "1"
+
+
+def test_distributed_refuses_a_backend_its_ranks_cannot_run(capsys, tmp_path):
+    from fastclip.bench import distributed
+    with pytest.raises(SystemExit) as e:
+        distributed.main(["--worlds", "2", "--sizes", "64", "--dim", "8", "--backend", "cuda",
+                          "--out", str(tmp_path)])
+    assert e.value.code == 2
+    assert "--backend 'cuda' runs on cuda; this mode's ranks run on cpu" in capsys.readouterr().err
+
+
+def test_distributed_descriptions_name_each_world_size():
+    from fastclip.bench.distributed import _by_world
+    got = _by_world({2: {"ring": "dist_impl='ring'", "openclip": "ClipLoss(world_size=2)"},
+                     4: {"ring": "dist_impl='ring'", "openclip": "ClipLoss(world_size=4)"}})
+    assert got == {"ring": "dist_impl='ring'",
+                   "openclip": "W = 2: ClipLoss(world_size=2); W = 4: ClipLoss(world_size=4)"}
+
+
+def test_overhead_table_heads_its_two_ratio_columns_apart():
+    rows = [dict(method=m, N="8", fwd_us="1", fwd_bwd_us="2", calls="3", status="ok") for m in ("naive", "cpu")]
+    report.derive_overhead(rows)
+    head = report.overhead_table(rows, md=False).splitlines()[0]
+    assert "xnaive f " in head and "xnaive fb" in head
+
+
+def test_the_step_whose_memory_is_measured_maps_its_buffers_fresh():
+    from fastclip.bench.measure import malloc_for_memory, malloc_for_speed, proc_status_kb, reset_peak_rss
+    if not (malloc_for_memory() and malloc_for_speed()):
+        pytest.skip("not glibc: mallopt is not there")
+    assert malloc_for_memory() and reset_peak_rss()
+    base = proc_status_kb("VmRSS")
+    t = torch.ones(8 << 20, dtype=torch.uint8)       # 8 MB, below the 32 MB of malloc_for_speed
+    assert (proc_status_kb("VmHWM") - base) * 1024 >= 7 << 20
+    del t
+    malloc_for_speed()

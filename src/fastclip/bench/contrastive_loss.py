@@ -22,11 +22,12 @@ forward and one forward+backward per call, median of many calls, in microseconds
 Results go to ``<out>/<device>-<device slug>[-<loss>][-<tag>]`` + ``.csv`` (a row per
 measurement), ``.md`` (tables) and ``-time.png`` / ``-memory.png``; the overhead mode
 writes ``…-overhead.csv`` and ``…-overhead.md``. ``<out>`` defaults to
-``./benchmarks/results`` when the current directory has one, else the current directory.
+``./benchmarks/results`` when the current directory has one (existing files there are
+replaced only with ``--overwrite``, merged with ``--append``), else the current directory.
 
 Examples::
 
-    python -m fastclip.bench.contrastive_loss --device cpu --quick
+    python -m fastclip.bench.contrastive_loss --device cpu --quick --out /tmp/bench
     python -m fastclip.bench.contrastive_loss --device cpu            # N 1024..65536, D 512, fp32
     python -m fastclip.bench.contrastive_loss --device cpu --overhead
     python -m fastclip.bench.contrastive_loss --device cuda --dtypes bf16 --dims 512,1024
@@ -54,7 +55,10 @@ from .measure import clear_grads, esize, per_call_times, run_worker, time_step, 
 from .report import (
     CSV_FIELDS,
     OVERHEAD_FIELDS,
+    BenchError,
+    add_out_args,
     check_out_dir,
+    check_replace,
     default_out_dir,
     derive,
     derive_overhead,
@@ -115,6 +119,8 @@ class Config:
     huge: bool = False
     append: bool = False
     overhead: bool = False
+    out_given: bool = False                              # --out given: its files may be replaced
+    overwrite: bool = False
 
     @property
     def spec(self) -> M.BenchLoss:
@@ -134,7 +140,7 @@ def _parse_size(tok: str) -> int:
         raise argparse.ArgumentTypeError(
             f"not a size: {tok!r} (expected e.g. 4096, 64k, 1m)") from None
     if v < 1:
-        raise argparse.ArgumentTypeError(f"sizes must be >= 1, got {v}")
+        raise argparse.ArgumentTypeError(f"values must be >= 1, got {v}")
     return v
 
 
@@ -200,9 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget-s", type=float, default=0.0,
                    help="stop starting measurements after this many seconds; the rest are "
                         "recorded as skipped (default 0: no budget)")
-    p.add_argument("--out", default=None,
-                   help="output folder (default: ./benchmarks/results if the current "
-                        "directory has one, else the current directory)")
+    add_out_args(p)
     p.add_argument("--tag", default="", help="suffix of the output file names")
     p.add_argument("--append", action="store_true",
                    help="keep the rows already in the output CSV (those this run does not "
@@ -266,6 +270,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
                     ("--time-budget-s", a.time_budget_s)):
         if v is not None and not (v >= 0 and math.isfinite(v)):
             p.error(f"{flag} must be a finite number >= 0 (0: no limit), got {v}")
+    if a.target_s is not None and not (a.target_s > 0 and math.isfinite(a.target_s)):
+        p.error(f"--target-s must be a finite number of seconds > 0, got {a.target_s}")
     threads = a.threads or cpu_count()
     if a.max_mem_gb is not None:
         max_mem = int(a.max_mem_gb * 1e9)
@@ -293,7 +299,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
                  out=out, tag=a.tag,
                  isolate=a.isolate and dev == "cpu" and not a.overhead, threads=threads,
                  naive=a.naive, plot=a.plot, seed=a.seed, allow_tf32=a.allow_tf32,
-                 huge=a.huge, append=a.append, overhead=a.overhead)
+                 huge=a.huge, append=a.append, overhead=a.overhead,
+                 out_given=a.out is not None, overwrite=a.overwrite)
     return cfg, a
 
 
@@ -376,7 +383,7 @@ def _measure_here(method, n, d, dt, cfg, inputs):
 def _check_device(cfg: Config) -> None:
     if cfg.device == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: torch sees no CUDA device here "
+            raise BenchError("--device cuda: torch sees no CUDA device here "
                              f"(torch {torch.__version__}); use --device cpu")
         if not cfg.max_mem_bytes:
             cfg.max_mem_bytes = int(0.8 * torch.cuda.get_device_properties(0).total_memory)
@@ -408,6 +415,8 @@ def run_benchmark(cfg: Config, log=print) -> tuple[list[dict], str]:
     info = env_info(cfg.device, cfg.threads)
     os.makedirs(cfg.out, exist_ok=True)
     prefix = output_prefix(cfg.out, cfg.device, info["device_name"], cfg.loss, cfg.tag)
+    check_replace([prefix + e for e in (".csv", ".md", "-time.png", "-memory.png")], cfg.out_given,
+                  cfg.overwrite, cfg.append)
     started = _now()
     t_start = time.monotonic()
     methods = M.methods_for(cfg.spec, cfg.device, cfg.methods)
@@ -460,14 +469,15 @@ def run_benchmark(cfg: Config, log=print) -> tuple[list[dict], str]:
                                 row[k] = f"{row[k]:.6g}"
                             pk = row["peak_extra_mb"]
                             row["peak_extra_mb"] = "" if pk is None else f"{pk:.2f}"
-                    log(_progress_line(row, cfg))
+                    measured = row
                     old = kept.get((cfg.loss, method, str(n), str(d), dt))
                     if row["status"] != "ok" and old is not None:
-                        # A case this run skipped keeps its earlier measurement.
-                        log(f"  (kept the earlier measurement, commit {old.get('commit', '?')})")
-                        row = old
+                        row = old       # a case this run skipped keeps its earlier measurement
                     rows.append(row)
-                    flush()
+                    flush()             # derive() fills GFLOP/s and the ratios before the line
+                    log(_progress_line(measured, cfg))
+                    if row is not measured:
+                        log(f"  (kept the earlier measurement, commit {old.get('commit', '?')})")
                 del inputs
                 if cfg.device == "cuda":
                     torch.cuda.empty_cache()
@@ -522,6 +532,7 @@ def run_overhead(cfg: Config, log=print) -> tuple[list[dict], str]:
     os.makedirs(cfg.out, exist_ok=True)
     prefix = output_prefix(cfg.out, cfg.device, info["device_name"], cfg.loss,
                            "-".join(t for t in (cfg.tag, "overhead") if t))
+    check_replace([prefix + ".csv", prefix + ".md"], cfg.out_given, cfg.overwrite)
     spec = cfg.spec
     methods = M.overhead_methods(spec, cfg.device)
     if cfg.methods:
@@ -602,6 +613,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     cfg, a = parse_args(argv)
+    try:
+        return _main(cfg, a)
+    except BenchError as e:
+        print(f"fastclip bench: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(cfg: Config, a: argparse.Namespace) -> int:
     if a.worker is not None:
         return _worker(a.worker)
     if a.summarize:

@@ -17,12 +17,14 @@ For one loss (``--loss``, default ``clip``; its sharded forms come from its entr
   interleaved; per call the slowest rank, then the median over many calls (µs).
 * ``--mode w1``: the single-device cost of the sharded code path. One process, a
   process group of size 1 (NCCL on CUDA, gloo on CPU), the plain fused loss against
-  the sharded ``gather`` and ``ring`` on the same features; CUDA time by events
-  (median of ``--reps``), memory by ``torch.cuda.max_memory_allocated``.
+  the sharded ``gather`` and ``ring`` on the same features; wall time between device
+  synchronisations (median of ``--reps``), memory by ``torch.cuda.max_memory_allocated``
+  on CUDA, by the rise of the resident set on the CPU.
 
 Writes ``<out>/distributed-<mode>[-<device>][-<loss>].csv`` (a row per measurement with
 device, versions, commit) and ``.md``; ``<out>`` defaults to ``./benchmarks/results``
-when the current directory has one, else the current directory.
+when the current directory has one (existing files there are replaced only with
+``--overwrite``), else the current directory.
 """
 
 from __future__ import annotations
@@ -40,8 +42,26 @@ import torch.distributed as dist
 
 from . import methods as M
 from .env import cpu_count, cpu_name, env_info
-from .measure import Step, free_port, per_call_times, proc_status_kb, reset_peak_rss, unit_features
-from .report import check_out_dir, default_out_dir, derive_overhead, write_csv, write_overhead_markdown, write_text
+from .measure import (
+    Step,
+    free_port,
+    malloc_for_memory,
+    per_call_times,
+    proc_status_kb,
+    reset_peak_rss,
+    unit_features,
+)
+from .report import (
+    BenchError,
+    add_out_args,
+    check_out_dir,
+    check_replace,
+    default_out_dir,
+    derive_overhead,
+    write_csv,
+    write_overhead_markdown,
+    write_text,
+)
 
 __all__ = ["main", "build_parser", "run_cpu", "run_overhead", "run_w1"]
 
@@ -141,6 +161,7 @@ def _cpu_rank(rank, world, args, threads):
             fn, _ = _loss_fn(spec, impl, rank, world, args.backend)
             x, y = unit_features(n, args.dim, torch.float32, "cpu", gen_seed)
             params = spec.params("cpu")
+            malloc_for_memory()     # every buffer >= 128 KB mapped fresh: this case's own peak
             dist.barrier()
             rss0 = proc_status_kb("VmRSS")
             ok = reset_peak_rss()
@@ -163,15 +184,23 @@ def _cpu_rank(rank, world, args, threads):
     return rows, impls
 
 
+def _by_world(per_world: dict[int, dict]) -> dict:
+    """One description per method: the same at every world size, or each world's in turn
+    (open_clip's class is built with its world_size)."""
+    out = {}
+    for name in dict.fromkeys(k for d in per_world.values() for k in d):
+        seen = {w: d[name] for w, d in per_world.items() if name in d}
+        vals = list(dict.fromkeys(seen.values()))
+        out[name] = vals[0] if len(vals) == 1 else "; ".join(f"W = {w}: {v}" for w, v in seen.items())
+    return out
+
+
 def run_cpu(args) -> tuple[list[dict], dict]:
-    # A fixed mmap threshold turns off glibc's adaptive one, so every large tensor is
-    # mmapped and returned on free: the resident-set peak of a case is its own.
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 17)
     out, impls = [], {}
     for world in args.worlds:
-        rows, impls = _spawn(_cpu_rank, world, args, 1800)[0]
+        rows, impls[world] = _spawn(_cpu_rank, world, args, 1800)[0]
         out.extend(rows)
-    return out, impls
+    return out, _by_world(impls)
 
 
 # ------------------------------------------------------------------- overhead, W ranks
@@ -219,9 +248,9 @@ def _overhead_rank(rank, world, args, threads):
 def run_overhead(args) -> tuple[list[dict], dict]:
     out, impls = [], {}
     for world in args.worlds:
-        rows, impls = _spawn(_overhead_rank, world, args, 900)[0]
+        rows, impls[world] = _spawn(_overhead_rank, world, args, 900)[0]
         out.extend(rows)
-    return out, impls
+    return out, _by_world(impls)
 
 
 # ------------------------------------------------------------------- one device, W=1
@@ -257,9 +286,16 @@ def run_w1(args) -> tuple[list[dict], dict]:
                     params = spec.params(dev.type)
                     fn(x, y, params).backward()                  # warm-up (JIT, autotune)
                     sync()
+                    x.grad = y.grad = None
+                    for p in params:
+                        p.grad = None
                     if dev.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(dev)
                         base = torch.cuda.memory_allocated(dev)
+                    else:
+                        malloc_for_memory()
+                        base = proc_status_kb("VmRSS")
+                        valid = reset_peak_rss()
                     times = []
                     for _ in range(args.reps):
                         x.grad = y.grad = None
@@ -270,8 +306,10 @@ def run_w1(args) -> tuple[list[dict], dict]:
                         fn(x, y, params).backward()
                         sync()
                         times.append(time.perf_counter() - t0)
-                    peak = ((torch.cuda.max_memory_allocated(dev) - base) / 2**20
-                            if dev.type == "cuda" else float("nan"))
+                    if dev.type == "cuda":
+                        peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
+                    else:       # the resident set's rise over the reps (gradients included)
+                        peak = (proc_status_kb("VmHWM") - base) / 1024 if valid else float("nan")
                     rows.append({"world": 1, "impl": form, "N": N, "n_per_rank": N,
                                  "D": args.dim, "dtype": dname, "threads_per_rank":
                                  torch.get_num_threads(), "time_s": statistics.median(times),
@@ -332,9 +370,12 @@ def write(rows: list[dict], impls: dict, args, argv: list[str], wall: float,
                     "memory = per-rank peak rise of the resident set (max over ranks), feature "
                     "gradients included; other work on the machine inflates the times, not the "
                     "memory")
-    else:
+    elif torch.device(args.device).type == "cuda":
         head.append(f"median of {args.reps} forward+backward; memory = peak allocated beyond "
                     "the inputs")
+    else:
+        head.append(f"median of {args.reps} forward+backward; memory = rise of the resident set "
+                    "over them, feature gradients included")
     names = list(dict.fromkeys(r["impl"] for r in rows))
     lines = [f"# fastclip.distributed {spec.name} loss benchmark ({args.mode})", "",
              *(f"- {h}" for h in head)]
@@ -346,7 +387,7 @@ def write(rows: list[dict], impls: dict, args, argv: list[str], wall: float,
                   "|---:|---:|" + "---:|" * (2 * len(names))]
         for N in dict.fromkeys(r["N"] for r in sub):
             cell = {r["impl"]: r for r in sub if r["N"] == N}
-            t = [f"{cell[i]['time_s']:.3f}" if i in cell else "" for i in names]
+            t = [f"{cell[i]['time_s']:.4g}" if i in cell else "" for i in names]
             m = [f"{cell[i]['peak_mib_per_rank']:.0f}" if i in cell else "" for i in names]
             lines.append(f"| {N} | {next(iter(cell.values()))['n_per_rank']} | "
                          + " | ".join(t) + " | " + " | ".join(m) + " |")
@@ -382,9 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--target-s, at least 30)")
     p.add_argument("--target-s", type=float, default=3.0,
                    help="overhead mode: seconds of timed calls per N (default 3)")
-    p.add_argument("--out", default=None,
-                   help="output folder (default: ./benchmarks/results if the current "
-                        "directory has one, else the current directory)")
+    add_out_args(p)
     return p
 
 
@@ -410,10 +449,24 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
         p.error(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
     if args.mode == "w1" and dev.type == "cuda" and not torch.cuda.is_available():
         p.error("--mode w1 --device cuda: no CUDA device here (--device cpu measures on the CPU)")
-    if args.backend != "auto" and args.backend not in all_backends():
-        p.error(f"--backend {args.backend!r}: unknown; expected auto or one of "
-                f"{', '.join(sorted(all_backends()))}")
+    if args.backend != "auto":
+        b = all_backends().get(args.backend)
+        if b is None:
+            p.error(f"--backend {args.backend!r}: unknown; expected auto or one of "
+                    f"{', '.join(sorted(all_backends()))}")
+        where = dev.type if args.mode == "w1" else "cpu"      # the other modes run on CPU ranks
+        if where not in b.devices:
+            p.error(f"--backend {args.backend!r} runs on {' or '.join(b.devices)}; this mode's "
+                    f"ranks run on {where}")
+        ok, why = b.availability()
+        if not ok:
+            p.error(f"--backend {args.backend!r} is not available here: {why}")
     check_out_dir(p, args.out)
+    try:
+        check_replace([os.path.join(args.out, _stem(args) + e) for e in (".csv", ".md")],
+                      args.out_given, args.overwrite)
+    except BenchError as e:
+        p.error(str(e))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -425,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sizes is None:
         args.sizes = {"cpu": [2048, 8192, 16384], "overhead": [32, 256, 1024],
                       "w1": [16384, 65536]}[args.mode]
+    args.out_given = args.out is not None
     if args.out is None:
         args.out = default_out_dir()
     _check_args(p, args)

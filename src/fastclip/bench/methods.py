@@ -316,8 +316,18 @@ def methods_for(spec: BenchLoss, device: str, only: list[str] | None = None
     names = [m for m, _ in out]
     assert len(set(names)) == len(names), f"method names collide: {names}"
     if only:
-        out = [t for t in out if t[0] in only]
+        # A method asked for that this device does not offer gets a skipped row saying so,
+        # not silence.
+        out = [t for t in out if t[0] in only] + [(m, _elsewhere(spec, m, device))
+                                                    for m in dict.fromkeys(only) if m not in names]
     return out
+
+
+def _elsewhere(spec: BenchLoss, method: str, device: str) -> str:
+    from fastclip.ops.backends import all_backends  # noqa: PLC0415
+    b = all_backends().get(method)
+    devices = b.devices if b is not None else next((p.devices for p in spec.peers if p.name == method), ())
+    return f"runs on {' or '.join(devices) or 'another device'} only, not --device {device}"
 
 
 def overhead_methods(spec: BenchLoss, device: str) -> list[tuple[str, str]]:
@@ -401,6 +411,11 @@ def skip_reason(spec: BenchLoss, method: str, n: int, d: int, dtype: torch.dtype
 
 
 # --------------------------------------------------------------------- steps
+# In the impl of a floor that runs a one-pass loss on row chunks: its "forward" holds all
+# three products, so it has no forward time of one X·Yᵀ to compare with (report.derive).
+ALL_IN_FORWARD = "all in the forward"
+
+
 def _floor_step(spec: BenchLoss, x: Tensor, y: Tensor, rows: int) -> Step:
     n = x.shape[0]
     recompute = spec.floor_products == 4
@@ -437,7 +452,7 @@ def _floor_step(spec: BenchLoss, x: Tensor, y: Tensor, rows: int) -> Step:
                 torch.matmul(xd[a:b], yd.T, out=g)
                 chunk_grads(i, a, b, g)
         return Step(fwd, lambda _: None,
-                    f"3 x torch.matmul on row chunks of {rows}, all in the forward "
+                    f"3 x torch.matmul on row chunks of {rows}, {ALL_IN_FORWARD} "
                     "(N x N would not fit)", (gx, gy))
     # Row chunks of a two-pass loss: the backward recomputes each chunk's X·Yᵀ (a chunked
     # forward cannot keep them all), as the 4-product floor counts anyway.

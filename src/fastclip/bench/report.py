@@ -10,9 +10,10 @@ import csv
 import os
 
 from .env import slug
-from .methods import FLOOR, NAIVE, fwd_bwd_flop, fwd_flop, get_loss
+from .methods import ALL_IN_FORWARD, FLOOR, NAIVE, fwd_bwd_flop, fwd_flop, get_loss
 
-__all__ = ["CSV_FIELDS", "OVERHEAD_FIELDS", "default_out_dir", "output_prefix", "write_csv",
+__all__ = ["CSV_FIELDS", "OVERHEAD_FIELDS", "BenchError", "default_out_dir", "output_prefix", "write_csv",
+           "check_replace", "add_out_args",
            "read_csv", "write_text", "check_out_dir", "derive", "derive_overhead", "write_markdown",
            "write_overhead_markdown", "summary_table", "overhead_table", "num"]
 
@@ -32,6 +33,37 @@ def default_out_dir() -> str:
     """``./benchmarks/results`` when the current directory has it (a checkout), else
     the current directory itself: never a path relative to the installed package."""
     return RESULTS_DIR if os.path.isdir(RESULTS_DIR) else "."
+
+
+class BenchError(Exception):
+    """A problem a benchmark finds before measuring (the device, the output files): its
+    ``main`` prints it as one line, ``fastclip bench: error: ...``, and exits with status 2."""
+
+
+def add_out_args(p) -> None:
+    """``--out`` and ``--overwrite``, the same in every benchmark."""
+    p.add_argument("--out", default=None,
+                   help="output folder (default: ./benchmarks/results if the current "
+                        "directory has one, else the current directory)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace result files already in the default output folder (a "
+                        "checkout's benchmarks/results holds the recorded results: without "
+                        "--out they are never replaced silently)")
+
+
+def check_replace(paths: list[str], out_given: bool, overwrite: bool, append: bool | None = None) -> None:
+    """Refuse, before anything is measured, to replace existing result files in the default
+    output folder: without ``--out`` a run from a checkout's root would rewrite the recorded
+    results (a ``--quick`` run replaced a 28-row table with its 8 rows). ``--out DIR``
+    (chosen, so replaced), ``--overwrite`` and ``--append`` (merged) pass; ``append`` is None
+    for a benchmark without ``--append``."""
+    if out_given or overwrite or append:
+        return
+    there = [q for q in paths if os.path.exists(q)]
+    if there:
+        raise BenchError(f"{there[0]} exists and --out was not given: pass --overwrite to replace "
+                         f"it{', --append to add to it' if append is not None else ''}, or --out DIR "
+                         f"to write elsewhere")
 
 
 def output_prefix(out: str, device: str, device_name: str, loss: str = "clip",
@@ -118,15 +150,22 @@ def derive(rows: list[dict]) -> None:
             continue
         spec = get_loss(r["loss"])
         fwd, tot = _f(r["fwd_ms"]), _f(r["fwd_bwd_ms"])
-        if fwd:
+        if fwd and not _all_in_forward(r):
             r["fwd_gflops"] = f"{fwd_flop(spec, n, d) / (fwd * 1e-3) / 1e9:.4g}"
         if tot:
             r["fwd_bwd_gflops"] = f"{fwd_bwd_flop(spec, n, d) / (tot * 1e-3) / 1e9:.4g}"
         for peer, key in ((FLOOR, "x_floor"), (NAIVE, "x_naive")):
             p = ok.get((r["loss"], peer, n, d, r["dtype"], str(r.get("threads", ""))))
             if p is not None:
-                r[key + "_fwd"] = _ratio(fwd, p["fwd_ms"])
+                if not _all_in_forward(p):
+                    r[key + "_fwd"] = _ratio(fwd, p["fwd_ms"])
                 r[key + "_fwd_bwd"] = _ratio(tot, p["fwd_bwd_ms"])
+
+
+def _all_in_forward(r: dict) -> bool:
+    """A floor row whose forward ran all its products (a one-pass loss on row chunks): no
+    forward of one X·Yᵀ to count FLOP for or compare with."""
+    return r["method"] == FLOOR and ALL_IN_FORWARD in str(r.get("impl", ""))
 
 
 def derive_overhead(rows: list[dict], peer: str = NAIVE) -> None:
@@ -180,7 +219,9 @@ def write_markdown(rows: list[dict], info: dict, cfg, path: str, started: str) -
         "method does. × floor = time / floor's time (fwd: one X·Yᵀ; fwd+bwd: the floor's "
         f"{p} products); × naive = time / naive's time.",
         f"- floor: {p} torch.matmul of the loss's shapes (X·Yᵀ{' twice' if p == 4 else ''}, "
-        "G·Y, Gᵀ·X); on row chunks where one N×N buffer would not fit (see impl).",
+        "G·Y, Gᵀ·X); on row chunks where one N×N buffer would not fit (see impl)"
+        + ("; on row chunks the three products of each chunk run together in its forward, "
+           "which then has no fwd GFLOP/s or × floor fwd." if p == 3 else "."),
     ]
     runs = sorted({(r.get("commit", ""), str(r.get("threads", ""))) for r in rows})
     if len(runs) > 1:
@@ -248,14 +289,14 @@ def overhead_table(rows: list[dict], md: bool = True, peer: str = NAIVE) -> str:
                        f"{num(r.get('fwd_bwd_us_min'), '.0f')} | {r['calls']} | "
                        f"{'' if r['status'] == 'ok' else r['status']} |")
         return "\n".join(out)
-    x = f"x {peer}"[:8]
-    hdr = (f"{'N':>6} {'method':<10} {'fwd us':>9} {'fwd+bwd us':>11} {x:>8} "
-           f"{x:>8} {'calls':>6}  status")
+    xf, xt = f"x{peer[:7]} f", f"x{peer[:7]} fb"       # x naive over fwd, over fwd+bwd
+    hdr = (f"{'N':>6} {'method':<10} {'fwd us':>9} {'fwd+bwd us':>11} {xf:>10} "
+           f"{xt:>10} {'calls':>6}  status")
     out = [hdr, "-" * len(hdr)]
     for r in rs:
         out.append(f"{r['N']:>6} {r['method']:<10} {num(r['fwd_us'], '.0f'):>9} "
-                   f"{num(r['fwd_bwd_us'], '.0f'):>11} {r['x_naive_fwd']:>8} "
-                   f"{r['x_naive_fwd_bwd']:>8} {r['calls']:>6}  "
+                   f"{num(r['fwd_bwd_us'], '.0f'):>11} {r['x_naive_fwd']:>10} "
+                   f"{r['x_naive_fwd_bwd']:>10} {r['calls']:>6}  "
                    f"{'ok' if r['status'] == 'ok' else r['status'][:48]}")
     return "\n".join(out)
 

@@ -24,8 +24,8 @@ import random
 import sys
 import time
 
-from .env import env_info, slug, version
-from .report import check_out_dir, default_out_dir, write_csv, write_text
+from .env import cpu_name, env_info, slug, version
+from .report import BenchError, add_out_args, check_out_dir, check_replace, default_out_dir, write_csv, write_text
 
 __all__ = ["main", "synthetic_captions", "run"]
 
@@ -100,9 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="a check: 1000 captions, 1 run (unless --captions/--reps say otherwise)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None,
-                   help="output folder (default: ./benchmarks/results if the current "
-                        "directory has one, else the current directory)")
+    add_out_args(p)
     a = p.parse_args(argv)
     if a.captions is None:
         a.captions = 1000 if a.quick else 10_000
@@ -112,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--captions and --reps must be >= 1, got {a.captions} and {a.reps}")
     out = a.out if a.out is not None else default_out_dir()
     check_out_dir(p, out)
+    prefix = os.path.join(out, f"tokenizer-{slug(cpu_name())}")
+    try:
+        check_replace([prefix + ".csv", prefix + ".md"], a.out is not None, a.overwrite)
+    except BenchError as e:
+        p.error(str(e))
     info = env_info("cpu")
     t = run(a.captions, a.reps, a.seed)
     stamp = _dt.datetime.now().isoformat(timespec="seconds")
@@ -122,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
                  x_python=f"{t[pair[k]] / v:.2f}" if k in pair else "", reps=a.reps,
                  timestamp=stamp) for k, v in t.items()]
     os.makedirs(out, exist_ok=True)
-    prefix = os.path.join(out, f"tokenizer-{slug(info['device_name'])}")
     write_csv(rows, prefix + ".csv", FIELDS)
     lines = [f"# fastclip tokenizer: {info['device_name']}", "",
              f"- fastclip {info['fastclip']} (commit {info['commit']}), tokenizers "
