@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from dataclasses import astuple, dataclass, fields
 from typing import Optional
 
@@ -322,7 +323,11 @@ class _Plan:
 
     def __init__(self, group, rank: int, sizes: list[int], spec: LossSpec, be: Backend,
                  normalize: bool, eps: float, impl: str, shift: Optional[float] = None):
-        self.group, self.rank, self.sizes = group, rank, sizes
+        # The plan lives on the loss's autograd node as long as the loss tensor does: a strong
+        # reference there kept a destroyed gloo group alive, and its threads aborted the
+        # interpreter at exit (SIGABRT, "terminate called without an active exception").
+        self._group = weakref.ref(group)
+        self.rank, self.sizes = rank, sizes
         self.world = len(sizes)
         self.offsets = _offsets(sizes)
         self.N = self.offsets[-1]
@@ -332,6 +337,14 @@ class _Plan:
         # Only heads that read the column statistics need them merged across ranks.
         self.uses_cols = not self.linear or spec.head.coef[1] != 0.0
         self.shift = shift          # see _logit_bound
+
+    @property
+    def group(self):
+        g = self._group()
+        if g is None:
+            raise DistributedLossError("the process group of this sharded loss was destroyed before "
+                                       "its backward; call backward() before destroy_process_group()")
+        return g
 
     @property
     def own(self) -> slice:

@@ -267,19 +267,28 @@ def _gather_features(x: Tensor, y: Tensor, with_grad: bool, rank: int, world_siz
     """open_clip's ``gather_features`` (torch.distributed, no horovod): every rank's rows in
     rank order; with ``with_grad`` through autograd's all_gather, else a plain all_gather with
     this rank's own rows put back so that they keep their gradient (unless ``local_loss``,
-    which uses its own rows directly)."""
+    which uses its own rows directly). Shards may differ in size (open_clip's equal-size
+    gather aborts the processes there): each is padded to the largest and cut back."""
     import torch.distributed as dist  # noqa: PLC0415
-    if with_grad:
-        import torch.distributed.nn  # noqa: PLC0415,F401
-        return (torch.cat(torch.distributed.nn.all_gather(x), dim=0),
-                torch.cat(torch.distributed.nn.all_gather(y), dim=0))
-    gx = [torch.zeros_like(x) for _ in range(world_size)]
-    gy = [torch.zeros_like(y) for _ in range(world_size)]
-    dist.all_gather(gx, x)
-    dist.all_gather(gy, y)
-    if not local_loss:
-        gx[rank], gy[rank] = x, y
-    return torch.cat(gx, dim=0), torch.cat(gy, dim=0)
+    from torch.distributed import nn as dist_nn  # noqa: PLC0415  (autograd's collectives)
+    n = torch.tensor([x.shape[0], y.shape[0]], device=x.device)
+    every = [torch.empty_like(n) for _ in range(world_size)]
+    dist.all_gather(every, n)
+    sizes = [tuple(int(v) for v in t.tolist()) for t in every]      # [(rows of x, rows of y)] per rank
+    out = []
+    for which, t in enumerate((x, y)):
+        m = max(s[which] for s in sizes)
+        padded = F.pad(t, (0, 0, 0, m - t.shape[0])).contiguous()   # [m, D]
+        if with_grad:
+            parts = list(dist_nn.all_gather(padded))
+        else:
+            parts = [torch.empty_like(padded) for _ in range(world_size)]
+            dist.all_gather(parts, padded)
+        parts = [p[:s[which]] for p, s in zip(parts, sizes)]
+        if not with_grad and not local_loss:
+            parts[rank] = t
+        out.append(torch.cat(parts, dim=0))
+    return out[0], out[1]
 
 
 def create_loss(args):

@@ -393,6 +393,24 @@ def run_cases(rank: int, world: int, seed: int) -> dict:
                     ref_loss)
     out["cliploss"] = clip
 
+    # open_clip's helper get_logits across ranks (a subclass such as its DistillClipLoss calls
+    # it): the gathered logits as open_clip gathers them, for uneven shards too. Its plain
+    # gather once raised NameError, and an equal-size gather aborts gloo on uneven shards.
+    Xn, Yn = torch.nn.functional.normalize(X, dim=-1), torch.nn.functional.normalize(Y, dim=-1)
+    full = 10.0 * Xn @ Yn.T                                              # [N, N]
+    logits = {}
+    for local_loss in (False, True):
+        for gwg in (False, True):
+            cl = ClipLoss(local_loss=local_loss, gather_with_grad=gwg, rank=rank, world_size=world,
+                          normalize=True)
+            x = X[o:o + n].clone().requires_grad_()
+            per_image, per_text = cl.get_logits(x, Y[o:o + n], 10.0)
+            want_i, want_t = (full[o:o + n], full.T[o:o + n]) if local_loss else (full, full.T)
+            err = max(rel_err(per_image, want_i), rel_err(per_text, want_t))
+            per_image.sum().backward()       # this rank's rows keep their gradient
+            logits[f"local={local_loss}/gwg={gwg}"] = err if x.grad is not None else float("inf")
+    out["get_logits"] = logits
+
     # Errors: raised on every rank, and the group stays usable afterwards.
     errs = {}
     d = 4 if rank == 0 else 5
