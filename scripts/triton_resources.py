@@ -98,7 +98,7 @@ def compile_bwd(cfg, dtype: str, loss: int, cols_outer: bool, stats: bool, arch:
     sig = {a: "i32" for a in fn.arg_names}
     for a in ("x_ptr", "y_ptr", "out_ptr"):
         sig[a] = _T[dtype]
-    for a in ("rho_ptr", "sig_ptr", "p_ptr", "gr_ptr", "gc_ptr", "gp_ptr", "ws_ptr"):
+    for a in ("rho_ptr", "sig_ptr", "p_ptr", "gr_ptr", "gc_ptr", "gp_ptr", "ws_ptr", "keep_ptr"):
         sig[a] = "*fp32"
     for a in ("row_ptr", "col_ptr", "tu_ptr", "tg_ptr", "stat_ptr"):
         sig[a] = "*fp64"

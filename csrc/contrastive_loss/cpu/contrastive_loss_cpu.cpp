@@ -201,21 +201,25 @@ struct Scratch {
   void zero(int tid) const { std::fill(of(tid, 0), of(tid, 0) + off.back(), T(0)); }
 };
 
-// 1 / max(||a_i||, eps), or 1; fp64 accumulation (O(rows·d), off the hot path).
+// ||r||, fp64 accumulation: the one norm both inv_norms and the normalisation's backward
+// use, so that they agree on which rows eps clamps.
+template <typename T>
+T row_norm(const T* r, int64_t d) {
+  double s[4] = {0, 0, 0, 0};
+  int64_t k = 0;
+  for (; k + 4 <= d; k += 4)
+    for (int u = 0; u < 4; ++u) s[u] += double(r[k + u]) * double(r[k + u]);
+  for (; k < d; ++k) s[0] += double(r[k]) * double(r[k]);
+  return T(std::sqrt((s[0] + s[1]) + (s[2] + s[3])));
+}
+
+// 1 / max(||a_i||, eps), or 1 (O(rows·d), off the hot path).
 template <typename T>
 void inv_norms(const T* a, int64_t rows, int64_t d, int64_t ld, bool normalize, T eps, T* out,
                int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t i = 0; i < rows; ++i) {
-    if (!normalize) { out[i] = T(1); continue; }
-    double s[4] = {0, 0, 0, 0};
-    const T* r = a + i * ld;
-    int64_t k = 0;
-    for (; k + 4 <= d; k += 4)
-      for (int u = 0; u < 4; ++u) s[u] += double(r[k + u]) * double(r[k + u]);
-    for (; k < d; ++k) s[0] += double(r[k]) * double(r[k]);
-    out[i] = T(1) / std::max(T(std::sqrt((s[0] + s[1]) + (s[2] + s[3]))), eps);
-  }
+  for (int64_t i = 0; i < rows; ++i)
+    out[i] = normalize ? T(1) / std::max(row_norm(a + i * ld, d), eps) : T(1);
 }
 
 template <typename T>
@@ -485,13 +489,15 @@ ParamGrads bwd_impl(const T* x, const T* y, int64_t n, int64_t m, int64_t d, int
     }
   }
   // dx holds P_i = rho_i dL/dx^_i. Through the normalisation x^ = rho x:
-  //   dx_i = rho_i (dL/dx^_i - x^_i <x^_i, dL/dx^_i>) = P_i - rho_i^2 x_i <x_i, P_i>.
+  //   dx_i = rho_i (dL/dx^_i - x^_i <x^_i, dL/dx^_i>) = P_i - rho_i^2 x_i <x_i, P_i>,
+  // except where eps clamps the norm: there x^ = x / eps is linear and dx_i = P_i.
   if (normalize) {
 #pragma omp parallel num_threads(std::max(1, num_threads))
     {
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < n; ++i) {
         const T* xi = x + i * ldx;
+        if (row_norm(xi, d) < eps) continue;
         T* g = dx + i * d;
         const double r = p.rho[i];
         const T c = T(r * r * dot(xi, g, d));
@@ -500,6 +506,7 @@ ParamGrads bwd_impl(const T* x, const T* y, int64_t n, int64_t m, int64_t d, int
 #pragma omp for schedule(static)
       for (int64_t j = 0; j < m; ++j) {
         const T* yj = y + j * ldy;
+        if (row_norm(yj, d) < eps) continue;
         T* g = dy + j * d;
         const double s = p.sig[j];
         const T c = T(s * s * dot(yj, g, d));

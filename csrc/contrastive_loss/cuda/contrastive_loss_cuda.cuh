@@ -527,7 +527,24 @@ inline void launch_merge_parts(const typename Epi<LOSS>::Run* rowpart, int64_t r
 }
 
 // ------------------------------------------------------------------ row-wise kernels
-// rho_i = 1/max(||a_i||, eps) (1 when !normalize); one warp per row.
+// ||p|| of one row of d elements, by a whole warp; every lane gets it. The sum of squares in
+// double: in fp32 it overflows for norms above ~1.8e19, rho became 0 and every logit of the
+// row 0 (a finite, wrong loss). inv_norm_kernel and grad_finalize_kernel both call it, so
+// they agree bit for bit on which rows eps clamps.
+template <typename T>
+__device__ __forceinline__ double warp_row_norm(const T* __restrict__ p, int d, int lane) {
+  double ss = 0.0;
+  for (int k = lane; k < d; k += 32) {
+    const double v = double(to_f(p[k]));
+    ss = fma(v, v, ss);
+  }
+#pragma unroll
+  for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  return sqrt(ss);
+}
+
+// rho_i = 1/max(||a_i||, eps) (1 when !normalize); one warp per row. O(rows·d): off the
+// hot path.
 template <typename T>
 __global__ void inv_norm_kernel(const T* __restrict__ a, int64_t rows, int d, int64_t ld,
                                 bool normalize, float eps, float* __restrict__ out) {
@@ -538,17 +555,8 @@ __global__ void inv_norm_kernel(const T* __restrict__ a, int64_t rows, int d, in
     if (lane == 0) out[r] = 1.f;
     return;
   }
-  // The sum of squares in double: in fp32 it overflows for norms above ~1.8e19, rho became
-  // 0 and every logit of the row 0 (a finite, wrong loss). O(rows·d): off the hot path.
-  const T* p = a + r * ld;
-  double ss = 0.0;
-  for (int k = lane; k < d; k += 32) {
-    const double v = double(to_f(p[k]));
-    ss = fma(v, v, ss);
-  }
-#pragma unroll
-  for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-  if (lane == 0) out[r] = float(1.0 / fmax(sqrt(ss), double(eps)));
+  const double nrm = warp_row_norm(a + r * ld, d, lane);
+  if (lane == 0) out[r] = float(1.0 / fmax(nrm, double(eps)));
 }
 
 template <typename T>

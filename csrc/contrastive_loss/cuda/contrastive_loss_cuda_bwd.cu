@@ -391,14 +391,15 @@ __global__ void __launch_bounds__(kThreads) grad_tiles_kernel(const GradArgs<typ
   }
 }
 
-// out_i = P_i - rho_i^2 a_i <a_i, P_i> (or P_i without normalize), where P_i = the sum of
-// the `splits` partials W[q, i] in order (rho_i dL/da^_i). One warp per row; the dot
-// product in float64 (the projection can cancel most of P_i).
+// out_i = P_i - rho_i^2 a_i <a_i, P_i> (or P_i without normalize, or where eps clamps the
+// norm: there a^ = a / eps is linear), where P_i = the sum of the `splits` partials W[q, i]
+// in order (rho_i dL/da^_i). One warp per row; the dot product in float64 (the projection
+// can cancel most of P_i).
 template <typename T>
 __global__ void grad_finalize_kernel(const T* __restrict__ a, int64_t lda, int na, int d,
                                      const float* __restrict__ rho_a, const float* __restrict__ W,
                                      int64_t ldw, int64_t wsplit, int splits, bool normalize,
-                                     T* __restrict__ out) {
+                                     float eps, T* __restrict__ out) {
   const int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   if (i >= na) return;
@@ -410,8 +411,10 @@ __global__ void grad_finalize_kernel(const T* __restrict__ a, int64_t lda, int n
     return v;
   };
   const float ra = rho_a[i];
+  // Warp-uniform: every lane holds the same norm.
+  const bool project = normalize && warp_row_norm(arow, d, lane) >= double(eps);
   float c = 0.f;
-  if (normalize) {
+  if (project) {
     double dot = 0.0;
     for (int k = lane; k < d; k += 32) dot += double(to_f(arow[k])) * double(pk(k));
     c = float(double(ra) * warp_sum(dot));
@@ -419,7 +422,7 @@ __global__ void grad_finalize_kernel(const T* __restrict__ a, int64_t lda, int n
   T* orow = out + i * d;
   for (int k = lane; k < d; k += 32) {
     float v = pk(k);
-    if (normalize) v -= (ra * to_f(arow[k])) * c;
+    if (project) v -= (ra * to_f(arow[k])) * c;
     orow[k] = from_f<T>(v);
   }
 }
@@ -523,10 +526,10 @@ void run_grad(const void* xv, const void* yv, int64_t n, int64_t m, int64_t d, i
   T* dx = static_cast<T*>(dxv);
   T* dy = static_cast<T*>(dyv);
   grad_finalize_kernel<T><<<unsigned(cdiv(n * 32, 256)), 256, 0, st>>>(
-      x, ldx, int(n), int(d), rho, wx, pl.ldw, n * pl.ldw, int(pl.splits), normalize, dx);
+      x, ldx, int(n), int(d), rho, wx, pl.ldw, n * pl.ldw, int(pl.splits), normalize, eps, dx);
   check_cuda(cudaGetLastError(), fn, "grad_finalize_kernel<<<>>> (dx)");
   grad_finalize_kernel<T><<<unsigned(cdiv(m * 32, 256)), 256, 0, st>>>(
-      y, ldy, int(m), int(d), sig, wy, pl.ldw, m * pl.ldw, 1, normalize, dy);
+      y, ldy, int(m), int(d), sig, wy, pl.ldw, m * pl.ldw, 1, normalize, eps, dy);
   check_cuda(cudaGetLastError(), fn, "grad_finalize_kernel<<<>>> (dy)");
   dparams_kernel<<<1, 256, 0, st>>>(dpart, pl.units, num_params, dparams);
   check_cuda(cudaGetLastError(), fn, "dparams_kernel<<<>>>");

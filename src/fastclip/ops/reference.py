@@ -29,12 +29,17 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _inv_norms(t: Tensor, normalize: bool, eps: float) -> Tensor:
+def _inv_norms(t: Tensor, normalize: bool, eps: float) -> tuple[Tensor, Tensor]:
+    """(rho [n] = 1/max(||t_i||, eps), keep [n]): keep_i = 1 where the norm is at least eps,
+    0 where eps clamps it; there x̂ = x/eps is linear in x and its backward has no projection
+    (as F.normalize's clamp_min). Without normalize rho = 1, keep = 0."""
     if not normalize:
-        return torch.ones(t.shape[0], dtype=t.dtype, device=t.device)
+        ones = torch.ones(t.shape[0], dtype=t.dtype, device=t.device)
+        return ones, torch.zeros_like(ones)
     # The norm in float64: an fp32 row of norm > 1.8e19 (or < 1e-19) squares out of fp32's
     # range, and fp32's norm would make it inf (or 0), so x̂ would be 0, silently.
-    return (1.0 / t.norm(dim=1, dtype=torch.float64).clamp_min(eps)).to(t.dtype)   # [n]
+    norm = t.norm(dim=1, dtype=torch.float64)                                       # [n]
+    return (1.0 / norm.clamp_min(eps)).to(t.dtype), (norm >= eps).to(t.dtype)
 
 
 def _chunks(n: int, m: int):
@@ -54,7 +59,8 @@ class _Block:
         self.s = self.p[0]
         self.b = self.p[1] if self.p.numel() > 1 else None
         self.n, self.m = xa.shape[0], ya.shape[0]
-        self.rho, self.sig = _inv_norms(xa, normalize, eps), _inv_norms(ya, normalize, eps)
+        self.rho, self.keep_x = _inv_norms(xa, normalize, eps)
+        self.sig, self.keep_y = _inv_norms(ya, normalize, eps)
         self.xh = xa * self.rho[:, None]                             # x̂ [n, D]
         self.yh = ya * self.sig[:, None]                             # ŷ [m, D]
         self.off, self.normalize = pos_offset, normalize
@@ -113,9 +119,12 @@ def _grads(spec: LossSpec, k: _Block, row, col, grad_row, grad_col, grad_pos, st
             dp[1] += g.sum()                                         # dz/db = 1
         gxh[a:b] += k.s * (g @ k.yh)
         gyh += k.s * (g.T @ k.xh[a:b])
-    # d/dx = rho (d/dx̂ - x̂ <x̂, d/dx̂>) through the normalisation (identity without it).
-    gx = k.rho[:, None] * (gxh - k.xh * (k.xh * gxh).sum(1, keepdim=True)) if k.normalize else gxh
-    gy = k.sig[:, None] * (gyh - k.yh * (k.yh * gyh).sum(1, keepdim=True)) if k.normalize else gyh
+    # d/dx = rho (d/dx̂ - x̂ <x̂, d/dx̂>) through the normalisation (identity without it); rows
+    # that eps clamps (x̂ = x/eps) have no projection term.
+    gx = k.rho[:, None] * (gxh - (k.keep_x[:, None] * k.xh) * (k.xh * gxh).sum(1, keepdim=True)) \
+        if k.normalize else gxh
+    gy = k.sig[:, None] * (gyh - (k.keep_y[:, None] * k.yh) * (k.yh * gyh).sum(1, keepdim=True)) \
+        if k.normalize else gyh
     return out_row, out_col, gx, gy, dp
 
 

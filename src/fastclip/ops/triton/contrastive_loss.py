@@ -227,7 +227,7 @@ def _softmax_dz(z, g_r, rhi, rlo, g_c, chi, clo):
 
 # ---------------------------------------------------------------------------- kernels
 @triton.jit
-def _inv_norm_kernel(x_ptr, sx, n, D, eps, out_ptr,
+def _inv_norm_kernel(x_ptr, sx, n, D, eps, out_ptr, keep_ptr,
                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < n
@@ -240,8 +240,12 @@ def _inv_norm_kernel(x_ptr, sx, n, D, eps, out_ptr,
         v = tl.load(x_ptr + r64[:, None] * sx + ks[None, :],
                     mask=rmask[:, None] & (ks < D)[None, :], other=0.0).to(tl.float64)
         ss += tl.sum(v * v, 1)
-    inv = 1.0 / tl.maximum(tl.sqrt(ss), eps)
+    nrm = tl.sqrt(ss)
+    inv = 1.0 / tl.maximum(nrm, eps)
     tl.store(out_ptr + rows, inv.to(tl.float32), mask=rmask)
+    # 1 where the norm is at least eps, 0 where eps clamps it (x̂ = x/eps: no projection in
+    # the backward, as F.normalize's clamp_min).
+    tl.store(keep_ptr + rows, (nrm >= eps).to(tl.float32), mask=rmask)
 
 
 @triton.jit
@@ -376,7 +380,7 @@ def _col_merge_kernel(pa_ptr, pb_ptr, g, m, cmax_ptr, csum_ptr, col_ptr,
 
 @triton.jit
 def _bwd_kernel(x_ptr, y_ptr, sx, sy, rho_ptr, sig_ptr, p_ptr, row_ptr, col_ptr,
-                gr_ptr, gc_ptr, gp_ptr, ws_ptr, out_ptr, sout, tu_ptr, tg_ptr, stat_ptr,
+                gr_ptr, gc_ptr, gp_ptr, ws_ptr, keep_ptr, out_ptr, sout, tu_ptr, tg_ptr, stat_ptr,
                 n, m, D, off, n_key, m_key,
                 LOSS: tl.constexpr, COLS_OUTER: tl.constexpr, STATS: tl.constexpr,
                 NORMALIZE: tl.constexpr, SCALE_W: tl.constexpr,
@@ -506,12 +510,14 @@ def _bwd_kernel(x_ptr, y_ptr, sx, sy, rho_ptr, sig_ptr, p_ptr, row_ptr, col_ptr,
     if SCALE_W:
         acc = acc * tl.load(ws_ptr + 1)
     # Fused normalisation backward: <â_i, ∂/∂â_i> = s Σ_j G_ij u_ij = s t_i, so
-    # da_i = ra_i·s·acc_i − ra_i²·s·t_i·a_i needs no reduction over D.
+    # da_i = ra_i·s·acc_i − ra_i²·s·t_i·a_i needs no reduction over D (the second term only
+    # where the norm is at least eps: keep_ptr, the block side's).
     da = acc * (ra * s)[:, None]
     if NORMALIZE:
         ab = tl.load(blk_ptr + b64[:, None] * sblk + dcols[None, :],
                      mask=bmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        da = da - (ra * ra * tu.to(tl.float32) * s)[:, None] * ab
+        kp = tl.load(keep_ptr + blk, mask=bmask, other=0.0)
+        da = da - (ra * ra * kp * tu.to(tl.float32) * s)[:, None] * ab
     tl.store(out_ptr + b64[:, None] * sout + dcols[None, :], da.to(out_ptr.dtype.element_ty),
              mask=bmask[:, None] & dmask[None, :])
     if pid_d == 0:
@@ -666,16 +672,19 @@ def _row_stride(t: torch.Tensor) -> int:
     return t.stride(0)
 
 
-def _inv_norms(t: torch.Tensor, normalize: bool, eps: float) -> torch.Tensor:
+def _inv_norms(t: torch.Tensor, normalize: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rho [k] fp32 = 1/max(||t_i||, eps) or 1, keep [k] fp32 = 1 where ||t_i|| >= eps)."""
     k, d = t.shape
     if not normalize:
-        return torch.ones(k, dtype=torch.float32, device=t.device)
+        return (torch.ones(k, dtype=torch.float32, device=t.device),
+                torch.zeros(k, dtype=torch.float32, device=t.device))
     out = torch.empty(k, dtype=torch.float32, device=t.device)
+    keep = torch.empty(k, dtype=torch.float32, device=t.device)
     br = 16 if INTERPRET else 32
     bd = min(128, max(16, triton.next_power_of_2(d)))
-    _inv_norm_kernel[(triton.cdiv(k, br),)](t, _row_stride(t), k, d, float(eps), out,
+    _inv_norm_kernel[(triton.cdiv(k, br),)](t, _row_stride(t), k, d, float(eps), out, keep,
                                              BLOCK_R=br, BLOCK_D=bd, **_OPTS)
-    return out
+    return out, keep
 
 
 def _bucket(k: int) -> int:
@@ -719,8 +728,8 @@ def _fwd(loss, x, y, p, normalize, eps, pos_offset):
     n, d = x.shape
     m = y.shape[0]
     dev = x.device
-    rho = _inv_norms(x, normalize, eps)
-    sig = _inv_norms(y, normalize, eps)
+    rho = _inv_norms(x, normalize, eps)[0]
+    sig = _inv_norms(y, normalize, eps)[0]
     row = _empty((n,), torch.float64, dev)
     col = _empty((m,), torch.float64, dev)
     pos = _pos(loss, x, y, rho, sig, p, pos_offset)
@@ -773,7 +782,7 @@ def _w_scale(g_bound, side):
     return torch.stack((torch.exp2(k), torch.exp2(-k))).to(torch.float32)
 
 
-def _bwd_pass(loss, cols_outer, stats, x, y, rho, sig, p, row, col, gr, gc, gp, ws,
+def _bwd_pass(loss, cols_outer, stats, x, y, rho, sig, p, row, col, gr, gc, gp, ws, keep,
               normalize, pos_offset, prec, up):
     n, d = x.shape
     m = y.shape[0]
@@ -786,7 +795,7 @@ def _bwd_pass(loss, cols_outer, stats, x, y, rho, sig, p, row, col, gr, gc, gp, 
     dummy = gr                                 # never read where a buffer is not used
     args = (x, y, _row_stride(x), _row_stride(y), rho, sig, p,
             row if row is not None else dummy, col if col is not None else dummy,
-            gr, gc, gp, ws if ws is not None else dummy, out, out.stride(0),
+            gr, gc, gp, ws if ws is not None else dummy, keep, out, out.stride(0),
             tu if tu is not None else dummy, tg if tg is not None else dummy,
             st if st is not None else dummy, n, m, d, int(pos_offset), _bucket(n), _bucket(m))
     consts = dict(LOSS=loss, COLS_OUTER=cols_outer, STATS=stats, NORMALIZE=bool(normalize),
@@ -808,16 +817,16 @@ def _grads(loss, stats, x, y, p, normalize, eps, pos_offset, row, col, grad_row,
     dev = x.device
     f32 = dict(dtype=torch.float32, device=dev)
     gr, gc, gp = (g.to(**f32).contiguous() for g in (grad_row, grad_col, grad_pos))
-    rho = _inv_norms(x, normalize, eps)
-    sig = _inv_norms(y, normalize, eps)
+    rho, keep_x = _inv_norms(x, normalize, eps)
+    sig, keep_y = _inv_norms(y, normalize, eps)
     prec, up = _precision(x.dtype), _upcast(x.dtype)
     gb = _g_bound(x, gr, gc, gp)
     # Pass A (rows of x outer): dx, Σ_j G u and Σ_j G per row (and the row statistics).
     dx, tu, tg, row_out = _bwd_pass(loss, False, stats, x, y, rho, sig, p, row, col, gr, gc,
-                                    gp, _w_scale(gb, sig), normalize, pos_offset, prec, up)
+                                    gp, _w_scale(gb, sig), keep_x, normalize, pos_offset, prec, up)
     # Pass B (rows of y outer): dy (and the column statistics).
     dy, _, _, col_out = _bwd_pass(loss, True, stats, x, y, rho, sig, p, row, col, gr, gc, gp,
-                                  _w_scale(gb, rho), normalize, pos_offset, prec, up)
+                                  _w_scale(gb, rho), keep_y, normalize, pos_offset, prec, up)
     # Σ_ij G_ij u_ij and Σ_ij G_ij: exact for any scale, 0 and negative included.
     dparams = torch.stack((tu.sum(), tg.sum()))[:p.numel()].to(torch.float32)
     return dx, dy, dparams, rho, sig, row_out, col_out

@@ -20,7 +20,8 @@ of R rows, and each chunk takes three steps:
    1 unit of FLOP; the buffer is written once and read twice.
 2. dX rows of the chunk: Ĝ·Y, one GEMM [R, m] x [m, D] with fp32 output (torch.mm:
    cuBLAS on a GPU), then the normalisation backward in torch, O(R·D):
-   dx_i = s·(ĜY)_i − s·rho_i²·(Σ_j G u)_i·x_i (the second term only with normalize).
+   dx_i = s·(ĜY)_i − s·rho_i²·(Σ_j G u)_i·x_i (the second term only with normalize, and
+   not where eps clamps the norm).
 3. dY: += Ĝᵀ·X_chunk, one GEMM [m, R] x [R, D] into an fp32 accumulator [m, D]; after the
    last chunk dy_j = s·acc_j − s·sigma_j²·(Σ_i G u)_j·y_j.
 
@@ -260,8 +261,8 @@ def _grads(loss, stats, x, y, p, normalize, eps, pos_offset, row, col, grad_row,
     f32 = dict(dtype=torch.float32, device=dev)
     f64 = dict(dtype=torch.float64, device=dev)
     gr, gc, gp = (g.to(**f32).contiguous() for g in (grad_row, grad_col, grad_pos))
-    rho = _inv_norms(x, normalize, eps)
-    sig = _inv_norms(y, normalize, eps)
+    rho, keep_x = _inv_norms(x, normalize, eps)
+    sig, keep_y = _inv_norms(y, normalize, eps)
     prec, up = _precision(x.dtype), _upcast(x.dtype)
     gb = _g_bound(x, gr, gc, gp)
     # fp16: 2^k·max|Ĝ| <= 2^14, max|Ĝ| <= max|G|·max rho·max sigma.
@@ -325,7 +326,8 @@ def _grads(loss, stats, x, y, p, normalize, eps, pos_offset, row, col, grad_row,
             ax.mul_(ws[1])
         ax.mul_(s)
         if normalize:
-            t = (rho[r0:r0 + rr].double() ** 2 * tu[r0:r0 + rr]).to(torch.float32) * s
+            # (none where eps clamps the norm: keep = 0)
+            t = (rho[r0:r0 + rr].double() ** 2 * keep_x[r0:r0 + rr] * tu[r0:r0 + rr]).to(torch.float32) * s
             ax.addcmul_(xs, t[:, None], value=-1.0)
         dx[r0:r0 + rr] = ax
         # dY: this chunk's rows' share, in fp32, summed in two levels for fp32 inputs
@@ -344,7 +346,7 @@ def _grads(loss, stats, x, y, p, normalize, eps, pos_offset, row, col, grad_row,
         acc_y.mul_(ws[1])
     acc_y.mul_(s)
     if normalize:
-        t = (sig.double() ** 2 * cgu).to(torch.float32) * s
+        t = (sig.double() ** 2 * keep_y * cgu).to(torch.float32) * s
         acc_y.addcmul_(y, t[:, None], value=-1.0)
     dy = acc_y.to(y.dtype)
     dparams = torch.stack((tu.sum(), tg))[:p.numel()].to(torch.float32)
