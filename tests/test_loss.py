@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import fastclip
-from fastclip.loss import ClipLoss
+from fastclip.loss import ClipLoss, SigLipLoss
 
 from .ops._helpers import rel_err
 
@@ -252,3 +252,42 @@ def test_create_loss_hands_unfused_losses_to_open_clip(monkeypatch, kw, what):
     monkeypatch.setitem(sys.modules, "open_clip", None)      # open_clip not importable
     with pytest.raises(ImportError, match=f"open_clip's {what}, which fastclip does not fuse"):
         create_loss(args)
+
+
+def test_constructor_and_bias_arguments_are_checked_where_they_are_given():
+    """normalize/eps/backend were checked only at the first training step; a ClipLoss bias
+    that was not a grad-requiring tensor was dropped unchecked (an [N, N] bias gave 4.9 where
+    open_clip gives 105, a NaN bias a finite loss); SigLipLoss(dist_impl=[...]) raised
+    "unhashable type"."""
+    for kw, exc, msg in (({"normalize": "yes"}, TypeError, "normalize must be a bool"),
+                         ({"eps": 0.0}, ValueError, "eps must be a finite positive float"),
+                         ({"backend": "nope"}, ValueError, "backend='nope' is not a fastclip backend"),
+                         ({"backend": None}, TypeError, "backend must be a backend name")):
+        for cls in (ClipLoss, SigLipLoss):
+            with pytest.raises(exc, match=msg):
+                cls(**kw)
+    with pytest.raises(ValueError, match=r"dist_impl must be one of .* got \['bidir'\]"):
+        SigLipLoss(dist_impl=["bidir"])
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    base = ClipLoss()(x, y, 10.0)
+    assert ClipLoss()(x, y, 10.0, logit_bias=-3.0) == base
+    assert ClipLoss()(x, y, 10.0, logit_bias=torch.tensor([2.0])) == base
+    assert torch.isnan(ClipLoss()(x, y, 10.0, logit_bias=float("nan")))
+    with pytest.raises(ValueError, match=r"logit_bias must be a float .* shape \(4, 4\)"):
+        ClipLoss()(x, y, 10.0, logit_bias=torch.zeros(4, 4))
+    with pytest.raises(TypeError, match="logit_bias must be a float"):
+        ClipLoss()(x, y, 10.0, logit_bias="oops")
+
+
+def test_create_loss_wants_the_argument_namespace():
+    from fastclip.loss import create_loss
+    for bad in (None, {"siglip": True}):
+        with pytest.raises(TypeError, match="args must be open_clip_train's argument namespace"):
+            create_loss(bad)
+
+
+def test_a_bad_backend_in_the_environment_is_named_as_such(monkeypatch):
+    import fastclip
+    monkeypatch.setenv("FASTCLIP_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="FASTCLIP_BACKEND='nonsense' .*backend='auto' honours it"):
+        fastclip.clip_loss(torch.randn(3, 4), torch.randn(3, 4), 10.0)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops.contrastive_loss import DEFAULT_EPS, fused_loss
+from .ops.contrastive_loss import DEFAULT_EPS, fused_loss, validate_options
 
 __all__ = ["ClipLoss", "SigLipLoss", "create_loss"]
 
@@ -60,6 +60,13 @@ class _FusedLoss(nn.Module):
 
     def _init(self, rank, world_size, normalize, backend, dist_impl, eps):
         self.rank, self.world_size = _check_ranks(rank, world_size)
+        # Checked here, not at the first training step.
+        validate_options(normalize, eps)
+        if backend != "auto":
+            from .ops.backends import get_backend  # noqa: PLC0415
+            if not isinstance(backend, str):
+                raise TypeError(f"backend must be a backend name or 'auto', got {backend!r}")
+            get_backend(backend)
         self.normalize, self.backend, self.eps = normalize, backend, eps
         self.fused_dist_impl = dist_impl
         # open_clip's label cache, for subclasses that call get_ground_truth (the fused
@@ -122,7 +129,7 @@ class ClipLoss(_FusedLoss):
                  dist_impl: str = "gather", eps: float = DEFAULT_EPS):
         super().__init__()
         _refuse_horovod(use_horovod)
-        if dist_impl not in ("gather", "ring"):
+        if not isinstance(dist_impl, str) or dist_impl not in ("gather", "ring"):
             raise ValueError(f"dist_impl must be 'gather' or 'ring', got {dist_impl!r}")
         self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
         self.use_horovod = use_horovod
@@ -172,9 +179,10 @@ class ClipLoss(_FusedLoss):
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale,
                 logit_bias: Optional[Tensor] = None, output_dict: bool = False):
         loss = self._fused_loss(image_features, text_features, (logit_scale,))
-        if isinstance(logit_bias, Tensor) and logit_bias.requires_grad:
-            # Softmax is shift-invariant: keep the bias in the graph with a zero gradient.
-            loss = loss + 0.0 * logit_bias.sum().to(loss.dtype)
+        if logit_bias is not None:
+            # Softmax is shift-invariant: the bias (one constant) keeps a zero gradient in the
+            # graph, and a NaN or inf bias a non-finite loss, as open_clip's logits + bias.
+            loss = loss + 0.0 * _scalar_bias(logit_bias, loss)
         return {"contrastive_loss": loss} if output_dict else loss
 
 
@@ -219,7 +227,7 @@ class SigLipLoss(_FusedLoss):
                  dist_impl: Optional[str] = None, *, normalize: bool = False,
                  backend: str = "auto", eps: float = DEFAULT_EPS):
         super().__init__()
-        if dist_impl not in _SIGLIP_IMPLS:
+        if not (dist_impl is None or isinstance(dist_impl, str)) or dist_impl not in _SIGLIP_IMPLS:
             raise ValueError(f"dist_impl must be one of {sorted(k for k in _SIGLIP_IMPLS if k)} "
                              f"or None, got {dist_impl!r}")
         self.cache_labels = cache_labels
@@ -262,6 +270,21 @@ class SigLipLoss(_FusedLoss):
         return {"contrastive_loss": loss} if output_dict else loss
 
 
+def _scalar_bias(value, like: Tensor) -> Tensor:
+    """ClipLoss's ``logit_bias``: a real number or a one-element float tensor (one constant
+    added to every logit); a clear error for anything else (a per-pair [N, N] bias would
+    change the loss, which the fused kernels do not compute)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(f"logit_bias must be a float or a one-element float tensor, got a "
+                             f"{value.dtype} tensor of shape {tuple(value.shape)}")
+        return value.reshape(()).to(like.dtype)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return torch.tensor(float(value), dtype=like.dtype, device=like.device)
+    raise TypeError(f"logit_bias must be a float or a one-element float tensor, got "
+                    f"{type(value).__name__} {value!r}")
+
+
 def _gather_features(x: Tensor, y: Tensor, with_grad: bool, rank: int, world_size: int,
                      local_loss: bool) -> tuple[Tensor, Tensor]:
     """open_clip's ``gather_features`` (torch.distributed, no horovod): every rank's rows in
@@ -302,6 +325,9 @@ def create_loss(args):
     open_clip's ``DistillClipLoss`` / ``CoCaLoss``, which fastclip does not fuse: those come
     from open_clip's own ``create_loss``, with a warning that says so.
     """
+    if args is None or isinstance(args, (dict, str, bytes)):
+        raise TypeError(f"create_loss(args): args must be open_clip_train's argument namespace "
+                        f"(argparse.Namespace, fields as attributes), got {type(args).__name__}")
     rank = getattr(args, "rank", 0)
     world_size = getattr(args, "world_size", 1)
     horovod = bool(getattr(args, "horovod", False))

@@ -574,8 +574,19 @@ def test_torch_func(loss, backend):
     got = torch.func.grad(f)(x)
     want = oracle(loss, x, y, params, True)[1]
     assert rel_err(got, want) <= TOL[torch.float32]
-    with pytest.raises(NotImplementedError, match="torch.func.vmap"):
+    assert rel_err(torch.func.grad_and_value(f)(x)[0], want) <= TOL[torch.float32]
+    # The others are refused with the message, not PyTorch's internal errors ("element 0 of
+    # tensors does not require grad" from vjp and jacrev, "You must implement the jvp
+    # function" from jacfwd and hessian).
+    msg = "support torch.func.grad and grad_and_value, not vmap, vjp"
+    with pytest.raises(NotImplementedError, match=msg):
         torch.func.vmap(f)(torch.stack([x, x]))
+    with pytest.raises(NotImplementedError, match=msg):
+        torch.func.vjp(f, x)[1](torch.tensor(1.0, device=dev))
+    if not emulated(backend):    # each is a few seconds per call under Triton's interpreter
+        for transform in (torch.func.jacrev, torch.func.jacfwd, torch.func.hessian):
+            with pytest.raises(NotImplementedError, match=msg):
+                transform(f)(x)
 
 
 @pytest.mark.parametrize("loss,backend", FP32)
@@ -601,6 +612,32 @@ def test_extreme_row_norms_never_give_a_finite_wrong_loss(loss, backend, size, d
                                   normalize=True, backend=backend, eps=1e-30)
     if backend == "reference" or torch.isfinite(out):
         assert rel_err(out, want) <= TOL[torch.float32], out
+
+
+@pytest.mark.parametrize("loss,backend", FP32)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+def test_rows_that_eps_clamps_have_a_gradient_without_projection(loss, backend, dtype):
+    """normalize=True divides by max(||x||, eps), as F.normalize: a row below eps is x / eps,
+    linear in x, so its gradient has no projection term. Every backend projected every row:
+    under eps = 2 a row of norm 1.82 had its gradient 48% off in float64."""
+    dev = _setup(loss, backend, dtype)
+    gen = torch.Generator().manual_seed(11)
+    eps = 1.0
+    x = torch.randn(9, 6, generator=gen, dtype=torch.float64)
+    y = torch.randn(9, 6, generator=gen, dtype=torch.float64)
+    x[[1, 4]] *= 0.2                                    # norms ~0.5: clamped
+    y[[0, 7]] *= 0.1
+    x[6] *= 1e-14
+    assert (x.norm(dim=1) < eps).sum() >= 3 and (y.norm(dim=1) < eps).sum() >= 2
+    params = params_for(loss, 5.0, -2.0)
+    xd, yd = x.clone().requires_grad_(), y.clone().requires_grad_()
+    pd = [torch.tensor(p, dtype=torch.float64, requires_grad=True) for p in params]
+    xh = torch.nn.functional.normalize(xd, dim=-1, eps=eps)
+    yh = torch.nn.functional.normalize(yd, dim=-1, eps=eps)
+    ref_ = get_loss(loss).naive(xh, yh, *pd, normalize=False)
+    want = (ref_.detach(), *torch.autograd.grad(ref_, (xd, yd, *pd)))
+    out = run(loss, x.to(dtype).to(dev), y.to(dtype).to(dev), params, True, backend, eps=eps)
+    _compare(loss, out, want, TOL[dtype], f"{loss}/{backend}/{dtype}")
 
 
 @pytest.mark.parametrize("loss,backend", FP32)

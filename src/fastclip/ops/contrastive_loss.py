@@ -184,8 +184,15 @@ def differentiable_vjp(spec: LossSpec, x: Tensor, y: Tensor, params: Tensor, nor
     with torch.enable_grad():
         stats = _reference_block_fwd(spec, x, y, params, normalize, eps, pos_offset)
         pairs = [(s_, g.to(s_.dtype)) for s_, g in zip(stats, grads) if g is not None]
-        got = torch.autograd.grad([a for a, _ in pairs], wrt, [g for _, g in pairs],
-                                  create_graph=True, allow_unused=True)
+        try:
+            got = torch.autograd.grad([a for a, _ in pairs], wrt, [g for _, g in pairs],
+                                      create_graph=True, allow_unused=True)
+        except RuntimeError as e:
+            # torch.func.vjp / jacrev run this backward where the saved inputs are not tracked
+            # at the transform's level (torch.func.grad's are): say what is supported.
+            if _functorch_active() or any(_functorch_wrapped(t) for t in (x, y, params)):
+                _no_vmap(e)
+            raise
     it = iter(got)
     for i, t in enumerate((x, y, params)):
         if t.requires_grad:
@@ -196,10 +203,12 @@ def differentiable_vjp(spec: LossSpec, x: Tensor, y: Tensor, params: Tensor, nor
 
 def _no_vmap(*_args, **_kwargs):
     raise NotImplementedError(
-        "fastclip's fused losses do not support torch.func.vmap (nor jacrev/jacfwd/hessian, "
-        "which use it): the kernels take one batch of features, not a batch of batches. "
-        "torch.func.grad works; for per-sample losses loop over the batches, or use the "
-        "materialising formula fastclip.ops.reference.clip_loss_naive / siglip_loss_naive")
+        "fastclip's fused losses support torch.func.grad and grad_and_value, not vmap, vjp, "
+        "jvp, jacrev, jacfwd or hessian: the kernels take one batch of features, not a batch "
+        "of batches, and have no forward-mode derivative. Use torch.func.grad (or "
+        "torch.autograd.grad, create_graph=True for second derivatives); for per-sample "
+        "losses loop over the batches, or use the materialising formula "
+        "fastclip.ops.reference.clip_loss_naive / siglip_loss_naive")
 
 
 class _EagerBlock(torch.autograd.Function):
@@ -217,6 +226,7 @@ class _EagerBlock(torch.autograd.Function):
         ctx.cfg = (spec, be, normalize, eps, pos_offset)
 
     vmap = staticmethod(_no_vmap)
+    jvp = staticmethod(_no_vmap)          # forward mode (jacfwd, hessian): refused with the message
 
     @staticmethod
     def backward(ctx, g_row, g_col, g_pos):
@@ -246,6 +256,8 @@ def _combined_style(fn: type) -> type:
 
 
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+_functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor",
+                             lambda t: False)
 
 
 def _apply(fn: type, fast: type, *args):
@@ -323,6 +335,7 @@ class _OnePassLoss(torch.autograd.Function):
         ctx.cfg = (spec, normalize, eps, pos_offset)
 
     vmap = staticmethod(_no_vmap)
+    jvp = staticmethod(_no_vmap)          # forward mode (jacfwd, hessian): refused with the message
 
     @staticmethod
     def backward(ctx, g, *_unused):

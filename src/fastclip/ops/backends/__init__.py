@@ -193,6 +193,21 @@ def _dtype_names(dtypes) -> str:
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
+def _check_fits(b: Backend, name: str, device: torch.device, dtype, loss: str) -> None:
+    if device.type not in b.devices:
+        raise BackendUnavailableError(
+            f"backend={name!r} runs on {'/'.join(b.devices)} tensors, but the features "
+            f"are on {device}; move them or pass backend='auto'")
+    if dtype is not None and dtype not in b.dtypes:
+        raise BackendUnavailableError(
+            f"backend={name!r} does not take {dtype} features (it takes "
+            f"{_dtype_names(b.dtypes)}); cast them or pass backend='auto'")
+    if loss not in b.losses:
+        raise BackendUnavailableError(
+            f"backend={name!r} does not implement the {loss!r} loss (it implements "
+            f"{', '.join(b.losses)}); pass backend='auto'")
+
+
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None,
                     loss: str = "clip") -> Backend:
     """Pick the backend for ``loss`` on features of ``device`` (and ``dtype``, when given).
@@ -209,24 +224,19 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     if hit is not None:
         return hit
     _load_builtin()
-    name = env if backend == "auto" and env and env != "auto" else backend
+    from_env = backend == "auto" and env and env != "auto"
+    name = env if from_env else backend
     if name != "auto":
-        b = get_backend(name)
-        ok, reason = b.availability()
-        if not ok:
-            raise BackendUnavailableError(f"backend={name!r} is not available: {reason}")
-        if device.type not in b.devices:
-            raise BackendUnavailableError(
-                f"backend={name!r} runs on {'/'.join(b.devices)} tensors, but the features "
-                f"are on {device}; move them or pass backend='auto'")
-        if dtype is not None and dtype not in b.dtypes:
-            raise BackendUnavailableError(
-                f"backend={name!r} does not take {dtype} features (it takes "
-                f"{_dtype_names(b.dtypes)}); cast them or pass backend='auto'")
-        if loss not in b.losses:
-            raise BackendUnavailableError(
-                f"backend={name!r} does not implement the {loss!r} loss (it implements "
-                f"{', '.join(b.losses)}); pass backend='auto'")
+        try:
+            b = get_backend(name)
+            ok, reason = b.availability()
+            if not ok:
+                raise BackendUnavailableError(f"backend={name!r} is not available: {reason}")
+            _check_fits(b, name, device, dtype, loss)
+        except (ValueError, BackendUnavailableError) as e:
+            if from_env:      # the caller passed "auto": the name came from the environment
+                raise type(e)(f"FASTCLIP_BACKEND={env!r} (backend='auto' honours it): {e}") from None
+            raise
     else:
         fits = [b for b in _REGISTRY.values()
                 if device.type in b.devices and (dtype is None or dtype in b.dtypes)
