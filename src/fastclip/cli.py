@@ -292,6 +292,10 @@ def _check_model_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
             flag = "--accum-micro-batch" if args.accum_micro_batch == 1 else "--batch-size"
             p.error(f"{flag} 1: model {args.model!r} has BatchNorm layers (a ResNet tower), which "
                     f"need at least 2 images per forward pass in training; use 2 or more")
+    world = os.environ.get("WORLD_SIZE", "1")       # torchrun's
+    if args.loss == "clip" and args.batch_size == 1 and world.strip() in ("", "1"):
+        p.error("--batch-size 1 in one process: the softmax loss of a batch of one pair is always 0 "
+                "(nothing to contrast), the model would learn nothing; use 2 or more")
 
 
 def _check_run_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -303,10 +307,24 @@ def _check_run_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         if why:
             p.error(f"{flag} {why}")
     if args.output is not None:
+        zs = getattr(args, "zeroshot_data", None)
+        if zs and _inside(args.output, zs):
+            # Its classes are its folders: the run folder would become one more class.
+            p.error(f"--output {args.output!r} is inside --zeroshot-data {zs!r}; put the run elsewhere")
         from ._fileio import writable_dir_problem
         why = writable_dir_problem(args.output)
         if why:
             p.error(f"--output {args.output!r}: {why}")
+        ck = os.path.join(args.output, "checkpoints")
+        if os.path.lexists(ck) and not os.path.isdir(ck):
+            p.error(f"--output {args.output!r}: its 'checkpoints' is not a folder (checkpoints are written there)")
+        if os.path.isdir(ck) and not os.access(ck, os.W_OK | os.X_OK):
+            p.error(f"--output {args.output!r}: its 'checkpoints' folder is not writable")
+
+
+def _inside(path: str, folder: str) -> bool:
+    a, b = os.path.realpath(path), os.path.realpath(folder)
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -197,3 +197,18 @@ def test_convert_legacy_checkpoint(tmp_path):
     assert _same(m.state_dict(), m2.state_dict()) and _same(opt.state_dict(), opt2.state_dict())
     assert _same(old["rng"], ckpt.rng_state())
     json.dumps(state["extra"])
+
+
+def test_a_checkpoint_that_cannot_be_written_is_a_checkpoint_error(tmp_path):
+    """A 'checkpoints' file (or a full disk) gave a FileExistsError / SafetensorError traceback."""
+    import pytest
+    import torch
+
+    from fastclip.models import create_model
+    from fastclip.train.checkpoint import CheckpointError, save_training_state
+    model = create_model("tiny-vit")
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    (tmp_path / "checkpoints").write_text("not a folder")
+    with pytest.raises(CheckpointError, match="cannot write the checkpoint"):
+        save_training_state(str(tmp_path), 1, model, opt, sched, None)

@@ -96,8 +96,12 @@ def test_csv_separator_reads_shell_escapes():
         assert cli.build_parser().parse_args(["train", "--csv-separator", typed]).csv_separator == want
 
 
-def test_batch_of_one_is_fine_without_batchnorm():
-    # A ViT tower has no BatchNorm: a batch of one is not refused (only odd).
+def test_batch_of_one_is_fine_without_batchnorm_where_the_loss_has_something_to_learn(monkeypatch):
+    # A ViT tower has no BatchNorm: a batch of one is not refused for the sigmoid loss (one pair
+    # still has a loss), nor for the softmax one across ranks (the batch is global).
+    args = cli.build_parser().parse_args(["train", "--model", "tiny-vit", "--batch-size", "1", "--loss", "siglip"])
+    cli._check_paths(cli.build_parser(), args)
+    monkeypatch.setenv("WORLD_SIZE", "2")
     args = cli.build_parser().parse_args(["train", "--model", "tiny-vit", "--batch-size", "1"])
     cli._check_paths(cli.build_parser(), args)
 
@@ -199,3 +203,25 @@ def test_unusable_resume_files_exit_2_with_one_line(tmp_path, capsys):
                       (other, "other.pt: a training checkpoint in fastclip's earlier pickle format")):
         _one_line_error(capsys, ["train", *TINY, "--output", str(tmp_path / f"out-{f.name}"), "--resume", str(f)],
                         needle)
+
+
+def test_outputs_that_would_feed_the_run_or_break_its_checkpoints_exit_2(tmp_path, capsys, monkeypatch):
+    """--output inside --zeroshot-data became one more class of it (chance 25% for 3 classes);
+    a 'checkpoints' file there was found at the first save, as a traceback; a batch of one
+    pair trained on a loss that is always 0."""
+    zs = tmp_path / "zs"
+    for c in ("cat", "dog"):
+        (zs / c).mkdir(parents=True)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--zeroshot-data", str(zs), "--output", str(zs / "run")])
+    assert e.value.code == 2 and "is inside --zeroshot-data" in capsys.readouterr().err
+    assert not (zs / "run").exists()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "checkpoints").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--output", str(tmp_path / "out")])
+    assert e.value.code == 2 and "'checkpoints' is not a folder" in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--model", "tiny-vit", "--batch-size", "1", "--output", str(tmp_path / "b1")])
+    assert e.value.code == 2 and "--batch-size 1 in one process" in capsys.readouterr().err

@@ -83,3 +83,47 @@ def test_eval_line_names_what_was_evaluated():
     both = {**val, "step": 4, "zeroshot/pets/top1": 0.5, "chance/pets": 0.1}
     assert format_eval(both) == ("eval @ step 4: zero-shot top-1 pets 50.0% (chance 10.0%); "
                                  "val loss 0.500, val mean recall 25.0%")
+
+
+def test_logged_lr_is_the_steps_own_and_a_batch_of_one_is_refused(tmp_path):
+    """The lr of a metrics row was read after the scheduler stepped: the next step's."""
+    import pytest
+    torch.set_num_threads(1)
+    out = str(tmp_path / "run")
+    cfg = TrainConfig(model="tiny-vit", output=out, steps=6, batch_size=8, lr=1e-3, warmup=2, log_every=1,
+                      eval_every=1000, demo_train_samples=32, demo_eval_samples=16, progress="none", plot=False)
+    train(cfg)
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    lrs = [r["lr"] for r in rows if r["type"] == "train"]
+    assert lrs == [pytest.approx(1e-3 * cosine_lr(k, 2, 6)) for k in range(6)]
+    with pytest.raises(ValueError, match="--batch-size 1 in one process"):
+        train(TrainConfig(model="tiny-vit", output=str(tmp_path / "b1"), steps=2, batch_size=1, progress="none",
+                          plot=False, demo_train_samples=8, demo_eval_samples=8))
+
+
+def test_a_run_resumed_at_its_last_step_still_evaluates(tmp_path):
+    torch.set_num_threads(1)
+    out = str(tmp_path / "run")
+    base = dict(model="tiny-vit", output=out, batch_size=8, lr=1e-3, warmup=1, eval_every=1000,
+                demo_train_samples=32, demo_eval_samples=16, progress="none", plot=False, save_every=3)
+    train(TrainConfig(steps=5, **base))
+    ck = os.path.join(out, "checkpoints", "step_00000003.safetensors")
+    result = train(TrainConfig(steps=3, resume=ck, **base))
+    assert "zero_shot_shape_top1" in result
+    assert "zero_shot_shape_top1" in json.load(open(os.path.join(out, "metrics.json")))
+
+
+def test_a_time_budget_run_resumes_on_its_shortened_schedule():
+    """The schedule was rebuilt from --steps on resume: the lr jumped from 3.2e-4 back to
+    ~1e-3 for 8 steps until the budget cut the run again."""
+    from types import SimpleNamespace
+
+    from fastclip.train.trainer import Trainer
+    t = SimpleNamespace(cfg=SimpleNamespace(time_budget=60.0), start_step=80, total_steps=2000, warmup_steps=100,
+                        resume_notes=[])
+    Trainer._keep_budget_schedule(t, {"total_steps": 130, "warmup_steps": 100})
+    assert (t.total_steps, t.warmup_steps) == (130, 100) and "130 steps is kept" in t.resume_notes[0]
+    t2 = SimpleNamespace(cfg=SimpleNamespace(time_budget=None), start_step=80, total_steps=2000, warmup_steps=100,
+                         resume_notes=[])
+    Trainer._keep_budget_schedule(t2, {"total_steps": 130, "warmup_steps": 100})
+    assert t2.total_steps == 2000          # without a budget the command's --steps decide

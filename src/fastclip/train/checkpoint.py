@@ -151,7 +151,11 @@ def save_training_state(output_dir: str, step: int, model: torch.nn.Module, opti
     encoded = _encode(state, "", tensors, set())
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "state": json.dumps(encoded)}
     path = checkpoint_path(output_dir, step)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), suffix=".safetensors")
+    from safetensors import SafetensorError
+    try:
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), suffix=".safetensors")
+    except (OSError, SafetensorError) as e:     # a full disk, a checkpoints path that is a file
+        raise CheckpointError(f"cannot write the checkpoint {path}: {e}") from None
     if keep > 0:
         for old in sorted(list_checkpoints(output_dir))[:-keep]:
             os.unlink(old[1])

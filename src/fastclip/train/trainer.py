@@ -142,6 +142,10 @@ class Trainer:
                                 backend=cfg.loss_backend, dist_impl=cfg.dist_impl)
         self.optimizer = create_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
 
+        if cfg.loss == "clip" and cfg.batch_size * env.world_size == 1:
+            raise ValueError("--batch-size 1 in one process: the softmax loss of a batch of one pair is "
+                             "always 0 (nothing to contrast), the model would learn nothing; use a global "
+                             "batch of 2 or more")
         self.data: TrainData = build_train_data(cfg, self.data_type, self.model, env)
         self.dataset, self.data_desc = self.data.dataset, self.data.desc
         self.steps_per_epoch = self.data.steps_per_epoch
@@ -170,6 +174,7 @@ class Trainer:
                                                  self.scaler, map_location=env.device)
                 self.start_step = int(state["step"])
                 self._restore_extra(path, state["extra"])
+                self._keep_budget_schedule(state["extra"])
                 self.resumed_from = path
                 if self.start_step > self.total_steps:
                     raise ckpt.CheckpointError(f"{path}: the checkpoint is at step {self.start_step}, past the "
@@ -209,6 +214,16 @@ class Trainer:
                 + "; start a new run to change them")
             for k, old, _ in kept:
                 setattr(self.cfg, k, old)
+
+    def _keep_budget_schedule(self, extra: Dict[str, Any]) -> None:
+        """With --time-budget, the shortened schedule the checkpoint was trained on (its length
+        and warmup): rebuilt from --steps, a resumed run's learning rate jumped back up to
+        near its peak until the budget cut it again."""
+        total, warm = extra.get("total_steps"), extra.get("warmup_steps")
+        if (self.cfg.time_budget and isinstance(total, int) and isinstance(warm, int)
+                and self.start_step <= total < self.total_steps):
+            self.total_steps, self.warmup_steps = total, min(self.warmup_steps, warm)
+            self.resume_notes.append(f"time budget: the checkpoint's schedule of {total} steps is kept")
 
     def _restore_extra(self, path: str, extra: Dict[str, Any]) -> None:
         try:
@@ -442,6 +457,7 @@ class Trainer:
                 tokens = trim_padding(tokens).to(env.device, non_blocking=True)
                 t_step = time.time()
                 loss = self.forward_backward(images, tokens)
+                lr = self.optimizer.param_groups[0]["lr"]        # this step's (the scheduler moves on)
                 self.optimizer_step()
                 step += 1
                 if step == self.start_step + 1:
@@ -455,7 +471,7 @@ class Trainer:
                     epoch = None if self.steps_per_epoch is None else (step - 1) // max(1, self.steps_per_epoch)
                     row = {"type": "train", "step": step, "epoch": epoch,
                            "loss": loss.float().item(), "scale": self.model.logit_scale.exp().item(),
-                           "lr": self.optimizer.param_groups[0]["lr"],
+                           "lr": lr,
                            "images_per_s": n_window / max(now - t_window, 1e-9),
                            "elapsed_s": self.wall_before + now - t_start}
                     if self.model.logit_bias is not None:
@@ -486,9 +502,15 @@ class Trainer:
                         extra = {"skipped": total_skipped,
                                  "skipped_batches": self.batches_skipped_before + skipped_batches,
                                  "data_position": drawn, "wall_time_s": self.wall_before + time.time() - t_start,
+                                 "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
                                  "config": dataclasses.asdict(cfg), "model_config": self.model.config.to_dict()}
                         ckpt.save_training_state(out_dir, step, self.model, self.optimizer, self.scheduler,
                                                  self.scaler, extra=extra, keep=cfg.keep_checkpoints)
+            if self.start_step >= self.total_steps and env.is_main and self._has_eval():
+                # Resumed at the last step: nothing to train, the final evaluation still runs.
+                last_eval = self.evaluate(step)
+                record(last_eval)
+                progress.message(format_eval(last_eval))
         finally:
             progress.close()
         wall = self.wall_before + time.time() - t_start
