@@ -170,8 +170,13 @@ class WebDataset(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, int]]:
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        # DataLoader takes batches round-robin from worker 0 on, also after a resume at data
+        # position P, where the uninterrupted run's next batch came from worker P % nw: worker
+        # wid plays that run's worker (wid + P) % nw (else, with 2 workers and P odd, the
+        # batches came back pairwise swapped).
+        wid = (wid + self.skip_batches) % nw
         slot, stride = self.rank * nw + wid, self.world_size * nw
-        # This worker's share of the batches to skip (DataLoader takes batches round-robin).
+        # This worker's share of the batches to skip.
         skip = self.skip_batches // nw + (1 if wid < self.skip_batches % nw else 0)
         epoch, n = 0, 0
         batch: List = []
@@ -182,6 +187,7 @@ class WebDataset(torch.utils.data.IterableDataset):
                 produced = True
                 if skip > 0:
                     batch.append(None)
+                    n += 1      # the augmentation seeds go on as if the sample had been drawn
                     if len(batch) == self.batch_size:
                         skip, batch = skip - 1, []
                     continue
