@@ -127,3 +127,36 @@ def test_a_time_budget_run_resumes_on_its_shortened_schedule():
                          resume_notes=[])
     Trainer._keep_budget_schedule(t2, {"total_steps": 130, "warmup_steps": 100})
     assert t2.total_steps == 2000          # without a budget the command's --steps decide
+
+
+def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path):
+    """Resumed from step 2 of a run that had reached step 4, the run kept step 4 in place:
+    a later --resume latest jumped back onto the abandoned timeline."""
+    from fastclip.train.checkpoint import list_checkpoints, resolve_resume
+    torch.set_num_threads(1)
+    out = str(tmp_path / "run")
+    base = dict(model="tiny-vit", output=out, batch_size=8, lr=1e-3, warmup=1, eval_every=1000,
+                demo_train_samples=32, demo_eval_samples=16, progress="none", plot=False, save_every=2,
+                keep_checkpoints=0)
+    train(TrainConfig(steps=5, **base))
+    assert sorted(k for k, _ in list_checkpoints(out)) == [2, 4]
+    train(TrainConfig(steps=5, resume=os.path.join(out, "checkpoints", "step_00000002.safetensors"), **base))
+    assert sorted(k for k, _ in list_checkpoints(out)) == [2, 4]           # step 4 of the new timeline
+    aside = os.path.join(out, "checkpoints", "superseded-after-00000002")
+    assert os.listdir(aside) == ["step_00000004.safetensors"]
+    assert resolve_resume("latest", out).endswith("step_00000004.safetensors")
+
+
+def test_resuming_with_other_data_settings_says_so(tmp_path, capsys):
+    """A 2-rank run resumed in one process, or with another seed or dataset, continued without
+    a word (its epoch counter jumped back)."""
+    torch.set_num_threads(1)
+    out = str(tmp_path / "run")
+    base = dict(model="tiny-vit", output=out, lr=1e-3, warmup=1, eval_every=1000, demo_train_samples=32,
+                demo_eval_samples=16, progress="lines", plot=False, save_every=2)
+    train(TrainConfig(steps=3, batch_size=8, **base))
+    capsys.readouterr()
+    train(TrainConfig(steps=4, batch_size=4, seed=5, resume="latest", **base))
+    out_text = capsys.readouterr().out
+    assert "resumed with other data settings than the checkpoint's: global batch 8 -> 4" in out_text
+    assert "seed 0 -> 5" in out_text

@@ -95,6 +95,27 @@ def prepare_run_folder(output_dir: str, resume: Optional[str], overwrite: bool,
             f"in {output_dir}")
 
 
+def set_aside_later_checkpoints(output_dir: str, step: int) -> Optional[str]:
+    """A run resumed from an earlier checkpoint than its newest starts a new timeline: move the
+    checkpoints of steps after ``step`` (the abandoned one's) into
+    ``checkpoints/superseded-after-<step>[-k]/``, kept, not deleted, so that a later
+    ``--resume latest`` continues this timeline rather than jumping back onto the old one.
+    Returns that folder, or None when there was nothing to move."""
+    from .checkpoint import list_checkpoints
+    later = [p for k, p in list_checkpoints(output_dir) if k > step]
+    if not later:
+        return None
+    base = os.path.join(output_dir, CKPT_DIR, f"superseded-after-{step:08d}")
+    dest, k = base, 1
+    while os.path.exists(dest):
+        k += 1
+        dest = f"{base}-{k}"
+    os.makedirs(dest)
+    for p in later:
+        os.replace(p, os.path.join(dest, os.path.basename(p)))
+    return dest
+
+
 def truncate_metrics(path: str, step: int) -> int:
     """Keep the rows of ``metrics.jsonl`` at ``path`` up to ``step`` (train and eval rows with
     ``"step" <= step``); drop later rows, ``final`` rows and torn lines (a kill mid-write).

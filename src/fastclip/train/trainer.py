@@ -56,7 +56,7 @@ from .data import (
 from .dist_env import DistEnv, all_reduce_grads, init_distributed, shutdown_distributed, sum_over_ranks
 from .optim import cosine_lr, create_optimizer
 from .progress import Progress, format_eval, format_final
-from .run_folder import check_run_folder, prepare_run_folder, truncate_metrics
+from .run_folder import check_run_folder, prepare_run_folder, set_aside_later_checkpoints, truncate_metrics
 
 __all__ = ["PRECISIONS", "TrainConfig", "Trainer", "StepHook", "train", "DistEnv", "init_distributed",
            "shutdown_distributed", "StepBatches", "trim_padding", "detect_dataset_type", "Progress"]
@@ -214,6 +214,23 @@ class Trainer:
                 + "; start a new run to change them")
             for k, old, _ in kept:
                 setattr(self.cfg, k, old)
+        self._note_changed_data(saved, extra)
+
+    def _note_changed_data(self, saved: Dict[str, Any], extra: Dict[str, Any]) -> None:
+        """Say what a resume cannot continue exactly: the data position counts batches of the
+        checkpoint's global batch, and the order comes from its seed and data (resuming on
+        fewer GPUs after a pre-emption is legitimate, so these are notes, not refusals)."""
+        notes = []
+        gb, now = extra.get("global_batch"), self.cfg.batch_size * self.env.world_size
+        if isinstance(gb, int) and gb != now:
+            notes.append(f"global batch {gb} -> {now} (the data position, {self.data_position} batches, now "
+                         f"counts batches of {now}: not the samples the run would have drawn next)")
+        for k in ("seed", "train_data", "dataset_type"):
+            if k in saved and saved[k] != getattr(self.cfg, k, saved[k]):
+                notes.append(f"{k} {saved[k]!r} -> {getattr(self.cfg, k)!r}")
+        if notes:
+            self.resume_notes.append("resumed with other data settings than the checkpoint's: " + "; ".join(notes)
+                                     + "; the run continues, not exactly as an uninterrupted one")
 
     def _keep_budget_schedule(self, extra: Dict[str, Any]) -> None:
         """With --time-budget, the shortened schedule the checkpoint was trained on (its length
@@ -402,6 +419,10 @@ class Trainer:
             self._announce()
         metrics_path = os.path.join(out_dir, "metrics.jsonl")
         if env.is_main and cfg.resume:  # the steps after the checkpoint are trained, and logged, again
+            moved = set_aside_later_checkpoints(out_dir, self.start_step)
+            if moved:
+                self.log(f"  checkpoints after step {self.start_step} (the timeline resumed from an earlier "
+                         f"checkpoint leaves) moved to {moved}")
             dropped = truncate_metrics(metrics_path, self.start_step)
             if dropped:
                 self.log(f"  metrics.jsonl: dropped {dropped} row(s) after step {self.start_step} (trained again)")
@@ -503,6 +524,7 @@ class Trainer:
                                  "skipped_batches": self.batches_skipped_before + skipped_batches,
                                  "data_position": drawn, "wall_time_s": self.wall_before + time.time() - t_start,
                                  "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
+                                 "global_batch": cfg.batch_size * env.world_size,
                                  "config": dataclasses.asdict(cfg), "model_config": self.model.config.to_dict()}
                         ckpt.save_training_state(out_dir, step, self.model, self.optimizer, self.scheduler,
                                                  self.scaler, extra=extra, keep=cfg.keep_checkpoints)
