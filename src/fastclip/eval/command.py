@@ -54,9 +54,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--batch-size", type=_positive_int, default=None,
-                   help="images per forward, and the batches --val-data's loss is computed within (a "
-                        "contrastive loss depends on its batch size); default: the run's per-rank --batch-size "
-                        "when MODEL is a fastclip train run, else 256")
+                   help="the batches --val-data's loss is computed within (a contrastive loss depends on "
+                        "its batch size; default: the run's per-rank --batch-size when MODEL is a fastclip "
+                        "train run, else 256) and, when given, the images per encoder forward (default 256)")
     g.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="fp32, or bf16/fp16 autocast on a GPU (bf16 autocast on a CPU) for the encoders; "
                         "default: the run's, else fp32")
