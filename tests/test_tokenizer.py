@@ -157,3 +157,10 @@ def test_decode_of_an_empty_batch_is_an_empty_list():
     import numpy as np
     assert decode(tokenize([])) == []
     assert decode(np.zeros((0, 77), dtype=np.int64)) == []
+
+
+def test_unordered_collections_are_refused():
+    """A set was tokenized in string-hash order (different in every process), a dict as its keys."""
+    for bad in ({"a cat", "a dog"}, {"a cat": 1}, frozenset({"x"})):
+        with pytest.raises(TypeError, match="its order is not the rows'; pass a list"):
+            tokenize(bad)

@@ -56,3 +56,29 @@ def test_custom_mean_std_and_errors():
         image_transform(8, train=True, scale=(0.5, 1.5))
     with pytest.raises(ValueError, match="PIL"):
         image_transform(8)(torch.zeros(3, 8, 8))
+
+
+def test_thin_images_cost_the_crop_not_the_whole_resize():
+    """A 1x100000 image was resized whole to 224x22,400,000 (18.7 GiB) before the centre crop;
+    only the crop's region is resampled now, with the same pixels as resize-then-crop."""
+    from fastclip.transforms import resize_center_crop
+    thin = Image.fromarray(np.random.default_rng(0).integers(0, 255, (1, 100000, 3), dtype=np.uint8))
+    assert image_transform(224)(thin).shape == (3, 224, 224)
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (50, 300, 3), dtype=np.uint8))
+    want = np.asarray(center_crop(resize_short_side(img, 64), 64)).astype(int)
+    assert np.abs(np.asarray(resize_center_crop(img, 64)).astype(int) - want).max() <= 1
+
+
+def test_wide_and_float_images_given_straight_to_the_transform():
+    """Image.open(...) passed to the transform: a 16-bit ramp was clipped to white, a float
+    image in 0..1 became black."""
+    from fastclip.transforms import eight_bit
+    ramp = (np.arange(1024, dtype=np.uint32) * 64).reshape(16, 64).astype(np.uint16)
+    got = np.asarray(eight_bit(Image.fromarray(ramp)))
+    np.testing.assert_allclose(got, ramp / 257.0, atol=0.5)
+    unit = Image.fromarray(np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16))
+    assert np.asarray(eight_bit(unit)).max() == 255
+    t = image_transform(16)
+    mean, std = torch.tensor(OPENAI_MEAN).view(3, 1, 1), torch.tensor(OPENAI_STD).view(3, 1, 1)
+    pixels = t(Image.fromarray(ramp)) * std + mean
+    assert 0.4 < pixels.mean().item() < 0.6

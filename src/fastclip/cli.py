@@ -292,6 +292,20 @@ def _check_model_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
             flag = "--accum-micro-batch" if args.accum_micro_batch == 1 else "--batch-size"
             p.error(f"{flag} 1: model {args.model!r} has BatchNorm layers (a ResNet tower), which "
                     f"need at least 2 images per forward pass in training; use 2 or more")
+    on_cpu = getattr(args, "device", "auto") == "cpu" or (getattr(args, "device", "auto") == "auto"
+                                                            and not torch.cuda.is_available())
+    if on_cpu:
+        # Weights, gradients and AdamW's two moments: 16 bytes per parameter in fp32, before any
+        # activation. A width of 2^20 asked for 207 GB at the first allocation, as a traceback.
+        n_params = sum(t.numel() for t in model.parameters())
+        try:
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            ram = 0
+        if ram and 16 * n_params > ram:
+            p.error(f"--model {args.model!r} with these overrides has {n_params / 1e9:.1f}B parameters: training "
+                    f"needs at least {16 * n_params / 1e9:.0f} GB (weights, gradients, AdamW's moments), this "
+                    f"machine has {ram / 1e9:.0f} GB")
     world = os.environ.get("WORLD_SIZE", "1")       # torchrun's
     if args.loss == "clip" and args.batch_size == 1 and world.strip() in ("", "1"):
         p.error("--batch-size 1 in one process: the softmax loss of a batch of one pair is always 0 "

@@ -155,6 +155,10 @@ def tokenize(texts: Union[str, Sequence[str]], context_length: int = 77, truncat
     elif isinstance(texts, (bytes, bytearray, memoryview)):
         raise TypeError(f"texts must be a str or a sequence of str, got {type(texts).__name__} "
                         f"(decode bytes first, e.g. texts.decode('utf-8'))")
+    elif isinstance(texts, (dict, set, frozenset)):
+        # No order of their own (a set's is the string hashes', which change between runs).
+        raise TypeError(f"texts must be a str or a sequence of str, got {type(texts).__name__} "
+                        f"(its order is not the rows'; pass a list)")
     else:
         try:
             texts = list(texts)

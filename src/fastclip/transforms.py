@@ -66,6 +66,47 @@ def random_resized_crop_box(width: int, height: int, scale: Tuple[float, float],
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+def eight_bit(im: Image.Image) -> Image.Image:
+    """Single-channel images wider than 8 bits as 8-bit grayscale, scaled rather than clipped
+    (Pillow's ``convert("RGB")`` clips a 16-bit PNG's 0..65535 at 255: a ramp came back 99.6%
+    white). 16-bit modes, and 32-bit integer or float images whose values fit 0..65535, are
+    divided by 257 (65535 -> 255); float images in 0..1 (the float convention) are multiplied
+    by 255; values already in 0..255 are kept; any other range is stretched from its minimum
+    to its maximum. Other modes are returned as they are."""
+    if not (im.mode.startswith("I") or im.mode == "F"):
+        return im
+    a = np.asarray(im, dtype=np.float64)
+    finite = a[np.isfinite(a)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if im.mode.startswith("I;16"):
+        a = a / 257.0
+    elif im.mode == "F" and lo >= 0 and hi <= 1:
+        a = a * 255.0
+    elif lo >= 0 and hi <= 255:
+        pass
+    elif lo >= 0 and hi <= 65535:
+        a = a / 257.0
+    else:
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return Image.fromarray(np.clip(np.nan_to_num(a), 0, 255).round().astype(np.uint8), "L")
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """``center_crop(resize_short_side(img, size), size)``; for a long thin image (aspect above
+    4) only the crop's region is resampled: a 1x100000 image resized whole is 224x22,400,000
+    pixels (18.7 GiB) before the crop."""
+    w, h = img.size
+    if min(w, h) <= 0:
+        raise ValueError(f"image of size {w}x{h}: an empty image cannot be resized")
+    if max(w, h) <= 4 * min(w, h):
+        return center_crop(resize_short_side(img, size), size)
+    nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
+    fx, fy = w / nw, h / nh                        # source pixels per resized pixel
+    box = (left * fx, top * fy, (left + size) * fx, (top + size) * fy)
+    return img.resize((size, size), BICUBIC, box=box)
+
+
 class ImageTransform:
     """Callable ``PIL.Image -> FloatTensor[3, image_size, image_size]`` (see ``image_transform``)."""
 
@@ -89,12 +130,12 @@ class ImageTransform:
             raise ValueError(f"expected a PIL.Image.Image, got {type(img).__name__}")
         s = self.image_size
         if img.mode not in ("RGB", "L"):
-            img = img.convert("RGB")
+            img = eight_bit(img).convert("RGB")
         if self.train:
             left, top, w, h = random_resized_crop_box(img.width, img.height, self.scale, self.ratio, self.generator)
             img = img.resize((s, s), BICUBIC, box=(left, top, left + w, top + h))
         else:
-            img = center_crop(resize_short_side(img, s), s)
+            img = resize_center_crop(img, s)
         return (to_tensor(img) - self.mean) / self.std
 
     def __repr__(self) -> str:

@@ -210,3 +210,32 @@ def test_empty_images_are_refused_by_the_transform_and_skipped_by_the_loader(tmp
     with pytest.raises(ValueError, match="0x5"):
         image_transform(32)(Image.new("RGB", (0, 5)))
     assert load_image(str(tmp_path / "missing.png")) is None
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"context_length": 1}, "context_length must be >= 2"),          # passed, then tokenize failed mid-run
+    ({"patch_size": True}, "patch_size must be an int, got True"),    # JSON true was the int 1
+    ({"vision_layers": True}, "vision_layers must be an int"),
+    ({"vision_width": 64.0}, "vision_width must be an int, got 64.0"),
+    ({"text_layers": 100000}, "text_layers must be at most 1024"),    # took hours on the meta device
+])
+def test_config_fields_are_whole_numbers_in_range(overrides, needle):
+    with pytest.raises(ValueError, match=needle):
+        create_model("tiny-vit", **overrides)
+
+
+def test_resnet_edges_width_and_an_empty_batch():
+    with pytest.raises(ValueError, match="vision_width must be >= 2 for a ResNet"):
+        create_model("tiny-rn", vision_width=1)
+    m = create_model("tiny-rn").eval()
+    with torch.no_grad():       # the attention pool's view(B, -1, ...) could not infer -1 for B = 0
+        assert m.encode_image(torch.zeros(0, 3, m.image_size, m.image_size)).shape == (0, m.embed_dim)
+
+
+def test_text_ids_of_any_integer_dtype_and_clear_errors_otherwise():
+    m = create_model("tiny-vit").eval()
+    with torch.no_grad():
+        assert m.encode_text(torch.full((2, 5), 7, dtype=torch.uint8)).shape == (2, m.embed_dim)
+        for bad in (torch.zeros(2, 5, dtype=torch.bool), torch.zeros(2, 0, dtype=torch.long)):
+            with pytest.raises(ValueError, match=r"text: expected integer token ids \[B, L >= 1\]"):
+                m.encode_text(bad)

@@ -225,3 +225,12 @@ def test_outputs_that_would_feed_the_run_or_break_its_checkpoints_exit_2(tmp_pat
     with pytest.raises(SystemExit) as e:
         cli.main(["train", "--model", "tiny-vit", "--batch-size", "1", "--output", str(tmp_path / "b1")])
     assert e.value.code == 2 and "--batch-size 1 in one process" in capsys.readouterr().err
+
+
+def test_a_model_too_large_for_this_machine_exits_2(capsys):
+    """A text width of 2^20 passed the meta-device check and failed at the first allocation
+    (207 GB) with a traceback."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--device", "cpu", "--model", "tiny-vit", "--model-overrides",
+                  '{"text_width": 1048576, "text_heads": 1}'])
+    assert e.value.code == 2 and "training needs at least" in capsys.readouterr().err

@@ -14,30 +14,14 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from PIL import Image
 
+from ..transforms import eight_bit
+
 Sample = Optional[Tuple[torch.Tensor, torch.Tensor]]
 
 
 class DataError(ValueError):
     """Training or evaluation data that cannot be used at all (a CSV without the named columns or
     without rows, data in which no sample loads). The message names the data."""
-
-
-def _eight_bit(im: Image.Image) -> Image.Image:
-    """Single-channel images wider than 8 bits as 8-bit grayscale, scaled rather than clipped
-    (Pillow's ``convert("RGB")`` clips a 16-bit PNG's 0..65535 at 255: a ramp came back 99.6%
-    white). 16-bit modes, and 32-bit integer or float images whose values fit 0..65535, are
-    divided by 257 (65535 -> 255); values already in 0..255 are kept; any other range is
-    stretched from its minimum to its maximum."""
-    if not (im.mode.startswith("I") or im.mode == "F"):
-        return im
-    import numpy as np  # noqa: PLC0415
-    a = np.asarray(im, dtype=np.float64)
-    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-    if im.mode.startswith("I;16") or (lo >= 0 and 255 < hi <= 65535):
-        a = a / 257.0
-    elif lo < 0 or hi > 255:
-        a = (a - lo) * (255.0 / (hi - lo)) if np.isfinite(hi - lo) and hi > lo else np.zeros_like(a)
-    return Image.fromarray(np.clip(np.nan_to_num(a).round(), 0, 255).astype(np.uint8), "L")
 
 
 def load_image(source: Union[str, bytes]) -> Optional[Image.Image]:
@@ -53,7 +37,7 @@ def load_image(source: Union[str, bytes]) -> Optional[Image.Image]:
             warnings.simplefilter("ignore")  # Pillow's DecompressionBombWarning, EXIF warnings
             f = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
             with Image.open(f) as im:
-                rgb = _eight_bit(im).convert("RGB")
+                rgb = eight_bit(im).convert("RGB")
         return rgb if min(rgb.size) > 0 else None   # a 0-pixel side: nothing to resize or crop
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None

@@ -3,8 +3,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Tuple, Union
+
+# Layers per tower stage at most (OpenAI's deepest stage has 36).
+_MAX_LAYERS = 1024
+
+
+def _whole(name: str, v) -> int:
+    """``v`` as an int when it is a whole number (Python's or NumPy's integers), else a
+    ValueError naming ``name``: booleans and floats are refused."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise ValueError(f"{name} must be an int, got {v!r} ({type(v).__name__})")
+    return int(v)
 
 
 @dataclass
@@ -39,22 +51,44 @@ class CLIPConfig:
             self.vision_layers = tuple(self.vision_layers)
         if not self.is_resnet and self.patch_size is None:
             raise ValueError("patch_size is required for a ViT config (vision_layers is an int)")
+        # Whole numbers only: JSON's true passed as 1 (a one-layer tower), 64.0 failed deep in torch.
         for name in ("embed_dim", "image_size", "vision_width", "context_length", "vocab_size", "text_width",
-                     "text_layers"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                     "text_layers", "patch_size", "vision_heads", "text_heads"):
+            v = getattr(self, name)
+            if v is not None:
+                setattr(self, name, _whole(name, v))
         if self.is_resnet:
-            if len(self.vision_layers) != 4 or any(int(v) <= 0 for v in self.vision_layers):
-                raise ValueError(f"vision_layers must be 4 positive ints for a ResNet, got {list(self.vision_layers)}")
+            self.vision_layers = tuple(_whole("vision_layers", v) for v in self.vision_layers)
         else:
-            if int(self.vision_layers) <= 0:
+            self.vision_layers = _whole("vision_layers", self.vision_layers)
+        for name in ("embed_dim", "image_size", "vision_width", "vocab_size", "text_width", "text_layers"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.context_length < 2:     # a start and an end-of-text token at least
+            raise ValueError(f"context_length must be >= 2, got {self.context_length}")
+        layers = self.vision_layers if self.is_resnet else (self.vision_layers,)
+        for name, counts in (("vision_layers", layers), ("text_layers", (self.text_layers,))):
+            # Checked before anything is built: a million layers took hours to build on the meta device.
+            if any(c > _MAX_LAYERS for c in counts):
+                raise ValueError(f"{name} must be at most {_MAX_LAYERS} per stage, got {list(counts)}")
+        if self.is_resnet:
+            if len(self.vision_layers) != 4 or any(v <= 0 for v in self.vision_layers):
+                raise ValueError(f"vision_layers must be 4 positive ints for a ResNet, got {list(self.vision_layers)}")
+            if self.vision_width < 2:   # the stem's first convolution has width // 2 channels
+                raise ValueError(f"vision_width must be >= 2 for a ResNet, got {self.vision_width}")
+        else:
+            if self.vision_layers <= 0:
                 raise ValueError(f"vision_layers must be positive, got {self.vision_layers}")
-            if int(self.patch_size) <= 0 or int(self.patch_size) > int(self.image_size):
+            if self.patch_size <= 0 or self.patch_size > self.image_size:
                 raise ValueError(f"patch_size must be in [1, image_size={self.image_size}], got {self.patch_size}")
         for name in ("vision_heads", "text_heads"):
             v = getattr(self, name)
-            if v is not None and int(v) <= 0:
+            if v is not None and v <= 0:
                 raise ValueError(f"{name} must be positive (or null: width / 64), got {v}")
+        for name in ("init_logit_scale", "init_logit_bias"):
+            v = getattr(self, name)
+            if isinstance(v, bool):
+                raise ValueError(f"{name} must be a number, got {v!r}")
         if not (isinstance(self.init_logit_scale, (int, float)) and self.init_logit_scale > 0
                 and math.isfinite(self.init_logit_scale)):
             raise ValueError(f"init_logit_scale must be a finite positive number, got {self.init_logit_scale!r}")

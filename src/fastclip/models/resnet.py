@@ -64,8 +64,8 @@ class AttentionPool2d(nn.Module):
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, HW+1, C]
         h = self.num_heads
         q = self.q_proj(x[:, :1]).view(B, 1, h, C // h).transpose(1, 2)  # [B, h, 1, C/h]
-        k = self.k_proj(x).view(B, -1, h, C // h).transpose(1, 2)  # [B, h, HW+1, C/h]
-        v = self.v_proj(x).view(B, -1, h, C // h).transpose(1, 2)  # [B, h, HW+1, C/h]
+        k = self.k_proj(x).view(B, H * W + 1, h, C // h).transpose(1, 2)  # [B, h, HW+1, C/h]
+        v = self.v_proj(x).view(B, H * W + 1, h, C // h).transpose(1, 2)  # [B, h, HW+1, C/h]
         out = F.scaled_dot_product_attention(q, k, v).reshape(B, C)  # [B, h, 1, C/h] -> [B, C]
         return self.c_proj(out)
 

@@ -32,10 +32,13 @@ class TextTransformer(nn.Module):
         self.transformer.init_weights()
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
-        if not isinstance(text, torch.Tensor) or text.dim() != 2 or text.is_floating_point() or text.is_complex():
+        if (not isinstance(text, torch.Tensor) or text.dim() != 2 or text.is_floating_point() or text.is_complex()
+                or text.dtype == torch.bool or text.shape[1] == 0):
             what = (f"a {text.dim()}-D {text.dtype} tensor of shape {tuple(text.shape)}"
                     if isinstance(text, torch.Tensor) else type(text).__name__)
-            raise ValueError(f"text: expected integer token ids [B, L] (fastclip.tokenize), got {what}")
+            raise ValueError(f"text: expected integer token ids [B, L >= 1] (fastclip.tokenize), got {what}")
+        if text.dtype not in (torch.int32, torch.int64):
+            text = text.long()
         if text.shape[1] > self.context_length:
             raise ValueError(f"text: {text.shape[1]} tokens per row, more than the model's context_length "
                              f"{self.context_length} (tokenize with context_length={self.context_length})")
