@@ -164,3 +164,17 @@ def test_unordered_collections_are_refused():
     for bad in ({"a cat", "a dog"}, {"a cat": 1}, frozenset({"x"})):
         with pytest.raises(TypeError, match="its order is not the rows'; pass a list"):
             tokenize(bad)
+
+
+def test_the_python_path_stops_where_truncation_would_cut(monkeypatch):
+    """A caption with "<|" goes through the pure-Python BPE: with truncate=True it encodes only
+    what the row keeps (a 5000-word caption was encoded whole first)."""
+    from fastclip import tokenizer as T
+    text = "<| " + " ".join(f"word{k}" for k in range(5000))
+    full = SimpleTokenizer().encode(text)
+    calls = []
+    real = T.SimpleTokenizer.bpe
+    monkeypatch.setattr(T.SimpleTokenizer, "bpe", lambda self, tok: calls.append(tok) or real(self, tok))
+    ids = tokenize([text], context_length=16, truncate=True)[0]
+    assert len(calls) <= 16
+    assert ids[1:15].tolist() == full[:14] and ids[15].item() == EOT_ID

@@ -21,7 +21,7 @@ import gzip
 import html
 import os
 from functools import lru_cache
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import ftfy
 import numpy as np
@@ -112,11 +112,16 @@ class SimpleTokenizer:
         self.cache[word] = parts
         return parts
 
-    def encode(self, text: str) -> List[int]:
+    def encode(self, text: str, max_ids: Optional[int] = None) -> List[int]:
+        """BPE ids of ``text``; with ``max_ids``, stop once that many are made (the ids are a
+        prefix of the full encoding: what a truncating caller keeps, without the work on the rest)."""
         ids = []
-        for tok in _PAT.findall(clean_text(text)):
+        for tok in _PAT.finditer(clean_text(text)):
+            tok = tok.group(0)
             tok = "".join(self.byte_encoder[b] for b in tok.encode("utf-8")) if tok not in (SOT, EOT) else tok
             ids.extend(self.encoder[p] for p in self.bpe(tok))
+            if max_ids is not None and len(ids) >= max_ids:
+                return ids[:max_ids]
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -183,7 +188,7 @@ def tokenize(texts: Union[str, Sequence[str]], context_length: int = 77, truncat
     # or U+017F (IGNORECASE folds "'ſ" into the contraction "'s"; tokenizers' regex has no such flag).
     for i, t in enumerate(cleaned):
         if "<|" in t or "\u017f" in t:
-            all_ids[i] = _oracle().encode(texts[i])
+            all_ids[i] = _oracle().encode(texts[i], max_ids=context_length - 1 if truncate else None)
     for i, ids in enumerate(all_ids):
         if len(ids) + 2 > context_length:
             if not truncate:
