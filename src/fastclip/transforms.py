@@ -92,13 +92,14 @@ def eight_bit(im: Image.Image) -> Image.Image:
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """``center_crop(resize_short_side(img, size), size)``; for a long thin image (aspect above
-    4) only the crop's region is resampled: a 1x100000 image resized whole is 224x22,400,000
-    pixels (18.7 GiB) before the crop."""
+    """``center_crop(resize_short_side(img, size), size)``, exactly, unless the resized image
+    would have a side over 16 times ``size``: then only the crop's region is resampled (a
+    1x100000 image resized whole is 224x22,400,000 pixels, 18.7 GiB, before the crop), which
+    matches up to Pillow's rounding (a few levels on tall images)."""
     w, h = img.size
     if min(w, h) <= 0:
         raise ValueError(f"image of size {w}x{h}: an empty image cannot be resized")
-    if max(w, h) <= 4 * min(w, h):
+    if max(w, h) <= 16 * min(w, h):
         return center_crop(resize_short_side(img, size), size)
     nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
     left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))

@@ -396,8 +396,11 @@ def run_cases(rank: int, world: int, seed: int) -> dict:
     # open_clip's helper get_logits across ranks (a subclass such as its DistillClipLoss calls
     # it): the gathered logits as open_clip gathers them, for uneven shards too. Its plain
     # gather once raised NameError, and an equal-size gather aborts gloo on uneven shards.
-    Xn, Yn = torch.nn.functional.normalize(X, dim=-1), torch.nn.functional.normalize(Y, dim=-1)
+    Xr = X.clone().requires_grad_()
+    Xn, Yn = torch.nn.functional.normalize(Xr, dim=-1), torch.nn.functional.normalize(Y, dim=-1)
     full = 10.0 * Xn @ Yn.T                                              # [N, N]
+    g_own = torch.autograd.grad(full.sum(), Xr)[0][o:o + n]              # d sum(logits) / d own rows
+    full = full.detach()
     logits = {}
     for local_loss in (False, True):
         for gwg in (False, True):
@@ -407,8 +410,12 @@ def run_cases(rank: int, world: int, seed: int) -> dict:
             per_image, per_text = cl.get_logits(x, Y[o:o + n], 10.0)
             want_i, want_t = (full[o:o + n], full.T[o:o + n]) if local_loss else (full, full.T)
             err = max(rel_err(per_image, want_i), rel_err(per_text, want_t))
-            per_image.sum().backward()       # this rank's rows keep their gradient
-            logits[f"local={local_loss}/gwg={gwg}"] = err if x.grad is not None else float("inf")
+            per_image.sum().backward()
+            # This rank's rows get their gradient: the whole matrix's, from every rank's copy of
+            # it through autograd's all_gather (W x) when gathered with grad and not local.
+            want_g = g_own * (world if gwg and not local_loss else 1)
+            grad_err = rel_err(x.grad, want_g) if x.grad is not None else float("inf")
+            logits[f"local={local_loss}/gwg={gwg}"] = max(err, grad_err)
     out["get_logits"] = logits
 
     # Errors: raised on every rank, and the group stays usable afterwards.

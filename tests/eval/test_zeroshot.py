@@ -134,6 +134,7 @@ def test_non_finite_logits_are_misses_and_labels_are_class_indices():
         classification_metrics(torch.randn(2, 3), [-1, 0])
     with pytest.raises(TypeError, match="labels must be integer class indices, got dtype torch.float32"):
         classification_metrics(torch.randn(2, 3), torch.tensor([0.0, 1.9]))
+    assert classification_metrics(torch.zeros(0, 3), [])["n"] == 0        # an empty list is no labels
 
 
 def test_templates_must_place_the_class_name(model):

@@ -104,13 +104,15 @@ def test_logged_lr_is_the_steps_own_and_a_batch_of_one_is_refused(tmp_path):
 def test_a_run_resumed_at_its_last_step_still_evaluates(tmp_path):
     torch.set_num_threads(1)
     out = str(tmp_path / "run")
-    base = dict(model="tiny-vit", output=out, batch_size=8, lr=1e-3, warmup=1, eval_every=1000,
+    base = dict(model="tiny-vit", output=out, batch_size=8, lr=1e-3, warmup=1, eval_every=3,
                 demo_train_samples=32, demo_eval_samples=16, progress="none", plot=False, save_every=3)
     train(TrainConfig(steps=5, **base))
     ck = os.path.join(out, "checkpoints", "step_00000003.safetensors")
     result = train(TrainConfig(steps=3, resume=ck, **base))
     assert "zero_shot_shape_top1" in result
     assert "zero_shot_shape_top1" in json.load(open(os.path.join(out, "metrics.json")))
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in rows if r["type"] == "eval"] == [3]       # evaluated again, logged once
 
 
 def test_a_time_budget_run_resumes_on_its_shortened_schedule():
@@ -145,6 +147,11 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path):
     aside = os.path.join(out, "checkpoints", "superseded-after-00000002")
     assert os.listdir(aside) == ["step_00000004.safetensors"]
     assert resolve_resume("latest", out).endswith("step_00000004.safetensors")
+    # The set-aside checkpoints can still be resumed from, and --overwrite removes them too.
+    train(TrainConfig(steps=5, resume=os.path.join(aside, "step_00000004.safetensors"), **base))
+    train(TrainConfig(steps=2, overwrite=True, **{**base, "save_every": 0}))
+    assert not any(os.path.exists(os.path.join(d, "step_00000004.safetensors"))
+                   for d in (aside, os.path.join(out, "checkpoints")))
 
 
 def test_resuming_with_other_data_settings_says_so(tmp_path, capsys):

@@ -14,6 +14,8 @@ def class_indices(labels, name: str, num_classes: Optional[int] = None, device=N
     class 1) and ValueError for a shape other than ``[N]`` or an index outside ``[0,
     num_classes)`` (``[0, inf)`` when ``num_classes`` is None), naming ``name``."""
     t = torch.as_tensor(labels, device=device)
+    if t.numel() == 0 and t.dim() == 1:
+        return t.long()     # torch.as_tensor([]) is float32: no labels, nothing to check
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"{name} must be integer class indices, got dtype {t.dtype}")
     if t.dim() != 1:

@@ -27,12 +27,17 @@ class RunFolderError(ValueError):
     """``--output`` holds another run and neither ``--resume`` nor ``--overwrite`` was given."""
 
 
+SUPERSEDED = "superseded-after-"
+
+
 def run_files(output_dir: str) -> List[str]:
     """The files of a fastclip run in ``output_dir`` (its outputs and checkpoints, old-format
     ``step_*.pt`` included)."""
     found = [os.path.join(output_dir, n) for n in RUN_FILES if os.path.isfile(os.path.join(output_dir, n))]
     ck = os.path.join(glob.escape(output_dir), CKPT_DIR)
     found += sorted(glob.glob(os.path.join(ck, "step_*.safetensors")) + glob.glob(os.path.join(ck, "step_*.pt")))
+    # Checkpoints a resume from an earlier step set aside (set_aside_later_checkpoints).
+    found += sorted(glob.glob(os.path.join(ck, SUPERSEDED + "*", "step_*.safetensors")))
     return found
 
 
@@ -64,7 +69,9 @@ def check_run_folder(output_dir: str, resume: Optional[str], overwrite: bool) ->
             raise RunFolderError(f"--resume latest: {output_dir} holds a run ({names}) but no checkpoint to "
                                  f"continue it from (it was trained without --save-every); choose another "
                                  f"--output, or --overwrite to replace it")
-        if resume != "latest" and os.path.realpath(os.path.dirname(resume)) != own:
+        here = os.path.realpath(os.path.dirname(resume))
+        if (resume != "latest" and here != own
+                and not (os.path.dirname(here) == own and os.path.basename(here).startswith(SUPERSEDED))):
             raise RunFolderError(f"--resume {resume}: a checkpoint of another run, while {output_dir} already "
                                  f"holds a run ({names}); resuming there would mix the two runs' files: "
                                  f"choose an empty --output")
@@ -105,7 +112,7 @@ def set_aside_later_checkpoints(output_dir: str, step: int) -> Optional[str]:
     later = [p for k, p in list_checkpoints(output_dir) if k > step]
     if not later:
         return None
-    base = os.path.join(output_dir, CKPT_DIR, f"superseded-after-{step:08d}")
+    base = os.path.join(output_dir, CKPT_DIR, f"{SUPERSEDED}{step:08d}")
     dest, k = base, 1
     while os.path.exists(dest):
         k += 1
@@ -116,10 +123,11 @@ def set_aside_later_checkpoints(output_dir: str, step: int) -> Optional[str]:
     return dest
 
 
-def truncate_metrics(path: str, step: int) -> int:
+def truncate_metrics(path: str, step: int, evals_at_step: bool = True) -> int:
     """Keep the rows of ``metrics.jsonl`` at ``path`` up to ``step`` (train and eval rows with
-    ``"step" <= step``); drop later rows, ``final`` rows and torn lines (a kill mid-write).
-    Returns the number of rows dropped; the file is rewritten atomically."""
+    ``"step" <= step``; eval rows at ``step`` itself only with ``evals_at_step``, False when the
+    run evaluates that step again); drop later rows, ``final`` rows and torn lines (a kill
+    mid-write). Returns the number of rows dropped; the file is rewritten atomically."""
     if not os.path.isfile(path):
         return 0
     kept, dropped = [], 0
@@ -131,7 +139,8 @@ def truncate_metrics(path: str, step: int) -> int:
                 dropped += 1
                 continue
             s = row.get("step") if isinstance(row, dict) else None
-            if isinstance(s, int) and s <= step and row.get("type") != "final":
+            again = not evals_at_step and s == step and row.get("type") == "eval"
+            if isinstance(s, int) and s <= step and row.get("type") != "final" and not again:
                 kept.append(line if line.endswith("\n") else line + "\n")
             else:
                 dropped += 1

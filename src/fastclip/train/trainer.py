@@ -423,7 +423,9 @@ class Trainer:
             if moved:
                 self.log(f"  checkpoints after step {self.start_step} (the timeline resumed from an earlier "
                          f"checkpoint leaves) moved to {moved}")
-            dropped = truncate_metrics(metrics_path, self.start_step)
+            # Resumed at the last step, the final evaluation runs again: its earlier row goes.
+            dropped = truncate_metrics(metrics_path, self.start_step,
+                                       evals_at_step=self.start_step < self.total_steps)
             if dropped:
                 self.log(f"  metrics.jsonl: dropped {dropped} row(s) after step {self.start_step} (trained again)")
         mlog = open(metrics_path, "a", encoding="utf-8") if env.is_main else None
