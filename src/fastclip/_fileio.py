@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Callable
+from typing import Callable, Optional
 
 TMP_PREFIX = ".tmp-"
 
@@ -67,6 +67,15 @@ def atomic_write(path: str, write: Callable[[str], None], suffix: str = "") -> N
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def path_inside(path: str, folder: Optional[str]) -> bool:
+    """Whether ``path`` is the folder ``folder`` or lies under it, links resolved (False when
+    ``folder`` is unset or not a folder)."""
+    if not folder or not os.path.isdir(folder):
+        return False
+    folder = os.path.realpath(folder)
+    return os.path.commonpath([os.path.realpath(path), folder]) == folder
 
 
 def writable_dir_problem(path: str) -> str:

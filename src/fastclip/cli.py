@@ -321,11 +321,11 @@ def _check_run_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         if why:
             p.error(f"{flag} {why}")
     if args.output is not None:
+        from ._fileio import path_inside, writable_dir_problem
         zs = getattr(args, "zeroshot_data", None)
-        if zs and _inside(args.output, zs):
+        if path_inside(args.output, zs):
             # Its classes are its folders: the run folder would become one more class.
             p.error(f"--output {args.output!r} is inside --zeroshot-data {zs!r}; put the run elsewhere")
-        from ._fileio import writable_dir_problem
         why = writable_dir_problem(args.output)
         if why:
             p.error(f"--output {args.output!r}: {why}")
@@ -334,11 +334,6 @@ def _check_run_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             p.error(f"--output {args.output!r}: its 'checkpoints' is not a folder (checkpoints are written there)")
         if os.path.isdir(ck) and not os.access(ck, os.W_OK | os.X_OK):
             p.error(f"--output {args.output!r}: its 'checkpoints' folder is not writable")
-
-
-def _inside(path: str, folder: str) -> bool:
-    a, b = os.path.realpath(path), os.path.realpath(folder)
-    return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

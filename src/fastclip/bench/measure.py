@@ -220,7 +220,6 @@ def time_step(build: Callable[[tuple], Step], inputs: tuple, warm_inputs: tuple,
     peak = mem.peak_extra() - grad_bytes
     if not cuda:
         malloc_for_speed()
-    if not cuda:
         # Gradients placed in heap freed by the warm-up do not raise the resident set, so
         # in a long-lived process this can dip below zero: it means zero.
         peak = max(0, peak)

@@ -261,23 +261,18 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                                        os.path.join(run_folder, "metrics.json")], protected)
 
 
-def _inside(path: str, folder: Optional[str]) -> bool:
-    if not folder or not os.path.isdir(folder):
-        return False
-    folder = os.path.realpath(folder)
-    return os.path.commonpath([path, folder]) == folder
-
-
 def _check_output(p: argparse.ArgumentParser, output: str, inputs: List[Optional[str]],
                   folders: List[Optional[str]]) -> None:
     import tempfile
+
+    from .._fileio import path_inside
     if not output:
         p.error("--output '': expected a file name for the JSON metrics")
     real = os.path.realpath(output)
     if os.path.isdir(real):
         p.error(f"--output {output!r}: a folder; expected a file name for the JSON metrics")
     if any(i and os.path.exists(i) and os.path.samefile(i, real) for i in inputs if os.path.exists(real)) \
-            or any(_inside(real, f) for f in folders):
+            or any(path_inside(real, f) for f in folders):
         p.error(f"--output {output!r} is one of the inputs (the model, its run's files or the data) or inside "
                 f"a data folder: it would overwrite or add to it")
     if os.path.exists(real) and not os.path.isfile(real):

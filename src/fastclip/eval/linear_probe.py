@@ -100,8 +100,8 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     if xs.shape[0] == 0:
         raise ValueError("test_features is empty: nothing to score")
     # Test rows with NaN/inf are misses (as in zero-shot); the fit cannot use them.
-    if not bool(torch.isfinite(xt).all()):
-        bad = int((~finite_rows(xt)).sum())
+    bad = int((~finite_rows(xt)).sum())
+    if bad:
         raise ValueError(f"train_features: {bad} of {xt.shape[0]} rows hold NaN or inf (a diverged model?); "
                          f"a probe cannot be fitted on them")
     if Cs is not None and any(not (isinstance(c, (int, float)) and c > 0 and math.isfinite(c)) for c in Cs):

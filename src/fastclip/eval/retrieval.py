@@ -46,9 +46,10 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
         if n != m:
             raise ValueError(f"text_to_image is required when the number of texts ({m}) != images ({n})")
         text_to_image = torch.arange(n, device=dev)
-    if torch.as_tensor(text_to_image).shape != (m,):
-        raise ValueError(f"text_to_image must have shape [{m}], got {tuple(torch.as_tensor(text_to_image).shape)}")
-    text_to_image = class_indices(text_to_image, "text_to_image (image index of each caption)", n, dev)
+    text_to_image = torch.as_tensor(text_to_image, device=dev)
+    if text_to_image.shape != (m,):
+        raise ValueError(f"text_to_image must have shape [{m}], got {tuple(text_to_image.shape)}")
+    text_to_image = class_indices(text_to_image, "text_to_image (image index of each caption)", n)
     if torch.bincount(text_to_image, minlength=n).min() == 0 if n else False:
         raise ValueError("text_to_image: every image needs at least one caption")
     with fp32_math():   # float32 similarities even inside a caller's bf16 autocast
