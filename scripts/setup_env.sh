@@ -25,7 +25,16 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   "$PYTHON" -m venv --system-site-packages "$VENV"
 fi
 PY="$VENV/bin/python"
-pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
+# pip's stderr without two known, harmless notes: find-links folders it cannot read as
+# archives, and its resolver's report that open_clip_torch (installed below with --no-deps,
+# for its loss.py only) lacks timm and torchvision. Any other conflict is still shown.
+pip_notes() {
+  awk '/is ignored: it is neither/ { next }
+       /^ERROR: pip.s dependency resolver does not currently/ { head = $0; next }
+       /^open-clip-torch [^ ]+ requires (timm|torchvision)/ { next }
+       { if (head != "") { print head; head = "" } print; fflush() }'
+}
+pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@" 2> >(pip_notes >&2); }
 
 TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 if ! "$PY" -c "import torch" 2>/dev/null; then

@@ -747,6 +747,12 @@ def _bad_case(case):
         y = torch.empty(8, 4, device="meta")
     elif case == "not_tensor":
         x = x.tolist()
+    elif case == "sparse":
+        x = x.to_sparse()
+    elif case == "nested":
+        y = torch.nested.nested_tensor([y[0], y[1, :3]])
+    elif case == "scale_sparse":
+        p[0] = torch.tensor([3.0]).to_sparse()
     elif case == "scale_shape":
         p[0] = torch.ones(2)
     elif case == "scale_int_tensor":
@@ -787,6 +793,9 @@ BAD = [
     ("dtype_mismatch", TypeError, r"float32 but text_features is torch.float64"),
     ("devices", ValueError, r"image_features is on cpu but text_features is on meta"),
     ("not_tensor", TypeError, r"image_features must be a torch.Tensor"),
+    ("sparse", TypeError, r"image_features must be a dense \(strided\) tensor, got a sparse_coo"),
+    ("nested", TypeError, r"text_features must be a dense \(strided\) tensor, got a nested"),
+    ("scale_sparse", TypeError, r"logit_scale must be a dense \(strided\) tensor"),
     ("scale_shape", ValueError, r"logit_scale must have exactly one element, got shape \(2,\)"),
     ("scale_int_tensor", TypeError, r"logit_scale must be a floating-point tensor"),
     ("scale_string", TypeError, r"logit_scale must be a float or a tensor"),

@@ -362,6 +362,7 @@ def validate_features(image_features, text_features, *, same_rows: bool = True) 
     for name, t in (("image_features", image_features), ("text_features", text_features)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of shape [N, D], got {type(t).__name__}")
+        _check_dense(name, t)
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D [N, D], got shape {tuple(t.shape)} "
                              f"({t.dim()}-D)")
@@ -387,6 +388,15 @@ def validate_features(image_features, text_features, *, same_rows: bool = True) 
         raise ValueError(f"batch sizes differ: image_features has N={x.shape[0]} rows and "
                          f"text_features M={y.shape[0]}; row i's positive is column i, so "
                          f"N must equal M")
+
+
+def _check_dense(name: str, t: Tensor) -> None:
+    # Sparse, nested and other non-strided tensors have no strides for the kernels to read
+    # (and torch fails on them deep inside with messages that do not name the argument).
+    if t.is_nested or t.layout != torch.strided:
+        what = "nested" if t.is_nested else str(t.layout).removeprefix("torch.")
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a {what} tensor; "
+                        f"convert it first (e.g. .to_dense())")
 
 
 def _is_real(v) -> bool:
@@ -426,6 +436,7 @@ def _prepare_param(name: str, value, like: Tensor) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a float or a tensor with one element, got "
                         f"{type(value).__name__}")
+    _check_dense(name, value)
     if value.numel() != 1:
         raise ValueError(f"{name} must have exactly one element, got shape {tuple(value.shape)}")
     if not value.is_floating_point():
