@@ -123,6 +123,30 @@ def test_parity_on_the_character_the_engines_read_apart(oracle):
         assert ids[1:n].tolist() == oracle.encode(text), text
 
 
+def test_parity_on_code_points_newer_than_pythons_unicode(oracle):
+    # Letters of a newer Unicode than the interpreter's tables (U+10940 is Unicode 17): the
+    # regex module may read them as letters where the Rust engine reads punctuation. The
+    # fast path hands every text holding a code point unicodedata does not know to the
+    # pure-Python BPE, which is the oracle itself.
+    import unicodedata
+    newer = [c for c in ("\U00010940", "\u088f", "\ua7ce", "\U00011db0", "\u0378")
+             if unicodedata.category(c) == "Cn"]
+    if not newer:
+        pytest.skip(f"this interpreter's Unicode ({unicodedata.unidata_version}) has them all")
+    for c in newer:
+        for text in (f"a{c}b", c, f"cat {c}s dog", f"'{c}e", f"1{c}"):
+            row = tokenize(text)[0]
+            assert row.tolist() == _expected(oracle, text), ascii(text)
+
+
+def test_too_long_error_is_a_value_and_a_runtime_error():
+    # OpenAI's clip.tokenize raises RuntimeError; code catching either works.
+    from fastclip.tokenizer import TextTooLongError
+    for exc in (TextTooLongError, ValueError, RuntimeError):
+        with pytest.raises(exc, match=r"texts\[0\] is too long"):
+            tokenize("word " * 80)
+
+
 def test_numpy_integers_and_decode_input_forms():
     import numpy as np
     t = tokenize(["a cat", "two dogs"], context_length=np.int64(12))

@@ -14,7 +14,7 @@ import os
 import sys
 from typing import List, Optional
 
-from .train.config import PRECISIONS, TrainConfig
+from .train.config import LOSSES, PRECISIONS, TrainConfig
 
 _DEFAULTS = TrainConfig()
 # The demo evaluates before the first step and every DEMO_EVAL_EVERY steps (11 points on its
@@ -127,7 +127,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--accum-micro-batch", type=_positive_int, default=None, metavar="K",
                    help="encode the batch K samples at a time (exact full-batch gradient, memory of K)")
-    g.add_argument("--loss", choices=["clip", "siglip"], default=d.loss,
+    g.add_argument("--loss", choices=LOSSES, default=d.loss,
                    help="contrastive loss: clip (softmax, ClipLoss) or siglip (sigmoid with a learnable "
                         "bias, SigLipLoss; scale and bias start at 10 and -10)")
     g.add_argument("--loss-backend", default=d.loss_backend, help="fastclip kernel backend (auto)")

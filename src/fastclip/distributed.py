@@ -27,7 +27,8 @@ Two forms, same numbers:
 
 Two-pass losses (CLIP's softmax) do 8·n_k·N·D FLOP per rank (the backward recomputes the
 tiles); one-pass losses (SigLIP's sigmoid) compute their gradients in the forward's pass,
-6·n_k·N·D, and the backward only scales them.
+6·n_k·N·D, and the backward only scales them (the CPU and CUDA kernels' counts; the Triton
+kernels recompute the tiles once more: 10 and 8).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .ops.contrastive_loss import DEFAULT_EPS, fused_loss, validate_options
 
-__all__ = ["ClipLoss", "SigLipLoss", "create_loss"]
+__all__ = ["ClipLoss", "SigLipLoss", "LOSS_MODULES", "create_loss"]
 
 
 def _as_int(v):
@@ -113,6 +113,7 @@ class ClipLoss(_FusedLoss):
             return normalised features).
         backend: kernel backend, "auto" by default.
         dist_impl: "gather" (default) or "ring" when ``world_size > 1``.
+        eps: with ``normalize=True``, the floor on a row's norm (default 1e-12).
 
     forward(image_features [N, D], text_features [N, D], logit_scale, logit_bias=None,
     output_dict=False) -> 0-dim float32 loss (float64 for float64 features), or
@@ -206,6 +207,7 @@ class SigLipLoss(_FusedLoss):
     fastclip extras (keyword-only):
         normalize: L2-normalise inside the kernel (default False).
         backend: kernel backend, "auto" by default.
+        eps: with ``normalize=True``, the floor on a row's norm (default 1e-12).
 
     forward(image_features [N, D], text_features [N, D], logit_scale, logit_bias,
     output_dict=False) -> 0-dim float32 loss (float64 for float64 features)
@@ -312,6 +314,9 @@ def _gather_features(x: Tensor, y: Tensor, with_grad: bool, rank: int, world_siz
             parts[rank] = t
         out.append(torch.cat(parts, dim=0))
     return out[0], out[1]
+
+# Each loss's module, by its fastclip.ops name: fastclip's trainer builds its loss from here.
+LOSS_MODULES = {"clip": ClipLoss, "siglip": SigLipLoss}
 
 
 def create_loss(args):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import gzip
 import html
 import os
+import unicodedata
 from functools import lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -56,8 +57,10 @@ def clean_text(text: str) -> str:
     Then U+0345 (combining ypogegrammeni) becomes a space: OpenAI's pattern, compiled by
     Python's ``regex`` with IGNORECASE, matches none of its alternatives on it (the character
     splits words and is dropped), while the Rust engine of ``tokenize`` reads it as a letter.
-    A fuzz of every assigned code point up to U+2FFFF found no other such character; code
-    points unassigned in one engine's Unicode tables but not the other's may still differ.
+    A fuzz of every code point up to U+2FFFF found no other such character among those
+    Python's ``unicodedata`` knows; texts with a code point it does not know (newer Unicode,
+    which ``regex`` and the Rust engine may each classify differently) go to the pure-Python
+    path in :func:`tokenize`.
     """
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return _WS.sub(" ", text).strip().lower().replace("\u0345", " ")
@@ -146,14 +149,22 @@ def get_tokenizer():
     return tok
 
 
+class TextTooLongError(ValueError, RuntimeError):
+    """A text does not fit ``context_length``. A ValueError, and a RuntimeError as OpenAI's
+    ``clip.tokenize`` raises, so code written for either catches it."""
+
+
 def tokenize(texts: Union[str, Sequence[str]], context_length: int = 77, truncate: bool = False) -> torch.Tensor:
     """Tokenize ``texts`` (a str or a sequence of str) to a LongTensor ``[B, context_length]``:
-    ``[49406, ids..., 49407, 0, ...]``.
+    ``[49406, ids..., 49407, 0, ...]``; OpenAI's ids exactly (its cleaning, pattern and merges).
 
-    A text whose ids plus sot/eot exceed ``context_length`` raises ValueError naming its index and
+    ``context_length``: an int >= 2 (default 77, CLIP's). A text whose ids plus sot/eot exceed
+    it raises :class:`TextTooLongError` (a ValueError and a RuntimeError) naming its index and
     length, unless ``truncate`` (then it is cut and EOT kept as the last id). An empty list gives
     shape ``[0, context_length]``. Anything but a str or a sequence of str (bytes included: decode
-    them first) raises TypeError.
+    them first) raises TypeError. As in OpenAI's tokenizer, ``<|startoftext|>`` and
+    ``<|endoftext|>`` typed in a text (also as ``&lt;|endoftext|&gt;``) become the special ids:
+    the text tower pools at the first end-of-text, so the rest of such a caption is not seen.
     """
     if isinstance(texts, str):
         texts = [texts]
@@ -182,23 +193,32 @@ def tokenize(texts: Union[str, Sequence[str]], context_length: int = 77, truncat
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast (tokenizers >= 0.20) skips offsets
     cleaned = [clean_text(t) for t in texts]
     all_ids = [enc.ids for enc in encode(cleaned, add_special_tokens=False)]
-    # Where the Rust pre-tokenizer cannot follow OpenAI's regex, the pure-Python BPE does: a text
-    # holding "<|" (tokenizers pulls "<|endoftext|>" out of any text, while OpenAI's pattern can
-    # take "<|" into a run of punctuation: "hello,<|endoftext|>" is ",<|" "endoftext" "|>" there)
-    # or U+017F (IGNORECASE folds "'ſ" into the contraction "'s"; tokenizers' regex has no such flag).
+    # Where the Rust pre-tokenizer cannot follow OpenAI's regex, the pure-Python BPE does.
     for i, t in enumerate(cleaned):
-        if "<|" in t or "\u017f" in t:
+        if _needs_oracle(t):
             all_ids[i] = _oracle().encode(texts[i], max_ids=context_length - 1 if truncate else None)
     for i, ids in enumerate(all_ids):
         if len(ids) + 2 > context_length:
             if not truncate:
-                raise ValueError(f"texts[{i}] is too long: {len(ids) + 2} tokens (with sot/eot) > "
+                raise TextTooLongError(f"texts[{i}] is too long: {len(ids) + 2} tokens (with sot/eot) > "
                                  f"context_length={context_length}; pass truncate=True to cut it")
             ids = ids[:context_length - 2]
         out[i, 0] = SOT_ID
         out[i, 1:len(ids) + 1] = ids
         out[i, len(ids) + 1] = EOT_ID
     return torch.from_numpy(out)
+
+
+def _needs_oracle(t: str) -> bool:
+    """Whether a cleaned text must go the pure-Python way: "<|" (tokenizers pulls
+    "<|endoftext|>" out of any text, while OpenAI's pattern can take "<|" into a run of
+    punctuation: "hello,<|endoftext|>" is ",<|" "endoftext" "|>" there), U+017F (IGNORECASE
+    folds "'ſ" into the contraction "'s"; tokenizers' regex has no such flag), or a code point
+    Python's Unicode tables do not have (a newer letter, e.g. U+10940, that ``regex``'s tables
+    know and the Rust engine's may not: the two then split the word differently)."""
+    if "<|" in t or "\u017f" in t:
+        return True
+    return not t.isascii() and any(unicodedata.category(c) == "Cn" for c in t)
 
 
 def _token_id(v) -> bool:

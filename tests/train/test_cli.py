@@ -33,6 +33,16 @@ def test_train_help_lists_the_flags(capsys):
         assert flag in out
 
 
+def test_loss_choices_are_the_losses_with_a_module():
+    # --loss's choices are named without importing torch; they must be exactly the fused
+    # losses that have a drop-in module (what the trainer builds), and each module its loss's.
+    import fastclip.ops
+    from fastclip.loss import LOSS_MODULES
+    from fastclip.train.config import LOSSES
+    assert set(LOSSES) == set(LOSS_MODULES) <= set(fastclip.ops.LOSSES)
+    assert all(cls.loss_name == name for name, cls in LOSS_MODULES.items())
+
+
 def test_no_command_prints_help_and_exits_2(capsys):
     assert cli.main([]) == 2
     assert "train" in capsys.readouterr().out

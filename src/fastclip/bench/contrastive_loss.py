@@ -220,8 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="naive peer: open_clip's loss.py if importable (auto), or the formula")
     p.add_argument("--no-plot", dest="plot", action="store_false", help="skip the PNG plots")
     p.add_argument("--allow-tf32", action="store_true",
-                   help="CUDA: let fp32 matmuls of the floor/naive/reference use TF32 "
-                        "(default off: fastclip's fp32 kernels meet 1e-5, which TF32 cannot)")
+                   help="CUDA: let every fp32 matrix product use TF32, torch's (floor, naive, peers) and "
+                        "fastclip's fp32 kernels alike, which follow torch's setting; their fp32 rows then "
+                        "no longer meet 1e-5 (default off: true fp32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--summarize", metavar="CSV", default=None,
                    help="print the summary table of an existing result CSV and exit")

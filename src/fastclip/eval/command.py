@@ -20,7 +20,7 @@ import sys
 from typing import Any, Dict, List, NamedTuple, Optional
 
 from ..cli import _nonneg_int, _positive_int, _seed, _separator, backend_problem, device_problem, run_reporting
-from ..train.config import PRECISIONS, TrainConfig
+from ..train.config import LOSSES, PRECISIONS, TrainConfig
 
 _D = TrainConfig()
 
@@ -60,7 +60,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="fp32, or bf16/fp16 autocast on a GPU (bf16 autocast on a CPU) for the encoders; "
                         "default: the run's, else fp32")
-    g.add_argument("--loss", choices=["auto", "clip", "siglip"], default="auto",
+    g.add_argument("--loss", choices=("auto", *LOSSES), default="auto",
                    help="the loss of --val-data's val loss (auto: siglip for a model with a logit_bias, else clip)")
     g.add_argument("--loss-backend", default="auto", help="fastclip kernel backend of the val loss")
     g.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
@@ -330,8 +330,10 @@ def evaluate(args: argparse.Namespace, log=print) -> Dict[str, Any]:
                       zeroshot_data=args.zeroshot_data, zeroshot_classes=args.zeroshot_classes,
                       zeroshot_templates=args.zeroshot_templates)
     loss = args.loss if args.loss != "auto" else ("siglip" if model.logit_bias is not None else "clip")
-    if loss == "siglip" and model.logit_bias is None and args.val_data:
-        raise ValueError("--loss siglip: the model has no logit_bias (it was not trained with the sigmoid loss)")
+    from ..ops.losses import get_loss
+    if "logit_bias" in get_loss(loss).params and model.logit_bias is None and args.val_data:
+        raise ValueError(f"--loss {loss}: the model has no logit_bias (it was not trained with a loss that "
+                         f"learns one)")
     tf = image_transform_for(model, False)
     metrics: Dict[str, float] = {}
     skipped = 0

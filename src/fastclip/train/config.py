@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+# The losses `fastclip train --loss` and `fastclip eval --loss` offer, named here without
+# importing torch (`fastclip --help` stays fast); tests/train/test_cli.py checks that they
+# are exactly the losses of fastclip.ops.LOSSES that have a module in fastclip.loss.LOSS_MODULES.
+LOSSES = ("clip", "siglip")
 
 
 @dataclass

@@ -60,7 +60,7 @@ class ThreadTuner(StepHook):
     """Pick the faster CPU thread count by timing both.
 
     On a busy machine several OpenMP threads can be far slower than one (their barriers wait for
-    descheduled threads; measured on this project's 2-core machine under load ~12: the demo's
+    descheduled threads; measured on a 2-core machine under load ~12: the demo's
     step took 167 ms with 2 threads, 78 ms with 1). Steps +2..+5 run with all threads, +6..+9
     with one (the median of each is compared); then the faster setting stays.
     """

@@ -86,8 +86,8 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = None, hooks: Optional[List[StepHook]] = None):
-        from ..loss import ClipLoss, SigLipLoss
-        from ..ops.losses import LOSSES, get_loss
+        from ..loss import LOSS_MODULES
+        from ..ops.losses import get_loss
 
         if cfg.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
@@ -95,8 +95,8 @@ class Trainer:
             raise ValueError(f"batch_size must be positive, got {cfg.batch_size}")
         if cfg.accum_micro_batch is not None and cfg.accum_micro_batch <= 0:
             raise ValueError(f"accum_micro_batch must be positive, got {cfg.accum_micro_batch}")
-        if cfg.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {cfg.loss!r}")
+        if cfg.loss not in LOSS_MODULES:
+            raise ValueError(f"loss must be one of {sorted(LOSS_MODULES)}, got {cfg.loss!r}")
         self.cfg = cfg
         self.env = env = init_distributed(cfg.device)
         self.log = log or (lambda s: print(s, flush=True))
@@ -137,8 +137,7 @@ class Trainer:
             self.train_model = torch.nn.parallel.DistributedDataParallel(self.step_model, device_ids=ids)
         else:
             self.train_model = self.step_model
-        loss_cls = {"clip": ClipLoss, "siglip": SigLipLoss}[cfg.loss]
-        self.loss_fn = loss_cls(rank=env.rank, world_size=env.world_size, normalize=True,
+        self.loss_fn = LOSS_MODULES[cfg.loss](rank=env.rank, world_size=env.world_size, normalize=True,
                                 backend=cfg.loss_backend, dist_impl=cfg.dist_impl)
         self.optimizer = create_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
 
