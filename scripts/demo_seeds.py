@@ -110,7 +110,11 @@ def main(argv=None) -> int:
     if "--" in argv:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1:]
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                usage="%(prog)s [-h] [--seeds K [K ...]] [--out OUT] [--jobs J] "
+                                      "[-- FASTCLIP_TRAIN_ARGS ...]",
+                                epilog="arguments after -- go to every `fastclip train` run, e.g. "
+                                       "-- --threads 1 or -- --loss siglip")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--out", default=os.path.join("runs", "demo-seeds"))
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1: each run as make demo runs it)")

@@ -44,12 +44,15 @@ def atomic_write(path: str, write: Callable[[str], None], suffix: str = "") -> N
     umask's mode and renamed to ``path``. The temporary file is removed if anything fails.
 
     A symbolic link is followed (its target is replaced, the link stays), and a path that
-    exists but is not a regular file (``/dev/null``, a FIFO) is written in place, as
-    ``open(path, "w")`` would: a rename would replace the device node or the link itself."""
-    path = os.path.realpath(path)
+    exists but is not a regular file (``/dev/null``, a FIFO, ``/dev/stdout`` on a pipe) is
+    written in place, as ``open(path, "w")`` would: a rename would replace the device node or
+    the link itself."""
     if os.path.exists(path) and not os.path.isfile(path):
+        # Through the given name: /dev/stdout on a pipe resolves to "/proc/…/fd/pipe:[…]",
+        # which no open() can reach.
         write(path)
         return
+    path = os.path.realpath(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix, dir=d)

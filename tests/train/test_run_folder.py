@@ -49,6 +49,10 @@ def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite(tmp_path,
     steps = [r["step"] for r in _rows(out) if r["type"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6]  # the new run's rows only
     assert sum(r["type"] == "final" for r in _rows(out)) == 1
+    # a new run without checkpoints leaves no empty checkpoints/ folder behind
+    code, _, err = _train(capsys, "--steps", "2", "--output", out, "--overwrite")
+    assert code == 0, err
+    assert not os.path.exists(os.path.join(out, "checkpoints"))
 
 
 def test_overwrite_deletes_nothing_when_the_new_run_cannot_start(tmp_path, capsys):
@@ -86,6 +90,9 @@ def test_resume_keeps_one_row_per_step_carries_wall_time_and_removes_temporaries
     code, stdout, err = _train(capsys, "--steps", "8", "--save-every", "4", "--output", out, "--resume", "latest")
     assert code == 0, err
     assert "resumed from" in stdout
+    resumed = int(stdout.split("resumed from ")[1].split(" at step ")[1].split()[0])
+    if resumed < 8:          # the run had finished: the note says its tail is trained again
+        assert f"note: this run had finished (metrics.json: 8 steps); steps {resumed + 1}-8" in stdout, stdout
     assert not any(os.path.exists(s) for s in stale)
     rows = _rows(out)
     assert [r["step"] for r in rows if r["type"] == "train"] == list(range(1, 9))  # 5..8 once, not twice

@@ -275,8 +275,10 @@ def _check_output(p: argparse.ArgumentParser, output: str, inputs: List[Optional
             or any(path_inside(real, f) for f in folders):
         p.error(f"--output {output!r} is one of the inputs (the model, its run's files or the data) or inside "
                 f"a data folder: it would overwrite or add to it")
-    if os.path.exists(real) and not os.path.isfile(real):
-        return                                      # a device or a FIFO: written in place
+    if os.path.exists(output) and not os.path.isfile(output):
+        # A device, a FIFO, or a pipe reached through /dev/stdout (its link resolves to
+        # "pipe:[…]", a name that exists nowhere): written in place.
+        return
     parent = os.path.dirname(real)
     if not os.path.isdir(parent):
         p.error(f"--output {output!r}: its folder {parent!r} does not exist")

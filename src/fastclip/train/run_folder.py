@@ -16,7 +16,7 @@ import json
 import os
 from typing import Callable, List, Optional
 
-from .._fileio import TMP_PREFIX, atomic_write
+from .._fileio import TMP_PREFIX, atomic_write, path_inside
 from .checkpoint import CKPT_DIR
 
 # The files a run writes into its folder (plus checkpoints/step_*).
@@ -92,6 +92,12 @@ def prepare_run_folder(output_dir: str, resume: Optional[str], overwrite: bool,
     if existing:
         for p in existing:
             os.unlink(p)
+        # The checkpoint folders the deleted files leave empty go too (a folder holding
+        # anything else stays).
+        ck = os.path.join(output_dir, CKPT_DIR)
+        for d in sorted({os.path.dirname(p) for p in existing}, key=len, reverse=True) + [ck]:
+            if path_inside(d, ck) and os.path.isdir(d) and not os.listdir(d):
+                os.rmdir(d)
         log(f"--overwrite: deleted the previous run's {len(existing)} file(s) in {output_dir}")
     stale = stale_temporaries(output_dir) if os.path.isdir(output_dir) else []
     if stale:

@@ -179,6 +179,7 @@ class Trainer:
                     raise ckpt.CheckpointError(f"{path}: the checkpoint is at step {self.start_step}, past the "
                                                f"run's {self.total_steps} steps: nothing left to train (raise --steps)")
                 self._keep_checkpoint_optimizer(state["extra"])
+                self._note_finished_run()
         if hooks is None:
             from .demo import run_hooks
             hooks = run_hooks(cfg, env)
@@ -230,6 +231,21 @@ class Trainer:
         if notes:
             self.resume_notes.append("resumed with other data settings than the checkpoint's: " + "; ".join(notes)
                                      + "; the run continues, not exactly as an uninterrupted one")
+
+    def _note_finished_run(self) -> None:
+        """Resuming a run that had already finished (its metrics.json says so) from a checkpoint
+        before its end trains the tail again, to the same result with the same settings: said,
+        since the user may have meant to evaluate or to extend it (--steps)."""
+        try:
+            with open(os.path.join(self.cfg.output, "metrics.json"), encoding="utf-8") as f:
+                done = json.load(f).get("steps")
+        except (OSError, ValueError, AttributeError):
+            return
+        if isinstance(done, int) and self.start_step < done:
+            self.resume_notes.append(
+                f"this run had finished (metrics.json: {done} steps); steps {self.start_step + 1}-"
+                f"{self.total_steps} are trained again (to evaluate it: fastclip eval {self.cfg.output}; "
+                f"to train it further: a larger --steps)")
 
     def _keep_budget_schedule(self, extra: Dict[str, Any]) -> None:
         """With --time-budget, the shortened schedule the checkpoint was trained on (its length
@@ -591,7 +607,7 @@ class Trainer:
             png = plot_curves(metrics_path, os.path.join(out_dir, "curves.png"))
             result["curves"] = png
             if png is None:
-                self.log("curves.png not written: matplotlib is not installed (pip install matplotlib)")
+                self.log("curves.png not written: matplotlib is not installed (pip install \"fastclip-fused[plot]\")")
         self.log(format_final(result, out_dir))
 
 

@@ -33,7 +33,8 @@ def _installed() -> bool:
 
 def _availability(name: str) -> tuple[bool, str]:
     if not _installed():
-        return False, "the triton package is not installed (pip install triton)"
+        return False, ("the triton package is not installed (torch's CUDA wheels bring the Triton they "
+                       "were built with; install that version, e.g. triton==3.9.0 for torch 2.13)")
     if _interpreting():
         why = _interpreter_problem()
         return (not why), why
