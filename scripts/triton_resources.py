@@ -2,7 +2,7 @@
 offline for a GPU architecture: no GPU needed (Triton's own ptxas and cuobjdump).
 
     python scripts/triton_resources.py [--arch 90] [--dtype bf16] [--loss siglip]
-                                       [--pass bwd|fwd|gemm|all] [--extra]
+                                       [--pass bwd|fwd|merge|gemm|all] [--extra]
 
 For each configuration of ``_FWD_CONFIGS`` / ``_BWD_CONFIGS`` of the fused kernels and of
 ``_CONFIGS`` of the gemm backend's gradient-tile kernel (the fused backward's clipped to D as the
@@ -119,6 +119,18 @@ def compile_fwd(cfg, dtype: str, loss: int, arch: int, block_m: int = 128):
     return _compile(fn, sig, const, ["sx", "sy", "D", "m"], cfg, arch)
 
 
+def compile_merge(loss: int, first: bool, last: bool, arch: int):
+    """The forward's column merge as the launcher runs it (default warps and stages)."""
+    fn = K._col_merge_kernel
+    sig = {a: "i32" for a in fn.arg_names}
+    for a in ("pa_ptr", "pb_ptr", "cmax_ptr"):
+        sig[a] = "*fp32"
+    for a in ("csum_ptr", "col_ptr"):
+        sig[a] = "*fp64"
+    const = dict(LOSS=loss, FIRST=first, LAST=last, BLOCK_C=256)
+    return _compile(fn, sig, const, ["m"], triton.Config({}, num_warps=4, num_stages=3), arch)
+
+
 def compile_gemm(cfg, dtype: str, loss: int, stats: bool, arch: int):
     fn = KG._grad_tile_kernel
     sig = {a: "i32" for a in fn.arg_names}
@@ -164,7 +176,7 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 90")
     p.add_argument("--dtype", choices=list(_T), default="bf16")
     p.add_argument("--loss", choices=["clip", "siglip", "all"], default="all")
-    p.add_argument("--pass", dest="which", choices=["fwd", "bwd", "gemm", "all"], default="all")
+    p.add_argument("--pass", dest="which", choices=["fwd", "merge", "bwd", "gemm", "all"], default="all")
     p.add_argument("--extra", action="store_true", help="also the candidate configurations")
     a = p.parse_args(argv)
     losses = {"clip": [K.SOFTMAX.value], "siglip": [K.SIGMOID.value],
@@ -193,6 +205,11 @@ def main(argv=None) -> int:
             for loss in losses:
                 ok &= report(f"fwd 128x{_name(cfg)}{tag} loss={loss}", compile_fwd, cfg,
                              a.dtype, loss, a.arch)
+    if a.which in ("merge", "all"):
+        for loss in losses:
+            for first, last in ((True, True), (True, False), (False, False), (False, True)):
+                ok &= report(f"merge first={first:d} last={last:d} loss={loss}", compile_merge,
+                             loss, first, last, a.arch)
     if a.which in ("gemm", "all"):
         for cfg in KG._CONFIGS:
             for loss in losses:

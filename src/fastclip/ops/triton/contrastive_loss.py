@@ -26,7 +26,8 @@ Kernels and passes (FLOP in units of 2·n·m·D, the cost of one n x m x D matri
 * ``_fwd_kernel`` — grid (row blocks of one wave,): a program owns BLOCK_M rows and walks
   every column tile: S = X_blk·Y_tileᵀ (tl.dot, fp32 accumulation, loop over D in BLOCK_D
   chunks), z = _logits(S, ...); the row statistic stays in registers (softmax: an exact
-  online log-sum-exp; sigmoid: per-tile fp32 sums added in float64); the column statistic
+  online log-sum-exp, fp32 max and float64 running sum; sigmoid: per-tile fp32 sums added
+  in float64); the column statistic
   of the block goes to a partial buffer [wave, m] (softmax: (max, sum of exp) pairs;
   sigmoid: sums). 1 unit of FLOP.
 * ``_col_merge_kernel`` — grid (column blocks,): folds the partial buffer of a wave into
@@ -79,7 +80,8 @@ every kernel uses the same 32-wide tiles, aligned alike, so each tl.dot sees ide
 operands.
 
 Precision: statistics in float64 (per-tile fp32 partial results, see
-fastclip.ops.losses.STAT_DTYPE), tiles in fp32; bf16/fp16 operands go to tensor cores as
+fastclip.ops.losses.STAT_DTYPE; every sum that runs over tiles or row blocks, whose count
+grows with N, is carried in float64), tiles in fp32; bf16/fp16 operands go to tensor cores as
 they are; the W tile is cast to the input dtype for the gradient product (as
 FlashAttention does with P). For fp16, whose normal range is 6e-5 .. 65504, W is first
 scaled by a power of two that brings its bound to 2^14 (computed on the device from the
@@ -290,8 +292,11 @@ def _fwd_kernel(x_ptr, y_ptr, rho_ptr, sig_ptr, p_ptr, row_ptr, pa_ptr, pb_ptr,
         b = tl.load(p_ptr + 1).to(tl.float32)
     a = tl.load(rho_ptr + rows, mask=rmask, other=0.0) * s
     if LOSS == SOFTMAX:
+        # The running max in fp32 (exact: a logit), the running sum of exps in float64: it
+        # adds one fp32 tile sum per column tile, m / BLOCK_N of them (65536 at m = 4M), and
+        # an fp32 chain that long drifts by ~1e-5 relative, the whole fp32 tolerance.
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float64)
     else:
         r_acc = tl.zeros((BLOCK_M,), dtype=tl.float64)
     prow = pid.to(tl.int64) * m
@@ -310,7 +315,8 @@ def _fwd_kernel(x_ptr, y_ptr, rho_ptr, sig_ptr, p_ptr, row_ptr, pa_ptr, pb_ptr,
             # so that exp(-inf - (-inf)) never forms a NaN.
             m_new = tl.maximum(m_i, tl.max(L, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp(m_i - m_use) + tl.sum(tl.exp(L - m_use[:, None]), 1)
+            l_i = (l_i * tl.exp(m_i - m_use).to(tl.float64)
+                   + tl.sum(tl.exp(L - m_use[:, None]), 1).to(tl.float64))
             m_i = m_new
             # columns: this block's (max, sum of exp relative to it), merged later.
             cm = tl.max(L, 0)
@@ -327,7 +333,7 @@ def _fwd_kernel(x_ptr, y_ptr, rho_ptr, sig_ptr, p_ptr, row_ptr, pa_ptr, pb_ptr,
         # padding rows have l_i = 0: log(1) keeps them finite (they are not stored). The
         # statistic is float64 (the max exact, log(l) small).
         tl.store(row_ptr + rows,
-                 m_i.to(tl.float64) + tl.log(tl.where(rmask, l_i, 1.0).to(tl.float64)),
+                 m_i.to(tl.float64) + tl.log(tl.where(rmask, l_i, 1.0)),
                  mask=rmask)
     else:
         tl.store(row_ptr + rows, r_acc, mask=rmask)
@@ -338,14 +344,15 @@ def _col_merge_kernel(pa_ptr, pb_ptr, g, m, cmax_ptr, csum_ptr, col_ptr,
                       LOSS: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
                       BLOCK_C: tl.constexpr):
     """Fold the g partial rows of a wave into the columns' running statistics, in row-block
-    order (deterministic)."""
+    order (deterministic). The softmax's running sum is float64, carried between waves in
+    a float64 buffer: it adds one partial per row block, n / BLOCK_M of them."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < m
     pa_ptrs = pa_ptr + cols        # stepped by m per partial row: 64-bit pointer arithmetic
     if LOSS == SOFTMAX:
         if FIRST:
             mx = tl.full((BLOCK_C,), float("-inf"), dtype=tl.float32)
-            sm = tl.zeros((BLOCK_C,), dtype=tl.float32)
+            sm = tl.zeros((BLOCK_C,), dtype=tl.float64)
         else:
             mx = tl.load(cmax_ptr + cols, mask=cmask, other=0.0)
             sm = tl.load(csum_ptr + cols, mask=cmask, other=0.0)
@@ -357,11 +364,11 @@ def _col_merge_kernel(pa_ptr, pb_ptr, g, m, cmax_ptr, csum_ptr, col_ptr,
             pb_ptrs += m
             new = tl.maximum(mx, pm)
             use = tl.where(new == float("-inf"), 0.0, new)
-            sm = sm * tl.exp(mx - use) + ps * tl.exp(pm - use)
+            sm = sm * tl.exp(mx - use).to(tl.float64) + (ps * tl.exp(pm - use)).to(tl.float64)
             mx = new
         if LAST:
             tl.store(col_ptr + cols,
-                     mx.to(tl.float64) + tl.log(tl.where(cmask, sm, 1.0).to(tl.float64)),
+                     mx.to(tl.float64) + tl.log(tl.where(cmask, sm, 1.0)),
                      mask=cmask)
         else:
             tl.store(cmax_ptr + cols, mx, mask=cmask)
@@ -750,7 +757,8 @@ def _fwd(loss, x, y, p, normalize, eps, pos_offset):
     pb = torch.empty((wave, m), **f32) if softmax else pa
     multi = wave < nblk
     cmax = torch.empty((m,), **f32) if softmax and multi else pa[0]
-    csum = torch.empty((m,), **f32) if softmax and multi else pb[0]
+    # The running sums between waves, float64 (one wave: never read; col, float64, stands in).
+    csum = torch.empty((m,), dtype=torch.float64, device=dev) if softmax and multi else col
     bc = 64 if INTERPRET else 256
     for rb0 in range(0, nblk, wave):
         g = min(wave, nblk - rb0)
