@@ -170,7 +170,7 @@ def test_unusable_files_are_one_line_errors(siglip_run, capsys, tmp_path):
     assert code == 2 and "same class folders" in err
 
 
-def test_command_line_entry_point(siglip_run):
+def test_command_line_entry_point(siglip_run, tmp_path):
     # --output /dev/stdout with stdout a pipe: the link resolves to "/proc/…/fd/pipe:[…]", which
     # no open() reaches (it was refused as "cannot write in '/proc/…/fd'").
     r = subprocess.run([sys.executable, "-m", "fastclip", "eval", siglip_run, "--demo-eval-samples", "16",
@@ -180,6 +180,19 @@ def test_command_line_entry_point(siglip_run):
     assert "zeroshot/mean_top1" in r.stdout
     doc = json.loads(r.stdout[r.stdout.index("{"):r.stdout.rindex("}") + 1])
     assert "zeroshot/mean_top1" in doc["metrics"]
+    # stdout redirected (appending) to a file: the file keeps what was there and gets the JSON
+    # and the table (it was replaced by the JSON alone, the rest written to the unlinked file).
+    log = tmp_path / "log.txt"
+    log.write_text("before\n")
+    with open(log, "a") as f:
+        r = subprocess.run([sys.executable, "-m", "fastclip", "eval", siglip_run, "--demo-eval-samples", "16",
+                            "--threads", "1", "--output", "/dev/stdout"], stdout=f, stderr=subprocess.PIPE,
+                           text=True, timeout=120, env=env())
+    assert r.returncode == 0, r.stderr
+    text = log.read_text()
+    start, end = text.index("\n{\n") + 1, text.index("\n}\n") + 2     # "{" and "}" at column 0
+    assert text.startswith("before\n") and json.loads(text[start:end])["metrics"], text
+    assert "zeroshot/mean_top1" in text[end:], text     # the table, after the JSON
 
 
 def test_output_never_replaces_a_link_a_fifo_or_an_input(siglip_run, capsys, tmp_path):

@@ -91,8 +91,8 @@ def test_resume_keeps_one_row_per_step_carries_wall_time_and_removes_temporaries
     assert code == 0, err
     assert "resumed from" in stdout
     resumed = int(stdout.split("resumed from ")[1].split(" at step ")[1].split()[0])
-    if resumed < 8:          # the run had finished: the note says its tail is trained again
-        assert f"note: this run had finished (metrics.json: 8 steps); steps {resumed + 1}-8" in stdout, stdout
+    assert resumed == 4      # checkpoints are written before the last step only
+    assert "note: this run had finished (metrics.json: 8 steps); steps 5-8 are trained again" in stdout, stdout
     assert not any(os.path.exists(s) for s in stale)
     rows = _rows(out)
     assert [r["step"] for r in rows if r["type"] == "train"] == list(range(1, 9))  # 5..8 once, not twice
@@ -101,6 +101,11 @@ def test_resume_keeps_one_row_per_step_carries_wall_time_and_removes_temporaries
     resumed_rows = [r for r in rows if r["type"] == "train" and r["step"] > 4]
     assert metrics["wall_time_s"] > saved_wall  # the time before the checkpoint is counted
     assert all(r["elapsed_s"] > saved_wall for r in resumed_rows)
+    # extended with a larger --steps: the note says so, not "use a larger --steps"
+    code, stdout, err = _train(capsys, "--steps", "10", "--save-every", "4", "--output", out, "--resume", "latest")
+    assert code == 0, err
+    assert ("note: this run had finished at step 8; it goes on to step 10 from its checkpoint at step 4: "
+            "steps 5-8 are trained again, on the 10-step schedule") in stdout, stdout
 
 
 def _png(path, seed):
@@ -217,3 +222,22 @@ def test_undecodable_zero_shot_folder_is_refused_before_overwrite(tmp_path, caps
     code, _, err = _train(capsys, "--steps", "2", "--output", out, "--overwrite", "--zeroshot-data", str(bad))
     assert code == 2 and "could be decoded" in err
     assert sorted(os.listdir(out)) == before
+
+
+def test_overwrite_removes_emptied_checkpoint_folders_but_not_a_link(tmp_path):
+    from fastclip.train.run_folder import prepare_run_folder
+    run = tmp_path / "run"
+    (run / "checkpoints" / "superseded-after-4").mkdir(parents=True)
+    for name in ("checkpoints/step_00000004.safetensors", "checkpoints/superseded-after-4/step_00000008.safetensors",
+                 "metrics.json"):
+        (run / name).write_bytes(b"x")
+    prepare_run_folder(str(run), None, True, log=lambda s: None)
+    assert sorted(os.listdir(run)) == []                       # both folders emptied and removed
+    # checkpoints/ as a link to a folder elsewhere: its files go, the link and its target stay
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "step_00000004.safetensors").write_bytes(b"x")
+    os.symlink(elsewhere, run / "checkpoints")
+    (run / "metrics.json").write_bytes(b"x")
+    prepare_run_folder(str(run), None, True, log=lambda s: None)
+    assert os.path.islink(run / "checkpoints") and os.listdir(elsewhere) == []

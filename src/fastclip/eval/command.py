@@ -386,10 +386,17 @@ def evaluate(args: argparse.Namespace, log=print) -> Dict[str, Any]:
     if args.output is not None:     # first: a reader of stdout that stops early must not lose it
         from .._fileio import atomic_write
 
-        def write(tmp: str) -> None:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(out, f, indent=2)
-        atomic_write(args.output, write, suffix=".json")
+        stream = _std_stream(args.output)
+        if stream is not None:
+            # /dev/stdout (or stderr) onto a file: re-opening it would truncate what the shell's
+            # redirection holds (and a rename would replace the file): written through the stream.
+            stream.write(json.dumps(out, indent=2) + "\n")
+            stream.flush()
+        else:
+            def write(tmp: str) -> None:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    json.dump(out, f, indent=2)
+            atomic_write(args.output, write, suffix=".json")
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     shown = source if os.path.realpath(source) == os.path.realpath(args.model) else f"{args.model} -> {source}"
     log(format_metrics(metrics, header=f"fastclip eval: {shown} ({n_params:.1f}M params, {device}, "
@@ -397,6 +404,24 @@ def evaluate(args: argparse.Namespace, log=print) -> Dict[str, Any]:
     if args.output is not None:
         log(f"wrote {args.output}")
     return out
+
+
+def _std_stream(path: str):
+    """sys.stdout or sys.stderr when ``path`` is the file they write to (``/dev/stdout``,
+    ``/proc/self/fd/1``, or the very file stdout is redirected to), else None."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            fs = os.fstat(stream.fileno())
+        except (AttributeError, OSError, ValueError):      # replaced or closed streams
+            continue
+        if (fs.st_dev, fs.st_ino) == (st.st_dev, st.st_ino):
+            stream.flush()
+            return stream
+    return None
 
 
 class _Log:

@@ -396,7 +396,7 @@ def _check_dense(name: str, t: Tensor) -> None:
     if t.is_nested or t.layout != torch.strided:
         what = "nested" if t.is_nested else str(t.layout).removeprefix("torch.")
         raise TypeError(f"{name} must be a dense (strided) tensor, got a {what} tensor; "
-                        f"convert it first (e.g. .to_dense())")
+                        f"convert it to a dense one of shape [N, D] first")
 
 
 def _is_real(v) -> bool:

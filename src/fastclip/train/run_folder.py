@@ -92,11 +92,12 @@ def prepare_run_folder(output_dir: str, resume: Optional[str], overwrite: bool,
     if existing:
         for p in existing:
             os.unlink(p)
-        # The checkpoint folders the deleted files leave empty go too (a folder holding
-        # anything else stays).
+        # The checkpoint folders the deleted files leave empty go too, innermost first (a
+        # folder holding anything else stays, and so does a link to a folder).
         ck = os.path.join(output_dir, CKPT_DIR)
         for d in sorted({os.path.dirname(p) for p in existing}, key=len, reverse=True) + [ck]:
-            if path_inside(d, ck) and os.path.isdir(d) and not os.listdir(d):
+            if (path_inside(d, ck) and os.path.isdir(d) and not os.path.islink(d)
+                    and not os.listdir(d)):
                 os.rmdir(d)
         log(f"--overwrite: deleted the previous run's {len(existing)} file(s) in {output_dir}")
     stale = stale_temporaries(output_dir) if os.path.isdir(output_dir) else []

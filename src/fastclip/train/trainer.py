@@ -234,18 +234,24 @@ class Trainer:
 
     def _note_finished_run(self) -> None:
         """Resuming a run that had already finished (its metrics.json says so) from a checkpoint
-        before its end trains the tail again, to the same result with the same settings: said,
-        since the user may have meant to evaluate or to extend it (--steps)."""
+        before its end trains its last steps again (checkpoints are written before the last
+        step only): said, since the user may have meant only to evaluate it."""
         try:
             with open(os.path.join(self.cfg.output, "metrics.json"), encoding="utf-8") as f:
                 done = json.load(f).get("steps")
         except (OSError, ValueError, AttributeError):
             return
-        if isinstance(done, int) and self.start_step < done:
-            self.resume_notes.append(
-                f"this run had finished (metrics.json: {done} steps); steps {self.start_step + 1}-"
-                f"{self.total_steps} are trained again (to evaluate it: fastclip eval {self.cfg.output}; "
-                f"to train it further: a larger --steps)")
+        if not isinstance(done, int) or self.start_step >= done:
+            return
+        again = f"steps {self.start_step + 1}-{min(done, self.total_steps)} are trained again"
+        if self.total_steps > done:
+            self.resume_notes.append(f"this run had finished at step {done}; it goes on to step {self.total_steps} "
+                                     f"from its checkpoint at step {self.start_step}: {again}, on the "
+                                     f"{self.total_steps}-step schedule")
+        else:
+            self.resume_notes.append(f"this run had finished (metrics.json: {done} steps); {again} (to "
+                                     f"evaluate it: fastclip eval {self.cfg.output}; to train it further: a "
+                                     f"larger --steps)")
 
     def _keep_budget_schedule(self, extra: Dict[str, Any]) -> None:
         """With --time-budget, the shortened schedule the checkpoint was trained on (its length

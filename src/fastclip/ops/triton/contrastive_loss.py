@@ -295,6 +295,12 @@ def _fwd_kernel(x_ptr, y_ptr, rho_ptr, sig_ptr, p_ptr, row_ptr, pa_ptr, pb_ptr,
         # The running max in fp32 (exact: a logit), the running sum of exps in float64: it
         # adds one fp32 tile sum per column tile, m / BLOCK_N of them (65536 at m = 4M), and
         # an fp32 chain that long drifts by ~1e-5 relative, the whole fp32 tolerance.
+        # Compiled offline (scripts/triton_resources.py --pass fwd): bf16/fp16 on sm_90 +2-4
+        # registers per thread, no spills; fp32 IEEE (FMA, no tensor cores) configurations,
+        # which spilled already, spill up to 64 bytes more, and sm_80 bf16 64x64 w4 104
+        # bytes instead of 56. A float64 rescale factor (exp in float64) was tried: 1352
+        # bytes of spill for fp32 64x64 w4, so the factor stays fp32 (it is 1 exactly
+        # whenever the max does not rise).
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float64)
     else:
