@@ -107,5 +107,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_fwd_bwd", &cpu_fwd_bwd,
         "One-pass block forward and backward of a one-pass loss on the CPU; returns "
         "(dscale, dbias).");
+  m.def("cpu_isa", &fastclip::cpu::cpu_isa,
+        "The CPU kernels' instruction set: 'avx512', 'avx2' or 'generic' (128-bit).");
   fastclip::register_cuda(m);
 }

@@ -26,6 +26,9 @@ def cpu_fwd_bwd(loss: int, x: int, y: int, n: int, m: int, d: int, ldx: int, ldy
                 ) -> tuple[float, float]:
     """One-pass forward and backward of a one-pass loss; returns (dscale, dbias)."""
 
+def cpu_isa() -> str:
+    """The CPU kernels' build the calls run: "avx512", "avx2" or "generic" (128-bit)."""
+
 # --- CUDA kernels (csrc/contrastive_loss/cuda), or their stub without CUDA --------------
 CUDA_BUILT: bool
 

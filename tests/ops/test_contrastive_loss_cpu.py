@@ -196,3 +196,16 @@ def test_gradients_when_openmp_runs_fewer_threads_than_asked(env):
     for line in r.stdout.strip().splitlines():
         loss, ex, ey = line.split()
         assert float(ex) <= 1e-12 and float(ey) <= 1e-12, line
+
+
+def test_isa_names_the_build_the_calls_run(monkeypatch):
+    from fastclip.ops.backends.cpu import isa
+    monkeypatch.delenv("FASTCLIP_CPU_ISA", raising=False)
+    native = isa()
+    assert native in ("avx512", "avx2", "generic")
+    monkeypatch.setenv("FASTCLIP_CPU_ISA", "generic")
+    assert isa() == "generic"
+    monkeypatch.setenv("FASTCLIP_CPU_ISA", "avx2")           # a lesser build, where the CPU has it
+    assert isa() == ("generic" if native == "generic" else "avx2")
+    monkeypatch.setenv("FASTCLIP_CPU_ISA", "avx512")         # never more than the CPU has
+    assert isa() == native

@@ -165,10 +165,11 @@ namespace isa_generic {
 
 namespace {
 
+enum class Isa { kAvx512, kAvx2, kGeneric };
+
 // FASTCLIP_CPU_ISA=avx512|avx2|generic forces a build (tests use it to cover all three);
 // an ISA the CPU lacks falls back to the best one it has.
-template <typename T>
-Kernels<T> pick_kernels() {
+Isa chosen_isa() {
   const char* env = std::getenv("FASTCLIP_CPU_ISA");
   const std::string want = env ? env : "";
 #if defined(__x86_64__) || defined(__i386__)
@@ -176,11 +177,22 @@ Kernels<T> pick_kernels() {
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (want == "generic") return isa_generic::kernels<T>();
-  if (avx512 && want != "avx2") return isa_avx512::kernels<T>();
-  if (avx2) return isa_avx2::kernels<T>();
+  if (want == "generic") return Isa::kGeneric;
+  if (avx512 && want != "avx2") return Isa::kAvx512;
+  if (avx2) return Isa::kAvx2;
 #endif
-  return isa_generic::kernels<T>();
+  return Isa::kGeneric;
+}
+
+template <typename T>
+Kernels<T> pick_kernels() {
+  switch (chosen_isa()) {
+#if defined(__x86_64__) || defined(__i386__)
+    case Isa::kAvx512: return isa_avx512::kernels<T>();
+    case Isa::kAvx2: return isa_avx2::kernels<T>();
+#endif
+    default: return isa_generic::kernels<T>();
+  }
 }
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
@@ -587,5 +599,13 @@ ParamGrads contrastive_loss_fwd_bwd(LossKind loss, const T* x, const T* y, int64
                                                   int);
 FASTCLIP_INSTANTIATE(float)
 FASTCLIP_INSTANTIATE(double)
+
+const char* cpu_isa() {
+  switch (chosen_isa()) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "generic";
+  }
+}
 
 }  // namespace fastclip::cpu

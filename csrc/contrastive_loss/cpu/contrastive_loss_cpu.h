@@ -42,4 +42,8 @@ ParamGrads contrastive_loss_fwd_bwd(LossKind loss, const T* x, const T* y, int64
                                     double* row, double* col, double* pos, T* dx, T* dy,
                                     int num_threads);
 
+// The tile kernels' build the calls run (FASTCLIP_CPU_ISA and the CPU decide):
+// "avx512", "avx2" or "generic" (128-bit: SSE2, NEON).
+const char* cpu_isa();
+
 }  // namespace fastclip::cpu

@@ -487,9 +487,14 @@ def build_step(spec: BenchLoss, method: str, inputs: tuple, *, device: str,
             raise RuntimeError(desc)
         return Step(lambda: fn(x, y, params), backward, desc)
     impl = f"{spec.fused_name}(backend={method!r})"
+    name = method
     if method == AUTO:
         from fastclip.ops.backends import resolve_backend  # noqa: PLC0415
-        impl += f" -> {resolve_backend(AUTO, x.device, x.dtype).name}"
+        name = resolve_backend(AUTO, x.device, x.dtype).name
+        impl += f" -> {name}"
+    if name == "cpu":
+        from fastclip.ops.backends.cpu import isa  # noqa: PLC0415
+        impl += f", {isa()} kernels"
     return Step(lambda: spec.fused(x, y, params, method), backward, impl)
 
 

@@ -28,6 +28,13 @@ def _availability() -> tuple[bool, str]:
     return True, ""
 
 
+def isa() -> str:
+    """The instruction set of the kernels a call runs now: "avx512", "avx2" or "generic"
+    (128-bit); the CPU and ``FASTCLIP_CPU_ISA`` decide. Benchmarks record it: it changes the
+    speed, and the rounding, of every product."""
+    return extension().cpu_isa()
+
+
 def _prep(t: Tensor) -> Tensor:
     # Half precision runs the fp32 kernel: an O(n·D) copy; the op layer already gave a
     # kernel layout, and a dtype cast keeps it.
