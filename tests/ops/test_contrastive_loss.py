@@ -750,7 +750,7 @@ def _bad_case(case):
     elif case == "sparse":
         x = x.to_sparse()
     elif case == "nested":
-        y = torch.nested.nested_tensor([y[0], y[1, :3]])
+        y = torch.nested.nested_tensor([y[:2], y[2:5]], layout=torch.jagged)   # rows of 2 and 3
     elif case == "scale_sparse":
         p[0] = torch.tensor([3.0]).to_sparse()
     elif case == "scale_shape":
