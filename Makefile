@@ -1,7 +1,8 @@
 # The two commands of the README: `make demo` (the main job) and `make test`; `make demo-seeds`
 # runs the demo for five seeds.
 # Both set up what they need first (scripts/setup_env.sh: a .venv, torch==2.13.0 only
-# if no torch is importable, fastclip with its compiled kernels).
+# if no torch is importable, fastclip with its compiled kernels; `make demo` without an
+# NVIDIA GPU skips the CUDA kernels, `make test` builds them).
 # Release: `make wheel` builds dist/fastclip_fused-*-manylinux_2_28_x86_64.whl and the
 # sdist (scripts/build_wheel.sh); `make wheel-test` installs that wheel into a fresh venv
 # with a CPU torch and runs the suite against it (scripts/test_wheel.sh).

@@ -12,6 +12,10 @@
 #     torch>=2.9.1; an older torch stops here with a message instead of a download);
 #   - with --test: the test tools and Triton (its kernels run under TRITON_INTERPRET=1
 #     on machines without a GPU).
+# Without --test (make demo) on a machine without an NVIDIA GPU the CUDA kernels are not
+# compiled (FASTCLIP_CUDA=OFF unless set): they cannot run there, and nvcc takes ~1.5 of
+# the ~3 minutes of a first set-up on 2 cores. --test builds them (the suite checks them
+# where nvcc is found), and any existing build serves the demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +38,7 @@ pip_notes() {
        /^open-clip-torch [^ ]+ requires (timm|torchvision)/ { next }
        { if (head != "") { print head; head = "" } print; fflush() }'
 }
+has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@" 2> >(pip_notes >&2); }
 
 TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
@@ -43,7 +48,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   if pip_install --no-index --no-deps torch==2.13.0 2>/dev/null; then
     echo "[setup] no importable torch: installed torch==2.13.0 from pip's local wheels"
     pip_install torch==2.13.0
-  elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  elif has_gpu; then
     echo "[setup] no importable torch: installing torch==2.13.0 (CUDA build: this machine has an NVIDIA GPU)"
     pip_install torch==2.13.0
   else
@@ -87,8 +92,16 @@ if [[ $want_test == 1 ]]; then
     2>/dev/null || pip_install --no-deps open_clip_torch
 fi
 
+cuda_mode=${FASTCLIP_CUDA:-AUTO}
+if [[ $want_test == 0 && -z "${FASTCLIP_CUDA:-}" ]] && ! has_gpu; then
+  cuda_mode=OFF
+fi
 stamp="$VENV/.fastclip-build-stamp"
-digest=$(cat pyproject.toml CMakeLists.txt src/fastclip/__init__.py $(find csrc -type f | sort) | sha256sum | cut -d' ' -f1)
+sources=$(cat pyproject.toml CMakeLists.txt src/fastclip/__init__.py $(find csrc -type f | sort) | sha256sum | cut -d' ' -f1)
+digest="$sources $cuda_mode"
+built=$(cat "$stamp" 2>/dev/null || true)
+# The demo takes a build of these sources in any CUDA mode (one made by --test included).
+[[ $want_test == 0 && -z "${FASTCLIP_CUDA:-}" && "${built%% *}" == "$sources" ]] && digest=$built
 # The package was called `fastclip` before it took the free name fastclip-fused; an
 # editable install under the old name would shadow the new one (same import name).
 if "$PY" -m pip show -q fastclip >/dev/null 2>&1; then
@@ -96,9 +109,13 @@ if "$PY" -m pip show -q fastclip >/dev/null 2>&1; then
   "$PY" -m pip uninstall -y -q fastclip
   rm -f "$stamp"
 fi
-if [[ ! -f "$stamp" ]] || [[ "$(cat "$stamp")" != "$digest" ]] || ! "$PY" -c "import fastclip._ext as e; assert e.extension()" 2>/dev/null; then
-  echo "[setup] building fastclip (C++ kernels; CUDA kernels too when nvcc is found)"
-  CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+if [[ "$built" != "$digest" ]] || ! "$PY" -c "import fastclip._ext as e; assert e.extension()" 2>/dev/null; then
+  if [[ $cuda_mode == OFF && -z "${FASTCLIP_CUDA:-}" ]]; then
+    echo "[setup] building fastclip (C++ kernels; no NVIDIA GPU here: the CUDA kernels are left to make test)"
+  else
+    echo "[setup] building fastclip (C++ kernels; CUDA kernels too when nvcc is found)"
+  fi
+  FASTCLIP_CUDA=$cuda_mode CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
     pip_install --no-build-isolation -c "$VENV/torch-constraint.txt" -e .
   echo "$digest" > "$stamp"
 fi
