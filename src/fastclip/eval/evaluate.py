@@ -5,7 +5,6 @@ of this module; the trainer calls ``zeroshot_metrics`` and ``val_metrics`` for i
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -80,16 +79,8 @@ def _model_step(folder: str, model_file: str) -> Optional[int]:
             return int(v)
     except Exception:  # noqa: BLE001 - unreadable: the loader says why later
         pass
-    try:
-        path = os.path.join(folder, "metrics.json")
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                steps = json.load(f).get("steps")
-            if isinstance(steps, int) and not isinstance(steps, bool):
-                return steps
-    except (OSError, ValueError, AttributeError, RecursionError):
-        pass
-    return None
+    from ..train.run_folder import finished_steps
+    return finished_steps(folder)
 
 
 def check_vocab(model, path: str) -> None:

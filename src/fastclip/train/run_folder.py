@@ -41,6 +41,21 @@ def run_files(output_dir: str) -> List[str]:
     return found
 
 
+def finished_steps(output_dir: str) -> Optional[int]:
+    """The ``steps`` a finished run's ``metrics.json`` records; None when there is none (only a
+    regular file is read: a FIFO of that name would block) or it does not say."""
+    path = os.path.join(output_dir, "metrics.json")
+    try:
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                steps = json.load(f).get("steps")
+            if isinstance(steps, int) and not isinstance(steps, bool):
+                return steps
+    except (OSError, ValueError, AttributeError, RecursionError):
+        pass
+    return None
+
+
 def stale_temporaries(output_dir: str) -> List[str]:
     """Temporary files of interrupted atomic writes: ``checkpoints/.tmp-*`` and the model's
     ``.tmp-*.safetensors`` in the folder itself."""

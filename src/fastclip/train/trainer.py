@@ -56,7 +56,13 @@ from .data import (
 from .dist_env import DistEnv, all_reduce_grads, init_distributed, shutdown_distributed, sum_over_ranks
 from .optim import cosine_lr, create_optimizer
 from .progress import Progress, format_eval, format_final
-from .run_folder import check_run_folder, prepare_run_folder, set_aside_later_checkpoints, truncate_metrics
+from .run_folder import (
+    check_run_folder,
+    finished_steps,
+    prepare_run_folder,
+    set_aside_later_checkpoints,
+    truncate_metrics,
+)
 
 __all__ = ["PRECISIONS", "TrainConfig", "Trainer", "StepHook", "train", "DistEnv", "init_distributed",
            "shutdown_distributed", "StepBatches", "trim_padding", "detect_dataset_type", "Progress"]
@@ -236,12 +242,8 @@ class Trainer:
         """Resuming a run that had already finished (its metrics.json says so) from a checkpoint
         before its end trains its last steps again (checkpoints are written before the last
         step only): said, since the user may have meant only to evaluate it."""
-        try:
-            with open(os.path.join(self.cfg.output, "metrics.json"), encoding="utf-8") as f:
-                done = json.load(f).get("steps")
-        except (OSError, ValueError, AttributeError):
-            return
-        if not isinstance(done, int) or self.start_step >= done:
+        done = finished_steps(self.cfg.output)
+        if done is None or self.start_step >= done:
             return
         again = f"steps {self.start_step + 1}-{min(done, self.total_steps)} are trained again"
         if self.total_steps > done:
