@@ -50,11 +50,13 @@ from .ops.contrastive_loss import (
     block_fwd_bwd,
     kernel_layout,
     prepare_params,
+    promote_features,
     select_backend,
     validate_features,
     validate_options,
 )
 from .ops.contrastive_loss import block_fwd as _block_fwd_diff
+from .ops.contrastive_loss import one_pass as uses_one_pass
 from .ops.losses import STAT_DTYPE, LinearHead, LossSpec, get_loss, head_grads, merge
 
 __all__ = ["clip_loss", "siglip_loss", "fused_loss", "DistributedLossError"]
@@ -379,20 +381,37 @@ def _finish_forward(ctx, plan: _Plan, row: Tensor, col_own: Tensor, pos: Tensor,
     return (total / plan.denom).to(dtype)
 
 
+def _upstream_total(plan: _Plan, g: Tensor, acc: torch.dtype) -> Tensor:
+    """Σ_ranks g, the factor of every rank's feature gradients (0-dim, ``acc`` dtype)."""
+    t = g.detach().reshape(1).to(acc).clone()
+    dist.all_reduce(t, group=plan.group)
+    return t[0]
+
+
 def _finish_backward(plan: _Plan, g: Tensor, dp_local: Tensor, dx: Tensor, dy: Tensor,
-                     x: Tensor, y: Tensor, params: Tensor, inplace: bool = True):
-    """Apply the gradient contract: features get (Σ_ranks g) × the unit-gradient VJP, the
-    parameters get mean_ranks(g) × the full-batch derivative (Σ of the ranks' parts).
-    ``inplace``: dx and dy are the caller's own buffers (no extra n·D copy); not for
-    gradients saved by a one-pass forward, which a second backward would scale twice."""
+                     x: Tensor, y: Tensor, params: Tensor):
+    """Apply the gradient contract to the unit-upstream gradients of a one-pass forward:
+    features get (Σ_ranks g) × the unit-gradient VJP, the parameters get mean_ranks(g) ×
+    the full-batch derivative (Σ of the ranks' parts). Out of place: the saved gradients
+    stay unscaled for a second backward (retain_graph)."""
     acc = dp_local.dtype
     red = torch.cat([dp_local.reshape(-1).to(acc), g.reshape(1).to(acc)])
     dist.all_reduce(red, group=plan.group)
     dp_full, g_tot = red[:-1], red[-1]
     dparams = (dp_full * (g_tot / plan.world)).to(params.dtype)
-    if inplace:
-        return dx.mul_(g_tot).to(x.dtype), dy.mul_(g_tot).to(y.dtype), dparams
     return (dx * g_tot).to(x.dtype), (dy * g_tot).to(y.dtype), dparams
+
+
+def _finish_scaled_backward(plan: _Plan, dp_local: Tensor, dx: Tensor, dy: Tensor, x: Tensor,
+                            y: Tensor, params: Tensor):
+    """The same contract for gradients whose kernels already had Σ_ranks g in their
+    upstream vectors (the two-pass backwards): the scale reaches the gradients before
+    their rounding to the features' dtype (fp16 under a GradScaler: see
+    fastclip.ops.contrastive_loss.one_pass). The parameters' parts are summed over the
+    ranks and divided by W."""
+    dp_full = dp_local.reshape(-1).clone()
+    dist.all_reduce(dp_full, group=plan.group)
+    return dx.to(x.dtype), dy.to(y.dtype), (dp_full / plan.world).to(params.dtype)
 
 
 def _first_order(backward):
@@ -418,7 +437,7 @@ class _GatherLoss(torch.autograd.Function):
         spec, be, o = plan.spec, plan.be, plan.offsets[plan.rank]
         if y_all is None:
             y_all = _all_gather_rows(y, plan.sizes, plan.group)            # [N, D]
-        one_pass = spec.one_pass and any(ctx.needs_input_grad[:3])
+        one_pass = uses_one_pass(spec, x.dtype) and any(ctx.needs_input_grad[:3])
         if one_pass:
             n = x.shape[0]
             z = torch.zeros(n, dtype=STAT_DTYPE, device=x.device)
@@ -460,16 +479,18 @@ class _GatherLoss(torch.autograd.Function):
             x, y_all, params, dx, dy_all, dp = ctx.saved_tensors
         else:
             x, y_all, params, row, col, pos = ctx.saved_tensors
-            gr, gc_own, gp = _unit_grads(plan, row, col[plan.own], pos)
-            gc = (torch.cat([plan.col_grads(b, col, None) for b in range(plan.world)])
+            g_tot = _upstream_total(plan, g, params.dtype)
+            gr, gc_own, gp = (t * g_tot for t in _unit_grads(plan, row, col[plan.own], pos))
+            gc = (torch.cat([plan.col_grads(b, col, None) for b in range(plan.world)]) * g_tot
                   if plan.linear else _all_gather_rows(gc_own, plan.sizes, plan.group))
             dx, dy_all, dp = block_bwd(plan.spec, plan.be, x, y_all, params, plan.normalize,
                                        plan.eps, plan.offsets[plan.rank], row, col, gr, gc, gp)
         # Column gradients are summed over the ranks' row blocks in the accumulation
         # dtype, then each rank keeps its own rows.
         dy = _reduce_scatter_rows(dy_all.to(params.dtype), plan.sizes, plan.rank, plan.group)
-        dx, dy, dparams = _finish_backward(plan, g, dp, dx.to(params.dtype), dy, x, y_all, params,
-                                           inplace=not ctx.one_pass)
+        if not ctx.one_pass:
+            return (*_finish_scaled_backward(plan, dp, dx, dy, x, y_all, params), None, None)
+        dx, dy, dparams = _finish_backward(plan, g, dp, dx.to(params.dtype), dy, x, y_all, params)
         return dx, dy, dparams, None, None
 
 
@@ -531,7 +552,7 @@ class _RingLoss(torch.autograd.Function):
     def forward(ctx, x: Tensor, y: Tensor, params: Tensor, plan: _Plan, _unused):
         spec, be = plan.spec, plan.be
         o, k, acc = plan.offsets[plan.rank], plan.rank, params.dtype
-        one_pass = spec.one_pass and any(ctx.needs_input_grad[:3])
+        one_pass = uses_one_pass(spec, x.dtype) and any(ctx.needs_input_grad[:3])
         st = {"row": None, "pos": None, "dx": None, "dp": None}
         if one_pass:
             z = torch.zeros(x.shape[0], dtype=STAT_DTYPE, device=x.device)
@@ -573,11 +594,11 @@ class _RingLoss(torch.autograd.Function):
         plan = ctx.plan
         if ctx.one_pass:
             x, y, params, dx, dy, dp = ctx.saved_tensors
-            return (*_finish_backward(plan, g, dp, dx, dy, x, y, params, inplace=False), None,
-                    None)
+            return (*_finish_backward(plan, g, dp, dx, dy, x, y, params), None, None)
         x, y, params, row, col_own, pos = ctx.saved_tensors
         spec, be, o, acc = plan.spec, plan.be, plan.offsets[plan.rank], params.dtype
-        gr, gc_own, gp = _unit_grads(plan, row, col_own, pos)
+        g_tot = _upstream_total(plan, g, acc)
+        gr, gc_own, gp = (t * g_tot for t in _unit_grads(plan, row, col_own, pos))
         st = {"dx": None, "dp": None}
 
         def step(b, ahead):
@@ -591,7 +612,8 @@ class _RingLoss(torch.autograd.Function):
             return [dyp.to(acc)]
 
         (dy,) = _ring_pass(plan, [y, col_own, gc_own], step, ["sum"])
-        return (*_finish_backward(plan, g, st["dp"], st["dx"], dy, x, y, params), None, None)
+        return (*_finish_scaled_backward(plan, st["dp"], st["dx"], dy, x, y, params), None,
+                None)
 
 
 # ------------------------------------------------------------------ public entry
@@ -709,7 +731,8 @@ def fused_loss(loss: str, image_features: Tensor, text_features: Tensor, params,
     p = be = norms = None
     if problem is None:
         try:
-            validate_features(image_features, text_features)
+            validate_features(image_features, text_features, same_dtype=False)
+            image_features, text_features = promote_features(image_features, text_features)
             p = prepare_params(spec, params, image_features)
             be = select_backend(backend, feat_dev, image_features.dtype, spec.name)
         except (TypeError, ValueError, RuntimeError) as e:

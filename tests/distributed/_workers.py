@@ -187,6 +187,38 @@ def _half_case(rank, world, gen, sizes, impl, dtype, d=64, scale=14.3, loss="cli
         "dtypes_ok": xk.grad.dtype == dtype and out.dtype == torch.float32}
 
 
+def _scaled_half_case(rank, world, gen, sizes, impl, loss, d=32, up=2.0 ** 12):
+    """fp16 features, upstream gradient ``up`` (a GradScaler's scale; 2^16, its first, would
+    overflow the naive formula's fp16 loss, as a GradScaler would then find) at SigLIP's
+    initialisation (tiny gradients): the scale must reach the gradients before their
+    rounding to fp16. Per gradient: (our error, that of the naive formula run by PyTorch in
+    fp16 with the same scale) against the float64 oracle, and whether we flushed to zero an
+    entry that the exact scaled gradient rounded to fp16 keeps."""
+    from fastclip.distributed import fused_loss  # noqa: PLC0415
+    from fastclip.ops.losses import get_loss  # noqa: PLC0415
+    N = sum(sizes)
+    X = torch.randn(N, d, generator=gen, dtype=torch.float64).to(torch.float16).double()
+    Y = torch.randn(N, d, generator=gen, dtype=torch.float64).to(torch.float16).double()
+    params = (10.0,) if loss == "clip" else (10.0, -10.0)
+    ref = _oracle(X, Y, params, True, loss)
+    o, n = sum(sizes[:rank]), sizes[rank]
+    xh, yh = X.half().requires_grad_(), Y.half().requires_grad_()
+    ph = [torch.tensor(p, dtype=torch.float32, requires_grad=True) for p in params]
+    base = torch.autograd.grad(get_loss(loss).naive(xh, yh, *ph, normalize=True) * up, (xh, yh))
+    xk = X[o:o + n].half().requires_grad_()
+    yk = Y[o:o + n].half().requires_grad_()
+    ps = [torch.tensor(p, dtype=torch.float32, requires_grad=True) for p in params]
+    out = fused_loss(loss, xk, yk, ps, normalize=True, dist_impl=impl, backend="cpu")
+    (out * up).backward()
+    res = {}
+    for k, got, theirs, r in (("gx", xk.grad, base[0], ref[1]), ("gy", yk.grad, base[1], ref[2])):
+        r = world * r[o:o + n]
+        best = (r * up).half()
+        res[k] = (rel_err(got.double() / up, r), rel_err(world * theirs[o:o + n].double() / up, r),
+                  bool(((got == 0) & (best != 0)).any()))
+    return res
+
+
 class _Tiny(torch.nn.Module):
     """Two linear encoders, a learnable log-scale and (SigLIP) a learnable bias."""
 
@@ -341,6 +373,8 @@ def run_cases(rank: int, world: int, seed: int) -> dict:
             for dt in (torch.bfloat16, torch.float16):
                 out[f"{loss}/half/{dt}/{impl}/{uneven}"] = _half_case(rank, world, gen, uneven,
                                                                       impl, dt, loss=loss)
+            out[f"{loss}/scaled-half/{impl}/{uneven}"] = _scaled_half_case(
+                rank, world, gen, uneven, impl, loss)
     # The GPU backends where they run on CPU tensors (Triton's interpreter, set by
     # tests/conftest.py before the ranks start): the same block contract across ranks.
     from fastclip.ops.backends import all_backends  # noqa: PLC0415
@@ -417,6 +451,27 @@ def run_cases(rank: int, world: int, seed: int) -> dict:
             grad_err = rel_err(x.grad, want_g) if x.grad is not None else float("inf")
             logits[f"local={local_loss}/gwg={gwg}"] = max(err, grad_err)
     out["get_logits"] = logits
+
+    # Features of two float dtypes (bf16 images beside cached fp32 texts): promoted to fp32
+    # on every rank, each gradient back in its own dtype, the numbers of fp32 inputs.
+    from fastclip.distributed import fused_loss as dist_fused  # noqa: PLC0415
+    mixed = {}
+    for loss in LOSSES:
+        for impl in ("gather", "ring"):
+            # Every rank draws the whole batch (the generators stay in step), keeps its rows.
+            xb = torch.randn(sum(uneven), 6, generator=gen)[o:o + n].bfloat16()
+            yf = torch.randn(sum(uneven), 6, generator=gen)[o:o + n]
+            ps = list(_params(loss, 8.0))
+            a, b = xb.clone().requires_grad_(), yf.clone().requires_grad_()
+            got = dist_fused(loss, a, b, ps, normalize=True, dist_impl=impl)
+            got.backward()
+            a32, b32 = xb.float().requires_grad_(), yf.clone().requires_grad_()
+            want = dist_fused(loss, a32, b32, ps, normalize=True, dist_impl=impl)
+            want.backward()
+            mixed[f"{loss}/{impl}"] = (torch.equal(got, want) and a.grad.dtype == torch.bfloat16
+                                       and torch.equal(a.grad, a32.grad.bfloat16())
+                                       and torch.equal(b.grad, b32.grad))
+    out["mixed_dtypes"] = mixed
 
     # Errors: raised on every rank, and the group stays usable afterwards.
     errs = {}

@@ -147,6 +147,24 @@ def test_steady_state_handshake(group):
 
 
 @pytest.mark.timeout(120)
+def test_half_gradients_take_the_upstream_scale(group):
+    """fp16 under loss scaling (gather and ring): the scale reaches each rank's feature
+    gradients before their rounding (no entry flushed to zero that the exact scaled
+    gradient keeps in fp16), and the §5 rule holds with it: error ≤ 2× PyTorch's own."""
+    _, res = group
+    seen = 0
+    for rank, name, errs in (c for loss in LOSSES
+                             for c in _loss_cases(res, f"{loss}/scaled-half/")):
+        seen += 1
+        for k in ("gx", "gy"):
+            ours, theirs, flushed = errs[k]
+            assert not flushed, f"rank {rank} {name}: {k} flushed to zero"
+            assert ours <= 2 * theirs, \
+                f"rank {rank} {name}: {k} rel err {ours:.3g} > 2 × PyTorch's {theirs:.3g}"
+    assert seen
+
+
+@pytest.mark.timeout(120)
 def test_half_precision_within_twice_pytorch_error(group):
     """docs/design.md §5: bf16/fp16 error ≤ 2× the naive formula's error in that dtype."""
     _, res = group
@@ -184,6 +202,17 @@ def test_cliploss_flags_give_exact_loss(group):
         assert len(out["get_logits"]) == 4
         for name, e in out["get_logits"].items():
             assert e <= TOL_F64, f"rank {rank} ClipLoss({name}).get_logits: rel err {e:.3g}"
+
+
+@pytest.mark.timeout(120)
+def test_mixed_feature_dtypes_are_promoted(group):
+    # bf16 image features beside fp32 text features: the fp32 numbers, each gradient in its
+    # own input's dtype (gather and ring, every loss).
+    _, res = group
+    for rank, out in res.items():
+        assert len(out["mixed_dtypes"]) == 2 * len(LOSSES)
+        for name, ok in out["mixed_dtypes"].items():
+            assert ok, f"rank {rank} {name}"
 
 
 def test_the_losss_graph_does_not_keep_its_process_group_alive():

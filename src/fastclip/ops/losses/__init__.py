@@ -148,7 +148,8 @@ def head_grads(spec: LossSpec, row: Tensor, col: Tensor, pos: Tensor, denom: flo
     :class:`LinearHead` (only the shapes of the statistics matter then, so zeros may be
     passed before any statistic exists), else by autograd on the head."""
     if isinstance(spec.head, LinearHead):
-        return tuple(torch.full_like(t, w / denom) for w, t in zip(spec.head.coef, (row, col, pos)))
+        # (a fill of w / denom: an .item() of a symbolic float under torch.compile(dynamic=True))
+        return tuple(torch.full_like(t, w) / denom for w, t in zip(spec.head.coef, (row, col, pos)))
     with torch.enable_grad():
         r, c, p = (t.detach().requires_grad_() for t in (row, col, pos))
         out = spec.head(r, c, p) / denom
