@@ -72,7 +72,13 @@ def test_normalize_inside_the_kernel_equals_normalised_inputs():
 
 def test_constructor_errors():
     with pytest.raises(ValueError, match="use_horovod"):
-        ClipLoss(use_horovod=True)
+        ClipLoss(use_horovod=True, rank=0, world_size=2)
+    # One process: open_clip reads neither the rank nor horovod, nor do we.
+    x, y = _features(7, 4)
+    for kw in ({"use_horovod": True}, {"rank": -1}, {"rank": 5, "world_size": 1}):
+        assert torch.equal(ClipLoss(**kw)(x, y, 10.0), ClipLoss()(x, y, 10.0)), kw
+        assert torch.equal(SigLipLoss(**{k: v for k, v in kw.items() if k != "use_horovod"})(
+            x, y, 10.0, -10.0), SigLipLoss()(x, y, 10.0, -10.0)), kw
     with pytest.raises(ValueError, match="rank must be in"):
         ClipLoss(rank=2, world_size=2)
     with pytest.raises(ValueError, match="dist_impl"):
@@ -227,9 +233,10 @@ def test_create_loss_builds_open_clips_choice():
     x, y = _features(9, 5)
     assert torch.allclose(clip(x, y, 10.0), ClipLoss()(x, y, 10.0))
     with pytest.raises(ValueError, match="horovod"):
-        create_loss(_train_args(horovod=True))
+        create_loss(_train_args(horovod=True, world_size=2))
     with pytest.raises(ValueError, match="horovod"):
-        create_loss(_train_args(siglip=True, horovod=True))
+        create_loss(_train_args(siglip=True, horovod=True, world_size=2))
+    assert type(create_loss(_train_args(horovod=True))) is ClipLoss       # one process
     with pytest.raises(ValueError, match="rank must be in"):
         create_loss(_train_args(rank=2, world_size=2))
 

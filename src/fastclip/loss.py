@@ -42,15 +42,19 @@ def _check_ranks(rank, world_size) -> tuple[int, int]:
     if r is None:
         raise ValueError(f"rank must be an int in [0, world_size={w}), got {rank!r} "
                          f"({type(rank).__name__})")
-    if not 0 <= r < w:
+    # One process reads no rank (as open_clip): a global rank with a per-process loss, or
+    # -1 for "not distributed" (Hugging Face's convention), is kept as given.
+    if w > 1 and not 0 <= r < w:
         raise ValueError(f"rank must be in [0, world_size={w}), got {r}")
     return r, w
 
 
-def _refuse_horovod(use_horovod) -> None:
-    if use_horovod:
-        raise ValueError("use_horovod=True is not supported by fastclip; launch with "
-                         "torchrun and torch.distributed instead")
+def _refuse_horovod(use_horovod, world_size) -> None:
+    # At world size 1 horovod has nothing to do (open_clip does not touch it there either).
+    w = _as_int(world_size)
+    if use_horovod and w is not None and w > 1:
+        raise ValueError("use_horovod=True is not supported by fastclip with world_size > 1; "
+                         "launch with torchrun and torch.distributed instead")
 
 
 class _FusedLoss(nn.Module):
@@ -106,8 +110,10 @@ class ClipLoss(_FusedLoss):
             rank's part reaches only its own rows).
         cache_labels: accepted; fastclip builds no label tensor.
         rank, world_size: with ``world_size > 1`` the loss runs sharded over the
-            default process group (``torch.distributed`` must be initialised).
-        use_horovod: not supported (a clear error).
+            default process group (``torch.distributed`` must be initialised; rank in
+            [0, world_size)); with ``world_size=1`` any int rank is accepted and unused.
+        use_horovod: not supported with ``world_size > 1`` (a clear error); at world size
+            1 it has no effect, as in open_clip.
     fastclip extras (keyword-only):
         normalize: L2-normalise inside the kernel (default False: open_clip's models
             return normalised features).
@@ -129,7 +135,7 @@ class ClipLoss(_FusedLoss):
                  use_horovod: bool = False, *, normalize: bool = False, backend: str = "auto",
                  dist_impl: str = "gather", eps: float = DEFAULT_EPS):
         super().__init__()
-        _refuse_horovod(use_horovod)
+        _refuse_horovod(use_horovod, world_size)
         if not isinstance(dist_impl, str) or dist_impl not in ("gather", "ring"):
             raise ValueError(f"dist_impl must be 'gather' or 'ring', got {dist_impl!r}")
         self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
@@ -200,7 +206,8 @@ class SigLipLoss(_FusedLoss):
     Args (open_clip's, same defaults):
         cache_labels: accepted; fastclip builds no label tensor.
         rank, world_size: with ``world_size > 1`` the loss runs sharded over the default
-            process group (``torch.distributed`` must be initialised).
+            process group (``torch.distributed`` must be initialised; rank in
+            [0, world_size)); with ``world_size=1`` any int rank is accepted and unused.
         dist_impl: open_clip's names are accepted: None and "bidir"/"shift" (neighbour
             exchanges) run fastclip's ring form, "reduce" and "gather" its gather form;
             "ring" also works. Every one computes the exact loss (see below).
@@ -347,7 +354,7 @@ def create_loss(args):
                       f"own {what}", stacklevel=2)
         return open_clip_create_loss(args)
     if getattr(args, "siglip", False):
-        _refuse_horovod(horovod)
+        _refuse_horovod(horovod, world_size)
         return SigLipLoss(rank=rank, world_size=world_size,
                           dist_impl=getattr(args, "loss_dist_impl", None))
     return ClipLoss(local_loss=getattr(args, "local_loss", False),
