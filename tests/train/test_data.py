@@ -21,6 +21,7 @@ from fastclip.datasets import (
     expand_urls,
     read_classnames,
 )
+from fastclip.datasets.csv_dataset import seeded_transform
 from fastclip.datasets.shapes import (
     ALL_TRAIN_PAIRS,
     BLOCK,
@@ -262,6 +263,40 @@ def test_webdataset_streams_skips_and_counts(tmp_path):
                     max_epochs=1)
     batches = list(ds)
     assert sum(b[2] for b in batches) == 3 and sum(len(b[0]) for b in batches) == 10
+
+
+def test_shards_named_but_missing_are_reported(tmp_path):
+    # A brace range past the shards that exist trained on those that do, without a word.
+    from types import SimpleNamespace
+
+    from fastclip.datasets.webdataset import missing_shards
+    from fastclip.train.data import build_train_data
+    _write_shards(tmp_path)
+    spec = str(tmp_path / "shard-{000..004}.tar") + "::" + str(tmp_path / "gone.tar")
+    assert missing_shards(spec) == [str(tmp_path / n) for n in ("shard-003.tar", "shard-004.tar", "gone.tar")]
+    assert missing_shards(str(tmp_path / "shard-*.tar")) == []          # a glob names what it matches
+    cfg = SimpleNamespace(steps=5, train_num_samples=None, batch_size=2, train_data=spec)
+    data = build_train_data(cfg, "webdataset", None, SimpleNamespace(world_size=1))
+    assert data.desc.endswith("(3 shards)")
+    assert data.notes == [f"3 of the 6 shard paths named do not exist (e.g. {tmp_path / 'shard-003.tar'}): "
+                          f"training on the 3 that do"]
+
+
+def test_any_accepted_seed_draws_batches(tmp_path):
+    # --seed takes [0, 2**63): the seeds derived from it (seed * 1_000_003 + epoch, ...) are
+    # reduced into torch's range; a seed of 2e7 once overflowed the augmentation's generator.
+    from fastclip.train.data import StepBatches
+    _write_shards(tmp_path)
+    spec = str(tmp_path / "shard-{000..002}.tar")
+    for seed in (20_260_101, 2 ** 63 - 1):
+        sb = StepBatches(40, 4, 0, 1, seed, 0, 10, augment=True)
+        keys = sb.keys(0) + sb.keys(25)                       # epochs 0 and 2
+        assert len(keys) == 8 and all(0 <= i < 40 for i, _ in keys)
+        tf = image_transform(32, train=True)
+        imgs, _, _ = next(iter(WebDataset(spec, 2, tf, 16, seed=seed, shuffle_buffer=3)))
+        assert imgs.shape[1:] == (3, 32, 32)       # (a shard holds corrupt samples)
+    assert torch.equal(seeded_transform(image_transform(8, train=True), 5).generator.get_state(),
+                       torch.Generator().manual_seed(5).get_state())   # small seeds: unchanged
 
 
 def test_webdataset_resume_skips_batches(tmp_path):

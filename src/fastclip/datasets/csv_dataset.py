@@ -43,12 +43,19 @@ def load_image(source: Union[str, bytes]) -> Optional[Image.Image]:
         return None
 
 
+def seeded_generator(seed: int) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded with ``seed`` modulo 2**63: seeds derived from the
+    run's (``seed * 1_000_003 + epoch``, ...) outgrow torch's 64-bit seed for a large
+    ``--seed`` (from ~1.9e6 for the augmentation seeds); the ones that fit are unchanged."""
+    return torch.Generator().manual_seed(int(seed) % 2 ** 63)
+
+
 def seeded_transform(transform: Callable, seed: int) -> Callable:
     """Make ``transform``'s randomness (if it has a ``generator`` attribute, as
     ``fastclip.transforms.ImageTransform``) a function of ``seed``: reproducible whatever the
     worker that runs it."""
     if hasattr(transform, "generator"):
-        transform.generator = torch.Generator().manual_seed(seed)
+        transform.generator = seeded_generator(seed)
     return transform
 
 

@@ -61,6 +61,13 @@ def expand_urls(spec: str) -> List[str]:
     return out
 
 
+def missing_shards(spec: str) -> List[str]:
+    """The paths ``spec`` names (directly or by brace expansion) that do not exist: the ones
+    :func:`expand_urls` leaves out (a glob names only what it matches)."""
+    return [p for part in spec.split("::") for p in expand_braces(part.strip())
+            if not glob.has_magic(p) and not os.path.exists(p)]
+
+
 def iter_tar_samples(path: str) -> Iterator[Optional[Dict[str, bytes]]]:
     """Yield one ``{ext: bytes}`` dict per key of the tar at ``path`` (streamed), or None once
     if the shard cannot be read (missing, truncated or not a tar)."""

@@ -51,7 +51,8 @@ class StepBatches:
     def keys(self, step: int) -> List:
         epoch, b = divmod(step, self.steps_per_epoch)
         if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            from ..datasets.csv_dataset import seeded_generator
+            g = seeded_generator(self.seed * 1_000_003 + epoch)
             perm = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
             self._perm, self._perm_epoch = perm, epoch
         lo = b * self.global_batch + self.rank * self.batch_size
@@ -150,9 +151,15 @@ def build_train_data(cfg: TrainConfig, data_type: str, model, env: DistEnv) -> T
         if cfg.steps is None and cfg.train_num_samples is None:
             raise DataError(f"webdataset {cfg.train_data}: shards are streamed, their length is unknown: "
                             f"pass --steps or --train-num-samples")
+        from ..datasets.webdataset import expand_urls, missing_shards
         n = cfg.train_num_samples
-        return TrainData(None, True, True, max(1, n // global_batch) if n else None,
-                         f"webdataset {cfg.train_data}")
+        shards, missing = expand_urls(cfg.train_data), missing_shards(cfg.train_data)
+        data = TrainData(None, True, True, max(1, n // global_batch) if n else None,
+                         f"webdataset {cfg.train_data} ({len(shards)} shard{'s' if len(shards) != 1 else ''})")
+        if missing and shards:          # (none at all: WebDataset's own error names the spec)
+            data.notes.append(f"{len(missing)} of the {len(missing) + len(shards)} shard paths named do not "
+                              f"exist (e.g. {missing[0]}): training on the {len(shards)} that do")
+        return data
     if data_type == "shapes":
         from .demo import shapes_train_data
         data = shapes_train_data(cfg, model)
