@@ -375,7 +375,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .train.checkpoint import CheckpointError
     from .train.run_folder import RunFolderError
     from .train.trainer import train
-    return run_reporting("train", lambda: train(config_from_args(args)), (CheckpointError, DataError, RunFolderError))
+    log = PipeSafeLog()
+    code = run_reporting("train", lambda: train(config_from_args(args), log),
+                         (CheckpointError, DataError, RunFolderError))
+    return 141 if code == 0 and log.broken else code     # 141: the status of a process a closed pipe stopped
+
+
+class PipeSafeLog:
+    """``print`` that survives a closed stdout (``fastclip train | head``): the command goes on
+    (its files are still written), stdout is sent to /dev/null (Python's flush at exit would
+    raise again), and ``broken`` records it for the exit status."""
+
+    broken = False
+
+    def __call__(self, line: str) -> None:
+        if self.broken:
+            return
+        try:
+            print(line, flush=True)
+        except BrokenPipeError:
+            self.broken = True
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def run_reporting(command: str, fn, user_errors: tuple) -> int:

@@ -71,6 +71,13 @@ def test_overwrite_deletes_nothing_when_the_new_run_cannot_start(tmp_path, capsy
         assert code == 2, err
         assert len(err.strip().splitlines()) == 1 and "error:" in err, err
         assert sorted(os.listdir(out)) + sorted(os.listdir(os.path.join(out, "checkpoints"))) == before
+    # Data found unusable only when read (no image of the CSV exists): the first batch is
+    # drawn before the old run is touched.
+    (tmp_path / "gone.csv").write_text("filepath,title\n" + "\n".join(f"no{i}.png,x {i}" for i in range(6)))
+    code, _, err = _train(capsys, "--steps", "2", "--output", out, "--overwrite", "--train-data",
+                          str(tmp_path / "gone.csv"), "--batch-size", "2")
+    assert code == 2 and "gone.csv" in err.strip().splitlines()[-1], err
+    assert sorted(os.listdir(out)) + sorted(os.listdir(os.path.join(out, "checkpoints"))) == before
 
 
 def test_resume_keeps_one_row_per_step_carries_wall_time_and_removes_temporaries(tmp_path, capsys):
@@ -241,3 +248,44 @@ def test_overwrite_removes_emptied_checkpoint_folders_but_not_a_link(tmp_path):
     (run / "metrics.json").write_bytes(b"x")
     prepare_run_folder(str(run), None, True, log=lambda s: None)
     assert os.path.islink(run / "checkpoints") and os.listdir(elsewhere) == []
+
+
+def test_default_output_folders_are_claimed_one_per_run(tmp_path):
+    # Runs started in the same second (a sweep in a loop) got the same runs/<date-time>: all
+    # but one were refused, naming a folder the user never chose.
+    from fastclip.train.run_folder import fresh_run_folder
+    root = str(tmp_path / "runs")
+    got = [fresh_run_folder(root) for _ in range(3)]
+    assert len(set(got)) == 3 and all(os.path.isdir(p) and not os.listdir(p) for p in got)
+    stamps = [os.path.basename(p) for p in got]
+    assert all(s.startswith(stamps[0][:8]) for s in stamps)
+
+
+def test_overwrite_leaves_another_tools_folder_alone(tmp_path, capsys):
+    # A Hugging Face model folder also holds config.json and model.safetensors: --overwrite
+    # deleted them as if they were a run's.
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "bert"}')
+    (hf / "model.safetensors").write_bytes(b"x")
+    code, _, err = _train(capsys, "--steps", "2", "--output", str(hf), "--overwrite")
+    assert code == 2 and "not a fastclip run's" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(os.listdir(hf)) == ["config.json", "model.safetensors"]
+
+
+def test_closed_stdout_finishes_the_run(tmp_path):
+    # `fastclip train | head`: the run went on to its last line, then died with a
+    # BrokenPipeError traceback and exit status 1.
+    import subprocess
+    import sys
+
+    import fastclip
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(fastclip.__file__)) + os.pathsep
+               + os.environ.get("PYTHONPATH", ""))
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "fastclip", "train", *TINY, "--steps", "2", "--output", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    p.stdout.close()                   # as `| head -0` would
+    _, err = p.communicate(timeout=300)
+    assert p.returncode in (0, 141), err
+    assert b"Traceback" not in err and json.loads((out / "metrics.json").read_text())["steps"] == 2

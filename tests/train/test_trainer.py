@@ -145,7 +145,8 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path):
     train(TrainConfig(steps=5, resume=os.path.join(out, "checkpoints", "step_00000002.safetensors"), **base))
     assert sorted(k for k, _ in list_checkpoints(out)) == [2, 4]           # step 4 of the new timeline
     aside = os.path.join(out, "checkpoints", "superseded-after-00000002")
-    assert os.listdir(aside) == ["step_00000004.safetensors"]
+    # The abandoned run had finished: its model and results go aside with its checkpoint.
+    assert sorted(os.listdir(aside)) == ["metrics.json", "model.safetensors", "step_00000004.safetensors"]
     assert resolve_resume("latest", out).endswith("step_00000004.safetensors")
     # The set-aside checkpoints can still be resumed from, and --overwrite removes them too.
     train(TrainConfig(steps=5, resume=os.path.join(aside, "step_00000004.safetensors"), **base))

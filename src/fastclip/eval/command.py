@@ -19,7 +19,16 @@ import os
 import sys
 from typing import Any, Dict, List, NamedTuple, Optional
 
-from ..cli import _nonneg_int, _positive_int, _seed, _separator, backend_problem, device_problem, run_reporting
+from ..cli import (
+    PipeSafeLog,
+    _nonneg_int,
+    _positive_int,
+    _seed,
+    _separator,
+    backend_problem,
+    device_problem,
+    run_reporting,
+)
 from ..train.config import LOSSES, PRECISIONS, TrainConfig
 
 _D = TrainConfig()
@@ -424,28 +433,11 @@ def _std_stream(path: str):
     return None
 
 
-class _Log:
-    """``print`` that survives a closed stdout (``fastclip eval RUN | head``): the evaluation goes
-    on (``--output`` is still written), stdout is sent to /dev/null (Python's flush at exit would
-    raise again), and ``broken`` records it for the exit status."""
-
-    broken = False
-
-    def __call__(self, line: str) -> None:
-        if self.broken:
-            return
-        try:
-            print(line, flush=True)
-        except BrokenPipeError:
-            self.broken = True
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     from ..datasets.csv_dataset import DataError
     p = build_parser()
     args = p.parse_args(argv)
-    log = _Log()
+    log = PipeSafeLog()
     fill_defaults(args, log)
     check_args(p, args)
     code = run_reporting("eval", lambda: evaluate(args, log), (DataError, ValueError, FileNotFoundError))

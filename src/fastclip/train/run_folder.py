@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import time
 from typing import Callable, List, Optional
 
 from .._fileio import TMP_PREFIX, atomic_write, path_inside
@@ -36,9 +37,27 @@ def run_files(output_dir: str) -> List[str]:
     found = [os.path.join(output_dir, n) for n in RUN_FILES if os.path.isfile(os.path.join(output_dir, n))]
     ck = os.path.join(glob.escape(output_dir), CKPT_DIR)
     found += sorted(glob.glob(os.path.join(ck, "step_*.safetensors")) + glob.glob(os.path.join(ck, "step_*.pt")))
-    # Checkpoints a resume from an earlier step set aside (set_aside_later_checkpoints).
-    found += sorted(glob.glob(os.path.join(ck, SUPERSEDED + "*", "step_*.safetensors")))
+    # What a resume from an earlier step set aside (set_aside_later_steps).
+    aside = os.path.join(ck, SUPERSEDED + "*")
+    found += sorted(glob.glob(os.path.join(aside, "step_*.safetensors"))
+                    + [p for n in RUN_FILES for p in glob.glob(os.path.join(aside, n))])
     return found
+
+
+def fresh_run_folder(root: str = "runs") -> str:
+    """The default ``--output``: ``<root>/<date>-<time>``, or ``-2``, ``-3``, ... after it when
+    that is taken; claimed by creating it, so that runs started in the same second (a sweep
+    launched in a loop) get one folder each."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    os.makedirs(root, exist_ok=True)
+    k = 1
+    while True:
+        path = os.path.join(root, stamp if k == 1 else f"{stamp}-{k}")
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            k += 1
 
 
 def finished_steps(output_dir: str) -> Optional[int]:
@@ -64,6 +83,17 @@ def stale_temporaries(output_dir: str) -> List[str]:
                   + glob.glob(os.path.join(d, TMP_PREFIX + "*.safetensors")))
 
 
+def _is_run_config(path: str) -> bool:
+    """``config.json`` as ``fastclip train`` writes it (a "train" section), not another tool's
+    (a Hugging Face model folder has one too)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(saved, dict) and isinstance(saved.get("train"), dict)
+
+
 def check_run_folder(output_dir: str, resume: Optional[str], overwrite: bool) -> List[str]:
     """Whether a run may start in ``output_dir``; deletes nothing. Raises ``RunFolderError``
     when it holds a run and neither ``resume`` nor ``overwrite`` is set (or both are).
@@ -77,6 +107,11 @@ def check_run_folder(output_dir: str, resume: Optional[str], overwrite: bool) ->
         raise RunFolderError(f"{output_dir} already holds a run ({names}); "
                              f"pass --resume latest to continue it, --overwrite to replace it, or choose "
                              f"another --output")
+    cfg = os.path.join(output_dir, "config.json")
+    if existing and overwrite and os.path.isfile(cfg) and not _is_run_config(cfg):
+        raise RunFolderError(f"--overwrite: {cfg} is not a fastclip run's (no \"train\" section): "
+                             f"{output_dir} holds something else, which --overwrite would delete; "
+                             f"choose another --output")
     if existing and resume:
         # --resume continues the run in this folder: from one of its own checkpoints.
         own = os.path.realpath(os.path.join(output_dir, CKPT_DIR))
@@ -124,14 +159,23 @@ def prepare_run_folder(output_dir: str, resume: Optional[str], overwrite: bool,
             f"in {output_dir}")
 
 
-def set_aside_later_checkpoints(output_dir: str, step: int) -> Optional[str]:
-    """A run resumed from an earlier checkpoint than its newest starts a new timeline: move the
-    checkpoints of steps after ``step`` (the abandoned one's) into
-    ``checkpoints/superseded-after-<step>[-k]/``, kept, not deleted, so that a later
-    ``--resume latest`` continues this timeline rather than jumping back onto the old one.
-    Returns that folder, or None when there was nothing to move."""
+# What a finished run leaves beside its checkpoints: its final model and results.
+FINAL_FILES = ("model.safetensors", "metrics.json", "curves.png")
+
+
+def set_aside_later_steps(output_dir: str, step: int) -> Optional[str]:
+    """A run resumed from an earlier checkpoint than its newest starts a new timeline: move
+    what the abandoned one made after ``step`` into ``checkpoints/superseded-after-<step>[-k]/``,
+    kept, not deleted: its later checkpoints (so that a later ``--resume latest`` continues
+    this timeline rather than jumping back onto the old one) and, when it had finished past
+    ``step``, its final model and results (so that ``fastclip eval`` of the folder does not
+    take the abandoned run's model for this one's). Returns that folder, or None when there
+    was nothing to move."""
     from .checkpoint import list_checkpoints
     later = [p for k, p in list_checkpoints(output_dir) if k > step]
+    done = finished_steps(output_dir)
+    if done is not None and done > step:
+        later += [p for p in (os.path.join(output_dir, n) for n in FINAL_FILES) if os.path.isfile(p)]
     if not later:
         return None
     base = os.path.join(output_dir, CKPT_DIR, f"{SUPERSEDED}{step:08d}")

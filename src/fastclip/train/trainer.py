@@ -59,8 +59,9 @@ from .progress import Progress, format_eval, format_final
 from .run_folder import (
     check_run_folder,
     finished_steps,
+    fresh_run_folder,
     prepare_run_folder,
-    set_aside_later_checkpoints,
+    set_aside_later_steps,
     truncate_metrics,
 )
 
@@ -108,8 +109,9 @@ class Trainer:
         self.log = log or (lambda s: print(s, flush=True))
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        if cfg.output is None:
-            cfg.output = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+        if cfg.output is None:   # claimed by the main rank (the others write nothing there)
+            cfg.output = (fresh_run_folder() if env.is_main
+                          else os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
         if env.is_main:  # one run per folder: refused now, replaced (--overwrite) once all is built
             check_run_folder(cfg.output, cfg.resume, cfg.overwrite)
         self.data_type = detect_dataset_type(cfg.train_data, cfg.dataset_type)
@@ -194,10 +196,9 @@ class Trainer:
         self._eval_sets_ready = False
         if env.is_main:
             # The evaluation sets are read now (they are the main rank's alone), so that a
-            # fault in them is reported before --overwrite deletes the old run.
+            # fault in them is reported before --overwrite deletes the old run (run() does,
+            # once the first training batch has loaded).
             self._prepare_eval()
-            prepare_run_folder(cfg.output, cfg.resume, cfg.overwrite, self.log)
-            os.makedirs(cfg.output, exist_ok=True)
 
     # -- setup helpers
 
@@ -438,32 +439,38 @@ class Trainer:
         cfg, env = self.cfg, self.env
         out_dir = cfg.output
         log_every = cfg.log_every or max(1, self.total_steps // 40)
+        progress = Progress(self.total_steps, self.start_step, cfg.progress if env.is_main else "none",
+                            every=log_every)
+        self.model.train()
+        batches = self._train_batches()
+        draw = _BatchDraws(self, batches, self.data_position)
+        # The first usable batch before the run folder is touched: data found unusable only
+        # when read (every image missing, empty or unreadable shards) fails the command with
+        # the old run in place, as --overwrite promises.
+        first = (draw.next_usable(self.start_step, progress.message)
+                 if self.start_step < self.total_steps else None)
         if env.is_main:
+            prepare_run_folder(cfg.output, cfg.resume, cfg.overwrite, self.log)
+            os.makedirs(cfg.output, exist_ok=True)
             self._announce()
         metrics_path = os.path.join(out_dir, "metrics.jsonl")
         if env.is_main and cfg.resume:  # the steps after the checkpoint are trained, and logged, again
-            moved = set_aside_later_checkpoints(out_dir, self.start_step)
+            moved = set_aside_later_steps(out_dir, self.start_step)
             if moved:
-                self.log(f"  checkpoints after step {self.start_step} (the timeline resumed from an earlier "
-                         f"checkpoint leaves) moved to {moved}")
+                self.log(f"  what the run made after step {self.start_step} (the timeline resumed from an "
+                         f"earlier checkpoint leaves: {', '.join(sorted(os.listdir(moved)))}) moved to {moved}")
             # Resumed at the last step, the final evaluation runs again: its earlier row goes.
             dropped = truncate_metrics(metrics_path, self.start_step,
                                        evals_at_step=self.start_step < self.total_steps)
             if dropped:
                 self.log(f"  metrics.jsonl: dropped {dropped} row(s) after step {self.start_step} (trained again)")
         mlog = open(metrics_path, "a", encoding="utf-8") if env.is_main else None
-        progress = Progress(self.total_steps, self.start_step, cfg.progress if env.is_main else "none",
-                            every=log_every)
 
         def record(row):
             if mlog is not None:
                 mlog.write(json.dumps(row) + "\n")
                 mlog.flush()
 
-        skipped = 0
-        drawn = self.data_position  # batches drawn so far
-        skipped_batches, failed_in_a_row = 0, 0
-        fail_limit = cfg.max_failed_batches or self.steps_per_epoch or 100
         t_start = time.time()
         t_window, n_window = time.time(), 0
         last_eval: Dict[str, float] = {}
@@ -473,32 +480,13 @@ class Trainer:
             record(last_eval)
             progress.message(format_eval(last_eval))
         self.model.train()
-        batches = self._train_batches()
         step = self.start_step
         try:
             while step < self.total_steps:
-                images, tokens, n_skip = next(batches)
-                drawn += 1
-                skipped += n_skip
-                # Too few samples loaded: none, or one where BatchNorm needs two in training.
-                loaded = images.shape[0]
-                empty = loaded < self.min_batch
-                if env.distributed:  # all ranks skip together, or the loss's collectives would not pair up
-                    empty = sum_over_ranks(env, int(empty)) > 0
-                if empty:  # count it and draw the next one
-                    skipped_batches += 1
-                    failed_in_a_row += 1
-                    if failed_in_a_row >= fail_limit:
-                        self._data_unusable(failed_in_a_row)
-                    if env.is_main and skipped_batches <= 3:
-                        what = ("no sample" if loaded == 0 else
-                                f"{loaded} sample(s)" + (" (BatchNorm needs 2)" if loaded < self.min_batch else ""))
-                        progress.message(f"step {step + 1}: {what} of batch {drawn} loaded (missing or corrupt "
-                                         f"images{'' if loaded < self.min_batch else ' on another rank'}); "
-                                         f"skipped it and drew the next batch"
-                                         + (" (further ones are only counted)" if skipped_batches == 3 else ""))
-                    continue
-                failed_in_a_row = 0
+                if first is not None:
+                    (images, tokens), first = first, None
+                else:
+                    images, tokens = draw.next_usable(step, progress.message)
                 images = images.to(env.device, non_blocking=True, memory_format=self.memory_format)
                 tokens = trim_padding(tokens).to(env.device, non_blocking=True)
                 t_step = time.time()
@@ -543,11 +531,12 @@ class Trainer:
                     record(last_eval)
                     progress.message(format_eval(last_eval))
                 if cfg.save_every and step % cfg.save_every == 0 and step < self.total_steps:
-                    total_skipped = sum_over_ranks(env, skipped) + self.skipped_before
+                    total_skipped = sum_over_ranks(env, draw.skipped) + self.skipped_before
                     if env.is_main:
                         extra = {"skipped": total_skipped,
-                                 "skipped_batches": self.batches_skipped_before + skipped_batches,
-                                 "data_position": drawn, "wall_time_s": self.wall_before + time.time() - t_start,
+                                 "skipped_batches": self.batches_skipped_before + draw.skipped_batches,
+                                 "data_position": draw.drawn,
+                                 "wall_time_s": self.wall_before + time.time() - t_start,
                                  "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
                                  "global_batch": cfg.batch_size * env.world_size,
                                  "config": dataclasses.asdict(cfg), "model_config": self.model.config.to_dict()}
@@ -561,12 +550,12 @@ class Trainer:
         finally:
             progress.close()
         wall = self.wall_before + time.time() - t_start
-        total_skipped = sum_over_ranks(env, skipped) + self.skipped_before
+        total_skipped = sum_over_ranks(env, draw.skipped) + self.skipped_before
         result: Dict[str, Any] = {}
         if env.is_main:
             result = self._final_metrics(loss if self.total_steps > self.start_step else None, wall,
                                          total_skipped, last_eval)
-            result["train_batches_skipped"] = self.batches_skipped_before + skipped_batches
+            result["train_batches_skipped"] = self.batches_skipped_before + draw.skipped_batches
             record({"type": "final", **result})
             mlog.close()
             self._write_outputs(result, metrics_path)
@@ -578,8 +567,10 @@ class Trainer:
         from ..datasets.csv_dataset import DataError
         spe = self.steps_per_epoch
         span = " (a whole epoch)" if spe and n >= spe else ""
-        raise DataError(f"{self.data_desc}: no sample loaded in {n} batches in a row{span} "
-                        f"({n * self.cfg.batch_size * self.env.world_size} samples, all missing or corrupt); "
+        what = ("no sample loaded" if self.min_batch <= 1 else
+                f"fewer than {self.min_batch} samples loaded (the model's BatchNorm needs {self.min_batch})")
+        raise DataError(f"{self.data_desc}: {what} in {n} batches in a row{span} "
+                        f"({n * self.cfg.batch_size * self.env.world_size} samples, missing or corrupt); "
                         f"the data looks unusable: check the image paths (relative to the CSV file), "
                         f"--csv-img-key and the shards (--max-failed-batches sets this limit)")
 
@@ -654,13 +645,51 @@ def build_model(cfg: TrainConfig):
     return model.train()
 
 
-def train(cfg: TrainConfig) -> Dict[str, Any]:
+def train(cfg: TrainConfig, log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     """Train with ``cfg`` and return the final metrics (``metrics.json``'s content; empty on
-    ranks other than 0)."""
+    ranks other than 0). ``log``: where the run's lines go (default ``print``)."""
     try:
-        out = Trainer(cfg).run()
+        out = Trainer(cfg, log=log).run()
     except BaseException:
         shutdown_distributed(clean=False)     # a peer may be gone: no barrier
         raise
     shutdown_distributed()
     return out
+
+
+class _BatchDraws:
+    """Training batches with too few loaded samples (none, or one where BatchNorm needs two)
+    skipped, counted and reported; the data declared unusable after a run of them."""
+
+    def __init__(self, trainer: Trainer, batches: Iterator, drawn: int):
+        self.t, self.batches = trainer, batches
+        self.drawn = drawn                      # batches drawn so far (the data position)
+        self.skipped = self.skipped_batches = self.failed_in_a_row = 0
+        cfg = trainer.cfg
+        self.fail_limit = cfg.max_failed_batches or trainer.steps_per_epoch or 100
+
+    def next_usable(self, step: int, message: Callable[[str], None]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The next batch with enough samples, for training step ``step + 1``."""
+        t, env = self.t, self.t.env
+        while True:
+            images, tokens, n_skip = next(self.batches)
+            self.drawn += 1
+            self.skipped += n_skip
+            loaded = images.shape[0]
+            empty = loaded < t.min_batch
+            if env.distributed:  # all ranks skip together, or the loss's collectives would not pair up
+                empty = sum_over_ranks(env, int(empty)) > 0
+            if not empty:
+                self.failed_in_a_row = 0
+                return images, tokens
+            self.skipped_batches += 1
+            self.failed_in_a_row += 1
+            if self.failed_in_a_row >= self.fail_limit:
+                t._data_unusable(self.failed_in_a_row)
+            if env.is_main and self.skipped_batches <= 3:
+                what = ("no sample" if loaded == 0 else
+                        f"{loaded} sample(s)" + (" (BatchNorm needs 2)" if loaded < t.min_batch else ""))
+                message(f"step {step + 1}: {what} of batch {self.drawn} loaded (missing or corrupt "
+                        f"images{'' if loaded < t.min_batch else ' on another rank'}); "
+                        f"skipped it and drew the next batch"
+                        + (" (further ones are only counted)" if self.skipped_batches == 3 else ""))
