@@ -428,13 +428,15 @@ def test_torch_compile_fullgraph(loss, backend):
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(24, 16, generator=g).to(dev), torch.randn(24, 16, generator=g).to(dev)
     wrt = [model.weight, scale, bias][:2 + len(get_loss(loss).params) - 1]
-    loss_c = compiled(a, b)
-    grads_c = torch.autograd.grad(loss_c, wrt)
-    loss_e = step(a, b)
-    grads_e = torch.autograd.grad(loss_e, wrt)
-    assert rel_err(loss_c, loss_e) <= 1e-6
-    for gc, ge in zip(grads_c, grads_e):
-        assert rel_err(gc, ge) <= 1e-5
+    _agrees_with_eager(compiled(a, b), step(a, b), wrt)
+
+
+def _agrees_with_eager(got, want, wrt, what=""):
+    """A traced/compiled loss against the eager one: value within 1e-6, gradients (in
+    ``wrt``) within 1e-5."""
+    assert rel_err(got, want) <= 1e-6, (what, got, want)
+    for a, b in zip(torch.autograd.grad(got, wrt), torch.autograd.grad(want, wrt)):
+        assert rel_err(a, b) <= 1e-5, what
 
 
 @pytest.mark.parametrize("loss", list(fastclip.ops.LOSSES))
@@ -449,13 +451,8 @@ def test_torch_compile_dynamic_shapes_inductor(loss):
     g = torch.Generator().manual_seed(3)
     for n in (9, 14):
         x, y = torch.randn(n, 6, generator=g), torch.randn(n, 6, generator=g)
-        lc = f(x, y)
-        gc = torch.autograd.grad(lc, [lin.weight, *ps])
-        le = fastclip.ops.fused_loss(loss, lin(x), lin(y), ps, normalize=True)
-        ge = torch.autograd.grad(le, [lin.weight, *ps])
-        assert rel_err(lc, le) <= 1e-6, (n, lc, le)
-        for a, b in zip(gc, ge):
-            assert rel_err(a, b) <= 1e-5, n
+        _agrees_with_eager(f(x, y), fastclip.ops.fused_loss(loss, lin(x), lin(y), ps, normalize=True),
+                           [lin.weight, *ps], n)
 
 
 _COLD_COMPILE = """
@@ -975,14 +972,7 @@ def test_torch_export_trains(loss, strict):
     g = torch.Generator().manual_seed(6)
     a, b = torch.randn(11, 6, generator=g), torch.randn(11, 6, generator=g)
     ep = torch.export.export(m, (a, b), strict=strict)
-    got = ep.module()(a, b)
-    wrt = list(m.parameters())
-    gg = torch.autograd.grad(got, wrt)
-    want = m(a, b)
-    gw = torch.autograd.grad(want, wrt)
-    assert rel_err(got, want) <= 1e-6
-    for x1, x2 in zip(gg, gw):
-        assert rel_err(x1, x2) <= 1e-5
+    _agrees_with_eager(ep.module()(a, b), m(a, b), list(m.parameters()))
 
 
 @pytest.mark.parametrize("value", (10, 10.0, "np32", "np64", "t0", "t1", "int_tensor"))
