@@ -9,14 +9,17 @@ released model uses.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import pickle
+import warnings
 from typing import Dict, Mapping, Optional, Union
 
 import torch
 
 from .clip import CLIP
-from .configs import CLIPConfig
+from .configs import MODEL_CONFIGS, CLIPConfig
 
 _EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")  # scalars stored in OpenAI's archives
 _TEXT_KEYS = ("token_embedding.weight", "positional_embedding", "text_projection", "ln_final.weight", "logit_scale")
@@ -50,7 +53,16 @@ def _read(path: str, allow_torchscript_code: bool) -> Dict[str, torch.Tensor]:
                              f"the file, load_openai(..., allow_torchscript_code=True) loads it with "
                              f"torch.jit.load, which runs the code stored in it") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():     # (torch's note on pickle protocols; the error says it)
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's own advice (weights_only=False) is what fastclip refuses to do: say why.
+        detail = [ln[ln.index("Unsupported"):].split(" was not ")[0] for ln in str(e).splitlines()
+                  if "Unsupported" in ln]
+        raise ValueError(f"{path}: not a CLIP checkpoint fastclip can read: it is not a state dict of "
+                         f"tensors and plain values{f' ({detail[0]})' if detail else ''}, and fastclip does "
+                         f"not unpickle other Python objects (that can run code stored in the file)") from None
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"{path}: could not be read as a CLIP checkpoint (file truncated or corrupt?); "
                          f"with torch.load(weights_only=True): {_first_line(e)}") from None
@@ -104,9 +116,27 @@ def infer_config(sd: Mapping[str, torch.Tensor], source: str = "state dict") -> 
         out = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
         vision = dict(vision_layers=layers, vision_width=width, image_size=out * 32)
     tw = sd["ln_final.weight"].shape[0]
-    return CLIPConfig(embed_dim=sd["text_projection"].shape[1], context_length=sd["positional_embedding"].shape[0],
-                      vocab_size=sd["token_embedding.weight"].shape[0], text_width=tw, text_heads=max(1, tw // 64),
-                      text_layers=_count(sd, "transformer.resblocks"), **vision)
+    cfg = CLIPConfig(embed_dim=sd["text_projection"].shape[1], context_length=sd["positional_embedding"].shape[0],
+                     vocab_size=sd["token_embedding.weight"].shape[0], text_width=tw, text_heads=max(1, tw // 64),
+                     text_layers=_count(sd, "transformer.resblocks"), **vision)
+    return _registered_heads(cfg)
+
+
+# The fields the weights' shapes decide (heads and the logit initialisation they do not).
+_SHAPE_FIELDS = tuple(f.name for f in dataclasses.fields(CLIPConfig)
+                      if f.name not in ("vision_heads", "text_heads", "init_logit_scale", "init_logit_bias"))
+
+
+def _registered_heads(cfg: CLIPConfig) -> CLIPConfig:
+    """Head counts leave no trace in the weights' shapes. Shapes that are exactly a registered
+    model's (``torch.save(create_model("tiny-vit").state_dict())``) take its heads, not OpenAI's
+    width // 64 rule, which gave tiny-vit 1 text head for its 2 (outputs off by up to 1.8)."""
+    for reg in MODEL_CONFIGS.values():
+        if all(getattr(reg, k) == getattr(cfg, k) for k in _SHAPE_FIELDS):
+            return dataclasses.replace(
+                cfg, vision_heads=reg.vision_heads if reg.vision_heads is not None else cfg.vision_heads,
+                text_heads=reg.text_heads if reg.text_heads is not None else cfg.text_heads)
+    return cfg
 
 
 def load_openai(path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.Tensor]], device="cpu", *,
@@ -129,8 +159,9 @@ def load_openai(path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.T
 
     A ``.safetensors`` file written by fastclip (``save_checkpoint``, ``fastclip train``) is
     rebuilt from the config stored in it, as ``load_checkpoint`` does. Other inputs follow
-    OpenAI's layout rules (e.g. 64-wide attention heads): a state dict of a model built with
-    other head counts cannot be told apart and needs ``load_checkpoint`` on its saved file.
+    OpenAI's layout rules (e.g. 64-wide attention heads), except that shapes which are exactly
+    a registered model's take its head counts: a state dict of a model built with other head
+    counts cannot be told apart and needs ``load_checkpoint`` on its saved file.
 
     Raises ValueError naming the path for unreadable, truncated or non-CLIP files.
     """
