@@ -120,7 +120,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--beta1", type=_float_in(0.0, 1.0, hi_open=True), default=d.beta1)
     g.add_argument("--beta2", type=_float_in(0.0, 1.0, hi_open=True), default=d.beta2)
     g.add_argument("--eps", type=_float_in(0.0, lo_open=True), default=d.eps)
-    g.add_argument("--warmup", type=_nonneg_int, default=None, help=f"warmup steps (demo {d.warmup}, real data 2000)")
+    g.add_argument("--warmup", type=_nonneg_int, default=None,
+                   help=f"warmup steps (demo {d.warmup}; real data min(2000, a tenth of the steps))")
     g.add_argument("--grad-clip-norm", type=_float_in(0.0, lo_open=True), default=None)
     g.add_argument("--precision", choices=PRECISIONS, default=d.precision)
     g.add_argument("--grad-checkpointing", action="store_true")
@@ -185,8 +186,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_paths(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def csv_file_problem(path: str) -> Optional[str]:
+    """Why ``path`` cannot be read as a CSV file, or None."""
+    if os.path.isdir(path):
+        return "a folder, not a CSV file"
+    return None if os.path.isfile(path) else "file not found"
+
+
+def shards_problem(spec: str) -> Optional[str]:
+    """Why the webdataset ``spec`` names no readable shard list, or None."""
     from .datasets.webdataset import expand_urls
+    urls = expand_urls(spec)
+    if not urls:
+        return "no tar shard matches"
+    folders = [u for u in urls if os.path.isdir(u)]
+    if folders:
+        return (f"{folders[0]!r} is a folder: name its shards, e.g. "
+                f"'{os.path.join(folders[0], '{00000..00099}.tar')}' or '{os.path.join(folders[0], '*.tar')}'")
+    return None
+
+
+def classes_problem(value: str) -> Optional[str]:
+    """Why ``--zeroshot-classes`` looks like a file that is not there (a path, not a
+    comma-separated list of names), or None."""
+    if os.sep in value and "," not in value and not os.path.isfile(value):
+        return "no such file (class names: a file with one per line, or a comma-separated list)"
+    return None
+
+
+def _check_paths(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     from .train.data import detect_dataset_type, detect_val_type
     if args.dataset_type == "shapes" and args.train_data is not None:
         p.error(f"--dataset-type shapes trains on the built-in synthetic shapes: drop --train-data "
@@ -199,12 +227,17 @@ def _check_paths(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                     detect_dataset_type(value, args.dataset_type if args.dataset_type != "shapes" else "auto"))
         except ValueError as e:
             p.error(str(e))
-        if kind == "csv" and not os.path.isfile(value):
-            p.error(f"{flag} {value!r}: file not found")
-        if kind == "webdataset" and not expand_urls(value):
-            p.error(f"{flag} {value!r}: no tar shard matches")
+        if kind == "csv" and csv_file_problem(value):
+            p.error(f"{flag} {value!r}: {csv_file_problem(value)}")
+        if kind == "webdataset" and shards_problem(value):
+            p.error(f"{flag} {value!r}: {shards_problem(value)}")
     if args.zeroshot_data is not None and not os.path.isdir(args.zeroshot_data):
         p.error(f"--zeroshot-data {args.zeroshot_data!r}: not a directory")
+    if args.zeroshot_classes is not None:
+        if args.zeroshot_data is None:
+            p.error("--zeroshot-classes names the classes of --zeroshot-data's folders: pass that folder too")
+        if classes_problem(args.zeroshot_classes):
+            p.error(f"--zeroshot-classes {args.zeroshot_classes!r}: {classes_problem(args.zeroshot_classes)}")
     if args.resume not in (None, "latest") and not os.path.isfile(args.resume):
         p.error(f"--resume {args.resume!r}: checkpoint file not found (or use 'latest')")
     if args.resume == "latest" and args.output is None:
@@ -338,7 +371,8 @@ def _check_run_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """A ``TrainConfig`` from parsed ``train`` arguments; real data gets open_clip-like defaults
-    (lr 5e-4, wd 0.2, 2000 warmup steps, epochs instead of the demo's fixed step count)."""
+    (lr 5e-4, wd 0.2, min(2000, steps // 10) warmup steps, epochs instead of the demo's fixed
+    step count)."""
     demo = args.train_data is None and args.dataset_type in ("auto", "shapes")
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     fields["model"] = fields.get("model") or _DEFAULTS.model
@@ -346,7 +380,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     cfg = TrainConfig(**fields)
     cfg.lr = args.lr if args.lr is not None else (_DEFAULTS.lr if demo else 5e-4)
     cfg.weight_decay = args.weight_decay if args.weight_decay is not None else (_DEFAULTS.weight_decay if demo else 0.2)
-    cfg.warmup = args.warmup if args.warmup is not None else (_DEFAULTS.warmup if demo else 2000)
+    cfg.warmup = args.warmup if args.warmup is not None else (_DEFAULTS.warmup if demo else None)
     cfg.steps = args.steps if args.steps is not None else (_DEFAULTS.steps if demo else None)
     cfg.batch_size = (args.batch_size if args.batch_size is not None
                       else (_DEFAULTS.batch_size if demo else REAL_DATA_BATCH))

@@ -331,6 +331,7 @@ def test_run_paths_resolve_from_where_the_run_started(tmp_path, capsys, monkeypa
 def test_output_may_not_land_in_the_runs_files_or_the_data(siglip_run, capsys, tmp_path):
     zs = _folder(tmp_path / "zs", ["red", "blue"], 1, 0)
     for bad in (os.path.join(siglip_run, "config.json"), os.path.join(siglip_run, "metrics.json"),
+                os.path.join(siglip_run, "metrics.jsonl"),          # the training log
                 os.path.join(siglip_run, "checkpoints", "x.json"), os.path.join(zs, "red", "0.png"),
                 os.path.join(zs, "new.json")):
         code, _, err = _eval(capsys, siglip_run, "--zeroshot-data", zs, "--output", bad)

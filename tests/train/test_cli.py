@@ -87,6 +87,11 @@ def test_no_command_prints_help_and_exits_2(capsys):
     (["train", "--seed", "-1"], "argument --seed"),
     (["train", "--csv-separator", "||"], "argument --csv-separator: expected one character"),
     (["train", "--dataset-type", "shapes", "--train-data", "/tmp/x.csv"], "--dataset-type shapes trains on"),
+    (["train", "--train-data", "/tmp", "--dataset-type", "csv"], "--train-data '/tmp': a folder, not a CSV file"),
+    (["train", "--train-data", "/tmp", "--dataset-type", "webdataset"], "'/tmp' is a folder: name its shards"),
+    (["train", "--zeroshot-classes", "a,b"], "--zeroshot-classes names the classes of --zeroshot-data"),
+    (["train", "--zeroshot-data", "/tmp", "--zeroshot-classes", "/tmp/fastclip-none/names.txt"],
+     "--zeroshot-classes '/tmp/fastclip-none/names.txt': no such file"),
     (["train", "--model", "tiny-vit", "--model-overrides", '{"vocab_size": 10}'], "vocab_size 10 is smaller"),
     (["train", "--model", "tiny-vit", "--model-overrides", '{"vision_heads": 0}'], "vision_heads must be positive"),
     (["train", "--model", "tiny-vit", "--model-overrides", '{"patch_size": 0}'], "patch_size must be in"),
@@ -127,7 +132,7 @@ def test_real_data_gets_open_clip_defaults(tmp_path):
     csv.write_text("filepath,title\na.png,x\n")
     args = cli.build_parser().parse_args(["train", "--train-data", str(csv)])
     cfg = cli.config_from_args(args)
-    assert (cfg.lr, cfg.weight_decay, cfg.warmup, cfg.steps, cfg.batch_size) == (5e-4, 0.2, 2000, None, 128)
+    assert (cfg.lr, cfg.weight_decay, cfg.warmup, cfg.steps, cfg.batch_size) == (5e-4, 0.2, None, None, 128)
     assert not cfg.eval_at_start and cfg.eval_every is None and cfg.time_budget is None
 
 

@@ -168,3 +168,21 @@ def test_resuming_with_other_data_settings_says_so(tmp_path, capsys):
     out_text = capsys.readouterr().out
     assert "resumed with other data settings than the checkpoint's: global batch 8 -> 4" in out_text
     assert "seed 0 -> 5" in out_text
+
+
+def test_default_warmup_leaves_room_for_the_decay(tmp_path, capsys):
+    """warmup=None (real data's default) is min(2000, steps // 10): a fixed 2000 made any
+    shorter run all warmup, ending at the peak learning rate. A warmup as long as the run is
+    noted."""
+    from fastclip.train.trainer import Trainer
+    torch.set_num_threads(1)
+    base = dict(model="tiny-vit", batch_size=8, demo_train_samples=32, demo_eval_samples=16,
+                progress="none", plot=False, eval_every=1000)
+    t = Trainer(TrainConfig(steps=300, warmup=None, output=str(tmp_path / "a"), **base))
+    assert t.warmup_steps == 30
+    capsys.readouterr()
+    train(TrainConfig(steps=3, warmup=5, output=str(tmp_path / "b"), resume="latest", **base))
+    out = capsys.readouterr().out
+    assert "--warmup 5 covers all 3 steps" in out
+    # The same command starts a run and continues it (preemptible jobs): the first start says so.
+    assert f"--resume latest: no checkpoint in {tmp_path / 'b'} yet: a new run" in out

@@ -26,8 +26,11 @@ from ..cli import (
     _seed,
     _separator,
     backend_problem,
+    classes_problem,
+    csv_file_problem,
     device_problem,
     run_reporting,
+    shards_problem,
 )
 from ..train.config import LOSSES, PRECISIONS, TrainConfig
 
@@ -240,21 +243,17 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"{flag} {value!r}: not a directory")
     if (args.probe_train is None) != (args.probe_test is None):
         p.error("--probe-train and --probe-test go together (fit on one folder, score on the other)")
-    if args.zeroshot_classes is not None and os.sep in args.zeroshot_classes and "," not in args.zeroshot_classes \
-            and not os.path.isfile(args.zeroshot_classes):
-        p.error(f"--zeroshot-classes {args.zeroshot_classes!r}: no such file (class names: a file with one per "
-                f"line, or a comma-separated list)")
+    if args.zeroshot_classes is not None and classes_problem(args.zeroshot_classes):
+        p.error(f"--zeroshot-classes {args.zeroshot_classes!r}: {classes_problem(args.zeroshot_classes)}")
     if args.val_data is not None:
-        from ..datasets.webdataset import expand_urls
         try:
             kind = detect_val_type(args.val_data, args.dataset_type)
         except ValueError as e:
             p.error(str(e).replace("--train-data/--val-data", "--val-data"))
-        if kind == "csv" and not os.path.isfile(args.val_data):
-            p.error(f"--val-data {args.val_data!r}: " + ("a folder, not a CSV file" if os.path.isdir(args.val_data)
-                                                         else "file not found"))
-        if kind == "webdataset" and not expand_urls(args.val_data):
-            p.error(f"--val-data {args.val_data!r}: no tar shard matches")
+        if kind == "csv" and csv_file_problem(args.val_data):
+            p.error(f"--val-data {args.val_data!r}: {csv_file_problem(args.val_data)}")
+        if kind == "webdataset" and shards_problem(args.val_data):
+            p.error(f"--val-data {args.val_data!r}: {shards_problem(args.val_data)}")
     for flag, why in (("--device", device_problem(args.device)),
                       ("--loss-backend", backend_problem(args.loss_backend))):
         if why:
@@ -263,11 +262,11 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         run_folder = os.path.dirname(os.path.realpath(model_file))
         if os.path.basename(run_folder) == "checkpoints":
             run_folder = os.path.dirname(run_folder)
+        from ..train.run_folder import RUN_FILES
         protected = [args.zeroshot_data, args.probe_train, args.probe_test, os.path.join(run_folder, "checkpoints")]
         _check_output(p, args.output, [model_file, args.val_data, args.zeroshot_classes,
                                        getattr(args, "run_config_path", None),
-                                       os.path.join(run_folder, "model.safetensors"),
-                                       os.path.join(run_folder, "metrics.json")], protected)
+                                       *(os.path.join(run_folder, n) for n in RUN_FILES)], protected)
 
 
 def _check_output(p: argparse.ArgumentParser, output: str, inputs: List[Optional[str]],

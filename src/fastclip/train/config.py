@@ -26,6 +26,9 @@ class TrainConfig:
     ``time_budget`` (opt-in, off by default): after the first steps the trainer measures its
     speed and, if ``steps`` would not fit in the budget, lowers the step count so the whole cosine
     schedule (warmup, decay to 0) fits; such a run depends on the machine's speed.
+    ``warmup``: linear warmup steps before the cosine decay; None: min(2000, steps // 10),
+    so that a short run on real data still decays (2000 fixed steps made any run under 2000
+    steps all warmup, ending at the peak learning rate).
     ``eval_at_start``: also evaluate before the first step (the curves then start at chance).
     ``loss``: "clip" (softmax, ``ClipLoss``) or "siglip" (sigmoid, ``SigLipLoss``: the model gets
     a learnable ``logit_bias``, and the scale and bias start at the loss's initial values,
@@ -69,7 +72,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6
-    warmup: int = 30
+    warmup: Optional[int] = 30     # None: min(2000, a tenth of the run), real data's default
     grad_clip_norm: Optional[float] = None
     precision: str = "fp32"
     grad_checkpointing: bool = False

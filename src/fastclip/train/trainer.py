@@ -162,7 +162,8 @@ class Trainer:
             self.total_steps = cfg.epochs * self.steps_per_epoch
         else:
             raise ValueError("pass --steps (or --train-num-samples for streamed shards)")
-        self.warmup_steps = min(cfg.warmup, self.total_steps)
+        warm = cfg.warmup if cfg.warmup is not None else min(2000, self.total_steps // 10)
+        self.warmup_steps = min(warm, self.total_steps)
         # The schedule reads self.total_steps at each step, so a hook (time budget) can shorten it.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: cosine_lr(s, self.warmup_steps, self.total_steps))
@@ -423,12 +424,17 @@ class Trainer:
                f"  {self.total_steps} steps x batch {cfg.batch_size * env.world_size}"
                f" ({env.world_size} rank{'s' if env.world_size > 1 else ''}), device {env.device}, "
                f"precision {cfg.precision}, threads {torch.get_num_threads()}, output {cfg.output}")
+        if cfg.resume == "latest" and not self.resumed_from:
+            msg += f"\n  --resume latest: no checkpoint in {cfg.output} yet: a new run"
         if self.resumed_from:
             msg += f"\n  resumed from {self.resumed_from} at step {self.start_step}"
             for note in self.resume_notes:
                 msg += f"\n  note: {note}"
         for note in self.data.notes:
             msg += f"\n  {note}"
+        if self.start_step == 0 and self.total_steps > 1 and self.warmup_steps >= self.total_steps:
+            msg += (f"\n  note: --warmup {cfg.warmup} covers all {self.total_steps} steps: the learning rate "
+                    f"only rises, never decays (a smaller --warmup leaves room for the cosine decay)")
         self.log(msg)
         with open(os.path.join(cfg.output, "config.json"), "w", encoding="utf-8") as f:
             # cwd: what the relative paths of "train" are relative to (fastclip eval reads them).
