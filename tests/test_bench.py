@@ -247,6 +247,16 @@ def test_distributed_overhead_two_ranks(tmp_path):
     assert "## W = 2" in md and "| 8 | ring |" in md
 
 
+def test_distributed_w1_on_a_cpu_device_index(tmp_path):
+    # --device cpu:0 measured everything, then asked CUDA for the device name and wrote nothing.
+    from fastclip.bench import distributed
+    rc = distributed.main(["--mode", "w1", "--device", "cpu:0", "--sizes", "16", "--dim", "8", "--reps", "1",
+                           "--dtypes", "fp32", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = _rows(next(tmp_path.glob("distributed-*.csv")))
+    assert rows and all(r["device"].startswith("CPU (") for r in rows)
+
+
 def test_tokenizer_benchmark(tmp_path):
     from fastclip.bench import tokenizer
     assert tokenizer.main(["--captions", "40", "--reps", "1", "--out", str(tmp_path)]) == 0
@@ -281,6 +291,36 @@ def test_append_keeps_a_measurement_the_rerun_skips(tmp_path):
     assert bench.main(common + ["--append", "--max-mem-gb", "0.000001"]) == 0
     again = _one(_rows(next(tmp_path.glob("cpu-*.csv"))), "floor", 48)
     assert again["status"] == "ok" and again["fwd_bwd_ms"] == first["fwd_bwd_ms"]
+
+
+def test_an_interrupted_sweep_keeps_its_rows_and_exits_130(tmp_path, monkeypatch, capsys):
+    # Ctrl-C: a traceback before; the CSV held the rows so far, but the plots were not redrawn.
+    calls = []
+
+    def measure_then_stop(*a, **k):
+        calls.append(a)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    real = bench.measure
+    monkeypatch.setattr(bench, "measure", measure_then_stop)
+    rc = bench.main(["--device", "cpu", "--sizes", "16,32", "--dims", "8", "--reps", "1", "--methods", "floor",
+                     "--no-isolate", "--no-plot", "--out", str(tmp_path)])
+    assert rc == 130 and "interrupted" in capsys.readouterr().err
+    rows = _rows(next(tmp_path.glob("cpu-*.csv")))
+    assert [(r["N"], r["status"]) for r in rows] == [("16", "ok")]
+
+
+def test_append_records_a_rerun_that_failed(tmp_path, monkeypatch):
+    # A backend that now fails must show as failed: keeping the earlier "ok" row hid the
+    # regression in the merged table.
+    common = ["--device", "cpu", "--sizes", "48", "--dims", "16", "--reps", "1", "--methods", "floor",
+              "--no-isolate", "--no-plot", "--out", str(tmp_path)]
+    assert bench.main(common) == 0
+    monkeypatch.setattr(bench, "measure", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert bench.main(common + ["--append"]) == 0
+    again = _one(_rows(next(tmp_path.glob("cpu-*.csv"))), "floor", 48)
+    assert again["status"].startswith("failed") and "boom" in again["status"]
 
 
 def test_ratios_pair_rows_of_one_problem_and_thread_count():
@@ -322,6 +362,16 @@ def test_out_that_is_a_file_and_foreign_csvs_are_one_line_errors(tmp_path, capsy
     tok.write_text("stage,seconds\nclean,1\n")
     assert bench.main(["--summarize", str(tok)]) == 2
     assert "not a results CSV" in capsys.readouterr().err
+    # A markdown table (rows of uneven length) and a distributed overhead table: the same
+    # one-line error (the first crashed sorting its columns, the second printed empty ratios).
+    md = tmp_path / "t.md"
+    md.write_text("# title\n\n| N | method |\n|---:|---|\n| 8 | cpu |\n")
+    dist_over = tmp_path / "d.csv"
+    dist_over.write_text("world,method,N,fwd_us,fwd_bwd_us,status\n2,gather,32,1,2,ok\n")
+    for f in (md, dist_over):
+        assert bench.main(["--summarize", str(f)]) == 2
+        err = capsys.readouterr().err
+        assert "not a results CSV" in err and len(err.strip().splitlines()) == 1, err
     from fastclip.bench import distributed
     with pytest.raises(SystemExit):
         distributed.main(["--mode", "overhead", "--worlds", "2", "--sizes", "33", "--out", str(tmp_path)])
@@ -412,6 +462,13 @@ def test_overhead_table_heads_its_two_ratio_columns_apart():
     report.derive_overhead(rows)
     head = report.overhead_table(rows, md=False).splitlines()[0]
     assert "xnaive f " in head and "xnaive fb" in head
+    # Several (dtype, D): the console table says which row is which.
+    rows = [dict(method=m, N="8", D=d, dtype="fp32", fwd_us="1", fwd_bwd_us="2", calls="3", status="ok")
+            for m in ("naive", "cpu") for d in ("16", "128")]
+    report.derive_overhead(rows)
+    lines = report.overhead_table(rows, md=False).splitlines()
+    assert lines[0].split()[:4] == ["dtype", "D", "N", "method"]
+    assert [ln.split()[1] for ln in lines[2:]] == ["16", "16", "128", "128"]
 
 
 def test_the_step_whose_memory_is_measured_maps_its_buffers_fresh():

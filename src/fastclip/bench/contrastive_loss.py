@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import methods as M
-from .env import cpu_count, env_info, meminfo_bytes
+from .env import cpu_count, env_info, gb, meminfo_bytes
 from .measure import clear_grads, esize, per_call_times, run_worker, time_step, worker_reply
 from .report import (
     CSV_FIELDS,
@@ -436,7 +436,7 @@ def run_benchmark(cfg: Config, log=print) -> tuple[list[dict], str]:
     log(f"fastclip bench: {cfg.loss} loss on {cfg.device} ({info['device_name']}), commit "
         f"{info['commit']}, torch {info['torch']}; methods {', '.join(m for m, _ in methods)}; "
         f"sizes {cfg.sizes}, D {cfg.dims}, {cfg.dtypes}; memory budget "
-        f"{cfg.max_mem_bytes / 1e9:.1f} GB -> {prefix}.*")
+        f"{gb(cfg.max_mem_bytes)} -> {prefix}.*")
     _warn_load(cfg, log)
 
     def flush():
@@ -444,44 +444,49 @@ def run_benchmark(cfg: Config, log=print) -> tuple[list[dict], str]:
         write_csv(rows, prefix + ".csv")
         write_markdown(rows, info, cfg, prefix + ".md", started)
 
-    for dt in cfg.dtypes:
-        dtype = DTYPES[dt]
-        for d in cfg.dims:
-            for n in cfg.sizes:
-                inputs = None
-                for method, unavailable in methods:
-                    row = dict(info, loss=cfg.loss, method=method, impl="", N=n, D=d, dtype=dt,
-                               fwd_ms="", fwd_bwd_ms="", peak_extra_mb="", reps="",
-                               timestamp=_now())
-                    why = unavailable or skip_reason(method, n, d, dtype, cfg)
-                    why = why or _time_skip(last.get((method, d, dt)), n, cfg, t_start)
-                    if why:
-                        row["status"] = f"skipped: {why}"
-                    else:
-                        if cfg.isolate:
-                            res = _measure_isolated(method, n, d, dt, cfg)
+    interrupted = False
+    try:
+        for dt in cfg.dtypes:
+            dtype = DTYPES[dt]
+            for d in cfg.dims:
+                for n in cfg.sizes:
+                    inputs = None
+                    for method, unavailable in methods:
+                        row = dict(info, loss=cfg.loss, method=method, impl="", N=n, D=d, dtype=dt,
+                                   fwd_ms="", fwd_bwd_ms="", peak_extra_mb="", reps="",
+                                   timestamp=_now())
+                        why = unavailable or skip_reason(method, n, d, dtype, cfg)
+                        why = why or _time_skip(last.get((method, d, dt)), n, cfg, t_start)
+                        if why:
+                            row["status"] = f"skipped: {why}"
                         else:
-                            res = _measure_here(method, n, d, dt, cfg, inputs)
-                            inputs = res.pop("_inputs", inputs)
-                        row.update({k: v for k, v in res.items() if k in CSV_FIELDS})
-                        if row["status"] == "ok":
-                            last[(method, d, dt)] = (n, row["fwd_bwd_ms"] / 1e3)
-                            for k in ("fwd_ms", "fwd_bwd_ms"):
-                                row[k] = f"{row[k]:.6g}"
-                            pk = row["peak_extra_mb"]
-                            row["peak_extra_mb"] = "" if pk is None else f"{pk:.2f}"
-                    measured = row
-                    old = kept.get((cfg.loss, method, str(n), str(d), dt))
-                    if row["status"] != "ok" and old is not None:
-                        row = old       # a case this run skipped keeps its earlier measurement
-                    rows.append(row)
-                    flush()             # derive() fills GFLOP/s and the ratios before the line
-                    log(_progress_line(measured, cfg))
-                    if row is not measured:
-                        log(f"  (kept the earlier measurement, commit {old.get('commit', '?')})")
-                del inputs
-                if cfg.device == "cuda":
-                    torch.cuda.empty_cache()
+                            if cfg.isolate:
+                                res = _measure_isolated(method, n, d, dt, cfg)
+                            else:
+                                res = _measure_here(method, n, d, dt, cfg, inputs)
+                                inputs = res.pop("_inputs", inputs)
+                            row.update({k: v for k, v in res.items() if k in CSV_FIELDS})
+                            if row["status"] == "ok":
+                                last[(method, d, dt)] = (n, row["fwd_bwd_ms"] / 1e3)
+                                for k in ("fwd_ms", "fwd_bwd_ms"):
+                                    row[k] = f"{row[k]:.6g}"
+                                pk = row["peak_extra_mb"]
+                                row["peak_extra_mb"] = "" if pk is None else f"{pk:.2f}"
+                        measured = row
+                        old = kept.get((cfg.loss, method, str(n), str(d), dt))
+                        if row["status"].startswith("skipped") and old is not None:
+                            row = old       # a case this run skipped keeps its earlier measurement
+                            # (one that failed is recorded failed: a regression must show)
+                        rows.append(row)
+                        flush()             # derive() fills GFLOP/s and the ratios before the line
+                        log(_progress_line(measured, cfg))
+                        if row is not measured:
+                            log(f"  (kept the earlier measurement, commit {old.get('commit', '?')})")
+                    del inputs
+                    if cfg.device == "cuda":
+                        torch.cuda.empty_cache()
+    except KeyboardInterrupt:      # the rows so far are in the CSV; the plots follow them
+        interrupted = True
     flush()
     if cfg.plot:
         from .plot import plot_rows  # noqa: PLC0415
@@ -489,6 +494,8 @@ def run_benchmark(cfg: Config, log=print) -> tuple[list[dict], str]:
         if paths:
             log("plots: " + ", ".join(paths))
     log(f"wrote {prefix}.csv and {prefix}.md in {time.monotonic() - t_start:.0f} s")
+    if interrupted:
+        raise KeyboardInterrupt
     return rows, prefix
 
 
@@ -498,8 +505,8 @@ def _time_skip(prev, n: int, cfg: Config, t_start: float) -> str:
     if prev and cfg.max_time_s:
         pred = prev[1] * (n / prev[0]) ** 2
         if pred > cfg.max_time_s:
-            return (f"would take ~{pred:.0f} s per fwd+bwd (limit --max-time-s "
-                    f"{cfg.max_time_s:.0f})")
+            return (f"would take ~{pred:.3g} s per fwd+bwd (limit --max-time-s "
+                    f"{cfg.max_time_s:g})")
     if cfg.time_budget_s:
         left = cfg.time_budget_s - (time.monotonic() - t_start)
         # CUDA: warm-up, the memory step and >= 3 timed steps; CPU: one step.
@@ -614,14 +621,20 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     cfg, a = parse_args(argv)
+    from ..cli import PipeSafeLog  # noqa: PLC0415
+    log = PipeSafeLog()            # `fastclip bench | head`: the sweep goes on, its files too
     try:
-        return _main(cfg, a)
+        code = _main(cfg, a, log)
     except BenchError as e:
         print(f"fastclip bench: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: the rows measured so far are in the CSV and markdown", file=sys.stderr)
+        return 130
+    return 141 if code == 0 and log.broken else code
 
 
-def _main(cfg: Config, a: argparse.Namespace) -> int:
+def _main(cfg: Config, a: argparse.Namespace, log=print) -> int:
     if a.worker is not None:
         return _worker(a.worker)
     if a.summarize:
@@ -632,27 +645,37 @@ def _main(cfg: Config, a: argparse.Namespace) -> int:
                   f"results CSV ({e.strerror if isinstance(e, OSError) and e.strerror else e})",
                   file=sys.stderr)
             return 2
-        cols = set(rows[0]) if rows else set()
-        if {"fwd_us", "fwd_bwd_us", "method", "N"} <= cols:          # an --overhead table
-            derive_overhead(rows)
-            print(overhead_table(rows, md=False))
-        elif set(CSV_FIELDS) <= cols:                                 # a sweep's table
-            derive(rows)
-            print(summary_table(rows))
-        else:
+        # (a ragged file, e.g. a markdown table, puts its extra fields under the key None)
+        cols = {c for c in rows[0] if isinstance(c, str)} if rows else set()
+        ragged = any(None in r for r in rows)
+        overhead = {"fwd_us", "fwd_bwd_us", "method", "N"} <= cols and "world" not in cols
+        sweep = set(CSV_FIELDS) <= cols
+        if ragged or not (overhead or sweep):
             print(f"fastclip bench: error: --summarize {a.summarize!r}: not a results CSV of "
-                  f"`fastclip bench` (columns {sorted(cols)[:6]}...); distributed and tokenizer "
+                  f"`fastclip bench` (columns {sorted(cols)[:6]}{'...' if len(cols) > 6 else ''}"
+                  f"{', rows of uneven length' if ragged else ''}); distributed and tokenizer "
                   f"results have their own markdown tables", file=sys.stderr)
+            return 2
+        try:
+            if overhead:                                              # an --overhead table
+                derive_overhead(rows)
+                log(overhead_table(rows, md=False))
+            else:                                                     # a sweep's table
+                derive(rows)
+                log(summary_table(rows))
+        except (ValueError, KeyError, TypeError) as e:
+            print(f"fastclip bench: error: --summarize {a.summarize!r}: a value the table cannot "
+                  f"read ({type(e).__name__}: {e})", file=sys.stderr)
             return 2
         return 0
     if cfg.overhead:
-        rows, _ = run_overhead(cfg)
-        print()
-        print(overhead_table(rows, md=False))
+        rows, _ = run_overhead(cfg, log)
+        log("")
+        log(overhead_table(rows, md=False))
         return 0
-    rows, _ = run_benchmark(cfg)
-    print()
-    print(summary_table(rows))
+    rows, _ = run_benchmark(cfg, log)
+    log("")
+    log(summary_table(rows))
     return 0
 
 

@@ -334,7 +334,8 @@ def write(rows: list[dict], impls: dict, args, argv: list[str], wall: float,
     ``info``: :func:`fastclip.bench.env.env_info` taken at the start of the run."""
     if not rows:
         return ""
-    device = (torch.cuda.get_device_name() if args.mode == "w1" and args.device != "cpu"
+    gpu = args.mode == "w1" and torch.device(args.device).type == "cuda"      # (cpu:0 is a CPU)
+    device = (torch.cuda.get_device_name(torch.device(args.device)) if gpu
               else f"CPU ({cpu_name()}, {os.cpu_count()} cores"
               + (" shared by all ranks)" if args.mode != "w1" else ")"))
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -16,7 +16,7 @@ import subprocess
 import torch
 
 __all__ = ["commit", "cpu_name", "cpu_count", "device_name", "version", "load_average",
-           "meminfo_bytes", "env_info", "slug"]
+           "meminfo_bytes", "env_info", "slug", "gb"]
 
 
 def _git(args: list[str], cwd: str) -> str | None:
@@ -118,3 +118,8 @@ def env_info(device: str, threads: int | None = None) -> dict:
 def slug(s: str) -> str:
     """Lower-case file-name form of a device name: "AMD EPYC" -> "amd-epyc"."""
     return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-") or "unknown"
+
+
+def gb(nbytes: float) -> str:
+    """A memory size or budget in decimal GB, three significant digits; 0: no limit."""
+    return f"{nbytes / 1e9:.3g} GB" if nbytes else "none (--max-mem-gb 0)"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import os
 
-from .env import slug
+from .env import gb, slug
 from .methods import ALL_IN_FORWARD, FLOOR, NAIVE, fwd_bwd_flop, fwd_flop, get_loss
 
 __all__ = ["CSV_FIELDS", "OVERHEAD_FIELDS", "BenchError", "default_out_dir", "output_prefix", "write_csv",
@@ -206,7 +206,7 @@ def write_markdown(rows: list[dict], info: dict, cfg, path: str, started: str) -
         f"torch {info['torch']}, triton {info['triton'] or 'none'}"
         + (f", {cfg.threads} threads; load average at start {info['load']} (other work on "
            f"the machine inflates CPU times)" if cfg.device == "cpu" else "") + ".",
-        f"- memory budget {cfg.max_mem_bytes / 1e9:.1f} GB (methods estimated above it are "
+        f"- memory budget {gb(cfg.max_mem_bytes)} (methods estimated above it are "
         f"skipped); fp32 matmul TF32: {tf32}.",
         "- time: median over `reps` training steps (forward timed inside the step, autograd on); "
         + ("CUDA events after a full-size warm-up." if cfg.device == "cuda" else
@@ -290,11 +290,14 @@ def overhead_table(rows: list[dict], md: bool = True, peer: str = NAIVE) -> str:
                        f"{'' if r['status'] == 'ok' else r['status']} |")
         return "\n".join(out)
     xf, xt = f"x{peer[:7]} f", f"x{peer[:7]} fb"       # x naive over fwd, over fwd+bwd
-    hdr = (f"{'N':>6} {'method':<10} {'fwd us':>9} {'fwd+bwd us':>11} {xf:>10} "
+    # (the console table holds every (dtype, D): they are columns here, sections in markdown)
+    rs = sorted(rs, key=lambda r: (str(r.get("dtype", "")), int(r.get("D") or 0)))
+    hdr = (f"{'dtype':<5} {'D':>5} {'N':>6} {'method':<10} {'fwd us':>9} {'fwd+bwd us':>11} {xf:>10} "
            f"{xt:>10} {'calls':>6}  status")
     out = [hdr, "-" * len(hdr)]
     for r in rs:
-        out.append(f"{r['N']:>6} {r['method']:<10} {num(r['fwd_us'], '.0f'):>9} "
+        out.append(f"{str(r.get('dtype', '')):<5} {str(r.get('D', '')):>5} "
+                   f"{r['N']:>6} {r['method']:<10} {num(r['fwd_us'], '.0f'):>9} "
                    f"{num(r['fwd_bwd_us'], '.0f'):>11} {r['x_naive_fwd']:>10} "
                    f"{r['x_naive_fwd_bwd']:>10} {r['calls']:>6}  "
                    f"{'ok' if r['status'] == 'ok' else r['status'][:48]}")
