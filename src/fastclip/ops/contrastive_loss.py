@@ -80,7 +80,14 @@ def _check_block(x: Tensor, y: Tensor, params: Tensor, loss: str, normalize: boo
         if v.shape != (k,) or v.dtype != STAT_DTYPE or v.device != x.device:
             raise ValueError(f"{name} must be a 1-D {STAT_DTYPE} tensor of {k} elements on "
                              f"{x.device}, got shape {tuple(v.shape)} {v.dtype} on {v.device}")
-    return be, spec, max(-n, min(m, int(pos_offset)))
+    return be, spec, clamped_offset(pos_offset, n, m)
+
+
+def clamped_offset(pos_offset: int, n: int, m: int) -> int:
+    """Any offset beyond an [n, m] block means "no positive in any row": clamped to the
+    nearest such value, so that i + pos_offset never overflows the kernels' 64-bit index
+    (|offset| ~ 2^63)."""
+    return max(-n, min(m, int(pos_offset)))
 
 
 # ----------------------------------------------------------------------------- ops
@@ -572,10 +579,8 @@ def fused_loss(loss: str, image_features: Tensor, text_features: Tensor, params,
     p = prepare_params(spec, params, image_features)
     be = select_backend(backend, image_features.device, image_features.dtype, spec.name)
     x, y = kernel_layout(image_features), kernel_layout(text_features)
-    normalize, eps, pos_offset = bool(normalize), float(eps), int(pos_offset)
-    # Any offset beyond the block means "no positive in any row": clamped to the nearest such
-    # value, so that i + pos_offset never overflows the kernels' 64-bit index (|offset| ~ 2^63).
-    pos_offset = max(-x.shape[0], min(y.shape[0], pos_offset))
+    normalize, eps = bool(normalize), float(eps)
+    pos_offset = clamped_offset(pos_offset, x.shape[0], y.shape[0])
     # torch.export keeps the op, not the autograd.Function around it: an exported graph's
     # backward is the block forward's registered autograd, so it takes the two passes.
     if one_pass(spec, x.dtype) and torch.is_grad_enabled() and (
