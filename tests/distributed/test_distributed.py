@@ -149,8 +149,9 @@ def test_steady_state_handshake(group):
 @pytest.mark.timeout(120)
 def test_half_gradients_take_the_upstream_scale(group):
     """fp16 under loss scaling (gather and ring): the scale reaches each rank's feature
-    gradients before their rounding (no entry flushed to zero that the exact scaled
-    gradient keeps in fp16), and the §5 rule holds with it: error ≤ 2× PyTorch's own."""
+    gradients before their rounding (no entry flushed to zero beyond what the rounding of
+    the ranks' partial sums explains), and the §5 rule holds with it: error ≤ 2× PyTorch's
+    own."""
     _, res = group
     seen = 0
     for rank, name, errs in (c for loss in LOSSES
