@@ -227,17 +227,18 @@ def _check_paths(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                     detect_dataset_type(value, args.dataset_type if args.dataset_type != "shapes" else "auto"))
         except ValueError as e:
             p.error(str(e))
-        if kind == "csv" and csv_file_problem(value):
-            p.error(f"{flag} {value!r}: {csv_file_problem(value)}")
-        if kind == "webdataset" and shards_problem(value):
-            p.error(f"{flag} {value!r}: {shards_problem(value)}")
+        why = (csv_file_problem(value) if kind == "csv" else
+               shards_problem(value) if kind == "webdataset" else None)
+        if why:
+            p.error(f"{flag} {value!r}: {why}")
     if args.zeroshot_data is not None and not os.path.isdir(args.zeroshot_data):
         p.error(f"--zeroshot-data {args.zeroshot_data!r}: not a directory")
     if args.zeroshot_classes is not None:
         if args.zeroshot_data is None:
             p.error("--zeroshot-classes names the classes of --zeroshot-data's folders: pass that folder too")
-        if classes_problem(args.zeroshot_classes):
-            p.error(f"--zeroshot-classes {args.zeroshot_classes!r}: {classes_problem(args.zeroshot_classes)}")
+        why = classes_problem(args.zeroshot_classes)
+        if why:
+            p.error(f"--zeroshot-classes {args.zeroshot_classes!r}: {why}")
     if args.resume not in (None, "latest") and not os.path.isfile(args.resume):
         p.error(f"--resume {args.resume!r}: checkpoint file not found (or use 'latest')")
     if args.resume == "latest" and args.output is None:

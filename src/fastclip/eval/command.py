@@ -243,17 +243,18 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"{flag} {value!r}: not a directory")
     if (args.probe_train is None) != (args.probe_test is None):
         p.error("--probe-train and --probe-test go together (fit on one folder, score on the other)")
-    if args.zeroshot_classes is not None and classes_problem(args.zeroshot_classes):
-        p.error(f"--zeroshot-classes {args.zeroshot_classes!r}: {classes_problem(args.zeroshot_classes)}")
+    why = None if args.zeroshot_classes is None else classes_problem(args.zeroshot_classes)
+    if why:
+        p.error(f"--zeroshot-classes {args.zeroshot_classes!r}: {why}")
     if args.val_data is not None:
         try:
             kind = detect_val_type(args.val_data, args.dataset_type)
         except ValueError as e:
             p.error(str(e).replace("--train-data/--val-data", "--val-data"))
-        if kind == "csv" and csv_file_problem(args.val_data):
-            p.error(f"--val-data {args.val_data!r}: {csv_file_problem(args.val_data)}")
-        if kind == "webdataset" and shards_problem(args.val_data):
-            p.error(f"--val-data {args.val_data!r}: {shards_problem(args.val_data)}")
+        why = (csv_file_problem(args.val_data) if kind == "csv" else
+               shards_problem(args.val_data) if kind == "webdataset" else None)
+        if why:
+            p.error(f"--val-data {args.val_data!r}: {why}")
     for flag, why in (("--device", device_problem(args.device)),
                       ("--loss-backend", backend_problem(args.loss_backend))):
         if why:

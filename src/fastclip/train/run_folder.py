@@ -63,16 +63,21 @@ def fresh_run_folder(root: str = "runs") -> str:
 def finished_steps(output_dir: str) -> Optional[int]:
     """The ``steps`` a finished run's ``metrics.json`` records; None when there is none (only a
     regular file is read: a FIFO of that name would block) or it does not say."""
-    path = os.path.join(output_dir, "metrics.json")
+    steps = _json_object(os.path.join(output_dir, "metrics.json")).get("steps")
+    return steps if isinstance(steps, int) and not isinstance(steps, bool) else None
+
+
+def _json_object(path: str) -> dict:
+    """The JSON object in the regular file ``path`` (a FIFO of that name would block);
+    empty when there is none, it does not parse, or it is not an object."""
     try:
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
-                steps = json.load(f).get("steps")
-            if isinstance(steps, int) and not isinstance(steps, bool):
-                return steps
-    except (OSError, ValueError, AttributeError, RecursionError):
+                obj = json.load(f)
+            return obj if isinstance(obj, dict) else {}
+    except (OSError, ValueError, RecursionError):
         pass
-    return None
+    return {}
 
 
 def stale_temporaries(output_dir: str) -> List[str]:
@@ -86,12 +91,7 @@ def stale_temporaries(output_dir: str) -> List[str]:
 def _is_run_config(path: str) -> bool:
     """``config.json`` as ``fastclip train`` writes it (a "train" section), not another tool's
     (a Hugging Face model folder has one too)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(saved, dict) and isinstance(saved.get("train"), dict)
+    return isinstance(_json_object(path).get("train"), dict)
 
 
 def check_run_folder(output_dir: str, resume: Optional[str], overwrite: bool) -> List[str]:
