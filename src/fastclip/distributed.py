@@ -618,8 +618,12 @@ class _RingLoss(torch.autograd.Function):
 
 # ------------------------------------------------------------------ public entry
 # The agreed plan of the previous call, per process group: on the steady state the next
-# call's metadata rides inside the all-gather of Y (see _handshake).
-_LAST: dict[int, tuple] = {}
+# call's metadata rides inside the all-gather of Y (see _handshake). Keyed by the group
+# itself, held weakly: a destroyed group's plan goes with it. Keyed by id(group), a new group
+# (or a re-initialised default group) could reuse a freed group's id on some ranks and not
+# others, and those ranks posted the steady-state all-gather of the old plan's size against
+# the others' metadata gather (gloo aborted the process: "Received data size doesn't match").
+_LAST: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _meta_for(spec, image_features, normalize, eps, impl, be, problem, grad: bool) -> _Meta:
@@ -644,7 +648,7 @@ def _handshake(group, rank, world, meta: _Meta, params: Optional[Tensor],
     of the same size, whatever their local inputs are.
     """
     K = _Meta.size()
-    last = _LAST.get(id(group))
+    last = _LAST.get(group)
     if last is None:
         mine = meta.tensor(meta_dev, params, norms)
         allm = torch.empty((world * K,), dtype=torch.float64, device=meta_dev)
@@ -750,13 +754,13 @@ def fused_loss(loss: str, image_features: Tensor, text_features: Tensor, params,
                                   text_features if problem is None else None)
         sizes = _agree(metas, rank, problem, group)
     except DistributedLossError:
-        _LAST.pop(id(group), None)      # every rank raised: every rank forgets alike
+        _LAST.pop(group, None)      # every rank raised: every rank forgets alike
         raise
     x, y = kernel_layout(image_features), kernel_layout(text_features)
     if dist_impl == "gather":
-        _LAST[id(group)] = (sizes, x.shape[1], x.dtype)
+        _LAST[group] = (sizes, x.shape[1], x.dtype)
     else:
-        _LAST.pop(id(group), None)
+        _LAST.pop(group, None)
     plan = _Plan(group, rank, sizes, spec, be, bool(normalize), float(eps), dist_impl,
                  shift=_logit_bound(metas) if spec.merge == "lse" else None)
     fn = _GatherLoss if dist_impl == "gather" else _RingLoss
