@@ -52,6 +52,12 @@ def test_custom_mean_std_and_errors():
     torch.testing.assert_close(x, torch.ones(3, 8, 8))
     with pytest.raises(ValueError, match="image_size"):
         image_transform(0)
+    for bad in (True, 8.0, "8"):
+        with pytest.raises(ValueError, match="image_size must be a positive int"):
+            image_transform(bad)
+    # A size read from a NumPy array is an int like any other.
+    img = Image.new("RGB", (9, 7), (10, 20, 30))
+    assert torch.equal(image_transform(np.int64(8))(img), image_transform(8)(img))
     with pytest.raises(ValueError, match="scale"):
         image_transform(8, train=True, scale=(0.5, 1.5))
     with pytest.raises(ValueError, match="PIL"):

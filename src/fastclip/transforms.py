@@ -7,6 +7,7 @@ bicubically to ``image_size``², RGB, to [0, 1], normalise; randomness from a ``
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -114,8 +115,9 @@ class ImageTransform:
     def __init__(self, image_size: int, train: bool = False, mean: Sequence[float] = OPENAI_MEAN,
                  std: Sequence[float] = OPENAI_STD, scale: Tuple[float, float] = (0.9, 1.0),
                  ratio: Tuple[float, float] = (3 / 4, 4 / 3), generator: Optional[torch.Generator] = None):
-        if not isinstance(image_size, int) or image_size <= 0:
+        if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size <= 0:
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+        image_size = int(image_size)        # NumPy's integers too (a size read from an array)
         if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
             raise ValueError(f"mean and std must have 3 entries with std > 0, got mean={mean}, std={std}")
         if not 0 < scale[0] <= scale[1] <= 1:

@@ -413,3 +413,21 @@ def test_val_batches_give_repeated_images_one_id(tmp_path):
         image_size, context_length = 16, 12
     batches, skipped = load_val_batches(TrainConfig(val_data=str(tmp_path / "val.csv"), batch_size=4), M())
     assert skipped == 0 and torch.cat([b[2] for b in batches]).tolist() == [0, 0, 1, 1, 2, 2, 0]
+
+
+def test_val_metrics_run_in_eval_mode():
+    """val_metrics ran the model in its own mode: a ResNet left in train mode gave
+    batch-statistics features and overwrote its running statistics."""
+    from fastclip.eval.evaluate import val_metrics
+    from fastclip.models import create_model
+    from fastclip.tokenizer import tokenize
+    torch.manual_seed(0)
+    rn = create_model("tiny-rn")
+    s = rn.config.image_size
+    imgs, toks = torch.randn(6, 3, s, s), tokenize(["a red circle"] * 6, context_length=rn.config.context_length)
+    stats = {k: v.clone() for k, v in rn.state_dict().items() if "running" in k}
+    assert rn.training
+    got = val_metrics(rn, [(imgs, toks)])
+    assert rn.training and all(torch.equal(rn.state_dict()[k], v) for k, v in stats.items())
+    rn.eval()
+    assert val_metrics(rn, [(imgs, toks)])["val/loss"] == pytest.approx(got["val/loss"], rel=1e-6)

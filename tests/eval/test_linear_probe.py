@@ -98,3 +98,20 @@ def test_linear_probe_fits_in_fp32_inside_a_callers_autocast():
         got = linear_probe(x[:120], y[:120], x[120:], y[120:])
     assert got.classifier.weight.dtype == torch.float32
     assert got.C == ref.C and got.accuracy == ref.accuracy
+
+
+def test_numpy_inputs_and_string_labels():
+    # NumPy features and NumPy numbers in Cs are what a scikit-learn user passes; string labels
+    # are a clear TypeError that says what to do, not "too many dimensions 'str'".
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 4, generator=g), torch.arange(40) % 2
+    x[:, 0] += 4 * y
+    ref = linear_probe(x, y, x, y, Cs=[1.0], refine_steps=0)
+    got = linear_probe(x.numpy(), y.numpy(), x.numpy(), y.numpy(), Cs=[np.float32(1.0)], refine_steps=0)
+    assert got.accuracy == ref.accuracy and got.C == ref.C
+    with pytest.raises(TypeError, match="train_labels must be integer class indices.*'cat'.*indices first"):
+        linear_probe(x, ["cat", "dog"] * 20, x, y)
+    with pytest.raises(TypeError, match="test_features must be a tensor"):
+        linear_probe(x, y, "features", y)
+    with pytest.raises(ValueError, match="Cs must be finite positive"):
+        linear_probe(x, y, x, y, Cs=[True])

@@ -159,3 +159,28 @@ def test_similarities_are_fp32_inside_bf16_autocast(model):
     assert got.dtype == torch.float32
     want = 100.0 * F.normalize(emb.float(), dim=-1) @ clf
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+
+
+def test_classify_runs_in_eval_mode_whatever_the_models_mode():
+    """In train mode a BatchNorm encoder normalised with each batch's statistics: the logits
+    depended on the batch size (up to 12 apart) and the running statistics were overwritten."""
+    torch.manual_seed(0)
+    rn = create_model("tiny-rn")                      # a fresh module is in train mode
+    clf = build_zeroshot_classifier(rn, ["a", "b", "c"], ["{}"])
+    assert rn.training
+    stats = {k: v.clone() for k, v in rn.state_dict().items() if "running" in k}
+    x = torch.randn(4, 3, rn.config.image_size, rn.config.image_size)
+    whole = zero_shot_classify(rn, x, clf, batch_size=4)
+    single = zero_shot_classify(rn, x, clf, batch_size=1)
+    assert torch.allclose(whole, single, atol=1e-4, rtol=1e-4)
+    assert rn.training                                # the caller's mode is restored
+    assert all(torch.equal(rn.state_dict()[k], v) for k, v in stats.items())
+
+
+def test_classnames_must_be_ordered(model):
+    # A set's order follows string hashing, which changes between processes: column k would
+    # not be a fixed class.
+    with pytest.raises(TypeError, match="classnames must be an ordered sequence.*set"):
+        build_zeroshot_classifier(model, {"dog", "cat"}, ["a {}"])
+    with pytest.raises(TypeError, match="frozenset"):
+        build_zeroshot_classifier(model, frozenset({"dog", "cat"}), ["a {}"])

@@ -239,3 +239,10 @@ def test_text_ids_of_any_integer_dtype_and_clear_errors_otherwise():
         for bad in (torch.zeros(2, 5, dtype=torch.bool), torch.zeros(2, 0, dtype=torch.long)):
             with pytest.raises(ValueError, match=r"text: expected integer token ids \[B, L >= 1\]"):
                 m.encode_text(bad)
+        # Ids outside the vocabulary: a clear error, not the embedding's bare IndexError.
+        small = create_model("tiny-vit", vocab_size=100).eval()
+        with pytest.raises(ValueError, match=r"text: token ids from 0 to 49407, outside the model's "
+                                             r"vocabulary \[0, 100\)"):
+            small.encode_text(torch.tensor([[49406, 5, 49407, 0]]))
+        with pytest.raises(ValueError, match=r"token ids from -1 to 7"):
+            m.encode_text(torch.tensor([[-1, 7]]))

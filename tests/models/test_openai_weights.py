@@ -448,3 +448,45 @@ def test_plain_state_dict_of_a_registered_model_keeps_its_heads(name, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded.encode_image(x), model.encode_image(x))
         assert torch.equal(loaded.encode_text(t), model.encode_text(t))
+
+
+def test_compiled_or_wrapped_models_save_and_load_as_the_model_inside(tmp_path):
+    """save_checkpoint on a torch.compile'd model wrote its wrapper's "_orig_mod." keys under
+    the inner model's config (a file load_checkpoint called corrupt), and load_openai stripped
+    DDP's "module." but not torch.compile's prefix."""
+    torch.manual_seed(0)
+    model = create_model("tiny-vit").eval()
+    compiled = torch.compile(model)              # wrapping only: nothing is compiled here
+    save_checkpoint(compiled, tmp_path / "c.safetensors")
+    loaded = load_checkpoint(tmp_path / "c.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    wrapped = {"_orig_mod." + k: v for k, v in model.state_dict().items()}
+    nested = {"_orig_mod.module." + k: v for k, v in model.state_dict().items()}
+    for sd in (wrapped, nested, compiled.state_dict()):
+        m = load_openai(sd)
+        assert m.state_dict().keys() == model.state_dict().keys()
+        assert all(torch.equal(m.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_siglip_models_plain_state_dict_loads_with_its_bias(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("tiny-vit", init_logit_bias=-10.0)
+    with torch.no_grad():
+        model.logit_bias.fill_(-7.25)
+    torch.save(model.state_dict(), tmp_path / "s.pt")
+    loaded = load_openai(tmp_path / "s.pt")
+    assert loaded.logit_bias is not None and loaded.logit_bias.item() == -7.25
+    assert infer_config(model.state_dict()).init_logit_bias == -7.25
+    assert load_openai(create_model("tiny-vit").state_dict()).logit_bias is None   # CLIP: none
+
+
+def test_batchnorm_step_counters_may_be_absent():
+    # Older saves (and torch.load_state_dict(strict=True)) do without num_batches_tracked.
+    torch.manual_seed(0)
+    model = create_model("tiny-rn").eval()
+    sd = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert len(sd) < len(model.state_dict())
+    loaded = load_openai(sd)
+    x = torch.randn(2, 3, model.config.image_size, model.config.image_size)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(x), model.encode_image(x))

@@ -1,4 +1,5 @@
-"""Checks and contexts the evaluation functions share: class-index labels, fp32 math."""
+"""Checks and contexts the evaluation functions share: class-index labels, features, eval
+mode, fp32 math."""
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +14,15 @@ def class_indices(labels, name: str, num_classes: Optional[int] = None, device=N
     Raises TypeError for floating-point, complex or boolean labels (1.9 would silently become
     class 1) and ValueError for a shape other than ``[N]`` or an index outside ``[0,
     num_classes)`` (``[0, inf)`` when ``num_classes`` is None), naming ``name``."""
-    t = torch.as_tensor(labels, device=device)
+    try:
+        t = torch.as_tensor(labels, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        what = type(labels).__name__
+        if isinstance(labels, (list, tuple)) and labels:
+            what += f" of {type(labels[0]).__name__} such as {labels[0]!r}"
+        raise TypeError(f"{name} must be integer class indices (a LongTensor [N], a list of ints or "
+                        f"a NumPy integer array), got a {what}; map class names to their indices "
+                        f"first") from None
     if t.numel() == 0 and t.dim() == 1:
         return t.long()     # torch.as_tensor([]) is float32: no labels, nothing to check
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
@@ -27,6 +36,32 @@ def class_indices(labels, name: str, num_classes: Optional[int] = None, device=N
             bound = f"[0, {num_classes})" if num_classes is not None else "[0, inf)"
             raise ValueError(f"{name} must be class indices in {bound}, got values from {lo} to {hi}")
     return t
+
+
+def as_features(x, name: str) -> torch.Tensor:
+    """``x`` (a tensor, or a NumPy array / nested list of numbers) as a tensor; TypeError naming
+    ``name`` for anything else."""
+    if isinstance(x, torch.Tensor):
+        return x
+    try:
+        return torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a tensor [N, D] (or a NumPy array), got "
+                        f"{type(x).__name__}") from None
+
+
+@contextlib.contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """``model`` in eval mode inside the block, its own mode restored after: in train mode a
+    BatchNorm encoder (the ResNet) normalises with the batch's statistics, so a logit would
+    depend on the batch it came in (up to 12 apart between batch sizes 4 and 1 on a fresh
+    model), and it would overwrite its running statistics, even under no_grad."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from ._checks import eval_mode
+
 # One zero-shot task: images [N, 3, S, S], labels [N], class names, prompt templates.
 ZeroShotSet = Tuple[torch.Tensor, torch.Tensor, List[str], list]
 
@@ -152,12 +154,8 @@ def encode_batches(model, batches: Iterable[torch.Tensor], device=None) -> torch
     """``encode_images`` of a stream of image batches ``[b, 3, S, S]`` (a DataLoader: only the
     embeddings are kept, never the images of a whole dataset)."""
     dev = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         out = [torch.nn.functional.normalize(model.encode_image(b.to(dev)).float(), dim=-1).cpu() for b in batches]
-    finally:
-        model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, model.embed_dim)
 
 
@@ -222,14 +220,10 @@ def folder_zeroshot_metrics(model, dataset, name: str, templates, batch_size: in
     so an ImageNet-sized folder needs no more memory than a batch), and the number of images
     that did not decode. Raises DataError when none decodes."""
     from .zeroshot import build_zeroshot_classifier, classification_metrics, zero_shot_classify
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         clf = build_zeroshot_classifier(model, dataset.classnames, templates, device=device)
         stream = FolderStream(dataset, batch_size, workers)
         logits = [zero_shot_classify(model, b, clf, batch_size, device).float().cpu() for b in stream]
-    finally:
-        model.train(was_training)
     if not logits:
         from ..datasets.csv_dataset import DataError
         raise DataError(f"{dataset.root!r}: no image could be decoded ({stream.skipped} tried)")
@@ -247,20 +241,21 @@ def val_metrics(model, batches: Sequence[Tuple[torch.Tensor, ...]], loss: str = 
     recalls of ``retrieval_metrics`` over all batches together (``val/image_to_text_R@1`` ...,
     ``val/mean_recall``). Rows with the same ``image_ids`` entry are one image with several
     captions (an image query is right when any of them ranks within K); without ids each row is
-    its own image."""
+    its own image. The model runs in eval mode (its own mode is restored after)."""
     from ..ops.contrastive_loss import fused_loss
     from .retrieval import retrieval_metrics
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     imgs_f, txts_f, ids, losses, ns = [], [], [], [], []
-    for batch in batches:
-        imgs, toks = batch[0], batch[1]
-        i, t, *ps = model(imgs.to(dev), toks.to(dev), normalize=False)
-        losses.append(fused_loss(loss, i.float(), t.float(), [p.float() for p in ps],
-                                 normalize=True, backend=backend).item())
-        ns.append(len(imgs))
-        imgs_f.append(i.float().cpu())
-        txts_f.append(t.float().cpu())
-        ids.append(batch[2].long().cpu() if len(batch) > 2 and batch[2] is not None else None)
+    with eval_mode(model):
+        for batch in batches:
+            imgs, toks = batch[0], batch[1]
+            i, t, *ps = model(imgs.to(dev), toks.to(dev), normalize=False)
+            losses.append(fused_loss(loss, i.float(), t.float(), [p.float() for p in ps],
+                                     normalize=True, backend=backend).item())
+            ns.append(len(imgs))
+            imgs_f.append(i.float().cpu())
+            txts_f.append(t.float().cpu())
+            ids.append(batch[2].long().cpu() if len(batch) > 2 and batch[2] is not None else None)
     if not ns:
         raise ValueError("val_metrics: no batches")
     out = {"val/loss": sum(v * n for v, n in zip(losses, ns)) / sum(ns), "val/n": sum(ns)}

@@ -11,6 +11,7 @@ whichever device the features live on (or ``device``).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import class_indices, finite_rows, fp32_math
+from ._checks import as_features, class_indices, finite_rows, fp32_math
 
 
 @dataclass
@@ -86,6 +87,10 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     log10 step around the best (0 disables; 4 reaches 1/8 decade). ``refit``: refit on train + val
     with the chosen C before testing. Returns a ``LinearProbeResult``.
     """
+    train_features = as_features(train_features, "train_features")
+    test_features = as_features(test_features, "test_features")
+    if val_features is not None:
+        val_features = as_features(val_features, "val_features")
     dev = torch.device(device) if device is not None else train_features.device
     xt, yt = train_features.to(dev, torch.float32), class_indices(train_labels, "train_labels", device=dev)
     xs, ys = test_features.to(dev, torch.float32), class_indices(test_labels, "test_labels", device=dev)
@@ -104,8 +109,13 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     if bad:
         raise ValueError(f"train_features: {bad} of {xt.shape[0]} rows hold NaN or inf (a diverged model?); "
                          f"a probe cannot be fitted on them")
-    if Cs is not None and any(not (isinstance(c, (int, float)) and c > 0 and math.isfinite(c)) for c in Cs):
-        raise ValueError(f"Cs must be finite positive numbers (inverse regularisation strengths), got {list(Cs)}")
+    if Cs is not None:
+        # Any real number type (NumPy's float32 is not a Python float), never a bool.
+        if any(isinstance(c, bool) or not isinstance(c, numbers.Real) or not (c > 0 and math.isfinite(c))
+               for c in Cs):
+            raise ValueError(f"Cs must be finite positive numbers (inverse regularisation strengths), "
+                             f"got {list(Cs)}")
+        Cs = [float(c) for c in Cs]
     if val_features is None:
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")

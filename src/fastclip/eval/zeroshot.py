@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Set as AbstractSet
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 
 from ..datasets.folder import IMAGE_EXTENSIONS
 from ..tokenizer import tokenize
-from ._checks import class_indices, finite_rows, fp32_math
+from ._checks import class_indices, eval_mode, finite_rows, fp32_math
 from .templates import SIMPLE_TEMPLATES
 
 Template = Union[str, Callable[[str], str]]
@@ -50,6 +51,10 @@ def build_zeroshot_classifier(model, classnames: Sequence[str], templates: Seque
     """
     if isinstance(classnames, (str, bytes)):
         raise TypeError(f"classnames must be a sequence of class names, got a single string {classnames!r}")
+    if isinstance(classnames, AbstractSet):
+        raise TypeError(f"classnames must be an ordered sequence (a list or tuple: column k of the "
+                        f"classifier is class k), got a {type(classnames).__name__}, whose order "
+                        f"changes between Python processes")
     if isinstance(templates, (str, bytes)):
         raise TypeError(f"templates must be a sequence of templates, got a single string {templates!r} "
                         f"(pass [{templates!r}])")
@@ -65,11 +70,12 @@ def build_zeroshot_classifier(model, classnames: Sequence[str], templates: Seque
     prompts = [t(c) if callable(t) else t.format(c) for c in classnames for t in templates]  # class-major
     ctx = getattr(model, "context_length", 77)
     feats = []
-    for i in range(0, len(prompts), batch_size):
-        batch = prompts[i:i + batch_size]
-        tokens = (tokenize(batch, context_length=ctx, truncate=True) if tokenizer is tokenize
-                  else tokenizer(batch, context_length=ctx)).to(dev)
-        feats.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+    with eval_mode(model):
+        for i in range(0, len(prompts), batch_size):
+            batch = prompts[i:i + batch_size]
+            tokens = (tokenize(batch, context_length=ctx, truncate=True) if tokenizer is tokenize
+                      else tokenizer(batch, context_length=ctx)).to(dev)
+            feats.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
     feats = torch.cat(feats).view(len(classnames), len(templates), -1)  # [C, T, D]
     return F.normalize(feats.mean(dim=1), dim=-1).t().contiguous()  # [D, C]
 
@@ -79,14 +85,16 @@ def zero_shot_classify(model, images: torch.Tensor, classifier: torch.Tensor, ba
                        device=None) -> torch.Tensor:
     """Logits FloatTensor ``[N, num_classes]`` = ``100 * normalise(encode_image(images)) @ classifier``
     for preprocessed ``images`` ``[N, 3, H, W]`` (processed in batches of ``batch_size``). The
-    encoder runs in the caller's precision (autocast included); the similarity in float32."""
+    encoder runs in the caller's precision (autocast included), in eval mode (the model's own mode
+    is restored after); the similarity in float32."""
     dev = _device(model, device)
     out = []
-    for i in range(0, images.shape[0], batch_size):
-        emb = model.encode_image(images[i:i + batch_size].to(dev))  # [b, D]
-        with fp32_math():
-            f = F.normalize(emb.float(), dim=-1)
-            out.append(100.0 * f @ classifier.to(dev, torch.float32))
+    with eval_mode(model):
+        for i in range(0, images.shape[0], batch_size):
+            emb = model.encode_image(images[i:i + batch_size].to(dev))  # [b, D]
+            with fp32_math():
+                f = F.normalize(emb.float(), dim=-1)
+                out.append(100.0 * f @ classifier.to(dev, torch.float32))
     return torch.cat(out) if out else torch.zeros(0, classifier.shape[1])
 
 
@@ -123,9 +131,7 @@ def evaluate_zeroshot(model, images_or_loader: Union[torch.Tensor, Iterable[Tupl
     """
     if classifier is None:
         raise ValueError("classifier is required (see build_zeroshot_classifier)")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         if isinstance(images_or_loader, torch.Tensor):
             if labels is None:
                 raise ValueError("labels is required when images_or_loader is a tensor")
@@ -138,8 +144,6 @@ def evaluate_zeroshot(model, images_or_loader: Union[torch.Tensor, Iterable[Tupl
             logits = torch.cat(chunks) if chunks else torch.zeros(0, classifier.shape[1])
             labels = torch.cat(labs) if labs else torch.zeros(0, dtype=torch.long)
         return classification_metrics(logits.cpu(), torch.as_tensor(labels).cpu())
-    finally:
-        model.train(was_training)
 
 
 def _scan_folder(folder: str, classnames: Optional[Sequence[str]]) -> Tuple[List[str], Optional[List[int]], List[str]]:
@@ -186,9 +190,7 @@ def classify_folder(model, folder: str, classnames: Optional[Sequence[str]] = No
     paths, labels, names = _scan_folder(folder, classnames)
     if not paths:
         raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {folder}")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         clf = build_zeroshot_classifier(model, names, templates, device=device)
         tf = image_transform(image_size or model.image_size)
         # Files that do not decode are skipped and listed (as the trainer skips them).
@@ -207,8 +209,6 @@ def classify_folder(model, folder: str, classnames: Optional[Sequence[str]] = No
         logits = torch.cat([zero_shot_classify(model, torch.stack(imgs_all[i:i + batch_size]), clf,
                                                batch_size, device).cpu()
                             for i in range(0, len(imgs_all), batch_size)])   # [N, C]
-    finally:
-        model.train(was_training)
     probs = logits.softmax(dim=-1)
     conf, pred = probs.max(dim=-1)
     out: Dict[str, object] = {"classnames": names,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pickle
 import warnings
@@ -77,6 +78,36 @@ def _read(path: str, allow_torchscript_code: bool) -> Dict[str, torch.Tensor]:
     raise ValueError(f"{path}: expected a state dict (a mapping of name -> tensor), got {type(obj).__name__}")
 
 
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")   # DistributedDataParallel, torch.compile
+
+
+def strip_wrapper_prefixes(sd: Mapping) -> Dict:
+    """``sd`` with the key prefixes of wrapped models removed while every key carries one:
+    ``module.`` (``DistributedDataParallel``, ``DataParallel``) and ``_orig_mod.``
+    (``torch.compile``), in any nesting (a compiled DDP model's keys start
+    ``_orig_mod.module.``)."""
+    sd = dict(sd)
+    while sd:
+        pre = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in sd)), None)
+        if pre is None:
+            break
+        sd = {k[len(pre):]: v for k, v in sd.items()}
+    return sd
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside ``torch.compile``'s and ``DistributedDataParallel``'s (or
+    ``DataParallel``'s) wrappers, in any nesting; ``model`` itself when it is not wrapped."""
+    while True:
+        inner = model._modules.get("_orig_mod") if hasattr(model, "_modules") else None
+        if inner is None and isinstance(model, (torch.nn.parallel.DistributedDataParallel,
+                                                torch.nn.DataParallel)):
+            inner = model.module
+        if inner is None:
+            return model
+        model = inner
+
+
 def _unwrap(obj: Mapping) -> Dict:
     """The state dict inside a training script's checkpoint dict (``{"state_dict": ...}`` or
     ``{"model": ...}``, as open_clip and others save them), else ``obj`` itself, as a dict."""
@@ -116,9 +147,16 @@ def infer_config(sd: Mapping[str, torch.Tensor], source: str = "state dict") -> 
         out = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
         vision = dict(vision_layers=layers, vision_width=width, image_size=out * 32)
     tw = sd["ln_final.weight"].shape[0]
+    # A SigLIP model's learnable bias is a weight like the scale: its presence makes the model
+    # one with a bias (the stored value replaces this initial one when the weights load).
+    bias = sd.get("logit_bias")
+    init_bias = None
+    if isinstance(bias, torch.Tensor) and bias.numel() == 1:
+        b = float(bias.detach().reshape(()).float())
+        init_bias = b if math.isfinite(b) else -10.0
     cfg = CLIPConfig(embed_dim=sd["text_projection"].shape[1], context_length=sd["positional_embedding"].shape[0],
                      vocab_size=sd["token_embedding.weight"].shape[0], text_width=tw, text_heads=max(1, tw // 64),
-                     text_layers=_count(sd, "transformer.resblocks"), **vision)
+                     text_layers=_count(sd, "transformer.resblocks"), init_logit_bias=init_bias, **vision)
     return _registered_heads(cfg)
 
 
@@ -182,8 +220,7 @@ def load_openai(path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.T
     if not_str:
         raise ValueError(f"{source}: not a state dict: its keys must be parameter names (str), got "
                          f"{[type(k).__name__ for k in not_str[:3]]} keys such as {not_str[:3]!r}")
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+    sd = strip_wrapper_prefixes(sd)
     # drop the scalar metadata and any serialised causal masks (not weights)
     sd = {k: v for k, v in sd.items() if k not in _EXTRA_KEYS and not k.endswith("attn_mask")}
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
@@ -193,6 +230,9 @@ def load_openai(path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.T
     with torch.device("meta"):
         model = CLIP(config)
     expected = model.state_dict()
+    for k in expected:      # BatchNorm's step counters: absent from older saves, as torch allows
+        if k.endswith(".num_batches_tracked") and k not in sd:
+            sd[k] = torch.zeros((), dtype=torch.long)
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     shape = [f"{k}: {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
@@ -215,6 +255,9 @@ def save_checkpoint(model: CLIP, path: Union[str, os.PathLike], metadata: Option
 
     The file is written atomically (a temporary file in the same folder, renamed into place)
     with the mode a plain ``open(path, "w")`` would give it (``0o666 & ~umask``)."""
+    # A compiled or DDP-wrapped model saves the model inside: the wrapper's keys carry its
+    # prefix ("_orig_mod.", "module."), which no CLIP config describes.
+    model = unwrap_model(model)
     if not isinstance(getattr(model, "config", None), CLIPConfig):
         raise ValueError("model must be a fastclip CLIP with a CLIPConfig in .config")
     from safetensors.torch import save_file
@@ -267,6 +310,7 @@ def load_checkpoint(path: Union[str, os.PathLike], device="cpu") -> CLIP:
         sd = load_file(path)
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"{path}: not a readable safetensors checkpoint ({type(e).__name__}: {e})") from None
+    sd = strip_wrapper_prefixes(sd)     # a compiled model's file from an earlier save_checkpoint
     if "fastclip_config" in meta:
         try:
             d = json.loads(meta["fastclip_config"])

@@ -42,6 +42,14 @@ class TextTransformer(nn.Module):
         if text.shape[1] > self.context_length:
             raise ValueError(f"text: {text.shape[1]} tokens per row, more than the model's context_length "
                              f"{self.context_length} (tokenize with context_length={self.context_length})")
+        if text.device.type == "cpu" and text.numel() and not torch.compiler.is_compiling():
+            # On the CPU the range check costs no device sync (on a GPU an id out of range is
+            # a device-side assert instead); the embedding's own error names no argument.
+            lo, hi = int(text.min()), int(text.max())
+            if lo < 0 or hi >= self.vocab_size:
+                raise ValueError(f"text: token ids from {lo} to {hi}, outside the model's vocabulary "
+                                 f"[0, {self.vocab_size}) (fastclip.tokenize gives ids up to 49407, "
+                                 f"CLIP's vocabulary of 49408)")
         L = text.shape[1]
         pos = self.positional_embedding[:L].to(self.token_embedding.weight.dtype)  # [L, W]
         x = self.token_embedding(text) + pos                                      # [B, L, W]
