@@ -144,7 +144,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help=f"evaluate every K steps (demo {DEMO_EVAL_EVERY}, and before the first; real data: every "
                         f"total/4 steps, and at the end)")
     g.add_argument("--save-every", type=_positive_int, default=None, help="training checkpoint every K steps")
-    g.add_argument("--keep-checkpoints", type=_nonneg_int, default=d.keep_checkpoints)
+    g.add_argument("--keep-checkpoints", type=_nonneg_int, default=d.keep_checkpoints,
+                   help=f"keep the newest K training checkpoints, deleting older ones (default "
+                        f"{d.keep_checkpoints}; 0 keeps all)")
     g.add_argument("--resume", default=None, help="'latest' (in --output) or a checkpoint path")
     g.add_argument("--overwrite", action="store_true",
                    help="--output holds a run: delete its files and start afresh (without it, a folder "

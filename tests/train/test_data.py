@@ -363,6 +363,26 @@ def test_training_on_csv_and_shards_counts_skipped(tmp_path):
     assert r["steps"] == 3 and r["train_samples_skipped"] == 2  # 12 samples read, 2 bad
 
 
+def test_shards_with_samples_split_apart_say_what_to_check(tmp_path):
+    """A sample's files must be consecutive tar members (webdataset's convention: the stream
+    is read once). A shard with all images first and all captions after pairs none; the
+    error said to check CSV paths and --csv-img-key."""
+    from fastclip.datasets import DataError
+    from fastclip.train import TrainConfig, train
+    torch.set_num_threads(1)
+    with tarfile.open(tmp_path / "split.tar", "w") as tar:
+        members = [(f"k{k}.png", _png_bytes(k)) for k in range(6)] + [(f"k{k}.txt", b"a cat") for k in range(6)]
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    cfg = TrainConfig(model="tiny-vit", train_data=str(tmp_path / "split.tar"), output=str(tmp_path / "run"),
+                      batch_size=2, steps=2, warmup=1, progress="none", plot=False, max_failed_batches=2)
+    with pytest.raises(DataError, match=r"split\.tar.*consecutive members of the tar") as e:
+        train(cfg)
+    assert "--csv-img-key" not in str(e.value)
+
+
 def test_empty_shards_and_unloadable_validation_data_are_data_errors(tmp_path):
     from fastclip.datasets import DataError
     from fastclip.train import TrainConfig

@@ -577,8 +577,16 @@ class Trainer:
                 f"fewer than {self.min_batch} samples loaded (the model's BatchNorm needs {self.min_batch})")
         raise DataError(f"{self.data_desc}: {what} in {n} batches in a row{span} "
                         f"({n * self.cfg.batch_size * self.env.world_size} samples, missing or corrupt); "
-                        f"the data looks unusable: check the image paths (relative to the CSV file), "
-                        f"--csv-img-key and the shards (--max-failed-batches sets this limit)")
+                        f"the data looks unusable: {self._data_advice()} (--max-failed-batches sets "
+                        f"this limit)")
+
+    def _data_advice(self) -> str:
+        """What to check in data of which no batch loads, by kind of data."""
+        if self.data_desc.startswith("webdataset"):
+            return ("check that each sample's image (key.jpg, key.png, ...) and caption (key.txt) "
+                    "are consecutive members of the tar, as webdataset writes them (a shard with "
+                    "all images first and all captions after pairs none), and that they decode")
+        return "check the image paths (relative to the CSV file) and --csv-img-key"
 
     def _final_metrics(self, loss: Optional[torch.Tensor], wall: float, total_skipped: int,
                        last_eval: Dict[str, float]) -> Dict[str, Any]:
