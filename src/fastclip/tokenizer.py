@@ -112,7 +112,8 @@ class SimpleTokenizer:
                     merged.append(parts[i])
                     i += 1
             parts = merged
-        self.cache[word] = parts
+        if len(word) <= 64:     # a cache of words, not of every long run of characters seen
+            self.cache[word] = parts
         return parts
 
     def encode(self, text: str, max_ids: Optional[int] = None) -> List[int]:
