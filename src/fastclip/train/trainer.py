@@ -389,13 +389,12 @@ class Trainer:
     def evaluate(self, step: int) -> Dict[str, float]:
         """Zero-shot top-1/top-5 per task (+ chance level), and val loss / retrieval recall when
         ``val_data`` is set (fastclip.eval.evaluate). Runs on the main rank only."""
+        from ..eval._checks import eval_mode
         from ..eval.evaluate import add_mean_top1, folder_zeroshot_metrics, val_metrics, zeroshot_metrics
         self._prepare_eval()
         model, dev = self.model, self.env.device
-        was_training = model.training
-        model.eval()
         out: Dict[str, float] = {"type": "eval", "step": step}
-        try:
+        with eval_mode(model):
             with self._autocast():
                 out.update(zeroshot_metrics(model, self.zs_sets, device=dev))
                 if self.zs_folder is not None:
@@ -408,8 +407,6 @@ class Trainer:
                         self._folder_skipped_counted = True
                 if self.val_batches:
                     out.update(val_metrics(model, self.val_batches, self.cfg.loss, dev, self.cfg.loss_backend))
-        finally:
-            model.train(was_training)
         return out
 
     # -- the loop
