@@ -91,6 +91,11 @@ def test_chunk_rows():
         assert 1 <= r <= n
         assert r == n or (r % 128 == 0 and (r * m * size <= K._CHUNK_BYTES or r == 128))
     assert K.chunk_rows(32768, 32768, 2) == 4096
+    # Few columns: the byte bound alone allowed 65,536 row tiles of 64 (grid axis 1 stops at
+    # 65,535).
+    for n, m, size in ((5_000_000, 16, 4), (5_000_000, 1, 2), (1 << 23, 32, 2)):
+        r = K.chunk_rows(n, m, size)
+        assert r % 128 == 0 and -(-r // 64) <= 65535, (n, m, size, r)
 
 
 def test_mm32_keeps_fp32_accumulation():

@@ -614,7 +614,11 @@ def _prune_bwd(configs, named_args, **kwargs):
 # so each logit tile of the backward sees exactly the forward's operands.
 _INTERP_BLOCK = 32
 
-_FWD_KEY = ["n_key", "m_key", "D", "PRECISION", "LOSS"]
+# BLOCK_M is the host's choice (64 or 128 rows by n, in _fwd), not the tuner's: it is part of
+# the key, else a configuration tuned for one block height (and kept on disk) was reused for
+# the other within one n bucket (n = 16500 and 17000 share the 32768 bucket and differ in
+# BLOCK_M), where its shared memory may not fit.
+_FWD_KEY = ["n_key", "m_key", "D", "PRECISION", "LOSS", "BLOCK_M"]
 _BWD_KEY = ["n_key", "m_key", "D", "PRECISION", "LOSS", "COLS_OUTER", "STATS", "NORMALIZE",
             "SCALE_W"]
 

@@ -245,11 +245,17 @@ def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 _GROUP = 32
 
 
+# Row tiles run on grid axis 1, which stops at 65535: a chunk holds at most 65535 tiles of the
+# smallest tile height (64 rows), rounded down to a multiple of 128. The byte bound alone gave
+# R = 4,194,304 rows for m <= 16 fp32 columns (65,536 tiles of 64: the launch failed).
+_MAX_CHUNK_ROWS = (65535 * 64) // 128 * 128
+
+
 def chunk_rows(n: int, m: int, itemsize: int) -> int:
     """Rows per chunk: the chunk buffer [R, m] within _CHUNK_BYTES, a multiple of 128 (at
-    least 128: one block of the largest tile), at most n."""
+    least 128: one block of the largest tile), at most _MAX_CHUNK_ROWS and at most n."""
     r = max(128, (_CHUNK_BYTES // max(1, m * itemsize)) // 128 * 128)
-    return min(n, r)
+    return min(n, r, _MAX_CHUNK_ROWS)
 
 
 # --------------------------------------------------------------------------- launchers
