@@ -29,7 +29,6 @@ from ._helpers import (
     EPS,
     HALF_FACTOR,
     TOL,
-    default_params,
     embeddings,
     naive_in,
     names,
@@ -239,30 +238,6 @@ def test_tf32_path(gpu, loss):
     torch32 = naive_in(loss, x, y, params, True, torch.float32)
     for name, o, t, r in zip(names(loss), out, torch32, want):
         assert torch.isfinite(o).all(), name
-        assert rel_err(o, r) <= max(TOL[torch.float32], HALF_FACTOR * rel_err(t, r)), name
-
-
-@pytest.mark.parametrize("loss", LOSSES)
-@pytest.mark.parametrize("n,dtype", ((32768, torch.bfloat16), (262144, torch.float32)))
-def test_large_batches(gpu, loss, n, dtype):
-    """Large N within memory: bf16 within 2x PyTorch's own bf16 error, fp32 within the fp32
-    table; the oracle is the chunked reference backend in float64 on the GPU (the naive
-    float64 formula would need N^2 memory)."""
-    g = torch.Generator(device="cuda").manual_seed(9)
-    d = 32
-    x = torch.randn(n, d, device=gpu, generator=g).to(dtype)
-    y = torch.randn(n, d, device=gpu, generator=g).to(dtype)
-    params = default_params(loss)
-    out = run(loss, x, y, params, True, "cuda")
-    want = run(loss, x.double(), y.double(), params, True, "reference")
-    for name, o in zip(names(loss), out):
-        assert torch.isfinite(o).all(), name
-    if dtype == torch.float32:
-        for name, o, r in zip(names(loss), out, want):
-            assert rel_err(o, r) <= TOL[torch.float32], (name, rel_err(o, r))
-        return
-    torch_half = naive_in(loss, x, y, params, True, dtype)
-    for name, o, t, r in zip(names(loss), out, torch_half, want):
         assert rel_err(o, r) <= max(TOL[torch.float32], HALF_FACTOR * rel_err(t, r)), name
 
 
