@@ -10,7 +10,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export FASTCLIP_VENV := $(VENV)
 
-.PHONY: demo demo-seeds test lint bench setup clean wheel wheel-test
+.PHONY: demo demo-seeds test lint sanitize bench setup clean wheel wheel-test
 
 demo:
 	@bash scripts/setup_env.sh
@@ -25,6 +25,12 @@ demo-seeds:
 test:
 	@bash scripts/setup_env.sh --test
 	$(PY) -m pytest -q
+
+# The C++ CPU kernels built with AddressSanitizer + UndefinedBehaviorSanitizer, under the
+# tests that call them (scripts/sanitize_cpu.sh; about 4 minutes on 2 cores).
+sanitize:
+	@bash scripts/setup_env.sh --test
+	bash scripts/sanitize_cpu.sh
 
 # ruff, pinned, with the configuration in pyproject.toml ([tool.ruff]).
 lint:
