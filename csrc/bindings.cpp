@@ -35,6 +35,7 @@ void cpu_fwd(int loss, uintptr_t x, uintptr_t y, int64_t n, int64_t m, int64_t d
              int64_t pos_offset, uintptr_t row, uintptr_t col, uintptr_t pos, int num_threads) {
   const LossKind kind = fastclip::check_loss("cpu_fwd", loss);
   fastclip::check_sizes("cpu_fwd", n, m, d, ldx, ldy);
+  pos_offset = fastclip::clamp_offset(pos_offset, n, m);
   if (!x || !y || !row || !col || !pos) fastclip::fail("cpu_fwd: null pointer");
   py::gil_scoped_release nogil;
   if (is_double)
@@ -55,6 +56,7 @@ std::pair<double, double> cpu_bwd(int loss, uintptr_t x, uintptr_t y, int64_t n,
                                   uintptr_t dx, uintptr_t dy, int num_threads) {
   const LossKind kind = fastclip::check_loss("cpu_bwd", loss);
   fastclip::check_sizes("cpu_bwd", n, m, d, ldx, ldy);
+  pos_offset = fastclip::clamp_offset(pos_offset, n, m);
   if (!x || !y || !row || !col || !grad_row || !grad_col || !grad_pos || !dx || !dy)
     fastclip::fail("cpu_bwd: null pointer");
   py::gil_scoped_release nogil;
@@ -79,6 +81,7 @@ std::pair<double, double> cpu_fwd_bwd(int loss, uintptr_t x, uintptr_t y, int64_
                                       int num_threads) {
   const LossKind kind = fastclip::check_loss("cpu_fwd_bwd", loss);
   fastclip::check_sizes("cpu_fwd_bwd", n, m, d, ldx, ldy);
+  pos_offset = fastclip::clamp_offset(pos_offset, n, m);
   if (kind != LossKind::kSigmoid)
     fastclip::fail("cpu_fwd_bwd: only one-pass losses (code 1, sigmoid) run in one pass");
   if (!x || !y || !grad_row || !grad_col || !grad_pos || !row || !col || !pos || !dx || !dy)

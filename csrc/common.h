@@ -39,4 +39,12 @@ inline void check_sizes(const char* fn, int64_t n, int64_t m, int64_t d, int64_t
     fail(fn, ": row strides must be >= d=", d, ", got ldx=", ldx, " ldy=", ldy);
 }
 
+// The positive of row i is column i + pos_offset; every offset outside [-n, m] means "no
+// positive in this block", and the kernels form i + pos_offset - j0 in int64: clamped here,
+// an offset near +-2^63 from a direct call cannot overflow (as clamped_offset does in
+// src/fastclip/ops/contrastive_loss.py).
+inline int64_t clamp_offset(int64_t pos_offset, int64_t n, int64_t m) {
+  return pos_offset < -n ? -n : (pos_offset > m ? m : pos_offset);
+}
+
 }  // namespace fastclip

@@ -309,12 +309,12 @@ def test_a_destroyed_groups_plan_goes_with_it(tmp_path):
     handshake there and the fresh one elsewhere, collectives of different sizes (gloo aborted
     the process). A new group starts without a plan, whatever its id."""
     import gc
+    import weakref
     from datetime import timedelta
 
     import torch.distributed as dist
 
     import fastclip.distributed as fd
-    import weakref
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
     gc.collect()

@@ -209,3 +209,19 @@ def test_isa_names_the_build_the_calls_run(monkeypatch):
     assert isa() == ("generic" if native == "generic" else "avx2")
     monkeypatch.setenv("FASTCLIP_CPU_ISA", "avx512")         # never more than the CPU has
     assert isa() == native
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_extreme_offsets_in_a_direct_call_mean_no_positive(loss):
+    """The kernels form i + pos_offset - j0 in int64: an offset near +-2^63 handed to the
+    module directly (the op layer clamps first) overflowed (undefined behaviour, seen by
+    UBSan). The module clamps to [-n, m]: any offset out there means no positive here."""
+    from fastclip.ops.backends import cpu
+    spec = get_loss(loss)
+    g = torch.Generator().manual_seed(5)
+    x, y = unit_rows(torch.randn(5, 8, generator=g)), unit_rows(torch.randn(200, 8, generator=g))
+    params = torch.tensor([10.0, -3.0][:len(spec.params)])
+    for far, near in ((2 ** 63 - 1, 200), (-(2 ** 63), -5)):
+        a = cpu.fwd(spec, x, y, params, False, EPS, far)
+        b = cpu.fwd(spec, x, y, params, False, EPS, near)
+        assert all(torch.equal(u, v) for u, v in zip(a, b))

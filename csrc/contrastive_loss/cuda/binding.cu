@@ -158,6 +158,7 @@ void cuda_fwd(int loss, uintptr_t x, uintptr_t y, int64_t n, int64_t m, int64_t 
               uintptr_t pos, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream) {
   const char* fn = "cuda_fwd";
   const Checked c = check_common(fn, loss, x, y, n, m, d, ldx, ldy, dtype, params, num_params, eps);
+  pos_offset = clamp_offset(pos_offset, n, m);
   check_f64(fn, "row", row);
   check_f64(fn, "col", col);
   check_f64(fn, "pos", pos);
@@ -177,6 +178,7 @@ void cuda_bwd(int loss, uintptr_t x, uintptr_t y, int64_t n, int64_t m, int64_t 
               uintptr_t stream) {
   const char* fn = "cuda_bwd";
   const Checked c = check_common(fn, loss, x, y, n, m, d, ldx, ldy, dtype, params, num_params, eps);
+  pos_offset = clamp_offset(pos_offset, n, m);
   check_f64(fn, "row", row);
   check_f64(fn, "col", col);
   check_f64(fn, "grad_row", grad_row);
@@ -201,6 +203,7 @@ void cuda_fwd_bwd(int loss, uintptr_t x, uintptr_t y, int64_t n, int64_t m, int6
                   uintptr_t workspace, size_t workspace_bytes, uintptr_t stream) {
   const char* fn = "cuda_fwd_bwd";
   const Checked c = check_common(fn, loss, x, y, n, m, d, ldx, ldy, dtype, params, num_params, eps);
+  pos_offset = clamp_offset(pos_offset, n, m);
   if (c.loss != LossKind::kSigmoid)
     fail(fn, ": only one-pass losses (code 1, sigmoid) run in one pass; the softmax (code 0) "
              "needs its merged statistics: run cuda_fwd, then cuda_bwd");
