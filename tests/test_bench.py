@@ -221,6 +221,18 @@ def test_default_output_folder(tmp_path, monkeypatch):
     assert cfg.out == os.path.join("benchmarks", "results")
 
 
+@pytest.mark.parametrize("name, expected", [
+    ("AMD EPYC", "amd-epyc"),
+    ("AMD EPYC 9B14", "amd-epyc-9b14"),
+    ("NVIDIA H200", "nvidia-h200"),
+    ("Intel(R) Xeon(R) Processor", "intel-xeon"),
+    ("Intel(R) Core(TM) i7-1165G7 CPU @ 2.80GHz", "intel-core-i7-1165g7-2-80ghz"),
+    ("", "unknown"),
+])
+def test_result_file_names_drop_trademark_marks(name, expected):
+    assert env.slug(name) == expected
+
+
 def test_commit_comes_from_the_environment_or_a_fastclip_checkout(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTCLIP_COMMIT", "abc1234")
     assert env.commit(str(tmp_path)) == "abc1234"

@@ -116,8 +116,13 @@ def env_info(device: str, threads: int | None = None) -> dict:
 
 
 def slug(s: str) -> str:
-    """Lower-case file-name form of a device name: "AMD EPYC" -> "amd-epyc"."""
-    return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-") or "unknown"
+    """Lower-case file-name form of a device name: "AMD EPYC" -> "amd-epyc".
+
+    Trademark marks and the words "processor" and "CPU" are dropped:
+    "Intel(R) Xeon(R) Processor" -> "intel-xeon".
+    """
+    s = re.sub(r"\((r|tm)\)|\b(processor|cpu)\b", " ", s.lower())
+    return re.sub(r"[^a-z0-9]+", "-", s).strip("-") or "unknown"
 
 
 def gb(nbytes: float) -> str:
