@@ -20,7 +20,7 @@ import torch
 from fastclip.bench import contrastive_loss as bench
 from fastclip.bench import env, report
 from fastclip.bench import methods as M
-from fastclip.ops.backends import all_backends
+from fastclip.ops.backends import all_backends, available_backends
 
 
 def _rows(path):
@@ -493,3 +493,28 @@ def test_the_step_whose_memory_is_measured_maps_its_buffers_fresh():
     assert (proc_status_kb("VmHWM") - base) * 1024 >= 7 << 20
     del t
     malloc_for_speed()
+
+
+@pytest.mark.skipif("cpu" not in available_backends("cpu"),
+                    reason="the C++ CPU kernels are not built")
+def test_ab_cpu_builds_interleaves_builds_loaded_side_by_side(tmp_path):
+    """scripts/ab_cpu_builds.py: the installed build and a copy of it, each loaded under its
+    own name, give the same gradients, and every build and the floor get a row."""
+    from fastclip import _ext
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "scripts", "ab_cpu_builds.py")
+    if not os.path.isfile(script):
+        pytest.skip("not a source checkout")
+    copy = tmp_path / "copy" / os.path.basename(_ext.extension().__file__)
+    copy.parent.mkdir()
+    shutil.copy(_ext.extension().__file__, copy)
+    out = subprocess.run([sys.executable, script, "installed", str(copy), "--n", "67", "--d", "9",
+                          "--rounds", "3", "--floor", "--loss", "clip"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "1:copy: max |grad - first build's| = 0\n" in out.stdout, out.stdout
+    rows = [line.split()[0] for line in out.stdout.splitlines() if "/ first build" in line]
+    assert rows == ["0:installed", "1:copy", "floor"], out.stdout
+    bad = subprocess.run([sys.executable, script, str(tmp_path / "missing.so")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "no such file" in bad.stderr
