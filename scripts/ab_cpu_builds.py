@@ -12,8 +12,9 @@ cancels the drift. ``installed`` is the build fastclip imports. Each build's gra
 compared with the first build's first, so a build that computes something else is seen.
 
 Prints, per build: fastest and median call (forward+backward, ms) and the median, min and max
-over the rounds of its time / the first build's time. ``--floor`` adds torch.matmul's products
-of the loss's shapes (3 for SigLIP, 4 for CLIP, as ``fastclip bench``'s floor).
+over the rounds of its time / the first build's time. Inputs, parameters, the fused call and
+``--floor`` (torch.matmul's products of the loss's shapes: 3 for SigLIP, 4 for CLIP) are
+``fastclip bench``'s own (fastclip.bench.methods).
 """
 from __future__ import annotations
 
@@ -53,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.n < 1 or args.d < 1 or args.threads < 1 or args.rounds < 1:
         ap.error("--n, --d, --threads and --rounds must be at least 1")
 
-    import fastclip
     from fastclip import _ext
+    from fastclip.bench import methods as M
 
     if _ext.extension() is None:
         print(f"ab_cpu_builds: {_ext.extension_error()}", file=sys.stderr)
@@ -70,38 +71,23 @@ def main(argv: list[str] | None = None) -> int:
                 load_build(path, i)
 
     torch.set_num_threads(args.threads)
-    g = torch.Generator().manual_seed(args.seed)
-    n, d = args.n, args.d
-    x = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_()
-    y = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_()
-    scale = torch.tensor(10.0, requires_grad=True)
-    bias = torch.tensor(-10.0, requires_grad=True)
-    s_buf, out1, out2 = torch.empty(n, n), torch.empty(n, d), torch.empty(n, d)
-
-    def fused():
-        if args.loss == "siglip":
-            loss = fastclip.siglip_loss(x, y, scale, bias, backend="cpu")
-        else:
-            loss = fastclip.clip_loss(x, y, scale, backend="cpu")
-        loss.backward()
-
-    def floor():
-        with torch.no_grad():
-            torch.mm(x, y.T, out=s_buf)
-            if args.loss == "clip":          # the backward recomputes X·Yᵀ
-                torch.mm(x, y.T, out=s_buf)
-            torch.mm(s_buf, y, out=out1)
-            torch.mm(s_buf.T, x, out=out2)
+    # The benchmark's own inputs and steps: unit features, the loss's initial parameters, the
+    # fused op on the cpu backend and the floor, as `fastclip bench` runs them.
+    spec = M.get_loss(args.loss)
+    inputs = M.make_inputs(spec, args.n, args.d, torch.float32, "cpu", args.seed)
+    x, y = inputs[0], inputs[1]
+    steps = {"fused": M.build_step(spec, "cpu", inputs, device="cpu")}
+    if args.floor:
+        steps["floor"] = M.build_step(spec, M.FLOOR, inputs, device="cpu")
 
     def call(name: str) -> float:
-        if name == "floor":
-            fn = floor
-        else:
+        step = steps["floor" if name == "floor" else "fused"]
+        if name != "floor":
             _ext._C = builds[name]
-            fn = fused
-        x.grad = y.grad = scale.grad = bias.grad = None
+        for t in inputs:
+            t.grad = None
         t0 = time.perf_counter()
-        fn()
+        step.bwd(step.fwd())
         return time.perf_counter() - t0
 
     names = list(builds) + (["floor"] if args.floor else [])
@@ -122,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                 times[name].append(call(name))
     finally:
         _ext._C = installed
-    print(f"{args.loss} forward+backward, N = {n}, D = {d}, {args.threads} thread(s), "
+    print(f"{args.loss} forward+backward, N = {args.n}, D = {args.d}, {args.threads} thread(s), "
           f"{args.rounds} rounds")
     base = times[names[0]]
     for name in names:
