@@ -187,13 +187,48 @@ def _half_case(rank, world, gen, sizes, impl, dtype, d=64, scale=14.3, loss="cli
         "dtypes_ok": xk.grad.dtype == dtype and out.dtype == torch.float32}
 
 
+def _block_partials(X, Y, params, loss, sizes, rank):
+    """The float64 parts of rank ``rank``'s feature gradients (full-batch, unit upstream) that
+    the ring's block kernels compute one block at a time, and round to the features' dtype
+    before they are summed: for X, one part per column block (rank k's text rows); for Y, one
+    per row block. Their sum is the whole gradient (checked against the oracle by the
+    caller). G = dloss/dz is written here at the level of the logits, for the clip and
+    siglip losses."""
+    xd = X.detach().double().requires_grad_()
+    yd = Y.detach().double().requires_grad_()
+    xh = torch.nn.functional.normalize(xd, dim=1)
+    yh = torch.nn.functional.normalize(yd, dim=1)
+    t = float(params[0])
+    z = (t * xh @ yh.T + (float(params[1]) if loss == "siglip" else 0.0)).detach().requires_grad_()
+    n_all = z.shape[0]
+    if loss == "clip":
+        ar = torch.arange(n_all)
+        lz = 0.5 * (torch.nn.functional.cross_entropy(z, ar)
+                    + torch.nn.functional.cross_entropy(z.T, ar))
+    else:
+        lab = 2 * torch.eye(n_all, dtype=z.dtype) - 1
+        lz = torch.nn.functional.softplus(-lab * z).sum() / n_all
+    (g,) = torch.autograd.grad(lz, z)
+    offs = [sum(sizes[:k]) for k in range(len(sizes))]
+    o, n = offs[rank], sizes[rank]
+    px, py = [], []
+    for ok, nk in zip(offs, sizes):
+        gxh = torch.zeros_like(xh)
+        gxh[o:o + n] = t * g[o:o + n, ok:ok + nk] @ yh[ok:ok + nk].detach()
+        px.append(torch.autograd.grad(xh, xd, gxh, retain_graph=True)[0][o:o + n])
+        gyh = torch.zeros_like(yh)
+        gyh[o:o + n] = t * g[ok:ok + nk, o:o + n].T @ xh[ok:ok + nk].detach()
+        py.append(torch.autograd.grad(yh, yd, gyh, retain_graph=True)[0][o:o + n])
+    return px, py
+
+
 def _scaled_half_case(rank, world, gen, sizes, impl, loss, d=32, up=2.0 ** 12):
     """fp16 features, upstream gradient ``up`` (a GradScaler's scale; 2^16, its first, would
     overflow the naive formula's fp16 loss, as a GradScaler would then find) at SigLIP's
     initialisation (tiny gradients): the scale must reach the gradients before their
     rounding to fp16. Per gradient: (our error, that of the naive formula run by PyTorch in
     fp16 with the same scale) against the float64 oracle, and whether we flushed to zero an
-    entry that the W partial roundings cannot explain."""
+    entry that the rounding of the W block parts cannot explain."""
     from fastclip.distributed import fused_loss  # noqa: PLC0415
     from fastclip.ops.losses import get_loss  # noqa: PLC0415
     N = sum(sizes)
@@ -201,7 +236,11 @@ def _scaled_half_case(rank, world, gen, sizes, impl, loss, d=32, up=2.0 ** 12):
     Y = torch.randn(N, d, generator=gen, dtype=torch.float64).to(torch.float16).double()
     params = (10.0,) if loss == "clip" else (10.0, -10.0)
     ref = _oracle(X, Y, params, True, loss)
+    parts = _block_partials(X, Y, params, loss, sizes, rank)
     o, n = sum(sizes[:rank]), sizes[rank]
+    for k, p in enumerate(parts):
+        if rel_err(sum(p), ref[1 + k][o:o + n]) > 1e-10:
+            raise AssertionError(f"the block parts of {loss}'s gradient {k} do not sum to the oracle's")
     xh, yh = X.half().requires_grad_(), Y.half().requires_grad_()
     ph = [torch.tensor(p, dtype=torch.float32, requires_grad=True) for p in params]
     base = torch.autograd.grad(get_loss(loss).naive(xh, yh, *ph, normalize=True) * up, (xh, yh))
@@ -210,16 +249,21 @@ def _scaled_half_case(rank, world, gen, sizes, impl, loss, d=32, up=2.0 ** 12):
     ps = [torch.tensor(p, dtype=torch.float32, requires_grad=True) for p in params]
     out = fused_loss(loss, xk, yk, ps, normalize=True, dist_impl=impl, backend="cpu")
     (out * up).backward()
-    # A gradient summed over the ranks adds W partials, each rounded to fp16 by its block
-    # kernel, then rounds once more: an entry within (W + 1) / 2 subnormal steps (2^-24) of
-    # zero may come out 0. Unscaled (the bug this guards against) everything below
-    # up · 2^-25 ≈ 1e-4 did.
-    tiny = (world + 1) * 2.0 ** -25
+    # A gradient summed over the ranks adds W block parts, each rounded to fp16 by its block
+    # kernel (error up to half an ulp of the part, 2^-11 relative, or half the subnormal step,
+    # 2^-25), then rounds once more (2^-25 next to zero). An entry may come out 0 when its
+    # exact value lies within one ulp of each part (half for its rounding, half for the fp32
+    # arithmetic before it) plus W + 1 half subnormal steps: parts that cancel (a row alone
+    # on its rank: its own column's part against the others') can leave a sum far below
+    # their rounding. Unscaled (the bug this guards against), every entry whose parts lie
+    # below up · 2^-25 ≈ 1e-4 came out 0.
     res = {}
-    for k, got, theirs, r in (("gx", xk.grad, base[0], ref[1]), ("gy", yk.grad, base[1], ref[2])):
+    for k, got, theirs, r, p in (("gx", xk.grad, base[0], ref[1], parts[0]),
+                                 ("gy", yk.grad, base[1], ref[2], parts[1])):
         r = world * r[o:o + n]
+        tol = sum(2.0 ** -10 * (world * up * pk).abs() for pk in p) + (world + 1) * 2.0 ** -25
         res[k] = (rel_err(got.double() / up, r), rel_err(world * theirs[o:o + n].double() / up, r),
-                  bool(((got == 0) & ((r * up).abs() > tiny)).any()))
+                  bool(((got == 0) & ((r * up).abs() > tol)).any()))
     return res
 
 
