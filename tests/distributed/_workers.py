@@ -25,7 +25,7 @@ from fastclip.bench.measure import free_port
 
 # The test suite's error measures (the spawned ranks import this module by path).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from tests.ops._helpers import feature_grad_sizes, param_grad_sizes, rel_err, rows_err  # noqa: E402
+from tests.ops._helpers import _term_matrix, feature_grad_sizes, param_grad_sizes, rel_err, rows_err  # noqa: E402
 
 
 # ------------------------------------------------------------------- parent side
@@ -211,23 +211,13 @@ def _block_partials(X, Y, params, loss, sizes, rank):
     the ring's block kernels compute one block at a time, and round to the features' dtype
     before they are summed: for X, one part per column block (rank k's text rows); for Y, one
     per row block. Their sum is the whole gradient (checked against the oracle by the
-    caller). G = dloss/dz is written here at the level of the logits, for the clip and
-    siglip losses."""
+    caller)."""
     xd = X.detach().double().requires_grad_()
     yd = Y.detach().double().requires_grad_()
     xh = torch.nn.functional.normalize(xd, dim=1)
     yh = torch.nn.functional.normalize(yd, dim=1)
     t = float(params[0])
-    z = (t * xh @ yh.T + (float(params[1]) if loss == "siglip" else 0.0)).detach().requires_grad_()
-    n_all = z.shape[0]
-    if loss == "clip":
-        ar = torch.arange(n_all)
-        lz = 0.5 * (torch.nn.functional.cross_entropy(z, ar)
-                    + torch.nn.functional.cross_entropy(z.T, ar))
-    else:
-        lab = 2 * torch.eye(n_all, dtype=z.dtype) - 1
-        lz = torch.nn.functional.softplus(-lab * z).sum() / n_all
-    (g,) = torch.autograd.grad(lz, z)
+    _, g, _ = _term_matrix(loss, xh.detach(), yh.detach(), [float(p) for p in params])  # dloss/dz
     offs = [sum(sizes[:k]) for k in range(len(sizes))]
     o, n = offs[rank], sizes[rank]
     px, py = [], []
