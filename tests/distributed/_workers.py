@@ -309,19 +309,17 @@ def _ddp_case(rank, world, gen, sizes, impl, loss="clip"):
     fi, ft, ps = single(A, B)
     get_loss(loss).naive(fi, ft, *ps, normalize=True).backward()
     ref = {k: p.grad.clone() for k, p in single.named_parameters()}
+    # The learnable log-scale's and bias's gradients are sums of N² terms that can cancel
+    # through 0 for some draws: measured against the size of their terms (as in _loss_case;
+    # the log-scale's terms are t times the scale's).
+    size = param_grad_sizes(loss, fi, ft, [float(p) for p in ps], True)
+    term_size = {"logit_scale": float(ps[0]) * size[0], "logit_bias": size[-1]}
 
     ddp = DDP(model)
     o, n = sum(sizes[:rank]), sizes[rank]
     fi, ft, ps = ddp(A[o:o + n], B[o:o + n])
     fused_loss(loss, fi, ft, ps, normalize=True, dist_impl=impl, backend="cpu").backward()
-    # The learnable log-scale's and bias's gradients are sums of N² terms that can cancel
-    # through 0 for some draws: measured against the size of their terms (as in _loss_case;
-    # the log-scale's terms are t times the scale's).
-    fi, ft, ps = single(A, B)
-    t = float(ps[0])
-    size = param_grad_sizes(loss, fi, ft, [float(p) for p in ps], True)
-    sizes = {"logit_scale": t * size[0], "logit_bias": size[-1]}
-    return {k: ((p.grad - ref[k]).abs().max().item() / sizes[k]) if k in sizes else
+    return {k: ((p.grad - ref[k]).abs().max().item() / term_size[k]) if k in term_size else
             rel_err(p.grad, ref[k]) for k, p in ddp.module.named_parameters()}
 
 
