@@ -216,8 +216,62 @@ def classes_problem(value: str) -> Optional[str]:
     return None
 
 
-def _check_paths(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def given_dests(p: argparse.ArgumentParser, argv: List[str]) -> set:
+    """The ``dest`` of every option typed in ``argv`` (abbreviated or ``--flag=value`` forms
+    included), told apart from the ones left at their defaults: ``argv`` parsed once more with
+    every default suppressed. ``p`` is left as it was."""
+    saved = [(a, a.default) for a in p._actions]
+    try:
+        for a, _ in saved:
+            a.default = argparse.SUPPRESS
+        ns, _ = p.parse_known_args(argv)
+    finally:
+        for a, d in saved:
+            a.default = d
+    return set(vars(ns))
+
+
+# Options that only one kind of training data reads: typed with another, they would be ignored.
+_DEMO_ONLY = ("demo_train_samples", "demo_eval_samples", "demo_design", "demo_group_size", "demo_group_prob")
+_CSV_ONLY = ("csv_img_key", "csv_caption_key", "csv_separator")
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _check_flags_apply(p: argparse.ArgumentParser, args: argparse.Namespace, given: set, train_kind: str,
+                       val_kind: Optional[str]) -> None:
+    """Refuse options typed for data the run does not read (``--demo-design`` with
+    ``--train-data``, ``--train-num-samples`` with a CSV file, ...) rather than ignore them."""
+    if train_kind != "shapes":
+        typed = [_flag(d) for d in _DEMO_ONLY if d in given]
+        if typed:
+            p.error(f"{typed[0]} sets up the built-in shapes demo, which --train-data {args.train_data!r} "
+                    f"replaces: drop {' and '.join(typed)}")
+    elif args.demo_design != "colour-groups":
+        typed = [_flag(d) for d in ("demo_group_size", "demo_group_prob") if d in given]
+        if typed:
+            p.error(f"{typed[0]} shapes the colour groups of --demo-design colour-groups, not of "
+                    f"--demo-design {args.demo_design}: pass --demo-design colour-groups, or drop "
+                    f"{' and '.join(typed)}")
+    if "train_num_samples" in given and train_kind != "webdataset":
+        where = ("the demo's samples are --demo-train-samples" if train_kind == "shapes"
+                 else "a CSV file's samples are its rows; --steps or --epochs set the length of the run")
+        p.error(f"--train-num-samples tells the length of webdataset shards (which the files do not say): "
+                f"{where}")
+    if "csv" not in (train_kind, val_kind):
+        typed = [_flag(d) for d in _CSV_ONLY if d in given]
+        if typed:
+            p.error(f"{typed[0]} reads CSV files, and neither --train-data nor --val-data is one: drop "
+                    f"{' and '.join(typed)}")
+
+
+def _check_paths(p: argparse.ArgumentParser, args: argparse.Namespace, given: Optional[set] = None) -> None:
+    """Check the ``train`` arguments before anything is built; ``given`` (``given_dests``): the
+    options typed, to refuse those the run would ignore (unchecked when None)."""
     from .train.data import detect_dataset_type, detect_val_type
+    kinds = {}
     if args.dataset_type == "shapes" and args.train_data is not None:
         p.error(f"--dataset-type shapes trains on the built-in synthetic shapes: drop --train-data "
                 f"{args.train_data!r}, or pass --dataset-type auto|csv|webdataset")
@@ -229,6 +283,7 @@ def _check_paths(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                     detect_dataset_type(value, args.dataset_type if args.dataset_type != "shapes" else "auto"))
         except ValueError as e:
             p.error(str(e))
+        kinds[flag] = kind
         why = (csv_file_problem(value) if kind == "csv" else
                shards_problem(value) if kind == "webdataset" else None)
         if why:
@@ -252,6 +307,10 @@ def _check_paths(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.dataset_type in ("csv", "webdataset") and args.train_data is None:
         p.error(f"--dataset-type {args.dataset_type} needs --train-data (the {args.dataset_type} "
                 f"{'file' if args.dataset_type == 'csv' else 'shards'} to train on)")
+    if given is not None:
+        # (no --train-data: the demo; a --dataset-type csv|webdataset without it was refused above)
+        train_kind = kinds.get("--train-data", "shapes")
+        _check_flags_apply(p, args, given, train_kind, kinds.get("--val-data"))
     if args.pretrained is not None:
         if not os.path.exists(args.pretrained):
             p.error(f"--pretrained {args.pretrained!r}: no such file or folder")
@@ -407,7 +466,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.print_help()
         return 2
     train_parser = p._subparsers._group_actions[0].choices["train"]  # errors name the subcommand
-    _check_paths(train_parser, args)
+    _check_paths(train_parser, args, given_dests(train_parser, argv[1:]))
     from .datasets.csv_dataset import DataError
     from .train.checkpoint import CheckpointError
     from .train.run_folder import RunFolderError

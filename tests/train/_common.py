@@ -20,8 +20,22 @@ def env(**extra):
     return e
 
 
+def for_data(tiny, args):
+    """``tiny`` without its ``--demo-*`` options (each followed by its value) when ``args`` train
+    on real data: the command refuses options for data the run does not read."""
+    if "--train-data" not in args:
+        return list(tiny)
+    out, it = [], iter(tiny)
+    for a in it:
+        if a.startswith("--demo-"):
+            next(it)
+        else:
+            out.append(a)
+    return out
+
+
 def fastclip_cmd(*args):
-    return [sys.executable, "-m", "fastclip", "train", *TINY, *args]
+    return [sys.executable, "-m", "fastclip", "train", *for_data(TINY, args), *args]
 
 
 def run(args, timeout=240, **extra_env):

@@ -106,6 +106,45 @@ def test_argument_errors_exit_2_with_a_clear_message(argv, needle, capsys):
     assert needle in err, err
 
 
+def test_options_for_data_the_run_does_not_read_are_refused(tmp_path, capsys):
+    """--demo-* with --train-data, --train-num-samples without shards, --csv-* without a CSV file
+    and colour-group options without that design would be ignored: they exit 2 naming the option,
+    also typed abbreviated or as --flag=value."""
+    csv = tmp_path / "train.csv"
+    csv.write_text("filepath,title\na.png,a cat\n")
+    (tmp_path / "s0.tar").write_bytes(b"")
+    shards = str(tmp_path / "s{0..0}.tar")
+    for argv, needle in (
+            (["--train-data", str(csv), "--demo-design", "iid"], "--demo-design sets up the built-in shapes demo"),
+            (["--train-data", shards, "--demo-tr", "64", "--demo-eval-samples", "8"],
+             "drop --demo-train-samples and --demo-eval-samples"),
+            (["--train-data", str(csv), "--train-num-samples=100"], "a CSV file's samples are its rows"),
+            (["--train-num-samples", "100"], "the demo's samples are --demo-train-samples"),
+            (["--csv-img-key", "path"], "--csv-img-key reads CSV files"),
+            (["--train-data", shards, "--csv-separator", ";"], "--csv-separator reads CSV files"),
+            (["--demo-group-size", "4"], "--demo-group-size shapes the colour groups"),
+            (["--demo-design", "iid", "--demo-group-prob", "0.5"], "not of --demo-design iid")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["train", *argv])
+        assert e.value.code == 2, argv
+        err = capsys.readouterr().err
+        assert needle in err, (argv, err)
+    # The same options where they are read pass the check.
+    train = cli.build_parser()._subparsers._group_actions[0].choices["train"]
+    for argv in (["--train-data", shards, "--train-num-samples", "100", "--val-data", str(csv), "--csv-img-key", "p"],
+                 ["--train-data", str(csv), "--csv-sep", "\\t"],
+                 ["--demo-design", "colour-groups", "--demo-group-size", "4", "--demo-eval-samples", "8"]):
+        cli._check_paths(train, train.parse_args(argv), cli.given_dests(train, argv))
+
+
+def test_given_dests_names_only_the_options_typed():
+    train = cli.build_parser()._subparsers._group_actions[0].choices["train"]
+    assert cli.given_dests(train, ["--steps=3", "--demo-e", "8", "--no-plot"]) == {
+        "steps", "demo_eval_samples", "plot"}
+    assert cli.given_dests(train, []) == set()
+    assert train.get_default("demo_eval_samples") == cli._DEFAULTS.demo_eval_samples   # defaults restored
+
+
 def test_csv_separator_reads_shell_escapes():
     for typed, want in (("\\t", "\t"), ("tab", "\t"), (";", ";"), (",", ",")):
         assert cli.build_parser().parse_args(["train", "--csv-separator", typed]).csv_separator == want

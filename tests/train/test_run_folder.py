@@ -12,6 +12,8 @@ from PIL import Image
 from fastclip import cli
 from fastclip.train import checkpoint as ckpt
 
+from ._common import for_data
+
 TINY = ["--model", "tiny-vit", "--threads", "1", "--progress", "none", "--no-plot", "--time-budget", "0",
         "--demo-train-samples", "256", "--demo-eval-samples", "16", "--batch-size", "8", "--lr", "1e-3",
         "--warmup", "2", "--log-every", "1", "--eval-every", "1000"]
@@ -22,7 +24,7 @@ def _rows(out):
 
 
 def _train(capsys, *args):
-    code = cli.main(["train", *TINY, *args])
+    code = cli.main(["train", *for_data(TINY, args), *args])
     cap = capsys.readouterr()
     return code, cap.out, cap.err
 
