@@ -217,6 +217,36 @@ def test_csv_without_columns_or_rows_raises_data_error(tmp_path):
             CsvDataset(str(tmp_path / name), image_transform(32))
 
 
+def test_rows_and_samples_without_a_caption_are_skipped_and_named(tmp_path):
+    """An empty or blank caption cell, or a row cut short before the caption column, was trained on
+    as the empty text (start and end tokens only): now it is a skipped sample, its lines named;
+    a file in which no row has a caption is a DataError. So is a blank key.txt in a shard."""
+    from fastclip.datasets import DataError
+    for i in range(5):
+        (tmp_path / f"img{i}.png").write_bytes(_png_bytes(i))
+    path = tmp_path / "holes.csv"
+    path.write_text("filepath,title\nimg0.png,a cat\nimg1.png,\nimg2.png,  \nimg3.png\nimg4.png,a dog\n")
+    ds = CsvDataset(str(path), image_transform(32), context_length=16)
+    assert len(ds) == 5 and ds.no_caption_lines == [3, 4, 5]
+    assert [ds[i] is None for i in range(5)] == [False, True, True, True, False]
+    assert ds.notes() == [f"{path}: 3 rows without a caption (lines 3, 4, 5): skipped, as missing images are"]
+    (tmp_path / "clean").mkdir()
+    assert CsvDataset(_write_csv_set(tmp_path / "clean"), image_transform(32)).notes() == []
+    (tmp_path / "none.csv").write_text("filepath,title\nimg0.png,\nimg1.png, \n")
+    with pytest.raises(DataError, match="none.csv: no row has a caption in column 'title'"):
+        CsvDataset(str(tmp_path / "none.csv"), image_transform(32))
+
+    shard = tmp_path / "blank.tar"
+    with tarfile.open(shard, "w") as tar:
+        for key, caption in (("a", b"a red star"), ("b", b" \n"), ("c", b"a blue cross")):
+            for name, data in ((f"{key}.png", _png_bytes(ord(key))), (f"{key}.txt", caption)):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    batches = list(WebDataset(str(shard), 3, image_transform(32), 16, shuffle_buffer=0, max_epochs=1))
+    assert sum(len(b[0]) for b in batches) == 2 and sum(b[2] for b in batches) == 1
+
+
 def _write_shards(root):
     """3 shards, 4 samples each; shard 1 holds one corrupt image and one sample without caption."""
     paths = []

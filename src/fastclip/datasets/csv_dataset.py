@@ -91,7 +91,9 @@ class CsvDataset(torch.utils.data.Dataset):
 
     ``dataset[i]`` or ``dataset[(i, aug_seed)]`` (the latter seeds a random transform) returns
     ``(image [3, S, S], tokens [context_length])``, or None when the image is missing or
-    corrupt: ``collate_skipping`` drops and counts those.
+    corrupt, or the row has no caption (an empty or blank cell, or a row cut short before its
+    caption column): ``collate_skipping`` drops and counts those. Captionless rows are never
+    trained on as an empty text; their line numbers are in ``no_caption_lines``.
 
     The file is UTF-8 (a leading byte-order mark is ignored). Bytes that are not valid UTF-8 never
     stop the reader: in a caption they become U+FFFD (as the webdataset reader decodes captions),
@@ -110,6 +112,7 @@ class CsvDataset(torch.utils.data.Dataset):
             separator = "\t"       # a .tsv file is tab-separated unless another separator is given
         self.path = path
         self.invalid_utf8_lines: List[int] = []
+        self.no_caption_lines: List[int] = []
         rows = []
         try:
             with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
@@ -125,11 +128,15 @@ class CsvDataset(torch.utils.data.Dataset):
                     if _has_surrogates(img) or _has_surrogates(cap):
                         self.invalid_utf8_lines.append(reader.line_num)
                         cap = cap.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                    if not cap.strip():
+                        self.no_caption_lines.append(reader.line_num)
                     rows.append((img, cap))
         except csv.Error as e:
             raise DataError(f"{path}: not a readable CSV file ({e})") from None
         if not rows:
             raise DataError(f"{path}: no rows (only a header)")
+        if len(self.no_caption_lines) == len(rows):
+            raise DataError(f"{path}: no row has a caption in column {caption_key!r} (caption_key)")
         root = os.path.dirname(os.path.abspath(path))
         self.images: List[str] = [p if os.path.isabs(p) else os.path.join(root, p) for p, _ in rows]
         self.captions: List[str] = [c for _, c in rows]
@@ -145,12 +152,27 @@ class CsvDataset(torch.utils.data.Dataset):
         return (f"{self.path}: {n} row{s} with bytes that are not valid UTF-8 (line{s} {shown}): "
                 f"replaced by U+FFFD in captions, kept as raw bytes in image paths")
 
+    def describe_no_captions(self, limit: int = 10) -> Optional[str]:
+        """One line naming the rows without a caption (skipped as failed samples), or None."""
+        n = len(self.no_caption_lines)
+        if not n:
+            return None
+        shown = ", ".join(str(i) for i in self.no_caption_lines[:limit]) + (", ..." if n > limit else "")
+        s = "s" if n > 1 else ""
+        return f"{self.path}: {n} row{s} without a caption (line{s} {shown}): skipped, as missing images are"
+
+    def notes(self) -> List[str]:
+        """The lines to report about the file's rows (``describe_invalid_utf8``, ``describe_no_captions``)."""
+        return [n for n in (self.describe_invalid_utf8(), self.describe_no_captions()) if n]
+
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, key) -> Sample:
         from ..tokenizer import tokenize
         index, aug_seed = key if isinstance(key, tuple) else (key, None)
+        if not self.captions[index].strip():
+            return None
         img = load_image(self.images[index])
         if img is None:
             return None

@@ -2,9 +2,10 @@
 
 A shard is read sequentially (``tarfile`` stream mode: no seeking, no index, works on pipes
 and network filesystems); members sharing a key (the file name up to its first dot, as the
-webdataset convention) form one sample. A sample with no image, no caption, or an image that
-does not decode is skipped and counted, never fatal; so is an unreadable or truncated shard
-(its remaining samples are unknowable, so it counts as one skipped sample).
+webdataset convention) form one sample. A sample with no image, no caption (no key.txt, or a
+blank one), or an image that does not decode is skipped and counted, never fatal; so is an
+unreadable or truncated shard (its remaining samples are unknowable, so it counts as one skipped
+sample).
 
 Shard lists: brace ranges and lists (``data/{00000..00099}.tar``, ``{a,b}.tar``), globs
 (``data/*.tar``), and several specs joined by ``::`` (open_clip's separator).
@@ -171,6 +172,8 @@ class WebDataset(torch.utils.data.IterableDataset):
         if img is None:
             return None
         caption = raw["txt"].decode("utf-8", errors="replace").strip()
+        if not caption:
+            return None     # an empty key.txt: no caption to train on (as a CSV row without one)
         image = seeded_transform(self.transform, aug_seed)(img)
         return image, tokenize([caption], context_length=self.context_length, truncate=True)[0]
 

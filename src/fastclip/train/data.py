@@ -167,10 +167,7 @@ def build_train_data(cfg: TrainConfig, data_type: str, model, env: DistEnv) -> T
         from ..datasets.csv_dataset import CsvDataset
         ds = CsvDataset(cfg.train_data, image_transform_for(model, True), cfg.csv_img_key, cfg.csv_caption_key,
                         cfg.csv_separator, model.context_length)
-        data = TrainData(ds, True, True, None, f"CSV {cfg.train_data} ({len(ds)} rows)")
-        note = ds.describe_invalid_utf8()
-        if note:
-            data.notes.append(note)
+        data = TrainData(ds, True, True, None, f"CSV {cfg.train_data} ({len(ds)} rows)", ds.notes())
     else:
         raise ValueError(f"unknown dataset type {data_type!r}; expected shapes, csv or webdataset")
     data.steps_per_epoch = len(data.dataset) // global_batch
@@ -220,7 +217,7 @@ def load_val_batches(cfg: TrainConfig, model, log: Optional[Callable[[str], None
     ``val_num_samples``, default 10k) and the number of samples skipped (missing or corrupt).
     ``image_ids`` number the distinct images across all batches (rows that repeat an image, one
     per caption, share its id). ``log`` receives notes on the data (CSV rows that were not valid
-    UTF-8)."""
+    UTF-8, or without a caption)."""
     from ..datasets.csv_dataset import collate_skipping
     kind = detect_val_type(cfg.val_data, cfg.dataset_type)
     limit = cfg.val_num_samples or 10_000
@@ -230,8 +227,7 @@ def load_val_batches(cfg: TrainConfig, model, log: Optional[Callable[[str], None
         from ..datasets.csv_dataset import CsvDataset
         ds = CsvDataset(cfg.val_data, image_transform_for(model, False), cfg.csv_img_key, cfg.csv_caption_key,
                         cfg.csv_separator, model.context_length)
-        note = ds.describe_invalid_utf8()
-        if note and log is not None:
+        for note in ds.notes() if log is not None else ():
             log(note)
         for a in range(0, min(len(ds), limit), cfg.batch_size):
             imgs, toks, skipped = collate_skipping([ds[i] for i in range(a, min(a + cfg.batch_size, len(ds), limit))])

@@ -90,7 +90,7 @@ def format_final(r: Dict[str, Any], out_dir: str) -> str:
                      + (f", mean {100 * r['zero_shot_top1_mean']:.1f}%" if "zero_shot_top1_mean" in r else ""))
     if r.get("train_samples_skipped") or r.get("eval_samples_skipped"):
         batches = r.get("train_batches_skipped")
-        lines.append(f"skipped (missing/corrupt): {r['train_samples_skipped']} training, "
+        lines.append(f"skipped (image missing or corrupt, or no caption): {r['train_samples_skipped']} training, "
                      f"{r['eval_samples_skipped']} evaluation samples"
                      + (f"; {batches} training batch{'es' if batches > 1 else ''} had no loadable sample "
                         f"and were replaced by the next" if batches else ""))

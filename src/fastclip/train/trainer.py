@@ -573,7 +573,8 @@ class Trainer:
         what = ("no sample loaded" if self.min_batch <= 1 else
                 f"fewer than {self.min_batch} samples loaded (the model's BatchNorm needs {self.min_batch})")
         raise DataError(f"{self.data_desc}: {what} in {n} batches in a row{span} "
-                        f"({n * self.cfg.batch_size * self.env.world_size} samples, missing or corrupt); "
+                        f"({n * self.cfg.batch_size * self.env.world_size} samples: images missing or corrupt, or no "
+                        f"caption); "
                         f"the data looks unusable: {self._data_advice()} (--max-failed-batches sets "
                         f"this limit)")
 
@@ -583,7 +584,7 @@ class Trainer:
             return ("check that each sample's image (key.jpg, key.png, ...) and caption (key.txt) "
                     "are consecutive members of the tar, as webdataset writes them (a shard with "
                     "all images first and all captions after pairs none), and that they decode")
-        return "check the image paths (relative to the CSV file) and --csv-img-key"
+        return "check the image paths (relative to the CSV file), --csv-img-key and --csv-caption-key"
 
     def _final_metrics(self, loss: Optional[torch.Tensor], wall: float, total_skipped: int,
                        last_eval: Dict[str, float]) -> Dict[str, Any]:
@@ -700,7 +701,7 @@ class _BatchDraws:
             if env.is_main and self.skipped_batches <= 3:
                 what = ("no sample" if loaded == 0 else
                         f"{loaded} sample(s)" + (" (BatchNorm needs 2)" if loaded < t.min_batch else ""))
-                message(f"step {step + 1}: {what} of batch {self.drawn} loaded (missing or corrupt "
-                        f"images{'' if loaded < t.min_batch else ' on another rank'}); "
+                message(f"step {step + 1}: {what} of batch {self.drawn} loaded (images missing or "
+                        f"corrupt, or no caption{'' if loaded < t.min_batch else ', on another rank'}); "
                         f"skipped it and drew the next batch"
                         + (" (further ones are only counted)" if self.skipped_batches == 3 else ""))
