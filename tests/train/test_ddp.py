@@ -4,6 +4,7 @@ the batch, train to the same weights as one process with the whole batch (the ex
 import json
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -31,27 +32,44 @@ def single(tmp_path_factory, request):
     return request.param, out
 
 
-@pytest.mark.parametrize("extra", [[], ["--dist-impl", "ring", "--accum-micro-batch", "3"]],
-                         ids=["gather", "ring+micro"])
-def test_two_ranks_equal_one_process(tmp_path, single, extra):
-    loss, single = single
-    extra = ["--loss", loss, *extra]
-    out = str(tmp_path / "ddp")
-    port = free_port()
-    procs = [subprocess.Popen(fastclip_cmd(*COMMON, *extra, "--batch-size", "8", "--output", out),
-                              env=env(RANK=r, LOCAL_RANK=r, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    logs = []
+def _launch(extra, out, port, timeout=240):
+    """Two ranks of ``fastclip train`` as torchrun starts them: their exit codes and logs. A rank
+    that fails stops the other (which would wait for it until the group's timeout)."""
+    logs = [f"{out}.rank{r}.log" for r in range(2)]
+    procs = []
     try:
-        for p in procs:
-            logs.append(p.communicate(timeout=240)[0])
+        for r in range(2):
+            with open(logs[r], "w") as f:
+                procs.append(subprocess.Popen(
+                    fastclip_cmd(*COMMON, *extra, "--batch-size", "8", "--output", out),
+                    env=env(RANK=r, LOCAL_RANK=r, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+                    stdout=f, stderr=subprocess.STDOUT, text=True))
+        deadline = time.monotonic() + timeout
+        while (any(p.poll() is None for p in procs) and all(p.poll() in (None, 0) for p in procs)
+               and time.monotonic() < deadline):
+            time.sleep(0.2)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait(timeout=30)
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log
+    return [p.returncode for p in procs], [open(f).read() for f in logs]
+
+
+@pytest.mark.parametrize("extra", [[], ["--dist-impl", "ring", "--accum-micro-batch", "3"]],
+                         ids=["gather", "ring+micro"])
+def test_two_ranks_equal_one_process(tmp_path, single, extra):
+    loss, single = single
+    extra = ["--loss", loss, *extra]
+    # The port is free when chosen but bound only once rank 0 has imported torch, seconds later:
+    # if another process took it meanwhile, the ranks run once more on a new port.
+    for attempt in range(2):
+        out = str(tmp_path / f"ddp{attempt}")
+        codes, logs = _launch(extra, out, free_port())
+        if not any("EADDRINUSE" in log or "address already in use" in log.lower() for log in logs):
+            break
+    for code, log in zip(codes, logs):
+        assert code == 0, log
     assert "batch 16 (2 ranks)" in logs[0]
     for a, b in zip(_losses(out), _losses(single)):
         assert abs(a - b) <= 1e-5 * abs(b), (_losses(out), _losses(single))
