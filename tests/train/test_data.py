@@ -367,7 +367,6 @@ def test_training_on_csv_and_shards_counts_skipped(tmp_path):
     import json
 
     from fastclip.train import TrainConfig, train
-    torch.set_num_threads(1)
     csv = _write_csv_set(tmp_path)
     folder = tmp_path / "zs"
     for cls in ("noise_a", "noise_b"):
@@ -376,9 +375,18 @@ def test_training_on_csv_and_shards_counts_skipped(tmp_path):
             (folder / cls / f"{i}.png").write_bytes(_png_bytes(50 + i + len(cls)))
     (folder / "noise_a" / "broken.png").write_bytes(CORRUPT)
     out = tmp_path / "csv_run"
-    r = train(TrainConfig(model="tiny-vit", train_data=csv, val_data=csv, zeroshot_data=str(folder),
-                          zeroshot_templates="simple", output=str(out), batch_size=7, steps=2, warmup=1,
-                          progress="none", plot=False))
+    saved = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(3)
+    torch.use_deterministic_algorithms(False)
+    try:
+        r = train(TrainConfig(model="tiny-vit", train_data=csv, val_data=csv, zeroshot_data=str(folder),
+                              zeroshot_templates="simple", output=str(out), batch_size=7, steps=2, warmup=1,
+                              progress="none", plot=False, threads=1))
+        # train() gives the process back its thread count and deterministic mode (a CPU run sets both)
+        assert torch.get_num_threads() == 3 and not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1], warn_only=True)
     assert r["train_samples_skipped"] == 4  # 2 bad rows x 2 steps (one epoch = one batch of 7)
     assert r["eval_samples_skipped"] == 3  # 2 bad val rows + 1 broken zero-shot image
     assert "zero_shot_zs_top1" in r and "val/loss" in r and "val/image_to_text_R@1" in r
@@ -389,7 +397,7 @@ def test_training_on_csv_and_shards_counts_skipped(tmp_path):
     _write_shards(shards)
     r = train(TrainConfig(model="tiny-vit", train_data=str(shards / "shard-{000..002}.tar"),
                           output=str(tmp_path / "wds"),
-                          batch_size=4, steps=3, warmup=1, progress="none", plot=False))
+                          batch_size=4, steps=3, warmup=1, progress="none", plot=False, threads=1))
     assert r["steps"] == 3 and r["train_samples_skipped"] == 2  # 12 samples read, 2 bad
 
 

@@ -659,12 +659,23 @@ def build_model(cfg: TrainConfig):
 
 def train(cfg: TrainConfig, log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     """Train with ``cfg`` and return the final metrics (``metrics.json``'s content; empty on
-    ranks other than 0). ``log``: where the run's lines go (default ``print``)."""
+    ranks other than 0). ``log``: where the run's lines go (default ``print``).
+
+    The process-wide settings the run changes are restored when it returns or raises: torch's
+    CPU thread count (``cfg.threads``, the demo's thread choice) and its deterministic-algorithms
+    mode (on for a CPU run, for bit-exact resume). The random generators stay as the run left them.
+    """
+    threads = torch.get_num_threads()
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
     try:
         out = Trainer(cfg, log=log).run()
     except BaseException:
         shutdown_distributed(clean=False)     # a peer may be gone: no barrier
         raise
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
     shutdown_distributed()
     return out
 
