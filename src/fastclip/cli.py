@@ -260,6 +260,10 @@ def _check_flags_apply(p: argparse.ArgumentParser, args: argparse.Namespace, giv
                  else "a CSV file's samples are its rows; --steps or --epochs set the length of the run")
         p.error(f"--train-num-samples tells the length of webdataset shards (which the files do not say): "
                 f"{where}")
+    for dest, needs, what in (("zeroshot_templates", "zeroshot_data", "makes the prompts of --zeroshot-data's classes"),
+                              ("val_num_samples", "val_data", "caps the samples of --val-data")):
+        if dest in given and getattr(args, needs) is None:
+            p.error(f"{_flag(dest)} {what}: pass that too (the demo evaluates on its own held-out pairs)")
     if "csv" not in (train_kind, val_kind):
         typed = [_flag(d) for d in _CSV_ONLY if d in given]
         if typed:

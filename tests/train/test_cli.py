@@ -123,7 +123,9 @@ def test_options_for_data_the_run_does_not_read_are_refused(tmp_path, capsys):
             (["--csv-img-key", "path"], "--csv-img-key reads CSV files"),
             (["--train-data", shards, "--csv-separator", ";"], "--csv-separator reads CSV files"),
             (["--demo-group-size", "4"], "--demo-group-size shapes the colour groups"),
-            (["--demo-design", "iid", "--demo-group-prob", "0.5"], "not of --demo-design iid")):
+            (["--demo-design", "iid", "--demo-group-prob", "0.5"], "not of --demo-design iid"),
+            (["--zeroshot-templates", "simple"], "--zeroshot-templates makes the prompts of --zeroshot-data's"),
+            (["--train-data", str(csv), "--val-num-samples", "10"], "--val-num-samples caps the samples of")):
         with pytest.raises(SystemExit) as e:
             cli.main(["train", *argv])
         assert e.value.code == 2, argv
@@ -132,7 +134,8 @@ def test_options_for_data_the_run_does_not_read_are_refused(tmp_path, capsys):
     # The same options where they are read pass the check.
     train = cli.build_parser()._subparsers._group_actions[0].choices["train"]
     for argv in (["--train-data", shards, "--train-num-samples", "100", "--val-data", str(csv), "--csv-img-key", "p"],
-                 ["--train-data", str(csv), "--csv-sep", "\\t"],
+                 ["--train-data", str(csv), "--csv-sep", "\\t", "--zeroshot-data", str(tmp_path),
+                  "--zeroshot-templates", "cifar"],
                  ["--demo-design", "colour-groups", "--demo-group-size", "4", "--demo-eval-samples", "8"]):
         cli._check_paths(train, train.parse_args(argv), cli.given_dests(train, argv))
 
