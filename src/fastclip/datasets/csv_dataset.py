@@ -142,24 +142,24 @@ class CsvDataset(torch.utils.data.Dataset):
         self.captions: List[str] = [c for _, c in rows]
         self.transform, self.context_length = transform, context_length
 
-    def describe_invalid_utf8(self, limit: int = 10) -> Optional[str]:
-        """One line naming the rows that were not valid UTF-8, or None when every row was."""
-        n = len(self.invalid_utf8_lines)
+    def _describe_rows(self, lines: List[int], what: str, done: str, limit: int) -> Optional[str]:
+        """``"<path>: <n> row(s) <what> (line(s) <first ``limit``>): <done>"``, or None without lines."""
+        n = len(lines)
         if not n:
             return None
-        shown = ", ".join(str(i) for i in self.invalid_utf8_lines[:limit]) + (", ..." if n > limit else "")
+        shown = ", ".join(str(i) for i in lines[:limit]) + (", ..." if n > limit else "")
         s = "s" if n > 1 else ""
-        return (f"{self.path}: {n} row{s} with bytes that are not valid UTF-8 (line{s} {shown}): "
-                f"replaced by U+FFFD in captions, kept as raw bytes in image paths")
+        return f"{self.path}: {n} row{s} {what} (line{s} {shown}): {done}"
+
+    def describe_invalid_utf8(self, limit: int = 10) -> Optional[str]:
+        """One line naming the rows that were not valid UTF-8, or None when every row was."""
+        return self._describe_rows(self.invalid_utf8_lines, "with bytes that are not valid UTF-8",
+                                   "replaced by U+FFFD in captions, kept as raw bytes in image paths", limit)
 
     def describe_no_captions(self, limit: int = 10) -> Optional[str]:
         """One line naming the rows without a caption (skipped as failed samples), or None."""
-        n = len(self.no_caption_lines)
-        if not n:
-            return None
-        shown = ", ".join(str(i) for i in self.no_caption_lines[:limit]) + (", ..." if n > limit else "")
-        s = "s" if n > 1 else ""
-        return f"{self.path}: {n} row{s} without a caption (line{s} {shown}): skipped, as missing images are"
+        return self._describe_rows(self.no_caption_lines, "without a caption", "skipped, as missing images are",
+                                   limit)
 
     def notes(self) -> List[str]:
         """The lines to report about the file's rows (``describe_invalid_utf8``, ``describe_no_captions``)."""
