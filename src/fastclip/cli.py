@@ -263,7 +263,7 @@ def _check_flags_apply(p: argparse.ArgumentParser, args: argparse.Namespace, giv
     for dest, needs, what in (("zeroshot_templates", "zeroshot_data", "makes the prompts of --zeroshot-data's classes"),
                               ("val_num_samples", "val_data", "caps the samples of --val-data")):
         if dest in given and getattr(args, needs) is None:
-            p.error(f"{_flag(dest)} {what}: pass that too (the demo evaluates on its own held-out pairs)")
+            p.error(f"{_flag(dest)} {what}: pass that too, or drop {_flag(dest)}")
     if "csv" not in (train_kind, val_kind):
         typed = [_flag(d) for d in _CSV_ONLY if d in given]
         if typed:

@@ -214,7 +214,8 @@ class _ImageIds:
 def load_val_batches(cfg: TrainConfig, model, log: Optional[Callable[[str], None]] = None
                      ) -> Tuple[List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]], int]:
     """Batches ``(images [B, 3, S, S], tokens [B, L], image_ids [B])`` of ``cfg.val_data`` (at most
-    ``val_num_samples``, default 10k) and the number of samples skipped (missing or corrupt).
+    ``val_num_samples``, default 10k) and the number of samples skipped (image missing or corrupt,
+    or no caption).
     ``image_ids`` number the distinct images across all batches (rows that repeat an image, one
     per caption, share its id). ``log`` receives notes on the data (CSV rows that were not valid
     UTF-8, or without a caption)."""

@@ -573,10 +573,9 @@ class Trainer:
         what = ("no sample loaded" if self.min_batch <= 1 else
                 f"fewer than {self.min_batch} samples loaded (the model's BatchNorm needs {self.min_batch})")
         raise DataError(f"{self.data_desc}: {what} in {n} batches in a row{span} "
-                        f"({n * self.cfg.batch_size * self.env.world_size} samples: images missing or corrupt, or no "
-                        f"caption); "
-                        f"the data looks unusable: {self._data_advice()} (--max-failed-batches sets "
-                        f"this limit)")
+                        f"({n * self.cfg.batch_size * self.env.world_size} samples: images missing or corrupt, "
+                        f"or no caption); the data looks unusable: {self._data_advice()} "
+                        f"(--max-failed-batches sets this limit)")
 
     def _data_advice(self) -> str:
         """What to check in data of which no batch loads, by kind of data."""
