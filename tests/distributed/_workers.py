@@ -25,6 +25,7 @@ from fastclip.bench.measure import free_port
 
 # The test suite's error measures (the spawned ranks import this module by path).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from tests._ports import port_taken  # noqa: E402
 from tests.ops._helpers import _term_matrix, feature_grad_sizes, param_grad_sizes, rel_err, rows_err  # noqa: E402
 
 
@@ -40,7 +41,7 @@ def run_group(world: int, seed: int, timeout: float = 100.0) -> dict:
     try:
         return _run_group_once(world, seed, timeout)
     except AssertionError as e:
-        if "address already in use" not in str(e).lower() and "EADDRINUSE" not in str(e):
+        if not port_taken(str(e)):
             raise
     return _run_group_once(world, seed, timeout)
 

@@ -288,7 +288,7 @@ def test_single_rank_group_equals_plain_loss(impl):
                                     rank=0, world_size=1, timeout=timedelta(seconds=30))
             break
         except Exception as e:      # noqa: BLE001  (torch's DistNetworkError or RuntimeError)
-            if attempt or ("EADDRINUSE" not in str(e) and "address already in use" not in str(e).lower()):
+            if attempt or not _workers.port_taken(str(e)):
                 raise
     try:
         x = torch.randn(13, 9, dtype=torch.float64, requires_grad=True)
