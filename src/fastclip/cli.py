@@ -261,7 +261,9 @@ def _check_flags_apply(p: argparse.ArgumentParser, args: argparse.Namespace, giv
         p.error(f"--train-num-samples tells the length of webdataset shards (which the files do not say): "
                 f"{where}")
     for dest, needs, what in (("zeroshot_templates", "zeroshot_data", "makes the prompts of --zeroshot-data's classes"),
-                              ("val_num_samples", "val_data", "caps the samples of --val-data")):
+                              ("val_num_samples", "val_data", "caps the samples of --val-data"),
+                              ("keep_checkpoints", "save_every", "prunes the training checkpoints that "
+                                                                 "--save-every writes")):
         if dest in given and getattr(args, needs) is None:
             p.error(f"{_flag(dest)} {what}: pass that too, or drop {_flag(dest)}")
     if "csv" not in (train_kind, val_kind):

@@ -107,9 +107,9 @@ def test_argument_errors_exit_2_with_a_clear_message(argv, needle, capsys):
 
 
 def test_options_for_data_the_run_does_not_read_are_refused(tmp_path, capsys):
-    """--demo-* with --train-data, --train-num-samples without shards, --csv-* without a CSV file
-    and colour-group options without that design would be ignored: they exit 2 naming the option,
-    also typed abbreviated or as --flag=value."""
+    """--demo-* with --train-data, --train-num-samples without shards, --csv-* without a CSV file,
+    colour-group options without that design and --keep-checkpoints without --save-every would be
+    ignored: they exit 2 naming the option, also typed abbreviated or as --flag=value."""
     csv = tmp_path / "train.csv"
     csv.write_text("filepath,title\na.png,a cat\n")
     (tmp_path / "s0.tar").write_bytes(b"")
@@ -125,7 +125,8 @@ def test_options_for_data_the_run_does_not_read_are_refused(tmp_path, capsys):
             (["--demo-group-size", "4"], "--demo-group-size shapes the colour groups"),
             (["--demo-design", "iid", "--demo-group-prob", "0.5"], "not of --demo-design iid"),
             (["--zeroshot-templates", "simple"], "--zeroshot-templates makes the prompts of --zeroshot-data's"),
-            (["--train-data", str(csv), "--val-num-samples", "10"], "--val-num-samples caps the samples of")):
+            (["--train-data", str(csv), "--val-num-samples", "10"], "--val-num-samples caps the samples of"),
+            (["--keep-checkpoints", "3"], "--keep-checkpoints prunes the training checkpoints that --save-every")):
         with pytest.raises(SystemExit) as e:
             cli.main(["train", *argv])
         assert e.value.code == 2, argv
@@ -136,7 +137,8 @@ def test_options_for_data_the_run_does_not_read_are_refused(tmp_path, capsys):
     for argv in (["--train-data", shards, "--train-num-samples", "100", "--val-data", str(csv), "--csv-img-key", "p"],
                  ["--train-data", str(csv), "--csv-sep", "\\t", "--zeroshot-data", str(tmp_path),
                   "--zeroshot-templates", "cifar"],
-                 ["--demo-design", "colour-groups", "--demo-group-size", "4", "--demo-eval-samples", "8"]):
+                 ["--demo-design", "colour-groups", "--demo-group-size", "4", "--demo-eval-samples", "8"],
+                 ["--save-every", "100", "--keep-checkpoints", "0"]):
         cli._check_paths(train, train.parse_args(argv), cli.given_dests(train, argv))
 
 
