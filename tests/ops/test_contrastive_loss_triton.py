@@ -207,7 +207,9 @@ def test_every_output_element_is_written(dev, monkeypatch, loss, normalize):
 def test_one_pass_runs_no_forward_and_matches_the_two_passes(dev, monkeypatch):
     # fwd_bwd of the sigmoid: the two backward passes with statistics, no forward kernel and
     # no merge; its statistics and gradients are those of fwd then bwd (bitwise under the
-    # interpreter, whose tiles are fixed; the autotuner may pick other tiles on a GPU).
+    # interpreter, whose tiles are fixed; the autotuner may pick other tiles on a GPU), but
+    # pos: fwd takes the positive's fp32 logit from its tile, the one pass a float64 dot
+    # (fastclip.ops.backends), so the two agree to fp32 rounding.
     K = _kernels()
     spec = get_loss("siglip")
     g = torch.Generator().manual_seed(5)
@@ -223,7 +225,7 @@ def test_one_pass_runs_no_forward_and_matches_the_two_passes(dev, monkeypatch):
     one = K.fwd_bwd(spec.code, x, y, p, True, EPS, 1, *grads)
     assert fwds.calls == 0 and merges.calls == 0
     for name, a, b in zip(("row", "col", "pos", "dx", "dy", "dparams"), one, two):
-        if INTERPRET:
+        if INTERPRET and name != "pos":
             assert torch.equal(a, b), name
         else:
             assert rel_err(a, b) <= 1e-6, (name, rel_err(a, b))

@@ -82,6 +82,10 @@ struct TileCtx {
   const T* colmask;   // 0, -inf on padded columns        [mpad]
   T scale, zbias;     // s and the bias b added to every logit (0 for the softmax)
   int64_t pos_offset;
+  // The positives z_{i, i+pos_offset} [n], written by the tile that holds them (forward and
+  // one pass): the logit as the statistics saw it, so that a CLIP row's row_i - pos_i cancels
+  // its rounding (0 exactly at n = m = 1, where a separate fp64 dot left ~1 ulp of z).
+  double* pos;
   // Backward of the softmax: the float64 statistics as hi + lo in T, so that the epilogue's
   // exp((z - hi) - lo) keeps their precision ((z - hi) is exact where it matters).
   const T* row_hi;    // [n]
@@ -306,19 +310,6 @@ RowBlocks row_blocks(int64_t n, int num_threads, int64_t mr) {
   return {bm, nblk, int(std::max<int64_t>(1, std::min(th, nblk)))};
 }
 
-// pos_i = z_{i, i+pos_offset} (0 outside the block), the dot product in fp64.
-template <typename T>
-void positives(const Prep<T>& p, const T* x, const T* y, int64_t n, int64_t m, int64_t d,
-               int64_t ldx, int64_t ldy, T bias, int64_t pos_offset, double* pos, int nt) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t j = i + pos_offset;
-    pos[i] = (j >= 0 && j < m) ? double(p.arow[i]) * double(p.sig[j]) *
-                                         dot(x + i * ldx, y + j * ldy, d) + double(bias)
-                               : 0.0;
-  }
-}
-
 // The sigmoid's per-thread column sums, added in a fixed (thread) order.
 void sum_columns(const std::vector<double>& cs, int nt, int64_t mp, int64_t m, double* col) {
 #pragma omp parallel for num_threads(nt) schedule(static)
@@ -354,7 +345,9 @@ void fwd_impl(const T* x, const T* y, int64_t n, int64_t m, int64_t d, int64_t l
   const int nt = rb.nt;
   const Prep<T> p = prepare(K, x, y, n, m, d, ldx, ldy, scale, normalize, eps,
                             std::max(1, num_threads));
-  const TileCtx<T> t = context(p, x, y, n, m, d, ldx, ldy, scale, bias, pos_offset);
+  TileCtx<T> t = context(p, x, y, n, m, d, ldx, ldy, scale, bias, pos_offset);
+  std::fill(pos, pos + n, 0.0);          // rows whose positive is outside [0, m)
+  t.pos = pos;
   const int64_t mp = p.mpad;
   // Per-thread column statistics, merged exactly below: (running max, sum of exp) for the
   // softmax, sums for the sigmoid.
@@ -403,7 +396,6 @@ void fwd_impl(const T* x, const T* y, int64_t n, int64_t m, int64_t d, int64_t l
   } else {
     sum_columns(csum, nt, mp, m, col);
   }
-  positives(p, x, y, n, m, d, ldx, ldy, bias, pos_offset, pos, nt);
 }
 
 // The backward (STATS = false) and the one-pass forward+backward (STATS = true).
@@ -435,6 +427,10 @@ ParamGrads bwd_impl(const T* x, const T* y, int64_t n, int64_t m, int64_t d, int
   std::copy(grad_col, grad_col + m, gc.begin());
   t.row_hi = rhi.data(); t.row_lo = rlo.data(); t.col_hi = chi.data(); t.col_lo = clo.data();
   t.grad_row = grad_row; t.grad_col = gc.data(); t.grad_pos = grad_pos;
+  if (STATS) {
+    std::fill(pos_out, pos_out + n, 0.0);
+    t.pos = pos_out;
+  }
   // One-pass statistics: row sums across column chunks, per-thread column sums.
   std::vector<double> rsum(STATS ? n : 0, 0.0), csum(STATS ? size_t(nt) * mp : 0, 0.0);
   // Columns per chunk: all of m unless the per-thread dY buffers would exceed kDyBudget.
@@ -529,7 +525,6 @@ ParamGrads bwd_impl(const T* x, const T* y, int64_t n, int64_t m, int64_t d, int
   if constexpr (STATS) {
     for (int64_t i = 0; i < n; ++i) row_out[i] = rsum[i];
     sum_columns(csum, nt, mp, m, col_out);
-    positives(p, x, y, n, m, d, ldx, ldy, bias, pos_offset, pos_out, nt);
   }
   ParamGrads out{0.0, 0.0};
   for (const ParamGrads& v : gl) {

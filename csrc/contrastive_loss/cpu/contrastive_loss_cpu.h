@@ -17,7 +17,7 @@ namespace fastclip::cpu {
 // Statistics are double whatever T is (src/fastclip/ops/losses: an fp32 log-sum-exp of
 // logits of 1e4 is off by 5e-4); every tile is computed in T.
 
-// Writes row [n], col [m], pos [n] (pos_i = z_{i,i+pos_offset} or 0).
+// Writes row [n], col [m], pos [n] (pos_i = z_{i,i+pos_offset} as its tile rounded it, or 0).
 template <typename T>
 void contrastive_loss_fwd(LossKind loss, const T* x, const T* y, int64_t n, int64_t m, int64_t d,
                           int64_t ldx, int64_t ldy, T scale, T bias, bool normalize, T eps,

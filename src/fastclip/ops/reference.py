@@ -74,15 +74,11 @@ class _Block:
         is_pos = self.cols[None, :] == rows[:, None] + self.off      # [b-a, m]
         return u, z, is_pos
 
-    def pos(self) -> Tensor:
-        """z_{i, i+off} in float64 (0 outside the block): O(n·D), no tile."""
-        pos = torch.zeros(self.n, dtype=STAT_DTYPE, device=self.xh.device)
-        lo, hi = max(0, -self.off), min(self.n, self.m - self.off)
-        if hi > lo:
-            u = (self.xh[lo:hi].double() * self.yh[lo + self.off:hi + self.off].double()).sum(1)
-            z = self.s.double() * u
-            pos[lo:hi] = z if self.b is None else z + self.b.double()
-        return pos
+    def pos(self, z: Tensor, is_pos: Tensor) -> Tensor:
+        """z_{i, i+off} of a tile's rows, as the tile rounded it, in float64 (0 where the row's
+        positive is outside the block): the statistics sum these same logits, so that a
+        CLIP row's row_i - pos_i cancels the positive's rounding (exactly 0 at n = m = 1)."""
+        return torch.where(is_pos, z, 0.0).sum(1).to(STAT_DTYPE)                    # [b-a]
 
 
 def block_fwd(spec: LossSpec, x: Tensor, y: Tensor, params: Tensor, normalize: bool, eps: float,
@@ -90,13 +86,15 @@ def block_fwd(spec: LossSpec, x: Tensor, y: Tensor, params: Tensor, normalize: b
     """(row [n], col [m], pos [n]) statistics of one block (see fastclip.ops.backends)."""
     k = _Block(x, y, params, normalize, eps, pos_offset)
     row = torch.empty(k.n, dtype=STAT_DTYPE, device=x.device)
+    pos = torch.empty(k.n, dtype=STAT_DTYPE, device=x.device)
     col = None
     for a, b in _chunks(k.n, k.m):
         _, z, is_pos = k.tile(a, b)
         r, c = spec.ref_stats(z, is_pos)
         row[a:b] = r
+        pos[a:b] = k.pos(z, is_pos)
         col = merge(spec.merge, col, c)
-    return row, col, k.pos()
+    return row, col, pos
 
 
 def _grads(spec: LossSpec, k: _Block, row, col, grad_row, grad_col, grad_pos, stats: bool):
@@ -104,12 +102,14 @@ def _grads(spec: LossSpec, k: _Block, row, col, grad_row, grad_col, grad_pos, st
     gyh = torch.zeros_like(k.yh)                                     # d/d ŷ  [m, D]
     dp = torch.zeros_like(k.p)
     out_row = torch.empty(k.n, dtype=STAT_DTYPE, device=k.xh.device) if stats else row
+    out_pos = torch.empty(k.n, dtype=STAT_DTYPE, device=k.xh.device) if stats else None
     out_col = None if stats else col
     for a, b in _chunks(k.n, k.m):
         u, z, is_pos = k.tile(a, b)
         if stats:
             r, c = spec.ref_stats(z, is_pos)
             out_row[a:b] = r
+            out_pos[a:b] = k.pos(z, is_pos)
             out_col = merge(spec.merge, out_col, c)
         g = spec.ref_dz(z, is_pos, row[a:b] if row is not None else None, col,
                         grad_row[a:b], grad_col)
@@ -125,7 +125,7 @@ def _grads(spec: LossSpec, k: _Block, row, col, grad_row, grad_col, grad_pos, st
         if k.normalize else gxh
     gy = k.sig[:, None] * (gyh - (k.keep_y[:, None] * k.yh) * (k.yh * gyh).sum(1, keepdim=True)) \
         if k.normalize else gyh
-    return out_row, out_col, gx, gy, dp
+    return out_row, out_col, out_pos, gx, gy, dp
 
 
 def block_bwd(spec: LossSpec, x: Tensor, y: Tensor, params: Tensor, normalize: bool, eps: float,
@@ -134,7 +134,7 @@ def block_bwd(spec: LossSpec, x: Tensor, y: Tensor, params: Tensor, normalize: b
     """Vector-Jacobian product of :func:`block_fwd`: (dx [n, D], dy [m, D], dparams [P])."""
     k = _Block(x, y, params, normalize, eps, pos_offset)
     acc = k.acc
-    _, _, gx, gy, dp = _grads(spec, k, row.to(STAT_DTYPE), col.to(STAT_DTYPE), grad_row.to(acc),
+    _, _, _, gx, gy, dp = _grads(spec, k, row.to(STAT_DTYPE), col.to(STAT_DTYPE), grad_row.to(acc),
                               grad_col.to(acc), grad_pos.to(acc), stats=False)
     return gx.to(x.dtype), gy.to(y.dtype), dp
 
@@ -149,6 +149,6 @@ def block_fwd_bwd(spec: LossSpec, x: Tensor, y: Tensor, params: Tensor, normaliz
                          f"call block_fwd, then block_bwd")
     k = _Block(x, y, params, normalize, eps, pos_offset)
     acc = k.acc
-    row, col, gx, gy, dp = _grads(spec, k, None, None, grad_row.to(acc), grad_col.to(acc),
+    row, col, pos, gx, gy, dp = _grads(spec, k, None, None, grad_row.to(acc), grad_col.to(acc),
                                   grad_pos.to(acc), stats=True)
-    return row, col, k.pos(), gx.to(x.dtype), gy.to(y.dtype), dp
+    return row, col, pos, gx.to(x.dtype), gy.to(y.dtype), dp

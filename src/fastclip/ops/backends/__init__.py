@@ -16,7 +16,8 @@ column features ``y`` [m, D]; the single-device loss is one block, the sharded f
     z_ij = s * u_ij (+ b)                   the logits; j = i + pos_offset is i's positive
     fwd(spec, x, y, params, normalize, eps, pos_offset) -> (row [n], col [m], pos [n])
         row_i = MERGE_j f(z_ij)   col_j = MERGE_i f(z_ij)   (the loss's epilogue and merge)
-        pos_i = z_{i, i+pos_offset}  (0 where i+pos_offset is outside [0, m))
+        pos_i = z_{i, i+pos_offset}  (0 where i+pos_offset is outside [0, m); the logit as
+                                      the forward's tile rounded it, see below)
     bwd(spec, x, y, params, normalize, eps, pos_offset, row, col,
         grad_row [n], grad_col [m], grad_pos [n]) -> (dx [n, D], dy [m, D], dparams [P])
         G_ij = grad_row_i d row_i/d z_ij + grad_col_j d col_j/d z_ij + grad_pos_i [j == i+off]
@@ -29,7 +30,10 @@ column features ``y`` [m, D]; the single-device loss is one block, the sharded f
 (for "lse" losses d row_i/d z_ij = exp(z_ij - row_i) with the merged row_i, which is also the
 derivative through the merge). Statistics and ``pos`` are float64 whatever the features'
 dtype (``fastclip.ops.losses.STAT_DTYPE``: an fp32 log-sum-exp of logits of 1e4 is off by
-5e-4), and so are their upstream gradients; ``dparams`` is float32 (float64 for float64
+5e-4), and so are their upstream gradients; ``fwd``'s ``pos_i`` is the positive's logit taken
+from the tile whose statistics include it (its rounding, stored in float64), so that a CLIP
+row's ``row_i - pos_i`` cancels that rounding (exactly 0 at n = m = 1); ``fwd_bwd`` (SigLIP,
+whose loss does not read ``pos``) may compute it apart, in float64; ``dparams`` is float32 (float64 for float64
 inputs); ``dx``, ``dy`` have the features' dtype.
 
 Inputs a backend receives (the op layer in :mod:`fastclip.ops.contrastive_loss` has validated

@@ -21,8 +21,9 @@ Kernels and passes (FLOP in units of 2·n·m·D, the cost of one n x m x D matri
 
 * ``_inv_norm_kernel`` (normalize only): rho = 1/max(||x_i||, eps), sigma likewise.
   O((n+m)·D). Without normalisation rho = sigma = 1 (torch.ones).
-* ``_pos_kernel``: pos_i = s·rho_i·sigma_{i+off}·<x_i, y_{i+off}> + b, a row-wise dot in
-  float64, O(n·D).
+* ``_pos_kernel`` (the one pass only): pos_i = s·rho_i·sigma_{i+off}·<x_i, y_{i+off}> + b, a
+  row-wise dot in float64, O(n·D). The forward takes pos_i from the tile that holds it instead
+  (the logit as the statistics see it: a CLIP row's row_i - pos_i cancels its rounding).
 * ``_fwd_kernel`` — grid (row blocks of one wave,): a program owns BLOCK_M rows and walks
   every column tile: S = X_blk·Y_tileᵀ (tl.dot, fp32 accumulation, loop over D in BLOCK_D
   chunks), z = _logits(S, ...); the row statistic stays in registers (softmax: an exact
@@ -277,7 +278,7 @@ def _pos_kernel(x_ptr, y_ptr, sx, sy, rho_ptr, sig_ptr, p_ptr, n, m, D, off, pos
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, y_ptr, rho_ptr, sig_ptr, p_ptr, row_ptr, pa_ptr, pb_ptr,
+def _fwd_kernel(x_ptr, y_ptr, rho_ptr, sig_ptr, p_ptr, row_ptr, pos_ptr, pa_ptr, pb_ptr,
                 n, m, D, sx, sy, off, rb0, n_key, m_key,
                 LOSS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -306,6 +307,8 @@ def _fwd_kernel(x_ptr, y_ptr, rho_ptr, sig_ptr, p_ptr, row_ptr, pa_ptr, pb_ptr,
     else:
         r_acc = tl.zeros((BLOCK_M,), dtype=tl.float64)
     prow = pid.to(tl.int64) * m
+    jp = rows + off                             # the rows' positives
+    jp_lo = (rb0 + pid) * BLOCK_M + off
     for c0 in range(0, m, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         cmask = cols < m
@@ -315,6 +318,13 @@ def _fwd_kernel(x_ptr, y_ptr, rho_ptr, sig_ptr, p_ptr, row_ptr, pa_ptr, pb_ptr,
                       BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
         z = _logits(S, a, sg, b)
         valid = rmask[:, None] & cmask[None, :]
+        # pos_i: the positive's logit from this tile, where it holds it (the tiles that meet
+        # the block's diagonal band only), rounded as the statistics below see it.
+        if (c0 < jp_lo + BLOCK_M) & (c0 + BLOCK_N > jp_lo):
+            on = cols[None, :] == jp[:, None]
+            here = rmask & (jp >= c0) & (jp < c0 + BLOCK_N) & (jp < m)
+            tl.store(pos_ptr + rows, tl.sum(tl.where(on & valid, z, 0.0), 1).to(tl.float64),
+                     mask=here)
         if LOSS == SOFTMAX:
             L = tl.where(valid, z, float("-inf"))
             # rows: online log-sum-exp. A max of -inf (padding rows only) is replaced by 0
@@ -749,7 +759,8 @@ def _fwd(loss, x, y, p, normalize, eps, pos_offset):
     sig = _inv_norms(y, normalize, eps)[0]
     row = _empty((n,), torch.float64, dev)
     col = _empty((m,), torch.float64, dev)
-    pos = _pos(loss, x, y, rho, sig, p, pos_offset)
+    # 0 where a row's positive is outside [0, m); the kernel writes the others.
+    pos = torch.zeros((n,), dtype=torch.float64, device=dev)
     prec, up = _precision(x.dtype), _upcast(x.dtype)
     sx, sy = _row_stride(x), _row_stride(y)
 
@@ -772,7 +783,7 @@ def _fwd(loss, x, y, p, normalize, eps, pos_offset):
     bc = 64 if INTERPRET else 256
     for rb0 in range(0, nblk, wave):
         g = min(wave, nblk - rb0)
-        _fwd_launch[(g,)](x, y, rho, sig, p, row, pa, pb, n, m, d, sx, sy, int(pos_offset),
+        _fwd_launch[(g,)](x, y, rho, sig, p, row, pos, pa, pb, n, m, d, sx, sy, int(pos_offset),
                           rb0, _bucket(n), _bucket(m), LOSS=loss, BLOCK_M=bm, PRECISION=prec,
                           UPCAST=up, **fixed, **_OPTS)
         _col_merge_kernel[(triton.cdiv(m, bc),)](pa, pb, g, m, cmax, csum, col, LOSS=loss,
