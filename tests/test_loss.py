@@ -211,6 +211,23 @@ def test_ranks_may_be_numpy_integers():
         ClipLoss(rank=0.0, world_size=1)
 
 
+def test_ranks_as_open_clip_takes_them_at_world_size_one():
+    """open_clip never reads the rank of one process: rank=None and a 0-dim integer tensor
+    were refused; a float or bool rank or world size still is."""
+    from fastclip.loss import SigLipLoss
+    for cls in (ClipLoss, SigLipLoss):
+        assert cls(rank=None).rank == 0
+        assert cls(rank=torch.tensor(0), world_size=torch.tensor(1)).world_size == 1
+        with pytest.raises(ValueError, match="rank must be an int in"):
+            cls(rank=None, world_size=2)
+        with pytest.raises(ValueError, match="rank must be an int in"):
+            cls(rank=True)
+        with pytest.raises(ValueError, match="world_size must be a positive int"):
+            cls(world_size=1.0)
+        with pytest.raises(ValueError, match="world_size must be a positive int"):
+            cls(world_size=torch.tensor(1.0))
+
+
 # ------------------------------------------------------------------------- create_loss
 def _train_args(**kw):
     """open_clip_train's argument namespace: the fields its create_loss reads, its defaults."""
@@ -279,6 +296,9 @@ def test_constructor_and_bias_arguments_are_checked_where_they_are_given():
     base = ClipLoss()(x, y, 10.0)
     assert ClipLoss()(x, y, 10.0, logit_bias=-3.0) == base
     assert ClipLoss()(x, y, 10.0, logit_bias=torch.tensor([2.0])) == base
+    assert ClipLoss()(x, y, 10.0, logit_bias=torch.tensor(2)) == base    # as the scale
+    with pytest.raises(ValueError, match=r"logit_bias must be a float .* torch.bool"):
+        ClipLoss()(x, y, 10.0, logit_bias=torch.tensor(True))
     assert torch.isnan(ClipLoss()(x, y, 10.0, logit_bias=float("nan")))
     with pytest.raises(ValueError, match=r"logit_bias must be a float .* shape \(4, 4\)"):
         ClipLoss()(x, y, 10.0, logit_bias=torch.zeros(4, 4))

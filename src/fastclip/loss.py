@@ -16,6 +16,7 @@ for the gradient contract), whatever open_clip's approximation flags say.
 from __future__ import annotations
 
 import numbers
+import operator
 import warnings
 from typing import Optional
 
@@ -29,16 +30,22 @@ __all__ = ["ClipLoss", "SigLipLoss", "LOSS_MODULES", "create_loss"]
 
 
 def _as_int(v):
-    """``v`` as an int when it is an integer (Python's or NumPy's), else None."""
-    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
-        return int(v)
-    return None
+    """``v`` as an int when it is an integer (Python's, NumPy's, or a one-element integer
+    tensor: anything with ``__index__`` but a bool), else None."""
+    if isinstance(v, bool) or (isinstance(v, Tensor) and v.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
 
 
 def _check_ranks(rank, world_size) -> tuple[int, int]:
     w, r = _as_int(world_size), _as_int(rank)
     if w is None or w < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    if rank is None and w == 1:          # one process reads no rank (as open_clip)
+        return 0, 1
     if r is None:
         raise ValueError(f"rank must be an int in [0, world_size={w}), got {rank!r} "
                          f"({type(rank).__name__})")
@@ -111,7 +118,8 @@ class ClipLoss(_FusedLoss):
         cache_labels: accepted; fastclip builds no label tensor.
         rank, world_size: with ``world_size > 1`` the loss runs sharded over the
             default process group (``torch.distributed`` must be initialised; rank in
-            [0, world_size)); with ``world_size=1`` any int rank is accepted and unused.
+            [0, world_size)); with ``world_size=1`` any int rank (or None) is accepted and
+            unused.
         use_horovod: not supported with ``world_size > 1`` (a clear error); at world size
             1 it has no effect, as in open_clip.
     fastclip extras (keyword-only):
@@ -207,7 +215,8 @@ class SigLipLoss(_FusedLoss):
         cache_labels: accepted; fastclip builds no label tensor.
         rank, world_size: with ``world_size > 1`` the loss runs sharded over the default
             process group (``torch.distributed`` must be initialised; rank in
-            [0, world_size)); with ``world_size=1`` any int rank is accepted and unused.
+            [0, world_size)); with ``world_size=1`` any int rank (or None) is accepted and
+            unused.
         dist_impl: open_clip's names are accepted: None and "bidir"/"shift" (neighbour
             exchanges) run fastclip's ring form, "reduce" and "gather" its gather form;
             "ring" also works. Every one computes the exact loss (see below).
@@ -280,17 +289,17 @@ class SigLipLoss(_FusedLoss):
 
 
 def _scalar_bias(value, like: Tensor) -> Tensor:
-    """ClipLoss's ``logit_bias``: a real number or a one-element float tensor (one constant
+    """ClipLoss's ``logit_bias``: a real number or a one-element real tensor (one constant
     added to every logit); a clear error for anything else (a per-pair [N, N] bias would
     change the loss, which the fused kernels do not compute)."""
     if isinstance(value, Tensor):
-        if value.numel() != 1 or not value.is_floating_point():
-            raise ValueError(f"logit_bias must be a float or a one-element float tensor, got a "
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            raise ValueError(f"logit_bias must be a float or a one-element real tensor, got a "
                              f"{value.dtype} tensor of shape {tuple(value.shape)}")
         return value.reshape(()).to(like.dtype)
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return torch.tensor(float(value), dtype=like.dtype, device=like.device)
-    raise TypeError(f"logit_bias must be a float or a one-element float tensor, got "
+    raise TypeError(f"logit_bias must be a float or a one-element real tensor, got "
                     f"{type(value).__name__} {value!r}")
 
 
