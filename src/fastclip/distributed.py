@@ -737,6 +737,7 @@ def fused_loss(loss: str, image_features: Tensor, text_features: Tensor, params,
         try:
             validate_features(image_features, text_features, same_dtype=False)
             image_features, text_features = promote_features(image_features, text_features)
+            validate_options(normalize, eps, image_features.dtype)
             p = prepare_params(spec, params, image_features)
             be = select_backend(backend, feat_dev, image_features.dtype, spec.name)
         except (TypeError, ValueError, RuntimeError) as e:

@@ -882,6 +882,9 @@ def _bad_case(case):
         kw["eps"] = -1.0
     elif case == "eps_nan":
         kw["eps"] = float("nan")
+    elif case == "eps_below_normal":
+        # 1/eps is inf in fp32: a row of zeros normalised to 0 * inf = NaN, silently
+        kw["eps"], kw["normalize"] = 1e-300, True
     elif case == "normalize_str":
         kw["normalize"] = "yes"
     elif case == "backend_type":
@@ -917,6 +920,8 @@ BAD = [
     ("eps_zero", ValueError, r"eps must be a finite positive float.*got 0.0"),
     ("eps_negative", ValueError, r"eps must be a finite positive float.*got -1.0"),
     ("eps_nan", ValueError, r"eps must be a finite positive float.*got nan"),
+    ("eps_below_normal", ValueError, r"eps=1e-300 is below 1.175e-38, the smallest normal number "
+                                     r"of torch.float32"),
     ("normalize_str", TypeError, r"normalize must be a bool, got 'yes'"),
     ("backend_type", TypeError, r"backend must be a string"),
     ("scale_beyond_fp32", ValueError, r"logit_scale=1e\+39 is beyond the range of torch.float32"),

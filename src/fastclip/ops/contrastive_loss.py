@@ -67,7 +67,7 @@ def _check_block(x: Tensor, y: Tensor, params: Tensor, loss: str, normalize: boo
     clamps it: the kernels read these raw, so nothing unchecked reaches them."""
     spec = get_loss(loss)
     validate_features(x, y, same_rows=False)
-    validate_options(normalize, eps)
+    validate_options(normalize, eps, x.dtype)
     be = resolve_backend(backend, x.device, x.dtype, spec.name)
     n, m = x.shape[0], y.shape[0]
     p, acc = len(spec.params), acc_dtype(x.dtype)
@@ -478,8 +478,10 @@ def _finite(v: float) -> bool:
     return v - v == 0
 
 
-def validate_options(normalize, eps) -> None:
-    """``normalize`` a bool, ``eps`` a finite positive real: a clear error otherwise."""
+def validate_options(normalize, eps, dtype: torch.dtype | None = None) -> None:
+    """``normalize`` a bool, ``eps`` a finite positive real: a clear error otherwise. With the
+    features' ``dtype`` and ``normalize``: also ``eps`` at least the smallest normal number of
+    the accumulation dtype (below it, 1/eps overflows there and a row of zeros became NaN)."""
     numpy_bool = type(normalize).__module__ == "numpy" and type(normalize).__name__ in ("bool",
                                                                                       "bool_")
     if not isinstance(normalize, bool) and not numpy_bool:
@@ -488,6 +490,13 @@ def validate_options(normalize, eps) -> None:
     if not _is_real(eps) or not _finite(float(eps)) or float(eps) <= 0:
         raise ValueError(f"eps must be a finite positive float (the floor on the row norm "
                          f"when normalize=True), got {eps!r}")
+    if dtype is not None and normalize:
+        acc = acc_dtype(dtype)
+        tiny = torch.finfo(acc).tiny
+        if float(eps) < tiny:
+            raise ValueError(f"eps={eps!r} is below {tiny:.4g}, the smallest normal number of "
+                             f"{acc} (in which {dtype} features are normalised): 1/eps overflows "
+                             f"there and a row of zeros would give NaN; use eps >= {tiny:.4g}")
 
 
 def _prepare_param(name: str, value, like: Tensor) -> Tensor:
@@ -573,7 +582,7 @@ def fused_loss(loss: str, image_features: Tensor, text_features: Tensor, params,
     spec = get_loss(loss)
     validate_features(image_features, text_features, same_dtype=False)
     image_features, text_features = promote_features(image_features, text_features)
-    validate_options(normalize, eps)
+    validate_options(normalize, eps, image_features.dtype)
     if not isinstance(pos_offset, numbers.Integral) or isinstance(pos_offset, bool):
         raise TypeError(f"pos_offset must be an int, got {pos_offset!r}")
     p = prepare_params(spec, params, image_features)
