@@ -8,6 +8,7 @@ accuracy on (colour, shape) pairs it never saw. Bad arguments exit with status 2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -478,9 +479,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .train.run_folder import RunFolderError
     from .train.trainer import train
     log = PipeSafeLog()
-    code = run_reporting("train", lambda: train(config_from_args(args), log),
-                         (CheckpointError, DataError, RunFolderError))
-    return 141 if code == 0 and log.broken else code     # 141: the status of a process a closed pipe stopped
+    err = PipeSafeStderr(sys.stderr)
+    sys.stderr = err          # progress lines, notes and warnings all go through it
+    try:
+        code = run_reporting("train", lambda: train(config_from_args(args), log),
+                             (CheckpointError, DataError, RunFolderError))
+    finally:
+        sys.stderr = err.stream
+    # 141: the status of a process a closed pipe stopped
+    return 141 if code == 0 and (log.broken or err.broken) else code
 
 
 class PipeSafeLog:
@@ -498,6 +505,40 @@ class PipeSafeLog:
         except BrokenPipeError:
             self.broken = True
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+class PipeSafeStderr:
+    """``sys.stderr`` for a run that survives a closed or failing stderr (``fastclip train 2>&1
+    | head``, ``2>/dev/full``): the progress lines and notes would raise there and end the run
+    before its model is written. At the first failed write or flush the stream's descriptor is
+    sent to /dev/null (the text still buffered then goes nowhere, and Python's flush at exit
+    cannot raise), later text is dropped, and ``broken`` records it for the exit status."""
+
+    def __init__(self, stream):
+        self.stream, self.broken = stream, False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return self.stream.write(text)
+            except OSError:          # EPIPE: a closed pipe; ENOSPC: /dev/full
+                self._gone()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self.stream.flush()
+            except OSError:
+                self._gone()
+
+    def _gone(self) -> None:
+        self.broken = True
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+    def __getattr__(self, name):     # isatty, fileno, encoding, ...: the stream's own
+        return getattr(self.stream, name)
 
 
 def run_reporting(command: str, fn, user_errors: tuple) -> int:

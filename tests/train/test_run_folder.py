@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -291,3 +292,56 @@ def test_closed_stdout_finishes_the_run(tmp_path):
     _, err = p.communicate(timeout=300)
     assert p.returncode in (0, 141), err
     assert b"Traceback" not in err and json.loads((out / "metrics.json").read_text())["steps"] == 2
+
+
+@pytest.mark.parametrize("how", ("closed", "full"))
+def test_closed_or_full_stderr_finishes_the_run(tmp_path, how):
+    # `fastclip train 2>&1 | head -1` (a closed pipe) and `2>/dev/full`: the first progress
+    # line's write raised, the run ended with status 1, no message and no model.
+    import subprocess
+    import sys
+
+    import fastclip
+    if how == "full" and not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(fastclip.__file__)) + os.pathsep
+               + os.environ.get("PYTHONPATH", ""))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fastclip", "train", *TINY, "--steps", "2", "--output", str(out)]
+    if how == "closed":
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        p.stderr.close()               # as `2>&1 | head -0` would
+        p.wait(timeout=300)
+    else:
+        with open("/dev/full", "w") as full:
+            p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=full, env=env)
+            p.wait(timeout=300)
+    assert p.returncode in (0, 141)
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 2
+    assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("what", ("model", "metrics"))
+def test_a_failed_final_write_is_one_line(tmp_path, capsys, monkeypatch, what):
+    # A full disk when the final model.safetensors (or metrics.json) was written ended in a
+    # traceback; the checkpoints' writes already said it in one line.
+    import errno
+
+    import fastclip.models as models
+    if what == "model":
+        def full(*a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(models, "save_checkpoint", full)
+    else:
+        real_open = open
+
+        def full_open(path, mode="r", *a, **k):
+            if str(path).endswith("metrics.json") and "w" in mode:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_open(path, mode, *a, **k)
+        monkeypatch.setattr("builtins.open", full_open)
+    out = tmp_path / "run"
+    code, _, err = _train(capsys, "--steps", "2", "--output", str(out))
+    name = "model.safetensors" if what == "model" else "metrics.json"
+    assert code == 2 and "Traceback" not in err, err
+    assert "cannot write" in err and name in err and "No space left" in err, err

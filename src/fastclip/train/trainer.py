@@ -471,8 +471,11 @@ class Trainer:
 
         def record(row):
             if mlog is not None:
-                mlog.write(json.dumps(row) + "\n")
-                mlog.flush()
+                try:
+                    mlog.write(json.dumps(row) + "\n")
+                    mlog.flush()
+                except OSError as e:     # a full disk: one line, as for the checkpoints
+                    raise ckpt.CheckpointError(f"cannot write {metrics_path}: {e}") from None
 
         t_start = time.time()
         t_window, n_window = time.time(), 0
@@ -592,7 +595,12 @@ class Trainer:
         cfg = self.cfg
         model_path = os.path.join(cfg.output, "model.safetensors")
         # The step in the metadata: fastclip eval tells this model from newer checkpoints by it.
-        save_checkpoint(self.model, model_path, metadata={"fastclip_step": str(self.total_steps)})
+        from safetensors import SafetensorError
+        try:
+            save_checkpoint(self.model, model_path,
+                            metadata={"fastclip_step": str(self.total_steps)})
+        except (OSError, SafetensorError) as e:    # a full disk, as for the checkpoints
+            raise ckpt.CheckpointError(f"cannot write the model {model_path}: {e}") from None
         result: Dict[str, Any] = {
             "steps": self.total_steps, "global_batch": cfg.batch_size * self.env.world_size,
             "wall_time_s": wall, "train_samples_skipped": total_skipped,
@@ -610,11 +618,19 @@ class Trainer:
     def _write_outputs(self, result: Dict[str, Any], metrics_path: str) -> None:
         """Main rank: ``metrics.json``, ``curves.png`` and the closing lines."""
         cfg, out_dir = self.cfg, self.cfg.output
-        with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+        path = os.path.join(out_dir, "metrics.json")
+        try:
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(result, f, indent=2)
+        except OSError as e:
+            raise ckpt.CheckpointError(f"cannot write {path}: {e}") from None
         if cfg.plot:
             from .plots import plot_curves
-            png = plot_curves(metrics_path, os.path.join(out_dir, "curves.png"))
+            png_path = os.path.join(out_dir, "curves.png")
+            try:
+                png = plot_curves(metrics_path, png_path)
+            except OSError as e:
+                raise ckpt.CheckpointError(f"cannot write {png_path}: {e}") from None
             result["curves"] = png
             if png is None:
                 self.log("curves.png not written: matplotlib is not installed (pip install \"fastclip-fused[plot]\")")
