@@ -352,7 +352,11 @@ def test_ratios_pair_rows_of_one_problem_and_thread_count():
     (["--sizes", ","], "--sizes: expected a comma-separated list"),
     (["--methods", "cuda,inf-cl"], "none of them runs on --device cpu"),
     (["--overhead", "--append"], "--append merges into the sweep's table"),
-    (["--threads", "-1"], "--threads must be >= 0"),
+    # 0 and negatives are refused as `fastclip train --threads` refuses them: 0 used to mean
+    # "every core" here alone, which the help never said.
+    (["--threads", "0"], "argument --threads: expected a positive integer, got '0'"),
+    (["--threads", "-1"], "argument --threads: expected a positive integer, got '-1'"),
+    (["--threads", "two"], "argument --threads: expected a positive integer, got 'two'"),
     (["--max-mem-gb", "-1"], "--max-mem-gb must be a finite number >= 0"),
     (["--target-s", "nan"], "--target-s must be a finite number of seconds > 0, got nan"),
     (["--target-s", "-1"], "--target-s must be a finite number of seconds > 0"),
@@ -362,6 +366,49 @@ def test_bad_benchmark_arguments_are_one_line_errors(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:
         bench.parse_args(argv)
     assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_threads_default_to_every_core_and_take_a_count():
+    assert bench.parse_args([])[0].threads == env.cpu_count()
+    assert bench.parse_args(["--threads", "1"])[0].threads == 1
+
+
+def test_summarize_names_the_files_own_columns_and_the_missing_ones(tmp_path, capsys):
+    # A foreign CSV was reported with a `loss` column it does not have (read_csv gives every
+    # row one, for files from before that column) and without saying what was missing.
+    good = tmp_path / "good.csv"
+    good.write_text("filepath,title\nimages/0.png,a red circle\n")
+    assert bench.main(["--summarize", str(good)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "not a results CSV" in err and "its columns are ['filepath', 'title']" in err
+    assert "'loss'" not in err
+    assert "['method', 'N', 'fwd_us', 'fwd_bwd_us'], are missing" in err
+    near_sweep = tmp_path / "sweep.csv"        # a sweep's table short of one column
+    cols = [c for c in report.CSV_FIELDS if c != "timestamp"]
+    near_sweep.write_text(",".join(cols) + "\n" + ",".join("1" for _ in cols) + "\n")
+    assert bench.main(["--summarize", str(near_sweep)]) == 2
+    assert "sweep's table requires, ['timestamp'], are missing" in capsys.readouterr().err
+    for text, needle in (("", "the file is empty"),
+                         (",".join(report.CSV_FIELDS) + "\n", "no rows to summarize")):
+        f = tmp_path / "f.csv"
+        f.write_text(text)
+        assert bench.main(["--summarize", str(f)]) == 2
+        assert needle in capsys.readouterr().err
+
+
+def test_summarize_reads_a_sweep_written_before_the_loss_column(tmp_path, capsys):
+    old = tmp_path / "old.csv"
+    cols = [c for c in report.CSV_FIELDS if c != "loss"]
+    row = dict.fromkeys(cols, "")
+    row.update(device="cpu", method="floor", N="64", D="8", dtype="fp32", fwd_ms="1",
+               fwd_bwd_ms="3", status="ok")
+    with open(old, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerow(row)
+    assert bench.main(["--summarize", str(old)]) == 0
+    assert "floor" in capsys.readouterr().out
 
 
 def test_out_that_is_a_file_and_foreign_csvs_are_one_line_errors(tmp_path, capsys):
@@ -459,6 +506,41 @@ def test_distributed_refuses_a_backend_its_ranks_cannot_run(capsys, tmp_path):
                           "--out", str(tmp_path)])
     assert e.value.code == 2
     assert "--backend 'cuda' runs on cuda; this mode's ranks run on cpu" in capsys.readouterr().err
+
+
+def test_distributed_refuses_more_ranks_than_the_machine_bears(capsys, tmp_path, monkeypatch):
+    # --worlds 64 on 2 cores spawned 64 ranks and ran for minutes: refused before any spawn
+    # unless --max-world allows it.
+    from fastclip.bench import distributed
+    monkeypatch.setattr(distributed, "cpu_count", lambda: 2)
+    spawned = []
+
+    def spawn(body, world, args, timeout_s):
+        spawned.append(world)
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(distributed, "_spawn", spawn)
+    argv = ["--mode", "overhead", "--sizes", "64", "--dim", "8", "--out", str(tmp_path)]
+    for extra in ([], ["--mode", "cpu"]):
+        with pytest.raises(SystemExit) as e:
+            distributed.main(argv + extra + ["--worlds", "2", "64"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert ("--worlds 64: more ranks than the default bound 8: 4 ranks per core on the 2 "
+                "cores" in err and "pass --max-world 64 to run it anyway" in err), err
+    with pytest.raises(SystemExit):
+        distributed.main(argv + ["--worlds", "16", "--max-world", "8"])
+    assert "--worlds 16: more ranks than --max-world 8" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        distributed.main(argv + ["--max-world", "0"])
+    assert "--max-world must be positive, got 0" in capsys.readouterr().err
+    assert spawned == []
+    with pytest.raises(RuntimeError, match="stop here"):
+        distributed.main(argv + ["--worlds", "64", "--max-world", "64"])
+    assert spawned == [64]
+    spawned.clear()
+    with pytest.raises(RuntimeError, match="stop here"):
+        distributed.main(argv + ["--worlds", "8"])         # at the bound: allowed
+    assert spawned == [8]
 
 
 def test_distributed_descriptions_name_each_world_size():

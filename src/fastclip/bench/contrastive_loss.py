@@ -66,6 +66,7 @@ from .report import (
     output_prefix,
     overhead_table,
     read_csv,
+    read_table,
     summary_table,
     write_csv,
     write_markdown,
@@ -144,6 +145,18 @@ def _parse_size(tok: str) -> int:
     return v
 
 
+def _positive_int(s: str) -> int:
+    """--threads: a count, as ``fastclip train --threads`` takes it (0 and negatives are
+    refused there too, so the two commands read the same value the same way)."""
+    try:
+        v = int(s)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
 def _int_list(s: str) -> list[int]:
     out = list(dict.fromkeys(_parse_size(t) for t in s.split(",") if t.strip()))
     if not out:
@@ -214,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-isolate", dest="isolate", action="store_false",
                    help="CPU: measure in this process instead of a fresh subprocess per "
                         "measurement (faster; peak memory then relies on /proc/self/clear_refs)")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=_positive_int, default=None,
                    help="CPU threads (default: every core this process may use)")
     p.add_argument("--naive", choices=["auto", "open_clip", "formula"], default="auto",
                    help="naive peer: open_clip's loss.py if importable (auto), or the formula")
@@ -265,15 +278,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
             p.error(f"--methods: unknown method {m!r}; expected some of {','.join(known)}")
     if a.reps < 0:
         p.error(f"--reps must be >= 0 (0: adaptive), got {a.reps}")
-    if a.threads < 0:
-        p.error(f"--threads must be >= 0 (0: all cores), got {a.threads}")
     for flag, v in (("--max-mem-gb", a.max_mem_gb), ("--max-time-s", a.max_time_s),
                     ("--time-budget-s", a.time_budget_s)):
         if v is not None and not (v >= 0 and math.isfinite(v)):
             p.error(f"{flag} must be a finite number >= 0 (0: no limit), got {v}")
     if a.target_s is not None and not (a.target_s > 0 and math.isfinite(a.target_s)):
         p.error(f"--target-s must be a finite number of seconds > 0, got {a.target_s}")
-    threads = a.threads or cpu_count()
+    threads = a.threads if a.threads is not None else cpu_count()
     if a.max_mem_gb is not None:
         max_mem = int(a.max_mem_gb * 1e9)
     elif dev == "cuda":
@@ -634,27 +645,61 @@ def main(argv: list[str] | None = None) -> int:
     return 141 if code == 0 and log.broken else code
 
 
+# What --summarize needs of a file. The header is judged as the file has it: read_csv gives
+# every row a ``loss`` column (files from before it read as clip), so a file without one
+# still passes, and a foreign file's columns are reported as they are.
+SWEEP_COLUMNS = [c for c in CSV_FIELDS if c != "loss"]
+OVERHEAD_COLUMNS = ["method", "N", "fwd_us", "fwd_bwd_us"]
+_NOT_OURS = "not a results CSV of `fastclip bench`"
+_ELSEWHERE = "; distributed and tokenizer results have their own markdown tables"
+
+
+def _names(cols: list[str], limit: int = 12) -> str:
+    shown = ", ".join(repr(c) for c in cols[:limit])
+    return f"[{shown}{f', ... ({len(cols)} in all)' if len(cols) > limit else ''}]"
+
+
+def _summarize_problem(columns: list[str], rows: list[dict]) -> tuple[str, bool]:
+    """(why ``--summarize`` cannot table this file, "" when it can; whether it is an
+    --overhead table) from the file's own header and its rows."""
+    if not columns:
+        return f"{_NOT_OURS}: the file is empty", False
+    have = set(columns)
+    if any(None in r for r in rows):       # csv puts a long row's extra fields under None
+        return (f"{_NOT_OURS}: rows of uneven length (e.g. a markdown table) under the header "
+                f"{_names(columns)}{_ELSEWHERE}"), False
+    if "world" in have:
+        return (f"{_NOT_OURS}: its columns {_names(columns)} include 'world', as a `fastclip "
+                f"bench distributed` table's do{_ELSEWHERE}"), False
+    kinds = [(name, [c for c in need if c not in have])
+             for name, need in (("a sweep's table", SWEEP_COLUMNS),
+                                ("an --overhead table", OVERHEAD_COLUMNS))]
+    overhead = not kinds[1][1]
+    if overhead or not kinds[0][1]:
+        if not rows:
+            return f"no rows to summarize (only the header {_names(columns)})", False
+        return "", overhead
+    # Neither kind: the nearer one's missing columns in full, the other's as a count.
+    (near, missing), (far, far_missing) = sorted(kinds, key=lambda k: len(k[1]))
+    return (f"{_NOT_OURS}: its columns are {_names(columns)}; the columns {near} requires, "
+            f"{_names(missing, len(missing))}, are missing ({far} requires "
+            f"{len(far_missing)} more){_ELSEWHERE}"), False
+
+
 def _main(cfg: Config, a: argparse.Namespace, log=print) -> int:
     if a.worker is not None:
         return _worker(a.worker)
     if a.summarize:
         try:
-            rows = read_csv(a.summarize)
+            columns, rows = read_table(a.summarize)
         except (OSError, UnicodeDecodeError, csv.Error) as e:
             print(f"fastclip bench: error: --summarize {a.summarize!r}: cannot read it as a "
                   f"results CSV ({e.strerror if isinstance(e, OSError) and e.strerror else e})",
                   file=sys.stderr)
             return 2
-        # (a ragged file, e.g. a markdown table, puts its extra fields under the key None)
-        cols = {c for c in rows[0] if isinstance(c, str)} if rows else set()
-        ragged = any(None in r for r in rows)
-        overhead = {"fwd_us", "fwd_bwd_us", "method", "N"} <= cols and "world" not in cols
-        sweep = set(CSV_FIELDS) <= cols
-        if ragged or not (overhead or sweep):
-            print(f"fastclip bench: error: --summarize {a.summarize!r}: not a results CSV of "
-                  f"`fastclip bench` (columns {sorted(cols)[:6]}{'...' if len(cols) > 6 else ''}"
-                  f"{', rows of uneven length' if ragged else ''}); distributed and tokenizer "
-                  f"results have their own markdown tables", file=sys.stderr)
+        why, overhead = _summarize_problem(columns, rows)
+        if why:
+            print(f"fastclip bench: error: --summarize {a.summarize!r}: {why}", file=sys.stderr)
             return 2
         try:
             if overhead:                                              # an --overhead table

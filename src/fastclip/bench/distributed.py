@@ -11,6 +11,8 @@ For one loss (``--loss``, default ``clip``; its sharded forms come from its entr
   the case (VmHWM after resetting it, minus VmRSS before), so it counts every buffer
   the loss allocates, the feature gradients included (2·n·D·4 bytes). Time is wall
   clock between two barriers: the slowest rank.
+  World sizes above ``--max-world`` (default 4 ranks per core this process may use) are
+  refused before any rank is spawned, in this mode and the next.
 * ``--mode overhead``: per-call wall time at small N (default 32, 256, 1024 global,
   W = 2), where the collectives and the dispatch dominate: one forward and one
   forward+backward per call, each timed alone on every rank with the methods
@@ -69,6 +71,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "fp64": torch.float64}
 IMPLS = ("gather", "ring", "openclip")
 PEER = "openclip"
+# Ranks per core allowed by default: each rank is a process with its own torch (hundreds of
+# MB) and at least one thread, so past a few per core the run measures the scheduler, and a
+# typo such as --worlds 64 on a small machine would spawn 64 processes for minutes.
+RANKS_PER_CORE = 4
+
+
+def default_max_world() -> int:
+    """The largest world size --mode cpu/overhead spawns without --max-world."""
+    return RANKS_PER_CORE * cpu_count()
 
 
 # ------------------------------------------------------------------- loss forms
@@ -408,6 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("cpu", "overhead", "w1"), default="cpu")
     p.add_argument("--worlds", type=int, nargs="+", default=None,
                    help="world sizes (default: cpu 2 4; overhead 2)")
+    p.add_argument("--max-world", type=int, default=None,
+                   help="cpu and overhead modes: refuse a world size above this (default "
+                        f"{RANKS_PER_CORE} ranks per core this process may use, here "
+                        f"{default_max_world()}); every rank is a spawned process")
     p.add_argument("--sizes", type=int, nargs="+", default=None,
                    help="global batch sizes N (default: cpu 2048 8192 16384; overhead 32 256 "
                         "1024; w1 16384 65536)")
@@ -435,6 +450,17 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
                        ("--reps", [args.reps])):
         if any(v < 1 for v in vals):
             p.error(f"{flag} must be positive, got {' '.join(map(str, vals))}")
+    if args.max_world is not None and args.max_world < 1:
+        p.error(f"--max-world must be positive, got {args.max_world}")
+    if args.mode != "w1":           # w1 runs one process whatever --worlds says
+        bound = default_max_world() if args.max_world is None else args.max_world
+        big = [w for w in args.worlds if w > bound]
+        if big:
+            why = (f"the default bound {bound}: {RANKS_PER_CORE} ranks per core on the "
+                   f"{cpu_count()} cores this process may use" if args.max_world is None
+                   else f"--max-world {bound}")
+            p.error(f"--worlds {big[0]}: more ranks than {why} (every rank is a spawned "
+                    f"process); pass --max-world {max(big)} to run it anyway")
     if args.calls < 0 or not args.target_s > 0:
         p.error(f"--calls must be >= 0 and --target-s > 0, got {args.calls} and {args.target_s}")
     if args.mode != "w1":

@@ -14,7 +14,7 @@ from .methods import ALL_IN_FORWARD, FLOOR, NAIVE, fwd_bwd_flop, fwd_flop, get_l
 
 __all__ = ["CSV_FIELDS", "OVERHEAD_FIELDS", "BenchError", "default_out_dir", "output_prefix", "write_csv",
            "check_replace", "add_out_args",
-           "read_csv", "write_text", "check_out_dir", "derive", "derive_overhead", "write_markdown",
+           "read_csv", "read_table", "write_text", "check_out_dir", "derive", "derive_overhead", "write_markdown",
            "write_overhead_markdown", "summary_table", "overhead_table", "num"]
 
 CSV_FIELDS = ["loss", "device", "device_name", "torch", "triton", "fastclip", "commit",
@@ -107,12 +107,20 @@ def write_csv(rows: list[dict], path: str, fields: list[str] | None = None) -> N
 
 def read_csv(path: str) -> list[dict]:
     """Rows of a result CSV; files written before the ``loss`` column read as clip."""
+    return read_table(path)[1]
+
+
+def read_table(path: str) -> tuple[list[str], list[dict]]:
+    """(the header as the file has it, rows as :func:`read_csv` gives them). The rows gain a
+    ``loss`` column the file may lack, so a check of what the file holds reads the header."""
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        columns = list(reader.fieldnames or [])
     for r in rows:
         r.setdefault("loss", "clip")
         r["loss"] = r["loss"] or "clip"
-    return rows
+    return columns, rows
 
 
 def _f(v) -> float | None:
