@@ -193,6 +193,8 @@ def csv_file_problem(path: str) -> Optional[str]:
     """Why ``path`` cannot be read as a CSV file, or None."""
     if os.path.isdir(path):
         return "a folder, not a CSV file"
+    if os.path.exists(path) and not os.path.isfile(path):
+        return "not a regular file (a device, pipe or socket), not a CSV file"
     return None if os.path.isfile(path) else "file not found"
 
 
@@ -206,12 +208,22 @@ def shards_problem(spec: str) -> Optional[str]:
     if folders:
         return (f"{folders[0]!r} is a folder: name its shards, e.g. "
                 f"'{os.path.join(folders[0], '{00000..00099}.tar')}' or '{os.path.join(folders[0], '*.tar')}'")
+    # The first shards' headers (a few reads, whatever the list's length): a file that is no
+    # tar (a CSV given with --dataset-type webdataset) otherwise streamed 100 empty batches
+    # before an error about the members' order.
+    from .datasets.webdataset import tar_problem
+    for u in urls[:16]:
+        why = tar_problem(u)
+        if why:
+            return f"shard {u!r}: {why}"
     return None
 
 
 def classes_problem(value: str) -> Optional[str]:
     """Why ``--zeroshot-classes`` looks like a file that is not there (a path, not a
     comma-separated list of names), or None."""
+    if os.path.isdir(value):      # not a file: it would be read as one class name, the folder's
+        return "a folder; expected a file with one class name per line, or a comma-separated list of names"
     if os.sep in value and "," not in value and not os.path.isfile(value):
         return "no such file (class names: a file with one per line, or a comma-separated list)"
     return None
@@ -267,6 +279,15 @@ def _check_flags_apply(p: argparse.ArgumentParser, args: argparse.Namespace, giv
                                                                  "--save-every writes")):
         if dest in given and getattr(args, needs) is None:
             p.error(f"{_flag(dest)} {what}: pass that too, or drop {_flag(dest)}")
+    if "epochs" in given and "steps" in given:
+        p.error("--steps and --epochs both set the length of the run (--steps would win): pass one")
+    if "epochs" in given and train_kind == "shapes":
+        p.error("--epochs counts passes over --train-data; the demo's length is --steps (its "
+                "samples: --demo-train-samples): drop --epochs")
+    if ("eval_every" in given and train_kind != "shapes" and args.val_data is None
+            and args.zeroshot_data is None):
+        p.error("--eval-every sets how often the run evaluates, and it has nothing to evaluate: "
+                "pass --val-data or --zeroshot-data, or drop --eval-every")
     if "csv" not in (train_kind, val_kind):
         typed = [_flag(d) for d in _CSV_ONLY if d in given]
         if typed:

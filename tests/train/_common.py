@@ -22,12 +22,14 @@ def env(**extra):
 
 def for_data(tiny, args):
     """``tiny`` without its ``--demo-*`` options (each followed by its value) when ``args`` train
-    on real data: the command refuses options for data the run does not read."""
+    on real data, and without ``--eval-every`` when they evaluate nothing either: the command
+    refuses options the run would not use."""
     if "--train-data" not in args:
         return list(tiny)
+    no_eval = "--val-data" not in args and "--zeroshot-data" not in args
     out, it = [], iter(tiny)
     for a in it:
-        if a.startswith("--demo-"):
+        if a.startswith("--demo-") or (a == "--eval-every" and no_eval):
             next(it)
         else:
             out.append(a)

@@ -88,6 +88,8 @@ def test_no_command_prints_help_and_exits_2(capsys):
     (["train", "--csv-separator", "||"], "argument --csv-separator: expected one character"),
     (["train", "--dataset-type", "shapes", "--train-data", "/tmp/x.csv"], "--dataset-type shapes trains on"),
     (["train", "--train-data", "/tmp", "--dataset-type", "csv"], "--train-data '/tmp': a folder, not a CSV file"),
+    (["train", "--train-data", os.devnull, "--dataset-type", "csv"],
+     f"--train-data '{os.devnull}': not a regular file (a device, pipe or socket)"),
     (["train", "--train-data", "/tmp", "--dataset-type", "webdataset"], "'/tmp' is a folder: name its shards"),
     (["train", "--zeroshot-classes", "a,b"], "--zeroshot-classes names the classes of --zeroshot-data"),
     (["train", "--zeroshot-data", "/tmp", "--zeroshot-classes", "/tmp/fastclip-none/names.txt"],
@@ -108,8 +110,9 @@ def test_argument_errors_exit_2_with_a_clear_message(argv, needle, capsys):
 
 def test_options_for_data_the_run_does_not_read_are_refused(tmp_path, capsys):
     """--demo-* with --train-data, --train-num-samples without shards, --csv-* without a CSV file,
-    colour-group options without that design and --keep-checkpoints without --save-every would be
-    ignored: they exit 2 naming the option, also typed abbreviated or as --flag=value."""
+    colour-group options without that design, --keep-checkpoints without --save-every, --epochs
+    beside --steps or with the demo and --eval-every with nothing to evaluate would be ignored:
+    they exit 2 naming the option, also typed abbreviated or as --flag=value."""
     csv = tmp_path / "train.csv"
     csv.write_text("filepath,title\na.png,a cat\n")
     (tmp_path / "s0.tar").write_bytes(b"")
@@ -126,7 +129,11 @@ def test_options_for_data_the_run_does_not_read_are_refused(tmp_path, capsys):
             (["--demo-design", "iid", "--demo-group-prob", "0.5"], "not of --demo-design iid"),
             (["--zeroshot-templates", "simple"], "--zeroshot-templates makes the prompts of --zeroshot-data's"),
             (["--train-data", str(csv), "--val-num-samples", "10"], "--val-num-samples caps the samples of"),
-            (["--keep-checkpoints", "3"], "--keep-checkpoints prunes the training checkpoints that --save-every")):
+            (["--keep-checkpoints", "3"], "--keep-checkpoints prunes the training checkpoints that --save-every"),
+            (["--train-data", str(csv), "--epochs", "3", "--steps", "5"], "--steps and --epochs both set"),
+            (["--epochs", "2"], "--epochs counts passes over --train-data; the demo's length is --steps"),
+            (["--train-data", str(csv), "--eval-every", "1"], "--eval-every sets how often the run "
+                                                             "evaluates, and it has nothing to evaluate")):
         with pytest.raises(SystemExit) as e:
             cli.main(["train", *argv])
         assert e.value.code == 2, argv
@@ -138,7 +145,9 @@ def test_options_for_data_the_run_does_not_read_are_refused(tmp_path, capsys):
                  ["--train-data", str(csv), "--csv-sep", "\\t", "--zeroshot-data", str(tmp_path),
                   "--zeroshot-templates", "cifar"],
                  ["--demo-design", "colour-groups", "--demo-group-size", "4", "--demo-eval-samples", "8"],
-                 ["--save-every", "100", "--keep-checkpoints", "0"]):
+                 ["--save-every", "100", "--keep-checkpoints", "0"],
+                 ["--train-data", str(csv), "--epochs", "2", "--val-data", str(csv), "--eval-every", "3"],
+                 ["--eval-every", "3"]):
         cli._check_paths(train, train.parse_args(argv), cli.given_dests(train, argv))
 
 
@@ -293,3 +302,25 @@ def test_a_model_too_large_for_this_machine_exits_2(capsys):
         cli.main(["train", "--device", "cpu", "--model", "tiny-vit", "--model-overrides",
                   '{"text_width": 1048576, "text_heads": 1}'])
     assert e.value.code == 2 and "training needs at least" in capsys.readouterr().err
+
+
+def test_a_shard_that_is_not_a_tar_is_named_before_training(tmp_path, capsys):
+    # A CSV given with --dataset-type webdataset (or any non-tar .tar) streamed 100 empty
+    # batches, then blamed the order of the members; one such shard among good ones was only
+    # counted as a skipped sample.
+    import tarfile
+    csv = tmp_path / "train.csv"
+    csv.write_text("filepath,title\na.png,a cat\n")
+    (tmp_path / "bad.tar").write_text("not a tar at all\n" * 40)
+    with tarfile.open(tmp_path / "good.tar", "w"):
+        pass
+    for argv, needle in (
+            (["--train-data", str(csv), "--dataset-type", "webdataset"],
+             f"shard '{csv}': not a tar archive"),
+            (["--train-data", f"{tmp_path / 'good.tar'}::{tmp_path / 'bad.tar'}", "--steps", "2"],
+             f"shard '{tmp_path / 'bad.tar'}': not a tar archive")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["train", *argv])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert needle in err, err

@@ -133,16 +133,28 @@ def _halfmissing_csv(root):
     return str(root / "halfmissing.csv")
 
 
+def test_batches_of_one_loaded_pair_do_not_train_the_softmax_loss(tmp_path, capsys):
+    # One loadable image per batch of 2: every step's CLIP loss was exactly 0 ("loss 0.000")
+    # and the run ended with status 0 and a model that learned nothing. Now such batches are
+    # skipped like empty ones, and data made only of them is unusable, said in one line.
+    code, _, err = _train(capsys, "--train-data", _halfmissing_csv(tmp_path), "--batch-size", "2",
+                          "--steps", "4", "--output", str(tmp_path / "run"))
+    assert code == 2 and "Traceback" not in err, err
+    assert "fewer than 2 samples loaded (the softmax loss of one pair is 0: nothing to contrast)" in err, err
+
+
 def test_a_batch_whose_samples_all_fail_is_skipped_and_counted(tmp_path, capsys):
     """Half the images are missing: with batch 2 some batches have no image at all; they are
     skipped (counted, the next batch is drawn) and the run trains its 8 steps. Resuming from a
-    checkpoint taken after skipped batches continues exactly (the data position is saved)."""
+    checkpoint taken after skipped batches continues exactly (the data position is saved).
+    The sigmoid loss: a batch of one loaded pair still trains it (the softmax loss skips those
+    too, its loss of one pair being 0)."""
     import shutil
 
     from safetensors.torch import load_file
     out = str(tmp_path / "run")
     args = ["--train-data", _halfmissing_csv(tmp_path), "--batch-size", "2", "--steps", "8", "--seed", "0",
-            "--save-every", "4"]
+            "--save-every", "4", "--loss", "siglip"]
     code, stdout, err = _train(capsys, *args, "--output", out)
     assert code == 0, err
     metrics = json.load(open(os.path.join(out, "metrics.json")))

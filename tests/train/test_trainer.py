@@ -183,6 +183,6 @@ def test_default_warmup_leaves_room_for_the_decay(tmp_path, capsys):
     capsys.readouterr()
     train(TrainConfig(steps=3, warmup=5, output=str(tmp_path / "b"), resume="latest", **base))
     out = capsys.readouterr().out
-    assert "--warmup 5 covers all 3 steps" in out
+    assert "--warmup 5 is not shorter than the run: the warmup is cut to its 3 steps" in out
     # The same command starts a run and continues it (preemptible jobs): the first start says so.
     assert f"--resume latest: no checkpoint in {tmp_path / 'b'} yet: a new run" in out

@@ -69,6 +69,21 @@ def missing_shards(spec: str) -> List[str]:
             if not glob.has_magic(p) and not os.path.exists(p)]
 
 
+def tar_problem(path: str) -> Optional[str]:
+    """Why the file at ``path`` is not a tar archive (plain or gzip/bz2/xz-compressed), read up
+    to its first member's header, or None (a file of 0 bytes holds no sample and passes)."""
+    if os.path.getsize(path) == 0:
+        return None
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            next(iter(tar), None)
+    except (tarfile.TarError, EOFError) as e:
+        return f"not a tar archive ({e})"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    return None
+
+
 def iter_tar_samples(path: str) -> Iterator[Optional[Dict[str, bytes]]]:
     """Yield one ``{ext: bytes}`` dict per key of the tar at ``path`` (streamed), or None once
     if the shard cannot be read (missing, truncated or not a tar)."""

@@ -138,7 +138,12 @@ class Trainer:
         # BatchNorm (the ResNet towers) needs two samples per forward in training: batches and
         # micro-batches are kept at two or more (a lone sample is skipped or merged).
         self.has_batchnorm = self.model.has_batchnorm
-        self.min_batch = 2 if self.has_batchnorm else 1
+        # A batch of one pair in one process also teaches nothing with the softmax loss: its
+        # loss is exactly 0 (a run whose batches kept one loadable sample trained on nothing).
+        lone_pair_is_zero = cfg.loss == "clip" and env.world_size == 1
+        self.min_batch = 2 if self.has_batchnorm or lone_pair_is_zero else 1
+        self.min_batch_why = ("the model's BatchNorm needs 2" if self.has_batchnorm else
+                              "the softmax loss of one pair is 0: nothing to contrast")
         self.step_model = torch.compile(self.model) if cfg.compile else self.model
         if env.distributed:
             ids = [env.device.index] if env.device.type == "cuda" else None
@@ -430,8 +435,9 @@ class Trainer:
         for note in self.data.notes:
             msg += f"\n  {note}"
         if self.start_step == 0 and self.total_steps > 1 and self.warmup_steps >= self.total_steps:
-            msg += (f"\n  note: --warmup {cfg.warmup} covers all {self.total_steps} steps: the learning rate "
-                    f"only rises, never decays (a smaller --warmup leaves room for the cosine decay)")
+            msg += (f"\n  note: --warmup {cfg.warmup} is not shorter than the run: the warmup is cut to its "
+                    f"{self.total_steps} steps, the learning rate rises to its peak at the last step and "
+                    f"never decays (a smaller --warmup leaves room for the cosine decay)")
         self.log(msg)
         with open(os.path.join(cfg.output, "config.json"), "w", encoding="utf-8") as f:
             # cwd: what the relative paths of "train" are relative to (fastclip eval reads them).
@@ -569,12 +575,13 @@ class Trainer:
             dist.barrier()
         return result
 
-    def _data_unusable(self, n: int) -> None:
+    def _data_unusable(self, n: int, most: int = 0) -> None:
+        """Raise: ``n`` batches in a row had too few samples, at most ``most`` each."""
         from ..datasets.csv_dataset import DataError
         spe = self.steps_per_epoch
         span = " (a whole epoch)" if spe and n >= spe else ""
-        what = ("no sample loaded" if self.min_batch <= 1 else
-                f"fewer than {self.min_batch} samples loaded (the model's BatchNorm needs {self.min_batch})")
+        what = ("no sample loaded" if most == 0 else
+                f"fewer than {self.min_batch} samples loaded ({self.min_batch_why})")
         raise DataError(f"{self.data_desc}: {what} in {n} batches in a row{span} "
                         f"({n * self.cfg.batch_size * self.env.world_size} samples: images missing or corrupt, "
                         f"or no caption); the data looks unusable: {self._data_advice()} "
@@ -696,13 +703,15 @@ def train(cfg: TrainConfig, log: Optional[Callable[[str], None]] = None) -> Dict
 
 
 class _BatchDraws:
-    """Training batches with too few loaded samples (none, or one where BatchNorm needs two)
+    """Training batches with too few loaded samples (none, or one where BatchNorm or the softmax
+    loss in one process needs two)
     skipped, counted and reported; the data declared unusable after a run of them."""
 
     def __init__(self, trainer: Trainer, batches: Iterator, drawn: int):
         self.t, self.batches = trainer, batches
         self.drawn = drawn                      # batches drawn so far (the data position)
         self.skipped = self.skipped_batches = self.failed_in_a_row = 0
+        self.most_in_failed = 0                 # the largest batch of the current failed run
         cfg = trainer.cfg
         self.fail_limit = cfg.max_failed_batches or trainer.steps_per_epoch or 100
 
@@ -718,15 +727,16 @@ class _BatchDraws:
             if env.distributed:  # all ranks skip together, or the loss's collectives would not pair up
                 empty = sum_over_ranks(env, int(empty)) > 0
             if not empty:
-                self.failed_in_a_row = 0
+                self.failed_in_a_row = self.most_in_failed = 0
                 return images, tokens
             self.skipped_batches += 1
             self.failed_in_a_row += 1
+            self.most_in_failed = max(self.most_in_failed, loaded)
             if self.failed_in_a_row >= self.fail_limit:
-                t._data_unusable(self.failed_in_a_row)
+                t._data_unusable(self.failed_in_a_row, self.most_in_failed)
             if env.is_main and self.skipped_batches <= 3:
                 what = ("no sample" if loaded == 0 else
-                        f"{loaded} sample(s)" + (" (BatchNorm needs 2)" if loaded < t.min_batch else ""))
+                        f"{loaded} sample(s)" + (f" ({t.min_batch_why})" if loaded < t.min_batch else ""))
                 message(f"step {step + 1}: {what} of batch {self.drawn} loaded (images missing or "
                         f"corrupt, or no caption{'' if loaded < t.min_batch else ', on another rank'}); "
                         f"skipped it and drew the next batch"
