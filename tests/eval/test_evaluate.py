@@ -431,3 +431,128 @@ def test_val_metrics_run_in_eval_mode():
     assert rn.training and all(torch.equal(rn.state_dict()[k], v) for k, v in stats.items())
     rn.eval()
     assert val_metrics(rn, [(imgs, toks)])["val/loss"] == pytest.approx(got["val/loss"], rel=1e-6)
+
+
+def test_options_for_data_that_is_not_evaluated_are_refused(siglip_run, capsys, tmp_path):
+    """Options typed for data that is not evaluated were ignored: --zeroshot-templates without
+    --zeroshot-data reported the built-in shapes numbers, --csv-img-key with shards read them as
+    shards. They are refused before the model is loaded, as fastclip train refuses them."""
+    zs = _folder(tmp_path / "zs", ["red", "blue"], 1, 0)
+    import tarfile
+    shard = tmp_path / "shard0.tar"
+    with tarfile.open(shard, "w") as tar:
+        tar.add(os.path.join(zs, "red", "0.png"), "0.png")
+        (tmp_path / "0.txt").write_text("a red square")
+        tar.add(tmp_path / "0.txt", "0.txt")
+    cases = [
+        ([siglip_run, "--zeroshot-templates", "cifar"], "--zeroshot-templates makes the prompts of --zeroshot-data"),
+        ([siglip_run, "--zeroshot-classes", "a,b"], "--zeroshot-classes names the classes of --zeroshot-data"),
+        ([siglip_run, "--val-data", str(shard), "--csv-img-key", "x"],
+         "--csv-img-key reads CSV files, and --val-data"),
+        ([siglip_run, "--val-data", str(shard), "--csv-caption-key", "t", "--csv-separator", ";"],
+         "drop --csv-caption-key and --csv-separator"),
+        ([siglip_run, "--csv-separator", ";"], "there is no --val-data"),
+        ([siglip_run, "--val-num-samples", "3"], "--val-num-samples caps the samples of --val-data"),
+        ([siglip_run, "--dataset-type", "csv"], "--dataset-type tells --val-data's type"),
+        ([siglip_run, "--zeroshot-data", zs, "--demo-eval-samples", "5"], "pass --shapes too"),
+    ]
+    for args, needle in cases:
+        with pytest.raises(SystemExit) as e:
+            eval_main([*args, "--threads", "1"])
+        assert e.value.code == 2
+        assert needle in capsys.readouterr().err, args
+    # With the data they shape, they are taken.
+    (tmp_path / "val.csv").write_text("path;caption\n" + "".join(f"zs/{c}/0.png;a {c} square\n"
+                                                                 for c in ("red", "blue")))
+    code, _, err = _eval(capsys, siglip_run, "--zeroshot-data", zs, "--zeroshot-templates", "simple",
+                         "--zeroshot-classes", "crimson,navy", "--val-data", str(tmp_path / "val.csv"),
+                         "--csv-img-key", "path", "--csv-caption-key", "caption", "--csv-separator", ";",
+                         "--shapes", "--demo-eval-samples", "12")
+    assert code == 0, err
+
+
+def test_a_class_folder_without_images_is_refused(siglip_run, capsys, tmp_path):
+    """An empty class folder was a class: chance 1/(k+1), and a class no image could be right
+    for. Refused (as torchvision's ImageFolder refuses it), naming the folder, for the zero-shot
+    and the probe folders alike; a folder of non-images is as empty."""
+    zs = _folder(tmp_path / "zs", ["red", "blue"], 2, 0)
+    (tmp_path / "zs" / "green").mkdir()
+    (tmp_path / "zs" / "grey").mkdir()
+    (tmp_path / "zs" / "grey" / "notes.txt").write_text("no image")
+    code, _, err = _eval(capsys, siglip_run, "--zeroshot-data", zs)
+    assert code == 2 and "--zeroshot-data" in err and "class folder(s) with no image file" in err
+    assert os.path.join(zs, "green") in err and os.path.join(zs, "grey") in err and "Traceback" not in err
+    tr = _folder(tmp_path / "tr", ["red", "blue"], 2, 1)
+    te = _folder(tmp_path / "te", ["red", "blue"], 2, 2)
+    for f in os.listdir(os.path.join(te, "blue")):
+        os.unlink(os.path.join(te, "blue", f))
+    code, _, err = _eval(capsys, siglip_run, "--probe-train", tr, "--probe-test", te)
+    assert code == 2 and "--probe-test" in err and os.path.join(te, "blue") in err
+
+
+def test_images_below_a_class_folder_are_read_at_any_depth(siglip_run, capsys, tmp_path):
+    """red/sub/x.png was left out of class red (a class whose images were all in sub-folders
+    counted as a class without images); images at any depth below a class folder are its images,
+    in the sorted order of their paths, hidden folders left out."""
+    from fastclip.datasets.folder import scan_class_folders
+    tr = _folder(tmp_path / "tr", ["red", "blue"], 2, 1)
+    _folder(tmp_path / "tr" / "red", ["sub"], 2, 3)               # red/sub/0.png, red/sub/1.png
+    _folder(tmp_path / "tr" / "blue" / "deep", ["er"], 1, 4)     # blue/deep/er/0.png
+    _folder(tmp_path / "tr" / "blue", [".ipynb_checkpoints"], 1, 5)
+    scan = scan_class_folders(tr)
+    assert scan.classnames == ["blue", "red"]
+    assert [(os.path.relpath(p, tr), k) for p, k in scan.samples] == [
+        ("blue/0.png", 0), ("blue/1.png", 0), ("blue/deep/er/0.png", 0),
+        ("red/0.png", 1), ("red/1.png", 1), ("red/sub/0.png", 1), ("red/sub/1.png", 1)]
+    only_nested = _folder(tmp_path / "zs" / "green", ["a"], 2, 6)
+    _folder(tmp_path / "zs" / "red", ["b"], 2, 7)
+    out_json = str(tmp_path / "m.json")
+    code, _, err = _eval(capsys, siglip_run, "--zeroshot-data", os.path.dirname(only_nested), "--probe-train", tr,
+                         "--probe-test", tr, "--output", out_json)
+    assert code == 0, err
+    m = json.load(open(out_json))["metrics"]
+    assert m["probe/n_train"] == m["probe/n_test"] == 7 and m["chance/zs"] == 0.5
+
+
+def test_zeroshot_classes_naming_a_folder_is_refused(siglip_run, capsys, tmp_path, monkeypatch):
+    """--zeroshot-classes naming a folder was read as one class name ("1 class names given for
+    2 class folders"): it expects a file or a comma-separated list."""
+    zs = _folder(tmp_path / "zs", ["red", "blue"], 1, 0)
+    (tmp_path / "names").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for value in ("names", str(tmp_path / "names")):
+        code, _, err = _eval(capsys, siglip_run, "--zeroshot-data", zs, "--zeroshot-classes", value)
+        assert code == 2 and f"--zeroshot-classes {value!r}: a folder; expected a file" in err, err
+    code, _, err = _eval(capsys, siglip_run, "--zeroshot-data", zs, "--zeroshot-classes", "one")
+    assert code == 2 and "1 class names given for the 2 class folders of --zeroshot-data" in err
+
+
+def test_single_class_probes_are_refused_and_tiny_ones_warned_of(siglip_run, capsys, tmp_path):
+    """A probe of one class scored 100% whatever the model, and one of 2 images 0, 50 or 100%,
+    without a word: the first is refused, the second is reported with a warning giving its
+    image counts."""
+    one = _folder(tmp_path / "one", ["red"], 3, 0)
+    code, _, err = _eval(capsys, siglip_run, "--probe-train", one, "--probe-test", one)
+    assert code == 2 and "--probe-train" in err and "at least 2 classes" in err
+    tiny = _folder(tmp_path / "tiny", ["red", "blue"], 1, 0)
+    code, out, err = _eval(capsys, siglip_run, "--probe-train", tiny, "--probe-test", tiny)
+    assert code == 0 and "probe/top1" in out
+    assert "warning: the linear probe used 2 training and 2 test images (2 classes)" in err
+    assert "warning" not in out
+    # Two class folders, but every image of one fails to decode: one class is left to fit.
+    bad = _folder(tmp_path / "bad", ["red", "blue"], 2, 0)
+    for f in ("0.png", "1.png"):
+        (tmp_path / "bad" / "blue" / f).write_bytes(b"\x89PNG not really")
+    code, _, err = _eval(capsys, siglip_run, "--probe-train", bad, "--probe-test", tiny)
+    assert code == 2 and "--probe-train/--probe-test" in err and "a single class" in err
+
+
+def test_fp16_autocast_runs_on_a_cpu_as_in_training(siglip_run, capsys, tmp_path):
+    """fastclip train takes --precision fp16 on a CPU (autocast, as bf16); eval refused it ("needs a
+    GPU") and evaluated such a run in fp32, so it could not reproduce the run's own numbers."""
+    out_json = str(tmp_path / "m.json")
+    code, out, err = _eval(capsys, siglip_run, "--demo-eval-samples", "16", "--precision", "fp16",
+                           "--output", out_json)
+    assert code == 0, err
+    m = json.load(open(out_json))["metrics"]
+    assert 0.0 <= m["zeroshot/shape/top1"] <= 1.0

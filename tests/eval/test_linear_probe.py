@@ -115,3 +115,16 @@ def test_numpy_inputs_and_string_labels():
         linear_probe(x, y, "features", y)
     with pytest.raises(ValueError, match="Cs must be finite positive"):
         linear_probe(x, y, x, y, Cs=[True])
+
+
+def test_a_single_class_is_refused():
+    """With one class every test prediction is right: accuracy 1.0 whatever the features."""
+    x, y = _blobs(40, k=2)
+    with pytest.raises(ValueError, match=r"train_labels hold a single class \(0\): a probe needs at least 2"):
+        linear_probe(x, torch.zeros(40, dtype=torch.long), x, y)
+    with pytest.raises(ValueError, match=r"train_labels/val_labels hold a single class \(1\)"):
+        linear_probe(x[:20], torch.ones(20, dtype=torch.long), x, y, val_features=x[20:],
+                     val_labels=torch.ones(20, dtype=torch.long))
+    # One class in the training part, the other in the validation part: two classes fitted.
+    yy = torch.cat([torch.zeros(20, dtype=torch.long), torch.ones(20, dtype=torch.long)])
+    assert 0 <= linear_probe(x[:20], yy[:20], x, y, val_features=x[20:], val_labels=yy[20:]).accuracy <= 1

@@ -184,3 +184,19 @@ def test_classnames_must_be_ordered(model):
         build_zeroshot_classifier(model, {"dog", "cat"}, ["a {}"])
     with pytest.raises(TypeError, match="frozenset"):
         build_zeroshot_classifier(model, frozenset({"dog", "cat"}), ["a {}"])
+
+
+def test_classify_folder_reads_nested_images_and_refuses_empty_classes(model, tmp_path):
+    """Images in sub-folders of a class folder are the class's; a class folder without images
+    would be a class no image can be right for, and is refused."""
+    rng = np.random.default_rng(0)
+    for rel in ("red/0.png", "red/sub/1.png", "blue/deep/er/2.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / rel)
+    out = classify_folder(model, str(tmp_path), templates=SHAPE_TEMPLATES)
+    assert out["classnames"] == ["blue", "red"] and out["n"] == 3
+    assert [os.path.relpath(p, tmp_path) for p, _, _ in out["predictions"]] == \
+        ["blue/deep/er/2.png", "red/0.png", "red/sub/1.png"]
+    (tmp_path / "green").mkdir()
+    with pytest.raises(ValueError, match="class folder.*with no image file.*green"):
+        classify_folder(model, str(tmp_path))

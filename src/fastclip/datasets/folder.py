@@ -1,8 +1,11 @@
-"""Class-named image folders (``root/<class>/<image>``) for zero-shot evaluation."""
+"""Class-named image folders (``root/<class>/.../<image>``) for zero-shot evaluation and linear
+probes: the images of a class at any depth below its folder, as torchvision's ``ImageFolder``
+reads them, and an error for a class folder without images. ``fastclip train`` and ``fastclip
+eval`` read a folder the same way."""
 from __future__ import annotations
 
 import os
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -28,8 +31,75 @@ def read_classnames(spec: Optional[str]) -> Optional[List[str]]:
     return names
 
 
+class ClassFolders(NamedTuple):
+    """What ``scan_class_folders`` found under a root."""
+    root: str
+    folders: List[str]                  # the class folders' names, sorted: class k is folders[k]
+    classnames: List[str]               # one per folder
+    samples: List[Tuple[str, int]]      # (image path, class index), by class, then by path
+
+
+def class_subfolders(root: str) -> List[str]:
+    """The class folders of ``root``, sorted. Hidden folders (``.ipynb_checkpoints``, ``.git``)
+    are not classes."""
+    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+
+
+def _images_below(folder: str) -> List[str]:
+    """The image files at any depth below ``folder``, sorted by their path relative to it (the
+    same order on every machine: the probe's validation split is drawn over it). Regular files
+    only: opening a FIFO named x.png would wait for a writer forever. Hidden sub-folders are
+    skipped, as hidden class folders are; a linked folder is followed once (a link back to a
+    folder above would otherwise be walked without end)."""
+    found, seen = [], set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [os.path.join(top, f) for f in files
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(top, f))]
+    return sorted(found, key=lambda p: os.path.relpath(p, folder).split(os.sep))
+
+
+def scan_class_folders(root: str, classnames: Optional[Sequence[str]] = None,
+                       what: Optional[str] = None) -> ClassFolders:
+    """The classes and images of ``root/<class>/``: class ``k`` is the k-th folder in sorted
+    order, named by ``classnames[k]`` when given, else by its folder name with underscores as
+    spaces; its images are every image file at any depth below its folder.
+
+    Raises DataError, naming ``what`` (default: the root's path), when ``root`` has no class
+    folder, when ``classnames`` does not name each of them, or when a class folder holds no
+    image file (the class would count towards chance, and no image could ever be right for it;
+    torchvision's ImageFolder refuses it too).
+    """
+    what = what or repr(root)
+    if not os.path.isdir(root):
+        raise DataError(f"{what}: not a directory")
+    folders = class_subfolders(root)
+    if not folders:
+        raise DataError(f"{what} has no class folders (expected {os.path.join(root, '<class>', '<image>')})")
+    if classnames is not None and len(classnames) != len(folders):
+        raise DataError(f"{len(classnames)} class names given for the {len(folders)} class folders of {what}")
+    samples, empty = [], []
+    for k, d in enumerate(folders):
+        images = _images_below(os.path.join(root, d))
+        if not images:
+            empty.append(d)
+        samples += [(p, k) for p in images]
+    if empty:
+        raise DataError(f"{what}: class folder(s) with no image file ({', '.join(IMAGE_EXTENSIONS)}) in them: "
+                        f"{', '.join(repr(os.path.join(root, d)) for d in empty)}; remove them or add their "
+                        f"images (a class without images counts towards chance and can never be right)")
+    names = list(classnames) if classnames is not None else [d.replace("_", " ") for d in folders]
+    return ClassFolders(root, folders, names, samples)
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """``(image [3, S, S], label)`` for every image file under ``root/<class>/``.
+    """``(image [3, S, S], label)`` for every image file at any depth under ``root/<class>/``
+    (:func:`scan_class_folders`).
 
     Class ``k`` is the k-th subfolder in sorted order; its name is the folder name with
     underscores as spaces unless ``classnames`` (one per subfolder, same order) is given.
@@ -40,25 +110,21 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __init__(self, root: str, transform: Callable, classnames: Optional[Sequence[str]] = None):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"zero-shot folder {root!r} is not a directory")
-        # Hidden folders (.ipynb_checkpoints, .git) are not classes.
-        subdirs = sorted(d for d in os.listdir(root)
-                         if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
-        if not subdirs:
-            raise DataError(f"{root!r} has no class subfolders (expected root/<class>/<image>)")
-        if classnames is not None and len(classnames) != len(subdirs):
-            raise DataError(f"{len(classnames)} class names given for {len(subdirs)} class folders in {root!r}")
-        self.classnames = list(classnames) if classnames is not None else [d.replace("_", " ") for d in subdirs]
-        self.samples: List[Tuple[str, int]] = []
-        for k, d in enumerate(subdirs):
-            for f in sorted(os.listdir(os.path.join(root, d))):
-                path = os.path.join(root, d, f)
-                # Regular files only: opening a FIFO named x.png would wait for a writer forever.
-                if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(path):
-                    self.samples.append((path, k))
-        if not self.samples:
-            raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}")
+        self._take(scan_class_folders(root, classnames), transform)
+
+    @classmethod
+    def from_scan(cls, scan: ClassFolders, transform: Callable) -> "ImageFolderDataset":
+        """The dataset of a folder already scanned (``fastclip eval`` scans before it loads the
+        model, to refuse a bad folder at once)."""
+        ds = cls.__new__(cls)
+        ds._take(scan, transform)
+        return ds
+
+    def _take(self, scan: ClassFolders, transform: Callable) -> None:
+        self.root = scan.root
+        self.classnames = list(scan.classnames)
+        self.samples: List[Tuple[str, int]] = list(scan.samples)
         self.transform = transform
-        self.root = root
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -70,8 +70,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                         "its batch size; default: the run's per-rank --batch-size when MODEL is a fastclip "
                         "train run, else 256) and, when given, the images per encoder forward (default 256)")
     g.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help="fp32, or bf16/fp16 autocast on a GPU (bf16 autocast on a CPU) for the encoders; "
-                        "default: the run's, else fp32")
+                   help="fp32, or bf16/fp16 autocast for the encoders (on a CPU as well, as fastclip "
+                        "train takes them); default: the run's, else fp32")
     g.add_argument("--loss", choices=("auto", *LOSSES), default="auto",
                    help="the loss of --val-data's val loss (auto: siglip for a model with a logit_bias, else clip)")
     g.add_argument("--loss-backend", default="auto", help="fastclip kernel backend of the val loss")
@@ -187,9 +187,6 @@ def fill_defaults(args: argparse.Namespace, log=print) -> None:
             continue
         value = train.get(name)
         ok = _valid(name, value)
-        if ok and name == "precision" and value == "fp16" and not _cuda_device(args.device):
-            log("the run's --precision fp16 needs a GPU: fp32 here")
-            ok = False
         setattr(args, name, value if ok else fallback)
         if ok and value != fallback:
             taken.append(f"--{name.replace('_', '-')} {value}")
@@ -223,14 +220,48 @@ def fill_defaults(args: argparse.Namespace, log=print) -> None:
         log(f"from {run.path}: " + ", ".join(taken))
 
 
-def _cuda_device(device: str) -> bool:
-    import torch
-    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+# Options that only one kind of evaluation data reads: ``main`` notes which of them were typed
+# (before a run's config.json fills them in) and ``check_args`` refuses those that the data
+# evaluated would ignore, as ``fastclip train`` refuses them.
+DATA_OPTIONS = ("zeroshot_classes", "zeroshot_templates", "val_num_samples", "dataset_type", "csv_img_key",
+                "csv_caption_key", "csv_separator", "demo_eval_samples")
+_CSV_ONLY = ("csv_img_key", "csv_caption_key", "csv_separator")
 
 
-def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _check_options_apply(p: argparse.ArgumentParser, args: argparse.Namespace, given: set,
+                         val_kind: Optional[str]) -> None:
+    """Refuse options typed for data that is not evaluated (``--zeroshot-templates`` without
+    ``--zeroshot-data``, ``--csv-img-key`` with shards, ...) rather than ignore them. ``args``
+    holds the data evaluated: a run's own data (``fill_defaults``) counts as given."""
+    if "zeroshot_classes" in given and args.zeroshot_data is None:
+        p.error("--zeroshot-classes names the classes of --zeroshot-data's folders: pass that folder too")
+    for dest, needs, what in (("zeroshot_templates", "zeroshot_data",
+                               "makes the prompts of --zeroshot-data's classes (the built-in shapes "
+                               "tasks have their own)"),
+                              ("val_num_samples", "val_data", "caps the samples of --val-data"),
+                              ("dataset_type", "val_data", "tells --val-data's type")):
+        if dest in given and getattr(args, needs) is None:
+            p.error(f"{_flag(dest)} {what}: pass that too, or drop {_flag(dest)}")
+    typed = [_flag(d) for d in _CSV_ONLY if d in given]
+    if typed and val_kind != "csv":
+        where = ("there is no --val-data" if args.val_data is None
+                 else f"--val-data {args.val_data!r} is not one ({val_kind})")
+        p.error(f"{typed[0]} reads CSV files, and {where}: drop {' and '.join(typed)}")
+    if "demo_eval_samples" in given and not args.shapes:
+        p.error("--demo-eval-samples draws the images of the built-in shapes tasks, which are not evaluated "
+                "here: pass --shapes too, or drop --demo-eval-samples")
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, given: Optional[set] = None) -> None:
     """Every flag, before the model is loaded: files and folders exist, the device is usable,
-    --output can be written and is none of the inputs."""
+    --output can be written and is none of the inputs; the class folders of --zeroshot-data and
+    the probe are scanned (``args.class_folders``, which ``evaluate`` reads). ``given``: the
+    ``DATA_OPTIONS`` typed, to refuse those the data evaluated would ignore (unchecked when
+    None)."""
     from ..train.data import detect_val_type
     from .evaluate import resolve_model_file
     try:
@@ -246,15 +277,19 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     why = None if args.zeroshot_classes is None else classes_problem(args.zeroshot_classes)
     if why:
         p.error(f"--zeroshot-classes {args.zeroshot_classes!r}: {why}")
+    val_kind = None
     if args.val_data is not None:
         try:
-            kind = detect_val_type(args.val_data, args.dataset_type)
+            val_kind = detect_val_type(args.val_data, args.dataset_type)
         except ValueError as e:
             p.error(str(e).replace("--train-data/--val-data", "--val-data"))
-        why = (csv_file_problem(args.val_data) if kind == "csv" else
-               shards_problem(args.val_data) if kind == "webdataset" else None)
+        why = (csv_file_problem(args.val_data) if val_kind == "csv" else
+               shards_problem(args.val_data) if val_kind == "webdataset" else None)
         if why:
             p.error(f"--val-data {args.val_data!r}: {why}")
+    if given is not None:
+        _check_options_apply(p, args, given, val_kind)
+    args.class_folders = _scan_folders(p, args)
     for flag, why in (("--device", device_problem(args.device)),
                       ("--loss-backend", backend_problem(args.loss_backend))):
         if why:
@@ -268,6 +303,35 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         _check_output(p, args.output, [model_file, args.val_data, args.zeroshot_classes,
                                        getattr(args, "run_config_path", None),
                                        *(os.path.join(run_folder, n) for n in RUN_FILES)], protected)
+
+
+def _scan_folders(p: argparse.ArgumentParser, args: argparse.Namespace) -> Dict[str, Any]:
+    """``scan_class_folders`` of --zeroshot-data (with --zeroshot-classes) and of the probe's
+    folders, keyed by dest; a folder that cannot be used is a flag's error."""
+    from ..datasets.csv_dataset import DataError
+    from ..datasets.folder import read_classnames, scan_class_folders
+    out: Dict[str, Any] = {}
+    try:
+        names = read_classnames(args.zeroshot_classes) if args.zeroshot_data is not None else None
+    except (DataError, OSError) as e:
+        p.error(f"--zeroshot-classes {args.zeroshot_classes!r}: {e}")
+    try:
+        if args.zeroshot_data is not None:
+            out["zeroshot_data"] = scan_class_folders(args.zeroshot_data, names,
+                                                      f"--zeroshot-data {args.zeroshot_data!r}")
+        if args.probe_train is not None:
+            for dest in ("probe_train", "probe_test"):
+                out[dest] = scan_class_folders(getattr(args, dest), None, f"{_flag(dest)} {getattr(args, dest)!r}")
+    except (DataError, OSError) as e:
+        p.error(str(e) if not isinstance(e, OSError) else f"cannot read a folder: {e}")
+    if args.probe_train is not None and len(out["probe_train"].folders) < 2:
+        p.error(f"--probe-train {args.probe_train!r} has one class folder ({out['probe_train'].folders[0]!r}): a "
+                f"linear probe needs at least 2 classes (with one, every test image is right: probe/top1 100% "
+                f"whatever the model)")
+    if args.probe_train is not None and out["probe_train"].folders != out["probe_test"].folders:
+        p.error(f"--probe-train and --probe-test must hold the same class folders, got "
+                f"{out['probe_train'].folders} and {out['probe_test'].folders}")
+    return out
 
 
 def _check_output(p: argparse.ArgumentParser, output: str, inputs: List[Optional[str]],
@@ -329,8 +393,6 @@ def evaluate(args: argparse.Namespace, log=print) -> Dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.precision == "fp16" and device.type == "cpu":
-        raise ValueError("--precision fp16: autocast to fp16 needs a GPU; use bf16 or fp32 on a CPU")
     source = resolve_model_file(args.model)
     model = load_model(source, device, allow_torchscript_code=args.allow_torchscript_code)
     check_vocab(model, source)
@@ -352,15 +414,13 @@ def evaluate(args: argparse.Namespace, log=print) -> Dict[str, Any]:
     if args.shapes:
         from ..train.demo import shapes_zeroshot_sets
         sets.update(shapes_zeroshot_sets(cfg, model))
+    folders = args.class_folders        # scanned by check_args
     zs = folder_zeroshot_task(cfg, model, sets) if args.zeroshot_data else None
     val_batches = load_val_batches(cfg, model, log=log) if args.val_data else None
     probe = None
     if args.probe_train:
-        tr, te = ImageFolderDataset(args.probe_train, tf), ImageFolderDataset(args.probe_test, tf)
-        if tr.classnames != te.classnames:
-            raise ValueError(f"--probe-train and --probe-test must hold the same class folders, got "
-                             f"{tr.classnames} and {te.classnames}")
-        probe = tr, te
+        probe = (ImageFolderDataset.from_scan(folders["probe_train"], tf),
+                 ImageFolderDataset.from_scan(folders["probe_test"], tf))
     with torch.no_grad(), _autocast(device, args.precision):
         eb = args.encode_batch_size
         if sets:
@@ -388,6 +448,9 @@ def evaluate(args: argparse.Namespace, log=print) -> Dict[str, Any]:
                                          seed=args.seed))
         except ValueError as e:
             raise ValueError(f"--probe-train/--probe-test: {e}") from None
+        few = _few_probe_images(len(feats[0]), len(feats[1]), len(probe[0].classnames))
+        if few:
+            print(f"fastclip eval: warning: {few}", file=sys.stderr, flush=True)
     metrics["skipped"] = skipped
     out: Dict[str, Any] = {"model": args.model, "model_file": source, "seed": args.seed,
                            "batch_size": args.batch_size, "precision": args.precision,
@@ -415,6 +478,23 @@ def evaluate(args: argparse.Namespace, log=print) -> Dict[str, Any]:
     return out
 
 
+# Below these a probe's accuracy is too coarse to compare models by: a test image moves
+# probe/top1 by 1/n_test (a point at 100 images), and C is chosen on 20% of the training images.
+PROBE_MIN_TEST = 100
+PROBE_MIN_TRAIN_PER_CLASS = 10
+
+
+def _few_probe_images(n_train: int, n_test: int, n_classes: int) -> Optional[str]:
+    """What makes a probe of ``n_train`` and ``n_test`` decoded images of ``n_classes`` classes
+    a rough figure, or None when it has enough of both."""
+    if n_test >= PROBE_MIN_TEST and n_train >= PROBE_MIN_TRAIN_PER_CLASS * n_classes:
+        return None
+    return (f"the linear probe used {n_train} training and {n_test} test images ({n_classes} classes): "
+            f"probe/top1 moves in steps of {100 / n_test:.3g} points and C was chosen on "
+            f"{max(1, round(0.2 * n_train))} image(s); a rough figure (at least {PROBE_MIN_TEST} test and "
+            f"{PROBE_MIN_TRAIN_PER_CLASS} training images per class make it a usable one)")
+
+
 def _std_stream(path: str):
     """sys.stdout or sys.stderr when ``path`` is the file they write to (``/dev/stdout``,
     ``/proc/self/fd/1``, or the very file stdout is redirected to), else None."""
@@ -438,8 +518,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     log = PipeSafeLog()
+    given = {d for d in DATA_OPTIONS if getattr(args, d) is not None}     # before the run's values fill them
     fill_defaults(args, log)
-    check_args(p, args)
+    check_args(p, args, given)
     code = run_reporting("eval", lambda: evaluate(args, log), (DataError, ValueError, FileNotFoundError))
     return 141 if code == 0 and log.broken else code     # 141: the status of a process a closed pipe stopped
 

@@ -80,8 +80,9 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     """Fit a linear probe and report test accuracy.
 
     Features ``[N, D]`` (any float dtype; fit in fp32 with autocast off), labels ``[N]`` ints in
-    ``[0, C)``; training and validation features must be finite, a test row with NaN/inf is a
-    miss. Without ``val_features`` a random ``val_fraction`` of train (``seed``) is held out for
+    ``[0, C)``, those fitted on (training and validation) of at least 2 classes (ValueError
+    otherwise: one class makes every prediction right); training and validation features must be finite, a test row with
+    NaN/inf is a miss. Without ``val_features`` a random ``val_fraction`` of train (``seed``) is held out for
     choosing ``C``.
     ``Cs``: the coarse grid (default ``10^-6, 10^-4, ..., 10^6``); ``refine_steps`` halvings of the
     log10 step around the best (0 disables; 4 reaches 1/8 decade). ``refit``: refit on train + val
@@ -136,6 +137,12 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
             raise ValueError("val_features hold NaN or inf (a diverged model?): C cannot be chosen on them")
     if xv.shape[0] == 0 or yv.shape != (xv.shape[0],):
         raise ValueError("val_features/val_labels must be [N, D] and [N] with N >= 1")
+    fitted = torch.cat([yt, yv]).unique()
+    if fitted.numel() < 2:
+        # A classifier of one class is right on every test image of it: accuracy 100% whatever
+        # the features, a number that says nothing about them.
+        raise ValueError(f"train_labels{'/val_labels' if val_features is not None else ''} hold a single class "
+                         f"({int(fitted[0])}): a probe needs at least 2 classes to tell apart")
     num_classes = int(max(yt.max(), yv.max(), ys.max()).item()) + 1
 
     tried = {}

@@ -8,6 +8,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 import torch
 import torch.nn.functional as F
 
+from ..datasets.csv_dataset import DataError
 from ..datasets.folder import IMAGE_EXTENSIONS
 from ..tokenizer import tokenize
 from ._checks import class_indices, eval_mode, finite_rows, fp32_math
@@ -147,25 +148,18 @@ def evaluate_zeroshot(model, images_or_loader: Union[torch.Tensor, Iterable[Tupl
 
 
 def _scan_folder(folder: str, classnames: Optional[Sequence[str]]) -> Tuple[List[str], Optional[List[int]], List[str]]:
-    # Hidden folders (.ipynb_checkpoints, .git) are not classes.
-    subdirs = sorted(d for d in os.listdir(folder)
-                     if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))
-    # Regular image files only (a FIFO named x.png would block the read for ever).
-    is_img = lambda p: p.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(p)  # noqa: E731
-    if subdirs:
-        names = [d.replace("_", " ") for d in subdirs] if classnames is None else list(classnames)
-        if len(names) != len(subdirs):
-            raise ValueError(f"classnames has {len(names)} entries but {folder} has {len(subdirs)} class folders")
-        paths, labels = [], []
-        for k, d in enumerate(subdirs):
-            for f in sorted(os.listdir(os.path.join(folder, d))):
-                if is_img(os.path.join(folder, d, f)):
-                    paths.append(os.path.join(folder, d, f))
-                    labels.append(k)
-        return paths, labels, names
+    from ..datasets.folder import class_subfolders, scan_class_folders
+    if class_subfolders(folder):
+        try:
+            scan = scan_class_folders(folder, classnames)
+        except DataError as e:
+            raise ValueError(str(e)) from None
+        return [p for p, _ in scan.samples], [k for _, k in scan.samples], scan.classnames
     if classnames is None:
         raise ValueError(f"classnames is required: {folder} has no class-named subfolders")
-    return [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if is_img(os.path.join(folder, f))], None, \
+    # Regular image files only (a FIFO named x.png would block the read for ever).
+    return [os.path.join(folder, f) for f in sorted(os.listdir(folder))
+            if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f))], None, \
         list(classnames)
 
 
@@ -175,9 +169,10 @@ def classify_folder(model, folder: str, classnames: Optional[Sequence[str]] = No
                     batch_size: int = 64, device=None) -> Dict[str, object]:
     """Zero-shot classify every image file in ``folder``.
 
-    With class-named subfolders (``folder/<class>/<img>``) these give the labels and, unless
-    ``classnames`` is passed, the class names (underscores -> spaces); otherwise the images
-    directly in ``folder`` are classified among ``classnames``. ``image_size`` defaults to
+    With class-named subfolders (``folder/<class>/<img>``, images at any depth below a class's
+    folder) these give the labels and, unless ``classnames`` is passed, the class names
+    (underscores -> spaces), and a class folder without images is a ValueError; otherwise the
+    images directly in ``folder`` are classified among ``classnames``. ``image_size`` defaults to
     ``model.image_size``. Returns ``{"classnames", "predictions": [(path, class, prob), ...],
     "skipped": [paths of files that did not decode]}`` plus
     ``top1``/``top5``/``mean_per_class_recall``/``n`` when labels are known. Hidden subfolders
