@@ -200,3 +200,13 @@ def test_classify_folder_reads_nested_images_and_refuses_empty_classes(model, tm
     (tmp_path / "green").mkdir()
     with pytest.raises(ValueError, match="class folder.*with no image file.*green"):
         classify_folder(model, str(tmp_path))
+
+
+def test_a_folder_of_one_class_is_refused(tmp_path):
+    # One class folder: every image is "right" whatever the model (top-1 100%, chance 100%).
+    from fastclip.datasets.csv_dataset import DataError
+    from fastclip.datasets.folder import scan_class_folders
+    (tmp_path / "red").mkdir()
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "red" / "0.png")
+    with pytest.raises(DataError, match="one class folder .*'red'.* at least 2 classes"):
+        scan_class_folders(str(tmp_path))

@@ -70,8 +70,8 @@ def scan_class_folders(root: str, classnames: Optional[Sequence[str]] = None,
     order, named by ``classnames[k]`` when given, else by its folder name with underscores as
     spaces; its images are every image file at any depth below its folder.
 
-    Raises DataError, naming ``what`` (default: the root's path), when ``root`` has no class
-    folder, when ``classnames`` does not name each of them, or when a class folder holds no
+    Raises DataError, naming ``what`` (default: the root's path), when ``root`` has fewer than
+    two class folders, when ``classnames`` does not name each of them, or when a class folder holds no
     image file (the class would count towards chance, and no image could ever be right for it;
     torchvision's ImageFolder refuses it too).
     """
@@ -81,6 +81,10 @@ def scan_class_folders(root: str, classnames: Optional[Sequence[str]] = None,
     folders = class_subfolders(root)
     if not folders:
         raise DataError(f"{what} has no class folders (expected {os.path.join(root, '<class>', '<image>')})")
+    if len(folders) < 2:
+        # One class: every image is right whatever the model (zero-shot top-1 and a probe at 100%).
+        raise DataError(f"{what} has one class folder ({folders[0]!r}): zero-shot classification and "
+                        f"a linear probe need at least 2 classes")
     if classnames is not None and len(classnames) != len(folders):
         raise DataError(f"{len(classnames)} class names given for the {len(folders)} class folders of {what}")
     samples, empty = [], []

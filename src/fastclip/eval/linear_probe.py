@@ -81,9 +81,9 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
 
     Features ``[N, D]`` (any float dtype; fit in fp32 with autocast off), labels ``[N]`` ints in
     ``[0, C)``, those fitted on (training and validation) of at least 2 classes (ValueError
-    otherwise: one class makes every prediction right); training and validation features must be finite, a test row with
-    NaN/inf is a miss. Without ``val_features`` a random ``val_fraction`` of train (``seed``) is held out for
-    choosing ``C``.
+    otherwise: one class makes every prediction right); training and validation features must
+    be finite, a test row with NaN/inf is a miss. Without ``val_features`` a random
+    ``val_fraction`` of train (``seed``) is held out for choosing ``C``.
     ``Cs``: the coarse grid (default ``10^-6, 10^-4, ..., 10^6``); ``refine_steps`` halvings of the
     log10 step around the best (0 disables; 4 reaches 1/8 decade). ``refit``: refit on train + val
     with the chosen C before testing. Returns a ``LinearProbeResult``.
