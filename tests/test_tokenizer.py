@@ -73,6 +73,10 @@ def test_too_long_and_truncate(oracle):
     assert tokenize(exact)[0, -1].item() == EOT_ID
     small = tokenize("a photo of a dog", context_length=5, truncate=True)
     assert small.tolist() == [[49406, 320, 1125, 539, 49407]]
+    # Any truthy value cut the texts (truncate="no" truncated): a bool is asked for.
+    for bad in ("no", 1, None):
+        with pytest.raises(TypeError, match="truncate must be a bool"):
+            tokenize(["ok", long], truncate=bad)
 
 
 def test_input_forms_and_errors():

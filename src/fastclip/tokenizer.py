@@ -183,6 +183,9 @@ def tokenize(texts: Union[str, Sequence[str]], context_length: int = 77, truncat
             raise TypeError(f"texts must be a str or a sequence of str, got {type(texts).__name__}") from None
     if not _token_id(context_length) or context_length < 2:
         raise ValueError(f"context_length must be an int >= 2, got {context_length!r}")
+    if not isinstance(truncate, (bool, np.bool_)):
+        # Any truthy value cut the texts: truncate="no" truncated.
+        raise TypeError(f"truncate must be a bool, got {truncate!r} ({type(truncate).__name__})")
     context_length = int(context_length)
     for i, t in enumerate(texts):
         if not isinstance(t, str):
@@ -237,7 +240,8 @@ def decode(ids: Union[torch.Tensor, Sequence[int], Sequence[Sequence[int]]]) -> 
     -> list of str. Ids are ints (Python or NumPy) or an integer tensor/array; anything else
     (floats, bools, strings, 0-D or 3-D arrays) raises TypeError or ValueError naming it.
 
-    Drops a leading sot, everything from the first eot on (padding), and maps ``</w>`` to spaces.
+    Drops the sot ids (the leading one, and any a text typed as ``<|startoftext|>``), everything
+    from the first eot on (padding), and maps ``</w>`` to spaces.
     """
     if isinstance(ids, (torch.Tensor, np.ndarray)):
         arr = ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else ids

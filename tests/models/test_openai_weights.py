@@ -490,3 +490,20 @@ def test_batchnorm_step_counters_may_be_absent():
     x = torch.randn(2, 3, model.config.image_size, model.config.image_size)
     with torch.no_grad():
         assert torch.equal(loaded.encode_image(x), model.encode_image(x))
+
+
+def test_checkpoint_metadata_and_names(tmp_path):
+    """save_checkpoint let a caller's metadata replace its own "fastclip_config"/"format" keys (the
+    file then did not load); a fastclip file saved without the .safetensors suffix was read by
+    load_openai as a pickle and refused; NumPy float32 initial logit values were refused."""
+    import numpy as np
+    m = create_model("tiny-vit", init_logit_scale=np.float32(10), init_logit_bias=np.float32(-10))
+    assert m.config.init_logit_scale == 10.0 and type(m.config.init_logit_bias) is float
+    for key in ("fastclip_config", "format"):
+        with pytest.raises(ValueError, match=f"metadata may not set '{key}'"):
+            save_checkpoint(m, tmp_path / "x.safetensors", metadata={key: "{}"})
+    with pytest.raises(TypeError, match="metadata must map str to str"):
+        save_checkpoint(m, tmp_path / "x.safetensors", metadata={"step": 3})
+    save_checkpoint(m, tmp_path / "nosuffix", metadata={"note": "kept"})
+    for loaded in (load_openai(tmp_path / "nosuffix"), load_checkpoint(tmp_path / "nosuffix")):
+        assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), loaded.state_dict().values()))

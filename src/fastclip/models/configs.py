@@ -89,12 +89,19 @@ class CLIPConfig:
             v = getattr(self, name)
             if isinstance(v, bool):
                 raise ValueError(f"{name} must be a number, got {v!r}")
-        if not (isinstance(self.init_logit_scale, (int, float)) and self.init_logit_scale > 0
+        # Any real number (NumPy's float32 too, which is no Python float), stored as a float.
+        if not (isinstance(self.init_logit_scale, numbers.Real) and self.init_logit_scale > 0
                 and math.isfinite(self.init_logit_scale)):
             raise ValueError(f"init_logit_scale must be a finite positive number, got {self.init_logit_scale!r}")
-        if self.init_logit_bias is not None and not (isinstance(self.init_logit_bias, (int, float))
+        if self.init_logit_bias is not None and not (isinstance(self.init_logit_bias, numbers.Real)
                                                      and math.isfinite(self.init_logit_bias)):
             raise ValueError(f"init_logit_bias must be a finite number or None, got {self.init_logit_bias!r}")
+        # NumPy's scalars as Python floats: the config is written as JSON (checkpoints), which
+        # takes no np.float32.
+        if not isinstance(self.init_logit_scale, (int, float)):
+            self.init_logit_scale = float(self.init_logit_scale)
+        if self.init_logit_bias is not None and not isinstance(self.init_logit_bias, (int, float)):
+            self.init_logit_bias = float(self.init_logit_bias)
 
     @property
     def is_resnet(self) -> bool:

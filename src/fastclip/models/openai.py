@@ -31,11 +31,27 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
+def is_safetensors_file(path: str) -> bool:
+    """Whether ``path`` holds a safetensors file, by its header (8 bytes: the little-endian length
+    of a JSON header that follows, starting with ``{``), whatever its name: a file saved without
+    the ``.safetensors`` suffix was read as a pickle and refused."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 2 <= n <= size - 8
+
+
 def _read(path: str, allow_torchscript_code: bool) -> Dict[str, torch.Tensor]:
     from .torchscript import TorchScriptReadError, is_torchscript_archive, read_torchscript_state_dict
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such checkpoint file")
-    if path.endswith(".safetensors"):
+    if path.endswith(".safetensors") or is_safetensors_file(path):
         from safetensors.torch import load_file
         try:
             return load_file(path)
@@ -210,7 +226,8 @@ def load_openai(path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.T
         sd = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in sd.items()}
     else:
         source = os.fspath(path_or_state_dict)
-        if source.endswith(".safetensors") and _fastclip_config(source) is not None:
+        if ((source.endswith(".safetensors") or is_safetensors_file(source))
+                and _fastclip_config(source) is not None):
             # fastclip's own checkpoint: its stored config, not one inferred by OpenAI's rules
             # (heads = width / 64 would be a guess for a model built with other head counts).
             model = load_checkpoint(source, device)
@@ -251,7 +268,8 @@ def load_openai(path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.T
 
 def save_checkpoint(model: CLIP, path: Union[str, os.PathLike], metadata: Optional[Dict[str, str]] = None) -> None:
     """Write ``model.state_dict()`` to ``path`` as safetensors, with ``model.config`` as JSON in
-    the metadata key ``fastclip_config`` (plus any extra str->str ``metadata``).
+    the metadata key ``fastclip_config`` (plus any extra str->str ``metadata``, which may not
+    set the file's own keys ``fastclip_config`` and ``format``).
 
     The file is written atomically (a temporary file in the same folder, renamed into place)
     with the mode a plain ``open(path, "w")`` would give it (``0o666 & ~umask``)."""
@@ -264,7 +282,17 @@ def save_checkpoint(model: CLIP, path: Union[str, os.PathLike], metadata: Option
 
     from .._fileio import atomic_write
     meta = {"format": "pt", "fastclip_config": json.dumps(model.config.to_dict())}
-    meta.update(metadata or {})
+    extra = dict(metadata or {})
+    # The file's own keys: a caller's "fastclip_config" or "format" replaced them and wrote a
+    # file that load_checkpoint could not read back.
+    taken = sorted(k for k in extra if k in meta)
+    if taken:
+        raise ValueError(f"metadata may not set {', '.join(map(repr, taken))}: save_checkpoint writes "
+                         f"{'that key' if len(taken) == 1 else 'those keys'} itself")
+    bad = [k for k, v in extra.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"metadata must map str to str, got {bad[0]!r}: {extra[bad[0]]!r}")
+    meta.update(extra)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write(os.fspath(path), lambda tmp: save_file(tensors, tmp, metadata=meta), suffix=".safetensors")
 
