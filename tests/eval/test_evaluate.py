@@ -139,6 +139,27 @@ def test_probe_metrics_and_encode_images_directly():
     assert set(r) == {"probe/top1", "probe/C", "probe/val_top1", "probe/n_train", "probe/n_test"}
 
 
+def test_batch_size_must_be_a_positive_int():
+    """range(0, N, -2) is empty: a negative batch size returned [0, 64] embeddings, and 0
+    failed with range()'s own message."""
+    from fastclip.eval.evaluate import FolderStream, folder_zeroshot_metrics, zeroshot_metrics
+    from fastclip.models import create_model
+    torch.manual_seed(0)
+    model = create_model("tiny-vit").eval()
+    x = torch.randn(3, 3, 32, 32)
+    for bs in (-2, 0):
+        with pytest.raises(ValueError, match=f"batch_size must be a positive int, got {bs}"):
+            encode_images(model, x, batch_size=bs)
+        with pytest.raises(ValueError, match=f"batch_size must be a positive int, got {bs}"):
+            zeroshot_metrics(model, {"t": (x, torch.tensor([0, 1, 0]), ["a", "b"], ["{}"])}, batch_size=bs)
+        with pytest.raises(ValueError, match=f"batch_size must be a positive int, got {bs}"):
+            folder_zeroshot_metrics(model, None, "t", ["{}"], batch_size=bs)
+        with pytest.raises(ValueError, match=f"batch_size must be a positive int, got {bs}"):
+            FolderStream([], bs)
+    with pytest.raises(TypeError, match="batch_size must be a positive int, got float 2.0"):
+        encode_images(model, x, batch_size=2.0)
+
+
 def test_bad_arguments_exit_2_naming_the_flag(siglip_run, capsys, tmp_path):
     cases = [
         ([str(tmp_path / "nope")], "no such file or folder"),

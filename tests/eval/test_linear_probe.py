@@ -1,4 +1,6 @@
 """Linear probe on synthetic problems with known answers."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -128,3 +130,48 @@ def test_a_single_class_is_refused():
     # One class in the training part, the other in the validation part: two classes fitted.
     yy = torch.cat([torch.zeros(20, dtype=torch.long), torch.ones(20, dtype=torch.long)])
     assert 0 <= linear_probe(x[:20], yy[:20], x, y, val_features=x[20:], val_labels=yy[20:]).accuracy <= 1
+
+
+def test_the_grid_is_sorted_and_deduplicated_before_refining():
+    """The refinement step came from the first two entries as given: [0.01, 1, 100] and
+    [100, 0.01, 1] searched differently."""
+    x, y = _blobs(200, k=3, sep=1.5, seed=2)
+    a = linear_probe(x[:120], y[:120], x[120:], y[120:], Cs=[0.01, 1, 100], refine_steps=2)
+    b = linear_probe(x[:120], y[:120], x[120:], y[120:], Cs=[100, 0.01, 1, 1.0, np.float64(100)], refine_steps=2)
+    assert [c for c, _ in a.search][:3] == pytest.approx([0.01, 1, 100])
+    assert a.search == b.search and a.C == b.C and a.accuracy == b.accuracy
+
+
+def test_an_uneven_grid_refines_by_half_the_nearer_gap():
+    """On the sorted grid log10 C = -1, 2, 3, 6 the first step is half the smaller gap beside the
+    best value (1.5 at -1 or 6, 0.5 at 2 or 3), not one taken from the order the grid came in."""
+    x, y = _blobs(200, k=3, sep=1.5, seed=2)
+    res = linear_probe(x[:120], y[:120], x[120:], y[120:], Cs=[1e3, 1e-1, 1e2, 1e6], refine_steps=1)
+    logs = [math.log10(c) for c, _ in res.search]
+    assert logs[:4] == pytest.approx([-1, 2, 3, 6]) and len(logs) == 6
+    lo, hi = sorted(logs[4:])
+    best, step = (lo + hi) / 2, (hi - lo) / 2
+    grid = [-1, 2, 3, 6]
+    k = min(range(4), key=lambda j: abs(grid[j] - best))
+    assert best == pytest.approx(grid[k])
+    gaps = [grid[j + 1] - grid[j] for j in (k - 1, k) if 0 <= j < 3]
+    assert step == pytest.approx(min(gaps) / 2)
+
+
+def test_invalid_probe_arguments_are_refused():
+    """val_labels without val_features was ignored, max_iter=0 fitted nothing (chance accuracy)
+    and refine_steps=-1 was taken as 0."""
+    x, y = _blobs(60, k=2)
+    with pytest.raises(ValueError, match="val_labels was given without val_features"):
+        linear_probe(x, y, x, y, val_labels=y)
+    with pytest.raises(ValueError, match="max_iter must be a positive int, got 0"):
+        linear_probe(x, y, x, y, max_iter=0)
+    with pytest.raises(TypeError, match="max_iter must be a positive int, got float 10.0"):
+        linear_probe(x, y, x, y, max_iter=10.0)
+    with pytest.raises(ValueError, match="refine_steps must be an int >= 0, got -1"):
+        linear_probe(x, y, x, y, refine_steps=-1)
+    with pytest.raises(TypeError, match="refine_steps must be an int >= 0, got bool True"):
+        linear_probe(x, y, x, y, refine_steps=True)
+    with pytest.raises(ValueError, match="max_iter must be a positive int, got 0"):
+        fit_logistic(x, y, 2, 1.0, max_iter=0)
+    assert linear_probe(x, y, x, y, Cs=[1.0], refine_steps=0, max_iter=np.int64(50)).accuracy > 0.9

@@ -1,4 +1,5 @@
 """Chunked retrieval recall@K against a brute-force stable-sort reference."""
+import numpy as np
 import pytest
 import torch
 
@@ -67,9 +68,9 @@ def test_non_finite_features_are_misses():
     bad = x.clone()
     bad[1, 1] = float("inf")
     got = retrieval_metrics(bad, x, ks=(1,), normalize=False)
-    # image 1's similarities hold an inf: that query misses, the other three images hit; every
-    # caption's row holds image 1's inf (or a nan): all four misses.
-    assert got["image_to_text_R@1"] == 0.75 and got["text_to_image_R@1"] == 0.0, got
+    # image 1's features hold an inf: that query misses, the other three images hit; image 1 is
+    # never retrieved, so caption 1 misses and the other three captions find their images.
+    assert got["image_to_text_R@1"] == 0.75 and got["text_to_image_R@1"] == 0.75, got
 
 
 def test_caption_map_and_ks_must_be_integers():
@@ -90,3 +91,43 @@ def test_similarities_are_fp32_inside_a_callers_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = retrieval_metrics(img, txt)
     assert got == ref
+
+
+def test_a_non_finite_candidate_is_never_retrieved():
+    """One NaN caption sat in every image query's similarity row, which made every image->text
+    recall 0; it is now only never retrieved, and its own image's and its own query miss."""
+    nan = float("nan")
+    x = torch.eye(4, 8)
+    bad = torch.cat([x[:3], torch.full((1, 8), nan)])
+    for ks in ((1,), (10,)):
+        want = {f"image_to_text_R@{ks[0]}": 0.75, f"text_to_image_R@{ks[0]}": 0.75, "mean_recall": 0.75}
+        assert retrieval_metrics(x, bad, ks=ks) == want          # a NaN caption
+        assert retrieval_metrics(bad, x, ks=ks) == want          # a NaN image
+    # An image with a NaN caption and a finite one is still found by the finite one; the NaN
+    # caption, ahead of it by index, does not take its rank.
+    img = torch.eye(3, 4)
+    txt = torch.cat([torch.full((1, 4), nan), img, torch.tensor([[0.0, 0.0, 0.0, float("inf")]])])
+    got = retrieval_metrics(img, txt, torch.tensor([0, 0, 1, 2, 1]), ks=(1,))
+    assert got["image_to_text_R@1"] == 1.0 and got["text_to_image_R@1"] == pytest.approx(3 / 5)
+
+
+def test_array_likes_a_single_k_and_clear_errors():
+    x = torch.eye(5)
+    ref = retrieval_metrics(x, x + 0.5, torch.arange(5), ks=(3,))
+    got = retrieval_metrics(x.numpy(), (x + 0.5).numpy().astype(np.float64), np.arange(5), ks=3)
+    assert got == ref
+    assert retrieval_metrics(x, x + 0.5, ks=np.int64(3)) == ref
+    with pytest.raises(TypeError, match=r"text_to_image .* must be integer class indices.*'a'"):
+        retrieval_metrics(x[:4], x[:4], ["a", "b", "c", "d"])
+    with pytest.raises(ValueError, match=r"text_to_image must have shape \[4\], got \(3,\)"):
+        retrieval_metrics(x[:4], x[:4], [0, 1, 2])
+    with pytest.raises(TypeError, match="image_features must be a tensor"):
+        retrieval_metrics("features", x)
+    with pytest.raises(ValueError, match="ks must be a non-empty sequence of positive ints"):
+        retrieval_metrics(x, x, ks=1.5)
+    with pytest.raises(ValueError, match="ks must be a non-empty sequence of positive ints"):
+        retrieval_metrics(x, x, ks=0)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int, got 0"):
+        retrieval_metrics(x, x, chunk_size=0)
+    with pytest.raises(TypeError, match="chunk_size must be a positive int, got float 2.0"):
+        retrieval_metrics(x, x, chunk_size=2.0)

@@ -210,3 +210,70 @@ def test_a_folder_of_one_class_is_refused(tmp_path):
     Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "red" / "0.png")
     with pytest.raises(DataError, match="one class folder .*'red'.* at least 2 classes"):
         scan_class_folders(str(tmp_path))
+
+
+def test_batch_size_must_be_a_positive_int(model, tmp_path):
+    """range(0, N, -1) is empty: a negative batch size returned [0, C] logits (no images
+    classified) and 0 failed inside range(); each is refused up front, naming batch_size."""
+    clf = build_zeroshot_classifier(model, ["a", "b"], ["{}"])
+    imgs = torch.randn(5, 3, model.image_size, model.image_size)
+    labels = torch.tensor([0, 1, 0, 1, 0])
+    for bs in (-1, 0):
+        with pytest.raises(ValueError, match=f"batch_size must be a positive int, got {bs}"):
+            zero_shot_classify(model, imgs, clf, batch_size=bs)
+        with pytest.raises(ValueError, match=f"batch_size must be a positive int, got {bs}"):
+            evaluate_zeroshot(model, imgs, labels, clf, batch_size=bs)
+        with pytest.raises(ValueError, match=f"batch_size must be a positive int, got {bs}"):
+            evaluate_zeroshot(model, [(imgs, labels)], classifier=clf, batch_size=bs)
+        with pytest.raises(ValueError, match=f"batch_size must be a positive int, got {bs}"):
+            build_zeroshot_classifier(model, ["a", "b"], ["{}"], batch_size=bs)
+        with pytest.raises(ValueError, match=f"batch_size must be a positive int, got {bs}"):
+            classify_folder(model, str(tmp_path), classnames=["a", "b"], batch_size=bs)
+    for bs in (2.5, True, "8"):
+        with pytest.raises(TypeError, match="batch_size must be a positive int, got"):
+            zero_shot_classify(model, imgs, clf, batch_size=bs)
+    assert zero_shot_classify(model, imgs, clf, batch_size=np.int64(2)).shape == (5, 2)
+
+
+def test_labels_must_be_class_indices_before_any_image_is_encoded():
+    """Class names as labels gave torch's "too many dimensions 'str'"."""
+    clf = F.normalize(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), dim=0)  # [D, C]
+    imgs = torch.randn(5, 1, 2, 3)
+    with pytest.raises(TypeError, match=r"labels must be integer class indices.*'cat'.*indices first"):
+        evaluate_zeroshot(_Stub(), imgs, ["cat"] * 5, classifier=clf)
+    with pytest.raises(TypeError, match=r"labels \(of a batch of images_or_loader\) must be integer class indices"):
+        evaluate_zeroshot(_Stub(), [(imgs, ["cat"] * 5)], classifier=clf)
+    with pytest.raises(ValueError, match="labels has 3 entries for 5 images"):
+        evaluate_zeroshot(_Stub(), imgs, [0, 1, 2], classifier=clf)
+    assert evaluate_zeroshot(_Stub(), imgs, np.array([0, 1, 2, 3, 0]), classifier=clf)["n"] == 5
+
+
+def test_classifier_shape_is_checked_against_the_image_features(model):
+    """A [C, D] classifier (transposed) failed inside the matmul with shapes that name neither."""
+    clf = F.normalize(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), dim=0)  # [D=6, C=4]
+    imgs, labels = torch.randn(5, 1, 2, 3), torch.tensor([0, 1, 2, 3, 0])
+    with pytest.raises(ValueError, match=r"classifier must be \[embed_dim=6, num_classes\].*got shape \(4, 6\)"
+                                         r".*transposed.*classifier\.t\(\)"):
+        zero_shot_classify(_Stub(), imgs, clf.t())
+    with pytest.raises(ValueError, match=r"classifier must be \[embed_dim=6, num_classes\].*got shape \(5, 4\)$"):
+        evaluate_zeroshot(_Stub(), imgs, labels, torch.randn(5, 4))
+    with pytest.raises(ValueError, match=r"classifier must be a float tensor \[embed_dim, num_classes\].*\(6,\)"):
+        evaluate_zeroshot(_Stub(), imgs, labels, clf[:, 0])
+    real = build_zeroshot_classifier(model, ["a", "b", "c"], ["{}"])
+    x = torch.randn(2, 3, model.image_size, model.image_size)
+    with pytest.raises(ValueError, match=rf"embed_dim={model.embed_dim}.*transposed"):
+        evaluate_zeroshot(model, x, [0, 1], classifier=real.t())
+
+
+def test_classnames_may_be_any_iterable_of_strings(model):
+    """A generator has no len(): it failed with "object of type 'generator' has no len()"."""
+    ref = build_zeroshot_classifier(model, ["cat", "dog"], ["a photo of a {}.", "a {}"])
+    got = build_zeroshot_classifier(model, (c for c in ["cat", "dog"]), (t for t in ["a photo of a {}.", "a {}"]))
+    assert torch.equal(got, ref)
+    assert torch.equal(build_zeroshot_classifier(model, {"cat": 0, "dog": 1}, ["a photo of a {}.", "a {}"]), ref)
+    with pytest.raises(TypeError, match="classnames must be strings, got int 3 at position 1"):
+        build_zeroshot_classifier(model, ["cat", 3], ["{}"])
+    with pytest.raises(TypeError, match="classnames must be an iterable of class names"):
+        build_zeroshot_classifier(model, 5, ["{}"])
+    with pytest.raises(ValueError, match="classnames must not be empty"):
+        build_zeroshot_classifier(model, iter([]), ["{}"])

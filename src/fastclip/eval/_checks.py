@@ -3,6 +3,7 @@ mode, fp32 math."""
 from __future__ import annotations
 
 import contextlib
+import numbers
 from typing import Iterator, Optional
 
 import torch
@@ -36,6 +37,18 @@ def class_indices(labels, name: str, num_classes: Optional[int] = None, device=N
             bound = f"[0, {num_classes})" if num_classes is not None else "[0, inf)"
             raise ValueError(f"{name} must be class indices in {bound}, got values from {lo} to {hi}")
     return t
+
+
+def int_at_least(value, name: str, minimum: int = 1) -> int:
+    """``value`` as an int ``>= minimum`` (a Python or NumPy integer, never a bool); TypeError
+    for any other type and ValueError below ``minimum``, naming ``name``. ``range(0, n, -1)`` is
+    empty, so a negative batch size would otherwise return no rows at all rather than fail."""
+    what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be {what}, got {value}")
+    return int(value)
 
 
 def as_features(x, name: str) -> torch.Tensor:

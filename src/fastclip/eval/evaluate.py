@@ -10,7 +10,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ._checks import eval_mode
+from ._checks import eval_mode, int_at_least
 
 # One zero-shot task: images [N, 3, S, S], labels [N], class names, prompt templates.
 ZeroShotSet = Tuple[torch.Tensor, torch.Tensor, List[str], list]
@@ -145,7 +145,9 @@ def _chunks(n: int, batch_size: int) -> Iterable[slice]:
 @torch.no_grad()
 def encode_images(model, images: torch.Tensor, batch_size: int = 256, device=None) -> torch.Tensor:
     """L2-normalised image embeddings ``[N, embed_dim]`` (fp32, on the CPU) of ``images``
-    ``[N, 3, S, S]``, ``batch_size`` images per forward, in eval mode."""
+    ``[N, 3, S, S]``, ``batch_size`` images per forward (a positive int, default 256), in eval
+    mode."""
+    batch_size = int_at_least(batch_size, "batch_size")
     return encode_batches(model, (images[s] for s in _chunks(images.shape[0], batch_size)), device)
 
 
@@ -162,9 +164,11 @@ def encode_batches(model, batches: Iterable[torch.Tensor], device=None) -> torch
 class FolderStream:
     """The decodable images of an ``ImageFolderDataset`` in batches, decoded by ``workers``
     DataLoader processes: iterate for ``images [b, 3, S, S]``; ``labels`` (all of them, in
-    order) and ``skipped`` (files that did not decode) are filled in as it goes."""
+    order) and ``skipped`` (files that did not decode) are filled in as it goes. ``batch_size``:
+    a positive int."""
 
     def __init__(self, dataset, batch_size: int, workers: int = 0):
+        batch_size = int_at_least(batch_size, "batch_size")
         self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                                   collate_fn=self._collate)
         self.labels: List[torch.Tensor] = []
@@ -191,8 +195,10 @@ class FolderStream:
 def zeroshot_metrics(model, sets: Dict[str, ZeroShotSet], device=None, batch_size: int = 256) -> Dict[str, float]:
     """``zeroshot/<task>/top1``, ``zeroshot/<task>/top5`` and ``chance/<task>`` for each task of
     ``sets`` (``{name: (images, labels, classnames, templates)}``), and ``zeroshot/mean_top1``
-    over the tasks."""
+    over the tasks. ``batch_size`` (a positive int, default 256): images per forward."""
     from .zeroshot import build_zeroshot_classifier, evaluate_zeroshot
+    # Checked before the first task's classifier is built, not after.
+    batch_size = int_at_least(batch_size, "batch_size")
     out: Dict[str, float] = {}
     for name, (imgs, labels, classes, templates) in sets.items():
         clf = build_zeroshot_classifier(model, classes, templates, device=device)
@@ -218,8 +224,10 @@ def folder_zeroshot_metrics(model, dataset, name: str, templates, batch_size: in
     """Zero-shot top-1/top-5 (and chance) of task ``name`` on an ``ImageFolderDataset``, its
     images decoded batch by batch (``workers`` DataLoader processes; only the logits are kept,
     so an ImageNet-sized folder needs no more memory than a batch), and the number of images
-    that did not decode. Raises DataError when none decodes."""
+    that did not decode. Raises DataError when none decodes. ``batch_size`` (a positive int,
+    default 256): images decoded and encoded at a time."""
     from .zeroshot import build_zeroshot_classifier, classification_metrics, zero_shot_classify
+    batch_size = int_at_least(batch_size, "batch_size")
     with eval_mode(model):
         clf = build_zeroshot_classifier(model, dataset.classnames, templates, device=device)
         stream = FolderStream(dataset, batch_size, workers)

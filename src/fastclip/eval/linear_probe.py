@@ -2,7 +2,7 @@
 
 Follows the CLIP paper's protocol: the inverse regularisation strength ``C`` is chosen on a
 validation split by a coarse sweep over ``10^-6 .. 10^6`` (two decades apart) followed by
-repeatedly halving the step around the best value (default down to 8 steps per decade); the
+repeatedly halving the step around the best value (default down to 1/8 decade); the
 classifier is then refit on train + validation and scored on the test set. The objective matches
 scikit-learn's ``LogisticRegression(C=C)`` (``C * sum CE + ||W||^2 / 2``, bias unpenalised), scaled
 by ``1 / (C N)``, and is minimised with ``torch.optim.LBFGS`` (strong-Wolfe line search) on
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import as_features, class_indices, finite_rows, fp32_math
+from ._checks import as_features, class_indices, finite_rows, fp32_math, int_at_least
 
 
 @dataclass
@@ -28,16 +28,19 @@ class LinearProbeResult:
     C: float  # chosen inverse regularisation strength
     accuracy: float  # test top-1 in [0, 1]
     val_accuracy: float  # validation top-1 at the chosen C
-    search: List[Tuple[float, float]] = field(default_factory=list)  # (C, val accuracy) tried, in order
+    # (C, val accuracy) tried, in order: the coarse grid ascending, then the refinements
+    search: List[Tuple[float, float]] = field(default_factory=list)
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, max_iter: int = 1000,
                  init: Optional[nn.Linear] = None, tol: float = 1e-7) -> nn.Linear:
     """Minimise ``mean CE(W x + b, y) + ||W||^2 / (2 C N)`` with LBFGS. ``x`` ``[N, D]`` float,
     ``y`` ``[N]`` long. Returns an ``nn.Linear(D, num_classes)`` (warm-started from ``init``).
-    Runs with autocast off (in ``x``'s dtype, whatever the caller's context)."""
+    ``max_iter`` (a positive int, default 1000): LBFGS iterations at most. Runs with autocast off
+    (in ``x``'s dtype, whatever the caller's context)."""
     if C <= 0:
         raise ValueError(f"C must be positive, got {C}")
+    max_iter = int_at_least(max_iter, "max_iter")
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x holds non-finite values (NaN or inf): a probe cannot be fitted on them")
     clf = nn.Linear(x.shape[1], num_classes, device=x.device, dtype=x.dtype)
@@ -83,11 +86,29 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     ``[0, C)``, those fitted on (training and validation) of at least 2 classes (ValueError
     otherwise: one class makes every prediction right); training and validation features must
     be finite, a test row with NaN/inf is a miss. Without ``val_features`` a random
-    ``val_fraction`` of train (``seed``) is held out for choosing ``C``.
-    ``Cs``: the coarse grid (default ``10^-6, 10^-4, ..., 10^6``); ``refine_steps`` halvings of the
-    log10 step around the best (0 disables; 4 reaches 1/8 decade). ``refit``: refit on train + val
-    with the chosen C before testing. Returns a ``LinearProbeResult``.
+    ``val_fraction`` of train (``seed``) is held out for choosing ``C``; ``val_features`` and
+    ``val_labels`` come together or not at all (ValueError otherwise).
+
+    ``Cs``: the coarse grid of positive numbers (default ``10^-6, 10^-4, ..., 10^6``), in any
+    order: it is sorted and deduplicated (values whose log10 differ by 10^-6 or less count as
+    one), so the result does not depend on the order given. The best C has the highest
+    validation accuracy, then the lowest validation loss, then is the smallest.
+    ``refine_steps`` (an int >= 0, default 4; 0 disables): rounds of refinement, each trying the
+    best C so far times ``10^(+-step)``, keeping the best and halving ``step``. The first
+    ``step`` is half the smaller of the log10 gaps between the best grid value and its
+    neighbours in the sorted grid (for an evenly spaced grid, half its spacing: the default
+    grid's 4 rounds reach 1/8 decade), so a refinement never reaches past a neighbour; a grid of
+    one value is not refined. ``max_iter`` (a positive int, default 1000): LBFGS iterations per
+    fit. ``refit``: refit on train + val with the chosen C before testing. Returns a
+    ``LinearProbeResult``.
     """
+    # Checked before any data is touched: these would otherwise be ignored silently
+    # (val_labels alone, refine_steps < 0) or fit nothing (max_iter=0 scores chance).
+    if val_labels is not None and val_features is None:
+        raise ValueError("val_labels was given without val_features: pass both (a validation split) "
+                         "or neither (val_fraction of the training set is held out)")
+    max_iter = int_at_least(max_iter, "max_iter")
+    refine_steps = int_at_least(refine_steps, "refine_steps", minimum=0)
     train_features = as_features(train_features, "train_features")
     test_features = as_features(test_features, "test_features")
     if val_features is not None:
@@ -158,11 +179,21 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
             search.append((10.0 ** log_c, acc))
         return tried[key]
 
-    grid = [math.log10(c) for c in (Cs if Cs is not None else [10.0 ** e for e in range(-6, 7, 2)])]
-    if not grid or any(not math.isfinite(v) for v in grid):
+    logs = sorted(math.log10(c) for c in (Cs if Cs is not None else [10.0 ** e for e in range(-6, 7, 2)]))
+    if not logs or any(not math.isfinite(v) for v in logs):
         raise ValueError(f"Cs must be a non-empty list of positive numbers, got {Cs}")
-    best = max(grid, key=evaluate)
-    step = (grid[1] - grid[0]) / 2 if len(grid) > 1 else 0.0
+    # Sorted and deduplicated, so that neither the order given nor a repeated value changes the
+    # search: the step used to come from the first two entries as given.
+    grid: List[float] = []
+    for v in logs:
+        if not grid or v - grid[-1] > 1e-6:   # within 1e-6 in log10: one C (``evaluate``'s key)
+            grid.append(v)
+    best = max(grid, key=evaluate)   # the first (smallest C) of equally good ones
+    b = grid.index(best)
+    gaps = [grid[j + 1] - grid[j] for j in (b - 1, b) if 0 <= j < len(grid) - 1]
+    # Half the smaller neighbouring gap: the refinement stays between the best's neighbours on
+    # an uneven grid, and is half the spacing on an even one.
+    step = min(gaps) / 2 if gaps else 0.0
     for _ in range(refine_steps if step else 0):
         best = max([best - step, best, best + step], key=evaluate)
         step /= 2

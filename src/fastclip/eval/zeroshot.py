@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ..datasets.csv_dataset import DataError
 from ..datasets.folder import IMAGE_EXTENSIONS
 from ..tokenizer import tokenize
-from ._checks import class_indices, eval_mode, finite_rows, fp32_math
+from ._checks import as_features, class_indices, eval_mode, finite_rows, fp32_math, int_at_least
 from .templates import SIMPLE_TEMPLATES
 
 Template = Union[str, Callable[[str], str]]
@@ -38,10 +38,33 @@ def _check_template(t) -> None:
         raise ValueError(f"template {t!r} has no {{}} for the class name: every class would get the same prompt")
 
 
+def _as_classifier(classifier) -> torch.Tensor:
+    """``classifier`` as a floating tensor ``[D, C]``; ValueError naming it otherwise."""
+    clf = as_features(classifier, "classifier")
+    if clf.dim() != 2 or not clf.is_floating_point():
+        raise ValueError(f"classifier must be a float tensor [embed_dim, num_classes] (as "
+                         f"build_zeroshot_classifier returns), got {clf.dtype} of shape {tuple(clf.shape)}")
+    return clf
+
+
+def _check_classifier_dim(clf: torch.Tensor, d: int) -> None:
+    """The classifier's rows must be the image embedding's ``d`` dimensions: a [C, D] one would
+    otherwise fail inside the matmul with a message that names neither."""
+    if clf.shape[0] != d:
+        hint = " (it looks transposed: [num_classes, embed_dim]; pass classifier.t())" if clf.shape[1] == d else ""
+        raise ValueError(f"classifier must be [embed_dim={d}, num_classes] to match the model's image "
+                         f"features, got shape {tuple(clf.shape)}{hint}")
+
+
 @torch.no_grad()
-def build_zeroshot_classifier(model, classnames: Sequence[str], templates: Sequence[Template],
+def build_zeroshot_classifier(model, classnames: Iterable[str], templates: Sequence[Template],
                               tokenizer: Callable = tokenize, device=None, batch_size: int = 256) -> torch.Tensor:
     """Zero-shot weights FloatTensor ``[embed_dim, num_classes]`` (fp32, on ``device``).
+
+    ``classnames``: any ordered iterable of str (a list, tuple or generator, read once; column k
+    is its k-th name; a set is refused, its order changes between processes). ``templates``: an
+    iterable of format strings with one ``{}`` or callables ``name -> prompt``. ``batch_size``
+    (a positive int, default 256): prompts per ``encode_text`` call.
 
     Each class's prompts (``template.format(name)`` or ``template(name)``) are encoded with
     ``model.encode_text``, each L2-normalised, averaged, and the mean renormalised.
@@ -59,14 +82,27 @@ def build_zeroshot_classifier(model, classnames: Sequence[str], templates: Seque
     if isinstance(templates, (str, bytes)):
         raise TypeError(f"templates must be a sequence of templates, got a single string {templates!r} "
                         f"(pass [{templates!r}])")
+    # Any iterable is read once into a list (a generator has no len() and can be read only once).
+    try:
+        classnames = list(classnames)
+    except TypeError:
+        raise TypeError(f"classnames must be an iterable of class names (str), got a "
+                        f"{type(classnames).__name__}") from None
+    for k, c in enumerate(classnames):
+        if not isinstance(c, str):
+            raise TypeError(f"classnames must be strings, got {type(c).__name__} {c!r} at position {k}")
+    try:
+        templates = list(templates)
+    except TypeError:
+        raise TypeError(f"templates must be an iterable of format strings or callables, got a "
+                        f"{type(templates).__name__}") from None
     if len(classnames) == 0:
         raise ValueError("classnames must not be empty")
     if len(templates) == 0:
         raise ValueError("templates must not be empty")
     for t in templates:
         _check_template(t)
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    batch_size = int_at_least(batch_size, "batch_size")
     dev = _device(model, device)
     prompts = [t(c) if callable(t) else t.format(c) for c in classnames for t in templates]  # class-major
     ctx = getattr(model, "context_length", 77)
@@ -85,14 +121,19 @@ def build_zeroshot_classifier(model, classnames: Sequence[str], templates: Seque
 def zero_shot_classify(model, images: torch.Tensor, classifier: torch.Tensor, batch_size: int = 256,
                        device=None) -> torch.Tensor:
     """Logits FloatTensor ``[N, num_classes]`` = ``100 * normalise(encode_image(images)) @ classifier``
-    for preprocessed ``images`` ``[N, 3, H, W]`` (processed in batches of ``batch_size``). The
-    encoder runs in the caller's precision (autocast included), in eval mode (the model's own mode
-    is restored after); the similarity in float32."""
+    for preprocessed ``images`` ``[N, 3, H, W]`` and ``classifier`` ``[embed_dim, num_classes]``
+    (from ``build_zeroshot_classifier``; ValueError when its first dimension is not the image
+    features'), in batches of ``batch_size`` images (a positive int, default 256). The encoder
+    runs in the caller's precision (autocast included), in eval mode (the model's own mode is
+    restored after); the similarity in float32."""
+    classifier = _as_classifier(classifier)
+    batch_size = int_at_least(batch_size, "batch_size")
     dev = _device(model, device)
     out = []
     with eval_mode(model):
         for i in range(0, images.shape[0], batch_size):
             emb = model.encode_image(images[i:i + batch_size].to(dev))  # [b, D]
+            _check_classifier_dim(classifier, emb.shape[-1])
             with fp32_math():
                 f = F.normalize(emb.float(), dim=-1)
                 out.append(100.0 * f @ classifier.to(dev, torch.float32))
@@ -127,24 +168,32 @@ def evaluate_zeroshot(model, images_or_loader: Union[torch.Tensor, Iterable[Tupl
     """Zero-shot accuracy of ``model`` with ``classifier`` (from ``build_zeroshot_classifier``).
 
     ``images_or_loader``: a FloatTensor ``[N, 3, H, W]`` with ``labels`` LongTensor ``[N]``, or an
-    iterable of ``(images, labels)`` batches (labels then ignored). Returns a dict with ``top1``,
-    ``top5``, ``mean_per_class_recall`` (fractions in [0, 1]) and ``n``.
+    iterable of ``(images, labels)`` batches (the ``labels`` argument then ignored); labels are
+    integer class indices (a tensor, list or NumPy array), never class names. ``classifier``:
+    ``[embed_dim, num_classes]``; ``batch_size``: images per forward (a positive int, default
+    256). Returns a dict with ``top1``, ``top5``, ``mean_per_class_recall`` (fractions in [0, 1]) and ``n``.
     """
     if classifier is None:
         raise ValueError("classifier is required (see build_zeroshot_classifier)")
+    # Checked before any image is encoded: a bad argument should not cost a pass over the data.
+    classifier = _as_classifier(classifier)
+    batch_size = int_at_least(batch_size, "batch_size")
     with eval_mode(model):
         if isinstance(images_or_loader, torch.Tensor):
             if labels is None:
                 raise ValueError("labels is required when images_or_loader is a tensor")
+            labels = class_indices(labels, "labels")
+            if labels.shape[0] != images_or_loader.shape[0]:
+                raise ValueError(f"labels has {labels.shape[0]} entries for {images_or_loader.shape[0]} images")
             logits = zero_shot_classify(model, images_or_loader, classifier, batch_size, device)
         else:
             chunks, labs = [], []
             for imgs, lab in images_or_loader:
+                labs.append(class_indices(lab, "labels (of a batch of images_or_loader)").cpu())
                 chunks.append(zero_shot_classify(model, imgs, classifier, batch_size, device).cpu())
-                labs.append(torch.as_tensor(lab))
             logits = torch.cat(chunks) if chunks else torch.zeros(0, classifier.shape[1])
             labels = torch.cat(labs) if labs else torch.zeros(0, dtype=torch.long)
-        return classification_metrics(logits.cpu(), torch.as_tensor(labels).cpu())
+        return classification_metrics(logits.cpu(), labels.cpu())
 
 
 def _scan_folder(folder: str, classnames: Optional[Sequence[str]]) -> Tuple[List[str], Optional[List[int]], List[str]]:
@@ -176,10 +225,12 @@ def classify_folder(model, folder: str, classnames: Optional[Sequence[str]] = No
     ``model.image_size``. Returns ``{"classnames", "predictions": [(path, class, prob), ...],
     "skipped": [paths of files that did not decode]}`` plus
     ``top1``/``top5``/``mean_per_class_recall``/``n`` when labels are known. Hidden subfolders
-    (a leading ".") are not classes.
+    (a leading ".") are not classes. ``batch_size`` (a positive int, default 64): images decoded
+    and encoded at a time.
     """
     from ..datasets.csv_dataset import load_image
     from ..transforms import image_transform
+    batch_size = int_at_least(batch_size, "batch_size")
     if not os.path.isdir(folder):
         raise ValueError(f"folder {folder!r} is not a directory")
     paths, labels, names = _scan_folder(folder, classnames)
