@@ -500,7 +500,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .train.run_folder import RunFolderError
     from .train.trainer import train
     log = PipeSafeLog()
-    err = PipeSafeStderr(sys.stderr)
+    err = PipeSafeStream(sys.stderr)
     sys.stderr = err          # progress lines, notes and warnings all go through it
     try:
         code = run_reporting("train", lambda: train(config_from_args(args), log),
@@ -521,19 +521,19 @@ class PipeSafeLog:
     def __call__(self, line: str) -> None:
         if self.broken:
             return
-        try:
-            print(line, flush=True)
-        except BrokenPipeError:
-            self.broken = True
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        out = PipeSafeStream(sys.stdout)        # the stdout of the moment (a test may swap it)
+        out.write(line + "\n")
+        out.flush()
+        self.broken = out.broken
 
 
-class PipeSafeStderr:
-    """``sys.stderr`` for a run that survives a closed or failing stderr (``fastclip train 2>&1
-    | head``, ``2>/dev/full``): the progress lines and notes would raise there and end the run
-    before its model is written. At the first failed write or flush the stream's descriptor is
-    sent to /dev/null (the text still buffered then goes nowhere, and Python's flush at exit
-    cannot raise), later text is dropped, and ``broken`` records it for the exit status."""
+class PipeSafeStream:
+    """A text stream that survives being closed or failing: ``sys.stderr`` for a run (``fastclip
+    train 2>&1 | head``, ``2>/dev/full``: the progress lines and notes would raise there and end
+    the run before its model is written), and stdout for ``PipeSafeLog``. At the first failed
+    write or flush the stream's descriptor is sent to /dev/null (the text still buffered then
+    goes nowhere, and Python's flush at exit cannot raise), later text is dropped, and
+    ``broken`` records it for the exit status."""
 
     def __init__(self, stream):
         self.stream, self.broken = stream, False

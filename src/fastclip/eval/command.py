@@ -20,7 +20,9 @@ import sys
 from typing import Any, Dict, List, NamedTuple, Optional
 
 from ..cli import (
+    _CSV_ONLY,
     PipeSafeLog,
+    _flag,
     _nonneg_int,
     _positive_int,
     _seed,
@@ -225,12 +227,6 @@ def fill_defaults(args: argparse.Namespace, log=print) -> None:
 # evaluated would ignore, as ``fastclip train`` refuses them.
 DATA_OPTIONS = ("zeroshot_classes", "zeroshot_templates", "val_num_samples", "dataset_type", "csv_img_key",
                 "csv_caption_key", "csv_separator", "demo_eval_samples")
-_CSV_ONLY = ("csv_img_key", "csv_caption_key", "csv_separator")
-
-
-def _flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
-
 
 def _check_options_apply(p: argparse.ArgumentParser, args: argparse.Namespace, given: set,
                          val_kind: Optional[str]) -> None:
