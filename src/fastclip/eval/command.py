@@ -320,10 +320,6 @@ def _scan_folders(p: argparse.ArgumentParser, args: argparse.Namespace) -> Dict[
                 out[dest] = scan_class_folders(getattr(args, dest), None, f"{_flag(dest)} {getattr(args, dest)!r}")
     except (DataError, OSError) as e:
         p.error(str(e) if not isinstance(e, OSError) else f"cannot read a folder: {e}")
-    if args.probe_train is not None and len(out["probe_train"].folders) < 2:
-        p.error(f"--probe-train {args.probe_train!r} has one class folder ({out['probe_train'].folders[0]!r}): a "
-                f"linear probe needs at least 2 classes (with one, every test image is right: probe/top1 100% "
-                f"whatever the model)")
     if args.probe_train is not None and out["probe_train"].folders != out["probe_test"].folders:
         p.error(f"--probe-train and --probe-test must hold the same class folders, got "
                 f"{out['probe_train'].folders} and {out['probe_test'].folders}")
