@@ -357,3 +357,18 @@ def test_a_failed_final_write_is_one_line(tmp_path, capsys, monkeypatch, what):
     name = "model.safetensors" if what == "model" else "metrics.json"
     assert code == 2 and "Traceback" not in err, err
     assert "cannot write" in err and name in err and "No space left" in err, err
+
+
+def test_resume_latest_from_a_corrupt_checkpoint_names_the_previous_one(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    code, _, err = _train(capsys, "--steps", "5", "--save-every", "2", "--output", out)
+    assert code == 0, err
+    (_, older), (_, newest) = sorted(ckpt.list_checkpoints(out))     # steps 2 and 4
+    data = open(newest, "rb").read()
+    with open(newest, "wb") as f:                       # a disk fault: the newest file torn
+        f.write(data[: len(data) // 3])
+    code, _, err = _train(capsys, "--steps", "6", "--output", out, "--resume", "latest")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert newest in err and f"--resume {older} continues from it" in err, err
+    code, stdout, err = _train(capsys, "--steps", "6", "--output", out, "--resume", older)
+    assert code == 0 and "resumed from" in stdout, err

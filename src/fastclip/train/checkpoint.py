@@ -196,6 +196,14 @@ def resolve_resume(resume: str, output_dir: Optional[str]) -> Optional[str]:
     return resume
 
 
+def older_checkpoint(output_dir: str, path: str) -> Optional[str]:
+    """The newest checkpoint under ``output_dir`` older than ``path`` (None if there is none)."""
+    found = sorted(list_checkpoints(output_dir))
+    steps = [s for s, p in found if os.path.realpath(p) == os.path.realpath(path)]
+    older = [p for s, p in found if steps and s < steps[0]]
+    return older[-1] if older else None
+
+
 def _legacy_message(path: str) -> str:
     return (f"{path}: a training checkpoint in fastclip's earlier pickle format (or another .pt file); "
             f"fastclip no longer loads training state from pickles, because unpickling can run code "

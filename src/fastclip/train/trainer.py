@@ -183,8 +183,17 @@ class Trainer:
         if cfg.resume:
             path = ckpt.resolve_resume(cfg.resume, cfg.output)
             if path is not None:
-                state = ckpt.load_training_state(path, self.model, self.optimizer, self.scheduler,
-                                                 self.scaler, map_location=env.device)
+                try:
+                    state = ckpt.load_training_state(path, self.model, self.optimizer, self.scheduler,
+                                                     self.scaler, map_location=env.device)
+                except ckpt.CheckpointError as e:
+                    # Not a silent fall-back to an older checkpoint (that would retrain steps
+                    # unannounced): the error names the one a user can pass instead.
+                    older = ckpt.older_checkpoint(cfg.output, path) if cfg.resume == "latest" else None
+                    if older is None:
+                        raise
+                    raise ckpt.CheckpointError(f"{e}; the previous checkpoint of this run is {older} "
+                                               f"(--resume {older} continues from it)") from None
                 self.start_step = int(state["step"])
                 self._restore_extra(path, state["extra"])
                 self._keep_budget_schedule(state["extra"])
