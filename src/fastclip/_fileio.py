@@ -7,11 +7,16 @@ killed at any moment leaves either the old file or the new one, never a torn one
 ``tempfile.mkstemp`` creates its file with mode 0600, and ``safetensors``' own writer does the
 same; renamed into place, such a file would be unreadable to the user's group where a plain
 ``open(path, "w")`` honours the umask (0644 under the common umask 022). The mode is therefore
-set to ``0o666 & ~umask`` before the rename.
+set to ``0o666 & ~umask`` before the rename, and a file that is replaced keeps its own mode, as
+it would under ``open(path, "w")`` (a private 0600 checkpoint stays private); a file the user
+may not write is refused with the ``PermissionError`` that ``open`` would raise, where a rename
+(which needs only the folder's permission) would replace it.
 """
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import tempfile
 from typing import Callable, Optional
 
@@ -41,7 +46,7 @@ def default_file_mode() -> int:
 def atomic_write(path: str, write: Callable[[str], None], suffix: str = "") -> None:
     """Write ``path`` atomically: ``write(tmp_path)`` fills a temporary file named
     ``.tmp-*<suffix>`` in the same folder (created if needed), which is then fsync'ed, given the
-    umask's mode and renamed to ``path``. The temporary file is removed if anything fails.
+    umask's mode (an existing file's own mode) and renamed to ``path``. The temporary file is removed if anything fails.
 
     A symbolic link is followed (its target is replaced, the link stays), and a path that
     exists but is not a regular file (``/dev/null``, a FIFO, ``/dev/stdout`` on a pipe) is
@@ -53,6 +58,11 @@ def atomic_write(path: str, write: Callable[[str], None], suffix: str = "") -> N
         write(path)
         return
     path = os.path.realpath(path)
+    mode = default_file_mode()
+    if os.path.isfile(path):
+        if not os.access(path, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        mode = stat.S_IMODE(os.stat(path).st_mode)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix, dir=d)
@@ -64,12 +74,23 @@ def atomic_write(path: str, write: Callable[[str], None], suffix: str = "") -> N
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.chmod(tmp, default_file_mode())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def unreadable(path: str) -> Optional[str]:
+    """Why the existing file ``path`` cannot be opened for reading (``"Permission denied"``), or
+    None. Readers check it first: safetensors reports every failure to open a file as "No such
+    file or directory", which sent users looking for a file that is there."""
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as e:
+        return e.strerror or type(e).__name__
 
 
 def path_inside(path: str, folder: Optional[str]) -> bool:

@@ -177,6 +177,19 @@ def test_classify_runs_in_eval_mode_whatever_the_models_mode():
     assert all(torch.equal(rn.state_dict()[k], v) for k, v in stats.items())
 
 
+def test_each_submodules_mode_is_restored():
+    """A frozen tower kept in eval mode inside a training model (its BatchNorm statistics held)
+    came back in train mode: the model's flag was applied to every submodule."""
+    rn = create_model("tiny-rn")
+    rn.train()
+    rn.visual.eval()
+    want = {name: m.training for name, m in rn.named_modules()}
+    clf = build_zeroshot_classifier(rn, ["a", "b"], ["{}"])
+    assert {name: m.training for name, m in rn.named_modules()} == want
+    zero_shot_classify(rn, torch.randn(2, 3, rn.config.image_size, rn.config.image_size), clf)
+    assert {name: m.training for name, m in rn.named_modules()} == want
+
+
 def test_classnames_must_be_ordered(model):
     # A set's order follows string hashing, which changes between processes: column k would
     # not be a fixed class.

@@ -340,11 +340,33 @@ def test_saved_files_follow_the_umask(tmp_path):
         save_checkpoint(create_model("tiny-vit", context_length=8), path)
         assert (path.stat().st_mode & 0o777) == 0o644
         os.umask(0o027)
+        other = tmp_path / "n.safetensors"
+        save_checkpoint(create_model("tiny-vit", context_length=8), other)
+        assert (other.stat().st_mode & 0o777) == 0o640
+        # A file replaced keeps its own mode, as under open(path, "w"): the atomic rename made
+        # a private 0600 file 0644 (readable by everyone).
+        os.chmod(path, 0o600)
         save_checkpoint(create_model("tiny-vit", context_length=8), path)
-        assert (path.stat().st_mode & 0o777) == 0o640
+        assert (path.stat().st_mode & 0o777) == 0o600
     finally:
         os.umask(old)
-    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temporary left behind
+    # no temporary left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "n.safetensors"]
+
+
+def test_a_file_the_user_may_not_write_is_not_replaced(tmp_path, monkeypatch):
+    """open(path, "w") refuses a read-only file; the rename (which needs only the folder's
+    permission) replaced it. Root may write anything, so the check is os.access's answer."""
+    import os
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(create_model("tiny-vit", context_length=8), path)
+    before = path.read_bytes()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, m, **kw: False if os.fspath(p) == str(path) else real(p, m, **kw))
+    with pytest.raises(PermissionError, match="m.safetensors"):
+        save_checkpoint(create_model("tiny-vit", context_length=8), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
 
 
 def test_load_openai_reads_fastclips_own_checkpoint_with_its_config(tmp_path):
@@ -507,3 +529,26 @@ def test_checkpoint_metadata_and_names(tmp_path):
     save_checkpoint(m, tmp_path / "nosuffix", metadata={"note": "kept"})
     for loaded in (load_openai(tmp_path / "nosuffix"), load_checkpoint(tmp_path / "nosuffix")):
         assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_an_unreadable_file_is_not_reported_as_missing(tmp_path, monkeypatch):
+    """safetensors reports a file it may not open as "No such file or directory"; the loaders
+    said so too. (Root reads anything: the denial is simulated at open().)"""
+    import builtins
+    import os
+
+    from fastclip.train.checkpoint import CheckpointError, read_training_state
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(create_model("tiny-vit", context_length=8), path)
+    real = builtins.open
+
+    def denied(p, *a, **kw):
+        if os.fspath(p) == str(path):
+            raise PermissionError(13, "Permission denied", os.fspath(p))
+        return real(p, *a, **kw)
+    monkeypatch.setattr(builtins, "open", denied)
+    for load in (load_checkpoint, load_openai):
+        with pytest.raises(ValueError, match=r"m\.safetensors: cannot read the checkpoint file \(Permission denied\)"):
+            load(path)
+    with pytest.raises(CheckpointError, match=r"cannot read the checkpoint file \(Permission denied\)"):
+        read_training_state(str(path))

@@ -68,13 +68,16 @@ def eval_mode(model) -> Iterator[None]:
     """``model`` in eval mode inside the block, its own mode restored after: in train mode a
     BatchNorm encoder (the ResNet) normalises with the batch's statistics, so a logit would
     depend on the batch it came in (up to 12 apart between batch sizes 4 and 1 on a fresh
-    model), and it would overwrite its running statistics, even under no_grad."""
-    was_training = model.training
+    model), and it would overwrite its running statistics, even under no_grad. Each submodule's
+    own flag is restored, not the model's applied to all: a tower the caller keeps in eval mode
+    inside a training model (a frozen encoder's BatchNorm statistics) stays in eval mode."""
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from typing import Dict, Mapping, Optional, Union
 
 import torch
 
+from .._fileio import unreadable
 from .clip import CLIP
 from .configs import MODEL_CONFIGS, CLIPConfig
 
@@ -51,6 +52,9 @@ def _read(path: str, allow_torchscript_code: bool) -> Dict[str, torch.Tensor]:
     from .torchscript import TorchScriptReadError, is_torchscript_archive, read_torchscript_state_dict
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such checkpoint file")
+    why = unreadable(path)
+    if why:
+        raise ValueError(f"{path}: cannot read the checkpoint file ({why})")
     if path.endswith(".safetensors") or is_safetensors_file(path):
         from safetensors.torch import load_file
         try:
@@ -272,7 +276,8 @@ def save_checkpoint(model: CLIP, path: Union[str, os.PathLike], metadata: Option
     set the file's own keys ``fastclip_config`` and ``format``).
 
     The file is written atomically (a temporary file in the same folder, renamed into place)
-    with the mode a plain ``open(path, "w")`` would give it (``0o666 & ~umask``)."""
+    with the mode a plain ``open(path, "w")`` would give it (``0o666 & ~umask`` for a new file,
+    an existing file's own mode; a file the user may not write raises ``PermissionError``)."""
     # A compiled or DDP-wrapped model saves the model inside: the wrapper's keys carry its
     # prefix ("_orig_mod.", "module."), which no CLIP config describes.
     model = unwrap_model(model)
@@ -332,6 +337,9 @@ def load_checkpoint(path: Union[str, os.PathLike], device="cpu") -> CLIP:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such checkpoint file")
+    why = unreadable(path)
+    if why:
+        raise ValueError(f"{path}: cannot read the checkpoint file ({why})")
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}

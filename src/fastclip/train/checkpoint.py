@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .._fileio import atomic_write
+from .._fileio import atomic_write, unreadable
 
 CKPT_DIR = "checkpoints"
 FORMAT = "fastclip-training-state"
@@ -234,6 +234,9 @@ def read_training_state(path: str) -> Dict[str, Any]:
     from safetensors import SafetensorError, safe_open
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
+    why = unreadable(path)
+    if why:
+        raise CheckpointError(f"{path}: cannot read the checkpoint file ({why})")
     if _looks_like_pickle(path):
         raise CheckpointError(_legacy_message(path))
     try:
