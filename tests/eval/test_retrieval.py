@@ -131,3 +131,21 @@ def test_array_likes_a_single_k_and_clear_errors():
         retrieval_metrics(x, x, chunk_size=0)
     with pytest.raises(TypeError, match="chunk_size must be a positive int, got float 2.0"):
         retrieval_metrics(x, x, chunk_size=2.0)
+
+
+def test_results_do_not_depend_on_chunk_size():
+    """chunk_size is a memory setting; a float32 product's last bit depended on the chunk's
+    height (BLAS blocks it differently), which decided near-ties: two cosines equal in exact
+    arithmetic (0 and 0 below) ranked differently with chunk_size 1 and 2."""
+    img = torch.tensor([[-2.0, 1, 1], [-3, 3, -3]])
+    txt = torch.tensor([[2.0, 3, 2], [2, 3, 1]])
+    got = {c: retrieval_metrics(img, txt, ks=1, chunk_size=c) for c in (1, 2)}
+    assert got[1] == got[2]
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    for _ in range(150):                 # small integer features: many near-ties
+        n, d = int(torch.randint(2, 12, (1,), generator=g)), int(torch.randint(1, 5, (1,), generator=g))
+        img = torch.randint(-3, 4, (n, d), generator=g).float()
+        txt = torch.randint(-3, 4, (2 * n, d), generator=g).float()
+        t2i = torch.arange(2 * n) % n
+        results = [retrieval_metrics(img, txt, t2i, ks=(1, 2), chunk_size=c) for c in (1, 3, 1024)]
+        assert results[0] == results[1] == results[2], (img, txt)

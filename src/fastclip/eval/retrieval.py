@@ -26,7 +26,9 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
     caption per image, M == N). ``ks``: a positive int or a non-empty sequence of them. An image
     query is correct at K when any of its captions ranks in the top K; a caption query when its
     image does. Ties are broken by index, exactly as a stable descending sort would (a candidate
-    with an equal score and a lower index ranks first).
+    with an equal score and a lower index ranks first). Scores are float32 cosines (dots), summed
+    in float64 so that they do not depend on ``chunk_size``; two scores equal in exact arithmetic
+    can still differ in their last bit after the features' normalisation rounds.
 
     Non-finite features (NaN or inf: a diverged model) are never retrieved: such a candidate
     ranks below every other, so one bad caption does not spoil the other images' queries; a
@@ -86,7 +88,7 @@ def _recalls(img: torch.Tensor, txt: torch.Tensor, text_to_image: torch.Tensor, 
     t2i_rank = torch.empty(m, dtype=torch.long, device=dev)
     idx_n = torch.arange(n, device=dev)
     for i in range(0, m, chunk_size):
-        s = txt[i:i + chunk_size] @ img.t()  # [c, N]
+        s = _scores(txt[i:i + chunk_size], img)  # [c, N]
         tgt = text_to_image[i:i + chunk_size]  # [c]
         miss = _misses(s, ok_txt[i:i + chunk_size], ok_img) | ~ok_img[tgt]
         s = s.masked_fill(~ok_img[None], float("-inf"))   # a non-finite image ranks last
@@ -98,7 +100,7 @@ def _recalls(img: torch.Tensor, txt: torch.Tensor, text_to_image: torch.Tensor, 
     i2t_rank = torch.empty(n, dtype=torch.long, device=dev)
     idx_m = torch.arange(m, device=dev)
     for i in range(0, n, chunk_size):
-        s = img[i:i + chunk_size] @ txt.t()  # [c, M]
+        s = _scores(img[i:i + chunk_size], txt)  # [c, M]
         rows = torch.arange(i, min(i + chunk_size, n), device=dev)  # [c]
         correct = text_to_image[None, :] == rows[:, None]  # [c, M]
         miss = _misses(s, ok_img[i:i + chunk_size], ok_txt) | ~(correct & ok_txt[None]).any(1)
@@ -115,6 +117,15 @@ def _recalls(img: torch.Tensor, txt: torch.Tensor, text_to_image: torch.Tensor, 
         out[f"text_to_image_R@{k}"] = (t2i_rank < k).float().mean().item() if m else 0.0
     out["mean_recall"] = sum(out.values()) / len(out)
     return out
+
+
+def _scores(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """float32 ``[c, K]`` similarities of ``queries`` ``[c, D]`` to ``candidates`` ``[K, D]``
+    (both float32), accumulated in float64 and rounded once. A float32 product's last bit
+    depends on how BLAS blocks it, i.e. on the chunk's height, which then decided near-ties
+    (chunk_size is a memory setting: results must not depend on it); the float64 sums of float32
+    products differ by chunk only far below a float32 ulp, which the rounding removes."""
+    return (queries.double() @ candidates.double().t()).float()
 
 
 def _misses(s: torch.Tensor, ok_query: torch.Tensor, ok_cand: torch.Tensor) -> torch.Tensor:
