@@ -206,3 +206,19 @@ def test_the_python_path_stops_where_truncation_would_cut(monkeypatch):
     ids = tokenize([text], context_length=16, truncate=True)[0]
     assert len(calls) <= 16
     assert ids[1:15].tolist() == full[:14] and ids[15].item() == EOT_ID
+
+
+def test_heap_bpe_makes_the_loops_merges():
+    """Words longer than 64 symbols take the heap (the loop is quadratic: a 20000-character
+    word that reached the Python tokenizer took 11.7 s); both must give the same symbols, on
+    words full of repeated and overlapping pairs."""
+    import random
+    t = SimpleTokenizer()
+    rng = random.Random(int(torch.randint(0, 2**31, (1,))))
+    alphabets = ["ab", "aeiou", "abcdefghijklmnopqrstuvwxyz", "thesaid", "01", "ſab", "ééa"]
+    for _ in range(400):
+        al = rng.choice(alphabets)
+        word = "".join(rng.choice(al) for _ in range(rng.randint(1, 300)))
+        word = "".join(t.byte_encoder[b] for b in word.encode("utf-8"))
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        assert t._bpe_heap(list(parts)) == t._bpe_loop(list(parts)), word
