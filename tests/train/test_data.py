@@ -22,6 +22,7 @@ from fastclip.datasets import (
     read_classnames,
 )
 from fastclip.datasets.csv_dataset import seeded_transform
+from fastclip.datasets.webdataset import iter_tar_samples
 from fastclip.datasets.shapes import (
     ALL_TRAIN_PAIRS,
     BLOCK,
@@ -430,6 +431,13 @@ def test_empty_shards_and_unloadable_validation_data_are_data_errors(tmp_path):
         pass
     with pytest.raises(DataError, match="got no samples .*empty.tar"):
         next(iter(WebDataset(str(empty), 2, image_transform(32), 16, max_epochs=1)))
+    # A shard of 0 bytes is an empty shard too: it was read as a fault, one "skipped sample" per
+    # pass, and alone it ended in "no sample loaded in 100 batches" (400 samples that do not exist).
+    zero = tmp_path / "zero.tar"
+    zero.write_bytes(b"")
+    with pytest.raises(DataError, match="got no samples .*zero.tar"):
+        next(iter(WebDataset(str(zero), 2, image_transform(32), 16, max_epochs=1)))
+    assert list(iter_tar_samples(str(zero))) == []
     missing = tmp_path / "missing.csv"
     missing.write_text("filepath,title\nnope.png,a cat\ngone.png,a dog\n")
     cfg = TrainConfig(val_data=str(missing), batch_size=2)

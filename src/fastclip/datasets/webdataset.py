@@ -89,6 +89,8 @@ def iter_tar_samples(path: str) -> Iterator[Optional[Dict[str, bytes]]]:
     if the shard cannot be read (missing, truncated or not a tar)."""
     current_key, current = None, {}
     try:
+        if os.path.getsize(path) == 0:
+            return          # an empty shard (tar_problem passes it): no sample, not a fault
         with tarfile.open(path, mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
