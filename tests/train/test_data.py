@@ -22,7 +22,6 @@ from fastclip.datasets import (
     read_classnames,
 )
 from fastclip.datasets.csv_dataset import seeded_transform
-from fastclip.datasets.webdataset import iter_tar_samples
 from fastclip.datasets.shapes import (
     ALL_TRAIN_PAIRS,
     BLOCK,
@@ -33,7 +32,7 @@ from fastclip.datasets.shapes import (
     TRAIN_ONLY_SHAPES,
     TRAIN_PAIRS,
 )
-from fastclip.datasets.webdataset import expand_braces
+from fastclip.datasets.webdataset import expand_braces, iter_tar_samples
 from fastclip.transforms import image_transform
 
 
