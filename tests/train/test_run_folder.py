@@ -372,3 +372,24 @@ def test_resume_latest_from_a_corrupt_checkpoint_names_the_previous_one(tmp_path
     assert newest in err and f"--resume {older} continues from it" in err, err
     code, stdout, err = _train(capsys, "--steps", "6", "--output", out, "--resume", older)
     assert code == 0 and "resumed from" in stdout, err
+
+
+def test_images_per_second_leaves_out_evaluation_and_checkpoints(tmp_path, capsys, monkeypatch):
+    """A log window that held an evaluation (or a checkpoint write) counted its seconds as
+    training: 1 img/s in the log of a run whose steps took milliseconds."""
+    import time
+
+    from fastclip.train import checkpoint as ckpt_mod
+    from fastclip.train.trainer import Trainer
+    evaluate, save = Trainer.evaluate, ckpt_mod.save_training_state
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, step: time.sleep(0.4) or evaluate(self, step))
+    monkeypatch.setattr(ckpt_mod, "save_training_state", lambda *a, **k: time.sleep(0.4) or save(*a, **k))
+    out = str(tmp_path / "run")
+    code, _, err = _train(capsys, "--steps", "4", "--eval-every", "2", "--save-every", "1", "--log-every", "2",
+                          "--output", out)
+    assert code == 0, err
+    rows = [r for r in _rows(out) if r["type"] == "train"]
+    assert [r["step"] for r in rows] == [1, 2, 4]
+    # The windows ending at steps 2 and 4 held >= 0.4 s of sleeps (a checkpoint, an eval) and 8 or
+    # 16 images: counted, <= 20 img/s. (Step 1's window holds the first step's one-time costs.)
+    assert all(r["images_per_s"] > 60 for r in rows[1:]), rows

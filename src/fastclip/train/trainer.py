@@ -493,13 +493,17 @@ class Trainer:
                     raise ckpt.CheckpointError(f"cannot write {metrics_path}: {e}") from None
 
         t_start = time.time()
-        t_window, n_window = time.time(), 0
+        # images/s counts training alone: the seconds spent evaluating and writing checkpoints
+        # inside a log window are left out of it (a window holding an eval read 1 img/s).
+        t_window, n_window, paused = time.time(), 0, 0.0
         last_eval: Dict[str, float] = {}
         last_ips = 0.0
         if cfg.eval_at_start and self.start_step == 0 and env.is_main and self._has_eval():
+            t_pause = time.time()
             last_eval = self.evaluate(0)
             record(last_eval)
             progress.message(format_eval(last_eval))
+            paused += time.time() - t_pause
         self.model.train()
         step = self.start_step
         try:
@@ -527,11 +531,11 @@ class Trainer:
                     row = {"type": "train", "step": step, "epoch": epoch,
                            "loss": loss.float().item(), "scale": self.model.logit_scale.exp().item(),
                            "lr": lr,
-                           "images_per_s": n_window / max(now - t_window, 1e-9),
+                           "images_per_s": n_window / max(now - t_window - paused, 1e-9),
                            "elapsed_s": self.wall_before + now - t_start}
                     if self.model.logit_bias is not None:
                         row["bias"] = self.model.logit_bias.item()
-                    t_window, n_window = now, 0
+                    t_window, n_window, paused = now, 0, 0.0
                     for h in self.hooks:
                         h.after_log(self, step, row["elapsed_s"], progress)
                     row["total_steps"] = self.total_steps
@@ -547,6 +551,7 @@ class Trainer:
                 # A periodic eval a few steps before the final one (the budget moved the end
                 # onto it) repeats it: the demo evaluated at steps 760 and 763, ~2 s each.
                 periodic = step % eval_every == 0 and self.total_steps - step >= max(1, eval_every // 4)
+                t_pause = time.time()
                 if (periodic or step == self.total_steps) and env.is_main and self._has_eval():
                     last_eval = self.evaluate(step)
                     record(last_eval)
@@ -563,6 +568,7 @@ class Trainer:
                                  "config": dataclasses.asdict(cfg), "model_config": self.model.config.to_dict()}
                         ckpt.save_training_state(out_dir, step, self.model, self.optimizer, self.scheduler,
                                                  self.scaler, extra=extra, keep=cfg.keep_checkpoints)
+                paused += time.time() - t_pause
             if self.start_step >= self.total_steps and env.is_main and self._has_eval():
                 # Resumed at the last step: nothing to train, the final evaluation still runs.
                 last_eval = self.evaluate(step)
