@@ -393,3 +393,19 @@ def test_images_per_second_leaves_out_evaluation_and_checkpoints(tmp_path, capsy
     # The windows ending at steps 2 and 4 held >= 0.4 s of sleeps (a checkpoint, an eval) and 8 or
     # 16 images: counted, <= 20 img/s. (Step 1's window holds the first step's one-time costs.)
     assert all(r["images_per_s"] > 60 for r in rows[1:]), rows
+
+
+def test_resume_with_other_steps_follows_the_new_schedule_from_its_first_step(tmp_path, capsys):
+    """The restored optimizer kept the old schedule's learning rate for the first resumed step
+    (LambdaLR applies its function from the next step on): two schedules spliced, no note."""
+    from fastclip.train.optim import cosine_lr
+    out = str(tmp_path / "run")
+    code, _, err = _train(capsys, "--steps", "5", "--save-every", "2", "--output", out)
+    assert code == 0, err
+    code, stdout, err = _train(capsys, "--steps", "12", "--output", out, "--resume", "latest")
+    assert code == 0, err
+    assert "the learning-rate schedule follows this run's 12 steps and 2 warmup steps (the checkpoint's: 5 and 2)" \
+        in stdout, stdout
+    lrs = {r["step"]: r["lr"] for r in _rows(out) if r["type"] == "train"}
+    for step in (5, 6, 12):             # the lr of step s is the schedule's at s - 1
+        assert lrs[step] == pytest.approx(1e-3 * cosine_lr(step - 1, 2, 12), rel=1e-12), (step, lrs)

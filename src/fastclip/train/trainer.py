@@ -202,6 +202,7 @@ class Trainer:
                     raise ckpt.CheckpointError(f"{path}: the checkpoint is at step {self.start_step}, past the "
                                                f"run's {self.total_steps} steps: nothing left to train (raise --steps)")
                 self._keep_checkpoint_optimizer(state["extra"])
+                self._follow_new_schedule(state["extra"])
                 self._note_finished_run()
         if hooks is None:
             from .demo import run_hooks
@@ -280,6 +281,26 @@ class Trainer:
                 and self.start_step <= total < self.total_steps):
             self.total_steps, self.warmup_steps = total, min(self.warmup_steps, warm)
             self.resume_notes.append(f"time budget: the checkpoint's schedule of {total} steps is kept")
+
+    def _follow_new_schedule(self, extra: Dict[str, Any]) -> None:
+        """A resumed run whose --steps or --warmup give another schedule than the checkpoint's:
+        the restored optimizer held the old schedule's learning rate for the first resumed step
+        (LambdaLR applies its function only from the next step on), so two schedules were
+        spliced unannounced. The first step now takes the new schedule's rate, and a note says so."""
+        total, warm = extra.get("total_steps"), extra.get("warmup_steps")
+        if not (isinstance(total, int) and isinstance(warm, int)):
+            return                          # a checkpoint that predates these fields
+        if (total, warm) == (self.total_steps, self.warmup_steps):
+            return
+        sched = self.scheduler
+        old_lr = self.optimizer.param_groups[0]["lr"]
+        new = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, new):
+            group["lr"] = lr
+        sched._last_lr = list(new)
+        self.resume_notes.append(f"the learning-rate schedule follows this run's {self.total_steps} steps and "
+                                 f"{self.warmup_steps} warmup steps (the checkpoint's: {total} and {warm}): lr "
+                                 f"{new[0]:.4g} at step {self.start_step + 1} (the old schedule's {old_lr:.4g})")
 
     def _restore_extra(self, path: str, extra: Dict[str, Any]) -> None:
         try:
