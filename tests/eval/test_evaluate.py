@@ -1,6 +1,7 @@
 """``fastclip eval`` and fastclip.eval.evaluate: loading every kind of model file, the metrics the
 trainer reports (reproduced exactly from a run folder), folder zero-shot, val retrieval, the
 linear probe, and one-line errors for bad input."""
+import io
 import json
 import os
 import subprocess
@@ -434,6 +435,40 @@ def test_val_batches_give_repeated_images_one_id(tmp_path):
         image_size, context_length = 16, 12
     batches, skipped = load_val_batches(TrainConfig(val_data=str(tmp_path / "val.csv"), batch_size=4), M())
     assert skipped == 0 and torch.cat([b[2] for b in batches]).tolist() == [0, 0, 1, 1, 2, 2, 0]
+
+
+def test_val_images_are_files_not_pixels_after_the_crop(tmp_path):
+    """Two files that differ only where the centre crop cuts (a tall image's top rows) were one
+    image: ids came from the transformed pixels. A file is an image (CSV: by path, so a missing
+    middle row shifts nothing; shards: by bytes)."""
+    import tarfile
+
+    from fastclip.train import TrainConfig
+    from fastclip.train.data import load_val_batches
+    a = np.full((120, 40, 3), 128, dtype=np.uint8)
+    a[50:70, 10:30] = (255, 0, 0)
+    b = a.copy()
+    b[:15] = (0, 0, 255)                                # outside the 40 x 40 centre crop
+    Image.fromarray(a).save(tmp_path / "a.png")
+    Image.fromarray(b).save(tmp_path / "b.png")
+    (tmp_path / "val.csv").write_text("filepath,title\na.png,a red square\nmissing.png,gone\n"
+                                      "b.png,a red square under a blue band\n./a.png,the same file\n")
+
+    class M:
+        image_size, context_length = 16, 12
+    batches, skipped = load_val_batches(TrainConfig(val_data=str(tmp_path / "val.csv"), batch_size=4), M())
+    assert skipped == 1 and torch.cat([b[2] for b in batches]).tolist() == [0, 1, 0]
+    assert torch.equal(batches[0][0][0], batches[0][0][1])      # equal pixels, two images
+
+    shard = tmp_path / "val-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for key, name in (("s0", "a.png"), ("s1", "b.png"), ("s2", "a.png")):
+            for ext, data in (("png", (tmp_path / name).read_bytes()), ("txt", key.encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    batches, skipped = load_val_batches(TrainConfig(val_data=str(shard), batch_size=2), M())
+    assert skipped == 0 and torch.cat([b[2] for b in batches]).tolist() == [0, 1, 0]
 
 
 def test_val_metrics_run_in_eval_mode():

@@ -196,19 +196,36 @@ def train_batches(cfg: TrainConfig, data: TrainData, model, env: DistEnv, start_
 
 
 class _ImageIds:
-    """Gives equal images (byte-equal tensors after the deterministic eval transform: a
-    COCO-style CSV lists an image once per caption) one id, so that retrieval counts them as one
-    image with several captions rather than as tied copies of which only one can rank first."""
+    """Gives the rows of one image one id, so that retrieval counts them as one image with
+    several captions (a COCO-style CSV lists an image once per caption) rather than as tied
+    copies of which only one can rank first. An image is its file (CSV: the path, links
+    resolved) or, in shards, its bytes: not its pixels after the eval transform, which merged
+    different files that the centre crop made equal."""
 
     def __init__(self):
-        self._ids: Dict[bytes, int] = {}
+        self._ids: Dict[object, int] = {}
 
-    def __call__(self, imgs: torch.Tensor) -> torch.Tensor:
-        out = []
-        for im in imgs:
-            key = hashlib.blake2b(im.contiguous().numpy().tobytes(), digest_size=16).digest()
-            out.append(self._ids.setdefault(key, len(self._ids)))
-        return torch.tensor(out, dtype=torch.long)
+    def __call__(self, keys) -> torch.Tensor:
+        return torch.tensor([self._ids.setdefault(k, len(self._ids)) for k in keys], dtype=torch.long)
+
+
+def _digesting_shards(*args, **kwargs):
+    """A ``WebDataset`` that records, in its ``digests`` list, a digest of each decoded
+    sample's image bytes, in the order the samples are batched."""
+    from ..datasets.webdataset import IMAGE_EXTS, WebDataset
+
+    class _Digesting(WebDataset):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.digests: List[bytes] = []
+
+        def _decode(self, raw, aug_seed):
+            out = super()._decode(raw, aug_seed)
+            if out is not None:
+                data = next(raw[e] for e in IMAGE_EXTS if e in raw)
+                self.digests.append(hashlib.blake2b(data, digest_size=16).digest())
+            return out
+    return _Digesting(*args, **kwargs)
 
 
 def load_val_batches(cfg: TrainConfig, model, log: Optional[Callable[[str], None]] = None
@@ -231,19 +248,22 @@ def load_val_batches(cfg: TrainConfig, model, log: Optional[Callable[[str], None
         for note in ds.notes() if log is not None else ():
             log(note)
         for a in range(0, min(len(ds), limit), cfg.batch_size):
-            imgs, toks, skipped = collate_skipping([ds[i] for i in range(a, min(a + cfg.batch_size, len(ds), limit))])
+            rows = range(a, min(a + cfg.batch_size, len(ds), limit))
+            samples = [ds[i] for i in rows]
+            imgs, toks, skipped = collate_skipping(samples)
             skipped_total += skipped
             if len(imgs):
-                out.append((imgs, toks, image_ids(imgs)))
+                files = [os.path.realpath(ds.images[i]) for i, smp in zip(rows, samples) if smp is not None]
+                out.append((imgs, toks, image_ids(files)))
     else:
-        from ..datasets.webdataset import WebDataset
-        ds = WebDataset(cfg.val_data, cfg.batch_size, image_transform_for(model, False), model.context_length,
-                        seed=cfg.seed, shuffle_buffer=0, max_epochs=1)
+        ds = _digesting_shards(cfg.val_data, cfg.batch_size, image_transform_for(model, False),
+                               model.context_length, seed=cfg.seed, shuffle_buffer=0, max_epochs=1)
         for imgs, toks, skipped in ds:
             skipped_total += skipped
+            digests, ds.digests = ds.digests[:len(imgs)], ds.digests[len(imgs):]   # this batch's
             imgs, toks = imgs[:max(0, limit - n)], toks[:max(0, limit - n)]   # at most `limit` samples
             if len(imgs):
-                out.append((imgs, toks, image_ids(imgs)))
+                out.append((imgs, toks, image_ids(digests[:len(imgs)])))
             n += len(imgs) + skipped
             if n >= limit:
                 break
