@@ -409,3 +409,16 @@ def test_resume_with_other_steps_follows_the_new_schedule_from_its_first_step(tm
     lrs = {r["step"]: r["lr"] for r in _rows(out) if r["type"] == "train"}
     for step in (5, 6, 12):             # the lr of step s is the schedule's at s - 1
         assert lrs[step] == pytest.approx(1e-3 * cosine_lr(step - 1, 2, 12), rel=1e-12), (step, lrs)
+
+
+def test_resume_latest_before_the_first_checkpoint_says_so(tmp_path):
+    """A run stopped before its first checkpoint was said to be "trained without --save-every"."""
+    from fastclip.train.run_folder import RunFolderError, check_run_folder
+    for every, needle in ((20, "it stopped before its first checkpoint, due at step 20"),
+                          (None, "it was trained without --save-every")):
+        out = tmp_path / f"run{every}"
+        out.mkdir()
+        (out / "config.json").write_text(json.dumps({"train": {"save_every": every, "steps": 40}}))
+        (out / "metrics.jsonl").write_text('{"type": "train", "step": 1}\n')
+        with pytest.raises(RunFolderError, match=needle):
+            check_run_folder(str(out), "latest", False)

@@ -116,9 +116,14 @@ def check_run_folder(output_dir: str, resume: Optional[str], overwrite: bool) ->
         # --resume continues the run in this folder: from one of its own checkpoints.
         own = os.path.realpath(os.path.join(output_dir, CKPT_DIR))
         if resume == "latest" and not any(os.path.realpath(os.path.dirname(p)) == own for p in existing):
+            train = _json_object(cfg).get("train")
+            every = train.get("save_every") if isinstance(train, dict) else None
+            why = (f"it stopped before its first checkpoint, due at step {every}"
+                   if isinstance(every, int) and not isinstance(every, bool) and every > 0
+                   else "it was trained without --save-every")
             raise RunFolderError(f"--resume latest: {output_dir} holds a run ({names}) but no checkpoint to "
-                                 f"continue it from (it was trained without --save-every); choose another "
-                                 f"--output, or --overwrite to replace it")
+                                 f"continue it from ({why}); choose another --output, or --overwrite to "
+                                 f"replace it")
         here = os.path.realpath(os.path.dirname(resume))
         if (resume != "latest" and here != own
                 and not (os.path.dirname(here) == own and os.path.basename(here).startswith(SUPERSEDED))):
