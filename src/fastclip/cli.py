@@ -494,21 +494,46 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.print_help()
         return 2
     train_parser = p._subparsers._group_actions[0].choices["train"]  # errors name the subcommand
-    _check_paths(train_parser, args, given_dests(train_parser, argv[1:]))
-    from .datasets.csv_dataset import DataError
-    from .train.checkpoint import CheckpointError
-    from .train.run_folder import RunFolderError
-    from .train.trainer import train
-    log = PipeSafeLog()
-    err = PipeSafeStream(sys.stderr)
-    sys.stderr = err          # progress lines, notes and warnings all go through it
+    # --output's folders that this command creates (checking that it is writable makes them):
+    # removed again, if still empty, when the run never starts.
+    created = _missing_dirs(args.output if args.output is not None else "runs")
+    code = 1
     try:
-        code = run_reporting("train", lambda: train(config_from_args(args), log),
-                             (CheckpointError, DataError, RunFolderError))
+        _check_paths(train_parser, args, given_dests(train_parser, argv[1:]))
+        from .datasets.csv_dataset import DataError
+        from .train.checkpoint import CheckpointError
+        from .train.run_folder import RunFolderError
+        from .train.trainer import train
+        cfg = config_from_args(args)
+        log = PipeSafeLog()
+        err = PipeSafeStream(sys.stderr)
+        sys.stderr = err          # progress lines, notes and warnings all go through it
+        try:
+            code = run_reporting("train", lambda: train(cfg, log), (CheckpointError, DataError, RunFolderError))
+        finally:
+            sys.stderr = err.stream
+            if args.output is None and cfg.output is not None:
+                created.append(cfg.output)  # the default runs/<date>-<time>, claimed by creating it
     finally:
-        sys.stderr = err.stream
+        if code != 0:
+            for d in reversed(created):
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)             # only an empty folder: a run's files stay
     # 141: the status of a process a closed pipe stopped
     return 141 if code == 0 and (log.broken or err.broken) else code
+
+
+def _missing_dirs(path: str) -> List[str]:
+    """The folders on the way to ``path`` (itself included) that do not exist yet, outermost first."""
+    out: List[str] = []
+    path = os.path.abspath(path)
+    while not os.path.lexists(path):
+        out.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return out[::-1]
 
 
 class PipeSafeLog:

@@ -1,4 +1,5 @@
 """The ``fastclip`` command line: help, argument errors (exit status 2 with a message naming the flag)."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -324,3 +325,24 @@ def test_a_shard_that_is_not_a_tar_is_named_before_training(tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert needle in err, err
+
+
+def test_a_run_that_never_starts_leaves_no_output_folder(tmp_path, capsys, monkeypatch):
+    """Checking that --output is writable creates it: a run refused afterwards (a CSV without
+    the named columns, a missing file) left an empty folder behind, parents included."""
+    (tmp_path / "semi.csv").write_text("a,b\nx,y\n")
+    for data in ("semi.csv", "missing.csv"):
+        out = tmp_path / "new" / "run"
+        with pytest.raises(SystemExit) if data == "missing.csv" else contextlib.nullcontext():
+            code = cli.main(["train", "--train-data", str(tmp_path / data), "--steps", "2", "--output", str(out)])
+            assert code == 2
+        assert not (tmp_path / "new").exists(), data
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    code = cli.main(["train", "--train-data", str(tmp_path / "semi.csv"), "--steps", "2", "--output", str(kept)])
+    assert code == 2 and kept.is_dir()            # a folder that was there stays
+    # The default --output (runs/<date>-<time>, made when the run is set up) goes too.
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["train", "--train-data", "semi.csv", "--steps", "2"])
+    assert code == 2 and not (tmp_path / "runs").exists()
+    capsys.readouterr()
