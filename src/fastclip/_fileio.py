@@ -108,6 +108,8 @@ def writable_dir_problem(path: str) -> str:
     file (which catches read-only file systems, where ``os.access`` may not)."""
     if os.path.exists(path) and not os.path.isdir(path):
         return "exists and is not a directory"
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"a symbolic link to {os.readlink(path)!r}, which does not exist"
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):

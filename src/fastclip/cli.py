@@ -195,6 +195,9 @@ def csv_file_problem(path: str) -> Optional[str]:
         return "a folder, not a CSV file"
     if os.path.exists(path) and not os.path.isfile(path):
         return "not a regular file (a device, pipe or socket), not a CSV file"
+    if not os.path.lexists(path) and "::" in path:
+        return ("'::' joins lists of tar shards, and a CSV is one file: a CSV cannot be mixed with shards "
+                "or other CSVs (train on one file, or on shards)")
     return None if os.path.isfile(path) else "file not found"
 
 

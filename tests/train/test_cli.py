@@ -53,6 +53,7 @@ def test_no_command_prints_help_and_exits_2(capsys):
     (["train", "--precision", "fp8"], "--precision"),
     (["train", "--batch-size", "0"], "--batch-size"),
     (["train", "--train-data", "/nonexistent/train.csv"], "file not found"),
+    (["train", "--train-data", "/nonexistent/a.tar::/nonexistent/b.csv"], "a CSV cannot be mixed with shards"),
     (["train", "--train-data", "/nonexistent/shard-{000..003}.tar"], "no tar shard"),
     (["train", "--train-data", "/tmp/data.parquet"], "cannot tell the type"),
     (["train", "--zeroshot-data", "/nonexistent/dir"], "--zeroshot-data"),
@@ -346,3 +347,12 @@ def test_a_run_that_never_starts_leaves_no_output_folder(tmp_path, capsys, monke
     code = cli.main(["train", "--train-data", "semi.csv", "--steps", "2"])
     assert code == 2 and not (tmp_path / "runs").exists()
     capsys.readouterr()
+
+
+def test_output_that_is_a_dangling_link_is_named_as_such(tmp_path, capsys):
+    """It said "cannot write there (File exists)"."""
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "gone")
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--output", str(link), "--steps", "1"])
+    assert "a symbolic link to" in capsys.readouterr().err

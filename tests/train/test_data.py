@@ -215,6 +215,15 @@ def test_csv_without_columns_or_rows_raises_data_error(tmp_path):
         (tmp_path / name).write_text(text)
         with pytest.raises(DataError, match=rf"{name}.*{needle}"):
             CsvDataset(str(tmp_path / name), image_transform(32))
+    # A shard or a wide header given as CSV printed kilobytes of binary header as "columns".
+    shard = _write_shards(tmp_path)[0]
+    with pytest.raises(DataError) as e:
+        CsvDataset(shard, image_transform(32))
+    assert "it looks like a tar archive, not a CSV" in str(e.value) and len(str(e.value)) < 400, str(e.value)
+    (tmp_path / "wide.csv").write_text(",".join(f"column_{i}" for i in range(500)) + "\n")
+    with pytest.raises(DataError, match=r"\.\.\. \(500 columns\)") as e:
+        CsvDataset(str(tmp_path / "wide.csv"), image_transform(32))
+    assert len(str(e.value)) < 500
 
 
 def test_rows_and_samples_without_a_caption_are_skipped_and_named(tmp_path):

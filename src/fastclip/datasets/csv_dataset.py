@@ -73,6 +73,20 @@ def collate_skipping(samples: Sequence[Sample]) -> Tuple[torch.Tensor, torch.Ten
     return torch.stack([g[0] for g in good]), torch.stack([g[1] for g in good]), skipped
 
 
+def _header_desc(fields: List[str]) -> str:
+    """What a CSV's header row holds, for an error: its columns, at most ~300 characters of
+    them; or that it is not text (a NUL or undecodable bytes: a tar shard or an image given as
+    CSV printed kilobytes of binary header as "columns")."""
+    if not fields:
+        return "the file is empty"
+    head = "".join(fields)
+    if "\0" in head or _has_surrogates(head):
+        kind = "a tar archive" if "ustar" in head else "a binary file"
+        return f"its first line is not text: it looks like {kind}, not a CSV"
+    shown = repr(fields)
+    return "columns are " + (shown if len(shown) <= 300 else shown[:300] + f"... ({len(fields)} columns)")
+
+
 def _has_surrogates(s: str) -> bool:
     """True when ``s`` holds bytes that ``surrogateescape`` could not decode as UTF-8."""
     return any("\udc80" <= ch <= "\udcff" for ch in s)
@@ -120,8 +134,7 @@ class CsvDataset(torch.utils.data.Dataset):
                 fields = reader.fieldnames or []
                 for key, what in ((img_key, "img_key"), (caption_key, "caption_key")):
                     if key not in fields:
-                        raise DataError(f"{path}: column {key!r} ({what}) not found; "
-                                        f"{'columns are ' + repr(fields) if fields else 'the file is empty'} "
+                        raise DataError(f"{path}: column {key!r} ({what}) not found; {_header_desc(fields)} "
                                         f"(separator {separator!r})")
                 for r in reader:
                     img, cap = r[img_key] or "", r[caption_key] or ""
