@@ -574,6 +574,41 @@ def test_backend_resolution_is_marked_constant_as_the_public_decorator_marks_it(
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
 
 
+_FLOPS = """
+import sys, torch, fastclip
+assert "torch.utils.flop_counter" not in sys.modules     # not imported by fastclip itself
+from torch.utils.flop_counter import FlopCounterMode
+x, y = torch.randn(5, 3, requires_grad=True), torch.randn(7, 3, requires_grad=True)
+with FlopCounterMode(display=False) as fc:
+    fastclip.clip_loss(x, y[:5], 10.0).backward()
+print(fc.get_total_flops())
+"""
+
+
+def test_flop_counter_counts_the_fused_products():
+    """A custom op counted 0 FLOPs in FlopCounterMode (a trainer's MFU undercounted the loss).
+    Forward: the logits, 2·n·m·D; backward: the logits again and two gradient products, 6·n·m·D;
+    SigLIP's one pass: three products. The formulas reach the counter whichever of the two is
+    imported first."""
+    from torch.utils.flop_counter import FlopCounterMode
+    n, m, d = 37, 37, 19
+    x = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(m, d, dtype=torch.float64, requires_grad=True)
+    with FlopCounterMode(display=False) as fc:
+        fastclip.clip_loss(x, y, 10.0).backward()
+    counts = {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
+    assert counts == {"fastclip.contrastive_loss_fwd": 2 * n * m * d, "fastclip.contrastive_loss_bwd": 6 * n * m * d}
+    with FlopCounterMode(display=False) as fc:
+        fastclip.siglip_loss(x, y, 10.0, -10.0).backward()
+    assert fc.get_total_flops() == 6 * n * m * d
+    with FlopCounterMode(display=False) as fc:
+        with torch.no_grad():
+            fastclip.clip_loss(x, y, 10.0)
+    assert fc.get_total_flops() == 2 * n * m * d
+    r = subprocess.run([sys.executable, "-c", _FLOPS], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == str(8 * 5 * 5 * 3), r.stderr
+
+
 @pytest.mark.parametrize("loss,backend", FP32)
 def test_deterministic(loss, backend):
     dev = _setup(loss, backend)

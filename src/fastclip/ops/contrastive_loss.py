@@ -25,6 +25,7 @@ import numbers
 import torch
 from torch import Tensor
 
+from . import flops as _flops
 from .backends import Backend, get_backend, resolve_backend
 from .losses import STAT_DTYPE, LossSpec, get_loss, head_grads
 from .reference import acc_dtype
@@ -200,6 +201,7 @@ def _backward(ctx, g_row, g_col, g_pos):
 
 
 contrastive_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
+_flops.install()        # FlopCounterMode counts the ops' products (fastclip.ops.flops)
 
 
 # ------------------------------------------------------- eager path to the same kernels
