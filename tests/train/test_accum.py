@@ -50,3 +50,21 @@ def test_batchnorm_towers_take_micro_batches(tmp_path):
     loss = t.forward_backward(images, tokens)
     assert torch.isfinite(loss)
     assert [int(m.num_batches_tracked) - b for m, b in zip(bns, before)] == [2] * len(bns)
+
+
+def test_a_short_batch_takes_the_micro_batch_path_of_its_peers(tmp_path, monkeypatch):
+    """The path was chosen by this batch's size: a rank whose batch lost samples to unreadable
+    images (k or fewer left) went through DDP's forward while its peers, micro-batching, waited
+    in the loss's collective: a hang. Every batch now takes the path of the configured size."""
+    torch.set_num_threads(1)
+    cfg = TrainConfig(model="tiny-vit", output=str(tmp_path), steps=1, batch_size=8, demo_train_samples=64,
+                      progress="none", plot=False, accum_micro_batch=4)
+    t = Trainer(cfg)
+    images, tokens, _ = next(t._train_batches())
+    calls = []
+    micro = Trainer._forward_backward_micro
+    monkeypatch.setattr(Trainer, "_forward_backward_micro",
+                        lambda self, i, tk, k: calls.append(i.shape[0]) or micro(self, i, tk, k))
+    for n in (3, 4, 8):
+        assert torch.isfinite(t.forward_backward(images[:n], tokens[:n]))
+    assert calls == [3, 4, 8]

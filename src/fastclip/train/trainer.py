@@ -331,9 +331,11 @@ class Trainer:
     def forward_backward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Loss of the (local part of the) batch and parameter gradients in ``.grad`` (averaged
         over ranks); returns the detached loss. Uses micro-batches when ``accum_micro_batch``
-        is smaller than the batch."""
+        is smaller than the configured batch (``batch_size``, not this batch's size: a rank whose
+        batch lost samples to unreadable images took the other path than its peers, and their
+        collectives never met: a hang)."""
         k = self.cfg.accum_micro_batch
-        if k is None or k >= images.shape[0]:
+        if k is None or k >= self.cfg.batch_size:
             with self._autocast():
                 img, txt, *params = self.train_model(images, tokens, normalize=False)
                 loss = self.loss_fn(img, txt, *params)
