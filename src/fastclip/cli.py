@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 from typing import List, Optional
 
@@ -600,9 +601,19 @@ def run_reporting(command: str, fn, user_errors: tuple) -> int:
         print("\ninterrupted", file=sys.stderr)
         return 130
     except user_errors as e:
-        print(f"fastclip {command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"fastclip {command}: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     return 0
+
+
+def _one_line(message: str) -> str:
+    """An error's message on one line. An error raised in a DataLoader worker comes back with the
+    worker's whole traceback in its message ("Caught DataError in DataLoader worker process 1.
+    Original Traceback ..."): only its last line, the error itself, is kept."""
+    if "Original Traceback (most recent call last)" in message:
+        last = [line for line in message.strip().splitlines() if line.strip()][-1]
+        message = re.sub(r"^[\w.]+(Error|Exception): ", "", last.strip())
+    return " ".join(message.split())
 
 
 if __name__ == "__main__":

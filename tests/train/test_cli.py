@@ -356,3 +356,12 @@ def test_output_that_is_a_dangling_link_is_named_as_such(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--output", str(link), "--steps", "1"])
     assert "a symbolic link to" in capsys.readouterr().err
+
+
+def test_an_error_from_a_dataloader_worker_is_one_line_of_its_own_message():
+    """It came back with the worker's whole traceback flattened into the line."""
+    msg = ("Caught DataError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"
+           '  File "x.py", line 3, in f\n    raise DataError("...")\n'
+           "fastclip.datasets.csv_dataset.DataError: reader 1 of 2 got no samples\n")
+    assert cli._one_line(msg) == "reader 1 of 2 got no samples"
+    assert cli._one_line("a\n  b") == "a b"

@@ -1,6 +1,7 @@
 """Datasets: the synthetic shapes, CSV and webdataset readers (a corrupt or missing image is skipped
 and counted, never fatal), class folders, shard-list expansion."""
 import io
+import itertools
 import os
 import tarfile
 
@@ -274,6 +275,28 @@ def _write_shards(root):
                     tar.addfile(info, io.BytesIO(data))
         paths.append(str(p))
     return paths
+
+
+def test_a_pass_that_deals_a_reader_only_empty_shards_is_not_fatal(tmp_path):
+    """Shards are dealt to readers anew each pass: a reader dealt only an empty shard raised
+    "the shards are empty" mid-training (2 ranks, or 2 DataLoader workers) while the other
+    shards held samples. Only data with no sample anywhere is refused."""
+    from fastclip.datasets import DataError
+    paths = _write_shards(tmp_path)
+    empty = tmp_path / "shard-003.tar"
+    with tarfile.open(empty, "w"):
+        pass
+    urls = [paths[0], paths[2], str(empty)]
+    for seed in range(6):                    # in some of these passes a reader gets the empty shard alone
+        for rank in (0, 1):
+            ds = WebDataset(urls, 2, image_transform(16), 8, seed=seed, rank=rank, world_size=2, shuffle_buffer=0)
+            batches = list(itertools.islice(iter(ds), 12))     # several passes
+            assert len(batches) == 12 and all(len(b[0]) for b in batches)
+    with tarfile.open(tmp_path / "e2.tar", "w"):
+        pass
+    with pytest.raises(DataError, match="the shards are empty"):
+        next(iter(WebDataset([str(empty), str(tmp_path / "e2.tar")], 2, image_transform(16), 8, rank=1,
+                             world_size=2)))
 
 
 def test_webdataset_streams_skips_and_counts(tmp_path):

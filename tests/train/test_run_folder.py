@@ -422,3 +422,14 @@ def test_resume_latest_before_the_first_checkpoint_says_so(tmp_path):
         (out / "metrics.jsonl").write_text('{"type": "train", "step": 1}\n')
         with pytest.raises(RunFolderError, match=needle):
             check_run_folder(str(out), "latest", False)
+
+
+def test_resume_latest_of_another_model_does_not_point_to_the_previous_checkpoint(tmp_path, capsys):
+    """The hint naming the previous checkpoint is for an unreadable newest one: a checkpoint of
+    another model (which the previous one is too) got it, and following it failed the same way."""
+    out = str(tmp_path / "run")
+    code, _, err = _train(capsys, "--steps", "5", "--save-every", "2", "--output", out)
+    assert code == 0, err
+    code, _, err = _train(capsys, "--steps", "6", "--output", out, "--resume", "latest",
+                          "--model-overrides", '{"embed_dim": 32}')
+    assert code == 2 and "previous checkpoint" not in err, err

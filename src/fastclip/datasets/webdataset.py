@@ -13,6 +13,7 @@ Shard lists: brace ranges and lists (``data/{00000..00099}.tar``, ``{a,b}.tar``)
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import random
 import re
@@ -148,6 +149,7 @@ class WebDataset(torch.utils.data.IterableDataset):
         self.batch_size, self.transform, self.context_length = batch_size, transform, context_length
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle_buffer, self.skip_batches, self.max_epochs = shuffle_buffer, skip_batches, max_epochs
+        self._any_samples: Optional[bool] = None      # whether any shard holds a sample (once asked)
 
     def _raw_samples(self, epoch: int, slot: int, stride: int) -> Iterator[Optional[Dict[str, bytes]]]:
         shards = list(self.urls)
@@ -162,6 +164,19 @@ class WebDataset(torch.utils.data.IterableDataset):
                     if (k - 1) % stride != slot:
                         continue
                 yield s
+
+    def _reader_can_never_produce(self, stride: int) -> bool:
+        """After a pass in which a reader got no sample: whether it never will. With fewer shards
+        than readers every pass deals it the same samples (none, then). With shards dealt out, a
+        pass may deal it only empty shards while others hold samples: the next pass reshuffles
+        (a run died mid-training when an empty shard came up alone); only when no shard holds
+        a sample is the data empty."""
+        if len(self.urls) < stride:
+            return True
+        if self._any_samples is None:
+            self._any_samples = any(s is not None for path in self.urls
+                                    for s in itertools.islice(iter_tar_samples(path), 1))
+        return not self._any_samples
 
     def _shuffled(self, it: Iterator, rng: random.Random) -> Iterator:
         if self.shuffle_buffer <= 1:
@@ -223,7 +238,7 @@ class WebDataset(torch.utils.data.IterableDataset):
                 if len(batch) == self.batch_size:
                     yield collate_skipping(batch)
                     batch = []
-            if not produced:
+            if not produced and self._reader_can_never_produce(stride):
                 raise DataError(f"reader {slot} of {stride} got no samples from {len(self.urls)} shard(s) "
                                 f"({self.urls[0]}{', ...' if len(self.urls) > 1 else ''}): the shards are empty, "
                                 f"or hold fewer samples than there are readers (ranks x --workers)")

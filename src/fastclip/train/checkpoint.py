@@ -204,6 +204,16 @@ def older_checkpoint(output_dir: str, path: str) -> Optional[str]:
     return older[-1] if older else None
 
 
+def readable_training_state(path: str) -> bool:
+    """Whether ``read_training_state(path)`` succeeds (the file is a sound checkpoint, whether or
+    not it fits a given model)."""
+    try:
+        read_training_state(path)
+    except CheckpointError:
+        return False
+    return True
+
+
 def _legacy_message(path: str) -> str:
     return (f"{path}: a training checkpoint in fastclip's earlier pickle format (or another .pt file); "
             f"fastclip no longer loads training state from pickles, because unpickling can run code "

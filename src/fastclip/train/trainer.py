@@ -190,8 +190,8 @@ class Trainer:
                     # Not a silent fall-back to an older checkpoint (that would retrain steps
                     # unannounced): the error names the one a user can pass instead.
                     older = ckpt.older_checkpoint(cfg.output, path) if cfg.resume == "latest" else None
-                    if older is None:
-                        raise
+                    if older is None or ckpt.readable_training_state(path):
+                        raise       # (a readable file that does not fit this run: so would the older one)
                     raise ckpt.CheckpointError(f"{e}; the previous checkpoint of this run is {older} "
                                                f"(--resume {older} continues from it)") from None
                 self.start_step = int(state["step"])
