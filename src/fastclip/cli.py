@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import math
 import os
@@ -493,7 +494,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .eval.command import main as eval_main
         return eval_main(argv[1:])
     p = build_parser()
-    args = p.parse_args(argv)
+    # Under torchrun every rank parses the same arguments: rank 0 alone prints their errors.
+    quiet = contextlib.redirect_stderr(io.StringIO()) if _launcher_rank() else contextlib.nullcontext()
+    with quiet:
+        args = p.parse_args(argv)
     if args.command is None:
         p.print_help()
         return 2
@@ -503,7 +507,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     created = _missing_dirs(args.output if args.output is not None else "runs")
     code = 1
     try:
-        _check_paths(train_parser, args, given_dests(train_parser, argv[1:]))
+        with quiet:
+            _check_paths(train_parser, args, given_dests(train_parser, argv[1:]))
         from .datasets.csv_dataset import DataError
         from .train.checkpoint import CheckpointError
         from .train.run_folder import RunFolderError
@@ -523,6 +528,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             for d in reversed(created):
                 with contextlib.suppress(OSError):
                     os.rmdir(d)             # only an empty folder: a run's files stay
+    if _peer_stopped:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(code)
     # 141: the status of a process a closed pipe stopped
     return 141 if code == 0 and (log.broken or err.broken) else code
 
@@ -594,16 +604,54 @@ class PipeSafeStream:
 def run_reporting(command: str, fn, user_errors: tuple) -> int:
     """Run ``fn()`` for ``fastclip <command>``: 0 when it returns; 130 on Ctrl-C; for
     ``user_errors`` (the user's files or a flag only the loaded data can judge, not fastclip,
-    are at fault) one line, like an argument error, and 2."""
+    are at fault) one line, like an argument error, and 2.
+
+    Under torchrun (``RANK`` set) a rank other than 0 says which rank it is, and when a peer
+    stops (its own error is printed by that peer), a rank whose collective then fails says so in
+    one line and returns 2, instead of the process group's traceback."""
+    rank = _launcher_rank()
+    who = f"fastclip {command}: " + (f"rank {rank}: " if rank else "")
     try:
         fn()
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        if not rank:
+            print("\ninterrupted", file=sys.stderr)
         return 130
     except user_errors as e:
-        print(f"fastclip {command}: error: {_one_line(str(e))}", file=sys.stderr)
+        print(f"{who}error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if rank is None or not _peer_gone(e):
+            raise
+        print(f"{who}stopped: another rank stopped first (its error is above): {_one_line(str(e))[:200]}",
+              file=sys.stderr)
+        global _peer_stopped
+        _peer_stopped = True
         return 2
     return 0
+
+
+# Set when a peer rank's end broke this rank's process group: main() then leaves at once
+# (os._exit), since tearing down a broken gloo group at interpreter exit can abort the process
+# ("terminate called without an active exception", SIGABRT, in 1 of 3 tries with 2 ranks).
+_peer_stopped = False
+
+
+def _launcher_rank() -> Optional[int]:
+    """This process's rank under torchrun (``RANK``), or None outside a launched group."""
+    try:
+        return int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    except (KeyError, ValueError):
+        return None
+
+
+def _peer_gone(e: RuntimeError) -> bool:
+    """Whether ``e`` is a collective failing because a peer process ended (gloo: "Connection
+    closed by peer", "Connection reset by peer", a broken pipe)."""
+    import torch.distributed as dist
+    text = str(e)
+    return (isinstance(e, getattr(dist, "DistError", ())) or "Connection closed by peer" in text
+            or "Connection reset by peer" in text or "Broken pipe" in text)
 
 
 def _one_line(message: str) -> str:

@@ -365,3 +365,33 @@ def test_an_error_from_a_dataloader_worker_is_one_line_of_its_own_message():
            "fastclip.datasets.csv_dataset.DataError: reader 1 of 2 got no samples\n")
     assert cli._one_line(msg) == "reader 1 of 2 got no samples"
     assert cli._one_line("a\n  b") == "a b"
+
+
+def test_ranks_other_than_0_stay_quiet_or_say_who_they_are(monkeypatch, capsys):
+    """Under torchrun every rank printed the same usage error, and a rank whose peer had stopped
+    printed the process group's traceback."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--steps", "0"])
+    assert capsys.readouterr().err == ""
+
+    def peer_gone():
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+                           "[127.0.0.1]:29500")
+    assert cli.run_reporting("train", peer_gone, (ValueError,)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastclip train: rank 1: stopped: another rank stopped first") and err.count("\n") == 1
+
+    def user_error():
+        raise ValueError("bad data")
+    assert cli.run_reporting("train", user_error, (ValueError,)) == 2
+    assert capsys.readouterr().err == "fastclip train: rank 1: error: bad data\n"
+
+    def bug():
+        raise RuntimeError("a bug, not a peer")
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.run_reporting("train", bug, (ValueError,))
+    monkeypatch.setenv("WORLD_SIZE", "1")                  # one process: a gloo error is raised as is
+    with pytest.raises(RuntimeError):
+        cli.run_reporting("train", peer_gone, (ValueError,))
