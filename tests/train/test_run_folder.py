@@ -162,7 +162,7 @@ def test_a_batch_whose_samples_all_fail_is_skipped_and_counted(tmp_path, capsys)
     assert [r["step"] for r in _rows(out) if r["type"] == "train"] == list(range(1, 9))
     # every sample of the skipped batches is counted, with the missing ones of the other batches
     assert metrics["train_samples_skipped"] >= 2 * metrics["train_batches_skipped"]
-    assert "no sample of batch" in err and "had no loadable sample" in stdout
+    assert "no sample of batch" in err and "training batches with too few loadable samples were replaced" in stdout
     extra = ckpt.read_training_state(os.path.join(out, "checkpoints", "step_00000004.safetensors"))["extra"]
     assert extra["data_position"] == 4 + extra["skipped_batches"] and extra["skipped_batches"] >= 1
 

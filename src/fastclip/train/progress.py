@@ -92,8 +92,8 @@ def format_final(r: Dict[str, Any], out_dir: str) -> str:
         batches = r.get("train_batches_skipped")
         lines.append(f"skipped (image missing or corrupt, or no caption): {r['train_samples_skipped']} training, "
                      f"{r['eval_samples_skipped']} evaluation samples"
-                     + (f"; {batches} training batch{'es' if batches > 1 else ''} had no loadable sample "
-                        f"and were replaced by the next" if batches else ""))
+                     + (f"; {batches} training batch{'es' if batches > 1 else ''} with too few loadable samples "
+                        f"{'were' if batches > 1 else 'was'} replaced by the next" if batches else ""))
     lines.append(f"wrote {r['checkpoint']}, {os.path.join(out_dir, 'metrics.json')}"
                  + (f", {r['curves']}" if r.get("curves") else ""))
     return "\n".join(lines)

@@ -775,7 +775,9 @@ class _BatchDraws:
             if env.is_main and self.skipped_batches <= 3:
                 what = ("no sample" if loaded == 0 else
                         f"{loaded} sample(s)" + (f" ({t.min_batch_why})" if loaded < t.min_batch else ""))
-                message(f"step {step + 1}: {what} of batch {self.drawn} loaded (images missing or "
-                        f"corrupt, or no caption{'' if loaded < t.min_batch else ', on another rank'}); "
-                        f"skipped it and drew the next batch"
+                where = "" if not env.distributed else (" on rank 0" if loaded < t.min_batch else
+                                                            ", too few on another rank")
+                message(f"step {step + 1}: {what} of batch {self.drawn} loaded{where} (images missing or "
+                        f"corrupt, or no caption); skipped it{' on every rank' if env.distributed else ''} "
+                        f"and drew the next batch"
                         + (" (further ones are only counted)" if self.skipped_batches == 3 else ""))
