@@ -3,6 +3,7 @@ trainer reports (reproduced exactly from a run folder), folder zero-shot, val re
 linear probe, and one-line errors for bad input."""
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -612,3 +613,26 @@ def test_fp16_autocast_runs_on_a_cpu_as_in_training(siglip_run, capsys, tmp_path
     assert code == 0, err
     m = json.load(open(out_json))["metrics"]
     assert 0.0 <= m["zeroshot/shape/top1"] <= 1.0
+
+
+def test_val_loss_is_not_diluted_by_batches_of_one_pair(tmp_path):
+    """The softmax loss of one pair is exactly 0: a last batch of one sample (17 samples in
+    batches of 8), or --batch-size 1, pulled val/loss down (to 16/17 of its value, or to 0)."""
+    from fastclip.eval.evaluate import val_metrics
+    from fastclip.train import TrainConfig
+    from fastclip.train.data import load_val_batches
+    rng = np.random.default_rng(0)
+    for k in range(17):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / f"{k}.png")
+    (tmp_path / "val.csv").write_text("filepath,title\n" + "".join(f"{k}.png,caption {k}\n" for k in range(17)))
+
+    class M:
+        image_size, context_length = 16, 12
+    for bs, sizes in ((8, [8, 9]), (1, [2] * 7 + [3])):
+        batches, _ = load_val_batches(TrainConfig(val_data=str(tmp_path / "val.csv"), batch_size=bs), M())
+        assert [len(b[0]) for b in batches] == sizes
+    rows = torch.eye(4)
+    got = val_metrics(_OneHot(), [(rows[:3], rows[:3] * 0.5), (rows[3:], rows[3:] * 0.5)])
+    alone = val_metrics(_OneHot(), [(rows[:3], rows[:3] * 0.5)])
+    assert got["val/loss"] == pytest.approx(alone["val/loss"]) and got["val/n"] == 4
+    assert math.isnan(val_metrics(_OneHot(), [(rows[:1], rows[:1])])["val/loss"])

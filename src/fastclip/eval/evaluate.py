@@ -245,7 +245,9 @@ def val_metrics(model, batches: Sequence[Tuple[torch.Tensor, ...]], loss: str = 
                 device=None, backend: str = "auto") -> Dict[str, float]:
     """On held-out ``(images, tokens)`` or ``(images, tokens, image_ids)`` batches (as
     ``fastclip.train.data.load_val_batches`` makes them): ``val/loss`` (``loss``, "clip" or
-    "siglip", within each batch, averaged over samples), ``val/n`` (rows) and the retrieval
+    "siglip", within each batch, averaged over samples; for "clip" over the batches of two or
+    more rows, since the softmax loss of one pair is exactly 0: NaN when there is none),
+    ``val/n`` (rows) and the retrieval
     recalls of ``retrieval_metrics`` over all batches together (``val/image_to_text_R@1`` ...,
     ``val/mean_recall``). Rows with the same ``image_ids`` entry are one image with several
     captions (an image query is right when any of them ranks within K); without ids each row is
@@ -266,7 +268,9 @@ def val_metrics(model, batches: Sequence[Tuple[torch.Tensor, ...]], loss: str = 
             ids.append(batch[2].long().cpu() if len(batch) > 2 and batch[2] is not None else None)
     if not ns:
         raise ValueError("val_metrics: no batches")
-    out = {"val/loss": sum(v * n for v, n in zip(losses, ns)) / sum(ns), "val/n": sum(ns)}
+    scored = [(v, n) for v, n in zip(losses, ns) if n > 1 or loss != "clip"]
+    val_loss = sum(v * n for v, n in scored) / sum(n for _, n in scored) if scored else float("nan")
+    out = {"val/loss": val_loss, "val/n": sum(ns)}
     img, txt = torch.cat(imgs_f), torch.cat(txts_f)   # [M, D] each: one row per caption
     text_to_image = None
     if all(x is not None for x in ids):

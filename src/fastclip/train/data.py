@@ -239,6 +239,10 @@ def load_val_batches(cfg: TrainConfig, model, log: Optional[Callable[[str], None
     from ..datasets.csv_dataset import collate_skipping
     kind = detect_val_type(cfg.val_data, cfg.dataset_type)
     limit = cfg.val_num_samples or 10_000
+    # The softmax loss of a batch of one pair is exactly 0: batches of at least 2, and a last
+    # batch of one sample joins the one before (val/loss of 17 samples in batches of 8 came out
+    # 16/17 of that of the first 16).
+    batch_size = max(2, cfg.batch_size)
     out, n, skipped_total = [], 0, 0
     image_ids = _ImageIds()
     if kind == "csv":
@@ -247,8 +251,8 @@ def load_val_batches(cfg: TrainConfig, model, log: Optional[Callable[[str], None
                         cfg.csv_separator, model.context_length)
         for note in ds.notes() if log is not None else ():
             log(note)
-        for a in range(0, min(len(ds), limit), cfg.batch_size):
-            rows = range(a, min(a + cfg.batch_size, len(ds), limit))
+        for a in range(0, min(len(ds), limit), batch_size):
+            rows = range(a, min(a + batch_size, len(ds), limit))
             samples = [ds[i] for i in rows]
             imgs, toks, skipped = collate_skipping(samples)
             skipped_total += skipped
@@ -256,7 +260,7 @@ def load_val_batches(cfg: TrainConfig, model, log: Optional[Callable[[str], None
                 files = [os.path.realpath(ds.images[i]) for i, smp in zip(rows, samples) if smp is not None]
                 out.append((imgs, toks, image_ids(files)))
     else:
-        ds = _digesting_shards(cfg.val_data, cfg.batch_size, image_transform_for(model, False),
+        ds = _digesting_shards(cfg.val_data, batch_size, image_transform_for(model, False),
                                model.context_length, seed=cfg.seed, shuffle_buffer=0, max_epochs=1)
         for imgs, toks, skipped in ds:
             skipped_total += skipped
@@ -267,6 +271,9 @@ def load_val_batches(cfg: TrainConfig, model, log: Optional[Callable[[str], None
             n += len(imgs) + skipped
             if n >= limit:
                 break
+    if len(out) > 1 and len(out[-1][0]) == 1:
+        last = out.pop()
+        out[-1] = tuple(torch.cat([a, b]) for a, b in zip(out[-1], last))
     if not out:
         from ..datasets.csv_dataset import DataError
         raise DataError(f"--val-data {cfg.val_data!r}: no sample loaded ({skipped_total} skipped: missing or "
