@@ -323,6 +323,30 @@ def test_an_interrupted_sweep_keeps_its_rows_and_exits_130(tmp_path, monkeypatch
     assert [(r["N"], r["status"]) for r in rows] == [("16", "ok")]
 
 
+def test_an_interrupted_append_keeps_the_rows_it_did_not_reach(tmp_path, monkeypatch, capsys):
+    """At start --append dropped every earlier row it would redo; interrupted after the first,
+    the files held only that one."""
+    common = ["--device", "cpu", "--sizes", "16,32", "--dims", "8", "--reps", "1", "--methods", "floor",
+              "--no-isolate", "--no-plot", "--out", str(tmp_path)]
+    assert bench.main(common) == 0
+    first = {r["N"]: r for r in _rows(next(tmp_path.glob("cpu-*.csv")))}
+    calls = []
+
+    def measure_then_stop(*a, **k):
+        calls.append(a)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    real = bench.measure
+    monkeypatch.setattr(bench, "measure", measure_then_stop)
+    assert bench.main(common + ["--append"]) == 130
+    capsys.readouterr()
+    after = {r["N"]: r for r in _rows(next(tmp_path.glob("cpu-*.csv")))}
+    assert sorted(after) == ["16", "32"] and all(r["status"] == "ok" for r in after.values())
+    assert after["32"]["fwd_bwd_ms"] == first["32"]["fwd_bwd_ms"]       # not reached: the earlier row
+    assert after["16"]["timestamp"] != first["16"]["timestamp"] or after["16"] != first["16"]
+
+
 def test_append_records_a_rerun_that_failed(tmp_path, monkeypatch):
     # A backend that now fails must show as failed: keeping the earlier "ok" row hid the
     # regression in the merged table.
@@ -600,3 +624,23 @@ def test_ab_cpu_builds_interleaves_builds_loaded_side_by_side(tmp_path):
     bad = subprocess.run([sys.executable, script, str(tmp_path / "missing.so")],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no such file" in bad.stderr
+
+
+def test_append_onto_a_file_it_cannot_merge_is_one_line_before_measuring(tmp_path, monkeypatch, capsys):
+    """An --overhead table, another CSV or a truncated results file at the output name failed
+    with a traceback (KeyError, TypeError) after the whole sweep had run."""
+    common = ["--device", "cpu", "--sizes", "16", "--dims", "8", "--reps", "1", "--methods", "floor",
+              "--no-isolate", "--no-plot", "--out", str(tmp_path)]
+    assert bench.main(common) == 0
+    csv_path = next(tmp_path.glob("cpu-*.csv"))
+    good = csv_path.read_text()
+    monkeypatch.setattr(bench, "measure", lambda *a, **k: pytest.fail("measured before refusing"))
+    for name, text in (("overhead", "method,N,fwd_us,fwd_bwd_us,status\nnaive,32,1,2,ok\n"),
+                       ("foreign", "filepath,title\na.png,a cat\n"),
+                       ("truncated", good[:len(good.splitlines()[0]) + 40])):
+        csv_path.write_text(text)
+        capsys.readouterr()
+        assert bench.main(common + ["--append"]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith("fastclip bench: error: --append:") and err.count("\n") == 1, (name, err)
+        assert csv_path.read_text() == text

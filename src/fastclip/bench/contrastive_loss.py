@@ -434,15 +434,22 @@ def run_benchmark(cfg: Config, log=print) -> tuple[list[dict], str]:
     methods = M.methods_for(cfg.spec, cfg.device, cfg.methods)
     rows: list[dict] = []
     kept: dict[tuple, dict] = {}        # --append: earlier measured rows this run may redo
+    # --append: the earlier rows of the cases this run redoes stay in the files until each is
+    # redone (an interrupted run deleted the ones it had not reached).
+    earlier: dict[tuple, dict] = {}
+    done: set = set()
     if cfg.append and os.path.exists(prefix + ".csv"):
+        _check_appendable(prefix + ".csv")
         planned = {(cfg.loss, m, str(n), str(d), dt) for m, _ in methods for n in cfg.sizes
                    for d in cfg.dims for dt in cfg.dtypes}
         for r in read_csv(prefix + ".csv"):
             key = (r["loss"], r["method"], r["N"], r["D"], r["dtype"])
             if key not in planned:
                 rows.append(r)
-            elif r.get("status") == "ok":
-                kept[key] = r
+            else:
+                earlier[key] = r
+                if r.get("status") == "ok":
+                    kept[key] = r
     last: dict[tuple[str, int, str], tuple[int, float]] = {}   # (method, D, dtype) -> (N, s)
     log(f"fastclip bench: {cfg.loss} loss on {cfg.device} ({info['device_name']}), commit "
         f"{info['commit']}, torch {info['torch']}; methods {', '.join(m for m, _ in methods)}; "
@@ -451,9 +458,11 @@ def run_benchmark(cfg: Config, log=print) -> tuple[list[dict], str]:
     _warn_load(cfg, log)
 
     def flush():
-        derive(rows)
-        write_csv(rows, prefix + ".csv")
-        write_markdown(rows, info, cfg, prefix + ".md", started)
+        out = rows + [r for k, r in earlier.items() if k not in done]
+        derive(out)
+        write_csv(out, prefix + ".csv")
+        write_markdown(out, info, cfg, prefix + ".md", started)
+        return out
 
     interrupted = False
     try:
@@ -489,6 +498,7 @@ def run_benchmark(cfg: Config, log=print) -> tuple[list[dict], str]:
                             row = old       # a case this run skipped keeps its earlier measurement
                             # (one that failed is recorded failed: a regression must show)
                         rows.append(row)
+                        done.add((cfg.loss, method, str(n), str(d), dt))
                         flush()             # derive() fills GFLOP/s and the ratios before the line
                         log(_progress_line(measured, cfg))
                         if row is not measured:
@@ -498,7 +508,7 @@ def run_benchmark(cfg: Config, log=print) -> tuple[list[dict], str]:
                         torch.cuda.empty_cache()
     except KeyboardInterrupt:      # the rows so far are in the CSV; the plots follow them
         interrupted = True
-    flush()
+    rows = flush()
     if cfg.plot:
         from .plot import plot_rows  # noqa: PLC0415
         paths = plot_rows(rows, prefix, log=log)
@@ -508,6 +518,27 @@ def run_benchmark(cfg: Config, log=print) -> tuple[list[dict], str]:
     if interrupted:
         raise KeyboardInterrupt
     return rows, prefix
+
+
+def _check_appendable(path: str) -> None:
+    """``--append``: the file at the output name must be a sweep's table that ``derive`` reads
+    (an --overhead table, another CSV or a truncated one failed with a traceback after the
+    whole sweep had run). Raises ``BenchError`` before anything is measured."""
+    try:
+        columns, rows = read_table(path)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise BenchError(f"--append: cannot read {path} as a results CSV "
+                         f"({e.strerror if isinstance(e, OSError) and e.strerror else e})") from None
+    why, overhead = _summarize_problem(columns, rows)
+    if overhead:
+        why = f"it is an --overhead table (its columns {_names(columns)}), not a sweep's"
+    if why and rows:
+        raise BenchError(f"--append: {path}: {why}; pass --overwrite to replace it or --out elsewhere")
+    try:
+        derive([dict(r) for r in read_csv(path)])
+    except (ValueError, KeyError, TypeError) as e:
+        raise BenchError(f"--append: {path}: a value the table cannot read ({type(e).__name__}: {e}), "
+                         f"a truncated or edited file?; pass --overwrite to replace it") from None
 
 
 def _time_skip(prev, n: int, cfg: Config, t_start: float) -> str:
