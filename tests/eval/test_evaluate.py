@@ -470,6 +470,10 @@ def test_val_images_are_files_not_pixels_after_the_crop(tmp_path):
                 tar.addfile(info, io.BytesIO(data))
     batches, skipped = load_val_batches(TrainConfig(val_data=str(shard), batch_size=2), M())
     assert skipped == 0 and torch.cat([b[2] for b in batches]).tolist() == [0, 1, 0]
+    # Shard paths that do not exist were left out without a word (training names them).
+    notes = []
+    load_val_batches(TrainConfig(val_data=f"{shard}::{tmp_path / 'nope.tar'}", batch_size=2), M(), log=notes.append)
+    assert any("1 of the 2 shard paths named do not exist" in n and "nope.tar" in n for n in notes), notes
 
 
 def test_val_metrics_run_in_eval_mode():

@@ -260,6 +260,12 @@ def load_val_batches(cfg: TrainConfig, model, log: Optional[Callable[[str], None
                 files = [os.path.realpath(ds.images[i]) for i, smp in zip(rows, samples) if smp is not None]
                 out.append((imgs, toks, image_ids(files)))
     else:
+        from ..datasets.webdataset import expand_urls, missing_shards
+        missing = missing_shards(cfg.val_data)
+        if missing and expand_urls(cfg.val_data) and log is not None:
+            n_all = len(missing) + len(expand_urls(cfg.val_data))
+            log(f"--val-data: {len(missing)} of the {n_all} shard paths named do not exist (e.g. {missing[0]}): "
+                f"evaluating on the others")
         ds = _digesting_shards(cfg.val_data, batch_size, image_transform_for(model, False),
                                model.context_length, seed=cfg.seed, shuffle_buffer=0, max_epochs=1)
         for imgs, toks, skipped in ds:
