@@ -644,3 +644,26 @@ def test_append_onto_a_file_it_cannot_merge_is_one_line_before_measuring(tmp_pat
         err = capsys.readouterr().err
         assert err.startswith("fastclip bench: error: --append:") and err.count("\n") == 1, (name, err)
         assert csv_path.read_text() == text
+
+
+def test_an_interrupted_distributed_run_writes_the_finished_world_sizes(capsys, tmp_path, monkeypatch):
+    """Ctrl-C printed a traceback (one per process) and wrote nothing, also what had finished."""
+    from fastclip.bench import distributed
+
+    def spawn(body, world, args, timeout_s):
+        if world == 4:
+            raise KeyboardInterrupt
+        row = dict(world=world, impl="gather", N=64, n_per_rank=32, D=8, dtype="fp32", threads_per_rank=1,
+                   time_s=0.01, peak_mib_per_rank=1.0)
+        return {0: ([row], {"gather": "dist_impl='gather'"})}
+    monkeypatch.setattr(distributed, "_spawn", spawn)
+    rc = distributed.main(["--mode", "cpu", "--worlds", "2", "4", "--sizes", "64", "--dim", "8",
+                           "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 130 and "interrupted: the finished world sizes are in" in err and "Traceback" not in err
+    text = (tmp_path / "distributed-cpu.csv").read_text()
+    assert len(text.splitlines()) == 2
+    from fastclip.bench import tokenizer
+    monkeypatch.setattr(tokenizer, "run", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert tokenizer.main(["--quick", "--out", str(tmp_path / "tk")]) == 130
+    assert "interrupted: nothing written" in capsys.readouterr().err

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import os
+import signal
 import statistics
 import sys
 import time
@@ -121,6 +122,8 @@ def _rank_main(body, rank, world, port, args, q, timeout_s):
     try:
         threads = _rank_setup(rank, world, port, timeout_s)
         q.put((rank, "ok", body(rank, world, args, threads)))
+    except KeyboardInterrupt:
+        pass                # Ctrl-C reached the whole process group: the parent reports it
     except BaseException:   # noqa: BLE001 - reported to the parent, which raises
         import traceback  # noqa: PLC0415
         q.put((rank, "error", traceback.format_exc()))
@@ -139,8 +142,18 @@ def _spawn(body, world: int, args, timeout_s: float) -> dict:
     port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(body, r, world, port, args, q, timeout_s))
              for r in range(world)]
-    for p in procs:
-        p.start()
+    # The ranks start with Ctrl-C ignored (an ignored signal stays ignored in the new process):
+    # the parent alone handles it and ends them; one interrupted mid-import printed a traceback.
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:          # not the main thread: leave the handler as it is
+        previous = None
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     got = {}
     try:
         while len(got) < world:
@@ -206,8 +219,10 @@ def _by_world(per_world: dict[int, dict]) -> dict:
     return out
 
 
-def run_cpu(args) -> tuple[list[dict], dict]:
-    out, impls = [], {}
+def run_cpu(args, out: list | None = None, impls: dict | None = None) -> tuple[list[dict], dict]:
+    """Every world size of ``args.worlds`` in turn; the rows and descriptions go into ``out`` and
+    ``impls`` as each world finishes (what an interrupted run keeps)."""
+    out, impls = ([] if out is None else out), ({} if impls is None else impls)
     for world in args.worlds:
         rows, impls[world] = _spawn(_cpu_rank, world, args, 1800)[0]
         out.extend(rows)
@@ -256,8 +271,8 @@ def _overhead_rank(rank, world, args, threads):
     return rows, impls
 
 
-def run_overhead(args) -> tuple[list[dict], dict]:
-    out, impls = [], {}
+def run_overhead(args, out: list | None = None, impls: dict | None = None) -> tuple[list[dict], dict]:
+    out, impls = ([] if out is None else out), ({} if impls is None else impls)
     for world in args.worlds:
         rows, impls[world] = _spawn(_overhead_rank, world, args, 900)[0]
         out.extend(rows)
@@ -511,9 +526,19 @@ def main(argv: list[str] | None = None) -> int:
     _check_args(p, args)
     info = env_info("cpu")
     t0 = time.perf_counter()
-    run = {"cpu": run_cpu, "overhead": run_overhead, "w1": run_w1}[args.mode]
-    rows, impls = run(args)
-    write(rows, impls, args, argv, time.perf_counter() - t0, info)
+    rows, impls = [], {}
+    try:
+        if args.mode == "w1":
+            rows, desc = run_w1(args)
+        else:
+            rows, desc = {"cpu": run_cpu, "overhead": run_overhead}[args.mode](args, rows, impls)
+    except KeyboardInterrupt:
+        # The world sizes that finished are written (the ranks leave quietly on Ctrl-C).
+        prefix = write(rows, _by_world(impls), args, argv, time.perf_counter() - t0, info) if rows else ""
+        print("\ninterrupted: " + (f"the finished world sizes are in {prefix}.csv and .md" if prefix
+                                   else "nothing finished, nothing written"), file=sys.stderr)
+        return 130
+    write(rows, desc, args, argv, time.perf_counter() - t0, info)
     return 0
 
 

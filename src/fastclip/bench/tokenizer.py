@@ -124,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as e:
         p.error(str(e))
     info = env_info("cpu")
-    t = run(a.captions, a.reps, a.seed)
+    try:
+        t = run(a.captions, a.reps, a.seed)
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing written", file=sys.stderr)
+        return 130
     stamp = _dt.datetime.now().isoformat(timespec="seconds")
     pair = {"bpe_tokenizers": "bpe_python", "tokenize": "simple_tokenizer"}
     rows = [dict(info, tokenizers=version("tokenizers"), ftfy=version("ftfy"), stage=k,
