@@ -667,3 +667,16 @@ def test_an_interrupted_distributed_run_writes_the_finished_world_sizes(capsys, 
     monkeypatch.setattr(tokenizer, "run", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     assert tokenizer.main(["--quick", "--out", str(tmp_path / "tk")]) == 130
     assert "interrupted: nothing written" in capsys.readouterr().err
+
+
+def test_plots_of_an_earlier_run_are_not_left_beside_new_numbers(tmp_path, capsys):
+    """--no-plot (or no matplotlib) left the earlier run's PNGs beside a CSV they no longer show."""
+    common = ["--device", "cpu", "--sizes", "16", "--dims", "8", "--reps", "1", "--methods", "floor",
+              "--no-isolate", "--no-plot", "--out", str(tmp_path)]
+    assert bench.main(common) == 0
+    prefix = str(next(tmp_path.glob("cpu-*.csv")))[:-len(".csv")]
+    for suffix in ("-time.png", "-memory.png"):
+        with open(prefix + suffix, "wb") as f:
+            f.write(b"an earlier plot")
+    assert bench.main(common + ["--overwrite"]) == 0
+    assert not list(tmp_path.glob("*.png")) and "removed the earlier plots" in capsys.readouterr().out

@@ -509,11 +509,19 @@ def run_benchmark(cfg: Config, log=print) -> tuple[list[dict], str]:
     except KeyboardInterrupt:      # the rows so far are in the CSV; the plots follow them
         interrupted = True
     rows = flush()
+    paths = []
     if cfg.plot:
         from .plot import plot_rows  # noqa: PLC0415
         paths = plot_rows(rows, prefix, log=log)
         if paths:
             log("plots: " + ", ".join(paths))
+    # Plots of an earlier run at this name that this run did not redraw (--no-plot, no
+    # matplotlib) would show other numbers than the CSV beside them.
+    stale = [f for f in (prefix + "-time.png", prefix + "-memory.png") if f not in paths and os.path.isfile(f)]
+    for f in stale:
+        os.unlink(f)
+    if stale:
+        log(f"removed the earlier plots, which this run did not redraw: {', '.join(stale)}")
     log(f"wrote {prefix}.csv and {prefix}.md in {time.monotonic() - t_start:.0f} s")
     if interrupted:
         raise KeyboardInterrupt
