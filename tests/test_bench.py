@@ -376,6 +376,8 @@ def test_ratios_pair_rows_of_one_problem_and_thread_count():
     (["--sizes", ","], "--sizes: expected a comma-separated list"),
     (["--methods", "cuda,inf-cl"], "none of them runs on --device cpu"),
     (["--overhead", "--append"], "--append merges into the sweep's table"),
+    (["--append", "--overwrite"], "--append merges into the earlier files, --overwrite replaces them"),
+    (["--device", "cpu", "--allow-tf32"], "--allow-tf32 is for --device cuda"),
     # 0 and negatives are refused as `fastclip train --threads` refuses them: 0 used to mean
     # "every core" here alone, which the help never said.
     (["--threads", "0"], "argument --threads: expected a positive integer, got '0'"),
@@ -680,3 +682,13 @@ def test_plots_of_an_earlier_run_are_not_left_beside_new_numbers(tmp_path, capsy
             f.write(b"an earlier plot")
     assert bench.main(common + ["--overwrite"]) == 0
     assert not list(tmp_path.glob("*.png")) and "removed the earlier plots" in capsys.readouterr().out
+
+
+def test_distributed_refuses_w1_flags_in_the_other_modes(capsys, tmp_path):
+    """--mode cpu --dtypes bf16 --device cuda ran fp32 on CPU ranks and recorded --device cuda."""
+    from fastclip.bench import distributed
+    for flag in (["--dtypes", "bf16"], ["--device=cuda"], ["--reps", "3"]):
+        with pytest.raises(SystemExit) as e:
+            distributed.main(["--mode", "cpu", "--worlds", "2", "--sizes", "64", *flag, "--out", str(tmp_path)])
+        assert e.value.code == 2
+        assert "applies to --mode w1 only" in capsys.readouterr().err

@@ -40,8 +40,10 @@ def _int_in(lo: int, hi: Optional[int] = None, what: str = ""):
     return parse
 
 
-_positive_int = _int_in(1, what="a positive integer")
-_nonneg_int = _int_in(0, what="a non-negative integer")
+# Below 2**63 (sys.maxsize): slicing and itertools.islice take no more; a batch size of 10**20
+# failed deep inside the run with islice's own message.
+_positive_int = _int_in(1, 2 ** 63, what="a positive integer below 2**63")
+_nonneg_int = _int_in(0, 2 ** 63, what="a non-negative integer below 2**63")
 _seed = _int_in(0, 2 ** 63, what="an integer in [0, 2**63)")      # torch.manual_seed's range, >= 0
 
 _ESCAPES = {"\\t": "\t", "\\n": "\n", "\\r": "\r", "\\\\": "\\", "tab": "\t"}

@@ -53,6 +53,7 @@ def test_no_command_prints_help_and_exits_2(capsys):
     (["train", "--precision", "fp8"], "--precision"),
     (["train", "--batch-size", "0"], "--batch-size"),
     (["train", "--train-data", "/nonexistent/train.csv"], "file not found"),
+    (["train", "--batch-size", "99999999999999999999"], "expected a positive integer below 2**63"),
     (["train", "--train-data", "/nonexistent/a.tar::/nonexistent/b.csv"], "a CSV cannot be mixed with shards"),
     (["train", "--train-data", "/nonexistent/shard-{000..003}.tar"], "no tar shard"),
     (["train", "--train-data", "/tmp/data.parquet"], "cannot tell the type"),

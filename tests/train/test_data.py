@@ -391,6 +391,8 @@ def test_image_folder_skips_corrupt(tmp_path):
     f = tmp_path / "classes.txt"
     f.write_text("cat\n\ndog\n")
     assert read_classnames(str(f)) == ["cat", "dog"]
+    with pytest.raises(ValueError, match="class names repeat in 'a,a,b': 'a'"):
+        read_classnames("a,a,b")        # two classes with the same prompts: neither can be told apart
     with pytest.raises(ValueError, match="class names given"):
         ImageFolderDataset(str(tmp_path), image_transform(32), classnames=["a"])
 

@@ -251,6 +251,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     spec = M.get_loss(a.loss)
     if a.overhead and a.append:
         p.error("--append merges into the sweep's table; --overhead writes its own table whole")
+    if a.append and a.overwrite:
+        p.error("--append merges into the earlier files, --overwrite replaces them: pass one")
+    if a.allow_tf32 and dev != "cuda":
+        p.error("--allow-tf32 is for --device cuda (TF32 matrix products of NVIDIA GPUs)")
     if a.overhead and a.huge:
         p.error("--overhead measures small N; --huge is for the full sweep")
     if a.sizes is not None:

@@ -476,6 +476,11 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
                    else f"--max-world {bound}")
             p.error(f"--worlds {big[0]}: more ranks than {why} (every rank is a spawned "
                     f"process); pass --max-world {max(big)} to run it anyway")
+    if args.mode != "w1":
+        for flag in ("--dtypes", "--device", "--reps"):
+            if flag in getattr(args, "given", ()):
+                p.error(f"{flag} applies to --mode w1 only (the {args.mode} mode runs fp32 on CPU ranks; "
+                        f"it was ignored, and recorded in the markdown's command line)")
     if args.calls < 0 or not args.target_s > 0:
         p.error(f"--calls must be >= 0 and --target-s > 0, got {args.calls} and {args.target_s}")
     if args.mode != "w1":
@@ -521,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         args.sizes = {"cpu": [2048, 8192, 16384], "overhead": [32, 256, 1024],
                       "w1": [16384, 65536]}[args.mode]
     args.out_given = args.out is not None
+    args.given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     if args.out is None:
         args.out = default_out_dir()
     _check_args(p, args)

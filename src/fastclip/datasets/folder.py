@@ -28,6 +28,9 @@ def read_classnames(spec: Optional[str]) -> Optional[List[str]]:
         names = [s.strip() for s in spec.split(",") if s.strip()]
     if not names:
         raise DataError(f"no class names in {spec!r}")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:     # two classes with one name get the same prompts: neither can be told apart
+        raise DataError(f"class names repeat in {spec!r}: {', '.join(repr(n) for n in dup[:5])}")
     return names
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import sys
 from typing import Iterator, Optional
 
 import torch
@@ -48,6 +49,8 @@ def int_at_least(value, name: str, minimum: int = 1) -> int:
         raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be {what}, got {value}")
+    if value > sys.maxsize:     # (slicing and itertools.islice take at most sys.maxsize)
+        raise ValueError(f"{name} must be at most {sys.maxsize}, got {value}")
     return int(value)
 
 

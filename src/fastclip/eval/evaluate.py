@@ -234,7 +234,7 @@ def folder_zeroshot_metrics(model, dataset, name: str, templates, batch_size: in
         logits = [zero_shot_classify(model, b, clf, batch_size, device).float().cpu() for b in stream]
     if not logits:
         from ..datasets.csv_dataset import DataError
-        raise DataError(f"{dataset.root!r}: no image could be decoded ({stream.skipped} tried)")
+        raise DataError(f"zero-shot folder {dataset.root!r}: no image could be decoded ({stream.skipped} tried)")
     r = classification_metrics(torch.cat(logits), stream.all_labels())
     return ({f"zeroshot/{name}/top1": r["top1"], f"zeroshot/{name}/top5": r["top5"],
              f"chance/{name}": 1.0 / len(dataset.classnames)}, stream.skipped)
