@@ -516,6 +516,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .train.run_folder import RunFolderError
         from .train.trainer import train
         cfg = config_from_args(args)
+        global _peer_stopped
+        _peer_stopped = False
         log = PipeSafeLog()
         err = PipeSafeStream(sys.stderr)
         sys.stderr = err          # progress lines, notes and warnings all go through it

@@ -373,6 +373,7 @@ def test_ranks_other_than_0_stay_quiet_or_say_who_they_are(monkeypatch, capsys):
     printed the process group's traceback."""
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(cli, "_peer_stopped", False)     # (restored after: main() would os._exit)
     with pytest.raises(SystemExit):
         cli.main(["train", "--steps", "0"])
     assert capsys.readouterr().err == ""
