@@ -305,17 +305,21 @@ def test_append_keeps_a_measurement_the_rerun_skips(tmp_path):
     assert again["status"] == "ok" and again["fwd_bwd_ms"] == first["fwd_bwd_ms"]
 
 
-def test_an_interrupted_sweep_keeps_its_rows_and_exits_130(tmp_path, monkeypatch, capsys):
-    # Ctrl-C: a traceback before; the CSV held the rows so far, but the plots were not redrawn.
-    calls = []
+def _stop_at_second_measurement(monkeypatch):
+    """Ctrl-C as the sweep's second measurement starts."""
+    calls, real = [], bench.measure
 
     def measure_then_stop(*a, **k):
         calls.append(a)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*a, **k)
-    real = bench.measure
     monkeypatch.setattr(bench, "measure", measure_then_stop)
+
+
+def test_an_interrupted_sweep_keeps_its_rows_and_exits_130(tmp_path, monkeypatch, capsys):
+    # Ctrl-C: a traceback before; the CSV held the rows so far, but the plots were not redrawn.
+    _stop_at_second_measurement(monkeypatch)
     rc = bench.main(["--device", "cpu", "--sizes", "16,32", "--dims", "8", "--reps", "1", "--methods", "floor",
                      "--no-isolate", "--no-plot", "--out", str(tmp_path)])
     assert rc == 130 and "interrupted" in capsys.readouterr().err
@@ -330,15 +334,7 @@ def test_an_interrupted_append_keeps_the_rows_it_did_not_reach(tmp_path, monkeyp
               "--no-isolate", "--no-plot", "--out", str(tmp_path)]
     assert bench.main(common) == 0
     first = {r["N"]: r for r in _rows(next(tmp_path.glob("cpu-*.csv")))}
-    calls = []
-
-    def measure_then_stop(*a, **k):
-        calls.append(a)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-    real = bench.measure
-    monkeypatch.setattr(bench, "measure", measure_then_stop)
+    _stop_at_second_measurement(monkeypatch)
     assert bench.main(common + ["--append"]) == 130
     capsys.readouterr()
     after = {r["N"]: r for r in _rows(next(tmp_path.glob("cpu-*.csv")))}
