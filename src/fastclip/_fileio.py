@@ -82,15 +82,18 @@ def atomic_write(path: str, write: Callable[[str], None], suffix: str = "") -> N
         raise
 
 
-def unreadable(path: str) -> Optional[str]:
-    """Why the existing file ``path`` cannot be opened for reading (``"Permission denied"``), or
-    None. Readers check it first: safetensors reports every failure to open a file as "No such
-    file or directory", which sent users looking for a file that is there."""
+def checkpoint_file_problem(path: str) -> Optional[str]:
+    """Why ``path`` cannot be read as a checkpoint file ("no such checkpoint file", "cannot read
+    the checkpoint file (Permission denied)"), or None. Readers check it first: safetensors
+    reports every failure to open a file as "No such file or directory", which sent users
+    looking for a file that is there."""
+    if not os.path.isfile(path):
+        return "no such checkpoint file"
     try:
         with open(path, "rb"):
             return None
     except OSError as e:
-        return e.strerror or type(e).__name__
+        return f"cannot read the checkpoint file ({e.strerror or type(e).__name__})"
 
 
 def path_inside(path: str, folder: Optional[str]) -> bool:

@@ -219,14 +219,18 @@ def _by_world(per_world: dict[int, dict]) -> dict:
     return out
 
 
-def run_cpu(args, out: list | None = None, impls: dict | None = None) -> tuple[list[dict], dict]:
-    """Every world size of ``args.worlds`` in turn; the rows and descriptions go into ``out`` and
-    ``impls`` as each world finishes (what an interrupted run keeps)."""
+def _run_worlds(body, timeout_s: float, args, out: list | None, impls: dict | None) -> tuple[list[dict], dict]:
+    """``body`` on every world size of ``args.worlds`` in turn; the rows and descriptions go into
+    ``out`` and ``impls`` as each world finishes (what an interrupted run keeps)."""
     out, impls = ([] if out is None else out), ({} if impls is None else impls)
     for world in args.worlds:
-        rows, impls[world] = _spawn(_cpu_rank, world, args, 1800)[0]
+        rows, impls[world] = _spawn(body, world, args, timeout_s)[0]
         out.extend(rows)
     return out, _by_world(impls)
+
+
+def run_cpu(args, out: list | None = None, impls: dict | None = None) -> tuple[list[dict], dict]:
+    return _run_worlds(_cpu_rank, 1800, args, out, impls)
 
 
 # ------------------------------------------------------------------- overhead, W ranks
@@ -272,11 +276,7 @@ def _overhead_rank(rank, world, args, threads):
 
 
 def run_overhead(args, out: list | None = None, impls: dict | None = None) -> tuple[list[dict], dict]:
-    out, impls = ([] if out is None else out), ({} if impls is None else impls)
-    for world in args.worlds:
-        rows, impls[world] = _spawn(_overhead_rank, world, args, 900)[0]
-        out.extend(rows)
-    return out, _by_world(impls)
+    return _run_worlds(_overhead_rank, 900, args, out, impls)
 
 
 # ------------------------------------------------------------------- one device, W=1

@@ -19,7 +19,7 @@ from typing import Dict, Mapping, Optional, Union
 
 import torch
 
-from .._fileio import unreadable
+from .._fileio import checkpoint_file_problem
 from .clip import CLIP
 from .configs import MODEL_CONFIGS, CLIPConfig
 
@@ -50,11 +50,9 @@ def is_safetensors_file(path: str) -> bool:
 
 def _read(path: str, allow_torchscript_code: bool) -> Dict[str, torch.Tensor]:
     from .torchscript import TorchScriptReadError, is_torchscript_archive, read_torchscript_state_dict
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such checkpoint file")
-    why = unreadable(path)
+    why = checkpoint_file_problem(path)
     if why:
-        raise ValueError(f"{path}: cannot read the checkpoint file ({why})")
+        raise ValueError(f"{path}: {why}")
     if path.endswith(".safetensors") or is_safetensors_file(path):
         from safetensors.torch import load_file
         try:
@@ -335,11 +333,9 @@ def load_checkpoint(path: Union[str, os.PathLike], device="cpu") -> CLIP:
     from safetensors import safe_open
     from safetensors.torch import load_file
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such checkpoint file")
-    why = unreadable(path)
+    why = checkpoint_file_problem(path)
     if why:
-        raise ValueError(f"{path}: cannot read the checkpoint file ({why})")
+        raise ValueError(f"{path}: {why}")
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}

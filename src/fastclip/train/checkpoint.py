@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .._fileio import atomic_write, unreadable
+from .._fileio import atomic_write, checkpoint_file_problem
 
 CKPT_DIR = "checkpoints"
 FORMAT = "fastclip-training-state"
@@ -242,11 +242,9 @@ def read_training_state(path: str) -> Dict[str, Any]:
     not a fastclip training checkpoint, or an old pickle checkpoint (with how to convert it).
     """
     from safetensors import SafetensorError, safe_open
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    why = unreadable(path)
+    why = checkpoint_file_problem(path)
     if why:
-        raise CheckpointError(f"{path}: cannot read the checkpoint file ({why})")
+        raise CheckpointError(f"{path}: {why}")
     if _looks_like_pickle(path):
         raise CheckpointError(_legacy_message(path))
     try:

@@ -151,14 +151,14 @@ def build_train_data(cfg: TrainConfig, data_type: str, model, env: DistEnv) -> T
         if cfg.steps is None and cfg.train_num_samples is None:
             raise DataError(f"webdataset {cfg.train_data}: shards are streamed, their length is unknown: "
                             f"pass --steps or --train-num-samples")
-        from ..datasets.webdataset import expand_urls, missing_shards
+        from ..datasets.webdataset import expand_urls
         n = cfg.train_num_samples
-        shards, missing = expand_urls(cfg.train_data), missing_shards(cfg.train_data)
+        shards = expand_urls(cfg.train_data)
         data = TrainData(None, True, True, max(1, n // global_batch) if n else None,
                          f"webdataset {cfg.train_data} ({len(shards)} shard{'s' if len(shards) != 1 else ''})")
-        if missing and shards:          # (none at all: WebDataset's own error names the spec)
-            data.notes.append(f"{len(missing)} of the {len(missing) + len(shards)} shard paths named do not "
-                              f"exist (e.g. {missing[0]}): training on the {len(shards)} that do")
+        note = _missing_shards_note(cfg.train_data, shards, f"training on the {len(shards)} that do")
+        if note:
+            data.notes.append(note)
         return data
     if data_type == "shapes":
         from .demo import shapes_train_data
@@ -193,6 +193,17 @@ def train_batches(cfg: TrainConfig, data: TrainData, model, env: DistEnv, start_
     loader = torch.utils.data.DataLoader(data.dataset, batch_sampler=sampler, collate_fn=collate_pairs,
                                          num_workers=cfg.workers)
     return iter(loader)
+
+
+def _missing_shards_note(spec: str, shards: List[str], going_on: str) -> Optional[str]:
+    """A note naming the shard paths of ``spec`` that do not exist when some others do (``shards``,
+    its expansion); none at all is WebDataset's own error, which names the spec."""
+    from ..datasets.webdataset import missing_shards
+    missing = missing_shards(spec)
+    if not (missing and shards):
+        return None
+    return (f"{len(missing)} of the {len(missing) + len(shards)} shard paths named do not exist "
+            f"(e.g. {missing[0]}): {going_on}")
 
 
 class _ImageIds:
@@ -260,12 +271,10 @@ def load_val_batches(cfg: TrainConfig, model, log: Optional[Callable[[str], None
                 files = [os.path.realpath(ds.images[i]) for i, smp in zip(rows, samples) if smp is not None]
                 out.append((imgs, toks, image_ids(files)))
     else:
-        from ..datasets.webdataset import expand_urls, missing_shards
-        missing = missing_shards(cfg.val_data)
-        if missing and expand_urls(cfg.val_data) and log is not None:
-            n_all = len(missing) + len(expand_urls(cfg.val_data))
-            log(f"--val-data: {len(missing)} of the {n_all} shard paths named do not exist (e.g. {missing[0]}): "
-                f"evaluating on the others")
+        from ..datasets.webdataset import expand_urls
+        note = _missing_shards_note(cfg.val_data, expand_urls(cfg.val_data), "evaluating on the others")
+        if note and log is not None:
+            log(f"--val-data: {note}")
         ds = _digesting_shards(cfg.val_data, batch_size, image_transform_for(model, False),
                                model.context_length, seed=cfg.seed, shuffle_buffer=0, max_epochs=1)
         for imgs, toks, skipped in ds:
