@@ -305,6 +305,24 @@ def test_append_keeps_a_measurement_the_rerun_skips(tmp_path):
     assert again["status"] == "ok" and again["fwd_bwd_ms"] == first["fwd_bwd_ms"]
 
 
+def test_append_with_other_threads_keeps_both_thread_counts(tmp_path):
+    """The merge keyed rows without their thread count: a rerun with --threads 1 replaced the
+    2-thread rows, and the table said nothing of it."""
+    common = ["--device", "cpu", "--sizes", "48", "--dims", "16", "--reps", "1", "--methods", "floor,cpu",
+              "--no-isolate", "--out", str(tmp_path)]
+    assert bench.main(common + ["--threads", "2", "--no-plot"]) == 0
+    assert bench.main(common + ["--threads", "1", "--append"]) == 0
+    rows = _rows(next(tmp_path.glob("cpu-*.csv")))
+    assert sorted((r["method"], r["threads"]) for r in rows) == [
+        ("cpu", "1"), ("cpu", "2"), ("floor", "1"), ("floor", "2")]
+    assert all(r["status"] == "ok" and r["x_floor_fwd_bwd"] for r in rows)
+    md = next(tmp_path.glob("cpu-*.md")).read_text()
+    assert "| 48 | cpu, 1 thread |" in md and "| 48 | floor, 2 threads |" in md
+    # a rerun at one of the counts replaces that count's rows alone
+    assert bench.main(common + ["--threads", "1", "--append", "--no-plot"]) == 0
+    assert len(_rows(next(tmp_path.glob("cpu-*.csv")))) == 4
+
+
 def _stop_at_second_measurement(monkeypatch):
     """Ctrl-C as the sweep's second measurement starts."""
     calls, real = [], bench.measure

@@ -223,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default="", help="suffix of the output file names")
     p.add_argument("--append", action="store_true",
                    help="keep the rows already in the output CSV (those this run does not "
-                        "measure again, and those it skips) and add this run's")
+                        "measure again, those it skips, and those of other --threads, shown "
+                        "per thread count) and add this run's")
     p.add_argument("--no-isolate", dest="isolate", action="store_false",
                    help="CPU: measure in this process instead of a fresh subprocess per "
                         "measurement (faster; peak memory then relies on /proc/self/clear_refs)")
@@ -444,10 +445,12 @@ def run_benchmark(cfg: Config, log=print) -> tuple[list[dict], str]:
     done: set = set()
     if cfg.append and os.path.exists(prefix + ".csv"):
         _check_appendable(prefix + ".csv")
-        planned = {(cfg.loss, m, str(n), str(d), dt) for m, _ in methods for n in cfg.sizes
-                   for d in cfg.dims for dt in cfg.dtypes}
+        # Keyed with the thread count: a row measured with other --threads is another case
+        # (kept beside this run's, its ratios paired within its thread count by derive()).
+        planned = {(cfg.loss, m, str(n), str(d), dt, info["threads"]) for m, _ in methods
+                   for n in cfg.sizes for d in cfg.dims for dt in cfg.dtypes}
         for r in read_csv(prefix + ".csv"):
-            key = (r["loss"], r["method"], r["N"], r["D"], r["dtype"])
+            key = (r["loss"], r["method"], r["N"], r["D"], r["dtype"], str(r.get("threads") or ""))
             if key not in planned:
                 rows.append(r)
             else:
@@ -497,12 +500,13 @@ def run_benchmark(cfg: Config, log=print) -> tuple[list[dict], str]:
                                 pk = row["peak_extra_mb"]
                                 row["peak_extra_mb"] = "" if pk is None else f"{pk:.2f}"
                         measured = row
-                        old = kept.get((cfg.loss, method, str(n), str(d), dt))
+                        case = (cfg.loss, method, str(n), str(d), dt, info["threads"])
+                        old = kept.get(case)
                         if row["status"].startswith("skipped") and old is not None:
                             row = old       # a case this run skipped keeps its earlier measurement
                             # (one that failed is recorded failed: a regression must show)
                         rows.append(row)
-                        done.add((cfg.loss, method, str(n), str(d), dt))
+                        done.add(case)
                         flush()             # derive() fills GFLOP/s and the ratios before the line
                         log(_progress_line(measured, cfg))
                         if row is not measured:

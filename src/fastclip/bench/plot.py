@@ -28,10 +28,13 @@ _CYCLE = [dict(color=c, marker=m) for c, m in
 
 
 def _styles(methods: list[str]) -> dict[str, dict]:
-    out, k = {}, 0
+    out, k, seen = {}, 0, set()
     for m in methods:
-        if m in _FIXED:
-            out[m] = _FIXED[m]
+        base = m.split(",")[0]          # "floor, 2 threads": the floor's look
+        if base in _FIXED:
+            # the same method at another thread count: its look, fainter
+            out[m] = dict(_FIXED[base], **({"alpha": 0.5} if base in seen else {}))
+            seen.add(base)
         else:
             out[m] = _CYCLE[k % len(_CYCLE)]
             k += 1
@@ -62,7 +65,10 @@ def plot_rows(rows: list[dict], prefix: str, log=print) -> list[str]:
     device = ok[0].get("device", "")
     name = ok[0].get("device_name", "")
     loss = ok[0].get("loss") or "clip"
-    methods = list(dict.fromkeys(r["method"] for r in ok))
+    from .report import method_label  # noqa: PLC0415
+    # One line per method, and per thread count where --append merged runs of several.
+    series = {id(r): method_label(r, ok) for r in ok}
+    methods = list(dict.fromkeys(series[id(r)] for r in ok))
     styles = _styles(methods)
     panels = []
     for r in ok:
@@ -82,7 +88,7 @@ def plot_rows(rows: list[dict], prefix: str, log=print) -> list[str]:
             drawn = 0
             for m in methods:
                 pts = sorted((int(r["N"]), _num(r.get(col))) for r in ok
-                             if r["method"] == m and r["dtype"] == dt and int(r["D"]) == d)
+                             if series[id(r)] == m and r["dtype"] == dt and int(r["D"]) == d)
                 pts = [(n, v) for n, v in pts if v is not None]
                 if not pts:
                     continue

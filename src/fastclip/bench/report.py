@@ -191,6 +191,16 @@ def _flops_unit(device: str) -> tuple[str, float]:
     return ("TFLOP/s", 1e3) if device == "cuda" else ("GFLOP/s", 1.0)
 
 
+def method_label(r: dict, rows: list[dict]) -> str:
+    """The row's method, with its CPU thread count where ``rows`` (a table ``--append`` merged)
+    hold several: "cpu, 1 thread" beside "cpu, 2 threads"."""
+    counts = {str(x.get("threads") or "") for x in rows}
+    t = str(r.get("threads") or "")
+    if len(counts) < 2 or not t:
+        return r["method"]
+    return f"{r['method']}, {t} thread{'' if t == '1' else 's'}"
+
+
 def _method_order(rows: list[dict]) -> dict[str, int]:
     order: dict[str, int] = {}
     for r in rows:
@@ -246,7 +256,7 @@ def write_markdown(rows: list[dict], info: dict, cfg, path: str, started: str) -
         groups.setdefault((r["dtype"], int(r["D"])), []).append(r)
     order = _method_order(rows)
     for (dt, d), rs in groups.items():
-        rs = sorted(rs, key=lambda r: (int(r["N"]), order[r["method"]]))
+        rs = sorted(rs, key=lambda r: (int(r["N"]), order[r["method"]], _f(r.get("threads")) or 0))
         lines += ["", f"## {dt}, D={d}", "",
                   f"| N | method | fwd ms | fwd+bwd ms | peak extra MB | fwd+bwd {unit} "
                   "| × floor fwd | × floor fwd+bwd | × naive fwd+bwd | reps | status |",
@@ -254,7 +264,7 @@ def write_markdown(rows: list[dict], info: dict, cfg, path: str, started: str) -
         for r in rs:
             gf = _f(r.get("fwd_bwd_gflops"))
             lines.append(
-                f"| {r['N']} | {r['method']} | {num(r['fwd_ms'], '.4g')} | "
+                f"| {r['N']} | {method_label(r, rows)} | {num(r['fwd_ms'], '.4g')} | "
                 f"{num(r['fwd_bwd_ms'], '.4g')} | {num(r['peak_extra_mb'], '.1f')} | "
                 f"{'' if gf is None else format(gf / div, '.4g')} | {r['x_floor_fwd']} | "
                 f"{r['x_floor_fwd_bwd']} | {r['x_naive_fwd_bwd']} | {r.get('reps', '')} | "
@@ -272,7 +282,7 @@ def summary_table(rows: list[dict]) -> str:
     for r in rows:
         gf = _f(r.get("fwd_bwd_gflops"))
         st = r["status"]
-        out.append(f"{r['dtype']:<5} {r['D']:>5} {r['N']:>8} {r['method']:<9} "
+        out.append(f"{r['dtype']:<5} {r['D']:>5} {r['N']:>8} {method_label(r, rows):<9} "
                    f"{num(r['fwd_ms'], '.4g'):>10} {num(r['fwd_bwd_ms'], '.4g'):>11} "
                    f"{num(r['peak_extra_mb'], '.1f'):>9} "
                    f"{'' if gf is None else format(gf / div, '.4g'):>8} "
