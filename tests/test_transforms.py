@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastclip.transforms import OPENAI_MEAN, OPENAI_STD, center_crop, image_transform, resize_short_side
+from fastclip.transforms import OPENAI_MEAN, OPENAI_STD, center_crop, image_transform, resize_center_crop, resize_short_side
 
 
 def _img(w, h, mode="RGB", seed=0):
@@ -64,20 +64,31 @@ def test_custom_mean_std_and_errors():
         image_transform(8)(torch.zeros(3, 8, 8))
 
 
-def test_thin_images_cost_the_crop_not_the_whole_resize():
+def test_thin_images_cost_the_crop_not_the_whole_resize(monkeypatch):
     """A 1x100000 image was resized whole to 224x22,400,000 (18.7 GiB) before the centre crop;
-    only the crop's region is resampled now, with the same pixels as resize-then-crop."""
-    from fastclip.transforms import resize_center_crop
-    thin = Image.fromarray(np.random.default_rng(0).integers(0, 255, (1, 100000, 3), dtype=np.uint8))
+    only the crop's region is resampled now, and only past 2^24 resized pixels: below, the
+    pixels are resize-then-crop's exactly (one resize with a box made tall images' vertical
+    pass first: 25 levels off on a 20x1000 checkerboard)."""
+    import fastclip.transforms as T
+    rng = np.random.default_rng(0)
+    thin = Image.fromarray(rng.integers(0, 255, (1, 100000, 3), dtype=np.uint8))
     assert image_transform(224)(thin).shape == (3, 224, 224)
-    for hw in ((50, 300), (300, 50), (10, 400), (400, 10)):     # aspect 6 exact, 40 close
-        img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (*hw, 3), dtype=np.uint8))
-        want = np.asarray(center_crop(resize_short_side(img, 64), 64)).astype(int)
-        diff = np.abs(np.asarray(resize_center_crop(img, 64)).astype(int) - want)
-        if max(hw) <= 16 * min(hw):
-            assert diff.max() == 0
-        else:
-            assert diff.mean() < 2.0
+    checker = ((np.add.outer(np.arange(1000), np.arange(20)) % 2) * 255).astype(np.uint8)
+    cases = [(Image.fromarray(checker).convert("RGB"), 224)]
+    for _ in range(6):
+        a = int(rng.integers(1, 40))
+        hw = (int(rng.integers(17 * a, 60 * a)), a)
+        for shape in (hw, hw[::-1]):                # tall and wide, aspect 17 to 60
+            cases.append((Image.fromarray(rng.integers(0, 255, (*shape, 3), dtype=np.uint8)),
+                          int(rng.choice([16, 33, 64]))))
+    for img, s in cases:
+        want = np.asarray(center_crop(resize_short_side(img, s), s)).astype(int)
+        assert np.array_equal(np.asarray(resize_center_crop(img, s)), want), (img.size, s)
+    # Past the limit (forced here) the crop's region alone: close where both sides upscale.
+    monkeypatch.setattr(T, "_WHOLE_RESIZE_MAX_PIXELS", 0)
+    for img, s in cases[:1] + [(c, 64) for c, _ in cases[1:] if min(c.size) < 64]:
+        want = np.asarray(center_crop(resize_short_side(img, s), s)).astype(int)
+        assert np.abs(np.asarray(resize_center_crop(img, s)).astype(int) - want).max() <= 2, img.size
 
 
 def test_wide_and_float_images_given_straight_to_the_transform():
