@@ -290,3 +290,36 @@ def test_classnames_may_be_any_iterable_of_strings(model):
         build_zeroshot_classifier(model, 5, ["{}"])
     with pytest.raises(ValueError, match="classnames must not be empty"):
         build_zeroshot_classifier(model, iter([]), ["{}"])
+
+
+def test_classify_folder_encodes_each_batch_as_it_is_decoded(model, tmp_path, monkeypatch):
+    """Every image was decoded and kept before the first was encoded (~30 GB for ImageNet's
+    validation set at 224 px), against the docstring's "decoded and encoded at a time"."""
+    import fastclip.datasets.csv_dataset as csv_dataset
+    for c in ("circle", "square"):
+        os.makedirs(tmp_path / c)
+        for i in range(7):
+            Image.fromarray(np.full((16, 16, 3), 30 * i, np.uint8)).save(tmp_path / c / f"{i}.png")
+    (tmp_path / "square" / "broken.png").write_bytes(b"not a png")
+    decoded, seen = [0], []
+    real_load, real_encode = csv_dataset.load_image, model.encode_image
+
+    def load(path, *a, **k):
+        decoded[0] += 1
+        return real_load(path, *a, **k)
+
+    def encode(x):
+        seen.append((decoded[0], x.shape[0]))
+        return real_encode(x)
+    monkeypatch.setattr(csv_dataset, "load_image", load)
+    monkeypatch.setattr(model, "encode_image", encode)
+    whole = classify_folder(model, str(tmp_path), templates=SHAPE_TEMPLATES, batch_size=64)
+    seen.clear()
+    decoded[0] = 0
+    out = classify_folder(model, str(tmp_path), templates=SHAPE_TEMPLATES, batch_size=4)
+    assert [b for _, b in seen] == [4, 4, 4, 2]
+    assert all(d <= 4 * (k + 1) + 1 for k, (d, _) in enumerate(seen)), seen   # one broken file
+    assert out["n"] == 14 and len(out["skipped"]) == 1
+    assert [p for p, _, _ in out["predictions"]] == [p for p, _, _ in whole["predictions"]]
+    for (_, a, pa), (_, b, pb) in zip(out["predictions"], whole["predictions"]):
+        assert a == b and pa == pytest.approx(pb, rel=1e-5, abs=1e-6)
