@@ -193,6 +193,12 @@ def test_encoders_refuse_inputs_of_another_shape():
     with pytest.raises(ValueError, match="integer token ids"):
         m.encode_text(torch.randn(2, 5))
     assert m.encode_text(torch.randint(1, 100, (2, 5))).shape == (2, 64)   # shorter rows are fine
+    # uint8 pixels were cast and encoded unscaled: features of images the model never saw
+    for model in (m, r):
+        s = model.image_size
+        for dt in (torch.uint8, torch.int64, torch.bool, torch.complex64):
+            with pytest.raises(ValueError, match=f"images: expected floating-point pixels.*got {dt}"):
+                model.encode_image(torch.zeros(1, 3, s, s, dtype=dt))
 
 
 def test_resnet_attention_pool_heads_must_divide_its_width():

@@ -16,14 +16,17 @@ from torch.utils.checkpoint import checkpoint
 
 
 def check_images(x: torch.Tensor, size: int) -> None:
-    """A tower's input: ``[B, 3, size, size]``, real-valued. Another size would fail later with
+    """A tower's input: ``[B, 3, size, size]``, floating point. Another size would fail later with
     a shape error inside the tower, or, for sizes a little off, run on cropped or zero-padded
     positions and give features of a different model."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3 or x.shape[2] != size or x.shape[3] != size:
         what = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"images: expected [B, 3, {size}, {size}] (the model's image_size), got {what}")
-    if x.is_complex() or x.dtype == torch.bool:
-        raise ValueError(f"images: expected real-valued pixels, got {x.dtype}")
+    if not x.is_floating_point():
+        # uint8 pixels (0..255) used to be cast and encoded as they were: features of images
+        # the model never saw (it wants them scaled and normalised).
+        raise ValueError(f"images: expected floating-point pixels, scaled and normalised as "
+                         f"fastclip.transforms.image_transform gives them, got {x.dtype}")
 
 class LayerNorm(nn.LayerNorm):
     """LayerNorm that always computes in fp32 and casts back to the input dtype (as OpenAI)."""
