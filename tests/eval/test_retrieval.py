@@ -149,3 +149,10 @@ def test_results_do_not_depend_on_chunk_size():
         t2i = torch.arange(2 * n) % n
         results = [retrieval_metrics(img, txt, t2i, ks=(1, 2), chunk_size=c) for c in (1, 3, 1024)]
         assert results[0] == results[1] == results[2], (img, txt)
+
+
+def test_no_images_or_no_captions_is_an_error_not_a_recall_of_zero():
+    """Empty features returned every recall as 0.0, a model that retrieves nothing."""
+    for n, m in ((0, 0), (0, 3), (3, 0)):
+        with pytest.raises(ValueError, match="retrieval needs at least one image and one caption"):
+            retrieval_metrics(torch.zeros(n, 4), torch.zeros(m, 4), text_to_image=torch.zeros(m, dtype=torch.long))

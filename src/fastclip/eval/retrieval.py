@@ -48,6 +48,10 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
     chunk_size = int_at_least(chunk_size, "chunk_size")
     ks = _check_ks(ks)
     n, m = image_features.shape[0], text_features.shape[0]
+    if n == 0 or m == 0:
+        # a recall over no queries is undefined (it read 0.0: a model that retrieves nothing)
+        raise ValueError(f"image_features {tuple(image_features.shape)} and text_features "
+                         f"{tuple(text_features.shape)}: retrieval needs at least one image and one caption")
     dev = image_features.device
     if text_to_image is None:
         if n != m:
@@ -57,7 +61,7 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
     text_to_image = class_indices(text_to_image, "text_to_image (image index of each caption)", n, dev)
     if text_to_image.shape != (m,):
         raise ValueError(f"text_to_image must have shape [{m}], got {tuple(text_to_image.shape)}")
-    if torch.bincount(text_to_image, minlength=n).min() == 0 if n else False:
+    if torch.bincount(text_to_image, minlength=n).min() == 0:
         raise ValueError("text_to_image: every image needs at least one caption")
     with fp32_math():   # float32 similarities even inside a caller's bf16 autocast
         return _recalls(image_features.float(), text_features.float().to(dev), text_to_image, ks,
