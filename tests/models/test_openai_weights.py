@@ -20,6 +20,8 @@ class RefLN(nn.LayerNorm):
 
 
 class RefBlock(nn.Module):
+    exact_gelu = False      # True: open_clip's non-quickgelu models (nn.GELU), else OpenAI's QuickGELU
+
     def __init__(self, d, h, causal_len=0):
         super().__init__()
         self.attn, self.ln_1, self.ln_2 = nn.MultiheadAttention(d, h), RefLN(d), RefLN(d)
@@ -33,7 +35,7 @@ class RefBlock(nn.Module):
         y = self.ln_1(x)
         x = x + self.attn(y, y, y, need_weights=False, attn_mask=m)[0]
         h = self.mlp.c_fc(self.ln_2(x))
-        return x + self.mlp.c_proj(h * torch.sigmoid(1.702 * h))
+        return x + self.mlp.c_proj(F.gelu(h) if self.exact_gelu else h * torch.sigmoid(1.702 * h))
 
 
 class RefTransformer(nn.Module):
@@ -552,3 +554,34 @@ def test_an_unreadable_file_is_not_reported_as_missing(tmp_path, monkeypatch):
             load(path)
     with pytest.raises(CheckpointError, match=r"cannot read the checkpoint file \(Permission denied\)"):
         read_training_state(str(path))
+
+
+@pytest.mark.parametrize("kind", ["vit", "rn"])
+def test_exact_gelu_weights_load_with_quick_gelu_false(kind, tmp_path):
+    """open_clip's models without "-quickgelu" (its LAION weights) use the exact GELU: their
+    weights have OpenAI's names and shapes, loaded without complaint and gave features ~1% off."""
+    cfg = REF_CONFIGS[kind]
+    ref = _randomise(RefCLIP(**cfg))
+    for m in ref.modules():
+        if isinstance(m, RefBlock):
+            m.exact_gelu = True
+    img, tok = _inputs(cfg)
+    with torch.no_grad():
+        ri, rt = ref(img, tok)
+        model = load_openai(ref.state_dict(), quick_gelu=False)
+        fi, ft = model.encode_image(img), model.encode_text(tok)
+        assert _relerr(fi, ri) <= 1e-5 and _relerr(ft, rt) <= 1e-5
+        assert _relerr(load_openai(ref.state_dict()).encode_text(tok), rt) > 1e-4  # QuickGELU: off
+    assert not model.config.quick_gelu
+    save_checkpoint(model, tmp_path / "gelu.safetensors")      # the file records the activation
+    again = load_openai(tmp_path / "gelu.safetensors")
+    assert not again.config.quick_gelu and not load_checkpoint(tmp_path / "gelu.safetensors").config.quick_gelu
+    with torch.no_grad():
+        assert torch.equal(again.encode_text(tok), ft)
+    with pytest.raises(ValueError, match="config says quick_gelu=False, loaded with quick_gelu=True"):
+        load_openai(tmp_path / "gelu.safetensors", quick_gelu=True)
+    with pytest.raises(TypeError, match="quick_gelu must be None, True or False"):
+        load_openai(ref.state_dict(), quick_gelu="no")
+    with pytest.raises(ValueError, match="quick_gelu must be true or false"):
+        create_model("tiny-vit", quick_gelu=0)
+    assert isinstance(create_model("tiny-vit", quick_gelu=False).transformer.resblocks[0].mlp.gelu, nn.GELU)

@@ -29,7 +29,10 @@ class CLIPConfig:
     ``init_logit_scale``: the initial (exponentiated) logit scale, CLIP's 1/0.07 by default
     (SigLIP: 10). ``init_logit_bias``: None (CLIP, OpenAI's checkpoints) or the initial value
     of a learnable bias added to every logit (SigLIP: -10); the model then has a
-    ``logit_bias`` parameter.
+    ``logit_bias`` parameter. ``quick_gelu``: the transformers' MLP activation, QuickGELU
+    (True, default: OpenAI's models and weights) or the exact GELU (False: open_clip's models
+    without ``-quickgelu`` in their name, e.g. its LAION weights; the weights have the same
+    names and shapes either way, so nothing in a state dict tells them apart).
     """
 
     embed_dim: int
@@ -45,6 +48,7 @@ class CLIPConfig:
     text_layers: int = 12
     init_logit_scale: float = 1 / 0.07
     init_logit_bias: Optional[float] = None
+    quick_gelu: bool = True
 
     def __post_init__(self):
         if isinstance(self.vision_layers, list):
@@ -85,6 +89,8 @@ class CLIPConfig:
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ValueError(f"{name} must be positive (or null: width / 64), got {v}")
+        if not isinstance(self.quick_gelu, bool):    # JSON's 0/1 or "false" would pass as truthy
+            raise ValueError(f"quick_gelu must be true or false, got {self.quick_gelu!r}")
         for name in ("init_logit_scale", "init_logit_bias"):
             v = getattr(self, name)
             if isinstance(v, bool):

@@ -178,9 +178,11 @@ def infer_config(sd: Mapping[str, torch.Tensor], source: str = "state dict") -> 
     return _registered_heads(cfg)
 
 
-# The fields the weights' shapes decide (heads and the logit initialisation they do not).
+# The fields the weights' shapes decide (heads, the logit initialisation and the activation
+# they do not).
 _SHAPE_FIELDS = tuple(f.name for f in dataclasses.fields(CLIPConfig)
-                      if f.name not in ("vision_heads", "text_heads", "init_logit_scale", "init_logit_bias"))
+                      if f.name not in ("vision_heads", "text_heads", "init_logit_scale", "init_logit_bias",
+                                        "quick_gelu"))
 
 
 def _registered_heads(cfg: CLIPConfig) -> CLIPConfig:
@@ -196,7 +198,8 @@ def _registered_heads(cfg: CLIPConfig) -> CLIPConfig:
 
 
 def load_openai(path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.Tensor]], device="cpu", *,
-                dtype: Optional[torch.dtype] = torch.float32, allow_torchscript_code: bool = False) -> CLIP:
+                dtype: Optional[torch.dtype] = torch.float32, allow_torchscript_code: bool = False,
+                quick_gelu: Optional[bool] = None) -> CLIP:
     """Build a ``CLIP`` from an OpenAI checkpoint and load its weights with ``strict=True``.
 
     ``path_or_state_dict``: a TorchScript archive (OpenAI's ``ViT-B-32.pt`` and the like), a
@@ -219,8 +222,17 @@ def load_openai(path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.T
     a registered model's take its head counts: a state dict of a model built with other head
     counts cannot be told apart and needs ``load_checkpoint`` on its saved file.
 
+    ``quick_gelu``: the transformers' MLP activation, which no weight records. None (default):
+    QuickGELU, as OpenAI's models (and open_clip's ``-quickgelu`` ones) were trained with, or
+    what a fastclip checkpoint's config says. False: the exact GELU of open_clip's other models
+    (``ViT-B-32`` with LAION's weights, for one); loaded with the wrong activation they give
+    features about 1% off, with no error. ``save_checkpoint`` of the loaded model keeps the
+    choice in its config.
+
     Raises ValueError naming the path for unreadable, truncated or non-CLIP files.
     """
+    if quick_gelu is not None and not isinstance(quick_gelu, bool):
+        raise TypeError(f"quick_gelu must be None, True or False, got {quick_gelu!r}")
     if isinstance(path_or_state_dict, Mapping):
         # The caller keeps its tensors: the model gets copies (assign=True below would otherwise
         # make the caller's tensors the model's parameters, and training would change them).
@@ -233,6 +245,10 @@ def load_openai(path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.T
             # fastclip's own checkpoint: its stored config, not one inferred by OpenAI's rules
             # (heads = width / 64 would be a guess for a model built with other head counts).
             model = load_checkpoint(source, device)
+            if quick_gelu is not None and quick_gelu != model.config.quick_gelu:
+                raise ValueError(f"{source}: a fastclip checkpoint whose config says quick_gelu="
+                                 f"{model.config.quick_gelu}, loaded with quick_gelu={quick_gelu}: "
+                                 f"drop the argument (the file records its activation)")
             return model if dtype is None else model.to(dtype)
         sd = _read(source, allow_torchscript_code)
     not_str = [k for k in sd if not isinstance(k, str)]
@@ -246,6 +262,8 @@ def load_openai(path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.T
     if bad:
         raise ValueError(f"{source}: entries that are not tensors: {bad[:5]}")
     config = infer_config(sd, source)
+    if quick_gelu is not None:
+        config = dataclasses.replace(config, quick_gelu=quick_gelu)
     with torch.device("meta"):
         model = CLIP(config)
     expected = model.state_dict()

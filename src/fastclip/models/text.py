@@ -16,12 +16,13 @@ class TextTransformer(nn.Module):
     which is why ``CLIP`` inherits from this class instead of holding it as a submodule.
     """
 
-    def __init__(self, context_length: int, vocab_size: int, width: int, heads: int, layers: int, output_dim: int):
+    def __init__(self, context_length: int, vocab_size: int, width: int, heads: int, layers: int, output_dim: int,
+                 quick_gelu: bool = True):
         super().__init__()
         self.context_length, self.vocab_size = context_length, vocab_size
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
-        self.transformer = Transformer(width, layers, heads, causal=True)
+        self.transformer = Transformer(width, layers, heads, causal=True, quick_gelu=quick_gelu)
         self.ln_final = LayerNorm(width)
         self.text_projection = nn.Parameter(torch.empty(width, output_dim))
 

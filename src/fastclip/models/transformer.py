@@ -67,14 +67,17 @@ class SelfAttention(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    """Pre-LN block: ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))`` with a 4x QuickGELU MLP."""
+    """Pre-LN block: ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))`` with a 4x MLP whose
+    activation is QuickGELU (``quick_gelu=True``, OpenAI's) or the exact GELU (open_clip's
+    models without ``-quickgelu`` in their name, the LAION weights among them)."""
 
-    def __init__(self, width: int, heads: int, causal: bool = False):
+    def __init__(self, width: int, heads: int, causal: bool = False, quick_gelu: bool = True):
         super().__init__()
         self.attn = SelfAttention(width, heads, causal)
         self.ln_1 = LayerNorm(width)
+        act = QuickGELU() if quick_gelu else nn.GELU()
         self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(width, width * 4)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(width * 4, width))]))
+            ("c_fc", nn.Linear(width, width * 4)), ("gelu", act), ("c_proj", nn.Linear(width * 4, width))]))
         self.ln_2 = LayerNorm(width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,11 +92,12 @@ class Transformer(nn.Module):
     the backward pass (``torch.utils.checkpoint``, non-reentrant) to save activation memory.
     """
 
-    def __init__(self, width: int, layers: int, heads: int, causal: bool = False):
+    def __init__(self, width: int, layers: int, heads: int, causal: bool = False, quick_gelu: bool = True):
         super().__init__()
         self.width, self.layers, self.heads = width, layers, heads
         self.grad_checkpointing = False
-        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, causal) for _ in range(layers)])
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, causal, quick_gelu)
+                                         for _ in range(layers)])
 
     def init_weights(self) -> None:
         """OpenAI's init: attention std width^-0.5, projections std width^-0.5 (2 layers)^-0.5."""

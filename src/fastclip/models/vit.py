@@ -15,7 +15,8 @@ class VisionTransformer(nn.Module):
     output ``[B, output_dim]``.
     """
 
-    def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int, output_dim: int):
+    def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int, output_dim: int,
+                 quick_gelu: bool = True):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"patch_size={patch_size} must divide image_size={image_size}")
@@ -26,7 +27,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid ** 2 + 1, width))
         self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads)
+        self.transformer = Transformer(width, layers, heads, quick_gelu=quick_gelu)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
