@@ -4,7 +4,14 @@ import pytest
 import torch
 from PIL import Image
 
-from fastclip.transforms import OPENAI_MEAN, OPENAI_STD, center_crop, image_transform, resize_center_crop, resize_short_side
+from fastclip.transforms import (
+    OPENAI_MEAN,
+    OPENAI_STD,
+    center_crop,
+    image_transform,
+    resize_center_crop,
+    resize_short_side,
+)
 
 
 def _img(w, h, mode="RGB", seed=0):
