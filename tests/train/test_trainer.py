@@ -3,6 +3,7 @@ import json
 import math
 import os
 
+import pytest
 import torch
 
 from fastclip.models import create_model, load_checkpoint
@@ -129,6 +130,31 @@ def test_a_time_budget_run_resumes_on_its_shortened_schedule():
                          resume_notes=[])
     Trainer._keep_budget_schedule(t2, {"total_steps": 130, "warmup_steps": 100})
     assert t2.total_steps == 2000          # without a budget the command's --steps decide
+
+
+@pytest.mark.parametrize("warmup, want", [(None, 13), (500, 13), (40, 1)])
+def test_a_time_budget_keeps_the_warmups_share_of_the_run(warmup, want, monkeypatch):
+    """Cut from 5000 planned steps to ~120, the run kept the planned 500-step warmup (cut to
+    the first estimate): the lr peaked at step 78 of 120 and never decayed smoothly."""
+    from types import SimpleNamespace
+
+    import fastclip.train.demo as demo
+    now = [1000.0]
+    monkeypatch.setattr(demo.time, "time", lambda: now[0])
+    messages = []
+    progress = SimpleNamespace(total=5000, message=messages.append)
+    env = SimpleNamespace(distributed=False, is_main=True)
+    t = SimpleNamespace(cfg=SimpleNamespace(warmup=warmup), start_step=0, total_steps=5000, planned_steps=5000,
+                        warmup_steps=500 if warmup is None else warmup, env=env, t_first_step=991.0)
+    hook = demo.TimeBudget(budget=130.0)
+    hook.after_log(t, step=10, elapsed=10.0, progress=progress)     # 1 s per step over steps 1..9
+    assert (t.total_steps, progress.total, t.warmup_steps) == (130, 130, want)
+    assert messages == [f"time budget 130 s at 1.00 s/step: training about 130 steps instead of 5000, "
+                        f"{want} of them warmup (re-estimated as the run goes)"]
+    now[0] = 991.0 + 19 * 0.95                       # 0.95 s per step over steps 1..19
+    hook.after_log(t, step=20, elapsed=19.0, progress=progress)
+    assert t.total_steps == 20 + int(111 / 0.95) == 136 and len(messages) == 1   # moved < 5%: quiet
+    assert t.warmup_steps == demo.TimeBudget.warmup_for(136, warmup, 5000)
 
 
 def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path):

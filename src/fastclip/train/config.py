@@ -25,7 +25,8 @@ class TrainConfig:
     floating-point reduction order, never the data or the step count).
     ``time_budget`` (opt-in, off by default): after the first steps the trainer measures its
     speed and, if ``steps`` would not fit in the budget, lowers the step count so the whole cosine
-    schedule (warmup, decay to 0) fits; such a run depends on the machine's speed.
+    schedule (warmup, decay to 0) fits, the warmup keeping its share of the run; such a run
+    depends on the machine's speed.
     ``warmup``: linear warmup steps before the cosine decay; None: min(2000, steps // 10),
     so that a short run on real data still decays (2000 fixed steps made any run under 2000
     steps all warmup, ending at the peak learning rate).

@@ -10,7 +10,7 @@ of work, and a slower machine only takes longer.
 from __future__ import annotations
 
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -95,12 +95,26 @@ class ThreadTuner(StepHook):
 class TimeBudget(StepHook):
     """Shorten the run to fit ``budget`` seconds of training: after the first steps, measure the
     speed and, if the planned steps would not fit, lower the step count so that the whole cosine
-    schedule (warmup, decay to 0) fits. Re-estimated at each logged step until 3/4 of the way;
-    all ranks agree because the estimate is taken from rank 0. Runs with a budget are not
-    step-reproducible: their length depends on the machine's speed."""
+    schedule (warmup, decay to 0) fits. The warmup keeps its share of the run: the default
+    (``warmup`` None) is a tenth of the shortened run (at most 2000 steps), a given ``warmup``
+    shrinks in proportion. Re-estimated at each logged step until 3/4 of the way (announced
+    again when the estimate moves by more than 5%); all ranks agree because the estimate is
+    taken from rank 0. Runs with a budget are not step-reproducible: their length depends on
+    the machine's speed."""
 
     def __init__(self, budget: float):
         self.budget = budget
+        self.announced: Optional[int] = None
+
+    @staticmethod
+    def warmup_for(total: int, warmup: Optional[int], planned: int) -> int:
+        """The warmup of a run shortened from ``planned`` to ``total`` steps (the run's
+        ``--warmup``: None for the default rule). The planned run's warmup kept whole made the
+        shortened run mostly warmup (500 of 5000 planned steps, cut to 120: the peak at step
+        78)."""
+        if warmup is None:
+            return min(2000, total // 10)
+        return min(total, int(round(warmup * total / max(1, planned))))
 
     def after_log(self, trainer, step: int, elapsed: float, progress) -> None:
         done = step - trainer.start_step
@@ -111,13 +125,19 @@ class TimeBudget(StepHook):
         per_step = (time.time() - trainer.t_first_step) / (done - 1)
         fit = step + int(max(0.0, self.budget - elapsed) / per_step)
         fit = broadcast_int(trainer.env, fit)
-        new_total = max(step + 1, min(trainer.cfg.steps or trainer.total_steps, fit))
+        planned = trainer.planned_steps
+        new_total = max(step + 1, min(planned, fit))
         if new_total != trainer.total_steps:
-            if trainer.env.is_main and new_total < 0.95 * trainer.total_steps:  # report big cuts only
-                progress.message(f"time budget {self.budget:.0f} s at {per_step:.2f} s/step: training "
-                                 f"{new_total} steps instead of {trainer.total_steps}")
+            warm = self.warmup_for(new_total, trainer.cfg.warmup, planned)
+            # big cuts only, and again when the estimate has moved by more than 5%
+            moved = self.announced is None or abs(new_total - self.announced) > 0.05 * self.announced
+            if trainer.env.is_main and new_total < 0.95 * planned and moved:
+                progress.message(f"time budget {self.budget:.0f} s at {per_step:.2f} s/step: training about "
+                                 f"{new_total} steps instead of {planned}, {warm} of them warmup "
+                                 f"(re-estimated as the run goes)")
+                self.announced = new_total
             trainer.total_steps = progress.total = new_total
-            trainer.warmup_steps = min(trainer.warmup_steps, new_total)
+            trainer.warmup_steps = warm
 
 
 def run_hooks(cfg: TrainConfig, env: DistEnv) -> List[StepHook]:

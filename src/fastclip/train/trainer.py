@@ -167,6 +167,7 @@ class Trainer:
             self.total_steps = cfg.epochs * self.steps_per_epoch
         else:
             raise ValueError("pass --steps (or --train-num-samples for streamed shards)")
+        self.planned_steps = self.total_steps       # before a time budget shortens it
         warm = cfg.warmup if cfg.warmup is not None else min(2000, self.total_steps // 10)
         self.warmup_steps = min(warm, self.total_steps)
         # The schedule reads self.total_steps at each step, so a hook (time budget) can shorten it.
