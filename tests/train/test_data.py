@@ -257,6 +257,31 @@ def test_rows_and_samples_without_a_caption_are_skipped_and_named(tmp_path):
     assert sum(len(b[0]) for b in batches) == 2 and sum(b[2] for b in batches) == 1
 
 
+def test_csv_rows_longer_than_the_header_and_doubled_columns(tmp_path):
+    """An unquoted comma in a caption cut it there without a word (the rest went under
+    csv.DictReader's None key); a header naming the caption column twice trained on the last."""
+    from fastclip.datasets import DataError
+    for i in range(3):
+        (tmp_path / f"img{i}.png").write_bytes(_png_bytes(i))
+    path = tmp_path / "commas.csv"
+    path.write_text('filepath,title\nimg0.png,a cat\nimg1.png,a photo, taken at night, of a dog\n'
+                    'img2.png,"a photo, quoted"\n')
+    ds = CsvDataset(str(path), image_transform(32), context_length=16)
+    assert ds.long_row_lines == [3] and ds.no_caption_lines == []
+    assert [ds[i] is None for i in range(3)] == [False, True, False] and ds.captions[2] == "a photo, quoted"
+    assert ds.notes() == [f"{path}: 1 row with more fields than the header (line 3): skipped (an unquoted "
+                          f"separator in a caption? quote such captions)"]
+    (tmp_path / "all.csv").write_text("filepath,title\nimg0.png,a, b\nimg1.png,c, d\n")
+    with pytest.raises(DataError, match=r"all.csv: every row has more fields than the header's 2 \(separator ','"):
+        CsvDataset(str(tmp_path / "all.csv"), image_transform(32))
+    (tmp_path / "twice.csv").write_text("filepath,title,title\nimg0.png,a cat,a note\n")
+    with pytest.raises(DataError, match=r"twice.csv: column 'title' \(caption_key\) is named 2 times in the "
+                                        r"header \(columns 2, 3\)"):
+        CsvDataset(str(tmp_path / "twice.csv"), image_transform(32))
+    (tmp_path / "other.csv").write_text("filepath,title,note,note\nimg0.png,a cat,x,y\n")
+    assert CsvDataset(str(tmp_path / "other.csv"), image_transform(32)).captions == ["a cat"]  # unused: fine
+
+
 def _write_shards(root):
     """3 shards, 4 samples each; shard 1 holds one corrupt image and one sample without caption."""
     paths = []

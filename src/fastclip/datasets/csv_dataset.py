@@ -107,7 +107,9 @@ class CsvDataset(torch.utils.data.Dataset):
     ``(image [3, S, S], tokens [context_length])``, or None when the image is missing or
     corrupt, or the row has no caption (an empty or blank cell, or a row cut short before its
     caption column): ``collate_skipping`` drops and counts those. Captionless rows are never
-    trained on as an empty text; their line numbers are in ``no_caption_lines``.
+    trained on as an empty text; their line numbers are in ``no_caption_lines``. A row with
+    more fields than the header (an unquoted separator inside a caption: its caption would be
+    cut there) is skipped the same way; its line number is in ``long_row_lines``.
 
     The file is UTF-8 (a leading byte-order mark is ignored). Bytes that are not valid UTF-8 never
     stop the reader: in a caption they become U+FFFD (as the webdataset reader decodes captions),
@@ -115,7 +117,8 @@ class CsvDataset(torch.utils.data.Dataset):
     ``surrogateescape``, so such files still open). The line numbers of those rows are in
     ``invalid_utf8_lines`` and summarised by ``describe_invalid_utf8()``.
 
-    Raises ``DataError`` naming the file when a column is missing or there are no rows.
+    Raises ``DataError`` naming the file when a column is missing or named twice in the
+    header, or there are no usable rows.
     """
 
     def __init__(self, path: str, transform: Callable, img_key: str = "filepath", caption_key: str = "title",
@@ -127,6 +130,7 @@ class CsvDataset(torch.utils.data.Dataset):
         self.path = path
         self.invalid_utf8_lines: List[int] = []
         self.no_caption_lines: List[int] = []
+        self.long_row_lines: List[int] = []
         rows = []
         try:
             with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
@@ -136,8 +140,17 @@ class CsvDataset(torch.utils.data.Dataset):
                     if key not in fields:
                         raise DataError(f"{path}: column {key!r} ({what}) not found; {_header_desc(fields)} "
                                         f"(separator {separator!r})")
+                    if fields.count(key) > 1:
+                        # csv.DictReader keeps the last of them; open_clip's pandas reader, the first
+                        at = [i + 1 for i, f in enumerate(fields) if f == key]
+                        raise DataError(f"{path}: column {key!r} ({what}) is named {len(at)} times in the header "
+                                        f"(columns {', '.join(map(str, at))}): rename all but the one to use")
                 for r in reader:
                     img, cap = r[img_key] or "", r[caption_key] or ""
+                    if None in r:          # fields past the header's: csv.DictReader files them under None
+                        self.long_row_lines.append(reader.line_num)
+                        rows.append((img, ""))
+                        continue
                     if _has_surrogates(img) or _has_surrogates(cap):
                         self.invalid_utf8_lines.append(reader.line_num)
                         cap = cap.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
@@ -148,7 +161,10 @@ class CsvDataset(torch.utils.data.Dataset):
             raise DataError(f"{path}: not a readable CSV file ({e})") from None
         if not rows:
             raise DataError(f"{path}: no rows (only a header)")
-        if len(self.no_caption_lines) == len(rows):
+        if len(self.long_row_lines) == len(rows):
+            raise DataError(f"{path}: every row has more fields than the header's {len(fields)} "
+                            f"(separator {separator!r}: quote captions that contain it)")
+        if len(self.no_caption_lines) + len(self.long_row_lines) == len(rows):
             raise DataError(f"{path}: no row has a caption in column {caption_key!r} (caption_key)")
         root = os.path.dirname(os.path.abspath(path))
         self.images: List[str] = [p if os.path.isabs(p) else os.path.join(root, p) for p, _ in rows]
@@ -174,9 +190,16 @@ class CsvDataset(torch.utils.data.Dataset):
         return self._describe_rows(self.no_caption_lines, "without a caption", "skipped, as missing images are",
                                    limit)
 
+    def describe_long_rows(self, limit: int = 10) -> Optional[str]:
+        """One line naming the rows with more fields than the header (skipped), or None."""
+        return self._describe_rows(self.long_row_lines, "with more fields than the header",
+                                   "skipped (an unquoted separator in a caption? quote such captions)", limit)
+
     def notes(self) -> List[str]:
-        """The lines to report about the file's rows (``describe_invalid_utf8``, ``describe_no_captions``)."""
-        return [n for n in (self.describe_invalid_utf8(), self.describe_no_captions()) if n]
+        """The lines to report about the file's rows (``describe_invalid_utf8``,
+        ``describe_no_captions``, ``describe_long_rows``)."""
+        return [n for n in (self.describe_invalid_utf8(), self.describe_no_captions(), self.describe_long_rows())
+                if n]
 
     def __len__(self) -> int:
         return len(self.images)
