@@ -15,6 +15,7 @@ may not write is refused with the ``PermissionError`` that ``open`` would raise,
 from __future__ import annotations
 
 import errno
+import math
 import os
 import stat
 import tempfile
@@ -120,3 +121,16 @@ def writable_dir_problem(path: str) -> str:
     except OSError as e:
         return f"cannot write there ({e.strerror or e})"
     return ""
+
+
+def strict_json(obj):
+    """``obj`` with every non-finite float (a NaN val loss, a diverged run's loss) as None, so
+    that ``json.dumps`` writes ``null``: its default writes a bare ``NaN``, which is not JSON
+    (Python's strict parsers, JavaScript's ``JSON.parse`` and Go refuse the file)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj

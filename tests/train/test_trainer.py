@@ -86,6 +86,40 @@ def test_eval_line_names_what_was_evaluated():
                                  "val loss 0.500, val mean recall 25.0%")
 
 
+def test_a_nan_metric_is_written_as_null_and_a_single_val_pair_shown_as_such(tmp_path, capsys):
+    """A one-row --val-data gave val/loss NaN, written as a bare NaN into metrics.json and
+    metrics.jsonl: not JSON (Python's strict parse, JavaScript and Go refuse the files)."""
+    from PIL import Image
+
+    from fastclip.eval.evaluate import format_metrics
+    from fastclip.train.progress import format_eval
+    torch.set_num_threads(1)
+    with open(tmp_path / "train.csv", "w") as f:
+        f.write("filepath,title\n")
+        for i in range(8):
+            Image.new("RGB", (32, 32), (30 * i, 0, 0)).save(tmp_path / f"{i}.png")
+            f.write(f"{i}.png,a red square {i}\n")
+    (tmp_path / "val.csv").write_text("filepath,title\n0.png,a red square 0\n")
+    out = tmp_path / "run"
+    train(TrainConfig(model="tiny-vit", output=str(out), train_data=str(tmp_path / "train.csv"),
+                      val_data=str(tmp_path / "val.csv"), steps=2, batch_size=4, progress="none", plot=False))
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+    final = strict((out / "metrics.json").read_text())
+    evals = [strict(line) for line in open(out / "metrics.jsonl") if '"eval"' in line]
+    assert evals and all(r["val/loss"] is None and r["val/n"] == 1 for r in evals)
+    assert "val/loss" not in final or final["val/loss"] is None
+    assert "val loss n/a (1 val pair)" in "".join(capsys.readouterr())
+    ev = {"step": 1, "val/loss": float("nan"), "val/n": 1, "val/mean_recall": 1.0}
+    assert format_eval(ev) == "eval @ step 1: val loss n/a (1 val pair), val mean recall 100.0%"
+    assert "n/a (1 val pair: the softmax loss needs two)" in format_metrics(ev)
+    assert "val loss nan" in format_eval({**ev, "val/n": 8})      # a diverged model: NaN it is
+    from fastclip.train.plots import read_metrics  # the curves read null back as a gap (NaN)
+    (tmp_path / "m.jsonl").write_text('{"type": "train", "step": 1, "loss": null, "scale": 1.0}\n')
+    assert math.isnan(read_metrics(str(tmp_path / "m.jsonl"))[0]["loss"])
+
+
 def test_logged_lr_is_the_steps_own_and_a_batch_of_one_is_refused(tmp_path):
     """The lr of a metrics row was read after the scheduler stepped: the next step's."""
     import pytest

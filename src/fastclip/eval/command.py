@@ -448,18 +448,18 @@ def evaluate(args: argparse.Namespace, log=print) -> Dict[str, Any]:
                            "batch_size": args.batch_size, "precision": args.precision,
                            "config": model.config.to_dict(), "metrics": metrics}
     if args.output is not None:     # first: a reader of stdout that stops early must not lose it
-        from .._fileio import atomic_write
+        from .._fileio import atomic_write, strict_json
 
         stream = _std_stream(args.output)
         if stream is not None:
             # /dev/stdout (or stderr) onto a file: re-opening it would truncate what the shell's
             # redirection holds (and a rename would replace the file): written through the stream.
-            stream.write(json.dumps(out, indent=2) + "\n")
+            stream.write(json.dumps(strict_json(out), indent=2, allow_nan=False) + "\n")
             stream.flush()
         else:
             def write(tmp: str) -> None:
                 with open(tmp, "w", encoding="utf-8") as f:
-                    json.dump(out, f, indent=2)
+                    json.dump(strict_json(out), f, indent=2, allow_nan=False)
             atomic_write(args.output, write, suffix=".json")
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     shown = source if os.path.realpath(source) == os.path.realpath(args.model) else f"{args.model} -> {source}"

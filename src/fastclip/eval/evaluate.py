@@ -246,7 +246,8 @@ def val_metrics(model, batches: Sequence[Tuple[torch.Tensor, ...]], loss: str = 
     """On held-out ``(images, tokens)`` or ``(images, tokens, image_ids)`` batches (as
     ``fastclip.train.data.load_val_batches`` makes them): ``val/loss`` (``loss``, "clip" or
     "siglip", within each batch, averaged over samples; for "clip" over the batches of two or
-    more rows, since the softmax loss of one pair is exactly 0: NaN when there is none),
+    more rows, since the softmax loss of one pair is exactly 0: NaN when there is none, ``null``
+    in the JSON files fastclip writes),
     ``val/n`` (rows) and the retrieval
     recalls of ``retrieval_metrics`` over all batches together (``val/image_to_text_R@1`` ...,
     ``val/mean_recall``). Rows with the same ``image_ids`` entry are one image with several
@@ -304,7 +305,9 @@ def format_metrics(metrics: Dict[str, float], header: Optional[str] = None) -> s
     lines = [header] if header else []
     width = max((len(k) for k in metrics), default=0)
     for k, v in metrics.items():
-        if isinstance(v, float) and (k.endswith(("top1", "top5")) or "R@" in k or k.endswith("recall")
+        if k == "val/loss" and v != v and metrics.get("val/n", 2) < 2:
+            shown = f"n/a ({metrics['val/n']} val pair: the softmax loss needs two)"
+        elif isinstance(v, float) and (k.endswith(("top1", "top5")) or "R@" in k or k.endswith("recall")
                                      or k.startswith("chance/")):
             shown = f"{100 * v:.2f}%"
         elif isinstance(v, float):

@@ -5,12 +5,17 @@ matplotlib is optional (``pip install "fastclip-fused[plot]"``); without it ``pl
 from __future__ import annotations
 
 import json
+import math
 from typing import Dict, List, Optional
 
 
 def read_metrics(path: str) -> List[Dict]:
+    """The rows of ``metrics.jsonl``; a ``null`` value (the file's form of a NaN, e.g. a
+    diverged loss) reads as NaN, which the plots leave as a gap."""
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [{k: (math.nan if v is None else v) for k, v in r.items()} if isinstance(r, dict) else r
+            for r in rows]
 
 
 def plot_curves(metrics_jsonl: str, out_png: str) -> Optional[str]:

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .._fileio import strict_json
 from . import checkpoint as ckpt
 from .config import PRECISIONS, TrainConfig, model_kwargs
 from .data import (
@@ -511,7 +512,7 @@ class Trainer:
         def record(row):
             if mlog is not None:
                 try:
-                    mlog.write(json.dumps(row) + "\n")
+                    mlog.write(json.dumps(strict_json(row), allow_nan=False) + "\n")
                     mlog.flush()
                 except OSError as e:     # a full disk: one line, as for the checkpoints
                     raise ckpt.CheckpointError(f"cannot write {metrics_path}: {e}") from None
@@ -667,7 +668,7 @@ class Trainer:
         path = os.path.join(out_dir, "metrics.json")
         try:
             with open(path, "w", encoding="utf-8") as f:
-                json.dump(result, f, indent=2)
+                json.dump(strict_json(result), f, indent=2, allow_nan=False)
         except OSError as e:
             raise ckpt.CheckpointError(f"cannot write {path}: {e}") from None
         if cfg.plot:
