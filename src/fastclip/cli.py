@@ -384,9 +384,13 @@ def device_problem(device: str) -> Optional[str]:
 
 
 def backend_problem(backend: str) -> Optional[str]:
-    """What is wrong with a ``--loss-backend`` value on this machine, or None."""
+    """What is wrong with a ``--loss-backend`` value on this machine, or None. ``auto`` takes
+    ``FASTCLIP_BACKEND`` when it is set, so a bad value there is the flag's problem too (it
+    failed with a traceback at the first training step, after the run folder was written)."""
     if backend == "auto":
-        return None
+        env = os.environ.get("FASTCLIP_BACKEND", "").strip()
+        why = backend_problem(env) if env and env != "auto" else None
+        return f"auto takes FASTCLIP_BACKEND={why}" if why else None
     from .ops import all_backends, available_backends
     if backend not in all_backends():
         return f"{backend!r}: unknown; expected auto or one of {', '.join(sorted(all_backends()))}"

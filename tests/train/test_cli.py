@@ -111,6 +111,25 @@ def test_argument_errors_exit_2_with_a_clear_message(argv, needle, capsys):
     assert needle in err, err
 
 
+@pytest.mark.parametrize("value, needle", [
+    ("nosuch", "--loss-backend auto takes FASTCLIP_BACKEND='nosuch': unknown; expected auto or one of"),
+    ("cuda", "--loss-backend auto takes FASTCLIP_BACKEND='cuda': not available on this machine"),
+])
+def test_a_bad_fastclip_backend_is_refused_before_the_run_folder(value, needle, tmp_path, capsys, monkeypatch):
+    """FASTCLIP_BACKEND, which --loss-backend auto honours, failed with a traceback at the first
+    training step, leaving a run folder that the next try was refused for."""
+    import torch
+    if value == "cuda" and torch.cuda.is_available():
+        pytest.skip("the CUDA backend is available here")
+    monkeypatch.setenv("FASTCLIP_BACKEND", value)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--steps", "1", "--output", str(tmp_path / "run")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err.strip().splitlines()[-1] and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_options_for_data_the_run_does_not_read_are_refused(tmp_path, capsys):
     """--demo-* with --train-data, --train-num-samples without shards, --csv-* without a CSV file,
     colour-group options without that design, --keep-checkpoints without --save-every, --epochs
