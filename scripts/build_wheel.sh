@@ -36,7 +36,14 @@ done
 PYTHON=${PYTHON:-python3}
 GLIBC=${GLIBC:-2.28}
 OUT=${OUT:-dist}
-export FASTCLIP_CUDA=${FASTCLIP_CUDA:-AUTO}
+FASTCLIP_CUDA=${FASTCLIP_CUDA:-AUTO}
+case "${FASTCLIP_CUDA^^}" in      # any case, as CMakeLists.txt reads it
+  ON|1|TRUE|YES|Y) FASTCLIP_CUDA=ON ;;
+  OFF|0|FALSE|NO|N) FASTCLIP_CUDA=OFF ;;
+  AUTO) FASTCLIP_CUDA=AUTO ;;
+  *) echo "build_wheel.sh: FASTCLIP_CUDA=$FASTCLIP_CUDA: expected AUTO, ON or OFF" >&2; exit 2 ;;
+esac
+export FASTCLIP_CUDA
 [[ "$(uname -m)" == x86_64 ]] || { echo "build_wheel.sh: x86_64 only" >&2; exit 1; }
 
 pytag=$("$PYTHON" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
