@@ -225,6 +225,13 @@ def test_isa_names_the_build_the_calls_run(monkeypatch):
     assert isa() == ("generic" if native == "generic" else "avx2")
     monkeypatch.setenv("FASTCLIP_CPU_ISA", "avx512")         # never more than the CPU has
     assert isa() == native
+    # A name the kernels do not know ran the best build without a word.
+    import fastclip
+    x = torch.randn(4, 3)
+    for bad in ("AVX2", "sse", "bogus"):
+        monkeypatch.setenv("FASTCLIP_CPU_ISA", bad)
+        with pytest.raises(ValueError, match=f"FASTCLIP_CPU_ISA='{bad}': expected one of avx512, avx2, generic"):
+            fastclip.clip_loss(x, x, 1.0, backend="cpu")
 
 
 @pytest.mark.parametrize("loss", LOSSES)

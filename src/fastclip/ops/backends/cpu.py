@@ -6,13 +6,15 @@ float32 and float64 run natively; float16 and bfloat16 are upcast to float32 her
 Threads: ``torch.get_num_threads()`` OpenMP threads with a static schedule, so a fixed
 thread count gives bit-identical results. The kernel picks its instruction set at run
 time (AVX-512, AVX2+FMA, or a generic 128-bit build); ``FASTCLIP_CPU_ISA=avx2|generic``
-forces a lesser one (tests, comparisons). Extra memory: O((n+m)·D) plus the per-thread dY
-buffers, 64 MB (``FASTCLIP_CPU_DY_BUDGET`` bytes overrides it) or, where one 192-column
-chunk per thread is already more, threads × 192 × D elements (201 MB at 64 threads, D =
-4096, fp32); nothing n×m.
+forces a lesser one (tests, comparisons; another name is a ValueError at the call).
+Extra memory: O((n+m)·D) plus the per-thread dY buffers, 64 MB (``FASTCLIP_CPU_DY_BUDGET``
+bytes overrides it) or, where one 192-column chunk per thread is already more, threads ×
+192 × D elements (201 MB at 64 threads, D = 4096, fp32); nothing n×m.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -54,7 +56,14 @@ def _threads(n: int, m: int, d: int) -> int:
     return 1 if n * m * d < _SERIAL_BELOW else torch.get_num_threads()
 
 
+_ISAS = ("avx512", "avx2", "generic")
+
+
 def _common(spec, x, y, params, normalize, eps, pos_offset):
+    want = os.environ.get("FASTCLIP_CPU_ISA")
+    if want and want not in _ISAS:
+        # the kernels compare the exact names: anything else ran the best build, unsaid
+        raise ValueError(f"FASTCLIP_CPU_ISA={want!r}: expected one of {', '.join(_ISAS)} (or unset)")
     xc, yc = _prep(x), _prep(y)
     n, d = xc.shape
     m = yc.shape[0]
