@@ -416,3 +416,20 @@ def test_ranks_other_than_0_stay_quiet_or_say_who_they_are(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "1")                  # one process: a gloo error is raised as is
     with pytest.raises(RuntimeError):
         cli.run_reporting("train", peer_gone, (ValueError,))
+
+
+def test_help_imports_no_model_dataset_or_evaluation_layer():
+    """`fastclip --help` imported the trainer (the package's __init__), and with it the data,
+    tokenizer, model and evaluation layers (150 ms of imports), against pyproject.toml's note."""
+    code = ("import sys, contextlib, io\n"
+            "from fastclip import cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try: cli.main(['train', '--help'])\n"
+            "    except SystemExit: pass\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[:2] in (['fastclip', 'datasets'], "
+            "['fastclip', 'models'], ['fastclip', 'eval'], ['fastclip', 'tokenizer'])\n"
+            "               or m == 'fastclip.train.trainer')\n"
+            "print(heavy)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout

@@ -1,11 +1,27 @@
 """The CLIP trainer (``fastclip train``). Modules: ``config`` (arguments), ``data`` (sampler,
 batches, dataset wiring), ``dist_env`` (distributed set-up), ``progress`` (what a run prints),
 ``trainer`` (the generic loop), ``demo`` (the CPU demo's data, zero-shot sets and run policies),
-``optim``, ``checkpoint``, ``plots``."""
-from .checkpoint import load_training_state, resolve_resume, save_training_state
-from .config import TrainConfig
-from .optim import cosine_lr, create_optimizer, create_scheduler, param_groups
-from .trainer import StepHook, Trainer, train
+``optim``, ``checkpoint``, ``plots``.
 
-__all__ = ["TrainConfig", "Trainer", "StepHook", "train", "create_optimizer", "create_scheduler", "cosine_lr",
-           "param_groups", "save_training_state", "load_training_state", "resolve_resume"]
+The names below are imported on first use (PEP 562): ``fastclip --help`` reads
+``fastclip.train.config`` alone, without the trainer's data, model and evaluation layers."""
+from importlib import import_module
+
+_WHERE = {"TrainConfig": "config", "Trainer": "trainer", "StepHook": "trainer", "train": "trainer",
+          "create_optimizer": "optim", "create_scheduler": "optim", "cosine_lr": "optim",
+          "param_groups": "optim", "save_training_state": "checkpoint",
+          "load_training_state": "checkpoint", "resolve_resume": "checkpoint"}
+
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
