@@ -561,14 +561,19 @@ def _missing_dirs(path: str) -> List[str]:
 class PipeSafeLog:
     """``print`` that survives a closed stdout (``fastclip train | head``): the command goes on
     (its files are still written), stdout is sent to /dev/null (Python's flush at exit would
-    raise again), and ``broken`` records it for the exit status."""
+    raise again), and ``broken`` records it for the exit status. ``stderr=True`` writes to
+    stderr instead (``fastclip eval --output /dev/stdout``: the JSON alone on stdout)."""
 
     broken = False
+
+    def __init__(self, stderr: bool = False):
+        self.stderr = stderr
 
     def __call__(self, line: str) -> None:
         if self.broken:
             return
-        out = PipeSafeStream(sys.stdout)        # the stdout of the moment (a test may swap it)
+        # the stream of the moment (a test may swap it)
+        out = PipeSafeStream(sys.stderr if self.stderr else sys.stdout)
         out.write(line + "\n")
         out.flush()
         self.broken = out.broken

@@ -509,7 +509,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ..datasets.csv_dataset import DataError
     p = build_parser()
     args = p.parse_args(argv)
-    log = PipeSafeLog()
+    # --output /dev/stdout: the JSON is the output, so the summary lines go to stderr (both on
+    # stdout made it unparseable)
+    log = PipeSafeLog(stderr=args.output is not None and _std_stream(args.output) is sys.stdout)
     given = {d for d in DATA_OPTIONS if getattr(args, d) is not None}     # before the run's values fill them
     fill_defaults(args, log)
     check_args(p, args, given)
