@@ -155,14 +155,14 @@ def test_a_time_budget_run_resumes_on_its_shortened_schedule():
     ~1e-3 for 8 steps until the budget cut the run again."""
     from types import SimpleNamespace
 
-    from fastclip.train.trainer import Trainer
+    from fastclip.train.resume import keep_budget_schedule
     t = SimpleNamespace(cfg=SimpleNamespace(time_budget=60.0), start_step=80, total_steps=2000, warmup_steps=100,
                         resume_notes=[])
-    Trainer._keep_budget_schedule(t, {"total_steps": 130, "warmup_steps": 100})
+    keep_budget_schedule(t, {"total_steps": 130, "warmup_steps": 100})
     assert (t.total_steps, t.warmup_steps) == (130, 100) and "130 steps is kept" in t.resume_notes[0]
     t2 = SimpleNamespace(cfg=SimpleNamespace(time_budget=None), start_step=80, total_steps=2000, warmup_steps=100,
                          resume_notes=[])
-    Trainer._keep_budget_schedule(t2, {"total_steps": 130, "warmup_steps": 100})
+    keep_budget_schedule(t2, {"total_steps": 130, "warmup_steps": 100})
     assert t2.total_steps == 2000          # without a budget the command's --steps decide
 
 

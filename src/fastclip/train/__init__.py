@@ -1,7 +1,8 @@
 """The CLIP trainer (``fastclip train``). Modules: ``config`` (arguments), ``data`` (sampler,
 batches, dataset wiring), ``dist_env`` (distributed set-up), ``progress`` (what a run prints),
-``trainer`` (the generic loop), ``demo`` (the CPU demo's data, zero-shot sets and run policies),
-``optim``, ``checkpoint``, ``plots``.
+``model`` (the run's model), ``resume`` (``--resume``), ``trainer`` (the generic loop), ``demo``
+(the CPU demo's data, zero-shot sets and run policies), ``optim``, ``checkpoint``, ``run_folder``,
+``plots``.
 
 The names below are imported on first use (PEP 562): ``fastclip --help`` reads
 ``fastclip.train.config`` alone, without the trainer's data, model and evaluation layers."""

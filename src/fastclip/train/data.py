@@ -23,7 +23,7 @@ import torch
 
 from ..eval.evaluate import ZeroShotSet  # (images, labels, classnames, templates)
 from .config import TrainConfig
-from .dist_env import DistEnv
+from .dist_env import DistEnv, sum_over_ranks
 
 
 class StepBatches:
@@ -311,7 +311,73 @@ def folder_zeroshot_task(cfg: TrainConfig, model, taken=()):
     return (name if name not in taken else f"{name}-folder"), ds, tmpl
 
 
-__all__ = ["StepBatches", "TrainData", "ZeroShotSet", "build_train_data", "collate_pairs", "detect_dataset_type",
-           "detect_val_type",
+
+class BatchDraws:
+    """Training batches with too few loaded samples (none, or one where BatchNorm or the softmax
+    loss in one process needs two) skipped, counted and reported; the data declared unusable
+    after a run of them. ``trainer``: the ``Trainer`` (its ``cfg``, ``env``, ``min_batch``,
+    ``min_batch_why``, ``steps_per_epoch`` and ``data_desc``); ``drawn``: batches drawn before."""
+
+    def __init__(self, trainer, batches: Iterator, drawn: int):
+        self.t, self.batches = trainer, batches
+        self.drawn = drawn                      # batches drawn so far (the data position)
+        self.skipped = self.skipped_batches = self.failed_in_a_row = 0
+        self.most_in_failed = 0                 # the largest batch of the current failed run
+        cfg = trainer.cfg
+        self.fail_limit = cfg.max_failed_batches or trainer.steps_per_epoch or 100
+
+    def next_usable(self, step: int, message: Callable[[str], None]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The next batch with enough samples, for training step ``step + 1``."""
+        t, env = self.t, self.t.env
+        while True:
+            images, tokens, n_skip = next(self.batches)
+            self.drawn += 1
+            self.skipped += n_skip
+            loaded = images.shape[0]
+            empty = loaded < t.min_batch
+            if env.distributed:  # all ranks skip together, or the loss's collectives would not pair up
+                empty = sum_over_ranks(env, int(empty)) > 0
+            if not empty:
+                self.failed_in_a_row = self.most_in_failed = 0
+                return images, tokens
+            self.skipped_batches += 1
+            self.failed_in_a_row += 1
+            self.most_in_failed = max(self.most_in_failed, loaded)
+            if self.failed_in_a_row >= self.fail_limit:
+                self.unusable(self.failed_in_a_row, self.most_in_failed)
+            if env.is_main and self.skipped_batches <= 3:
+                what = ("no sample" if loaded == 0 else
+                        f"{loaded} sample(s)" + (f" ({t.min_batch_why})" if loaded < t.min_batch else ""))
+                where = "" if not env.distributed else (" on rank 0" if loaded < t.min_batch else
+                                                            ", too few on another rank")
+                message(f"step {step + 1}: {what} of batch {self.drawn} loaded{where} (images missing or "
+                        f"corrupt, or no caption); skipped it{' on every rank' if env.distributed else ''} "
+                        f"and drew the next batch"
+                        + (" (further ones are only counted)" if self.skipped_batches == 3 else ""))
+
+    def unusable(self, n: int, most: int = 0) -> None:
+        """Raise: ``n`` batches in a row had too few samples, at most ``most`` each."""
+        from ..datasets.csv_dataset import DataError
+        t = self.t
+        spe = t.steps_per_epoch
+        span = " (a whole epoch)" if spe and n >= spe else ""
+        what = ("no sample loaded" if most == 0 else
+                f"fewer than {t.min_batch} samples loaded ({t.min_batch_why})")
+        raise DataError(f"{t.data_desc}: {what} in {n} batches in a row{span} "
+                        f"({n * t.cfg.batch_size * t.env.world_size} samples: images missing or corrupt, "
+                        f"or no caption); the data looks unusable: {self.advice()} "
+                        f"(--max-failed-batches sets this limit)")
+
+    def advice(self) -> str:
+        """What to check in data of which no batch loads, by kind of data."""
+        if self.t.data_desc.startswith("webdataset"):
+            return ("check that each sample's image (key.jpg, key.png, ...) and caption (key.txt) "
+                    "are consecutive members of the tar, as webdataset writes them (a shard with "
+                    "all images first and all captions after pairs none), and that they decode")
+        return "check the image paths (relative to the CSV file), --csv-img-key and --csv-caption-key"
+
+
+__all__ = ["BatchDraws", "StepBatches", "TrainData", "ZeroShotSet", "build_train_data", "collate_pairs",
+           "detect_dataset_type", "detect_val_type",
            "folder_zeroshot_task", "image_transform_for", "load_val_batches", "train_batches", "trim_padding"]
 

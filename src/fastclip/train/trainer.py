@@ -2,9 +2,11 @@
 (CSV / webdataset shards) on one or many GPUs with torchrun.
 
 The trainer is split as open_clip's is: ``config`` (the arguments), ``data`` (sampler, batches,
-dataset wiring), ``dist_env`` (distributed set-up), ``progress`` (what a run prints), this module
-(the generic loop: model, optimizer, one step, evaluation, logging) and ``demo`` (the CPU demo's
-dataset and zero-shot sets, and the time budget's policies, plugged in as step hooks).
+dataset wiring, skipped batches), ``dist_env`` (distributed set-up), ``model`` (the run's model,
+new or ``--pretrained``), ``resume`` (``--resume``: the checkpoint against the command),
+``progress`` (what a run prints), this module (the generic loop: optimizer, one step,
+evaluation, logging) and ``demo`` (the CPU demo's dataset and zero-shot sets, and the time
+budget's policies, plugged in as step hooks).
 
 What it does per step, as the CLIP paper and open_clip: AdamW with decoupled weight decay
 (none on gains, biases, embeddings, the logit scale), cosine schedule with linear warmup,
@@ -42,8 +44,9 @@ import torch.distributed as dist
 
 from .._fileio import strict_json
 from . import checkpoint as ckpt
-from .config import PRECISIONS, TrainConfig, model_kwargs
+from .config import PRECISIONS, TrainConfig
 from .data import (
+    BatchDraws,
     StepBatches,
     TrainData,
     ZeroShotSet,
@@ -55,11 +58,12 @@ from .data import (
     trim_padding,
 )
 from .dist_env import DistEnv, all_reduce_grads, init_distributed, shutdown_distributed, sum_over_ranks
+from .model import build_model
 from .optim import cosine_lr, create_optimizer
 from .progress import Progress, format_eval, format_final
+from .resume import resume_from_checkpoint
 from .run_folder import (
     check_run_folder,
-    finished_steps,
     fresh_run_folder,
     prepare_run_folder,
     set_aside_later_steps,
@@ -183,29 +187,7 @@ class Trainer:
         self.resumed_from = None
         self.resume_notes: List[str] = []
         if cfg.resume:
-            path = ckpt.resolve_resume(cfg.resume, cfg.output)
-            if path is not None:
-                try:
-                    state = ckpt.load_training_state(path, self.model, self.optimizer, self.scheduler,
-                                                     self.scaler, map_location=env.device)
-                except ckpt.CheckpointError as e:
-                    # Not a silent fall-back to an older checkpoint (that would retrain steps
-                    # unannounced): the error names the one a user can pass instead.
-                    older = ckpt.older_checkpoint(cfg.output, path) if cfg.resume == "latest" else None
-                    if older is None or ckpt.readable_training_state(path):
-                        raise       # (a readable file that does not fit this run: so would the older one)
-                    raise ckpt.CheckpointError(f"{e}; the previous checkpoint of this run is {older} "
-                                               f"(--resume {older} continues from it)") from None
-                self.start_step = int(state["step"])
-                self._restore_extra(path, state["extra"])
-                self._keep_budget_schedule(state["extra"])
-                self.resumed_from = path
-                if self.start_step > self.total_steps:
-                    raise ckpt.CheckpointError(f"{path}: the checkpoint is at step {self.start_step}, past the "
-                                               f"run's {self.total_steps} steps: nothing left to train (raise --steps)")
-                self._keep_checkpoint_optimizer(state["extra"])
-                self._follow_new_schedule(state["extra"])
-                self._note_finished_run()
+            resume_from_checkpoint(self)
         if hooks is None:
             from .demo import run_hooks
             hooks = run_hooks(cfg, env)
@@ -219,99 +201,6 @@ class Trainer:
             self._prepare_eval()
 
     # -- setup helpers
-
-    # What a resumed run takes from its checkpoint, whatever the command line says: the
-    # optimizer's hyperparameters live in its saved state (the schedule's length and warmup are
-    # the command's). config.json records those that run.
-    _OPTIMIZER_FIELDS = ("lr", "weight_decay", "beta1", "beta2", "eps")
-
-    def _keep_checkpoint_optimizer(self, extra: Dict[str, Any]) -> None:
-        saved = extra.get("config") if isinstance(extra, dict) else None
-        if not isinstance(saved, dict):
-            return
-        kept = [(k, saved[k], getattr(self.cfg, k)) for k in self._OPTIMIZER_FIELDS
-                if isinstance(saved.get(k), (int, float)) and isinstance(getattr(self.cfg, k), (int, float))
-                and saved[k] != getattr(self.cfg, k)]
-        if kept:
-            self.resume_notes.append(
-                "the resumed optimizer keeps the checkpoint's " + ", ".join(f"{k} {old:g} (asked {new:g})"
-                                                                          for k, old, new in kept)
-                + "; start a new run to change them")
-            for k, old, _ in kept:
-                setattr(self.cfg, k, old)
-        self._note_changed_data(saved, extra)
-
-    def _note_changed_data(self, saved: Dict[str, Any], extra: Dict[str, Any]) -> None:
-        """Say what a resume cannot continue exactly: the data position counts batches of the
-        checkpoint's global batch, and the order comes from its seed and data (resuming on
-        fewer GPUs after a pre-emption is legitimate, so these are notes, not refusals)."""
-        notes = []
-        gb, now = extra.get("global_batch"), self.cfg.batch_size * self.env.world_size
-        if isinstance(gb, int) and gb != now:
-            notes.append(f"global batch {gb} -> {now} (the data position, {self.data_position} batches, now "
-                         f"counts batches of {now}: not the samples the run would have drawn next)")
-        for k in ("seed", "train_data", "dataset_type"):
-            if k in saved and saved[k] != getattr(self.cfg, k, saved[k]):
-                notes.append(f"{k} {saved[k]!r} -> {getattr(self.cfg, k)!r}")
-        if notes:
-            self.resume_notes.append("resumed with other data settings than the checkpoint's: " + "; ".join(notes)
-                                     + "; the run continues, not exactly as an uninterrupted one")
-
-    def _note_finished_run(self) -> None:
-        """Resuming a run that had already finished (its metrics.json says so) from a checkpoint
-        before its end trains its last steps again (checkpoints are written before the last
-        step only): said, since the user may have meant only to evaluate it."""
-        done = finished_steps(self.cfg.output)
-        if done is None or self.start_step >= done:
-            return
-        again = f"steps {self.start_step + 1}-{min(done, self.total_steps)} are trained again"
-        if self.total_steps > done:
-            self.resume_notes.append(f"this run had finished at step {done}; it goes on to step {self.total_steps} "
-                                     f"from its checkpoint at step {self.start_step}: {again}, on the "
-                                     f"{self.total_steps}-step schedule")
-        else:
-            self.resume_notes.append(f"this run had finished (metrics.json: {done} steps); {again} (to "
-                                     f"evaluate it: fastclip eval {self.cfg.output}; to train it further: a "
-                                     f"larger --steps)")
-
-    def _keep_budget_schedule(self, extra: Dict[str, Any]) -> None:
-        """With --time-budget, the shortened schedule the checkpoint was trained on (its length
-        and warmup): rebuilt from --steps, a resumed run's learning rate jumped back up to
-        near its peak until the budget cut it again."""
-        total, warm = extra.get("total_steps"), extra.get("warmup_steps")
-        if (self.cfg.time_budget and isinstance(total, int) and isinstance(warm, int)
-                and self.start_step <= total < self.total_steps):
-            self.total_steps, self.warmup_steps = total, min(self.warmup_steps, warm)
-            self.resume_notes.append(f"time budget: the checkpoint's schedule of {total} steps is kept")
-
-    def _follow_new_schedule(self, extra: Dict[str, Any]) -> None:
-        """A resumed run whose --steps or --warmup give another schedule than the checkpoint's:
-        the restored optimizer held the old schedule's learning rate for the first resumed step
-        (LambdaLR applies its function only from the next step on), so two schedules were
-        spliced unannounced. The first step now takes the new schedule's rate, and a note says so."""
-        total, warm = extra.get("total_steps"), extra.get("warmup_steps")
-        if not (isinstance(total, int) and isinstance(warm, int)):
-            return                          # a checkpoint that predates these fields
-        if (total, warm) == (self.total_steps, self.warmup_steps):
-            return
-        sched = self.scheduler
-        old_lr = self.optimizer.param_groups[0]["lr"]
-        new = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
-        for group, lr in zip(self.optimizer.param_groups, new):
-            group["lr"] = lr
-        sched._last_lr = list(new)
-        self.resume_notes.append(f"the learning-rate schedule follows this run's {self.total_steps} steps and "
-                                 f"{self.warmup_steps} warmup steps (the checkpoint's: {total} and {warm}): lr "
-                                 f"{new[0]:.4g} at step {self.start_step + 1} (the old schedule's {old_lr:.4g})")
-
-    def _restore_extra(self, path: str, extra: Dict[str, Any]) -> None:
-        try:
-            self.skipped_before = int(extra.get("skipped", 0))
-            self.batches_skipped_before = int(extra.get("skipped_batches", 0))
-            self.data_position = int(extra.get("data_position", self.start_step))
-            self.wall_before = float(extra.get("wall_time_s", 0.0))
-        except (AttributeError, TypeError, ValueError) as e:
-            raise ckpt.CheckpointError(f"{path}: corrupt 'extra' entry in the checkpoint ({e})") from None
 
     @staticmethod
     def _seed_all(seed: int) -> None:
@@ -486,7 +375,7 @@ class Trainer:
                             every=log_every)
         self.model.train()
         batches = self._train_batches()
-        draw = _BatchDraws(self, batches, self.data_position)
+        draw = BatchDraws(self, batches, self.data_position)
         # The first usable batch before the run folder is touched: data found unusable only
         # when read (every image missing, empty or unreadable shards) fails the command with
         # the old run in place, as --overwrite promises.
@@ -615,26 +504,6 @@ class Trainer:
             dist.barrier()
         return result
 
-    def _data_unusable(self, n: int, most: int = 0) -> None:
-        """Raise: ``n`` batches in a row had too few samples, at most ``most`` each."""
-        from ..datasets.csv_dataset import DataError
-        spe = self.steps_per_epoch
-        span = " (a whole epoch)" if spe and n >= spe else ""
-        what = ("no sample loaded" if most == 0 else
-                f"fewer than {self.min_batch} samples loaded ({self.min_batch_why})")
-        raise DataError(f"{self.data_desc}: {what} in {n} batches in a row{span} "
-                        f"({n * self.cfg.batch_size * self.env.world_size} samples: images missing or corrupt, "
-                        f"or no caption); the data looks unusable: {self._data_advice()} "
-                        f"(--max-failed-batches sets this limit)")
-
-    def _data_advice(self) -> str:
-        """What to check in data of which no batch loads, by kind of data."""
-        if self.data_desc.startswith("webdataset"):
-            return ("check that each sample's image (key.jpg, key.png, ...) and caption (key.txt) "
-                    "are consecutive members of the tar, as webdataset writes them (a shard with "
-                    "all images first and all captions after pairs none), and that they decode")
-        return "check the image paths (relative to the CSV file), --csv-img-key and --csv-caption-key"
-
     def _final_metrics(self, loss: Optional[torch.Tensor], wall: float, total_skipped: int,
                        last_eval: Dict[str, float]) -> Dict[str, Any]:
         """Main rank: save the model; the content of ``metrics.json``."""
@@ -684,41 +553,6 @@ class Trainer:
         self.log(format_final(result, out_dir))
 
 
-def build_model(cfg: TrainConfig):
-    """The run's model, in training mode on the CPU: ``cfg.model`` with ``model_kwargs``, or the
-    weights of ``cfg.pretrained`` (its own architecture). The sigmoid loss gives a pretrained
-    model without a ``logit_bias`` one at the loss's initial value, its scale kept; a model with a
-    bias is refused for a loss without one (it would be dropped). Raises ``CheckpointError``
-    naming the file when it cannot be used."""
-    from ..models import CLIP, create_model
-    if cfg.pretrained is None:
-        return create_model(cfg.model, **model_kwargs(cfg.loss, cfg.model_overrides))
-    from ..eval.evaluate import check_vocab, load_model
-    from ..ops.losses import get_loss
-    try:
-        model = load_model(cfg.pretrained, "cpu")
-        check_vocab(model, cfg.pretrained)
-    except ValueError as e:
-        raise ckpt.CheckpointError(f"--pretrained: {e}") from None
-    per_forward = min(cfg.batch_size, cfg.accum_micro_batch or cfg.batch_size)
-    if model.has_batchnorm and per_forward < 2:
-        raise ckpt.CheckpointError(f"--pretrained {cfg.pretrained}: the model has BatchNorm layers (a ResNet "
-                                   f"tower), which need at least 2 images per forward pass in training; "
-                                   f"--batch-size/--accum-micro-batch {per_forward} is too small")
-    spec = get_loss(cfg.loss)
-    if "logit_bias" in spec.params and model.logit_bias is None:
-        bias = spec.init[spec.params.index("logit_bias")]
-        with_bias = CLIP(dataclasses.replace(model.config, init_logit_bias=bias))
-        missing, unexpected = with_bias.load_state_dict(model.state_dict(), strict=False)
-        assert missing == ["logit_bias"] and not unexpected, (missing, unexpected)
-        model = with_bias
-    elif "logit_bias" not in spec.params and model.logit_bias is not None:
-        raise ckpt.CheckpointError(f"--pretrained {cfg.pretrained}: the model has a logit_bias (it was trained "
-                                   f"with the sigmoid loss), which the {cfg.loss} loss does not use: fine-tune it "
-                                   f"with --loss siglip")
-    return model.train()
-
-
 def train(cfg: TrainConfig, log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     """Train with ``cfg`` and return the final metrics (``metrics.json``'s content; empty on
     ranks other than 0). ``log``: where the run's lines go (default ``print``).
@@ -740,46 +574,3 @@ def train(cfg: TrainConfig, log: Optional[Callable[[str], None]] = None) -> Dict
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
     shutdown_distributed()
     return out
-
-
-class _BatchDraws:
-    """Training batches with too few loaded samples (none, or one where BatchNorm or the softmax
-    loss in one process needs two)
-    skipped, counted and reported; the data declared unusable after a run of them."""
-
-    def __init__(self, trainer: Trainer, batches: Iterator, drawn: int):
-        self.t, self.batches = trainer, batches
-        self.drawn = drawn                      # batches drawn so far (the data position)
-        self.skipped = self.skipped_batches = self.failed_in_a_row = 0
-        self.most_in_failed = 0                 # the largest batch of the current failed run
-        cfg = trainer.cfg
-        self.fail_limit = cfg.max_failed_batches or trainer.steps_per_epoch or 100
-
-    def next_usable(self, step: int, message: Callable[[str], None]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The next batch with enough samples, for training step ``step + 1``."""
-        t, env = self.t, self.t.env
-        while True:
-            images, tokens, n_skip = next(self.batches)
-            self.drawn += 1
-            self.skipped += n_skip
-            loaded = images.shape[0]
-            empty = loaded < t.min_batch
-            if env.distributed:  # all ranks skip together, or the loss's collectives would not pair up
-                empty = sum_over_ranks(env, int(empty)) > 0
-            if not empty:
-                self.failed_in_a_row = self.most_in_failed = 0
-                return images, tokens
-            self.skipped_batches += 1
-            self.failed_in_a_row += 1
-            self.most_in_failed = max(self.most_in_failed, loaded)
-            if self.failed_in_a_row >= self.fail_limit:
-                t._data_unusable(self.failed_in_a_row, self.most_in_failed)
-            if env.is_main and self.skipped_batches <= 3:
-                what = ("no sample" if loaded == 0 else
-                        f"{loaded} sample(s)" + (f" ({t.min_batch_why})" if loaded < t.min_batch else ""))
-                where = "" if not env.distributed else (" on rank 0" if loaded < t.min_batch else
-                                                            ", too few on another rank")
-                message(f"step {step + 1}: {what} of batch {self.drawn} loaded{where} (images missing or "
-                        f"corrupt, or no caption); skipped it{' on every rank' if env.distributed else ''} "
-                        f"and drew the next batch"
-                        + (" (further ones are only counted)" if self.skipped_batches == 3 else ""))

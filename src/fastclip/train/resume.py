@@ -1,0 +1,153 @@
+"""Resuming a run (``--resume``): load the checkpoint into a built ``Trainer`` and reconcile it
+with the command that resumes it.
+
+What a resumed run takes from its checkpoint, whatever the command line says: the weights,
+the optimizer's state and hyperparameters, the data position, the skip counts and the wall
+time. What it takes from the command: the schedule's length and warmup (the first resumed
+step already follows the new schedule, with a note), except under ``--time-budget``, where
+the checkpoint's shortened schedule is kept. Whatever a resume cannot continue exactly (other
+data settings, a run that had finished) is said in ``trainer.resume_notes``, printed at start.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from . import checkpoint as ckpt
+from .run_folder import finished_steps
+
+# The optimizer's hyperparameters live in its saved state; config.json records those that run.
+OPTIMIZER_FIELDS = ("lr", "weight_decay", "beta1", "beta2", "eps")
+
+
+def resume_from_checkpoint(t) -> None:
+    """Load ``t.cfg.resume`` (a path or "latest") into the ``Trainer`` ``t``: sets
+    ``start_step``, ``resumed_from`` and the carried-over counters, and adjusts the schedule
+    and config as the module docstring says. Raises ``CheckpointError`` naming the file."""
+    cfg = t.cfg
+    path = ckpt.resolve_resume(cfg.resume, cfg.output)
+    if path is None:
+        return
+    try:
+        state = ckpt.load_training_state(path, t.model, t.optimizer, t.scheduler, t.scaler,
+                                         map_location=t.env.device)
+    except ckpt.CheckpointError as e:
+        # Not a silent fall-back to an older checkpoint (that would retrain steps
+        # unannounced): the error names the one a user can pass instead.
+        older = ckpt.older_checkpoint(cfg.output, path) if cfg.resume == "latest" else None
+        if older is None or ckpt.readable_training_state(path):
+            raise       # (a readable file that does not fit this run: so would the older one)
+        raise ckpt.CheckpointError(f"{e}; the previous checkpoint of this run is {older} "
+                                   f"(--resume {older} continues from it)") from None
+    t.start_step = int(state["step"])
+    extra = state["extra"]
+    restore_extra(t, path, extra)
+    keep_budget_schedule(t, extra)
+    t.resumed_from = path
+    if t.start_step > t.total_steps:
+        raise ckpt.CheckpointError(f"{path}: the checkpoint is at step {t.start_step}, past the "
+                                   f"run's {t.total_steps} steps: nothing left to train (raise --steps)")
+    keep_checkpoint_optimizer(t, extra)
+    follow_new_schedule(t, extra)
+    note_finished_run(t)
+
+
+def restore_extra(t, path: str, extra: Dict[str, Any]) -> None:
+    """The counters a run carries over: skipped samples and batches, the data position
+    (batches drawn: ahead of the step when batches were skipped; the step in checkpoints that
+    predate it) and the wall time."""
+    try:
+        t.skipped_before = int(extra.get("skipped", 0))
+        t.batches_skipped_before = int(extra.get("skipped_batches", 0))
+        t.data_position = int(extra.get("data_position", t.start_step))
+        t.wall_before = float(extra.get("wall_time_s", 0.0))
+    except (AttributeError, TypeError, ValueError) as e:
+        raise ckpt.CheckpointError(f"{path}: corrupt 'extra' entry in the checkpoint ({e})") from None
+
+
+def keep_checkpoint_optimizer(t, extra: Dict[str, Any]) -> None:
+    """The checkpoint's optimizer hyperparameters stay (a note names those the command asked
+    otherwise), and ``t.cfg`` records them; then ``note_changed_data``."""
+    saved = extra.get("config") if isinstance(extra, dict) else None
+    if not isinstance(saved, dict):
+        return
+    kept = [(k, saved[k], getattr(t.cfg, k)) for k in OPTIMIZER_FIELDS
+            if isinstance(saved.get(k), (int, float)) and isinstance(getattr(t.cfg, k), (int, float))
+            and saved[k] != getattr(t.cfg, k)]
+    if kept:
+        t.resume_notes.append(
+            "the resumed optimizer keeps the checkpoint's " + ", ".join(f"{k} {old:g} (asked {new:g})"
+                                                                      for k, old, new in kept)
+            + "; start a new run to change them")
+        for k, old, _ in kept:
+            setattr(t.cfg, k, old)
+    note_changed_data(t, saved, extra)
+
+
+def note_changed_data(t, saved: Dict[str, Any], extra: Dict[str, Any]) -> None:
+    """Say what a resume cannot continue exactly: the data position counts batches of the
+    checkpoint's global batch, and the order comes from its seed and data (resuming on
+    fewer GPUs after a pre-emption is legitimate, so these are notes, not refusals)."""
+    notes = []
+    gb, now = extra.get("global_batch"), t.cfg.batch_size * t.env.world_size
+    if isinstance(gb, int) and gb != now:
+        notes.append(f"global batch {gb} -> {now} (the data position, {t.data_position} batches, now "
+                     f"counts batches of {now}: not the samples the run would have drawn next)")
+    for k in ("seed", "train_data", "dataset_type"):
+        if k in saved and saved[k] != getattr(t.cfg, k, saved[k]):
+            notes.append(f"{k} {saved[k]!r} -> {getattr(t.cfg, k)!r}")
+    if notes:
+        t.resume_notes.append("resumed with other data settings than the checkpoint's: " + "; ".join(notes)
+                              + "; the run continues, not exactly as an uninterrupted one")
+
+
+def note_finished_run(t) -> None:
+    """Resuming a run that had already finished (its metrics.json says so) from a checkpoint
+    before its end trains its last steps again (checkpoints are written before the last
+    step only): said, since the user may have meant only to evaluate it."""
+    done = finished_steps(t.cfg.output)
+    if done is None or t.start_step >= done:
+        return
+    again = f"steps {t.start_step + 1}-{min(done, t.total_steps)} are trained again"
+    if t.total_steps > done:
+        t.resume_notes.append(f"this run had finished at step {done}; it goes on to step {t.total_steps} "
+                              f"from its checkpoint at step {t.start_step}: {again}, on the "
+                              f"{t.total_steps}-step schedule")
+    else:
+        t.resume_notes.append(f"this run had finished (metrics.json: {done} steps); {again} (to "
+                              f"evaluate it: fastclip eval {t.cfg.output}; to train it further: a "
+                              f"larger --steps)")
+
+
+def keep_budget_schedule(t, extra: Dict[str, Any]) -> None:
+    """With --time-budget, the shortened schedule the checkpoint was trained on (its length
+    and warmup): rebuilt from --steps, a resumed run's learning rate jumped back up to
+    near its peak until the budget cut it again."""
+    total, warm = extra.get("total_steps"), extra.get("warmup_steps")
+    if (t.cfg.time_budget and isinstance(total, int) and isinstance(warm, int)
+            and t.start_step <= total < t.total_steps):
+        t.total_steps, t.warmup_steps = total, min(t.warmup_steps, warm)
+        t.resume_notes.append(f"time budget: the checkpoint's schedule of {total} steps is kept")
+
+
+def follow_new_schedule(t, extra: Dict[str, Any]) -> None:
+    """A resumed run whose --steps or --warmup give another schedule than the checkpoint's:
+    the restored optimizer held the old schedule's learning rate for the first resumed step
+    (LambdaLR applies its function only from the next step on), so two schedules were
+    spliced unannounced. The first step now takes the new schedule's rate, and a note says so."""
+    total, warm = extra.get("total_steps"), extra.get("warmup_steps")
+    if not (isinstance(total, int) and isinstance(warm, int)):
+        return                          # a checkpoint that predates these fields
+    if (total, warm) == (t.total_steps, t.warmup_steps):
+        return
+    sched = t.scheduler
+    old_lr = t.optimizer.param_groups[0]["lr"]
+    new = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+    for group, lr in zip(t.optimizer.param_groups, new):
+        group["lr"] = lr
+    sched._last_lr = list(new)
+    t.resume_notes.append(f"the learning-rate schedule follows this run's {t.total_steps} steps and "
+                          f"{t.warmup_steps} warmup steps (the checkpoint's: {total} and {warm}): lr "
+                          f"{new[0]:.4g} at step {t.start_step + 1} (the old schedule's {old_lr:.4g})")
+
+
+__all__ = ["OPTIMIZER_FIELDS", "resume_from_checkpoint"]
