@@ -433,3 +433,14 @@ def test_help_imports_no_model_dataset_or_evaluation_layer():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_train_packages_submodules_are_attributes_after_a_plain_import():
+    """After the names became lazy, `fastclip.train.checkpoint` (which an error message of
+    load_openai tells users to call) raised AttributeError after `import fastclip.train`."""
+    code = ("import fastclip.train as t\n"
+            "print(t.checkpoint.convert_legacy_checkpoint.__name__, t.trainer.Trainer.__name__, "
+            "t.train.__name__, 'resume' in dir(t))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["convert_legacy_checkpoint", "Trainer", "train", "True"]

@@ -16,7 +16,15 @@ _WHERE = {"TrainConfig": "config", "Trainer": "trainer", "StepHook": "trainer", 
 __all__ = list(_WHERE)
 
 
+_SUBMODULES = ("checkpoint", "config", "data", "demo", "dist_env", "model", "optim", "plots", "progress",
+               "resume", "run_folder", "trainer")
+
+
 def __getattr__(name: str):
+    # submodules too: ``fastclip.train.checkpoint.convert_legacy_checkpoint`` after a plain
+    # ``import fastclip.train``, as when this package imported them all
+    if name in _SUBMODULES:
+        return import_module(f".{name}", __name__)
     if name not in _WHERE:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
@@ -25,4 +33,4 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))
