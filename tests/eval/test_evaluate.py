@@ -640,3 +640,20 @@ def test_val_loss_is_not_diluted_by_batches_of_one_pair(tmp_path):
     alone = val_metrics(_OneHot(), [(rows[:3], rows[:3] * 0.5)])
     assert got["val/loss"] == pytest.approx(alone["val/loss"]) and got["val/n"] == 4
     assert math.isnan(val_metrics(_OneHot(), [(rows[:1], rows[:1])])["val/loss"])
+
+
+def test_fastclip_backend_matters_to_the_val_loss_alone(siglip_run, capsys, monkeypatch, tmp_path):
+    """FASTCLIP_BACKEND naming a backend this machine lacks stopped a zero-shot evaluation,
+    which computes no loss; with --val-data (or a bad --loss-backend given) it is refused."""
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("the CUDA backend is available here")
+    monkeypatch.setenv("FASTCLIP_BACKEND", "cuda")
+    code, out, _ = _eval(capsys, siglip_run, "--demo-eval-samples", "16")
+    assert code == 0 and "zeroshot/mean_top1" in out
+    (tmp_path / "val.csv").write_text("filepath,title\na.png,a cat\n")
+    code, _, err = _eval(capsys, siglip_run, "--val-data", str(tmp_path / "val.csv"))
+    assert code == 2 and "--loss-backend auto takes FASTCLIP_BACKEND='cuda'" in err
+    monkeypatch.delenv("FASTCLIP_BACKEND")
+    code, _, err = _eval(capsys, siglip_run, "--demo-eval-samples", "16", "--loss-backend", "nosuch")
+    assert code == 2 and "--loss-backend 'nosuch': unknown" in err

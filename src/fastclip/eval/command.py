@@ -286,8 +286,11 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, given: Opti
     if given is not None:
         _check_options_apply(p, args, given, val_kind)
     args.class_folders = _scan_folders(p, args)
+    # The loss backend serves --val-data's loss alone: without it, a FASTCLIP_BACKEND this
+    # machine lacks (which --loss-backend auto takes) must not stop a zero-shot evaluation.
+    backend = args.loss_backend != "auto" or args.val_data is not None
     for flag, why in (("--device", device_problem(args.device)),
-                      ("--loss-backend", backend_problem(args.loss_backend))):
+                      ("--loss-backend", backend_problem(args.loss_backend) if backend else None)):
         if why:
             p.error(f"{flag} {why}")
     if args.output is not None:
