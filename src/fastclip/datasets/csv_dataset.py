@@ -108,8 +108,8 @@ class CsvDataset(torch.utils.data.Dataset):
     corrupt, or the row has no caption (an empty or blank cell, or a row cut short before its
     caption column): ``collate_skipping`` drops and counts those. Captionless rows are never
     trained on as an empty text; their line numbers are in ``no_caption_lines``. A row with
-    more fields than the header (an unquoted separator inside a caption: its caption would be
-    cut there) is skipped the same way; its line number is in ``long_row_lines``.
+    more non-empty fields than the header (an unquoted separator inside a caption: its caption
+    would be cut there) is skipped the same way; its line number is in ``long_row_lines``.
 
     The file is UTF-8 (a leading byte-order mark is ignored). Bytes that are not valid UTF-8 never
     stop the reader: in a caption they become U+FFFD (as the webdataset reader decodes captions),
@@ -147,7 +147,9 @@ class CsvDataset(torch.utils.data.Dataset):
                                         f"(columns {', '.join(map(str, at))}): rename all but the one to use")
                 for r in reader:
                     img, cap = r[img_key] or "", r[caption_key] or ""
-                    if None in r:          # fields past the header's: csv.DictReader files them under None
+                    # fields past the header's (csv.DictReader files them under None); empty ones
+                    # are a trailing separator, which cuts nothing
+                    if any(x.strip() for x in r.get(None) or ()):
                         self.long_row_lines.append(reader.line_num)
                         rows.append((img, ""))
                         continue
