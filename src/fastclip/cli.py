@@ -636,8 +636,9 @@ def run_reporting(command: str, fn, user_errors: tuple) -> int:
     except RuntimeError as e:
         if rank is None or not _peer_gone(e):
             raise
-        print(f"{who}stopped: another rank stopped first (its error is above): {_one_line(str(e))[:200]}",
-              file=sys.stderr)
+        # (a rank interrupted or killed on its own prints nothing: only rank 0 reports Ctrl-C)
+        print(f"{who}stopped: another rank stopped first (its error, if it printed one, is above; a "
+              f"rank interrupted or killed prints none): {_one_line(str(e))[:200]}", file=sys.stderr)
         global _peer_stopped
         _peer_stopped = True
         return 2
