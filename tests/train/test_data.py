@@ -507,6 +507,11 @@ def test_empty_shards_and_unloadable_validation_data_are_data_errors(tmp_path):
         image_size, context_length = 32, 16
     with pytest.raises(DataError, match=r"--val-data .*missing.csv.*no sample loaded \(2 skipped"):
         load_val_batches(cfg, M())
+    # an empty shard as --val-data: the training reader's "reader 0 of 1 ... ranks x --workers"
+    # named neither the flag nor the cause
+    for shard in (zero, empty):
+        with pytest.raises(DataError, match=rf"--val-data '{shard}': no samples \(its shards are empty\)$"):
+            load_val_batches(TrainConfig(val_data=str(shard), batch_size=2), M())
     # --val-data's type comes from its own name when it tells, whatever --dataset-type says
     assert detect_val_type(str(missing), "webdataset") == "csv"
     assert detect_val_type(str(empty), "csv") == "webdataset"

@@ -275,17 +275,26 @@ def load_val_batches(cfg: TrainConfig, model, log: Optional[Callable[[str], None
         note = _missing_shards_note(cfg.val_data, expand_urls(cfg.val_data), "evaluating on the others")
         if note and log is not None:
             log(f"--val-data: {note}")
+        from ..datasets.csv_dataset import DataError
         ds = _digesting_shards(cfg.val_data, batch_size, image_transform_for(model, False),
                                model.context_length, seed=cfg.seed, shuffle_buffer=0, max_epochs=1)
-        for imgs, toks, skipped in ds:
-            skipped_total += skipped
-            digests, ds.digests = ds.digests[:len(imgs)], ds.digests[len(imgs):]   # this batch's
-            imgs, toks = imgs[:max(0, limit - n)], toks[:max(0, limit - n)]   # at most `limit` samples
-            if len(imgs):
-                out.append((imgs, toks, image_ids(digests[:len(imgs)])))
-            n += len(imgs) + skipped
-            if n >= limit:
-                break
+        try:
+            for imgs, toks, skipped in ds:
+                skipped_total += skipped
+                digests, ds.digests = ds.digests[:len(imgs)], ds.digests[len(imgs):]   # this batch's
+                imgs, toks = imgs[:max(0, limit - n)], toks[:max(0, limit - n)]   # at most `limit` samples
+                if len(imgs):
+                    out.append((imgs, toks, image_ids(digests[:len(imgs)])))
+                n += len(imgs) + skipped
+                if n >= limit:
+                    break
+        except DataError as e:
+            # The training reader's message ("reader 0 of 1 got no samples ... fewer samples than
+            # there are readers (ranks x --workers)") named neither the flag nor the cause here:
+            # validation reads its shards with one reader.
+            if n or out or "got no samples" not in str(e):
+                raise
+            raise DataError(f"--val-data {cfg.val_data!r}: no samples (its shards are empty)") from None
     if len(out) > 1 and len(out[-1][0]) == 1:
         last = out.pop()
         out[-1] = tuple(torch.cat([a, b]) for a, b in zip(out[-1], last))
