@@ -574,3 +574,22 @@ def test_webdataset_resume_gives_the_same_augmented_batches(tmp_path, workers):
     resumed = batches(3, 4)
     for a, b in zip(full[3:], resumed):
         assert torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])
+
+
+def test_unusable_data_under_torchrun_names_the_short_rank_not_this_one():
+    """Under torchrun a rank that had loaded 3, 2 and 2 samples of the skipped batches said it
+    had loaded 'fewer than 2 samples' (another rank was the short one)."""
+    from types import SimpleNamespace
+
+    from fastclip.datasets import DataError
+    from fastclip.train.data import BatchDraws
+
+    def trainer(distributed):
+        return SimpleNamespace(cfg=SimpleNamespace(max_failed_batches=None, batch_size=4), steps_per_epoch=8,
+                               env=SimpleNamespace(distributed=distributed, world_size=2 if distributed else 1),
+                               min_batch=2, min_batch_why="the model's BatchNorm needs 2", data_desc="CSV t.csv")
+    with pytest.raises(DataError, match=r"fewer than 2 samples loaded on at least one rank \(every rank skips such "
+                                        r"a batch together; the model's BatchNorm needs 2\) in 8 batches in a row"):
+        BatchDraws(trainer(True), iter(()), 0).unusable(8, most=3)
+    with pytest.raises(DataError, match=r"CSV t.csv: fewer than 2 samples loaded \(the model's BatchNorm needs 2\)"):
+        BatchDraws(trainer(False), iter(()), 0).unusable(8, most=1)

@@ -370,8 +370,14 @@ class BatchDraws:
         t = self.t
         spe = t.steps_per_epoch
         span = " (a whole epoch)" if spe and n >= spe else ""
-        what = ("no sample loaded" if most == 0 else
-                f"fewer than {t.min_batch} samples loaded ({t.min_batch_why})")
+        if t.env.distributed:
+            # ``most`` is this rank's: another rank may have been the short one
+            short = "no sample" if t.min_batch == 1 else f"fewer than {t.min_batch} samples"
+            what = (f"{short} loaded on at least one rank (every rank skips such a batch together"
+                    + (f"; {t.min_batch_why}" if t.min_batch > 1 else "") + ")")
+        else:
+            what = ("no sample loaded" if most == 0 else
+                    f"fewer than {t.min_batch} samples loaded ({t.min_batch_why})")
         raise DataError(f"{t.data_desc}: {what} in {n} batches in a row{span} "
                         f"({n * t.cfg.batch_size * t.env.world_size} samples: images missing or corrupt, "
                         f"or no caption); the data looks unusable: {self.advice()} "
