@@ -215,6 +215,30 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path):
                    for d in (aside, os.path.join(out, "checkpoints")))
 
 
+@pytest.mark.parametrize("ranks, workers, noted", [(2, 0, False), (2, 1, False), (1, 0, True), (2, 2, True)])
+def test_a_shard_run_resumed_with_other_readers_says_so(ranks, workers, noted):
+    """A shard run of 2 ranks x 0 workers resumed in one process with twice the batch (the same
+    global batch), or with --workers 2, read other samples next without a word."""
+    from types import SimpleNamespace
+
+    from fastclip.train.resume import note_changed_data
+    cfg = SimpleNamespace(batch_size=8 // ranks, seed=0, train_data="s{0..2}.tar", dataset_type="auto",
+                          workers=workers)
+    t = SimpleNamespace(cfg=cfg, env=SimpleNamespace(world_size=ranks), data_position=4, resume_notes=[],
+                        data_type="webdataset")
+    saved = dict(batch_size=4, seed=0, train_data="s{0..2}.tar", dataset_type="auto", workers=0)
+    for extra in ({"global_batch": 8, "world_size": 2}, {"global_batch": 8}):    # the field, or derived
+        t.resume_notes.clear()
+        note_changed_data(t, saved, extra)
+        assert bool(t.resume_notes) == noted, t.resume_notes
+        if noted:
+            assert (f"shard readers 2 rank(s) x 0 worker(s) -> {ranks} x {workers} (each reader streams its own "
+                    f"share of the shards") in t.resume_notes[0]
+    t.data_type, t.resume_notes = "csv", []      # map-style data: the position alone decides
+    note_changed_data(t, saved, {"global_batch": 8, "world_size": 2})
+    assert t.resume_notes == []
+
+
 def test_resuming_with_other_data_settings_says_so(tmp_path, capsys):
     """A 2-rank run resumed in one process, or with another seed or dataset, continued without
     a word (its epoch counter jumped back)."""

@@ -95,6 +95,16 @@ def note_changed_data(t, saved: Dict[str, Any], extra: Dict[str, Any]) -> None:
     for k in ("seed", "train_data", "dataset_type"):
         if k in saved and saved[k] != getattr(t.cfg, k, saved[k]):
             notes.append(f"{k} {saved[k]!r} -> {getattr(t.cfg, k)!r}")
+    if getattr(t, "data_type", None) == "webdataset":
+        # Shards are streamed by ranks x workers readers, each from its own share of them: another
+        # count of either reads other samples next (a same global batch did not make it exact).
+        w0 = extra.get("world_size")
+        if not isinstance(w0, int) and isinstance(gb, int) and isinstance(saved.get("batch_size"), int):
+            w0 = gb // max(1, saved["batch_size"])       # checkpoints that predate the field
+        k0, w1, k1 = saved.get("workers"), t.env.world_size, t.cfg.workers
+        if isinstance(w0, int) and isinstance(k0, int) and (w0, max(1, k0)) != (w1, max(1, k1)):
+            notes.append(f"shard readers {w0} rank(s) x {k0} worker(s) -> {w1} x {k1} (each reader streams "
+                         f"its own share of the shards: not the samples the run would have drawn next)")
     if notes:
         t.resume_notes.append("resumed with other data settings than the checkpoint's: " + "; ".join(notes)
                               + "; the run continues, not exactly as an uninterrupted one")

@@ -479,6 +479,7 @@ class Trainer:
                                  "wall_time_s": self.wall_before + time.time() - t_start,
                                  "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
                                  "global_batch": cfg.batch_size * env.world_size,
+                                 "world_size": env.world_size,
                                  "config": dataclasses.asdict(cfg), "model_config": self.model.config.to_dict()}
                         ckpt.save_training_state(out_dir, step, self.model, self.optimizer, self.scheduler,
                                                  self.scaler, extra=extra, keep=cfg.keep_checkpoints)
