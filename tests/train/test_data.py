@@ -278,9 +278,16 @@ def test_csv_rows_longer_than_the_header_and_doubled_columns(tmp_path):
     with pytest.raises(DataError, match=r"twice.csv: column 'title' \(caption_key\) is named 2 times in the "
                                         r"header \(columns 2, 3\)"):
         CsvDataset(str(tmp_path / "twice.csv"), image_transform(32))
-    (tmp_path / "trailing.csv").write_text("filepath,title\nimg0.png,a cat,\nimg1.png,a dog, ,\n")
-    ds = CsvDataset(str(tmp_path / "trailing.csv"), image_transform(32))       # a trailing separator
+    # A separator at the end of every line is fine (the same empty extra field on each row); an
+    # empty extra field on some rows only is a cut caption: the row's tail slid into an empty
+    # optional last column ("a black cat" was trained on).
+    (tmp_path / "trailing.csv").write_text("filepath,title\nimg0.png,a cat,\nimg1.png,a dog, \n")
+    ds = CsvDataset(str(tmp_path / "trailing.csv"), image_transform(32))
     assert ds.captions == ["a cat", "a dog"] and ds.long_row_lines == []
+    (tmp_path / "slid.csv").write_text("filepath,title,url\nimg0.png,a dog on grass,\n"
+                                       "img1.png,a black cat, sitting on a red sofa,\n")
+    ds = CsvDataset(str(tmp_path / "slid.csv"), image_transform(32))
+    assert ds.captions == ["a dog on grass", ""] and ds.long_row_lines == [3]
     (tmp_path / "other.csv").write_text("filepath,title,note,note\nimg0.png,a cat,x,y\n")
     assert CsvDataset(str(tmp_path / "other.csv"), image_transform(32)).captions == ["a cat"]  # unused: fine
 

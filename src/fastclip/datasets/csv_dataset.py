@@ -108,8 +108,9 @@ class CsvDataset(torch.utils.data.Dataset):
     corrupt, or the row has no caption (an empty or blank cell, or a row cut short before its
     caption column): ``collate_skipping`` drops and counts those. Captionless rows are never
     trained on as an empty text; their line numbers are in ``no_caption_lines``. A row with
-    more non-empty fields than the header (an unquoted separator inside a caption: its caption
-    would be cut there) is skipped the same way; its line number is in ``long_row_lines``.
+    more fields than the header (an unquoted separator inside a caption: its caption would be
+    cut there) is skipped the same way, unless every row ends in the same empty extra fields
+    (a separator at the end of each line); its line number is in ``long_row_lines``.
 
     The file is UTF-8 (a leading byte-order mark is ignored). Bytes that are not valid UTF-8 never
     stop the reader: in a caption they become U+FFFD (as the webdataset reader decodes captions),
@@ -145,20 +146,27 @@ class CsvDataset(torch.utils.data.Dataset):
                         at = [i + 1 for i, f in enumerate(fields) if f == key]
                         raise DataError(f"{path}: column {key!r} ({what}) is named {len(at)} times in the header "
                                         f"(columns {', '.join(map(str, at))}): rename all but the one to use")
+                # Fields past the header's: csv.DictReader files them under None. A row with
+                # some is an unquoted separator in a caption (cut there), unless every row ends
+                # in the same empty extra fields: a separator at the end of each line.
+                extras: List[Tuple[int, Optional[List[str]]]] = []     # (line, the row's extras)
                 for r in reader:
-                    img, cap = r[img_key] or "", r[caption_key] or ""
-                    # fields past the header's (csv.DictReader files them under None); empty ones
-                    # are a trailing separator, which cuts nothing
-                    if any(x.strip() for x in r.get(None) or ()):
-                        self.long_row_lines.append(reader.line_num)
-                        rows.append((img, ""))
+                    extras.append((reader.line_num, r.get(None)))
+                    rows.append((r[img_key] or "", r[caption_key] or ""))
+                trailing = (bool(extras) and len({len(x or ()) for _, x in extras}) == 1
+                            and not any(v.strip() for _, x in extras for v in x or ()))
+                for k, (line, extra) in enumerate(extras):
+                    img, cap = rows[k]
+                    if extra and not trailing:
+                        self.long_row_lines.append(line)
+                        rows[k] = (img, "")
                         continue
                     if _has_surrogates(img) or _has_surrogates(cap):
-                        self.invalid_utf8_lines.append(reader.line_num)
+                        self.invalid_utf8_lines.append(line)
                         cap = cap.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                        rows[k] = (img, cap)
                     if not cap.strip():
-                        self.no_caption_lines.append(reader.line_num)
-                    rows.append((img, cap))
+                        self.no_caption_lines.append(line)
         except csv.Error as e:
             raise DataError(f"{path}: not a readable CSV file ({e})") from None
         if not rows:
