@@ -92,14 +92,17 @@ def eight_bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.nan_to_num(a), 0, 255).round().astype(np.uint8), "L")
 
 
-# Resized images up to this many pixels (48 MiB in RGB) are made whole, then cropped: exactly
-# OpenAI's preprocessing. Past it (a side over 74,898 pixels at 224) only the crop is resampled.
+# Resized images up to this many pixels (48 MiB in RGB), or of an aspect up to 16 (at most 16
+# crops' worth of pixels), are made whole, then cropped: exactly OpenAI's preprocessing. Past
+# both (a side over 74,898 pixels at 224) only the crop is resampled.
 _WHOLE_RESIZE_MAX_PIXELS = 1 << 24
+_WHOLE_RESIZE_MAX_ASPECT = 16
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     """``center_crop(resize_short_side(img, size), size)``, exactly, unless the resized image
-    would exceed 2^24 pixels: then only the crop's region is resampled (a 1x100000 image
+    would exceed 2^24 pixels and be more than 16 times as long as wide (or the other way
+    round): then only the crop's region is resampled (a 1x100000 image
     resized whole is 224x22,400,000 pixels, 18.7 GiB, before the crop), to within two levels
     of the whole resize (measured on noise images: Pillow rounds to 8 bits between its two
     passes; the order of the passes is matched, not the weights' exact offsets)."""
@@ -107,7 +110,9 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     if min(w, h) <= 0:
         raise ValueError(f"image of size {w}x{h}: an empty image cannot be resized")
     nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-    if nw * nh <= _WHOLE_RESIZE_MAX_PIXELS:
+    if nw * nh <= _WHOLE_RESIZE_MAX_PIXELS or max(w, h) <= _WHOLE_RESIZE_MAX_ASPECT * min(w, h):
+        # (Pillow orders its two passes by the sizes: no one order of a crop's resampling
+        # matches it at mild aspects, where the crop-region path was up to 28 levels off)
         return center_crop(resize_short_side(img, size), size)
     left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
     fx, fy = w / nw, h / nh                        # source pixels per resized pixel
