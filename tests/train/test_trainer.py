@@ -236,6 +236,12 @@ def test_a_shard_run_resumed_with_other_readers_says_so(ranks, workers, noted):
                     f"share of the shards") in t.resume_notes[0]
     t.data_type, t.resume_notes = "csv", []      # map-style data: the position alone decides
     note_changed_data(t, saved, {"global_batch": 8, "world_size": 2})
+    assert t.resume_notes == ["resumed with other data settings than the checkpoint's: dataset type 'webdataset' "
+                              "-> 'csv'; the run continues, not exactly as an uninterrupted one"]
+    # --dataset-type webdataset then "auto" on the same shards: the same type (it was noted)
+    t.data_type, t.resume_notes = "webdataset", []
+    cfg.batch_size, cfg.workers, t.env.world_size = 4, 0, 2
+    note_changed_data(t, dict(saved, dataset_type="webdataset"), {"global_batch": 8, "world_size": 2})
     assert t.resume_notes == []
 
 

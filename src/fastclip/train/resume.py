@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Dict
 
 from . import checkpoint as ckpt
+from .data import detect_dataset_type
 from .run_folder import finished_steps
 
 # The optimizer's hyperparameters live in its saved state; config.json records those that run.
@@ -92,9 +93,19 @@ def note_changed_data(t, saved: Dict[str, Any], extra: Dict[str, Any]) -> None:
     if isinstance(gb, int) and gb != now:
         notes.append(f"global batch {gb} -> {now} (the data position, {t.data_position} batches, now "
                      f"counts batches of {now}: not the samples the run would have drawn next)")
-    for k in ("seed", "train_data", "dataset_type"):
+    for k in ("seed", "train_data"):
         if k in saved and saved[k] != getattr(t.cfg, k, saved[k]):
             notes.append(f"{k} {saved[k]!r} -> {getattr(t.cfg, k)!r}")
+    if "dataset_type" in saved:
+        # the type each setting gives the data: --dataset-type webdataset and "auto" on .tar
+        # shards are one (it was noted as a change)
+        try:
+            before = detect_dataset_type(saved.get("train_data"), saved["dataset_type"])
+        except (ValueError, TypeError, AttributeError):
+            before = saved["dataset_type"]
+        now = getattr(t, "data_type", None) or t.cfg.dataset_type
+        if before != now:
+            notes.append(f"dataset type {before!r} -> {now!r}")
     if getattr(t, "data_type", None) == "webdataset":
         # Shards are streamed by ranks x workers readers, each from its own share of them: another
         # count of either reads other samples next (a same global batch did not make it exact).
