@@ -417,6 +417,10 @@ def _check_model_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
                 f"{VOCAB_SIZE} ids (CLIP's BPE)")
     if "logit_bias" in get_loss(args.loss).params and (args.model_overrides or {}).get("init_logit_bias", 0) is None:
         p.error(f"--loss {args.loss} learns a logit_bias: --model-overrides init_logit_bias must be a number, not null")
+    if "logit_bias" not in get_loss(args.loss).params and model.logit_bias is not None:
+        # a bias the loss never reads, kept in the model: its evaluation then took the sigmoid loss
+        p.error(f"--loss {args.loss} uses no logit_bias: drop init_logit_bias from --model-overrides, or train "
+                f"with --loss siglip")
     if model.has_batchnorm:
         # BatchNorm in training mode needs two values per channel: a forward of one image
         # fails where the tower ends at 1x1 (the demo's 32x32 images, at least).

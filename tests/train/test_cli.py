@@ -102,6 +102,9 @@ def test_no_command_prints_help_and_exits_2(capsys):
     (["train", "--model", "tiny-vit", "--model-overrides", '{"patch_size": 0}'], "patch_size must be in"),
     (["train", "--loss", "siglip", "--model-overrides", '{"init_logit_bias": null}'],
      "init_logit_bias must be a number"),
+    # a bias the softmax loss never trains: the run's eval then took the sigmoid loss
+    (["train", "--model-overrides", '{"init_logit_bias": -5}'],
+     "--loss clip uses no logit_bias: drop init_logit_bias from --model-overrides, or train with --loss siglip"),
 ])
 def test_argument_errors_exit_2_with_a_clear_message(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:

@@ -276,3 +276,12 @@ def test_default_warmup_leaves_room_for_the_decay(tmp_path, capsys):
     assert "--warmup 5 is not shorter than the run: the warmup is cut to its 3 steps" in out
     # The same command starts a run and continues it (preemptible jobs): the first start says so.
     assert f"--resume latest: no checkpoint in {tmp_path / 'b'} yet: a new run" in out
+
+
+def test_the_softmax_loss_refuses_a_model_with_a_bias(tmp_path):
+    """A clip-loss run of a model with a logit_bias kept the bias at its initial value, and its
+    evaluation (fastclip eval) took the model for a sigmoid-loss one."""
+    with pytest.raises(ValueError, match=r"loss 'clip' uses no logit_bias: the model has one \(init_logit_bias -5"):
+        train(TrainConfig(model="tiny-vit", output=str(tmp_path / "run"), steps=1, batch_size=4, progress="none",
+                          plot=False, demo_train_samples=8, demo_eval_samples=8,
+                          model_overrides={"init_logit_bias": -5.0}))

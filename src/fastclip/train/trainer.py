@@ -134,6 +134,10 @@ class Trainer:
         if "logit_bias" in get_loss(cfg.loss).params and self.model.logit_bias is None:
             raise ValueError(f"loss {cfg.loss!r} learns a logit_bias: the model needs one (init_logit_bias must "
                              f"not be None)")
+        if "logit_bias" not in get_loss(cfg.loss).params and self.model.logit_bias is not None:
+            # it would stay at its initial value, and the model be taken for a sigmoid-loss one
+            raise ValueError(f"loss {cfg.loss!r} uses no logit_bias: the model has one (init_logit_bias "
+                             f"{self.model.config.init_logit_bias}); drop it or train with loss 'siglip'")
         # ResNet towers run in channels_last: the demo's step (batch 128) takes 0.27 s instead of
         # 0.43 s on a 2-core Zen 4 (oneDNN's NHWC convolutions); images are converted to match.
         self.memory_format = torch.channels_last if self.model.config.is_resnet else torch.contiguous_format
