@@ -706,3 +706,18 @@ def test_distributed_refuses_w1_flags_in_the_other_modes(capsys, tmp_path):
             distributed.main(["--mode", "cpu", "--worlds", "2", "--sizes", "64", *flag, "--out", str(tmp_path)])
         assert e.value.code == 2
         assert "applies to --mode w1 only" in capsys.readouterr().err
+
+
+def test_memory_estimates_charge_n_squared_only_to_what_holds_it():
+    """Every fastclip backend was charged the reference's N² tiles: --max-mem-gb 0.3 skipped the
+    cpu kernel (~4 MB at N = 4096, bf16) and kept open_clip's loss (~129 MB)."""
+    spec = M.get_loss("clip")
+
+    def est(method, n, dtype=torch.bfloat16, d=16):
+        return M.extra_bytes_estimate(spec, method, n, d, dtype, device="cpu")
+    assert est("cpu", 4096) < est("naive", 4096) / 4 and est("cpu", 4096) <= 80 << 20
+    assert est("reference", 4096) > est("cpu", 4096)          # its chunked form holds N² tiles
+    for n in (1024, 4096, 65536):                            # the fused kernels: O(N·D) (+ the dY budget)
+        assert est("cpu", 2 * n) - est("cpu", n) <= 8 * n * 16 * 4 + 64 * n + (64 << 20)
+        assert est("triton", 2 * n) == 2 * est("triton", n)
+    assert est("gemm", 1 << 20) - est("triton", 1 << 20) == (1 << 26) * 4   # one 256 MiB chunk
