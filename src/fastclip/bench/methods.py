@@ -366,12 +366,11 @@ def extra_bytes_estimate(spec: BenchLoss, method: str, n: int, d: int, dtype: to
                          device: str, naive: str = "auto", max_mem_bytes: int = 0) -> int:
     """Memory a method needs beyond the inputs and their gradients (an upper estimate).
 
-    fastclip's backends: 8 N·D accumulator copies, plus their own buffers: ``reference`` at
-    most 6 tiles of min(2^24, N²) accumulator elements (its chunked form); ``gemm`` one chunk
-    of the logit matrix, min(N², 2^26) accumulator elements (256 MiB); ``cpu`` the per-thread
-    dY buffers, min(threads·N·D, max(64 MiB, threads·192·D)); the other fused kernels nothing
-    N-squared. (Every backend was charged the reference's N² tiles: a memory budget skipped the
-    fused kernel, ~4 MB at N = 4096 in bf16, where it kept open_clip's loss, ~129 MB.)
+    fastclip's backends: 8 N·D accumulator copies, plus the buffers the backend declares
+    (``Backend.scratch_bytes``: the reference's N² tiles, the gemm backend's logit chunk, the
+    cpu kernel's dY buffers; nothing for the fused GPU kernels). (Every backend was charged the
+    reference's N² tiles: a memory budget skipped the fused kernel, ~4 MB at N = 4096 in bf16,
+    where it kept open_clip's loss, ~129 MB.)
     """
     e = esize(dtype)
     acc = 8 if dtype == torch.float64 else 4
@@ -383,15 +382,10 @@ def extra_bytes_estimate(spec: BenchLoss, method: str, n: int, d: int, dtype: to
     peer = _peer(spec, method)
     if peer is not None:
         return peer.extra_bytes(n, d, dtype)
-    base = 8 * n * d * acc + 64 * n
-    if method == "cpu":
-        threads = torch.get_num_threads()
-        return base + min(threads * n * d * acc, max(64 << 20, threads * 192 * d * acc))
-    if method == "gemm":
-        return base + min(n * n, 1 << 26) * acc
-    if method in ("triton", "cuda"):
-        return base
-    return base + 6 * min(1 << 24, n * n) * acc          # reference, and any backend not known here
+    from fastclip.ops.backends import all_backends  # noqa: PLC0415
+    b = all_backends().get(method)
+    scratch = b.scratch_bytes(n, n, d, acc) if b is not None else 6 * min(1 << 24, n * n) * acc
+    return 8 * n * d * acc + 64 * n + scratch
 
 
 def skip_reason(spec: BenchLoss, method: str, n: int, d: int, dtype: torch.dtype, *,

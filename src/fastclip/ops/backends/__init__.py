@@ -89,6 +89,9 @@ class Backend:
         different rounding than its forward (another operand order or tiling) carries
         ε·|z| into every exp(z - lse): beyond this bound its gradients' relative error is
         at most 2^-23·max|z| instead (tested), e.g. 1.2e-3 at |z| = 1e4.
+    scratch_bytes: (n, m, D, accumulator bytes) -> the bytes of its own buffers beyond the
+        O((n+m)·D) every backend holds (the benchmarks' memory budget reads it): 0 for the
+        fused kernels, their tiles and chunks for the others.
     """
 
     name: str
@@ -103,6 +106,7 @@ class Backend:
     losses: tuple[str, ...] = ("clip", "siglip")
     emulated: Callable[[], bool] = lambda: False
     exact_logits: float = float("inf")
+    scratch_bytes: Callable[[int, int, int, int], int] = lambda n, m, d, acc: 0
 
     def available(self) -> bool:
         return self.availability()[0]

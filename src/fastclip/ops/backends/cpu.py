@@ -108,8 +108,15 @@ def fwd_bwd(spec, x: Tensor, y: Tensor, params: Tensor, normalize: bool, eps: fl
     return row, col, pos, dx.to(x.dtype), dy.to(y.dtype), _dparams(pair, params, dt)
 
 
+def _scratch_bytes(n: int, m: int, d: int, acc: int) -> int:
+    """The per-thread dY buffers: all m columns unless that exceeds 64 MB, then chunks of at
+    least 192 columns per thread (the module docstring)."""
+    threads = torch.get_num_threads()
+    return min(threads * m * d * acc, max(64 << 20, threads * 192 * d * acc))
+
+
 register_backend(Backend(
     name="cpu", code=1, devices=("cpu",), dtypes=ALL_DTYPES,
     priority=100,                 # the fastest on the CPU (benchmarks/results/cpu-*.md)
     availability=_availability, fwd=fwd, bwd=bwd, fwd_bwd=fwd_bwd,
-    losses=("clip", "siglip")))
+    losses=("clip", "siglip"), scratch_bytes=_scratch_bytes))

@@ -31,4 +31,6 @@ def _priority(device: torch.device) -> int:
     return 15 if device.type == "cuda" else -10
 
 
-register_backend(triton_backend("gemm", 4, _priority, _kernels))
+# one chunk of the logit matrix at a time: 256 MiB of fp32 (the module docstring)
+register_backend(triton_backend("gemm", 4, _priority, _kernels,
+                                scratch_bytes=lambda n, m, d, acc: min(n * m, 1 << 26) * 4))

@@ -13,4 +13,6 @@ register_backend(Backend(
     availability=lambda: (True, ""),
     fwd=_ref.block_fwd, bwd=_ref.block_bwd, fwd_bwd=_ref.block_fwd_bwd,
     losses=tuple(LOSSES),
+    # its chunked form: at most six tiles of 2^24 accumulator elements at a time
+    scratch_bytes=lambda n, m, d, acc: 6 * min(1 << 24, n * m) * acc,
 ))

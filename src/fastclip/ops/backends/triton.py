@@ -60,7 +60,7 @@ def _priority(device: torch.device) -> int:
     return 20 if device.type == "cuda" else -10
 
 
-def triton_backend(name: str, code: int, priority, kernels) -> Backend:
+def triton_backend(name: str, code: int, priority, kernels, scratch_bytes=lambda n, m, d, acc: 0) -> Backend:
     """A backend whose block functions are those of a Triton launcher module (``kernels()``
     imports it, and triton, on first use; the loss goes to the kernels as its code): the
     devices, dtypes, availability and losses of every Triton backend here."""
@@ -94,6 +94,7 @@ def triton_backend(name: str, code: int, priority, kernels) -> Backend:
         # fma chain per element: fastclip/ops/triton/contrastive_loss.py, "Rounding"): no
         # bound, for the fused kernels and the gemm backend's gradient tiles alike.
         exact_logits=float("inf"),
+        scratch_bytes=scratch_bytes,
     )
 
 
