@@ -300,12 +300,19 @@ def probe_metrics(train_features: torch.Tensor, train_labels: torch.Tensor, test
             "probe/n_train": int(xtr.shape[0]), "probe/n_test": int(xte.shape[0])}
 
 
+def single_pair_val_loss(metrics: Dict[str, float]) -> bool:
+    """``val/loss`` is NaN because no val batch had two rows (the softmax loss of one pair is
+    0, so none is scored), not because the model diverged: shown as n/a."""
+    v = metrics.get("val/loss")
+    return isinstance(v, float) and v != v and metrics.get("val/n", 2) < 2
+
+
 def format_metrics(metrics: Dict[str, float], header: Optional[str] = None) -> str:
     """The metrics as aligned ``name value`` lines; fractions as percentages."""
     lines = [header] if header else []
     width = max((len(k) for k in metrics), default=0)
     for k, v in metrics.items():
-        if k == "val/loss" and v != v and metrics.get("val/n", 2) < 2:
+        if k == "val/loss" and single_pair_val_loss(metrics):
             shown = f"n/a ({metrics['val/n']} val pair: the softmax loss needs two)"
         elif isinstance(v, float) and (k.endswith(("top1", "top5")) or "R@" in k or k.endswith("recall")
                                      or k.startswith("chance/")):
@@ -320,5 +327,5 @@ def format_metrics(metrics: Dict[str, float], header: Optional[str] = None) -> s
 
 __all__ = ["FolderStream", "ZeroShotSet", "add_mean_top1", "check_vocab", "encode_batches", "encode_images",
            "folder_zeroshot_metrics", "format_metrics", "load_model", "probe_metrics", "resolve_model_file",
-           "val_metrics", "zeroshot_metrics"]
+           "single_pair_val_loss", "val_metrics", "zeroshot_metrics"]
 

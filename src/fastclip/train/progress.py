@@ -76,9 +76,8 @@ def format_eval(ev: Dict[str, float]) -> str:
             tasks.append(f"{name} {100 * v:.1f}%" + (f" (chance {100 * chance:.1f}%)" if chance else ""))
     parts = ["zero-shot top-1 " + ", ".join(tasks)] if tasks else []
     if "val/loss" in ev:
-        vl = ev["val/loss"]
-        # NaN for the softmax loss when no val batch has two rows (one pair's loss is 0)
-        loss = (f"n/a ({ev['val/n']} val pair)" if vl != vl and ev.get("val/n", 2) < 2 else f"{vl:.3f}")
+        from ..eval.evaluate import single_pair_val_loss
+        loss = f"n/a ({ev['val/n']} val pair)" if single_pair_val_loss(ev) else f"{ev['val/loss']:.3f}"
         parts.append(f"val loss {loss}, val mean recall {100 * ev['val/mean_recall']:.1f}%")
     return f"eval @ step {ev['step']}: " + ("; ".join(parts) if parts else "nothing to evaluate")
 
