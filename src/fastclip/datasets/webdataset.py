@@ -26,6 +26,10 @@ from .csv_dataset import DataError, collate_skipping, load_image, seeded_transfo
 from .folder import IMAGE_EXTENSIONS
 
 IMAGE_EXTS = tuple(e[1:] for e in IMAGE_EXTENSIONS)     # a sample's image member, by extension
+
+
+class NoSamplesError(DataError):
+    """A reader of the shards got no sample at all: they are empty, or fewer than the readers."""
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
 
@@ -239,7 +243,7 @@ class WebDataset(torch.utils.data.IterableDataset):
                     yield collate_skipping(batch)
                     batch = []
             if not produced and self._reader_can_never_produce(stride):
-                raise DataError(f"reader {slot} of {stride} got no samples from {len(self.urls)} shard(s) "
+                raise NoSamplesError(f"reader {slot} of {stride} got no samples from {len(self.urls)} shard(s) "
                                 f"({self.urls[0]}{', ...' if len(self.urls) > 1 else ''}): the shards are empty, "
                                 f"or hold fewer samples than there are readers (ranks x --workers)")
             epoch += 1  # a partial last batch carries into the next epoch

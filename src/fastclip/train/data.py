@@ -276,6 +276,7 @@ def load_val_batches(cfg: TrainConfig, model, log: Optional[Callable[[str], None
         if note and log is not None:
             log(f"--val-data: {note}")
         from ..datasets.csv_dataset import DataError
+        from ..datasets.webdataset import NoSamplesError
         ds = _digesting_shards(cfg.val_data, batch_size, image_transform_for(model, False),
                                model.context_length, seed=cfg.seed, shuffle_buffer=0, max_epochs=1)
         try:
@@ -288,12 +289,10 @@ def load_val_batches(cfg: TrainConfig, model, log: Optional[Callable[[str], None
                 n += len(imgs) + skipped
                 if n >= limit:
                     break
-        except DataError as e:
+        except NoSamplesError:
             # The training reader's message ("reader 0 of 1 got no samples ... fewer samples than
             # there are readers (ranks x --workers)") named neither the flag nor the cause here:
             # validation reads its shards with one reader.
-            if n or out or "got no samples" not in str(e):
-                raise
             raise DataError(f"--val-data {cfg.val_data!r}: no samples (its shards are empty)") from None
     if len(out) > 1 and len(out[-1][0]) == 1:
         last = out.pop()
