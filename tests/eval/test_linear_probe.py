@@ -175,3 +175,45 @@ def test_invalid_probe_arguments_are_refused():
     with pytest.raises(ValueError, match="max_iter must be a positive int, got 0"):
         fit_logistic(x, y, 2, 1.0, max_iter=0)
     assert linear_probe(x, y, x, y, Cs=[1.0], refine_steps=0, max_iter=np.int64(50)).accuracy > 0.9
+
+
+def test_two_classes_match_sklearn_at_the_same_C():
+    """scikit-learn fits one weight vector for two classes: our C was its 2C (probabilities
+    0.07 apart at C = 1) until the softmax's two vectors took a doubled penalty."""
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    x, y = _blobs(240, d=5, k=2, sep=1.0, seed=11)
+    x64 = x.numpy().astype(np.float64)
+    for C in (0.1, 1.0):
+        clf = fit_logistic(x.double(), y, 2, C)
+        ref = sklearn.LogisticRegression(C=C, max_iter=5000, tol=1e-10).fit(x64, y.numpy())
+        p = torch.softmax(clf(x.double()), 1).numpy()
+        np.testing.assert_allclose(p, ref.predict_proba(x64), atol=2e-4)
+
+
+def test_features_that_carry_the_models_graph_leave_the_model_alone():
+    """Features straight from a model's forward (no no_grad): the fit backpropagated into the
+    model (its .grad filled), then failed with autograd's "backward through the graph a second
+    time"."""
+    torch.manual_seed(0)
+    enc = torch.nn.Linear(6, 8)
+    x, y = _blobs(120, d=6, k=3, seed=2)
+    feats = enc(x)
+    assert feats.requires_grad
+    res = linear_probe(feats[:80], y[:80], feats[80:], y[80:], Cs=[1.0], refine_steps=0)
+    assert 0 <= res.accuracy <= 1
+    assert enc.weight.grad is None and enc.bias.grad is None
+    leaf = x.clone().requires_grad_(True)
+    linear_probe(leaf[:80], y[:80], leaf[80:], y[80:], Cs=[1.0], refine_steps=0)
+    assert leaf.grad is None
+
+
+def test_probe_fits_inside_inference_mode():
+    """The usual evaluation context: the fit's backward raised "element 0 of tensors does not
+    require grad" (enable_grad does not lift inference_mode)."""
+    x, y = _blobs(200, seed=4)
+    ref = linear_probe(x[:150], y[:150], x[150:], y[150:], Cs=[0.1, 10.0], refine_steps=1)
+    with torch.inference_mode():
+        xi, yi = x.clone(), y.clone()
+        got = linear_probe(xi[:150], yi[:150], xi[150:], yi[150:], Cs=[0.1, 10.0], refine_steps=1)
+    assert got.C == ref.C and got.accuracy == ref.accuracy
+    assert torch.equal(got.classifier.weight, ref.classifier.weight)

@@ -55,10 +55,10 @@ def int_at_least(value, name: str, minimum: int = 1) -> int:
 
 
 def as_features(x, name: str) -> torch.Tensor:
-    """``x`` (a tensor, or a NumPy array / nested list of numbers) as a tensor; TypeError naming
-    ``name`` for anything else."""
+    """``x`` (a tensor, or a NumPy array / nested list of numbers) as a tensor, detached (features
+    are the evaluation's frozen inputs); TypeError naming ``name`` for anything else."""
     if isinstance(x, torch.Tensor):
-        return x
+        return x.detach()
     try:
         return torch.as_tensor(x)
     except (TypeError, ValueError, RuntimeError):

@@ -4,8 +4,9 @@ Follows the CLIP paper's protocol: the inverse regularisation strength ``C`` is 
 validation split by a coarse sweep over ``10^-6 .. 10^6`` (two decades apart) followed by
 repeatedly halving the step around the best value (default down to 1/8 decade); the
 classifier is then refit on train + validation and scored on the test set. The objective matches
-scikit-learn's ``LogisticRegression(C=C)`` (``C * sum CE + ||W||^2 / 2``, bias unpenalised), scaled
-by ``1 / (C N)``, and is minimised with ``torch.optim.LBFGS`` (strong-Wolfe line search) on
+scikit-learn's ``LogisticRegression(C=C)`` (``C * sum CE + ||W||^2 / 2``, bias unpenalised; with two
+classes, where scikit-learn fits one weight vector, the penalty on the softmax's two is doubled),
+scaled by ``1 / (C N)``, and is minimised with ``torch.optim.LBFGS`` (strong-Wolfe line search) on
 whichever device the features live on (or ``device``).
 """
 from __future__ import annotations
@@ -34,7 +35,8 @@ class LinearProbeResult:
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, max_iter: int = 1000,
                  init: Optional[nn.Linear] = None, tol: float = 1e-7) -> nn.Linear:
-    """Minimise ``mean CE(W x + b, y) + ||W||^2 / (2 C N)`` with LBFGS. ``x`` ``[N, D]`` float,
+    """Minimise ``mean CE(W x + b, y) + ||W||^2 / (2 C N)`` (the penalty doubled when ``y`` holds
+    exactly two classes: scikit-learn's binary problem) with LBFGS. ``x`` ``[N, D]`` float,
     ``y`` ``[N]`` long. Returns an ``nn.Linear(D, num_classes)`` (warm-started from ``init``).
     ``max_iter`` (a positive int, default 1000): LBFGS iterations at most. Runs with autocast off
     (in ``x``'s dtype, whatever the caller's context)."""
@@ -43,25 +45,33 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, m
     max_iter = int_at_least(max_iter, "max_iter")
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x holds non-finite values (NaN or inf): a probe cannot be fitted on them")
-    clf = nn.Linear(x.shape[1], num_classes, device=x.device, dtype=x.dtype)
-    with torch.no_grad():
-        if init is not None:
-            clf.weight.copy_(init.weight)
-            clf.bias.copy_(init.bias)
-        else:
-            clf.weight.zero_()
-            clf.bias.zero_()
-    lam = 1.0 / (C * x.shape[0])
-    opt = torch.optim.LBFGS(clf.parameters(), lr=1, max_iter=max_iter, history_size=20,
-                            tolerance_grad=tol, tolerance_change=1e-10, line_search_fn="strong_wolfe")
+    # Its own autograd graph, whatever the caller's context: ``enable_grad`` for a caller under
+    # ``no_grad``, ``inference_mode(False)`` (and copies of inference tensors) for one under
+    # ``inference_mode``, and detached features, so that the fit never reaches back into the
+    # model that made them (features straight from ``encode_image`` filled its ``.grad``).
+    with torch.inference_mode(False), torch.enable_grad(), fp32_math():
+        x, y = (t.clone() if t.is_inference() else t for t in (x.detach(), y))
+        clf = nn.Linear(x.shape[1], num_classes, device=x.device, dtype=x.dtype)
+        with torch.no_grad():
+            if init is not None:
+                clf.weight.copy_(init.weight)
+                clf.bias.copy_(init.bias)
+            else:
+                clf.weight.zero_()
+                clf.bias.zero_()
+        # Two classes: scikit-learn fits one vector w where the softmax has w1, w2 with logit
+        # difference (w1 - w2); its penalty ||w||^2 / 2C is ours at w1 = -w2 = w / 2 only with
+        # the penalty doubled (else our C was its 2C: probabilities 0.07 apart at C = 1).
+        lam = (2.0 if torch.unique(y).numel() == 2 else 1.0) / (C * x.shape[0])
+        opt = torch.optim.LBFGS(clf.parameters(), lr=1, max_iter=max_iter, history_size=20,
+                                tolerance_grad=tol, tolerance_change=1e-10, line_search_fn="strong_wolfe")
 
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(clf(x), y) + 0.5 * lam * clf.weight.pow(2).sum()
-        loss.backward()
-        return loss
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(clf(x), y) + 0.5 * lam * clf.weight.pow(2).sum()
+            loss.backward()
+            return loss
 
-    with torch.enable_grad(), fp32_math():
         opt.step(closure)
     return clf.requires_grad_(False)
 
