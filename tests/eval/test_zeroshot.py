@@ -146,6 +146,9 @@ def test_templates_must_place_the_class_name(model):
         build_zeroshot_classifier(model, ["cat", "dog"], ["a photo of a {name}."])
     clf = build_zeroshot_classifier(model, ["cat", "dog"], ["a {0} and a {0}.", lambda c: f"{c}!"])
     assert clf.shape == (model.embed_dim, 2)
+    # A conversion places the name too (the check's marker, escaped by !r, was not found).
+    for t in ("a photo of a {!r}.", "a photo of a {0!a}.", "a photo of a {:>12}."):
+        assert build_zeroshot_classifier(model, ["cat", "dog"], [t]).shape == (model.embed_dim, 2)
 
 
 def test_similarities_are_fp32_inside_bf16_autocast(model):
@@ -284,6 +287,9 @@ def test_classnames_may_be_any_iterable_of_strings(model):
     got = build_zeroshot_classifier(model, (c for c in ["cat", "dog"]), (t for t in ["a photo of a {}.", "a {}"]))
     assert torch.equal(got, ref)
     assert torch.equal(build_zeroshot_classifier(model, {"cat": 0, "dog": 1}, ["a photo of a {}.", "a {}"]), ref)
+    # A dict's keys are a Set by type, but ordered as the dict: refused as "changing order" before.
+    assert torch.equal(build_zeroshot_classifier(model, {"cat": 0, "dog": 1}.keys(), ["a photo of a {}.", "a {}"]),
+                       ref)
     with pytest.raises(TypeError, match="classnames must be strings, got int 3 at position 1"):
         build_zeroshot_classifier(model, ["cat", 3], ["{}"])
     with pytest.raises(TypeError, match="classnames must be an iterable of class names"):

@@ -201,11 +201,11 @@ def zeroshot_metrics(model, sets: Dict[str, ZeroShotSet], device=None, batch_siz
     batch_size = int_at_least(batch_size, "batch_size")
     out: Dict[str, float] = {}
     for name, (imgs, labels, classes, templates) in sets.items():
-        clf = build_zeroshot_classifier(model, classes, templates, device=device)
+        clf = build_zeroshot_classifier(model, classes, templates, device=device)   # [D, C]
         r = evaluate_zeroshot(model, imgs, labels, classifier=clf, batch_size=batch_size, device=device)
         out[f"zeroshot/{name}/top1"] = r["top1"]
         out[f"zeroshot/{name}/top5"] = r["top5"]
-        out[f"chance/{name}"] = 1.0 / len(classes)
+        out[f"chance/{name}"] = 1.0 / clf.shape[1]   # classes may be a generator, read once above
     return add_mean_top1(out)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import KeysView
 from collections.abc import Set as AbstractSet
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -29,7 +30,8 @@ def _check_template(t) -> None:
         return
     if not isinstance(t, str):
         raise TypeError(f"templates must be format strings or callables, got {type(t).__name__} {t!r}")
-    marker = "\x00class\x00"
+    # Letters only: a conversion (``{!r}``, ``{!a}``) quotes the name but keeps them as they are.
+    marker = "fastclipCLASSNAMEmarker"
     try:
         placed = marker in t.format(marker)
     except (IndexError, KeyError, ValueError) as e:
@@ -62,7 +64,8 @@ def build_zeroshot_classifier(model, classnames: Iterable[str], templates: Seque
     """Zero-shot weights FloatTensor ``[embed_dim, num_classes]`` (fp32, on ``device``).
 
     ``classnames``: any ordered iterable of str (a list, tuple or generator, read once; column k
-    is its k-th name; a set is refused, its order changes between processes). ``templates``: an
+    is its k-th name; a dict's keys in their order; a set is refused, its order changes between
+    processes). ``templates``: an
     iterable of format strings with one ``{}`` or callables ``name -> prompt``. ``batch_size``
     (a positive int, default 256): prompts per ``encode_text`` call.
 
@@ -75,7 +78,8 @@ def build_zeroshot_classifier(model, classnames: Iterable[str], templates: Seque
     """
     if isinstance(classnames, (str, bytes)):
         raise TypeError(f"classnames must be a sequence of class names, got a single string {classnames!r}")
-    if isinstance(classnames, AbstractSet):
+    if isinstance(classnames, AbstractSet) and not isinstance(classnames, KeysView):
+        # A dict's keys (a Set by type) keep their insertion order: accepted, as the dict is.
         raise TypeError(f"classnames must be an ordered sequence (a list or tuple: column k of the "
                         f"classifier is class k), got a {type(classnames).__name__}, whose order "
                         f"changes between Python processes")
