@@ -278,6 +278,18 @@ def test_bad_data_files_exit_2_with_one_line(tmp_path, capsys):
                                  "--output", str(tmp_path / f"out-{name}")], needle)
 
 
+def test_the_datas_notes_come_before_the_error_they_explain(tmp_path, capsys):
+    """Notes on the data were printed with the run's first lines, after the first usable batch:
+    a run whose data was unusable stopped without the one note that said why."""
+    (tmp_path / "t.csv").write_text("filepath,title\na.png,one,x\nb.png,two\nc.png,three\n")
+    code = cli.main(["train", *TINY, "--train-data", str(tmp_path / "t.csv"), "--output", str(tmp_path / "out")])
+    cap = capsys.readouterr()
+    out, err = cap.out.strip().splitlines(), cap.err.strip().splitlines()
+    assert code == 2
+    assert len(out) == 1 and "1 row with more fields than the header (line 2): skipped" in out[0]
+    assert len(err) == 1 and err[-1].startswith("fastclip train: error: CSV ") and "t.csv" in err[-1]
+
+
 def test_unusable_resume_files_exit_2_with_one_line(tmp_path, capsys):
     import torch
 

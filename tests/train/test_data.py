@@ -290,6 +290,62 @@ def test_csv_rows_longer_than_the_header_and_doubled_columns(tmp_path):
     assert ds.captions == ["a dog on grass", ""] and ds.long_row_lines == [3]
     (tmp_path / "other.csv").write_text("filepath,title,note,note\nimg0.png,a cat,x,y\n")
     assert CsvDataset(str(tmp_path / "other.csv"), image_transform(32)).captions == ["a cat"]  # unused: fine
+    # Most rows end in a separator and one does not (the last, or a hand-edited line): the
+    # trailing-separator rule was all-or-nothing, and 3 of these 4 good rows were skipped.
+    (tmp_path / "most.csv").write_text("filepath,title\nimg0.png,a cat,\nimg1.png,a dog,\nimg2.png,a cow,\n"
+                                       "img0.png,a hen\n")
+    ds = CsvDataset(str(tmp_path / "most.csv"), image_transform(32))
+    assert ds.captions == ["a cat", "a dog", "a cow", "a hen"] and ds.long_row_lines == []
+
+
+def test_a_broken_quote_skips_its_row_and_keeps_the_rest(tmp_path):
+    """A quote opened in a caption and never closed: Python's lenient reader folded every later
+    line into that caption (16 rows read as 3, without a word); in a larger file the folded field
+    passed csv.field_size_limit and the whole file was refused."""
+    from fastclip.datasets import DataError
+    for i in range(3):
+        (tmp_path / f"img{i}.png").write_bytes(_png_bytes(i))
+    rows = [f"img{i % 3}.png,caption {i}" for i in range(8)]
+    rows[2] = 'img2.png,"caption 2'                       # never closed
+    path = tmp_path / "open.csv"
+    path.write_text("filepath,title\n" + "\n".join(rows) + "\n")
+    ds = CsvDataset(str(path), image_transform(32), context_length=16)
+    assert ds.captions == [f"caption {i}" for i in range(8) if i != 2] and ds.broken_lines == [4]
+    assert ds.notes() == [f"{path}: 1 row that could not be read as CSV (line 4): skipped, and the lines after "
+                          f"each read as rows again (a quote opened in a caption and not closed there? quote the "
+                          f"whole caption, doubling the quotes inside it)"]
+    # Closed by another row's stray quote: the rows between were folded in as well.
+    rows[5] = 'img2.png,caption 5"'
+    path.write_text("filepath,title\n" + "\n".join(rows) + "\n")
+    ds = CsvDataset(str(path), image_transform(32), context_length=16)
+    assert ds.captions == [f"caption {i}" for i in range(8) if i != 2][:4] + ['caption 5"', "caption 6", "caption 7"]
+    assert ds.broken_lines == [4]
+    # A quoted caption over several lines is a caption, and a quote inside a field is text.
+    path.write_text('filepath,title\nimg0.png,"a cat\non a mat, ""asleep"""\nimg1.png,a 12" record\n'
+                    'img2.png,"a dog"\n')
+    ds = CsvDataset(str(path), image_transform(32), context_length=16)
+    assert ds.captions == ['a cat\non a mat, "asleep"', 'a 12" record', "a dog"] and ds.broken_lines == []
+    # A caption past csv.field_size_limit (128 KiB) refused the whole file; now its row alone.
+    path.write_text("filepath,title\nimg0.png,a cat\nimg1.png," + "x" * 140_000 + "\nimg2.png,a dog\n")
+    ds = CsvDataset(str(path), image_transform(32), context_length=16)
+    assert ds.captions == ["a cat", "a dog"] and ds.broken_lines == [3]
+    path.write_text('filepath,title\nimg0.png,"a cat\n')
+    with pytest.raises(DataError, match=r"open.csv: 1 row that could not be read as CSV \(line 2\): no row left"):
+        CsvDataset(str(path), image_transform(32))
+
+
+def test_an_unreadable_csv_is_a_data_error(tmp_path, monkeypatch):
+    """A CSV without read permission ended the run in a PermissionError traceback."""
+    from fastclip.datasets import DataError
+    from fastclip.datasets import csv_dataset
+    path = tmp_path / "locked.csv"
+    path.write_text("filepath,title\nimg0.png,a cat\n")
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(csv_dataset, "open", refuse, raising=False)
+    with pytest.raises(DataError, match=r"locked.csv: cannot be read \(Permission denied\)"):
+        CsvDataset(str(path), image_transform(32))
 
 
 def _write_shards(root):
@@ -600,3 +656,40 @@ def test_unusable_data_under_torchrun_names_the_short_rank_not_this_one():
         BatchDraws(trainer(True), iter(()), 0).unusable(8, most=3)
     with pytest.raises(DataError, match=r"CSV t.csv: fewer than 2 samples loaded \(the model's BatchNorm needs 2\)"):
         BatchDraws(trainer(False), iter(()), 0).unusable(8, most=1)
+
+
+def _tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def test_captions_the_tokenizer_empties_are_no_captions(tmp_path):
+    """'&nbsp;' (a common scraped alt text), a lone byte-order mark or control characters pass a
+    blank check but tokenize to nothing: they were trained on as the empty text."""
+    for i in range(2):
+        (tmp_path / f"img{i}.png").write_bytes(_png_bytes(i))
+    path = tmp_path / "t.csv"
+    path.write_text("filepath,title\nimg0.png,&nbsp;\nimg1.png,\ufeff\nimg0.png,\x01\nimg1.png,a cat\n",
+                    encoding="utf-8")
+    ds = CsvDataset(str(path), image_transform(32), context_length=8)
+    assert [ds[i] is None for i in range(4)] == [True, True, True, False]
+    shard = _tar(tmp_path / "t.tar", [("a.png", _png_bytes(0)), ("a.txt", b"&nbsp;"),
+                                      ("b.png", _png_bytes(1)), ("b.txt", b"a dog")])
+    batches = list(WebDataset(shard, 2, image_transform(32), 8, shuffle_buffer=0, max_epochs=1))
+    assert [len(b[0]) for b in batches] == [1] and [b[2] for b in batches] == [1]
+
+
+def test_a_key_used_twice_in_a_shard_starts_a_new_sample(tmp_path):
+    """n.jpg, n.txt, n.jpg, n.txt: the second pair overwrote the first in one sample (one pair
+    lost, uncounted); m.jpg, m.txt, m.jpg trained the second image with the first's caption."""
+    from fastclip.datasets.webdataset import iter_tar_samples
+    a, b = _png_bytes(0), _png_bytes(1)
+    shard = _tar(tmp_path / "dup.tar", [("n.png", a), ("n.txt", b"A"), ("n.png", b), ("n.txt", b"B"),
+                                        ("m.png", a), ("m.txt", b"C"), ("m.png", b)])
+    got = [{k: (v if k == "txt" else v == a) for k, v in s.items()} for s in iter_tar_samples(shard)]
+    assert got == [{"png": True, "txt": b"A"}, {"png": False, "txt": b"B"}, {"png": True, "txt": b"C"},
+                   {"png": False}]

@@ -9,7 +9,7 @@ import csv
 import io
 import os
 import warnings
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from PIL import Image
@@ -59,6 +59,15 @@ def seeded_transform(transform: Callable, seed: int) -> Callable:
     return transform
 
 
+def caption_tokens(caption: str, context_length: int) -> Optional[torch.Tensor]:
+    """``caption``'s token ids ``[context_length]`` (cut to fit, end-of-text kept), or None when
+    it holds no token: blank, or only what the tokenizer's cleaning drops (``&nbsp;``, a lone
+    byte-order mark, control characters), which was trained on as the empty text."""
+    from ..tokenizer import EOT_ID, tokenize
+    tokens = tokenize([caption], context_length=context_length, truncate=True)[0]
+    return None if context_length > 2 and int(tokens[1]) == EOT_ID else tokens
+
+
 def collate_skipping(samples: Sequence[Sample]) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """Stack the non-None ``(image [3, S, S], tokens [L])`` samples.
 
@@ -92,6 +101,75 @@ def _has_surrogates(s: str) -> bool:
     return any("\udc80" <= ch <= "\udcff" for ch in s)
 
 
+class _Lines:
+    """The physical lines of a text file, with the ones handed out since ``start()`` kept so that
+    all but the first can be read again (``back_to_second()``)."""
+
+    def __init__(self, f):
+        self._f, self._again, self.taken = f, [], []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        line = self._again.pop() if self._again else next(self._f)
+        self.taken.append(line)
+        return line
+
+    def start(self) -> None:
+        self.taken = []
+
+    def back_to_second(self) -> None:
+        self._again.extend(reversed(self.taken[1:]))
+        self.taken = self.taken[:1]
+
+
+def _records(f, separator: str, broken: List[int],
+             is_row: Optional[Callable[[List[str]], bool]] = None) -> Iterator[Tuple[int, List[str]]]:
+    """``(line, fields)`` of each non-empty record of the CSV text ``f``, ``line`` the physical
+    line (from 1) it starts on.
+
+    A record that is not valid CSV is skipped, its line appended to ``broken``, and reading goes
+    on from the line after that one: a quote opened in a caption and never closed, or closed by
+    another row's stray quote, made Python's lenient reader fold every later line into that one
+    caption (16 rows read as 3, without a word), and a field past ``csv.field_size_limit`` (the
+    same fault in a large file) stopped the whole file. A record spanning several lines (a
+    quoted caption with line breaks) is checked by a strict parse of its lines alone, and, when
+    ``is_row`` is given, is broken if one of its later lines read alone is a row by ``is_row``
+    (a stray quote closed by another at the end of a later line parses strictly).
+    """
+    lines = _Lines(f)
+    line_no = 1
+    while True:
+        reader = csv.reader(lines, delimiter=separator)
+        while True:
+            lines.start()
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error:
+                row = None
+            if row is not None and len(lines.taken) == 1 and any("\n" in v or "\r" in v for v in row):
+                row = None      # a line break inside a field of one line: the file ended inside a quote
+            elif row is not None and len(lines.taken) > 1:
+                try:
+                    strict = next(csv.reader(io.StringIO("".join(lines.taken)), delimiter=separator, strict=True))
+                except (csv.Error, StopIteration):
+                    strict = None
+                if strict != row or (is_row is not None and any(
+                        is_row(r) for line in lines.taken[1:] for r in csv.reader([line], delimiter=separator))):
+                    row = None
+            if row is None:
+                broken.append(line_no)
+                lines.back_to_second()
+                line_no += 1
+                break           # a fresh reader: the failed one may hold a half-parsed record
+            if row:             # a blank line is no record
+                yield line_no, row
+            line_no += len(lines.taken)
+
+
 class CsvDataset(torch.utils.data.Dataset):
     """Map-style ``(image, tokens)`` pairs from a delimited file with a header row.
 
@@ -105,12 +183,16 @@ class CsvDataset(torch.utils.data.Dataset):
 
     ``dataset[i]`` or ``dataset[(i, aug_seed)]`` (the latter seeds a random transform) returns
     ``(image [3, S, S], tokens [context_length])``, or None when the image is missing or
-    corrupt, or the row has no caption (an empty or blank cell, or a row cut short before its
-    caption column): ``collate_skipping`` drops and counts those. Captionless rows are never
+    corrupt, or the row has no caption (an empty or blank cell, a row cut short before its
+    caption column, or a caption of which the tokenizer keeps nothing, such as ``&nbsp;``):
+    ``collate_skipping`` drops and counts those. Captionless rows are never
     trained on as an empty text; their line numbers are in ``no_caption_lines``. A row with
     more fields than the header (an unquoted separator inside a caption: its caption would be
-    cut there) is skipped the same way, unless every row ends in the same empty extra fields
-    (a separator at the end of each line); its line number is in ``long_row_lines``.
+    cut there) is skipped the same way, unless its extra fields are empty and most rows end in
+    the same empty ones (a separator at the end of the lines); its line number is in
+    ``long_row_lines``. A record that is not valid CSV (a quote never closed in its caption, or
+    closed only by another row's stray quote; a field past ``csv.field_size_limit``) is skipped
+    and the lines after its first read again as rows; its line number is in ``broken_lines``.
 
     The file is UTF-8 (a leading byte-order mark is ignored). Bytes that are not valid UTF-8 never
     stop the reader: in a caption they become U+FFFD (as the webdataset reader decodes captions),
@@ -118,8 +200,9 @@ class CsvDataset(torch.utils.data.Dataset):
     ``surrogateescape``, so such files still open). The line numbers of those rows are in
     ``invalid_utf8_lines`` and summarised by ``describe_invalid_utf8()``.
 
-    Raises ``DataError`` naming the file when a column is missing or named twice in the
-    header, or there are no usable rows.
+    Raises ``DataError`` naming the file when it cannot be read, a column is missing or named
+    twice in the header, or there are no usable rows. Line numbers are those of the file, the
+    header's being 1; a record spanning several lines has the number of its first.
     """
 
     def __init__(self, path: str, transform: Callable, img_key: str = "filepath", caption_key: str = "title",
@@ -132,32 +215,48 @@ class CsvDataset(torch.utils.data.Dataset):
         self.invalid_utf8_lines: List[int] = []
         self.no_caption_lines: List[int] = []
         self.long_row_lines: List[int] = []
+        self.broken_lines: List[int] = []
         rows = []
         try:
             with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-                reader = csv.DictReader(f, delimiter=separator)
-                fields = reader.fieldnames or []
+                root = os.path.dirname(os.path.abspath(path))
+                columns: List[int] = []        # (img_key's index, the header's width), once read
+
+                def is_row(r: List[str]) -> bool:
+                    """Whether a line inside a multi-line caption is a row: as many fields as the
+                    header and an image that exists (a caption's own line with a separator in it
+                    names no file)."""
+                    if not columns or len(r) < columns[1] or not r[columns[0]].strip():
+                        return False
+                    return os.path.isfile(os.path.join(root, r[columns[0]]))
+
+                records = _records(f, separator, self.broken_lines, is_row)
+                fields = next(records, (1, []))[1]
                 for key, what in ((img_key, "img_key"), (caption_key, "caption_key")):
                     if key not in fields:
                         raise DataError(f"{path}: column {key!r} ({what}) not found; {_header_desc(fields)} "
                                         f"(separator {separator!r})")
                     if fields.count(key) > 1:
-                        # csv.DictReader keeps the last of them; open_clip's pandas reader, the first
+                        # csv.DictReader kept the last of them; open_clip's pandas reader, the first
                         at = [i + 1 for i, f in enumerate(fields) if f == key]
                         raise DataError(f"{path}: column {key!r} ({what}) is named {len(at)} times in the header "
                                         f"(columns {', '.join(map(str, at))}): rename all but the one to use")
-                # Fields past the header's: csv.DictReader files them under None. A row with
-                # some is an unquoted separator in a caption (cut there), unless every row ends
-                # in the same empty extra fields: a separator at the end of each line.
-                extras: List[Tuple[int, Optional[List[str]]]] = []     # (line, the row's extras)
-                for r in reader:
-                    extras.append((reader.line_num, r.get(None)))
-                    rows.append((r[img_key] or "", r[caption_key] or ""))
-                trailing = (bool(extras) and len({len(x or ()) for _, x in extras}) == 1
-                            and not any(v.strip() for _, x in extras for v in x or ()))
+                ii, ic, width = fields.index(img_key), fields.index(caption_key), len(fields)
+                columns[:] = [ii, width]
+                # Fields past the header's: a row with some is an unquoted separator in a caption
+                # (cut there), unless they are empty and most rows end in the same empty ones:
+                # a separator at the end of the lines (a writer's habit, which a hand-edited line
+                # may lack; an empty extra field on a few rows only is a caption's tail that slid
+                # into an empty last column).
+                extras: List[Tuple[int, List[str]]] = []     # (line, the row's extras)
+                for line, r in records:
+                    extras.append((line, r[width:]))
+                    rows.append((r[ii] if ii < len(r) else "", r[ic] if ic < len(r) else ""))
+                tails = [len(x) for _, x in extras if x and not any(v.strip() for v in x)]
+                trailing = len(tails) * 2 > len(extras) and len(set(tails)) == 1
                 for k, (line, extra) in enumerate(extras):
                     img, cap = rows[k]
-                    if extra and not trailing:
+                    if extra and not (trailing and len(extra) == tails[0] and not any(v.strip() for v in extra)):
                         self.long_row_lines.append(line)
                         rows[k] = (img, "")
                         continue
@@ -169,14 +268,17 @@ class CsvDataset(torch.utils.data.Dataset):
                         self.no_caption_lines.append(line)
         except csv.Error as e:
             raise DataError(f"{path}: not a readable CSV file ({e})") from None
+        except OSError as e:     # unreadable (permissions), a folder, an I/O error
+            raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
         if not rows:
+            if self.broken_lines:
+                raise DataError(self.describe_broken(what="that could not be read as CSV", done="no row left to read"))
             raise DataError(f"{path}: no rows (only a header)")
         if len(self.long_row_lines) == len(rows):
             raise DataError(f"{path}: every row has more fields than the header's {len(fields)} "
                             f"(separator {separator!r}: quote captions that contain it)")
         if len(self.no_caption_lines) + len(self.long_row_lines) == len(rows):
             raise DataError(f"{path}: no row has a caption in column {caption_key!r} (caption_key)")
-        root = os.path.dirname(os.path.abspath(path))
         self.images: List[str] = [p if os.path.isabs(p) else os.path.join(root, p) for p, _ in rows]
         self.captions: List[str] = [c for _, c in rows]
         self.transform, self.context_length = transform, context_length
@@ -205,22 +307,29 @@ class CsvDataset(torch.utils.data.Dataset):
         return self._describe_rows(self.long_row_lines, "with more fields than the header",
                                    "skipped (an unquoted separator in a caption? quote such captions)", limit)
 
+    def describe_broken(self, limit: int = 10, what: str = "that could not be read as CSV",
+                        done: str = "skipped, and the lines after each read as rows again (a quote opened in "
+                                    "a caption and not closed there? quote the whole caption, doubling the "
+                                    "quotes inside it)") -> Optional[str]:
+        """One line naming the records that could not be parsed (skipped), or None."""
+        return self._describe_rows(self.broken_lines, what, done, limit)
+
     def notes(self) -> List[str]:
-        """The lines to report about the file's rows (``describe_invalid_utf8``,
+        """The lines to report about the file's rows (``describe_broken``, ``describe_invalid_utf8``,
         ``describe_no_captions``, ``describe_long_rows``)."""
-        return [n for n in (self.describe_invalid_utf8(), self.describe_no_captions(), self.describe_long_rows())
-                if n]
+        return [n for n in (self.describe_broken(), self.describe_invalid_utf8(), self.describe_no_captions(),
+                            self.describe_long_rows()) if n]
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, key) -> Sample:
-        from ..tokenizer import tokenize
         index, aug_seed = key if isinstance(key, tuple) else (key, None)
         if not self.captions[index].strip():
             return None
-        img = load_image(self.images[index])
+        tokens = caption_tokens(self.captions[index], self.context_length)
+        img = load_image(self.images[index]) if tokens is not None else None
         if img is None:
             return None
         tf = self.transform if aug_seed is None else seeded_transform(self.transform, aug_seed)
-        return tf(img), tokenize([self.captions[index]], context_length=self.context_length, truncate=True)[0]
+        return tf(img), tokens

@@ -1,8 +1,9 @@
 """Streamed webdataset-style tar shards (``key.jpg``/``key.png`` + ``key.txt``), read with ``tarfile``.
 
 A shard is read sequentially (``tarfile`` stream mode: no seeking, no index, works on pipes
-and network filesystems); members sharing a key (the file name up to its first dot, as the
-webdataset convention) form one sample. A sample with no image, no caption (no key.txt, or a
+and network filesystems); consecutive members sharing a key (the file name up to its first dot, as
+the webdataset convention) form one sample, and a member the sample already has (the key used
+again) starts the next. A sample with no image, no caption (no key.txt, or a
 blank one), or an image that does not decode is skipped and counted, never fatal; so is an
 unreadable or truncated shard (its remaining samples are unknowable, so it counts as one skipped
 sample).
@@ -22,7 +23,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from .csv_dataset import DataError, collate_skipping, load_image, seeded_transform
+from .csv_dataset import DataError, caption_tokens, collate_skipping, load_image, seeded_transform
 from .folder import IMAGE_EXTENSIONS
 
 IMAGE_EXTS = tuple(e[1:] for e in IMAGE_EXTENSIONS)     # a sample's image member, by extension
@@ -108,11 +109,15 @@ def iter_tar_samples(path: str) -> Iterator[Optional[Dict[str, bytes]]]:
                 key = os.path.join(dirname, stem)
                 f = tar.extractfile(member)
                 data = f.read() if f is not None else b""
-                if key != current_key and current:
+                ext = ext.lower()
+                # A new key, or a member the sample already has (a key used twice, e.g. two
+                # shards concatenated): the next sample. The second n.jpg replaced the first,
+                # whose caption then went with the wrong image.
+                if current and (key != current_key or ext in current):
                     yield current
                     current = {}
                 current_key = key
-                current[ext.lower()] = data
+                current[ext] = data
     except (OSError, tarfile.TarError, EOFError):
         if current:
             yield current
@@ -198,7 +203,6 @@ class WebDataset(torch.utils.data.IterableDataset):
         yield from buf
 
     def _decode(self, raw: Optional[Dict[str, bytes]], aug_seed: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        from ..tokenizer import tokenize
         if raw is None or "txt" not in raw:
             return None
         data = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
@@ -207,11 +211,12 @@ class WebDataset(torch.utils.data.IterableDataset):
         img = load_image(data)
         if img is None:
             return None
-        caption = raw["txt"].decode("utf-8", errors="replace").strip()
-        if not caption:
-            return None     # an empty key.txt: no caption to train on (as a CSV row without one)
-        image = seeded_transform(self.transform, aug_seed)(img)
-        return image, tokenize([caption], context_length=self.context_length, truncate=True)[0]
+        # An empty key.txt, or one of which the tokenizer keeps nothing: no caption to train on
+        # (as a CSV row without one).
+        tokens = caption_tokens(raw["txt"].decode("utf-8", errors="replace").strip(), self.context_length)
+        if tokens is None:
+            return None
+        return seeded_transform(self.transform, aug_seed)(img), tokens
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, int]]:
         info = torch.utils.data.get_worker_info()

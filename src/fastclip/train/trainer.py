@@ -383,8 +383,14 @@ class Trainer:
         # The first usable batch before the run folder is touched: data found unusable only
         # when read (every image missing, empty or unreadable shards) fails the command with
         # the old run in place, as --overwrite promises.
-        first = (draw.next_usable(self.start_step, progress.message)
-                 if self.start_step < self.total_steps else None)
+        try:
+            first = (draw.next_usable(self.start_step, progress.message)
+                     if self.start_step < self.total_steps else None)
+        except ValueError:        # DataError: the data's notes (said by _announce, not reached) explain it
+            if env.is_main:
+                for note in self.data.notes:
+                    self.log(f"  {note}")
+            raise
         if env.is_main:
             prepare_run_folder(cfg.output, cfg.resume, cfg.overwrite, self.log)
             os.makedirs(cfg.output, exist_ok=True)
