@@ -215,14 +215,16 @@ def shards_problem(spec: str) -> Optional[str]:
     if folders:
         return (f"{folders[0]!r} is a folder: name its shards, e.g. "
                 f"'{os.path.join(folders[0], '{00000..00099}.tar')}' or '{os.path.join(folders[0], '*.tar')}'")
-    # The first shards' headers (a few reads, whatever the list's length): a file that is no
-    # tar (a CSV given with --dataset-type webdataset) otherwise streamed 100 empty batches
-    # before an error about the members' order.
-    from .datasets.webdataset import tar_problem
-    for u in urls[:16]:
-        why = tar_problem(u)
-        if why:
-            return f"shard {u!r}: {why}"
+    # The first shards' headers: a file that is no tar (a CSV given with --dataset-type
+    # webdataset) otherwise streamed 100 empty batches before an error about the members' order.
+    # Only when none of them is a tar: one bad shard among good ones is skipped as it is read
+    # (a data fault, never fatal; named at start), wherever it stands in the list.
+    from .datasets.webdataset import bad_shards
+    bad = bad_shards(urls)
+    if bad and len(bad) == len(urls[:16]):
+        u, why = bad[0]
+        more = f" (and the {len(bad) - 1} other shard(s) checked)" if len(bad) > 1 else ""
+        return f"shard {u!r}: {why}{more}"
     return None
 
 

@@ -432,7 +432,7 @@ def test_shards_named_but_missing_are_reported(tmp_path):
     data = build_train_data(cfg, "webdataset", None, SimpleNamespace(world_size=1))
     assert data.desc.endswith("(3 shards)")
     assert data.notes == [f"3 of the 6 shard paths named do not exist (e.g. {tmp_path / 'shard-003.tar'}): "
-                          f"training on the 3 that do"]
+                          f"training on the others"]
 
 
 def test_any_accepted_seed_draws_batches(tmp_path):
@@ -466,6 +466,24 @@ def test_webdataset_resume_skips_batches(tmp_path):
 def test_brace_expansion():
     assert expand_braces("a{00..02}b") == ["a00b", "a01b", "a02b"]
     assert expand_braces("{x,y}-{1..2}") == ["x-1", "x-2", "y-1", "y-2"]
+    # As bash: high to low counts down (it matched nothing), padded to the wider end.
+    assert expand_braces("s-{002..000}.tar") == ["s-002.tar", "s-001.tar", "s-000.tar"]
+    assert expand_braces("{8..010}") == ["008", "009", "010"]
+
+
+def test_a_shard_on_a_pipe_is_read(tmp_path):
+    """A pipe's size reads as 0: it was taken for an empty shard and never opened."""
+    import threading
+    from fastclip.datasets.webdataset import tar_problem
+    shard = _tar(tmp_path / "s.tar", [("a.png", _png_bytes(0)), ("a.txt", b"a cat")])
+    fifo = tmp_path / "pipe.tar"
+    os.mkfifo(fifo)
+    assert tar_problem(str(fifo)) is None          # not read ahead: what is read from a pipe is gone
+    feed = threading.Thread(target=lambda: fifo.write_bytes(open(shard, "rb").read()), daemon=True)
+    feed.start()
+    got = list(iter_tar_samples(str(fifo)))
+    feed.join(timeout=10)
+    assert [s["txt"] for s in got] == [b"a cat"]
 
 
 def test_image_folder_skips_corrupt(tmp_path):

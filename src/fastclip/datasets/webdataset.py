@@ -35,8 +35,8 @@ _BRACE = re.compile(r"\{([^{}]*)\}")
 
 
 def expand_braces(spec: str) -> List[str]:
-    """``"a{0..2}b"`` -> ``["a0b", "a1b", "a2b"]`` (zero padding kept), ``"{x,y}"`` -> x and y;
-    nested and repeated braces expand left to right."""
+    """``"a{0..2}b"`` -> ``["a0b", "a1b", "a2b"]`` (zero padding kept; ``{2..0}`` counts down),
+    ``"{x,y}"`` -> x and y; nested and repeated braces expand left to right."""
     m = _BRACE.search(spec)
     if m is None:
         return [spec]
@@ -44,8 +44,11 @@ def expand_braces(spec: str) -> List[str]:
     rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
     if rng:
         lo, hi = rng.group(1), rng.group(2)
-        width = len(lo) if lo.startswith("0") else 0
-        items = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+        # As bash: padded to the wider end when either is written with a leading zero, and a
+        # range written high to low counts down (it matched nothing).
+        width = max(len(lo), len(hi)) if (lo.startswith("0") or hi.startswith("0")) else 0
+        step = 1 if int(lo) <= int(hi) else -1
+        items = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
     else:
         items = body.split(",")
     out = []
@@ -77,8 +80,9 @@ def missing_shards(spec: str) -> List[str]:
 
 def tar_problem(path: str) -> Optional[str]:
     """Why the file at ``path`` is not a tar archive (plain or gzip/bz2/xz-compressed), read up
-    to its first member's header, or None (a file of 0 bytes holds no sample and passes)."""
-    if os.path.getsize(path) == 0:
+    to its first member's header, or None (a file of 0 bytes holds no sample and passes; a pipe
+    is not read here: what is read from it is gone for the reader)."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
         return None
     try:
         with tarfile.open(path, mode="r|*") as tar:
@@ -90,13 +94,20 @@ def tar_problem(path: str) -> Optional[str]:
     return None
 
 
+def bad_shards(urls: List[str], limit: int = 16) -> List[Tuple[str, str]]:
+    """``(path, why)`` for each of the first ``limit`` of ``urls`` that is not a readable tar
+    archive (:func:`tar_problem`): a few reads, whatever the list's length."""
+    return [(u, why) for u in urls[:limit] for why in (tar_problem(u),) if why]
+
+
 def iter_tar_samples(path: str) -> Iterator[Optional[Dict[str, bytes]]]:
     """Yield one ``{ext: bytes}`` dict per key of the tar at ``path`` (streamed), or None once
     if the shard cannot be read (missing, truncated or not a tar)."""
     current_key, current = None, {}
     try:
-        if os.path.getsize(path) == 0:
-            return          # an empty shard (tar_problem passes it): no sample, not a fault
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            return          # an empty shard (tar_problem passes it): no sample, not a fault (a pipe's
+            #                 size is 0 too: it is read)
         with tarfile.open(path, mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():

@@ -156,7 +156,7 @@ def build_train_data(cfg: TrainConfig, data_type: str, model, env: DistEnv) -> T
         shards = expand_urls(cfg.train_data)
         data = TrainData(None, True, True, max(1, n // global_batch) if n else None,
                          f"webdataset {cfg.train_data} ({len(shards)} shard{'s' if len(shards) != 1 else ''})")
-        note = _missing_shards_note(cfg.train_data, shards, f"training on the {len(shards)} that do")
+        note = _missing_shards_note(cfg.train_data, shards, "training on the others")
         if note:
             data.notes.append(note)
         return data
@@ -197,13 +197,19 @@ def train_batches(cfg: TrainConfig, data: TrainData, model, env: DistEnv, start_
 
 def _missing_shards_note(spec: str, shards: List[str], going_on: str) -> Optional[str]:
     """A note naming the shard paths of ``spec`` that do not exist when some others do (``shards``,
-    its expansion); none at all is WebDataset's own error, which names the spec."""
-    from ..datasets.webdataset import missing_shards
+    its expansion), and those of the first 16 that are not tar archives (skipped as they are
+    read); none at all is WebDataset's own error, which names the spec."""
+    from ..datasets.webdataset import bad_shards, missing_shards
     missing = missing_shards(spec)
-    if not (missing and shards):
-        return None
-    return (f"{len(missing)} of the {len(missing) + len(shards)} shard paths named do not exist "
-            f"(e.g. {missing[0]}): {going_on}")
+    bad = bad_shards(shards)
+    notes = []
+    if missing and shards:
+        notes.append(f"{len(missing)} of the {len(missing) + len(shards)} shard paths named do not exist "
+                     f"(e.g. {missing[0]})")
+    if bad:
+        notes.append(f"{len(bad)} of the first {len(shards[:16])} shards cannot be read (e.g. {bad[0][0]}: "
+                     f"{bad[0][1]}): each counts as one skipped sample when drawn")
+    return "; ".join(notes) + f": {going_on}" if notes else None
 
 
 class _ImageIds:
