@@ -329,3 +329,34 @@ def test_classify_folder_encodes_each_batch_as_it_is_decoded(model, tmp_path, mo
     assert [p for p, _, _ in out["predictions"]] == [p for p, _, _ in whole["predictions"]]
     for (_, a, pa), (_, b, pb) in zip(out["predictions"], whole["predictions"]):
         assert a == b and pa == pytest.approx(pb, rel=1e-5, abs=1e-6)
+
+
+def test_folders_that_are_not_classes_or_name_one_class_twice(tmp_path):
+    """macOS's __MACOSX/ of "._x.jpg" resource forks became a class "  MACOSX" (chance 1/3 for
+    2 classes, top-1 that can never be right for it), "._x.jpg" files inside class folders were
+    images; golden_retriever/ and "golden retriever/" gave one class name twice (equal
+    prompts: 50% top-1 meaning nothing), and --zeroshot-classes "Dog,dog" passed though the
+    tokenizer lower-cases both."""
+    from fastclip.datasets.csv_dataset import DataError
+    from fastclip.datasets.folder import ImageFolderDataset, read_classnames, scan_class_folders
+    from fastclip.transforms import image_transform
+    for rel in ("red/0.png", "blue/1.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / rel)
+    for rel in ("__MACOSX/red/._0.png", "red/._0.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    scan = scan_class_folders(str(tmp_path))
+    assert scan.folders == ["blue", "red"] and [os.path.basename(p) for p, _ in scan.samples] == ["1.png", "0.png"]
+    (tmp_path / "Blue").mkdir()
+    Image.new("RGB", (8, 8), (0, 0, 200)).save(tmp_path / "Blue" / "2.png")
+    with pytest.raises(DataError, match=r"class folders that give one class name .*'Blue' = 'blue'"):
+        scan_class_folders(str(tmp_path))
+    with pytest.raises(DataError, match=r"class names repeat .*'Dog' = 'dog'"):
+        read_classnames("Dog,cat,dog")
+    # A class whose files all fail to decode is refused like one without image files.
+    (tmp_path / "Blue" / "2.png").write_bytes(b"not a png")
+    (tmp_path / "Blue").rename(tmp_path / "green")
+    ds = ImageFolderDataset(str(tmp_path), image_transform(16))
+    with pytest.raises(DataError, match=r"no image of class\(es\) 'green' could be decoded"):
+        ds.check_decodable()

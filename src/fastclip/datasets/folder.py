@@ -28,10 +28,21 @@ def read_classnames(spec: Optional[str]) -> Optional[List[str]]:
         names = [s.strip() for s in spec.split(",") if s.strip()]
     if not names:
         raise DataError(f"no class names in {spec!r}")
-    dup = sorted({n for n in names if names.count(n) > 1})
+    dup = _same_prompts(names)
     if dup:     # two classes with one name get the same prompts: neither can be told apart
-        raise DataError(f"class names repeat in {spec!r}: {', '.join(repr(n) for n in dup[:5])}")
+        raise DataError(f"class names repeat in {spec!r} (the tokenizer lower-cases them and collapses "
+                        f"spaces): {'; '.join(' = '.join(repr(n) for n in g) for g in dup[:5])}")
     return names
+
+
+def _same_prompts(names: Sequence[str]) -> List[List[str]]:
+    """Groups of ``names`` that give the same prompts (equal once lower-cased with their
+    whitespace collapsed, as the tokenizer reads them): their classifier columns are equal, so
+    neither class can be told from the other."""
+    groups: dict = {}
+    for n in names:
+        groups.setdefault(" ".join(n.lower().split()), []).append(n)
+    return [g for g in groups.values() if len(g) > 1]
 
 
 class ClassFolders(NamedTuple):
@@ -42,18 +53,28 @@ class ClassFolders(NamedTuple):
     samples: List[Tuple[str, int]]      # (image path, class index), by class, then by path
 
 
+# Folders an archiver leaves beside the data: macOS's zip puts resource forks ("._x.jpg", no
+# image) in __MACOSX/, which became a class "  MACOSX" that no image could ever be right for.
+_NOT_DATA = {"__MACOSX"}
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name in _NOT_DATA
+
+
 def class_subfolders(root: str) -> List[str]:
     """The class folders of ``root``, sorted. Hidden folders (``.ipynb_checkpoints``, ``.git``)
-    are not classes."""
-    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    and macOS's ``__MACOSX`` are not classes."""
+    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not _hidden(d))
 
 
 def _images_below(folder: str) -> List[str]:
     """The image files at any depth below ``folder``, sorted by their path relative to it (the
     same order on every machine: the probe's validation split is drawn over it). Regular files
-    only: opening a FIFO named x.png would wait for a writer forever. Hidden sub-folders are
-    skipped, as hidden class folders are; a linked folder is followed once (a link back to a
-    folder above would otherwise be walked without end)."""
+    only: opening a FIFO named x.png would wait for a writer forever. Hidden sub-folders and
+    files (macOS's "._x.jpg" resource forks) are skipped, as hidden class folders are; a linked
+    folder is followed once (a link back to a folder above would otherwise be walked without
+    end)."""
     found, seen = [], set()
     for top, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(top)
@@ -61,9 +82,9 @@ def _images_below(folder: str) -> List[str]:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [os.path.join(top, f) for f in files
-                  if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(top, f))]
+        dirs[:] = [d for d in dirs if not _hidden(d)]
+        found += [os.path.join(top, f) for f in files if not f.startswith(".")
+                  and f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(top, f))]
     return sorted(found, key=lambda p: os.path.relpath(p, folder).split(os.sep))
 
 
@@ -101,7 +122,26 @@ def scan_class_folders(root: str, classnames: Optional[Sequence[str]] = None,
                         f"{', '.join(repr(os.path.join(root, d)) for d in empty)}; remove them or add their "
                         f"images (a class without images counts towards chance and can never be right)")
     names = list(classnames) if classnames is not None else [d.replace("_", " ") for d in folders]
+    if _same_prompts(names):
+        by_name: dict = {}
+        for n, d in zip(names, folders):
+            by_name.setdefault(" ".join(n.lower().split()), []).append(d)
+        dup = [g for g in by_name.values() if len(g) > 1]
+        raise DataError(f"{what}: class folders that give one class name (the tokenizer lower-cases names and "
+                        f"collapses spaces; underscores are spaces): "
+                        f"{'; '.join(' = '.join(repr(d) for d in g) for g in dup[:5])}; merge or rename them "
+                        f"(their prompts are the same: neither could be told from the other)")
     return ClassFolders(root, folders, names, samples)
+
+
+def undecodable_classes(samples: Sequence[Tuple[str, int]], num_classes: int) -> List[int]:
+    """The classes of ``samples`` (``(path, class)``) none of whose images decode, each class's
+    files tried in order up to the first that does."""
+    alive = set()
+    for path, k in samples:
+        if k not in alive and load_image(path) is not None:
+            alive.add(k)
+    return [k for k in range(num_classes) if k not in alive]
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
@@ -142,10 +182,17 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return None if img is None else (self.transform(img), label)
 
     def check_decodable(self) -> None:
-        """Raise DataError unless some image decodes (tried in order, stopping at the first that
-        does: one decode for a sound folder)."""
-        if not any(load_image(path) is not None for path, _ in self.samples):
+        """Raise DataError unless an image of every class decodes (each class's files tried in
+        order, stopping at the first that does: one decode per class for a sound folder). A
+        class none of whose files decode counts towards chance and can never be right, as a
+        class folder without image files."""
+        dead = undecodable_classes(self.samples, len(self.classnames))
+        if len(dead) == len(self.classnames):
             raise DataError(f"no image under {self.root!r} could be decoded ({len(self.samples)} tried)")
+        if dead:
+            raise DataError(f"{self.root!r}: no image of class(es) {', '.join(repr(self.classnames[k]) for k in dead[:5])}"
+                            f"{', ...' if len(dead) > 5 else ''} could be decoded; remove their folders or fix "
+                            f"their images (such a class counts towards chance and can never be right)")
 
     def load_tensors(self) -> Tuple[torch.Tensor, torch.Tensor, int]:
         """All decodable images: ``(images [N, 3, S, S], labels [N], skipped)``."""

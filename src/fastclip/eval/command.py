@@ -411,6 +411,8 @@ def evaluate(args: argparse.Namespace, log=print) -> Dict[str, Any]:
         sets.update(shapes_zeroshot_sets(cfg, model))
     folders = args.class_folders        # scanned by check_args
     zs = folder_zeroshot_task(cfg, model, sets) if args.zeroshot_data else None
+    if zs is not None:
+        zs[1].check_decodable()     # a class none of whose files decode (a folder of resource forks)
     val_batches = load_val_batches(cfg, model, log=log) if args.val_data else None
     probe = None
     if args.probe_train:
