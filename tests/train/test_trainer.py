@@ -245,6 +245,34 @@ def test_a_shard_run_resumed_with_other_readers_says_so(ranks, workers, noted):
     assert t.resume_notes == []
 
 
+def test_other_data_at_the_same_path_is_noted_on_resume(tmp_path):
+    """A CSV rewritten between the run and --resume (16 rows, then 8) continued without a word:
+    only the path was compared. Checkpoints record the rows and bytes (shards: count and bytes)."""
+    from types import SimpleNamespace
+
+    from fastclip.train.data import TrainData, data_fingerprint
+    from fastclip.train.resume import note_changed_data
+    path = tmp_path / "t.csv"
+    path.write_text("filepath,title\n" + "".join(f"{i}.png,c{i}\n" for i in range(16)))
+    cfg = SimpleNamespace(batch_size=8, seed=0, train_data=str(path), dataset_type="auto", workers=0)
+    before = data_fingerprint(cfg, "csv", TrainData(list(range(16)), True, True, 2, "d"))
+    assert before == {"rows": 16, "bytes": path.stat().st_size}
+    path.write_text("filepath,title\n" + "".join(f"{i}.png,c{i}\n" for i in range(8)))
+    now = data_fingerprint(cfg, "csv", TrainData(list(range(8)), True, True, 1, "d"))
+    t = SimpleNamespace(cfg=cfg, env=SimpleNamespace(world_size=1), data_position=4, resume_notes=[],
+                        data_type="csv", data_fingerprint=now)
+    saved = dict(batch_size=8, seed=0, train_data=str(path), dataset_type="auto", workers=0)
+    note_changed_data(t, saved, {"global_batch": 8, "world_size": 1, "data": before})
+    assert len(t.resume_notes) == 1 and (f"the training data at {str(path)!r} changed since the checkpoint "
+                                         f"(bytes {before['bytes']} -> {now['bytes']}, rows 16 -> 8)"
+                                         ) in t.resume_notes[0]
+    t.resume_notes = []
+    note_changed_data(t, saved, {"global_batch": 8, "world_size": 1, "data": now})      # the same data
+    assert t.resume_notes == []
+    note_changed_data(t, saved, {"global_batch": 8, "world_size": 1})        # a checkpoint without the field
+    assert t.resume_notes == []
+
+
 def test_resuming_with_other_data_settings_says_so(tmp_path, capsys):
     """A 2-rank run resumed in one process, or with another seed or dataset, continued without
     a word (its epoch counter jumped back)."""

@@ -177,6 +177,20 @@ def build_train_data(cfg: TrainConfig, data_type: str, model, env: DistEnv) -> T
     return data
 
 
+def data_fingerprint(cfg: TrainConfig, data_type: str, data: TrainData) -> Optional[Dict[str, int]]:
+    """What a checkpoint records of the training data, beside its path, for a resume to notice
+    other data at the same path: a CSV's rows and bytes, the shards' count and bytes (sizes
+    from the file system: nothing is read); None for the built-in shapes (made from the
+    config)."""
+    if data_type == "csv":
+        return {"rows": len(data.dataset), "bytes": os.path.getsize(cfg.train_data)}
+    if data_type == "webdataset":
+        from ..datasets.webdataset import expand_urls
+        shards = expand_urls(cfg.train_data)
+        return {"shards": len(shards), "bytes": sum(os.path.getsize(u) for u in shards if os.path.isfile(u))}
+    return None
+
+
 def train_batches(cfg: TrainConfig, data: TrainData, model, env: DistEnv, start_batch: int,
                   total_steps: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor, int]]:
     """``(images, tokens, n_skipped)`` of this rank for batch positions ``start_batch ..``

@@ -96,6 +96,13 @@ def note_changed_data(t, saved: Dict[str, Any], extra: Dict[str, Any]) -> None:
     for k in ("seed", "train_data"):
         if k in saved and saved[k] != getattr(t.cfg, k, saved[k]):
             notes.append(f"{k} {saved[k]!r} -> {getattr(t.cfg, k)!r}")
+    # Other data at the same path (a CSV rewritten, shards added): the path alone said nothing.
+    before, now = extra.get("data"), getattr(t, "data_fingerprint", None)
+    if (isinstance(before, dict) and isinstance(now, dict) and before != now
+            and saved.get("train_data") == t.cfg.train_data):
+        changed = ", ".join(f"{k} {before.get(k)} -> {now.get(k)}" for k in sorted(set(before) | set(now))
+                            if before.get(k) != now.get(k))
+        notes.append(f"the training data at {t.cfg.train_data!r} changed since the checkpoint ({changed})")
     if "dataset_type" in saved:
         # the type each setting gives the data: --dataset-type webdataset and "auto" on .tar
         # shards are one (it was noted as a change)

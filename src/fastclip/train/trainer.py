@@ -51,6 +51,7 @@ from .data import (
     TrainData,
     ZeroShotSet,
     build_train_data,
+    data_fingerprint,
     detect_dataset_type,
     folder_zeroshot_task,
     load_val_batches,
@@ -168,6 +169,10 @@ class Trainer:
                              "always 0 (nothing to contrast), the model would learn nothing; use a global "
                              "batch of 2 or more")
         self.data: TrainData = build_train_data(cfg, self.data_type, self.model, env)
+        try:
+            self.data_fingerprint = data_fingerprint(cfg, self.data_type, self.data)
+        except OSError:
+            self.data_fingerprint = None
         self.dataset, self.data_desc = self.data.dataset, self.data.desc
         self.steps_per_epoch = self.data.steps_per_epoch
         if cfg.steps is not None:
@@ -489,7 +494,7 @@ class Trainer:
                                  "wall_time_s": self.wall_before + time.time() - t_start,
                                  "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
                                  "global_batch": cfg.batch_size * env.world_size,
-                                 "world_size": env.world_size,
+                                 "world_size": env.world_size, "data": self.data_fingerprint,
                                  "config": dataclasses.asdict(cfg), "model_config": self.model.config.to_dict()}
                         ckpt.save_training_state(out_dir, step, self.model, self.optimizer, self.scheduler,
                                                  self.scaler, extra=extra, keep=cfg.keep_checkpoints)
