@@ -738,6 +738,32 @@ def test_torch_func(loss, backend):
 
 
 @pytest.mark.parametrize("loss,backend", FP32)
+def test_batched_backward_and_forward_mode_get_the_message_or_the_answer(loss, backend):
+    """torch.autograd.grad(..., is_grads_batched=True) (what jacobian(vectorize=True) runs) sent
+    batched gradients into the CLIP kernels ("Cannot access data pointer of Tensor that doesn't
+    have storage"); forward-mode AD got PyTorch's "You must implement the jvp function". The
+    SigLIP one pass holds its gradients, which batched upstream gradients only scale."""
+    from torch.autograd import forward_ad
+    dev = _setup(loss, backend)
+    x, y = (t.to(dev) for t in embeddings("random", 5, 4, gen=torch.Generator().manual_seed(6)))
+    params = params_for(loss, 5.0, -3.0)
+    msg = "support torch.func.grad and grad_and_value, not vmap, vjp"
+    xg = x.clone().requires_grad_()
+    out = fastclip.ops.fused_loss(loss, xg, y, params, normalize=True, backend=backend)
+    seeds = torch.tensor([1.0, 2.0], device=dev)
+    if loss == "siglip":
+        got, = torch.autograd.grad(out, xg, seeds, is_grads_batched=True)
+        want = oracle(loss, x, y, params, True)[1]
+        assert rel_err(got[1], 2 * want) <= TOL[torch.float32]
+    else:
+        with pytest.raises(NotImplementedError, match=msg):
+            torch.autograd.grad(out, xg, seeds, is_grads_batched=True)
+    with forward_ad.dual_level(), pytest.raises(NotImplementedError, match=msg):
+        fastclip.ops.fused_loss(loss, forward_ad.make_dual(x, torch.ones_like(x)), y, params, normalize=True,
+                                backend=backend)
+
+
+@pytest.mark.parametrize("loss,backend", FP32)
 @pytest.mark.parametrize("size", ("huge", "tiny"))
 @pytest.mark.parametrize("d", (8, 512))
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")     # the interpreter's numpy overflows
@@ -760,6 +786,29 @@ def test_extreme_row_norms_never_give_a_finite_wrong_loss(loss, backend, size, d
                                   normalize=True, backend=backend, eps=1e-30)
     if backend == "reference" or torch.isfinite(out):
         assert rel_err(out, want) <= TOL[torch.float32], out
+
+
+@pytest.mark.parametrize("loss,backend", FP32)
+@pytest.mark.parametrize("fx,fy", ((1e25, 1e-20), (1e-20, 1e25)))
+def test_gradients_at_row_norms_far_from_one(loss, backend, fx, fy):
+    """normalize=True at norms ~1e25 or ~1e-20 (with an eps below them): the loss was right and
+    the feature gradients, finite in fp32, were not: rho² rounded to fp32 in the normalisation's
+    backward vanished (24% off) or overflowed (an infinite gradient) on the cpu, triton and
+    gemm backends."""
+    dev = _setup(loss, backend)
+    gen = torch.Generator().manual_seed(13)
+    eps = 1e-25
+    x = torch.randn(7, 9, generator=gen, dtype=torch.float64) * fx   # their dot products stay
+    y = torch.randn(7, 9, generator=gen, dtype=torch.float64) * fy   # in range (~1e5)
+    params = params_for(loss, 5.0, -2.0)
+    xd, yd = x.clone().requires_grad_(), y.clone().requires_grad_()
+    pd = [torch.tensor(p, dtype=torch.float64, requires_grad=True) for p in params]
+    xh = torch.nn.functional.normalize(xd, dim=-1, eps=eps)
+    yh = torch.nn.functional.normalize(yd, dim=-1, eps=eps)
+    ref_ = get_loss(loss).naive(xh, yh, *pd, normalize=False)
+    want = (ref_.detach(), *torch.autograd.grad(ref_, (xd, yd, *pd)))
+    out = run(loss, x.float().to(dev), y.float().to(dev), params, True, backend, eps=eps)
+    _compare(loss, out, want, TOL[torch.float32], f"{loss}/{backend}/{fx}")
 
 
 @pytest.mark.parametrize("loss,backend", FP32)

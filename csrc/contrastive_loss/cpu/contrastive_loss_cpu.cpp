@@ -494,8 +494,12 @@ ParamGrads bwd_impl(const T* x, const T* y, int64_t n, int64_t m, int64_t d, int
     }
   }
   // dx holds P_i = rho_i dL/dx^_i. Through the normalisation x^ = rho x:
-  //   dx_i = rho_i (dL/dx^_i - x^_i <x^_i, dL/dx^_i>) = P_i - rho_i^2 x_i <x_i, P_i>,
-  // except where eps clamps the norm: there x^ = x / eps is linear and dx_i = P_i.
+  //   dx_i = rho_i (dL/dx^_i - x^_i <x^_i, dL/dx^_i>) = P_i - (rho_i <x_i, P_i>) (rho_i x_i),
+  // except where eps clamps the norm: there x^ = x / eps is linear and dx_i = P_i. Both
+  // factors of the second term are of the size of the result and of x^: rho_i^2 <x_i, P_i>
+  // rounded to fp32 overflowed for rho above ~1.8e19 (norms below ~5e-20 with a small eps:
+  // an infinite gradient) and vanished below ~1e-19 (norms above ~1e19: the projection lost,
+  // 24% off at 1e25), where the gradient itself is finite and exact in fp32.
   if (normalize) {
 #pragma omp parallel num_threads(std::max(1, num_threads))
     {
@@ -505,8 +509,8 @@ ParamGrads bwd_impl(const T* x, const T* y, int64_t n, int64_t m, int64_t d, int
         if (row_norm(xi, d) < eps) continue;
         T* g = dx + i * d;
         const double r = p.rho[i];
-        const T c = T(r * r * dot(xi, g, d));
-        for (int64_t k = 0; k < d; ++k) g[k] -= c * xi[k];
+        const T c = T(r * dot(xi, g, d)), rt = T(r);
+        for (int64_t k = 0; k < d; ++k) g[k] -= c * (rt * xi[k]);
       }
 #pragma omp for schedule(static)
       for (int64_t j = 0; j < m; ++j) {
@@ -514,8 +518,8 @@ ParamGrads bwd_impl(const T* x, const T* y, int64_t n, int64_t m, int64_t d, int
         if (row_norm(yj, d) < eps) continue;
         T* g = dy + j * d;
         const double s = p.sig[j];
-        const T c = T(s * s * dot(yj, g, d));
-        for (int64_t k = 0; k < d; ++k) g[k] -= c * yj[k];
+        const T c = T(s * dot(yj, g, d)), st = T(s);
+        for (int64_t k = 0; k < d; ++k) g[k] -= c * (st * yj[k]);
       }
     }
   }

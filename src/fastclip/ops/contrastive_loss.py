@@ -191,6 +191,7 @@ def _zeros_for_none(g, like: Tensor) -> Tensor:
 def _backward(ctx, g_row, g_col, g_pos):
     x, y, params, row, col = ctx.saved_tensors
     loss, normalize, eps, pos_offset, backend = ctx.cfg
+    _refuse_batched_grads(g_row, g_col, g_pos)
     if torch.is_grad_enabled():          # create_graph=True: a differentiable backward
         return (*differentiable_vjp(get_loss(loss), x, y, params, normalize, eps, pos_offset,
                                     (g_row, g_col, g_pos)), None, None, None, None, None)
@@ -256,6 +257,15 @@ def _no_vmap(*_args, **_kwargs):
         "fastclip.ops.reference.clip_loss_naive / siglip_loss_naive")
 
 
+def _refuse_batched_grads(*grads) -> None:
+    """A batch of upstream gradients (``torch.autograd.grad(..., is_grads_batched=True)``, which
+    ``jacobian(vectorize=True)`` uses) is vmap over the backward: the message, not a kernel's
+    "Cannot access data pointer of Tensor that doesn't have storage"."""
+    if not torch.compiler.is_compiling() and any(
+            g is not None and (_batched(g) or _legacy_batched(g)) for g in grads):
+        _no_vmap()
+
+
 class _EagerBlock(torch.autograd.Function):
     """contrastive_loss_fwd and its registered backward, without the dispatcher."""
 
@@ -277,6 +287,7 @@ class _EagerBlock(torch.autograd.Function):
     def backward(ctx, g_row, g_col, g_pos):
         x, y, params, row, col = ctx.saved_tensors
         spec, be, normalize, eps, pos_offset = ctx.cfg
+        _refuse_batched_grads(g_row, g_col, g_pos)
         if torch.is_grad_enabled():      # create_graph=True: a differentiable backward
             return (*differentiable_vjp(spec, x, y, params, normalize, eps, pos_offset,
                                         (g_row, g_col, g_pos)), None, None, None, None, None)
@@ -303,11 +314,18 @@ def _combined_style(fn: type) -> type:
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 _functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor",
                              lambda t: False)
+_forward_ad = torch.autograd.forward_ad
+# The batched upstream gradients of is_grads_batched=True (torch's older vmap), and vmap's
+# (torch.func.grad's are wrapped too, not batched).
+_legacy_batched = getattr(getattr(torch._C, "_functorch", None), "is_legacy_batchedtensor", lambda t: False)
+_batched = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", lambda t: False)
 
 
 def _apply(fn: type, fast: type, *args):
-    """``fn.apply`` under torch.func transforms (they need setup_context), else ``fast``'s."""
-    if not torch.compiler.is_compiling() and _functorch_active():
+    """``fn.apply`` under torch.func transforms (they need setup_context) and inside a forward-mode
+    AD level (``fn.jvp`` refuses with the message, where ``fast``, which Dynamo traces and so
+    has no jvp, got PyTorch's "You must implement the jvp function"), else ``fast``'s."""
+    if not torch.compiler.is_compiling() and (_functorch_active() or _forward_ad._current_level >= 0):
         return fn.apply(*args)
     return fast.apply(*args)
 

@@ -332,9 +332,11 @@ def _grads(loss, stats, x, y, p, normalize, eps, pos_offset, row, col, grad_row,
             ax.mul_(ws[1])
         ax.mul_(s)
         if normalize:
-            # (none where eps clamps the norm: keep = 0)
-            t = (rho[r0:r0 + rr].double() ** 2 * keep_x[r0:r0 + rr] * tu[r0:r0 + rr]).to(torch.float32) * s
-            ax.addcmul_(xs, t[:, None], value=-1.0)
+            # (none where eps clamps the norm: keep = 0). The term as (rho t)·(rho x): rho²
+            # rounded to fp32 overflowed for rho above ~1.8e19 and vanished below ~1e-19.
+            ri = rho[r0:r0 + rr]
+            t = (ri.double() * keep_x[r0:r0 + rr] * tu[r0:r0 + rr]).to(torch.float32) * s
+            ax.addcmul_(xs.float() * ri[:, None], t[:, None], value=-1.0)
         dx[r0:r0 + rr] = ax
         # dY: this chunk's rows' share, in fp32, summed in two levels for fp32 inputs
         # (groups of _GROUP chunks, then the groups), so that fp32's rounding grows with
@@ -352,8 +354,10 @@ def _grads(loss, stats, x, y, p, normalize, eps, pos_offset, row, col, grad_row,
         acc_y.mul_(ws[1])
     acc_y.mul_(s)
     if normalize:
-        t = (sig.double() ** 2 * keep_y * cgu).to(torch.float32) * s
-        acc_y.addcmul_(y, t[:, None], value=-1.0)
+        t = (sig.double() * keep_y * cgu).to(torch.float32) * s
+        for a in range(0, y.shape[0], 16384):   # ŷ = sig·y in slices: no second [m, D] buffer
+            b = min(a + 16384, y.shape[0])
+            acc_y[a:b].addcmul_(y[a:b].float() * sig[a:b, None], t[a:b, None], value=-1.0)
     dy = acc_y.to(y.dtype)
     dparams = torch.stack((tu.sum(), tg))[:p.numel()].to(torch.float32)
     return dx, dy, dparams, rho, sig, row_out, col_out
