@@ -336,8 +336,7 @@ def test_a_broken_quote_skips_its_row_and_keeps_the_rest(tmp_path):
 
 def test_an_unreadable_csv_is_a_data_error(tmp_path, monkeypatch):
     """A CSV without read permission ended the run in a PermissionError traceback."""
-    from fastclip.datasets import DataError
-    from fastclip.datasets import csv_dataset
+    from fastclip.datasets import DataError, csv_dataset
     path = tmp_path / "locked.csv"
     path.write_text("filepath,title\nimg0.png,a cat\n")
 
@@ -474,6 +473,7 @@ def test_brace_expansion():
 def test_a_shard_on_a_pipe_is_read(tmp_path):
     """A pipe's size reads as 0: it was taken for an empty shard and never opened."""
     import threading
+
     from fastclip.datasets.webdataset import tar_problem
     shard = _tar(tmp_path / "s.tar", [("a.png", _png_bytes(0)), ("a.txt", b"a cat")])
     fifo = tmp_path / "pipe.tar"

@@ -190,9 +190,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if len(dead) == len(self.classnames):
             raise DataError(f"no image under {self.root!r} could be decoded ({len(self.samples)} tried)")
         if dead:
-            raise DataError(f"{self.root!r}: no image of class(es) {', '.join(repr(self.classnames[k]) for k in dead[:5])}"
-                            f"{', ...' if len(dead) > 5 else ''} could be decoded; remove their folders or fix "
-                            f"their images (such a class counts towards chance and can never be right)")
+            names = ", ".join(repr(self.classnames[k]) for k in dead[:5]) + (", ..." if len(dead) > 5 else "")
+            raise DataError(f"{self.root!r}: no image of class(es) {names} could be decoded; remove their folders "
+                            f"or fix their images (such a class counts towards chance and can never be right)")
 
     def load_tensors(self) -> Tuple[torch.Tensor, torch.Tensor, int]:
         """All decodable images: ``(images [N, 3, S, S], labels [N], skipped)``."""
