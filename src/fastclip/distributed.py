@@ -37,7 +37,7 @@ import functools
 import math
 import weakref
 from dataclasses import astuple, dataclass, fields
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -663,7 +663,12 @@ def _handshake(group, rank, world, meta: _Meta, params: Optional[Tensor],
     fits = (y is not None and meta.ok == 1.0 and int(meta.rows) == sizes[rank]
             and int(meta.dim) == dim and y.dtype == dtype and y.device == meta_dev)
     if fits:
-        buf[8 * K:8 * K + sizes[rank] * dim * esize] = y.contiguous().view(-1).view(torch.uint8)
+        # A byte view needs plain dense rows: one of a tensor with the negative bit set
+        # (torch._neg_view, z.conj().imag) or of size-1 rows with a stride of 2 (which PyTorch
+        # calls contiguous) raised on this rank alone, the others waiting in the all-gather.
+        plain = y.is_contiguous() and not y.is_neg() and not y.is_conj() and (y.numel() == 0 or y.stride(-1) == 1)
+        rows = y if plain else torch.empty(y.shape, dtype=y.dtype, device=y.device).copy_(y)
+        buf[8 * K:8 * K + sizes[rank] * dim * esize] = rows.reshape(-1).view(torch.uint8)
     out = torch.empty((world * seg,), dtype=torch.uint8, device=meta_dev).view(world, seg)
     _gather_single()(out.view(-1), buf, group=group)
     metas = [_Meta(*r) for r in out[:, :8 * K].contiguous().view(torch.float64)
@@ -678,6 +683,16 @@ def _handshake(group, rank, world, meta: _Meta, params: Optional[Tensor],
     return metas, torch.cat(rows)
 
 
+def _max_row_norm(t: Tensor) -> Tensor:
+    """The largest row norm of ``t`` [n, D] as a float64 scalar, summed in float64 in slices of
+    rows (no float64 copy of the whole shard): an fp32 sum of squares underflowed to 0 for
+    float64 rows of norm ~1e-50, the logit bound became 0, and the shifted merge overflowed
+    to an infinite loss."""
+    if t.shape[0] == 0:
+        return torch.zeros((), dtype=torch.float64, device=t.device)
+    return torch.stack([t[a:a + 8192].double().norm(dim=1).max() for a in range(0, t.shape[0], 8192)]).max()
+
+
 def _check_config(dist_impl, normalize, eps) -> None:
     """The call's configuration (not its data): TypeError/ValueError naming the argument."""
     if dist_impl not in _IMPLS:
@@ -688,9 +703,17 @@ def _check_config(dist_impl, normalize, eps) -> None:
 def fused_loss(loss: str, image_features: Tensor, text_features: Tensor, params, *,
                      normalize: bool = False, backend: str = "auto", process_group=None,
                      dist_impl: str = "gather", eps: float = DEFAULT_EPS,
-                     expected_world_size: Optional[int] = None) -> Tensor:
+                     expected_world_size: Optional[int] = None,
+                     unused_bias: Optional[Callable[[], Tensor]] = None) -> Tensor:
     """The exact full-batch loss ``loss`` over the ranks of a group; ``params`` its scalar
-    parameters in ``LossSpec.params`` order. See :func:`clip_loss` for the contract."""
+    parameters in ``LossSpec.params`` order. See :func:`clip_loss` for the contract.
+
+    ``unused_bias`` (for a loss without a bias, such as ``ClipLoss``'s ``logit_bias``, which
+    the softmax ignores): a function returning it as a 0-dim tensor, or raising TypeError /
+    ValueError for an invalid one. It is checked with the rank's other inputs and agreed
+    across ranks like a parameter, before any collective other than the handshake: one rank's
+    bad bias left the others waiting in the loss's collectives, and one rank's NaN bias gave
+    that rank alone a NaN loss."""
     spec = get_loss(loss)
     if not dist.is_available() or not dist.is_initialized():
         # No group, no collective to keep in step: a bad configuration says so first.
@@ -732,7 +755,7 @@ def fused_loss(loss: str, image_features: Tensor, text_features: Tensor, params,
         meta_dev = torch.device("cpu") if "cpu" in carry else torch.device(
             "cuda", torch.cuda.current_device())
 
-    p = be = norms = None
+    p = be = norms = bias = None
     if problem is None:
         try:
             validate_features(image_features, text_features, same_dtype=False)
@@ -740,18 +763,21 @@ def fused_loss(loss: str, image_features: Tensor, text_features: Tensor, params,
             validate_options(normalize, eps, image_features.dtype)
             p = prepare_params(spec, params, image_features)
             be = select_backend(backend, feat_dev, image_features.dtype, spec.name)
+            bias = unused_bias() if unused_bias is not None and spec.params == ("logit_scale",) else None
         except (TypeError, ValueError, RuntimeError) as e:
             problem = str(e)
     if problem is None and spec.merge == "lse":
         with torch.no_grad():       # O(n·D), on the device: what bounds the logits
             norms = (torch.ones(2, dtype=torch.float64, device=meta_dev) if normalize else
-                     torch.stack([t.float().norm(dim=1).max().double()
-                                  for t in (image_features, text_features)]))
+                     torch.stack([_max_row_norm(t) for t in (image_features, text_features)]))
     grad = problem is None and torch.is_grad_enabled() and (
         image_features.requires_grad or text_features.requires_grad or p.requires_grad)
     meta = _meta_for(spec, image_features, normalize, eps, dist_impl, be, problem, grad)
     try:
-        metas, y_all = _handshake(group, rank, world, meta, p, norms, meta_dev,
+        shown = p
+        if problem is None and bias is not None:     # in the bias slot of the records
+            shown = torch.cat([p.detach().reshape(-1), bias.detach().reshape(1).to(p.dtype)])
+        metas, y_all = _handshake(group, rank, world, meta, shown, norms, meta_dev,
                                   text_features if problem is None else None)
         sizes = _agree(metas, rank, problem, group)
     except DistributedLossError:

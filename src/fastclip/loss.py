@@ -92,13 +92,13 @@ class _FusedLoss(nn.Module):
                     F.normalize(text_features, dim=-1, eps=self.eps))
         return image_features, text_features
 
-    def _fused_loss(self, image_features, text_features, params) -> Tensor:
+    def _fused_loss(self, image_features, text_features, params, unused_bias=None) -> Tensor:
         if self.world_size > 1:
             from . import distributed  # noqa: PLC0415
             return distributed.fused_loss(
                 self.loss_name, image_features, text_features, params,
                 normalize=self.normalize, backend=self.backend, dist_impl=self.fused_dist_impl,
-                eps=self.eps, expected_world_size=self.world_size)
+                eps=self.eps, expected_world_size=self.world_size, unused_bias=unused_bias)
         return fused_loss(self.loss_name, image_features, text_features, params,
                                 normalize=self.normalize, backend=self.backend, eps=self.eps)
 
@@ -193,7 +193,12 @@ class ClipLoss(_FusedLoss):
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale,
                 logit_bias: Optional[Tensor] = None, output_dict: bool = False):
-        loss = self._fused_loss(image_features, text_features, (logit_scale,))
+        like = image_features if isinstance(image_features, Tensor) else None
+        # Across ranks the bias is checked and agreed with the other inputs (a bad one on one
+        # rank left the others waiting in the loss's collectives).
+        check = ((lambda: _scalar_bias(logit_bias, like)) if logit_bias is not None and like is not None
+                 else None)
+        loss = self._fused_loss(image_features, text_features, (logit_scale,), unused_bias=check)
         if logit_bias is not None:
             # Softmax is shift-invariant: the bias (one constant) keeps a zero gradient in the
             # graph, and a NaN or inf bias a non-finite loss, as open_clip's logits + bias.

@@ -569,7 +569,29 @@ def run_cases(rank: int, world: int, seed: int) -> dict:
     errs["grad_mismatch"] = _expect_error(lambda: siglip_loss(
         torch.randn(3, 4).requires_grad_(rank == 0), torch.randn(3, 4), 10.0, -1.0,
         dist_impl="ring"))
+    # ClipLoss's logit_bias (unused by the softmax) is checked and agreed before the loss's
+    # collectives: a bad one on one rank left the others waiting there, a NaN one gave that
+    # rank alone a NaN loss.
+    cl = ClipLoss(rank=rank, world_size=world)
+    errs["bad_bias_one_rank"] = _expect_error(lambda: cl(
+        torch.randn(3, 4), torch.randn(3, 4), 10.0, torch.zeros(2) if rank == 1 else -1.0))
+    errs["nan_bias_one_rank"] = _expect_error(lambda: cl(
+        torch.randn(3, 4), torch.randn(3, 4), 10.0, float("nan") if rank == 1 else -1.0))
     out["errors"] = errs
+    # A steady-state gather call (the handshake carries the text rows as bytes) with text
+    # features that have the negative bit set on one rank: a byte view of them raised on that
+    # rank alone, the others waiting in the all-gather.
+    xs, ys = torch.randn(3, 4, generator=gen), torch.randn(3, 4, generator=gen)
+    first = clip_loss(xs, ys, 10.0)
+    again = clip_loss(xs, torch._neg_view(-ys) if rank == 1 else ys, 10.0)
+    # float64 rows of norm ~1e-50 (scale 1e53, logits ~1e3): an fp32 norm underflowed to 0, the logit
+    # bound to 0, and the shifted merge to an infinite loss.
+    xt = torch.randn(sum(uneven), 5, generator=gen, dtype=torch.float64) * 1e-50
+    yt = torch.randn(sum(uneven), 5, generator=gen, dtype=torch.float64)
+    tiny = clip_loss(xt[o:o + n], yt[o:o + n], 1e53)
+    from fastclip import clip_loss as single  # noqa: PLC0415
+    out["robust"] = {"neg_view_same": bool(torch.equal(first, again)),
+                     "tiny_norm": rel_err(tiny, single(xt, yt, 1e53))}
     # After the errors, a collective call still lines up on every rank.
     out["after_errors"] = _loss_case(rank, world, gen, uneven, "ring", False, torch.float64,
                                      5.0)

@@ -268,6 +268,13 @@ def test_mismatches_raise_on_every_rank(group):
             assert (text in msg) if rank == 1 else ("rank(s) [1]" in msg), msg
         msg = errs["grad_mismatch"]
         assert msg.startswith("DistributedLossError") and "whether the call needs gradients" in msg, msg
+        msg = errs["bad_bias_one_rank"]
+        assert msg.startswith("DistributedLossError"), msg
+        assert ("logit_bias must be a float" in msg) if rank == 1 else ("rank(s) [1]" in msg), msg
+        msg = errs["nan_bias_one_rank"]
+        assert msg.startswith("DistributedLossError") and "disagree on logit_bias" in msg, msg
+        assert out["robust"]["neg_view_same"], f"rank {rank}: neg-bit text rows changed the loss"
+        assert out["robust"]["tiny_norm"] <= TOL_F64, f"rank {rank}: {out['robust']}"
     _check(res, "after_errors", TOL_F64)
 
 
