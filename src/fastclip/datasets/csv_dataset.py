@@ -320,6 +320,30 @@ class CsvDataset(torch.utils.data.Dataset):
         return [n for n in (self.describe_broken(), self.describe_invalid_utf8(), self.describe_no_captions(),
                             self.describe_long_rows()) if n]
 
+    def first_problem(self, limit: int = 200) -> Optional[str]:
+        """Why the first failing row among the first ``limit`` fails, naming its image as the file
+        gives it and as resolved (relative paths are relative to the CSV's folder), or None: for
+        an error about data of which nothing loads, where one example shows a typo, a stray
+        space or the wrong folder at once."""
+        no_caption = None      # said only when no image fails: the notes name such rows already
+        for k in range(min(limit, len(self.images))):
+            given, path = self._given(k), self.images[k]
+            if not self.captions[k].strip() or caption_tokens(self.captions[k], self.context_length) is None:
+                no_caption = no_caption or f"e.g. the row of {given!r} has no caption"
+                continue
+            if not os.path.exists(path):
+                return f"e.g. {given!r} (read as {path}) does not exist"
+            if not os.path.isfile(path):
+                return f"e.g. {given!r} (read as {path}) is not a file"
+            if load_image(path) is None:
+                return f"e.g. {given!r} (read as {path}) is not an image that decodes"
+        return no_caption
+
+    def _given(self, k: int) -> str:
+        root = os.path.dirname(os.path.abspath(self.path))
+        p = self.images[k]
+        return os.path.relpath(p, root) if p.startswith(root + os.sep) else p
+
     def __len__(self) -> int:
         return len(self.images)
 

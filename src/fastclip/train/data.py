@@ -319,8 +319,10 @@ def load_val_batches(cfg: TrainConfig, model, log: Optional[Callable[[str], None
         out[-1] = tuple(torch.cat([a, b]) for a, b in zip(out[-1], last))
     if not out:
         from ..datasets.csv_dataset import DataError
+        example = ds.first_problem() if kind == "csv" else None
         raise DataError(f"--val-data {cfg.val_data!r}: no sample loaded ({skipped_total} skipped: missing or "
-                        f"corrupt images)" if skipped_total else f"--val-data {cfg.val_data!r}: no samples")
+                        f"corrupt images, or no caption{'; ' + example if example else ''})" if skipped_total
+                        else f"--val-data {cfg.val_data!r}: no samples")
     return out, skipped_total
 
 
@@ -397,10 +399,12 @@ class BatchDraws:
         else:
             what = ("no sample loaded" if most == 0 else
                     f"fewer than {t.min_batch} samples loaded ({t.min_batch_why})")
+        ds = getattr(t, "dataset", None)
+        example = ds.first_problem() if hasattr(ds, "first_problem") else None
         raise DataError(f"{t.data_desc}: {what} in {n} batches in a row{span} "
                         f"({n * t.cfg.batch_size * t.env.world_size} samples: images missing or corrupt, "
-                        f"or no caption); the data looks unusable: {self.advice()} "
-                        f"(--max-failed-batches sets this limit)")
+                        f"or no caption{'; ' + example if example else ''}); the data looks unusable: "
+                        f"{self.advice()} (--max-failed-batches sets this limit)")
 
     def advice(self) -> str:
         """What to check in data of which no batch loads, by kind of data."""
