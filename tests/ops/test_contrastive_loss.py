@@ -788,6 +788,16 @@ def test_extreme_row_norms_never_give_a_finite_wrong_loss(loss, backend, size, d
         assert rel_err(out, want) <= TOL[torch.float32], out
 
 
+def _eps_oracle(loss, x, y, params, eps):
+    """(loss, dx, dy, dparams...) in float64 of the loss of F.normalize(x, eps=eps) and of y's."""
+    xd, yd = x.clone().requires_grad_(), y.clone().requires_grad_()
+    pd = [torch.tensor(p, dtype=torch.float64, requires_grad=True) for p in params]
+    xh = torch.nn.functional.normalize(xd, dim=-1, eps=eps)
+    yh = torch.nn.functional.normalize(yd, dim=-1, eps=eps)
+    ref_ = get_loss(loss).naive(xh, yh, *pd, normalize=False)
+    return (ref_.detach(), *torch.autograd.grad(ref_, (xd, yd, *pd)))
+
+
 @pytest.mark.parametrize("loss,backend", FP32)
 @pytest.mark.parametrize("fx,fy", ((1e25, 1e-20), (1e-20, 1e25)))
 def test_gradients_at_row_norms_far_from_one(loss, backend, fx, fy):
@@ -801,12 +811,7 @@ def test_gradients_at_row_norms_far_from_one(loss, backend, fx, fy):
     x = torch.randn(7, 9, generator=gen, dtype=torch.float64) * fx   # their dot products stay
     y = torch.randn(7, 9, generator=gen, dtype=torch.float64) * fy   # in range (~1e5)
     params = params_for(loss, 5.0, -2.0)
-    xd, yd = x.clone().requires_grad_(), y.clone().requires_grad_()
-    pd = [torch.tensor(p, dtype=torch.float64, requires_grad=True) for p in params]
-    xh = torch.nn.functional.normalize(xd, dim=-1, eps=eps)
-    yh = torch.nn.functional.normalize(yd, dim=-1, eps=eps)
-    ref_ = get_loss(loss).naive(xh, yh, *pd, normalize=False)
-    want = (ref_.detach(), *torch.autograd.grad(ref_, (xd, yd, *pd)))
+    want = _eps_oracle(loss, x, y, params, eps)
     out = run(loss, x.float().to(dev), y.float().to(dev), params, True, backend, eps=eps)
     _compare(loss, out, want, TOL[torch.float32], f"{loss}/{backend}/{fx}")
 
@@ -827,12 +832,7 @@ def test_rows_that_eps_clamps_have_a_gradient_without_projection(loss, backend, 
     x[6] *= 1e-14
     assert (x.norm(dim=1) < eps).sum() >= 3 and (y.norm(dim=1) < eps).sum() >= 2
     params = params_for(loss, 5.0, -2.0)
-    xd, yd = x.clone().requires_grad_(), y.clone().requires_grad_()
-    pd = [torch.tensor(p, dtype=torch.float64, requires_grad=True) for p in params]
-    xh = torch.nn.functional.normalize(xd, dim=-1, eps=eps)
-    yh = torch.nn.functional.normalize(yd, dim=-1, eps=eps)
-    ref_ = get_loss(loss).naive(xh, yh, *pd, normalize=False)
-    want = (ref_.detach(), *torch.autograd.grad(ref_, (xd, yd, *pd)))
+    want = _eps_oracle(loss, x, y, params, eps)
     out = run(loss, x.to(dtype).to(dev), y.to(dtype).to(dev), params, True, backend, eps=eps)
     _compare(loss, out, want, TOL[dtype], f"{loss}/{backend}/{dtype}")
 
