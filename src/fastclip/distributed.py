@@ -684,13 +684,17 @@ def _handshake(group, rank, world, meta: _Meta, params: Optional[Tensor],
 
 
 def _max_row_norm(t: Tensor) -> Tensor:
-    """The largest row norm of ``t`` [n, D] as a float64 scalar, summed in float64 in slices of
-    rows (no float64 copy of the whole shard): an fp32 sum of squares underflowed to 0 for
-    float64 rows of norm ~1e-50, the logit bound became 0, and the shifted merge overflowed
-    to an infinite loss."""
-    if t.shape[0] == 0:
+    """An upper bound of the row norms of ``t`` [n, D], a float64 scalar on its device, no host
+    sync: the largest row norm (in fp32 for fp32 and half features, in float64 for float64),
+    or, where that sum of squares may have underflowed (below ~1e-18 in fp32, ~1e-150 in
+    float64), sqrt(D) times the largest entry: an fp32 norm of float64 rows of norm ~1e-50 was
+    0, the logit bound 0, and the shifted merge overflowed to an infinite loss."""
+    if t.shape[0] == 0 or t.shape[1] == 0:
         return torch.zeros((), dtype=torch.float64, device=t.device)
-    return torch.stack([t[a:a + 8192].double().norm(dim=1).max() for a in range(0, t.shape[0], 8192)]).max()
+    wide = t.dtype == torch.float64
+    m = (t.norm(dim=1) if wide else t.float().norm(dim=1)).max().double()
+    entry = torch.maximum(t.amax(), -t.amin()).double() * math.sqrt(t.shape[1])
+    return torch.where(m < (1e-150 if wide else 1e-18), entry, m)
 
 
 def _check_config(dist_impl, normalize, eps) -> None:
@@ -763,8 +767,11 @@ def fused_loss(loss: str, image_features: Tensor, text_features: Tensor, params,
             validate_options(normalize, eps, image_features.dtype)
             p = prepare_params(spec, params, image_features)
             be = select_backend(backend, feat_dev, image_features.dtype, spec.name)
-            bias = unused_bias() if unused_bias is not None and spec.params == ("logit_scale",) else None
-        except (TypeError, ValueError, RuntimeError) as e:
+            if unused_bias is not None and spec.params == ("logit_scale",):
+                # On the parameters' device and dtype here, inside the checks: a bias on another
+                # device (a CPU scalar beside CUDA features) failed on its rank alone later.
+                bias = unused_bias().detach().reshape(1).to(device=p.device, dtype=p.dtype)
+        except (TypeError, ValueError, RuntimeError, NotImplementedError) as e:
             problem = str(e)
     if problem is None and spec.merge == "lse":
         with torch.no_grad():       # O(n·D), on the device: what bounds the logits
@@ -776,7 +783,7 @@ def fused_loss(loss: str, image_features: Tensor, text_features: Tensor, params,
     try:
         shown = p
         if problem is None and bias is not None:     # in the bias slot of the records
-            shown = torch.cat([p.detach().reshape(-1), bias.detach().reshape(1).to(p.dtype)])
+            shown = torch.cat([p.detach().reshape(-1), bias])
         metas, y_all = _handshake(group, rank, world, meta, shown, norms, meta_dev,
                                   text_features if problem is None else None)
         sizes = _agree(metas, rank, problem, group)
