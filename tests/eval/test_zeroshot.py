@@ -354,6 +354,10 @@ def test_folders_that_are_not_classes_or_name_one_class_twice(tmp_path):
         scan_class_folders(str(tmp_path))
     with pytest.raises(DataError, match=r"class names repeat .*'Dog' = 'dog'"):
         read_classnames("Dog,cat,dog")
+    with pytest.raises(DataError, match=r"class names that are one name to the tokenizer .*'A' = 'a'"):
+        scan_class_folders(str(tmp_path), ["A", "b", "a"])
+    # A linear probe uses no class names: Blue/ and blue/ are two classes to it.
+    assert scan_class_folders(str(tmp_path), distinct_names=False).folders == ["Blue", "blue", "red"]
     # A class whose files all fail to decode is refused like one without image files.
     (tmp_path / "Blue" / "2.png").write_bytes(b"not a png")
     (tmp_path / "Blue").rename(tmp_path / "green")

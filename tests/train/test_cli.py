@@ -288,8 +288,8 @@ def test_the_datas_notes_come_before_the_error_they_explain(tmp_path, capsys):
     assert code == 2
     assert len(out) == 1 and "1 row with more fields than the header (line 2): skipped" in out[0]
     assert len(err) == 1 and err[-1].startswith("fastclip train: error: CSV ") and "t.csv" in err[-1]
-    # One example of a failing row, as the file gives it and as resolved: a typo shows at once.
-    assert f"e.g. 'b.png' (read as {tmp_path / 'b.png'}) does not exist" in err[-1], err[-1]
+    # One example of a failing row, its line and its image as resolved: a typo shows at once.
+    assert f"e.g. line 3: image '{tmp_path / 'b.png'}' does not exist" in err[-1], err[-1]
 
 
 def test_unusable_resume_files_exit_2_with_one_line(tmp_path, capsys):

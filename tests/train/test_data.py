@@ -1,5 +1,6 @@
 """Datasets: the synthetic shapes, CSV and webdataset readers (a corrupt or missing image is skipped
 and counted, never fatal), class folders, shard-list expansion."""
+import csv
 import io
 import itertools
 import os
@@ -325,10 +326,22 @@ def test_a_broken_quote_skips_its_row_and_keeps_the_rest(tmp_path):
                     'img2.png,"a dog"\n')
     ds = CsvDataset(str(path), image_transform(32), context_length=16)
     assert ds.captions == ['a cat\non a mat, "asleep"', 'a 12" record', "a dog"] and ds.broken_lines == []
-    # A caption past csv.field_size_limit (128 KiB) refused the whole file; now its row alone.
-    path.write_text("filepath,title\nimg0.png,a cat\nimg1.png," + "x" * 140_000 + "\nimg2.png,a dog\n")
+    # A caption past the csv module's default field limit (128 KiB) refused the whole file: it
+    # is a caption (cut to the context like any other), quoted over several lines too.
+    long = "x" * 70_000
+    path.write_text(f'filepath,title\nimg0.png,a cat\nimg1.png,{long * 2}\nimg2.png,"{long}\n{long}"\n'
+                    f'img0.png,a dog\n')
     ds = CsvDataset(str(path), image_transform(32), context_length=16)
-    assert ds.captions == ["a cat", "a dog"] and ds.broken_lines == [3]
+    assert ds.captions == ["a cat", long * 2, f"{long}\n{long}", "a dog"] and ds.broken_lines == []
+    assert csv.field_size_limit() == 131072       # the module's limit is left as it was
+    # The caption column first, its caption over two lines: the last line, read alone, looks
+    # like a row (a field, then an image that exists) and is the end of the caption.
+    path.write_text('title,filepath\n"first line\nsecond line",img0.png\na dog,img1.png\n')
+    ds = CsvDataset(str(path), image_transform(32), context_length=16)
+    assert ds.captions == ["first line\nsecond line", "a dog"] and ds.broken_lines == []
+    path.write_text('title,"filepath\nimg0.png,a cat\n')
+    with pytest.raises(DataError, match=r"open.csv: the header \(line 1\) is not valid CSV"):
+        CsvDataset(str(path), image_transform(32))
     path.write_text('filepath,title\nimg0.png,"a cat\n')
     with pytest.raises(DataError, match=r"open.csv: 1 row that could not be read as CSV \(line 2\): no row left"):
         CsvDataset(str(path), image_transform(32))
@@ -468,6 +481,8 @@ def test_brace_expansion():
     # As bash: high to low counts down (it matched nothing), padded to the wider end.
     assert expand_braces("s-{002..000}.tar") == ["s-002.tar", "s-001.tar", "s-000.tar"]
     assert expand_braces("{8..010}") == ["008", "009", "010"]
+    assert expand_braces("s-{0..10}.tar") == [f"s-{i}.tar" for i in range(11)]      # "0" pads nothing
+    assert expand_braces("{2..0}") == ["2", "1", "0"]
 
 
 def test_a_shard_on_a_pipe_is_read(tmp_path):
@@ -587,7 +602,7 @@ def test_empty_shards_and_unloadable_validation_data_are_data_errors(tmp_path):
     class M:
         image_size, context_length = 32, 16
     with pytest.raises(DataError, match=r"--val-data .*missing.csv.*no sample loaded \(2 skipped.*e\.g\. "
-                                        r"'nope.png' \(read as .*nope.png\) does not exist"):
+                                        r"line 2: image '.*nope.png' does not exist"):
         load_val_batches(cfg, M())
     # an empty shard as --val-data: the training reader's "reader 0 of 1 ... ranks x --workers"
     # named neither the flag nor the cause

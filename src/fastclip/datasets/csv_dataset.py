@@ -5,6 +5,7 @@ missing or corrupt file) and ``collate_skipping`` (drops failed samples and coun
 """
 from __future__ import annotations
 
+import array
 import csv
 import io
 import os
@@ -135,8 +136,10 @@ def _records(f, separator: str, broken: List[int],
     caption (16 rows read as 3, without a word), and a field past ``csv.field_size_limit`` (the
     same fault in a large file) stopped the whole file. A record spanning several lines (a
     quoted caption with line breaks) is checked by a strict parse of its lines alone, and, when
-    ``is_row`` is given, is broken if one of its later lines read alone is a row by ``is_row``
-    (a stray quote closed by another at the end of a later line parses strictly).
+    ``is_row`` is given, is broken if one of its lines between the first and the last, read
+    alone, is a row by ``is_row`` (a stray quote closed by another at the end of a later line
+    parses strictly; the last line is left out: it holds the end of a caption that comes before
+    the image column).
     """
     lines = _Lines(f)
     line_no = 1
@@ -158,7 +161,7 @@ def _records(f, separator: str, broken: List[int],
                 except (csv.Error, StopIteration):
                     strict = None
                 if strict != row or (is_row is not None and any(
-                        is_row(r) for line in lines.taken[1:] for r in csv.reader([line], delimiter=separator))):
+                        is_row(r) for line in lines.taken[1:-1] for r in csv.reader([line], delimiter=separator))):
                     row = None
             if row is None:
                 broken.append(line_no)
@@ -216,7 +219,13 @@ class CsvDataset(torch.utils.data.Dataset):
         self.no_caption_lines: List[int] = []
         self.long_row_lines: List[int] = []
         self.broken_lines: List[int] = []
+        self.row_lines = array.array("q")       # the line each row starts on
         rows = []
+        # A caption past the csv module's default 128 KiB is a caption (cut to the context
+        # length like any other), not a broken record; a quote left open folds lines into one
+        # field until this limit, whose error then names the record as broken.
+        limit = csv.field_size_limit()
+        csv.field_size_limit(max(limit, 1 << 26))
         try:
             with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
                 root = os.path.dirname(os.path.abspath(path))
@@ -232,6 +241,10 @@ class CsvDataset(torch.utils.data.Dataset):
 
                 records = _records(f, separator, self.broken_lines, is_row)
                 fields = next(records, (1, []))[1]
+                if self.broken_lines[:1] == [1]:
+                    # The next line would be taken for the header (its fields named as columns).
+                    raise DataError(f"{path}: the header (line 1) is not valid CSV (a quote opened and not "
+                                    f"closed?)")
                 for key, what in ((img_key, "img_key"), (caption_key, "caption_key")):
                     if key not in fields:
                         raise DataError(f"{path}: column {key!r} ({what}) not found; {_header_desc(fields)} "
@@ -251,6 +264,7 @@ class CsvDataset(torch.utils.data.Dataset):
                 extras: List[Tuple[int, List[str]]] = []     # (line, the row's extras)
                 for line, r in records:
                     extras.append((line, r[width:]))
+                    self.row_lines.append(line)
                     rows.append((r[ii] if ii < len(r) else "", r[ic] if ic < len(r) else ""))
                 tails = [len(x) for _, x in extras if x and not any(v.strip() for v in x)]
                 trailing = len(tails) * 2 > len(extras) and len(set(tails)) == 1
@@ -270,6 +284,8 @@ class CsvDataset(torch.utils.data.Dataset):
             raise DataError(f"{path}: not a readable CSV file ({e})") from None
         except OSError as e:     # unreadable (permissions), a folder, an I/O error
             raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
+        finally:
+            csv.field_size_limit(limit)
         if not rows:
             if self.broken_lines:
                 raise DataError(self.describe_broken(what="that could not be read as CSV", done="no row left to read"))
@@ -321,28 +337,23 @@ class CsvDataset(torch.utils.data.Dataset):
                             self.describe_long_rows()) if n]
 
     def first_problem(self, limit: int = 200) -> Optional[str]:
-        """Why the first failing row among the first ``limit`` fails, naming its image as the file
-        gives it and as resolved (relative paths are relative to the CSV's folder), or None: for
-        an error about data of which nothing loads, where one example shows a typo, a stray
-        space or the wrong folder at once."""
+        """Why the first failing row among the first ``limit`` fails, with its line and its image's
+        path as resolved (relative paths are relative to the CSV's folder), or None: for an error
+        about data of which nothing loads, where one example shows a typo, a stray space or the
+        wrong folder at once."""
         no_caption = None      # said only when no image fails: the notes name such rows already
         for k in range(min(limit, len(self.images))):
-            given, path = self._given(k), self.images[k]
+            line, path = self.row_lines[k], self.images[k]
             if not self.captions[k].strip() or caption_tokens(self.captions[k], self.context_length) is None:
-                no_caption = no_caption or f"e.g. the row of {given!r} has no caption"
+                no_caption = no_caption or f"e.g. line {line} has no caption"
                 continue
             if not os.path.exists(path):
-                return f"e.g. {given!r} (read as {path}) does not exist"
+                return f"e.g. line {line}: image {path!r} does not exist"
             if not os.path.isfile(path):
-                return f"e.g. {given!r} (read as {path}) is not a file"
+                return f"e.g. line {line}: image {path!r} is not a file"
             if load_image(path) is None:
-                return f"e.g. {given!r} (read as {path}) is not an image that decodes"
+                return f"e.g. line {line}: image {path!r} does not decode"
         return no_caption
-
-    def _given(self, k: int) -> str:
-        root = os.path.dirname(os.path.abspath(self.path))
-        p = self.images[k]
-        return os.path.relpath(p, root) if p.startswith(root + os.sep) else p
 
     def __len__(self) -> int:
         return len(self.images)

@@ -89,7 +89,7 @@ def _images_below(folder: str) -> List[str]:
 
 
 def scan_class_folders(root: str, classnames: Optional[Sequence[str]] = None,
-                       what: Optional[str] = None) -> ClassFolders:
+                       what: Optional[str] = None, distinct_names: bool = True) -> ClassFolders:
     """The classes and images of ``root/<class>/``: class ``k`` is the k-th folder in sorted
     order, named by ``classnames[k]`` when given, else by its folder name with underscores as
     spaces; its images are every image file at any depth below its folder.
@@ -97,7 +97,9 @@ def scan_class_folders(root: str, classnames: Optional[Sequence[str]] = None,
     Raises DataError, naming ``what`` (default: the root's path), when ``root`` has fewer than
     two class folders, when ``classnames`` does not name each of them, or when a class folder holds no
     image file (the class would count towards chance, and no image could ever be right for it;
-    torchvision's ImageFolder refuses it too).
+    torchvision's ImageFolder refuses it too); with ``distinct_names`` (for zero-shot
+    classification, whose prompts are made of the names; a linear probe uses none), also when
+    two classes have one name once lower-cased with spaces collapsed.
     """
     what = what or repr(root)
     if not os.path.isdir(root):
@@ -122,7 +124,11 @@ def scan_class_folders(root: str, classnames: Optional[Sequence[str]] = None,
                         f"{', '.join(repr(os.path.join(root, d)) for d in empty)}; remove them or add their "
                         f"images (a class without images counts towards chance and can never be right)")
     names = list(classnames) if classnames is not None else [d.replace("_", " ") for d in folders]
-    if _same_prompts(names):
+    if distinct_names and _same_prompts(names):
+        if classnames is not None:
+            dup = _same_prompts(names)
+            raise DataError(f"{what}: class names that are one name to the tokenizer (it lower-cases them and "
+                            f"collapses spaces): {'; '.join(' = '.join(repr(n) for n in g) for g in dup[:5])}")
         by_name: dict = {}
         for n, d in zip(names, folders):
             by_name.setdefault(" ".join(n.lower().split()), []).append(d)
@@ -150,14 +156,17 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     Class ``k`` is the k-th subfolder in sorted order; its name is the folder name with
     underscores as spaces unless ``classnames`` (one per subfolder, same order) is given.
+    ``distinct_names`` (default True: zero-shot prompts are made of the names): refuse classes
+    whose names are one to the tokenizer (False for a linear probe, which uses none).
     ``dataset[i]`` is None for an image that fails to decode (``load_tensors`` skips and
     counts those).
     """
 
-    def __init__(self, root: str, transform: Callable, classnames: Optional[Sequence[str]] = None):
+    def __init__(self, root: str, transform: Callable, classnames: Optional[Sequence[str]] = None,
+                 distinct_names: bool = True):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"zero-shot folder {root!r} is not a directory")
-        self._take(scan_class_folders(root, classnames), transform)
+        self._take(scan_class_folders(root, classnames, distinct_names=distinct_names), transform)
 
     @classmethod
     def from_scan(cls, scan: ClassFolders, transform: Callable) -> "ImageFolderDataset":

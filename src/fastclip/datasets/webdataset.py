@@ -46,7 +46,8 @@ def expand_braces(spec: str) -> List[str]:
         lo, hi = rng.group(1), rng.group(2)
         # As bash: padded to the wider end when either is written with a leading zero, and a
         # range written high to low counts down (it matched nothing).
-        width = max(len(lo), len(hi)) if (lo.startswith("0") or hi.startswith("0")) else 0
+        padded = any(len(v) > 1 and v.startswith("0") for v in (lo, hi))    # "0" alone is no padding
+        width = max(len(lo), len(hi)) if padded else 0
         step = 1 if int(lo) <= int(hi) else -1
         items = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
     else:

@@ -320,7 +320,9 @@ def _scan_folders(p: argparse.ArgumentParser, args: argparse.Namespace) -> Dict[
                                                       f"--zeroshot-data {args.zeroshot_data!r}")
         if args.probe_train is not None:
             for dest in ("probe_train", "probe_test"):
-                out[dest] = scan_class_folders(getattr(args, dest), None, f"{_flag(dest)} {getattr(args, dest)!r}")
+                # A probe uses no class names: Cat/ and cat/ are two classes to it.
+                out[dest] = scan_class_folders(getattr(args, dest), None, f"{_flag(dest)} {getattr(args, dest)!r}",
+                                               distinct_names=False)
     except (DataError, OSError) as e:
         p.error(str(e) if not isinstance(e, OSError) else f"cannot read a folder: {e}")
     if args.probe_train is not None and out["probe_train"].folders != out["probe_test"].folders:
