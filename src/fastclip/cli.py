@@ -524,7 +524,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .datasets.csv_dataset import DataError
         from .train.checkpoint import CheckpointError
         from .train.run_folder import RunFolderError
-        from .train.trainer import train
+        from .train.trainer import _train as train  # sets cfg.output (cleaned up below on failure)
         cfg = config_from_args(args)
         global _peer_stopped
         _peer_stopped = False

@@ -313,3 +313,53 @@ def test_the_softmax_loss_refuses_a_model_with_a_bias(tmp_path):
         train(TrainConfig(model="tiny-vit", output=str(tmp_path / "run"), steps=1, batch_size=4, progress="none",
                           plot=False, demo_train_samples=8, demo_eval_samples=8,
                           model_overrides={"init_logit_bias": -5.0}))
+
+
+def test_a_config_built_in_python_gets_the_clis_checks(tmp_path):
+    """train(TrainConfig(...)) skipped the CLI's checks: grad_clip_norm=-1 trained the model
+    backwards, steps=-3 wrote an untrained model, steps="4" failed deep in the trainer, epochs
+    was ignored beside the default steps, and an output that is a file failed after the model
+    and data were built."""
+    (tmp_path / "afile").write_text("x")
+    for kw, kind, text in (
+            (dict(grad_clip_norm=-1.0), ValueError, r"grad_clip_norm must be a finite number in \(0, inf\) or None"),
+            (dict(steps=-3), ValueError, r"steps must be an int in \[1, 2\*\*63\) or None, got -3"),
+            (dict(steps="4"), ValueError, r"steps must be an int .*got '4' \(str\)"),
+            (dict(lr=float("nan")), ValueError, "lr must be a finite number"),
+            (dict(seed=1.5), ValueError, "seed must be an int"),
+            (dict(model_overrides=None), ValueError, "model_overrides must be a dict"),
+            (dict(progress="fancy"), ValueError, "progress must be one of"),
+            (dict(plot=1), TypeError, "plot must be a bool"),
+            (dict(epochs=3), ValueError, r"steps=1500 and epochs=3 both set the length .*pass steps=None"),
+            (dict(steps=None), ValueError, "steps=None on the built-in shapes demo"),
+            (dict(output=str(tmp_path / "afile")), ValueError, "output .*afile' exists and is not a directory")):
+        with pytest.raises(kind, match=text):
+            train(TrainConfig(**{"model": "tiny-vit", "progress": "none", "plot": False,
+                                 "output": str(tmp_path / "o"), **kw}))
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_leaves_the_callers_config_and_context_alone(tmp_path, monkeypatch):
+    """train() wrote its generated folder into the caller's config (a second call with it found
+    the folder taken), failed with an autograd error under the caller's no_grad after writing
+    the run folder, and trained a float64 model labelled fp32 after set_default_dtype(float64).
+    The training checkpoint it writes is named as one by load_checkpoint."""
+    torch.set_num_threads(1)
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(model="tiny-vit", steps=2, batch_size=4, warmup=1, demo_train_samples=16,
+                      demo_eval_samples=16, progress="none", plot=False, threads=1, save_every=1)
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.no_grad():
+            first = train(cfg)
+            assert not torch.is_grad_enabled()
+        assert torch.get_default_dtype() == torch.float64
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert cfg.output is None and os.path.isdir(first["output"])
+    model = load_checkpoint(os.path.join(first["output"], "model.safetensors"))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    with pytest.raises(ValueError, match="a fastclip training checkpoint .*fastclip.eval.evaluate.load_model"):
+        load_checkpoint(os.path.join(first["output"], "checkpoints", "step_00000001.safetensors"))
+    from fastclip.train import checkpoint
+    assert checkpoint.FORMAT == "fastclip-training-state"      # the name load_checkpoint looks for

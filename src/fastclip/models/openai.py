@@ -360,6 +360,12 @@ def load_checkpoint(path: Union[str, os.PathLike], device="cpu") -> CLIP:
         sd = load_file(path)
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"{path}: not a readable safetensors checkpoint ({type(e).__name__}: {e})") from None
+    if meta.get("format") == "fastclip-training-state":     # fastclip.train.checkpoint.FORMAT
+        # Its keys are the whole training state's: "missing keys ['token_embedding.weight', ...]"
+        # said nothing of what the file is.
+        raise ValueError(f"{path}: a fastclip training checkpoint (model, optimizer and run state), not a "
+                         f"model file: load its model with fastclip.eval.evaluate.load_model({path!r}), or "
+                         f"use the run's model.safetensors")
     sd = strip_wrapper_prefixes(sd)     # a compiled model's file from an earlier save_checkpoint
     if "fastclip_config" in meta:
         try:

@@ -2,6 +2,9 @@
 dashes; ``fastclip.cli`` builds the parser from its defaults)."""
 from __future__ import annotations
 
+import math
+import numbers
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -101,6 +104,77 @@ class TrainConfig:
     plot: bool = True
     progress: str = "auto"  # auto | bar | lines | none
     time_budget: Optional[float] = None  # opt-in: seconds of training; fewer steps (same schedule shape) if slower
+
+
+# What each field of TrainConfig may hold (the CLI's flag types, for a config built in Python):
+# an int in [lo, 2**63), or a finite float in an interval, or one of some strings.
+_INTS = {"batch_size": 1, "epochs": 1, "demo_train_samples": 1, "demo_eval_samples": 1, "demo_group_size": 1,
+         "workers": 0, "keep_checkpoints": 0, "seed": 0}
+# 0 where the trainer reads it as unset (``cfg.save_every or ...``): code that passes 0 for "off".
+_OPTIONAL_INTS = {"steps": 1, "accum_micro_batch": 1, "warmup": 0, "train_num_samples": 0, "val_num_samples": 0,
+                  "threads": 0, "log_every": 0, "eval_every": 0, "save_every": 0, "max_failed_batches": 0}
+# (lo, hi, lo open, hi open)
+_FLOATS = {"lr": (0.0, math.inf, False, False), "weight_decay": (0.0, math.inf, False, False),
+           "beta1": (0.0, 1.0, False, True), "beta2": (0.0, 1.0, False, True), "eps": (0.0, math.inf, True, False),
+           "demo_group_prob": (0.0, 1.0, False, False)}
+_OPTIONAL_FLOATS = {"grad_clip_norm": (0.0, math.inf, True, False), "time_budget": (0.0, math.inf, False, False)}
+_CHOICES = {"dataset_type": ("auto", "shapes", "csv", "webdataset"),
+            "zeroshot_templates": ("imagenet", "cifar", "simple"),
+            "demo_design": ("distinct", "iid", "colour-groups"), "precision": PRECISIONS, "loss": LOSSES,
+            "dist_impl": ("gather", "ring"), "progress": ("auto", "bar", "lines", "none")}
+_STRINGS = ("model", "csv_img_key", "csv_caption_key", "loss_backend", "device")
+_OPTIONAL_STRINGS = ("output", "pretrained", "train_data", "val_data", "zeroshot_data", "zeroshot_classes", "resume")
+_BOOLS = ("grad_checkpointing", "compile", "eval_at_start", "overwrite", "plot")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def validate_config(cfg: "TrainConfig") -> None:
+    """Raise ValueError (TypeError for a value of the wrong type) naming the field of ``cfg``
+    that ``fastclip train`` would refuse as a flag, before any work: a config built in Python
+    skipped the CLI's checks (a negative ``grad_clip_norm`` trained the model backwards, a
+    negative ``steps`` wrote an untrained model, ``steps="4"`` failed deep in the trainer)."""
+    def bad(name: str, want: str) -> None:
+        v = getattr(cfg, name)
+        kind = TypeError if want.startswith("a bool") or want.startswith("a str") else ValueError
+        raise kind(f"TrainConfig.{name} must be {want}, got {v!r} ({type(v).__name__})")
+
+    for name, lo in (*_INTS.items(), *_OPTIONAL_INTS.items()):
+        v = getattr(cfg, name)
+        if v is None and name in _OPTIONAL_INTS:
+            continue
+        if not _is_int(v) or not lo <= v < 2 ** 63:
+            bad(name, f"an int in [{lo}, 2**63)" + (" or None" if name in _OPTIONAL_INTS else ""))
+    for name, (lo, hi, lo_open, hi_open) in (*_FLOATS.items(), *_OPTIONAL_FLOATS.items()):
+        v = getattr(cfg, name)
+        if v is None and name in _OPTIONAL_FLOATS:
+            continue
+        ok = (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+              and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi))
+        if not ok:
+            right = ")" if hi_open or hi == math.inf else "]"
+            span = f"{'(' if lo_open else '['}{lo:g}, {'inf' if hi == math.inf else f'{hi:g}'}{right}"
+            bad(name, f"a finite number in {span}" + (" or None" if name in _OPTIONAL_FLOATS else ""))
+    for name, choices in _CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            bad(name, f"one of {', '.join(map(repr, choices))}")
+    for name in _STRINGS:
+        if not isinstance(getattr(cfg, name), str):
+            bad(name, "a str")
+    for name in _OPTIONAL_STRINGS:
+        if getattr(cfg, name) is not None and not isinstance(getattr(cfg, name), str):
+            bad(name, "a str (a path) or None")
+    for name in _BOOLS:
+        if not isinstance(getattr(cfg, name), bool):
+            bad(name, "a bool")
+    if not isinstance(cfg.csv_separator, str) or len(cfg.csv_separator) != 1:
+        bad("csv_separator", "one character")
+    if not isinstance(cfg.model_overrides, dict):
+        bad("model_overrides", "a dict (of create_model arguments)")
+    if cfg.output is not None and os.path.exists(cfg.output) and not os.path.isdir(cfg.output):
+        raise ValueError(f"TrainConfig.output {cfg.output!r} exists and is not a directory")
 
 
 def model_kwargs(loss: str, model_overrides: Dict[str, Any]) -> Dict[str, Any]:

@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 from .._fileio import strict_json
 from . import checkpoint as ckpt
-from .config import PRECISIONS, TrainConfig
+from .config import PRECISIONS, TrainConfig, validate_config
 from .data import (
     BatchDraws,
     StepBatches,
@@ -102,12 +102,10 @@ class Trainer:
         from ..loss import LOSS_MODULES
         from ..ops.losses import get_loss
 
-        if cfg.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
-        if cfg.batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {cfg.batch_size}")
-        if cfg.accum_micro_batch is not None and cfg.accum_micro_batch <= 0:
-            raise ValueError(f"accum_micro_batch must be positive, got {cfg.accum_micro_batch}")
+        validate_config(cfg)     # the CLI's checks, for a config built in Python
+        if cfg.steps is not None and cfg.epochs != 1:
+            raise ValueError(f"TrainConfig: steps={cfg.steps} and epochs={cfg.epochs} both set the length of the "
+                             f"run (steps wins, and epochs was ignored); pass steps=None to train for epochs")
         if cfg.loss not in LOSS_MODULES:
             raise ValueError(f"loss must be one of {sorted(LOSS_MODULES)}, got {cfg.loss!r}")
         self.cfg = cfg
@@ -121,6 +119,9 @@ class Trainer:
         if env.is_main:  # one run per folder: refused now, replaced (--overwrite) once all is built
             check_run_folder(cfg.output, cfg.resume, cfg.overwrite)
         self.data_type = detect_dataset_type(cfg.train_data, cfg.dataset_type)
+        if self.data_type == "shapes" and cfg.steps is None:
+            raise ValueError("TrainConfig.steps=None on the built-in shapes demo: its length is steps (an epoch of "
+                             "its demo_train_samples is thousands of steps); pass steps")
 
         # Same seed on every rank: identical initial weights (DDP also broadcasts them).
         self._seed_all(cfg.seed)
@@ -570,23 +571,46 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
-    """Train with ``cfg`` and return the final metrics (``metrics.json``'s content; empty on
-    ranks other than 0). ``log``: where the run's lines go (default ``print``).
+    """Train with ``cfg`` and return the final metrics (``metrics.json``'s content, plus
+    ``output``, the run folder, and ``curves``, the path of ``curves.png`` or None, when
+    ``cfg.plot``; empty on ranks other than 0). ``log``: where the run's announcements and
+    summary go (default ``print``); the progress display and the lines between steps
+    (evaluations, skipped batches) go to stderr.
 
-    The process-wide settings the run changes are restored when it returns or raises: torch's
-    CPU thread count (``cfg.threads``, the demo's thread choice) and its deterministic-algorithms
-    mode (on for a CPU run, for bit-exact resume). The random generators stay as the run left them.
+    ``cfg`` is checked first (ValueError/TypeError naming a field the CLI would refuse) and not
+    modified: with ``output=None`` each call trains into a new ``runs/<date>-<time>`` folder.
+    The run trains with gradients on and float32 as torch's default dtype whatever the caller's
+    context (``no_grad``, ``inference_mode``, ``set_default_dtype(torch.float64)``). The
+    process-wide settings the run changes are restored when it returns or raises: torch's CPU
+    thread count (``cfg.threads``, the demo's thread choice), its deterministic-algorithms mode
+    (on for a CPU run, for bit-exact resume) and its default dtype. The random generators stay
+    as the run left them.
     """
+    return _train(dataclasses.replace(cfg), log)
+
+
+def _train(cfg: TrainConfig, log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+    """:func:`train` on ``cfg`` itself: ``cfg.output`` is set to the folder chosen for
+    ``output=None`` (the CLI removes that folder again when the run fails before using it)."""
     threads = torch.get_num_threads()
     deterministic = (torch.are_deterministic_algorithms_enabled(),
                      torch.is_deterministic_algorithms_warn_only_enabled())
+    dtype = torch.get_default_dtype()
     try:
-        out = Trainer(cfg, log=log).run()
+        # A caller's no_grad/inference_mode made the first backward fail ("element 0 of tensors
+        # does not require grad") after the run folder was written; its default dtype of
+        # float64 trained a float64 model labelled fp32.
+        torch.set_default_dtype(torch.float32)
+        with torch.inference_mode(False), torch.enable_grad():
+            out = Trainer(cfg, log=log).run()
+        if out:
+            out["output"] = cfg.output
     except BaseException:
         shutdown_distributed(clean=False)     # a peer may be gone: no barrier
         raise
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        torch.set_default_dtype(dtype)
     shutdown_distributed()
     return out
