@@ -348,6 +348,9 @@ def test_train_leaves_the_callers_config_and_context_alone(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     cfg = TrainConfig(model="tiny-vit", steps=2, batch_size=4, warmup=1, demo_train_samples=16,
                       demo_eval_samples=16, progress="none", plot=False, threads=1, save_every=1)
+    import pathlib
+    path_cfg = TrainConfig(**{**cfg.__dict__, "output": pathlib.Path(tmp_path / "p")})      # a Path works
+    assert train(path_cfg)["output"] == str(tmp_path / "p") and isinstance(path_cfg.output, pathlib.Path)
     torch.set_default_dtype(torch.float64)
     try:
         with torch.no_grad():

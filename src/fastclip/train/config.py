@@ -131,6 +131,14 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
+def fspath_fields(cfg: "TrainConfig") -> None:
+    """The path fields of ``cfg`` given as ``os.PathLike`` (``pathlib.Path``) as str, in place:
+    the trainer reads them as strings ("::" lists of shards, extensions)."""
+    for name in _OPTIONAL_STRINGS:
+        if isinstance(getattr(cfg, name), os.PathLike):
+            setattr(cfg, name, os.fspath(getattr(cfg, name)))
+
+
 def validate_config(cfg: "TrainConfig") -> None:
     """Raise ValueError (TypeError for a value of the wrong type) naming the field of ``cfg``
     that ``fastclip train`` would refuse as a flag, before any work: a config built in Python
@@ -164,7 +172,7 @@ def validate_config(cfg: "TrainConfig") -> None:
         if not isinstance(getattr(cfg, name), str):
             bad(name, "a str")
     for name in _OPTIONAL_STRINGS:
-        if getattr(cfg, name) is not None and not isinstance(getattr(cfg, name), str):
+        if getattr(cfg, name) is not None and not isinstance(getattr(cfg, name), (str, os.PathLike)):
             bad(name, "a str (a path) or None")
     for name in _BOOLS:
         if not isinstance(getattr(cfg, name), bool):

@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 from .._fileio import strict_json
 from . import checkpoint as ckpt
-from .config import PRECISIONS, TrainConfig, validate_config
+from .config import PRECISIONS, TrainConfig, fspath_fields, validate_config
 from .data import (
     BatchDraws,
     StepBatches,
@@ -102,6 +102,7 @@ class Trainer:
         from ..loss import LOSS_MODULES
         from ..ops.losses import get_loss
 
+        fspath_fields(cfg)
         validate_config(cfg)     # the CLI's checks, for a config built in Python
         if cfg.steps is not None and cfg.epochs != 1:
             raise ValueError(f"TrainConfig: steps={cfg.steps} and epochs={cfg.epochs} both set the length of the "
