@@ -339,6 +339,11 @@ def test_a_broken_quote_skips_its_row_and_keeps_the_rest(tmp_path):
     path.write_text('title,filepath\n"first line\nsecond line",img0.png\na dog,img1.png\n')
     ds = CsvDataset(str(path), image_transform(32), context_length=16)
     assert ds.captions == ["first line\nsecond line", "a dog"] and ds.broken_lines == []
+    # The image column first: a stray quote over two lines swallowed the next row (its last
+    # line), which must be read as a row.
+    path.write_text('filepath,title\nimg0.png,"a cat\nimg1.png,a dog"\nimg2.png,a bird\n')
+    ds = CsvDataset(str(path), image_transform(32), context_length=16)
+    assert ds.captions == ['a dog"', "a bird"] and ds.broken_lines == [2]
     path.write_text('title,"filepath\nimg0.png,a cat\n')
     with pytest.raises(DataError, match=r"open.csv: the header \(line 1\) is not valid CSV"):
         CsvDataset(str(path), image_transform(32))

@@ -324,19 +324,27 @@ def test_a_config_built_in_python_gets_the_clis_checks(tmp_path):
     for kw, kind, text in (
             (dict(grad_clip_norm=-1.0), ValueError, r"grad_clip_norm must be a finite number in \(0, inf\) or None"),
             (dict(steps=-3), ValueError, r"steps must be an int in \[1, 2\*\*63\) or None, got -3"),
-            (dict(steps="4"), ValueError, r"steps must be an int .*got '4' \(str\)"),
+            (dict(steps="4"), TypeError, r"steps must be an int .*got '4' \(str\)"),
             (dict(lr=float("nan")), ValueError, "lr must be a finite number"),
-            (dict(seed=1.5), ValueError, "seed must be an int"),
-            (dict(model_overrides=None), ValueError, "model_overrides must be a dict"),
+            (dict(seed=1.5), TypeError, "seed must be an int"),
+            (dict(threads=0), ValueError, r"threads must be an int in \[1, 2\*\*63\) or None"),
+            (dict(model_overrides=None), TypeError, "model_overrides must be a dict"),
             (dict(progress="fancy"), ValueError, "progress must be one of"),
             (dict(plot=1), TypeError, "plot must be a bool"),
             (dict(epochs=3), ValueError, r"steps=1500 and epochs=3 both set the length .*pass steps=None"),
-            (dict(steps=None), ValueError, "steps=None on the built-in shapes demo"),
             (dict(output=str(tmp_path / "afile")), ValueError, "output .*afile' exists and is not a directory")):
         with pytest.raises(kind, match=text):
             train(TrainConfig(**{"model": "tiny-vit", "progress": "none", "plot": False,
                                  "output": str(tmp_path / "o"), **kw}))
     assert not (tmp_path / "o").exists()
+    from fastclip.train.config import validate_config
+    validate_config(TrainConfig(loss="siglip", dist_impl="bidir"))      # open_clip's names, as SigLipLoss
+    # NumPy numbers are numbers (np.int64 steps passed and then failed writing config.json).
+    import numpy as np
+    out = train(TrainConfig(model="tiny-vit", steps=np.int64(2), batch_size=np.int64(4), lr=np.float32(1e-3),
+                            warmup=1, seed=np.int64(1), demo_train_samples=16, demo_eval_samples=16,
+                            progress="none", plot=False, threads=1, output=str(tmp_path / "np")))
+    assert out["steps"] == 2
 
 
 def test_train_leaves_the_callers_config_and_context_alone(tmp_path, monkeypatch):
@@ -348,6 +356,10 @@ def test_train_leaves_the_callers_config_and_context_alone(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     cfg = TrainConfig(model="tiny-vit", steps=2, batch_size=4, warmup=1, demo_train_samples=16,
                       demo_eval_samples=16, progress="none", plot=False, threads=1, save_every=1)
+    # A config the trainer refuses left its generated runs/<date>-<time> folder behind, empty.
+    with pytest.raises(ValueError, match="batch of one pair"):
+        train(TrainConfig(**{**cfg.__dict__, "batch_size": 1}))
+    assert not os.path.isdir("runs") or os.listdir("runs") == []
     import pathlib
     path_cfg = TrainConfig(**{**cfg.__dict__, "output": pathlib.Path(tmp_path / "p")})      # a Path works
     assert train(path_cfg)["output"] == str(tmp_path / "p") and isinstance(path_cfg.output, pathlib.Path)

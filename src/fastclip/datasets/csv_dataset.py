@@ -126,7 +126,7 @@ class _Lines:
 
 
 def _records(f, separator: str, broken: List[int],
-             is_row: Optional[Callable[[List[str]], bool]] = None) -> Iterator[Tuple[int, List[str]]]:
+             is_row: Optional[Callable[[List[str], bool], bool]] = None) -> Iterator[Tuple[int, List[str]]]:
     """``(line, fields)`` of each non-empty record of the CSV text ``f``, ``line`` the physical
     line (from 1) it starts on.
 
@@ -136,10 +136,10 @@ def _records(f, separator: str, broken: List[int],
     caption (16 rows read as 3, without a word), and a field past ``csv.field_size_limit`` (the
     same fault in a large file) stopped the whole file. A record spanning several lines (a
     quoted caption with line breaks) is checked by a strict parse of its lines alone, and, when
-    ``is_row`` is given, is broken if one of its lines between the first and the last, read
-    alone, is a row by ``is_row`` (a stray quote closed by another at the end of a later line
-    parses strictly; the last line is left out: it holds the end of a caption that comes before
-    the image column).
+    ``is_row`` is given, is broken if one of its later lines, read alone, is a row by
+    ``is_row(fields, last)`` (a stray quote closed by another at the end of a later line parses
+    strictly; ``last``: the record's last line, which, where the caption column comes before the
+    image column, holds the end of a legitimate caption and the image).
     """
     lines = _Lines(f)
     line_no = 1
@@ -160,8 +160,10 @@ def _records(f, separator: str, broken: List[int],
                     strict = next(csv.reader(io.StringIO("".join(lines.taken)), delimiter=separator, strict=True))
                 except (csv.Error, StopIteration):
                     strict = None
+                last = len(lines.taken) - 1
                 if strict != row or (is_row is not None and any(
-                        is_row(r) for line in lines.taken[1:-1] for r in csv.reader([line], delimiter=separator))):
+                        is_row(r, k == last) for k in range(1, last + 1)
+                        for r in csv.reader([lines.taken[k]], delimiter=separator))):
                     row = None
             if row is None:
                 broken.append(line_no)
@@ -229,13 +231,14 @@ class CsvDataset(torch.utils.data.Dataset):
         try:
             with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
                 root = os.path.dirname(os.path.abspath(path))
-                columns: List[int] = []        # (img_key's index, the header's width), once read
+                columns: List[int] = []        # (img_key's index, the header's width, caption first), once read
 
-                def is_row(r: List[str]) -> bool:
+                def is_row(r: List[str], last: bool) -> bool:
                     """Whether a line inside a multi-line caption is a row: as many fields as the
                     header and an image that exists (a caption's own line with a separator in it
-                    names no file)."""
-                    if not columns or len(r) < columns[1] or not r[columns[0]].strip():
+                    names no file). Not the record's last line when the caption column comes
+                    first: there the end of a quoted caption is followed by the image."""
+                    if not columns or (last and columns[2]) or len(r) < columns[1] or not r[columns[0]].strip():
                         return False
                     return os.path.isfile(os.path.join(root, r[columns[0]]))
 
@@ -255,7 +258,7 @@ class CsvDataset(torch.utils.data.Dataset):
                         raise DataError(f"{path}: column {key!r} ({what}) is named {len(at)} times in the header "
                                         f"(columns {', '.join(map(str, at))}): rename all but the one to use")
                 ii, ic, width = fields.index(img_key), fields.index(caption_key), len(fields)
-                columns[:] = [ii, width]
+                columns[:] = [ii, width, int(ic < ii)]
                 # Fields past the header's: a row with some is an unquoted separator in a caption
                 # (cut there), unless they are empty and most rows end in the same empty ones:
                 # a separator at the end of the lines (a writer's habit, which a hand-edited line

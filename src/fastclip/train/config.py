@@ -111,8 +111,10 @@ class TrainConfig:
 _INTS = {"batch_size": 1, "epochs": 1, "demo_train_samples": 1, "demo_eval_samples": 1, "demo_group_size": 1,
          "workers": 0, "keep_checkpoints": 0, "seed": 0}
 # 0 where the trainer reads it as unset (``cfg.save_every or ...``): code that passes 0 for "off".
-_OPTIONAL_INTS = {"steps": 1, "accum_micro_batch": 1, "warmup": 0, "train_num_samples": 0, "val_num_samples": 0,
-                  "threads": 0, "log_every": 0, "eval_every": 0, "save_every": 0, "max_failed_batches": 0}
+_OPTIONAL_INTS = {"steps": 1, "accum_micro_batch": 1, "warmup": 0, "threads": 1, "train_num_samples": 0,
+                  "val_num_samples": 0, "log_every": 0, "eval_every": 0, "save_every": 0, "max_failed_batches": 0}
+# open_clip's SigLipLoss dist_impl names (fastclip.loss maps them to gather or ring).
+_SIGLIP_DIST_IMPLS = (None, "bidir", "shift", "reduce")
 # (lo, hi, lo open, hi open)
 _FLOATS = {"lr": (0.0, math.inf, False, False), "weight_decay": (0.0, math.inf, False, False),
            "beta1": (0.0, 1.0, False, True), "beta2": (0.0, 1.0, False, True), "eps": (0.0, math.inf, True, False),
@@ -131,56 +133,79 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def fspath_fields(cfg: "TrainConfig") -> None:
-    """The path fields of ``cfg`` given as ``os.PathLike`` (``pathlib.Path``) as str, in place:
-    the trainer reads them as strings ("::" lists of shards, extensions)."""
+def plain_fields(cfg: "TrainConfig") -> None:
+    """In place: the path fields of ``cfg`` given as ``os.PathLike`` (``pathlib.Path``) as str (the
+    trainer reads them as strings: "::" lists of shards, extensions), and NumPy numbers in its
+    number and bool fields as Python's (``np.int64`` steps passed the checks and then failed
+    writing config.json, half-written, which then blocked the folder)."""
     for name in _OPTIONAL_STRINGS:
         if isinstance(getattr(cfg, name), os.PathLike):
             setattr(cfg, name, os.fspath(getattr(cfg, name)))
+    for name in (*_INTS, *_OPTIONAL_INTS):
+        v = getattr(cfg, name)
+        if _is_int(v) and type(v) is not int:
+            setattr(cfg, name, int(v))
+    for name in (*_FLOATS, *_OPTIONAL_FLOATS):
+        v = getattr(cfg, name)
+        if isinstance(v, numbers.Real) and not isinstance(v, bool) and type(v) not in (int, float):
+            setattr(cfg, name, float(v))
+    for name in _BOOLS:
+        v = getattr(cfg, name)
+        if type(v).__name__ == "bool_":          # numpy.bool_, without importing NumPy here
+            setattr(cfg, name, bool(v))
 
 
 def validate_config(cfg: "TrainConfig") -> None:
-    """Raise ValueError (TypeError for a value of the wrong type) naming the field of ``cfg``
-    that ``fastclip train`` would refuse as a flag, before any work: a config built in Python
-    skipped the CLI's checks (a negative ``grad_clip_norm`` trained the model backwards, a
-    negative ``steps`` wrote an untrained model, ``steps="4"`` failed deep in the trainer)."""
-    def bad(name: str, want: str) -> None:
+    """Raise TypeError (a value of the wrong type) or ValueError (out of range, or not one of the
+    choices) naming the field of ``cfg`` whose flag type ``fastclip train`` would refuse, before
+    any work: a config built in Python skipped those checks (a negative ``grad_clip_norm``
+    trained the model backwards, a negative ``steps`` wrote an untrained model, ``steps="4"``
+    failed deep in the trainer). The command line's checks across fields (``--dataset-type``
+    against the data, options for data the run does not read) stay its own."""
+    def bad(name: str, want: str, kind=ValueError) -> None:
         v = getattr(cfg, name)
-        kind = TypeError if want.startswith("a bool") or want.startswith("a str") else ValueError
         raise kind(f"TrainConfig.{name} must be {want}, got {v!r} ({type(v).__name__})")
 
     for name, lo in (*_INTS.items(), *_OPTIONAL_INTS.items()):
         v = getattr(cfg, name)
         if v is None and name in _OPTIONAL_INTS:
             continue
-        if not _is_int(v) or not lo <= v < 2 ** 63:
-            bad(name, f"an int in [{lo}, 2**63)" + (" or None" if name in _OPTIONAL_INTS else ""))
+        want = f"an int in [{lo}, 2**63)" + (" or None" if name in _OPTIONAL_INTS else "")
+        if not _is_int(v):
+            bad(name, want, TypeError)
+        if not lo <= v < 2 ** 63:
+            bad(name, want)
     for name, (lo, hi, lo_open, hi_open) in (*_FLOATS.items(), *_OPTIONAL_FLOATS.items()):
         v = getattr(cfg, name)
         if v is None and name in _OPTIONAL_FLOATS:
             continue
-        ok = (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-              and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi))
-        if not ok:
-            right = ")" if hi_open or hi == math.inf else "]"
-            span = f"{'(' if lo_open else '['}{lo:g}, {'inf' if hi == math.inf else f'{hi:g}'}{right}"
-            bad(name, f"a finite number in {span}" + (" or None" if name in _OPTIONAL_FLOATS else ""))
+        right = ")" if hi_open or hi == math.inf else "]"
+        span = f"{'(' if lo_open else '['}{lo:g}, {'inf' if hi == math.inf else f'{hi:g}'}{right}"
+        want = f"a finite number in {span}" + (" or None" if name in _OPTIONAL_FLOATS else "")
+        if not isinstance(v, numbers.Real) or isinstance(v, bool):
+            bad(name, want, TypeError)
+        if not (math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)):
+            bad(name, want)
     for name, choices in _CHOICES.items():
+        if name == "dist_impl" and cfg.loss == "siglip":
+            choices = choices + _SIGLIP_DIST_IMPLS      # SigLipLoss takes open_clip's names too
         if getattr(cfg, name) not in choices:
             bad(name, f"one of {', '.join(map(repr, choices))}")
     for name in _STRINGS:
         if not isinstance(getattr(cfg, name), str):
-            bad(name, "a str")
+            bad(name, "a str", TypeError)
     for name in _OPTIONAL_STRINGS:
         if getattr(cfg, name) is not None and not isinstance(getattr(cfg, name), (str, os.PathLike)):
-            bad(name, "a str (a path) or None")
+            bad(name, "a str (a path) or None", TypeError)
     for name in _BOOLS:
         if not isinstance(getattr(cfg, name), bool):
-            bad(name, "a bool")
-    if not isinstance(cfg.csv_separator, str) or len(cfg.csv_separator) != 1:
+            bad(name, "a bool", TypeError)
+    if not isinstance(cfg.csv_separator, str):
+        bad("csv_separator", "one character", TypeError)
+    if len(cfg.csv_separator) != 1:
         bad("csv_separator", "one character")
     if not isinstance(cfg.model_overrides, dict):
-        bad("model_overrides", "a dict (of create_model arguments)")
+        bad("model_overrides", "a dict (of create_model arguments)", TypeError)
     if cfg.output is not None and os.path.exists(cfg.output) and not os.path.isdir(cfg.output):
         raise ValueError(f"TrainConfig.output {cfg.output!r} exists and is not a directory")
 

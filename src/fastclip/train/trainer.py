@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 from .._fileio import strict_json
 from . import checkpoint as ckpt
-from .config import PRECISIONS, TrainConfig, fspath_fields, validate_config
+from .config import PRECISIONS, TrainConfig, plain_fields, validate_config
 from .data import (
     BatchDraws,
     StepBatches,
@@ -102,7 +102,7 @@ class Trainer:
         from ..loss import LOSS_MODULES
         from ..ops.losses import get_loss
 
-        fspath_fields(cfg)
+        plain_fields(cfg)
         validate_config(cfg)     # the CLI's checks, for a config built in Python
         if cfg.steps is not None and cfg.epochs != 1:
             raise ValueError(f"TrainConfig: steps={cfg.steps} and epochs={cfg.epochs} both set the length of the "
@@ -120,9 +120,6 @@ class Trainer:
         if env.is_main:  # one run per folder: refused now, replaced (--overwrite) once all is built
             check_run_folder(cfg.output, cfg.resume, cfg.overwrite)
         self.data_type = detect_dataset_type(cfg.train_data, cfg.dataset_type)
-        if self.data_type == "shapes" and cfg.steps is None:
-            raise ValueError("TrainConfig.steps=None on the built-in shapes demo: its length is steps (an epoch of "
-                             "its demo_train_samples is thousands of steps); pass steps")
 
         # Same seed on every rank: identical initial weights (DDP also broadcasts them).
         self._seed_all(cfg.seed)
@@ -587,7 +584,15 @@ def train(cfg: TrainConfig, log: Optional[Callable[[str], None]] = None) -> Dict
     (on for a CPU run, for bit-exact resume) and its default dtype. The random generators stay
     as the run left them.
     """
-    return _train(dataclasses.replace(cfg), log)
+    run_cfg = dataclasses.replace(cfg)
+    try:
+        return _train(run_cfg, log)
+    except BaseException:
+        # The runs/<date>-<time> folder made for output=None, left empty by a refused config.
+        if cfg.output is None and run_cfg.output and os.path.isdir(run_cfg.output):
+            with contextlib.suppress(OSError):
+                os.rmdir(run_cfg.output)          # only an empty folder: a run's files stay
+        raise
 
 
 def _train(cfg: TrainConfig, log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
