@@ -35,13 +35,13 @@ def read_classnames(spec: Optional[str]) -> Optional[List[str]]:
     return names
 
 
-def _same_prompts(names: Sequence[str]) -> List[List[str]]:
-    """Groups of ``names`` that give the same prompts (equal once lower-cased with their
-    whitespace collapsed, as the tokenizer reads them): their classifier columns are equal, so
-    neither class can be told from the other."""
+def _same_prompts(names: Sequence[str], labels: Optional[Sequence[str]] = None) -> List[List[str]]:
+    """Groups of ``names`` (shown as their ``labels``, default the names) that give the same
+    prompts (equal once lower-cased with their whitespace collapsed, as the tokenizer reads them):
+    their classifier columns are equal, so neither class can be told from the other."""
     groups: dict = {}
-    for n in names:
-        groups.setdefault(" ".join(n.lower().split()), []).append(n)
+    for n, shown in zip(names, labels if labels is not None else names):
+        groups.setdefault(" ".join(n.lower().split()), []).append(shown)
     return [g for g in groups.values() if len(g) > 1]
 
 
@@ -124,15 +124,11 @@ def scan_class_folders(root: str, classnames: Optional[Sequence[str]] = None,
                         f"{', '.join(repr(os.path.join(root, d)) for d in empty)}; remove them or add their "
                         f"images (a class without images counts towards chance and can never be right)")
     names = list(classnames) if classnames is not None else [d.replace("_", " ") for d in folders]
-    if distinct_names and _same_prompts(names):
+    dup = _same_prompts(names, names if classnames is not None else folders) if distinct_names else []
+    if dup:
         if classnames is not None:
-            dup = _same_prompts(names)
             raise DataError(f"{what}: class names that are one name to the tokenizer (it lower-cases them and "
                             f"collapses spaces): {'; '.join(' = '.join(repr(n) for n in g) for g in dup[:5])}")
-        by_name: dict = {}
-        for n, d in zip(names, folders):
-            by_name.setdefault(" ".join(n.lower().split()), []).append(d)
-        dup = [g for g in by_name.values() if len(g) > 1]
         raise DataError(f"{what}: class folders that give one class name (the tokenizer lower-cases names and "
                         f"collapses spaces; underscores are spaces): "
                         f"{'; '.join(' = '.join(repr(d) for d in g) for g in dup[:5])}; merge or rename them "
