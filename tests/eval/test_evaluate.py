@@ -520,19 +520,26 @@ def test_options_for_data_that_is_not_evaluated_are_refused(siglip_run, capsys, 
         ([siglip_run, "--val-num-samples", "3"], "--val-num-samples caps the samples of --val-data"),
         ([siglip_run, "--dataset-type", "csv"], "--dataset-type tells --val-data's type"),
         ([siglip_run, "--zeroshot-data", zs, "--demo-eval-samples", "5"], "pass --shapes too"),
+        # --loss and --loss-backend choose the val loss: without --val-data they did nothing
+        ([siglip_run, "--loss", "clip"], "--loss chooses how --val-data's loss is computed"),
+        ([siglip_run, "--shapes", "--loss-backend", "reference"], "drop --loss-backend"),
+        # a file named .csv was read as CSV, without a word, whatever --dataset-type said
+        ([siglip_run, "--val-data", str(tmp_path / "val.csv"), "--dataset-type", "webdataset"],
+         "--dataset-type webdataset: --val-data"),
     ]
+    (tmp_path / "val.csv").write_text("path;caption\n" + "".join(f"zs/{c}/0.png;a {c} square\n"
+                                                                 for c in ("red", "blue")))
     for args, needle in cases:
         with pytest.raises(SystemExit) as e:
             eval_main([*args, "--threads", "1"])
         assert e.value.code == 2
         assert needle in capsys.readouterr().err, args
     # With the data they shape, they are taken.
-    (tmp_path / "val.csv").write_text("path;caption\n" + "".join(f"zs/{c}/0.png;a {c} square\n"
-                                                                 for c in ("red", "blue")))
     code, _, err = _eval(capsys, siglip_run, "--zeroshot-data", zs, "--zeroshot-templates", "simple",
                          "--zeroshot-classes", "crimson,navy", "--val-data", str(tmp_path / "val.csv"),
                          "--csv-img-key", "path", "--csv-caption-key", "caption", "--csv-separator", ";",
-                         "--shapes", "--demo-eval-samples", "12")
+                         "--shapes", "--demo-eval-samples", "12", "--loss", "clip", "--loss-backend", "reference",
+                         "--dataset-type", "csv")
     assert code == 0, err
 
 

@@ -217,3 +217,18 @@ def test_probe_fits_inside_inference_mode():
         got = linear_probe(xi[:150], yi[:150], xi[150:], yi[150:], Cs=[0.1, 10.0], refine_steps=1)
     assert got.C == ref.C and got.accuracy == ref.accuracy
     assert torch.equal(got.classifier.weight, ref.classifier.weight)
+
+
+def test_refinement_stays_inside_the_grid_and_cs_may_be_a_generator():
+    """A best C at the grid's edge was refined outwards (Cs=[0.1, 1, 10] chose 86.6), and a
+    generator for Cs was used up by its check ("got []")."""
+    x, y = _blobs(200, k=3, sep=4.0, seed=int(torch.randint(0, 2**31, (1,))))
+    for grid in ([0.1, 1, 10], [1e-6, 1e-5]):
+        res = linear_probe(x[:120], y[:120], x[120:], y[120:], Cs=grid, refine_steps=4)
+        assert all(grid[0] * (1 - 1e-9) <= c <= grid[-1] * (1 + 1e-9) for c, _ in res.search), res.search
+        assert grid[0] * (1 - 1e-9) <= res.C <= grid[-1] * (1 + 1e-9)
+    gen = linear_probe(x[:120], y[:120], x[120:], y[120:], Cs=(c for c in [0.1, 1, 10]), refine_steps=1)
+    lst = linear_probe(x[:120], y[:120], x[120:], y[120:], Cs=[0.1, 1, 10], refine_steps=1)
+    assert gen.search == lst.search and gen.C == lst.C
+    with pytest.raises(TypeError, match="Cs must be a sequence of positive numbers, got float"):
+        linear_probe(x[:120], y[:120], x[120:], y[120:], Cs=1.0)

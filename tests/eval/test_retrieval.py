@@ -156,3 +156,27 @@ def test_no_images_or_no_captions_is_an_error_not_a_recall_of_zero():
     for n, m in ((0, 0), (0, 3), (3, 0)):
         with pytest.raises(ValueError, match="retrieval needs at least one image and one caption"):
             retrieval_metrics(torch.zeros(n, 4), torch.zeros(m, 4), text_to_image=torch.zeros(m, dtype=torch.long))
+
+
+def test_extreme_feature_scales_keep_their_ranking():
+    """F.normalize sums squares in float32: features at 1e18 (finite) overflowed to inf norms,
+    every row became zero and R@1 fell from 1.0 to chance; at 1e-30 the squares vanished. Rows
+    are scaled by their largest entry before normalising."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    img = torch.randn(40, 64, generator=g)
+    txt = img + 0.05 * torch.randn(40, 64, generator=g)
+    ref = retrieval_metrics(img, txt, ks=(1, 5))
+    assert ref["image_to_text_R@1"] == 1.0
+    for scale in (1e18, 1e30, 1e-30, 1e-36):
+        assert retrieval_metrics(img * scale, txt * scale, ks=(1, 5)) == ref, scale
+
+
+def test_zero_width_features_and_huge_k():
+    with pytest.raises(ValueError, match="D = 0: there is nothing to compare"):
+        retrieval_metrics(torch.zeros(3, 0), torch.zeros(3, 0))
+    x = torch.eye(4)
+    r = retrieval_metrics(x, x, ks=(1, 10**30))          # an OverflowError before
+    assert r["image_to_text_R@1"] == 1.0 and r[f"text_to_image_R@{10**30}"] == 1.0
+    nan = x.clone()
+    nan[0, 0] = float("nan")
+    assert retrieval_metrics(nan, x, ks=10**30)[f"image_to_text_R@{10**30}"] == 0.75   # a miss stays one

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fastclip.eval.evaluate import zeroshot_metrics
 from fastclip.eval.templates import COLOR_TEMPLATES, IMAGENET_TEMPLATES, SHAPE_TEMPLATES
 from fastclip.eval.zeroshot import (
     build_zeroshot_classifier,
@@ -134,7 +135,33 @@ def test_non_finite_logits_are_misses_and_labels_are_class_indices():
         classification_metrics(torch.randn(2, 3), [-1, 0])
     with pytest.raises(TypeError, match="labels must be integer class indices, got dtype torch.float32"):
         classification_metrics(torch.randn(2, 3), torch.tensor([0.0, 1.9]))
-    assert classification_metrics(torch.zeros(0, 3), [])["n"] == 0        # an empty list is no labels
+    # an empty list is no labels, and no predictions are no score (it read 0.0: always wrong)
+    with pytest.raises(ValueError, match="no predictions to score"):
+        classification_metrics(torch.zeros(0, 3), [])
+
+
+def test_tied_logits_rank_by_class_index():
+    """topk's order among equal logits is unspecified: on CPU row [0,1,1,1,0,1] scored label 3
+    a top-1 hit and label 1 a miss, and a zero row counted class 2 right, against argmax (and
+    classify_folder's listed predictions), which take the first of a tie."""
+    row = torch.tensor([[0.0, 1, 1, 1, 0, 1]])
+    assert classification_metrics(row, [1])["top1"] == 1.0
+    assert classification_metrics(row, [3])["top1"] == 0.0
+    zeros = torch.zeros(4, 6)
+    r = classification_metrics(zeros, [0, 2, 4, 5])
+    assert r["top1"] == 0.25 and r["top5"] == 0.75            # classes 0-4 are the top 5 of a tie
+    wide = torch.zeros(1, 40).index_fill_(1, torch.tensor([7, 30, 3, 21, 12, 25]), 2.0)
+    assert [classification_metrics(wide, [k])["top5"] for k in (3, 7, 12, 21, 25, 30)] == [1, 1, 1, 1, 1, 0]
+
+
+def test_no_images_is_an_error_not_zero_accuracy():
+    clf = F.normalize(torch.randn(8, 3), dim=0)
+    with pytest.raises(ValueError, match="holds no images"):
+        evaluate_zeroshot(_Stub(), torch.zeros(0, 3, 8, 8), [], classifier=clf)
+    with pytest.raises(ValueError, match="gave no images"):
+        evaluate_zeroshot(_Stub(), [], classifier=clf)
+    with pytest.raises(ValueError, match="task 'empty' has no images"):
+        zeroshot_metrics(_Stub(), {"empty": (torch.zeros(0, 3, 8, 8), [], ["a", "b"], ["{}"])})
 
 
 def test_templates_must_place_the_class_name(model):
@@ -364,3 +391,14 @@ def test_folders_that_are_not_classes_or_name_one_class_twice(tmp_path):
     ds = ImageFolderDataset(str(tmp_path), image_transform(16))
     with pytest.raises(DataError, match=r"no image of class\(es\) 'green' could be decoded"):
         ds.check_decodable()
+
+
+def test_huge_and_tiny_image_features_classify_as_unit_ones():
+    """Features at 1e20 (finite) overflowed float32's sum of squares: every image became the
+    zero vector and all logits tied."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    clf = F.normalize(torch.randn(6, 4, generator=g), dim=0)    # [D, C]
+    imgs = torch.randn(10, 1, 2, 3, generator=g)
+    ref = zero_shot_classify(_Stub(), imgs, clf)
+    for scale in (1e20, 1e-30):
+        torch.testing.assert_close(zero_shot_classify(_Stub(), imgs * scale, clf), ref)

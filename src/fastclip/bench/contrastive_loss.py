@@ -68,6 +68,9 @@ from .report import (
     read_csv,
     read_table,
     summary_table,
+    table_names,
+    table_problem,
+    threads_text,
     write_csv,
     write_markdown,
     write_overhead_markdown,
@@ -545,9 +548,9 @@ def _check_appendable(path: str) -> None:
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise BenchError(f"--append: cannot read {path} as a results CSV "
                          f"({e.strerror if isinstance(e, OSError) and e.strerror else e})") from None
-    why, overhead = _summarize_problem(columns, rows)
+    why, overhead = table_problem(columns, rows)
     if overhead:
-        why = f"it is an --overhead table (its columns {_names(columns)}), not a sweep's"
+        why = f"it is an --overhead table (its columns {table_names(columns)}), not a sweep's"
     if why and rows:
         raise BenchError(f"--append: {path}: {why}; pass --overwrite to replace it or --out elsewhere")
     try:
@@ -656,7 +659,7 @@ def _write_overhead(rows, info, cfg: Config, prefix: str) -> None:
     dts = sorted({r["dtype"] for r in rows})
     notes = [
         f"fastclip {info['fastclip']} (commit {info['commit']}), torch {info['torch']}; "
-        + (f"{cfg.threads} CPU threads, load average at start {info['load']}."
+        + (f"{threads_text(cfg.threads).replace('thread', 'CPU thread')}, load average at start {info['load']}."
            if cfg.device == "cpu" else "CUDA, synchronised around every call."),
         f"D = {', '.join(map(str, dims))}, {', '.join(dts)}; inputs require grad (a training "
         "step's forward).",
@@ -692,47 +695,6 @@ def main(argv: list[str] | None = None) -> int:
     return 141 if code == 0 and log.broken else code
 
 
-# What --summarize needs of a file. The header is judged as the file has it: read_csv gives
-# every row a ``loss`` column (files from before it read as clip), so a file without one
-# still passes, and a foreign file's columns are reported as they are.
-SWEEP_COLUMNS = [c for c in CSV_FIELDS if c != "loss"]
-OVERHEAD_COLUMNS = ["method", "N", "fwd_us", "fwd_bwd_us"]
-_NOT_OURS = "not a results CSV of `fastclip bench`"
-_ELSEWHERE = "; distributed and tokenizer results have their own markdown tables"
-
-
-def _names(cols: list[str], limit: int = 12) -> str:
-    shown = ", ".join(repr(c) for c in cols[:limit])
-    return f"[{shown}{f', ... ({len(cols)} in all)' if len(cols) > limit else ''}]"
-
-
-def _summarize_problem(columns: list[str], rows: list[dict]) -> tuple[str, bool]:
-    """(why ``--summarize`` cannot table this file, "" when it can; whether it is an
-    --overhead table) from the file's own header and its rows."""
-    if not columns:
-        return f"{_NOT_OURS}: the file is empty", False
-    have = set(columns)
-    if any(None in r for r in rows):       # csv puts a long row's extra fields under None
-        return (f"{_NOT_OURS}: rows of uneven length (e.g. a markdown table) under the header "
-                f"{_names(columns)}{_ELSEWHERE}"), False
-    if "world" in have:
-        return (f"{_NOT_OURS}: its columns {_names(columns)} include 'world', as a `fastclip "
-                f"bench distributed` table's do{_ELSEWHERE}"), False
-    kinds = [(name, [c for c in need if c not in have])
-             for name, need in (("a sweep's table", SWEEP_COLUMNS),
-                                ("an --overhead table", OVERHEAD_COLUMNS))]
-    overhead = not kinds[1][1]
-    if overhead or not kinds[0][1]:
-        if not rows:
-            return f"no rows to summarize (only the header {_names(columns)})", False
-        return "", overhead
-    # Neither kind: the nearer one's missing columns in full, the other's as a count.
-    (near, missing), (far, far_missing) = sorted(kinds, key=lambda k: len(k[1]))
-    return (f"{_NOT_OURS}: its columns are {_names(columns)}; the columns {near} requires, "
-            f"{_names(missing, len(missing))}, are missing ({far} requires "
-            f"{len(far_missing)} more){_ELSEWHERE}"), False
-
-
 def _main(cfg: Config, a: argparse.Namespace, log=print) -> int:
     if a.worker is not None:
         return _worker(a.worker)
@@ -744,7 +706,7 @@ def _main(cfg: Config, a: argparse.Namespace, log=print) -> int:
                   f"results CSV ({e.strerror if isinstance(e, OSError) and e.strerror else e})",
                   file=sys.stderr)
             return 2
-        why, overhead = _summarize_problem(columns, rows)
+        why, overhead = table_problem(columns, rows)
         if why:
             print(f"fastclip bench: error: --summarize {a.summarize!r}: {why}", file=sys.stderr)
             return 2

@@ -123,19 +123,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix", default=None,
                    help="output prefix (default: the CSV path without .csv)")
     a = p.parse_args(argv)
-    from .report import CSV_FIELDS, read_csv  # noqa: PLC0415
+    import csv  # noqa: PLC0415
+
+    from .report import read_table, table_problem  # noqa: PLC0415
     try:
-        rows = read_csv(a.csv)
-    except (OSError, UnicodeDecodeError) as e:
+        columns, rows = read_table(a.csv)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
         p.error(f"{a.csv!r}: cannot read it ({e.strerror if isinstance(e, OSError) and e.strerror else e})")
-    if rows and not set(CSV_FIELDS) <= set(rows[0]):
-        p.error(f"{a.csv!r}: not a sweep's results CSV (fastclip bench without --overhead); the "
-                f"overhead, distributed and tokenizer tables are not plotted")
+    # The checks of `fastclip bench --summarize`: a row cut short was dropped without a word.
+    why, overhead = table_problem(columns, rows)
+    if overhead:
+        why = ("an --overhead table, not a sweep's results CSV (fastclip bench without --overhead); "
+               "the overhead, distributed and tokenizer tables are not plotted")
+    if why and rows:
+        p.error(f"{a.csv!r}: {why}")
     prefix = a.prefix or os.path.splitext(a.csv)[0]
     folder = os.path.dirname(prefix) or "."
     if not os.path.isdir(folder):
         p.error(f"--prefix {prefix!r}: folder {folder!r} does not exist")
-    paths = plot_rows(rows, prefix)
+    try:
+        paths = plot_rows(rows, prefix)
+    except (ValueError, KeyError, TypeError) as e:     # e.g. N "1k" in a hand-edited row
+        p.error(f"{a.csv!r}: a value the plot cannot read ({type(e).__name__}: {e}), a truncated or "
+                f"edited file?")
     for path in paths:
         print(path)
     return 0 if paths else 1

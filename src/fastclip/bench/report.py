@@ -15,7 +15,7 @@ from .methods import ALL_IN_FORWARD, FLOOR, NAIVE, fwd_bwd_flop, fwd_flop, get_l
 __all__ = ["CSV_FIELDS", "OVERHEAD_FIELDS", "BenchError", "default_out_dir", "output_prefix", "write_csv",
            "check_replace", "add_out_args",
            "read_csv", "read_table", "write_text", "check_out_dir", "derive", "derive_overhead", "write_markdown",
-           "write_overhead_markdown", "summary_table", "overhead_table", "num"]
+           "write_overhead_markdown", "summary_table", "overhead_table", "num", "table_problem", "table_names"]
 
 CSV_FIELDS = ["loss", "device", "device_name", "torch", "triton", "fastclip", "commit",
               "threads", "method", "impl", "N", "D", "dtype", "fwd_ms", "fwd_bwd_ms",
@@ -191,6 +191,11 @@ def _flops_unit(device: str) -> tuple[str, float]:
     return ("TFLOP/s", 1e3) if device == "cuda" else ("GFLOP/s", 1.0)
 
 
+def threads_text(t) -> str:
+    """"1 thread", "2 threads" (a count as an int or as the CSV's string)."""
+    return f"{t} thread{'' if str(t) == '1' else 's'}"
+
+
 def method_label(r: dict, rows: list[dict]) -> str:
     """The row's method, with its CPU thread count where ``rows`` (a table ``--append`` merged)
     hold several: "cpu, 1 thread" beside "cpu, 2 threads"."""
@@ -198,7 +203,7 @@ def method_label(r: dict, rows: list[dict]) -> str:
     t = str(r.get("threads") or "")
     if len(counts) < 2 or not t:
         return r["method"]
-    return f"{r['method']}, {t} thread{'' if t == '1' else 's'}"
+    return f"{r['method']}, {threads_text(t)}"
 
 
 def _method_order(rows: list[dict]) -> dict[str, int]:
@@ -222,7 +227,7 @@ def write_markdown(rows: list[dict], info: dict, cfg, path: str, started: str) -
         "",
         f"- started {started}; fastclip {info['fastclip']} (commit {info['commit']}), "
         f"torch {info['torch']}, triton {info['triton'] or 'none'}"
-        + (f", {cfg.threads} threads; load average at start {info['load']} (other work on "
+        + (f", {threads_text(cfg.threads)}; load average at start {info['load']} (other work on "
            f"the machine inflates CPU times)" if cfg.device == "cpu" else "") + ".",
         f"- memory budget {gb(cfg.max_mem_bytes)} (methods estimated above it are "
         f"skipped); fp32 matmul TF32: {tf32}.",
@@ -243,7 +248,7 @@ def write_markdown(rows: list[dict], info: dict, cfg, path: str, started: str) -
     ]
     runs = sorted({(r.get("commit", ""), str(r.get("threads", ""))) for r in rows})
     if len(runs) > 1:
-        lines.append("- rows from several runs (" + "; ".join(f"commit {c}, {t} threads" for c, t in runs)
+        lines.append("- rows from several runs (" + "; ".join(f"commit {c}, {threads_text(t)}" for c, t in runs)
                      + "): each row's commit, threads and timestamp are in the CSV; ratios pair rows "
                      "of the same thread count.")
     if naive_desc:
@@ -276,13 +281,15 @@ def summary_table(rows: list[dict]) -> str:
     """A compact fixed-width table of every row (printed last by a run)."""
     device = rows[0]["device"] if rows else "cpu"
     unit, div = _flops_unit(device)
-    hdr = (f"{'dtype':<5} {'D':>5} {'N':>8} {'method':<9} {'fwd ms':>10} {'fwd+bwd ms':>11} "
+    labels = [method_label(r, rows) for r in rows]
+    w = max([9, *map(len, labels)])     # "reference, 1 thread" (--append) overran a fixed 9
+    hdr = (f"{'dtype':<5} {'D':>5} {'N':>8} {'method':<{w}} {'fwd ms':>10} {'fwd+bwd ms':>11} "
            f"{'peak MB':>9} {unit:>8} {'x floor':>8} {'x naive':>8}  status")
     out = [hdr, "-" * len(hdr)]
-    for r in rows:
+    for r, label in zip(rows, labels):
         gf = _f(r.get("fwd_bwd_gflops"))
         st = r["status"]
-        out.append(f"{r['dtype']:<5} {r['D']:>5} {r['N']:>8} {method_label(r, rows):<9} "
+        out.append(f"{r['dtype']:<5} {r['D']:>5} {r['N']:>8} {label:<{w}} "
                    f"{num(r['fwd_ms'], '.4g'):>10} {num(r['fwd_bwd_ms'], '.4g'):>11} "
                    f"{num(r['peak_extra_mb'], '.1f'):>9} "
                    f"{'' if gf is None else format(gf / div, '.4g'):>8} "
@@ -341,3 +348,48 @@ def write_overhead_markdown(rows: list[dict], title: str, notes: list[str], path
                 lines += ["", f"{'###' if w else '##'} {dt}, D={d}"]
             lines += ["", overhead_table(rs, peer=peer)]
     write_text(path, "\n".join(lines) + "\n")
+
+
+# What --summarize needs of a file. The header is judged as the file has it: read_csv gives
+# every row a ``loss`` column (files from before it read as clip), so a file without one
+# still passes, and a foreign file's columns are reported as they are.
+SWEEP_COLUMNS = [c for c in CSV_FIELDS if c != "loss"]
+OVERHEAD_COLUMNS = ["method", "N", "fwd_us", "fwd_bwd_us"]
+_NOT_OURS = "not a results CSV of `fastclip bench`"
+_ELSEWHERE = "; distributed and tokenizer results have their own markdown tables"
+
+
+def table_names(cols: list[str], limit: int = 12) -> str:
+    shown = ", ".join(repr(c) for c in cols[:limit])
+    return f"[{shown}{f', ... ({len(cols)} in all)' if len(cols) > limit else ''}]"
+
+
+def table_problem(columns: list[str], rows: list[dict]) -> tuple[str, bool]:
+    """(why ``--summarize`` (or the plot) cannot table this file, "" when it can; whether it is an
+    --overhead table) from the file's own header and its rows."""
+    if not columns:
+        return f"{_NOT_OURS}: the file is empty", False
+    have = set(columns)
+    if any(None in r for r in rows):       # csv puts a long row's extra fields under None
+        return (f"{_NOT_OURS}: rows of uneven length (e.g. a markdown table) under the header "
+                f"{table_names(columns)}{_ELSEWHERE}"), False
+    short = next((k for k, r in enumerate(rows) if None in r.values()), None)   # missing fields: None
+    if short is not None:
+        return (f"row {short + 1} (line {short + 2}) has {sum(v is not None for v in rows[short].values())} "
+                f"of the header's {len(columns)} fields: a truncated or edited file?"), False
+    if "world" in have:
+        return (f"{_NOT_OURS}: its columns {table_names(columns)} include 'world', as a `fastclip "
+                f"bench distributed` table's do{_ELSEWHERE}"), False
+    kinds = [(name, [c for c in need if c not in have])
+             for name, need in (("a sweep's table", SWEEP_COLUMNS),
+                                ("an --overhead table", OVERHEAD_COLUMNS))]
+    overhead = not kinds[1][1]
+    if overhead or not kinds[0][1]:
+        if not rows:
+            return f"no rows to summarize (only the header {table_names(columns)})", False
+        return "", overhead
+    # Neither kind: the nearer one's missing columns in full, the other's as a count.
+    (near, missing), (far, far_missing) = sorted(kinds, key=lambda k: len(k[1]))
+    return (f"{_NOT_OURS}: its columns are {table_names(columns)}; the columns {near} requires, "
+            f"{table_names(missing, len(missing))}, are missing ({far} requires "
+            f"{len(far_missing)} more){_ELSEWHERE}"), False

@@ -8,6 +8,7 @@ import sys
 from typing import Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 
 
 def class_indices(labels, name: str, num_classes: Optional[int] = None, device=None) -> torch.Tensor:
@@ -96,3 +97,16 @@ def fp32_math() -> Iterator[None]:
 def finite_rows(x: torch.Tensor) -> torch.Tensor:
     """BoolTensor ``[N]``: rows of ``x`` ``[N, ...]`` whose entries are all finite."""
     return torch.isfinite(x).flatten(1).all(1) if x.shape[0] else torch.ones(0, dtype=torch.bool, device=x.device)
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` ``[..., D]`` (floating point) scaled to unit L2 norm without overflow or
+    underflow: each row is divided by its largest magnitude first. ``F.normalize`` alone sums
+    the squares in the input's precision, which in float32 is inf for rows with entries above
+    ~1.8e19 and 0 below ~1e-23: every such row became the zero vector and tied with every other
+    (finite features at 1e18 scored chance in retrieval). A zero row stays zero; a row with NaN
+    or inf comes out non-finite, as before."""
+    if x.shape[-1] == 0:
+        return x
+    m = x.abs().amax(dim=-1, keepdim=True)  # [..., 1]
+    return F.normalize(torch.where(m > 0, x / m, x), dim=-1)

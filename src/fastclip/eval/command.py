@@ -242,6 +242,10 @@ def _check_options_apply(p: argparse.ArgumentParser, args: argparse.Namespace, g
                               ("dataset_type", "val_data", "tells --val-data's type")):
         if dest in given and getattr(args, needs) is None:
             p.error(f"{_flag(dest)} {what}: pass that too, or drop {_flag(dest)}")
+    if ("dataset_type" in given and args.dataset_type in ("csv", "webdataset") and val_kind is not None
+            and val_kind != args.dataset_type):
+        p.error(f"--dataset-type {args.dataset_type}: --val-data {args.val_data!r} is named as {val_kind} "
+                f"(its name decides where it tells); drop --dataset-type or pass the right file")
     typed = [_flag(d) for d in _CSV_ONLY if d in given]
     if typed and val_kind != "csv":
         where = ("there is no --val-data" if args.val_data is None
@@ -293,6 +297,10 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, given: Opti
                       ("--loss-backend", backend_problem(args.loss_backend) if backend else None)):
         if why:
             p.error(f"{flag} {why}")
+    for flag, typed in (("--loss", args.loss != "auto"), ("--loss-backend", args.loss_backend != "auto")):
+        if typed and args.val_data is None:     # (they were ignored)
+            p.error(f"{flag} chooses how --val-data's loss is computed, and there is no --val-data: "
+                    f"pass that too, or drop {flag}")
     if args.output is not None:
         run_folder = os.path.dirname(os.path.realpath(model_file))
         if os.path.basename(run_folder) == "checkpoints":

@@ -10,7 +10,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ._checks import eval_mode, int_at_least
+from ._checks import eval_mode, int_at_least, unit_rows
 
 # One zero-shot task: images [N, 3, S, S], labels [N], class names, prompt templates.
 ZeroShotSet = Tuple[torch.Tensor, torch.Tensor, List[str], list]
@@ -157,7 +157,7 @@ def encode_batches(model, batches: Iterable[torch.Tensor], device=None) -> torch
     embeddings are kept, never the images of a whole dataset)."""
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     with eval_mode(model):
-        out = [torch.nn.functional.normalize(model.encode_image(b.to(dev)).float(), dim=-1).cpu() for b in batches]
+        out = [unit_rows(model.encode_image(b.to(dev)).float()).cpu() for b in batches]
     return torch.cat(out) if out else torch.zeros(0, model.embed_dim)
 
 
@@ -201,6 +201,8 @@ def zeroshot_metrics(model, sets: Dict[str, ZeroShotSet], device=None, batch_siz
     batch_size = int_at_least(batch_size, "batch_size")
     out: Dict[str, float] = {}
     for name, (imgs, labels, classes, templates) in sets.items():
+        if len(imgs) == 0:
+            raise ValueError(f"zero-shot task {name!r} has no images: its accuracy would be undefined")
         clf = build_zeroshot_classifier(model, classes, templates, device=device)   # [D, C]
         r = evaluate_zeroshot(model, imgs, labels, classifier=clf, batch_size=batch_size, device=device)
         out[f"zeroshot/{name}/top1"] = r["top1"]

@@ -107,10 +107,10 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     best C so far times ``10^(+-step)``, keeping the best and halving ``step``. The first
     ``step`` is half the smaller of the log10 gaps between the best grid value and its
     neighbours in the sorted grid (for an evenly spaced grid, half its spacing: the default
-    grid's 4 rounds reach 1/8 decade), so a refinement never reaches past a neighbour; a grid of
-    one value is not refined. ``max_iter`` (a positive int, default 1000): LBFGS iterations per
-    fit. ``refit``: refit on train + val with the chosen C before testing. Returns a
-    ``LinearProbeResult``.
+    grid's 4 rounds reach 1/8 decade), so a refinement never reaches past a neighbour, nor
+    outside the grid's smallest and largest values; a grid of one value is not refined.
+    ``max_iter`` (a positive int, default 1000): LBFGS iterations per fit. ``refit``: refit on
+    train + val with the chosen C before testing. Returns a ``LinearProbeResult``.
     """
     # Checked before any data is touched: these would otherwise be ignored silently
     # (val_labels alone, refine_steps < 0) or fit nothing (max_iter=0 scores chance).
@@ -142,6 +142,10 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
         raise ValueError(f"train_features: {bad} of {xt.shape[0]} rows hold NaN or inf (a diverged model?); "
                          f"a probe cannot be fitted on them")
     if Cs is not None:
+        try:
+            Cs = list(Cs)       # read once: a generator was used up by the check below
+        except TypeError:
+            raise TypeError(f"Cs must be a sequence of positive numbers, got {type(Cs).__name__}") from None
         # Any real number type (NumPy's float32 is not a Python float), never a bool.
         if any(isinstance(c, bool) or not isinstance(c, numbers.Real) or not (c > 0 and math.isfinite(c))
                for c in Cs):
@@ -204,8 +208,10 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     # Half the smaller neighbouring gap: the refinement stays between the best's neighbours on
     # an uneven grid, and is half the spacing on an even one.
     step = min(gaps) / 2 if gaps else 0.0
+    # Within the grid's span: a best C at an edge is refined inwards only (the search went
+    # past it: Cs=[0.1, 1, 10] chose 86.6, the default grid 7.5e-8 below its 1e-6).
     for _ in range(refine_steps if step else 0):
-        best = max([best - step, best, best + step], key=evaluate)
+        best = max([c for c in (best - step, best, best + step) if grid[0] <= c <= grid[-1]], key=evaluate)
         step /= 2
     C = 10.0 ** best
     val_acc = tried[round(best, 6)][0]

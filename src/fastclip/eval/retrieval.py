@@ -5,9 +5,8 @@ import numbers
 from typing import Dict, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
-from ._checks import as_features, class_indices, finite_rows, fp32_math, int_at_least
+from ._checks import as_features, class_indices, finite_rows, fp32_math, int_at_least, unit_rows
 
 # The rank of a query that cannot be ranked (a non-finite similarity): beyond every K.
 _MISS = torch.iinfo(torch.long).max
@@ -45,6 +44,10 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
     if image_features.dim() != 2 or text_features.dim() != 2 or image_features.shape[1] != text_features.shape[1]:
         raise ValueError(f"image_features [N, D] and text_features [M, D] must share D, got "
                          f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
+    if image_features.shape[1] == 0:
+        # (every similarity is 0: recalls came out as the tie order's, 1/3 at R@1 for 3 pairs)
+        raise ValueError(f"image_features {tuple(image_features.shape)} and text_features "
+                         f"{tuple(text_features.shape)} have D = 0: there is nothing to compare")
     chunk_size = int_at_least(chunk_size, "chunk_size")
     ks = _check_ks(ks)
     n, m = image_features.shape[0], text_features.shape[0]
@@ -86,7 +89,7 @@ def _recalls(img: torch.Tensor, txt: torch.Tensor, text_to_image: torch.Tensor, 
     n, m, dev = img.shape[0], txt.shape[0], img.device
     ok_img, ok_txt = finite_rows(img), finite_rows(txt)  # [N], [M]
     if normalize:
-        img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+        img, txt = unit_rows(img), unit_rows(txt)
 
     # text -> image: rank of the correct image = #(s > s_c) + #(s == s_c and index < c)
     t2i_rank = torch.empty(m, dtype=torch.long, device=dev)
@@ -115,10 +118,11 @@ def _recalls(img: torch.Tensor, txt: torch.Tensor, text_to_image: torch.Tensor, 
         i2t_rank[i:i + chunk_size] = rank.masked_fill(miss, _MISS)
 
     out = {}
+    # (a K past int64 is every rank: compared as _MISS, which only the misses reach)
     for k in ks:
-        out[f"image_to_text_R@{k}"] = (i2t_rank < k).float().mean().item() if n else 0.0
+        out[f"image_to_text_R@{k}"] = (i2t_rank < min(k, _MISS)).float().mean().item()
     for k in ks:
-        out[f"text_to_image_R@{k}"] = (t2i_rank < k).float().mean().item() if m else 0.0
+        out[f"text_to_image_R@{k}"] = (t2i_rank < min(k, _MISS)).float().mean().item()
     out["mean_recall"] = sum(out.values()) / len(out)
     return out
 

@@ -7,12 +7,11 @@ from collections.abc import Set as AbstractSet
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 
 from ..datasets.csv_dataset import DataError
 from ..datasets.folder import IMAGE_EXTENSIONS
 from ..tokenizer import tokenize
-from ._checks import as_features, class_indices, eval_mode, finite_rows, fp32_math, int_at_least
+from ._checks import as_features, class_indices, eval_mode, finite_rows, fp32_math, int_at_least, unit_rows
 from .templates import SIMPLE_TEMPLATES
 
 Template = Union[str, Callable[[str], str]]
@@ -116,9 +115,9 @@ def build_zeroshot_classifier(model, classnames: Iterable[str], templates: Seque
             batch = prompts[i:i + batch_size]
             tokens = (tokenize(batch, context_length=ctx, truncate=True) if tokenizer is tokenize
                       else tokenizer(batch, context_length=ctx)).to(dev)
-            feats.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+            feats.append(unit_rows(model.encode_text(tokens).float()))
     feats = torch.cat(feats).view(len(classnames), len(templates), -1)  # [C, T, D]
-    return F.normalize(feats.mean(dim=1), dim=-1).t().contiguous()  # [D, C]
+    return unit_rows(feats.mean(dim=1)).t().contiguous()  # [D, C]
 
 
 @torch.no_grad()
@@ -139,29 +138,36 @@ def zero_shot_classify(model, images: torch.Tensor, classifier: torch.Tensor, ba
             emb = model.encode_image(images[i:i + batch_size].to(dev))  # [b, D]
             _check_classifier_dim(classifier, emb.shape[-1])
             with fp32_math():
-                f = F.normalize(emb.float(), dim=-1)
+                f = unit_rows(emb.float())
                 out.append(100.0 * f @ classifier.to(dev, torch.float32))
     return torch.cat(out) if out else torch.zeros(0, classifier.shape[1])
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
     """top1, top5 (top-min(5, C)) accuracy and mean per-class recall (over classes present) of
-    ``logits`` ``[N, C]`` against ``labels`` ``[N]`` (integer class indices in ``[0, C)``). A row
-    with a non-finite logit (a diverged model) is a miss, at top-1 and top-5 alike, whatever
-    ``topk`` would pick among NaNs."""
+    ``logits`` ``[N, C]`` against ``labels`` ``[N]`` (integer class indices in ``[0, C)``, N >= 1:
+    ValueError for no predictions, whose accuracy is undefined rather than 0). Classes are
+    ranked by logit, ties broken by class index (a stable descending sort; the first of equal
+    logits ranks first, as ``argmax`` and ``classify_folder``'s predictions pick it). A row with
+    a non-finite logit (a diverged model) is a miss, at top-1 and top-5 alike."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, C], got shape {tuple(logits.shape)}")
     labels = class_indices(labels, "labels", logits.shape[1], logits.device)
     if logits.shape[0] != labels.shape[0]:
         raise ValueError(f"labels has {labels.shape[0]} entries for {logits.shape[0]} predictions")
     n, c = logits.shape
+    if n == 0:
+        # (it read top-1 0.0: a model that is always wrong, folded into means of tasks)
+        raise ValueError("no predictions to score (logits [0, C]): accuracy over no images is undefined")
     ok = finite_rows(logits)  # [N]
-    topk = logits.topk(min(5, c), dim=1).indices  # [N, k]
+    # topk's order among equal logits is unspecified (on CPU it picked the last of a tie in
+    # some rows and the first in others), so a collapsed model's score depended on it.
+    topk = logits.sort(dim=1, descending=True, stable=True).indices[:, :min(5, c)]  # [N, k]
     hit1 = (topk[:, 0] == labels) & ok
     hit5 = (topk == labels[:, None]).any(dim=1) & ok
     present = labels.unique()
-    recalls = torch.stack([hit1[labels == k].float().mean() for k in present]) if n else torch.zeros(1)
-    return {"top1": hit1.float().mean().item() if n else 0.0, "top5": hit5.float().mean().item() if n else 0.0,
+    recalls = torch.stack([hit1[labels == k].float().mean() for k in present])
+    return {"top1": hit1.float().mean().item(), "top5": hit5.float().mean().item(),
             "mean_per_class_recall": recalls.mean().item(), "n": n}
 
 
@@ -189,14 +195,17 @@ def evaluate_zeroshot(model, images_or_loader: Union[torch.Tensor, Iterable[Tupl
             labels = class_indices(labels, "labels")
             if labels.shape[0] != images_or_loader.shape[0]:
                 raise ValueError(f"labels has {labels.shape[0]} entries for {images_or_loader.shape[0]} images")
+            if images_or_loader.shape[0] == 0:
+                raise ValueError("images_or_loader holds no images: accuracy over no images is undefined")
             logits = zero_shot_classify(model, images_or_loader, classifier, batch_size, device)
         else:
             chunks, labs = [], []
             for imgs, lab in images_or_loader:
                 labs.append(class_indices(lab, "labels (of a batch of images_or_loader)").cpu())
                 chunks.append(zero_shot_classify(model, imgs, classifier, batch_size, device).cpu())
-            logits = torch.cat(chunks) if chunks else torch.zeros(0, classifier.shape[1])
-            labels = torch.cat(labs) if labs else torch.zeros(0, dtype=torch.long)
+            if not chunks or sum(c.shape[0] for c in chunks) == 0:
+                raise ValueError("images_or_loader gave no images: accuracy over no images is undefined")
+            logits, labels = torch.cat(chunks), torch.cat(labs)
         return classification_metrics(logits.cpu(), labels.cpu())
 
 
