@@ -83,11 +83,19 @@ def atomic_write(path: str, write: Callable[[str], None], suffix: str = "") -> N
         raise
 
 
+# The safetensors metadata "format" of a training checkpoint (fastclip.train.checkpoint), which
+# the model loaders recognise to say what such a file is.
+TRAINING_FORMAT = "fastclip-training-state"
+
+
 def checkpoint_file_problem(path: str) -> Optional[str]:
     """Why ``path`` cannot be read as a checkpoint file ("no such checkpoint file", "cannot read
     the checkpoint file (Permission denied)"), or None. Readers check it first: safetensors
     reports every failure to open a file as "No such file or directory", which sent users
     looking for a file that is there."""
+    if os.path.isdir(path):
+        # (a run folder: "no such checkpoint file" sent users looking for a file that is there)
+        return "a folder, not a checkpoint file"
     if not os.path.isfile(path):
         return "no such checkpoint file"
     try:

@@ -109,7 +109,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None,
                    help=f"model config name (see fastclip.models.list_models(); default {d.model})")
     g.add_argument("--model-overrides", type=_json_dict, default=None,
-                   help='JSON config overrides, e.g. \'{"vision_layers": 2}\'')
+                   help='JSON config overrides, e.g. \'{"vision_layers": 2}\'; with --pretrained only what '
+                        'no weight records: quick_gelu, vision_heads, text_heads (an open_clip model with '
+                        'exact GELU: \'{"quick_gelu": false}\')')
     g.add_argument("--pretrained", default=None, metavar="PATH",
                    help="start from these weights: a fastclip train output folder, model file or training "
                         "checkpoint, or an OpenAI checkpoint (the architecture is the file's: no --model); "
@@ -351,10 +353,12 @@ def _check_paths(p: argparse.ArgumentParser, args: argparse.Namespace, given: Op
     if args.pretrained is not None:
         if not os.path.exists(args.pretrained):
             p.error(f"--pretrained {args.pretrained!r}: no such file or folder")
-        given = [f for f, v in (("--model", args.model), ("--model-overrides", args.model_overrides)) if v is not None]
-        if given:
-            p.error(f"--pretrained {args.pretrained!r} takes the architecture from the file: "
-                    f"drop {' and '.join(given)}")
+        if args.model is not None:
+            p.error(f"--pretrained {args.pretrained!r} takes the architecture from the file: drop --model")
+        from .models.openai import architecture_problem
+        why = architecture_problem(args.model_overrides or {})
+        if why:     # (what no weight records may be set: an open_clip model's exact GELU, its heads)
+            p.error(f"--model-overrides {json.dumps(args.model_overrides)} with --pretrained: {why}")
     from .models import list_models
     args.model = _DEFAULTS.model if args.model is None else args.model
     args.model_overrides = {} if args.model_overrides is None else args.model_overrides

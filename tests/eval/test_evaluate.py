@@ -668,3 +668,25 @@ def test_fastclip_backend_matters_to_the_val_loss_alone(siglip_run, capsys, monk
     monkeypatch.delenv("FASTCLIP_BACKEND")
     code, _, err = _eval(capsys, siglip_run, "--demo-eval-samples", "16", "--loss-backend", "nosuch")
     assert code == 2 and "--loss-backend 'nosuch': unknown" in err
+
+
+def test_model_overrides_set_what_no_weight_records(siglip_run, capsys, tmp_path):
+    """An open_clip model trained with exact GELU (or other head counts) had no command-line way
+    to be read right: --model-overrides sets quick_gelu, vision_heads, text_heads for an
+    OpenAI-layout file; anything else, or a value a fastclip file contradicts, is refused."""
+    from fastclip.models import create_model
+    torch.manual_seed(0)
+    src = create_model("tiny-vit", vision_width=128, vision_heads=2, text_width=128, text_heads=4, quick_gelu=False)
+    torch.save(src.state_dict(), tmp_path / "openai.pt")
+    code, out, err = _eval(capsys, str(tmp_path / "openai.pt"), "--shapes", "--demo-eval-samples", "12",
+                           "--model-overrides", '{"quick_gelu": false, "text_heads": 4, "vision_heads": 2}')
+    assert code == 0, err
+    from fastclip.eval.evaluate import load_model
+    m = load_model(str(tmp_path / "openai.pt"), architecture={"quick_gelu": False, "text_heads": 4})
+    assert not m.config.quick_gelu and m.config.text_num_heads == 4
+    for args, needle in (
+            (["--model-overrides", '{"vision_layers": 2}'], "the file gives the rest, not vision_layers"),
+            (["--model-overrides", '{"text_heads": "4"}'], "text_heads must be a positive int"),
+            (["--model-overrides", '{"quick_gelu": false}'], "quick_gelu=False (the file's: True) contradicts")):
+        code, _, err = _eval(capsys, siglip_run, *args)
+        assert code == 2 and needle in err and "Traceback" not in err, (args, err)

@@ -121,10 +121,10 @@ class RefResNet(nn.Module):
 
 
 class RefCLIP(nn.Module):
-    def __init__(self, embed, res, vlayers, vwidth, patch, ctx, vocab, tw, th, tl):
+    def __init__(self, embed, res, vlayers, vwidth, patch, ctx, vocab, tw, th, tl, vh=None):
         super().__init__()
-        self.visual = (RefResNet(vlayers, embed, vwidth * 32 // 64, res, vwidth) if isinstance(vlayers, tuple)
-                       else RefViT(res, patch, vwidth, vlayers, vwidth // 64, embed))
+        self.visual = (RefResNet(vlayers, embed, vh or vwidth * 32 // 64, res, vwidth) if isinstance(vlayers, tuple)
+                       else RefViT(res, patch, vwidth, vlayers, vh or vwidth // 64, embed))
         self.transformer = RefTransformer(tw, tl, th, ctx)
         self.token_embedding = nn.Embedding(vocab, tw)
         self.positional_embedding = nn.Parameter(torch.randn(ctx, tw) * 0.01)
@@ -578,10 +578,55 @@ def test_exact_gelu_weights_load_with_quick_gelu_false(kind, tmp_path):
     assert not again.config.quick_gelu and not load_checkpoint(tmp_path / "gelu.safetensors").config.quick_gelu
     with torch.no_grad():
         assert torch.equal(again.encode_text(tok), ft)
-    with pytest.raises(ValueError, match="config says quick_gelu=False, loaded with quick_gelu=True"):
+    with pytest.raises(ValueError, match=r"quick_gelu=True \(the file's: False\) contradicts"):
         load_openai(tmp_path / "gelu.safetensors", quick_gelu=True)
     with pytest.raises(TypeError, match="quick_gelu must be None, True or False"):
         load_openai(ref.state_dict(), quick_gelu="no")
     with pytest.raises(ValueError, match="quick_gelu must be true or false"):
         create_model("tiny-vit", quick_gelu=0)
     assert isinstance(create_model("tiny-vit", quick_gelu=False).transformer.resblocks[0].mlp.gelu, nn.GELU)
+
+
+def test_open_clips_wide_vits_take_16_heads_and_heads_can_be_given(tmp_path):
+    """open_clip's ViT-H/g/bigG/e image towers (widths 1280, 1408, 1664, 1792) use 16 heads; OpenAI's
+    width // 64 rule gave 20 (and 22, 26, 28), which fit the same shapes: the model loaded and its
+    features were off (cosine ~0.8). Other head counts, which no shape records, can be given."""
+    cfg = dict(embed=16, res=16, vlayers=1, vwidth=1280, patch=8, ctx=8, vocab=100, tw=128, th=4, tl=1, vh=16)
+    ref = _randomise(RefCLIP(**cfg))
+    img, tok = _inputs(cfg)
+    with torch.no_grad():
+        ri, rt = ref(img, tok)
+        assert infer_config(ref.state_dict()).vision_num_heads == 16
+        model = load_openai(ref.state_dict(), text_heads=4)
+        assert _relerr(model.encode_image(img), ri) <= 1e-5 and _relerr(model.encode_text(tok), rt) <= 1e-5
+        assert _relerr(load_openai(ref.state_dict()).encode_text(tok), rt) > 1e-3          # 2 text heads: off
+        assert _relerr(load_openai(ref.state_dict(), vision_heads=20, text_heads=4).encode_image(img), ri) > 1e-3
+    with pytest.raises(ValueError, match="text_heads=3 does not divide the tower's attention width 128"):
+        load_openai(ref.state_dict(), text_heads=3)
+    with pytest.raises(TypeError, match="vision_heads must be None or a positive int, got str '16'"):
+        load_openai(ref.state_dict(), vision_heads="16")
+    save_checkpoint(model, tmp_path / "wide.safetensors")     # the file records its heads
+    assert load_openai(tmp_path / "wide.safetensors", text_heads=4).config.text_num_heads == 4
+    with pytest.raises(ValueError, match=r"text_heads=2 \(the file's: 4\) contradicts"):
+        load_openai(tmp_path / "wide.safetensors", text_heads=2)
+
+
+def test_errors_name_the_key_that_is_wrong_and_what_a_file_is(tmp_path):
+    """A ViT state dict short of visual.proj was read as a ResNet (the error listed ResNet keys);
+    a transposed text_projection was blamed on visual.proj; load_openai on a training checkpoint
+    and load_checkpoint on a run folder gave messages that did not say what the path is."""
+    sd = _randomise(RefCLIP(**REF_CONFIGS["vit"])).state_dict()
+    no_proj = {k: v for k, v in sd.items() if k != "visual.proj"}
+    with pytest.raises(ValueError, match=r"missing keys \['visual.proj'\]"):
+        load_openai(no_proj)
+    with pytest.raises(ValueError, match=r"text_projection has shape \(32, 128\); expected \[text width 128"):
+        load_openai({**sd, "text_projection": sd["text_projection"].t()})
+    from safetensors.torch import save_file
+
+    from fastclip.train.checkpoint import FORMAT
+    save_file({"model.logit_scale": torch.zeros(())}, str(tmp_path / "step_1.safetensors"), metadata={"format": FORMAT})
+    for load in (load_openai, load_checkpoint):
+        with pytest.raises(ValueError, match=r"a fastclip training checkpoint .*evaluate\.load_model"):
+            load(tmp_path / "step_1.safetensors")
+    with pytest.raises(ValueError, match="a folder, not a checkpoint file .*model.safetensors"):
+        load_checkpoint(tmp_path)

@@ -73,3 +73,23 @@ def test_refused_combinations(base_run, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     r = _run_pretrained("--pretrained", str(tmp_path / "junk.pt"), "--output", str(tmp_path / "z"), check=False)
     assert r.returncode == 2 and "junk.pt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_model_overrides_set_what_no_weight_records(tmp_path):
+    """With --pretrained, --model-overrides sets only what no weight records (an open_clip model's
+    exact GELU or head counts); the weights are the file's, and the run's model keeps the choice."""
+    torch.manual_seed(0)
+    src = create_model("tiny-vit", vision_width=128, vision_heads=2, text_width=128, text_heads=4, quick_gelu=False)
+    torch.save(src.state_dict(), tmp_path / "openai.pt")
+    out = str(tmp_path / "ft")
+    _run_pretrained("--pretrained", str(tmp_path / "openai.pt"), "--steps", "2", "--lr", "0", "--output", out,
+                    "--model-overrides", '{"quick_gelu": false, "text_heads": 4, "vision_heads": 2}')
+    m = load_model(out)
+    assert not m.config.quick_gelu and m.config.text_num_heads == 4 and m.config.vision_num_heads == 2
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in src.state_dict().items())
+    r = _run_pretrained("--pretrained", str(tmp_path / "openai.pt"), "--model-overrides", '{"vision_layers": 2}',
+                        "--output", str(tmp_path / "x"), check=False)
+    assert r.returncode == 2 and "the file gives the rest, not vision_layers" in r.stderr
+    from fastclip.train.config import TrainConfig, validate_config
+    with pytest.raises(ValueError, match="model_overrides .* with pretrained: only what no weight records"):
+        validate_config(TrainConfig(pretrained=str(tmp_path / "openai.pt"), model_overrides={"vision_layers": 2}))

@@ -23,6 +23,7 @@ from ..cli import (
     _CSV_ONLY,
     PipeSafeLog,
     _flag,
+    _json_dict,
     _nonneg_int,
     _positive_int,
     _seed,
@@ -84,6 +85,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="--shapes draws the held-out images of the run with this seed; the probe's validation "
                         f"split (default: the run's, else {_D.seed})")
     g.add_argument("--output", default=None, help="also write the metrics to this JSON file")
+    g.add_argument("--model-overrides", type=_json_dict, default=None, metavar="JSON",
+                   help="for an OpenAI-layout file, what no weight records: quick_gelu, vision_heads, "
+                        "text_heads (an open_clip model trained with exact GELU: '{\"quick_gelu\": false}'); "
+                        "a fastclip file records them")
     g.add_argument("--allow-torchscript-code", action="store_true",
                    help="read an OpenAI TorchScript archive with torch.jit.load, which RUNS the code stored in "
                         "it: only for files from a source you trust that the default reader cannot read")
@@ -272,6 +277,11 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, given: Opti
                         ("--probe-test", args.probe_test)):
         if value is not None and not os.path.isdir(value):
             p.error(f"{flag} {value!r}: not a directory")
+    if args.model_overrides is not None:
+        from ..models.openai import architecture_problem
+        why = architecture_problem(args.model_overrides)
+        if why:
+            p.error(f"--model-overrides {json.dumps(args.model_overrides)}: {why}")
     if (args.probe_train is None) != (args.probe_test is None):
         p.error("--probe-train and --probe-test go together (fit on one folder, score on the other)")
     why = None if args.zeroshot_classes is None else classes_problem(args.zeroshot_classes)
@@ -399,7 +409,8 @@ def evaluate(args: argparse.Namespace, log=print) -> Dict[str, Any]:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     source = resolve_model_file(args.model)
-    model = load_model(source, device, allow_torchscript_code=args.allow_torchscript_code)
+    model = load_model(source, device, allow_torchscript_code=args.allow_torchscript_code,
+                       architecture=args.model_overrides)
     check_vocab(model, source)
     cfg = TrainConfig(seed=args.seed, batch_size=args.batch_size, val_data=args.val_data,
                       val_num_samples=args.val_num_samples, dataset_type=args.dataset_type,

@@ -16,7 +16,8 @@ from ._checks import eval_mode, int_at_least, unit_rows
 ZeroShotSet = Tuple[torch.Tensor, torch.Tensor, List[str], list]
 
 
-def load_model(path: str, device="cpu", *, allow_torchscript_code: bool = False):
+def load_model(path: str, device="cpu", *, allow_torchscript_code: bool = False,
+               architecture: Optional[Dict[str, object]] = None):
     """A ``CLIP`` in eval mode on ``device`` (fp32) from ``path``, which may be:
 
     - a run folder of ``fastclip train``: its ``model.safetensors``, or, for a run that has not
@@ -29,15 +30,25 @@ def load_model(path: str, device="cpu", *, allow_torchscript_code: bool = False)
       ``.safetensors`` file with OpenAI's keys), read by ``fastclip.load_openai``, which runs no
       code from the file unless ``allow_torchscript_code`` (see its warning).
 
+    ``architecture``: what no weight records, for an OpenAI-layout file (``load_openai``'s
+    ``quick_gelu``, ``vision_heads``, ``text_heads``; e.g. ``{"quick_gelu": False}`` for an
+    open_clip model trained with exact GELU); a fastclip file records them, and a value that
+    contradicts it is a ValueError.
+
     Raises ValueError naming ``path`` when it is none of these.
     """
-    from ..models.openai import load_openai
+    from ..models.openai import architecture_problem, check_recorded_architecture, load_openai
     from ..train.checkpoint import FORMAT
+    architecture = dict(architecture or {})
+    why = architecture_problem(architecture)
+    if why:
+        raise ValueError(f"architecture: {why}")
     path = resolve_model_file(path)
     if path.endswith(".safetensors") and _safetensors_format(path) == FORMAT:
         model = _model_from_training_state(path)
+        check_recorded_architecture(model.config, architecture, path)
     else:
-        model = load_openai(path, "cpu", allow_torchscript_code=allow_torchscript_code)
+        model = load_openai(path, "cpu", allow_torchscript_code=allow_torchscript_code, **architecture)
     return model.float().to(device).eval()
 
 

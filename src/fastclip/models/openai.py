@@ -4,14 +4,17 @@
 read without running the archive's code, see ``fastclip.models.torchscript``), plain state dicts
 with OpenAI's key names (in memory or saved with ``torch.save``, read with
 ``weights_only=True``) and ``.safetensors`` files with the same keys. The architecture is
-inferred from tensor shapes; head counts follow OpenAI's rule (64-dim heads), which every
-released model uses.
+inferred from tensor shapes. Head counts leave no trace in the shapes: they follow OpenAI's
+rule (64-dim heads), which every OpenAI model uses, except for the vision widths of open_clip's
+large ViTs (``_WIDE_VIT_HEADS``) and for registered fastclip models; ``load_openai``'s
+``vision_heads``/``text_heads`` set them for anything else.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import numbers
 import os
 import pickle
 import warnings
@@ -19,7 +22,7 @@ from typing import Dict, Mapping, Optional, Union
 
 import torch
 
-from .._fileio import checkpoint_file_problem
+from .._fileio import TRAINING_FORMAT, checkpoint_file_problem
 from .clip import CLIP
 from .configs import MODEL_CONFIGS, CLIPConfig
 
@@ -141,14 +144,25 @@ def _count(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
     return len({k[n:].split(".")[0] for k in sd if k.startswith(prefix + ".")})
 
 
+# open_clip's ViT-H (width 1280), ViT-g (1408), ViT-bigG (1664) and ViT-e (1792) image towers,
+# and every variant of them in its model_configs (-quickgelu, -378, -worldwide, ViT-H-16), use
+# 16 heads (head_width 80, 88, 104, 112): width // 64 gave 20, 22, 26 and 28 heads, which fit the
+# same weight shapes, so the model loaded and gave other features (cosine ~0.8 to the right
+# ones). Their text towers keep 64-wide heads.
+_WIDE_VIT_HEADS = {1280: 16, 1408: 16, 1664: 16, 1792: 16}
+
+
 def infer_config(sd: Mapping[str, torch.Tensor], source: str = "state dict") -> CLIPConfig:
     """Infer a ``CLIPConfig`` from a state dict in OpenAI's key layout (shapes only).
 
     Raises ValueError naming ``source`` and the missing keys when it is not a CLIP state dict.
     """
     missing = [k for k in _TEXT_KEYS if k not in sd]
-    vit = "visual.proj" in sd
-    vis = (["visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding"] if vit else
+    # A ViT by any of its own keys: one missing "visual.proj" was read as a ResNet, and the error
+    # listed ResNet keys as missing.
+    vit = "visual.proj" in sd or any(k.startswith(("visual.transformer.", "visual.class_embedding", "visual.ln_pre."))
+                                     for k in sd)
+    vis = (["visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding", "visual.proj"] if vit else
            ["visual.layer1.0.conv1.weight", "visual.attnpool.positional_embedding"])
     missing += [k for k in vis if k not in sd]
     if missing:
@@ -158,13 +172,19 @@ def infer_config(sd: Mapping[str, torch.Tensor], source: str = "state dict") -> 
         width, patch = sd["visual.conv1.weight"].shape[0], sd["visual.conv1.weight"].shape[-1]
         layers = _count(sd, "visual.transformer.resblocks")
         grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-        vision = dict(vision_layers=layers, vision_width=width, patch_size=patch, image_size=grid * patch)
+        vision = dict(vision_layers=layers, vision_width=width, patch_size=patch, image_size=grid * patch,
+                      vision_heads=_WIDE_VIT_HEADS.get(width))
     else:
         layers = tuple(_count(sd, f"visual.layer{i}") for i in (1, 2, 3, 4))
         width = sd["visual.layer1.0.conv1.weight"].shape[0]
         out = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
         vision = dict(vision_layers=layers, vision_width=width, image_size=out * 32)
     tw = sd["ln_final.weight"].shape[0]
+    tp = sd["text_projection"]
+    if tp.dim() != 2 or tp.shape[0] != tw:
+        # embed_dim is read from it: a transposed one was reported as a wrong visual.proj
+        raise ValueError(f"{source}: text_projection has shape {tuple(tp.shape)}; expected [text width {tw} "
+                         f"(ln_final.weight's), embed_dim]")
     # A SigLIP model's learnable bias is a weight like the scale: its presence makes the model
     # one with a bias (the stored value replaces this initial one when the weights load).
     bias = sd.get("logit_bias")
@@ -199,7 +219,8 @@ def _registered_heads(cfg: CLIPConfig) -> CLIPConfig:
 
 def load_openai(path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.Tensor]], device="cpu", *,
                 dtype: Optional[torch.dtype] = torch.float32, allow_torchscript_code: bool = False,
-                quick_gelu: Optional[bool] = None) -> CLIP:
+                quick_gelu: Optional[bool] = None, vision_heads: Optional[int] = None,
+                text_heads: Optional[int] = None) -> CLIP:
     """Build a ``CLIP`` from an OpenAI checkpoint and load its weights with ``strict=True``.
 
     ``path_or_state_dict``: a TorchScript archive (OpenAI's ``ViT-B-32.pt`` and the like), a
@@ -219,8 +240,14 @@ def load_openai(path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.T
     A ``.safetensors`` file written by fastclip (``save_checkpoint``, ``fastclip train``) is
     rebuilt from the config stored in it, as ``load_checkpoint`` does. Other inputs follow
     OpenAI's layout rules (e.g. 64-wide attention heads), except that shapes which are exactly
-    a registered model's take its head counts: a state dict of a model built with other head
-    counts cannot be told apart and needs ``load_checkpoint`` on its saved file.
+    a registered model's take its head counts, and the image towers of open_clip's ViT-H, -g,
+    -bigG and -e (widths 1280, 1408, 1664, 1792) take its 16 heads.
+
+    ``vision_heads``, ``text_heads`` (positive ints, default None: the rules above): the
+    attention heads of the image and text towers, which no weight shape records; a model built
+    with other head counts loads with the wrong ones and gives other features, with no error.
+    Pass them for such a state dict (open_clip's ``head_width`` other than 64: heads = width /
+    head_width). For a fastclip file, which records them, a different value is a ValueError.
 
     ``quick_gelu``: the transformers' MLP activation, which no weight records. None (default):
     QuickGELU, as OpenAI's models (and open_clip's ``-quickgelu`` ones) were trained with, or
@@ -233,6 +260,12 @@ def load_openai(path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.T
     """
     if quick_gelu is not None and not isinstance(quick_gelu, bool):
         raise TypeError(f"quick_gelu must be None, True or False, got {quick_gelu!r}")
+    given = {k: v for k, v in (("quick_gelu", quick_gelu), ("vision_heads", vision_heads),
+                               ("text_heads", text_heads)) if v is not None}
+    for name in ("vision_heads", "text_heads"):
+        v = given.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0):
+            raise TypeError(f"{name} must be None or a positive int, got {type(v).__name__} {v!r}")
     if isinstance(path_or_state_dict, Mapping):
         # The caller keeps its tensors: the model gets copies (assign=True below would otherwise
         # make the caller's tensors the model's parameters, and training would change them).
@@ -240,15 +273,14 @@ def load_openai(path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.T
         sd = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in sd.items()}
     else:
         source = os.fspath(path_or_state_dict)
-        if ((source.endswith(".safetensors") or is_safetensors_file(source))
-                and _fastclip_config(source) is not None):
+        safetensors = source.endswith(".safetensors") or is_safetensors_file(source)
+        if safetensors and _metadata(source).get("format") == TRAINING_FORMAT:
+            raise ValueError(_training_checkpoint(source))
+        if safetensors and _fastclip_config(source) is not None:
             # fastclip's own checkpoint: its stored config, not one inferred by OpenAI's rules
             # (heads = width / 64 would be a guess for a model built with other head counts).
             model = load_checkpoint(source, device)
-            if quick_gelu is not None and quick_gelu != model.config.quick_gelu:
-                raise ValueError(f"{source}: a fastclip checkpoint whose config says quick_gelu="
-                                 f"{model.config.quick_gelu}, loaded with quick_gelu={quick_gelu}: "
-                                 f"drop the argument (the file records its activation)")
+            check_recorded_architecture(model.config, given, source)
             return model if dtype is None else model.to(dtype)
         sd = _read(source, allow_torchscript_code)
     not_str = [k for k in sd if not isinstance(k, str)]
@@ -262,8 +294,13 @@ def load_openai(path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.T
     if bad:
         raise ValueError(f"{source}: entries that are not tensors: {bad[:5]}")
     config = infer_config(sd, source)
-    if quick_gelu is not None:
-        config = dataclasses.replace(config, quick_gelu=quick_gelu)
+    if given:
+        config = dataclasses.replace(config, **given)
+    for name, width in (("vision_heads", config.vision_width * 32 if config.is_resnet else config.vision_width),
+                        ("text_heads", config.text_width)):
+        if name in given and width % given[name]:
+            raise ValueError(f"{source}: {name}={given[name]} does not divide the tower's attention width "
+                             f"{width} (heads = width / head width)")
     with torch.device("meta"):
         model = CLIP(config)
     expected = model.state_dict()
@@ -284,6 +321,42 @@ def load_openai(path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.T
         sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     return model.to(device).eval()
+
+
+def _training_checkpoint(path: str) -> str:
+    return (f"{path}: a fastclip training checkpoint (model, optimizer and run state), not a model file: "
+            f"load its model with fastclip.eval.evaluate.load_model({path!r}), or use the run's "
+            f"model.safetensors")
+
+
+# What no weight records, and so what a caller may set when loading a state dict.
+ARCHITECTURE_CHOICES = ("quick_gelu", "vision_heads", "text_heads")
+
+
+def architecture_problem(choices: Mapping[str, object]) -> Optional[str]:
+    """What is wrong with ``choices`` as ``ARCHITECTURE_CHOICES`` for a pretrained file (keys
+    outside them, values of the wrong kind), or None."""
+    extra = sorted(set(choices) - set(ARCHITECTURE_CHOICES))
+    if extra:
+        return (f"only what no weight records may be set ({', '.join(ARCHITECTURE_CHOICES)}): the file "
+                f"gives the rest, not {', '.join(map(str, extra))}")
+    for k, v in choices.items():
+        ok = isinstance(v, bool) if k == "quick_gelu" else (
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0)
+        if not ok:
+            return f"{k} must be {'true or false' if k == 'quick_gelu' else 'a positive int'}, got {v!r}"
+    return None
+
+
+def check_recorded_architecture(config: CLIPConfig, given: Mapping[str, object], source: str) -> None:
+    """ValueError naming ``source`` when ``given`` (``ARCHITECTURE_CHOICES`` set by the caller)
+    contradicts the config a fastclip file records (it would otherwise be ignored)."""
+    recorded = {"quick_gelu": config.quick_gelu, "vision_heads": config.vision_num_heads,
+                "text_heads": config.text_num_heads}
+    wrong = [f"{k}={v!r} (the file's: {recorded[k]!r})" for k, v in given.items() if v != recorded[k]]
+    if wrong:
+        raise ValueError(f"{source}: a fastclip model file records its architecture, which "
+                         f"{', '.join(wrong)} contradicts: drop the argument")
 
 
 def save_checkpoint(model: CLIP, path: Union[str, os.PathLike], metadata: Optional[Dict[str, str]] = None) -> None:
@@ -318,14 +391,19 @@ def save_checkpoint(model: CLIP, path: Union[str, os.PathLike], metadata: Option
     atomic_write(os.fspath(path), lambda tmp: save_file(tensors, tmp, metadata=meta), suffix=".safetensors")
 
 
-def _fastclip_config(path: str) -> Optional[str]:
-    """The ``fastclip_config`` metadata of a safetensors file, or None (none, or unreadable)."""
+def _metadata(path: str) -> Dict[str, str]:
+    """The metadata of a safetensors file ({} when it has none or cannot be read)."""
     from safetensors import safe_open
     try:
         with safe_open(path, framework="pt") as f:
-            return (f.metadata() or {}).get("fastclip_config")
+            return f.metadata() or {}
     except Exception:  # noqa: BLE001 - unreadable: load_openai's own reader says why
-        return None
+        return {}
+
+
+def _fastclip_config(path: str) -> Optional[str]:
+    """The ``fastclip_config`` metadata of a safetensors file, or None (none, or unreadable)."""
+    return _metadata(path).get("fastclip_config")
 
 
 def _check_depths(config: CLIPConfig, sd: Mapping[str, torch.Tensor]) -> None:
@@ -353,6 +431,9 @@ def load_checkpoint(path: Union[str, os.PathLike], device="cpu") -> CLIP:
     path = os.fspath(path)
     why = checkpoint_file_problem(path)
     if why:
+        if os.path.isdir(path):
+            why += (" (a fastclip train run folder's model is its model.safetensors; "
+                    "fastclip.eval.evaluate.load_model reads run folders)")
         raise ValueError(f"{path}: {why}")
     try:
         with safe_open(path, framework="pt") as f:
@@ -360,12 +441,10 @@ def load_checkpoint(path: Union[str, os.PathLike], device="cpu") -> CLIP:
         sd = load_file(path)
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"{path}: not a readable safetensors checkpoint ({type(e).__name__}: {e})") from None
-    if meta.get("format") == "fastclip-training-state":     # fastclip.train.checkpoint.FORMAT
+    if meta.get("format") == TRAINING_FORMAT:
         # Its keys are the whole training state's: "missing keys ['token_embedding.weight', ...]"
         # said nothing of what the file is.
-        raise ValueError(f"{path}: a fastclip training checkpoint (model, optimizer and run state), not a "
-                         f"model file: load its model with fastclip.eval.evaluate.load_model({path!r}), or "
-                         f"use the run's model.safetensors")
+        raise ValueError(_training_checkpoint(path))
     sd = strip_wrapper_prefixes(sd)     # a compiled model's file from an earlier save_checkpoint
     if "fastclip_config" in meta:
         try:

@@ -32,10 +32,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .._fileio import atomic_write, checkpoint_file_problem
+from .._fileio import TRAINING_FORMAT, atomic_write, checkpoint_file_problem
 
 CKPT_DIR = "checkpoints"
-FORMAT = "fastclip-training-state"
+FORMAT = TRAINING_FORMAT
 FORMAT_VERSION = 1
 _NAME = re.compile(r"step_(\d+)\.safetensors$")
 _LEGACY_NAME = re.compile(r"step_(\d+)\.pt$")

@@ -39,7 +39,8 @@ class TrainConfig:
     SigLIP's t = 10, b = -10, unless ``model_overrides`` sets ``init_logit_scale``/``init_logit_bias``).
     ``pretrained``: start from the weights of a run folder, model file, training checkpoint or
     OpenAI checkpoint (anything ``fastclip.eval.evaluate.load_model`` reads); the architecture
-    is the file's (``model`` and ``model_overrides`` unused). For the sigmoid loss a model without
+    is the file's (``model`` unused; ``model_overrides`` may set only what no weight records:
+    ``quick_gelu``, ``vision_heads``, ``text_heads``). For the sigmoid loss a model without
     a ``logit_bias`` gets one at the loss's initial value (-10) and keeps its scale.
     ``output`` holds one run: a folder with a run in it needs ``resume`` (continue it) or
     ``overwrite`` (delete it first), see ``fastclip.train.run_folder``.
@@ -206,6 +207,11 @@ def validate_config(cfg: "TrainConfig") -> None:
         bad("csv_separator", "one character")
     if not isinstance(cfg.model_overrides, dict):
         bad("model_overrides", "a dict (of create_model arguments)", TypeError)
+    if cfg.pretrained is not None:
+        from ..models.openai import architecture_problem
+        why = architecture_problem(cfg.model_overrides)
+        if why:
+            raise ValueError(f"TrainConfig.model_overrides {cfg.model_overrides!r} with pretrained: {why}")
     if cfg.output is not None and os.path.exists(cfg.output) and not os.path.isdir(cfg.output):
         raise ValueError(f"TrainConfig.output {cfg.output!r} exists and is not a directory")
 

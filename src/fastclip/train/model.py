@@ -10,7 +10,8 @@ from .config import TrainConfig, model_kwargs
 
 def build_model(cfg: TrainConfig):
     """The run's model, in training mode on the CPU: ``cfg.model`` with ``model_kwargs``, or the
-    weights of ``cfg.pretrained`` (its own architecture). The sigmoid loss gives a pretrained
+    weights of ``cfg.pretrained`` (its own architecture; ``cfg.model_overrides`` may set only
+    what no weight records, ``load_model``'s ``architecture``). The sigmoid loss gives a pretrained
     model without a ``logit_bias`` one at the loss's initial value, its scale kept; a model with a
     bias is refused for a loss without one (it would be dropped). Raises ``CheckpointError``
     naming the file when it cannot be used."""
@@ -20,7 +21,7 @@ def build_model(cfg: TrainConfig):
     from ..eval.evaluate import check_vocab, load_model
     from ..ops.losses import get_loss
     try:
-        model = load_model(cfg.pretrained, "cpu")
+        model = load_model(cfg.pretrained, "cpu", architecture=cfg.model_overrides)
         check_vocab(model, cfg.pretrained)
     except ValueError as e:
         raise ckpt.CheckpointError(f"--pretrained: {e}") from None
