@@ -1232,3 +1232,47 @@ def test_tf32_setting_is_read_whichever_api_set_it(setting):
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[False, True, True]"
+
+
+_THREADS_FIRST_CALL = r"""
+import importlib, threading, time
+import torch
+import fastclip
+import fastclip.ops.backends as B
+assert not B._LOADED, "the registry was loaded at import: this check needs a cold one"
+real = importlib.import_module
+
+
+class Slow:         # each backend module takes a while to import, as Triton's does
+    def import_module(self, name, *args):
+        time.sleep(0.2)
+        return real(name, *args)
+
+
+B.importlib = Slow()
+barrier, errors = threading.Barrier(4), []
+
+
+def call():
+    barrier.wait()
+    try:
+        fastclip.clip_loss(torch.randn(8, 4), torch.randn(8, 4), torch.tensor(3.0), normalize=True)
+    except Exception as e:
+        errors.append(repr(e))
+
+
+threads = [threading.Thread(target=call) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+assert not errors, errors
+print("ok")
+"""
+
+
+def test_first_calls_from_several_threads_wait_for_the_whole_registry():
+    """The registry marked itself loaded before importing its backends: threads whose first call
+    came while another was loading found it empty ("no fastclip backend runs the 'clip' loss")."""
+    r = subprocess.run([sys.executable, "-c", _THREADS_FIRST_CALL], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]

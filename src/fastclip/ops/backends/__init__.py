@@ -50,6 +50,7 @@ import functools
 import importlib
 import os
 import pkgutil
+import threading
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -259,14 +260,27 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
 
 
 _LOADED = False
+_LOADING = False
+# Several threads' first calls at once: _LOADED was set before the imports, so the others found
+# a registry empty or half filled ("no fastclip backend runs the 'clip' loss", or "auto" cached
+# a backend other than the best). They now wait for the whole registry. Re-entrant: a backend
+# module that looked a backend up while being imported would re-enter on the same thread.
+_LOAD_LOCK = threading.RLock()
 
 
 def _load_builtin() -> None:
     """Import every backend module of this package (each registers itself), once."""
-    global _LOADED
+    global _LOADED, _LOADING
     if _LOADED:
         return
-    _LOADED = True
-    for mod in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if not mod.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{mod.name}")
+    with _LOAD_LOCK:
+        if _LOADED or _LOADING:
+            return
+        _LOADING = True
+        try:
+            for mod in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+                if not mod.name.startswith("_"):
+                    importlib.import_module(f"{__name__}.{mod.name}")
+        finally:
+            _LOADING = False
+        _LOADED = True
