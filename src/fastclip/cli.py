@@ -14,8 +14,10 @@ import json
 import math
 import os
 import re
+import signal
 import sys
-from typing import List, Optional
+import threading
+from typing import Iterator, List, Optional
 
 from .train.config import LOSSES, PRECISIONS, TrainConfig
 
@@ -501,7 +503,58 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, ``kill``) in a one-process command: unwinds as Ctrl-C does,
+    so that a write in progress removes its temporary file and the command says why it ended."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM raises ``Terminated`` in this process while the block runs. Not under a launcher
+    (RANK set): a rank blocked in a collective runs no Python handler until it returns, so it
+    would outlive the launcher's SIGTERM instead of stopping at once. A forked child (a
+    DataLoader worker) that inherits the handler takes the default action."""
+    if _launcher_rank() is not None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pid = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != pid:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """The ``fastclip`` command: ``train`` (default), ``eval`` or ``bench``. Ctrl-C exits with
+    130 and one line, SIGTERM with 143, at any point (before a command's own handling starts,
+    in its imports and argument checks, a traceback came)."""
+    with _sigterm_unwinds():
+        try:
+            return _main(argv)
+        except KeyboardInterrupt as e:
+            if not _launcher_rank():
+                print(f"\n{_stop_word(e)}", file=sys.stderr)
+            return _stop_code(e)
+
+
+def _stop_word(e: KeyboardInterrupt) -> str:
+    return "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+
+
+def _stop_code(e: KeyboardInterrupt) -> int:
+    return 143 if isinstance(e, Terminated) else 130
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         from .bench import main as bench_main
@@ -636,10 +689,10 @@ def run_reporting(command: str, fn, user_errors: tuple) -> int:
     who = f"fastclip {command}: " + (f"rank {rank}: " if rank else "")
     try:
         fn()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if not rank:
-            print("\ninterrupted", file=sys.stderr)
-        return 130
+            print(f"\n{_stop_word(e)}", file=sys.stderr)
+        return _stop_code(e)
     except user_errors as e:
         print(f"{who}error: {_one_line(str(e))}", file=sys.stderr)
         return 2

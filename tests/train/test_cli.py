@@ -484,3 +484,38 @@ def test_the_train_packages_submodules_are_attributes_after_a_plain_import():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["convert_legacy_checkpoint", "Trainer", "train", "True"]
+
+
+def test_ctrl_c_before_the_run_starts_is_one_line(monkeypatch, capsys):
+    """Ctrl-C in the first seconds (imports, argument checks) printed a KeyboardInterrupt
+    traceback; after start-up it said "interrupted" and exited 130. Now the same at any point."""
+    def interrupted(argv):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_main", interrupted)
+    assert cli.main(["train"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGTERM")
+def test_sigterm_stops_a_run_with_one_line_and_no_temporary_files(tmp_path):
+    """SIGTERM (a scheduler's stop) killed the process silently (status -15), and one that came
+    during a checkpoint write left safetensors' temporary file behind."""
+    import signal
+    import time
+
+    from ._common import env, fastclip_cmd
+    out = tmp_path / "run"
+    p = subprocess.Popen(fastclip_cmd("--steps", "400", "--save-every", "1", "--batch-size", "8", "--output", str(out)),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((out / "checkpoints").glob("step_*")):
+            time.sleep(0.2)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "terminated (SIGTERM)" and "Traceback" not in err, err
+    assert not [n for d in (out, out / "checkpoints") for n in os.listdir(d) if n.startswith(".tmp")]

@@ -333,30 +333,70 @@ def test_closed_or_full_stderr_finishes_the_run(tmp_path, how):
     assert (out / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("what", ("model", "metrics"))
+@pytest.mark.parametrize("what", ("model", "metrics", "config"))
 def test_a_failed_final_write_is_one_line(tmp_path, capsys, monkeypatch, what):
-    # A full disk when the final model.safetensors (or metrics.json) was written ended in a
-    # traceback; the checkpoints' writes already said it in one line.
+    # A full disk when the final model.safetensors (or metrics.json, or config.json at the start)
+    # was written ended in a traceback; the checkpoints' writes already said it in one line. A
+    # torn config.json then barred the folder even to --overwrite: it is written atomically.
     import errno
 
     import fastclip.models as models
+    from fastclip.train import trainer
     if what == "model":
         def full(*a, **k):
             raise OSError(errno.ENOSPC, "No space left on device")
         monkeypatch.setattr(models, "save_checkpoint", full)
     else:
-        real_open = open
+        real_write = trainer._write_text
 
-        def full_open(path, mode="r", *a, **k):
-            if str(path).endswith("metrics.json") and "w" in mode:
+        def full_write(path, text):
+            if ('"train"' in text) == (what == "config"):      # config.json holds the run's "train"
+                with open(path, "w") as f:
+                    f.write(text[:100])                         # torn, then the disk is full
                 raise OSError(errno.ENOSPC, "No space left on device")
-            return real_open(path, mode, *a, **k)
-        monkeypatch.setattr("builtins.open", full_open)
+            real_write(path, text)
+        monkeypatch.setattr(trainer, "_write_text", full_write)
     out = tmp_path / "run"
     code, _, err = _train(capsys, "--steps", "2", "--output", str(out))
-    name = "model.safetensors" if what == "model" else "metrics.json"
+    name = {"model": "model.safetensors", "metrics": "metrics.json", "config": "config.json"}[what]
     assert code == 2 and "Traceback" not in err, err
     assert "cannot write" in err and name in err and "No space left" in err, err
+    assert not out.exists() or not any(n.startswith(".tmp") for n in os.listdir(out))
+    if what == "config":        # (the folder this command made is removed again, being empty)
+        assert not (out / "config.json").exists()
+        monkeypatch.undo()
+        code, _, err = _train(capsys, "--steps", "2", "--output", str(out))    # the folder is free
+        assert code == 0, err
+
+
+def test_a_second_run_in_a_folder_a_run_holds_is_refused(tmp_path, capsys):
+    """A second `--resume latest` on a live run removed the first run's checkpoint in flight as a
+    stale temporary, set its newer checkpoints aside and interleaved both runs' metrics."""
+    from fastclip.train.run_folder import RunFolderLock
+    out = tmp_path / "run"
+    code, _, err = _train(capsys, "--steps", "2", "--save-every", "1", "--output", str(out))
+    assert code == 0, err
+    before = sorted(os.listdir(out / "checkpoints"))
+    (out / "checkpoints" / ".tmpAb12Cd").write_bytes(b"\0" * 100)     # the live run's write in flight
+    with RunFolderLock(str(out)):                                     # (another process's, as flock sees it)
+        code, _, err = _train(capsys, "--steps", "3", "--output", str(out), "--resume", "latest")
+        assert code == 2 and "another fastclip train is running in" in err and "Traceback" not in err, err
+        assert sorted(os.listdir(out / "checkpoints")) == sorted(before + [".tmpAb12Cd"])
+    code, _, err = _train(capsys, "--steps", "3", "--output", str(out), "--resume", "latest")
+    assert code == 0, err
+
+
+def test_safetensors_own_temporaries_are_stale_too(tmp_path):
+    """safetensors' save_file writes its own .tmpXXXXXX beside the file: a SIGTERM during a
+    checkpoint write left one (as large as the checkpoint) that no resume removed."""
+    from fastclip.train.run_folder import stale_temporaries
+    (tmp_path / "checkpoints").mkdir()
+    names = ["checkpoints/.tmpSAO8rI", ".tmprDx1M0", "checkpoints/.tmp-q2gvejq_.safetensors", ".tmp-abc.json",
+             ".tmpnotes.txt", "checkpoints/.tmp", "keep.txt", "checkpoints/.tmpAB"]
+    for n in names:
+        (tmp_path / n).write_text("x")
+    got = sorted(os.path.relpath(p, tmp_path) for p in stale_temporaries(str(tmp_path)))
+    assert got == sorted(names[:4])
 
 
 def test_resume_latest_from_a_corrupt_checkpoint_names_the_previous_one(tmp_path, capsys):

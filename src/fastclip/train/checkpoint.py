@@ -22,6 +22,7 @@ checkpoint or the new one, never a torn file.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -158,7 +159,8 @@ def save_training_state(output_dir: str, step: int, model: torch.nn.Module, opti
         raise CheckpointError(f"cannot write the checkpoint {path}: {e}") from None
     if keep > 0:
         for old in sorted(list_checkpoints(output_dir))[:-keep]:
-            os.unlink(old[1])
+            with contextlib.suppress(FileNotFoundError):    # removed by hand meanwhile (to free space)
+                os.unlink(old[1])
     return path
 
 

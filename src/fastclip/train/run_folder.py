@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import time
 from typing import Callable, List, Optional
 
@@ -80,12 +81,77 @@ def _json_object(path: str) -> dict:
     return {}
 
 
+# safetensors' save_file writes its own ``.tmpXXXXXX`` beside the file and renames it: a kill
+# during a checkpoint or model write left one, as large as the file, that ``.tmp-*`` missed.
+_SAFETENSORS_TMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
+
+
 def stale_temporaries(output_dir: str) -> List[str]:
-    """Temporary files of interrupted atomic writes: ``checkpoints/.tmp-*`` and the model's
-    ``.tmp-*.safetensors`` in the folder itself."""
+    """Temporary files of interrupted atomic writes: ``checkpoints/.tmp-*``, the model's and
+    ``config.json``'s ``.tmp-*`` in the folder itself, and safetensors' own ``.tmpXXXXXX`` in
+    either."""
     d = glob.escape(output_dir)
-    return sorted(glob.glob(os.path.join(d, CKPT_DIR, TMP_PREFIX + "*"))
-                  + glob.glob(os.path.join(d, TMP_PREFIX + "*.safetensors")))
+    found = (glob.glob(os.path.join(d, CKPT_DIR, TMP_PREFIX + "*"))
+             + glob.glob(os.path.join(d, TMP_PREFIX + "*.safetensors"))
+             + glob.glob(os.path.join(d, TMP_PREFIX + "*.json")))
+    for folder in (output_dir, os.path.join(output_dir, CKPT_DIR)):
+        found += [os.path.join(folder, n) for n in _listdir(folder)
+                  if _SAFETENSORS_TMP.fullmatch(n) and os.path.isfile(os.path.join(folder, n))]
+    return sorted(set(found))
+
+
+def _listdir(folder: str) -> List[str]:
+    try:
+        return os.listdir(folder)
+    except OSError:
+        return []
+
+
+class RunFolderLock:
+    """An exclusive lock on a run folder while a run writes into it (``flock`` on the folder
+    itself, so that nothing is added to it; released when the process ends, however it ends).
+    A second ``fastclip train --resume latest`` on a live run removed the first one's
+    checkpoint in flight as a stale temporary, moved its newer checkpoints aside and
+    interleaved both runs' metrics. Where ``fcntl`` is missing the lock is a no-op."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir, self.fd = output_dir, None
+
+    def acquire(self) -> "RunFolderLock":
+        try:
+            import fcntl
+        except ImportError:     # (not a POSIX system)
+            return self
+        fd = os.open(self.output_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunFolderError(f"another fastclip train is running in {self.output_dir} (it holds the "
+                                 f"folder): wait for it to end or stop it, or choose another --output") from None
+        except OSError:         # a file system without locks: run as before
+            os.close(fd)
+            return self
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)       # (closing the descriptor releases the lock)
+            self.fd = None
+
+    def __enter__(self) -> "RunFolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def check_not_running(output_dir: str) -> None:
+    """RunFolderError now, before anything is built, when another run holds ``output_dir``."""
+    if os.path.isdir(output_dir):
+        with RunFolderLock(output_dir):
+            pass
 
 
 def _is_run_config(path: str) -> bool:

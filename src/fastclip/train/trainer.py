@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .._fileio import strict_json
+from .._fileio import atomic_write, strict_json
 from . import checkpoint as ckpt
 from .config import PRECISIONS, TrainConfig, plain_fields, validate_config
 from .data import (
@@ -64,6 +64,8 @@ from .optim import cosine_lr, create_optimizer
 from .progress import Progress, format_eval, format_final
 from .resume import resume_from_checkpoint
 from .run_folder import (
+    RunFolderLock,
+    check_not_running,
     check_run_folder,
     fresh_run_folder,
     prepare_run_folder,
@@ -119,6 +121,7 @@ class Trainer:
                           else os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
         if env.is_main:  # one run per folder: refused now, replaced (--overwrite) once all is built
             check_run_folder(cfg.output, cfg.resume, cfg.overwrite)
+            check_not_running(cfg.output)
         self.data_type = detect_dataset_type(cfg.train_data, cfg.dataset_type)
 
         # Same seed on every rank: identical initial weights (DDP also broadcasts them).
@@ -370,12 +373,24 @@ class Trainer:
                     f"{self.total_steps} steps, the learning rate rises to its peak at the last step and "
                     f"never decays (a smaller --warmup leaves room for the cosine decay)")
         self.log(msg)
-        with open(os.path.join(cfg.output, "config.json"), "w", encoding="utf-8") as f:
-            # cwd: what the relative paths of "train" are relative to (fastclip eval reads them).
-            json.dump({"train": dataclasses.asdict(cfg), "model": self.model.config.to_dict(),
-                       "world_size": env.world_size, "cwd": os.getcwd()}, f, indent=2)
+        # cwd: what the relative paths of "train" are relative to (fastclip eval reads them).
+        text = json.dumps({"train": dataclasses.asdict(cfg), "model": self.model.config.to_dict(),
+                           "world_size": env.world_size, "cwd": os.getcwd()}, indent=2)
+        path = os.path.join(cfg.output, "config.json")
+        try:        # atomic: a full disk tore it, and a torn config.json barred the folder to --overwrite
+            atomic_write(path, lambda tmp: _write_text(tmp, text), suffix=".json")
+        except OSError as e:
+            raise ckpt.CheckpointError(f"cannot write {path}: {e}") from None
 
     def run(self) -> Dict[str, Any]:
+        lock = RunFolderLock(self.cfg.output) if self.env.is_main else None
+        try:
+            return self._run(lock)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run(self, lock: Optional[RunFolderLock]) -> Dict[str, Any]:
         cfg, env = self.cfg, self.env
         out_dir = cfg.output
         log_every = cfg.log_every or max(1, self.total_steps // 40)
@@ -396,8 +411,9 @@ class Trainer:
                     self.log(f"  {note}")
             raise
         if env.is_main:
-            prepare_run_folder(cfg.output, cfg.resume, cfg.overwrite, self.log)
             os.makedirs(cfg.output, exist_ok=True)
+            lock.acquire()      # held until the run ends: no second run writes here meanwhile
+            prepare_run_folder(cfg.output, cfg.resume, cfg.overwrite, self.log)
             self._announce()
         metrics_path = os.path.join(out_dir, "metrics.jsonl")
         if env.is_main and cfg.resume:  # the steps after the checkpoint are trained, and logged, again
@@ -550,9 +566,9 @@ class Trainer:
         """Main rank: ``metrics.json``, ``curves.png`` and the closing lines."""
         cfg, out_dir = self.cfg, self.cfg.output
         path = os.path.join(out_dir, "metrics.json")
+        text = json.dumps(strict_json(result), indent=2, allow_nan=False)
         try:
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump(strict_json(result), f, indent=2, allow_nan=False)
+            atomic_write(path, lambda tmp: _write_text(tmp, text), suffix=".json")
         except OSError as e:
             raise ckpt.CheckpointError(f"cannot write {path}: {e}") from None
         if cfg.plot:
@@ -593,6 +609,11 @@ def train(cfg: TrainConfig, log: Optional[Callable[[str], None]] = None) -> Dict
             with contextlib.suppress(OSError):
                 os.rmdir(run_cfg.output)          # only an empty folder: a run's files stay
         raise
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def _train(cfg: TrainConfig, log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
