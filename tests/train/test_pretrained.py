@@ -82,11 +82,21 @@ def test_model_overrides_set_what_no_weight_records(tmp_path):
     src = create_model("tiny-vit", vision_width=128, vision_heads=2, text_width=128, text_heads=4, quick_gelu=False)
     torch.save(src.state_dict(), tmp_path / "openai.pt")
     out = str(tmp_path / "ft")
+    overrides = '{"quick_gelu": false, "text_heads": 4, "vision_heads": 2}'
     _run_pretrained("--pretrained", str(tmp_path / "openai.pt"), "--steps", "2", "--lr", "0", "--output", out,
-                    "--model-overrides", '{"quick_gelu": false, "text_heads": 4, "vision_heads": 2}')
+                    "--save-every", "1", "--model-overrides", overrides)
     m = load_model(out)
     assert not m.config.quick_gelu and m.config.text_num_heads == 4 and m.config.vision_num_heads == 2
     assert all(torch.equal(m.state_dict()[k], v) for k, v in src.state_dict().items())
+    # Resumed without the overrides, the defaults (QuickGELU, width // 64 heads) would load the
+    # same tensors: refused, naming what differs and the flag that gives it back.
+    r = _run_pretrained("--pretrained", str(tmp_path / "openai.pt"), "--steps", "3", "--output", out,
+                        "--resume", "latest", check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert "another model" in r.stderr and "quick_gelu False (this command: True)" in r.stderr, r.stderr
+    assert "text_heads 4 (this command: 2)" in r.stderr and '"quick_gelu": false' in r.stderr, r.stderr
+    _run_pretrained("--pretrained", str(tmp_path / "openai.pt"), "--steps", "3", "--output", out, "--resume", "latest",
+                    "--model-overrides", '{"quick_gelu": false, "text_heads": 4, "vision_heads": 2}')
     r = _run_pretrained("--pretrained", str(tmp_path / "openai.pt"), "--model-overrides", '{"vision_layers": 2}',
                         "--output", str(tmp_path / "x"), check=False)
     assert r.returncode == 2 and "the file gives the rest, not vision_layers" in r.stderr

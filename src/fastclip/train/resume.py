@@ -10,6 +10,7 @@ data settings, a run that had finished) is said in ``trainer.resume_notes``, pri
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Dict
 
 from . import checkpoint as ckpt
@@ -41,6 +42,7 @@ def resume_from_checkpoint(t) -> None:
                                    f"(--resume {older} continues from it)") from None
     t.start_step = int(state["step"])
     extra = state["extra"]
+    check_same_architecture(t, path, extra)
     restore_extra(t, path, extra)
     keep_budget_schedule(t, extra)
     t.resumed_from = path
@@ -50,6 +52,44 @@ def resume_from_checkpoint(t) -> None:
     keep_checkpoint_optimizer(t, extra)
     follow_new_schedule(t, extra)
     note_finished_run(t)
+
+
+# What the weights' shapes do not show: the activation and the head counts (a model rebuilt
+# with other ones loads the same tensors and computes something else). The initial logit
+# scale and bias are starting values, replaced by the loaded parameters.
+_INIT_ONLY = ("init_logit_scale", "init_logit_bias")
+
+
+def check_same_architecture(t, path: str, extra: Dict[str, Any]) -> None:
+    """``CheckpointError`` when the model this command built is not the one the checkpoint
+    trained (``extra["model_config"]``; checkpoints without it are not checked). A --pretrained
+    run resumed without its --model-overrides rebuilt quick_gelu and the head counts from the
+    defaults, which load the same tensors: it trained on silently as another model."""
+    saved = extra.get("model_config") if isinstance(extra, dict) else None
+    if not isinstance(saved, dict):
+        return
+    from ..models.configs import CLIPConfig
+    try:
+        before = CLIPConfig.from_dict(saved)
+    except (TypeError, ValueError) as e:
+        raise ckpt.CheckpointError(f"{path}: corrupt 'model_config' entry in the checkpoint ({e})") from None
+    now = t.model.config
+
+    def arch(c):
+        d = {k: v for k, v in c.to_dict().items() if k not in _INIT_ONLY}
+        d.update(vision_heads=c.vision_num_heads, text_heads=c.text_num_heads,
+                 logit_bias=c.init_logit_bias is not None)
+        return d
+
+    a, b = arch(before), arch(now)
+    wrong = [f"{k} {a[k]!r} (this command: {b[k]!r})" for k in a if a[k] != b[k]]
+    if wrong:
+        keep = {k: a[k] for k in ("quick_gelu", "vision_heads", "text_heads") if a[k] != b[k]}
+        asked = t.cfg.model_overrides if isinstance(t.cfg.model_overrides, dict) else {}
+        hint = (f"; resume with --model-overrides '{json.dumps({**asked, **keep})}'" if keep and len(keep) == len(wrong)
+                else "; resume with the --model, --pretrained and --model-overrides that started the run")
+        raise ckpt.CheckpointError(f"{path}: the checkpoint trained another model than this command "
+                                   f"builds: {', '.join(wrong)}{hint}")
 
 
 def restore_extra(t, path: str, extra: Dict[str, Any]) -> None:
