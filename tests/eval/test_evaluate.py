@@ -85,6 +85,10 @@ def test_every_kind_of_model_file_loads_the_same_weights(siglip_run, tmp_path):
         os.link(os.path.join(siglip_run, "checkpoints", c), only_ckpts / "checkpoints" / c)
     newest = load_model(str(only_ckpts))
     assert all(torch.equal(v, mid.state_dict()[k]) for k, v in newest.state_dict().items())
+    # A checkpoint copied under another name is known by its header, not its suffix.
+    os.link(os.path.join(siglip_run, "checkpoints", ckpts[-1]), tmp_path / "step8.ckpt")
+    renamed = load_model(str(tmp_path / "step8.ckpt"))
+    assert all(torch.equal(v, mid.state_dict()[k]) for k, v in renamed.state_dict().items())
     # An OpenAI-layout state dict (64-wide heads, as OpenAI's rules infer them).
     from fastclip.models import create_model
     m = create_model("tiny-vit", vision_width=128, vision_heads=2, text_width=128, text_heads=2)
@@ -670,17 +674,28 @@ def test_fastclip_backend_matters_to_the_val_loss_alone(siglip_run, capsys, monk
     assert code == 2 and "--loss-backend 'nosuch': unknown" in err
 
 
-def test_model_overrides_set_what_no_weight_records(siglip_run, capsys, tmp_path):
+def test_model_overrides_set_what_no_weight_records(siglip_run, capsys, tmp_path, monkeypatch):
     """An open_clip model trained with exact GELU (or other head counts) had no command-line way
     to be read right: --model-overrides sets quick_gelu, vision_heads, text_heads for an
     OpenAI-layout file; anything else, or a value a fastclip file contradicts, is refused."""
+    from fastclip.eval import evaluate
     from fastclip.models import create_model
     torch.manual_seed(0)
     src = create_model("tiny-vit", vision_width=128, vision_heads=2, text_width=128, text_heads=4, quick_gelu=False)
     torch.save(src.state_dict(), tmp_path / "openai.pt")
+    loaded, real = [], evaluate.load_model
+    monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: loaded.append(real(*a, **k)) or loaded[-1])
     code, out, err = _eval(capsys, str(tmp_path / "openai.pt"), "--shapes", "--demo-eval-samples", "12",
                            "--model-overrides", '{"quick_gelu": false, "text_heads": 4, "vision_heads": 2}')
     assert code == 0, err
+    # The model the command evaluated is the source model: its architecture and its outputs.
+    (m,) = loaded
+    assert (m.config.quick_gelu, m.config.vision_num_heads, m.config.text_num_heads) == (False, 2, 4)
+    img, txt = torch.randn(2, 3, 32, 32), torch.randint(0, 1000, (2, 32))
+    with torch.no_grad():
+        assert torch.allclose(m.encode_image(img), src.eval().encode_image(img), atol=1e-6)
+        assert torch.allclose(m.encode_text(txt), src.encode_text(txt), atol=1e-6)
+    monkeypatch.setattr(evaluate, "load_model", real)
     from fastclip.eval.evaluate import load_model
     m = load_model(str(tmp_path / "openai.pt"), architecture={"quick_gelu": False, "text_heads": 4})
     assert not m.config.quick_gelu and m.config.text_num_heads == 4

@@ -37,14 +37,15 @@ def load_model(path: str, device="cpu", *, allow_torchscript_code: bool = False,
 
     Raises ValueError naming ``path`` when it is none of these.
     """
-    from ..models.openai import architecture_problem, check_recorded_architecture, load_openai
+    from ..models.openai import architecture_problem, check_recorded_architecture, is_safetensors_file, load_openai
     from ..train.checkpoint import FORMAT
     architecture = dict(architecture or {})
     why = architecture_problem(architecture)
     if why:
         raise ValueError(f"architecture: {why}")
     path = resolve_model_file(path)
-    if path.endswith(".safetensors") and _safetensors_format(path) == FORMAT:
+    # By the header, not the name: a checkpoint copied as "step3.ckpt" is still one.
+    if is_safetensors_file(path) and _safetensors_format(path) == FORMAT:
         model = _model_from_training_state(path)
         check_recorded_architecture(model.config, architecture, path)
     else:
