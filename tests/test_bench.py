@@ -323,14 +323,14 @@ def test_append_with_other_threads_keeps_both_thread_counts(tmp_path):
     assert len(_rows(next(tmp_path.glob("cpu-*.csv")))) == 4
 
 
-def _stop_at_second_measurement(monkeypatch):
-    """Ctrl-C as the sweep's second measurement starts."""
+def _stop_at_second_measurement(monkeypatch, stop=KeyboardInterrupt):
+    """Ctrl-C (or ``stop``) as the sweep's second measurement starts."""
     calls, real = [], bench.measure
 
     def measure_then_stop(*a, **k):
         calls.append(a)
         if len(calls) == 2:
-            raise KeyboardInterrupt
+            raise stop()
         return real(*a, **k)
     monkeypatch.setattr(bench, "measure", measure_then_stop)
 
@@ -343,6 +343,17 @@ def test_an_interrupted_sweep_keeps_its_rows_and_exits_130(tmp_path, monkeypatch
     assert rc == 130 and "interrupted" in capsys.readouterr().err
     rows = _rows(next(tmp_path.glob("cpu-*.csv")))
     assert [(r["N"], r["status"]) for r in rows] == [("16", "ok")]
+
+
+def test_sigterm_ends_a_sweep_as_terminated(tmp_path, monkeypatch, capsys):
+    """SIGTERM (fastclip's handler raises cli.Terminated) was reported as Ctrl-C: 'interrupted', 130."""
+    from fastclip import cli
+    _stop_at_second_measurement(monkeypatch, cli.Terminated)
+    rc = bench.main(["--device", "cpu", "--sizes", "16,32", "--dims", "8", "--reps", "1", "--methods", "floor",
+                     "--no-isolate", "--no-plot", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 143 and "terminated (SIGTERM): the rows measured so far" in err and "interrupted" not in err
+    assert len(_rows(next(tmp_path.glob("cpu-*.csv")))) == 1
 
 
 def test_an_interrupted_append_keeps_the_rows_it_did_not_reach(tmp_path, monkeypatch, capsys):

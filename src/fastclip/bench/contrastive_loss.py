@@ -474,7 +474,7 @@ def run_benchmark(cfg: Config, log=print) -> tuple[list[dict], str]:
         write_markdown(out, info, cfg, prefix + ".md", started)
         return out
 
-    interrupted = False
+    interrupted = None
     try:
         for dt in cfg.dtypes:
             dtype = DTYPES[dt]
@@ -517,8 +517,8 @@ def run_benchmark(cfg: Config, log=print) -> tuple[list[dict], str]:
                     del inputs
                     if cfg.device == "cuda":
                         torch.cuda.empty_cache()
-    except KeyboardInterrupt:      # the rows so far are in the CSV; the plots follow them
-        interrupted = True
+    except KeyboardInterrupt as e:  # the rows so far are in the CSV; the plots follow them
+        interrupted = e            # (re-raised as it came: Ctrl-C or SIGTERM)
     rows = flush()
     paths = []
     if cfg.plot:
@@ -534,8 +534,8 @@ def run_benchmark(cfg: Config, log=print) -> tuple[list[dict], str]:
     if stale:
         log(f"removed the earlier plots, which this run did not redraw: {', '.join(stale)}")
     log(f"wrote {prefix}.csv and {prefix}.md in {time.monotonic() - t_start:.0f} s")
-    if interrupted:
-        raise KeyboardInterrupt
+    if interrupted is not None:
+        raise interrupted
     return rows, prefix
 
 
@@ -689,9 +689,10 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as e:
         print(f"fastclip bench: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: the rows measured so far are in the CSV and markdown", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        from ..cli import _stop_code, _stop_word  # noqa: PLC0415
+        print(f"\n{_stop_word(e)}: the rows measured so far are in the CSV and markdown", file=sys.stderr)
+        return _stop_code(e)
     return 141 if code == 0 and log.broken else code
 
 

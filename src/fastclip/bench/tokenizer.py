@@ -126,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     info = env_info("cpu")
     try:
         t = run(a.captions, a.reps, a.seed)
-    except KeyboardInterrupt:
-        print("\ninterrupted: nothing written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        from ..cli import _stop_code, _stop_word  # noqa: PLC0415
+        print(f"\n{_stop_word(e)}: nothing written", file=sys.stderr)
+        return _stop_code(e)
     stamp = _dt.datetime.now().isoformat(timespec="seconds")
     pair = {"bpe_tokenizers": "bpe_python", "tokenize": "simple_tokenizer"}
     rows = [dict(info, tokenizers=version("tokenizers"), ftfy=version("ftfy"), stage=k,
