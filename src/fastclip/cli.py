@@ -535,8 +535,9 @@ def _sigterm_unwinds() -> Iterator[None]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """The ``fastclip`` command: ``train`` (default), ``eval`` or ``bench``. Ctrl-C exits with
-    130 and one line, SIGTERM with 143, at any point (before a command's own handling starts,
-    in its imports and argument checks, a traceback came)."""
+    130 and one line, SIGTERM with 143, from the moment this function runs (the command's own
+    imports and argument checks included, where a traceback came); the interpreter's import of
+    ``fastclip`` and torch before it, the first second or so, still ends in Python's traceback."""
     with _sigterm_unwinds():
         try:
             return _main(argv)

@@ -488,7 +488,7 @@ def test_the_train_packages_submodules_are_attributes_after_a_plain_import():
 
 def test_ctrl_c_before_the_run_starts_is_one_line(monkeypatch, capsys):
     """Ctrl-C in the first seconds (imports, argument checks) printed a KeyboardInterrupt
-    traceback; after start-up it said "interrupted" and exited 130. Now the same at any point."""
+    traceback; after start-up it said "interrupted" and exited 130. Now the same from cli.main on."""
     def interrupted(argv):
         raise KeyboardInterrupt
     monkeypatch.setattr(cli, "_main", interrupted)

@@ -104,8 +104,9 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
     underflow: each row is divided by its largest magnitude first. ``F.normalize`` alone sums
     the squares in the input's precision, which in float32 is inf for rows with entries above
     ~1.8e19 and 0 below ~1e-23: every such row became the zero vector and tied with every other
-    (finite features at 1e18 scored chance in retrieval). A zero row stays zero; a row with NaN
-    or inf comes out non-finite, as before."""
+    (finite features at 1e18 scored chance in retrieval). A zero row stays zero in float32 and
+    float64 (in float16 ``F.normalize``'s eps 1e-12 rounds to 0 and it becomes NaN: the callers
+    pass float32); a row with NaN or inf comes out non-finite, as before."""
     if x.shape[-1] == 0:
         return x
     m = x.abs().amax(dim=-1, keepdim=True)  # [..., 1]
