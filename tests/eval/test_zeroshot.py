@@ -284,7 +284,7 @@ def test_labels_must_be_class_indices_before_any_image_is_encoded():
     imgs = torch.randn(5, 1, 2, 3)
     with pytest.raises(TypeError, match=r"labels must be integer class indices.*'cat'.*indices first"):
         evaluate_zeroshot(_Stub(), imgs, ["cat"] * 5, classifier=clf)
-    with pytest.raises(TypeError, match=r"labels \(of a batch of images_or_loader\) must be integer class indices"):
+    with pytest.raises(TypeError, match=r"the labels of batch 0 of images_or_loader must be integer class indices"):
         evaluate_zeroshot(_Stub(), [(imgs, ["cat"] * 5)], classifier=clf)
     with pytest.raises(ValueError, match="labels has 3 entries for 5 images"):
         evaluate_zeroshot(_Stub(), imgs, [0, 1, 2], classifier=clf)
@@ -402,3 +402,48 @@ def test_huge_and_tiny_image_features_classify_as_unit_ones():
     ref = zero_shot_classify(_Stub(), imgs, clf)
     for scale in (1e20, 1e-30):
         torch.testing.assert_close(zero_shot_classify(_Stub(), imgs * scale, clf), ref)
+
+
+def test_classes_whose_prompts_tokenise_the_same_are_refused(model, monkeypatch):
+    """Equal columns give every image of the later class to the earlier (ties rank by index):
+    its recall silently 0. Names equal but for case (the tokenizer lower-cases), a name twice,
+    or prompts cut to the context before the name are refused before any text is encoded."""
+    calls = []
+    monkeypatch.setattr(model, "encode_text", lambda t: calls.append(t) or torch.randn(t.shape[0], model.embed_dim))
+    for names in (["Cat", "dog", "cat"], ["dog", "dog"], ["dog", " dog  "]):
+        with pytest.raises(ValueError, match=r"classnames 0 '.*' and \d '.*' give the same prompts.*could never"):
+            build_zeroshot_classifier(model, names, ["a photo of a {}.", "{}"])
+    small = create_model("tiny-vit", context_length=8).eval()
+    with pytest.raises(ValueError, match=r"0 'cat' and 1 'dog'.*context_length 8 tokens"):
+        build_zeroshot_classifier(small, ["cat", "dog"], ["a low resolution photo of the {}."])
+    assert calls == []
+    # One template that cuts the name away is enough only when all of a class's prompts agree.
+    clf = build_zeroshot_classifier(small, ["cat", "dog"], ["a low resolution photo of the {}.", "{}"])
+    assert clf.shape == (small.embed_dim, 2) and not torch.allclose(clf[:, 0], clf[:, 1])
+
+
+def test_a_loader_carries_its_own_labels_batch_by_batch():
+    g = torch.Generator().manual_seed(1)
+    clf = F.normalize(torch.randn(6, 3, generator=g), dim=0)      # [D, C]
+    imgs, labels = torch.randn(8, 1, 2, 3, generator=g), torch.randint(0, 3, (8,), generator=g)
+    whole = evaluate_zeroshot(_Stub(), imgs, labels, clf)
+    assert evaluate_zeroshot(_Stub(), imgs.numpy(), labels.numpy(), clf) == whole   # arrays as tensors
+    with pytest.raises(ValueError, match=r"batch 0 of images_or_loader has 2 labels for 3 images"):
+        evaluate_zeroshot(_Stub(), [(imgs[:3], labels[:2]), (imgs[3:4], labels[2:4])], classifier=clf)
+    with pytest.raises(ValueError, match=r"batch 1 .* must be a pair \(images, labels\), got 3 items"):
+        evaluate_zeroshot(_Stub(), [(imgs[:4], labels[:4]), (imgs[4:], labels[4:], ["p"] * 4)], classifier=clf)
+    with pytest.raises(ValueError, match="labels is for a tensor of images"):
+        evaluate_zeroshot(_Stub(), [(imgs, labels)], labels + 100, clf)
+    with pytest.raises(TypeError, match="images_or_loader must be a tensor .* got int"):
+        evaluate_zeroshot(_Stub(), 5, classifier=clf)
+    with pytest.raises(TypeError, match=r"images must be a tensor \[N, 3, H, W\].*torch.stack"):
+        zero_shot_classify(_Stub(), list(imgs), clf)
+
+
+def test_classify_folder_image_size_is_the_models(model, tmp_path):
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        Image.new("RGB", (40, 40)).save(tmp_path / cls / "0.png")
+    with pytest.raises(ValueError, match=f"image_size 64: the model takes {model.image_size} px"):
+        classify_folder(model, str(tmp_path), image_size=64)
+    assert classify_folder(model, str(tmp_path), image_size=model.image_size)["n"] == 2

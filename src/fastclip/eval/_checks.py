@@ -67,6 +67,19 @@ def as_features(x, name: str) -> torch.Tensor:
                         f"{type(x).__name__}") from None
 
 
+def as_images(x, name: str) -> torch.Tensor:
+    """``x``, a batch of preprocessed images ``[N, 3, H, W]``, as a tensor (a NumPy array is
+    taken as one); TypeError naming ``name`` for anything else (a list of images gave
+    "'list' object has no attribute 'shape'" from deep inside)."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if type(x).__module__ == "numpy" and hasattr(x, "shape"):
+        return torch.as_tensor(x)
+    hint = " (torch.stack a list of images)" if isinstance(x, (list, tuple)) else ""
+    raise TypeError(f"{name} must be a tensor [N, 3, H, W] of preprocessed images{hint}, got "
+                    f"{type(x).__name__}")
+
+
 @contextlib.contextmanager
 def eval_mode(model) -> Iterator[None]:
     """``model`` in eval mode inside the block, its own mode restored after: in train mode a

@@ -10,7 +10,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ._checks import eval_mode, int_at_least, unit_rows
+from ._checks import as_images, eval_mode, int_at_least, unit_rows
 
 # One zero-shot task: images [N, 3, S, S], labels [N], class names, prompt templates.
 ZeroShotSet = Tuple[torch.Tensor, torch.Tensor, List[str], list]
@@ -159,6 +159,7 @@ def encode_images(model, images: torch.Tensor, batch_size: int = 256, device=Non
     """L2-normalised image embeddings ``[N, embed_dim]`` (fp32, on the CPU) of ``images``
     ``[N, 3, S, S]``, ``batch_size`` images per forward (a positive int, default 256), in eval
     mode."""
+    images = as_images(images, "images")
     batch_size = int_at_least(batch_size, "batch_size")
     return encode_batches(model, (images[s] for s in _chunks(images.shape[0], batch_size)), device)
 

@@ -11,7 +11,7 @@ import torch
 from ..datasets.csv_dataset import DataError
 from ..datasets.folder import IMAGE_EXTENSIONS
 from ..tokenizer import tokenize
-from ._checks import as_features, class_indices, eval_mode, finite_rows, fp32_math, int_at_least, unit_rows
+from ._checks import as_features, as_images, class_indices, eval_mode, finite_rows, fp32_math, int_at_least, unit_rows
 from .templates import SIMPLE_TEMPLATES
 
 Template = Union[str, Callable[[str], str]]
@@ -109,15 +109,38 @@ def build_zeroshot_classifier(model, classnames: Iterable[str], templates: Seque
     dev = _device(model, device)
     prompts = [t(c) if callable(t) else t.format(c) for c in classnames for t in templates]  # class-major
     ctx = getattr(model, "context_length", 77)
+    ids = []                                             # [b, L] token ids per batch
+    for i in range(0, len(prompts), batch_size):
+        batch = prompts[i:i + batch_size]
+        ids.append(tokenize(batch, context_length=ctx, truncate=True) if tokenizer is tokenize
+                   else tokenizer(batch, context_length=ctx))
+    ids = [torch.as_tensor(t) for t in ids]
+    _refuse_same_prompts(classnames, prompts, torch.cat([t.cpu() for t in ids]), len(templates), ctx)
     feats = []
     with eval_mode(model):
-        for i in range(0, len(prompts), batch_size):
-            batch = prompts[i:i + batch_size]
-            tokens = (tokenize(batch, context_length=ctx, truncate=True) if tokenizer is tokenize
-                      else tokenizer(batch, context_length=ctx)).to(dev)
-            feats.append(unit_rows(model.encode_text(tokens).float()))
+        for tokens in ids:
+            feats.append(unit_rows(model.encode_text(tokens.to(dev)).float()))
     feats = torch.cat(feats).view(len(classnames), len(templates), -1)  # [C, T, D]
     return unit_rows(feats.mean(dim=1)).t().contiguous()  # [D, C]
+
+
+def _refuse_same_prompts(classnames: List[str], prompts: List[str], ids: torch.Tensor, per_class: int,
+                         ctx: int) -> None:
+    """ValueError when two classes' prompts are the same token ids ``ids`` ``[C * T, L]``
+    (class-major): their columns would be equal, and argmax (ties to the lower index) gives
+    every image of the second to the first, silently at 0% recall. Names equal but for case
+    (the tokenizer lower-cases) or prompts cut to ``ctx`` tokens before the name do that."""
+    seen: Dict[bytes, int] = {}
+    for c in range(len(classnames)):
+        key = ids[c * per_class:(c + 1) * per_class].numpy().tobytes()
+        first = seen.setdefault(key, c)
+        if first != c:
+            a, b = classnames[first], classnames[c]
+            why = ("the same name" if a == b else "the tokenizer lower-cases text and cleans its "
+                   f"whitespace, and cuts prompts to the model's context_length {ctx} tokens")
+            raise ValueError(f"classnames {first} {a!r} and {c} {b!r} give the same prompts after "
+                             f"tokenisation ({why}; e.g. {prompts[c * per_class]!r}): their classifier "
+                             f"columns would be equal and class {c} could never be predicted")
 
 
 @torch.no_grad()
@@ -129,6 +152,7 @@ def zero_shot_classify(model, images: torch.Tensor, classifier: torch.Tensor, ba
     features'), in batches of ``batch_size`` images (a positive int, default 256). The encoder
     runs in the caller's precision (autocast included), in eval mode (the model's own mode is
     restored after); the similarity in float32."""
+    images = as_images(images, "images")
     classifier = _as_classifier(classifier)
     batch_size = int_at_least(batch_size, "batch_size")
     dev = _device(model, device)
@@ -188,8 +212,9 @@ def evaluate_zeroshot(model, images_or_loader: Union[torch.Tensor, Iterable[Tupl
                       batch_size: int = 256, device=None) -> Dict[str, float]:
     """Zero-shot accuracy of ``model`` with ``classifier`` (from ``build_zeroshot_classifier``).
 
-    ``images_or_loader``: a FloatTensor ``[N, 3, H, W]`` with ``labels`` LongTensor ``[N]``, or an
-    iterable of ``(images, labels)`` batches (the ``labels`` argument then ignored); labels are
+    ``images_or_loader``: a FloatTensor ``[N, 3, H, W]`` (or NumPy array) with ``labels``
+    LongTensor ``[N]``, or an iterable of ``(images, labels)`` batches (with ``labels`` left
+    None: a ValueError otherwise; each batch as many labels as images); labels are
     integer class indices (a tensor, list or NumPy array), never class names. ``classifier``:
     ``[embed_dim, num_classes]``; ``batch_size``: images per forward (a positive int, default
     256). Returns a dict with ``top1``, ``top5``, ``mean_per_class_recall`` (fractions in [0, 1]) and ``n``.
@@ -199,6 +224,11 @@ def evaluate_zeroshot(model, images_or_loader: Union[torch.Tensor, Iterable[Tupl
     # Checked before any image is encoded: a bad argument should not cost a pass over the data.
     classifier = _as_classifier(classifier)
     batch_size = int_at_least(batch_size, "batch_size")
+    if type(images_or_loader).__module__ == "numpy" and hasattr(images_or_loader, "shape"):
+        images_or_loader = torch.as_tensor(images_or_loader)   # an array of images, not batches
+    elif not isinstance(images_or_loader, torch.Tensor) and labels is not None:
+        raise ValueError("labels is for a tensor of images; the batches of images_or_loader (a "
+                         f"{type(images_or_loader).__name__}) carry their own (images, labels)")
     with eval_mode(model):
         if isinstance(images_or_loader, torch.Tensor):
             if labels is None:
@@ -211,8 +241,23 @@ def evaluate_zeroshot(model, images_or_loader: Union[torch.Tensor, Iterable[Tupl
             logits = zero_shot_classify(model, images_or_loader, classifier, batch_size, device)
         else:
             chunks, labs = [], []
-            for imgs, lab in images_or_loader:
-                labs.append(class_indices(lab, "labels (of a batch of images_or_loader)").cpu())
+            try:
+                batches = iter(images_or_loader)
+            except TypeError:
+                raise TypeError("images_or_loader must be a tensor [N, 3, H, W] or an iterable of "
+                                f"(images, labels) batches, got {type(images_or_loader).__name__}") from None
+            for k, pair in enumerate(batches):
+                if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                    what = f"{len(pair)} items" if isinstance(pair, (tuple, list)) else type(pair).__name__
+                    raise ValueError(f"batch {k} of images_or_loader must be a pair (images, labels), got {what}")
+                imgs, lab = as_images(pair[0], f"the images of batch {k} of images_or_loader"), pair[1]
+                lab = class_indices(lab, f"the labels of batch {k} of images_or_loader").cpu()
+                if lab.shape[0] != imgs.shape[0]:
+                    # (counts that differ batch by batch but sum up equal scored labels against
+                    # other batches' images, silently)
+                    raise ValueError(f"batch {k} of images_or_loader has {lab.shape[0]} labels for "
+                                     f"{imgs.shape[0]} images")
+                labs.append(lab)
                 chunks.append(zero_shot_classify(model, imgs, classifier, batch_size, device).cpu())
             if not chunks or sum(c.shape[0] for c in chunks) == 0:
                 raise ValueError("images_or_loader gave no images: accuracy over no images is undefined")
@@ -246,7 +291,8 @@ def classify_folder(model, folder: str, classnames: Optional[Sequence[str]] = No
     folder) these give the labels and, unless ``classnames`` is passed, the class names
     (underscores -> spaces), and a class folder without images is a ValueError; otherwise the
     images directly in ``folder`` are classified among ``classnames``. ``image_size`` defaults to
-    ``model.image_size``. Returns ``{"classnames", "predictions": [(path, class, prob), ...],
+    ``model.image_size`` (the one size a fastclip model takes: another is a ValueError; it is
+    for models without that attribute). Returns ``{"classnames", "predictions": [(path, class, prob), ...],
     "skipped": [paths of files that did not decode]}`` plus
     ``top1``/``top5``/``mean_per_class_recall``/``n`` when labels are known. Hidden subfolders
     (a leading ".") are not classes. ``batch_size`` (a positive int, default 64): images decoded
@@ -255,6 +301,13 @@ def classify_folder(model, folder: str, classnames: Optional[Sequence[str]] = No
     from ..datasets.csv_dataset import load_image
     from ..transforms import image_transform
     batch_size = int_at_least(batch_size, "batch_size")
+    if image_size is not None:
+        image_size = int_at_least(image_size, "image_size")
+        own = getattr(model, "image_size", None)
+        if own is not None and image_size != own:
+            # (the encoders' position embeddings are of one size: the error came from the first batch)
+            raise ValueError(f"image_size {image_size}: the model takes {own} px images (leave "
+                             f"image_size None for the model's own)")
     if not os.path.isdir(folder):
         raise ValueError(f"folder {folder!r} is not a directory")
     paths, labels, names = _scan_folder(folder, classnames)
