@@ -500,6 +500,9 @@ def test_val_metrics_run_in_eval_mode():
     assert rn.training and all(torch.equal(rn.state_dict()[k], v) for k, v in stats.items())
     rn.eval()
     assert val_metrics(rn, [(imgs, toks)])["val/loss"] == pytest.approx(got["val/loss"], rel=1e-6)
+    # The sigmoid loss of a model without a bias scored with bias 0, silently.
+    with pytest.raises(ValueError, match="loss 'siglip': the model has no logit_bias"):
+        val_metrics(rn, [(imgs, toks)], loss="siglip")
 
 
 def test_options_for_data_that_is_not_evaluated_are_refused(siglip_run, capsys, tmp_path):

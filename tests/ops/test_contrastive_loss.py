@@ -1025,6 +1025,20 @@ def test_bad_input_errors(loss, case, exc, pattern):
         fastclip.ops.fused_loss(loss, x, y, params, **kw)
 
 
+@pytest.mark.parametrize("loss", list(fastclip.ops.LOSSES))
+def test_params_must_be_all_of_the_losses(loss):
+    """zip(spec.params, params) dropped what was missing: siglip given [scale] ran with bias 0."""
+    x, y = torch.randn(5, 4), torch.randn(5, 4)
+    names = get_loss(loss).params
+    for params in ([10.0] * (len(names) - 1), [10.0] * (len(names) + 1), 10.0):
+        with pytest.raises(ValueError, match=rf"params of loss '{loss}' must be its {len(names)} parameters "
+                                             rf"\({', '.join(names)}\)"):
+            fastclip.ops.fused_loss(loss, x, y, params)
+    # A 1-D tensor [P] is a sequence of them.
+    p = [10.0, -3.0][:len(names)]
+    assert torch.equal(fastclip.ops.fused_loss(loss, x, y, torch.tensor(p)), fastclip.ops.fused_loss(loss, x, y, p))
+
+
 def test_block_ops_check_their_arguments():
     # The block ops are public (fastclip.ops, torch.ops.fastclip): the kernels read their
     # tensors raw, so a wrong length or dtype must be refused, never read out of bounds.

@@ -269,7 +269,11 @@ def val_metrics(model, batches: Sequence[Tuple[torch.Tensor, ...]], loss: str = 
     captions (an image query is right when any of them ranks within K); without ids each row is
     its own image. The model runs in eval mode (its own mode is restored after)."""
     from ..ops.contrastive_loss import fused_loss
+    from ..ops.losses import get_loss
     from .retrieval import retrieval_metrics
+    if "logit_bias" in get_loss(loss).params and getattr(model, "logit_bias", None) is None:
+        raise ValueError(f"loss {loss!r}: the model has no logit_bias (it was not trained with a loss "
+                         f"that has one); its own loss is 'clip'")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     imgs_f, txts_f, ids, losses, ns = [], [], [], [], []
     with eval_mode(model):

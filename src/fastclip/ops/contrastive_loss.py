@@ -560,6 +560,15 @@ def prepare_params(spec: LossSpec, values, like: Tensor) -> Tensor:
     beyond its range is refused, a tensor beyond it becomes infinite there (a non-finite
     loss).
     """
+    try:
+        values = list(values)                # a tuple, a list, a 1-D tensor [P]
+    except TypeError:
+        values = None
+    if values is None or len(values) != len(spec.params):
+        # (zip dropped what was missing: siglip given [scale] ran with bias 0, silently)
+        raise ValueError(f"params of loss {spec.name!r} must be its {len(spec.params)} parameters "
+                         f"({', '.join(spec.params)}) in a sequence, got "
+                         f"{'a non-sequence' if values is None else len(values)}")
     ps = [_prepare_param(name, v, like) for name, v in zip(spec.params, values)]
     return ps[0].reshape(1) if len(ps) == 1 else torch.stack(ps)
 
