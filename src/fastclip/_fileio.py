@@ -46,13 +46,17 @@ def default_file_mode() -> int:
 
 def atomic_write(path: str, write: Callable[[str], None], suffix: str = "") -> None:
     """Write ``path`` atomically: ``write(tmp_path)`` fills a temporary file named
-    ``.tmp-*<suffix>`` in the same folder (created if needed), which is then fsync'ed, given the
+    ``.tmp-*<suffix>`` in the same folder (created with its missing parents), which is then fsync'ed, given the
     umask's mode (an existing file's own mode) and renamed to ``path``. The temporary file is removed if anything fails.
 
     A symbolic link is followed (its target is replaced, the link stays), and a path that
     exists but is not a regular file (``/dev/null``, a FIFO, ``/dev/stdout`` on a pipe) is
     written in place, as ``open(path, "w")`` would: a rename would replace the device node or
-    the link itself."""
+    the link itself. A folder, or a name ending in a separator, is an ``IsADirectoryError``."""
+    if os.path.isdir(path) or path.endswith(tuple(filter(None, (os.sep, os.altsep)))):
+        # As open(path, "w") says; the folder was written into as a file (a safetensors
+        # error naming no path), and "new/" became a file named "new" (realpath drops the "/").
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR) + " (a file name is needed)", path)
     if os.path.exists(path) and not os.path.isfile(path):
         # Through the given name: /dev/stdout on a pipe resolves to "/proc/…/fd/pipe:[…]",
         # which no open() can reach.

@@ -178,6 +178,7 @@ def test_bad_arguments_exit_2_naming_the_flag(siglip_run, capsys, tmp_path):
         ([siglip_run, "--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "--device"),
         ([siglip_run, "--device", "tpu"], "--device"),
         ([siglip_run, "--output", str(tmp_path)], "a folder; expected a file name"),
+        ([siglip_run, "--output", str(tmp_path / "new") + os.sep], "a folder; expected a file name"),
         ([siglip_run, "--val-data", str(tmp_path / "nope.csv")], "file not found"),
         ([siglip_run, "--loss-backend", "nope"], "--loss-backend 'nope': unknown"),
     ]

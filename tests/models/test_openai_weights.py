@@ -371,6 +371,21 @@ def test_a_file_the_user_may_not_write_is_not_replaced(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
 
 
+def test_a_folder_or_a_meta_model_is_not_saved(tmp_path):
+    """A folder was written into as a file (safetensors' error, naming no path), "new/" became a
+    file named "new", and a meta-device model gave torch's NotImplementedError."""
+    import os
+    m = create_model("tiny-vit", context_length=8)
+    for path in (tmp_path, str(tmp_path / "new") + os.sep):
+        with pytest.raises(IsADirectoryError, match="a file name is needed"):
+            save_checkpoint(m, path)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match=r"tensors on the meta device.*materialise it"):
+        save_checkpoint(m.to("meta"), tmp_path / "meta.safetensors")
+    save_checkpoint(create_model("tiny-vit", context_length=8), tmp_path / "sub" / "m.safetensors")
+    assert (tmp_path / "sub" / "m.safetensors").is_file()       # parents are created
+
+
 def test_load_openai_reads_fastclips_own_checkpoint_with_its_config(tmp_path):
     # tiny-vit has 2 heads of width 32: OpenAI's rule (heads = width / 64) would build 1 head
     # and load the weights into the wrong attention silently.

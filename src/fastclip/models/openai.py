@@ -366,7 +366,8 @@ def save_checkpoint(model: CLIP, path: Union[str, os.PathLike], metadata: Option
 
     The file is written atomically (a temporary file in the same folder, renamed into place)
     with the mode a plain ``open(path, "w")`` would give it (``0o666 & ~umask`` for a new file,
-    an existing file's own mode; a file the user may not write raises ``PermissionError``)."""
+    an existing file's own mode; a file the user may not write raises ``PermissionError``, a
+    folder ``IsADirectoryError``); missing parent folders are created."""
     # A compiled or DDP-wrapped model saves the model inside: the wrapper's keys carry its
     # prefix ("_orig_mod.", "module."), which no CLIP config describes.
     model = unwrap_model(model)
@@ -387,6 +388,11 @@ def save_checkpoint(model: CLIP, path: Union[str, os.PathLike], metadata: Option
     if bad:
         raise TypeError(f"metadata must map str to str, got {bad[0]!r}: {extra[bad[0]]!r}")
     meta.update(extra)
+    meta_dev = [k for k, v in model.state_dict().items() if v.is_meta]
+    if meta_dev:
+        raise ValueError(f"model holds tensors on the meta device, which have no data ({meta_dev[0]}"
+                         f"{f' and {len(meta_dev) - 1} more' if len(meta_dev) > 1 else ''}): "
+                         f"materialise it (to_empty and init_weights, or load weights) first")
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write(os.fspath(path), lambda tmp: save_file(tensors, tmp, metadata=meta), suffix=".safetensors")
 
