@@ -252,3 +252,16 @@ def test_text_ids_of_any_integer_dtype_and_clear_errors_otherwise():
             small.encode_text(torch.tensor([[49406, 5, 49407, 0]]))
         with pytest.raises(ValueError, match=r"token ids from -1 to 7"):
             m.encode_text(torch.tensor([[-1, 7]]))
+
+
+def test_a_resnet_in_train_mode_names_a_batch_of_one():
+    """At image_size 32 the last stage is 1x1, and BatchNorm's own error named no input."""
+    m = create_model("demo")
+    s = m.image_size
+    assert m.training and s // 32 == 1
+    with pytest.raises(ValueError, match=r"images: a batch of 1 in train mode.*model.eval\(\)"):
+        m.encode_image(torch.randn(1, 3, s, s))
+    assert m.encode_image(torch.randn(2, 3, s, s)).shape == (2, m.embed_dim)
+    assert m.eval().encode_image(torch.randn(1, 3, s, s)).shape == (1, m.embed_dim)
+    big = create_model("demo", image_size=64)       # a 2x2 last stage: one image is enough
+    assert big.encode_image(torch.randn(1, 3, 64, 64)).shape == (1, big.embed_dim)

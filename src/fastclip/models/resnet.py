@@ -118,6 +118,12 @@ class ModifiedResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_images(x, self.input_resolution)
+        if self.training and x.shape[0] == 1 and self.input_resolution // 32 <= 1:
+            # The last stage is 1x1 here: its BatchNorm sees one value per channel in a batch of
+            # one, and torch's error ("Expected more than 1 value per channel") named no input.
+            raise ValueError(f"images: a batch of 1 in train mode, where this ResNet's BatchNorm "
+                             f"needs at least 2 at image_size {self.input_resolution} (its last "
+                             f"stage is 1x1); call model.eval() to encode one image")
         x = x.to(self.conv1.weight.dtype)
         x = self.relu1(self.bn1(self.conv1(x)))
         x = self.relu2(self.bn2(self.conv2(x)))
