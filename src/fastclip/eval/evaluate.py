@@ -271,8 +271,8 @@ def val_metrics(model, batches: Sequence[Tuple[torch.Tensor, ...]], loss: str = 
     from ..ops.contrastive_loss import fused_loss
     from ..ops.losses import get_loss
     from .retrieval import retrieval_metrics
-    n_params = len(get_loss(loss).params)    # 'clip' of a model with a bias takes its scale alone
-    if "logit_bias" in get_loss(loss).params and getattr(model, "logit_bias", None) is None:
+    names = get_loss(loss).params            # 'clip' of a model with a bias takes its scale alone
+    if "logit_bias" in names and getattr(model, "logit_bias", None) is None:
         raise ValueError(f"loss {loss!r}: the model has no logit_bias (it was not trained with a loss "
                          f"that has one); its own loss is 'clip'")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
@@ -281,7 +281,7 @@ def val_metrics(model, batches: Sequence[Tuple[torch.Tensor, ...]], loss: str = 
         for batch in batches:
             imgs, toks = batch[0], batch[1]
             i, t, *ps = model(imgs.to(dev), toks.to(dev), normalize=False)
-            losses.append(fused_loss(loss, i.float(), t.float(), [p.float() for p in ps[:n_params]],
+            losses.append(fused_loss(loss, i.float(), t.float(), [p.float() for p in ps[:len(names)]],
                                      normalize=True, backend=backend).item())
             ns.append(len(imgs))
             imgs_f.append(i.float().cpu())
