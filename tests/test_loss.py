@@ -91,6 +91,26 @@ def test_world_size_without_process_group_is_a_clear_error():
         ClipLoss(rank=0, world_size=2)(x, y, 10.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_meta_features_give_a_meta_loss_and_gradients(dtype):
+    # Shape tracing and FLOP counting run a model on the meta device; open_clip's losses give a
+    # meta loss there, so ours must too (the reference backend declares the meta device).
+    n, d = 6, 5
+    x = torch.empty(n, d, device="meta", dtype=dtype, requires_grad=True)
+    y = torch.empty(n, d, device="meta", dtype=dtype, requires_grad=True)
+    scale = torch.empty((), device="meta", requires_grad=True)
+    bias = torch.empty((), device="meta", requires_grad=True)
+    for loss in (ClipLoss()(x, y, scale), SigLipLoss()(x, y, scale, bias),
+                 fastclip.clip_loss(x, y, 10.0, normalize=True)):
+        assert loss.device.type == "meta" and loss.shape == () and loss.dtype == torch.float32
+        loss.backward()
+    assert x.grad.device.type == "meta" and x.grad.shape == (n, d) and x.grad.dtype == dtype
+    assert y.grad.shape == (n, d) and scale.grad.shape == () and bias.grad.shape == ()
+    assert fastclip.available_backends("meta") == ["reference"]
+    with pytest.raises(fastclip.BackendUnavailableError, match="features are on meta"):
+        fastclip.clip_loss(x, y, 10.0, backend="cpu")
+
+
 def test_exported_names():
     assert fastclip.ClipLoss is ClipLoss
     assert callable(fastclip.clip_loss)

@@ -8,7 +8,7 @@ from ..losses import LOSSES
 from . import ALL_DTYPES, Backend, register_backend
 
 register_backend(Backend(
-    name="reference", code=0, devices=("cpu", "cuda"), dtypes=ALL_DTYPES,
+    name="reference", code=0, devices=("cpu", "cuda", "meta"), dtypes=ALL_DTYPES,
     priority=0,
     availability=lambda: (True, ""),
     fwd=_ref.block_fwd, bwd=_ref.block_bwd, fwd_bwd=_ref.block_fwd_bwd,
