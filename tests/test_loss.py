@@ -60,6 +60,11 @@ def test_output_dict_and_logit_bias():
     assert torch.allclose(out["contrastive_loss"], plain)
     out["contrastive_loss"].backward()
     assert bias.grad is not None and bias.grad.item() == 0.0
+    # The unused bias is still checked as logit_scale is: another device is an error (the
+    # loss came back on the bias's device), a CPU scalar follows the features.
+    with pytest.raises(ValueError, match=r"logit_bias is on meta but the features are on cpu"):
+        ClipLoss()(x, y, 10.0, logit_bias=torch.tensor(1.0, device="meta"))
+    assert ClipLoss()(x, y, 10.0, logit_bias=torch.tensor([2.0])).device == x.device
 
 
 def test_normalize_inside_the_kernel_equals_normalised_inputs():
