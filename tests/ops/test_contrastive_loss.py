@@ -526,6 +526,26 @@ def test_torch_compile_dynamic_shapes_inductor(loss):
                            [lin.weight, *ps], n)
 
 
+def test_torch_compile_dynamic_two_one_pass_losses():
+    # Two SigLIP losses that need gradients in one dynamic graph (a symmetric step, a loss per
+    # tower pair): the one pass's unit upstream gradients, made inside the Function's forward
+    # from the symbolic row count, failed Dynamo ("lift_tracked_freevar_to_input should not
+    # be called on root SubgraphTracer"); they are made outside it now.
+    lin = torch.nn.Linear(6, 5)
+    s, b = (torch.tensor(p, requires_grad=True) for p in get_loss("siglip").init)
+
+    def step(a, c):
+        x, y = lin(a), lin(c)
+        return fastclip.siglip_loss(x, y, s, b, normalize=True) + fastclip.siglip_loss(
+            y, x, s, b, normalize=True)
+
+    f = torch.compile(step, fullgraph=True, dynamic=True)
+    g = torch.Generator().manual_seed(5)
+    for n in (9, 14):
+        a, c = torch.randn(n, 6, generator=g), torch.randn(n, 6, generator=g)
+        _agrees_with_eager(f(a, c), step(a, c), [lin.weight, s, b], n)
+
+
 _COLD_COMPILE = """
 import torch, fastclip
 from fastclip.ops.losses import get_loss

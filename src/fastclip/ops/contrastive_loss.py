@@ -389,9 +389,8 @@ class _OnePassLoss(torch.autograd.Function):
                                   for k in (n, m, n)), spec.denominator(n))
 
     @staticmethod
-    def forward(x, y, params, spec, be, normalize, eps, pos_offset):
+    def forward(x, y, params, gr, gc, gp, spec, be, normalize, eps, pos_offset):
         n = x.shape[0]
-        gr, gc, gp = _OnePassLoss._unit_grads(spec, x, y)
         row, col, pos, dx, dy, dp = block_fwd_bwd(spec, be, x, y, params, normalize, eps,
                                                   pos_offset, gr, gc, gp)
         loss = (spec.head(row, col, pos) / spec.denominator(n)).to(params.dtype)
@@ -399,7 +398,7 @@ class _OnePassLoss(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, y, params, spec, be, normalize, eps, pos_offset = inputs
+        x, y, params, _gr, _gc, _gp, spec, be, normalize, eps, pos_offset = inputs
         _, dx, dy, dp = output
         ctx.mark_non_differentiable(dx, dy, dp)
         # No zero gradients made for the three non-differentiable outputs: they would be
@@ -416,7 +415,7 @@ class _OnePassLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, *_unused):
         if g is None:
-            return (None,) * 8
+            return (None,) * 11
         dx, dy, dp, x, y, params = ctx.saved_tensors
         if torch.is_grad_enabled():      # create_graph=True: a differentiable backward
             spec, normalize, eps, pos_offset = ctx.cfg
@@ -424,9 +423,8 @@ class _OnePassLoss(torch.autograd.Function):
             g64 = g.to(STAT_DTYPE)
             return (*differentiable_vjp(spec, x, y, params, normalize, eps, pos_offset,
                                         (gr * g64, gc * g64, gp * g64)),
-                    None, None, None, None, None)
-        return ((dx * g).to(dx.dtype), (dy * g).to(dy.dtype), dp * g, None, None, None, None,
-                None)
+                    *(None,) * 8)
+        return ((dx * g).to(dx.dtype), (dy * g).to(dy.dtype), dp * g, *(None,) * 8)
 
 
 _OnePassLossFast = _combined_style(_OnePassLoss)
@@ -624,8 +622,13 @@ def fused_loss(loss: str, image_features: Tensor, text_features: Tensor, params,
     if one_pass(spec, x.dtype) and torch.is_grad_enabled() and (
             x.requires_grad or y.requires_grad or p.requires_grad) and (
             not torch.compiler.is_exporting()):
-        return _apply(_OnePassLoss, _OnePassLossFast, x, y, p, spec, be, normalize, eps,
-                      pos_offset)[0]
+        # The unit upstream gradients are made here, outside the Function: made in its forward
+        # from the row counts, they were tensors of a symbolic size inside the traced forward,
+        # and torch.compile(dynamic=True) of a step with two one-pass losses failed there
+        # ("lift_tracked_freevar_to_input should not be called on root SubgraphTracer").
+        gr, gc, gp = _OnePassLoss._unit_grads(spec, x, y)
+        return _apply(_OnePassLoss, _OnePassLossFast, x, y, p, gr, gc, gp, spec, be, normalize,
+                      eps, pos_offset)[0]
     row, col, pos = block_fwd(spec, be, x, y, p, normalize, eps, pos_offset)
     # The head in float64 (the statistics' dtype), the loss in the accumulation dtype.
     return (spec.head(row, col, pos) / spec.denominator(x.shape[0])).to(p.dtype)
