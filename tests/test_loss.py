@@ -112,6 +112,11 @@ def test_meta_features_give_a_meta_loss_and_gradients(dtype):
     assert x.grad.device.type == "meta" and x.grad.shape == (n, d) and x.grad.dtype == dtype
     assert y.grad.shape == (n, d) and scale.grad.shape == () and bias.grad.shape == ()
     assert fastclip.available_backends("meta") == ["reference"]
+    # FLOP counting without data: the op's registered count, 8·N²·D for CLIP's two passes.
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
+    with FlopCounterMode(display=False) as counter:
+        ClipLoss()(x, y, scale).backward()
+    assert counter.get_total_flops() == 8 * n * n * d
     with pytest.raises(fastclip.BackendUnavailableError, match="features are on meta"):
         fastclip.clip_loss(x, y, 10.0, backend="cpu")
 
