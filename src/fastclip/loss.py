@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops.contrastive_loss import DEFAULT_EPS, fused_loss, validate_options
+from .ops.contrastive_loss import DEFAULT_EPS, fused_loss, param_on_device, validate_options
 
 __all__ = ["ClipLoss", "SigLipLoss", "LOSS_MODULES", "create_loss"]
 
@@ -301,12 +301,7 @@ def _scalar_bias(value, like: Tensor) -> Tensor:
         if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
             raise ValueError(f"logit_bias must be a float or a one-element real tensor, got a "
                              f"{value.dtype} tensor of shape {tuple(value.shape)}")
-        # As for logit_scale (fastclip.ops.contrastive_loss._prepare_param): a CPU scalar
-        # follows the features, another device is an error (the loss would come back there).
-        if value.device != like.device and value.device.type != "cpu":
-            raise ValueError(f"logit_bias is on {value.device} but the features are on "
-                             f"{like.device}")
-        return value.reshape(()).to(like.device, like.dtype)
+        return param_on_device("logit_bias", value, like).reshape(()).to(like.dtype)
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return torch.tensor(float(value), dtype=like.dtype, device=like.device)
     raise TypeError(f"logit_bias must be a float or a one-element real tensor, got "

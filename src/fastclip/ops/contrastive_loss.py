@@ -539,12 +539,19 @@ def _prepare_param(name: str, value, like: Tensor) -> Tensor:
         raise ValueError(f"{name} must have exactly one element, got shape {tuple(value.shape)}")
     if value.dtype == torch.bool or value.is_complex():
         raise TypeError(f"{name} must be a real number tensor, got {value.dtype}")
+    return param_on_device(name, value, like).reshape(()).to(acc)
+
+
+def param_on_device(name: str, value: Tensor, like: Tensor) -> Tensor:
+    """A scalar parameter tensor on the features' device: a CPU one is moved there (as
+    PyTorch lets a CPU scalar meet a GPU tensor); another device is a ValueError naming it
+    (the loss would otherwise come back on that device)."""
     if value.device != like.device:
         if value.device.type != "cpu":
             raise ValueError(f"{name} is on {value.device} but the features are on "
                              f"{like.device}")
         value = value.to(like.device)
-    return value.reshape(()).to(acc)
+    return value
 
 
 def prepare_params(spec: LossSpec, values, like: Tensor) -> Tensor:
