@@ -773,6 +773,12 @@ def fused_loss(loss: str, image_features: Tensor, text_features: Tensor, params,
                 bias = unused_bias().detach().reshape(1).to(device=p.device, dtype=p.dtype)
         except (TypeError, ValueError, RuntimeError, NotImplementedError) as e:
             problem = str(e)
+            if any(isinstance(t, Tensor) and t.ndim == 2 and t.shape[0] == 0
+                   for t in (image_features, text_features)):
+                # An uneven last batch of an epoch is the usual way a shard runs empty.
+                problem += ("; across ranks every rank needs at least one row: drop a last "
+                            "incomplete batch (DataLoader(..., drop_last=True)) or skip that "
+                            "step on every rank")
     if problem is None and spec.merge == "lse":
         with torch.no_grad():       # O(n·D), on the device: what bounds the logits
             norms = (torch.ones(2, dtype=torch.float64, device=meta_dev) if normalize else

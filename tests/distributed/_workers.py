@@ -577,6 +577,11 @@ def run_cases(rank: int, world: int, seed: int) -> dict:
         torch.randn(3, 4), torch.randn(3, 4), 10.0, torch.zeros(2) if rank == 1 else -1.0))
     errs["nan_bias_one_rank"] = _expect_error(lambda: cl(
         torch.randn(3, 4), torch.randn(3, 4), 10.0, float("nan") if rank == 1 else -1.0))
+    # An empty shard on one rank (an uneven last batch): every rank raises, that one with
+    # what to do about it.
+    rows = 0 if rank == 1 else 3
+    errs["empty_shard_one_rank"] = _expect_error(lambda: siglip_loss(
+        torch.randn(rows, 4), torch.randn(rows, 4), 10.0, -1.0, dist_impl="ring"))
     out["errors"] = errs
     # A steady-state gather call (the handshake carries the text rows as bytes) with text
     # features that have the negative bit set on one rank: a byte view of them raised on that

@@ -271,6 +271,10 @@ def test_mismatches_raise_on_every_rank(group):
         msg = errs["bad_bias_one_rank"]
         assert msg.startswith("DistributedLossError"), msg
         assert ("logit_bias must be a float" in msg) if rank == 1 else ("rank(s) [1]" in msg), msg
+        msg = errs["empty_shard_one_rank"]
+        assert msg.startswith("DistributedLossError"), msg
+        assert ("empty batch" in msg and "drop_last=True" in msg) if rank == 1 else (
+            "rank(s) [1]" in msg), msg
         msg = errs["nan_bias_one_rank"]
         assert msg.startswith("DistributedLossError") and "disagree on logit_bias" in msg, msg
         assert out["robust"]["neg_view_same"], f"rank {rank}: neg-bit text rows changed the loss"
