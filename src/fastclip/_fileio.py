@@ -44,6 +44,12 @@ def default_file_mode() -> int:
     return 0o666 & ~current_umask()
 
 
+def names_folder(path: str) -> bool:
+    """Whether ``path`` is a folder or a name ending in a path separator ("new/"): no file
+    can be written under that name (``realpath`` would drop the separator)."""
+    return os.path.isdir(path) or path.endswith(tuple(filter(None, (os.sep, os.altsep))))
+
+
 def atomic_write(path: str, write: Callable[[str], None], suffix: str = "") -> None:
     """Write ``path`` atomically: ``write(tmp_path)`` fills a temporary file named
     ``.tmp-*<suffix>`` in the same folder (created with its missing parents), which is then fsync'ed, given the
@@ -53,7 +59,7 @@ def atomic_write(path: str, write: Callable[[str], None], suffix: str = "") -> N
     exists but is not a regular file (``/dev/null``, a FIFO, ``/dev/stdout`` on a pipe) is
     written in place, as ``open(path, "w")`` would: a rename would replace the device node or
     the link itself. A folder, or a name ending in a separator, is an ``IsADirectoryError``."""
-    if os.path.isdir(path) or path.endswith(tuple(filter(None, (os.sep, os.altsep)))):
+    if names_folder(path):
         # As open(path, "w") says; the folder was written into as a file (a safetensors
         # error naming no path), and "new/" became a file named "new" (realpath drops the "/").
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR) + " (a file name is needed)", path)

@@ -542,16 +542,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             return _main(argv)
         except KeyboardInterrupt as e:
-            if not _launcher_rank():
-                print(f"\n{_stop_word(e)}", file=sys.stderr)
-            return _stop_code(e)
+            return stopped(e, quiet=bool(_launcher_rank()))
 
 
-def _stop_word(e: KeyboardInterrupt) -> str:
-    return "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-
-
-def _stop_code(e: KeyboardInterrupt) -> int:
+def stopped(e: KeyboardInterrupt, what: str = "", quiet: bool = False) -> int:
+    """The one line a command prints when Ctrl-C or SIGTERM (``Terminated``) stopped it,
+    ``what`` saying what it leaves behind, and its exit status (130, or 143 for SIGTERM);
+    ``quiet`` (a launched rank other than the first) prints nothing."""
+    if not quiet:
+        word = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"\n{word}" + (f": {what}" if what else ""), file=sys.stderr)
     return 143 if isinstance(e, Terminated) else 130
 
 
@@ -691,9 +691,7 @@ def run_reporting(command: str, fn, user_errors: tuple) -> int:
     try:
         fn()
     except KeyboardInterrupt as e:
-        if not rank:
-            print(f"\n{_stop_word(e)}", file=sys.stderr)
-        return _stop_code(e)
+        return stopped(e, quiet=bool(rank))
     except user_errors as e:
         print(f"{who}error: {_one_line(str(e))}", file=sys.stderr)
         return 2

@@ -690,9 +690,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastclip bench: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        from ..cli import _stop_code, _stop_word  # noqa: PLC0415
-        print(f"\n{_stop_word(e)}: the rows measured so far are in the CSV and markdown", file=sys.stderr)
-        return _stop_code(e)
+        from ..cli import stopped  # noqa: PLC0415
+        return stopped(e, "the rows measured so far are in the CSV and markdown")
     return 141 if code == 0 and log.broken else code
 
 

@@ -540,11 +540,10 @@ def main(argv: list[str] | None = None) -> int:
             rows, desc = {"cpu": run_cpu, "overhead": run_overhead}[args.mode](args, rows, impls)
     except KeyboardInterrupt as e:
         # The world sizes that finished are written (the ranks leave quietly on Ctrl-C).
-        from ..cli import _stop_code, _stop_word  # noqa: PLC0415
+        from ..cli import stopped  # noqa: PLC0415
         prefix = write(rows, _by_world(impls), args, argv, time.perf_counter() - t0, info) if rows else ""
-        print(f"\n{_stop_word(e)}: " + (f"the finished world sizes are in {prefix}.csv and .md" if prefix
-                                         else "nothing finished, nothing written"), file=sys.stderr)
-        return _stop_code(e)
+        return stopped(e, f"the finished world sizes are in {prefix}.csv and .md" if prefix
+                       else "nothing finished, nothing written")
     write(rows, desc, args, argv, time.perf_counter() - t0, info)
     return 0
 

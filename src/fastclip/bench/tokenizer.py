@@ -127,9 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t = run(a.captions, a.reps, a.seed)
     except KeyboardInterrupt as e:
-        from ..cli import _stop_code, _stop_word  # noqa: PLC0415
-        print(f"\n{_stop_word(e)}: nothing written", file=sys.stderr)
-        return _stop_code(e)
+        from ..cli import stopped  # noqa: PLC0415
+        return stopped(e, "nothing written")
     stamp = _dt.datetime.now().isoformat(timespec="seconds")
     pair = {"bpe_tokenizers": "bpe_python", "tokenize": "simple_tokenizer"}
     rows = [dict(info, tokenizers=version("tokenizers"), ftfy=version("ftfy"), stage=k,

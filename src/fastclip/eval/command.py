@@ -353,11 +353,11 @@ def _check_output(p: argparse.ArgumentParser, output: str, inputs: List[Optional
                   folders: List[Optional[str]]) -> None:
     import tempfile
 
-    from .._fileio import path_inside
+    from .._fileio import names_folder, path_inside
     if not output:
         p.error("--output '': expected a file name for the JSON metrics")
     real = os.path.realpath(output)
-    if os.path.isdir(real) or output.endswith(tuple(filter(None, (os.sep, os.altsep)))):
+    if os.path.isdir(real) or names_folder(output):
         p.error(f"--output {output!r}: a folder; expected a file name for the JSON metrics")
     if any(i and os.path.exists(i) and os.path.samefile(i, real) for i in inputs if os.path.exists(real)) \
             or any(path_inside(real, f) for f in folders):
