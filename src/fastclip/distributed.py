@@ -28,7 +28,7 @@ Two forms, same numbers:
 Two-pass losses (CLIP's softmax) do 8·n_k·N·D FLOP per rank (the backward recomputes the
 tiles); one-pass losses (SigLIP's sigmoid) compute their gradients in the forward's pass,
 6·n_k·N·D, and the backward only scales them (the CPU and CUDA kernels' counts; the Triton
-kernels recompute the tiles once more: 10 and 8).
+kernels recompute the tiles once more: 10 and 8 while D fits one BLOCK_DO, more beyond).
 """
 
 from __future__ import annotations
@@ -818,7 +818,8 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *,
     Args:
         image_features: [n_k, D] this rank's image features; float32, float64,
             float16 or bfloat16 (the same dtype and D on every rank).
-        text_features: [n_k, D] this rank's text features, same dtype and device; the
+        text_features: [n_k, D] this rank's text features on the same device (a different
+            float dtype is promoted, as in :func:`fastclip.clip_loss`); the
             row count ``n_k`` may differ between ranks (at least 1). Global row i (rows
             ordered by rank, then by row) has global column i as its positive.
         logit_scale: the already-exponentiated scale s (float or one-element tensor,
@@ -880,7 +881,9 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
     ``logit_scale``; both parameters get the full-batch gradient on every rank. The loss is
     ``(1/N) Σ_ij softplus(-l_ij (s·<x̂_i, ŷ_j> + b))`` over the concatenated N-row batch,
     normalised by the global N. With gradients required, each block's loss and gradients
-    are computed in one pass (the forward does the backward's work; the backward scales).
+    are computed in one pass (the forward does the backward's work; the backward scales),
+    except on float16 features, which take a forward then a backward as in
+    :func:`fastclip.siglip_loss`.
     ``dist_impl="ring"`` keeps per-rank memory at a few n×D blocks whatever the number of
     ranks.
     """

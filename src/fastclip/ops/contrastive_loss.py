@@ -648,7 +648,9 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *,
 
     Args:
         image_features: [N, D] float32/float64/float16/bfloat16, any strides.
-        text_features: [N, D], same dtype and device; row i's positive is text i.
+        text_features: [N, D] on the same device; row i's positive is text i. A different
+            float dtype is promoted (``torch.promote_types``) and each gradient returns in
+            its own input's dtype.
         logit_scale: the already-exponentiated scale s (open_clip passes
             ``logit_scale.exp()``): a float or a one-element tensor, possibly requiring
             grad. Any real value; a non-finite one gives a non-finite loss.
@@ -656,7 +658,9 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *,
             features are assumed normalised, as open_clip's models return them).
         backend: "auto" (default; ``FASTCLIP_BACKEND`` overrides) or a backend name
             (``fastclip.available_backends()``).
-        eps: the normalisation's floor on the row norm (as ``F.normalize``), finite > 0.
+        eps: the normalisation's floor on the row norm (as ``F.normalize``), finite > 0;
+            with ``normalize=True`` at least the smallest normal number of the accumulation
+            dtype (1.18e-38 for float32/16-bit features, 2.2e-308 for float64).
 
     Returns:
         0-dim float32 tensor (float64 for float64 inputs):
@@ -676,7 +680,9 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
     ``l_ij = +1`` for i == j and -1 otherwise (open_clip's ``SigLipLoss`` at world size 1).
     With gradients required, the loss and its gradients are computed in one pass over the
     tiles (three products instead of four on the cpu, cuda and gemm backends, four for
-    Triton's one-pass kernel; the gradients are held until the backward).
+    Triton's one-pass kernel; the gradients are held until the backward). float16 features
+    take a forward then a backward instead, so that a GradScaler's scale reaches the
+    gradients before their fp16 rounding.
 
     Args:
         image_features, text_features: [N, D], as for :func:`clip_loss`.
