@@ -296,6 +296,10 @@ def test_models_fastclip_cannot_feed_are_refused(capsys, tmp_path):
     save_checkpoint(create_model("tiny-vit", vocab_size=1000), small)
     code, _, err = _eval(capsys, str(small))
     assert code == 2 and "vocab_size 1000" in err and "Traceback" not in err
+    other = tmp_path / "worldwide.safetensors"      # pools at another tokenizer's eos id
+    save_checkpoint(create_model("tiny-vit", vocab_size=60000, text_eos_id=2), other)
+    code, _, err = _eval(capsys, str(other))
+    assert code == 2 and "pools at token id 2 (text_eos_id)" in err and "Traceback" not in err
     legacy = tmp_path / "step_00000005.pt"
     torch.save({"step": 5, "model": create_model("tiny-vit").state_dict(), "optimizer": {}, "extra": {}}, legacy)
     code, _, err = _eval(capsys, str(legacy))

@@ -13,6 +13,10 @@ from torch import nn
 from fastclip.models import create_model, load_checkpoint, save_checkpoint
 from fastclip.models.openai import infer_config, load_openai
 
+# The reference models here have small vocabularies: load_openai's warning that a vocabulary
+# other than CLIP's BPE may pool elsewhere is tested once, below.
+pytestmark = pytest.mark.filterwarnings("ignore:.*not CLIP's BPE:UserWarning")
+
 
 class RefLN(nn.LayerNorm):
     def forward(self, x):
@@ -22,10 +26,12 @@ class RefLN(nn.LayerNorm):
 class RefBlock(nn.Module):
     exact_gelu = False      # True: open_clip's non-quickgelu models (nn.GELU), else OpenAI's QuickGELU
 
-    def __init__(self, d, h, causal_len=0):
+    def __init__(self, d, h, causal_len=0, hidden=None):
         super().__init__()
         self.attn, self.ln_1, self.ln_2 = nn.MultiheadAttention(d, h), RefLN(d), RefLN(d)
-        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(d, 4 * d), gelu=nn.Identity(), c_proj=nn.Linear(4 * d, d)))
+        hidden = hidden or 4 * d
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(d, hidden), gelu=nn.Identity(),
+                                             c_proj=nn.Linear(hidden, d)))
         mask = torch.full((causal_len, causal_len), float("-inf")).triu(1) if causal_len else None
         self.register_buffer("attn_mask", mask,
                              persistent=False)
@@ -39,21 +45,21 @@ class RefBlock(nn.Module):
 
 
 class RefTransformer(nn.Module):
-    def __init__(self, d, layers, h, causal_len=0):
+    def __init__(self, d, layers, h, causal_len=0, hidden=None):
         super().__init__()
-        self.resblocks = nn.Sequential(*[RefBlock(d, h, causal_len) for _ in range(layers)])
+        self.resblocks = nn.Sequential(*[RefBlock(d, h, causal_len, hidden) for _ in range(layers)])
 
     def forward(self, x):
         return self.resblocks(x)
 
 
 class RefViT(nn.Module):
-    def __init__(self, res, patch, d, layers, h, out):
+    def __init__(self, res, patch, d, layers, h, out, hidden=None):
         super().__init__()
         self.conv1 = nn.Conv2d(3, d, patch, patch, bias=False)
         self.class_embedding = nn.Parameter(torch.randn(d))
         self.positional_embedding = nn.Parameter(torch.randn((res // patch) ** 2 + 1, d))
-        self.ln_pre, self.transformer, self.ln_post = RefLN(d), RefTransformer(d, layers, h), RefLN(d)
+        self.ln_pre, self.transformer, self.ln_post = RefLN(d), RefTransformer(d, layers, h, hidden=hidden), RefLN(d)
         self.proj = nn.Parameter(torch.randn(d, out))
 
     def forward(self, x):
@@ -121,11 +127,13 @@ class RefResNet(nn.Module):
 
 
 class RefCLIP(nn.Module):
-    def __init__(self, embed, res, vlayers, vwidth, patch, ctx, vocab, tw, th, tl, vh=None):
+    def __init__(self, embed, res, vlayers, vwidth, patch, ctx, vocab, tw, th, tl, vh=None, vhidden=None,
+                 thidden=None, eos=None):
         super().__init__()
         self.visual = (RefResNet(vlayers, embed, vh or vwidth * 32 // 64, res, vwidth) if isinstance(vlayers, tuple)
-                       else RefViT(res, patch, vwidth, vlayers, vh or vwidth // 64, embed))
-        self.transformer = RefTransformer(tw, tl, th, ctx)
+                       else RefViT(res, patch, vwidth, vlayers, vh or vwidth // 64, embed, vhidden))
+        self.transformer = RefTransformer(tw, tl, th, ctx, thidden)
+        self.eos = eos      # None: pool at the largest id (OpenAI); else at the first eos (open_clip's "eos")
         self.token_embedding = nn.Embedding(vocab, tw)
         self.positional_embedding = nn.Parameter(torch.randn(ctx, tw) * 0.01)
         self.ln_final = RefLN(tw)
@@ -137,7 +145,9 @@ class RefCLIP(nn.Module):
     def forward(self, image, text):
         x = self.token_embedding(text) + self.positional_embedding
         x = self.ln_final(self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2))
-        t = x[torch.arange(x.shape[0]), text.argmax(-1)] @ self.text_projection
+        at = text.argmax(-1) if self.eos is None else torch.tensor(
+            [row.tolist().index(self.eos) if self.eos in row.tolist() else 0 for row in text])
+        t = x[torch.arange(x.shape[0]), at] @ self.text_projection
         return self.visual(image), t
 
 
@@ -624,6 +634,53 @@ def test_open_clips_wide_vits_take_16_heads_and_heads_can_be_given(tmp_path):
     assert load_openai(tmp_path / "wide.safetensors", text_heads=4).config.text_num_heads == 4
     with pytest.raises(ValueError, match=r"text_heads=2 \(the file's: 4\) contradicts"):
         load_openai(tmp_path / "wide.safetensors", text_heads=2)
+
+
+def test_mlp_widths_are_read_from_the_weights(tmp_path):
+    """open_clip's ViT-g, -bigG and -e image towers have MLPs of 4.36, 4.92 and 8.57 x their
+    width: a fixed 4 x width refused them ("mlp.c_fc.weight: (6144, 1408) != (5632, 1408)").
+    Both towers' hidden widths come from c_fc, the model matches, and a file records them."""
+    cfg = dict(embed=16, res=16, vlayers=2, vwidth=64, patch=8, ctx=8, vocab=100, tw=32, th=1, tl=2,
+               vhidden=549, thidden=157)
+    ref = _randomise(RefCLIP(**cfg))
+    img, tok = _inputs(cfg)
+    c = infer_config(ref.state_dict())
+    assert (c.vision_mlp_width, c.text_mlp_width) == (549, 157)
+    assert infer_config(RefCLIP(**REF_CONFIGS["vit"]).state_dict()).vision_mlp_width is None    # 4 x width
+    model = load_openai(ref.state_dict())
+    with torch.no_grad():
+        ri, rt = ref(img, tok)
+        assert _relerr(model.encode_image(img), ri) <= 1e-5 and _relerr(model.encode_text(tok), rt) <= 1e-5
+    save_checkpoint(model, tmp_path / "wide-mlp.safetensors")
+    assert load_checkpoint(tmp_path / "wide-mlp.safetensors").config == model.config
+    with pytest.raises(ValueError, match="vision_mlp_width is for a ViT"):
+        create_model("tiny-rn", vision_mlp_width=8)
+
+
+def test_text_eos_id_pools_at_the_first_end_of_sequence_token(tmp_path):
+    """open_clip's -worldwide models pool at their tokenizer's eos id (2), not at the largest id:
+    loaded by OpenAI's rule their text features had cosine ~0.78 to the right ones, with no word.
+    text_eos_id pools as they do (a row without it at position 0, as open_clip), a file records
+    it, and a vocabulary other than CLIP's warns when it is not given."""
+    cfg = dict(embed=16, res=16, vlayers=1, vwidth=64, patch=8, ctx=8, vocab=100, tw=32, th=1, tl=1, eos=2)
+    ref = _randomise(RefCLIP(**cfg))
+    img, _ = _inputs(cfg)
+    tok = torch.tensor([[0, 50, 17, 2, 1, 1, 1, 1], [0, 99, 3, 4, 2, 2, 1, 1], [0, 5, 6, 7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        _, rt = ref(img, tok)
+        with pytest.warns(UserWarning, match=r"a vocabulary of 100 ids, not CLIP's BPE .*text_eos_id"):
+            argmax = load_openai(ref.state_dict())
+        assert _relerr(argmax.encode_text(tok), rt) > 1e-2              # the largest id: elsewhere
+        model = load_openai(ref.state_dict(), text_eos_id=2)
+        assert _relerr(model.encode_text(tok), rt) <= 1e-5
+    save_checkpoint(model, tmp_path / "eos.safetensors")
+    assert load_openai(tmp_path / "eos.safetensors").config.text_eos_id == 2
+    with pytest.raises(ValueError, match=r"text_eos_id=1 \(the file's: 2\) contradicts"):
+        load_openai(tmp_path / "eos.safetensors", text_eos_id=1)
+    with pytest.raises(ValueError, match=r"text_eos_id must be a token id in \[0, vocab_size=100\)"):
+        load_openai(ref.state_dict(), text_eos_id=100)
+    with pytest.raises(TypeError, match="text_eos_id must be None or a non-negative int, got float 2.0"):
+        load_openai(ref.state_dict(), text_eos_id=2.0)
 
 
 def test_errors_name_the_key_that_is_wrong_and_what_a_file_is(tmp_path):

@@ -99,11 +99,18 @@ def _model_step(folder: str, model_file: str) -> Optional[int]:
 
 def check_vocab(model, path: str) -> None:
     """The model must embed every id of fastclip's tokenizer (CLIP's BPE, 49,408 ids): a smaller
-    ``vocab_size`` would fail inside the text tower on the first prompt."""
-    from ..tokenizer import VOCAB_SIZE
+    ``vocab_size`` would fail inside the text tower on the first prompt. A model that pools at
+    another end-of-sequence id (``text_eos_id``, open_clip's -worldwide models) was trained on
+    another tokenizer: CLIP's ids would mean other words to it."""
+    from ..tokenizer import EOT_ID, VOCAB_SIZE
     if model.config.vocab_size < VOCAB_SIZE:
         raise ValueError(f"{path}: the model's vocab_size {model.config.vocab_size} is smaller than the "
                          f"tokenizer's {VOCAB_SIZE} ids (CLIP's BPE): its text tower cannot read fastclip's tokens")
+    eos = model.config.text_eos_id
+    if eos is not None and eos != EOT_ID:
+        raise ValueError(f"{path}: the model's text tower pools at token id {eos} (text_eos_id), a tokenizer "
+                         f"other than CLIP's BPE (whose end-of-text is {EOT_ID}): fastclip's tokens would "
+                         f"mean other words to it")
 
 
 def _safetensors_format(path: str) -> Optional[str]:

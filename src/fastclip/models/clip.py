@@ -26,13 +26,13 @@ class CLIP(TextTransformer):
     def __init__(self, config: CLIPConfig):
         c = config
         super().__init__(c.context_length, c.vocab_size, c.text_width, c.text_num_heads, c.text_layers, c.embed_dim,
-                         c.quick_gelu)
+                         c.quick_gelu, c.text_mlp_width, c.text_eos_id)
         self.config = c
         if c.is_resnet:
             self.visual = ModifiedResNet(c.vision_layers, c.embed_dim, c.vision_num_heads, c.image_size, c.vision_width)
         else:
             self.visual = VisionTransformer(c.image_size, c.patch_size, c.vision_width, c.vision_layers,
-                                            c.vision_num_heads, c.embed_dim, c.quick_gelu)
+                                            c.vision_num_heads, c.embed_dim, c.quick_gelu, c.vision_mlp_width)
         self.logit_scale = nn.Parameter(torch.ones([]) * math.log(c.init_logit_scale))
         self.logit_bias = (nn.Parameter(torch.ones([]) * float(c.init_logit_bias))
                            if c.init_logit_bias is not None else None)

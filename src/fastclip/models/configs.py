@@ -33,6 +33,13 @@ class CLIPConfig:
     (True, default: OpenAI's models and weights) or the exact GELU (False: open_clip's models
     without ``-quickgelu`` in their name, e.g. its LAION weights; the weights have the same
     names and shapes either way, so nothing in a state dict tells them apart).
+    ``vision_mlp_width``, ``text_mlp_width``: the hidden width of the transformers' MLPs; None
+    (default) is 4 x the tower's width, as in OpenAI's models (open_clip's ViT-g, -bigG and -e
+    image towers use other ratios). ``text_eos_id``: where the text tower pools. None (default):
+    at the largest token id in the row, OpenAI's rule (the end-of-text token is the last id of
+    CLIP's BPE vocabulary); an int: at the first occurrence of that id, open_clip's
+    ``pool_type="eos"`` for models with another tokenizer (its ``-worldwide`` models: 2, or 1
+    for those with mT5's tokenizer), position 0 in a row without it.
     """
 
     embed_dim: int
@@ -49,6 +56,9 @@ class CLIPConfig:
     init_logit_scale: float = 1 / 0.07
     init_logit_bias: Optional[float] = None
     quick_gelu: bool = True
+    vision_mlp_width: Optional[int] = None
+    text_mlp_width: Optional[int] = None
+    text_eos_id: Optional[int] = None
 
     def __post_init__(self):
         if isinstance(self.vision_layers, list):
@@ -57,7 +67,8 @@ class CLIPConfig:
             raise ValueError("patch_size is required for a ViT config (vision_layers is an int)")
         # Whole numbers only: JSON's true passed as 1 (a one-layer tower), 64.0 failed deep in torch.
         for name in ("embed_dim", "image_size", "vision_width", "context_length", "vocab_size", "text_width",
-                     "text_layers", "patch_size", "vision_heads", "text_heads"):
+                     "text_layers", "patch_size", "vision_heads", "text_heads", "vision_mlp_width",
+                     "text_mlp_width", "text_eos_id"):
             v = getattr(self, name)
             if v is not None:
                 setattr(self, name, _whole(name, v))
@@ -89,6 +100,16 @@ class CLIPConfig:
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ValueError(f"{name} must be positive (or null: width / 64), got {v}")
+        for name in ("vision_mlp_width", "text_mlp_width"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ValueError(f"{name} must be positive (or null: 4 x width), got {v}")
+        if self.is_resnet and self.vision_mlp_width is not None:
+            raise ValueError(f"vision_mlp_width is for a ViT; a ResNet image tower has no MLP, "
+                             f"got {self.vision_mlp_width}")
+        if self.text_eos_id is not None and not 0 <= self.text_eos_id < self.vocab_size:
+            raise ValueError(f"text_eos_id must be a token id in [0, vocab_size={self.vocab_size}) "
+                             f"(or null: pool at the largest id), got {self.text_eos_id}")
         if not isinstance(self.quick_gelu, bool):    # JSON's 0/1 or "false" would pass as truthy
             raise ValueError(f"quick_gelu must be true or false, got {self.quick_gelu!r}")
         for name in ("init_logit_scale", "init_logit_bias"):

@@ -144,6 +144,16 @@ def _count(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
     return len({k[n:].split(".")[0] for k in sd if k.startswith(prefix + ".")})
 
 
+def _mlp_width(sd: Mapping[str, torch.Tensor], prefix: str, width: int) -> Optional[int]:
+    """The hidden width of a tower's MLPs (``c_fc``'s output rows), None where it is OpenAI's
+    4 x width. open_clip's ViT-g, -bigG and -e image towers use mlp_ratio 4.3637, 4.9231 and
+    8.5715 (hidden 6144, 8192, 15360): a fixed 4 x width refused them."""
+    w = sd.get(f"{prefix}.resblocks.0.mlp.c_fc.weight")
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.shape[0] == 4 * width:
+        return None
+    return int(w.shape[0])
+
+
 # open_clip's ViT-H (width 1280), ViT-g (1408), ViT-bigG (1664) and ViT-e (1792) image towers,
 # and every variant of them in its model_configs (-quickgelu, -378, -worldwide, ViT-H-16), use
 # 16 heads (head_width 80, 88, 104, 112): width // 64 gave 20, 22, 26 and 28 heads, which fit the
@@ -173,7 +183,8 @@ def infer_config(sd: Mapping[str, torch.Tensor], source: str = "state dict") -> 
         layers = _count(sd, "visual.transformer.resblocks")
         grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
         vision = dict(vision_layers=layers, vision_width=width, patch_size=patch, image_size=grid * patch,
-                      vision_heads=_WIDE_VIT_HEADS.get(width))
+                      vision_heads=_WIDE_VIT_HEADS.get(width),
+                      vision_mlp_width=_mlp_width(sd, "visual.transformer", width))
     else:
         layers = tuple(_count(sd, f"visual.layer{i}") for i in (1, 2, 3, 4))
         width = sd["visual.layer1.0.conv1.weight"].shape[0]
@@ -194,7 +205,8 @@ def infer_config(sd: Mapping[str, torch.Tensor], source: str = "state dict") -> 
         init_bias = b if math.isfinite(b) else -10.0
     cfg = CLIPConfig(embed_dim=sd["text_projection"].shape[1], context_length=sd["positional_embedding"].shape[0],
                      vocab_size=sd["token_embedding.weight"].shape[0], text_width=tw, text_heads=max(1, tw // 64),
-                     text_layers=_count(sd, "transformer.resblocks"), init_logit_bias=init_bias, **vision)
+                     text_layers=_count(sd, "transformer.resblocks"), init_logit_bias=init_bias,
+                     text_mlp_width=_mlp_width(sd, "transformer", tw), **vision)
     return _registered_heads(cfg)
 
 
@@ -202,7 +214,7 @@ def infer_config(sd: Mapping[str, torch.Tensor], source: str = "state dict") -> 
 # they do not).
 _SHAPE_FIELDS = tuple(f.name for f in dataclasses.fields(CLIPConfig)
                       if f.name not in ("vision_heads", "text_heads", "init_logit_scale", "init_logit_bias",
-                                        "quick_gelu"))
+                                        "quick_gelu", "text_eos_id"))
 
 
 def _registered_heads(cfg: CLIPConfig) -> CLIPConfig:
@@ -220,7 +232,7 @@ def _registered_heads(cfg: CLIPConfig) -> CLIPConfig:
 def load_openai(path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.Tensor]], device="cpu", *,
                 dtype: Optional[torch.dtype] = torch.float32, allow_torchscript_code: bool = False,
                 quick_gelu: Optional[bool] = None, vision_heads: Optional[int] = None,
-                text_heads: Optional[int] = None) -> CLIP:
+                text_heads: Optional[int] = None, text_eos_id: Optional[int] = None) -> CLIP:
     """Build a ``CLIP`` from an OpenAI checkpoint and load its weights with ``strict=True``.
 
     ``path_or_state_dict``: a TorchScript archive (OpenAI's ``ViT-B-32.pt`` and the like), a
@@ -256,16 +268,32 @@ def load_openai(path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.T
     features about 1% off, with no error. ``save_checkpoint`` of the loaded model keeps the
     choice in its config.
 
+    ``text_eos_id`` (a token id, default None): where the text tower pools, which no weight
+    records either. None: at the largest token id of each row, OpenAI's rule, right for CLIP's
+    BPE tokenizer (``fastclip.tokenize``), whose end-of-text token is its last id. A model
+    trained with another tokenizer that pools at its end-of-sequence token (open_clip's
+    ``-worldwide`` models: ``pool_type="eos"``, ``eos_id`` 2, or 1 for those on mT5's
+    tokenizer) needs that id here; fed that tokenizer's ids, it then gives open_clip's text
+    features. A state dict whose vocabulary is not CLIP's (49408 ids) loaded without
+    ``text_eos_id`` gets a warning saying so.
+
+    The MLP widths are read from the weights (``c_fc``): open_clip's ViT-g, -bigG and -e image
+    towers, whose MLPs are not 4 x their width, load as they are.
+
     Raises ValueError naming the path for unreadable, truncated or non-CLIP files.
     """
     if quick_gelu is not None and not isinstance(quick_gelu, bool):
         raise TypeError(f"quick_gelu must be None, True or False, got {quick_gelu!r}")
     given = {k: v for k, v in (("quick_gelu", quick_gelu), ("vision_heads", vision_heads),
-                               ("text_heads", text_heads)) if v is not None}
-    for name in ("vision_heads", "text_heads"):
+                               ("text_heads", text_heads), ("text_eos_id", text_eos_id)) if v is not None}
+    for name in ("vision_heads", "text_heads", "text_eos_id"):
         v = given.get(name)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0):
-            raise TypeError(f"{name} must be None or a positive int, got {type(v).__name__} {v!r}")
+        low = 0 if name == "text_eos_id" else 1
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low):
+            raise TypeError(f"{name} must be None or a {'non-negative' if low == 0 else 'positive'} int, "
+                            f"got {type(v).__name__} {v!r}")
+        if v is not None:
+            given[name] = int(v)
     if isinstance(path_or_state_dict, Mapping):
         # The caller keeps its tensors: the model gets copies (assign=True below would otherwise
         # make the caller's tensors the model's parameters, and training would change them).
@@ -295,7 +323,14 @@ def load_openai(path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.T
         raise ValueError(f"{source}: entries that are not tensors: {bad[:5]}")
     config = infer_config(sd, source)
     if given:
-        config = dataclasses.replace(config, **given)
+        config = dataclasses.replace(config, **given)     # (validated again: text_eos_id < vocab_size)
+    from ..tokenizer import VOCAB_SIZE
+    if config.vocab_size != VOCAB_SIZE and config.text_eos_id is None:
+        warnings.warn(f"{source}: a vocabulary of {config.vocab_size} ids, not CLIP's BPE ({VOCAB_SIZE}): "
+                      f"the text tower pools at the largest token id of each row (OpenAI's end-of-text "
+                      f"rule); a model that pools at its tokenizer's end-of-sequence id (open_clip's "
+                      f"-worldwide models: 2, or 1 on mT5's tokenizer) needs load_openai(..., "
+                      f"text_eos_id=<that id>)", stacklevel=2)
     for name, width in (("vision_heads", config.vision_width * 32 if config.is_resnet else config.vision_width),
                         ("text_heads", config.text_width)):
         if name in given and width % given[name]:
@@ -330,7 +365,7 @@ def _training_checkpoint(path: str) -> str:
 
 
 # What no weight records, and so what a caller may set when loading a state dict.
-ARCHITECTURE_CHOICES = ("quick_gelu", "vision_heads", "text_heads")
+ARCHITECTURE_CHOICES = ("quick_gelu", "vision_heads", "text_heads", "text_eos_id")
 
 
 def architecture_problem(choices: Mapping[str, object]) -> Optional[str]:
@@ -341,10 +376,12 @@ def architecture_problem(choices: Mapping[str, object]) -> Optional[str]:
         return (f"only what no weight records may be set ({', '.join(ARCHITECTURE_CHOICES)}): the file "
                 f"gives the rest, not {', '.join(map(str, extra))}")
     for k, v in choices.items():
+        low = 0 if k == "text_eos_id" else 1
         ok = isinstance(v, bool) if k == "quick_gelu" else (
-            isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0)
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= low)
         if not ok:
-            return f"{k} must be {'true or false' if k == 'quick_gelu' else 'a positive int'}, got {v!r}"
+            want = "true or false" if k == "quick_gelu" else ("a non-negative int" if low == 0 else "a positive int")
+            return f"{k} must be {want}, got {v!r}"
     return None
 
 
@@ -352,7 +389,7 @@ def check_recorded_architecture(config: CLIPConfig, given: Mapping[str, object],
     """ValueError naming ``source`` when ``given`` (``ARCHITECTURE_CHOICES`` set by the caller)
     contradicts the config a fastclip file records (it would otherwise be ignored)."""
     recorded = {"quick_gelu": config.quick_gelu, "vision_heads": config.vision_num_heads,
-                "text_heads": config.text_num_heads}
+                "text_heads": config.text_num_heads, "text_eos_id": config.text_eos_id}
     wrong = [f"{k}={v!r} (the file's: {recorded[k]!r})" for k, v in given.items() if v != recorded[k]]
     if wrong:
         raise ValueError(f"{source}: a fastclip model file records its architecture, which "

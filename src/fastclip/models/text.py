@@ -1,6 +1,8 @@
 """Causal text transformer (CLIP's text encoder)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -9,7 +11,8 @@ from .transformer import LayerNorm, Transformer
 
 class TextTransformer(nn.Module):
     """Token + positional embedding -> causal transformer -> ``ln_final`` -> features at the
-    EOT token (the position of the largest token id, as OpenAI) -> ``@ text_projection``.
+    EOT token (the position of the largest token id, as OpenAI; with ``eos_id`` the first
+    position of that id, as open_clip's ``pool_type="eos"``) -> ``@ text_projection``.
 
     Input LongTensor ``[B, context_length]`` (shorter sequences are accepted), output
     ``[B, output_dim]`` in the weights' dtype. Attribute names are OpenAI's top-level text keys,
@@ -17,12 +20,12 @@ class TextTransformer(nn.Module):
     """
 
     def __init__(self, context_length: int, vocab_size: int, width: int, heads: int, layers: int, output_dim: int,
-                 quick_gelu: bool = True):
+                 quick_gelu: bool = True, mlp_width: Optional[int] = None, eos_id: Optional[int] = None):
         super().__init__()
-        self.context_length, self.vocab_size = context_length, vocab_size
+        self.context_length, self.vocab_size, self.eos_id = context_length, vocab_size, eos_id
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
-        self.transformer = Transformer(width, layers, heads, causal=True, quick_gelu=quick_gelu)
+        self.transformer = Transformer(width, layers, heads, causal=True, quick_gelu=quick_gelu, mlp_width=mlp_width)
         self.ln_final = LayerNorm(width)
         self.text_projection = nn.Parameter(torch.empty(width, output_dim))
 
@@ -55,7 +58,10 @@ class TextTransformer(nn.Module):
         pos = self.positional_embedding[:L].to(self.token_embedding.weight.dtype)  # [L, W]
         x = self.token_embedding(text) + pos                                      # [B, L, W]
         x = self.ln_final(self.transformer(x))
-        x = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]  # [B, W] at EOT
+        # [B] positions: the largest id (CLIP's end-of-text is its vocabulary's last id), or the
+        # first eos_id (argmax of the int mask: the first maximum; 0 in a row without it)
+        at = text.argmax(dim=-1) if self.eos_id is None else (text == self.eos_id).int().argmax(dim=-1)
+        x = x[torch.arange(x.shape[0], device=x.device), at]  # [B, W] at EOT
         return x @ self.text_projection
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ the weights do not depend on the layout).
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -67,17 +68,20 @@ class SelfAttention(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    """Pre-LN block: ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))`` with a 4x MLP whose
-    activation is QuickGELU (``quick_gelu=True``, OpenAI's) or the exact GELU (open_clip's
-    models without ``-quickgelu`` in their name, the LAION weights among them)."""
+    """Pre-LN block: ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))`` with an MLP of hidden
+    width ``mlp_width`` (default 4 x width, OpenAI's) whose activation is QuickGELU
+    (``quick_gelu=True``, OpenAI's) or the exact GELU (open_clip's models without
+    ``-quickgelu`` in their name, the LAION weights among them)."""
 
-    def __init__(self, width: int, heads: int, causal: bool = False, quick_gelu: bool = True):
+    def __init__(self, width: int, heads: int, causal: bool = False, quick_gelu: bool = True,
+                 mlp_width: Optional[int] = None):
         super().__init__()
         self.attn = SelfAttention(width, heads, causal)
         self.ln_1 = LayerNorm(width)
         act = QuickGELU() if quick_gelu else nn.GELU()
+        hidden = mlp_width if mlp_width is not None else width * 4
         self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(width, width * 4)), ("gelu", act), ("c_proj", nn.Linear(width * 4, width))]))
+            ("c_fc", nn.Linear(width, hidden)), ("gelu", act), ("c_proj", nn.Linear(hidden, width))]))
         self.ln_2 = LayerNorm(width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,11 +96,12 @@ class Transformer(nn.Module):
     the backward pass (``torch.utils.checkpoint``, non-reentrant) to save activation memory.
     """
 
-    def __init__(self, width: int, layers: int, heads: int, causal: bool = False, quick_gelu: bool = True):
+    def __init__(self, width: int, layers: int, heads: int, causal: bool = False, quick_gelu: bool = True,
+                 mlp_width: Optional[int] = None):
         super().__init__()
         self.width, self.layers, self.heads = width, layers, heads
         self.grad_checkpointing = False
-        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, causal, quick_gelu)
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, causal, quick_gelu, mlp_width)
                                          for _ in range(layers)])
 
     def init_weights(self) -> None:

@@ -1,6 +1,8 @@
 """Vision Transformer image encoder (CLIP's ViT variant: ln_pre, class token, ln_post + proj)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -16,7 +18,7 @@ class VisionTransformer(nn.Module):
     """
 
     def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int, output_dim: int,
-                 quick_gelu: bool = True):
+                 quick_gelu: bool = True, mlp_width: Optional[int] = None):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"patch_size={patch_size} must divide image_size={image_size}")
@@ -27,7 +29,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid ** 2 + 1, width))
         self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads, quick_gelu=quick_gelu)
+        self.transformer = Transformer(width, layers, heads, quick_gelu=quick_gelu, mlp_width=mlp_width)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
