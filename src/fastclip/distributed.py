@@ -51,6 +51,7 @@ from .ops.contrastive_loss import (
     kernel_layout,
     prepare_params,
     promote_features,
+    savable_for_backward,
     select_backend,
     validate_features,
     validate_options,
@@ -462,9 +463,9 @@ class _GatherLoss(torch.autograd.Function):
             col = _all_reduce_merge(spec.merge, col, plan.group, shift=plan.shift)
         col_own = col[plan.own]
         if one_pass:
-            ctx.save_for_backward(x, y_all, params, dx, dy_all, dp)
+            ctx.save_for_backward(*map(savable_for_backward, (x, y_all, params)), dx, dy_all, dp)
         else:
-            ctx.save_for_backward(x, y_all, params, row, col, pos)
+            ctx.save_for_backward(*map(savable_for_backward, (x, y_all, params)), row, col, pos)
         ctx.one_pass = one_pass
         if total is not None:
             ctx.plan = plan
@@ -582,9 +583,9 @@ class _RingLoss(torch.autograd.Function):
         home = _ring_pass(plan, [y], step, merges)
         col_own = home[-1] if plan.uses_cols else torch.zeros_like(st["row"])
         if one_pass:
-            ctx.save_for_backward(x, y, params, st["dx"], home[0], st["dp"])
+            ctx.save_for_backward(*map(savable_for_backward, (x, y, params)), st["dx"], home[0], st["dp"])
         else:
-            ctx.save_for_backward(x, y, params, st["row"], col_own, st["pos"])
+            ctx.save_for_backward(*map(savable_for_backward, (x, y, params)), st["row"], col_own, st["pos"])
         ctx.one_pass = one_pass
         return _finish_forward(ctx, plan, st["row"], col_own, st["pos"], params.dtype)
 

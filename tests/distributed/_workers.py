@@ -595,8 +595,22 @@ def run_cases(rank: int, world: int, seed: int) -> dict:
     yt = torch.randn(sum(uneven), 5, generator=gen, dtype=torch.float64)
     tiny = clip_loss(xt[o:o + n], yt[o:o + n], 1e53)
     from fastclip import clip_loss as single  # noqa: PLC0415
+    from fastclip import siglip_loss as single_sig  # noqa: PLC0415
+    # Features made under inference mode (frozen towers), only the scale learning: saved for
+    # the backward as in one process (the autograd Functions refused inference tensors).
+    with torch.inference_mode():
+        xi, yi = torch.randn(sum(uneven), 5, generator=gen), torch.randn(sum(uneven), 5, generator=gen)
+    inference = 0.0
+    for impl in ("gather", "ring"):
+        for dist_fn, one_fn, extra in ((clip_loss, single, ()), (siglip_loss, single_sig, (-1.0,))):
+            s, s1 = torch.tensor(3.0, requires_grad=True), torch.tensor(3.0, requires_grad=True)
+            got = dist_fn(xi[o:o + n], yi[o:o + n], s, *extra, dist_impl=impl)
+            got.backward()
+            want = one_fn(xi, yi, s1, *extra)
+            want.backward()
+            inference = max(inference, rel_err(got, want), rel_err(s.grad, s1.grad))
     out["robust"] = {"neg_view_same": bool(torch.equal(first, again)),
-                     "tiny_norm": rel_err(tiny, single(xt, yt, 1e53))}
+                     "tiny_norm": rel_err(tiny, single(xt, yt, 1e53)), "inference_mode": inference}
     # After the errors, a collective call still lines up on every rank.
     out["after_errors"] = _loss_case(rank, world, gen, uneven, "ring", False, torch.float64,
                                      5.0)

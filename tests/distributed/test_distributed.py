@@ -279,6 +279,7 @@ def test_mismatches_raise_on_every_rank(group):
         assert msg.startswith("DistributedLossError") and "disagree on logit_bias" in msg, msg
         assert out["robust"]["neg_view_same"], f"rank {rank}: neg-bit text rows changed the loss"
         assert out["robust"]["tiny_norm"] <= TOL_F64, f"rank {rank}: {out['robust']}"
+        assert out["robust"]["inference_mode"] <= 1e-5, f"rank {rank}: {out['robust']}"
     _check(res, "after_errors", TOL_F64)
 
 

@@ -167,7 +167,7 @@ def _fwd_bwd_impl(be: Backend, spec: LossSpec, x, y, params, normalize, eps, pos
     return row, col, pos, dx, dy, dp
 
 
-def _savable(t: Tensor) -> Tensor:
+def savable_for_backward(t: Tensor) -> Tensor:
     # Features made under torch.inference_mode() cannot be saved for a backward (a scale that
     # requires grad still needs them): a copy outside inference mode can.
     # (A compiled graph's saved tensors are the compiler's: nothing to do there.)
@@ -179,7 +179,7 @@ def _savable(t: Tensor) -> Tensor:
 def _setup_context(ctx, inputs, output):
     x, y, params, loss, normalize, eps, pos_offset, backend = inputs
     row, col, _ = output
-    ctx.save_for_backward(_savable(x), _savable(y), _savable(params), row, col)
+    ctx.save_for_backward(*map(savable_for_backward, (x, y, params)), row, col)
     ctx.cfg = (loss, normalize, eps, pos_offset, backend)
 
 
@@ -277,7 +277,7 @@ class _EagerBlock(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, y, params, spec, be, normalize, eps, pos_offset = inputs
         row, col, _ = output
-        ctx.save_for_backward(_savable(x), _savable(y), _savable(params), row, col)
+        ctx.save_for_backward(*map(savable_for_backward, (x, y, params)), row, col)
         ctx.cfg = (spec, be, normalize, eps, pos_offset)
 
     vmap = staticmethod(_no_vmap)
@@ -406,7 +406,7 @@ class _OnePassLoss(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         # The inputs too, for a second derivative only (references, no copy; a copy only of
         # features made under inference mode, which cannot be saved otherwise).
-        ctx.save_for_backward(dx, dy, dp, _savable(x), _savable(y), _savable(params))
+        ctx.save_for_backward(dx, dy, dp, *map(savable_for_backward, (x, y, params)))
         ctx.cfg = (spec, normalize, eps, pos_offset)
 
     vmap = staticmethod(_no_vmap)
