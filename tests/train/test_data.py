@@ -732,3 +732,29 @@ def test_a_key_used_twice_in_a_shard_starts_a_new_sample(tmp_path):
     got = [{k: (v if k == "txt" else v == a) for k, v in s.items()} for s in iter_tar_samples(shard)]
     assert got == [{"png": True, "txt": b"A"}, {"png": False, "txt": b"B"}, {"png": True, "txt": b"C"},
                    {"png": False}]
+
+
+def test_a_shard_cut_inside_or_before_a_header_counts_as_truncated(tmp_path):
+    """tarfile ends a stream quietly at a header after the first that is cut short, absent (cut
+    at a member boundary, before the end-of-archive blocks) or garbage: the shard's remaining
+    samples vanished and no skip was counted. A cut inside a member's data was counted."""
+    members = [(f"{i}.{ext}", data) for i in range(4) for ext, data in (("png", _png_bytes(i)), ("txt", b"a cat"))]
+    whole = open(_tar(tmp_path / "whole.tar", members), "rb").read()
+    offsets = []                                   # where each member's header starts
+    with tarfile.open(tmp_path / "whole.tar") as tar:
+        offsets = [m.offset for m in tar.getmembers()]
+    third = offsets[4]                             # the header of 2.png
+    cases = {"in_header": whole[:third + 100], "at_boundary": whole[:third],
+             "garbage_header": whole[:third] + b"\x07" * 512 + whole[third + 512:],
+             "in_data": whole[:third + 512 + 30]}
+    for name, data in cases.items():
+        (tmp_path / f"{name}.tar").write_bytes(data)
+        got = list(iter_tar_samples(str(tmp_path / f"{name}.tar")))
+        assert got[-1] is None and len(got) == 3, (name, got)       # 2 samples, then the fault
+    assert [sorted(s) for s in iter_tar_samples(str(tmp_path / "whole.tar"))] == [["png", "txt"]] * 4
+    import gzip
+    (tmp_path / "whole.tar.gz").write_bytes(gzip.compress(whole))
+    assert len(list(iter_tar_samples(str(tmp_path / "whole.tar.gz")))) == 4
+    batches = list(WebDataset(str(tmp_path / "in_header.tar"), 8, image_transform(32), 8, shuffle_buffer=0,
+                              max_epochs=1))
+    assert [len(b[0]) for b in batches] == [2] and [b[2] for b in batches] == [1]

@@ -101,15 +101,35 @@ def bad_shards(urls: List[str], limit: int = 16) -> List[Tuple[str, str]]:
     return [(u, why) for u in urls[:limit] for why in (tar_problem(u),) if why]
 
 
+class _CutShard(tarfile.TarError):
+    """A member header after the first that is cut short, missing or garbage."""
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """``tarfile`` ends an archive quietly at the first header after offset 0 that is cut short
+    (a copy interrupted inside it), absent (cut at a member boundary, before the end-of-archive
+    zero blocks every tar writer adds) or invalid: the shard's remaining samples vanished with
+    no skip counted. Only a zero block (the end-of-archive marker) ends it here; the others
+    raise, and the shard counts as truncated."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except (tarfile.TruncatedHeaderError, tarfile.EmptyHeaderError, tarfile.InvalidHeaderError) as e:
+            raise _CutShard(f"cut or corrupt member header at byte {tar.offset}: {e}") from None
+
+
 def iter_tar_samples(path: str) -> Iterator[Optional[Dict[str, bytes]]]:
     """Yield one ``{ext: bytes}`` dict per key of the tar at ``path`` (streamed), or None once
-    if the shard cannot be read (missing, truncated or not a tar)."""
+    if the shard cannot be read (missing, truncated, inside a member or a header, or not a
+    tar)."""
     current_key, current = None, {}
     try:
         if os.path.isfile(path) and os.path.getsize(path) == 0:
             return          # an empty shard (tar_problem passes it): no sample, not a fault (a pipe's
             #                 size is 0 too: it is read)
-        with tarfile.open(path, mode="r|*") as tar:
+        with tarfile.open(path, mode="r|*", tarinfo=_StrictTarInfo) as tar:
             for member in tar:
                 if not member.isfile():
                     continue
