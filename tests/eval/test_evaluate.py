@@ -171,8 +171,10 @@ def test_batch_size_must_be_a_positive_int():
 
 
 def test_bad_arguments_exit_2_naming_the_flag(siglip_run, capsys, tmp_path):
+    os.mkfifo(tmp_path / "pipe.pt")
     cases = [
         ([str(tmp_path / "nope")], "no such file or folder"),
+        ([str(tmp_path / "pipe.pt")], "pipe.pt: not a regular file or a folder"),
         ([siglip_run, "--probe-train", str(tmp_path)], "--probe-train and --probe-test go together"),
         ([siglip_run, "--zeroshot-data", str(tmp_path / "nope")], "--zeroshot-data"),
         ([siglip_run, "--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "--device"),

@@ -63,8 +63,10 @@ def resolve_model_file(path: str) -> str:
     from ..train.checkpoint import CKPT_DIR, list_checkpoints
     path = os.fspath(path)
     if not os.path.isdir(path):
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise ValueError(f"{path}: no such file or folder")
+        if not os.path.isfile(path):     # a FIFO, a device, a socket: nothing a model is read from
+            raise ValueError(f"{path}: not a regular file or a folder (expected a model file or a run folder)")
         return path
     model_file = os.path.join(path, "model.safetensors")
     found = sorted(list_checkpoints(path))
