@@ -414,6 +414,26 @@ def test_resume_latest_from_a_corrupt_checkpoint_names_the_previous_one(tmp_path
     assert code == 0 and "resumed from" in stdout, err
 
 
+def test_resume_latest_refuses_a_checkpoint_whose_name_is_not_its_step(tmp_path, capsys):
+    """--resume latest picks the newest file by its name: another run's step 2 copied in under a
+    later step's name was resumed as this run's newest, its weights spliced onto this run's log."""
+    import shutil
+    other, out = str(tmp_path / "other"), str(tmp_path / "run")
+    for folder, seed in ((other, "1"), (out, "0")):
+        code, _, err = _train(capsys, "--steps", "4", "--save-every", "2", "--seed", seed, "--output", folder)
+        assert code == 0, err
+    (_, foreign), *_ = sorted(ckpt.list_checkpoints(other))                    # step 2
+    planted = os.path.join(out, ckpt.CKPT_DIR, "step_00000003.safetensors")
+    shutil.copy(foreign, planted)
+    before = open(os.path.join(out, "metrics.jsonl")).read()
+    code, _, err = _train(capsys, "--steps", "6", "--output", out, "--resume", "latest")
+    assert code == 2 and "named step 3 but holds the state of step 2" in err and planted in err, err
+    assert open(os.path.join(out, "metrics.jsonl")).read() == before and os.path.isfile(planted)
+    os.unlink(planted)
+    code, stdout, err = _train(capsys, "--steps", "6", "--output", out, "--resume", "latest")
+    assert code == 0 and "resumed from" in stdout and "step_00000002.safetensors at step 2" in stdout, stdout
+
+
 def test_images_per_second_leaves_out_evaluation_and_checkpoints(tmp_path, capsys, monkeypatch):
     """A log window that held an evaluation (or a checkpoint write) counted its seconds as
     training: 1 img/s in the log of a run whose steps took milliseconds."""

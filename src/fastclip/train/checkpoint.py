@@ -169,6 +169,12 @@ def list_checkpoints(output_dir: str) -> List[Tuple[int, str]]:
     return _list(output_dir, _NAME, "step_*.safetensors")
 
 
+def named_step(path: str) -> Optional[int]:
+    """The step a checkpoint's file name gives (``step_00000014.safetensors``: 14), or None."""
+    m = _NAME.search(os.path.basename(path))
+    return int(m.group(1)) if m else None
+
+
 def _list(output_dir: str, pattern, glob_pattern: str) -> List[Tuple[int, str]]:
     out = []
     for p in glob.glob(os.path.join(glob.escape(output_dir), CKPT_DIR, glob_pattern)):

@@ -41,6 +41,13 @@ def resume_from_checkpoint(t) -> None:
         raise ckpt.CheckpointError(f"{e}; the previous checkpoint of this run is {older} "
                                    f"(--resume {older} continues from it)") from None
     t.start_step = int(state["step"])
+    named = ckpt.named_step(path)
+    if named is not None and named != t.start_step:
+        # --resume latest picks the file by its name: another run's step 4 copied in as
+        # step_00000014 was resumed as this run's newest, its weights spliced onto this run's log.
+        raise ckpt.CheckpointError(f"{path}: named step {named} but holds the state of step {t.start_step}: "
+                                   f"renamed, or copied in from another run; move it out of the run "
+                                   f"folder (or give it its own step's name if it is this run's)")
     extra = state["extra"]
     check_same_architecture(t, path, extra)
     restore_extra(t, path, extra)
