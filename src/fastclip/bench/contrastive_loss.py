@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import methods as M
-from .env import cpu_count, env_info, gb, meminfo_bytes
+from .env import cpu_count, env_info, gb, meminfo_bytes, slug
 from .measure import clear_grads, esize, per_call_times, run_worker, time_step, worker_reply
 from .report import (
     CSV_FIELDS,
@@ -310,6 +310,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     if methods and not a.summarize and not any(m in methods for m, _ in here):
         p.error(f"--methods {','.join(methods)}: none of them runs on --device {dev} (there: "
                 f"{','.join(m for m, _ in here)})")
+    if a.tag and slug(a.tag) in {slug(n) for n in M.LOSSES}:
+        # The loss names the file stem too: --tag siglip wrote a clip run into the SigLIP files.
+        p.error(f"--tag {a.tag!r}: the name of a loss, which the file names carry already (--loss); "
+                f"choose another tag")
     out = a.out if a.out is not None else default_out_dir()
     if not a.summarize and a.worker is None:
         check_out_dir(p, out)
@@ -447,7 +451,7 @@ def run_benchmark(cfg: Config, log=print) -> tuple[list[dict], str]:
     earlier: dict[tuple, dict] = {}
     done: set = set()
     if cfg.append and os.path.exists(prefix + ".csv"):
-        _check_appendable(prefix + ".csv")
+        _check_appendable(prefix + ".csv", cfg.loss)
         # Keyed with the thread count: a row measured with other --threads is another case
         # (kept beside this run's, its ratios paired within its thread count by derive()).
         planned = {(cfg.loss, m, str(n), str(d), dt, info["threads"]) for m, _ in methods
@@ -539,7 +543,7 @@ def run_benchmark(cfg: Config, log=print) -> tuple[list[dict], str]:
     return rows, prefix
 
 
-def _check_appendable(path: str) -> None:
+def _check_appendable(path: str, loss: str) -> None:
     """``--append``: the file at the output name must be a sweep's table that ``derive`` reads
     (an --overhead table, another CSV or a truncated one failed with a traceback after the
     whole sweep had run). Raises ``BenchError`` before anything is measured."""
@@ -553,6 +557,11 @@ def _check_appendable(path: str) -> None:
         why = f"it is an --overhead table (its columns {table_names(columns)}), not a sweep's"
     if why and rows:
         raise BenchError(f"--append: {path}: {why}; pass --overwrite to replace it or --out elsewhere")
+    other = sorted({r["loss"] for r in rows} - {loss})
+    if other:
+        # (one table then mixed two losses, its FLOP rates counted with this loss's formula)
+        raise BenchError(f"--append: {path} holds {', '.join(other)} loss rows, this run measures {loss}; "
+                         f"pass --overwrite to replace it or --out elsewhere")
     try:
         derive([dict(r) for r in read_csv(path)])
     except (ValueError, KeyError, TypeError) as e:

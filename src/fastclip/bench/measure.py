@@ -169,7 +169,7 @@ def unit_features(n: int, d: int, dtype: torch.dtype, device: str, seed: int, co
     on ``device`` in row chunks, so N = 4M at D = 1024 needs no host copy and only a
     chunk of fp32 temporaries."""
     g = torch.Generator(device=device)
-    g.manual_seed(seed * 1_000_003 + n * 131 + d)
+    g.manual_seed((seed * 1_000_003 + n * 131 + d) % 2**64)     # any --seed: the generator takes 64 bits
     step = max(1, (1 << 26) // d)                  # 256 MB of fp32 per chunk
     out = []
     for _ in range(count):

@@ -6,6 +6,7 @@ measurement, so an interrupted run keeps what it measured and never leaves half 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 
@@ -57,6 +58,11 @@ def check_replace(paths: list[str], out_given: bool, overwrite: bool, append: bo
     results (a ``--quick`` run replaced a 28-row table with its 8 rows). ``--out DIR``
     (chosen, so replaced), ``--overwrite`` and ``--append`` (merged) pass; ``append`` is None
     for a benchmark without ``--append``."""
+    folders = [q for q in paths if os.path.isdir(q)]
+    if folders:
+        # (a run measured for minutes, then failed on the write with a traceback and a .tmp left)
+        raise BenchError(f"{folders[0]} is a folder: the results file of that name cannot be written; "
+                         f"move it away or choose another --out")
     if out_given or overwrite or append:
         return
     there = [q for q in paths if os.path.exists(q)]
@@ -79,11 +85,24 @@ def output_prefix(out: str, device: str, device_name: str, loss: str = "clip",
     return os.path.join(out, stem)
 
 
-def write_text(path: str, text: str) -> None:
+def _replace_with(path: str, fill) -> None:
+    """``fill(tmp)`` writes ``path + ".tmp"``, which then replaces ``path``; the temporary file
+    is removed when either step fails (never half a file, never a stray .tmp)."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        fill(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: str, text: str) -> None:
+    def fill(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    _replace_with(path, fill)
 
 
 def check_out_dir(parser, out: str) -> None:
@@ -96,13 +115,13 @@ def check_out_dir(parser, out: str) -> None:
 
 
 def write_csv(rows: list[dict], path: str, fields: list[str] | None = None) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields or CSV_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow(r)
-    os.replace(tmp, path)
+    def fill(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields or CSV_FIELDS, extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                w.writerow(r)
+    _replace_with(path, fill)
 
 
 def read_csv(path: str) -> list[dict]:
