@@ -566,9 +566,12 @@ def test_distributed_refuses_more_ranks_than_the_machine_bears(capsys, tmp_path,
     monkeypatch.setattr(distributed, "cpu_count", lambda: 2)
     spawned = []
 
+    class Stop(Exception):
+        pass
+
     def spawn(body, world, args, timeout_s):
         spawned.append(world)
-        raise RuntimeError("stop here")
+        raise Stop("stop here")
     monkeypatch.setattr(distributed, "_spawn", spawn)
     argv = ["--mode", "overhead", "--sizes", "64", "--dim", "8", "--out", str(tmp_path)]
     for extra in ([], ["--mode", "cpu"]):
@@ -585,11 +588,11 @@ def test_distributed_refuses_more_ranks_than_the_machine_bears(capsys, tmp_path,
         distributed.main(argv + ["--max-world", "0"])
     assert "--max-world must be positive, got 0" in capsys.readouterr().err
     assert spawned == []
-    with pytest.raises(RuntimeError, match="stop here"):
+    with pytest.raises(Stop, match="stop here"):
         distributed.main(argv + ["--worlds", "64", "--max-world", "64"])
     assert spawned == [64]
     spawned.clear()
-    with pytest.raises(RuntimeError, match="stop here"):
+    with pytest.raises(Stop, match="stop here"):
         distributed.main(argv + ["--worlds", "8"])         # at the bound: allowed
     assert spawned == [8]
 
@@ -717,6 +720,75 @@ def test_distributed_refuses_w1_flags_in_the_other_modes(capsys, tmp_path):
             distributed.main(["--mode", "cpu", "--worlds", "2", "--sizes", "64", *flag, "--out", str(tmp_path)])
         assert e.value.code == 2
         assert "applies to --mode w1 only" in capsys.readouterr().err
+    # Flags of the other modes were ignored too (--mode w1 --impls openclip ran plain, gather and
+    # ring), and an abbreviation (--rep 3) passed the check unseen.
+    for mode, flag, needle in (("w1", ["--impls", "openclip"], "--impls applies to --mode cpu and overhead"),
+                               ("w1", ["--worlds", "4"], "--worlds applies to"),
+                               ("cpu", ["--calls", "5"], "--calls applies to --mode overhead only"),
+                               ("cpu", ["--target-s", "9"], "--target-s applies to --mode overhead only"),
+                               ("cpu", ["--rep", "3"], "unrecognized arguments: --rep")):
+        with pytest.raises(SystemExit) as e:
+            distributed.main(["--mode", mode, "--device", "cpu", "--sizes", "64", *flag, "--out", str(tmp_path)]
+                             if mode == "w1" else ["--mode", mode, "--sizes", "64", *flag, "--out", str(tmp_path)])
+        assert e.value.code == 2 and needle in capsys.readouterr().err, (mode, flag)
+
+
+def _oom_rank(rank, world, args, threads, rows, impls):
+    """A spawned rank's body: one case measured, then rank 1 out of memory while rank 0 waits."""
+    import time
+    impls["gather"] = "dist_impl='gather'"
+    rows.append(dict(world=world, impl="gather", N=64, n_per_rank=32, D=8, dtype="fp32", threads_per_rank=1,
+                     time_s=0.01, peak_mib_per_rank=1.0))
+    if rank == 1:
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 TB")
+    time.sleep(30)              # blocked in a collective the failed rank never joins
+
+
+def _killed_rank(rank, world, args, threads, rows, impls):
+    """A spawned rank's body: rank 1 killed without a word (the OOM killer), rank 0 waiting."""
+    import signal
+    import time
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(30)
+
+
+def test_distributed_rank_failures_keep_the_measured_cases_and_never_hang(capsys, tmp_path, monkeypatch):
+    """A rank that ran out of memory at a large N ended in a nested traceback and discarded the
+    sizes measured before; one killed without a word (the OOM killer) left the parent waiting 30
+    minutes on its queue."""
+    import time
+
+    from fastclip.bench import distributed
+    monkeypatch.setattr(distributed, "_cpu_rank", _oom_rank)
+    t0 = time.monotonic()
+    rc = distributed.main(["--mode", "cpu", "--worlds", "2", "--sizes", "64", "--dim", "8",
+                           "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "rank 1 failed at world size 2: RuntimeError: DefaultCPUAllocator" in err and "measured before" in err
+    assert time.monotonic() - t0 < 25
+    assert len(_rows(tmp_path / "distributed-cpu.csv")) == 1
+
+    monkeypatch.setattr(distributed, "_cpu_rank", _killed_rank)
+    t0 = time.monotonic()
+    rc = distributed.main(["--mode", "cpu", "--worlds", "2", "--sizes", "64", "--dim", "8",
+                           "--out", str(tmp_path / "k")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "rank 1 killed by signal 9 (SIGKILL: out of memory?) before reporting" in err, err
+    assert time.monotonic() - t0 < 25
+
+
+def test_distributed_lists_are_deduplicated_and_the_overhead_csv_has_its_ratios(tmp_path):
+    """--sizes 8 8 wrote two rows the markdown showed as one; the overhead CSV lacked the ratio
+    columns its markdown shows."""
+    from fastclip.bench import distributed
+    rc = distributed.main(["--mode", "overhead", "--worlds", "2", "2", "--sizes", "8", "8", "--dim", "16",
+                           "--impls", "gather", "gather", "openclip", "--calls", "3", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = _rows(tmp_path / "distributed-overhead.csv")
+    assert [r["method"] for r in rows] == ["gather", "openclip"]
+    assert float(rows[0]["x_naive_fwd"]) > 0 and float(rows[1]["x_naive_fwd_bwd"]) == 1
 
 
 def test_memory_estimates_charge_n_squared_only_to_what_holds_it():
@@ -732,3 +804,35 @@ def test_memory_estimates_charge_n_squared_only_to_what_holds_it():
         assert est("cpu", 2 * n) - est("cpu", n) <= 8 * n * 16 * 4 + 64 * n + (64 << 20)
         assert est("triton", 2 * n) == 2 * est("triton", n)
     assert est("gemm", 1 << 20) - est("triton", 1 << 20) == (1 << 26) * 4   # one 256 MiB chunk
+
+
+def test_output_names_seeds_and_appends_that_would_mix_or_fail_late(capsys, tmp_path):
+    """--tag siglip wrote a clip run into the SigLIP files and --append then mixed the two losses in
+    one table; a seed above 9.2e12 failed every row; a folder with a results file's name failed
+    after the whole sweep, leaving a .tmp behind."""
+    common = ["--device", "cpu", "--sizes", "16", "--dims", "8", "--reps", "1", "--methods", "floor",
+              "--no-isolate", "--no-plot", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as e:
+        bench.main(common + ["--tag", "SigLIP"])
+    assert e.value.code == 2 and "--tag 'SigLIP': the name of a loss" in capsys.readouterr().err
+    assert bench.main(common + ["--loss", "siglip"]) == 0
+    siglip_csv = next(tmp_path.glob("cpu-*-siglip.csv"))
+    os.rename(siglip_csv, str(siglip_csv).replace("-siglip.csv", ".csv"))    # a clip run's name
+    assert bench.main(common + ["--append"]) == 2
+    assert "holds siglip loss rows, this run measures clip" in capsys.readouterr().err
+    assert bench.main(common + ["--seed", str(10 ** 17), "--overwrite"]) == 0
+    rows = _rows(next(tmp_path.glob("cpu-*.csv")))
+    assert rows and all(r["status"] == "ok" for r in rows), rows
+    folder = tmp_path / "f"
+    (folder / os.path.basename(str(siglip_csv)).replace("-siglip.csv", ".csv")).mkdir(parents=True)
+    argv = common[:-1] + [str(folder)]
+    assert bench.main(argv) == 2
+    assert "is a folder: the results file of that name cannot be written" in capsys.readouterr().err
+    assert not list(folder.glob("*.tmp"))
+
+    def boom(tmp):
+        open(tmp, "w").write("half")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        report._replace_with(str(tmp_path / "t.md"), boom)
+    assert not list(tmp_path.glob("t.md*"))

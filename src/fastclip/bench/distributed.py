@@ -116,26 +116,40 @@ def _rank_setup(rank: int, world: int, port: int, timeout_s: float) -> int:
     return threads
 
 
+class RankFailed(BenchError):
+    """A rank raised or died; ``rows`` and ``impls`` hold what its world measured before."""
+
+    def __init__(self, message: str, rows: list | None = None, impls: dict | None = None):
+        super().__init__(message)
+        self.rows, self.impls = rows or [], impls or {}
+
+
 def _rank_main(body, rank, world, port, args, q, timeout_s):
-    """One spawned rank: join the gloo group, run ``body(rank, world, args, threads)`` and
-    send its payload (or its traceback) to the parent; leave the group however it ends."""
+    """One spawned rank: join the gloo group, run ``body(rank, world, args, threads, rows,
+    impls)`` (which fills ``rows`` and ``impls`` as it goes) and send them to the parent, with
+    its traceback if it failed (the rows measured before stay); leave the group however it
+    ends."""
+    rows, impls = [], {}
     try:
         threads = _rank_setup(rank, world, port, timeout_s)
-        q.put((rank, "ok", body(rank, world, args, threads)))
+        body(rank, world, args, threads, rows, impls)
+        q.put((rank, "ok", (rows, impls)))
     except KeyboardInterrupt:
         pass                # Ctrl-C reached the whole process group: the parent reports it
-    except BaseException:   # noqa: BLE001 - reported to the parent, which raises
+    except BaseException as e:   # noqa: BLE001 - reported to the parent, which raises
         import traceback  # noqa: PLC0415
-        q.put((rank, "error", traceback.format_exc()))
+        last = f"{type(e).__name__}: {e}".strip().splitlines()
+        q.put((rank, "error", (last[0] if last else type(e).__name__, traceback.format_exc(), rows, impls)))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _spawn(body, world: int, args, timeout_s: float) -> dict:
-    """Run ``body(rank, world, args, threads)`` on ``world`` spawned ranks of one gloo group
-    (collectives time out after ``timeout_s``); return {rank: payload}. A failing rank's
-    traceback is raised here, never a hang."""
+    """Run ``body`` on ``world`` spawned ranks of one gloo group (collectives time out after
+    ``timeout_s``); return {rank: (rows, impls)}. A rank that raises, or dies without a word
+    (killed for memory, a crash), is ``RankFailed`` here within seconds, never a hang; it
+    carries rank 0's rows measured before."""
     import torch.multiprocessing as mp  # noqa: PLC0415
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -154,12 +168,37 @@ def _spawn(body, world: int, args, timeout_s: float) -> dict:
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+    import queue  # noqa: PLC0415
     got = {}
+    deadline = time.monotonic() + timeout_s
+    dead_since = None
     try:
         while len(got) < world:
-            rank, status, payload = q.get(timeout=timeout_s)
+            try:
+                rank, status, payload = q.get(timeout=1.0)
+            except queue.Empty:
+                # A rank gone without a message (its report may still be in the pipe for a
+                # moment after it exits: a few seconds' grace).
+                gone = [(r, p.exitcode) for r, p in enumerate(procs) if r not in got and p.exitcode is not None]
+                now = time.monotonic()
+                if gone:
+                    dead_since = dead_since or now
+                    if now - dead_since > 5:
+                        r, code = gone[0]
+                        how = (f"killed by signal {-code}" + (" (SIGKILL: out of memory?)" if code == -9 else "")
+                               if code < 0 else f"exited with status {code}")
+                        raise RankFailed(f"rank {r} {how} before reporting, at world size {world}",
+                                         *got.get(0, ([], {}))) from None
+                if now > deadline:
+                    raise RankFailed(f"no report from rank(s) {sorted(set(range(world)) - set(got))} in "
+                                     f"{timeout_s:.0f} s at world size {world}", *got.get(0, ([], {}))) from None
+                continue
             if status != "ok":
-                raise RuntimeError(f"rank {rank} failed:\n{payload}")
+                first, tb, rows, impls = payload
+                if os.environ.get("FASTCLIP_BENCH_TRACEBACK"):
+                    print(tb, file=sys.stderr)
+                # Every rank keeps the rows: its measured cases stay with the world's error.
+                raise RankFailed(f"rank {rank} failed at world size {world}: {first}", rows, impls)
             got[rank] = payload
     finally:
         for p in procs:
@@ -170,9 +209,8 @@ def _spawn(body, world: int, args, timeout_s: float) -> dict:
 
 
 # ------------------------------------------------------------------- CPU, W ranks
-def _cpu_rank(rank, world, args, threads):
+def _cpu_rank(rank, world, args, threads, rows, impls):
     spec = M.get_loss(args.loss)
-    rows, impls = [], {}
     gen_seed = 1234 + rank
     # Warm-up: first calls pay for thread pools, allocator growth, gloo buffers.
     for impl in args.impls:
@@ -197,15 +235,15 @@ def _cpu_rank(rank, world, args, threads):
             peak = (proc_status_kb("VmHWM") - rss0) / 1024 if ok else float("nan")
             stats = [None] * world
             dist.all_gather_object(stats, (dt, peak))
+            # Every rank records the row (whichever rank fails later reports what was measured).
+            rows.append({"world": world, "impl": impl, "N": N, "n_per_rank": n,
+                         "D": args.dim, "dtype": "fp32", "threads_per_rank": threads,
+                         "time_s": max(t for t, _ in stats),
+                         "peak_mib_per_rank": max(p for _, p in stats)})
             if rank == 0:
-                rows.append({"world": world, "impl": impl, "N": N, "n_per_rank": n,
-                             "D": args.dim, "dtype": "fp32", "threads_per_rank": threads,
-                             "time_s": max(t for t, _ in stats),
-                             "peak_mib_per_rank": max(p for _, p in stats)})
                 print(f"W={world} N={N:6d} {impl:8s} {rows[-1]['time_s']:7.2f} s "
                       f"{rows[-1]['peak_mib_per_rank']:8.1f} MiB/rank", flush=True)
             del x, y, params, loss
-    return rows, impls
 
 
 def _by_world(per_world: dict[int, dict]) -> dict:
@@ -224,7 +262,13 @@ def _run_worlds(body, timeout_s: float, args, out: list | None, impls: dict | No
     ``out`` and ``impls`` as each world finishes (what an interrupted run keeps)."""
     out, impls = ([] if out is None else out), ({} if impls is None else impls)
     for world in args.worlds:
-        rows, impls[world] = _spawn(body, world, args, timeout_s)[0]
+        try:
+            rows, impls[world] = _spawn(body, world, args, timeout_s)[0]
+        except RankFailed as e:
+            out.extend(e.rows)          # this world's cases measured before the failure
+            if e.impls:
+                impls[world] = e.impls
+            raise
         out.extend(rows)
     return out, _by_world(impls)
 
@@ -234,9 +278,8 @@ def run_cpu(args, out: list | None = None, impls: dict | None = None) -> tuple[l
 
 
 # ------------------------------------------------------------------- overhead, W ranks
-def _overhead_rank(rank, world, args, threads):
+def _overhead_rank(rank, world, args, threads, rows, impls):
     spec = M.get_loss(args.loss)
-    rows, impls = [], {}
 
     def agree(rounds: int) -> int:           # every rank runs the same calls
         t = torch.tensor([rounds])
@@ -256,23 +299,22 @@ def _overhead_rank(rank, world, args, threads):
                                budget_s=args.target_s, rounds=args.calls, agree=agree)
         every = [None] * world
         dist.all_gather_object(every, times)
-        if rank == 0:
-            for impl in args.impls:
-                # per call the slowest rank, then the median over the calls
-                fwd = [max(ts) for ts in zip(*(e[impl][0] for e in every))]
-                tot = [max(ts) for ts in zip(*(e[impl][1] for e in every))]
-                rows.append({"world": world, "method": impl, "N": N, "n_per_rank": n,
-                             "D": args.dim, "dtype": "fp32", "threads_per_rank": threads,
-                             "fwd_us": f"{statistics.median(fwd) * 1e6:.1f}",
-                             "fwd_bwd_us": f"{statistics.median(tot) * 1e6:.1f}",
-                             "fwd_us_min": f"{min(fwd) * 1e6:.1f}",
-                             "fwd_bwd_us_min": f"{min(tot) * 1e6:.1f}",
-                             "calls": len(tot), "status": "ok", "impl": impls[impl]})
+        for impl in args.impls:     # every rank records the rows (see _cpu_rank); rank 0 prints
+            # per call the slowest rank, then the median over the calls
+            fwd = [max(ts) for ts in zip(*(e[impl][0] for e in every))]
+            tot = [max(ts) for ts in zip(*(e[impl][1] for e in every))]
+            rows.append({"world": world, "method": impl, "N": N, "n_per_rank": n,
+                         "D": args.dim, "dtype": "fp32", "threads_per_rank": threads,
+                         "fwd_us": f"{statistics.median(fwd) * 1e6:.1f}",
+                         "fwd_bwd_us": f"{statistics.median(tot) * 1e6:.1f}",
+                         "fwd_us_min": f"{min(fwd) * 1e6:.1f}",
+                         "fwd_bwd_us_min": f"{min(tot) * 1e6:.1f}",
+                         "calls": len(tot), "status": "ok", "impl": impls[impl]})
+            if rank == 0:
                 print(f"W={world} N={N:5d} {impl:8s} fwd {rows[-1]['fwd_us']:>9} us  "
                       f"fwd+bwd {rows[-1]['fwd_bwd_us']:>9} us  ({len(tot)} calls)",
                       flush=True)
         del x, y, params, steps
-    return rows, impls
 
 
 def run_overhead(args, out: list | None = None, impls: dict | None = None) -> tuple[list[dict], dict]:
@@ -280,7 +322,9 @@ def run_overhead(args, out: list | None = None, impls: dict | None = None) -> tu
 
 
 # ------------------------------------------------------------------- one device, W=1
-def run_w1(args) -> tuple[list[dict], dict]:
+def run_w1(args, rows: list | None = None) -> tuple[list[dict], dict]:
+    """The plain loss, gather and ring on one process; ``rows`` (filled as cases finish) keeps
+    what was measured when a later case fails."""
     spec = M.get_loss(args.loss)
     dev = torch.device(args.device)
     if dev.type == "cuda":
@@ -296,7 +340,7 @@ def run_w1(args) -> tuple[list[dict], dict]:
              "ring": lambda x, y, p: spec.distributed(x, y, p, "ring", args.backend)}
     impls = {"plain": f"{spec.fused_name}(backend={args.backend!r})",
              "gather": "dist_impl='gather'", "ring": "dist_impl='ring'"}
-    rows = []
+    rows = [] if rows is None else rows
 
     def sync():
         if dev.type == "cuda":
@@ -371,7 +415,9 @@ def write(rows: list[dict], impls: dict, args, argv: list[str], wall: float,
                  date=stamp)
     prefix = os.path.join(args.out, _stem(args))
     os.makedirs(args.out, exist_ok=True)
-    write_csv(rows, prefix + ".csv", list(rows[0]))
+    if args.mode == "overhead":
+        derive_overhead(rows, peer=PEER)        # (before the CSV: its ratio columns were missing)
+    write_csv(rows, prefix + ".csv", list(dict.fromkeys(k for r in rows for k in r)))
     spec = M.get_loss(args.loss)
     head = [f"device: {device}",
             f"torch {info['torch']}, fastclip {info['fastclip']}, Python {info['python']}, "
@@ -379,7 +425,6 @@ def write(rows: list[dict], impls: dict, args, argv: list[str], wall: float,
             f"command: `fastclip bench distributed {' '.join(argv)}` ({wall:.0f} s)"]
     head += [f"{k}: {v}" for k, v in impls.items()]
     if args.mode == "overhead":
-        derive_overhead(rows, peer=PEER)
         head += ["N is the global batch (n = N/W rows per rank), D = "
                  f"{args.dim}, fp32, threads per rank "
                  + ", ".join(f"{max(1, cpu_count() // w)} at W = {w}" for w in args.worlds)
@@ -425,7 +470,7 @@ def write(rows: list[dict], impls: dict, args, argv: list[str], wall: float,
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="fastclip bench distributed",
+        prog="fastclip bench distributed", allow_abbrev=False,
         description="Time and memory of fastclip's sharded loss (gather, ring) against "
                     "open_clip's, on W spawned gloo ranks; or per-call overhead at small N; "
                     "or the single-device cost of the sharded path (w1).")
@@ -476,11 +521,17 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
                    else f"--max-world {bound}")
             p.error(f"--worlds {big[0]}: more ranks than {why} (every rank is a spawned "
                     f"process); pass --max-world {max(big)} to run it anyway")
-    if args.mode != "w1":
-        for flag in ("--dtypes", "--device", "--reps"):
-            if flag in getattr(args, "given", ()):
-                p.error(f"{flag} applies to --mode w1 only (the {args.mode} mode runs fp32 on CPU ranks; "
-                        f"it was ignored, and recorded in the markdown's command line)")
+    # A flag the mode does not read is refused, not ignored (it was recorded in the markdown's
+    # command line as if it had applied).
+    applies = {"--dtypes": ("w1",), "--device": ("w1",), "--reps": ("w1",), "--worlds": ("cpu", "overhead"),
+               "--max-world": ("cpu", "overhead"), "--impls": ("cpu", "overhead"),
+               "--calls": ("overhead",), "--target-s": ("overhead",)}
+    for flag, modes in applies.items():
+        if flag in getattr(args, "given", ()) and args.mode not in modes:
+            what = {"w1": "the w1 mode runs the plain loss, gather and ring in one process",
+                    "cpu": "the cpu mode times one forward+backward per case, fp32 on CPU ranks",
+                    "overhead": "the overhead mode runs fp32 on CPU ranks"}[args.mode]
+            p.error(f"{flag} applies to --mode {' and '.join(modes)} only ({what})")
     if args.calls < 0 or not args.target_s > 0:
         p.error(f"--calls must be >= 0 and --target-s > 0, got {args.calls} and {args.target_s}")
     if args.mode != "w1":
@@ -525,8 +576,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.sizes is None:
         args.sizes = {"cpu": [2048, 8192, 16384], "overhead": [32, 256, 1024],
                       "w1": [16384, 65536]}[args.mode]
+    # Each list once, in the order given (a repeated size made rows the markdown hid).
+    args.worlds, args.sizes, args.impls, args.dtypes = (list(dict.fromkeys(v)) for v in
+                                                        (args.worlds, args.sizes, args.impls, args.dtypes))
     args.out_given = args.out is not None
-    args.given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    args.given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}     # (no abbreviations)
     if args.out is None:
         args.out = default_out_dir()
     _check_args(p, args)
@@ -535,9 +589,20 @@ def main(argv: list[str] | None = None) -> int:
     rows, impls = [], {}
     try:
         if args.mode == "w1":
-            rows, desc = run_w1(args)
+            rows, desc = run_w1(args, rows)
         else:
             rows, desc = {"cpu": run_cpu, "overhead": run_overhead}[args.mode](args, rows, impls)
+    except (RankFailed, RuntimeError, MemoryError) as e:
+        # A rank (or the w1 process) failed, e.g. out of memory at a large N: the cases measured
+        # before are written, and the error is one line.
+        desc = _by_world(impls) if args.mode != "w1" else {}
+        prefix = write(rows, desc, args, argv, time.perf_counter() - t0, info) if rows else ""
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not isinstance(e, RankFailed):
+            first = f"{type(e).__name__}: {first}"
+        print(f"fastclip bench distributed: error: {first}"
+              + (f" (the cases measured before are in {prefix}.csv and .md)" if prefix else ""), file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:
         # The world sizes that finished are written (the ranks leave quietly on Ctrl-C).
         from ..cli import stopped  # noqa: PLC0415
