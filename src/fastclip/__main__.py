@@ -1,6 +1,4 @@
 """``python -m fastclip …``: the same as the ``fastclip`` command."""
-import sys
+from .cli import entry
 
-from .cli import main
-
-sys.exit(main())
+entry()
