@@ -779,6 +779,20 @@ def test_distributed_rank_failures_keep_the_measured_cases_and_never_hang(capsys
     assert time.monotonic() - t0 < 25
 
 
+def test_distributed_sizes_beyond_the_machines_memory_are_refused_up_front(capsys, tmp_path):
+    """--mode w1 --sizes 16 200000000 measured N = 16, then the system killed the process for
+    memory: nothing written, no word."""
+    from fastclip.bench import distributed
+    for argv, needle in ((["--mode", "w1", "--device", "cpu", "--dtypes", "fp32", "--sizes", "16", str(10 ** 12)],
+                          f"--sizes {10 ** 12}: needs at least"),
+                         (["--sizes", "256", str(2 * 10 ** 7), "--worlds", "2"],
+                          f"--sizes {2 * 10 ** 7}: needs at least")):
+        with pytest.raises(SystemExit) as e:
+            distributed.main(argv + ["--dim", "8", "--out", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and needle in err and "available; choose smaller sizes" in err, err
+
+
 def test_distributed_lists_are_deduplicated_and_the_overhead_csv_has_its_ratios(tmp_path):
     """--sizes 8 8 wrote two rows the markdown showed as one; the overhead CSV lacked the ratio
     columns its markdown shows."""

@@ -322,7 +322,7 @@ def run_overhead(args, out: list | None = None, impls: dict | None = None) -> tu
 
 
 # ------------------------------------------------------------------- one device, W=1
-def run_w1(args, rows: list | None = None) -> tuple[list[dict], dict]:
+def run_w1(args, rows: list | None = None, impls: dict | None = None) -> tuple[list[dict], dict]:
     """The plain loss, gather and ring on one process; ``rows`` (filled as cases finish) keeps
     what was measured when a later case fails."""
     spec = M.get_loss(args.loss)
@@ -338,8 +338,9 @@ def run_w1(args, rows: list | None = None) -> tuple[list[dict], dict]:
     forms = {"plain": lambda x, y, p: spec.fused(x, y, p, args.backend),
              "gather": lambda x, y, p: spec.distributed(x, y, p, "gather", args.backend),
              "ring": lambda x, y, p: spec.distributed(x, y, p, "ring", args.backend)}
-    impls = {"plain": f"{spec.fused_name}(backend={args.backend!r})",
-             "gather": "dist_impl='gather'", "ring": "dist_impl='ring'"}
+    impls = {} if impls is None else impls
+    impls.update({"plain": f"{spec.fused_name}(backend={args.backend!r})",
+                  "gather": "dist_impl='gather'", "ring": "dist_impl='ring'"})
     rows = [] if rows is None else rows
 
     def sync():
@@ -559,12 +560,52 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
         ok, why = b.availability()
         if not ok:
             p.error(f"--backend {args.backend!r} is not available here: {why}")
+    big = _too_big(args, dev)
+    if big:
+        p.error(big)
     check_out_dir(p, args.out)
     try:
         check_replace([os.path.join(args.out, _stem(args) + e) for e in (".csv", ".md")],
                       args.out_given, args.overwrite)
     except BenchError as e:
         p.error(str(e))
+
+
+def _case_bytes(args, N: int, world: int, dtype: torch.dtype) -> int:
+    """A lower estimate of the memory one case takes on this machine, all ranks together: each
+    rank's features, their gradients and clones (8·n·D), the gathered or travelling blocks
+    (2·N·D), the fused loss's buffers; open_clip's sharded loss adds its n×N logits and their
+    softmax (3·n·N, fp32)."""
+    spec = M.get_loss(args.loss)
+    n, e = N // world, max(4, torch.empty((), dtype=dtype).element_size())
+    method = "cpu" if args.backend == "auto" else args.backend
+    try:
+        fused = M.extra_bytes_estimate(spec, method, n, args.dim, dtype, device="cpu")
+    except (KeyError, ValueError):
+        fused = 0
+    per_rank = (8 * n + 2 * N) * args.dim * e + fused
+    if args.mode != "w1" and PEER in args.impls:
+        per_rank += 3 * n * N * 4
+    return world * per_rank
+
+
+def _too_big(args, dev) -> str:
+    """Why a case would not fit this machine's available memory (it was killed by the system,
+    or failed after the smaller sizes had run), or ""; CUDA memory is not estimated here."""
+    if args.mode == "w1" and dev.type != "cpu":
+        return ""
+    from .env import gb, meminfo_bytes  # noqa: PLC0415
+    avail = meminfo_bytes("MemAvailable")
+    worlds = [1] if args.mode == "w1" else args.worlds
+    dtypes = [DTYPES[d] for d in args.dtypes] if args.mode == "w1" else [torch.float32]
+    for N in args.sizes:
+        for w in worlds:
+            need = max(_case_bytes(args, N, w, dt) for dt in dtypes)
+            if need > 0.8 * avail:
+                return (f"--sizes {N}: needs at least {gb(need)} of memory"
+                        + (f" at W = {w}" if args.mode != "w1" else "")
+                        + f", this machine has {gb(avail)} available; choose smaller sizes")
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -589,13 +630,13 @@ def main(argv: list[str] | None = None) -> int:
     rows, impls = [], {}
     try:
         if args.mode == "w1":
-            rows, desc = run_w1(args, rows)
+            rows, desc = run_w1(args, rows, impls)
         else:
             rows, desc = {"cpu": run_cpu, "overhead": run_overhead}[args.mode](args, rows, impls)
     except (RankFailed, RuntimeError, MemoryError) as e:
         # A rank (or the w1 process) failed, e.g. out of memory at a large N: the cases measured
         # before are written, and the error is one line.
-        desc = _by_world(impls) if args.mode != "w1" else {}
+        desc = _by_world(impls) if args.mode != "w1" else impls
         prefix = write(rows, desc, args, argv, time.perf_counter() - t0, info) if rows else ""
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if not isinstance(e, RankFailed):
@@ -606,7 +647,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         # The world sizes that finished are written (the ranks leave quietly on Ctrl-C).
         from ..cli import stopped  # noqa: PLC0415
-        prefix = write(rows, _by_world(impls), args, argv, time.perf_counter() - t0, info) if rows else ""
+        desc = _by_world(impls) if args.mode != "w1" else impls
+        prefix = write(rows, desc, args, argv, time.perf_counter() - t0, info) if rows else ""
         return stopped(e, f"the finished world sizes are in {prefix}.csv and .md" if prefix
                        else "nothing finished, nothing written")
     write(rows, desc, args, argv, time.perf_counter() - t0, info)
