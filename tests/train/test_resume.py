@@ -6,6 +6,7 @@ import subprocess
 import time
 
 import pytest
+import torch
 
 from ._common import assert_same_weights, env, fastclip_cmd, run, weights
 
@@ -53,3 +54,21 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, model):
     r = run(common + ["--output", killed, "--resume", "latest"])
     assert "resumed from" in r.stdout
     assert_same_weights(weights(ref), weights(killed), exact=True)
+
+
+def test_training_state_of_a_hand_written_loop_compiled_and_without_a_schedule(tmp_path):
+    """save_training_state crashed without a scheduler, and a torch.compile'd model's checkpoint
+    ("_orig_mod." keys) did not load into the plain model, nor the reverse."""
+    from fastclip.models import create_model
+    from fastclip.train.checkpoint import load_training_state, save_training_state
+    torch.manual_seed(0)
+    model = create_model("tiny-vit")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    wrapped = torch.compile(model)          # a wrapper only: nothing is compiled here
+    path = save_training_state(str(tmp_path), 3, wrapped, opt, None, None)
+    other = create_model("tiny-vit")
+    opt2 = torch.optim.AdamW(other.parameters(), lr=1e-3)
+    assert load_training_state(path, other, opt2, None, None)["step"] == 3
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    path = save_training_state(str(tmp_path), 4, other, opt2, None, None)
+    assert load_training_state(path, torch.compile(create_model("tiny-vit")), opt, None, None)["step"] == 4

@@ -145,8 +145,14 @@ def save_training_state(output_dir: str, step: int, model: torch.nn.Module, opti
     ``extra``: JSON-able fields the trainer wants back (returned by ``load_training_state``).
     Returns the path."""
     from safetensors.torch import save_file
-    state = {"step": int(step), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+
+    from ..models.openai import unwrap_model
+    # The model inside a torch.compile or DDP wrapper: its keys carry no "_orig_mod."/"module."
+    # prefix, so a plain model loads it (and a wrapped one, see load_training_state). A loop
+    # without a learning-rate schedule (scheduler None) or a grad scaler stores none.
+    state = {"step": int(step), "model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict() if scheduler is not None else None,
+             "scaler": scaler.state_dict() if scaler is not None else None,
              "rng": rng_state(), "extra": extra or {}}
     tensors: Dict[str, torch.Tensor] = {}
     encoded = _encode(state, "", tensors, set())
@@ -320,9 +326,10 @@ def load_training_state(path: str, model: torch.nn.Module, optimizer, scheduler,
     dict (``step``, ``extra``, ...). Loading runs no code from the file (see the module
     docstring). ``map_location``: where the model's parameters live (the optimizer's state follows
     them). Raises ``CheckpointError`` naming ``path`` for any file it cannot use."""
+    from ..models.openai import strip_wrapper_prefixes, unwrap_model
     state = read_training_state(path)
     try:
-        model.load_state_dict(state["model"])
+        unwrap_model(model).load_state_dict(strip_wrapper_prefixes(state["model"]))
     except (RuntimeError, TypeError, AttributeError) as e:
         first = str(e).strip().splitlines()
         why = (first[0] if first else type(e).__name__) + (" ..." if len(first) > 1 else "")
@@ -340,7 +347,8 @@ def load_training_state(path: str, model: torch.nn.Module, optimizer, scheduler,
     try:
         optimizer.load_state_dict(state["optimizer"])
         _match_strides(optimizer)
-        scheduler.load_state_dict(state["scheduler"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
