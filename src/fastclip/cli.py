@@ -112,7 +112,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help=f"model config name (see fastclip.models.list_models(); default {d.model})")
     g.add_argument("--model-overrides", type=_json_dict, default=None,
                    help='JSON config overrides, e.g. \'{"vision_layers": 2}\'; with --pretrained only what '
-                        'no weight records: quick_gelu, vision_heads, text_heads (an open_clip model with '
+                        'no weight records: quick_gelu, vision_heads, text_heads, text_eos_id (an open_clip model with '
                         'exact GELU: \'{"quick_gelu": false}\')')
     g.add_argument("--pretrained", default=None, metavar="PATH",
                    help="start from these weights: a fastclip train output folder, model file or training "

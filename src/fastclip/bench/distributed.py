@@ -195,6 +195,18 @@ def _spawn(body, world: int, args, timeout_s: float) -> dict:
                 continue
             if status != "ok":
                 first, tb, rows, impls = payload
+                # A peer killed without a word makes the ranks waiting on it fail at once
+                # ("Connection closed by peer"): the one that died is the cause to name.
+                for _ in range(20):
+                    dead = [(r, p.exitcode) for r, p in enumerate(procs)
+                            if r != rank and r not in got and p.exitcode is not None and p.exitcode < 0]
+                    if dead:
+                        r, code = dead[0]
+                        raise RankFailed(f"rank {r} killed by signal {-code}"
+                                         + (" (SIGKILL: out of memory?)" if code == -9 else "")
+                                         + f" before reporting, at world size {world} (rank {rank} then "
+                                         f"lost its peer)", rows, impls)
+                    time.sleep(0.1)
                 if os.environ.get("FASTCLIP_BENCH_TRACEBACK"):
                     print(tb, file=sys.stderr)
                 # Every rank keeps the rows: its measured cases stay with the world's error.
