@@ -145,6 +145,13 @@ def _rank_main(body, rank, world, port, args, q, timeout_s):
             dist.destroy_process_group()
 
 
+def _died(rank: int, code: int, world: int) -> str:
+    """What a rank process that ended without reporting did: killed by a signal, or exited."""
+    how = (f"killed by signal {-code}" + (" (SIGKILL: out of memory?)" if code == -9 else "")
+           if code < 0 else f"exited with status {code}")
+    return f"rank {rank} {how} before reporting, at world size {world}"
+
+
 def _spawn(body, world: int, args, timeout_s: float) -> dict:
     """Run ``body`` on ``world`` spawned ranks of one gloo group (collectives time out after
     ``timeout_s``); return {rank: (rows, impls)}. A rank that raises, or dies without a word
@@ -184,11 +191,7 @@ def _spawn(body, world: int, args, timeout_s: float) -> dict:
                 if gone:
                     dead_since = dead_since or now
                     if now - dead_since > 5:
-                        r, code = gone[0]
-                        how = (f"killed by signal {-code}" + (" (SIGKILL: out of memory?)" if code == -9 else "")
-                               if code < 0 else f"exited with status {code}")
-                        raise RankFailed(f"rank {r} {how} before reporting, at world size {world}",
-                                         *got.get(0, ([], {}))) from None
+                        raise RankFailed(_died(*gone[0], world), *got.get(0, ([], {}))) from None
                 if now > deadline:
                     raise RankFailed(f"no report from rank(s) {sorted(set(range(world)) - set(got))} in "
                                      f"{timeout_s:.0f} s at world size {world}", *got.get(0, ([], {}))) from None
@@ -201,11 +204,8 @@ def _spawn(body, world: int, args, timeout_s: float) -> dict:
                     dead = [(r, p.exitcode) for r, p in enumerate(procs)
                             if r != rank and r not in got and p.exitcode is not None and p.exitcode < 0]
                     if dead:
-                        r, code = dead[0]
-                        raise RankFailed(f"rank {r} killed by signal {-code}"
-                                         + (" (SIGKILL: out of memory?)" if code == -9 else "")
-                                         + f" before reporting, at world size {world} (rank {rank} then "
-                                         f"lost its peer)", rows, impls)
+                        raise RankFailed(_died(*dead[0], world) + f" (rank {rank} then lost its peer)",
+                                         rows, impls)
                     time.sleep(0.1)
                 if os.environ.get("FASTCLIP_BENCH_TRACEBACK"):
                     print(tb, file=sys.stderr)
