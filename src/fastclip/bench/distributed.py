@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from . import methods as M
-from .env import cpu_count, cpu_name, env_info
+from .env import cpu_count, cpu_name, env_info, gb, meminfo_bytes
 from .measure import (
     Step,
     free_port,
@@ -606,7 +606,6 @@ def _too_big(args, dev) -> str:
     or failed after the smaller sizes had run), or ""; CUDA memory is not estimated here."""
     if args.mode == "w1" and dev.type != "cpu":
         return ""
-    from .env import gb, meminfo_bytes  # noqa: PLC0415
     avail = meminfo_bytes("MemAvailable")
     worlds = [1] if args.mode == "w1" else args.worlds
     dtypes = [DTYPES[d] for d in args.dtypes] if args.mode == "w1" else [torch.float32]
