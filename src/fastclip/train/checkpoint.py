@@ -324,8 +324,9 @@ def load_training_state(path: str, model: torch.nn.Module, optimizer, scheduler,
                         map_location="cpu") -> Dict[str, Any]:
     """Restore the states saved by ``save_training_state`` (RNG included); returns the checkpoint
     dict (``step``, ``extra``, ...). Loading runs no code from the file (see the module
-    docstring). ``map_location``: where the model's parameters live (the optimizer's state follows
-    them). Raises ``CheckpointError`` naming ``path`` for any file it cannot use."""
+    docstring). ``map_location`` is accepted for callers written for ``torch.load`` and changes
+    nothing: the file's tensors are read on the CPU and copied into the model's parameters on
+    whatever device they live (the optimizer's state follows its parameters). Raises ``CheckpointError`` naming ``path`` for any file it cannot use."""
     from ..models.openai import strip_wrapper_prefixes, unwrap_model
     state = read_training_state(path)
     try:
