@@ -326,7 +326,8 @@ def load_training_state(path: str, model: torch.nn.Module, optimizer, scheduler,
     dict (``step``, ``extra``, ...). Loading runs no code from the file (see the module
     docstring). ``map_location`` is accepted for callers written for ``torch.load`` and changes
     nothing: the file's tensors are read on the CPU and copied into the model's parameters on
-    whatever device they live (the optimizer's state follows its parameters). Raises ``CheckpointError`` naming ``path`` for any file it cannot use."""
+    whatever device they live (the optimizer's state follows its parameters). Raises
+    ``CheckpointError`` naming ``path`` for any file it cannot use."""
     from ..models.openai import strip_wrapper_prefixes, unwrap_model
     state = read_training_state(path)
     try:
