@@ -729,6 +729,29 @@ def test_features_from_inference_mode(loss, backend):
 
 
 @pytest.mark.parametrize("loss,backend", FP32)
+def test_another_default_device(loss, backend):
+    # torch.set_default_device("meta") (or "cuda" with CPU features): every buffer the backend
+    # makes lives on the features' device, not the default one (a meta buffer reached the CPU
+    # kernel as a null pointer).
+    dev = _setup(loss, backend)
+    x, y = (t.to(dev) for t in embeddings("random", 9, 7, gen=torch.Generator().manual_seed(8)))
+    params = params_for(loss, 4.0, -2.0)
+    ps = [torch.tensor(v, device=dev, requires_grad=True) for v in params]
+    x.requires_grad_(True)
+    want = oracle(loss, x.detach(), y, params, True)
+    torch.set_default_device("meta")
+    try:
+        out = fastclip.ops.fused_loss(loss, x, y, ps, normalize=True, backend=backend)
+        out.backward()
+    finally:
+        torch.set_default_device(None)
+    assert out.device == x.device and rel_err(out, want[0]) <= TOL[torch.float32]
+    assert rel_err(x.grad, want[1]) <= TOL[torch.float32]
+    for p, r in zip(ps, want[3:]):
+        assert rel_err(p.grad, r) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("loss,backend", FP32)
 def test_torch_func(loss, backend):
     # torch.func.grad composes with the fused loss; vmap (and what is built on it) is refused
     # with a message, not PyTorch's internal error about setup_context.

@@ -306,8 +306,11 @@ def val_metrics(model, batches: Sequence[Tuple[torch.Tensor, ...]], loss: str = 
     if all(x is not None for x in ids):
         # One image row per distinct id (its first occurrence); each caption -> its image's row.
         uniq, text_to_image = torch.unique(torch.cat(ids), return_inverse=True)   # [N], [M]
-        first = torch.full((len(uniq),), len(text_to_image), dtype=torch.long)
-        first.scatter_reduce_(0, text_to_image, torch.arange(len(text_to_image)), reduce="amin")
+        first = torch.full((len(uniq),), len(text_to_image), dtype=torch.long,
+                           device=text_to_image.device)
+        first.scatter_reduce_(0, text_to_image,
+                              torch.arange(len(text_to_image), device=text_to_image.device),
+                              reduce="amin")
         img = img[first]   # [N, D]
     for k, v in retrieval_metrics(img, txt, text_to_image).items():
         out[f"val/{k}"] = v

@@ -76,13 +76,13 @@ def _common(spec, x, y, params, normalize, eps, pos_offset):
 
 def fwd(spec, x: Tensor, y: Tensor, params: Tensor, normalize: bool, eps: float, pos_offset: int):
     xc, yc, n, m, d, dt, head = _common(spec, x, y, params, normalize, eps, pos_offset)
-    row, col, pos = (torch.empty(k, dtype=STAT_DTYPE) for k in (n, m, n))
+    row, col, pos = (torch.empty(k, dtype=STAT_DTYPE, device=xc.device) for k in (n, m, n))
     extension().cpu_fwd(*head, row.data_ptr(), col.data_ptr(), pos.data_ptr(), _threads(n, m, d))
     return row, col, pos
 
 
 def _dparams(pair, params: Tensor, dt: torch.dtype) -> Tensor:
-    return torch.tensor(pair[:params.numel()], dtype=dt)
+    return torch.tensor(pair[:params.numel()], dtype=dt, device=params.device)
 
 
 def bwd(spec, x: Tensor, y: Tensor, params: Tensor, normalize: bool, eps: float, pos_offset: int,
@@ -90,7 +90,7 @@ def bwd(spec, x: Tensor, y: Tensor, params: Tensor, normalize: bool, eps: float,
     xc, yc, n, m, d, dt, head = _common(spec, x, y, params, normalize, eps, pos_offset)
     vecs = [_vec(t, STAT_DTYPE) for t in (row, col)] + [_vec(t, dt) for t in (grad_row,
                                                                              grad_col, grad_pos)]
-    dx, dy = torch.empty((n, d), dtype=dt), torch.empty((m, d), dtype=dt)
+    dx, dy = (torch.empty((k, d), dtype=dt, device=xc.device) for k in (n, m))
     pair = extension().cpu_bwd(*head, *(v.data_ptr() for v in vecs), dx.data_ptr(),
                                dy.data_ptr(), _threads(n, m, d))
     return dx.to(x.dtype), dy.to(y.dtype), _dparams(pair, params, dt)
@@ -100,8 +100,8 @@ def fwd_bwd(spec, x: Tensor, y: Tensor, params: Tensor, normalize: bool, eps: fl
             pos_offset: int, grad_row: Tensor, grad_col: Tensor, grad_pos: Tensor):
     xc, yc, n, m, d, dt, head = _common(spec, x, y, params, normalize, eps, pos_offset)
     grads = [_vec(t, dt) for t in (grad_row, grad_col, grad_pos)]
-    row, col, pos = (torch.empty(k, dtype=STAT_DTYPE) for k in (n, m, n))
-    dx, dy = torch.empty((n, d), dtype=dt), torch.empty((m, d), dtype=dt)
+    row, col, pos = (torch.empty(k, dtype=STAT_DTYPE, device=xc.device) for k in (n, m, n))
+    dx, dy = (torch.empty((k, d), dtype=dt, device=xc.device) for k in (n, m))
     pair = extension().cpu_fwd_bwd(*head, *(g.data_ptr() for g in grads), row.data_ptr(),
                                    col.data_ptr(), pos.data_ptr(), dx.data_ptr(), dy.data_ptr(),
                                    _threads(n, m, d))
