@@ -526,6 +526,26 @@ def test_torch_compile_dynamic_shapes_inductor(loss):
                            [lin.weight, *ps], n)
 
 
+@pytest.mark.parametrize("loss", list(fastclip.ops.LOSSES))
+def test_torch_compile_dynamic_python_float_parameters_compile_once(loss):
+    # A schedule that passes the scale (and bias) as Python floats: with dynamic=True one
+    # graph serves every value (torch.tensor(v) inside the op specialised on each value: a
+    # recompile per step until the cache limit).
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    lin = torch.nn.Linear(6, 5)
+    f = torch.compile(lambda a, b, ps: fastclip.ops.fused_loss(loss, lin(a), lin(b), ps,
+                                                                 normalize=True), dynamic=True)
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(9, 6, generator=g), torch.randn(9, 6, generator=g)
+    for k in range(3):
+        ps = [v * (1.0 + 0.37 * k) for v in get_loss(loss).init]
+        _agrees_with_eager(f(x, y, ps), fastclip.ops.fused_loss(loss, lin(x), lin(y), ps,
+                                                                normalize=True), [lin.weight], k)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
 def test_torch_compile_dynamic_two_one_pass_losses():
     # Two SigLIP losses that need gradients in one dynamic graph (a symmetric step, a loss per
     # tower pair): the one pass's unit upstream gradients, made inside the Function's forward

@@ -530,7 +530,9 @@ def _prepare_param(name: str, value, like: Tensor) -> Tensor:
             raise ValueError(f"{name}={value!r} is beyond the range of {acc}, the precision the "
                              f"kernels compute {like.dtype} features in (|{name}| <= "
                              f"{torch.finfo(acc).max:.3g})")
-        return torch.tensor(v, dtype=acc, device=like.device)
+        # zeros + v, not torch.tensor(v): under torch.compile(dynamic=True) a Python float stays
+        # a symbolic input this way, where torch.tensor(v) specialises (a recompile per value)
+        return torch.zeros((), dtype=acc, device=like.device) + v
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a float or a tensor with one element, got "
                         f"{type(value).__name__}")
