@@ -336,6 +336,22 @@ def test_constructor_and_bias_arguments_are_checked_where_they_are_given():
         ClipLoss()(x, y, 10.0, logit_bias="oops")
 
 
+def test_clip_loss_bias_is_checked_before_the_kernel(monkeypatch):
+    # A sparse bias gets the argument's name, not torch's "reshape is not implemented for
+    # sparse tensors"; and a bad bias is refused before the fused loss runs.
+    import fastclip.loss as fl
+    x, y = torch.randn(5, 8), torch.randn(5, 8)
+    with pytest.raises(TypeError, match=r"logit_bias must be a dense \(strided\) tensor, got a "
+                                        r"sparse_coo tensor"):
+        ClipLoss()(x, y, 10.0, logit_bias=torch.tensor([1.0]).to_sparse())
+
+    def ran(*a, **k):
+        raise AssertionError("the fused loss ran before the bias was checked")
+    monkeypatch.setattr(fl, "fused_loss", ran)
+    with pytest.raises(ValueError, match=r"logit_bias must be a float .* shape \(5, 5\)"):
+        ClipLoss()(x, y, 10.0, logit_bias=torch.zeros(5, 5))
+
+
 def test_create_loss_wants_the_argument_namespace():
     from fastclip.loss import create_loss
     for bad in (None, {"siglip": True}):

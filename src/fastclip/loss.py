@@ -24,7 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops.contrastive_loss import DEFAULT_EPS, fused_loss, param_on_device, validate_options
+from .ops.contrastive_loss import (
+    DEFAULT_EPS,
+    _check_dense,
+    fused_loss,
+    param_on_device,
+    validate_options,
+)
 
 __all__ = ["ClipLoss", "SigLipLoss", "LOSS_MODULES", "create_loss"]
 
@@ -198,6 +204,8 @@ class ClipLoss(_FusedLoss):
         # rank left the others waiting in the loss's collectives).
         check = ((lambda: _scalar_bias(logit_bias, like)) if logit_bias is not None and like is not None
                  else None)
+        if check is not None and self.world_size == 1:
+            check()      # a bad bias is refused before any kernel runs
         loss = self._fused_loss(image_features, text_features, (logit_scale,), unused_bias=check)
         if logit_bias is not None:
             # Softmax is shift-invariant: the bias (one constant) keeps a zero gradient in the
@@ -298,6 +306,7 @@ def _scalar_bias(value, like: Tensor) -> Tensor:
     added to every logit); a clear error for anything else (a per-pair [N, N] bias would
     change the loss, which the fused kernels do not compute)."""
     if isinstance(value, Tensor):
+        _check_dense("logit_bias", value, "[] or [1]")
         if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
             raise ValueError(f"logit_bias must be a float or a one-element real tensor, got a "
                              f"{value.dtype} tensor of shape {tuple(value.shape)}")
