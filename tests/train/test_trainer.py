@@ -286,6 +286,12 @@ def test_resuming_with_other_data_settings_says_so(tmp_path, capsys):
     out_text = capsys.readouterr().out
     assert "resumed with other data settings than the checkpoint's: global batch 8 -> 4" in out_text
     assert "seed 0 -> 5" in out_text
+    # Another precision or clip norm: the step's arithmetic changed, noted as well.
+    train(TrainConfig(steps=6, batch_size=4, seed=5, resume="latest", precision="bf16",
+                      grad_clip_norm=1.0, **base))
+    out_text = capsys.readouterr().out
+    assert ("resumed with other training settings than the checkpoint's: precision 'fp32' -> 'bf16'; "
+            "grad_clip_norm None -> 1.0; the run continues, not exactly as an uninterrupted one") in out_text
 
 
 def test_default_warmup_leaves_room_for_the_decay(tmp_path, capsys):

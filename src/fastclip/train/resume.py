@@ -19,6 +19,8 @@ from .run_folder import finished_steps
 
 # The optimizer's hyperparameters live in its saved state; config.json records those that run.
 OPTIMIZER_FIELDS = ("lr", "weight_decay", "beta1", "beta2", "eps")
+# Settings a resume may change, with a note (note_changed_data).
+STEP_FIELDS = ("precision", "grad_clip_norm")
 
 
 def resume_from_checkpoint(t) -> None:
@@ -172,6 +174,13 @@ def note_changed_data(t, saved: Dict[str, Any], extra: Dict[str, Any]) -> None:
                          f"its own share of the shards: not the samples the run would have drawn next)")
     if notes:
         t.resume_notes.append("resumed with other data settings than the checkpoint's: " + "; ".join(notes)
+                              + "; the run continues, not exactly as an uninterrupted one")
+    # The arithmetic of a step: another precision rounds every product otherwise, another clip
+    # norm scales other gradients (the optimizer's own settings stay: keep_checkpoint_optimizer).
+    other = [f"{k} {saved[k]!r} -> {getattr(t.cfg, k)!r}" for k in STEP_FIELDS
+             if k in saved and saved[k] != getattr(t.cfg, k, saved[k])]
+    if other:
+        t.resume_notes.append("resumed with other training settings than the checkpoint's: " + "; ".join(other)
                               + "; the run continues, not exactly as an uninterrupted one")
 
 
