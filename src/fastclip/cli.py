@@ -99,7 +99,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--csv-separator", type=_separator, default=d.csv_separator,
                    help="one character; escapes as typed in a shell are read: '\\t' is a tab")
     g.add_argument("--train-num-samples", type=_positive_int, default=None,
-                   help="samples per epoch for webdataset shards")
+                   help="samples per epoch for webdataset shards (at least one global batch)")
     g.add_argument("--val-data", default=None, help="CSV or shards: val loss + retrieval recall")
     g.add_argument("--val-num-samples", type=_positive_int, default=None, help="cap on validation samples (10k)")
     g.add_argument("--zeroshot-data", default=None, help="folder of class-named image folders")

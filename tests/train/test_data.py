@@ -452,6 +452,22 @@ def test_shards_named_but_missing_are_reported(tmp_path):
                           f"training on the others"]
 
 
+def test_shards_with_fewer_samples_than_a_global_batch_are_refused(tmp_path):
+    # --train-num-samples 3 at a global batch of 4 (2 ranks x 2) trained on repeated samples
+    # (an epoch of max(1, 3 // 4) steps) where CSV data of 3 rows is refused.
+    from types import SimpleNamespace
+
+    from fastclip.datasets.csv_dataset import DataError
+    from fastclip.train.data import build_train_data
+    _write_shards(tmp_path)
+    spec = str(tmp_path / "shard-{000..002}.tar")
+    cfg = SimpleNamespace(steps=5, train_num_samples=3, batch_size=2, train_data=spec)
+    with pytest.raises(DataError, match=r"--train-num-samples 3 is less than one global batch \(4\)"):
+        build_train_data(cfg, "webdataset", None, SimpleNamespace(world_size=2))
+    cfg.train_num_samples = 4
+    assert build_train_data(cfg, "webdataset", None, SimpleNamespace(world_size=2)).steps_per_epoch == 1
+
+
 def test_any_accepted_seed_draws_batches(tmp_path):
     # --seed takes [0, 2**63): the seeds derived from it (seed * 1_000_003 + epoch, ...) are
     # reduced into torch's range; a seed of 2e7 once overflowed the augmentation's generator.

@@ -153,6 +153,11 @@ def build_train_data(cfg: TrainConfig, data_type: str, model, env: DistEnv) -> T
                             f"pass --steps or --train-num-samples")
         from ..datasets.webdataset import expand_urls
         n = cfg.train_num_samples
+        if n and n < global_batch:
+            # As map-style data below: an epoch shorter than one global batch would repeat samples
+            # within a batch (a sample is its own negative).
+            raise DataError(f"webdataset {cfg.train_data}: --train-num-samples {n} is less than one global "
+                            f"batch ({global_batch})")
         shards = expand_urls(cfg.train_data)
         data = TrainData(None, True, True, max(1, n // global_batch) if n else None,
                          f"webdataset {cfg.train_data} ({len(shards)} shard{'s' if len(shards) != 1 else ''})")
