@@ -493,3 +493,53 @@ def test_resume_latest_of_another_model_does_not_point_to_the_previous_checkpoin
     code, _, err = _train(capsys, "--steps", "6", "--output", out, "--resume", "latest",
                           "--model-overrides", '{"embed_dim": 32}')
     assert code == 2 and "previous checkpoint" not in err, err
+
+
+def test_a_run_inside_another_runs_folder_is_refused(tmp_path, capsys):
+    # --output runs/a/checkpoints was accepted: the outer run's --overwrite or pruning then
+    # reached the inner run's files.
+    out = str(tmp_path / "a")
+    code, _, err = _train(capsys, "--steps", "2", "--save-every", "1", "--keep-checkpoints", "0",
+                          "--output", out)
+    assert code == 0, err
+    for inner in (os.path.join(out, "checkpoints"), os.path.join(out, "sub", "deeper")):
+        code, _, err = _train(capsys, "--steps", "2", "--output", inner)
+        assert code == 2 and f"is inside the folder of another run, {os.path.realpath(out)}" in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    assert not os.path.exists(os.path.join(out, "sub"))
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step_00000001.safetensors"]
+    # A sibling folder, or a folder holding runs (not itself one), is fine.
+    code, _, err = _train(capsys, "--steps", "1", "--output", str(tmp_path / "b"))
+    assert code == 0, err
+
+
+def _eval_json(path, model_file):
+    path.write_text(json.dumps({"model": str(path.parent), "model_file": model_file, "seed": 0,
+                                "config": {}, "metrics": {"zeroshot/shape/top1": 0.5}}))
+
+
+def test_overwrite_and_resume_move_the_old_models_evaluations(tmp_path, monkeypatch):
+    # `fastclip eval RUN --output RUN/eval.json` (the README's example) stayed beside the new
+    # run's model after --overwrite, naming the deleted one.
+    from fastclip.train.run_folder import prepare_run_folder, set_aside_later_steps
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "checkpoints/step_00000002.safetensors",
+                 "checkpoints/step_00000004.safetensors"):
+        (run / name).write_text('{"train": {}}' if name == "config.json" else "x")
+    (run / "metrics.json").write_text('{"steps": 4}')
+    _eval_json(run / "eval.json", str(run / "model.safetensors"))
+    monkeypatch.chdir(tmp_path)
+    _eval_json(run / "eval-rel.json", "run/model.safetensors")                  # relative, from here
+    _eval_json(run / "eval-ck.json", "elsewhere/run/checkpoints/step_00000004.safetensors")  # recorded elsewhere
+    other = tmp_path / "other.safetensors"
+    other.write_text("x")
+    _eval_json(run / "eval-other.json", str(other))                             # another model's: stays
+    (run / "notes.json").write_text('{"mine": 1}')                              # not an evaluation: stays
+    dest = set_aside_later_steps(str(run), 2)
+    assert sorted(os.listdir(dest)) == ["eval-ck.json", "eval-rel.json", "eval.json", "metrics.json",
+                                        "model.safetensors", "step_00000004.safetensors"]
+    for name in ("eval.json", "eval-rel.json"):
+        os.replace(os.path.join(dest, name), run / name)
+    prepare_run_folder(str(run), None, True, log=lambda s: None)
+    assert sorted(os.listdir(run)) == ["eval-other.json", "notes.json"]

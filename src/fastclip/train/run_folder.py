@@ -4,7 +4,8 @@ Two runs in one folder mix: the checkpoint pruning of one deletes the other's ch
 ``--resume latest`` picks whichever step number is higher, and ``metrics.jsonl`` interleaves
 both. ``prepare_run_folder`` therefore refuses a folder that already holds a run unless the run
 is continued (``--resume``) or explicitly replaced (``--overwrite``: fastclip's files of the old
-run are deleted, nothing else), and removes the temporary files that a run killed while writing
+run are deleted, ``fastclip eval`` results about its model included, nothing else), refuses a
+folder inside another run's, and removes the temporary files that a run killed while writing
 a checkpoint or the model left behind (``.tmp-*``, as large as a checkpoint). On resume,
 ``truncate_metrics`` drops the ``metrics.jsonl`` rows of the steps after the checkpoint, which
 the resumed run trains (and logs) again.
@@ -160,13 +161,74 @@ def _is_run_config(path: str) -> bool:
     return isinstance(_json_object(path).get("train"), dict)
 
 
+def _holds_run(folder: str) -> bool:
+    """Whether ``folder`` is a run's folder: a ``config.json`` of ``fastclip train`` or
+    checkpoints of one."""
+    ck = os.path.join(glob.escape(folder), CKPT_DIR)
+    return (_is_run_config(os.path.join(folder, "config.json"))
+            or bool(glob.glob(os.path.join(ck, "step_*.safetensors")) or glob.glob(os.path.join(ck, "step_*.pt"))))
+
+
+def enclosing_run(output_dir: str) -> Optional[str]:
+    """The run folder that ``output_dir`` lies inside (links resolved), or None. A run inside
+    another's folder (``runs/a/checkpoints``, say) mixes with it: the outer run's
+    ``--overwrite`` or checkpoint pruning reaches the inner run's files."""
+    path = os.path.realpath(output_dir)
+    parent = os.path.dirname(path)
+    while parent != path:
+        path, parent = parent, os.path.dirname(parent)
+        if _holds_run(path):
+            return path
+    return None
+
+
+def _evaluations_of(output_dir: str, models: Optional[List[str]] = None) -> List[str]:
+    """The JSON files ``fastclip eval --output`` wrote into ``output_dir`` (top level) about a
+    model of this folder: its ``model.safetensors`` or a checkpoint (or only those in ``models``).
+    The recorded path is resolved from the current folder; a relative one that names no file
+    from there (it was recorded elsewhere) still counts when it names a run's file (``.../model.safetensors``,
+    ``.../checkpoints/step_*``)."""
+    here = os.path.realpath(output_dir)
+    wanted = None if models is None else {os.path.realpath(m) for m in models}
+    found = []
+    for p, src in _evaluations_in(output_dir):
+        real = os.path.realpath(src)
+        if not real.startswith(here + os.sep) and not os.path.isabs(src) and not os.path.exists(real):
+            tail = os.path.normpath(src).split(os.sep)
+            if tail[-1] == "model.safetensors" or (len(tail) > 1 and tail[-2] == CKPT_DIR):
+                real = os.path.join(here, *tail[-2:]) if tail[-2] == CKPT_DIR else os.path.join(here, tail[-1])
+        if real.startswith(here + os.sep) and (wanted is None or real in wanted):
+            found.append(p)
+    return found
+
+
+def _evaluations_in(folder: str) -> List[tuple]:
+    """``(path, recorded model file)`` of each ``fastclip eval --output`` JSON in ``folder``."""
+    found = []
+    for name in sorted(_listdir(folder)):
+        p = os.path.join(folder, name)
+        if not name.endswith(".json") or name in RUN_FILES or not os.path.isfile(p):
+            continue
+        d = _json_object(p)
+        src = d.get("model_file")
+        if isinstance(src, str) and src and isinstance(d.get("metrics"), dict) and "config" in d:
+            found.append((p, src))
+    return found
+
+
 def check_run_folder(output_dir: str, resume: Optional[str], overwrite: bool) -> List[str]:
     """Whether a run may start in ``output_dir``; deletes nothing. Raises ``RunFolderError``
-    when it holds a run and neither ``resume`` nor ``overwrite`` is set (or both are).
-    Returns the old run's files that ``overwrite`` will replace (none otherwise)."""
+    when it holds a run and neither ``resume`` nor ``overwrite`` is set (or both are), or
+    when it lies inside another run's folder. Returns the old run's files that ``overwrite``
+    will replace (none otherwise), the evaluations of its model included."""
     if resume and overwrite:
         raise RunFolderError("--resume and --overwrite exclude each other: --resume continues the run in "
                              f"{output_dir}, --overwrite deletes it")
+    outer = enclosing_run(output_dir)
+    if outer is not None:
+        raise RunFolderError(f"--output {output_dir} is inside the folder of another run, {outer}: the two "
+                             f"runs' files would mix (that run's --overwrite or checkpoint pruning would "
+                             f"reach this one's); choose a folder outside it")
     existing = run_files(output_dir) if os.path.isdir(output_dir) else []
     names = ", ".join(os.path.relpath(p, output_dir) for p in existing[:4]) + (", ..." if len(existing) > 4 else "")
     if existing and not resume and not overwrite:
@@ -196,7 +258,13 @@ def check_run_folder(output_dir: str, resume: Optional[str], overwrite: bool) ->
             raise RunFolderError(f"--resume {resume}: a checkpoint of another run, while {output_dir} already "
                                  f"holds a run ({names}); resuming there would mix the two runs' files: "
                                  f"choose an empty --output")
-    return existing if (existing and not resume) else []
+    if existing and not resume:
+        # `fastclip eval RUN --output RUN/eval.json` results about the old model would stay
+        # beside the new one, describing a model that no longer exists.
+        # Those a resume set aside with the checkpoints they describe go too.
+        aside = glob.glob(os.path.join(glob.escape(output_dir), CKPT_DIR, SUPERSEDED + "*"))
+        return existing + _evaluations_of(output_dir) + [p for d in sorted(aside) for p, _ in _evaluations_in(d)]
+    return []
 
 
 def prepare_run_folder(output_dir: str, resume: Optional[str], overwrite: bool,
@@ -247,6 +315,7 @@ def set_aside_later_steps(output_dir: str, step: int) -> Optional[str]:
     done = finished_steps(output_dir)
     if done is not None and done > step:
         later += [p for p in (os.path.join(output_dir, n) for n in FINAL_FILES) if os.path.isfile(p)]
+    later += _evaluations_of(output_dir, later)     # results about what goes aside go with it
     if not later:
         return None
     base = os.path.join(output_dir, CKPT_DIR, f"{SUPERSEDED}{step:08d}")
