@@ -237,7 +237,9 @@ def classes_problem(value: str) -> Optional[str]:
     comma-separated list of names), or None."""
     if os.path.isdir(value):      # not a file: it would be read as one class name, the folder's
         return "a folder; expected a file with one class name per line, or a comma-separated list of names"
-    if os.sep in value and "," not in value and not os.path.isfile(value):
+    # A path (a separator, or a file's extension: "classes.txt" is no class name).
+    looks_like_file = os.sep in value or value.lower().endswith((".txt", ".csv", ".tsv", ".json", ".lst"))
+    if looks_like_file and "," not in value and not os.path.isfile(value):
         return "no such file (class names: a file with one per line, or a comma-separated list)"
     return None
 
@@ -321,7 +323,8 @@ def _check_paths(p: argparse.ArgumentParser, args: argparse.Namespace, given: Op
             continue
         try:
             kind = (detect_val_type(value, args.dataset_type) if flag == "--val-data" else
-                    detect_dataset_type(value, args.dataset_type if args.dataset_type != "shapes" else "auto"))
+                    detect_dataset_type(value, args.dataset_type if args.dataset_type != "shapes" else "auto",
+                                        flag))
         except ValueError as e:
             p.error(str(e))
         kinds[flag] = kind

@@ -97,6 +97,10 @@ def test_no_command_prints_help_and_exits_2(capsys):
     (["train", "--zeroshot-classes", "a,b"], "--zeroshot-classes names the classes of --zeroshot-data"),
     (["train", "--zeroshot-data", "/tmp", "--zeroshot-classes", "/tmp/fastclip-none/names.txt"],
      "--zeroshot-classes '/tmp/fastclip-none/names.txt': no such file"),
+    (["train", "--zeroshot-data", "/tmp", "--zeroshot-classes", "fastclip-none-clases.txt"],
+     "--zeroshot-classes 'fastclip-none-clases.txt': no such file"),     # read as one class name
+    (["train", "--train-data", "/tmp"], "cannot tell the type of --train-data '/tmp' (a folder)"),
+    (["train", "--val-data", "/tmp"], "cannot tell the type of --val-data '/tmp' (a folder)"),
     (["train", "--model", "tiny-vit", "--model-overrides", '{"vocab_size": 10}'], "vocab_size 10 is smaller"),
     (["train", "--model", "tiny-vit", "--model-overrides", '{"vision_heads": 0}'], "vision_heads must be positive"),
     (["train", "--model", "tiny-vit", "--model-overrides", '{"patch_size": 0}'], "patch_size must be in"),

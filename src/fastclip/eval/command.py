@@ -292,7 +292,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, given: Opti
         try:
             val_kind = detect_val_type(args.val_data, args.dataset_type)
         except ValueError as e:
-            p.error(str(e).replace("--train-data/--val-data", "--val-data"))
+            p.error(str(e))
         why = (csv_file_problem(args.val_data) if val_kind == "csv" else
                shards_problem(args.val_data) if val_kind == "webdataset" else None)
         if why:

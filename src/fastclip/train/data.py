@@ -89,8 +89,10 @@ def collate_pairs(samples):
     return collate_skipping(samples)
 
 
-def detect_dataset_type(path: Optional[str], dataset_type: str = "auto") -> str:
-    """``auto``: no path -> shapes; ``.csv``/``.tsv`` -> csv; ``.tar`` in the spec -> webdataset."""
+def detect_dataset_type(path: Optional[str], dataset_type: str = "auto",
+                        flag: str = "--train-data/--val-data") -> str:
+    """``auto``: no path -> shapes; ``.csv``/``.tsv`` -> csv; ``.tar`` in the spec -> webdataset.
+    ``flag``: the option the error names."""
     if dataset_type != "auto":
         return dataset_type
     if path is None:
@@ -100,7 +102,8 @@ def detect_dataset_type(path: Optional[str], dataset_type: str = "auto") -> str:
         return "csv"
     if ".tar" in low:
         return "webdataset"
-    raise ValueError(f"cannot tell the type of --train-data/--val-data {path!r} (expected a .csv/.tsv file "
+    what = " (a folder)" if os.path.isdir(path) else ""
+    raise ValueError(f"cannot tell the type of {flag} {path!r}{what} (expected a .csv/.tsv file "
                      f"or .tar shards); pass --dataset-type csv|webdataset")
 
 
@@ -109,7 +112,7 @@ def detect_val_type(path: str, dataset_type: str = "auto") -> str:
     a CSV validation file may go with shards for training and the other way round; else
     ``--dataset-type`` (csv or webdataset)."""
     try:
-        return detect_dataset_type(path, "auto")
+        return detect_dataset_type(path, "auto", "--val-data")
     except ValueError:
         if dataset_type in ("csv", "webdataset"):
             return dataset_type
