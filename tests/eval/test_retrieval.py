@@ -80,6 +80,8 @@ def test_caption_map_and_ks_must_be_integers():
     for ks in ((1.5,), (True,), (), "1"):
         with pytest.raises(ValueError, match="ks must be a non-empty sequence of positive ints"):
             retrieval_metrics(x, x, ks=ks)
+    with pytest.raises(ValueError, match=r"positive int\), got 0$"):      # as passed, not (0,)
+        retrieval_metrics(x, x, ks=0)
 
 
 def test_similarities_are_fp32_inside_a_callers_bf16_autocast():

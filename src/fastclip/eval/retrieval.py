@@ -73,12 +73,14 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
 
 def _check_ks(ks) -> list:
     """``ks`` (one positive int or a non-empty iterable of them) as a list of ints."""
+    given = ks
     if isinstance(ks, numbers.Integral) and not isinstance(ks, bool):
         ks = (ks,)
     try:
         got = None if isinstance(ks, (str, bytes)) else list(ks)
     except TypeError:
         got = None
+    ks = given          # the message shows what was passed: 0, not (0,)
     if not got or any(isinstance(k, bool) or not isinstance(k, numbers.Integral) or k <= 0 for k in got):
         raise ValueError(f"ks must be a non-empty sequence of positive ints (or one positive int), got {ks!r}")
     return [int(k) for k in got]
