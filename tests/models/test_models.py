@@ -224,6 +224,10 @@ def test_empty_images_are_refused_by_the_transform_and_skipped_by_the_loader(tmp
     ({"vision_layers": True}, "vision_layers must be an int"),
     ({"vision_width": 64.0}, "vision_width must be an int, got 64.0"),
     ({"text_layers": 100000}, "text_layers must be at most 1024"),    # took hours on the meta device
+    # "heads=3 must divide width=64" named neither tower
+    ({"vision_heads": 3}, "vision_heads=3 must divide vision_width=64"),
+    ({"text_heads": 3}, "text_heads=3 must divide text_width=64"),
+    ({"text_width": 200, "text_heads": None}, r"text_heads=null \(3: text_width // 64\) must divide text_width=200"),
 ])
 def test_config_fields_are_whole_numbers_in_range(overrides, needle):
     with pytest.raises(ValueError, match=needle):

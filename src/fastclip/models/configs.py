@@ -104,6 +104,14 @@ class CLIPConfig:
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ValueError(f"{name} must be positive (or null: 4 x width), got {v}")
+        towers = [("text_heads", self.text_heads, self.text_num_heads, "text_width", self.text_width)]
+        if not self.is_resnet:       # (a ResNet's attention pool checks its own width, x 32)
+            towers.insert(0, ("vision_heads", self.vision_heads, self.vision_num_heads, "vision_width",
+                              self.vision_width))
+        for name, given, heads, wname, width in towers:
+            if width % heads:
+                how = f"{name}={heads}" if given is not None else f"{name}=null ({heads}: {wname} // 64)"
+                raise ValueError(f"{how} must divide {wname}={width}; set {name} to a divisor of {width}")
         if self.is_resnet and self.vision_mlp_width is not None:
             raise ValueError(f"vision_mlp_width is for a ViT; a ResNet image tower has no MLP, "
                              f"got {self.vision_mlp_width}")

@@ -322,6 +322,11 @@ def load_openai(path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.T
     if bad:
         raise ValueError(f"{source}: entries that are not tensors: {bad[:5]}")
     config = infer_config(sd, source)
+    for name, width in (("vision_heads", config.vision_width * 32 if config.is_resnet else config.vision_width),
+                        ("text_heads", config.text_width)):
+        if name in given and width % given[name]:
+            raise ValueError(f"{source}: {name}={given[name]} does not divide the tower's attention width "
+                             f"{width} (heads = width / head width)")
     if given:
         config = dataclasses.replace(config, **given)     # (validated again: text_eos_id < vocab_size)
     from ..tokenizer import VOCAB_SIZE
@@ -331,11 +336,6 @@ def load_openai(path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.T
                       f"rule); a model that pools at its tokenizer's end-of-sequence id (open_clip's "
                       f"-worldwide models: 2, or 1 on mT5's tokenizer) needs load_openai(..., "
                       f"text_eos_id=<that id>)", stacklevel=2)
-    for name, width in (("vision_heads", config.vision_width * 32 if config.is_resnet else config.vision_width),
-                        ("text_heads", config.text_width)):
-        if name in given and width % given[name]:
-            raise ValueError(f"{source}: {name}={given[name]} does not divide the tower's attention width "
-                             f"{width} (heads = width / head width)")
     with torch.device("meta"):
         model = CLIP(config)
     expected = model.state_dict()
