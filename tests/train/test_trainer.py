@@ -115,6 +115,15 @@ def test_a_nan_metric_is_written_as_null_and_a_single_val_pair_shown_as_such(tmp
     assert format_eval(ev) == "eval @ step 1: val loss n/a (1 val pair), val mean recall 100.0%"
     assert "n/a (1 val pair: the softmax loss needs two)" in format_metrics(ev)
     assert "val loss nan" in format_eval({**ev, "val/n": 8})      # a diverged model: NaN it is
+    # Several batches of one row each (a Python caller's batching): n/a too, not nan.
+    from fastclip.eval.evaluate import val_metrics
+    from fastclip.models import create_model
+    model = create_model("tiny-vit")
+    one = (torch.rand(1, 3, 32, 32), torch.randint(1, 100, (1, model.context_length)))
+    m = val_metrics(model, [one, one, one], "clip")
+    assert m["val/n"] == 3 and m["val/loss_n"] == 0 and math.isnan(m["val/loss"])
+    assert "n/a (3 val pairs, no batch of two: the softmax loss needs two)" in format_metrics(m)
+    assert "val loss n/a (3 val pairs)" in format_eval({**m, "step": 1})
     from fastclip.train.plots import read_metrics  # the curves read null back as a gap (NaN)
     (tmp_path / "m.jsonl").write_text('{"type": "train", "step": 1, "loss": null, "scale": 1.0}\n')
     assert math.isnan(read_metrics(str(tmp_path / "m.jsonl"))[0]["loss"])

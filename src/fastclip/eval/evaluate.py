@@ -272,7 +272,7 @@ def val_metrics(model, batches: Sequence[Tuple[torch.Tensor, ...]], loss: str = 
     "siglip", within each batch, averaged over samples; for "clip" over the batches of two or
     more rows, since the softmax loss of one pair is exactly 0: NaN when there is none, ``null``
     in the JSON files fastclip writes),
-    ``val/n`` (rows) and the retrieval
+    ``val/n`` (rows), ``val/loss_n`` (the rows ``val/loss`` averages over) and the retrieval
     recalls of ``retrieval_metrics`` over all batches together (``val/image_to_text_R@1`` ...,
     ``val/mean_recall``). Rows with the same ``image_ids`` entry are one image with several
     captions (an image query is right when any of them ranks within K); without ids each row is
@@ -300,7 +300,7 @@ def val_metrics(model, batches: Sequence[Tuple[torch.Tensor, ...]], loss: str = 
         raise ValueError("val_metrics: no batches")
     scored = [(v, n) for v, n in zip(losses, ns) if n > 1 or loss != "clip"]
     val_loss = sum(v * n for v, n in scored) / sum(n for _, n in scored) if scored else float("nan")
-    out = {"val/loss": val_loss, "val/n": sum(ns)}
+    out = {"val/loss": val_loss, "val/n": sum(ns), "val/loss_n": sum(n for _, n in scored)}
     img, txt = torch.cat(imgs_f), torch.cat(txts_f)   # [M, D] each: one row per caption
     text_to_image = None
     if all(x is not None for x in ids):
@@ -336,7 +336,14 @@ def single_pair_val_loss(metrics: Dict[str, float]) -> bool:
     """``val/loss`` is NaN because no val batch had two rows (the softmax loss of one pair is
     0, so none is scored), not because the model diverged: shown as n/a."""
     v = metrics.get("val/loss")
-    return isinstance(v, float) and v != v and metrics.get("val/n", 2) < 2
+    scored = metrics.get("val/loss_n", 0 if metrics.get("val/n", 2) < 2 else None)   # (rows before the field)
+    return isinstance(v, float) and v != v and scored == 0
+
+
+def _no_val_loss(metrics: Dict[str, float]) -> str:
+    n = metrics.get("val/n")
+    return (f"n/a ({n} val pair: the softmax loss needs two)" if n == 1 else
+            f"n/a ({n} val pairs, no batch of two: the softmax loss needs two)")
 
 
 def format_metrics(metrics: Dict[str, float], header: Optional[str] = None) -> str:
@@ -345,7 +352,7 @@ def format_metrics(metrics: Dict[str, float], header: Optional[str] = None) -> s
     width = max((len(k) for k in metrics), default=0)
     for k, v in metrics.items():
         if k == "val/loss" and single_pair_val_loss(metrics):
-            shown = f"n/a ({metrics['val/n']} val pair: the softmax loss needs two)"
+            shown = _no_val_loss(metrics)
         elif isinstance(v, float) and (k.endswith(("top1", "top5")) or "R@" in k or k.endswith("recall")
                                      or k.startswith("chance/")):
             shown = f"{100 * v:.2f}%"

@@ -77,7 +77,8 @@ def format_eval(ev: Dict[str, float]) -> str:
     parts = ["zero-shot top-1 " + ", ".join(tasks)] if tasks else []
     if "val/loss" in ev:
         from ..eval.evaluate import single_pair_val_loss
-        loss = f"n/a ({ev['val/n']} val pair)" if single_pair_val_loss(ev) else f"{ev['val/loss']:.3f}"
+        loss = f"n/a ({ev['val/n']} val pair{'s' if ev['val/n'] != 1 else ''})" if single_pair_val_loss(ev) \
+            else f"{ev['val/loss']:.3f}"
         parts.append(f"val loss {loss}, val mean recall {100 * ev['val/mean_recall']:.1f}%")
     return f"eval @ step {ev['step']}: " + ("; ".join(parts) if parts else "nothing to evaluate")
 
