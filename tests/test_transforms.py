@@ -39,7 +39,7 @@ def test_eval_is_resize_then_center_crop():
     assert resize_short_side(_img(30, 90), 10).size == (10, 30)
 
 
-@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK"])
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "La", "PA", "RGBa", "I;16", "F"])   # La: Pillow's own error
 def test_modes_converted_to_rgb(mode):
     assert image_transform(16)(_img(20, 20, mode)).shape == (3, 16, 16)
     assert image_transform(16, train=True)(_img(20, 20, mode)).shape == (3, 16, 16)

@@ -73,7 +73,10 @@ def eight_bit(im: Image.Image) -> Image.Image:
     white). 16-bit modes, and 32-bit integer or float images whose values fit 0..65535, are
     divided by 257 (65535 -> 255); float images in 0..1 (the float convention) are multiplied
     by 255; values already in 0..255 are kept; any other range is stretched from its minimum
-    to its maximum. Other modes are returned as they are."""
+    to its maximum. ``La`` (gray with premultiplied alpha, which Pillow cannot convert to RGB)
+    is returned as ``LA``. Other modes are returned as they are."""
+    if im.mode == "La":
+        return im.convert("LA")
     if not (im.mode.startswith("I") or im.mode == "F"):
         return im
     a = np.asarray(im, dtype=np.float64)

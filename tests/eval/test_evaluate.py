@@ -143,6 +143,10 @@ def test_probe_metrics_and_encode_images_directly():
     y = torch.tensor([0, 1, 0, 1, 0])
     r = probe_metrics(e, y, e, y)
     assert set(r) == {"probe/top1", "probe/C", "probe/val_top1", "probe/n_train", "probe/n_test"}
+    # NumPy features, as linear_probe takes them ('ndarray' object has no attribute 'float')
+    assert probe_metrics(e.numpy(), y.numpy(), e.numpy(), y.numpy()) == r
+    with pytest.raises(TypeError, match="test_features must be a tensor"):
+        probe_metrics(e, y, "features", y)
     # Class names as a generator: the classifier read it, then len() of it failed for chance/.
     from fastclip.eval.evaluate import zeroshot_metrics
     m = zeroshot_metrics(model, {"t": (x, torch.tensor([0, 1, 2, 1, 0]), (c for c in "abc"), ["{}"])})

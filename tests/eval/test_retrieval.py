@@ -82,6 +82,8 @@ def test_caption_map_and_ks_must_be_integers():
             retrieval_metrics(x, x, ks=ks)
     with pytest.raises(ValueError, match=r"positive int\), got 0$"):      # as passed, not (0,)
         retrieval_metrics(x, x, ks=0)
+    with pytest.raises(TypeError, match="normalize must be a bool, got str 'no'"):   # it normalised
+        retrieval_metrics(x, x, normalize="no")
 
 
 def test_similarities_are_fp32_inside_a_callers_bf16_autocast():

@@ -326,7 +326,10 @@ def probe_metrics(train_features: torch.Tensor, train_labels: torch.Tensor, test
     fit lands at chance). Returns ``probe/top1``, ``probe/C``, ``probe/val_top1`` and
     ``probe/n_train``, ``probe/n_test``."""
     from .linear_probe import linear_probe
-    xtr, xte = train_features.float(), test_features.float()
+    from ._checks import as_features
+    # as linear_probe takes them (NumPy arrays included), with the argument named when not
+    xtr = as_features(train_features, "train_features").float()
+    xte = as_features(test_features, "test_features").float()
     r = linear_probe(xtr, train_labels, xte, test_labels, seed=seed)   # fits with autocast off
     return {"probe/top1": r.accuracy, "probe/C": r.C, "probe/val_top1": r.val_accuracy,
             "probe/n_train": int(xtr.shape[0]), "probe/n_test": int(xte.shape[0])}

@@ -50,6 +50,8 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
                          f"{tuple(text_features.shape)} have D = 0: there is nothing to compare")
     chunk_size = int_at_least(chunk_size, "chunk_size")
     ks = _check_ks(ks)
+    if not isinstance(normalize, bool):      # "no" is truthy: it normalised, unsaid
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__} {normalize!r}")
     n, m = image_features.shape[0], text_features.shape[0]
     if n == 0 or m == 0:
         # a recall over no queries is undefined (it read 0.0: a model that retrieves nothing)
