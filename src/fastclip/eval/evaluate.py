@@ -325,8 +325,8 @@ def probe_metrics(train_features: torch.Tensor, train_labels: torch.Tensor, test
     test features. Fitted in float32 with autocast off, whatever the caller's context (a bf16
     fit lands at chance). Returns ``probe/top1``, ``probe/C``, ``probe/val_top1`` and
     ``probe/n_train``, ``probe/n_test``."""
-    from .linear_probe import linear_probe
     from ._checks import as_features
+    from .linear_probe import linear_probe
     # as linear_probe takes them (NumPy arrays included), with the argument named when not
     xtr = as_features(train_features, "train_features").float()
     xte = as_features(test_features, "test_features").float()
