@@ -175,6 +175,39 @@ def test_a_time_budget_run_resumes_on_its_shortened_schedule():
     assert t2.total_steps == 2000          # without a budget the command's --steps decide
 
 
+def test_a_time_budget_is_estimated_early_in_a_long_run(tmp_path, monkeypatch):
+    """Estimated at logged steps only, a run planned for 20000 steps (logged every 500) with a
+    2 s budget trained 500 steps (6 s) on the long run's warmup before its first estimate, and
+    the step after a cut still took the old schedule's learning rate."""
+    from types import SimpleNamespace
+
+    import fastclip.train.demo as demo
+    from fastclip.train.trainer import Trainer
+    torch.set_num_threads(1)
+    t = Trainer(TrainConfig(model="tiny-vit", steps=20000, warmup=None, time_budget=2.0, output=str(tmp_path / "r"),
+                            batch_size=8, demo_train_samples=32, demo_eval_samples=16, progress="none",
+                            plot=False, eval_every=100000))
+    now = [1000.0]
+    monkeypatch.setattr(demo.time, "time", lambda: now[0])
+    messages = []
+    t.progress = SimpleNamespace(total=20000, message=messages.append)
+    t.elapsed_s = lambda: now[0] - 1000.0          # training started at 1000.0
+    t.t_first_step = 1000.01                        # the end of step 1
+    hook = next(h for h in t.hooks if isinstance(h, demo.TimeBudget))
+    for step in range(1, 9):            # 0.01 s per step: about 200 steps fit in 2 s
+        t.optimizer.step()
+        t.scheduler.step()
+        now[0] += 0.01
+        hook.after_step(t, step, 0.01)
+    assert 150 <= t.total_steps <= 250 and t.progress.total == t.total_steps and len(messages) == 1
+    assert t.warmup_steps == t.total_steps // 10
+    base = t.cfg.lr
+    assert t.optimizer.param_groups[0]["lr"] == pytest.approx(
+        base * cosine_lr(8, t.warmup_steps, t.total_steps))       # the next step's, on the new schedule
+    hook.after_log(t, 8, t.elapsed_s(), t.progress)                # step 8 is also logged: once
+    assert len(messages) == 1
+
+
 @pytest.mark.parametrize("warmup, want", [(None, 13), (500, 13), (40, 1)])
 def test_a_time_budget_keeps_the_warmups_share_of_the_run(warmup, want, monkeypatch):
     """Cut from 5000 planned steps to ~120, the run kept the planned 500-step warmup (cut to
@@ -188,7 +221,8 @@ def test_a_time_budget_keeps_the_warmups_share_of_the_run(warmup, want, monkeypa
     progress = SimpleNamespace(total=5000, message=messages.append)
     env = SimpleNamespace(distributed=False, is_main=True)
     t = SimpleNamespace(cfg=SimpleNamespace(warmup=warmup), start_step=0, total_steps=5000, planned_steps=5000,
-                        warmup_steps=500 if warmup is None else warmup, env=env, t_first_step=991.0)
+                        warmup_steps=500 if warmup is None else warmup, env=env, t_first_step=991.0,
+                        refresh_lr=lambda: None)
     hook = demo.TimeBudget(budget=130.0)
     hook.after_log(t, step=10, elapsed=10.0, progress=progress)     # 1 s per step over steps 1..9
     assert (t.total_steps, progress.total, t.warmup_steps) == (130, 130, want)

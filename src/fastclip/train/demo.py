@@ -97,14 +97,22 @@ class TimeBudget(StepHook):
     speed and, if the planned steps would not fit, lower the step count so that the whole cosine
     schedule (warmup, decay to 0) fits. The warmup keeps its share of the run: the default
     (``warmup`` None) is a tenth of the shortened run (at most 2000 steps), a given ``warmup``
-    shrinks in proportion. Re-estimated at each logged step until 3/4 of the way (announced
-    again when the estimate moves by more than 5%); all ranks agree because the estimate is
-    taken from rank 0. Runs with a budget are not step-reproducible: their length depends on
-    the machine's speed."""
+    shrinks in proportion. Estimated at the 8th, 16th, 32nd, ... step of the run and at each
+    logged step, until 3/4 of the way (announced again when the estimate moves by more than 5%):
+    at logged steps alone, a long planned run (logged every 1/40 of it) trained far past its
+    budget before the first estimate. All ranks agree because the estimates are taken at the
+    same steps, from rank 0's. Runs with a budget are not step-reproducible: their length
+    depends on the machine's speed."""
 
     def __init__(self, budget: float):
         self.budget = budget
         self.announced: Optional[int] = None
+        self.estimated_at: Optional[int] = None
+
+    def after_step(self, trainer, step: int, step_seconds: float) -> None:
+        done = step - trainer.start_step
+        if done >= 8 and done & (done - 1) == 0:
+            self._estimate(trainer, step, trainer.elapsed_s(), trainer.progress)
 
     @staticmethod
     def warmup_for(total: int, warmup: Optional[int], planned: int) -> int:
@@ -117,6 +125,11 @@ class TimeBudget(StepHook):
         return min(total, int(round(warmup * total / max(1, planned))))
 
     def after_log(self, trainer, step: int, elapsed: float, progress) -> None:
+        if step != self.estimated_at:
+            self._estimate(trainer, step, elapsed, progress)
+
+    def _estimate(self, trainer, step: int, elapsed: float, progress) -> None:
+        self.estimated_at = step
         done = step - trainer.start_step
         if done < 8 or step > 3 * trainer.total_steps // 4:
             return
@@ -138,6 +151,7 @@ class TimeBudget(StepHook):
                 self.announced = new_total
             trainer.total_steps = progress.total = new_total
             trainer.warmup_steps = warm
+            trainer.refresh_lr()
 
 
 def run_hooks(cfg: TrainConfig, env: DistEnv) -> List[StepHook]:

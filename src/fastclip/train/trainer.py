@@ -82,7 +82,9 @@ class StepHook:
 
     ``after_step``: after every optimizer step, with that step's compute time in seconds.
     ``after_log``: at every logged step, with the seconds since training started; a hook may
-    shorten ``trainer.total_steps`` here (and then sets ``progress.total`` to match).
+    shorten ``trainer.total_steps`` here or in ``after_step`` (and then sets ``progress.total``
+    to match and calls ``trainer.refresh_lr()``). During the loop ``trainer.progress`` is the
+    run's progress display and ``trainer.elapsed_s()`` the seconds since training started.
     """
 
     def after_step(self, trainer: "Trainer", step: int, step_seconds: float) -> None:
@@ -186,7 +188,8 @@ class Trainer:
         self.planned_steps = self.total_steps       # before a time budget shortens it
         warm = cfg.warmup if cfg.warmup is not None else min(2000, self.total_steps // 10)
         self.warmup_steps = min(warm, self.total_steps)
-        # The schedule reads self.total_steps at each step, so a hook (time budget) can shorten it.
+        # The schedule reads self.total_steps at each step, so a hook (time budget) can shorten it
+        # (and then calls refresh_lr).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: cosine_lr(s, self.warmup_steps, self.total_steps))
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
@@ -390,6 +393,15 @@ class Trainer:
             if lock is not None:
                 lock.release()
 
+    def refresh_lr(self) -> None:
+        """Set the next step's learning rate from the schedule as it now stands: the scheduler
+        set it after the last step, from the ``total_steps``/``warmup_steps`` a hook has since
+        changed (one step at the old schedule's rate)."""
+        sch = self.scheduler
+        for g, base, f in zip(self.optimizer.param_groups, sch.base_lrs, sch.lr_lambdas):
+            g["lr"] = base * f(sch.last_epoch)
+        sch._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
     def _run(self, lock: Optional[RunFolderLock]) -> Dict[str, Any]:
         cfg, env = self.cfg, self.env
         out_dir = cfg.output
@@ -437,6 +449,8 @@ class Trainer:
                     raise ckpt.CheckpointError(f"cannot write {metrics_path}: {e}") from None
 
         t_start = time.time()
+        self.progress = progress
+        self.elapsed_s = lambda: self.wall_before + time.time() - t_start    # the run's seconds so far
         # images/s counts training alone: the seconds spent evaluating and writing checkpoints
         # inside a log window are left out of it (a window holding an eval read 1 img/s).
         t_window, n_window, paused = time.time(), 0, 0.0
@@ -491,6 +505,8 @@ class Trainer:
                     bias = self.model.logit_bias
                     progress.update(step, loss=loss.item(), scale=self.model.logit_scale.exp().item(),
                                     bias=None if bias is None else bias.item(), images_per_s=last_ips)
+                if not cfg.log_every:       # 1/40 of the run, as the run is now (a time budget shortens it)
+                    log_every = progress.every = max(1, self.total_steps // 40)
                 eval_every = cfg.eval_every or max(1, self.total_steps // 4)  # total may shrink (time budget)
                 # A periodic eval a few steps before the final one (the budget moved the end
                 # onto it) repeats it: the demo evaluated at steps 760 and 763, ~2 s each.
