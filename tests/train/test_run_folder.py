@@ -493,6 +493,15 @@ def test_resume_latest_of_another_model_does_not_point_to_the_previous_checkpoin
     code, _, err = _train(capsys, "--steps", "6", "--output", out, "--resume", "latest",
                           "--model-overrides", '{"embed_dim": 32}')
     assert code == 2 and "previous checkpoint" not in err, err
+    # The settings that differ are named (the message said only what the checkpoint holds,
+    # then a truncated state-dict error).
+    for flags, want in ((["--model-overrides", '{"embed_dim": 32}'], "model_overrides {} (this command: "
+                                                                       "{'embed_dim': 32})"),
+                        (["--loss", "siglip"], "loss 'clip' (this command: 'siglip')"),
+                        (["--model", "tiny-rn"], "model 'tiny-vit' (this command: 'tiny-rn')")):
+        code, _, err = _train(capsys, "--steps", "6", "--output", out, "--resume", "latest", *flags)
+        assert code == 2 and "the checkpoint trained another model than this command builds: " + want in err, err
+        assert len(err.strip().splitlines()) == 1, err
 
 
 def test_a_run_inside_another_runs_folder_is_refused(tmp_path, capsys):

@@ -11,7 +11,7 @@ data settings, a run that had finished) is said in ``trainer.resume_notes``, pri
 from __future__ import annotations
 
 import json
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from . import checkpoint as ckpt
 from .data import detect_dataset_type
@@ -37,6 +37,11 @@ def resume_from_checkpoint(t) -> None:
     except ckpt.CheckpointError as e:
         # Not a silent fall-back to an older checkpoint (that would retrain steps
         # unannounced): the error names the one a user can pass instead.
+        differ = _model_settings_differ(cfg, ckpt.saved_run_config(path)) if "does not match" in str(e) else ""
+        if differ:
+            raise ckpt.CheckpointError(f"{path}: the checkpoint trained another model than this command "
+                                       f"builds: {differ}; resume with the --model, --pretrained, "
+                                       f"--model-overrides and --loss that started the run") from None
         older = ckpt.older_checkpoint(cfg.output, path) if cfg.resume == "latest" else None
         if older is None or ckpt.readable_training_state(path):
             raise       # (a readable file that does not fit this run: so would the older one)
@@ -61,6 +66,18 @@ def resume_from_checkpoint(t) -> None:
     keep_checkpoint_optimizer(t, extra)
     follow_new_schedule(t, extra)
     note_finished_run(t)
+
+
+def _model_settings_differ(cfg, saved: Optional[Dict[str, Any]]) -> str:
+    """The settings that decide the model, as ``"loss 'clip' (this command: 'siglip')"``, where
+    the checkpoint's run configuration ``saved`` and this command's ``cfg`` differ ("" if none)."""
+    if not isinstance(saved, dict):
+        return ""
+    out = []
+    for k in ("model", "pretrained", "model_overrides", "loss"):
+        if k in saved and saved[k] != getattr(cfg, k, saved[k]) and (saved[k] or getattr(cfg, k, None)):
+            out.append(f"{k} {saved[k]!r} (this command: {getattr(cfg, k)!r})")
+    return ", ".join(out)
 
 
 # What the weights' shapes do not show: the activation and the head counts (a model rebuilt
