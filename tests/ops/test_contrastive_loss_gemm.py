@@ -96,6 +96,12 @@ def test_chunk_rows():
     for n, m, size in ((5_000_000, 16, 4), (5_000_000, 1, 2), (1 << 23, 32, 2)):
         r = K.chunk_rows(n, m, size)
         assert r % 128 == 0 and -(-r // 64) <= 65535, (n, m, size, r)
+    # The declared scratch bounds the chunk buffer for every feature dtype, past the 128-row
+    # floor too (a 256 MiB cap undercounted m > 2^19 fp32 columns).
+    b = all_backends()["gemm"]
+    for n, m in ((1000, 1000), (32768, 32768), (600_000, 600_000), (2_000_000, 2_000_000)):
+        for size in (2, 4):
+            assert b.scratch_bytes(n, m, 512, 4) >= K.chunk_rows(n, m, size) * m * size, (n, m, size)
 
 
 def test_mm32_keeps_fp32_accumulation():

@@ -31,6 +31,16 @@ def _priority(device: torch.device) -> int:
     return 15 if device.type == "cuda" else -10
 
 
-# one chunk of the logit matrix at a time: 256 MiB of fp32 (the module docstring)
-register_backend(triton_backend("gemm", 4, _priority, _kernels,
-                                scratch_bytes=lambda n, m, d, acc: min(n * m, 1 << 26) * 4))
+def _scratch_bytes(n: int, m: int, d: int, acc: int) -> int:
+    # One chunk [R, m] of the logit matrix (the module docstring): R rows of ``acc`` bytes is
+    # an upper bound for every feature dtype (a 16-bit chunk has twice the rows at half the
+    # bytes), and holds past 256 MiB where the 128-row floor takes over (m > 2^19 in fp32:
+    # a cap at 256 MiB undercounted it).
+    try:
+        from ..triton.contrastive_loss_gemm import chunk_rows  # noqa: PLC0415  (imports triton)
+    except ImportError:          # no Triton: the backend cannot run; its nominal chunk
+        return min(n * m, 1 << 26) * acc
+    return chunk_rows(n, m, acc) * m * acc
+
+
+register_backend(triton_backend("gemm", 4, _priority, _kernels, scratch_bytes=_scratch_bytes))
