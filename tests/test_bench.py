@@ -755,6 +755,19 @@ def _killed_rank(rank, world, args, threads, rows, impls):
     dist.barrier()
 
 
+def _killed_while_computing(rank, world, args, threads, rows, impls):
+    """A spawned rank's body: both measure one case; then rank 1 is killed without a word while
+    rank 0 computes the next, larger case (no collective to fail it)."""
+    import signal
+    import time
+    rows.append(dict(world=world, impl="gather", N=64, n_per_rank=32, D=8, dtype="fp32", threads_per_rank=1,
+                     time_s=0.01, peak_mib_per_rank=1.0))
+    if rank == 1:
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(40)
+
+
 def test_distributed_rank_failures_keep_the_measured_cases_and_never_hang(capsys, tmp_path, monkeypatch):
     """A rank that ran out of memory at a large N ended in a nested traceback and discarded the
     sizes measured before; one killed without a word (the OOM killer) left the parent waiting 30
@@ -779,6 +792,17 @@ def test_distributed_rank_failures_keep_the_measured_cases_and_never_hang(capsys
     err = capsys.readouterr().err
     assert rc == 1 and "rank 1 killed by signal 9 (SIGKILL: out of memory?) before reporting" in err, err
     assert time.monotonic() - t0 < 25
+
+    # Killed while rank 0 was still computing: rank 0's measured case was still in rank 0's
+    # process (the parent held only finished ranks' rows), and nothing was written.
+    monkeypatch.setattr(distributed, "_cpu_rank", _killed_while_computing)
+    t0 = time.monotonic()
+    rc = distributed.main(["--mode", "cpu", "--worlds", "2", "--sizes", "64", "--dim", "8",
+                           "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "rank 1 killed by signal 9" in err and "measured before" in err, err
+    assert time.monotonic() - t0 < 30
+    assert len(_rows(tmp_path / "c" / "distributed-cpu.csv")) == 1
 
 
 def test_distributed_sizes_beyond_the_machines_memory_are_refused_up_front(capsys, tmp_path):
@@ -819,7 +843,10 @@ def test_memory_estimates_charge_n_squared_only_to_what_holds_it():
     for n in (1024, 4096, 65536):                            # the fused kernels: O(N·D) (+ the dY budget)
         assert est("cpu", 2 * n) - est("cpu", n) <= 8 * n * 16 * 4 + 64 * n + (64 << 20)
         assert est("triton", 2 * n) == 2 * est("triton", n)
-    assert est("gemm", 1 << 20) - est("triton", 1 << 20) == (1 << 26) * 4   # one 256 MiB chunk
+    assert est("gemm", 1 << 15) - est("triton", 1 << 15) == (1 << 26) * 4   # one 256 MiB chunk
+    # Past 2^19 columns the chunk is the 128-row floor, beyond 256 MiB (charged at fp32 size:
+    # the estimate is told the accumulator's bytes, an upper bound for 16-bit features).
+    assert est("gemm", 1 << 21) - est("triton", 1 << 21) == 128 * (1 << 21) * 4
 
 
 def test_output_names_seeds_and_appends_that_would_mix_or_fail_late(capsys, tmp_path):

@@ -124,22 +124,38 @@ class RankFailed(BenchError):
         self.rows, self.impls = rows or [], impls or {}
 
 
+class _SentRows(list):
+    """A rank's rows, each also sent to the parent as it is measured: a rank killed later
+    (for memory, at a larger N) while another is still computing loses nothing measured (the
+    parent held only the rows of ranks that had finished)."""
+
+    def __init__(self, q, rank: int, impls: dict):
+        super().__init__()
+        self.q, self.rank, self.impls = q, rank, impls
+
+    def append(self, row) -> None:
+        super().append(row)
+        self.q.put((self.rank, "rows", (list(self), dict(self.impls))))
+
+
 def _rank_main(body, rank, world, port, args, q, timeout_s):
     """One spawned rank: join the gloo group, run ``body(rank, world, args, threads, rows,
     impls)`` (which fills ``rows`` and ``impls`` as it goes) and send them to the parent, with
     its traceback if it failed (the rows measured before stay); leave the group however it
     ends."""
-    rows, impls = [], {}
+    impls = {}
+    rows = _SentRows(q, rank, impls)
     try:
         threads = _rank_setup(rank, world, port, timeout_s)
         body(rank, world, args, threads, rows, impls)
-        q.put((rank, "ok", (rows, impls)))
+        q.put((rank, "ok", (list(rows), impls)))
     except KeyboardInterrupt:
         pass                # Ctrl-C reached the whole process group: the parent reports it
     except BaseException as e:   # noqa: BLE001 - reported to the parent, which raises
         import traceback  # noqa: PLC0415
         last = f"{type(e).__name__}: {e}".strip().splitlines()
-        q.put((rank, "error", (last[0] if last else type(e).__name__, traceback.format_exc(), rows, impls)))
+        q.put((rank, "error", (last[0] if last else type(e).__name__, traceback.format_exc(), list(rows),
+                               impls)))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -176,7 +192,10 @@ def _spawn(body, world: int, args, timeout_s: float) -> dict:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     import queue  # noqa: PLC0415
-    got = {}
+    got, sent = {}, {}      # the finished ranks' reports; every rank's rows measured so far
+
+    def measured():
+        return got.get(0) or sent.get(0) or ([], {})
     deadline = time.monotonic() + timeout_s
     dead_since = None
     try:
@@ -191,10 +210,13 @@ def _spawn(body, world: int, args, timeout_s: float) -> dict:
                 if gone:
                     dead_since = dead_since or now
                     if now - dead_since > 5:
-                        raise RankFailed(_died(*gone[0], world), *got.get(0, ([], {}))) from None
+                        raise RankFailed(_died(*gone[0], world), *measured()) from None
                 if now > deadline:
                     raise RankFailed(f"no report from rank(s) {sorted(set(range(world)) - set(got))} in "
-                                     f"{timeout_s:.0f} s at world size {world}", *got.get(0, ([], {}))) from None
+                                     f"{timeout_s:.0f} s at world size {world}", *measured()) from None
+                continue
+            if status == "rows":
+                sent[rank] = payload
                 continue
             if status != "ok":
                 first, tb, rows, impls = payload
