@@ -517,8 +517,18 @@ def test_a_run_inside_another_runs_folder_is_refused(tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1, err
     assert not os.path.exists(os.path.join(out, "sub"))
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step_00000001.safetensors"]
-    # A sibling folder, or a folder holding runs (not itself one), is fine.
+    # Its checkpoints alone (config.json gone) still say it is a run's folder.
+    os.unlink(os.path.join(out, "config.json"))
+    code, _, err = _train(capsys, "--steps", "2", "--output", os.path.join(out, "sub"))
+    assert code == 2 and "is inside the folder of another run" in err, err
+    # A sibling folder, or a folder holding runs (not itself one), is fine; so is a folder
+    # below another tool's checkpoints/step_*.
     code, _, err = _train(capsys, "--steps", "1", "--output", str(tmp_path / "b"))
+    assert code == 0, err
+    other = tmp_path / "other"
+    (other / "checkpoints").mkdir(parents=True)
+    (other / "checkpoints" / "step_00000001.safetensors").write_bytes(b"not fastclip's")
+    code, _, err = _train(capsys, "--steps", "1", "--output", str(other / "run"))
     assert code == 0, err
 
 

@@ -162,11 +162,14 @@ def _is_run_config(path: str) -> bool:
 
 
 def _holds_run(folder: str) -> bool:
-    """Whether ``folder`` is a run's folder: a ``config.json`` of ``fastclip train`` or
-    checkpoints of one."""
+    """Whether ``folder`` is a run's folder: a ``config.json`` of ``fastclip train``, or a
+    training checkpoint of fastclip's (its metadata says so: another tool's
+    ``checkpoints/step_*`` in a folder above does not make every run below it refused)."""
+    if _is_run_config(os.path.join(folder, "config.json")):
+        return True
+    from .checkpoint import saved_run_config
     ck = os.path.join(glob.escape(folder), CKPT_DIR)
-    return (_is_run_config(os.path.join(folder, "config.json"))
-            or bool(glob.glob(os.path.join(ck, "step_*.safetensors")) or glob.glob(os.path.join(ck, "step_*.pt"))))
+    return any(saved_run_config(p) is not None for p in sorted(glob.glob(os.path.join(ck, "step_*.safetensors")))[:3])
 
 
 def enclosing_run(output_dir: str) -> Optional[str]:
