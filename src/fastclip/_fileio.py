@@ -107,7 +107,8 @@ def checkpoint_file_problem(path: str) -> Optional[str]:
         # (a run folder: "no such checkpoint file" sent users looking for a file that is there)
         return "a folder, not a checkpoint file"
     if not os.path.isfile(path):
-        return "no such checkpoint file"
+        # a FIFO, device or socket exists: "no such file" sent users looking for it
+        return "not a regular file (a device, pipe or socket)" if os.path.exists(path) else "no such checkpoint file"
     try:
         with open(path, "rb"):
             return None

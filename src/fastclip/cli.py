@@ -240,7 +240,11 @@ def classes_problem(value: str) -> Optional[str]:
     # A path (a separator, or a file's extension: "classes.txt" is no class name).
     looks_like_file = os.sep in value or value.lower().endswith((".txt", ".csv", ".tsv", ".json", ".lst"))
     if looks_like_file and "," not in value and not os.path.isfile(value):
+        if os.path.exists(value):
+            return "not a regular file (a device, pipe or socket); expected a file with one class name per line"
         return "no such file (class names: a file with one per line, or a comma-separated list)"
+    if os.path.exists(value) and not os.path.isfile(value):   # a FIFO: read, it would block
+        return "not a regular file (a device, pipe or socket); expected a file with one class name per line"
     return None
 
 
@@ -341,7 +345,9 @@ def _check_paths(p: argparse.ArgumentParser, args: argparse.Namespace, given: Op
         if why:
             p.error(f"--zeroshot-classes {args.zeroshot_classes!r}: {why}")
     if args.resume not in (None, "latest") and not os.path.isfile(args.resume):
-        p.error(f"--resume {args.resume!r}: checkpoint file not found (or use 'latest')")
+        what = ("not a regular file (a device, pipe or socket)" if os.path.exists(args.resume) and
+                not os.path.isdir(args.resume) else "checkpoint file not found")
+        p.error(f"--resume {args.resume!r}: {what} (or use 'latest')")
     if args.resume == "latest" and args.output is None:
         p.error("--resume latest needs --output (the run directory to resume)")
     if args.resume is not None and args.overwrite:

@@ -702,3 +702,36 @@ def test_errors_name_the_key_that_is_wrong_and_what_a_file_is(tmp_path):
             load(tmp_path / "step_1.safetensors")
     with pytest.raises(ValueError, match="a folder, not a checkpoint file .*model.safetensors"):
         load_checkpoint(tmp_path)
+
+
+def test_weights_stored_as_overlapping_views_are_copied_or_refused(tmp_path):
+    """A [V, W] token embedding stored as a view of one float (stride 0) became the model's
+    parameter as it was (assign=True): the fused optimizer then wrote V·W floats into 4 bytes
+    (a segfault). A claim beyond the storage ([2e9, 64] on a few floats) asked for 512 GB.
+    Views that fit their storage are copied into dense parameters."""
+    import os
+
+    model = create_model("tiny-vit")
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    v, w = sd["token_embedding.weight"].shape
+    want = sd["token_embedding.weight"]
+    sd["token_embedding.weight"] = want.t().contiguous().t()                    # strides (1, V)
+    torch.save(sd, tmp_path / "transposed.pt")
+    got = load_openai(tmp_path / "transposed.pt")
+    p = got.token_embedding.weight
+    assert p.is_contiguous() and torch.equal(p, want)
+    got.train()
+    opt = torch.optim.AdamW(got.parameters(), lr=1e-3, fused=True)
+    got.encode_text(torch.ones(1, got.context_length, dtype=torch.long)).sum().backward()
+    opt.step()
+    for name, t in (("stride0", torch.full((1,), 0.25).expand(v, w)),
+                    ("huge", torch.zeros(w).as_strided((2_000_000_000, w), (0, 1)))):
+        torch.save({**sd, "token_embedding.weight": t}, tmp_path / f"{name}.pt")
+        with pytest.raises(ValueError, match=rf"{name}.pt: token_embedding.weight: shape \({t.shape[0]}, 64\) "
+                                             rf".* more than the {t.untyped_storage().nbytes() // 4} its "
+                                             rf"storage holds"):
+            load_openai(tmp_path / f"{name}.pt")
+    # A FIFO in place of the file: refused, not a read that blocks.
+    os.mkfifo(tmp_path / "f.pt")
+    with pytest.raises(ValueError, match="f.pt: not a regular file"):
+        load_openai(tmp_path / "f.pt")

@@ -523,3 +523,24 @@ def test_sigterm_stops_a_run_with_one_line_and_no_temporary_files(tmp_path):
     assert p.returncode == 143, err
     assert err.strip().splitlines()[-1] == "terminated (SIGTERM)" and "Traceback" not in err, err
     assert not [n for d in (out, out / "checkpoints") for n in os.listdir(d) if n.startswith(".tmp")]
+
+
+def test_pipes_and_unreadable_class_files_get_one_line(tmp_path, capsys):
+    # A FIFO given as --zeroshot-classes or --resume was "no such file" (it exists) or, read,
+    # blocked; a class-names file that cannot be decoded ended in a traceback.
+    from fastclip.datasets.csv_dataset import DataError
+    from fastclip.datasets.folder import read_classnames
+    fifo = str(tmp_path / "names.txt")
+    os.mkfifo(fifo)
+    for argv, needle in ((["train", "--zeroshot-data", str(tmp_path), "--zeroshot-classes", fifo],
+                          f"--zeroshot-classes {fifo!r}: not a regular file"),
+                         (["train", "--resume", fifo, "--output", str(tmp_path / "run")],
+                          f"--resume {fifo!r}: not a regular file")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and needle in err, err
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.txt' is not UTF-8 text"):
+        read_classnames(str(bad))

@@ -22,8 +22,13 @@ def read_classnames(spec: Optional[str]) -> Optional[List[str]]:
     if spec is None:
         return None
     if os.path.isfile(spec):
-        with open(spec, encoding="utf-8") as f:
-            names = [line.strip() for line in f if line.strip()]
+        try:
+            with open(spec, encoding="utf-8") as f:
+                names = [line.strip() for line in f if line.strip()]
+        except OSError as e:        # unreadable: one line naming it, as for every input file
+            raise DataError(f"cannot read the class names file {spec!r} ({e.strerror or type(e).__name__})") from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"the class names file {spec!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     else:
         names = [s.strip() for s in spec.split(",") if s.strip()]
     if not names:

@@ -18,7 +18,7 @@ import numbers
 import os
 import pickle
 import warnings
-from typing import Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 
@@ -49,6 +49,25 @@ def is_safetensors_file(path: str) -> bool:
         return False
     n = int.from_bytes(head[:8], "little")
     return 2 <= n <= size - 8
+
+
+def dense_weights(sd: Dict[str, Any], source: str) -> Dict[str, Any]:
+    """Each tensor of ``sd`` as a dense one of its own (a copy where it is a view with gaps or
+    overlaps), refused when it claims more elements than its storage holds. A file may store a
+    [49408, 64] weight as a view of one float (stride 0): kept as the parameter (``assign=True``),
+    the fused optimizer wrote 3.1M floats into 4 bytes (a crash); a [2e9, 64] claim on a small
+    storage asked for 512 GB when copied. Real checkpoints store each weight densely."""
+    out = {}
+    for k, v in sd.items():
+        if isinstance(v, torch.Tensor) and v.layout == torch.strided:
+            have = v.untyped_storage().nbytes() - v.storage_offset() * v.element_size()
+            if v.numel() * v.element_size() > have:
+                raise ValueError(f"{source}: {k}: shape {tuple(v.shape)} with strides {v.stride()} claims "
+                                 f"{v.numel()} elements, more than the {max(0, have) // v.element_size()} "
+                                 f"its storage holds: not a checkpoint's weight")
+            v = v if v.is_contiguous() else v.contiguous()
+        out[k] = v
+    return out
 
 
 def _read(path: str, allow_torchscript_code: bool) -> Dict[str, torch.Tensor]:
@@ -301,6 +320,9 @@ def load_openai(path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.T
         sd = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in sd.items()}
     else:
         source = os.fspath(path_or_state_dict)
+        why = checkpoint_file_problem(source)
+        if why:        # first: is_safetensors_file opens the file (a FIFO would block there)
+            raise ValueError(f"{source}: {why}")
         safetensors = source.endswith(".safetensors") or is_safetensors_file(source)
         if safetensors and _metadata(source).get("format") == TRAINING_FORMAT:
             raise ValueError(_training_checkpoint(source))
@@ -318,6 +340,7 @@ def load_openai(path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.T
     sd = strip_wrapper_prefixes(sd)
     # drop the scalar metadata and any serialised causal masks (not weights)
     sd = {k: v for k, v in sd.items() if k not in _EXTRA_KEYS and not k.endswith("attn_mask")}
+    sd = dense_weights(sd, source)
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise ValueError(f"{source}: entries that are not tensors: {bad[:5]}")
