@@ -3,6 +3,7 @@ never runs code from the file (a planted pickle is refused, not executed)."""
 import json
 import os
 import random
+import re
 
 import numpy as np
 import pytest
@@ -212,3 +213,35 @@ def test_a_checkpoint_that_cannot_be_written_is_a_checkpoint_error(tmp_path):
     (tmp_path / "checkpoints").write_text("not a folder")
     with pytest.raises(CheckpointError, match="cannot write the checkpoint"):
         save_training_state(str(tmp_path), 1, model, opt, sched, None)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda o, s, p: o.param_groups[0].__setitem__("lr", "abc"), "lr 'abc' is not a finite number"),
+    (lambda o, s, p: o.param_groups[0].__setitem__("betas", "ab"), "betas 'ab' is not a pair"),
+    (lambda o, s, p: o.state[p].__setitem__("exp_avg", torch.zeros(())), "exp_avg of shape () for a parameter"),
+    (lambda o, s, p: s.__setattr__("base_lrs", ["x"] * len(s.base_lrs)), "base_lrs ['x'"),
+    (lambda o, s, p: s.__setattr__("last_epoch", "7"), "last_epoch '7' is not an int"),
+])
+def test_optimizer_state_a_step_cannot_use_is_refused(tmp_path, edit, needle):
+    """A planted checkpoint with a string lr failed inside the fused AdamW with a traceback; a
+    0-dim Adam moment for the [V, W] embedding was loaded, and the fused CPU kernel then walked
+    V·W elements of it (out of bounds)."""
+    m, opt, sched, scaler = _setup(0, "tiny-vit")
+    _step(m, opt, sched)
+    edit(opt, sched, m.token_embedding.weight)
+    path = ckpt.save_training_state(str(tmp_path), 1, m, opt, sched, scaler)
+    m2, opt2, sched2, scaler2 = _setup(1, "tiny-vit")
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(needle)):
+        ckpt.load_training_state(path, m2, opt2, sched2, scaler2)
+
+
+def test_extra_counters_that_are_not_finite_are_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from fastclip.train.resume import restore_extra
+    t = SimpleNamespace(start_step=3)
+    for extra in ({"skipped": float("inf")}, {"wall_time_s": float("inf")}, {"data_position": -1}):
+        with pytest.raises(ckpt.CheckpointError, match="corrupt 'extra' entry"):
+            restore_extra(t, "ck.safetensors", extra)
+    restore_extra(t, "ck.safetensors", {"skipped": 2, "wall_time_s": 5.0})
+    assert (t.skipped_before, t.wall_before, t.data_position) == (2, 5.0, 3)

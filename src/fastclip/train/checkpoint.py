@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import math
 import os
 import random
 import re
@@ -310,6 +311,45 @@ def saved_run_config(path: str) -> Optional[Dict[str, Any]]:
         return None
 
 
+def _number(v) -> bool:
+    """A finite real number, or a one-element real tensor holding one (torch takes tensor lrs)."""
+    if isinstance(v, torch.Tensor):
+        return v.numel() == 1 and not v.is_complex() and v.dtype != torch.bool and bool(torch.isfinite(v).all())
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_optimizer_state(optimizer) -> None:
+    """ValueError for optimizer state a training step cannot use: hyperparameters that are not
+    finite numbers (a string lr failed inside the fused AdamW kernel with a traceback), and
+    moments whose shape is not their parameter's (the fused CPU kernel walks the parameter's
+    elements: a 0-dim moment for a [49408, 64] embedding was read and written out of bounds)."""
+    for gi, group in enumerate(optimizer.param_groups):
+        for key in ("lr", "eps", "weight_decay"):
+            if key in group and not _number(group[key]):
+                raise ValueError(f"param group {gi}: {key} {group[key]!r} is not a finite number")
+        betas = group.get("betas")
+        if betas is not None and not (isinstance(betas, (tuple, list)) and len(betas) == 2
+                                      and all(_number(b) for b in betas)):
+            raise ValueError(f"param group {gi}: betas {betas!r} is not a pair of finite numbers")
+        for p in group["params"]:
+            for key, v in optimizer.state.get(p, {}).items():
+                if key == "step":
+                    if not _number(v):
+                        raise ValueError(f"param group {gi}: a step count {v!r} that is not a number")
+                elif isinstance(v, torch.Tensor) and v.shape != p.shape:
+                    raise ValueError(f"param group {gi}: {key} of shape {tuple(v.shape)} for a parameter "
+                                     f"of shape {tuple(p.shape)}")
+
+
+def _check_scheduler_state(scheduler) -> None:
+    """ValueError for a schedule the steps cannot follow (strings where numbers go)."""
+    base, last = getattr(scheduler, "base_lrs", []), getattr(scheduler, "last_epoch", 0)
+    if not all(_number(b) for b in base):
+        raise ValueError(f"scheduler base_lrs {base!r} are not finite numbers")
+    if isinstance(last, bool) or not isinstance(last, int):
+        raise ValueError(f"scheduler last_epoch {last!r} is not an int")
+
+
 def _match_strides(optimizer) -> None:
     """Give each per-parameter optimizer tensor its parameter's memory layout again (Adam's moments
     are ``zeros_like(param)``: channels_last for the ResNet tower's convolutions), as in the run
@@ -348,13 +388,15 @@ def load_training_state(path: str, model: torch.nn.Module, optimizer, scheduler,
                               f"({why})") from None
     try:
         optimizer.load_state_dict(state["optimizer"])
+        _check_optimizer_state(optimizer)
         _match_strides(optimizer)
         if scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
+            _check_scheduler_state(scheduler)
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
-    except (KeyError, ValueError, TypeError, RuntimeError, AttributeError, IndexError) as e:
+    except (KeyError, ValueError, TypeError, RuntimeError, AttributeError, IndexError, OverflowError) as e:
         raise CheckpointError(f"{path}: corrupt optimizer/scheduler/RNG state in the checkpoint "
                               f"({type(e).__name__}: {e})") from None
     return state

@@ -127,7 +127,9 @@ def restore_extra(t, path: str, extra: Dict[str, Any]) -> None:
         t.batches_skipped_before = int(extra.get("skipped_batches", 0))
         t.data_position = int(extra.get("data_position", t.start_step))
         t.wall_before = float(extra.get("wall_time_s", 0.0))
-    except (AttributeError, TypeError, ValueError) as e:
+        if min(t.skipped_before, t.batches_skipped_before, t.data_position) < 0 or not 0 <= t.wall_before < 1e12:
+            raise ValueError("negative counts or a wall time that is not a finite number of seconds")
+    except (AttributeError, TypeError, ValueError, OverflowError) as e:   # (int(inf): OverflowError)
         raise ckpt.CheckpointError(f"{path}: corrupt 'extra' entry in the checkpoint ({e})") from None
 
 
