@@ -774,3 +774,27 @@ def test_a_shard_cut_inside_or_before_a_header_counts_as_truncated(tmp_path):
     batches = list(WebDataset(str(tmp_path / "in_header.tar"), 8, image_transform(32), 8, shuffle_buffer=0,
                               max_epochs=1))
     assert [len(b[0]) for b in batches] == [2] and [b[2] for b in batches] == [1]
+
+
+def test_a_member_beyond_the_size_cap_is_not_read(tmp_path, monkeypatch):
+    # A 1.4 MB gzip shard held a 1.5 GB member: every pass inflated it into memory (3 GB of
+    # RAM, a MemoryError under a cap). Beyond MAX_MEMBER_BYTES it is left empty: its sample is
+    # skipped and counted, the others train.
+    import gzip
+
+    import fastclip.datasets.webdataset as wds
+    monkeypatch.setattr(wds, "MAX_MEMBER_BYTES", 1 << 16)
+    path = tmp_path / "bomb.tar.gz"
+    with gzip.open(path, "wb") as gz, tarfile.open(fileobj=gz, mode="w") as tar:
+        for key, img in (("a", _png_bytes(1)), ("big", bytes(1 << 20)), ("c", _png_bytes(3))):
+            for name, data in ((f"{key}.png", img), (f"{key}.txt", f"caption {key}".encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    assert path.stat().st_size < 20_000
+    got = list(iter_tar_samples(str(path)))
+    assert [s["txt"] for s in got] == [b"caption a", b"caption big", b"caption c"]
+    assert got[1]["png"] == b"" and len(got[0]["png"]) > 0
+    ds = WebDataset(str(path), 3, image_transform(16), 16, shuffle_buffer=0)
+    imgs, _, skipped = next(iter(ds))
+    assert len(imgs) + skipped >= 3 and skipped >= 1
