@@ -334,6 +334,13 @@ def _check_paths(p: argparse.ArgumentParser, args: argparse.Namespace, given: Op
         kinds[flag] = kind
         why = (csv_file_problem(value) if kind == "csv" else
                shards_problem(value) if kind == "webdataset" else None)
+        if not why and flag == "--val-data" and kind == "webdataset":
+            from .datasets.webdataset import expand_urls
+            pipe = next((u for u in expand_urls(value) if os.path.exists(u) and not os.path.isfile(u)
+                         and not os.path.isdir(u)), None)
+            if pipe is not None:    # (training shards may be pipes: they are read once per pass)
+                why = (f"shard {pipe!r} is not a regular file (a pipe or device): validation data is read "
+                       f"again at every evaluation")
         if why:
             p.error(f"{flag} {value!r}: {why}")
     if args.zeroshot_data is not None and not os.path.isdir(args.zeroshot_data):

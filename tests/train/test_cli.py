@@ -540,6 +540,12 @@ def test_pipes_and_unreadable_class_files_get_one_line(tmp_path, capsys):
             cli.main(argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and needle in err, err
+    shard = str(tmp_path / "val.tar")
+    os.mkfifo(shard)
+    with pytest.raises(SystemExit) as e:      # read again at each evaluation: a pipe cannot be
+        cli.main(["train", "--val-data", shard])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"shard {shard!r} is not a regular file (a pipe or device)" in err, err
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\xe9\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"latin1.txt' is not UTF-8 text"):
