@@ -735,3 +735,31 @@ def test_weights_stored_as_overlapping_views_are_copied_or_refused(tmp_path):
     os.mkfifo(tmp_path / "f.pt")
     with pytest.raises(ValueError, match="f.pt: not a regular file"):
         load_openai(tmp_path / "f.pt")
+
+
+def test_a_compressed_record_that_inflates_far_is_refused(tmp_path, monkeypatch):
+    """torch stores an archive's records uncompressed: an 8 MB archive whose record inflated
+    to 1.5 GB took 3 GB of memory before it was refused. (The threshold is lowered here so that
+    the test's archive stays small: thresholds lowered, the same check.)"""
+    import zipfile
+
+    import fastclip.models.torchscript as ts
+    cfg = REF_CONFIGS["vit"]
+    ref = RefCLIP(**cfg)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.zero_()                                 # zeros: compress ~1000x
+    path = tmp_path / "ref.jit.pt"
+    torch.jit.save(torch.jit.trace(ref, _inputs(cfg), check_trace=False), path)
+    packed = tmp_path / "packed.jit.pt"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(packed, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info), compress_type=zipfile.ZIP_DEFLATED)
+    biggest = max((i for i in zipfile.ZipFile(packed).infolist() if "/data/" in i.filename),
+                  key=lambda i: i.file_size)
+    assert biggest.file_size > 500 * biggest.compress_size
+    assert ts.read_torchscript_state_dict(str(packed)).keys() == ts.read_torchscript_state_dict(str(path)).keys()
+    monkeypatch.setattr(ts, "_MAX_INFLATED", biggest.file_size - 1)
+    monkeypatch.setattr(ts, "_MAX_RATIO", 500)
+    with pytest.raises(ts.TorchScriptReadError, match=rf"record .*/data/\d+ inflates {biggest.compress_size} bytes"):
+        ts.read_torchscript_state_dict(str(packed))

@@ -184,6 +184,10 @@ def _class_specs(source: str) -> Dict[str, Tuple[bool, List[str], List[str]]]:
     return specs
 
 
+# A compressed record may inflate beyond this only at a ratio real weights never reach.
+_MAX_INFLATED, _MAX_RATIO = 64 << 20, 1000
+
+
 def read_torchscript_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """The parameters and buffers of the TorchScript archive at ``path``, keyed as
     ``torch.jit.load(path).state_dict()`` would key them, as CPU tensors of their stored dtype.
@@ -218,6 +222,12 @@ def read_torchscript_state_dict(path: str) -> Dict[str, torch.Tensor]:
             if numel < 0 or info.file_size != numel * itemsize:
                 raise TorchScriptReadError(f"record {member} holds {info.file_size} bytes, expected "
                                            f"{numel} x {itemsize}")
+            if (info.compress_type != zipfile.ZIP_STORED and info.file_size > _MAX_INFLATED
+                    and info.file_size > _MAX_RATIO * max(1, info.compress_size)):
+                # torch stores records uncompressed; an 8 MB archive of such records asked for
+                # 3 GB of memory before it was refused
+                raise TorchScriptReadError(f"record {member} inflates {info.compress_size} bytes to "
+                                           f"{info.file_size}: not an archive as torch writes them")
             raw = bytearray(z.read(member))
             t = torch.frombuffer(raw, dtype=dtype) if numel else torch.empty(0, dtype=dtype)
             records[key] = t
