@@ -504,32 +504,34 @@ def test_resume_latest_of_another_model_does_not_point_to_the_previous_checkpoin
         assert len(err.strip().splitlines()) == 1, err
 
 
-def test_a_run_inside_another_runs_folder_is_refused(tmp_path, capsys):
-    # --output runs/a/checkpoints was accepted: the outer run's --overwrite or pruning then
-    # reached the inner run's files.
+def test_a_run_inside_another_runs_checkpoints_folder_is_refused(tmp_path, capsys):
+    # --output runs/a/checkpoints was accepted: the outer run's --overwrite, pruning and
+    # --resume latest then reached the inner run's files. Elsewhere below a run folder nothing
+    # of it reaches, and a project's own config.json with a "train" section above is no run.
     out = str(tmp_path / "a")
     code, _, err = _train(capsys, "--steps", "2", "--save-every", "1", "--keep-checkpoints", "0",
                           "--output", out)
     assert code == 0, err
-    for inner in (os.path.join(out, "checkpoints"), os.path.join(out, "sub", "deeper")):
+    for inner in (os.path.join(out, "checkpoints"), os.path.join(out, "checkpoints", "deeper")):
         code, _, err = _train(capsys, "--steps", "2", "--output", inner)
-        assert code == 2 and f"is inside the folder of another run, {os.path.realpath(out)}" in err, err
+        assert code == 2 and f"is inside the checkpoints folder of another run, {os.path.realpath(out)}" in err, err
         assert len(err.strip().splitlines()) == 1, err
-    assert not os.path.exists(os.path.join(out, "sub"))
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step_00000001.safetensors"]
     # Its checkpoints alone (config.json gone) still say it is a run's folder.
     os.unlink(os.path.join(out, "config.json"))
-    code, _, err = _train(capsys, "--steps", "2", "--output", os.path.join(out, "sub"))
-    assert code == 2 and "is inside the folder of another run" in err, err
-    # A sibling folder, or a folder holding runs (not itself one), is fine; so is a folder
-    # below another tool's checkpoints/step_*.
-    code, _, err = _train(capsys, "--steps", "1", "--output", str(tmp_path / "b"))
-    assert code == 0, err
+    code, _, err = _train(capsys, "--steps", "2", "--output", os.path.join(out, "checkpoints", "x"))
+    assert code == 2 and "is inside the checkpoints folder of another run" in err, err
+    # Beside its checkpoints, a sibling, or below a project folder whose config.json has a
+    # "train" section: fine; so is a folder below another tool's checkpoints/step_*.
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "config.json").write_text('{"train": {"lr": 1}}')
     other = tmp_path / "other"
     (other / "checkpoints").mkdir(parents=True)
     (other / "checkpoints" / "step_00000001.safetensors").write_bytes(b"not fastclip's")
-    code, _, err = _train(capsys, "--steps", "1", "--output", str(other / "run"))
-    assert code == 0, err
+    for ok in (os.path.join(out, "sub"), str(tmp_path / "b"), str(tmp_path / "proj" / "runs" / "x"),
+               str(other / "checkpoints" / "run")):
+        code, _, err = _train(capsys, "--steps", "1", "--output", ok)
+        assert code == 0, (ok, err)
 
 
 def _eval_json(path, model_file):
@@ -554,6 +556,7 @@ def test_overwrite_and_resume_move_the_old_models_evaluations(tmp_path, monkeypa
     other = tmp_path / "other.safetensors"
     other.write_text("x")
     _eval_json(run / "eval-other.json", str(other))                             # another model's: stays
+    _eval_json(run / "eval-b.json", "elsewhere/b/model.safetensors")            # run b's, typed elsewhere: stays
     (run / "notes.json").write_text('{"mine": 1}')                              # not an evaluation: stays
     dest = set_aside_later_steps(str(run), 2)
     assert sorted(os.listdir(dest)) == ["eval-ck.json", "eval-rel.json", "eval.json", "metrics.json",
@@ -561,4 +564,4 @@ def test_overwrite_and_resume_move_the_old_models_evaluations(tmp_path, monkeypa
     for name in ("eval.json", "eval-rel.json"):
         os.replace(os.path.join(dest, name), run / name)
     prepare_run_folder(str(run), None, True, log=lambda s: None)
-    assert sorted(os.listdir(run)) == ["eval-other.json", "notes.json"]
+    assert sorted(os.listdir(run)) == ["eval-b.json", "eval-other.json", "notes.json"]

@@ -5,7 +5,7 @@ Two runs in one folder mix: the checkpoint pruning of one deletes the other's ch
 both. ``prepare_run_folder`` therefore refuses a folder that already holds a run unless the run
 is continued (``--resume``) or explicitly replaced (``--overwrite``: fastclip's files of the old
 run are deleted, ``fastclip eval`` results about its model included, nothing else), refuses a
-folder inside another run's, and removes the temporary files that a run killed while writing
+folder inside another run's checkpoints folder, and removes the temporary files that a run killed while writing
 a checkpoint or the model left behind (``.tmp-*``, as large as a checkpoint). On resume,
 ``truncate_metrics`` drops the ``metrics.jsonl`` rows of the steps after the checkpoint, which
 the resumed run trains (and logs) again.
@@ -173,33 +173,42 @@ def _holds_run(folder: str) -> bool:
 
 
 def enclosing_run(output_dir: str) -> Optional[str]:
-    """The run folder that ``output_dir`` lies inside (links resolved), or None. A run inside
-    another's folder (``runs/a/checkpoints``, say) mixes with it: the outer run's
-    ``--overwrite`` or checkpoint pruning reaches the inner run's files."""
+    """The run whose ``checkpoints`` folder ``output_dir`` is or lies inside (links resolved),
+    or None. A run there mixes with it: the outer run's ``--overwrite``, checkpoint pruning and
+    ``--resume latest`` reach the files in its checkpoints folder (the inner run's
+    ``checkpoints/step_*`` and the run files a resume sets aside there). Elsewhere below a run
+    folder nothing of the outer run reaches (and a project's own ``config.json`` above is no
+    reason to refuse)."""
     path = os.path.realpath(output_dir)
-    parent = os.path.dirname(path)
-    while parent != path:
-        path, parent = parent, os.path.dirname(parent)
-        if _holds_run(path):
-            return path
-    return None
+    while True:
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        if os.path.basename(path) == CKPT_DIR and _holds_run(parent):
+            return parent
+        path = parent
 
 
 def _evaluations_of(output_dir: str, models: Optional[List[str]] = None) -> List[str]:
     """The JSON files ``fastclip eval --output`` wrote into ``output_dir`` (top level) about a
     model of this folder: its ``model.safetensors`` or a checkpoint (or only those in ``models``).
     The recorded path is resolved from the current folder; a relative one that names no file
-    from there (it was recorded elsewhere) still counts when it names a run's file (``.../model.safetensors``,
-    ``.../checkpoints/step_*``)."""
+    from there (it was recorded elsewhere) still counts when it names this folder's file by the
+    folder's name (``<name>/model.safetensors``, ``<name>/checkpoints/step_*``)."""
     here = os.path.realpath(output_dir)
     wanted = None if models is None else {os.path.realpath(m) for m in models}
     found = []
     for p, src in _evaluations_in(output_dir):
         real = os.path.realpath(src)
         if not real.startswith(here + os.sep) and not os.path.isabs(src) and not os.path.exists(real):
-            tail = os.path.normpath(src).split(os.sep)
-            if tail[-1] == "model.safetensors" or (len(tail) > 1 and tail[-2] == CKPT_DIR):
-                real = os.path.join(here, *tail[-2:]) if tail[-2] == CKPT_DIR else os.path.join(here, tail[-1])
+            # Recorded from another folder: it names this run's file only as <this folder's
+            # name>/model.safetensors or <name>/checkpoints/step_* (runs/b/model.safetensors
+            # is run b's, whatever folder it was typed in).
+            tail, name = os.path.normpath(src).split(os.sep), os.path.basename(here)
+            if tail[-1] == "model.safetensors" and len(tail) >= 2 and tail[-2] == name:
+                real = os.path.join(here, tail[-1])
+            elif len(tail) >= 3 and tail[-2] == CKPT_DIR and tail[-3] == name:
+                real = os.path.join(here, *tail[-2:])
         if real.startswith(here + os.sep) and (wanted is None or real in wanted):
             found.append(p)
     return found
@@ -229,9 +238,9 @@ def check_run_folder(output_dir: str, resume: Optional[str], overwrite: bool) ->
                              f"{output_dir}, --overwrite deletes it")
     outer = enclosing_run(output_dir)
     if outer is not None:
-        raise RunFolderError(f"--output {output_dir} is inside the folder of another run, {outer}: the two "
-                             f"runs' files would mix (that run's --overwrite or checkpoint pruning would "
-                             f"reach this one's); choose a folder outside it")
+        raise RunFolderError(f"--output {output_dir} is inside the checkpoints folder of another run, {outer}: "
+                             f"the two runs' files would mix (that run's --overwrite, checkpoint pruning and "
+                             f"--resume latest reach the files there); choose a folder outside it")
     existing = run_files(output_dir) if os.path.isdir(output_dir) else []
     names = ", ".join(os.path.relpath(p, output_dir) for p in existing[:4]) + (", ..." if len(existing) > 4 else "")
     if existing and not resume and not overwrite:
