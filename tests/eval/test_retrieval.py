@@ -84,6 +84,7 @@ def test_caption_map_and_ks_must_be_integers():
         retrieval_metrics(x, x, ks=0)
     with pytest.raises(TypeError, match="normalize must be a bool, got str 'no'"):   # it normalised
         retrieval_metrics(x, x, normalize="no")
+    assert retrieval_metrics(x, x, normalize=np.True_) == retrieval_metrics(x, x, normalize=True)
 
 
 def test_similarities_are_fp32_inside_a_callers_bf16_autocast():

@@ -245,3 +245,30 @@ def test_extra_counters_that_are_not_finite_are_refused(tmp_path):
             restore_extra(t, "ck.safetensors", extra)
     restore_extra(t, "ck.safetensors", {"skipped": 2, "wall_time_s": 5.0})
     assert (t.skipped_before, t.wall_before, t.data_position) == (2, 5.0, 3)
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.NAdam(ps),                 # mu_product: a scalar per parameter
+    lambda ps: torch.optim.ASGD(ps),                  # eta, mu: scalars
+    lambda ps: torch.optim.Adafactor(ps),             # eps (None, 1e-3); factored row_var/col_var
+    lambda ps: torch.optim.AdamW(ps, fused=True),
+    lambda ps: torch.optim.Adam(ps, amsgrad=True, lr=torch.tensor(1e-3)),
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+    lambda ps: torch.optim.RMSprop(ps, momentum=0.5, centered=True),
+    lambda ps: torch.optim.Rprop(ps),
+], ids=["nadam", "asgd", "adafactor", "adamw-fused", "adam-amsgrad-tensor-lr", "sgd", "rmsprop", "rprop"])
+def test_every_torch_optimizers_own_state_round_trips(tmp_path, make):
+    # The state checks refused fastclip's own checkpoints of NAdam, ASGD and Adafactor (state
+    # that is not of its parameter's shape by design, an eps pair).
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 3)
+    opt = make(m.parameters())
+    m(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    path = ckpt.save_training_state(str(tmp_path), 1, m, opt, None, None)
+    m2 = torch.nn.Linear(4, 3)
+    opt2 = make(m2.parameters())
+    ckpt.load_training_state(path, m2, opt2, None, None)
+    assert torch.equal(m2.weight, m.weight)
+    m2(torch.randn(2, 4)).sum().backward()
+    opt2.step()

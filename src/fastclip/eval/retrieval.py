@@ -4,6 +4,7 @@ from __future__ import annotations
 import numbers
 from typing import Dict, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from ._checks import as_features, class_indices, finite_rows, fp32_math, int_at_least, unit_rows
@@ -50,8 +51,9 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
                          f"{tuple(text_features.shape)} have D = 0: there is nothing to compare")
     chunk_size = int_at_least(chunk_size, "chunk_size")
     ks = _check_ks(ks)
-    if not isinstance(normalize, bool):      # "no" is truthy: it normalised, unsaid
+    if not isinstance(normalize, (bool, np.bool_)):      # "no" is truthy: it normalised, unsaid
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__} {normalize!r}")
+    normalize = bool(normalize)
     n, m = image_features.shape[0], text_features.shape[0]
     if n == 0 or m == 0:
         # a recall over no queries is undefined (it read 0.0: a model that retrieves nothing)

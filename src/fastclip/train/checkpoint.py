@@ -318,15 +318,29 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+# Per-element state the fused and foreach optimizer kernels walk with the parameter's own
+# element count (Adam/AdamW/NAdam/RAdam/Adamax moments, SGD's momentum, RMSprop's, Adagrad's
+# and Adadelta's averages, Rprop's steps): another shape is read and written out of bounds.
+# Other state may be of any shape (NAdam's mu_product and ASGD's eta are scalars, Adafactor's
+# factored row_var/col_var are not the parameter's shape).
+_PER_ELEMENT = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "momentum_buffer", "square_avg",
+                "grad_avg", "acc_delta", "sum", "prev", "step_size")
+
+
 def _check_optimizer_state(optimizer) -> None:
-    """ValueError for optimizer state a training step cannot use: hyperparameters that are not
-    finite numbers (a string lr failed inside the fused AdamW kernel with a traceback), and
-    moments whose shape is not their parameter's (the fused CPU kernel walks the parameter's
-    elements: a 0-dim moment for a [49408, 64] embedding was read and written out of bounds)."""
+    """ValueError for optimizer state a training step cannot use: a learning rate or weight
+    decay that is not a finite number (a string lr failed inside the fused AdamW kernel with a
+    traceback), betas or eps of the wrong kind, and per-element state whose shape is not its
+    parameter's (a 0-dim moment for a [49408, 64] embedding was walked out of bounds by the
+    fused CPU kernel)."""
     for gi, group in enumerate(optimizer.param_groups):
-        for key in ("lr", "eps", "weight_decay"):
+        for key in ("lr", "weight_decay"):
             if key in group and not _number(group[key]):
                 raise ValueError(f"param group {gi}: {key} {group[key]!r} is not a finite number")
+        eps = group.get("eps")       # a number (Adafactor's: a pair of numbers or None)
+        if eps is not None and not (_number(eps) or (isinstance(eps, (tuple, list))
+                                                     and all(e is None or _number(e) for e in eps))):
+            raise ValueError(f"param group {gi}: eps {eps!r} is not a finite number")
         betas = group.get("betas")
         if betas is not None and not (isinstance(betas, (tuple, list)) and len(betas) == 2
                                       and all(_number(b) for b in betas)):
@@ -336,7 +350,7 @@ def _check_optimizer_state(optimizer) -> None:
                 if key == "step":
                     if not _number(v):
                         raise ValueError(f"param group {gi}: a step count {v!r} that is not a number")
-                elif isinstance(v, torch.Tensor) and v.shape != p.shape:
+                elif key in _PER_ELEMENT and isinstance(v, torch.Tensor) and v.shape != p.shape:
                     raise ValueError(f"param group {gi}: {key} of shape {tuple(v.shape)} for a parameter "
                                      f"of shape {tuple(p.shape)}")
 
