@@ -217,7 +217,7 @@ def test_a_checkpoint_that_cannot_be_written_is_a_checkpoint_error(tmp_path):
 
 @pytest.mark.parametrize("edit, needle", [
     (lambda o, s, p: o.param_groups[0].__setitem__("lr", "abc"), "lr 'abc' is not a finite number"),
-    (lambda o, s, p: o.param_groups[0].__setitem__("betas", "ab"), "betas 'ab' is not a pair"),
+    (lambda o, s, p: o.param_groups[0].__setitem__("betas", "ab"), "betas 'ab' are not finite numbers"),
     (lambda o, s, p: o.state[p].__setitem__("exp_avg", torch.zeros(())), "exp_avg of shape () for a parameter"),
     (lambda o, s, p: s.__setattr__("base_lrs", ["x"] * len(s.base_lrs)), "base_lrs ['x'"),
     (lambda o, s, p: s.__setattr__("last_epoch", "7"), "last_epoch '7' is not an int"),
@@ -272,3 +272,28 @@ def test_every_torch_optimizers_own_state_round_trips(tmp_path, make):
     assert torch.equal(m2.weight, m.weight)
     m2(torch.randn(2, 4)).sum().backward()
     opt2.step()
+
+
+def test_a_third_party_optimizers_own_hyperparameters_round_trip(tmp_path):
+    # transformers' Adafactor keeps lr None (relative steps); Adan and AdEMAMix keep three
+    # betas: the state checks called fastclip's own checkpoints of them corrupt.
+    class ThreeBetas(torch.optim.Optimizer):
+        def __init__(self, params):
+            super().__init__(params, dict(lr=None, betas=(0.98, 0.92, 0.99), eps=1e-8))
+
+        @torch.no_grad()
+        def step(self):
+            for g in self.param_groups:
+                for p in g["params"]:
+                    st = self.state[p]
+                    st["exp_avg"] = st.get("exp_avg", torch.zeros_like(p)) * g["betas"][0] + p.grad
+                    p.sub_(1e-3 * st["exp_avg"])
+    m = torch.nn.Linear(4, 3)
+    opt = ThreeBetas(m.parameters())
+    m(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    path = ckpt.save_training_state(str(tmp_path), 1, m, opt, None, None)
+    m2 = torch.nn.Linear(4, 3)
+    opt2 = ThreeBetas(m2.parameters())
+    ckpt.load_training_state(path, m2, opt2, None, None)
+    assert opt2.param_groups[0]["betas"] == (0.98, 0.92, 0.99) and opt2.param_groups[0]["lr"] is None

@@ -553,15 +553,18 @@ def test_overwrite_and_resume_move_the_old_models_evaluations(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     _eval_json(run / "eval-rel.json", "run/model.safetensors")                  # relative, from here
     _eval_json(run / "eval-ck.json", "elsewhere/run/checkpoints/step_00000004.safetensors")  # recorded elsewhere
+    _eval_json(run / "eval-in.json", "./model.safetensors")                     # typed inside the folder
+    _eval_json(run / "eval-ck-in.json", "checkpoints/step_00000004.safetensors")
     other = tmp_path / "other.safetensors"
     other.write_text("x")
     _eval_json(run / "eval-other.json", str(other))                             # another model's: stays
     _eval_json(run / "eval-b.json", "elsewhere/b/model.safetensors")            # run b's, typed elsewhere: stays
     (run / "notes.json").write_text('{"mine": 1}')                              # not an evaluation: stays
     dest = set_aside_later_steps(str(run), 2)
-    assert sorted(os.listdir(dest)) == ["eval-ck.json", "eval-rel.json", "eval.json", "metrics.json",
-                                        "model.safetensors", "step_00000004.safetensors"]
-    for name in ("eval.json", "eval-rel.json"):
+    assert sorted(os.listdir(dest)) == ["eval-ck-in.json", "eval-ck.json", "eval-in.json", "eval-rel.json",
+                                        "eval.json", "metrics.json", "model.safetensors",
+                                        "step_00000004.safetensors"]
+    for name in ("eval.json", "eval-rel.json", "eval-in.json"):
         os.replace(os.path.join(dest, name), run / name)
     prepare_run_folder(str(run), None, True, log=lambda s: None)
     assert sorted(os.listdir(run)) == ["eval-b.json", "eval-other.json", "notes.json"]

@@ -334,17 +334,17 @@ def _check_optimizer_state(optimizer) -> None:
     parameter's (a 0-dim moment for a [49408, 64] embedding was walked out of bounds by the
     fused CPU kernel)."""
     for gi, group in enumerate(optimizer.param_groups):
-        for key in ("lr", "weight_decay"):
-            if key in group and not _number(group[key]):
+        for key in ("lr", "weight_decay"):      # (None: transformers' Adafactor derives its lr)
+            if group.get(key) is not None and not _number(group[key]):
                 raise ValueError(f"param group {gi}: {key} {group[key]!r} is not a finite number")
         eps = group.get("eps")       # a number (Adafactor's: a pair of numbers or None)
         if eps is not None and not (_number(eps) or (isinstance(eps, (tuple, list))
                                                      and all(e is None or _number(e) for e in eps))):
             raise ValueError(f"param group {gi}: eps {eps!r} is not a finite number")
-        betas = group.get("betas")
-        if betas is not None and not (isinstance(betas, (tuple, list)) and len(betas) == 2
+        betas = group.get("betas")          # (two for torch's Adams; three for Adan, AdEMAMix)
+        if betas is not None and not (isinstance(betas, (tuple, list)) and len(betas) >= 1
                                       and all(_number(b) for b in betas)):
-            raise ValueError(f"param group {gi}: betas {betas!r} is not a pair of finite numbers")
+            raise ValueError(f"param group {gi}: betas {betas!r} are not finite numbers")
         for p in group["params"]:
             for key, v in optimizer.state.get(p, {}).items():
                 if key == "step":

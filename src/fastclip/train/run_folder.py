@@ -193,8 +193,10 @@ def _evaluations_of(output_dir: str, models: Optional[List[str]] = None) -> List
     """The JSON files ``fastclip eval --output`` wrote into ``output_dir`` (top level) about a
     model of this folder: its ``model.safetensors`` or a checkpoint (or only those in ``models``).
     The recorded path is resolved from the current folder; a relative one that names no file
-    from there (it was recorded elsewhere) still counts when it names this folder's file by the
-    folder's name (``<name>/model.safetensors``, ``<name>/checkpoints/step_*``)."""
+    from there (it was recorded elsewhere) still counts when it names this folder's file from
+    inside it or by the folder's name (``model.safetensors``, ``checkpoints/step_*``,
+    ``<name>/model.safetensors``, ``<name>/checkpoints/step_*``; the name as given or with
+    links resolved)."""
     here = os.path.realpath(output_dir)
     wanted = None if models is None else {os.path.realpath(m) for m in models}
     found = []
@@ -204,10 +206,12 @@ def _evaluations_of(output_dir: str, models: Optional[List[str]] = None) -> List
             # Recorded from another folder: it names this run's file only as <this folder's
             # name>/model.safetensors or <name>/checkpoints/step_* (runs/b/model.safetensors
             # is run b's, whatever folder it was typed in).
-            tail, name = os.path.normpath(src).split(os.sep), os.path.basename(here)
-            if tail[-1] == "model.safetensors" and len(tail) >= 2 and tail[-2] == name:
+            # A path typed inside the folder (model.safetensors, checkpoints/step_*) is its own.
+            tail = os.path.normpath(src).split(os.sep)
+            names = {os.path.basename(here), os.path.basename(os.path.normpath(os.path.abspath(output_dir)))}
+            if tail[-1] == "model.safetensors" and (len(tail) == 1 or tail[-2] in names):
                 real = os.path.join(here, tail[-1])
-            elif len(tail) >= 3 and tail[-2] == CKPT_DIR and tail[-3] == name:
+            elif len(tail) >= 2 and tail[-2] == CKPT_DIR and (len(tail) == 2 or tail[-3] in names):
                 real = os.path.join(here, *tail[-2:])
         if real.startswith(here + os.sep) and (wanted is None or real in wanted):
             found.append(p)
