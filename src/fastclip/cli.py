@@ -237,14 +237,12 @@ def classes_problem(value: str) -> Optional[str]:
     comma-separated list of names), or None."""
     if os.path.isdir(value):      # not a file: it would be read as one class name, the folder's
         return "a folder; expected a file with one class name per line, or a comma-separated list of names"
+    if os.path.exists(value) and not os.path.isfile(value):   # a FIFO: read, it would block
+        return "not a regular file (a device, pipe or socket); expected a file with one class name per line"
     # A path (a separator, or a file's extension: "classes.txt" is no class name).
     looks_like_file = os.sep in value or value.lower().endswith((".txt", ".csv", ".tsv", ".json", ".lst"))
     if looks_like_file and "," not in value and not os.path.isfile(value):
-        if os.path.exists(value):
-            return "not a regular file (a device, pipe or socket); expected a file with one class name per line"
         return "no such file (class names: a file with one per line, or a comma-separated list)"
-    if os.path.exists(value) and not os.path.isfile(value):   # a FIFO: read, it would block
-        return "not a regular file (a device, pipe or socket); expected a file with one class name per line"
     return None
 
 
