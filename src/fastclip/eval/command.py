@@ -87,7 +87,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output", default=None, help="also write the metrics to this JSON file")
     g.add_argument("--model-overrides", type=_json_dict, default=None, metavar="JSON",
                    help="for an OpenAI-layout file, what no weight records: quick_gelu, vision_heads, "
-                        "text_heads (an open_clip model trained with exact GELU: '{\"quick_gelu\": false}'); "
+                        "text_heads, text_eos_id (an open_clip model trained with exact GELU: "
+                        "'{\"quick_gelu\": false}'); "
                         "a fastclip file records them")
     g.add_argument("--allow-torchscript-code", action="store_true",
                    help="read an OpenAI TorchScript archive with torch.jit.load, which RUNS the code stored in "

@@ -40,7 +40,7 @@ class TrainConfig:
     ``pretrained``: start from the weights of a run folder, model file, training checkpoint or
     OpenAI checkpoint (anything ``fastclip.eval.evaluate.load_model`` reads); the architecture
     is the file's (``model`` unused; ``model_overrides`` may set only what no weight records:
-    ``quick_gelu``, ``vision_heads``, ``text_heads``). For the sigmoid loss a model without
+    ``quick_gelu``, ``vision_heads``, ``text_heads``, ``text_eos_id``). For the sigmoid loss a model without
     a ``logit_bias`` gets one at the loss's initial value (-10) and keeps its scale.
     ``output`` holds one run: a folder with a run in it needs ``resume`` (continue it) or
     ``overwrite`` (delete it first), see ``fastclip.train.run_folder``.

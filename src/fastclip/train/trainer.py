@@ -359,10 +359,13 @@ class Trainer:
         n_params = sum(p.numel() for p in self.model.parameters())
         over = f" {json.dumps(cfg.model_overrides)}" if cfg.model_overrides else ""
         name = f"{cfg.model}{over}" if cfg.pretrained is None else f"from {cfg.pretrained}"
+        from .demo import ThreadTuner
+        threads = (f"{torch.get_num_threads()} or 1 (the faster, timed at steps 2-9)"
+                   if any(isinstance(h, ThreadTuner) for h in self.hooks) else str(torch.get_num_threads()))
         msg = (f"fastclip train: model {name} ({n_params / 1e6:.1f}M params) on {self.data_desc}\n"
                f"  {self.total_steps} steps x batch {cfg.batch_size * env.world_size}"
                f" ({env.world_size} rank{'s' if env.world_size > 1 else ''}), device {env.device}, "
-               f"precision {cfg.precision}, threads {torch.get_num_threads()}, output {cfg.output}")
+               f"precision {cfg.precision}, threads {threads}, output {cfg.output}")
         if cfg.resume == "latest" and not self.resumed_from:
             msg += f"\n  --resume latest: no checkpoint in {cfg.output} yet: a new run"
         if self.resumed_from:
