@@ -408,6 +408,7 @@ def test_ratios_pair_rows_of_one_problem_and_thread_count():
     (["--threads", "0"], "argument --threads: expected a positive integer, got '0'"),
     (["--threads", "-1"], "argument --threads: expected a positive integer, got '-1'"),
     (["--threads", "two"], "argument --threads: expected a positive integer, got 'two'"),
+    (["--threads", "100000"], "argument --threads: expected at most 1024 threads, got '100000'"),
     (["--max-mem-gb", "-1"], "--max-mem-gb must be a finite number >= 0"),
     (["--target-s", "nan"], "--target-s must be a finite number of seconds > 0, got nan"),
     (["--target-s", "-1"], "--target-s must be a finite number of seconds > 0"),

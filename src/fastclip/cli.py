@@ -19,6 +19,7 @@ import sys
 import threading
 from typing import Iterator, List, Optional
 
+from ._machine import MAX_THREADS, backend_problem, device_problem
 from .train.config import LOSSES, PRECISIONS, TrainConfig
 
 _DEFAULTS = TrainConfig()
@@ -47,6 +48,7 @@ def _int_in(lo: int, hi: Optional[int] = None, what: str = ""):
 _positive_int = _int_in(1, 2 ** 63, what="a positive integer below 2**63")
 _nonneg_int = _int_in(0, 2 ** 63, what="a non-negative integer below 2**63")
 _seed = _int_in(0, 2 ** 63, what="an integer in [0, 2**63)")      # torch.manual_seed's range, >= 0
+_threads = _int_in(1, MAX_THREADS + 1, what=f"a thread count in [1, {MAX_THREADS}]")
 
 _ESCAPES = {"\\t": "\t", "\\n": "\n", "\\r": "\r", "\\\\": "\\", "tab": "\t"}
 
@@ -145,7 +147,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--output", default=None, help="output directory (default runs/<timestamp>)")
     g.add_argument("--device", default=d.device, help="auto | cpu | cuda")
-    g.add_argument("--threads", type=_positive_int, default=None,
+    g.add_argument("--threads", type=_threads, default=None,
                    help="torch CPU threads (default on a CPU: the faster of all and one, timed on steps 2-9)")
     g.add_argument("--seed", type=_seed, default=d.seed)
     g.add_argument("--log-every", type=_positive_int, default=None)
@@ -381,44 +383,6 @@ def _check_paths(p: argparse.ArgumentParser, args: argparse.Namespace, given: Op
     if args.model not in list_models():
         p.error(f"--model {args.model!r}: unknown; available: {', '.join(list_models())}")
     _check_run_args(p, args)
-
-
-def device_problem(device: str) -> Optional[str]:
-    """What is wrong with a ``--device`` value on this machine ("'cuda': CUDA is not
-    available ..."), or None when it is usable (``auto`` always is)."""
-    import torch
-    if device == "auto":
-        return None
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        return f"{device!r}: not a device; expected auto, cpu, cuda or cuda:N"
-    if dev.type not in ("cpu", "cuda"):
-        return f"{device!r}: expected auto, cpu, cuda or cuda:N"
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = ("this torch is a CPU-only build" if torch.version.cuda is None
-                   else "no CUDA device is visible (driver missing or CUDA_VISIBLE_DEVICES empty)")
-            return f"{device}: CUDA is not available ({why}); use --device cpu or auto"
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            return f"{device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
-    return None
-
-
-def backend_problem(backend: str) -> Optional[str]:
-    """What is wrong with a ``--loss-backend`` value on this machine, or None. ``auto`` takes
-    ``FASTCLIP_BACKEND`` when it is set, so a bad value there is the flag's problem too (it
-    failed with a traceback at the first training step, after the run folder was written)."""
-    if backend == "auto":
-        env = os.environ.get("FASTCLIP_BACKEND", "").strip()
-        why = backend_problem(env) if env and env != "auto" else None
-        return f"auto takes FASTCLIP_BACKEND={why}" if why else None
-    from .ops import all_backends, available_backends
-    if backend not in all_backends():
-        return f"{backend!r}: unknown; expected auto or one of {', '.join(sorted(all_backends()))}"
-    if backend not in available_backends():
-        return f"{backend!r}: not available on this machine; available: auto, {', '.join(available_backends())}"
-    return None
 
 
 def _check_model_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:

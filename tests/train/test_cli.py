@@ -82,6 +82,10 @@ def test_no_command_prints_help_and_exits_2(capsys):
     (["train", "--output", "/proc/fastclip-test/run"], "--output '/proc/fastclip-test/run': cannot write there"),
     (["train", "--output", "/tmp/fastclip-never-created", "--resume", "latest", "--overwrite"], "exclude each other"),
     (["train", "--max-failed-batches", "0"], "--max-failed-batches"),
+    # 100000 crashed in OpenMP's thread creation
+    (["train", "--threads", "100000"], "argument --threads: expected a thread count in [1, 1024], got '100000'"),
+    (["train", "--threads", "0"], "argument --threads: expected a thread count in [1, 1024], got '0'"),
+    (["eval", "--threads", "1025"], "argument --threads: expected a thread count in [1, 1024], got '1025'"),
     (["train", "--batch-size", "1"], "--batch-size 1: model 'demo' has BatchNorm layers"),
     (["train", "--batch-size", "4", "--accum-micro-batch", "1"], "--accum-micro-batch 1"),
     (["train", "--dataset-type", "csv"], "--dataset-type csv needs --train-data"),

@@ -376,7 +376,17 @@ def test_a_config_built_in_python_gets_the_clis_checks(tmp_path):
             (dict(steps="4"), TypeError, r"steps must be an int .*got '4' \(str\)"),
             (dict(lr=float("nan")), ValueError, "lr must be a finite number"),
             (dict(seed=1.5), TypeError, "seed must be an int"),
-            (dict(threads=0), ValueError, r"threads must be an int in \[1, 2\*\*63\) or None"),
+            (dict(threads=0), ValueError, r"threads must be an int in \[1, 1024\] or None"),
+            # 100000 threads crashed in OpenMP's thread creation
+            (dict(threads=100000), ValueError, r"threads must be an int in \[1, 1024\] or None, got 100000"),
+            # torch's own RuntimeError from the distributed set-up named no field
+            (dict(device="tpu"), ValueError, "TrainConfig.device 'tpu': not a device; expected auto, cpu"),
+            (dict(device="cuda0"), ValueError, "TrainConfig.device 'cuda0': not a device"),
+            # a BatchNorm model skipped every batch of one image, then failed about the data
+            (dict(model="tiny-rn", batch_size=1), ValueError,
+             "TrainConfig.batch_size 1: model 'tiny-rn' has BatchNorm layers"),
+            (dict(model="tiny-rn", batch_size=8, accum_micro_batch=1), ValueError,
+             "TrainConfig.accum_micro_batch 1: model 'tiny-rn' has BatchNorm layers"),
             (dict(model_overrides=None), TypeError, "model_overrides must be a dict"),
             (dict(progress="fancy"), ValueError, "progress must be one of"),
             (dict(plot=1), TypeError, "plot must be a bool"),
@@ -385,6 +395,26 @@ def test_a_config_built_in_python_gets_the_clis_checks(tmp_path):
         with pytest.raises(kind, match=text):
             train(TrainConfig(**{"model": "tiny-vit", "progress": "none", "plot": False,
                                  "output": str(tmp_path / "o"), **kw}))
+    assert not (tmp_path / "o").exists()
+    # A backend this machine lacks failed at the first step, after overwrite=True had deleted
+    # the old run: refused first, the old run kept.
+    from fastclip.ops import all_backends, available_backends
+    missing = sorted(set(all_backends()) - set(available_backends()))
+    if missing:
+        old = tmp_path / "old"
+        train(TrainConfig(model="tiny-vit", steps=1, batch_size=4, demo_train_samples=8, demo_eval_samples=8,
+                          progress="none", plot=False, threads=1, output=str(old)))
+        before = sorted(p.name for p in old.iterdir())
+        with pytest.raises(ValueError, match=f"TrainConfig.loss_backend '{missing[0]}': not available on this "
+                                             f"machine; available: auto, "):
+            train(TrainConfig(model="tiny-vit", steps=1, batch_size=4, progress="none", plot=False,
+                              loss_backend=missing[0], overwrite=True, output=str(old)))
+        assert sorted(p.name for p in old.iterdir()) == before
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTCLIP_BACKEND", "nonesuch")
+        with pytest.raises(ValueError, match="TrainConfig.loss_backend auto takes FASTCLIP_BACKEND='nonesuch': "
+                                             "unknown"):
+            train(TrainConfig(model="tiny-vit", progress="none", plot=False, output=str(tmp_path / "o")))
     assert not (tmp_path / "o").exists()
     from fastclip.train.config import validate_config
     validate_config(TrainConfig(loss="siglip", dist_impl="bidir"))      # open_clip's names, as SigLipLoss

@@ -49,6 +49,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .._machine import MAX_THREADS
 from . import methods as M
 from .env import cpu_count, env_info, gb, meminfo_bytes, slug
 from .measure import clear_grads, esize, per_call_times, run_worker, time_step, worker_reply
@@ -150,13 +151,16 @@ def _parse_size(tok: str) -> int:
 
 def _positive_int(s: str) -> int:
     """--threads: a count, as ``fastclip train --threads`` takes it (0 and negatives are
-    refused there too, so the two commands read the same value the same way)."""
+    refused there too, so the two commands read the same value the same way), at most
+    ``MAX_THREADS`` (100000 crashed in OpenMP's thread creation)."""
     try:
         v = int(s)
     except ValueError:
         v = 0
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    if v > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_THREADS} threads, got {s!r}")
     return v
 
 

@@ -28,6 +28,7 @@ from ..cli import (
     _positive_int,
     _seed,
     _separator,
+    _threads,
     backend_problem,
     classes_problem,
     csv_file_problem,
@@ -78,7 +79,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--loss", choices=("auto", *LOSSES), default="auto",
                    help="the loss of --val-data's val loss (auto: siglip for a model with a logit_bias, else clip)")
     g.add_argument("--loss-backend", default="auto", help="fastclip kernel backend of the val loss")
-    g.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    g.add_argument("--threads", type=_threads, default=None, help="torch CPU threads")
     g.add_argument("--workers", type=_nonneg_int, default=0,
                    help="DataLoader processes decoding the --zeroshot-data and --probe images")
     g.add_argument("--seed", type=_seed, default=None,

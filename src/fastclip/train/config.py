@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
+from .._machine import MAX_THREADS, backend_problem, device_problem
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 # The losses `fastclip train --loss` and `fastclip eval --loss` offer, named here without
 # importing torch (`fastclip --help` stays fast); tests/train/test_cli.py checks that they
@@ -114,6 +116,8 @@ _INTS = {"batch_size": 1, "epochs": 1, "demo_train_samples": 1, "demo_eval_sampl
 # 0 where the trainer reads it as unset (``cfg.save_every or ...``): code that passes 0 for "off".
 _OPTIONAL_INTS = {"steps": 1, "accum_micro_batch": 1, "warmup": 0, "threads": 1, "train_num_samples": 0,
                   "val_num_samples": 0, "log_every": 0, "eval_every": 0, "save_every": 0, "max_failed_batches": 0}
+# Upper ends other than 2**63 - 1.
+_INT_TOP = {"threads": MAX_THREADS}
 # open_clip's SigLipLoss dist_impl names (fastclip.loss maps them to gather or ring).
 _SIGLIP_DIST_IMPLS = (None, "bidir", "shift", "reduce")
 # (lo, hi, lo open, hi open)
@@ -171,10 +175,12 @@ def validate_config(cfg: "TrainConfig") -> None:
         v = getattr(cfg, name)
         if v is None and name in _OPTIONAL_INTS:
             continue
-        want = f"an int in [{lo}, 2**63)" + (" or None" if name in _OPTIONAL_INTS else "")
+        hi = _INT_TOP.get(name, 2 ** 63 - 1)
+        want = (f"an int in [{lo}, {'2**63)' if hi == 2 ** 63 - 1 else f'{hi}]'}"
+                + (" or None" if name in _OPTIONAL_INTS else ""))
         if not _is_int(v):
             bad(name, want, TypeError)
-        if not lo <= v < 2 ** 63:
+        if not lo <= v <= hi:
             bad(name, want)
     for name, (lo, hi, lo_open, hi_open) in (*_FLOATS.items(), *_OPTIONAL_FLOATS.items()):
         v = getattr(cfg, name)
@@ -214,6 +220,12 @@ def validate_config(cfg: "TrainConfig") -> None:
             raise ValueError(f"TrainConfig.model_overrides {cfg.model_overrides!r} with pretrained: {why}")
     if cfg.output is not None and os.path.exists(cfg.output) and not os.path.isdir(cfg.output):
         raise ValueError(f"TrainConfig.output {cfg.output!r} exists and is not a directory")
+    # What this machine runs, as --device and --loss-backend are checked: an unavailable backend
+    # failed at the first step (after the run folder was prepared, an old run deleted with
+    # overwrite), a device 'tpu' with torch's own words from the distributed set-up.
+    for name, why in (("device", device_problem(cfg.device)), ("loss_backend", backend_problem(cfg.loss_backend))):
+        if why:
+            raise ValueError(f"TrainConfig.{name} {why}")
 
 
 def model_kwargs(loss: str, model_overrides: Dict[str, Any]) -> Dict[str, Any]:

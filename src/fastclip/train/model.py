@@ -16,8 +16,16 @@ def build_model(cfg: TrainConfig):
     bias is refused for a loss without one (it would be dropped). Raises ``CheckpointError``
     naming the file when it cannot be used."""
     from ..models import CLIP, create_model
+    per_forward = min(cfg.batch_size, cfg.accum_micro_batch or cfg.batch_size)
     if cfg.pretrained is None:
-        return create_model(cfg.model, **model_kwargs(cfg.loss, cfg.model_overrides))
+        model = create_model(cfg.model, **model_kwargs(cfg.loss, cfg.model_overrides))
+        if model.has_batchnorm and per_forward < 2:
+            # as the CLI refuses it: every batch of one image was skipped, and the trainer drew
+            # batches until it gave up with a message about the data
+            name = "accum_micro_batch" if cfg.accum_micro_batch == 1 else "batch_size"
+            raise ValueError(f"TrainConfig.{name} 1: model {cfg.model!r} has BatchNorm layers (a ResNet tower), "
+                             f"which need at least 2 images per forward pass in training; use 2 or more")
+        return model
     from ..eval.evaluate import check_vocab, load_model
     from ..ops.losses import get_loss
     try:
@@ -25,7 +33,6 @@ def build_model(cfg: TrainConfig):
         check_vocab(model, cfg.pretrained)
     except ValueError as e:
         raise ckpt.CheckpointError(f"--pretrained: {e}") from None
-    per_forward = min(cfg.batch_size, cfg.accum_micro_batch or cfg.batch_size)
     if model.has_batchnorm and per_forward < 2:
         raise ckpt.CheckpointError(f"--pretrained {cfg.pretrained}: the model has BatchNorm layers (a ResNet "
                                    f"tower), which need at least 2 images per forward pass in training; "
