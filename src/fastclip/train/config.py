@@ -165,8 +165,10 @@ def validate_config(cfg: "TrainConfig") -> None:
     choices) naming the field of ``cfg`` whose flag type ``fastclip train`` would refuse, before
     any work: a config built in Python skipped those checks (a negative ``grad_clip_norm``
     trained the model backwards, a negative ``steps`` wrote an untrained model, ``steps="4"``
-    failed deep in the trainer). The command line's checks across fields (``--dataset-type``
-    against the data, options for data the run does not read) stay its own."""
+    failed deep in the trainer), and ``device`` and ``loss_backend`` as ``--device`` and
+    ``--loss-backend`` are (available on this machine). The command line's checks across fields
+    (``--dataset-type`` against the data, options for data the run does not read) stay its own;
+    the trainer checks the batch against the model (BatchNorm) once it is built."""
     def bad(name: str, want: str, kind=ValueError) -> None:
         v = getattr(cfg, name)
         raise kind(f"TrainConfig.{name} must be {want}, got {v!r} ({type(v).__name__})")
