@@ -174,6 +174,13 @@ def test_invalid_probe_arguments_are_refused():
         linear_probe(x, y, x, y, refine_steps=True)
     with pytest.raises(ValueError, match="max_iter must be a positive int, got 0"):
         fit_logistic(x, y, 2, 1.0, max_iter=0)
+    # torch's words ("manual_seed expected a long", "'<' not supported") named neither
+    for kw, kind, text in ((dict(seed=0.5), TypeError, "seed must be an int >= 0, got float 0.5"),
+                           (dict(seed=None), TypeError, "seed must be an int >= 0, got NoneType None"),
+                           (dict(val_fraction="0.2"), TypeError, r"val_fraction must be a number in \(0, 1\), got str"),
+                           (dict(val_fraction=1.0), ValueError, "val_fraction must be in \\(0, 1\\), got 1.0")):
+        with pytest.raises(kind, match=text):
+            linear_probe(x, y, x, y, **kw)
     assert linear_probe(x, y, x, y, Cs=[1.0], refine_steps=0, max_iter=np.int64(50)).accuracy > 0.9
 
 
@@ -232,3 +239,25 @@ def test_refinement_stays_inside_the_grid_and_cs_may_be_a_generator():
     assert gen.search == lst.search and gen.C == lst.C
     with pytest.raises(TypeError, match="Cs must be a sequence of positive numbers, got float"):
         linear_probe(x[:120], y[:120], x[120:], y[120:], Cs=1.0)
+
+
+def test_large_finite_features_fit_the_same_objective():
+    """Features of 1e12 overflowed LBFGS's fp32 step (a RuntimeError from inside torch), those
+    of 1e20 gave NaN weights at chance accuracy. Scaling features by s and C by 1 / s^2 is the
+    same problem (logits W x, penalty ||W||^2 / 2C, in W' = W / s): the same probabilities,
+    judged in float64 at a tight tolerance (LBFGS's stopping point in fp32 alone moves them by
+    up to 4e-4; in float64 the scaled fits were within 3.4e-5 of the unscaled one)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    y = ((x[:, 0] + 0.8 * torch.randn(200, generator=g, dtype=torch.float64)) > 0).long() \
+        + 2 * (x[:, 1] > 0.3).long()                                                   # 4 noisy classes
+    ref = torch.softmax(fit_logistic(x, y, 4, 1.0, max_iter=5000, tol=1e-12)(x), 1)
+    for scale in (1e6, 1e12, 1e20):
+        clf = fit_logistic(x * scale, y, 4, 1.0 / scale ** 2, max_iter=5000, tol=1e-12)
+        torch.testing.assert_close(torch.softmax(clf(x * scale), 1), ref, atol=1e-4, rtol=0)
+        x32 = (x * scale).float()            # fp32, as linear_probe fits: finite, the same predictions
+        clf32 = fit_logistic(x32, y, 4, 1.0 / scale ** 2)
+        assert torch.isfinite(clf32.weight).all()
+        assert (clf32(x32).argmax(1) != ref.argmax(1)).sum() <= 2
+    r = linear_probe((x * 1e12).float(), y, (x * 1e12).float(), y)
+    assert r.accuracy > 0.6 and math.isfinite(r.C)

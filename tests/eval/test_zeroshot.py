@@ -229,6 +229,41 @@ def test_classnames_must_be_ordered(model):
         build_zeroshot_classifier(model, frozenset({"dog", "cat"}), ["a {}"])
 
 
+def test_classify_folder_checks_classnames_as_the_classifier_does(model, tmp_path):
+    """classify_folder split classnames="dog" into the classes 'd', 'o', 'g' (and "cd" named the
+    folders cat/ and dog/ 'c' and 'd'), took a set in an order that changes between processes,
+    and failed on a non-str name with an AttributeError from .lower()."""
+    rng = np.random.default_rng(1)
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / cls / "a.png")
+    for folder in (tmp_path, tmp_path / "cat"):     # class subfolders, and a flat folder of images
+        for names, text in (("dog", "classnames must be a sequence of class names, got a single string 'dog'"),
+                            ("cd", "got a single string 'cd'"),
+                            (["cat", 5], "classnames must be strings, got int 5 at position 1"),
+                            ({"cat", "dog"}, "classnames must be an ordered sequence")):
+            with pytest.raises(TypeError, match=text):
+                classify_folder(model, str(folder), classnames=names)
+    out = classify_folder(model, str(tmp_path), classnames=(n for n in ("a cat", "a dog")))
+    assert out["classnames"] == ["a cat", "a dog"]
+
+
+def test_template_faults_name_the_template(model):
+    """A template "{0.foo}" raised a bare AttributeError, a callable giving an int was reported
+    as the tokenizer's texts[1], and one ignoring the class name was blamed on tokenisation."""
+    with pytest.raises(ValueError, match=r"template 'a \{0.foo\}' is not a format string .*attribute 'foo'"):
+        build_zeroshot_classifier(model, ["cat", "dog"], ["a {0.foo}"])
+    with pytest.raises(TypeError, match="template .*lambda.* gave a int \\(5\\) for class 'cat', not a str prompt"):
+        build_zeroshot_classifier(model, ["cat", "dog"], ["a {}", lambda c: 5])
+    with pytest.raises(ValueError, match="the templates give both the same text: each template must use the class"):
+        build_zeroshot_classifier(model, ["cat", "dog"], [lambda c: "a photo"])
+
+
+def test_classification_metrics_takes_numpy_logits():
+    m = classification_metrics(np.array([[1.0, 2.0], [3.0, 0.0]]), np.array([1, 1]))
+    assert (m["top1"], m["n"]) == (0.5, 2)
+
+
 def test_classify_folder_reads_nested_images_and_refuses_empty_classes(model, tmp_path):
     """Images in sub-folders of a class folder are the class's; a class folder without images
     would be a class no image can be right for, and is refused."""

@@ -5,7 +5,9 @@ eval`` read a folder the same way."""
 from __future__ import annotations
 
 import os
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from collections.abc import KeysView
+from collections.abc import Set as AbstractSet
+from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -37,6 +39,28 @@ def read_classnames(spec: Optional[str]) -> Optional[List[str]]:
     if dup:     # two classes with one name get the same prompts: neither can be told apart
         raise DataError(f"class names repeat in {spec!r} (the tokenizer lower-cases them and collapses "
                         f"spaces): {'; '.join(' = '.join(repr(n) for n in g) for g in dup[:5])}")
+    return names
+
+
+def class_name_list(classnames: Iterable[str], name: str = "classnames") -> List[str]:
+    """``classnames`` read once into a list of str, in order; TypeError naming ``name`` for a
+    single string (its letters were taken for the class names), a set (its order changes between
+    Python processes: column k must be class k; a dict's keys keep theirs and are taken), a
+    non-iterable or a name that is not a str."""
+    if isinstance(classnames, (str, bytes)):
+        raise TypeError(f"{name} must be a sequence of class names, got a single string {classnames!r}")
+    if isinstance(classnames, AbstractSet) and not isinstance(classnames, KeysView):
+        raise TypeError(f"{name} must be an ordered sequence (a list or tuple: column k of the "
+                        f"classifier is class k), got a {type(classnames).__name__}, whose order "
+                        f"changes between Python processes")
+    try:
+        names = list(classnames)    # a generator has no len() and can be read only once
+    except TypeError:
+        raise TypeError(f"{name} must be an iterable of class names (str), got a "
+                        f"{type(classnames).__name__}") from None
+    for k, c in enumerate(names):
+        if not isinstance(c, str):
+            raise TypeError(f"{name} must be strings, got {type(c).__name__} {c!r} at position {k}")
     return names
 
 
@@ -107,6 +131,8 @@ def scan_class_folders(root: str, classnames: Optional[Sequence[str]] = None,
     two classes have one name once lower-cased with spaces collapsed.
     """
     what = what or repr(root)
+    if classnames is not None:
+        classnames = class_name_list(classnames)
     if not os.path.isdir(root):
         raise DataError(f"{what}: not a directory")
     folders = class_subfolders(root)

@@ -51,10 +51,18 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, m
     # model that made them (features straight from ``encode_image`` filled its ``.grad``).
     with torch.inference_mode(False), torch.enable_grad(), fp32_math():
         x, y = (t.clone() if t.is_inference() else t for t in (x.detach(), y))
+        # Features far above unit scale are fitted as x / s with C s^2: the same objective in
+        # V = W s (logits V (x / s) = W x, penalty ||V||^2 / (2 C s^2) = ||W||^2 / 2C), with s a
+        # power of two (exact). Features of 1e12 overflowed LBFGS's fp32 step ("value cannot be
+        # converted to type float"), those of 1e20 gave NaN weights at chance accuracy. (Tiny
+        # features are left as they are: there C s^2 made the penalty's factor overflow.)
+        amax = float(x.abs().max()) if x.numel() else 0.0
+        s = 2.0 ** round(math.log2(amax)) if amax > 2.0 ** 16 else 1.0
+        x = x / s if s != 1.0 else x
         clf = nn.Linear(x.shape[1], num_classes, device=x.device, dtype=x.dtype)
         with torch.no_grad():
             if init is not None:
-                clf.weight.copy_(init.weight)
+                clf.weight.copy_(init.weight * s)
                 clf.bias.copy_(init.bias)
             else:
                 clf.weight.zero_()
@@ -62,7 +70,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, m
         # Two classes: scikit-learn fits one vector w where the softmax has w1, w2 with logit
         # difference (w1 - w2); its penalty ||w||^2 / 2C is ours at w1 = -w2 = w / 2 only with
         # the penalty doubled (else our C was its 2C: probabilities 0.07 apart at C = 1).
-        lam = (2.0 if torch.unique(y).numel() == 2 else 1.0) / (C * x.shape[0])
+        lam = (2.0 if torch.unique(y).numel() == 2 else 1.0) / (C * s * s * x.shape[0])
         opt = torch.optim.LBFGS(clf.parameters(), lr=1, max_iter=max_iter, history_size=20,
                                 tolerance_grad=tol, tolerance_change=1e-10, line_search_fn="strong_wolfe")
 
@@ -73,6 +81,11 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, m
             return loss
 
         opt.step(closure)
+        with torch.no_grad():
+            clf.weight.div_(s)
+    if not bool(torch.isfinite(clf.weight).all() and torch.isfinite(clf.bias).all()):
+        raise ValueError(f"the probe's fit at C={C:g} diverged (non-finite weights): features of magnitude "
+                         f"{amax:.3g} are out of fp32's reach")
     return clf.requires_grad_(False)
 
 
@@ -96,7 +109,8 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     ``[0, C)``, those fitted on (training and validation) of at least 2 classes (ValueError
     otherwise: one class makes every prediction right); training and validation features must
     be finite, a test row with NaN/inf is a miss. Without ``val_features`` a random
-    ``val_fraction`` of train (``seed``) is held out for choosing ``C``; ``val_features`` and
+    ``val_fraction`` (a number in (0, 1), default 0.2) of train, drawn with ``seed`` (an int >= 0,
+    default 0), is held out for choosing ``C``; ``val_features`` and
     ``val_labels`` come together or not at all (ValueError otherwise).
 
     ``Cs``: the coarse grid of positive numbers (default ``10^-6, 10^-4, ..., 10^6``), in any
@@ -119,6 +133,12 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
                          "or neither (val_fraction of the training set is held out)")
     max_iter = int_at_least(max_iter, "max_iter")
     refine_steps = int_at_least(refine_steps, "refine_steps", minimum=0)
+    seed = int_at_least(seed, "seed", minimum=0)
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real):
+        raise TypeError(f"val_fraction must be a number in (0, 1), got {type(val_fraction).__name__} "
+                        f"{val_fraction!r}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     train_features = as_features(train_features, "train_features")
     test_features = as_features(test_features, "test_features")
     if val_features is not None:
@@ -153,8 +173,6 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
                              f"got {list(Cs)}")
         Cs = [float(c) for c in Cs]
     if val_features is None:
-        if not 0 < val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         g = torch.Generator().manual_seed(seed)
         perm = torch.randperm(xt.shape[0], generator=g).to(dev)
         if xt.shape[0] < 2:

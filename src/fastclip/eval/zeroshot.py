@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import KeysView
-from collections.abc import Set as AbstractSet
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ..datasets.csv_dataset import DataError
-from ..datasets.folder import IMAGE_EXTENSIONS
+from ..datasets.folder import IMAGE_EXTENSIONS, class_name_list
 from ..tokenizer import tokenize
 from ._checks import as_features, as_images, class_indices, eval_mode, finite_rows, fp32_math, int_at_least, unit_rows
 from .templates import SIMPLE_TEMPLATES
@@ -33,7 +31,7 @@ def _check_template(t) -> None:
     marker = "fastclipCLASSNAMEmarker"
     try:
         placed = marker in t.format(marker)
-    except (IndexError, KeyError, ValueError) as e:
+    except (IndexError, KeyError, ValueError, AttributeError, TypeError) as e:   # "{0.foo}": AttributeError
         raise ValueError(f"template {t!r} is not a format string with one {{}} for the class name: {e}") from None
     if not placed:
         raise ValueError(f"template {t!r} has no {{}} for the class name: every class would get the same prompt")
@@ -75,25 +73,10 @@ def build_zeroshot_classifier(model, classnames: Iterable[str], templates: Seque
     end-of-text token is kept). A string template must place the class name (``{}``): one
     without it gives every class the same embedding.
     """
-    if isinstance(classnames, (str, bytes)):
-        raise TypeError(f"classnames must be a sequence of class names, got a single string {classnames!r}")
-    if isinstance(classnames, AbstractSet) and not isinstance(classnames, KeysView):
-        # A dict's keys (a Set by type) keep their insertion order: accepted, as the dict is.
-        raise TypeError(f"classnames must be an ordered sequence (a list or tuple: column k of the "
-                        f"classifier is class k), got a {type(classnames).__name__}, whose order "
-                        f"changes between Python processes")
+    classnames = class_name_list(classnames)
     if isinstance(templates, (str, bytes)):
         raise TypeError(f"templates must be a sequence of templates, got a single string {templates!r} "
                         f"(pass [{templates!r}])")
-    # Any iterable is read once into a list (a generator has no len() and can be read only once).
-    try:
-        classnames = list(classnames)
-    except TypeError:
-        raise TypeError(f"classnames must be an iterable of class names (str), got a "
-                        f"{type(classnames).__name__}") from None
-    for k, c in enumerate(classnames):
-        if not isinstance(c, str):
-            raise TypeError(f"classnames must be strings, got {type(c).__name__} {c!r} at position {k}")
     try:
         templates = list(templates)
     except TypeError:
@@ -108,6 +91,11 @@ def build_zeroshot_classifier(model, classnames: Iterable[str], templates: Seque
     batch_size = int_at_least(batch_size, "batch_size")
     dev = _device(model, device)
     prompts = [t(c) if callable(t) else t.format(c) for c in classnames for t in templates]  # class-major
+    for k, p in enumerate(prompts):
+        if not isinstance(p, str):
+            # (the tokenizer named only a position in one of its batches)
+            t, c = templates[k % len(templates)], classnames[k // len(templates)]
+            raise TypeError(f"template {t!r} gave a {type(p).__name__} ({p!r}) for class {c!r}, not a str prompt")
     ctx = getattr(model, "context_length", 77)
     ids = []                                             # [b, L] token ids per batch
     for i in range(0, len(prompts), batch_size):
@@ -136,8 +124,13 @@ def _refuse_same_prompts(classnames: List[str], prompts: List[str], ids: torch.T
         first = seen.setdefault(key, c)
         if first != c:
             a, b = classnames[first], classnames[c]
-            why = ("the same name" if a == b else "the tokenizer lower-cases text and cleans its "
-                   f"whitespace, and cuts prompts to the model's context_length {ctx} tokens")
+            if a == b:
+                why = "the same name"
+            elif prompts[first * per_class:(first + 1) * per_class] == prompts[c * per_class:(c + 1) * per_class]:
+                why = "the templates give both the same text: each template must use the class name"
+            else:
+                why = ("the tokenizer lower-cases text and cleans its whitespace, and cuts prompts to the "
+                       f"model's context_length {ctx} tokens")
             raise ValueError(f"classnames {first} {a!r} and {c} {b!r} give the same prompts after "
                              f"tokenisation ({why}; e.g. {prompts[c * per_class]!r}): their classifier "
                              f"columns would be equal and class {c} could never be predicted")
@@ -173,7 +166,9 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> Dict[s
     ValueError for no predictions, whose accuracy is undefined rather than 0). Classes are
     ranked by logit, ties broken by class index (the first of equal logits ranks first, as
     ``argmax`` and ``classify_folder``'s predictions pick it). A row with
-    a non-finite logit (a diverged model) is a miss, at top-1 and top-5 alike."""
+    a non-finite logit (a diverged model) is a miss, at top-1 and top-5 alike. ``logits`` may be
+    a NumPy array or nested lists, as the features of the other evaluation functions."""
+    logits = as_features(logits, "logits")
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, C], got shape {tuple(logits.shape)}")
     labels = class_indices(labels, "labels", logits.shape[1], logits.device)
@@ -267,6 +262,8 @@ def evaluate_zeroshot(model, images_or_loader: Union[torch.Tensor, Iterable[Tupl
 
 def _scan_folder(folder: str, classnames: Optional[Sequence[str]]) -> Tuple[List[str], Optional[List[int]], List[str]]:
     from ..datasets.folder import class_subfolders, scan_class_folders
+    if classnames is not None:      # the checks of build_zeroshot_classifier ("dog" was split into letters)
+        classnames = class_name_list(classnames)
     if class_subfolders(folder):
         try:
             scan = scan_class_folders(folder, classnames)
