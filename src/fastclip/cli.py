@@ -113,7 +113,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None,
                    help=f"model config name (see fastclip.models.list_models(); default {d.model})")
     g.add_argument("--model-overrides", type=_json_dict, default=None,
-                   help='JSON config overrides, e.g. \'{"vision_layers": 2}\'; with --pretrained only what '
+                   help='JSON config overrides, e.g. \'{"text_layers": 2}\'; with --pretrained only what '
                         'no weight records: quick_gelu, vision_heads, text_heads, text_eos_id (an open_clip model with '
                         'exact GELU: \'{"quick_gelu": false}\')')
     g.add_argument("--pretrained", default=None, metavar="PATH",

@@ -228,6 +228,10 @@ def test_empty_images_are_refused_by_the_transform_and_skipped_by_the_loader(tmp
     ({"vision_heads": 3}, "vision_heads=3 must divide vision_width=64"),
     ({"text_heads": 3}, "text_heads=3 must divide text_width=64"),
     ({"text_width": 200, "text_heads": None}, r"text_heads=null \(3: text_width // 64\) must divide text_width=200"),
+    # null failed a comparison: "'<=' not supported between instances of 'NoneType' and 'int'"
+    ({"embed_dim": None}, r"embed_dim must be set, got None \(null\)"),
+    ({"context_length": None}, "context_length must be set"),
+    ({"vision_layers": None}, "vision_layers must be set"),
 ])
 def test_config_fields_are_whole_numbers_in_range(overrides, needle):
     with pytest.raises(ValueError, match=needle):
@@ -269,3 +273,17 @@ def test_a_resnet_in_train_mode_names_a_batch_of_one():
     assert m.eval().encode_image(torch.randn(1, 3, s, s)).shape == (1, m.embed_dim)
     big = create_model("demo", image_size=64)       # a 2x2 last stage: one image is enough
     assert big.encode_image(torch.randn(1, 3, 64, 64)).shape == (1, big.embed_dim)
+    # Frozen BatchNorm (eval mode inside a training model, as when fine-tuning) takes one image.
+    m.train()
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.eval()
+    assert m.encode_image(torch.randn(1, 3, s, s)).shape == (1, m.embed_dim)
+
+
+def test_an_int_vision_layers_on_a_resnet_says_what_a_resnet_takes():
+    """The help's example '{"vision_layers": 2}' on the default ResNet said only "patch_size is
+    required for a ViT config"."""
+    with pytest.raises(ValueError, match=r"vision_layers 2 \(one int\) makes a ViT image tower, which needs "
+                                         r"patch_size; a ResNet tower's vision_layers is 4 ints"):
+        create_model("demo", vision_layers=2)

@@ -63,8 +63,14 @@ class CLIPConfig:
     def __post_init__(self):
         if isinstance(self.vision_layers, list):
             self.vision_layers = tuple(self.vision_layers)
+        for name in ("embed_dim", "image_size", "vision_layers", "vision_width", "context_length", "vocab_size",
+                     "text_width", "text_layers"):
+            if getattr(self, name) is None:     # (None then failed a comparison naming no field)
+                raise ValueError(f"{name} must be set, got None (null)")
         if not self.is_resnet and self.patch_size is None:
-            raise ValueError("patch_size is required for a ViT config (vision_layers is an int)")
+            raise ValueError(f"vision_layers {self.vision_layers!r} (one int) makes a ViT image tower, which needs "
+                             f"patch_size; a ResNet tower's vision_layers is 4 ints (blocks per stage, e.g. "
+                             f"[2, 2, 2, 2])")
         # Whole numbers only: JSON's true passed as 1 (a one-layer tower), 64.0 failed deep in torch.
         for name in ("embed_dim", "image_size", "vision_width", "context_length", "vocab_size", "text_width",
                      "text_layers", "patch_size", "vision_heads", "text_heads", "vision_mlp_width",

@@ -118,9 +118,12 @@ class ModifiedResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_images(x, self.input_resolution)
-        if self.training and x.shape[0] == 1 and self.input_resolution // 32 <= 1:
+        if x.shape[0] == 1 and self.input_resolution // 32 <= 1 and any(
+                m.training for m in self.layer4.modules() if isinstance(m, nn.BatchNorm2d)):
             # The last stage is 1x1 here: its BatchNorm sees one value per channel in a batch of
             # one, and torch's error ("Expected more than 1 value per channel") named no input.
+            # Its BatchNorm layers' own mode decides: frozen ones (eval mode inside a training
+            # model, as when fine-tuning) take a batch of one.
             raise ValueError(f"images: a batch of 1 in train mode, where this ResNet's BatchNorm "
                              f"needs at least 2 at image_size {self.input_resolution} (its last "
                              f"stage is 1x1); call model.eval() to encode one image")

@@ -36,6 +36,10 @@ class TextTransformer(nn.Module):
         self.transformer.init_weights()
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        """Features ``[B, output_dim]`` of token ids ``text`` ``[B, L <= context_length]`` (any
+        integer dtype). Ids outside ``[0, vocab_size)`` are a ValueError in eager mode on the
+        CPU; under ``torch.compile`` (a data-dependent check would break the graph) and on a GPU
+        (a device sync per call) the embedding's own error reports them."""
         if (not isinstance(text, torch.Tensor) or text.dim() != 2 or text.is_floating_point() or text.is_complex()
                 or text.dtype == torch.bool or text.shape[1] == 0):
             what = (f"a {text.dim()}-D {text.dtype} tensor of shape {tuple(text.shape)}"
