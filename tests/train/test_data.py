@@ -798,3 +798,17 @@ def test_a_member_beyond_the_size_cap_is_not_read(tmp_path, monkeypatch):
     ds = WebDataset(str(path), 3, image_transform(16), 16, shuffle_buffer=0)
     imgs, _, skipped = next(iter(ds))
     assert len(imgs) + skipped >= 3 and skipped >= 1
+
+
+def test_hidden_shard_members_are_no_samples(tmp_path):
+    """macOS tar adds "./._0001.png" beside "./0001.png": as a sample of key "" each hidden
+    member cut the sample around it in two, so no image met its caption (2 good samples came
+    out as 8 skipped ones)."""
+    shard = _tar(tmp_path / "mac.tar", [
+        ("./._0001.png", b"\x00\x05\x16\x07"), ("./0001.png", _png_bytes(1)),
+        ("./._0001.txt", b"\x00\x05\x16\x07"), ("./0001.txt", b"a red circle"),
+        ("./.DS_Store", b"\x00"), ("./0002.png", _png_bytes(2)), ("__MACOSX/./0002.txt", b"xattr"),
+        ("./0002.txt", b"a blue square")])
+    got = list(iter_tar_samples(shard))
+    assert [sorted(s) for s in got] == [["png", "txt"], ["png", "txt"]]
+    assert [s["txt"] for s in got] == [b"a red circle", b"a blue square"]

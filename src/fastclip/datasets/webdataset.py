@@ -138,7 +138,10 @@ def iter_tar_samples(path: str) -> Iterator[Optional[Dict[str, bytes]]]:
                     continue
                 base = os.path.basename(member.name)
                 dirname = os.path.dirname(member.name)
-                if "." not in base:
+                if "." not in base or base.startswith(".") or "__MACOSX" in member.name.split("/"):
+                    # Hidden files (macOS tar's "._0001.png" beside "0001.png", .DS_Store) are no
+                    # samples: as a key "" each cut the sample around it in two (two good samples
+                    # came out as 8 skipped ones). The image folders skip them too.
                     continue
                 stem, ext = base.split(".", 1)
                 key = os.path.join(dirname, stem)
