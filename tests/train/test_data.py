@@ -812,3 +812,20 @@ def test_hidden_shard_members_are_no_samples(tmp_path):
     got = list(iter_tar_samples(shard))
     assert [sorted(s) for s in got] == [["png", "txt"], ["png", "txt"]]
     assert [s["txt"] for s in got] == [b"a red circle", b"a blue square"]
+
+
+def test_a_tsv_file_is_read_with_tabs_only_when_its_header_has_one(tmp_path):
+    """`--csv-separator ,` on a comma-separated pairs.tsv was replaced by a tab (the default is
+    ','), and the error then named the separator nobody asked for."""
+    from fastclip.datasets import CsvDataset
+    from fastclip.datasets.csv_dataset import DataError
+    for i in range(2):
+        (tmp_path / f"img{i}.png").write_bytes(_png_bytes(i))
+    (tmp_path / "comma.tsv").write_text("filepath,title\nimg0.png,a cat\nimg1.png,a dog\n")
+    (tmp_path / "tab.tsv").write_text("filepath\ttitle\nimg0.png\ta cat, sitting\nimg1.png\ta dog\n")
+    for name in ("comma.tsv", "tab.tsv"):
+        ds = CsvDataset(str(tmp_path / name), image_transform(16), separator=",")
+        assert len(ds) == 2 and ds[0] is not None
+    (tmp_path / "bad.tsv").write_text("path,caption\nimg0.png,a cat\n")
+    with pytest.raises(DataError, match=r"column 'filepath' \(img_key\) not found.*\(separator ','\)"):
+        CsvDataset(str(tmp_path / "bad.tsv"), image_transform(16))

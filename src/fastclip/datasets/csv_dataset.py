@@ -175,6 +175,15 @@ def _records(f, separator: str, broken: List[int],
             line_no += len(lines.taken)
 
 
+def _first_line(path: str) -> str:
+    """The first line of ``path`` ("" when it cannot be read: the reader then says why)."""
+    try:
+        with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
+            return f.readline(1 << 20)
+    except OSError:
+        return ""
+
+
 class CsvDataset(torch.utils.data.Dataset):
     """Map-style ``(image, tokens)`` pairs from a delimited file with a header row.
 
@@ -183,7 +192,8 @@ class CsvDataset(torch.utils.data.Dataset):
         transform: ``PIL.Image -> FloatTensor [3, S, S]`` (e.g. ``image_transform(S, train=True)``).
         img_key, caption_key, separator: column names and delimiter (open_clip's
             ``--csv-img-key filepath --csv-caption-key title --csv-separator ,`` by default;
-            a ``.tsv`` file with the default ``,`` is read tab-separated).
+            a ``.tsv`` file with the default ``,`` is read tab-separated when its header
+            line holds a tab).
         context_length: caption token length; longer captions are truncated.
 
     ``dataset[i]`` or ``dataset[(i, aug_seed)]`` (the latter seeds a random transform) returns
@@ -214,8 +224,10 @@ class CsvDataset(torch.utils.data.Dataset):
                  separator: str = ",", context_length: int = 77):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"CSV file {path!r} does not exist")
-        if separator == "," and path.lower().endswith(".tsv"):
-            separator = "\t"       # a .tsv file is tab-separated unless another separator is given
+        if separator == "," and path.lower().endswith(".tsv") and "\t" in _first_line(path):
+            # A .tsv file is tab-separated unless another separator is given, or its header has
+            # no tab (a comma-separated .tsv, with --csv-separator , given: it was read with tabs).
+            separator = "\t"
         self.path = path
         self.invalid_utf8_lines: List[int] = []
         self.no_caption_lines: List[int] = []
