@@ -829,3 +829,21 @@ def test_a_tsv_file_is_read_with_tabs_only_when_its_header_has_one(tmp_path):
     (tmp_path / "bad.tsv").write_text("path,caption\nimg0.png,a cat\n")
     with pytest.raises(DataError, match=r"column 'filepath' \(img_key\) not found.*\(separator ','\)"):
         CsvDataset(str(tmp_path / "bad.tsv"), image_transform(16))
+
+
+def test_csv_column_faults_name_the_flags(tmp_path):
+    """"column 'filepath' (img_key) not found" named the Python argument, and neither
+    --csv-img-key nor which of --train-data and --val-data was at fault."""
+    from fastclip.datasets.csv_dataset import DataError
+    from fastclip.train import TrainConfig, train
+    for i in range(4):
+        (tmp_path / f"img{i}.png").write_bytes(_png_bytes(i))
+    good, bad = tmp_path / "good.csv", tmp_path / "bad.csv"
+    good.write_text("filepath,title\n" + "".join(f"img{i}.png,shape {i}\n" for i in range(4)))
+    bad.write_text("path,caption\nimg0.png,a cat\n")
+    base = dict(model="tiny-vit", steps=1, batch_size=2, threads=1, progress="none", plot=False)
+    with pytest.raises(DataError, match=r"^--train-data .*bad.csv: column 'filepath' \(--csv-img-key\) not found"):
+        train(TrainConfig(train_data=str(bad), output=str(tmp_path / "a"), **base))
+    bad.write_text("filepath,caption\nimg0.png,a cat\n")
+    with pytest.raises(DataError, match=r"^--val-data .*bad.csv: column 'title' \(--csv-caption-key\) not found"):
+        train(TrainConfig(train_data=str(good), val_data=str(bad), output=str(tmp_path / "b"), **base))

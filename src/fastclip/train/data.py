@@ -144,6 +144,17 @@ class TrainData:
     notes: List[str] = field(default_factory=list)
 
 
+def _csv_dataset(flag: str, path: str, cfg: TrainConfig, transform, context_length: int):
+    """``CsvDataset`` of ``path``, its faults naming ``flag`` and the column flags (the
+    dataset's own words name its Python arguments: "column 'filepath' (img_key) not found")."""
+    from ..datasets.csv_dataset import CsvDataset, DataError
+    try:
+        return CsvDataset(path, transform, cfg.csv_img_key, cfg.csv_caption_key, cfg.csv_separator, context_length)
+    except DataError as e:
+        why = str(e).replace("(img_key)", "(--csv-img-key)").replace("(caption_key)", "(--csv-caption-key)")
+        raise DataError(f"{flag} {why}") from None
+
+
 def build_train_data(cfg: TrainConfig, data_type: str, model, env: DistEnv) -> TrainData:
     """The training data of ``cfg`` for ``model`` (its resolution and context length).
 
@@ -172,9 +183,7 @@ def build_train_data(cfg: TrainConfig, data_type: str, model, env: DistEnv) -> T
         from .demo import shapes_train_data
         data = shapes_train_data(cfg, model)
     elif data_type == "csv":
-        from ..datasets.csv_dataset import CsvDataset
-        ds = CsvDataset(cfg.train_data, image_transform_for(model, True), cfg.csv_img_key, cfg.csv_caption_key,
-                        cfg.csv_separator, model.context_length)
+        ds = _csv_dataset("--train-data", cfg.train_data, cfg, image_transform_for(model, True), model.context_length)
         data = TrainData(ds, True, True, None, f"CSV {cfg.train_data} ({len(ds)} rows)", ds.notes())
     else:
         raise ValueError(f"unknown dataset type {data_type!r}; expected shapes, csv or webdataset")
@@ -285,9 +294,7 @@ def load_val_batches(cfg: TrainConfig, model, log: Optional[Callable[[str], None
     out, n, skipped_total = [], 0, 0
     image_ids = _ImageIds()
     if kind == "csv":
-        from ..datasets.csv_dataset import CsvDataset
-        ds = CsvDataset(cfg.val_data, image_transform_for(model, False), cfg.csv_img_key, cfg.csv_caption_key,
-                        cfg.csv_separator, model.context_length)
+        ds = _csv_dataset("--val-data", cfg.val_data, cfg, image_transform_for(model, False), model.context_length)
         for note in ds.notes() if log is not None else ():
             log(note)
         for a in range(0, min(len(ds), limit), batch_size):
