@@ -206,7 +206,9 @@ class CsvDataset(torch.utils.data.Dataset):
     cut there) is skipped the same way, unless its extra fields are empty and most rows end in
     the same empty ones (a separator at the end of the lines); its line number is in
     ``long_row_lines``. A record that is not valid CSV (a quote never closed in its caption, or
-    closed only by another row's stray quote; a field past ``csv.field_size_limit``) is skipped
+    closed only by another row's stray quote, which is how a quoted caption with a later line
+    that reads as a row, the header's field count and an existing image, is read; a field past
+    ``csv.field_size_limit``) is skipped
     and the lines after its first read again as rows; its line number is in ``broken_lines``.
 
     The file is UTF-8 (a leading byte-order mark is ignored). Bytes that are not valid UTF-8 never
