@@ -9,6 +9,7 @@ benchmarks/, never in tests).
 """
 
 import csv
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -844,6 +845,8 @@ def test_memory_estimates_charge_n_squared_only_to_what_holds_it():
     for n in (1024, 4096, 65536):                            # the fused kernels: O(N·D) (+ the dY budget)
         assert est("cpu", 2 * n) - est("cpu", n) <= 8 * n * 16 * 4 + 64 * n + (64 << 20)
         assert est("triton", 2 * n) == 2 * est("triton", n)
+    if importlib.util.find_spec("triton") is None:
+        return      # the gemm chunk's exact size comes from its (Triton) module
     assert est("gemm", 1 << 15) - est("triton", 1 << 15) == (1 << 26) * 4   # one 256 MiB chunk
     # Past 2^19 columns the chunk is the 128-row floor, beyond 256 MiB (charged at fp32 size:
     # the estimate is told the accumulator's bytes, an upper bound for 16-bit features).

@@ -49,8 +49,9 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the build
     _ERROR = (f"the compiled extension fastclip._C did not import ({e}"
               f"{'; ' + _OMP_ERROR if _OMP_ERROR else ''}); reinstall the wheel "
-              f"(`pip install --force-reinstall fastclip-fused`) or build it from a source "
-              f"checkout with `pip install .` (needs a C++ compiler and CMake)")
+              f"(`pip install --force-reinstall --no-deps fastclip-fused`; without --no-deps pip "
+              f"also replaces torch with its newest build) or build it from a source checkout with "
+              f"`pip install .` (needs a C++ compiler and CMake)")
 
 
 def extension():

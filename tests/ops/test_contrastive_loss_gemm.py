@@ -46,11 +46,13 @@ LOSS_NAMES = tuple(LOSSES)
 
 
 def _kernels():
+    pytest.importorskip("triton")       # the installed wheel's [test] extra brings no Triton
     from fastclip.ops.triton import contrastive_loss_gemm as K  # noqa: PLC0415
     return K
 
 
 def _fused():
+    pytest.importorskip("triton")
     from fastclip.ops.triton import contrastive_loss as F  # noqa: PLC0415
     return F
 
@@ -79,7 +81,7 @@ def test_registration():
     ok, reason = b.availability()
     # Where it cannot run, the reason names this backend (not the triton one it shares code
     # with) or what is missing.
-    assert ok or "gemm backend" in reason or "pip install triton" in reason \
+    assert ok or "gemm backend" in reason or "triton package is not installed" in reason \
         or "interpreter fails here" in reason, reason
 
 

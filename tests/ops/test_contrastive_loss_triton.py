@@ -51,6 +51,7 @@ LOSS_NAMES = tuple(LOSSES)
 
 
 def _kernels():
+    pytest.importorskip("triton")       # the installed wheel's [test] extra brings no Triton
     from fastclip.ops.triton import contrastive_loss as K  # noqa: PLC0415  (imports triton)
     return K
 
@@ -72,7 +73,7 @@ def test_registration():
     assert b.devices == (("cuda", "cpu") if INTERPRET else ("cuda",))
     assert set(b.losses) == set(LOSSES) and b.fwd_bwd is not None
     ok, reason = b.availability()
-    assert ok or ("pip install triton" in reason or "CUDA GPU" in reason
+    assert ok or ("triton package is not installed" in reason or "CUDA GPU" in reason
                   or "interpreter fails here" in reason), reason
 
 
@@ -236,8 +237,8 @@ def test_one_pass_runs_no_forward_and_matches_the_two_passes(dev, monkeypatch):
 def test_bwd_config_pruning(d):
     # BLOCK_DO is clipped to next_pow2(D) (at least 16, tl.dot's minimum) and the configs
     # that become duplicates are dropped: every distinct tile is benchmarked once.
-    import triton  # noqa: PLC0415
     K = _kernels()
+    import triton  # noqa: PLC0415
     cap = max(16, triton.next_power_of_2(d))
     for out in (K._prune_bwd(K._BWD_CONFIGS, {"D": d}), K._prune_bwd(K._BWD_CONFIGS, {}, D=d)):
         keys = [(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in out]
