@@ -382,6 +382,48 @@ def test_output_may_not_land_in_the_runs_files_or_the_data(siglip_run, capsys, t
     assert code == 0, err                                  # beside the run's files is fine
 
 
+def test_output_may_not_be_a_shard_of_a_pattern_or_an_image_of_the_csv(siglip_run, capsys, tmp_path):
+    """--output was compared with --val-data as typed: a brace pattern's shard and an image the
+    CSV lists were replaced by the JSON (status 0); the CSV's columns are checked before the
+    model is loaded, naming the flag."""
+    import tarfile
+    zs = _folder(tmp_path / "imgs", ["red", "blue"], 2, 0)
+    rows = [(f"imgs/{c}/{i}.png", f"a {c} square") for c in ("red", "blue") for i in range(2)]
+    (tmp_path / "val.csv").write_text("filepath,title\n" + "".join(f"{a},{b}\n" for a, b in rows))
+    (tmp_path / "shards").mkdir()
+    for k in range(2):
+        with tarfile.open(tmp_path / "shards" / f"{k:03d}.tar", "w") as tar:
+            for j, (img, cap) in enumerate(rows[2 * k:2 * k + 2]):
+                tar.add(os.path.join(tmp_path, img), f"s{k}{j}.png")
+                data = cap.encode()
+                info = tarfile.TarInfo(f"s{k}{j}.txt")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    shard = tmp_path / "shards" / "001.tar"
+    before = shard.read_bytes()
+    for val, out in ((str(tmp_path / "shards" / "{000..001}.tar"), str(shard)),
+                     (f"{tmp_path / 'shards' / '000.tar'}::{shard}", str(shard)),
+                     (str(tmp_path / "val.csv"), os.path.join(zs, "blue", "1.png"))):
+        code, _, err = _eval(capsys, siglip_run, "--val-data", val, "--output", out)
+        assert code == 2 and "one of the inputs" in err, (val, out, err)
+    assert shard.read_bytes() == before and Image.open(os.path.join(zs, "blue", "1.png")).size == (40, 40)
+    code, _, err = _eval(capsys, siglip_run, "--val-data", str(tmp_path / "val.csv"), "--csv-img-key", "path")
+    assert code == 2 and f"--val-data {str(tmp_path / 'val.csv')!r}: column 'path' (--csv-img-key) not found; " \
+        "columns are ['filepath', 'title'] (separator ',')" in err, err
+    code, _, err = _eval(capsys, siglip_run, "--val-data", str(tmp_path / "val.csv"), "--output",
+                         str(tmp_path / "eval.json"))
+    assert code == 0, err
+
+
+def test_a_runs_list_of_shards_resolves_each_from_where_the_run_started():
+    """Only the first of 'a.tar::b.tar' was joined to the run's folder: the second was read from
+    the current one (missing there: the data evaluated in part)."""
+    from fastclip.eval.command import _run_path
+    assert _run_path("d/a.tar::d/b.tar", "/runs") == "/runs/d/a.tar::/runs/d/b.tar"
+    assert _run_path("/abs/a.tar::d/{0..1}.tar", "/runs") == "/abs/a.tar::/runs/d/{0..1}.tar"
+    assert _run_path("d/a.tar::d/b.tar", None) == "d/a.tar::d/b.tar"
+
+
 def test_unreadable_run_config_is_said_and_fifos_are_not_read(siglip_run, capsys, tmp_path):
     import shutil
     run_dir = tmp_path / "run"

@@ -242,7 +242,7 @@ def test_undecodable_zero_shot_folder_is_refused_before_overwrite(tmp_path, caps
         (bad / cls).mkdir(parents=True)
         (bad / cls / "1.png").write_bytes(b"not a png")
     code, _, err = _train(capsys, "--steps", "2", "--output", out, "--overwrite", "--zeroshot-data", str(bad))
-    assert code == 2 and "could be decoded" in err
+    assert code == 2 and f"--zeroshot-data {str(bad)!r}: no image could be decoded" in err
     assert sorted(os.listdir(out)) == before
 
 

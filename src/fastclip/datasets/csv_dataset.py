@@ -184,6 +184,45 @@ def _first_line(path: str) -> str:
         return ""
 
 
+def effective_separator(path: str, separator: str = ",") -> str:
+    """The separator ``CsvDataset`` reads ``path`` with: a tab for a ``.tsv`` file given the
+    default ``,`` whose header line holds a tab, else ``separator``."""
+    if separator == "," and path.lower().endswith(".tsv") and "\t" in _first_line(path):
+        # A .tsv file is tab-separated unless another separator is given, or its header has
+        # no tab (a comma-separated .tsv, with --csv-separator , given: it was read with tabs).
+        return "\t"
+    return separator
+
+
+def csv_header(path: str, separator: str = ",") -> Optional[List[str]]:
+    """The column names of ``path`` (read with ``effective_separator``), or None when its first
+    record cannot be read (``CsvDataset`` then says why); for checks that need no model."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+            return next(csv.reader(f, delimiter=effective_separator(path, separator)), [])
+    except (OSError, csv.Error):
+        return None
+
+
+def csv_image_paths(path: str, img_key: str, separator: str = ",") -> Iterator[str]:
+    """The image paths of ``path``'s column ``img_key``, joined to the file's folder as
+    ``CsvDataset`` reads them (rows read with the plain ``csv`` reader: a broken record may
+    hide some; nothing when the file or the column cannot be read)."""
+    root = os.path.dirname(os.path.abspath(path))
+    try:
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+            rows = csv.reader(f, delimiter=effective_separator(path, separator))
+            header = next(rows, [])
+            if img_key not in header:
+                return
+            k = header.index(img_key)
+            for r in rows:
+                if k < len(r) and r[k].strip():
+                    yield os.path.join(root, r[k])
+    except (OSError, csv.Error):
+        return
+
+
 class CsvDataset(torch.utils.data.Dataset):
     """Map-style ``(image, tokens)`` pairs from a delimited file with a header row.
 
@@ -226,10 +265,7 @@ class CsvDataset(torch.utils.data.Dataset):
                  separator: str = ",", context_length: int = 77):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"CSV file {path!r} does not exist")
-        if separator == "," and path.lower().endswith(".tsv") and "\t" in _first_line(path):
-            # A .tsv file is tab-separated unless another separator is given, or its header has
-            # no tab (a comma-separated .tsv, with --csv-separator , given: it was read with tabs).
-            separator = "\t"
+        separator = effective_separator(path, separator)
         self.path = path
         self.invalid_utf8_lines: List[int] = []
         self.no_caption_lines: List[int] = []

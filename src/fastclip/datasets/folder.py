@@ -217,17 +217,18 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         img = load_image(path)
         return None if img is None else (self.transform(img), label)
 
-    def check_decodable(self) -> None:
-        """Raise DataError unless an image of every class decodes (each class's files tried in
-        order, stopping at the first that does: one decode per class for a sound folder). A
-        class none of whose files decode counts towards chance and can never be right, as a
-        class folder without image files."""
+    def check_decodable(self, what: Optional[str] = None) -> None:
+        """Raise DataError, naming ``what`` (default: the root's path), unless an image of every
+        class decodes (each class's files tried in order, stopping at the first that does: one
+        decode per class for a sound folder). A class none of whose files decode counts towards
+        chance and can never be right, as a class folder without image files."""
+        what = what or repr(self.root)
         dead = undecodable_classes(self.samples, len(self.classnames))
         if len(dead) == len(self.classnames):
-            raise DataError(f"no image under {self.root!r} could be decoded ({len(self.samples)} tried)")
+            raise DataError(f"{what}: no image could be decoded ({len(self.samples)} tried)")
         if dead:
             names = ", ".join(repr(self.classnames[k]) for k in dead[:5]) + (", ..." if len(dead) > 5 else "")
-            raise DataError(f"{self.root!r}: no image of class(es) {names} could be decoded; remove their folders "
+            raise DataError(f"{what}: no image of class(es) {names} could be decoded; remove their folders "
                             f"or fix their images (such a class counts towards chance and can never be right)")
 
     def load_tensors(self) -> Tuple[torch.Tensor, torch.Tensor, int]:

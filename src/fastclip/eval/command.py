@@ -175,7 +175,11 @@ def _valid(name: str, value: Any) -> bool:
 
 
 def _run_path(value: str, cwd: Optional[str]) -> str:
-    """A path the run recorded, made absolute against the folder the run was started from."""
+    """A path the run recorded, made absolute against the folder the run was started from; each
+    of a ``::``-joined list of shards (only the first was: the others were read from the
+    current folder, or found missing and the data evaluated in part)."""
+    if "::" in value:
+        return "::".join(_run_path(v, cwd) if v else v for v in value.split("::"))
     return value if os.path.isabs(value) or cwd is None else os.path.join(cwd, value)
 
 
@@ -301,6 +305,13 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, given: Opti
             p.error(f"--val-data {args.val_data!r}: {why}")
     if given is not None:
         _check_options_apply(p, args, given, val_kind)
+    if val_kind == "csv":       # the columns too, before the model is loaded
+        from ..datasets.csv_dataset import csv_header, effective_separator
+        fields = csv_header(args.val_data, args.csv_separator)
+        for key, flag in ((args.csv_img_key, "--csv-img-key"), (args.csv_caption_key, "--csv-caption-key")):
+            if fields is not None and key not in fields:
+                p.error(f"--val-data {args.val_data!r}: column {key!r} ({flag}) not found; columns are "
+                        f"{fields[:20]} (separator {effective_separator(args.val_data, args.csv_separator)!r})")
     args.class_folders = _scan_folders(p, args)
     # The loss backend serves --val-data's loss alone: without it, a FASTCLIP_BACKEND this
     # machine lacks (which --loss-backend auto takes) must not stop a zero-shot evaluation.
@@ -320,8 +331,24 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, given: Opti
         from ..train.run_folder import RUN_FILES
         protected = [args.zeroshot_data, args.probe_train, args.probe_test, os.path.join(run_folder, "checkpoints")]
         _check_output(p, args.output, [model_file, args.val_data, args.zeroshot_classes,
-                                       getattr(args, "run_config_path", None),
+                                       getattr(args, "run_config_path", None), *_val_files(args, val_kind),
                                        *(os.path.join(run_folder, n) for n in RUN_FILES)], protected)
+
+
+def _val_files(args: argparse.Namespace, val_kind: Optional[str]) -> List[str]:
+    """The files --val-data reads that --output could name: the shards a pattern or list
+    expands to, the images a CSV lists (those with --output's file name, when it exists: only an
+    existing file can be overwritten). --output 'shards/{000..001}.tar''s second shard was
+    replaced by the JSON, and so was an image listed in the CSV."""
+    if val_kind == "webdataset":
+        from ..datasets.webdataset import expand_urls
+        return expand_urls(args.val_data)
+    if val_kind == "csv" and os.path.isfile(args.output):
+        from ..datasets.csv_dataset import csv_image_paths
+        names = {os.path.basename(args.output), os.path.basename(os.path.realpath(args.output))}
+        return [q for q in csv_image_paths(args.val_data, args.csv_img_key, args.csv_separator)
+                if os.path.basename(q) in names]
+    return []
 
 
 def _scan_folders(p: argparse.ArgumentParser, args: argparse.Namespace) -> Dict[str, Any]:
@@ -435,7 +462,8 @@ def evaluate(args: argparse.Namespace, log=print) -> Dict[str, Any]:
     folders = args.class_folders        # scanned by check_args
     zs = folder_zeroshot_task(cfg, model, sets) if args.zeroshot_data else None
     if zs is not None:
-        zs[1].check_decodable()     # a class none of whose files decode (a folder of resource forks)
+        # a class none of whose files decode (a folder of resource forks)
+        zs[1].check_decodable(f"--zeroshot-data {args.zeroshot_data!r}")
     val_batches = load_val_batches(cfg, model, log=log) if args.val_data else None
     probe = None
     if args.probe_train:

@@ -316,7 +316,8 @@ class Trainer:
         self._folder_skipped_counted = False
         if cfg.zeroshot_data:
             self.zs_folder = folder_zeroshot_task(cfg, self.model, self.zs_sets)
-            self.zs_folder[1].check_decodable()   # now, not at the first evaluation (after --overwrite)
+            # now, not at the first evaluation (after --overwrite)
+            self.zs_folder[1].check_decodable(f"--zeroshot-data {cfg.zeroshot_data!r}")
         self.val_batches = None
         if cfg.val_data:
             self.val_batches, skipped = load_val_batches(cfg, self.model, log=self.log)
