@@ -124,7 +124,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help=f"per rank (demo {d.batch_size}: one block of distinct captions; real data {REAL_DATA_BATCH})")
     g.add_argument("--steps", type=_positive_int, default=None,
                    help=f"optimizer steps (demo default {d.steps}; real data default: --epochs)")
-    g.add_argument("--epochs", type=_positive_int, default=d.epochs)
+    g.add_argument("--epochs", type=_positive_int, default=d.epochs,
+                   help="passes over --train-data, each of rows // global batch full batches (a new "
+                        "shuffle each epoch; the remainder rows are left out of that epoch)")
     g.add_argument("--lr", type=_float_in(0.0), default=None, help=f"peak learning rate (demo {d.lr}, real data 5e-4)")
     g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=_float_in(0.0), default=None,
                    help=f"AdamW decoupled weight decay (demo {d.weight_decay}, real data 0.2)")

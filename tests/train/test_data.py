@@ -847,3 +847,19 @@ def test_csv_column_faults_name_the_flags(tmp_path):
     bad.write_text("filepath,caption\nimg0.png,a cat\n")
     with pytest.raises(DataError, match=r"^--val-data .*bad.csv: column 'title' \(--csv-caption-key\) not found"):
         train(TrainConfig(train_data=str(good), val_data=str(bad), output=str(tmp_path / "b"), **base))
+
+
+def test_an_epoch_says_how_many_rows_it_leaves_out(tmp_path, capsys):
+    """Epochs train full batches (a new shuffle each): 61 rows in batches of 8 left 5 out of every
+    epoch without a word."""
+    from fastclip.train import TrainConfig, train
+    for i in range(5):
+        (tmp_path / f"img{i}.png").write_bytes(_png_bytes(i))
+    csv_path = tmp_path / "train.csv"
+    csv_path.write_text("filepath,title\n" + "".join(f"img{i % 5}.png,shape {i}\n" for i in range(11)))
+    base = dict(model="tiny-vit", batch_size=4, threads=1, progress="none", plot=False, train_data=str(csv_path))
+    out = train(TrainConfig(steps=None, epochs=2, output=str(tmp_path / "a"), **base))
+    assert out["steps"] == 4
+    assert "each epoch trains 2 full batches of 4: 3 of the 11 rows (other ones each epoch" in capsys.readouterr().out
+    train(TrainConfig(steps=2, output=str(tmp_path / "b"), **base))        # a step count: no epochs to speak of
+    assert "full batches" not in capsys.readouterr().out

@@ -568,3 +568,15 @@ def test_overwrite_and_resume_move_the_old_models_evaluations(tmp_path, monkeypa
         os.replace(os.path.join(dest, name), run / name)
     prepare_run_folder(str(run), None, True, log=lambda s: None)
     assert sorted(os.listdir(run)) == ["eval-b.json", "eval-other.json", "notes.json"]
+
+
+def test_resuming_from_the_runs_own_model_file_says_what_it_is(tmp_path, capsys):
+    """--resume RUN/model.safetensors in RUN was "a checkpoint of another run ... choose an empty
+    --output", and an empty --output then gave the real reason."""
+    out = str(tmp_path / "run")
+    code, _, err = _train(capsys, "--steps", "2", "--save-every", "1", "--output", out)
+    assert code == 0, err
+    model = os.path.join(out, "model.safetensors")
+    code, _, err = _train(capsys, "--steps", "4", "--output", out, "--resume", model)
+    assert code == 2 and (f"--resume {model}: a file of the run in {out} itself, not one of its training "
+                          f"checkpoints") in err and "--resume latest continues the run" in err, err

@@ -191,6 +191,13 @@ def build_train_data(cfg: TrainConfig, data_type: str, model, env: DistEnv) -> T
     if data.steps_per_epoch == 0:
         raise DataError(f"{data.desc}: {len(data.dataset)} samples is less than one global batch "
                          f"({global_batch})")
+    left = len(data.dataset) % global_batch
+    if data_type == "csv" and left and cfg.steps is None:
+        # Full batches only (as open_clip's drop_last), each epoch a new shuffle: the rows left
+        # out change from epoch to epoch; said, so that a small dataset's loss is no surprise.
+        data.notes.append(f"each epoch trains {data.steps_per_epoch} full batches of {global_batch}: "
+                          f"{left} of the {len(data.dataset)} rows (other ones each epoch, in a new "
+                          f"shuffle) are left out of it")
     return data
 
 

@@ -269,6 +269,13 @@ def check_run_folder(output_dir: str, resume: Optional[str], overwrite: bool) ->
                                  f"continue it from ({why}); choose another --output, or --overwrite to "
                                  f"replace it")
         here = os.path.realpath(os.path.dirname(resume))
+        if resume != "latest" and here == os.path.realpath(output_dir):
+            # (it was called "a checkpoint of another run", and an empty --output then got the
+            # real reason)
+            raise RunFolderError(f"--resume {resume}: a file of the run in {output_dir} itself, not one of its "
+                                 f"training checkpoints (those are in {os.path.join(output_dir, CKPT_DIR)}); "
+                                 f"--resume latest continues the run from its newest one, and --pretrained "
+                                 f"{resume} with another --output starts a new run from the model")
         if (resume != "latest" and here != own
                 and not (os.path.dirname(here) == own and os.path.basename(here).startswith(SUPERSEDED))):
             raise RunFolderError(f"--resume {resume}: a checkpoint of another run, while {output_dir} already "
