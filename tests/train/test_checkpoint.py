@@ -297,3 +297,21 @@ def test_a_third_party_optimizers_own_hyperparameters_round_trip(tmp_path):
                     p.sub_(1e-3 * st["exp_avg"])
     opt2 = _round_trip(tmp_path, ThreeBetas)
     assert opt2.param_groups[0]["betas"] == (0.98, 0.92, 0.99) and opt2.param_groups[0]["lr"] is None
+
+
+def test_cuda_rng_states_of_more_devices_than_this_node_has_restore_those_it_has(monkeypatch):
+    """Under torchrun each rank saves a state per device of its node (8); a resume on a node with
+    fewer devices indexed past them (set_rng_state_all), and the IndexError was reported as a
+    corrupt checkpoint. No CUDA call: torch.cuda's functions are stood in for."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: calls.append((int(s[0]), i)))
+    state = ckpt.rng_state()
+    state["cuda"] = [torch.full((8,), k, dtype=torch.uint8) for k in range(8)]
+    ckpt.set_rng_state(state)
+    assert calls == [(0, 0), (1, 1)]
+    calls.clear()
+    state["cuda"] = state["cuda"][:1]          # saved on one device, resumed on two: the one it has
+    ckpt.set_rng_state(state)
+    assert calls == [(0, 0)]

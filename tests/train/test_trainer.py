@@ -275,8 +275,9 @@ def test_a_shard_run_resumed_with_other_readers_says_so(ranks, workers, noted):
         note_changed_data(t, saved, extra)
         assert bool(t.resume_notes) == noted, t.resume_notes
         if noted:
-            assert (f"shard readers 2 rank(s) x 0 worker(s) -> {ranks} x {workers} (each reader streams its own "
-                    f"share of the shards") in t.resume_notes[0]
+            # --workers 0 is one reader per rank ("x 0 worker(s)" read as none)
+            assert (f"shard readers 2 rank(s) x 1 -> {ranks} x {max(1, workers)} (--workers 0 -> {workers}; "
+                    f"each reader streams its own share of the shards") in t.resume_notes[0]
     t.data_type, t.resume_notes = "csv", []      # map-style data: the position alone decides
     note_changed_data(t, saved, {"global_batch": 8, "world_size": 2})
     assert t.resume_notes == ["resumed with other data settings than the checkpoint's: dataset type 'webdataset' "

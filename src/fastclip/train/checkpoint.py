@@ -63,7 +63,11 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per device the saving process saw (all of its node's under torchrun): a node
+        # with fewer devices restores those it has (set_rng_state_all indexed past them, and the
+        # IndexError read as a corrupt checkpoint), a node with more leaves the others as seeded.
+        for i, s in enumerate(list(state["cuda"])[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
 
 
 # ----------------------------------------------------------------------------- encoding

@@ -189,8 +189,10 @@ def note_changed_data(t, saved: Dict[str, Any], extra: Dict[str, Any]) -> None:
             w0 = gb // max(1, saved["batch_size"])       # checkpoints that predate the field
         k0, w1, k1 = saved.get("workers"), t.env.world_size, t.cfg.workers
         if isinstance(w0, int) and isinstance(k0, int) and (w0, max(1, k0)) != (w1, max(1, k1)):
-            notes.append(f"shard readers {w0} rank(s) x {k0} worker(s) -> {w1} x {k1} (each reader streams "
-                         f"its own share of the shards: not the samples the run would have drawn next)")
+            # (--workers 0: the rank reads, one reader; "x 0 worker(s)" read as no reader at all)
+            notes.append(f"shard readers {w0} rank(s) x {max(1, k0)} -> {w1} x {max(1, k1)} (--workers "
+                         f"{k0} -> {k1}; each reader streams its own share of the shards: not the samples "
+                         f"the run would have drawn next)")
     if notes:
         t.resume_notes.append("resumed with other data settings than the checkpoint's: " + "; ".join(notes)
                               + "; the run continues, not exactly as an uninterrupted one")
