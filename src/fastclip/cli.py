@@ -409,15 +409,14 @@ def _check_model_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
         # a bias the loss never reads, kept in the model: its evaluation then took the sigmoid loss
         p.error(f"--loss {args.loss} uses no logit_bias: drop init_logit_bias from --model-overrides, or train "
                 f"with --loss siglip")
-    if model.has_batchnorm:
-        # BatchNorm in training mode needs two values per channel: a forward of one image
-        # fails where the tower ends at 1x1 (the demo's 32x32 images, at least).
-        per_forward = min(b for b in (args.batch_size, args.accum_micro_batch) if b is not None) \
-            if args.batch_size is not None or args.accum_micro_batch is not None else None
-        if per_forward == 1:
-            flag = "--accum-micro-batch" if args.accum_micro_batch == 1 else "--batch-size"
-            p.error(f"{flag} 1: model {args.model!r} has BatchNorm layers (a ResNet tower), which "
-                    f"need at least 2 images per forward pass in training; use 2 or more")
+    from .train.model import batchnorm_batch_problem
+    # BatchNorm in training mode needs two values per channel: a forward of one image fails
+    # where the tower ends at 1x1 (the demo's 32x32 images), and a batch of one is skipped.
+    why = batchnorm_batch_problem(model, args.batch_size if args.batch_size is not None else 2,
+                                  args.accum_micro_batch)
+    if why:
+        flag = "--batch-size" if args.batch_size == 1 else "--accum-micro-batch"
+        p.error(f"{flag} 1: model {args.model!r} {why}")
     on_cpu = getattr(args, "device", "auto") == "cpu" or (getattr(args, "device", "auto") == "auto"
                                                             and not torch.cuda.is_available())
     if on_cpu:

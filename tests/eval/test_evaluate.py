@@ -419,9 +419,12 @@ def test_a_runs_list_of_shards_resolves_each_from_where_the_run_started():
     """Only the first of 'a.tar::b.tar' was joined to the run's folder: the second was read from
     the current one (missing there: the data evaluated in part)."""
     from fastclip.eval.command import _run_path
-    assert _run_path("d/a.tar::d/b.tar", "/runs") == "/runs/d/a.tar::/runs/d/b.tar"
-    assert _run_path("/abs/a.tar::d/{0..1}.tar", "/runs") == "/abs/a.tar::/runs/d/{0..1}.tar"
-    assert _run_path("d/a.tar::d/b.tar", None) == "d/a.tar::d/b.tar"
+    assert _run_path("d/a.tar::d/b.tar", "/runs", shards=True) == "/runs/d/a.tar::/runs/d/b.tar"
+    assert _run_path("/abs/a.tar::d/{0..1}.tar", "/runs", shards=True) == "/abs/a.tar::/runs/d/{0..1}.tar"
+    assert _run_path("d/a.tar::d/b.tar", None, shards=True) == "d/a.tar::d/b.tar"
+    # '::' in a name is no list: a folder's path (or one that exists whole) stays as it is
+    assert _run_path("/abs/imgs::v2", "/runs") == "/abs/imgs::v2"
+    assert _run_path("zs::v2", "/runs") == "/runs/zs::v2"
 
 
 def test_unreadable_run_config_is_said_and_fifos_are_not_read(siglip_run, capsys, tmp_path):

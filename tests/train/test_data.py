@@ -826,6 +826,12 @@ def test_a_tsv_file_is_read_with_tabs_only_when_its_header_has_one(tmp_path):
     for name in ("comma.tsv", "tab.tsv"):
         ds = CsvDataset(str(tmp_path / name), image_transform(16), separator=",")
         assert len(ds) == 2 and ds[0] is not None
+    (tmp_path / "blank.tsv").write_text("\n\r\nfilepath\ttitle\nimg0.png\ta cat, sitting\nimg1.png\ta dog\n")
+    assert len(CsvDataset(str(tmp_path / "blank.tsv"), image_transform(16))) == 2   # blank lines before the header
+    from fastclip.datasets.csv_dataset import csv_header, csv_image_paths
+    assert csv_header(str(tmp_path / "blank.tsv")) == ["filepath", "title"]
+    assert [os.path.basename(p) for p in csv_image_paths(str(tmp_path / "blank.tsv"), "filepath")] == \
+        ["img0.png", "img1.png"]
     (tmp_path / "bad.tsv").write_text("path,caption\nimg0.png,a cat\n")
     with pytest.raises(DataError, match=r"column 'filepath' \(img_key\) not found.*\(separator ','\)"):
         CsvDataset(str(tmp_path / "bad.tsv"), image_transform(16))

@@ -386,8 +386,8 @@ def test_a_config_built_in_python_gets_the_clis_checks(tmp_path):
             # a BatchNorm model skipped every batch of one image, then failed about the data
             (dict(model="tiny-rn", batch_size=1), ValueError,
              "TrainConfig.batch_size 1: model 'tiny-rn' has BatchNorm layers"),
-            (dict(model="tiny-rn", batch_size=8, accum_micro_batch=1), ValueError,
-             "TrainConfig.accum_micro_batch 1: model 'tiny-rn' has BatchNorm layers"),
+            (dict(model="demo", batch_size=8, accum_micro_batch=1), ValueError,
+             "TrainConfig.accum_micro_batch 1: model 'demo' has BatchNorm layers .*last stage is 1x1 at image_size 32"),
             (dict(model_overrides=None), TypeError, "model_overrides must be a dict"),
             (dict(progress="fancy"), ValueError, "progress must be one of"),
             (dict(plot=1), TypeError, "plot must be a bool"),
@@ -417,6 +417,11 @@ def test_a_config_built_in_python_gets_the_clis_checks(tmp_path):
                                              "unknown"):
             train(TrainConfig(model="tiny-vit", progress="none", plot=False, output=str(tmp_path / "o")))
     assert not (tmp_path / "o").exists()
+    # A micro-batch of one trains a ResNet whose last stage is larger than 1x1 (64 px: 2x2).
+    out = train(TrainConfig(model="tiny-rn", model_overrides={"image_size": 64}, steps=1, batch_size=3,
+                            accum_micro_batch=1, demo_train_samples=8, demo_eval_samples=8, progress="none",
+                            plot=False, threads=1, output=str(tmp_path / "rn64")))
+    assert out["steps"] == 1
     from fastclip.train.config import validate_config
     validate_config(TrainConfig(loss="siglip", dist_impl="bidir"))      # open_clip's names, as SigLipLoss
     # NumPy numbers are numbers (np.int64 steps passed and then failed writing config.json).

@@ -176,12 +176,18 @@ def _records(f, separator: str, broken: List[int],
 
 
 def _first_line(path: str) -> str:
-    """The first line of ``path`` ("" when it cannot be read: the reader then says why)."""
+    """The first non-blank line of ``path``, the header (blank lines are no records: a .tsv whose
+    first line was blank was read with commas); "" when it cannot be read (the reader then says
+    why)."""
     try:
         with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
-            return f.readline(1 << 20)
+            for _ in range(1000):
+                line = f.readline(1 << 20)
+                if not line or line.rstrip("\r\n"):
+                    return line
     except OSError:
-        return ""
+        pass
+    return ""
 
 
 def effective_separator(path: str, separator: str = ",") -> str:
@@ -199,7 +205,8 @@ def csv_header(path: str, separator: str = ",") -> Optional[List[str]]:
     record cannot be read (``CsvDataset`` then says why); for checks that need no model."""
     try:
         with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-            return next(csv.reader(f, delimiter=effective_separator(path, separator)), [])
+            # the first record that is not a blank line, as the dataset reads it
+            return next((r for r in csv.reader(f, delimiter=effective_separator(path, separator)) if r), [])
     except (OSError, csv.Error):
         return None
 
@@ -211,7 +218,7 @@ def csv_image_paths(path: str, img_key: str, separator: str = ",") -> Iterator[s
     root = os.path.dirname(os.path.abspath(path))
     try:
         with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-            rows = csv.reader(f, delimiter=effective_separator(path, separator))
+            rows = (r for r in csv.reader(f, delimiter=effective_separator(path, separator)) if r)
             header = next(rows, [])
             if img_key not in header:
                 return

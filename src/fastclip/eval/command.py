@@ -174,13 +174,15 @@ def _valid(name: str, value: Any) -> bool:
     return isinstance(value, str) and bool(value)
 
 
-def _run_path(value: str, cwd: Optional[str]) -> str:
-    """A path the run recorded, made absolute against the folder the run was started from; each
-    of a ``::``-joined list of shards (only the first was: the others were read from the
-    current folder, or found missing and the data evaluated in part)."""
-    if "::" in value:
+def _run_path(value: str, cwd: Optional[str], shards: bool = False) -> str:
+    """A path the run recorded, made absolute against the folder the run was started from; with
+    ``shards`` (--val-data), each of a ``::``-joined list that is no path of its own (only the
+    first was: the others were read from the current folder, or found missing and the data
+    evaluated in part)."""
+    whole = value if os.path.isabs(value) or cwd is None else os.path.join(cwd, value)
+    if shards and "::" in value and not os.path.exists(whole):
         return "::".join(_run_path(v, cwd) if v else v for v in value.split("::"))
-    return value if os.path.isabs(value) or cwd is None else os.path.join(cwd, value)
+    return whole
 
 
 def fill_defaults(args: argparse.Namespace, log=print) -> None:
@@ -214,7 +216,7 @@ def fill_defaults(args: argparse.Namespace, log=print) -> None:
             value = train.get(name)
             if not (isinstance(value, str) and value):
                 continue
-            path = _run_path(value, run.cwd)
+            path = _run_path(value, run.cwd, shards=name == "val_data")
             if os.path.exists(path) or (name == "val_data" and expand_urls(path)):
                 setattr(args, name, path)
                 taken.append(f"--{name.replace('_', '-')} {path}")

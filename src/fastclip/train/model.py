@@ -8,6 +8,23 @@ from . import checkpoint as ckpt
 from .config import TrainConfig, model_kwargs
 
 
+def batchnorm_batch_problem(model, batch_size: int, accum_micro_batch) -> str:
+    """Why a training batch of ``batch_size`` (micro-batches of ``accum_micro_batch``) cannot train
+    ``model``'s BatchNorm layers, or "". A batch of one is skipped by the trainer whatever the
+    image size (BatchNorm in training takes two); a micro-batch of one works where the last
+    ResNet stage is larger than 1x1 (image_size >= 64: 49 values per channel at 224), and fails
+    where it is 1x1 (the demo's 32 px)."""
+    if not model.has_batchnorm:
+        return ""
+    if batch_size == 1:
+        return ("has BatchNorm layers (a ResNet tower), which need at least 2 images per batch in training; "
+                "use 2 or more")
+    if accum_micro_batch == 1 and model.config.image_size // 32 <= 1:
+        return (f"has BatchNorm layers (a ResNet tower) whose last stage is 1x1 at image_size "
+                f"{model.config.image_size}: they need at least 2 images per forward pass in training; use 2 or more")
+    return ""
+
+
 def build_model(cfg: TrainConfig):
     """The run's model, in training mode on the CPU: ``cfg.model`` with ``model_kwargs``, or the
     weights of ``cfg.pretrained`` (its own architecture; ``cfg.model_overrides`` may set only
@@ -16,15 +33,15 @@ def build_model(cfg: TrainConfig):
     bias is refused for a loss without one (it would be dropped). Raises ``CheckpointError``
     naming the file when it cannot be used."""
     from ..models import CLIP, create_model
-    per_forward = min(cfg.batch_size, cfg.accum_micro_batch or cfg.batch_size)
+    per_forward = min(cfg.batch_size, cfg.accum_micro_batch or cfg.batch_size)   # (for messages)
     if cfg.pretrained is None:
         model = create_model(cfg.model, **model_kwargs(cfg.loss, cfg.model_overrides))
-        if model.has_batchnorm and per_forward < 2:
+        why = batchnorm_batch_problem(model, cfg.batch_size, cfg.accum_micro_batch)
+        if why:
             # as the CLI refuses it: every batch of one image was skipped, and the trainer drew
             # batches until it gave up with a message about the data
-            name = "accum_micro_batch" if cfg.accum_micro_batch == 1 else "batch_size"
-            raise ValueError(f"TrainConfig.{name} 1: model {cfg.model!r} has BatchNorm layers (a ResNet tower), "
-                             f"which need at least 2 images per forward pass in training; use 2 or more")
+            name = "batch_size" if cfg.batch_size == 1 else "accum_micro_batch"
+            raise ValueError(f"TrainConfig.{name} 1: model {cfg.model!r} {why}")
         return model
     from ..eval.evaluate import check_vocab, load_model
     from ..ops.losses import get_loss
@@ -33,10 +50,10 @@ def build_model(cfg: TrainConfig):
         check_vocab(model, cfg.pretrained)
     except ValueError as e:
         raise ckpt.CheckpointError(f"--pretrained: {e}") from None
-    if model.has_batchnorm and per_forward < 2:
-        raise ckpt.CheckpointError(f"--pretrained {cfg.pretrained}: the model has BatchNorm layers (a ResNet "
-                                   f"tower), which need at least 2 images per forward pass in training; "
-                                   f"--batch-size/--accum-micro-batch {per_forward} is too small")
+    why = batchnorm_batch_problem(model, cfg.batch_size, cfg.accum_micro_batch)
+    if why:
+        raise ckpt.CheckpointError(f"--pretrained {cfg.pretrained}: the model {why} "
+                                   f"(--batch-size/--accum-micro-batch {per_forward})")
     spec = get_loss(cfg.loss)
     if "logit_bias" in spec.params and model.logit_bias is None:
         bias = spec.init[spec.params.index("logit_bias")]
@@ -51,4 +68,4 @@ def build_model(cfg: TrainConfig):
     return model.train()
 
 
-__all__ = ["build_model"]
+__all__ = ["batchnorm_batch_problem", "build_model"]
