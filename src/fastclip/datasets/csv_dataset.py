@@ -200,32 +200,36 @@ def effective_separator(path: str, separator: str = ",") -> str:
     return separator
 
 
+def _nonblank_records(path: str, separator: str) -> Iterator[List[str]]:
+    """The records of ``path`` that are not blank lines, read with the plain ``csv`` reader and
+    ``effective_separator`` (a broken record may hide some; the dataset's own reader says why)."""
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        yield from (r for r in csv.reader(f, delimiter=effective_separator(path, separator)) if r)
+
+
 def csv_header(path: str, separator: str = ",") -> Optional[List[str]]:
-    """The column names of ``path`` (read with ``effective_separator``), or None when its first
-    record cannot be read (``CsvDataset`` then says why); for checks that need no model."""
+    """The column names of ``path`` (its first record that is not a blank line, as the dataset
+    reads it), or None when it cannot be read (``CsvDataset`` then says why); for checks that
+    need no model."""
     try:
-        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-            # the first record that is not a blank line, as the dataset reads it
-            return next((r for r in csv.reader(f, delimiter=effective_separator(path, separator)) if r), [])
+        return next(_nonblank_records(path, separator), [])
     except (OSError, csv.Error):
         return None
 
 
 def csv_image_paths(path: str, img_key: str, separator: str = ",") -> Iterator[str]:
     """The image paths of ``path``'s column ``img_key``, joined to the file's folder as
-    ``CsvDataset`` reads them (rows read with the plain ``csv`` reader: a broken record may
-    hide some; nothing when the file or the column cannot be read)."""
+    ``CsvDataset`` reads them (nothing when the file or the column cannot be read)."""
     root = os.path.dirname(os.path.abspath(path))
     try:
-        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-            rows = (r for r in csv.reader(f, delimiter=effective_separator(path, separator)) if r)
-            header = next(rows, [])
-            if img_key not in header:
-                return
-            k = header.index(img_key)
-            for r in rows:
-                if k < len(r) and r[k].strip():
-                    yield os.path.join(root, r[k])
+        rows = _nonblank_records(path, separator)
+        header = next(rows, [])
+        if img_key not in header:
+            return
+        k = header.index(img_key)
+        for r in rows:
+            if k < len(r) and r[k].strip():
+                yield os.path.join(root, r[k])
     except (OSError, csv.Error):
         return
 

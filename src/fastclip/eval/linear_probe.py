@@ -51,14 +51,14 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, m
     # model that made them (features straight from ``encode_image`` filled its ``.grad``).
     with torch.inference_mode(False), torch.enable_grad(), fp32_math():
         x, y = (t.clone() if t.is_inference() else t for t in (x.detach(), y))
-        # Features far above unit scale are fitted as x / s with C s^2: the same objective in
-        # V = W s (logits V (x / s) = W x, penalty ||V||^2 / (2 C s^2) = ||W||^2 / 2C), with s a
-        # power of two (exact). Features of 1e12 overflowed LBFGS's fp32 step ("value cannot be
-        # converted to type float"), those of 1e20 gave NaN weights at chance accuracy. (Tiny
-        # features are left as they are: there C s^2 made the penalty's factor overflow.)
+        # Features above 2^16 are fitted as x / s with C s^2: the same objective in V = W s
+        # (logits V (x / s) = W x, penalty ||V||^2 / (2 C s^2) = ||W||^2 / 2C), s a power of two
+        # (exact). Features of 1e12 overflowed LBFGS's fp32 step ("value cannot be converted to
+        # type float"), those of 1e20 gave NaN weights at chance accuracy, and at 1e6 the
+        # unscaled fit stopped 0.25 away (in probability) from the optimum the scaled one reaches
+        # (float64, tests/eval/test_linear_probe.py). Tiny features stay as they are (C s^2 made
+        # the penalty's factor overflow).
         amax = float(x.abs().max()) if x.numel() else 0.0
-        # From 2^16 up: at 1e6 the unscaled fit already stopped 0.25 away (in probability) from
-        # the optimum that the scaled one reaches (float64, tests/eval/test_linear_probe.py).
         s = 2.0 ** round(math.log2(amax)) if amax > 2.0 ** 16 else 1.0
         x = x / s if s != 1.0 else x
         clf = nn.Linear(x.shape[1], num_classes, device=x.device, dtype=x.dtype)

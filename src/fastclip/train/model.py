@@ -33,7 +33,6 @@ def build_model(cfg: TrainConfig):
     bias is refused for a loss without one (it would be dropped). Raises ``CheckpointError``
     naming the file when it cannot be used."""
     from ..models import CLIP, create_model
-    per_forward = min(cfg.batch_size, cfg.accum_micro_batch or cfg.batch_size)   # (for messages)
     if cfg.pretrained is None:
         model = create_model(cfg.model, **model_kwargs(cfg.loss, cfg.model_overrides))
         why = batchnorm_batch_problem(model, cfg.batch_size, cfg.accum_micro_batch)
@@ -52,6 +51,7 @@ def build_model(cfg: TrainConfig):
         raise ckpt.CheckpointError(f"--pretrained: {e}") from None
     why = batchnorm_batch_problem(model, cfg.batch_size, cfg.accum_micro_batch)
     if why:
+        per_forward = min(cfg.batch_size, cfg.accum_micro_batch or cfg.batch_size)
         raise ckpt.CheckpointError(f"--pretrained {cfg.pretrained}: the model {why} "
                                    f"(--batch-size/--accum-micro-batch {per_forward})")
     spec = get_loss(cfg.loss)
