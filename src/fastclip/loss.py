@@ -53,8 +53,9 @@ def _check_ranks(rank, world_size) -> tuple[int, int]:
     if rank is None and w == 1:          # one process reads no rank (as open_clip)
         return 0, 1
     if r is None:
-        raise ValueError(f"rank must be an int in [0, world_size={w}), got {rank!r} "
-                         f"({type(rank).__name__})")
+        # At world size 1 any int is kept (below), so the message names no range there.
+        where = f" in [0, world_size={w})" if w > 1 else ""
+        raise ValueError(f"rank must be an int{where}, got {rank!r} ({type(rank).__name__})")
     # One process reads no rank (as open_clip): a global rank with a per-process loss, or
     # -1 for "not distributed" (Hugging Face's convention), is kept as given.
     if w > 1 and not 0 <= r < w:
