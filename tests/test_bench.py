@@ -426,6 +426,37 @@ def test_threads_default_to_every_core_and_take_a_count():
     assert bench.parse_args(["--threads", "1"])[0].threads == 1
 
 
+def test_more_threads_than_cores_is_said_in_the_log_and_the_header(tmp_path, monkeypatch, capsys):
+    """--threads 64 on 2 cores ran without a word: the header said "64 threads" and the times
+    measured the threads' sharing of the cores."""
+    monkeypatch.setattr(env, "cpu_count", lambda: 2)
+    assert env.threads_warning(2) == "" and env.threads_warning(None) == ""
+    assert bench.main(["--device", "cpu", "--sizes", "16", "--dims", "8", "--reps", "1",
+                       "--methods", "floor", "--no-isolate", "--no-plot", "--threads", "3",
+                       "--out", str(tmp_path)]) == 0
+    note = "3 threads on 2 cores this process may run on: the threads share cores"
+    assert f"warning: {note}" in capsys.readouterr().out
+    assert f"- warning: {note}" in next(tmp_path.glob("cpu-*.md")).read_text()
+
+
+def test_cpu_detail_tells_apart_cpus_of_one_name(monkeypatch):
+    """Virtual machines name several AMD generations "AMD EPYC": the results record the CPU's
+    family, model and vector extension beside the name."""
+    info = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+            "model name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\n"
+            "processor\t: 1\ncpu family\t: 99\n")
+    import builtins
+    import io
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: io.StringIO(info)
+                        if f == "/proc/cpuinfo" else real_open(f, *a, **k))
+    assert env.cpu_detail() == "family 25 model 17, AVX-512 (BF16)"
+    assert env.cpu_name() == "AMD EPYC"
+    info = "cpu family\t: 6\nmodel\t\t: 85\nflags\t\t: sse avx2\n"
+    assert env.cpu_detail() == "family 6 model 85, AVX2"
+    assert env.env_info("cpu")["cpu"] == "family 6 model 85, AVX2"
+
+
 def test_summarize_names_the_files_own_columns_and_the_missing_ones(tmp_path, capsys):
     # A foreign CSV was reported with a `loss` column it does not have (read_csv gives every
     # row one, for files from before that column) and without saying what was missing.

@@ -51,7 +51,7 @@ import torch
 
 from .._machine import MAX_THREADS
 from . import methods as M
-from .env import cpu_count, env_info, gb, meminfo_bytes, slug
+from .env import cpu_count, env_info, gb, meminfo_bytes, slug, threads_warning
 from .measure import clear_grads, esize, per_call_times, run_worker, time_step, worker_reply
 from .report import (
     CSV_FIELDS,
@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--huge", action="store_true",
                    help="CUDA: add N = 1M and 4M for the floor and fastclip's backends only")
     p.add_argument("--reps", type=int, default=0,
-                   help="timed repetitions per measurement (default: adaptive, "
+                   help="timed repetitions per measurement (default 0: adaptive, "
                         "CPU 1-10 over ~4 s, CUDA 3-100 over ~1 s)")
     p.add_argument("--target-s", type=float, default=None,
                    help="adaptive reps aim at this many seconds of timed steps per "
@@ -424,6 +424,8 @@ def _check_device(cfg: Config) -> None:
 def _warn_load(cfg: Config, log) -> None:
     if cfg.device != "cpu":
         return
+    if w := threads_warning(cfg.threads):
+        log(f"warning: {w}")
     try:
         load = os.getloadavg()[0]
     except OSError:

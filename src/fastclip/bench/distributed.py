@@ -275,7 +275,7 @@ def _cpu_rank(rank, world, args, threads, rows, impls):
                          "time_s": max(t for t, _ in stats),
                          "peak_mib_per_rank": max(p for _, p in stats)})
             if rank == 0:
-                print(f"W={world} N={N:6d} {impl:8s} {rows[-1]['time_s']:7.2f} s "
+                print(f"W={world} N={N:6d} {impl:8s} {rows[-1]['time_s']:8.4g} s "
                       f"{rows[-1]['peak_mib_per_rank']:8.1f} MiB/rank", flush=True)
             del x, y, params, loss
 
@@ -495,7 +495,7 @@ def write(rows: list[dict], impls: dict, args, argv: list[str], wall: float,
         for N in dict.fromkeys(r["N"] for r in sub):
             cell = {r["impl"]: r for r in sub if r["N"] == N}
             t = [f"{cell[i]['time_s']:.4g}" if i in cell else "" for i in names]
-            m = [f"{cell[i]['peak_mib_per_rank']:.0f}" if i in cell else "" for i in names]
+            m = [f"{cell[i]['peak_mib_per_rank']:.1f}" if i in cell else "" for i in names]
             lines.append(f"| {N} | {next(iter(cell.values()))['n_per_rank']} | "
                          + " | ".join(t) + " | " + " | ".join(m) + " |")
     write_text(prefix + ".md", "\n".join(lines) + "\n")

@@ -16,7 +16,7 @@ import subprocess
 import torch
 
 __all__ = ["commit", "cpu_name", "cpu_count", "device_name", "version", "load_average",
-           "meminfo_bytes", "env_info", "slug", "gb"]
+           "meminfo_bytes", "env_info", "slug", "gb", "cpu_detail", "threads_warning"]
 
 
 def _git(args: list[str], cwd: str) -> str | None:
@@ -58,6 +58,41 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "cpu"
+
+
+def cpu_detail() -> str:
+    """What tells CPUs of one marketing name apart, from /proc/cpuinfo: vendor family and
+    model numbers and the widest vector extension, e.g. "family 26 model 2, AVX-512 (BF16)".
+    Virtual machines often report a bare "AMD EPYC" as the model name, which covers several
+    generations with different kernels and speeds; "" where /proc/cpuinfo is unreadable."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break                          # the first processor's block is enough
+                k, _, v = line.partition(":")
+                fields.setdefault(k.strip().lower(), v.strip())
+    except OSError:
+        return ""
+    flags = set(fields.get("flags", "").split())
+    parts = [f"family {fields['cpu family']} model {fields['model']}"] if (
+        "cpu family" in fields and "model" in fields) else []
+    if "avx512f" in flags:
+        parts.append("AVX-512" + (" (BF16)" if "avx512_bf16" in flags else ""))
+    elif "avx2" in flags:
+        parts.append("AVX2")
+    return ", ".join(parts)
+
+
+def threads_warning(threads: int | None) -> str:
+    """A note when ``threads`` exceeds the cores this process may run on ("" otherwise):
+    the threads then share cores and the times measure the sharing."""
+    cores = cpu_count()
+    if threads is None or threads <= cores:
+        return ""
+    return (f"{threads} threads on {cores} cores this process may run on: the threads share "
+            f"cores, which inflates CPU times")
 
 
 def cpu_count() -> int:
@@ -112,7 +147,7 @@ def env_info(device: str, threads: int | None = None) -> dict:
             "triton": version("triton"), "fastclip": fastclip.__version__,
             "python": platform.python_version(), "commit": commit(),
             "threads": str(threads) if device == "cpu" and threads else "",
-            "load": load_average()}
+            "load": load_average(), "cpu": cpu_detail() if device == "cpu" else ""}
 
 
 def slug(s: str) -> str:

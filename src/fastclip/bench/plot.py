@@ -1,7 +1,7 @@
 """PNG plots of a loss benchmark: time and peak memory against N.
 
 One figure per quantity (``<prefix>-time.png``: forward+backward median ms;
-``<prefix>-memory.png``: peak extra MB), one panel per (dtype, D), log-log axes, one
+``<prefix>-memory.png``: peak extra MiB), one panel per (dtype, D), log-log axes, one
 line per method (the floor dashed). matplotlib is optional: without it nothing is
 drawn and the caller is told why. Rows are those of the benchmark CSV (strings or
 numbers); only rows with status "ok" are drawn.
@@ -77,7 +77,7 @@ def plot_rows(rows: list[dict], prefix: str, log=print) -> list[str]:
             panels.append(key)
     paths = []
     for col, ylabel, suffix in (("fwd_bwd_ms", "forward+backward, ms (median)", "time"),
-                                ("peak_extra_mb", "peak extra memory, MB", "memory")):
+                                ("peak_extra_mb", "peak extra memory, MiB", "memory")):
         k = len(panels)
         ncols = min(3, k)
         nrows = math.ceil(k / ncols)

@@ -10,7 +10,7 @@ import contextlib
 import csv
 import os
 
-from .env import gb, slug
+from .env import gb, slug, threads_warning
 from .methods import ALL_IN_FORWARD, FLOOR, NAIVE, fwd_bwd_flop, fwd_flop, get_loss
 
 __all__ = ["CSV_FIELDS", "OVERHEAD_FIELDS", "BenchError", "default_out_dir", "output_prefix", "write_csv",
@@ -248,6 +248,10 @@ def write_markdown(rows: list[dict], info: dict, cfg, path: str, started: str) -
         f"torch {info['torch']}, triton {info['triton'] or 'none'}"
         + (f", {threads_text(cfg.threads)}; load average at start {info['load']} (other work on "
            f"the machine inflates CPU times)" if cfg.device == "cpu" else "") + ".",
+        *([f"- cpu: {info['device_name']}, {info['cpu']}."] if cfg.device == "cpu"
+          and info.get("cpu") else []),
+        *([f"- warning: {w}."] if cfg.device == "cpu" and (w := threads_warning(cfg.threads))
+          else []),
         f"- memory budget {gb(cfg.max_mem_bytes)} (methods estimated above it are "
         f"skipped); fp32 matmul TF32: {tf32}.",
         "- time: median over `reps` training steps (forward timed inside the step, autograd on); "
@@ -282,7 +286,7 @@ def write_markdown(rows: list[dict], info: dict, cfg, path: str, started: str) -
     for (dt, d), rs in groups.items():
         rs = sorted(rs, key=lambda r: (int(r["N"]), order[r["method"]], _f(r.get("threads")) or 0))
         lines += ["", f"## {dt}, D={d}", "",
-                  f"| N | method | fwd ms | fwd+bwd ms | peak extra MB | fwd+bwd {unit} "
+                  f"| N | method | fwd ms | fwd+bwd ms | peak extra MiB | fwd+bwd {unit} "
                   "| × floor fwd | × floor fwd+bwd | × naive fwd+bwd | reps | status |",
                   "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in rs:
