@@ -140,6 +140,22 @@ def test_non_finite_logits_are_misses_and_labels_are_class_indices():
         classification_metrics(torch.zeros(0, 3), [])
 
 
+def test_minus_inf_masks_a_class_out_of_the_ranking():
+    """-inf is how a subset of a label space is scored (classes outside the task masked): a row
+    with any -inf logit was a miss, so [[5, 1, -inf], [0, 3, -inf]] scored top-1 0 with both
+    argmaxes right. A -inf on the label itself is a miss; NaN and +inf rows stay misses."""
+    inf = float("inf")
+    r = classification_metrics(torch.tensor([[5.0, 1, -inf], [0, 3, -inf]]), [0, 1])
+    assert r["top1"] == 1.0 and r["top5"] == 1.0 and r["mean_per_class_recall"] == 1.0
+    # masked classes rank last: label 1 is second of the two unmasked, so top-5 but not top-1
+    r = classification_metrics(torch.tensor([[-inf, 2.0, -inf, 3.0]]), [1])
+    assert r["top1"] == 0.0 and r["top5"] == 1.0
+    for row, label in (([-inf, -inf, 1.0], 0), ([-inf, -inf, -inf], 1), ([1.0, nan := float("nan"), 0], 0),
+                       ([inf, 0.0, 0.0], 0), ([2.0, 1.0, nan], 0)):
+        r = classification_metrics(torch.tensor([row]), [label])
+        assert r["top1"] == 0.0 and r["top5"] == 0.0, (row, label)
+
+
 def test_tied_logits_rank_by_class_index():
     """topk's order among equal logits is unspecified: on CPU row [0,1,1,1,0,1] scored label 3
     a top-1 hit and label 1 a miss, and a zero row counted class 2 right, against argmax (and

@@ -9,7 +9,7 @@ import torch
 from ..datasets.csv_dataset import DataError
 from ..datasets.folder import IMAGE_EXTENSIONS, class_name_list
 from ..tokenizer import tokenize
-from ._checks import as_features, as_images, class_indices, eval_mode, finite_rows, fp32_math, int_at_least, unit_rows
+from ._checks import as_features, as_images, class_indices, eval_mode, fp32_math, int_at_least, unit_rows
 from .templates import SIMPLE_TEMPLATES
 
 Template = Union[str, Callable[[str], str]]
@@ -165,8 +165,10 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> Dict[s
     ``logits`` ``[N, C]`` against ``labels`` ``[N]`` (integer class indices in ``[0, C)``, N >= 1:
     ValueError for no predictions, whose accuracy is undefined rather than 0). Classes are
     ranked by logit, ties broken by class index (the first of equal logits ranks first, as
-    ``argmax`` and ``classify_folder``'s predictions pick it). A row with
-    a non-finite logit (a diverged model) is a miss, at top-1 and top-5 alike. ``logits`` may be
+    ``argmax`` and ``classify_folder``'s predictions pick it). A row with a NaN or +inf logit
+    (a diverged model), or whose label's logit is -inf, is a miss, at top-1 and top-5 alike;
+    -inf elsewhere masks a class out (it ranks last), as in scoring a subset of a label
+    space. ``logits`` may be
     a NumPy array or nested lists, as the features of the other evaluation functions."""
     logits = as_features(logits, "logits")
     if logits.dim() != 2:
@@ -178,7 +180,9 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> Dict[s
     if n == 0:
         # (it read top-1 0.0: a model that is always wrong, folded into means of tasks)
         raise ValueError("no predictions to score (logits [0, C]): accuracy over no images is undefined")
-    ok = finite_rows(logits)  # [N]
+    # -inf is the usual mask of classes outside a task (it read every masked row as a miss).
+    ok = ~(torch.isnan(logits) | torch.isposinf(logits)).any(dim=1)  # [N]
+    ok &= torch.isfinite(logits.gather(1, labels[:, None]))[:, 0]   # [N]
     # The label's rank: classes with a higher logit, plus equal ones of a lower index. (topk's
     # order among equal logits is unspecified: on CPU it picked the last of a tie in some rows
     # and the first in others, so a collapsed model's score depended on it; a stable full sort
