@@ -7,7 +7,8 @@ classifier is then refit on train + validation and scored on the test set. The o
 scikit-learn's ``LogisticRegression(C=C)`` (``C * sum CE + ||W||^2 / 2``, bias unpenalised; with two
 classes, where scikit-learn fits one weight vector, the penalty on the softmax's two is doubled),
 scaled by ``1 / (C N)``, and is minimised with ``torch.optim.LBFGS`` (strong-Wolfe line search) on
-whichever device the features live on (or ``device``).
+whichever device the features live on (or ``device``), in float64 on the CPU (as scikit-learn)
+and float32 on a GPU unless told otherwise (``dtype``).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from ._checks import as_features, class_indices, finite_rows, fp32_math, int_at_
 
 @dataclass
 class LinearProbeResult:
-    classifier: nn.Linear  # D -> num_classes, fp32, on the fitting device
+    classifier: nn.Linear  # D -> num_classes, fp32 (whatever the fit's dtype), on the fitting device
     C: float  # chosen inverse regularisation strength
     accuracy: float  # test top-1 in [0, 1]
     val_accuracy: float  # validation top-1 at the chosen C
@@ -39,10 +40,17 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, m
     exactly two classes: scikit-learn's binary problem) with LBFGS. ``x`` ``[N, D]`` float,
     ``y`` ``[N]`` long. Returns an ``nn.Linear(D, num_classes)`` (warm-started from ``init``).
     ``max_iter`` (a positive int, default 1000): LBFGS iterations at most. Runs with autocast off
-    (in ``x``'s dtype, whatever the caller's context)."""
-    if C <= 0:
-        raise ValueError(f"C must be positive, got {C}")
+    (in ``x``'s dtype, whatever the caller's context). ``C``: a finite positive number;
+    ``num_classes``: an int above every label."""
+    if isinstance(C, bool) or not isinstance(C, numbers.Real):
+        raise TypeError(f"C must be a finite positive number, got {type(C).__name__} {C!r}")
+    if not (C > 0 and math.isfinite(C)):
+        raise ValueError(f"C must be a finite positive number, got {C}")
     max_iter = int_at_least(max_iter, "max_iter")
+    num_classes = int_at_least(num_classes, "num_classes")
+    if y.numel() and not 0 <= int(y.min()) <= int(y.max()) < num_classes:
+        raise ValueError(f"y must hold class indices in [0, num_classes={num_classes}), got values from "
+                         f"{int(y.min())} to {int(y.max())}")
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x holds non-finite values (NaN or inf): a probe cannot be fitted on them")
     # Its own autograd graph, whatever the caller's context: ``enable_grad`` for a caller under
@@ -75,8 +83,12 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, m
         lam = (2.0 if torch.unique(y).numel() == 2 else 1.0) / (C * s * s * x.shape[0])
         # tol / s: the gradient in V = W s is the gradient in W over s, so the fit stops where
         # it stopped unscaled (tol itself stopped features of 1e5 at 300x the objective's gap).
+        # tolerance_change: float64 stopped at 1e-10 with the objective 3e-6 (relative) above
+        # scikit-learn's at C = 1e4 (one probability 3.5e-3 off), at 1e-14 it reached it; the
+        # objective is O(1), so 1e-14 is ~50 ulp of float64. float32 resolves ~1e-8 of it.
+        change = 1e-14 if x.dtype == torch.float64 else 1e-10
         opt = torch.optim.LBFGS(clf.parameters(), lr=1, max_iter=max_iter, history_size=20,
-                                tolerance_grad=tol / s, tolerance_change=1e-10, line_search_fn="strong_wolfe")
+                                tolerance_grad=tol / s, tolerance_change=change, line_search_fn="strong_wolfe")
 
         def closure():
             opt.zero_grad()
@@ -106,7 +118,8 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
                  test_labels: torch.Tensor, val_features: Optional[torch.Tensor] = None,
                  val_labels: Optional[torch.Tensor] = None, val_fraction: float = 0.2,
                  Cs: Optional[Sequence[float]] = None, refine_steps: int = 4, max_iter: int = 1000,
-                 refit: bool = True, device=None, seed: int = 0) -> LinearProbeResult:
+                 refit: bool = True, device=None, seed: int = 0,
+                 dtype: Optional[torch.dtype] = None) -> LinearProbeResult:
     """Fit a linear probe and report test accuracy.
 
     Features ``[N, D]`` (any float dtype; fit in fp32 with autocast off), labels ``[N]`` ints in
@@ -127,8 +140,16 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     neighbours in the sorted grid (for an evenly spaced grid, half its spacing: the default
     grid's 4 rounds reach 1/8 decade), so a refinement never reaches past a neighbour, nor
     outside the grid's smallest and largest values; a grid of one value is not refined.
-    ``max_iter`` (a positive int, default 1000): LBFGS iterations per fit. ``refit``: refit on
-    train + val with the chosen C before testing. Returns a ``LinearProbeResult``.
+    ``max_iter`` (a positive int, default 1000): LBFGS iterations per fit. ``refit`` (a bool,
+    default True): refit on train + val with the chosen C before testing. ``dtype``: that of
+    the fits, ``torch.float32`` or ``torch.float64``; default float64 on the CPU, float32
+    elsewhere (GPUs other than datacentre parts run float64 at 1/32-1/64 of float32's rate).
+    float32 cannot resolve the objective's last digits where C is large: at C = 1e4 a float32
+    fit stopped with one test probability 0.83 from scikit-learn's optimum, which float64
+    reaches (tests/eval/test_linear_probe.py); on the CPU float64 took 0.6-3.7x float32's time
+    (N = 10000, D = 512, 100 classes, C = 0.1-1000). Near-separable data at C ~ 1e6 leaves the
+    objective almost flat: there LBFGS can stop short of the optimum in float64 too (one test
+    probability 0.9 off on 3 Gaussian classes, N = 100). Returns a ``LinearProbeResult``.
     """
     # Checked before any data is touched: these would otherwise be ignored silently
     # (val_labels alone, refine_steps < 0) or fit nothing (max_iter=0 scores chance).
@@ -138,6 +159,11 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     max_iter = int_at_least(max_iter, "max_iter")
     refine_steps = int_at_least(refine_steps, "refine_steps", minimum=0)
     seed = int_at_least(seed, "seed", minimum=0)
+    if not isinstance(refit, bool):
+        raise TypeError(f"refit must be a bool, got {type(refit).__name__} {refit!r}")
+    if dtype is not None and dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32, torch.float64 or None (float64 on the CPU, "
+                         f"float32 elsewhere), got {dtype!r}")
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real):
         raise TypeError(f"val_fraction must be a number in (0, 1), got {type(val_fraction).__name__} "
                         f"{val_fraction!r}")
@@ -148,8 +174,9 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     if val_features is not None:
         val_features = as_features(val_features, "val_features")
     dev = torch.device(device) if device is not None else train_features.device
-    xt, yt = train_features.to(dev, torch.float32), class_indices(train_labels, "train_labels", device=dev)
-    xs, ys = test_features.to(dev, torch.float32), class_indices(test_labels, "test_labels", device=dev)
+    dt = dtype or (torch.float64 if dev.type == "cpu" else torch.float32)
+    xt, yt = train_features.to(dev, dt), class_indices(train_labels, "train_labels", device=dev)
+    xs, ys = test_features.to(dev, dt), class_indices(test_labels, "test_labels", device=dev)
     if xt.dim() != 2 or xs.dim() != 2 or xt.shape[1] != xs.shape[1]:
         raise ValueError(f"train_features/test_features must be [N, D] with equal D, got "
                          f"{tuple(xt.shape)}, {tuple(xs.shape)}")
@@ -187,7 +214,7 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     else:
         if val_labels is None:
             raise ValueError("val_labels is required with val_features")
-        xv, yv = val_features.to(dev, torch.float32), class_indices(val_labels, "val_labels", device=dev)
+        xv, yv = val_features.to(dev, dt), class_indices(val_labels, "val_labels", device=dev)
         if xv.dim() != 2 or xv.shape[1] != xt.shape[1]:
             raise ValueError(f"val_features must be [N, D={xt.shape[1]}], got {tuple(xv.shape)}")
         if not bool(torch.isfinite(xv).all()):
@@ -240,4 +267,4 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     x_fit, y_fit = (torch.cat([xt, xv]), torch.cat([yt, yv])) if refit else (xt, yt)
     clf = fit_logistic(x_fit, y_fit, num_classes, C, max_iter)
     acc, _ = _score(clf, xs, ys)
-    return LinearProbeResult(clf, C, acc, val_acc, search)
+    return LinearProbeResult(clf.float(), C, acc, val_acc, search)
