@@ -457,6 +457,22 @@ def test_cpu_detail_tells_apart_cpus_of_one_name(monkeypatch):
     assert env.env_info("cpu")["cpu"] == "family 6 model 85, AVX2"
 
 
+def test_processor_is_a_column_and_the_header_names_every_one_of_the_rows(tmp_path):
+    """The header gave the last run's processor alone: rows merged by --append from another
+    machine of the same name read as this one's. Files from before the column read it empty."""
+    info = {"cpu": "family 26 model 2, AVX-512 (BF16)"}
+    rows = [{"cpu": info["cpu"]}, {"cpu": ""}, {"cpu": "family 25 model 17, AVX-512"}]
+    assert report.processor_notes(rows[:1], info, "cpu", 1) == [f"- processor: {info['cpu']}."]
+    assert report.processor_notes(rows, info, "cpu", 1) == [
+        "- processor (each row's in the CSV's `cpu` column): family 26 model 2, AVX-512 (BF16); "
+        "not recorded; family 25 model 17, AVX-512."]
+    assert report.processor_notes(rows, info, "cuda", 99) == []
+    old = tmp_path / "old.csv"
+    old.write_text("device,method,N\ncpu,floor,8\n")
+    assert report.read_csv(str(old))[0]["cpu"] == ""
+    assert "cpu" in report.CSV_FIELDS and "cpu" not in report.SWEEP_COLUMNS
+
+
 def test_summarize_names_the_files_own_columns_and_the_missing_ones(tmp_path, capsys):
     # A foreign CSV was reported with a `loss` column it does not have (read_csv gives every
     # row one, for files from before that column) and without saying what was missing.

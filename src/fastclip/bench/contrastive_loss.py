@@ -66,6 +66,7 @@ from .report import (
     num,
     output_prefix,
     overhead_table,
+    processor_notes,
     read_csv,
     read_table,
     summary_table,
@@ -604,7 +605,7 @@ def _progress_line(r: dict, cfg: Config) -> str:
     mb = num(r["peak_extra_mb"], ".1f") or "?"
     xf = r.get("x_floor_fwd_bwd") or "-"
     return (f"{head} fwd {float(r['fwd_ms']):9.4g} ms  fwd+bwd {float(r['fwd_bwd_ms']):9.4g} ms  "
-            f"peak +{mb} MB  {gf / div:.4g} {unit}  x floor {xf}  ({r['reps']} reps)")
+            f"peak +{mb} MiB  {gf / div:.4g} {unit}  x floor {xf}  ({r['reps']} reps)")
 
 
 # --------------------------------------------------------------------- overhead
@@ -676,6 +677,7 @@ def _write_overhead(rows, info, cfg: Config, prefix: str) -> None:
         f"fastclip {info['fastclip']} (commit {info['commit']}), torch {info['torch']}; "
         + (f"{threads_text(cfg.threads).replace('thread', 'CPU thread')}, load average at start {info['load']}."
            if cfg.device == "cpu" else "CUDA, synchronised around every call."),
+        *(n[2:] for n in processor_notes(rows, info, cfg.device, cfg.threads)),
         f"D = {', '.join(map(str, dims))}, {', '.join(dts)}; inputs require grad (a training "
         "step's forward).",
         "per call: one forward (the loss is dropped), or one forward+backward; each call "

@@ -103,7 +103,7 @@ def plot_rows(rows: list[dict], prefix: str, log=print) -> list[str]:
             ax.grid(True, which="both", alpha=0.3)
             if drawn:
                 ax.legend(fontsize=8)
-            else:      # e.g. peak memory rounds to 0 MB at tiny N: nothing to put on log axes
+            else:      # e.g. peak memory rounds to 0 MiB at tiny N: nothing to put on log axes
                 ax.text(0.5, 0.5, "no positive values", ha="center", transform=ax.transAxes)
         for j in range(k, nrows * ncols):
             axes[j // ncols][j % ncols].axis("off")

@@ -16,14 +16,15 @@ from .methods import ALL_IN_FORWARD, FLOOR, NAIVE, fwd_bwd_flop, fwd_flop, get_l
 __all__ = ["CSV_FIELDS", "OVERHEAD_FIELDS", "BenchError", "default_out_dir", "output_prefix", "write_csv",
            "check_replace", "add_out_args",
            "read_csv", "read_table", "write_text", "check_out_dir", "derive", "derive_overhead", "write_markdown",
-           "write_overhead_markdown", "summary_table", "overhead_table", "num", "table_problem", "table_names"]
+           "write_overhead_markdown", "processor_notes", "summary_table", "overhead_table", "num",
+           "table_problem", "table_names"]
 
-CSV_FIELDS = ["loss", "device", "device_name", "torch", "triton", "fastclip", "commit",
+CSV_FIELDS = ["loss", "device", "device_name", "cpu", "torch", "triton", "fastclip", "commit",
               "threads", "method", "impl", "N", "D", "dtype", "fwd_ms", "fwd_bwd_ms",
               "peak_extra_mb", "fwd_gflops", "fwd_bwd_gflops", "x_floor_fwd",
               "x_floor_fwd_bwd", "x_naive_fwd", "x_naive_fwd_bwd", "reps", "status",
               "timestamp"]
-OVERHEAD_FIELDS = ["loss", "device", "device_name", "torch", "fastclip", "commit", "threads",
+OVERHEAD_FIELDS = ["loss", "device", "device_name", "cpu", "torch", "fastclip", "commit", "threads",
                    "method", "impl", "N", "D", "dtype", "fwd_us", "fwd_bwd_us",
                    "x_naive_fwd", "x_naive_fwd_bwd", "fwd_us_min", "fwd_bwd_us_min", "calls",
                    "status", "timestamp"]
@@ -125,7 +126,8 @@ def write_csv(rows: list[dict], path: str, fields: list[str] | None = None) -> N
 
 
 def read_csv(path: str) -> list[dict]:
-    """Rows of a result CSV; files written before the ``loss`` column read as clip."""
+    """Rows of a result CSV; files written before the ``loss`` column read as clip, those
+    before the ``cpu`` column (family, model, vector extension) with it empty."""
     return read_table(path)[1]
 
 
@@ -139,7 +141,26 @@ def read_table(path: str) -> tuple[list[str], list[dict]]:
     for r in rows:
         r.setdefault("loss", "clip")
         r["loss"] = r["loss"] or "clip"
+        r.setdefault("cpu", "")
     return columns, rows
+
+
+def processor_notes(rows: list[dict], info: dict, device: str, threads: int | None) -> list[str]:
+    """Header lines of a CPU run: the processor's family, model and vector extension (per
+    row: rows merged by --append from another machine of the same name say theirs), and a
+    warning where the threads outnumber the cores."""
+    if device != "cpu":
+        return []
+    lines = []
+    cpus = dict.fromkeys([info.get("cpu", "")] + [r.get("cpu", "") for r in rows])
+    if len(cpus) == 1 and info.get("cpu"):
+        lines.append(f"- processor: {info['cpu']}.")
+    elif len(cpus) > 1:
+        lines.append("- processor (each row's in the CSV's `cpu` column): "
+                     + "; ".join(c or "not recorded" for c in cpus) + ".")
+    if w := threads_warning(threads):
+        lines.append(f"- warning: {w}.")
+    return lines
 
 
 def _f(v) -> float | None:
@@ -248,10 +269,7 @@ def write_markdown(rows: list[dict], info: dict, cfg, path: str, started: str) -
         f"torch {info['torch']}, triton {info['triton'] or 'none'}"
         + (f", {threads_text(cfg.threads)}; load average at start {info['load']} (other work on "
            f"the machine inflates CPU times)" if cfg.device == "cpu" else "") + ".",
-        *([f"- cpu: {info['device_name']}, {info['cpu']}."] if cfg.device == "cpu"
-          and info.get("cpu") else []),
-        *([f"- warning: {w}."] if cfg.device == "cpu" and (w := threads_warning(cfg.threads))
-          else []),
+        *processor_notes(rows, info, cfg.device, cfg.threads),
         f"- memory budget {gb(cfg.max_mem_bytes)} (methods estimated above it are "
         f"skipped); fp32 matmul TF32: {tf32}.",
         "- time: median over `reps` training steps (forward timed inside the step, autograd on); "
@@ -307,7 +325,7 @@ def summary_table(rows: list[dict]) -> str:
     labels = [method_label(r, rows) for r in rows]
     w = max([9, *map(len, labels)])     # "reference, 1 thread" (--append) overran a fixed 9
     hdr = (f"{'dtype':<5} {'D':>5} {'N':>8} {'method':<{w}} {'fwd ms':>10} {'fwd+bwd ms':>11} "
-           f"{'peak MB':>9} {unit:>8} {'x floor':>8} {'x naive':>8}  status")
+           f"{'peak MiB':>9} {unit:>8} {'x floor':>8} {'x naive':>8}  status")
     out = [hdr, "-" * len(hdr)]
     for r, label in zip(rows, labels):
         gf = _f(r.get("fwd_bwd_gflops"))
@@ -376,7 +394,7 @@ def write_overhead_markdown(rows: list[dict], title: str, notes: list[str], path
 # What --summarize needs of a file. The header is judged as the file has it: read_csv gives
 # every row a ``loss`` column (files from before it read as clip), so a file without one
 # still passes, and a foreign file's columns are reported as they are.
-SWEEP_COLUMNS = [c for c in CSV_FIELDS if c != "loss"]
+SWEEP_COLUMNS = [c for c in CSV_FIELDS if c not in ("loss", "cpu")]   # (both added later)
 OVERHEAD_COLUMNS = ["method", "N", "fwd_us", "fwd_bwd_us"]
 _NOT_OURS = "not a results CSV of `fastclip bench`"
 _ELSEWHERE = "; distributed and tokenizer results have their own markdown tables"
