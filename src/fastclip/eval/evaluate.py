@@ -322,9 +322,10 @@ def probe_metrics(train_features: torch.Tensor, train_labels: torch.Tensor, test
     """A logistic-regression probe on image embeddings (``encode_images``/``encode_batches``):
     fit on the training features ``[N, D]`` with labels ``[N]`` (the inverse regularisation C
     chosen on a held-out 20%, drawn with ``seed``, then refit on all of them), scored on the
-    test features. Fitted in float32 with autocast off, whatever the caller's context (a bf16
-    fit lands at chance). Returns ``probe/top1``, ``probe/C``, ``probe/val_top1`` and
-    ``probe/n_train``, ``probe/n_test``."""
+    test features. Fitted with autocast off, whatever the caller's context (a bf16 fit lands
+    at chance), in float64 on the CPU (where these features are) as ``linear_probe`` does.
+    Returns ``probe/top1``, ``probe/C``, ``probe/val_top1`` and ``probe/n_train``,
+    ``probe/n_test``."""
     from ._checks import as_features
     from .linear_probe import linear_probe
     # as linear_probe takes them (NumPy arrays included), with the argument named when not

@@ -39,7 +39,8 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, m
     """Minimise ``mean CE(W x + b, y) + ||W||^2 / (2 C N)`` (the penalty doubled when ``y`` holds
     exactly two classes: scikit-learn's binary problem) with LBFGS. ``x`` ``[N, D]`` float,
     ``y`` ``[N]`` long. Returns an ``nn.Linear(D, num_classes)`` (warm-started from ``init``).
-    ``max_iter`` (a positive int, default 1000): LBFGS iterations at most. Runs with autocast off
+    ``max_iter`` (a positive int, default 1000): LBFGS iterations at most. ``x`` and ``y`` hold
+    at least one row, as many each. Runs with autocast off
     (in ``x``'s dtype, whatever the caller's context). ``C``: a finite positive number;
     ``num_classes``: an int above every label."""
     if isinstance(C, bool) or not isinstance(C, numbers.Real):
@@ -48,6 +49,8 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, m
         raise ValueError(f"C must be a finite positive number, got {C}")
     max_iter = int_at_least(max_iter, "max_iter")
     num_classes = int_at_least(num_classes, "num_classes")
+    if x.dim() != 2 or x.shape[0] == 0 or y.shape != (x.shape[0],):
+        raise ValueError(f"x must be [N, D] with N >= 1 and y [N], got {tuple(x.shape)} and {tuple(y.shape)}")
     if y.numel() and not 0 <= int(y.min()) <= int(y.max()) < num_classes:
         raise ValueError(f"y must hold class indices in [0, num_classes={num_classes}), got values from "
                          f"{int(y.min())} to {int(y.max())}")
@@ -85,7 +88,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, m
         # it stopped unscaled (tol itself stopped features of 1e5 at 300x the objective's gap).
         # tolerance_change: float64 stopped at 1e-10 with the objective 3e-6 (relative) above
         # scikit-learn's at C = 1e4 (one probability 3.5e-3 off), at 1e-14 it reached it; the
-        # objective is O(1), so 1e-14 is ~50 ulp of float64. float32 resolves ~1e-8 of it.
+        # objective is O(1), so 1e-14 is ~50 ulp of float64; float32 resolves ~1e-7 of it.
         change = 1e-14 if x.dtype == torch.float64 else 1e-10
         opt = torch.optim.LBFGS(clf.parameters(), lr=1, max_iter=max_iter, history_size=20,
                                 tolerance_grad=tol / s, tolerance_change=change, line_search_fn="strong_wolfe")
@@ -101,7 +104,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, m
             clf.weight.div_(s)
     if not bool(torch.isfinite(clf.weight).all() and torch.isfinite(clf.bias).all()):
         raise ValueError(f"the probe's fit at C={C:g} diverged (non-finite weights): features of magnitude "
-                         f"{amax:.3g} are out of fp32's reach")
+                         f"{amax:.3g} are out of {str(x.dtype).removeprefix('torch.')}'s reach")
     return clf.requires_grad_(False)
 
 
@@ -122,7 +125,7 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
                  dtype: Optional[torch.dtype] = None) -> LinearProbeResult:
     """Fit a linear probe and report test accuracy.
 
-    Features ``[N, D]`` (any float dtype; fit in fp32 with autocast off), labels ``[N]`` ints in
+    Features ``[N, D]`` (any float dtype; fit in ``dtype`` with autocast off), labels ``[N]`` ints in
     ``[0, C)``, those fitted on (training and validation) of at least 2 classes (ValueError
     otherwise: one class makes every prediction right); training and validation features must
     be finite, a test row with NaN/inf is a miss. Without ``val_features`` a random
@@ -145,11 +148,12 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     the fits, ``torch.float32`` or ``torch.float64``; default float64 on the CPU, float32
     elsewhere (GPUs other than datacentre parts run float64 at 1/32-1/64 of float32's rate).
     float32 cannot resolve the objective's last digits where C is large: at C = 1e4 a float32
-    fit stopped with one test probability 0.83 from scikit-learn's optimum, which float64
-    reaches (tests/eval/test_linear_probe.py); on the CPU float64 took 0.6-3.7x float32's time
-    (N = 10000, D = 512, 100 classes, C = 0.1-1000). Near-separable data at C ~ 1e6 leaves the
-    objective almost flat: there LBFGS can stop short of the optimum in float64 too (one test
-    probability 0.9 off on 3 Gaussian classes, N = 100). Returns a ``LinearProbeResult``.
+    fit on 100 rows stopped with one test probability 0.83 from scikit-learn's optimum (0.022
+    on 80 of them, tests/eval/test_linear_probe.py), which float64 reaches; on the CPU
+    float64 took 0.6-3.7x float32's time (N = 10000, D = 512, 100 classes, C = 0.1-1000).
+    Near-separable data at C ~ 1e6 leaves the objective almost flat: there LBFGS can stop short
+    of the optimum in float64 too (one test probability 0.9 off on 3 Gaussian classes, N = 100).
+    Returns a ``LinearProbeResult``.
     """
     # Checked before any data is touched: these would otherwise be ignored silently
     # (val_labels alone, refine_steps < 0) or fit nothing (max_iter=0 scores chance).
