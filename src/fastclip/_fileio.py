@@ -153,3 +153,27 @@ def strict_json(obj):
     if isinstance(obj, (list, tuple)):
         return [strict_json(v) for v in obj]
     return obj
+
+
+def save_safetensors(tensors: dict, path: str, metadata: Optional[dict] = None) -> None:
+    """``safetensors.torch.save_file`` with a reproducible header: the same tensors and
+    metadata give the same bytes in every process. safetensors writes its header's JSON maps
+    in hash-map order, which changes from process to process (two demo runs with bit-equal
+    weights wrote files whose ``fastclip_step`` and ``format`` keys had swapped places, so a
+    checksum told them apart). The header is rewritten in place, keys sorted, in the same
+    compact form; the tensors' bytes and offsets are untouched (they are relative to the end of
+    the header, whose length stays). A path that is not a regular file is written as it is."""
+    import json  # noqa: PLC0415
+
+    from safetensors.torch import save_file  # noqa: PLC0415
+    save_file(tensors, path, metadata=metadata)
+    if not os.path.isfile(path):
+        return
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = f.read(n)
+        canon = json.dumps(json.loads(header), sort_keys=True, separators=(",", ":"),
+                           ensure_ascii=False).encode()
+        if len(canon) <= n:     # (always, for safetensors' own compact JSON; else left as is)
+            f.seek(8)
+            f.write(canon + b" " * (n - len(canon)))   # the format pads its header with spaces

@@ -315,3 +315,41 @@ def test_cuda_rng_states_of_more_devices_than_this_node_has_restore_those_it_has
     state["cuda"] = state["cuda"][:1]          # saved on one device, resumed on two: the one it has
     ckpt.set_rng_state(state)
     assert calls == [(0, 0)]
+
+
+def test_saved_files_are_the_same_bytes_in_every_process(tmp_path):
+    """safetensors writes its header's maps in hash-map order, which changes from process to
+    process: two runs with bit-equal weights wrote model files whose metadata keys had swapped
+    places, so a checksum told them apart. Each process here writes the same model file and
+    training state; the bytes must agree (and the files still load)."""
+    import hashlib
+    import subprocess
+    import sys
+    code = (
+        "import sys, torch\n"
+        "from fastclip.models import create_model, save_checkpoint\n"
+        "from fastclip.train import checkpoint as ckpt\n"
+        "from fastclip.train.optim import create_optimizer\n"
+        "import random, numpy\n"
+        "random.seed(0); numpy.random.seed(0); torch.manual_seed(0)   # the RNG states it stores\n"
+        "m = create_model('tiny-vit')\n"
+        "save_checkpoint(m, sys.argv[1] + '/model.safetensors', metadata={f'k{i}': 'v' for i in range(8)})\n"
+        "opt = create_optimizer(m, lr=1e-3, weight_decay=0.1)\n"
+        "ckpt.save_training_state(sys.argv[1], 3, m, opt, None, None, extra={'a': 1})\n")
+    digests = []
+    for i in range(3):
+        out = tmp_path / f"p{i}"
+        out.mkdir()
+        subprocess.run([sys.executable, "-c", code, str(out)], check=True,
+                       env={**os.environ, "PYTHONHASHSEED": str(i), "OMP_NUM_THREADS": "1"})
+        files = [out / "model.safetensors", out / ckpt.CKPT_DIR / "step_00000003.safetensors"]
+        digests.append([hashlib.sha256(f.read_bytes()).hexdigest() for f in files])
+    assert digests[0] == digests[1] == digests[2]
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "p0" / "model.safetensors"), "pt") as f:
+        assert f.metadata()["k7"] == "v" and "fastclip_config" in f.metadata()
+    m = create_model("tiny-vit")
+    opt = create_optimizer(m, lr=1e-3, weight_decay=0.1)
+    state = ckpt.load_training_state(str(tmp_path / "p0" / ckpt.CKPT_DIR / "step_00000003.safetensors"), m, opt,
+                                     None, None)
+    assert state["step"] == 3

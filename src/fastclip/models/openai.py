@@ -433,9 +433,7 @@ def save_checkpoint(model: CLIP, path: Union[str, os.PathLike], metadata: Option
     model = unwrap_model(model)
     if not isinstance(getattr(model, "config", None), CLIPConfig):
         raise ValueError("model must be a fastclip CLIP with a CLIPConfig in .config")
-    from safetensors.torch import save_file
-
-    from .._fileio import atomic_write
+    from .._fileio import atomic_write, save_safetensors
     meta = {"format": "pt", "fastclip_config": json.dumps(model.config.to_dict())}
     extra = dict(metadata or {})
     # The file's own keys: a caller's "fastclip_config" or "format" replaced them and wrote a
@@ -454,7 +452,7 @@ def save_checkpoint(model: CLIP, path: Union[str, os.PathLike], metadata: Option
                          f"{f' and {len(meta_dev) - 1} more' if len(meta_dev) > 1 else ''}): "
                          f"materialise it (to_empty and init_weights, or load weights) first")
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(os.fspath(path), lambda tmp: save_file(tensors, tmp, metadata=meta), suffix=".safetensors")
+    atomic_write(os.fspath(path), lambda tmp: save_safetensors(tensors, tmp, meta), suffix=".safetensors")
 
 
 def _metadata(path: str) -> Dict[str, str]:

@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .._fileio import TRAINING_FORMAT, atomic_write, checkpoint_file_problem
+from .._fileio import TRAINING_FORMAT, atomic_write, checkpoint_file_problem, save_safetensors
 
 CKPT_DIR = "checkpoints"
 FORMAT = TRAINING_FORMAT
@@ -149,8 +149,6 @@ def save_training_state(output_dir: str, step: int, model: torch.nn.Module, opti
     newest ``keep`` (older ones are removed after the new one is in place; 0 keeps all).
     ``extra``: JSON-able fields the trainer wants back (returned by ``load_training_state``).
     Returns the path."""
-    from safetensors.torch import save_file
-
     from ..models.openai import unwrap_model
     # The model inside a torch.compile or DDP wrapper: its keys carry no "_orig_mod."/"module."
     # prefix, so a plain model loads it (and a wrapped one, see load_training_state). A loop
@@ -165,7 +163,7 @@ def save_training_state(output_dir: str, step: int, model: torch.nn.Module, opti
     path = checkpoint_path(output_dir, step)
     from safetensors import SafetensorError
     try:
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), suffix=".safetensors")
+        atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, meta), suffix=".safetensors")
     except (OSError, SafetensorError) as e:     # a full disk, a checkpoints path that is a file
         raise CheckpointError(f"cannot write the checkpoint {path}: {e}") from None
     if keep > 0:
@@ -426,7 +424,6 @@ def convert_legacy_checkpoint(path: str, out: Optional[str] = None) -> str:
     path. The old file is read with ``torch.load(weights_only=True)``, which builds tensors and
     plain containers only, with exactly the numpy types of the numpy RNG state allowed: a file
     that holds anything else fails to load instead of running code."""
-    from safetensors.torch import save_file
     core = getattr(np, "_core", None) or np.core
     allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
     try:
@@ -447,5 +444,5 @@ def convert_legacy_checkpoint(path: str, out: Optional[str] = None) -> str:
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "state": json.dumps(encoded)}
     if out is None:
         out = re.sub(r"\.pt$", "", path) + ".safetensors"
-    atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=meta), suffix=".safetensors")
+    atomic_write(out, lambda tmp: save_safetensors(tensors, tmp, meta), suffix=".safetensors")
     return out
