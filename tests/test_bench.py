@@ -56,6 +56,7 @@ def test_cpu_run_in_process_writes_csv_md_png(tmp_path, capsys):
     for r in rows:
         assert r["loss"] == "clip" and r["device"] == "cpu" and r["device_name"]
         assert r["torch"] and r["fastclip"] and r["commit"]
+        assert r["cpu"] == env.cpu_detail()      # ("" where /proc/cpuinfo says nothing)
         assert r["D"] == "24" and r["dtype"] == "fp32"
         if r["status"] != "ok":      # only a backend that is not built may be missing
             assert r["status"].startswith("skipped: backend unavailable"), r
@@ -195,6 +196,7 @@ def test_overhead_mode_writes_its_own_table(tmp_path, capsys):
     assert float(_one(rows, "naive", 40)["x_naive_fwd_bwd"]) == 1
     md = open(str(csvs[0])[:-4] + ".md").read()
     assert "per-call overhead" in md and "| 40 | auto |" in md
+    assert ("- processor: " in md) == bool(env.cpu_detail())
     assert "fwd+bwd us" in capsys.readouterr().out
 
 
@@ -467,6 +469,8 @@ def test_processor_is_a_column_and_the_header_names_every_one_of_the_rows(tmp_pa
         "- processor (each row's in the CSV's `cpu` column): family 26 model 2, AVX-512 (BF16); "
         "not recorded; family 25 model 17, AVX-512."]
     assert report.processor_notes(rows, info, "cuda", 99) == []
+    assert report.processor_notes([], info, "cpu", 1) == [f"- processor: {info['cpu']}."]
+    assert report.processor_notes(rows[2:], info, "cpu", 1) == ["- processor: family 25 model 17, AVX-512."]
     old = tmp_path / "old.csv"
     old.write_text("device,method,N\ncpu,floor,8\n")
     assert report.read_csv(str(old))[0]["cpu"] == ""

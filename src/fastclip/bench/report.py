@@ -152,9 +152,10 @@ def processor_notes(rows: list[dict], info: dict, device: str, threads: int | No
     if device != "cpu":
         return []
     lines = []
-    cpus = dict.fromkeys([info.get("cpu", "")] + [r.get("cpu", "") for r in rows])
-    if len(cpus) == 1 and info.get("cpu"):
-        lines.append(f"- processor: {info['cpu']}.")
+    # The rows' own (this run's where it wrote none: all skipped, or stopped before the first)
+    cpus = dict.fromkeys([r.get("cpu", "") for r in rows] or [info.get("cpu", "")])
+    if len(cpus) == 1 and next(iter(cpus)):
+        lines.append(f"- processor: {next(iter(cpus))}.")
     elif len(cpus) > 1:
         lines.append("- processor (each row's in the CSV's `cpu` column): "
                      + "; ".join(c or "not recorded" for c in cpus) + ".")

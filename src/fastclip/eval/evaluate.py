@@ -323,7 +323,8 @@ def probe_metrics(train_features: torch.Tensor, train_labels: torch.Tensor, test
     fit on the training features ``[N, D]`` with labels ``[N]`` (the inverse regularisation C
     chosen on a held-out 20%, drawn with ``seed``, then refit on all of them), scored on the
     test features. Fitted with autocast off, whatever the caller's context (a bf16 fit lands
-    at chance), in float64 on the CPU (where these features are) as ``linear_probe`` does.
+    at chance), in float64 when the features are on the CPU (as ``encode_images`` returns
+    them), float32 on a GPU, as ``linear_probe`` does.
     Returns ``probe/top1``, ``probe/C``, ``probe/val_top1`` and ``probe/n_train``,
     ``probe/n_test``."""
     from ._checks import as_features

@@ -51,7 +51,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, m
     num_classes = int_at_least(num_classes, "num_classes")
     if x.dim() != 2 or x.shape[0] == 0 or y.shape != (x.shape[0],):
         raise ValueError(f"x must be [N, D] with N >= 1 and y [N], got {tuple(x.shape)} and {tuple(y.shape)}")
-    if y.numel() and not 0 <= int(y.min()) <= int(y.max()) < num_classes:
+    if not 0 <= int(y.min()) <= int(y.max()) < num_classes:
         raise ValueError(f"y must hold class indices in [0, num_classes={num_classes}), got values from "
                          f"{int(y.min())} to {int(y.max())}")
     if not bool(torch.isfinite(x).all()):
