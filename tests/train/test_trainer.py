@@ -173,6 +173,15 @@ def test_a_time_budget_run_resumes_on_its_shortened_schedule():
                          resume_notes=[])
     keep_budget_schedule(t2, {"total_steps": 130, "warmup_steps": 100})
     assert t2.total_steps == 2000          # without a budget the command's --steps decide
+    # A resume that asks for another length follows it: --steps 200 cut to 130 by the budget,
+    # resumed with --steps 400, trains toward 400 (the budget still applies).
+    t3 = SimpleNamespace(cfg=SimpleNamespace(time_budget=60.0, steps=400, epochs=1), start_step=80,
+                         total_steps=400, warmup_steps=40, resume_notes=[])
+    same = {"total_steps": 130, "warmup_steps": 20, "config": {"steps": 400, "epochs": 1}}
+    keep_budget_schedule(t3, {**same, "config": {"steps": 200, "epochs": 1}})
+    assert (t3.total_steps, t3.warmup_steps) == (400, 40) and not t3.resume_notes
+    keep_budget_schedule(t3, same)           # the same --steps: the shortened schedule is kept
+    assert (t3.total_steps, t3.warmup_steps) == (130, 20)
 
 
 def test_a_time_budget_is_estimated_early_in_a_long_run(tmp_path, monkeypatch):

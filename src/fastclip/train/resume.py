@@ -226,8 +226,15 @@ def note_finished_run(t) -> None:
 def keep_budget_schedule(t, extra: Dict[str, Any]) -> None:
     """With --time-budget, the shortened schedule the checkpoint was trained on (its length
     and warmup): rebuilt from --steps, a resumed run's learning rate jumped back up to
-    near its peak until the budget cut it again."""
+    near its peak until the budget cut it again. Only for the length the checkpoint's run
+    asked for: a resume with another --steps (or --epochs) follows it, the budget still
+    applying (a larger --steps was ignored for the checkpoint's 200, and the closing advice
+    said to pass a larger --steps)."""
     total, warm = extra.get("total_steps"), extra.get("warmup_steps")
+    old = extra.get("config")
+    if isinstance(old, dict) and (old.get("steps"), old.get("epochs")) != (
+            getattr(t.cfg, "steps", None), getattr(t.cfg, "epochs", None)):
+        return
     if (t.cfg.time_budget and isinstance(total, int) and isinstance(warm, int)
             and t.start_step <= total < t.total_steps):
         t.total_steps, t.warmup_steps = total, min(t.warmup_steps, warm)
