@@ -106,7 +106,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val-num-samples", type=_positive_int, default=None, help="cap on validation samples (10k)")
     g.add_argument("--zeroshot-data", default=None, help="folder of class-named image folders")
     g.add_argument("--zeroshot-classes", default=None,
-                   help="class names: comma-separated or a file with one per line (default: folder names)")
+                   help="class names: comma-separated or a file with one per line, one per class "
+                        "folder in sorted order (Python's: capitals first); the folders' own names "
+                        "in any order are matched by name (default: folder names)")
     g.add_argument("--zeroshot-templates", choices=["imagenet", "cifar", "simple"], default=d.zeroshot_templates)
     g.add_argument("--workers", type=_nonneg_int, default=d.workers, help="DataLoader worker processes")
     g = p.add_argument_group("model and optimisation")

@@ -764,3 +764,22 @@ def test_model_overrides_set_what_no_weight_records(siglip_run, capsys, tmp_path
             (["--model-overrides", '{"quick_gelu": false}'], "quick_gelu=False (the file's: True) contradicts")):
         code, _, err = _eval(capsys, siglip_run, *args)
         assert code == 2 and needle in err and "Traceback" not in err, (args, err)
+
+
+def test_class_names_that_are_the_folders_own_in_another_order_are_matched_by_name(tmp_path):
+    """--zeroshot-classes yellow,red,green,blue over folders blue/green/red/yellow named each
+    folder by another's name (class k is the k-th folder in sorted order): every class scored
+    0% with nothing said. The folders' own names, in any order, now name their own folders."""
+    from fastclip.datasets.folder import scan_class_folders
+    root = tmp_path / "zs"
+    for d in ("blue", "golden_retriever", "green", "Red"):      # (sorted: capitals first)
+        (root / d).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / d / "a.png")
+    assert scan_class_folders(str(root)).folders == ["Red", "blue", "golden_retriever", "green"]
+    got = scan_class_folders(str(root), ["green", "golden retriever", "blue", "Red"]).classnames
+    assert got == ["Red", "blue", "golden retriever", "green"]
+    # other names are positional, as documented: one per folder in sorted order
+    assert scan_class_folders(str(root), ["a", "b", "c", "d"]).classnames == ["a", "b", "c", "d"]
+    # a list that is not a permutation of the folders' names (a repeat, a stranger) stays positional
+    assert scan_class_folders(str(root), ["green", "green x", "blue", "Red"]).classnames == \
+        ["green", "green x", "blue", "Red"]

@@ -120,8 +120,10 @@ def _images_below(folder: str) -> List[str]:
 def scan_class_folders(root: str, classnames: Optional[Sequence[str]] = None,
                        what: Optional[str] = None, distinct_names: bool = True) -> ClassFolders:
     """The classes and images of ``root/<class>/``: class ``k`` is the k-th folder in sorted
-    order, named by ``classnames[k]`` when given, else by its folder name with underscores as
-    spaces; its images are every image file at any depth below its folder.
+    order (Python's: by code point, capitals first), named by ``classnames[k]`` when given, else
+    by its folder name with underscores as spaces; its images are every image file at any depth
+    below its folder. ``classnames`` that are the folders' own names (or those with spaces for
+    underscores) in another order are matched to their folders by name.
 
     Raises DataError, naming ``what`` (default: the root's path), when ``root`` has fewer than
     two class folders, when ``classnames`` does not name each of them, or when a class folder holds no
@@ -144,6 +146,16 @@ def scan_class_folders(root: str, classnames: Optional[Sequence[str]] = None,
                         f"a linear probe need at least 2 classes")
     if classnames is not None and len(classnames) != len(folders):
         raise DataError(f"{len(classnames)} class names given for the {len(folders)} class folders of {what}")
+    if classnames is not None and classnames != folders:
+        # The folders' own names in another order (`ls` order, a hand-typed list) named every
+        # folder by another's name: each class scored 0% with nothing said. Matched by name.
+        by_name = {}
+        for d in folders:
+            by_name.setdefault(d, d)
+            by_name.setdefault(d.replace("_", " "), d)
+        if sorted(by_name.get(c, "") for c in classnames) == folders:
+            given = {by_name[c]: c for c in classnames}
+            classnames = [given[d] for d in folders]
     samples, empty = [], []
     for k, d in enumerate(folders):
         images = _images_below(os.path.join(root, d))
