@@ -472,3 +472,18 @@ def test_train_leaves_the_callers_config_and_context_alone(tmp_path, monkeypatch
         load_checkpoint(os.path.join(first["output"], "checkpoints", "step_00000001.safetensors"))
     from fastclip.train import checkpoint
     assert checkpoint.FORMAT == "fastclip-training-state"      # the name load_checkpoint looks for
+
+
+def test_a_diverged_run_says_so_once(tmp_path, capsys):
+    """A run at lr 1e9 logged a nan loss from step 2 on and ended "done" with exit 0 and not a
+    word: the first logged non-finite loss is now a warning (once), and the run still ends."""
+    torch.set_num_threads(1)
+    out = str(tmp_path / "run")
+    cfg = TrainConfig(model="tiny-vit", output=out, steps=6, batch_size=8, lr=1e9, warmup=1, log_every=1,
+                      eval_every=1000, demo_train_samples=32, demo_eval_samples=16, progress="none", plot=False)
+    train(cfg)
+    text = capsys.readouterr().out
+    import re
+    assert len(re.findall(r"warning: the loss is -?(nan|inf) at step \d+ .*has diverged", text)) == 1
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert max(r["step"] for r in rows if r["type"] == "train") == 6

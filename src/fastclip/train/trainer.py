@@ -460,6 +460,7 @@ class Trainer:
         t_window, n_window, paused = time.time(), 0, 0.0
         last_eval: Dict[str, float] = {}
         last_ips = 0.0
+        diverged = False        # warned once that the loss is not finite
         if cfg.eval_at_start and self.start_step == 0 and env.is_main and self._has_eval():
             t_pause = time.time()
             last_eval = self.evaluate(0)
@@ -501,6 +502,12 @@ class Trainer:
                     for h in self.hooks:
                         h.after_log(self, step, row["elapsed_s"], progress)
                     row["total_steps"] = self.total_steps
+                    if not math.isfinite(row["loss"]) and not diverged and env.is_main:
+                        # (a run at --lr 1e9 logged nan from step 2 and ended "done", exit 0, silent)
+                        diverged = True
+                        self.log(f"warning: the loss is {row['loss']} at step {step} (lr {lr:.3g}): the run "
+                                 f"has diverged (it trains on to the end); a lower --lr, --grad-clip-norm or "
+                                 f"another --precision may avoid it")
                     record(row)
                     last_ips = row["images_per_s"]
                     progress.update(step, loss=row["loss"], scale=row["scale"], bias=row.get("bias"),
