@@ -487,3 +487,22 @@ def test_a_diverged_run_says_so_once(tmp_path, capsys):
     assert len(re.findall(r"warning: the loss is -?(nan|inf) at step \d+ .*has diverged", text)) == 1
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert max(r["step"] for r in rows if r["type"] == "train") == 6
+
+
+def test_a_resume_without_the_runs_save_every_says_it_writes_no_checkpoint():
+    """A requeued job that dropped --save-every 50 trained 450 steps without a checkpoint and
+    said nothing, while other changed settings were noted."""
+    from types import SimpleNamespace
+
+    from fastclip.train.resume import note_changed_data
+    cfg = SimpleNamespace(batch_size=8, seed=0, train_data="a.csv", dataset_type="auto", workers=0,
+                          save_every=None)
+    t = SimpleNamespace(cfg=cfg, env=SimpleNamespace(world_size=1), data_position=4, resume_notes=[],
+                        data_type="csv")
+    saved = dict(batch_size=8, seed=0, train_data="a.csv", dataset_type="auto", workers=0, save_every=50)
+    note_changed_data(t, saved, {"global_batch": 8, "world_size": 1})
+    assert t.resume_notes == ["the checkpoint's run saved every 50 steps; this one writes no checkpoint "
+                              "(no --save-every): an interruption loses what it trains"]
+    cfg.save_every, t.resume_notes = 100, []     # another interval is the user's choice: no note
+    note_changed_data(t, saved, {"global_batch": 8, "world_size": 1})
+    assert t.resume_notes == []

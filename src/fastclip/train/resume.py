@@ -203,6 +203,11 @@ def note_changed_data(t, saved: Dict[str, Any], extra: Dict[str, Any]) -> None:
     if other:
         t.resume_notes.append("resumed with other training settings than the checkpoint's: " + "; ".join(other)
                               + "; the run continues, not exactly as an uninterrupted one")
+    # A requeued job that dropped --save-every trained on without a checkpoint, unannounced.
+    every = saved.get("save_every")
+    if isinstance(every, int) and not isinstance(every, bool) and every > 0 and not getattr(t.cfg, "save_every", None):
+        t.resume_notes.append(f"the checkpoint's run saved every {every} steps; this one writes no "
+                              f"checkpoint (no --save-every): an interruption loses what it trains")
 
 
 def note_finished_run(t) -> None:
