@@ -1,4 +1,5 @@
 """A short CPU training run: the loss decreases, outputs are written; optimizer groups and schedule."""
+import dataclasses
 import json
 import math
 import os
@@ -506,3 +507,21 @@ def test_a_resume_without_the_runs_save_every_says_it_writes_no_checkpoint():
     cfg.save_every, t.resume_notes = 100, []     # another interval is the user's choice: no note
     note_changed_data(t, saved, {"global_batch": 8, "world_size": 1})
     assert t.resume_notes == []
+
+
+def test_notes_for_a_save_every_past_the_run_and_grad_checkpointing_on_a_resnet(tmp_path, capsys):
+    """--steps 3 --save-every 10 wrote no checkpoint and --grad-checkpointing on a ResNet
+    recomputed only the text tower, neither with a word."""
+    torch.set_num_threads(1)
+    cfg = TrainConfig(model="tiny-rn", output=str(tmp_path / "r"), steps=3, batch_size=8, lr=1e-3, warmup=1,
+                      save_every=10, grad_checkpointing=True, eval_every=1000, demo_train_samples=16,
+                      demo_eval_samples=8, progress="none", plot=False)
+    train(cfg)
+    out = capsys.readouterr().out
+    assert "note: --save-every 10 reaches no step before the run's last (3): no checkpoint is written" in out
+    assert "the ResNet image tower keeps its activations" in out
+    assert not os.path.isdir(os.path.join(cfg.output, "checkpoints")) or not os.listdir(
+        os.path.join(cfg.output, "checkpoints"))
+    train(dataclasses.replace(cfg, model="tiny-vit", output=str(tmp_path / "v"), save_every=2))
+    out = capsys.readouterr().out
+    assert "--save-every" not in out and "keeps its activations" not in out

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from .._fileio import atomic_write, strict_json
+from ..models.vit import VisionTransformer
 from . import checkpoint as ckpt
 from .config import PRECISIONS, TrainConfig, plain_fields, validate_config
 from .data import (
@@ -379,6 +380,14 @@ class Trainer:
             msg += (f"\n  note: --warmup {cfg.warmup} is not shorter than the run: the warmup is cut to its "
                     f"{self.total_steps} steps, the learning rate rises to its peak at the last step and "
                     f"never decays (a smaller --warmup leaves room for the cosine decay)")
+        if cfg.save_every and self.start_step + cfg.save_every >= self.total_steps:
+            # (checkpoints are for resuming: none is written at the last step, whose model is
+            # model.safetensors; --steps 3 --save-every 10 wrote none, unannounced)
+            msg += (f"\n  note: --save-every {cfg.save_every} reaches no step before the run's last "
+                    f"({self.total_steps}): no checkpoint is written")
+        if cfg.grad_checkpointing and not isinstance(self.model.visual, VisionTransformer):
+            msg += ("\n  note: --grad-checkpointing recomputes transformer blocks: the text tower's here; "
+                    "the ResNet image tower keeps its activations")
         self.log(msg)
         # cwd: what the relative paths of "train" are relative to (fastclip eval reads them).
         text = json.dumps({"train": dataclasses.asdict(cfg), "model": self.model.config.to_dict(),
