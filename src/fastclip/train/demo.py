@@ -145,7 +145,8 @@ class TimeBudget(StepHook):
             # big cuts only, and again when the estimate has moved by more than 5%
             moved = self.announced is None or abs(new_total - self.announced) > 0.05 * self.announced
             if trainer.env.is_main and new_total < 0.95 * planned and moved:
-                progress.message(f"time budget {self.budget:.0f} s at {per_step:.2f} s/step: training about "
+                secs = f"{self.budget:.0f}" if self.budget >= 10 else f"{self.budget:.2g}"   # (0.5 read "0")
+                progress.message(f"time budget {secs} s at {per_step:.2f} s/step: training about "
                                  f"{new_total} steps instead of {planned}, {warm} of them warmup "
                                  f"(re-estimated as the run goes)")
                 self.announced = new_total
