@@ -869,3 +869,20 @@ def test_an_epoch_says_how_many_rows_it_leaves_out(tmp_path, capsys):
     assert "each epoch trains 2 full batches of 4: 3 of the 11 rows (other ones each epoch" in capsys.readouterr().out
     train(TrainConfig(steps=2, output=str(tmp_path / "b"), **base))        # a step count: no epochs to speak of
     assert "full batches" not in capsys.readouterr().out
+
+
+def test_a_demo_batch_that_does_not_divide_its_blocks_is_noted():
+    """The demo's batches are consecutive indices, blocks of 88 distinct (colour, shape) pairs:
+    --batch-size 100 (or 2 ranks x 50) mixed two blocks, a pair twice in a batch, without a word."""
+    from types import SimpleNamespace
+
+    from fastclip.train import TrainConfig
+    from fastclip.train.data import build_train_data
+    model = SimpleNamespace(image_size=32, context_length=16)
+    for batch, world, design, noted in ((100, 1, "distinct", True), (50, 2, "distinct", True),
+                                        (88, 1, "distinct", False), (22, 2, "distinct", False),
+                                        (100, 1, "iid", False)):
+        cfg = TrainConfig(batch_size=batch, demo_design=design, demo_train_samples=400)
+        notes = build_train_data(cfg, "shapes", model, SimpleNamespace(world_size=world)).notes
+        assert any(f"a global batch of {batch * world} does not divide the demo's blocks of 88" in n
+                   for n in notes) == noted, (batch, world, design, notes)

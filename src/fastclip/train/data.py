@@ -180,8 +180,15 @@ def build_train_data(cfg: TrainConfig, data_type: str, model, env: DistEnv) -> T
             data.notes.append(note)
         return data
     if data_type == "shapes":
+        from ..datasets.shapes import BLOCK
         from .demo import shapes_train_data
         data = shapes_train_data(cfg, model)
+        if cfg.demo_design == "distinct" and BLOCK % global_batch:
+            # A global batch is consecutive indices: inside one block of BLOCK distinct pairs
+            # only where it divides BLOCK (--batch-size 100 was taken without a word).
+            data.notes.append(f"a global batch of {global_batch} does not divide the demo's blocks of {BLOCK} "
+                              f"distinct (colour, shape) pairs: some batches hold a pair twice, captions "
+                              f"the loss takes for negatives (batch {BLOCK}, or a divisor of it, holds none)")
     elif data_type == "csv":
         ds = _csv_dataset("--train-data", cfg.train_data, cfg, image_transform_for(model, True), model.context_length)
         data = TrainData(ds, True, True, None, f"CSV {cfg.train_data} ({len(ds)} rows)", ds.notes())
