@@ -22,6 +22,11 @@ from typing import Iterator, List, Optional
 from ._machine import MAX_THREADS, backend_problem, device_problem
 from .train.config import LOSSES, PRECISIONS, TrainConfig
 
+# --zeroshot-classes of `fastclip train` and `fastclip eval` (datasets/folder.py matches them)
+ZEROSHOT_CLASSES_HELP = ("class names: comma-separated or a file with one per line, one per class folder in "
+                         "sorted order (Python's: capitals first); the folders' own names in any order are "
+                         "matched by name (default: folder names)")
+
 _DEFAULTS = TrainConfig()
 # The demo evaluates before the first step and every DEMO_EVAL_EVERY steps (11 points on its
 # curves, ~0.25 s each on 2 cores).
@@ -106,9 +111,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val-num-samples", type=_positive_int, default=None, help="cap on validation samples (10k)")
     g.add_argument("--zeroshot-data", default=None, help="folder of class-named image folders")
     g.add_argument("--zeroshot-classes", default=None,
-                   help="class names: comma-separated or a file with one per line, one per class "
-                        "folder in sorted order (Python's: capitals first); the folders' own names "
-                        "in any order are matched by name (default: folder names)")
+                   help=ZEROSHOT_CLASSES_HELP)
     g.add_argument("--zeroshot-templates", choices=["imagenet", "cifar", "simple"], default=d.zeroshot_templates)
     g.add_argument("--workers", type=_nonneg_int, default=d.workers, help="DataLoader worker processes")
     g = p.add_argument_group("model and optimisation")

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, NamedTuple, Optional
 
 from ..cli import (
     _CSV_ONLY,
+    ZEROSHOT_CLASSES_HELP,
     PipeSafeLog,
     _flag,
     _json_dict,
@@ -47,9 +48,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data (none given: a fastclip train run's own evaluation data, else --shapes)")
     g.add_argument("--zeroshot-data", default=None, help="zero-shot: folder of class-named image folders")
     g.add_argument("--zeroshot-classes", default=None,
-                   help="class names: comma-separated or a file with one per line, one per class "
-                        "folder in sorted order (Python's: capitals first); the folders' own names "
-                        "in any order are matched by name (default: folder names)")
+                   help=ZEROSHOT_CLASSES_HELP)
     g.add_argument("--zeroshot-templates", choices=["imagenet", "cifar", "simple"], default=None,
                    help=f"prompt templates (default: the run's, else {_D.zeroshot_templates})")
     g.add_argument("--val-data", default=None, help="CSV/TSV or webdataset shards: val loss + retrieval recall")
