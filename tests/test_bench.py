@@ -401,7 +401,8 @@ def test_ratios_pair_rows_of_one_problem_and_thread_count():
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--sizes", ","], "--sizes: expected a comma-separated list"),
+    (["--sizes", ","], "argument --sizes: expected values, comma- or space-separated, got ','"),
+    (["--sizes", "64", "x"], "argument --sizes: not a size: 'x' (expected e.g. 4096, 64k, 1m)"),
     (["--methods", "cuda,inf-cl"], "none of them runs on --device cpu"),
     (["--overhead", "--append"], "--append merges into the sweep's table"),
     (["--append", "--overwrite"], "--append merges into the earlier files, --overwrite replaces them"),
@@ -421,6 +422,28 @@ def test_bad_benchmark_arguments_are_one_line_errors(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:
         bench.parse_args(argv)
     assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_list_flags_take_commas_spaces_or_both_in_every_benchmark(capsys):
+    """The loss benchmark took only `--sizes 256,512`, the distributed one only
+    `--sizes 256 512`: each refused the other's form."""
+    from fastclip.bench import distributed
+    for argv in (["--sizes", "1k,2048"], ["--sizes", "1k", "2048"], ["--sizes", "1k,", "2048,1k"]):
+        assert bench.parse_args(argv + ["--device", "cpu"])[0].sizes == [1024, 2048]
+        assert distributed.build_parser().parse_args(argv).sizes == [1024, 2048]
+    cfg, _ = bench.parse_args(["--methods", "floor", "cpu,naive", "--dtypes", "fp32,bf16",
+                               "--dims", "8", "16"])
+    assert (cfg.methods, cfg.dtypes, cfg.dims) == (["floor", "cpu", "naive"], ["fp32", "bf16"], [8, 16])
+    args = distributed.build_parser().parse_args(["--worlds", "2,4", "--impls", "ring", "gather,ring",
+                                                  "--dtypes", "fp32"])
+    assert (args.worlds, args.impls, args.dtypes) == ([2, 4], ["ring", "gather"], ["fp32"])
+    with pytest.raises(SystemExit):
+        distributed.build_parser().parse_args(["--impls", "ring,allgather"])
+    assert ("argument --impls: invalid choice: 'allgather' (choose from gather, ring, openclip)"
+            in capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        distributed.build_parser().parse_args(["--worlds", "2,two"])
+    assert "argument --worlds: invalid value: 'two'" in capsys.readouterr().err
 
 
 def test_threads_default_to_every_core_and_take_a_count():

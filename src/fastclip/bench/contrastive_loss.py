@@ -57,6 +57,7 @@ from .report import (
     CSV_FIELDS,
     OVERHEAD_FIELDS,
     BenchError,
+    ListArg,
     add_out_args,
     check_out_dir,
     check_replace,
@@ -66,6 +67,7 @@ from .report import (
     num,
     output_prefix,
     overhead_table,
+    parse_size,
     processor_notes,
     read_csv,
     read_table,
@@ -133,23 +135,6 @@ class Config:
         return M.get_loss(self.loss)
 
 
-def _parse_size(tok: str) -> int:
-    tok = tok.strip().lower()
-    mult = 1
-    if tok.endswith("k"):
-        tok, mult = tok[:-1], 1024
-    elif tok.endswith("m"):
-        tok, mult = tok[:-1], 1 << 20
-    try:
-        v = int(tok) * mult
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"not a size: {tok!r} (expected e.g. 4096, 64k, 1m)") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"values must be >= 1, got {v}")
-    return v
-
-
 def _positive_int(s: str) -> int:
     """--threads: a count, as ``fastclip train --threads`` takes it (0 and negatives are
     refused there too, so the two commands read the same value the same way), at most
@@ -165,20 +150,6 @@ def _positive_int(s: str) -> int:
     return v
 
 
-def _int_list(s: str) -> list[int]:
-    out = list(dict.fromkeys(_parse_size(t) for t in s.split(",") if t.strip()))
-    if not out:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of values, got {s!r}")
-    return out
-
-
-def _str_list(s: str) -> list[str]:
-    out = list(dict.fromkeys(t.strip() for t in s.split(",") if t.strip()))
-    if not out:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of names, got {s!r}")
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fastclip bench",
@@ -190,16 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=list(M.LOSSES), default="clip",
                    help="which loss (default clip)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--sizes", type=_int_list, default=None,
-                   help="batch sizes N, comma-separated (64k = 65536). Default: CPU "
+    p.add_argument("--sizes", action=ListArg, convert=parse_size, default=None,
+                   help="batch sizes N, comma- or space-separated (64k = 65536). Default: CPU "
                         f"{','.join(map(str, CPU_SIZES))}; CUDA {','.join(map(str, GPU_SIZES))}; "
                         f"--overhead {','.join(map(str, OVERHEAD_SIZES))}")
-    p.add_argument("--dims", type=_int_list, default=None,
+    p.add_argument("--dims", action=ListArg, convert=parse_size, default=None,
                    help="feature sizes D (default: CPU 512; CUDA 512,768,1024; --overhead 512)")
-    p.add_argument("--dtypes", type=_str_list, default=None,
+    p.add_argument("--dtypes", action=ListArg, default=None,
                    help=f"any of {','.join(DTYPES)} (default: CPU fp32; CUDA bf16,fp16,fp32; "
                         "--overhead fp32)")
-    p.add_argument("--methods", type=_str_list, default=None,
+    p.add_argument("--methods", action=ListArg, default=None,
                    help="subset of the methods: floor, naive, the fastclip backends, the "
                         "loss's peers (default: all that exist here)")
     p.add_argument("--quick", action="store_true",

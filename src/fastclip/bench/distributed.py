@@ -56,11 +56,13 @@ from .measure import (
 )
 from .report import (
     BenchError,
+    ListArg,
     add_out_args,
     check_out_dir,
     check_replace,
     default_out_dir,
     derive_overhead,
+    parse_size,
     write_csv,
     write_overhead_markdown,
     write_text,
@@ -512,20 +514,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=[n for n, s in M.LOSSES.items() if s.distributed],
                    default="clip")
     p.add_argument("--mode", choices=("cpu", "overhead", "w1"), default="cpu")
-    p.add_argument("--worlds", type=int, nargs="+", default=None,
-                   help="world sizes (default: cpu 2 4; overhead 2)")
+    p.add_argument("--worlds", action=ListArg, convert=int, default=None,
+                   help="world sizes, comma- or space-separated (default: cpu 2 4; overhead 2)")
     p.add_argument("--max-world", type=int, default=None,
                    help="cpu and overhead modes: refuse a world size above this (default "
                         f"{RANKS_PER_CORE} ranks per core this process may use, here "
                         f"{default_max_world()}); every rank is a spawned process")
-    p.add_argument("--sizes", type=int, nargs="+", default=None,
-                   help="global batch sizes N (default: cpu 2048 8192 16384; overhead 32 256 "
+    p.add_argument("--sizes", action=ListArg, convert=parse_size, default=None,
+                   help="global batch sizes N, comma- or space-separated, 64k = 65536 (default: cpu 2048 8192 16384; overhead 32 256 "
                         "1024; w1 16384 65536)")
     p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--impls", action=ListArg, allowed=list(IMPLS), default=list(IMPLS))
     p.add_argument("--backend", default="auto",
                    help="fastclip backend of the fused blocks (default auto)")
-    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES),
+    p.add_argument("--dtypes", action=ListArg, allowed=sorted(DTYPES), default=["bf16", "fp32"],
                    help="w1 mode only (the other modes run fp32)")
     p.add_argument("--device", default="cuda", help="w1 mode: cuda (default) or cpu")
     p.add_argument("--reps", type=int, default=5, help="w1 mode: timed repetitions")

@@ -6,6 +6,7 @@ measurement, so an interrupted run keeps what it measured and never leaves half 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import os
@@ -14,7 +15,7 @@ from .env import gb, slug, threads_warning
 from .methods import ALL_IN_FORWARD, FLOOR, NAIVE, fwd_bwd_flop, fwd_flop, get_loss
 
 __all__ = ["CSV_FIELDS", "OVERHEAD_FIELDS", "BenchError", "default_out_dir", "output_prefix", "write_csv",
-           "check_replace", "add_out_args",
+           "check_replace", "add_out_args", "ListArg", "parse_size",
            "read_csv", "read_table", "write_text", "check_out_dir", "derive", "derive_overhead", "write_markdown",
            "write_overhead_markdown", "processor_notes", "summary_table", "overhead_table", "num",
            "table_problem", "table_names"]
@@ -40,6 +41,58 @@ def default_out_dir() -> str:
 class BenchError(Exception):
     """A problem a benchmark finds before measuring (the device, the output files): its
     ``main`` prints it as one line, ``fastclip bench: error: ...``, and exits with status 2."""
+
+
+def parse_size(tok: str) -> int:
+    """A size as the benchmarks take it: 4096, 64k (65536) or 1m (1048576); at least 1."""
+    tok = tok.strip().lower()
+    mult = 1
+    if tok.endswith("k"):
+        tok, mult = tok[:-1], 1024
+    elif tok.endswith("m"):
+        tok, mult = tok[:-1], 1 << 20
+    try:
+        v = int(tok) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a size: {tok!r} (expected e.g. 4096, 64k, 1m)") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"values must be >= 1, got {v}")
+    return v
+
+
+class ListArg(argparse.Action):
+    """A list flag that takes its values comma-separated, space-separated or both
+    (``--sizes 256,512``, ``--sizes 256 512``), every benchmark alike: the loss benchmark
+    took only the first form and the distributed one only the second, each refusing the
+    other's. ``convert`` turns one value (an ``argparse.ArgumentTypeError`` or ``ValueError``
+    refuses it), ``allowed`` lists the accepted values; repeats are dropped, order kept."""
+
+    def __init__(self, option_strings, dest, convert=str, allowed=None, **kw):
+        kw.setdefault("nargs", "+")
+        if allowed is not None:
+            kw.setdefault("metavar", "{" + ",".join(allowed) + "}")
+        super().__init__(option_strings, dest, **kw)
+        self.convert, self.allowed = convert, allowed
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        out = []
+        for tok in (t.strip() for v in values for t in v.split(",")):
+            if not tok:
+                continue
+            if self.allowed is not None and tok not in self.allowed:
+                parser.error(f"argument {option_string}: invalid choice: {tok!r} (choose from "
+                             f"{', '.join(self.allowed)})")
+            try:
+                out.append(self.convert(tok))
+            except argparse.ArgumentTypeError as e:
+                parser.error(f"argument {option_string}: {e}")
+            except ValueError:
+                parser.error(f"argument {option_string}: invalid value: {tok!r}")
+        if not out:
+            parser.error(f"argument {option_string}: expected values, comma- or "
+                         f"space-separated, got {' '.join(values)!r}")
+        setattr(namespace, self.dest, list(dict.fromkeys(out)))
 
 
 def add_out_args(p) -> None:
