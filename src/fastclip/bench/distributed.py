@@ -521,8 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{RANKS_PER_CORE} ranks per core this process may use, here "
                         f"{default_max_world()}); every rank is a spawned process")
     p.add_argument("--sizes", action=ListArg, convert=parse_size, default=None,
-                   help="global batch sizes N, comma- or space-separated, 64k = 65536 (default: cpu 2048 8192 16384; overhead 32 256 "
-                        "1024; w1 16384 65536)")
+                   help="global batch sizes N, comma- or space-separated, 64k = 65536 "
+                        "(default: cpu 2048 8192 16384; overhead 32 256 1024; w1 16384 65536)")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--impls", action=ListArg, allowed=list(IMPLS), default=list(IMPLS))
     p.add_argument("--backend", default="auto",
