@@ -82,6 +82,22 @@ def _cubin_resources(cubin: bytes) -> tuple[int, int, int]:
     return reg, stack, shared
 
 
+def _signature(fn, pointers: dict[str, tuple[str, ...]]) -> dict:
+    """Triton's signature of ``fn``: the pointer type of every ``*_ptr`` argument from
+    ``pointers`` (type -> argument names), i32 for the rest (the constexprs are replaced by
+    ``_compile``). A pointer argument the table misses, or a name the kernel does not have,
+    is an error: left to the i32 default, the forward's ``pos_ptr`` (added to the kernel
+    after this table was written) made every forward configuration fail to compile."""
+    typed = {a: t for t, names in pointers.items() for a in names}
+    unknown = sorted(set(typed) - set(fn.arg_names))
+    missing = [a for a in fn.arg_names if a.endswith("_ptr") and a not in typed]
+    if unknown or missing:
+        raise ValueError(f"{fn.__name__}: pointer types out of date with the kernel's arguments "
+                         f"(untyped: {', '.join(missing) or '-'}; not arguments: "
+                         f"{', '.join(unknown) or '-'})")
+    return {a: typed.get(a, "i32") for a in fn.arg_names}
+
+
 def _compile(fn, sig: dict, const: dict, aligned_ints: list, cfg, arch: int):
     """Compile ``fn`` for sm_<arch> with the launcher's specialisation: the constexprs of
     ``const``, every pointer and the integers ``aligned_ints`` 16-divisible."""
@@ -95,13 +111,10 @@ def _compile(fn, sig: dict, const: dict, aligned_ints: list, cfg, arch: int):
 
 def compile_bwd(cfg, dtype: str, loss: int, cols_outer: bool, stats: bool, arch: int):
     fn = K._bwd_kernel
-    sig = {a: "i32" for a in fn.arg_names}
-    for a in ("x_ptr", "y_ptr", "out_ptr"):
-        sig[a] = _T[dtype]
-    for a in ("rho_ptr", "sig_ptr", "p_ptr", "gr_ptr", "gc_ptr", "gp_ptr", "ws_ptr", "keep_ptr"):
-        sig[a] = "*fp32"
-    for a in ("row_ptr", "col_ptr", "tu_ptr", "tg_ptr", "stat_ptr"):
-        sig[a] = "*fp64"
+    sig = _signature(fn, {_T[dtype]: ("x_ptr", "y_ptr", "out_ptr"),
+                          "*fp32": ("rho_ptr", "sig_ptr", "p_ptr", "gr_ptr", "gc_ptr", "gp_ptr",
+                                    "ws_ptr", "keep_ptr"),
+                          "*fp64": ("row_ptr", "col_ptr", "tu_ptr", "tg_ptr", "stat_ptr")})
     const = dict(LOSS=loss, COLS_OUTER=cols_outer, STATS=stats, NORMALIZE=True, SCALE_W=False,
                  PRECISION="ieee", UPCAST=False, **cfg.kwargs)
     return _compile(fn, sig, const, ["sx", "sy", "sout", "D"], cfg, arch)
@@ -109,12 +122,9 @@ def compile_bwd(cfg, dtype: str, loss: int, cols_outer: bool, stats: bool, arch:
 
 def compile_fwd(cfg, dtype: str, loss: int, arch: int, block_m: int = 128):
     fn = K._fwd_kernel
-    sig = {a: "i32" for a in fn.arg_names}
-    for a in ("x_ptr", "y_ptr"):
-        sig[a] = _T[dtype]
-    for a in ("rho_ptr", "sig_ptr", "p_ptr", "pa_ptr", "pb_ptr"):
-        sig[a] = "*fp32"
-    sig["row_ptr"] = "*fp64"
+    sig = _signature(fn, {_T[dtype]: ("x_ptr", "y_ptr"),
+                          "*fp32": ("rho_ptr", "sig_ptr", "p_ptr", "pa_ptr", "pb_ptr"),
+                          "*fp64": ("row_ptr", "pos_ptr")})
     const = dict(LOSS=loss, BLOCK_M=block_m, PRECISION="ieee", UPCAST=False, **cfg.kwargs)
     return _compile(fn, sig, const, ["sx", "sy", "D", "m"], cfg, arch)
 
@@ -122,25 +132,19 @@ def compile_fwd(cfg, dtype: str, loss: int, arch: int, block_m: int = 128):
 def compile_merge(loss: int, first: bool, last: bool, arch: int):
     """The forward's column merge as the launcher runs it (default warps and stages)."""
     fn = K._col_merge_kernel
-    sig = {a: "i32" for a in fn.arg_names}
-    for a in ("pa_ptr", "pb_ptr", "cmax_ptr"):
-        sig[a] = "*fp32"
-    for a in ("csum_ptr", "col_ptr"):
-        sig[a] = "*fp64"
+    sig = _signature(fn, {"*fp32": ("pa_ptr", "pb_ptr", "cmax_ptr"),
+                          "*fp64": ("csum_ptr", "col_ptr")})
     const = dict(LOSS=loss, FIRST=first, LAST=last, BLOCK_C=256)
     return _compile(fn, sig, const, ["m"], triton.Config({}, num_warps=4, num_stages=3), arch)
 
 
 def compile_gemm(cfg, dtype: str, loss: int, stats: bool, arch: int):
     fn = KG._grad_tile_kernel
-    sig = {a: "i32" for a in fn.arg_names}
-    for a in ("x_ptr", "y_ptr", "g_ptr"):
-        sig[a] = _T[dtype]
-    for a in ("rho_ptr", "sig_ptr", "p_ptr", "gr_ptr", "gc_ptr", "gp_ptr", "ws_ptr",
-              "rgu_ptr", "rg_ptr", "rphi_ptr", "cgu_ptr", "cphi_ptr"):
-        sig[a] = "*fp32"
-    for a in ("row_ptr", "col_ptr"):
-        sig[a] = "*fp64"
+    sig = _signature(fn, {_T[dtype]: ("x_ptr", "y_ptr", "g_ptr"),
+                          "*fp32": ("rho_ptr", "sig_ptr", "p_ptr", "gr_ptr", "gc_ptr", "gp_ptr",
+                                    "ws_ptr", "rgu_ptr", "rg_ptr", "rphi_ptr", "cgu_ptr",
+                                    "cphi_ptr"),
+                          "*fp64": ("row_ptr", "col_ptr")})
     const = dict(LOSS=loss, STATS=stats, SCALE_W=False, PRECISION="ieee", UPCAST=False,
                  **cfg.kwargs)
     return _compile(fn, sig, const, ["sx", "sy", "D", "m", "sp"], cfg, arch)

@@ -168,7 +168,11 @@ def _grad_tile_kernel(x_ptr, y_ptr, sx, sy, rho_ptr, sig_ptr, p_ptr, row_ptr, co
 # softmax (its two exps), 255 / 0-8 for the sigmoid; 128x64 and 64x128 at 8 warps 179-226 / 0;
 # 64x64 at 4 warps 168-212 / 0. The same 128x64 and 64x128 tiles at 4 warps hit the 255
 # cap (up to 112 bytes of stack), and 128x128 at 16 warps the 128 cap (up to 136 bytes): not
-# listed. Every dot is a wgmma on sm_90.
+# listed. Every dot is a wgmma on sm_90. Recompiled with Triton 3.9.0: 128x128 now spills more,
+# 208 bytes for the softmax and 568-592 for the sigmoid's statistics form (the form the
+# one-pass loss runs), the other tiles still none; the autotuner, which times every listed
+# tile on the user's GPU, then prefers a smaller tile where the spill costs more than the
+# larger tile saves (Triton's version comes with torch's CUDA build).
 _CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 32}, num_warps=8, num_stages=4),
