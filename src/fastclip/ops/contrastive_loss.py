@@ -21,7 +21,6 @@ The public losses are heads on these ops: :func:`clip_loss` and :func:`siglip_lo
 from __future__ import annotations
 
 import contextlib
-
 import numbers
 
 import torch
