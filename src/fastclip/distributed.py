@@ -748,6 +748,12 @@ def fused_loss(loss: str, image_features: Tensor, text_features: Tensor, params,
         problem = (f"world_size={expected_world_size} was configured (e.g. "
                    f"ClipLoss(world_size=...)) but the process group has {world} ranks; pass "
                    f"the group's size")
+    if problem is None and getattr(torch._C, "_are_functorch_transforms_active", lambda: False)():
+        # (PyTorch's own error named a missing setup_context, words for the library's author)
+        problem = (f"fastclip.distributed.{loss}_loss does not run under torch.func transforms "
+                   f"(grad, vjp, jacrev, vmap): the ranks' collectives take plain tensors; use "
+                   f"loss.backward() or torch.autograd.grad, or fastclip.{loss}_loss in one "
+                   f"process")
     if problem is None and feat_dev is not None and feat_dev.type not in carry:
         problem = (
             f"the features are on {feat_dev} but the process group's backend "

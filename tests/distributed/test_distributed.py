@@ -317,6 +317,11 @@ def test_single_rank_group_equals_plain_loss(impl):
         got = clip_loss(x, y, s, normalize=True, dist_impl=impl, backend="cpu")
         with pytest.raises(RuntimeError, match="create_graph=True"):
             torch.autograd.grad(got, x, create_graph=True)
+        # torch.func transforms: a fastclip message, not PyTorch's "override setup_context"
+        with pytest.raises(RuntimeError, match="does not run under torch.func transforms"):
+            torch.func.grad(lambda a: clip_loss(a, y.detach(), 7.0, dist_impl=impl))(x.detach())
+        got = clip_loss(x, y, s, normalize=True, dist_impl=impl, backend="cpu")   # still usable
+        assert _workers.rel_err(got, ref) <= TOL_F64
     finally:
         dist.destroy_process_group()
 
