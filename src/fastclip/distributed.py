@@ -46,6 +46,7 @@ from torch import Tensor
 from .ops.backends import Backend, backend_by_code
 from .ops.contrastive_loss import (
     DEFAULT_EPS,
+    _functorch_active,
     block_bwd,
     block_fwd_bwd,
     kernel_layout,
@@ -748,7 +749,7 @@ def fused_loss(loss: str, image_features: Tensor, text_features: Tensor, params,
         problem = (f"world_size={expected_world_size} was configured (e.g. "
                    f"ClipLoss(world_size=...)) but the process group has {world} ranks; pass "
                    f"the group's size")
-    if problem is None and getattr(torch._C, "_are_functorch_transforms_active", lambda: False)():
+    if problem is None and _functorch_active():
         # (PyTorch's own error named a missing setup_context, words for the library's author)
         problem = (f"fastclip.distributed.{loss}_loss does not run under torch.func transforms "
                    f"(grad, vjp, jacrev, vmap): the ranks' collectives take plain tensors; use "
