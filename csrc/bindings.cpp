@@ -1,5 +1,7 @@
 // fastclip._C: the compiled kernels, bound with pybind11. Statistics (row, col, pos) are
-// float64 pointers for every feature dtype; the rest follows the features (is_double). No torch here (docs/design.md §4):
+// float64 pointers for every feature dtype; the rest follows the features (is_double);
+// bf16: the float32 features hold bfloat16 values (an exact upcast), which lets the kernels
+// use bf16 products where the CPU has them. No torch here (docs/design.md §4):
 // every function takes raw pointers (as Python ints), sizes, strides and, for CUDA,
 // the caller's stream. The Python layer (src/fastclip/ops) validates first; these
 // functions check sizes again and raise ValueError/RuntimeError, never crash.
@@ -32,7 +34,8 @@ std::pair<double, double> as_pair(ParamGrads g) { return {g.gu, g.g}; }
 
 void cpu_fwd(int loss, uintptr_t x, uintptr_t y, int64_t n, int64_t m, int64_t d, int64_t ldx,
              int64_t ldy, bool is_double, double scale, double bias, bool normalize, double eps,
-             int64_t pos_offset, uintptr_t row, uintptr_t col, uintptr_t pos, int num_threads) {
+             int64_t pos_offset, uintptr_t row, uintptr_t col, uintptr_t pos, int num_threads,
+             bool bf16) {
   const LossKind kind = fastclip::check_loss("cpu_fwd", loss);
   fastclip::check_sizes("cpu_fwd", n, m, d, ldx, ldy);
   pos_offset = fastclip::clamp_offset(pos_offset, n, m);
@@ -45,7 +48,7 @@ void cpu_fwd(int loss, uintptr_t x, uintptr_t y, int64_t n, int64_t m, int64_t d
   else
     fastclip::cpu::contrastive_loss_fwd<float>(kind, cptr<float>(x), cptr<float>(y), n, m, d,
         ldx, ldy, float(scale), float(bias), normalize, float(eps), pos_offset,
-        mptr<double>(row), mptr<double>(col), mptr<double>(pos), num_threads);
+        mptr<double>(row), mptr<double>(col), mptr<double>(pos), num_threads, bf16);
 }
 
 std::pair<double, double> cpu_bwd(int loss, uintptr_t x, uintptr_t y, int64_t n, int64_t m,
@@ -53,7 +56,7 @@ std::pair<double, double> cpu_bwd(int loss, uintptr_t x, uintptr_t y, int64_t n,
                                   double scale, double bias, bool normalize, double eps,
                                   int64_t pos_offset, uintptr_t row, uintptr_t col,
                                   uintptr_t grad_row, uintptr_t grad_col, uintptr_t grad_pos,
-                                  uintptr_t dx, uintptr_t dy, int num_threads) {
+                                  uintptr_t dx, uintptr_t dy, int num_threads, bool bf16) {
   const LossKind kind = fastclip::check_loss("cpu_bwd", loss);
   fastclip::check_sizes("cpu_bwd", n, m, d, ldx, ldy);
   pos_offset = fastclip::clamp_offset(pos_offset, n, m);
@@ -69,7 +72,7 @@ std::pair<double, double> cpu_bwd(int loss, uintptr_t x, uintptr_t y, int64_t n,
       cptr<float>(y), n, m, d, ldx, ldy, float(scale), float(bias), normalize, float(eps),
       pos_offset, cptr<double>(row), cptr<double>(col), cptr<float>(grad_row),
       cptr<float>(grad_col), cptr<float>(grad_pos), mptr<float>(dx), mptr<float>(dy),
-      num_threads));
+      num_threads, bf16));
 }
 
 std::pair<double, double> cpu_fwd_bwd(int loss, uintptr_t x, uintptr_t y, int64_t n, int64_t m,
@@ -78,7 +81,7 @@ std::pair<double, double> cpu_fwd_bwd(int loss, uintptr_t x, uintptr_t y, int64_
                                       int64_t pos_offset, uintptr_t grad_row, uintptr_t grad_col,
                                       uintptr_t grad_pos, uintptr_t row, uintptr_t col,
                                       uintptr_t pos, uintptr_t dx, uintptr_t dy,
-                                      int num_threads) {
+                                      int num_threads, bool bf16) {
   const LossKind kind = fastclip::check_loss("cpu_fwd_bwd", loss);
   fastclip::check_sizes("cpu_fwd_bwd", n, m, d, ldx, ldy);
   pos_offset = fastclip::clamp_offset(pos_offset, n, m);
@@ -97,7 +100,7 @@ std::pair<double, double> cpu_fwd_bwd(int loss, uintptr_t x, uintptr_t y, int64_
       cptr<float>(y), n, m, d, ldx, ldy, float(scale), float(bias), normalize, float(eps),
       pos_offset, cptr<float>(grad_row), cptr<float>(grad_col), cptr<float>(grad_pos),
       mptr<double>(row), mptr<double>(col), mptr<double>(pos), mptr<float>(dx), mptr<float>(dy),
-      num_threads));
+      num_threads, bf16));
 }
 
 }  // namespace
@@ -111,6 +114,7 @@ PYBIND11_MODULE(_C, m) {
         "One-pass block forward and backward of a one-pass loss on the CPU; returns "
         "(dscale, dbias).");
   m.def("cpu_isa", &fastclip::cpu::cpu_isa,
-        "The CPU kernels' instruction set: 'avx512', 'avx2' or 'generic' (128-bit).");
+        "The CPU kernels' instruction set: 'avx512bf16', 'avx512', 'avx2' or 'generic' "
+        "(128-bit).");
   fastclip::register_cuda(m);
 }

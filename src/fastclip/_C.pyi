@@ -4,30 +4,34 @@ and row strides in elements; the Python layer (fastclip.ops.backends) validates 
 
 ``loss`` is ``LossSpec.code`` (0: clip/softmax, 1: siglip/sigmoid). Statistic pointers
 (``row``, ``col``, ``pos``) are float64 arrays whatever the features' dtype; features,
-gradients and upstream gradients follow ``is_double`` (float64, else float32).
+gradients and upstream gradients follow ``is_double`` (float64, else float32). ``bf16``
+(CPU): the float32 features hold bfloat16 values (an exact upcast); the AVX512_BF16 build
+then runs the products on bf16 pairs, and every other build ignores it.
 """
 
 # --- CPU kernels (csrc/contrastive_loss/cpu) -------------------------------------------
 def cpu_fwd(loss: int, x: int, y: int, n: int, m: int, d: int, ldx: int, ldy: int,
             is_double: bool, scale: float, bias: float, normalize: bool, eps: float,
-            pos_offset: int, row: int, col: int, pos: int, num_threads: int) -> None:
+            pos_offset: int, row: int, col: int, pos: int, num_threads: int,
+            bf16: bool) -> None:
     """Block forward: writes row [n], col [m], pos [n]."""
 
 def cpu_bwd(loss: int, x: int, y: int, n: int, m: int, d: int, ldx: int, ldy: int,
             is_double: bool, scale: float, bias: float, normalize: bool, eps: float,
             pos_offset: int, row: int, col: int, grad_row: int, grad_col: int, grad_pos: int,
-            dx: int, dy: int, num_threads: int) -> tuple[float, float]:
+            dx: int, dy: int, num_threads: int, bf16: bool) -> tuple[float, float]:
     """Block backward: writes dx [n, d], dy [m, d]; returns (dscale, dbias)."""
 
 def cpu_fwd_bwd(loss: int, x: int, y: int, n: int, m: int, d: int, ldx: int, ldy: int,
                 is_double: bool, scale: float, bias: float, normalize: bool, eps: float,
                 pos_offset: int, grad_row: int, grad_col: int, grad_pos: int, row: int,
-                col: int, pos: int, dx: int, dy: int, num_threads: int
+                col: int, pos: int, dx: int, dy: int, num_threads: int, bf16: bool
                 ) -> tuple[float, float]:
     """One-pass forward and backward of a one-pass loss; returns (dscale, dbias)."""
 
 def cpu_isa() -> str:
-    """The CPU kernels' build the calls run: "avx512", "avx2" or "generic" (128-bit)."""
+    """The CPU kernels' build the calls run: "avx512bf16", "avx512", "avx2" or "generic"
+    (128-bit)."""
 
 # --- CUDA kernels (csrc/contrastive_loss/cuda), or their stub without CUDA --------------
 CUDA_BUILT: bool

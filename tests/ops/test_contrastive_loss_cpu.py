@@ -218,19 +218,22 @@ def test_isa_names_the_build_the_calls_run(monkeypatch):
     from fastclip.ops.backends.cpu import isa
     monkeypatch.delenv("FASTCLIP_CPU_ISA", raising=False)
     native = isa()
-    assert native in ("avx512", "avx2", "generic")
+    assert native in ("avx512bf16", "avx512", "avx2", "generic")
     monkeypatch.setenv("FASTCLIP_CPU_ISA", "generic")
     assert isa() == "generic"
     monkeypatch.setenv("FASTCLIP_CPU_ISA", "avx2")           # a lesser build, where the CPU has it
     assert isa() == ("generic" if native == "generic" else "avx2")
     monkeypatch.setenv("FASTCLIP_CPU_ISA", "avx512")         # never more than the CPU has
+    assert isa() == ("avx512" if native == "avx512bf16" else native)
+    monkeypatch.setenv("FASTCLIP_CPU_ISA", "avx512bf16")
     assert isa() == native
     # A name the kernels do not know ran the best build without a word.
     import fastclip
     x = torch.randn(4, 3)
     for bad in ("AVX2", "sse", "bogus"):
         monkeypatch.setenv("FASTCLIP_CPU_ISA", bad)
-        with pytest.raises(ValueError, match=f"FASTCLIP_CPU_ISA='{bad}': expected one of avx512, avx2, generic"):
+        want = f"FASTCLIP_CPU_ISA='{bad}': expected one of avx512bf16, avx512, avx2, generic"
+        with pytest.raises(ValueError, match=want):
             fastclip.clip_loss(x, x, 1.0, backend="cpu")
 
 
@@ -248,3 +251,86 @@ def test_extreme_offsets_in_a_direct_call_mean_no_positive(loss):
         a = cpu.fwd(spec, x, y, params, False, EPS, far)
         b = cpu.fwd(spec, x, y, params, False, EPS, near)
         assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+# ------------------------------------------------------------------ bf16 products
+def _has_bf16_products() -> bool:
+    from fastclip.ops.backends.cpu import isa
+    return isa() == "avx512bf16"
+
+
+def _block_all(loss, x, y, params, normalize, pos_offset, grads):
+    """fwd, bwd and (one-pass losses) fwd_bwd of the cpu backend, as one list of outputs."""
+    spec, cpu = get_loss(loss), get_backend("cpu")
+    p = torch.tensor(params, dtype=torch.float32)
+    f = cpu.fwd(spec, x, y, p, normalize, EPS, pos_offset)
+    b = cpu.bwd(spec, x, y, p, normalize, EPS, pos_offset, f[0], f[1], *grads)
+    out = [*f, *b]
+    if spec.one_pass:
+        out += list(cpu.fwd_bwd(spec, x, y, p, normalize, EPS, pos_offset, *grads))
+    return out
+
+
+@pytest.mark.skipif(not _has_bf16_products(), reason="the CPU has no AVX512_BF16")
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("n,m,d,pos_offset", [(1, 1, 1, 0), (5, 7, 3, 0), (130, 200, 33, -4),
+                                              (385, 190, 65, 17), (97, 450, 128, 0),
+                                              (64, 64, 512, 0)])
+@pytest.mark.parametrize("normalize", (False, True))
+def test_bf16_products_against_the_oracle(loss, n, m, d, pos_offset, normalize, monkeypatch):
+    """bfloat16 features on an AVX512_BF16 CPU: the three products take bf16 pairs. The
+    statistics and the scalar gradients stay within the fp32 tolerance (a product of two bf16
+    values is exact in fp32: only the summation order differs from the fp32 products); the
+    feature gradients, whose products take dloss/dz rounded to bf16, within 3x the error of
+    the fp32 products on the same inputs (forced with FASTCLIP_CPU_ISA=avx512), since that
+    rounding adds an error of the size of the result's own rounding to bf16 (1.0-2.4x
+    measured). Odd D, odd tiles, offsets and a dY budget of one column chunk included."""
+    gen = torch.Generator().manual_seed(n * 31 + m * 7 + d)
+    x, y = _inputs(n, m, d, torch.float64, normalize, gen)
+    x, y = x.bfloat16(), y.bfloat16()
+    params = (11.0, -6.0)[:len(get_loss(loss).params)]
+    grads = upstream(n, m, gen)
+    (wr, wc, wp), (wdx, wdy, wdp) = block_oracle(loss, x, y, params, normalize, pos_offset, grads)
+    want = [wr, wc, wp, wdx, wdy, wdp] * 2
+    names = ["row", "col", "pos", "dx", "dy", "dparams"] * 2
+    monkeypatch.setenv("FASTCLIP_CPU_DY_BUDGET", "1")            # one 192-column chunk at a time
+    fast = _block_all(loss, x, y, params, normalize, pos_offset, grads)
+    monkeypatch.setenv("FASTCLIP_CPU_ISA", "avx512")
+    fp32 = _block_all(loss, x, y, params, normalize, pos_offset, grads)
+    for name, o, o32, r in zip(names, fast, fp32, want):
+        assert torch.isfinite(o).all(), name
+        err = rel_err(o, r)
+        if name in ("dx", "dy"):
+            assert o.dtype == torch.bfloat16, name
+            assert err <= 3 * rel_err(o32, r) + 1e-7, (name, err, rel_err(o32, r))
+        else:
+            assert err <= TOL[torch.float32], (name, err)
+
+
+@pytest.mark.skipif(not _has_bf16_products(), reason="the CPU has no AVX512_BF16")
+@pytest.mark.parametrize("loss", LOSSES)
+def test_bf16_products_thread_counts_and_non_finite_inputs(loss):
+    """The bf16 path keeps the backend's promises: bit-identical results for a fixed thread
+    count, the same values for another, and a non-finite input that makes its row and the
+    column statistics non-finite instead of being skipped."""
+    gen = torch.Generator().manual_seed(3)
+    x, y = _inputs(1000, 500, 96, torch.float64, True, gen)     # 1 and 2 threads: other blocks
+    x, y = x.bfloat16(), y.bfloat16()
+    params = (14.0, -5.0)[:len(get_loss(loss).params)]
+    grads = upstream(1000, 500, gen)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        a, b = (_block_all(loss, x, y, params, True, 0, grads) for _ in range(2))
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+        torch.set_num_threads(1)
+        c = _block_all(loss, x, y, params, True, 0, grads)
+        for u, v in zip(a, c):      # bf16 gradients: some elements one bf16 ulp (2^-8) apart
+            assert rel_err(u, v) <= (2.0 ** -8 if u.dtype == torch.bfloat16 else 1e-6)
+    finally:
+        torch.set_num_threads(old)
+    x[5, 7] = float("nan")
+    out = _block_all(loss, x, y, params, True, 0, grads)
+    row, col, dx = out[0], out[1], out[3]
+    assert torch.isnan(row[5]) and not torch.isfinite(col).all()
+    assert not torch.isfinite(dx[5]).all() and torch.isfinite(row[torch.arange(1000) != 5]).all()

@@ -1,12 +1,17 @@
 """The ``cpu`` backend: the C++ kernels of ``csrc/contrastive_loss/cpu`` (OpenMP).
 
 float32 and float64 run natively; float16 and bfloat16 are upcast to float32 here
-(O(N·D), the kernel's inner loops stay fp32) and the gradients are cast back.
+(O(N·D)) and the gradients are cast back. The epilogues run in fp32 for every dtype; the
+products run in fp32 too, except bfloat16 features on a CPU with AVX512_BF16 (``isa()``
+"avx512bf16": Zen 4 and later, Cooper Lake, Sapphire Rapids and later), whose three products
+take bf16 pairs (vdpbf16ps, twice the fp32 rate), the gradient products with dloss/dz
+rounded to bf16 as PyTorch's bf16 matmuls and the GPU kernels round it.
 
 Threads: ``torch.get_num_threads()`` OpenMP threads with a static schedule, so a fixed
 thread count gives bit-identical results. The kernel picks its instruction set at run
-time (AVX-512, AVX2+FMA, or a generic 128-bit build); ``FASTCLIP_CPU_ISA=avx2|generic``
-forces a lesser one (tests, comparisons; another name is a ValueError at the call).
+time (AVX-512 with or without bf16 products, AVX2+FMA, or a generic 128-bit build);
+``FASTCLIP_CPU_ISA=avx512|avx2|generic`` forces a lesser one (tests, comparisons;
+``avx512`` runs bfloat16 on the fp32 products; another name is a ValueError at the call).
 Extra memory: O((n+m)·D) plus the per-thread dY buffers, 64 MB (``FASTCLIP_CPU_DY_BUDGET``
 bytes overrides it) or, where one 192-column chunk per thread is already more, threads ×
 192 × D elements (201 MB at 64 threads, D = 4096, fp32); nothing n×m.
@@ -31,8 +36,9 @@ def _availability() -> tuple[bool, str]:
 
 
 def isa() -> str:
-    """The instruction set of the kernels a call runs now: "avx512", "avx2" or "generic"
-    (128-bit); the CPU and ``FASTCLIP_CPU_ISA`` decide. Benchmarks record it: it changes the
+    """The instruction set of the kernels a call runs now: "avx512bf16" (AVX-512, bf16
+    products for bfloat16 features), "avx512", "avx2" or "generic" (128-bit); the CPU and
+    ``FASTCLIP_CPU_ISA`` decide. Benchmarks record it: it changes the
     speed, and the rounding, of every product."""
     return extension().cpu_isa()
 
@@ -56,7 +62,7 @@ def _threads(n: int, m: int, d: int) -> int:
     return 1 if n * m * d < _SERIAL_BELOW else torch.get_num_threads()
 
 
-_ISAS = ("avx512", "avx2", "generic")
+_ISAS = ("avx512bf16", "avx512", "avx2", "generic")
 
 
 def _common(spec, x, y, params, normalize, eps, pos_offset):
@@ -71,13 +77,16 @@ def _common(spec, x, y, params, normalize, eps, pos_offset):
     bias = p[1] if len(p) > 1 else 0.0
     head = (spec.code, xc.data_ptr(), yc.data_ptr(), n, m, d, row_stride(xc), row_stride(yc),
             xc.dtype == torch.float64, p[0], bias, bool(normalize), float(eps), int(pos_offset))
-    return xc, yc, n, m, d, xc.dtype, head
+    # The fp32 copies hold bf16 values exactly: the kernels may take them as bf16 pairs.
+    bf16 = x.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
+    return xc, yc, n, m, d, xc.dtype, head, bf16
 
 
 def fwd(spec, x: Tensor, y: Tensor, params: Tensor, normalize: bool, eps: float, pos_offset: int):
-    xc, yc, n, m, d, dt, head = _common(spec, x, y, params, normalize, eps, pos_offset)
+    xc, yc, n, m, d, dt, head, bf16 = _common(spec, x, y, params, normalize, eps, pos_offset)
     row, col, pos = (torch.empty(k, dtype=STAT_DTYPE, device=xc.device) for k in (n, m, n))
-    extension().cpu_fwd(*head, row.data_ptr(), col.data_ptr(), pos.data_ptr(), _threads(n, m, d))
+    extension().cpu_fwd(*head, row.data_ptr(), col.data_ptr(), pos.data_ptr(), _threads(n, m, d),
+                        bf16)
     return row, col, pos
 
 
@@ -87,24 +96,24 @@ def _dparams(pair, params: Tensor, dt: torch.dtype) -> Tensor:
 
 def bwd(spec, x: Tensor, y: Tensor, params: Tensor, normalize: bool, eps: float, pos_offset: int,
         row: Tensor, col: Tensor, grad_row: Tensor, grad_col: Tensor, grad_pos: Tensor):
-    xc, yc, n, m, d, dt, head = _common(spec, x, y, params, normalize, eps, pos_offset)
+    xc, yc, n, m, d, dt, head, bf16 = _common(spec, x, y, params, normalize, eps, pos_offset)
     vecs = [_vec(t, STAT_DTYPE) for t in (row, col)] + [_vec(t, dt) for t in (grad_row,
                                                                              grad_col, grad_pos)]
     dx, dy = (torch.empty((k, d), dtype=dt, device=xc.device) for k in (n, m))
     pair = extension().cpu_bwd(*head, *(v.data_ptr() for v in vecs), dx.data_ptr(),
-                               dy.data_ptr(), _threads(n, m, d))
+                               dy.data_ptr(), _threads(n, m, d), bf16)
     return dx.to(x.dtype), dy.to(y.dtype), _dparams(pair, params, dt)
 
 
 def fwd_bwd(spec, x: Tensor, y: Tensor, params: Tensor, normalize: bool, eps: float,
             pos_offset: int, grad_row: Tensor, grad_col: Tensor, grad_pos: Tensor):
-    xc, yc, n, m, d, dt, head = _common(spec, x, y, params, normalize, eps, pos_offset)
+    xc, yc, n, m, d, dt, head, bf16 = _common(spec, x, y, params, normalize, eps, pos_offset)
     grads = [_vec(t, dt) for t in (grad_row, grad_col, grad_pos)]
     row, col, pos = (torch.empty(k, dtype=STAT_DTYPE, device=xc.device) for k in (n, m, n))
     dx, dy = (torch.empty((k, d), dtype=dt, device=xc.device) for k in (n, m))
     pair = extension().cpu_fwd_bwd(*head, *(g.data_ptr() for g in grads), row.data_ptr(),
                                    col.data_ptr(), pos.data_ptr(), dx.data_ptr(), dy.data_ptr(),
-                                   _threads(n, m, d))
+                                   _threads(n, m, d), bf16)
     return row, col, pos, dx.to(x.dtype), dy.to(y.dtype), _dparams(pair, params, dt)
 
 
