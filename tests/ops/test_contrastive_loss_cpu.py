@@ -1,6 +1,6 @@
 """What only the ``cpu`` backend has (csrc/contrastive_loss/cpu): three ISA builds of its
-micro-kernel with their own register tiles and edge cases, the column-chunked dY path,
-its OpenMP threading. Every behaviour shared by all backends is in the conformance suite
+fp32 micro-kernel with their own register tiles and edge cases, the bf16-product build, the
+column-chunked dY path, its OpenMP threading. Every behaviour shared by all backends is in the conformance suite
 (test_contrastive_loss.py); here the C++ block functions are compared with the float64
 reference block functions for both losses, with the tolerance table of _helpers.py.
 """

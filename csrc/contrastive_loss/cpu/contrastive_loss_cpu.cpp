@@ -4,7 +4,8 @@
 // through one register-blocked micro-kernel (contrastive_loss_cpu_kernels.inc) compiled
 // three times: AVX-512 (Zen 4, Ice Lake+), AVX2+FMA, and a generic 128-bit build (SSE2 /
 // NEON) for everything else; `__builtin_cpu_supports` picks one at run time, so the wheel
-// stays portable. What a tile of logits becomes is the loss's epilogue policy (template
+// stays portable. A fourth build, AVX-512 with AVX512_BF16, adds bf16-pair products for
+// bfloat16 features (the .inc's "bf16 products"). What a tile of logits becomes is the loss's epilogue policy (template
 // parameter LOSS, see the .inc). This file holds the ISA- and loss-independent driver:
 // norms, packing, threading, the exact merges of per-thread statistics.
 //
