@@ -334,3 +334,62 @@ def test_bf16_products_thread_counts_and_non_finite_inputs(loss):
     row, col, dx = out[0], out[1], out[3]
     assert torch.isnan(row[5]) and not torch.isfinite(col).all()
     assert not torch.isfinite(dx[5]).all() and torch.isfinite(row[torch.arange(1000) != 5]).all()
+
+
+def _public_grads(loss, x, y, params, normalize, eps=EPS):
+    xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
+    out = fastclip.ops.fused_loss(loss, xr, yr, list(params), normalize=normalize, eps=eps,
+                                  backend="cpu")
+    return [out.detach(), *torch.autograd.grad(out, (xr, yr))]
+
+
+def _bf16_against_fp32_products(loss, x, y, params, normalize, monkeypatch, eps=EPS):
+    """Errors against the float64 oracle: (bf16 products, fp32 products), per output."""
+    want = _public_grads(loss, x.double(), y.double(), params, normalize, eps)
+    fast = _public_grads(loss, x, y, params, normalize, eps)
+    monkeypatch.setenv("FASTCLIP_CPU_ISA", "avx512")
+    slow = _public_grads(loss, x, y, params, normalize, eps)
+    monkeypatch.delenv("FASTCLIP_CPU_ISA")
+    return fast, slow, [(rel_err(f, w), rel_err(s, w)) for f, s, w in zip(fast, slow, want)]
+
+
+@pytest.mark.skipif(not _has_bf16_products(), reason="the CPU has no AVX512_BF16")
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("common", (3.0, 10.0))
+def test_bf16_products_with_features_that_share_a_direction(loss, common, monkeypatch):
+    """Embeddings share a large common direction (pairwise cosines ~0.9 at common = 3, ~0.99
+    at 10), and open_clip hands them over normalised (normalize=False). CLIP's rows of G sum
+    to ~0, and rounding H to bf16 broke that: the gradient error grew with the shared part
+    (3.6x and 12x the fp32 products' error) until the products were centred."""
+    g = torch.Generator().manual_seed(int(common))
+    base = torch.randn(1, 256, generator=g, dtype=torch.float64)
+    x = unit_rows(torch.randn(512, 256, generator=g, dtype=torch.float64) + common * base)
+    y = unit_rows(torch.randn(512, 256, generator=g, dtype=torch.float64) + common * base)
+    params = (10.0, -10.0)[:len(get_loss(loss).params)]
+    _, _, errs = _bf16_against_fp32_products(loss, x.bfloat16(), y.bfloat16(), params, False,
+                                             monkeypatch)
+    for name, (ef, es) in zip(("loss", "dx", "dy"), errs):
+        bound = 3 * es if name != "loss" else TOL[torch.float32]
+        assert ef <= bound, (name, ef, es)
+
+
+@pytest.mark.skipif(not _has_bf16_products(), reason="the CPU has no AVX512_BF16")
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("norm,eps", ((3e18, EPS), (1e18, EPS), (1e-18, 1e-30)))
+def test_bf16_products_at_extreme_feature_norms(loss, norm, eps, monkeypatch):
+    """vdpbf16ps and the bf16 conversions flush subnormals whatever MXCSR says. Huge rows
+    (normalize=True, norms ~1e18: s rho sigma ~1e-36) made every H of a tile subnormal and
+    the gradients exactly 0; the tile is now scaled by a power of two first. Tiny rows with a
+    small eps (norms ~1e-18: products below 2^-126) flushed the logits (CLIP's loss 4.6e-3
+    off); such calls now take the fp32 products, bit-identical to FASTCLIP_CPU_ISA=avx512."""
+    g = torch.Generator().manual_seed(4)
+    x = (unit_rows(torch.randn(64, 64, generator=g, dtype=torch.float64)) * norm).bfloat16()
+    y = (unit_rows(torch.randn(64, 64, generator=g, dtype=torch.float64)) * norm).bfloat16()
+    params = (1.0, -2.0)[:len(get_loss(loss).params)]
+    fast, slow, errs = _bf16_against_fp32_products(loss, x, y, params, True, monkeypatch, eps)
+    if norm < 1:
+        assert all(torch.equal(f, s) for f, s in zip(fast, slow))
+        return
+    assert (fast[1] != 0).any() and (fast[2] != 0).any()
+    for name, (ef, es) in zip(("loss", "dx", "dy"), errs):
+        assert ef <= (3 * es if name != "loss" else TOL[torch.float32]), (name, ef, es)

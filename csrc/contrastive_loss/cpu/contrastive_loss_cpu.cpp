@@ -130,9 +130,10 @@ struct Kernels {
 };
 
 // Floats of the bf16 gradient products' per-thread workspace (grad_products_bf16 in the
-// .inc): H as bf16 pairs in two layouts, then one NR-sliver of Y's and X's rows as pairs.
+// .inc): H as bf16 pairs in two layouts, one NR-sliver of Y's and X's rows as pairs, the
+// rounding residuals of H's rows and columns, and the sliver's two mean rows.
 int64_t bf16_workspace(int64_t bm, int64_t bn, int64_t nr) {
-  return bm * (bn / 2) + (bm + 1) / 2 * bn + (bn / 2) * nr + (bm + 1) / 2 * nr;
+  return bm * (bn / 2) + (bm + 1) / 2 * bn + (bn / 2) * nr + (bm + 1) / 2 * nr + bm + bn + 2 * nr;
 }
 
 }  // namespace
@@ -401,6 +402,27 @@ void sum_columns(const std::vector<double>& cs, int nt, int64_t mp, int64_t m, d
   }
 }
 
+// The smallest nonzero |a_ik| (inf when every value is 0 or non-finite).
+float min_nonzero(const float* a, int64_t rows, int64_t d, int64_t ld, int nt) {
+  float lo = std::numeric_limits<float>::infinity();
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(min : lo)
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t k = 0; k < d; ++k) {
+      const float v = std::fabs(a[i * ld + k]);
+      if (v > 0.0f && v < lo) lo = v;
+    }
+  return lo;
+}
+
+// Whether the bf16 products keep every product of x's and y's values: vdpbf16ps treats
+// subnormal inputs and results as zero whatever MXCSR says, so where a product of two values
+// could fall below 2^-126 (features with norms ~1e-18 and a small eps: the loss was 4.6e-3 off)
+// the call takes the fp32 products, which keep gradual underflow. O((n + m) d).
+bool bf16_products_exact(const float* x, const float* y, int64_t n, int64_t m, int64_t d,
+                         int64_t ldx, int64_t ldy, int nt) {
+  return double(min_nonzero(x, n, d, ldx, nt)) * double(min_nonzero(y, m, d, ldy, nt)) >= 0x1p-126;
+}
+
 // A float64 statistic as hi + lo in T (lo = 0 for T = double).
 template <typename T>
 void split(const double* v, int64_t k, T* hi, T* lo) {
@@ -418,7 +440,11 @@ void fwd_impl(const T* x, const T* y, int64_t n, int64_t m, int64_t d, int64_t l
   using Row = typename Stats<T, LOSS>::Row;
   using Col = typename Stats<T, LOSS>::Col;
   const Kernels<T> K = pick_kernels<T>();
-  bf16 = bf16 && K.pack_yt_bf16;          // bf16 products where this build has them
+  if constexpr (std::is_same_v<T, float>)  // bf16 products where this build has them
+    bf16 = bf16 && K.pack_yt_bf16 &&
+           bf16_products_exact(x, y, n, m, d, ldx, ldy, std::max(1, num_threads));
+  else
+    bf16 = false;
   FwdTile<T, LOSS> tile;
   if constexpr (LOSS == kSoftmax) tile = bf16 ? K.fwd_softmax_bf16 : K.fwd_softmax;
   else tile = bf16 ? K.fwd_sigmoid_bf16 : K.fwd_sigmoid;
@@ -490,7 +516,11 @@ ParamGrads bwd_impl(const T* x, const T* y, int64_t n, int64_t m, int64_t d, int
                     const T* grad_col, const T* grad_pos, T* dx, T* dy, double* row_out,
                     double* col_out, double* pos_out, int num_threads, bool bf16) {
   const Kernels<T> K = pick_kernels<T>();
-  bf16 = bf16 && K.pack_yt_bf16;          // bf16 products where this build has them
+  if constexpr (std::is_same_v<T, float>)  // bf16 products where this build has them
+    bf16 = bf16 && K.pack_yt_bf16 &&
+           bf16_products_exact(x, y, n, m, d, ldx, ldy, std::max(1, num_threads));
+  else
+    bf16 = false;
   BwdTile<T> tile;
   if constexpr (STATS) tile = bf16 ? K.fwd_bwd_sigmoid_bf16 : K.fwd_bwd_sigmoid;
   else if constexpr (LOSS == kSoftmax) tile = bf16 ? K.bwd_softmax_bf16 : K.bwd_softmax;

@@ -503,8 +503,8 @@ def build_step(spec: BenchLoss, method: str, inputs: tuple, *, device: str,
         name = resolve_backend(AUTO, x.device, x.dtype).name
         impl += f" -> {name}"
     if name == "cpu":
-        from fastclip.ops.backends.cpu import isa  # noqa: PLC0415
-        impl += f", {isa()} kernels"
+        from fastclip.ops.backends.cpu import kernels_for  # noqa: PLC0415
+        impl += f", {kernels_for(x.dtype, y.dtype)} kernels"
     return Step(lambda: spec.fused(x, y, params, method), backward, impl)
 
 

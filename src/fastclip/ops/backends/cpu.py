@@ -43,6 +43,17 @@ def isa() -> str:
     return extension().cpu_isa()
 
 
+def kernels_for(x_dtype: torch.dtype, y_dtype: torch.dtype) -> str:
+    """The build a call with these feature dtypes runs: ``isa()``, except that the
+    "avx512bf16" build runs every dtype but bfloat16 on its fp32 products ("avx512"). Calls
+    whose features hold values so small that a product of two could be subnormal take the fp32
+    products too (the kernel checks; docs/design.md §2, "The CPU kernel")."""
+    name = isa()
+    if name == "avx512bf16" and not (x_dtype == y_dtype == torch.bfloat16):
+        return "avx512"
+    return name
+
+
 def _prep(t: Tensor) -> Tensor:
     # Half precision runs the fp32 kernel: an O(n·D) copy; the op layer already gave a
     # kernel layout, and a dtype cast keeps it.
