@@ -10,8 +10,10 @@ rounded to bf16 as PyTorch's bf16 matmuls and the GPU kernels round it.
 Threads: ``torch.get_num_threads()`` OpenMP threads with a static schedule, so a fixed
 thread count gives bit-identical results. The kernel picks its instruction set at run
 time (AVX-512 with or without bf16 products, AVX2+FMA, or a generic 128-bit build);
-``FASTCLIP_CPU_ISA=avx512|avx2|generic`` forces a lesser one (tests, comparisons;
-``avx512`` runs bfloat16 on the fp32 products; another name is a ValueError at the call).
+``FASTCLIP_CPU_ISA=avx512bf16|avx512|avx2|generic`` picks one, never more than the CPU
+has (tests, comparisons; ``avx512`` runs bfloat16 on the fp32 products, ``avx512bf16`` is
+the default where it exists; another name is a ValueError at the call). The bf16-product
+build exists in extensions compiled by GCC >= 11, as the wheels are.
 Extra memory: O((n+m)·D) plus the per-thread dY buffers, 64 MB (``FASTCLIP_CPU_DY_BUDGET``
 bytes overrides it) or, where one 192-column chunk per thread is already more, threads ×
 192 × D elements (201 MB at 64 threads, D = 4096, fp32); nothing n×m.
