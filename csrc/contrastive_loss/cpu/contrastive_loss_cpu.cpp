@@ -147,15 +147,18 @@ int64_t bf16_workspace(int64_t bm, int64_t bn, int64_t nr) {
 namespace isa_avx512 {
 // MR=6, NR=4x16: 24 zmm accumulators + 4 B vectors. 6x64 wins the backward, whose two
 // gradient products stream the B operand (rows of x or y) once per 6 rows instead of once
-// per 8-12 column pairs (measurements: benchmarks/results/cpu-kernel-tuning.md).
-#define FASTCLIP_VBYTES 64
+// per 8-12 column pairs (measurements: benchmarks/results/cpu-kernel-tuning.md). The
+// AVX512_BF16 build below uses the same tile.
 #ifdef FASTCLIP_TUNE_MR       // tuning harness only
-#define FASTCLIP_MR FASTCLIP_TUNE_MR
-#define FASTCLIP_NRV FASTCLIP_TUNE_NRV
+#define FASTCLIP_AVX512_MR FASTCLIP_TUNE_MR
+#define FASTCLIP_AVX512_NRV FASTCLIP_TUNE_NRV
 #else
-#define FASTCLIP_MR 6
-#define FASTCLIP_NRV 4
+#define FASTCLIP_AVX512_MR 6
+#define FASTCLIP_AVX512_NRV 4
 #endif
+#define FASTCLIP_VBYTES 64
+#define FASTCLIP_MR FASTCLIP_AVX512_MR
+#define FASTCLIP_NRV FASTCLIP_AVX512_NRV
 #include "contrastive_loss_cpu_kernels.inc"
 #undef FASTCLIP_VBYTES
 #undef FASTCLIP_MR
@@ -191,13 +194,8 @@ namespace isa_avx2 {
 namespace isa_avx512bf16 {
 #define FASTCLIP_BF16 1
 #define FASTCLIP_VBYTES 64
-#ifdef FASTCLIP_TUNE_MR       // tuning harness only: the AVX-512 build's tile
-#define FASTCLIP_MR FASTCLIP_TUNE_MR
-#define FASTCLIP_NRV FASTCLIP_TUNE_NRV
-#else
-#define FASTCLIP_MR 6
-#define FASTCLIP_NRV 4
-#endif
+#define FASTCLIP_MR FASTCLIP_AVX512_MR      // with_bf16 adds to the AVX-512 build's kernels
+#define FASTCLIP_NRV FASTCLIP_AVX512_NRV
 #include "contrastive_loss_cpu_kernels.inc"
 #undef FASTCLIP_VBYTES
 #undef FASTCLIP_MR
@@ -426,6 +424,18 @@ bool bf16_products_exact(const float* x, const float* y, int64_t n, int64_t m, i
   return double(min_nonzero(x, n, d, ldx, nt)) * double(min_nonzero(y, m, d, ldy, nt)) >= 0x1p-126;
 }
 
+// Whether a call takes the bf16 products: bfloat16 features (the caller says so), a build
+// that has them (K), and values whose products cannot underflow (bf16_products_exact).
+template <typename T>
+bool take_bf16(bool bf16, const Kernels<T>& K, const T* x, const T* y, int64_t n, int64_t m,
+               int64_t d, int64_t ldx, int64_t ldy, int num_threads) {
+  if constexpr (std::is_same_v<T, float>)
+    return bf16 && K.pack_yt_bf16 &&
+           bf16_products_exact(x, y, n, m, d, ldx, ldy, std::max(1, num_threads));
+  else
+    return false;
+}
+
 // A float64 statistic as hi + lo in T (lo = 0 for T = double).
 template <typename T>
 void split(const double* v, int64_t k, T* hi, T* lo) {
@@ -443,11 +453,7 @@ void fwd_impl(const T* x, const T* y, int64_t n, int64_t m, int64_t d, int64_t l
   using Row = typename Stats<T, LOSS>::Row;
   using Col = typename Stats<T, LOSS>::Col;
   const Kernels<T> K = pick_kernels<T>();
-  if constexpr (std::is_same_v<T, float>)  // bf16 products where this build has them
-    bf16 = bf16 && K.pack_yt_bf16 &&
-           bf16_products_exact(x, y, n, m, d, ldx, ldy, std::max(1, num_threads));
-  else
-    bf16 = false;
+  bf16 = take_bf16(bf16, K, x, y, n, m, d, ldx, ldy, num_threads);
   FwdTile<T, LOSS> tile;
   if constexpr (LOSS == kSoftmax) tile = bf16 ? K.fwd_softmax_bf16 : K.fwd_softmax;
   else tile = bf16 ? K.fwd_sigmoid_bf16 : K.fwd_sigmoid;
@@ -519,11 +525,7 @@ ParamGrads bwd_impl(const T* x, const T* y, int64_t n, int64_t m, int64_t d, int
                     const T* grad_col, const T* grad_pos, T* dx, T* dy, double* row_out,
                     double* col_out, double* pos_out, int num_threads, bool bf16) {
   const Kernels<T> K = pick_kernels<T>();
-  if constexpr (std::is_same_v<T, float>)  // bf16 products where this build has them
-    bf16 = bf16 && K.pack_yt_bf16 &&
-           bf16_products_exact(x, y, n, m, d, ldx, ldy, std::max(1, num_threads));
-  else
-    bf16 = false;
+  bf16 = take_bf16(bf16, K, x, y, n, m, d, ldx, ldy, num_threads);
   BwdTile<T> tile;
   if constexpr (STATS) tile = bf16 ? K.fwd_bwd_sigmoid_bf16 : K.fwd_bwd_sigmoid;
   else if constexpr (LOSS == kSoftmax) tile = bf16 ? K.bwd_softmax_bf16 : K.bwd_softmax;
