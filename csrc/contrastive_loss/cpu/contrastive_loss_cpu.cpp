@@ -183,7 +183,7 @@ namespace isa_avx2 {
 // AVX512_BF16 (Zen 4 and later, Cooper Lake, Sapphire Rapids and later): the AVX-512 build's
 // register tile, with vdpbf16ps products for bfloat16 features. Measured on a 2-core Zen 5
 // (family 26): the register tile alone ~500 GFLOP/s per core against ~250 for fp32 FMAs
-// (scripts/cpu_tile_peak.cpp), the whole op 1.6-1.7x faster at N = 4096-8192
+// (scripts/cpu_tile_peak.cpp), the whole op 1.5-1.7x faster at N = 2048-8192
 // (benchmarks/results/cpu-kernel-tuning.md, "bf16 products"). GCC >= 11 only: the
 // intrinsics and __builtin_cpu_supports("avx512bf16") it needs; other compilers build the
 // other three.
