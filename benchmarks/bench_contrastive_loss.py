@@ -15,4 +15,4 @@ import sys
 from fastclip.bench.contrastive_loss import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog=f"python {sys.argv[0]}"))

@@ -13,4 +13,4 @@ import sys
 from fastclip.bench.distributed import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog=f"python {sys.argv[0]}"))

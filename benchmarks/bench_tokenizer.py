@@ -11,4 +11,4 @@ import sys
 from fastclip.bench.tokenizer import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog=f"python {sys.argv[0]}"))

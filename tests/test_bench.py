@@ -959,3 +959,18 @@ def test_output_names_seeds_and_appends_that_would_mix_or_fail_late(capsys, tmp_
     with pytest.raises(OSError, match="disk full"):
         report._replace_with(str(tmp_path / "t.md"), boom)
     assert not list(tmp_path.glob("t.md*"))
+
+
+@pytest.mark.parametrize("name", ["contrastive_loss", "distributed", "tokenizer"])
+def test_benchmark_scripts_name_themselves(name):
+    # `python benchmarks/bench_<op>.py` names that command in its usage and error lines,
+    # not `fastclip bench` (which a reader of the script's output could not run as typed).
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join("benchmarks", f"bench_{name}.py")
+    if not os.path.exists(os.path.join(root, script)):
+        pytest.skip("benchmarks/ is not beside the tests (an installed copy)")
+    r = subprocess.run([sys.executable, script, "--no-such-flag"], cwd=root,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert f"usage: python {script}" in r.stderr and "fastclip bench" not in r.stderr.split("\n")[0]
+    assert f"python {script}: error: unrecognized arguments: --no-such-flag" in r.stderr

@@ -150,9 +150,9 @@ def _positive_int(s: str) -> int:
     return v
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "fastclip bench") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="fastclip bench",
+        prog=prog,
         description="Time a fused loss (every fastclip backend) against open_clip's loss, the "
                     "loss's other peers and the matmul floor; write CSV, markdown and PNG plots. "
                     "--overhead: per-call times at small N instead.",
@@ -223,9 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+def parse_args(argv: list[str] | None = None,
+               prog: str = "fastclip bench") -> tuple[Config, argparse.Namespace]:
     """Command line -> :class:`Config` (defaults filled in per device and mode)."""
-    p = build_parser()
+    p = build_parser(prog)
     a = p.parse_args(argv)
     dev = a.device
     spec = M.get_loss(a.loss)
@@ -665,17 +666,18 @@ def _write_overhead(rows, info, cfg: Config, prefix: str) -> None:
                             f"({info['device_name']})", notes, prefix + ".md")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``fastclip bench`` and ``benchmarks/bench_contrastive_loss.py``."""
+def main(argv: list[str] | None = None, prog: str = "fastclip bench") -> int:
+    """Entry point of ``fastclip bench`` and ``benchmarks/bench_contrastive_loss.py``
+    (``prog``: the command named in usage and error lines)."""
     if argv is None:
         argv = sys.argv[1:]
-    cfg, a = parse_args(argv)
+    cfg, a = parse_args(argv, prog)
     from ..cli import PipeSafeLog  # noqa: PLC0415
     log = PipeSafeLog()            # `fastclip bench | head`: the sweep goes on, its files too
     try:
-        code = _main(cfg, a, log)
+        code = _main(cfg, a, log, prog)
     except BenchError as e:
-        print(f"fastclip bench: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         from ..cli import stopped  # noqa: PLC0415
@@ -683,20 +685,20 @@ def main(argv: list[str] | None = None) -> int:
     return 141 if code == 0 and log.broken else code
 
 
-def _main(cfg: Config, a: argparse.Namespace, log=print) -> int:
+def _main(cfg: Config, a: argparse.Namespace, log=print, prog: str = "fastclip bench") -> int:
     if a.worker is not None:
         return _worker(a.worker)
     if a.summarize:
         try:
             columns, rows = read_table(a.summarize)
         except (OSError, UnicodeDecodeError, csv.Error) as e:
-            print(f"fastclip bench: error: --summarize {a.summarize!r}: cannot read it as a "
+            print(f"{prog}: error: --summarize {a.summarize!r}: cannot read it as a "
                   f"results CSV ({e.strerror if isinstance(e, OSError) and e.strerror else e})",
                   file=sys.stderr)
             return 2
         why, overhead = table_problem(columns, rows)
         if why:
-            print(f"fastclip bench: error: --summarize {a.summarize!r}: {why}", file=sys.stderr)
+            print(f"{prog}: error: --summarize {a.summarize!r}: {why}", file=sys.stderr)
             return 2
         try:
             if overhead:                                              # an --overhead table
@@ -706,7 +708,7 @@ def _main(cfg: Config, a: argparse.Namespace, log=print) -> int:
                 derive(rows)
                 log(summary_table(rows))
         except (ValueError, KeyError, TypeError) as e:
-            print(f"fastclip bench: error: --summarize {a.summarize!r}: a value the table cannot "
+            print(f"{prog}: error: --summarize {a.summarize!r}: a value the table cannot "
                   f"read ({type(e).__name__}: {e})", file=sys.stderr)
             return 2
         return 0

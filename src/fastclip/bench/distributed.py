@@ -516,9 +516,9 @@ def write(rows: list[dict], impls: dict, args, argv: list[str], wall: float,
     return prefix
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "fastclip bench distributed") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="fastclip bench distributed", allow_abbrev=False,
+        prog=prog, allow_abbrev=False,
         description="Time and memory of fastclip's sharded loss (gather, ring) against "
                     "open_clip's, on W spawned gloo ranks; or per-call overhead at small N; "
                     "or the single-device cost of the sharded path (w1).")
@@ -654,9 +654,9 @@ def _too_big(args, dev) -> str:
     return ""
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "fastclip bench distributed") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = build_parser()
+    p = build_parser(prog)
     args = p.parse_args(argv)
     if args.worlds is None:
         args.worlds = [2] if args.mode == "overhead" else [2, 4]
@@ -687,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if not isinstance(e, RankFailed):
             first = f"{type(e).__name__}: {first}"
-        print(f"fastclip bench distributed: error: {first}"
+        print(f"{prog}: error: {first}"
               + (f" (the cases measured before are in {prefix}.csv and .md)" if prefix else ""), file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:

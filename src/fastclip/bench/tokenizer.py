@@ -98,9 +98,9 @@ def run(n: int, reps: int, seed: int = 0) -> dict[str, float]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "fastclip bench tokenizer") -> int:
     p = argparse.ArgumentParser(
-        prog="fastclip bench tokenizer",
+        prog=prog,
         description="Time fastclip.tokenize (BPE in Rust through tokenizers) against the "
                     "pure-Python SimpleTokenizer on synthetic captions; write CSV and markdown.")
     p.add_argument("--captions", type=int, default=None, help="captions (default 10000)")
