@@ -218,9 +218,12 @@ def main() -> int:
         rb = run(root, csv, f"{name}-fastclip", ranks, flags, "fastclip", threads)
         rows.append((name, ranks, compare(kind, ra, rb) | {"kind": kind}))
         print(f"[{name}] {rows[-1][2]}", file=sys.stderr)
+    from fastclip.bench import env
+    from fastclip.ops.backends import cpu as cpu_backend
     head = (f"open_clip_train {_version('open_clip_torch')} (open_clip's own trainer), "
-            f"fastclip {fastclip.__version__}, torch {torch.__version__}, "
-            f"{platform.machine()}, CPU; 64 rendered shapes, 32×32, a 2-layer ViT/text "
+            f"fastclip {fastclip.__version__} (commit {env.commit()}), torch {torch.__version__}, "
+            f"{platform.machine()}, CPU: {env.cpu_name()}, fastclip's {cpu_backend.isa()} CPU "
+            f"kernels; 64 rendered shapes, 32×32, a 2-layer ViT/text "
             f"tower ({MODEL}), AdamW lr 1e-3, 2 epochs, seed 0.")
     lines = [head, "", "| case | ranks | flags | steps | max rel. diff of logged loss | "
              "weight drift ‖Δw‖/‖w‖ | logit scale (open_clip / fastclip) | same run? |",
