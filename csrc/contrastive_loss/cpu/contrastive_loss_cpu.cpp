@@ -184,9 +184,11 @@ namespace isa_avx2 {
 // register tile, with vdpbf16ps products for bfloat16 features. Measured on a 2-core Zen 5
 // (family 26): the register tile alone ~500 GFLOP/s per core against ~250 for fp32 FMAs
 // (scripts/cpu_tile_peak.cpp), the whole op 1.5-1.7x faster at N = 2048-8192
-// (benchmarks/results/cpu-kernel-tuning.md, "bf16 products"). GCC >= 11 only: the
-// intrinsics and __builtin_cpu_supports("avx512bf16") it needs; other compilers build the
-// other three.
+// (benchmarks/results/cpu-kernel-tuning.md, "bf16 products"). On an Intel Xeon (family 6
+// model 207) the same tile runs at ~75 GFLOP/s per core against ~100-140 for fp32 FMAs, and
+// the whole op is 1.4-1.7x slower with it, so chosen_isa() takes it by default on AMD CPUs
+// only. GCC >= 11 only: the intrinsics and __builtin_cpu_supports("avx512bf16") it needs;
+// other compilers build the other three.
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define FASTCLIP_HAVE_BF16 1
 #pragma GCC push_options
@@ -222,7 +224,9 @@ namespace {
 enum class Isa { kAvx512Bf16, kAvx512, kAvx2, kGeneric };
 
 // FASTCLIP_CPU_ISA=avx512bf16|avx512|avx2|generic forces a build (tests use it to cover
-// each); an ISA the CPU lacks falls back to the best one it has.
+// each); an ISA the CPU lacks falls back to the best one it has. Unforced, the bf16 products
+// are taken on AMD CPUs only: on Intel's (measured: a Xeon of family 6 model 207) vdpbf16ps
+// runs slower than the fp32 FMAs it replaces (above).
 Isa chosen_isa() {
   const char* env = std::getenv("FASTCLIP_CPU_ISA");
   const std::string want = env ? env : "";
@@ -233,7 +237,8 @@ Isa chosen_isa() {
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (want == "generic") return Isa::kGeneric;
 #ifdef FASTCLIP_HAVE_BF16
-  if (avx512 && __builtin_cpu_supports("avx512bf16") && (want.empty() || want == "avx512bf16"))
+  if (avx512 && __builtin_cpu_supports("avx512bf16") &&
+      (want == "avx512bf16" || (want.empty() && __builtin_cpu_is("amd"))))
     return Isa::kAvx512Bf16;
 #endif
   if (avx512 && want != "avx2") return Isa::kAvx512;

@@ -2,17 +2,20 @@
 
 float32 and float64 run natively; float16 and bfloat16 are upcast to float32 here
 (O(N·D)) and the gradients are cast back. The epilogues run in fp32 for every dtype; the
-products run in fp32 too, except bfloat16 features on a CPU with AVX512_BF16 (``isa()``
-"avx512bf16": Zen 4 and later, Cooper Lake, Sapphire Rapids and later), whose three products
-take bf16 pairs (vdpbf16ps, twice the fp32 rate), the gradient products with dloss/dz
-rounded to bf16 as PyTorch's bf16 matmuls and the GPU kernels round it.
+products run in fp32 too, except bfloat16 features on an AMD CPU with AVX512_BF16 (``isa()``
+"avx512bf16": Zen 4 and later), whose three products take bf16 pairs (vdpbf16ps, twice the
+fp32 rate there), the gradient products with dloss/dz rounded to bf16 as PyTorch's bf16
+matmuls and the GPU kernels round it. Intel CPUs with AVX512_BF16 (Cooper Lake, Sapphire
+Rapids and later) run bf16 on the fp32 products unless forced: on a Xeon of family 6 model 207
+vdpbf16ps ran slower than the fp32 FMAs, the whole op 1.4-1.7x slower with it (measured).
 
 Threads: ``torch.get_num_threads()`` OpenMP threads with a static schedule, so a fixed
 thread count gives bit-identical results. The kernel picks its instruction set at run
 time (AVX-512 with or without bf16 products, AVX2+FMA, or a generic 128-bit build);
 ``FASTCLIP_CPU_ISA=avx512bf16|avx512|avx2|generic`` picks one, never more than the CPU
 has (tests, comparisons; ``avx512`` runs bfloat16 on the fp32 products, ``avx512bf16`` is
-the default where it exists; another name is a ValueError at the call). The bf16-product
+the default on AMD CPUs that have it and forces it on Intel's; another name is a ValueError at
+the call). The bf16-product
 build exists in extensions compiled by GCC >= 11, as the wheels are.
 Extra memory: O((n+m)·D) plus the per-thread dY buffers, 64 MB (``FASTCLIP_CPU_DY_BUDGET``
 bytes overrides it) or, where one 192-column chunk per thread is already more, threads ×
@@ -39,8 +42,8 @@ def _availability() -> tuple[bool, str]:
 
 def isa() -> str:
     """The instruction set of the kernels a call runs now: "avx512bf16" (AVX-512, bf16
-    products for bfloat16 features), "avx512", "avx2" or "generic" (128-bit); the CPU and
-    ``FASTCLIP_CPU_ISA`` decide. Benchmarks record it: it changes the
+    products for bfloat16 features; by default on AMD CPUs with AVX512_BF16 only), "avx512",
+    "avx2" or "generic" (128-bit); the CPU and ``FASTCLIP_CPU_ISA`` decide. Benchmarks record it: it changes the
     speed, and the rounding, of every product."""
     return extension().cpu_isa()
 
