@@ -12,7 +12,7 @@ them. Training also draws ``TRAIN_ONLY_SHAPES`` (ring, arrow) and ``TRAIN_ONLY_C
 brown, cyan, navy, each at least 97 RGB units from every task colour), every one of them in all
 combinations. They are there for the held-out pairs below: seen with four more colours each
 shape's features depend less on the colour it is drawn in, and seen on two more shapes each
-colour's features depend less on the shape (README: held-out shape 74-95% against 62-72% at 1200
+colour's features depend less on the shape (docs/demo.md: held-out shape 74-95% against 62-72% at 1200
 steps without them).
 
 Compositional hold-out: the (colour, shape) pairs in ``HELD_OUT`` never appear in the ``train``
@@ -32,7 +32,7 @@ a star" when the batch holds several stars) 13% of a batch's rows shared their e
 and a shape-only caption described every star of the batch while the loss pushed it away from
 all but one.
 
-The other designs are kept for the measurements in the README: ``"iid"`` draws every sample's
+The other designs are kept for the measurements in docs/demo.md: ``"iid"`` draws every sample's
 pair at random (same captions, so a batch may repeat a caption), ``"colour-groups"`` is the
 earlier recipe on this renderer (runs of ``group_size`` indices sharing one colour with
 probability ``group_prob``, half of the captions naming the shape alone, task vocabulary only).

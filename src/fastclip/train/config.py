@@ -77,7 +77,7 @@ class TrainConfig:
     # 1e-3 rather than 2e-3 (2-core Intel Xeon, 1 thread, seeds 0-9): at 2e-3 held-out colour,
     # near 100% by step 300, sank to 87.3% for seed 3 while shape was learned (its yellow
     # triangles read as orange) and seed 9 ended at 57.9% shape; at 1e-3 every seed ends at
-    # >= 98.3% colour and 74.4-91.9% shape (README, "How the demo learns both attributes").
+    # >= 98.3% colour and 74.4-91.9% shape (docs/demo.md, "How the demo learns both attributes").
     lr: float = 1e-3
     weight_decay: float = 0.1
     beta1: float = 0.9
