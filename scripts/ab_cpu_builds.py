@@ -2,6 +2,7 @@
 
     python scripts/ab_cpu_builds.py installed /tmp/variant/_C.cpython-311-x86_64-linux-gnu.so
     python scripts/ab_cpu_builds.py installed B.so --loss clip --n 4096 --threads 2 --floor
+    python scripts/ab_cpu_builds.py installed@avx512bf16 installed@avx512 --dtype bf16 --threads 2
 
 For tuning the kernels (benchmarks/results/cpu-kernel-tuning.md) on a machine whose speed
 drifts: timed in separate runs, two builds see different speeds (up to 2x over minutes on one
@@ -10,6 +11,8 @@ under a module name of its own, and each round calls every build once (order rev
 other round), so neighbouring calls see the same speed; the per-round ratio to the first build
 cancels the drift. ``installed`` is the build fastclip imports. Each build's gradients are
 compared with the first build's first, so a build that computes something else is seen.
+``BUILD@ISA`` runs that build with ``FASTCLIP_CPU_ISA=ISA`` (set before each of its calls): the
+same build's instruction sets against each other, e.g. bf16 against fp32 products.
 
 Prints, per build: fastest and median call (forward+backward, ms) and the median, min and max
 over the rounds of its time / the first build's time. Inputs, parameters, the fused call and
@@ -42,7 +45,10 @@ def load_build(path: str, index: int):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("builds", nargs="+", help="paths of _C builds, or 'installed'")
+    ap.add_argument("builds", nargs="+",
+                    help="paths of _C builds, or 'installed'; BUILD@ISA sets FASTCLIP_CPU_ISA")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="feature dtype (default fp32)")
     ap.add_argument("--loss", choices=["clip", "siglip"], default="siglip")
     ap.add_argument("--n", type=int, default=2048, help="batch size N (default 2048)")
     ap.add_argument("--d", type=int, default=512, help="feature size D (default 512)")
@@ -61,20 +67,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ab_cpu_builds: {_ext.extension_error()}", file=sys.stderr)
         return 2
     builds: dict[str, object] = {}
-    for i, path in enumerate(args.builds):
+    isas: dict[str, str | None] = {}
+    for i, arg in enumerate(args.builds):
+        path, _, isa = arg.partition("@")
         if path == "installed":
-            builds[f"{i}:installed"] = _ext.extension()
+            name = f"{i}:installed"
+            builds[name] = _ext.extension()
         elif not os.path.isfile(path):
             ap.error(f"build {path!r}: no such file")
         else:
-            builds[f"{i}:{os.path.basename(os.path.dirname(os.path.abspath(path)))}"] = \
-                load_build(path, i)
+            name = f"{i}:{os.path.basename(os.path.dirname(os.path.abspath(path)))}"
+            builds[name] = load_build(path, i)
+        if isa:
+            name += f"@{isa}"
+            builds[name] = builds.pop(name[:-len(isa) - 1])
+        isas[name] = isa or None
 
     torch.set_num_threads(args.threads)
     # The benchmark's own inputs and steps: unit features, the loss's initial parameters, the
     # fused op on the cpu backend and the floor, as `fastclip bench` runs them.
     spec = M.get_loss(args.loss)
-    inputs = M.make_inputs(spec, args.n, args.d, torch.float32, "cpu", args.seed)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    inputs = M.make_inputs(spec, args.n, args.d, dtype, "cpu", args.seed)
     x, y = inputs[0], inputs[1]
     steps = {"fused": M.build_step(spec, "cpu", inputs, device="cpu")}
     if args.floor:
@@ -84,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         step = steps["floor" if name == "floor" else "fused"]
         if name != "floor":
             _ext._C = builds[name]
+            if isas[name] is None:
+                os.environ.pop("FASTCLIP_CPU_ISA", None)
+            else:
+                os.environ["FASTCLIP_CPU_ISA"] = isas[name]
         for t in inputs:
             t.grad = None
         t0 = time.perf_counter()
@@ -92,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     names = list(builds) + (["floor"] if args.floor else [])
     installed = _ext.extension()
+    isa_env = os.environ.get("FASTCLIP_CPU_ISA")
     try:
         first = None
         for name in builds:                  # warm-up, and the gradients side by side
@@ -108,8 +127,12 @@ def main(argv: list[str] | None = None) -> int:
                 times[name].append(call(name))
     finally:
         _ext._C = installed
-    print(f"{args.loss} forward+backward, N = {args.n}, D = {args.d}, {args.threads} thread(s), "
-          f"{args.rounds} rounds")
+        if isa_env is None:
+            os.environ.pop("FASTCLIP_CPU_ISA", None)
+        else:
+            os.environ["FASTCLIP_CPU_ISA"] = isa_env
+    print(f"{args.loss} forward+backward, {args.dtype}, N = {args.n}, D = {args.d}, "
+          f"{args.threads} thread(s), {args.rounds} rounds")
     base = times[names[0]]
     for name in names:
         ratios = [t / b for t, b in zip(times[name], base)]

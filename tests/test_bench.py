@@ -732,6 +732,15 @@ def test_ab_cpu_builds_interleaves_builds_loaded_side_by_side(tmp_path):
     bad = subprocess.run([sys.executable, script, str(tmp_path / "missing.so")],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no such file" in bad.stderr
+    # BUILD@ISA: one build's instruction sets side by side (generic exists on every CPU),
+    # on bf16 features; the same sums in another order, so close, not equal.
+    isa = subprocess.run([sys.executable, script, "installed@avx2", "installed@generic", "--n", "67",
+                          "--d", "9", "--rounds", "2", "--dtype", "bf16"],
+                         capture_output=True, text=True, timeout=300)
+    assert isa.returncode == 0, isa.stderr
+    rows = [line.split()[0] for line in isa.stdout.splitlines() if "/ first build" in line]
+    assert rows == ["0:installed@avx2", "1:installed@generic"], isa.stdout
+    assert "bf16, N = 67" in isa.stdout
 
 
 def test_append_onto_a_file_it_cannot_merge_is_one_line_before_measuring(tmp_path, monkeypatch, capsys):
