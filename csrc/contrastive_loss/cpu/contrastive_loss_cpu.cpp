@@ -186,7 +186,7 @@ namespace isa_avx2 {
 // (scripts/cpu_tile_peak.cpp), the whole op 1.5-1.7x faster at N = 2048-8192
 // (benchmarks/results/cpu-kernel-tuning.md, "bf16 products"). On an Intel Xeon (family 6
 // model 207) the same tile runs at ~75 GFLOP/s per core against ~100-140 for fp32 FMAs, and
-// the whole op is 1.4-1.7x slower with it, so chosen_isa() takes it by default on AMD CPUs
+// the whole op is 1.4-1.8x slower with it, so chosen_isa() takes it by default on AMD CPUs
 // only. GCC >= 11 only: the intrinsics and __builtin_cpu_supports("avx512bf16") it needs;
 // other compilers build the other three.
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11

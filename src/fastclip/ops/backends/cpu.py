@@ -7,7 +7,7 @@ products run in fp32 too, except bfloat16 features on an AMD CPU with AVX512_BF1
 fp32 rate there), the gradient products with dloss/dz rounded to bf16 as PyTorch's bf16
 matmuls and the GPU kernels round it. Intel CPUs with AVX512_BF16 (Cooper Lake, Sapphire
 Rapids and later) run bf16 on the fp32 products unless forced: on a Xeon of family 6 model 207
-vdpbf16ps ran slower than the fp32 FMAs, the whole op 1.4-1.7x slower with it (measured).
+vdpbf16ps ran slower than the fp32 FMAs, the whole op 1.4-1.8x slower with it (measured).
 
 Threads: ``torch.get_num_threads()`` OpenMP threads with a static schedule, so a fixed
 thread count gives bit-identical results. The kernel picks its instruction set at run
