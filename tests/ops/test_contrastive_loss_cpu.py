@@ -7,8 +7,6 @@ reference block functions for both losses, with the tolerance table of _helpers.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -276,15 +274,9 @@ def _has_bf16_products() -> bool:
     """Whether this CPU and build can run the bf16 products (forced: unforced they are the
     default on AMD CPUs only)."""
     from fastclip.ops.backends.cpu import isa
-    old = os.environ.get("FASTCLIP_CPU_ISA")
-    os.environ["FASTCLIP_CPU_ISA"] = "avx512bf16"
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTCLIP_CPU_ISA", "avx512bf16")
         return isa() == "avx512bf16"
-    finally:
-        if old is None:
-            del os.environ["FASTCLIP_CPU_ISA"]
-        else:
-            os.environ["FASTCLIP_CPU_ISA"] = old
 
 
 @pytest.fixture
